@@ -1,0 +1,510 @@
+//! Devices: the CPU, a CUDA GPU, or the simulated GPU.
+//!
+//! - [`Device::cpu`]: the CPU implementations (the references, and the
+//!   fallback), multithreaded with rayon.
+//! - [`Device::cuda`]: a GPU through the CUDA driver (cudarc, loaded at run
+//!   time). One context, one stream per GPU; modules are loaded once per
+//!   context and function handles cached.
+//! - [`Device::sim`]: the same kernels/*.cu run on the CPU by the simulator,
+//!   with barrier checks, scheduling orders and guard bands (docs/simulator.md).
+//!
+//! Both GPU backends share one launch path: a module, a kernel name, a
+//! [`LaunchConfig`] and a list of [`Arg`]s.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{self as cu, sys as cusys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+
+use crate::error::{Error, Result};
+use crate::kernels::{self, ModuleId, MODULES};
+use crate::sim::{SimBackend, SimBuffer, SimOrder, POISON};
+
+/// Which backend a [`Device`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Host code (the reference implementations).
+    Cpu,
+    /// A CUDA GPU.
+    Cuda,
+    /// The simulated GPU.
+    Sim,
+}
+
+/// A device that tensors live on and ops run on. Cheap to clone.
+#[derive(Clone)]
+pub struct Device {
+    inner: Inner,
+    poison: bool,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Cpu,
+    Cuda(Arc<CudaBackend>),
+    Sim(Arc<SimBackend>),
+}
+
+impl PartialEq for Device {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.inner, &other.inner) {
+            (Inner::Cpu, Inner::Cpu) => true,
+            (Inner::Cuda(a), Inner::Cuda(b)) => a.ordinal == b.ordinal,
+            (Inner::Sim(a), Inner::Sim(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Inner::Cpu => write!(f, "cpu"),
+            Inner::Cuda(c) => write!(f, "cuda:{} ({})", c.ordinal, c.name),
+            Inner::Sim(s) => write!(f, "sim ({:?} order)", s.order),
+        }
+    }
+}
+
+/// Grid, block and dynamic shared memory of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    /// Blocks in x, y, z.
+    pub grid: (u32, u32, u32),
+    /// Threads per block in x, y, z.
+    pub block: (u32, u32, u32),
+    /// Bytes of dynamic shared memory per block.
+    pub shared_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A one-dimensional launch.
+    pub fn linear(blocks: u32, threads: u32, shared_bytes: u32) -> Self {
+        LaunchConfig { grid: (blocks, 1, 1), block: (threads, 1, 1), shared_bytes }
+    }
+}
+
+/// One kernel argument, passed by value as the kernel's parameter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    /// A device address (a `T*` parameter).
+    Ptr(u64),
+    /// `int`.
+    I32(i32),
+    /// `unsigned int`.
+    U32(u32),
+    /// `long long`.
+    I64(i64),
+    /// `unsigned long long`.
+    U64(u64),
+    /// `float`.
+    F32(f32),
+}
+
+impl Arg {
+    pub(crate) fn size(&self) -> usize {
+        match self {
+            Arg::Ptr(_) | Arg::I64(_) | Arg::U64(_) => 8,
+            Arg::I32(_) | Arg::U32(_) | Arg::F32(_) => 4,
+        }
+    }
+    /// Little-endian bytes, zero-padded to 8.
+    pub(crate) fn bytes(&self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        match *self {
+            Arg::Ptr(v) | Arg::U64(v) => b.copy_from_slice(&v.to_le_bytes()),
+            Arg::I64(v) => b.copy_from_slice(&v.to_le_bytes()),
+            Arg::I32(v) => b[..4].copy_from_slice(&v.to_le_bytes()),
+            Arg::U32(v) => b[..4].copy_from_slice(&v.to_le_bytes()),
+            Arg::F32(v) => b[..4].copy_from_slice(&v.to_le_bytes()),
+        }
+        b
+    }
+    /// The simulator's argument kinds (kernels/sim/gif_sim.h ArgKind).
+    pub(crate) fn sim_kind(&self) -> u8 {
+        match self {
+            Arg::Ptr(_) => 1,
+            Arg::I32(_) | Arg::U32(_) | Arg::I64(_) | Arg::U64(_) => 2,
+            Arg::F32(_) => 3,
+        }
+    }
+}
+
+/// Memory on a GPU backend.
+pub(crate) enum DeviceBuffer {
+    Cuda(CudaSlice<u8>),
+    Sim(SimBuffer),
+}
+
+/// What a CUDA probe found.
+#[derive(Clone, Debug)]
+pub struct GpuInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// The device's name.
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Total device memory in bytes.
+    pub total_memory: usize,
+}
+
+/// Environment variable: when set (to anything but "0"), tests that would
+/// skip without a GPU fail instead. The GPU run kit sets it.
+pub const REQUIRE_GPU_ENV: &str = "GIF_FR_REQUIRE_GPU";
+
+impl Device {
+    /// The CPU.
+    pub fn cpu() -> Device {
+        Device { inner: Inner::Cpu, poison: false }
+    }
+
+    /// The simulated GPU, running blocks and threads in forward order.
+    pub fn sim() -> Device {
+        Device::sim_with(SimOrder::Forward)
+    }
+
+    /// The simulated GPU with a scheduling order. Each call makes a new
+    /// device: tensors of one are not usable with ops on another.
+    pub fn sim_with(order: SimOrder) -> Device {
+        Device { inner: Inner::Sim(Arc::new(SimBackend::new(order))), poison: true }
+    }
+
+    /// GPU `ordinal` through the CUDA driver. Never panics: a missing driver
+    /// library, no device, or a bad ordinal is an [`Error::NoDriver`] or
+    /// [`Error::NoGpu`] saying why. Repeated calls share one context and
+    /// stream. Allocations are poisoned (0xFF bytes, NaN) when the
+    /// environment variable GIF_FR_POISON is set, or after
+    /// [`Device::with_poison`].
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        let backend = CudaBackend::get(ordinal)?;
+        let poison = std::env::var("GIF_FR_POISON").is_ok_and(|v| !v.is_empty() && v != "0");
+        Ok(Device { inner: Inner::Cuda(backend), poison })
+    }
+
+    /// The first GPU if there is one, else the CPU.
+    pub fn best() -> Device {
+        Device::cuda(0).unwrap_or_else(|_| Device::cpu())
+    }
+
+    /// Why no GPU can be used, or what the first one is.
+    pub fn probe_cuda() -> Result<GpuInfo> {
+        Device::cuda(0).and_then(|d| d.gpu_info().ok_or_else(|| Error::NoGpu("not a GPU".into())))
+    }
+
+    /// The same device, with allocations for outputs filled with 0xFF bytes
+    /// (NaN in every float type) so that elements a kernel fails to write
+    /// show. Always on for the simulator; costs one memset per allocation on
+    /// a GPU.
+    pub fn with_poison(mut self, poison: bool) -> Device {
+        if !matches!(self.inner, Inner::Sim(_)) {
+            self.poison = poison;
+        }
+        self
+    }
+
+    /// Which backend this is.
+    pub fn kind(&self) -> DeviceKind {
+        match self.inner {
+            Inner::Cpu => DeviceKind::Cpu,
+            Inner::Cuda(_) => DeviceKind::Cuda,
+            Inner::Sim(_) => DeviceKind::Sim,
+        }
+    }
+
+    /// True for the CUDA and simulated backends (which run kernels/*.cu).
+    pub fn runs_kernels(&self) -> bool {
+        !matches!(self.inner, Inner::Cpu)
+    }
+
+    /// Name, compute capability and memory of a CUDA device.
+    pub fn gpu_info(&self) -> Option<GpuInfo> {
+        match &self.inner {
+            Inner::Cuda(c) => Some(GpuInfo {
+                ordinal: c.ordinal,
+                name: c.name.clone(),
+                compute_capability: c.cc,
+                total_memory: c.total_memory,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Waits for all work queued on the device.
+    pub fn synchronize(&self) -> Result<()> {
+        match &self.inner {
+            Inner::Cuda(c) => c.stream.synchronize().map_err(|e| Error::driver("stream synchronize", e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Wall time of `iters` calls of `f` on this device: CUDA events on the
+    /// device's stream around the calls for a GPU (after a synchronize), a
+    /// host clock otherwise. Meant for criterion's `iter_custom`; warm up
+    /// (module loading, first-use compilation) before timing.
+    pub fn time<F: FnMut() -> Result<()>>(&self, iters: u64, mut f: F) -> Result<Duration> {
+        match &self.inner {
+            Inner::Cuda(c) => {
+                let ev = |what| {
+                    c.ctx
+                        .new_event(Some(cusys::CUevent_flags::CU_EVENT_DEFAULT))
+                        .map_err(|e| Error::driver(what, e))
+                };
+                let (start, end) = (ev("event create")?, ev("event create")?);
+                c.stream.synchronize().map_err(|e| Error::driver("stream synchronize", e))?;
+                start.record(&c.stream).map_err(|e| Error::driver("event record", e))?;
+                for _ in 0..iters {
+                    f()?;
+                }
+                end.record(&c.stream).map_err(|e| Error::driver("event record", e))?;
+                end.synchronize().map_err(|e| Error::driver("event synchronize", e))?;
+                let ms = start.elapsed_ms(&end).map_err(|e| Error::driver("event elapsed", e))?;
+                Ok(Duration::from_secs_f64(ms as f64 / 1e3))
+            }
+            _ => {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    f()?;
+                }
+                Ok(t.elapsed())
+            }
+        }
+    }
+
+    /// An uninitialized buffer of `bytes` (poisoned when the device poisons).
+    pub(crate) fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid("alloc", "the CPU device has no device memory")),
+            Inner::Sim(s) => Ok(DeviceBuffer::Sim(s.alloc(bytes)?)),
+            Inner::Cuda(c) => {
+                let n = bytes.max(1);
+                // SAFETY: the memory is uninitialized until poisoned or written
+                // by a kernel / upload; it is only read after one of those.
+                let buf = unsafe { c.stream.alloc::<u8>(n) }.map_err(|e| Error::driver("alloc", e))?;
+                if self.poison {
+                    let (ptr, _sync) = cu::DevicePtr::device_ptr(&buf, &c.stream);
+                    // SAFETY: ptr addresses n bytes allocated above on this stream.
+                    unsafe { cu::result::memset_d8_async(ptr, POISON, n, c.stream.cu_stream()) }
+                        .map_err(|e| Error::driver("memset (poison)", e))?;
+                }
+                Ok(DeviceBuffer::Cuda(buf))
+            }
+        }
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub(crate) fn upload(&self, data: &[u8]) -> Result<DeviceBuffer> {
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid("upload", "the CPU device has no device memory")),
+            Inner::Sim(s) => {
+                let mut b = s.alloc(data.len())?;
+                b.as_bytes_mut().copy_from_slice(data);
+                Ok(DeviceBuffer::Sim(b))
+            }
+            Inner::Cuda(c) => {
+                if data.is_empty() {
+                    return self.alloc(0);
+                }
+                let buf = c.stream.clone_htod(data).map_err(|e| Error::driver("upload", e))?;
+                Ok(DeviceBuffer::Cuda(buf))
+            }
+        }
+    }
+
+    /// The first `len` bytes of `buf`, copied to the host (waits for the
+    /// stream).
+    pub(crate) fn download(&self, buf: &DeviceBuffer, len: usize) -> Result<Vec<u8>> {
+        match (&self.inner, buf) {
+            (Inner::Sim(_), DeviceBuffer::Sim(b)) => Ok(b.as_bytes()[..len].to_vec()),
+            (Inner::Cuda(c), DeviceBuffer::Cuda(b)) => {
+                let mut out = vec![0u8; len];
+                if len > 0 {
+                    let view = b.slice(..len);
+                    c.stream.memcpy_dtoh(&view, &mut out).map_err(|e| Error::driver("download", e))?;
+                    c.stream.synchronize().map_err(|e| Error::driver("download (synchronize)", e))?;
+                }
+                Ok(out)
+            }
+            _ => Err(Error::invalid("download", format!("buffer does not belong to {self}"))),
+        }
+    }
+
+    /// The device address of `buf`, for a kernel argument.
+    pub(crate) fn ptr(&self, buf: &DeviceBuffer) -> u64 {
+        match (&self.inner, buf) {
+            (Inner::Cuda(c), DeviceBuffer::Cuda(b)) => cu::DevicePtr::device_ptr(b, &c.stream).0,
+            (_, DeviceBuffer::Sim(b)) => b.addr(),
+            (_, DeviceBuffer::Cuda(b)) => {
+                // Not reachable through the public API (tensors keep their
+                // device); the address is still the right one.
+                cu::DevicePtr::device_ptr(b, b.stream()).0
+            }
+        }
+    }
+
+    /// Runs `kernel` of `module` with `args`. The one launch path of both
+    /// GPU backends; the CPU has no kernels.
+    ///
+    /// The caller (an op's public function) has validated every size, so
+    /// the pointers cover what the kernel touches.
+    pub(crate) fn launch(&self, module: ModuleId, kernel: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        match &self.inner {
+            Inner::Cpu => Err(Error::Kernel {
+                module: module.name(),
+                kernel,
+                message: "the CPU device runs no kernels".into(),
+            }),
+            Inner::Sim(s) => s.launch(module, kernel, &cfg, args),
+            Inner::Cuda(c) => c.launch(module, kernel, &cfg, args),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CUDA.
+
+pub(crate) struct CudaBackend {
+    ordinal: usize,
+    name: String,
+    cc: (i32, i32),
+    total_memory: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<Vec<Option<Arc<CudaModule>>>>,
+    /// Loaded functions, with the dynamic shared memory each was allowed.
+    functions: Mutex<HashMap<(ModuleId, &'static str), (CudaFunction, u32)>>,
+}
+
+impl CudaBackend {
+    /// The backend for `ordinal`, created once per process.
+    fn get(ordinal: usize) -> Result<Arc<CudaBackend>> {
+        static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaBackend>>>> = OnceLock::new();
+        let devices = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut d = devices.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = d.get(&ordinal) {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(CudaBackend::open(ordinal)?);
+        d.insert(ordinal, b.clone());
+        Ok(b)
+    }
+
+    fn open(ordinal: usize) -> Result<CudaBackend> {
+        // cudarc panics when libcuda is missing; probe first (anchors.md).
+        // SAFETY: only attempts to dlopen the driver library.
+        if !unsafe { cusys::is_culib_present() } {
+            return Err(Error::NoDriver(
+                "libcuda.so could not be loaded (no NVIDIA driver installed, or not on the library path)".into(),
+            ));
+        }
+        let count = match CudaContext::device_count() {
+            Ok(n) => n.max(0) as usize,
+            Err(e) => {
+                let msg = e.to_string();
+                return Err(Error::NoGpu(if msg.contains("NO_DEVICE") {
+                    "the driver reports no CUDA-capable device".to_string()
+                } else {
+                    format!("the driver failed to initialize: {msg}")
+                }));
+            }
+        };
+        if ordinal >= count {
+            return Err(Error::NoGpu(format!("GPU {ordinal} requested, the driver reports {count} device(s)")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoGpu(format!("could not open GPU {ordinal}: {e}")))?;
+        // One stream per device: every op is ordered on it, so cudarc's
+        // per-buffer event tracking is unnecessary.
+        // SAFETY: no buffers exist yet on this context.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| Error::driver("stream create", e))?;
+        let name = ctx.name().map_err(|e| Error::driver("device name", e))?;
+        let cc = ctx.compute_capability().map_err(|e| Error::driver("compute capability", e))?;
+        let total_memory = ctx.total_mem().map_err(|e| Error::driver("device memory", e))?;
+        if cc.0 < 8 {
+            return Err(Error::NoGpu(format!(
+                "{name} has compute capability {}.{}; the kernels need 8.0 or later",
+                cc.0, cc.1
+            )));
+        }
+        Ok(CudaBackend {
+            ordinal,
+            name,
+            cc,
+            total_memory,
+            ctx,
+            stream,
+            modules: Mutex::new(vec![None; MODULES.len()]),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The module, loaded on first use (nvcc's PTX, or NVRTC's).
+    fn module(&self, id: ModuleId) -> Result<Arc<CudaModule>> {
+        let mut m = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(module) = &m[id as usize] {
+            return Ok(module.clone());
+        }
+        let ptx = kernels::ptx(id)?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx.into_owned()))
+            .map_err(|e| Error::ModuleLoad { module: id.name(), message: e.to_string() })?;
+        m[id as usize] = Some(module.clone());
+        Ok(module)
+    }
+
+    /// The function handle, loaded once; raises its dynamic shared memory
+    /// limit the first time a launch needs more than the default 48 KiB.
+    fn function(&self, id: ModuleId, kernel: &'static str, shared_bytes: u32) -> Result<CudaFunction> {
+        let kerr = |message: String| Error::Kernel { module: id.name(), kernel, message };
+        let key = (id, kernel);
+        let mut fns = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if !fns.contains_key(&key) {
+            let module = self.module(id)?;
+            let f = module.load_function(kernel).map_err(|e| kerr(format!("not found in the module: {e}")))?;
+            fns.insert(key, (f, 48 * 1024));
+        }
+        let (f, allowed) = fns.get_mut(&key).expect("inserted above");
+        if shared_bytes > *allowed {
+            f.set_attribute(
+                cusys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes as i32,
+            )
+            .map_err(|e| kerr(format!("cannot raise dynamic shared memory to {shared_bytes} bytes: {e}")))?;
+            *allowed = shared_bytes;
+        }
+        Ok(f.clone())
+    }
+
+    fn launch(&self, id: ModuleId, kernel: &'static str, cfg: &LaunchConfig, args: &[Arg]) -> Result<()> {
+        let kerr = |message: String| Error::Kernel { module: id.name(), kernel, message };
+        let f = self.function(id, kernel, cfg.shared_bytes)?;
+        let mut values: Vec<[u8; 8]> = args.iter().map(Arg::bytes).collect();
+        let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr() as *mut c_void).collect();
+        self.ctx.bind_to_thread().map_err(|e| kerr(format!("bind context: {e}")))?;
+        // SAFETY: `params` points at one value per kernel parameter, each
+        // holding the parameter's bytes (little-endian, as the device reads
+        // them); the op that built `args` validated every size against the
+        // buffers it passes. The values outlive the call, which copies them.
+        unsafe {
+            cu::result::launch_kernel(
+                f.cu_function(),
+                cfg.grid,
+                cfg.block,
+                cfg.shared_bytes,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| kerr(format!("launch failed (grid {:?}, block {:?}): {e}", cfg.grid, cfg.block)))
+    }
+}

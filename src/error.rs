@@ -1,0 +1,102 @@
+//! The crate's error type. Every fallible public function returns
+//! [`Result`]; nothing in the library panics on bad input, a missing driver
+//! or a missing GPU.
+
+/// What went wrong, with enough context to act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No CUDA driver library (libcuda) could be loaded.
+    #[error("no CUDA driver: {0}")]
+    NoDriver(String),
+    /// The driver loaded, but there is no usable GPU (none present, the
+    /// ordinal is out of range, or initialization failed).
+    #[error("no GPU: {0}")]
+    NoGpu(String),
+    /// A CUDA driver call failed.
+    #[error("CUDA error in {context}: {message}")]
+    Driver {
+        /// What was being done: the operation, kernel or module.
+        context: String,
+        /// The driver's message.
+        message: String,
+    },
+    /// NVRTC could not compile a module's embedded source.
+    #[error("NVRTC could not compile module {module}: {message}")]
+    Nvrtc {
+        /// The module (kernels/NAME.cu).
+        module: &'static str,
+        /// NVRTC's log, or why NVRTC is unavailable.
+        message: String,
+    },
+    /// The driver could not load a module's PTX.
+    #[error("could not load module {module}: {message}")]
+    ModuleLoad {
+        /// The module (kernels/NAME.cu).
+        module: &'static str,
+        /// The driver's message.
+        message: String,
+    },
+    /// A kernel launch was refused, or the simulator found a fault in a
+    /// kernel (a missing barrier, a divergent barrier, an out-of-bounds
+    /// write, ...).
+    #[error("kernel {module}::{kernel}: {message}")]
+    Kernel {
+        /// The module (kernels/NAME.cu).
+        module: &'static str,
+        /// The kernel's name.
+        kernel: &'static str,
+        /// What happened.
+        message: String,
+    },
+    /// Tensor shapes do not fit the operation.
+    #[error("{op}: shape mismatch: expected {expected}, got {got}")]
+    Shape {
+        /// The operation.
+        op: &'static str,
+        /// What it needs.
+        expected: String,
+        /// What it was given.
+        got: String,
+    },
+    /// A tensor has the wrong element type.
+    #[error("{op}: expected dtype {expected:?}, got {got:?}")]
+    DType {
+        /// The operation.
+        op: &'static str,
+        /// What it needs.
+        expected: crate::DType,
+        /// What it was given.
+        got: crate::DType,
+    },
+    /// Inputs live on different devices.
+    #[error("{op}: inputs are on different devices ({a} and {b})")]
+    DeviceMismatch {
+        /// The operation.
+        op: &'static str,
+        /// One device.
+        a: String,
+        /// The other.
+        b: String,
+    },
+    /// Any other invalid argument: an empty set, a value out of range, a
+    /// non-finite value where one is not allowed.
+    #[error("{op}: {message}")]
+    InvalidArgument {
+        /// The operation.
+        op: &'static str,
+        /// What is wrong, what was expected and what came.
+        message: String,
+    },
+}
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(op: &'static str, message: impl Into<String>) -> Self {
+        Error::InvalidArgument { op, message: message.into() }
+    }
+    pub(crate) fn driver(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        Error::Driver { context: context.into(), message: e.to_string() }
+    }
+}

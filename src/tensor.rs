@@ -1,0 +1,288 @@
+//! A small tensor: a shape, an element type and storage on one device. Only
+//! what the ops need: upload, download, conversion. Row-major, contiguous.
+
+use half::{bf16, f16};
+
+use crate::device::{Device, DeviceBuffer, DeviceKind};
+use crate::error::{Error, Result};
+
+/// Element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// bfloat16 (8-bit exponent, 7-bit mantissa).
+    BF16,
+    /// IEEE binary16.
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+    /// The suffix of kernel names: f32, bf16, f16.
+    pub fn kernel_suffix(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+/// A Rust element type a tensor can hold.
+pub trait Element: bytemuck::Pod + Copy + Send + Sync + 'static {
+    /// Its [`DType`].
+    const DTYPE: DType;
+    /// Converts to f32 (exactly).
+    fn to_f32(self) -> f32;
+    /// Converts from f32, rounding to nearest even.
+    fn from_f32(x: f32) -> Self;
+}
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+/// Host storage, typed so that it is aligned for its element.
+#[derive(Clone, Debug)]
+pub(crate) enum HostData {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl HostData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            HostData::F32(v) => bytemuck::cast_slice(v),
+            HostData::BF16(v) => bytemuck::cast_slice(v),
+            HostData::F16(v) => bytemuck::cast_slice(v),
+        }
+    }
+    fn from_bytes(dtype: DType, b: &[u8]) -> HostData {
+        // pod_collect_to_vec copies into a vector of the element type, so the
+        // byte buffer needs no particular alignment.
+        match dtype {
+            DType::F32 => HostData::F32(bytemuck::pod_collect_to_vec(b)),
+            DType::BF16 => HostData::BF16(bytemuck::pod_collect_to_vec(b)),
+            DType::F16 => HostData::F16(bytemuck::pod_collect_to_vec(b)),
+        }
+    }
+    fn nan(dtype: DType, n: usize) -> HostData {
+        match dtype {
+            DType::F32 => HostData::F32(vec![f32::NAN; n]),
+            DType::BF16 => HostData::BF16(vec![bf16::NAN; n]),
+            DType::F16 => HostData::F16(vec![f16::NAN; n]),
+        }
+    }
+}
+
+pub(crate) enum Storage {
+    Host(HostData),
+    Device(DeviceBuffer),
+}
+
+/// A contiguous row-major tensor on one device.
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    device: Device,
+    storage: Storage,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {:?}, {})", self.shape, self.dtype, self.device)
+    }
+}
+
+fn numel_of(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::invalid(op, format!("shape {shape:?} has more elements than fit in usize")))
+}
+
+impl Tensor {
+    /// A tensor holding a copy of `data`, which must have as many elements
+    /// as `shape`.
+    pub fn from_slice<T: Element>(device: &Device, shape: &[usize], data: &[T]) -> Result<Tensor> {
+        let n = numel_of("Tensor::from_slice", shape)?;
+        if n != data.len() {
+            return Err(Error::Shape {
+                op: "Tensor::from_slice",
+                expected: format!("{n} elements for shape {shape:?}"),
+                got: format!("{} elements", data.len()),
+            });
+        }
+        let storage = match device.kind() {
+            DeviceKind::Cpu => Storage::Host(HostData::from_bytes(T::DTYPE, bytemuck::cast_slice(data))),
+            _ => Storage::Device(device.upload(bytemuck::cast_slice(data))?),
+        };
+        Ok(Tensor { shape: shape.to_vec(), dtype: T::DTYPE, device: device.clone(), storage })
+    }
+
+    /// f32 values stored as `dtype` (rounded to nearest even).
+    pub fn from_f32(device: &Device, shape: &[usize], data: &[f32], dtype: DType) -> Result<Tensor> {
+        match dtype {
+            DType::F32 => Tensor::from_slice(device, shape, data),
+            DType::BF16 => Tensor::from_slice(device, shape, &data.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>()),
+            DType::F16 => Tensor::from_slice(device, shape, &data.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()),
+        }
+    }
+
+    /// A tensor whose contents are unspecified until written: NaN on the CPU
+    /// and on devices that poison (the simulator, and GPUs with poisoning
+    /// on), garbage otherwise.
+    pub fn empty(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n = numel_of("Tensor::empty", shape)?;
+        let bytes = n
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::invalid("Tensor::empty", format!("shape {shape:?} is too large")))?;
+        let storage = match device.kind() {
+            DeviceKind::Cpu => Storage::Host(HostData::nan(dtype, n)),
+            _ => Storage::Device(device.alloc(bytes)?),
+        };
+        Ok(Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage })
+    }
+
+    pub(crate) fn from_host(device: &Device, shape: Vec<usize>, data: HostData) -> Tensor {
+        let dtype = match &data {
+            HostData::F32(_) => DType::F32,
+            HostData::BF16(_) => DType::BF16,
+            HostData::F16(_) => DType::F16,
+        };
+        Tensor { shape, dtype, device: device.clone(), storage: Storage::Host(data) }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// The device it lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// (rows, cols) of a 2-D tensor, or a shape error naming `op`.
+    pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
+        match self.shape[..] {
+            [r, c] => Ok((r, c)),
+            _ => Err(Error::Shape { op, expected: "a 2-D tensor [rows, cols]".into(), got: format!("{:?}", self.shape) }),
+        }
+    }
+
+    /// The elements as `T`, which must be the tensor's dtype. Waits for the
+    /// device.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DType { op: "Tensor::to_vec", expected: self.dtype, got: T::DTYPE });
+        }
+        Ok(match &self.storage {
+            Storage::Host(h) => bytemuck::pod_collect_to_vec(h.bytes()),
+            Storage::Device(b) => bytemuck::pod_collect_to_vec(&self.device.download(b, self.numel() * self.dtype.size())?),
+        })
+    }
+
+    /// The elements converted to f32. Waits for the device.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(match self.dtype {
+            DType::F32 => self.to_vec::<f32>()?,
+            DType::BF16 => self.to_vec::<bf16>()?.into_iter().map(bf16::to_f32).collect(),
+            DType::F16 => self.to_vec::<f16>()?.into_iter().map(f16::to_f32).collect(),
+        })
+    }
+
+    /// A copy on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        let host = self.host_data()?;
+        match device.kind() {
+            DeviceKind::Cpu => Ok(Tensor::from_host(device, self.shape.clone(), host)),
+            _ => Ok(Tensor {
+                shape: self.shape.clone(),
+                dtype: self.dtype,
+                device: device.clone(),
+                storage: Storage::Device(device.upload(host.bytes())?),
+            }),
+        }
+    }
+
+    pub(crate) fn host_data(&self) -> Result<HostData> {
+        Ok(match &self.storage {
+            Storage::Host(h) => h.clone(),
+            Storage::Device(b) => {
+                HostData::from_bytes(self.dtype, &self.device.download(b, self.numel() * self.dtype.size())?)
+            }
+        })
+    }
+
+    /// Host data of a CPU tensor, without a copy.
+    pub(crate) fn host(&self) -> Option<&HostData> {
+        match &self.storage {
+            Storage::Host(h) => Some(h),
+            Storage::Device(_) => None,
+        }
+    }
+
+    /// The device address, for a kernel argument. `None` on the CPU.
+    pub(crate) fn device_ptr(&self) -> Option<u64> {
+        match &self.storage {
+            Storage::Device(b) => Some(self.device.ptr(b)),
+            Storage::Host(_) => None,
+        }
+    }
+
+    /// True when every element is finite (no NaN, no infinity). Waits for
+    /// the device.
+    pub fn all_finite(&self) -> Result<bool> {
+        Ok(self.to_f32_vec()?.iter().all(|x| x.is_finite()))
+    }
+}
+
+/// Checks that all tensors are on one device; returns it.
+pub(crate) fn same_device<'a>(op: &'static str, ts: &[&'a Tensor]) -> Result<&'a Device> {
+    let d = ts[0].device();
+    for t in &ts[1..] {
+        if t.device() != d {
+            return Err(Error::DeviceMismatch { op, a: d.to_string(), b: t.device().to_string() });
+        }
+    }
+    Ok(d)
+}

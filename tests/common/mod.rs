@@ -1,0 +1,51 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use gif_fr::{Device, SimOrder};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The devices every kernel test runs on: the simulator in forward, reverse
+/// and a shuffled order, and the first GPU when there is one (with poisoned
+/// allocations). Without a GPU a skip notice is printed, or, when
+/// GIF_FR_REQUIRE_GPU is set, the test fails.
+pub fn gpu_devices() -> Vec<Device> {
+    let mut v = vec![Device::sim_with(SimOrder::Forward), Device::sim_with(SimOrder::Reverse), Device::sim_with(SimOrder::Shuffle(0x5eed))];
+    if let Some(d) = cuda() {
+        v.push(d);
+    }
+    v
+}
+
+/// The first GPU with poisoned allocations, or `None` with a printed skip
+/// notice (a failure when GIF_FR_REQUIRE_GPU is set).
+pub fn cuda() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d.with_poison(true)),
+        Err(e) => {
+            let required = std::env::var(gif_fr::device::REQUIRE_GPU_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+            assert!(!required, "{} is set but no GPU is usable: {e}", gif_fr::device::REQUIRE_GPU_ENV);
+            eprintln!("skipping the CUDA part of this test: {e}");
+            None
+        }
+    }
+}
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` values uniform in [lo, hi).
+pub fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// Asserts |got - want| <= atol + rtol·|want| elementwise (NaN never
+/// passes unless both are NaN and `nan_ok`), naming the first bad index.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = if w.is_nan() { g.is_nan() } else if w.is_infinite() { g == w } else { (g - w).abs() <= atol + rtol * w.abs() };
+        assert!(ok, "{what}: element {i}: got {g}, want {w} (atol {atol}, rtol {rtol})");
+    }
+}

@@ -1,0 +1,148 @@
+//! The simulator catches what it promises to (planted bugs in
+//! kernels/selftest.cu), and its emulations of shuffles, votes, ldmatrix,
+//! cp.async and mma.sync give the answers the PTX ISA defines. The
+//! known-answer tests run on a GPU too when one is present.
+
+mod common;
+
+use common::*;
+use gif_fr::{selftest, DType, Device, Error, SimOrder};
+
+fn kernel_error(r: Result<impl std::fmt::Debug, Error>) -> String {
+    match r {
+        Err(Error::Kernel { kernel, message, .. }) => format!("{kernel}: {message}"),
+        other => panic!("expected a kernel error, got {other:?}"),
+    }
+}
+
+#[test]
+fn planted_missing_syncthreads_is_wrong_in_forward_order_and_right_in_reverse() {
+    let mut rng = rng(11);
+    let threads = 96;
+    let x = uniform(&mut rng, 5 * threads, -1.0, 1.0);
+    let want: Vec<f32> = x.chunks(threads).map(|r| r.iter().sum()).collect();
+
+    // Forward order: thread 0 adds the partials before threads 1.. wrote
+    // them, and reads the poison (NaN) the block's shared memory starts with.
+    let fwd = selftest::block_sum(&Device::sim_with(SimOrder::Forward), &x, threads, false).unwrap();
+    assert!(fwd.iter().all(|v| v.is_nan()), "the race went unseen in forward order: {fwd:?}");
+    // Reverse order: thread 0 runs last, so the race happens to give the
+    // right answer; one order alone cannot be trusted.
+    let rev = selftest::block_sum(&Device::sim_with(SimOrder::Reverse), &x, threads, false).unwrap();
+    assert_close("reverse order", &rev, &want, 1e-5, 1e-5);
+    // With the barrier every order agrees.
+    for dev in gpu_devices() {
+        let got = selftest::block_sum(&dev, &x, threads, true).unwrap();
+        assert_close(&format!("with barrier on {dev}"), &got, &want, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn shuffled_order_catches_the_planted_race_too() {
+    let mut rng = rng(12);
+    let x = uniform(&mut rng, 4 * 64, -1.0, 1.0);
+    let got = selftest::block_sum(&Device::sim_with(SimOrder::Shuffle(1)), &x, 64, false).unwrap();
+    assert!(got.iter().any(|v| v.is_nan()), "a shuffled order ran thread 0 last in every block: {got:?}");
+}
+
+#[test]
+fn out_of_bounds_write_is_reported_with_the_kernel_and_offset() {
+    for n in [1usize, 100, 1000] {
+        let e = kernel_error(selftest::oob_write(&Device::sim(), n));
+        assert!(e.contains("selftest_oob_write"), "{e}");
+        assert!(e.contains(&format!("out-of-bounds write: byte offset {} of a {}-byte buffer", 4 * n, 4 * n)), "{e}");
+    }
+}
+
+#[test]
+fn guard_bands_are_restored_after_a_report() {
+    let dev = Device::sim();
+    let _ = selftest::oob_write(&dev, 10);
+    // A correct launch on the same device afterwards reports nothing.
+    let x = vec![1.0f32; 64];
+    assert_eq!(selftest::block_sum(&dev, &x, 64, true).unwrap(), vec![64.0]);
+}
+
+#[test]
+fn thread_exiting_before_a_barrier_is_reported() {
+    let e = kernel_error(selftest::exit_before_barrier(&Device::sim(), 64, 40));
+    assert!(e.contains("exited while other threads wait at __syncthreads"), "{e}");
+    assert!(e.contains("kernels/selftest.cu:"), "{e}");
+    // Every thread reaching the barrier is fine.
+    let y = selftest::exit_before_barrier(&Device::sim(), 64, 64).unwrap();
+    assert_eq!(y[0], 63.0);
+}
+
+#[test]
+fn divergent_barrier_is_reported() {
+    for order in [SimOrder::Forward, SimOrder::Reverse] {
+        let e = kernel_error(selftest::divergent_barrier(&Device::sim_with(order), 64));
+        assert!(e.contains("divergent __syncthreads"), "{e}");
+    }
+}
+
+#[test]
+fn shuffle_naming_an_exited_lane_is_reported() {
+    let e = kernel_error(selftest::shfl_exited_lane(&Device::sim()));
+    assert!(e.contains("__shfl_sync") && e.contains("which has exited"), "{e}");
+}
+
+#[test]
+fn cp_async_read_without_wait_sees_poison() {
+    let x: Vec<f32> = (0..256).map(|i| i as f32 + 0.5).collect();
+    let y = selftest::cp_async_without_wait(&Device::sim(), &x).unwrap();
+    assert!(y.iter().all(|v| v.is_nan()), "copies landed without cp.async.wait_group: {:?}", &y[..8]);
+}
+
+#[test]
+fn warp_shuffles_and_votes_match_the_ptx_definition() {
+    let mut rng = rng(13);
+    let input: Vec<i32> = (0..128).map(|_| rand::Rng::random_range(&mut rng, -50..2000)).collect();
+    for dev in gpu_devices() {
+        for width in [1, 2, 4, 8, 16, 32] {
+            let got = selftest::warp_ops(&dev, &input, width).unwrap();
+            let want = selftest::warp_ops_reference(&input, width);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g, w, "{dev} width {width}: thread {} op {}", i / 8, i % 8);
+            }
+        }
+    }
+}
+
+#[test]
+fn ldmatrix_matches_the_ptx_fragment_layout() {
+    let mut m = [0u16; 256];
+    for (i, v) in m.iter_mut().enumerate() {
+        *v = (i as u16).wrapping_mul(257) ^ 0x1234;
+    }
+    for dev in gpu_devices() {
+        let got = selftest::ldmatrix(&dev, &m).unwrap();
+        let want = selftest::ldmatrix_reference(&m);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "{dev}: lane {} word {}: got {g:#010x}, want {w:#010x}", i / 14, i % 14);
+        }
+    }
+}
+
+#[test]
+fn mma_tile_matches_f64_reference_for_bf16_and_f16() {
+    let mut rng = rng(14);
+    for dev in gpu_devices() {
+        for dtype in [DType::BF16, DType::F16] {
+            let a = uniform(&mut rng, 256, -2.0, 2.0);
+            let b = uniform(&mut rng, 128, -2.0, 2.0);
+            let c = uniform(&mut rng, 128, -1.0, 1.0);
+            let got = selftest::mma_tile(&dev, &a, &b, &c, dtype).unwrap();
+            let want = selftest::mma_tile_reference(&a, &b, &c, dtype);
+            assert_close(&format!("mma {dtype:?} on {dev}"), &got, &want, 1e-4, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn build_script_registered_every_kernel_with_the_simulator() {
+    for m in gif_fr::kernels::MODULES {
+        assert!(!m.kernels.is_empty(), "{} has no kernels", m.name);
+        assert_eq!(gif_fr::sim::registered_kernels(m.id), m.kernels, "{}", m.name);
+    }
+}
