@@ -57,6 +57,9 @@ GIF_DEVICE float gif_bits_float(unsigned int u) {
 #endif
 }
 
+// +infinity, spelled so that NVRTC (no headers, no GCC builtins) takes it.
+GIF_DEVICE float gif_inf() { return gif_bits_float(0x7f800000u); }
+
 GIF_DEVICE float to_float(float x) { return x; }
 GIF_DEVICE float to_float(bf16 x) { return gif_bits_float((unsigned int)x.bits << 16); }
 GIF_DEVICE float to_float(f16 x) {
@@ -132,11 +135,11 @@ GIF_DEVICE f16 from_float<f16>(float x) {
 // a 32-float scratch array in shared memory; every thread gets the result.
 struct SumOp {
   GIF_DEVICE float operator()(float a, float b) const { return a + b; }
-  static constexpr float identity = 0.0f;
+  static GIF_DEVICE float identity() { return 0.0f; }
 };
 struct MaxOp {
   GIF_DEVICE float operator()(float a, float b) const { return fmaxf(a, b); }
-  static constexpr float identity = -__builtin_huge_valf();
+  static GIF_DEVICE float identity() { return -gif_inf(); }
 };
 
 template <typename Op>
@@ -155,7 +158,7 @@ GIF_DEVICE float block_reduce(float v, float* scratch, Op op) {
   __syncthreads();  // the scratch may still be read by a previous reduction
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  v = lane < nwarps ? scratch[lane] : Op::identity;
+  v = lane < nwarps ? scratch[lane] : Op::identity();
   return warp_reduce(v, op);
 }
 
@@ -165,7 +168,7 @@ struct MaxSum {
 };
 GIF_DEVICE MaxSum max_sum_merge(MaxSum a, MaxSum b) {
   float m = fmaxf(a.m, b.m);
-  if (m == -__builtin_huge_valf()) return MaxSum{m, 0.0f};
+  if (m == -gif_inf()) return MaxSum{m, 0.0f};
   return MaxSum{m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
 }
 GIF_DEVICE MaxSum warp_reduce_max_sum(MaxSum v) {
@@ -188,6 +191,6 @@ GIF_DEVICE MaxSum block_reduce_max_sum(MaxSum v, float* scratch) {
     scratch[32 + warp] = v.s;
   }
   __syncthreads();
-  v = lane < nwarps ? MaxSum{scratch[lane], scratch[32 + lane]} : MaxSum{-__builtin_huge_valf(), 0.0f};
+  v = lane < nwarps ? MaxSum{scratch[lane], scratch[32 + lane]} : MaxSum{-gif_inf(), 0.0f};
   return warp_reduce_max_sum(v);
 }

@@ -116,7 +116,7 @@ GIF_DEVICE void softmax_fwd(const T* __restrict__ x, T* __restrict__ y, int rows
   if (!row_of<kRowThreads>(rows, row, t)) return;
   const T* xr = x + (long long)row * cols;
   T* yr = y + (long long)row * cols;
-  MaxSum ms{-__builtin_huge_valf(), 0.0f};
+  MaxSum ms{-gif_inf(), 0.0f};
   for (int c = t; c < cols; c += kRowThreads) ms = max_sum_merge(ms, MaxSum{to_float(xr[c]), 1.0f});
   ms = row_reduce_max_sum<kRowThreads>(ms, scratch);
   if constexpr (kLog) {

@@ -1,0 +1,155 @@
+//! PTX checks: ptxas accepts every embedded module for sm_80 and sm_90
+//! without register spills (except kernels allowed in
+//! `kernels::SPILLS_ALLOWED`), the PTX entries are exactly the kernels
+//! build.rs registered, and NVRTC (the no-nvcc path) compiles every module.
+//!
+//! Without ptxas or libnvrtc these print a skip notice; with CI=true a
+//! missing tool is a failure.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use gif_fr::kernels::{self, ModuleSource, MODULES, SPILLS_ALLOWED};
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+fn skip_or_fail(what: &str) {
+    assert!(!ci(), "CI=true and {what}");
+    eprintln!("skipping: {what}");
+}
+
+fn ptxas() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join("ptxas")).find(|p| p.is_file())
+}
+
+fn write_temp(name: &str, text: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("gif-fr-{}-{name}.ptx", std::process::id()));
+    std::fs::write(&p, text).expect("write PTX to the temp folder");
+    p
+}
+
+/// One kernel's line of `ptxas -v` output.
+#[derive(Debug, Default)]
+struct Usage {
+    kernel: String,
+    registers: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+    stack: u32,
+}
+
+fn parse_ptxas_v(out: &str) -> Vec<Usage> {
+    let num_before = |s: &str, key: &str| -> u32 {
+        s.find(key)
+            .and_then(|i| s[..i].split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut v: Vec<Usage> = Vec::new();
+    for line in out.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            let rest = &line[i + "Compiling entry function '".len()..];
+            v.push(Usage { kernel: rest.split('\'').next().unwrap_or("").to_string(), ..Default::default() });
+        } else if let Some(u) = v.last_mut() {
+            if line.contains("spill stores") {
+                u.stack = num_before(line, "bytes stack frame");
+                u.spill_stores = num_before(line, "bytes spill stores");
+                u.spill_loads = num_before(line, "bytes spill loads");
+            } else if line.contains("Used") && line.contains("registers") {
+                u.registers = num_before(line, "registers");
+            }
+        }
+    }
+    v
+}
+
+/// Runs ptxas for sm_80 and sm_90 on `ptx`; returns the sm_90 usage.
+fn check_with_ptxas(ptxas: &PathBuf, m: &ModuleSource, origin: &str, ptx: &str) -> Vec<Usage> {
+    let file = write_temp(&format!("{}-{origin}", m.name), ptx);
+    let o = Command::new(ptxas).args(["-arch=sm_80", "-o", "/dev/null"]).arg(&file).output().expect("run ptxas");
+    assert!(o.status.success(), "ptxas -arch=sm_80 rejected {} ({origin}):\n{}", m.name, String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(ptxas).args(["-arch=sm_90", "-v", "-o", "/dev/null"]).arg(&file).output().expect("run ptxas");
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "ptxas -arch=sm_90 rejected {} ({origin}):\n{text}", m.name);
+    let usage = parse_ptxas_v(&text);
+    assert_eq!(usage.len(), m.kernels.len(), "ptxas reported {} kernels for {}, the table has {}", usage.len(), m.name, m.kernels.len());
+    usage
+}
+
+#[test]
+fn ptxas_accepts_every_module_without_spills() {
+    let Some(ptxas) = ptxas() else { return skip_or_fail("ptxas is not on PATH") };
+    let mut report = String::from("kernel                           regs  stack  spill st/ld  (sm_90)\n");
+    let mut bad = Vec::new();
+    let mut checked = 0;
+    for m in MODULES {
+        let (origin, ptx) = match m.ptx {
+            Some(p) => ("nvcc", p.to_string()),
+            None => match kernels::compile_with_nvrtc(m.id) {
+                Ok(p) => ("nvrtc", p),
+                Err(e) => {
+                    skip_or_fail(&format!("no PTX for {} (built without nvcc, and {e})", m.name));
+                    continue;
+                }
+            },
+        };
+        for u in check_with_ptxas(&ptxas, m, origin, &ptx) {
+            report += &format!(
+                "{:<32} {:>4} {:>6} {:>6}/{:<6}\n",
+                u.kernel, u.registers, u.stack, u.spill_stores, u.spill_loads
+            );
+            let spills = u.spill_stores + u.spill_loads > 0;
+            if spills && !SPILLS_ALLOWED.iter().any(|(k, _)| *k == u.kernel) {
+                bad.push(format!("{} spills {} bytes stored / {} loaded", u.kernel, u.spill_stores, u.spill_loads));
+            }
+            checked += 1;
+        }
+    }
+    eprintln!("{report}");
+    assert!(bad.is_empty(), "register spills not allowed in kernels::SPILLS_ALLOWED:\n{}", bad.join("\n"));
+    if checked > 0 {
+        println!("ptxas checked {checked} kernels");
+    }
+}
+
+#[test]
+fn ptx_entries_are_exactly_the_registered_kernels() {
+    let mut any = false;
+    for m in MODULES {
+        let Some(ptx) = m.ptx else { continue };
+        any = true;
+        let mut entries: Vec<&str> = ptx
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix(".visible .entry "))
+            .map(|l| l.split('(').next().unwrap_or("").trim())
+            .collect();
+        let mut table = m.kernels.to_vec();
+        entries.sort_unstable();
+        table.sort_unstable();
+        assert_eq!(entries, table, "PTX entries of {} differ from what build.rs found", m.name);
+    }
+    if !any {
+        skip_or_fail("the crate was built without nvcc (no PTX embedded)");
+    }
+}
+
+#[test]
+fn nvrtc_compiles_every_module() {
+    // SAFETY: only probes whether the library can be loaded.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return skip_or_fail("libnvrtc cannot be loaded (add the toolchain's lib folder to LD_LIBRARY_PATH)");
+    }
+    for m in MODULES {
+        let ptx = kernels::compile_with_nvrtc(m.id).unwrap_or_else(|e| panic!("{e}"));
+        for k in m.kernels {
+            assert!(ptx.contains(&format!(".entry {k}(")), "NVRTC's PTX for {} lacks {k}", m.name);
+        }
+        if let Some(p) = ptxas() {
+            check_with_ptxas(&p, m, "nvrtc", &ptx);
+        }
+    }
+}
