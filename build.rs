@@ -229,7 +229,10 @@ fn kernel_names(src: &str, module: &str) -> Vec<String> {
             continue;
         }
         let mut a = after.trim_start();
-        a = a.strip_prefix("void").unwrap_or_else(|| panic!("kernels/{module}.cu: a kernel must return void")).trim_start();
+        a = a
+            .strip_prefix("void")
+            .unwrap_or_else(|| panic!("kernels/{module}.cu: a kernel must return void"))
+            .trim_start();
         if let Some(lb) = a.strip_prefix("__launch_bounds__") {
             let close = lb.find(')').expect("__launch_bounds__(...) closes");
             a = lb[close + 1..].trim_start();
@@ -353,7 +356,8 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
     // tests/sim.rs (the planted race) fails if this ever stops working.
     let compiler = b.get_compiler();
     for f in &files {
-        let is_kernel_tu = f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("sim_") && n != "sim_registry.cpp");
+        let is_kernel_tu =
+            f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("sim_") && n != "sim_registry.cpp");
         if !is_kernel_tu {
             b.file(f);
             continue;

@@ -255,9 +255,7 @@ impl Device {
         match &self.inner {
             Inner::Cuda(c) => {
                 let ev = |what| {
-                    c.ctx
-                        .new_event(Some(cusys::CUevent_flags::CU_EVENT_DEFAULT))
-                        .map_err(|e| Error::driver(what, e))
+                    c.ctx.new_event(Some(cusys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| Error::driver(what, e))
                 };
                 let (start, end) = (ev("event create")?, ev("event create")?);
                 c.stream.synchronize().map_err(|e| Error::driver("stream synchronize", e))?;
@@ -358,11 +356,9 @@ impl Device {
     /// the pointers cover what the kernel touches.
     pub(crate) fn launch(&self, module: ModuleId, kernel: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         match &self.inner {
-            Inner::Cpu => Err(Error::Kernel {
-                module: module.name(),
-                kernel,
-                message: "the CPU device runs no kernels".into(),
-            }),
+            Inner::Cpu => {
+                Err(Error::Kernel { module: module.name(), kernel, message: "the CPU device runs no kernels".into() })
+            }
             Inner::Sim(s) => s.launch(module, kernel, &cfg, args),
             Inner::Cuda(c) => c.launch(module, kernel, &cfg, args),
         }
@@ -381,8 +377,12 @@ pub(crate) struct CudaBackend {
     stream: Arc<CudaStream>,
     modules: Mutex<Vec<Option<Arc<CudaModule>>>>,
     /// Loaded functions, with the dynamic shared memory each was allowed.
-    functions: Mutex<HashMap<(ModuleId, &'static str), (CudaFunction, u32)>>,
+    functions: Mutex<FunctionCache>,
 }
+
+/// (module, kernel) -> the loaded function and the dynamic shared memory
+/// (bytes) it may use.
+type FunctionCache = HashMap<(ModuleId, &'static str), (CudaFunction, u32)>;
 
 impl CudaBackend {
     /// The backend for `ordinal`, created once per process.
@@ -468,12 +468,14 @@ impl CudaBackend {
         let kerr = |message: String| Error::Kernel { module: id.name(), kernel, message };
         let key = (id, kernel);
         let mut fns = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if !fns.contains_key(&key) {
-            let module = self.module(id)?;
-            let f = module.load_function(kernel).map_err(|e| kerr(format!("not found in the module: {e}")))?;
-            fns.insert(key, (f, 48 * 1024));
-        }
-        let (f, allowed) = fns.get_mut(&key).expect("inserted above");
+        let (f, allowed) = match fns.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let module = self.module(id)?;
+                let f = module.load_function(kernel).map_err(|e| kerr(format!("not found in the module: {e}")))?;
+                v.insert((f, 48 * 1024))
+            }
+        };
         if shared_bytes > *allowed {
             f.set_attribute(
                 cusys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -46,7 +46,9 @@ pub fn ptx(module: ModuleId) -> crate::Result<std::borrow::Cow<'static, str>> {
         return Ok(std::borrow::Cow::Borrowed(p));
     }
     use std::sync::{Mutex, OnceLock};
-    static CACHE: OnceLock<Mutex<Vec<Option<std::result::Result<std::sync::Arc<str>, String>>>>> = OnceLock::new();
+    /// One slot per module: NVRTC's PTX, or its log.
+    type Cache = Mutex<Vec<Option<std::result::Result<std::sync::Arc<str>, String>>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(vec![None; MODULES.len()]));
     let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
     let slot = &mut c[module as usize];

@@ -101,7 +101,10 @@ fn check_input(op: &'static str, x: &Tensor) -> Result<(usize, usize)> {
         return Err(Error::invalid(op, format!("supports f32 and bf16 elements, got {:?}", x.dtype())));
     }
     if rows > i32::MAX as usize || cols > i32::MAX as usize {
-        return Err(Error::invalid(op, format!("rows and cols must each be at most {}, got [{rows}, {cols}]", i32::MAX)));
+        return Err(Error::invalid(
+            op,
+            format!("rows and cols must each be at most {}, got [{rows}, {cols}]", i32::MAX),
+        ));
     }
     Ok((rows, cols))
 }
@@ -197,13 +200,21 @@ pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f32) 
     check_eps(OP, eps)?;
     let dev = same_device(OP, &[y, norms, dy])?;
     if dy.shape() != y.shape() {
-        return Err(Error::Shape { op: OP, expected: format!("dy of shape {:?}", y.shape()), got: format!("{:?}", dy.shape()) });
+        return Err(Error::Shape {
+            op: OP,
+            expected: format!("dy of shape {:?}", y.shape()),
+            got: format!("{:?}", dy.shape()),
+        });
     }
     if dy.dtype() != y.dtype() {
         return Err(Error::DType { op: OP, expected: y.dtype(), got: dy.dtype() });
     }
     if norms.shape() != [rows] {
-        return Err(Error::Shape { op: OP, expected: format!("norms of shape [{rows}]"), got: format!("{:?}", norms.shape()) });
+        return Err(Error::Shape {
+            op: OP,
+            expected: format!("norms of shape [{rows}]"),
+            got: format!("{:?}", norms.shape()),
+        });
     }
     if norms.dtype() != DType::F32 {
         return Err(Error::DType { op: OP, expected: DType::F32, got: norms.dtype() });

@@ -50,7 +50,12 @@ pub fn block_sum(dev: &Device, x: &[f32], threads: usize, with_barrier: bool) ->
     let blocks = x.len() / threads;
     let (xb, out) = (up(dev, x)?, dev.alloc(blocks * 4)?);
     let name = if with_barrier { "selftest_block_sum" } else { "selftest_block_sum_nosync" };
-    launch(dev, name, LaunchConfig::linear(blocks as u32, threads as u32, 0), &[Arg::Ptr(dev.ptr(&xb)), Arg::Ptr(dev.ptr(&out))])?;
+    launch(
+        dev,
+        name,
+        LaunchConfig::linear(blocks as u32, threads as u32, 0),
+        &[Arg::Ptr(dev.ptr(&xb)), Arg::Ptr(dev.ptr(&out))],
+    )?;
     down(dev, &out, blocks)
 }
 
@@ -59,7 +64,12 @@ pub fn oob_write(dev: &Device, n: usize) -> Result<Vec<f32>> {
     need_kernels("selftest::oob_write", dev)?;
     let y = dev.alloc(n * 4)?;
     let blocks = (n + 1).div_ceil(128) as u32;
-    launch(dev, "selftest_oob_write", LaunchConfig::linear(blocks, 128, 0), &[Arg::Ptr(dev.ptr(&y)), Arg::I32(n as i32)])?;
+    launch(
+        dev,
+        "selftest_oob_write",
+        LaunchConfig::linear(blocks, 128, 0),
+        &[Arg::Ptr(dev.ptr(&y)), Arg::I32(n as i32)],
+    )?;
     down(dev, &y, n)
 }
 
@@ -165,7 +175,12 @@ pub fn warp_ops_reference(input: &[i32], width: i32) -> Vec<i32> {
 pub fn ldmatrix(dev: &Device, m: &[u16; 256]) -> Result<Vec<u32>> {
     need_kernels("selftest::ldmatrix", dev)?;
     let (mb, out) = (up(dev, &m[..])?, dev.alloc(32 * 14 * 4)?);
-    launch(dev, "selftest_ldmatrix", LaunchConfig::linear(1, 32, 0), &[Arg::Ptr(dev.ptr(&mb)), Arg::Ptr(dev.ptr(&out))])?;
+    launch(
+        dev,
+        "selftest_ldmatrix",
+        LaunchConfig::linear(1, 32, 0),
+        &[Arg::Ptr(dev.ptr(&mb)), Arg::Ptr(dev.ptr(&out))],
+    )?;
     down(dev, &out, 32 * 14)
 }
 

@@ -155,8 +155,12 @@ impl Tensor {
     pub fn from_f32(device: &Device, shape: &[usize], data: &[f32], dtype: DType) -> Result<Tensor> {
         match dtype {
             DType::F32 => Tensor::from_slice(device, shape, data),
-            DType::BF16 => Tensor::from_slice(device, shape, &data.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>()),
-            DType::F16 => Tensor::from_slice(device, shape, &data.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()),
+            DType::BF16 => {
+                Tensor::from_slice(device, shape, &data.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())
+            }
+            DType::F16 => {
+                Tensor::from_slice(device, shape, &data.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>())
+            }
         }
     }
 
@@ -205,7 +209,9 @@ impl Tensor {
     pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
         match self.shape[..] {
             [r, c] => Ok((r, c)),
-            _ => Err(Error::Shape { op, expected: "a 2-D tensor [rows, cols]".into(), got: format!("{:?}", self.shape) }),
+            _ => {
+                Err(Error::Shape { op, expected: "a 2-D tensor [rows, cols]".into(), got: format!("{:?}", self.shape) })
+            }
         }
     }
 
@@ -217,7 +223,9 @@ impl Tensor {
         }
         Ok(match &self.storage {
             Storage::Host(h) => bytemuck::pod_collect_to_vec(h.bytes()),
-            Storage::Device(b) => bytemuck::pod_collect_to_vec(&self.device.download(b, self.numel() * self.dtype.size())?),
+            Storage::Device(b) => {
+                bytemuck::pod_collect_to_vec(&self.device.download(b, self.numel() * self.dtype.size())?)
+            }
         })
     }
 

@@ -10,7 +10,11 @@ use rand::{Rng, SeedableRng};
 /// allocations). Without a GPU a skip notice is printed, or, when
 /// GIF_FR_REQUIRE_GPU is set, the test fails.
 pub fn gpu_devices() -> Vec<Device> {
-    let mut v = vec![Device::sim_with(SimOrder::Forward), Device::sim_with(SimOrder::Reverse), Device::sim_with(SimOrder::Shuffle(0x5eed))];
+    let mut v = vec![
+        Device::sim_with(SimOrder::Forward),
+        Device::sim_with(SimOrder::Reverse),
+        Device::sim_with(SimOrder::Shuffle(0x5eed)),
+    ];
     if let Some(d) = cuda() {
         v.push(d);
     }
@@ -45,7 +49,13 @@ pub fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let ok = if w.is_nan() { g.is_nan() } else if w.is_infinite() { g == w } else { (g - w).abs() <= atol + rtol * w.abs() };
+        let ok = if w.is_nan() {
+            g.is_nan()
+        } else if w.is_infinite() {
+            g == w
+        } else {
+            (g - w).abs() <= atol + rtol * w.abs()
+        };
         assert!(ok, "{what}: element {i}: got {g}, want {w} (atol {atol}, rtol {rtol})");
     }
 }

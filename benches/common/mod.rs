@@ -1,0 +1,93 @@
+//! Shared benchmark plumbing: the devices to time (the CPU, and the first
+//! GPU when present; never the simulator, which proves logic, not speed),
+//! timing through `Device::time` inside criterion's `iter_custom` (CUDA
+//! events on the device's stream), and a summary table printed last.
+#![allow(dead_code)]
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use criterion::Criterion;
+use gif_fr::{Device, Result};
+
+/// The CPU, and the first GPU when there is one.
+pub fn devices() -> Vec<Device> {
+    let mut v = vec![Device::cpu()];
+    match Device::cuda(0) {
+        Ok(d) => v.push(d),
+        Err(e) => eprintln!("benchmarking the CPU only: {e}"),
+    }
+    v
+}
+
+/// Short label of a device for benchmark ids.
+pub fn label(d: &Device) -> String {
+    match d.gpu_info() {
+        Some(g) => format!("cuda:{}", g.ordinal),
+        None => d.kind().to_string_lower(),
+    }
+}
+
+trait Lower {
+    fn to_string_lower(&self) -> String;
+}
+impl Lower for gif_fr::DeviceKind {
+    fn to_string_lower(&self) -> String {
+        format!("{self:?}").to_lowercase()
+    }
+}
+
+struct Row {
+    case: String,
+    device: String,
+    total: Duration,
+    iters: u64,
+    bytes: f64,
+    flops: f64,
+}
+
+static ROWS: Mutex<Vec<Row>> = Mutex::new(Vec::new());
+
+/// Times `iters` calls of `f` on `dev` and records them for the summary
+/// under (`case`, device), with the bytes moved and FLOPs done per call.
+pub fn timed<F: FnMut() -> Result<()>>(dev: &Device, case: &str, bytes: f64, flops: f64, iters: u64, f: F) -> Duration {
+    let t = dev.time(iters, f).unwrap_or_else(|e| panic!("{case} on {dev}: {e}"));
+    let mut rows = ROWS.lock().unwrap();
+    let device = label(dev);
+    match rows.iter_mut().find(|r| r.case == case && r.device == device) {
+        Some(r) => {
+            r.total += t;
+            r.iters += iters;
+        }
+        None => rows.push(Row { case: case.to_string(), device, total: t, iters, bytes, flops }),
+    }
+    t
+}
+
+/// Criterion settings for these benches: short, since the CPU cases are slow
+/// and the GPU kit must finish in minutes. Command-line flags override.
+pub fn criterion() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args()
+}
+
+/// Prints the mean time per call of every recorded case, with GB/s and
+/// GFLOP/s, as a Markdown table (the GPU kit's summary collects it).
+pub fn print_summary(title: &str) {
+    let rows = ROWS.lock().unwrap();
+    if rows.is_empty() {
+        return;
+    }
+    println!("\n### {title}\n");
+    println!("| case | device | mean per call | GB/s | GFLOP/s |");
+    println!("|---|---|---|---|---|");
+    for r in rows.iter() {
+        let s = r.total.as_secs_f64() / r.iters.max(1) as f64;
+        let gbs = if r.bytes > 0.0 { format!("{:.1}", r.bytes / s / 1e9) } else { "-".into() };
+        let gf = if r.flops > 0.0 { format!("{:.1}", r.flops / s / 1e9) } else { "-".into() };
+        println!("| {} | {} | {:.2} µs | {gbs} | {gf} |", r.case, r.device, s * 1e6);
+    }
+}

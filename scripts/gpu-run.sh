@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Runs the staged GPU bundle on a machine with a GPU (no Rust needed).
+# Staged by scripts/gpu-bundle as gpu-bundle/run.sh. From the repo root:
+#
+#   bash gpu-bundle/run.sh              tests on the GPU, then a quick bench pass
+#   bash gpu-bundle/run.sh --sanitizer  the tests under compute-sanitizer (memcheck)
+#   bash gpu-bundle/run.sh --tests-only
+#
+# Logs go to $OUT (or /tmp/gif-fr-gpu-run); a summary table prints last.
+# Tests run with GIF_FR_REQUIRE_GPU=1 (a missing GPU fails them rather than
+# skipping) and GIF_FR_POISON=1 (outputs start as NaN, so unwritten elements show).
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-/tmp/gif-fr-gpu-run}
+mkdir -p "$out"
+mode=${1:-all}
+export GIF_FR_REQUIRE_GPU=1 GIF_FR_POISON=1 RUST_BACKTRACE=1
+summary="$out/summary.md"
+: > "$summary"
+
+{
+  echo "## gif-fr GPU run"
+  echo
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "- commit: $(cat "$here/COMMIT" 2>/dev/null | tr '\n' ' ')"
+  echo "- gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1)"
+  echo "- mode: $mode"
+  echo
+} >> "$summary"
+
+"$here/bin/gif-fr" info > "$out/info.log" 2>&1
+sed 's/^/    /' "$out/info.log" >> "$summary"
+echo >> "$summary"
+
+echo "| test binary | result | passed | failed | seconds |" >> "$summary"
+echo "|---|---|---|---|---|" >> "$summary"
+total_failed=0
+for t in "$here"/tests/*; do
+  name=$(basename "$t")
+  log="$out/test-$name.log"
+  start=$(date +%s)
+  if [ "$mode" = "--sanitizer" ]; then
+    timeout 420 compute-sanitizer --tool memcheck --error-exitcode 99 "$t" --test-threads=1 > "$log" 2>&1
+  else
+    timeout 240 "$t" --test-threads=4 > "$log" 2>&1
+  fi
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  passed=$(grep -Eo '[0-9]+ passed' "$log" | tail -n 1 | cut -d' ' -f1)
+  failed=$(grep -Eo '[0-9]+ failed' "$log" | tail -n 1 | cut -d' ' -f1)
+  result=ok
+  [ "$rc" -ne 0 ] && result="FAILED (exit $rc)"
+  [ "$rc" -ne 0 ] && total_failed=$((total_failed + 1))
+  echo "| $name | $result | ${passed:-?} | ${failed:-?} | $secs |" >> "$summary"
+  if [ "$rc" -ne 0 ]; then
+    { echo "$name:"; grep -E -A3 "panicked at|ERROR SUMMARY|^========= [A-Z]" "$log" | head -n 40; } \
+      | sed 's/^/    /' >> "$summary.failures"
+  fi
+done
+echo >> "$summary"
+
+if [ "$mode" = "all" ]; then
+  for b in "$here"/benches/*; do
+    name=$(basename "$b")
+    CRITERION_HOME="$out/criterion" timeout 150 "$b" --bench --warm-up-time 0.3 --measurement-time 1 \
+      > "$out/bench-$name.log" 2>&1 || echo "bench $name exited with $?" >> "$summary"
+    sed -n '/^### /,$p' "$out/bench-$name.log" >> "$summary"
+    echo >> "$summary"
+  done
+fi
+
+if [ -f "$summary.failures" ]; then
+  { echo "### failures"; echo; cat "$summary.failures"; echo; } >> "$summary"
+fi
+echo "test binaries failed: $total_failed" >> "$summary"
+cat "$summary"
+[ "$total_failed" -eq 0 ]

@@ -1,0 +1,86 @@
+//! The device layer without a GPU: typed errors, never a panic; the CPU
+//! fallback; and, with a GPU, what the probe reports.
+
+mod common;
+
+use gif_fr::{Device, DeviceKind, Error, Tensor};
+
+#[test]
+fn cuda_without_a_usable_gpu_is_a_typed_error_not_a_panic() {
+    match Device::cuda(0) {
+        Ok(d) => {
+            let g = d.gpu_info().expect("a CUDA device describes itself");
+            assert!(g.compute_capability.0 >= 8, "{g:?}");
+            assert!(g.total_memory > 0);
+        }
+        Err(Error::NoDriver(why) | Error::NoGpu(why)) => assert!(!why.is_empty()),
+        Err(e) => panic!("unexpected error kind: {e}"),
+    }
+    // An ordinal no machine has.
+    match Device::cuda(4096) {
+        Err(Error::NoDriver(_) | Error::NoGpu(_)) => {}
+        other => panic!("GPU 4096 should not exist: {other:?}"),
+    }
+}
+
+#[test]
+fn best_is_the_gpu_when_present_else_the_cpu() {
+    let best = Device::best();
+    match Device::cuda(0) {
+        Ok(_) => assert_eq!(best.kind(), DeviceKind::Cuda),
+        Err(_) => assert_eq!(best.kind(), DeviceKind::Cpu),
+    }
+}
+
+#[test]
+fn cuda_devices_are_shared_per_ordinal_and_sim_devices_are_distinct() {
+    if let (Ok(a), Ok(b)) = (Device::cuda(0), Device::cuda(0)) {
+        assert_eq!(a, b);
+    }
+    assert_ne!(Device::sim(), Device::sim());
+    assert_eq!(Device::cpu(), Device::cpu());
+}
+
+#[test]
+fn tensors_round_trip_through_every_device() {
+    let x: Vec<f32> = (0..37).map(|i| i as f32 * 0.37 - 5.0).collect();
+    let mut devs = vec![Device::cpu(), Device::sim()];
+    devs.extend(common::cuda());
+    for dev in &devs {
+        let t = Tensor::from_slice(dev, &[37], &x).unwrap();
+        assert_eq!(t.to_vec::<f32>().unwrap(), x, "{dev}");
+        let back = t.to_device(&Device::cpu()).unwrap();
+        assert_eq!(back.to_vec::<f32>().unwrap(), x, "{dev} -> cpu");
+        let bf = Tensor::from_f32(dev, &[37], &x, gif_fr::DType::BF16).unwrap();
+        let want: Vec<f32> = x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        assert_eq!(bf.to_f32_vec().unwrap(), want, "{dev} bf16");
+        assert!(matches!(bf.to_vec::<f32>(), Err(Error::DType { .. })));
+    }
+}
+
+#[test]
+fn empty_tensors_show_unwritten_elements_as_nan() {
+    let mut devs = vec![Device::cpu(), Device::sim()];
+    devs.extend(common::cuda());
+    for dev in &devs {
+        let t = Tensor::empty(dev, &[3, 5], gif_fr::DType::F32).unwrap();
+        assert!(t.to_vec::<f32>().unwrap().iter().all(|v| v.is_nan()), "{dev}");
+        let t = Tensor::empty(dev, &[4], gif_fr::DType::BF16).unwrap();
+        assert!(t.to_f32_vec().unwrap().iter().all(|v| v.is_nan()), "{dev}");
+    }
+}
+
+#[test]
+fn device_timer_measures_host_work_on_the_cpu() {
+    let d = Device::cpu();
+    let mut n = 0u64;
+    let t = d
+        .time(3, || {
+            n += 1;
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(n, 3);
+    assert!(t >= std::time::Duration::from_millis(6), "{t:?}");
+}
