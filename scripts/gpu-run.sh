@@ -6,15 +6,17 @@
 #   bash gpu-bundle/run.sh --sanitizer  the tests under compute-sanitizer (memcheck)
 #   bash gpu-bundle/run.sh --tests-only
 #
-# Logs go to $OUT (or /tmp/gif-fr-gpu-run); a summary table prints last.
+# Logs are written to a scratch folder; at the end summary.md and
+# logs.tar.gz (every log) are copied to $OUT when it is set (the device
+# tool brings back at most 8 files). The summary table prints last.
 # Tests run with GIF_FR_REQUIRE_GPU=1 (a missing GPU fails them rather than
-# skipping) and GIF_FR_POISON=1 (outputs start as NaN, so unwritten elements show).
+# skipping) and GIF_FR_POISON=1 (outputs start as NaN, so unwritten elements
+# show); benches time the GPU only (GIF_FR_BENCH_GPU_ONLY=1).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
-out=${OUT:-/tmp/gif-fr-gpu-run}
-mkdir -p "$out"
+out=$(mktemp -d /tmp/gif-fr-gpu-run.XXXXXX)
 mode=${1:-all}
-export GIF_FR_REQUIRE_GPU=1 GIF_FR_POISON=1 RUST_BACKTRACE=1
+export GIF_FR_REQUIRE_GPU=1 GIF_FR_POISON=1 GIF_FR_BENCH_GPU_ONLY=1 RUST_BACKTRACE=1
 summary="$out/summary.md"
 : > "$summary"
 
@@ -73,5 +75,10 @@ if [ -f "$summary.failures" ]; then
   { echo "### failures"; echo; cat "$summary.failures"; echo; } >> "$summary"
 fi
 echo "test binaries failed: $total_failed" >> "$summary"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  cp "$summary" "$OUT/summary$( [ "$mode" = all ] || echo "${mode#--}" | sed 's/^/-/').md"
+  tar czf "$OUT/logs$( [ "$mode" = all ] || echo "${mode#--}" | sed 's/^/-/').tar.gz" -C "$out" --exclude criterion .
+fi
 cat "$summary"
 [ "$total_failed" -eq 0 ]

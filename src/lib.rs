@@ -11,6 +11,22 @@
 //! Devices: [`Device::cpu`], [`Device::cuda`], [`Device::sim`]. Data:
 //! [`Tensor`]. Ops: [`rowwise`] (more families follow: GEMM, tokenizer,
 //! heads, decoder, backbone).
+//!
+//! ```
+//! use gif_fr::{rowwise, DType, Device, Tensor};
+//!
+//! let dev = Device::best(); // the first GPU, else the CPU
+//! let x = Tensor::from_f32(&dev, &[2, 3], &[1.0, 2.0, 2.0, 0.0, 3.0, 4.0], DType::F32)?;
+//! let (y, norms) = rowwise::l2_normalize(&x, 1e-12)?;
+//! assert_eq!(norms.to_vec::<f32>()?, vec![3.0, 5.0]);
+//! assert_eq!(y.to_vec::<f32>()?, vec![1.0 / 3.0, 2.0 / 3.0, 2.0 / 3.0, 0.0, 0.6, 0.8]);
+//!
+//! // The same op on the simulated GPU runs kernels/rowwise.cu on the CPU.
+//! let sim = Device::sim();
+//! let (_, n) = rowwise::l2_normalize(&x.to_device(&sim)?, 1e-12)?;
+//! assert_eq!(n.to_vec::<f32>()?, vec![3.0, 5.0]);
+//! # Ok::<(), gif_fr::Error>(())
+//! ```
 #![warn(missing_docs)]
 
 pub mod device;

@@ -10,9 +10,11 @@ use std::time::Duration;
 use criterion::Criterion;
 use gif_fr::{Device, Result};
 
-/// The CPU, and the first GPU when there is one.
+/// The CPU, and the first GPU when there is one. With GIF_FR_BENCH_GPU_ONLY
+/// set (the GPU kit sets it), the GPU alone.
 pub fn devices() -> Vec<Device> {
-    let mut v = vec![Device::cpu()];
+    let gpu_only = std::env::var("GIF_FR_BENCH_GPU_ONLY").is_ok_and(|v| !v.is_empty() && v != "0");
+    let mut v = if gpu_only { Vec::new() } else { vec![Device::cpu()] };
     match Device::cuda(0) {
         Ok(d) => v.push(d),
         Err(e) => eprintln!("benchmarking the CPU only: {e}"),
