@@ -9,8 +9,9 @@
 //     exited lane, a cp.async read without its wait;
 //   - known-answer kernels for the simulator's emulations, which the CUDA
 //     test runs on a GPU too, so the emulated semantics are checked against
-//     hardware: shuffles with segment widths and votes; ldmatrix in every
-//     form; cp.async + ldmatrix + mma.sync on one 16x8x16 tile.
+//     hardware: shuffles with segment widths and votes; block votes;
+//     ldmatrix in every form; cp.async + ldmatrix + mma.sync on one 16x8x16
+//     tile; the bf16 / f16 conversions.
 // Every kernel here runs with one block of at most 1024 threads unless its
 // comment says otherwise.
 #include "arch.cuh"
@@ -156,4 +157,27 @@ extern "C" __global__ void selftest_mma_bf16(const bf16* a, const bf16* b, const
 }
 extern "C" __global__ void selftest_mma_f16(const f16* a, const f16* b, const float* c, float* d) {
   mma_tile<f16>(a, b, c, d);
+}
+
+// Known answers for the 16-bit conversions of common.cuh: x -> bf16 and
+// x -> f16 (round to nearest even), and back to float. Any grid.
+extern "C" __global__ void selftest_convert(const float* x, bf16* b, f16* h, float* b_back, float* h_back, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const bf16 bv = from_float<bf16>(x[i]);
+  const f16 hv = from_float<f16>(x[i]);
+  b[i] = bv;
+  h[i] = hv;
+  b_back[i] = to_float(bv);
+  h_back[i] = to_float(hv);
+}
+
+// Known answers for __syncthreads_count / _and / _or: each thread writes 3
+// ints for the predicate in[t] > 0. One block.
+extern "C" __global__ void selftest_block_votes(const int* in, int* out) {
+  const int t = threadIdx.x;
+  const int p = in[t] > 0;
+  out[3 * t] = __syncthreads_count(p);
+  out[3 * t + 1] = __syncthreads_and(p);
+  out[3 * t + 2] = __syncthreads_or(p);
 }

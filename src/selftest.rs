@@ -261,3 +261,50 @@ pub fn mma_tile_reference(a: &[f32], b: &[f32], c: &[f32], dtype: DType) -> Vec<
     }
     d
 }
+
+/// The results of selftest_convert for `x`: (bf16 bits, f16 bits, bf16 back
+/// to f32, f16 back to f32).
+pub type Conversions = (Vec<u16>, Vec<u16>, Vec<f32>, Vec<f32>);
+
+/// Converts `x` to bf16 and f16 and back with the kernels' conversions
+/// (kernels/common.cuh).
+pub fn convert(dev: &Device, x: &[f32]) -> Result<Conversions> {
+    const OP: &str = "selftest::convert";
+    need_kernels(OP, dev)?;
+    if x.is_empty() || x.len() > i32::MAX as usize {
+        return Err(Error::invalid(OP, format!("needs 1 to {} values, got {}", i32::MAX, x.len())));
+    }
+    let n = x.len();
+    let xb = up(dev, x)?;
+    let (b, h, bb, hb) = (dev.alloc(2 * n)?, dev.alloc(2 * n)?, dev.alloc(4 * n)?, dev.alloc(4 * n)?);
+    launch(
+        dev,
+        "selftest_convert",
+        LaunchConfig::linear(n.div_ceil(128) as u32, 128, 0),
+        &[
+            Arg::Ptr(dev.ptr(&xb)),
+            Arg::Ptr(dev.ptr(&b)),
+            Arg::Ptr(dev.ptr(&h)),
+            Arg::Ptr(dev.ptr(&bb)),
+            Arg::Ptr(dev.ptr(&hb)),
+            Arg::I32(n as i32),
+        ],
+    )?;
+    Ok((down(dev, &b, n)?, down(dev, &h, n)?, down(dev, &bb, n)?, down(dev, &hb, n)?))
+}
+
+/// Runs selftest_block_votes: one block of `input.len()` threads; per
+/// thread (count, and, or) of `input[t] > 0` over the block.
+pub fn block_votes(dev: &Device, input: &[i32]) -> Result<Vec<i32>> {
+    const OP: &str = "selftest::block_votes";
+    need_kernels(OP, dev)?;
+    check_threads(OP, input.len())?;
+    let (ib, out) = (up(dev, input)?, dev.alloc(input.len() * 3 * 4)?);
+    launch(
+        dev,
+        "selftest_block_votes",
+        LaunchConfig::linear(1, input.len() as u32, 0),
+        &[Arg::Ptr(dev.ptr(&ib)), Arg::Ptr(dev.ptr(&out))],
+    )?;
+    down(dev, &out, input.len() * 3)
+}

@@ -25,8 +25,11 @@ fn ptxas() -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join("ptxas")).find(|p| p.is_file())
 }
 
+/// A PTX file in the temp folder, unique per call (tests run in parallel).
 fn write_temp(name: &str, text: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("gif-fr-{}-{name}.ptx", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = std::env::temp_dir().join(format!("gif-fr-{}-{k}-{name}.ptx", std::process::id()));
     std::fs::write(&p, text).expect("write PTX to the temp folder");
     p
 }

@@ -217,3 +217,24 @@ fn bad_inputs_get_typed_errors() {
     assert!(matches!(rowwise::l2_normalize_backward(&y, &n, &other, 1e-12), Err(Error::DeviceMismatch { .. })));
     assert!(matches!(Tensor::from_slice(&dev, &[3, 2], &[1.0f32; 4]), Err(Error::Shape { .. })));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+    /// Any shape (both sides of the warp/block switch), any shuffled order:
+    /// the simulated kernels agree with the references.
+    #[test]
+    fn any_shape_and_order_matches_reference(rows in 1usize..12, cols in 1usize..1400, seed in 0u64..1000) {
+        let mut rng = rng(seed);
+        let dev = Device::sim_with(gif_fr::SimOrder::Shuffle(seed));
+        let x = uniform(&mut rng, rows * cols, -4.0, 4.0);
+        let xt = Tensor::from_slice(&dev, &[rows, cols], &x).unwrap();
+        let mut y = vec![0.0; rows * cols];
+        cpu::softmax(&x, cols, true, &mut y);
+        assert_close("log_softmax", &rowwise::log_softmax(&xt).unwrap().to_vec::<f32>().unwrap(), &y, 1e-5, 1e-4);
+        let (mut yn, mut n) = (vec![0.0; rows * cols], vec![0.0; rows]);
+        cpu::l2_normalize(&x, cols, 1e-12, &mut yn, &mut n);
+        let (yt, nt) = rowwise::l2_normalize(&xt, 1e-12).unwrap();
+        assert_close("l2 y", &yt.to_vec::<f32>().unwrap(), &yn, 1e-6, 1e-4);
+        assert_close("l2 norm", &nt.to_vec::<f32>().unwrap(), &n, 1e-6, 1e-5);
+    }
+}

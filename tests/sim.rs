@@ -146,3 +146,81 @@ fn build_script_registered_every_kernel_with_the_simulator() {
         assert_eq!(gif_fr::sim::registered_kernels(m.id), m.kernels, "{}", m.name);
     }
 }
+
+#[test]
+fn block_votes_count_and_or_over_the_block() {
+    let mut rng = rng(15);
+    for dev in gpu_devices() {
+        for (n, lo) in [(96usize, -5), (33, 1), (256, -1000)] {
+            let input: Vec<i32> = (0..n).map(|_| rand::Rng::random_range(&mut rng, lo..10)).collect();
+            let count = input.iter().filter(|&&v| v > 0).count() as i32;
+            let got = selftest::block_votes(&dev, &input).unwrap();
+            for t in 0..n {
+                assert_eq!(
+                    &got[3 * t..3 * t + 3],
+                    &[count, (count == n as i32) as i32, (count > 0) as i32],
+                    "{dev} n {n}"
+                );
+            }
+        }
+    }
+}
+
+/// The kernels' f32 -> bf16 / f16 conversions round to nearest even exactly
+/// as the `half` crate does, on any bit pattern (NaN stays NaN).
+fn check_conversions(dev: &Device, x: &[f32]) {
+    let (b, h, bb, hb) = selftest::convert(dev, x).unwrap();
+    for (i, &v) in x.iter().enumerate() {
+        let (wb, wh) = (half::bf16::from_f32(v), half::f16::from_f32(v));
+        if v.is_nan() {
+            assert!(
+                half::bf16::from_bits(b[i]).is_nan() && half::f16::from_bits(h[i]).is_nan(),
+                "{dev}: NaN {:#x}",
+                v.to_bits()
+            );
+            assert!(bb[i].is_nan() && hb[i].is_nan());
+            continue;
+        }
+        assert_eq!(b[i], wb.to_bits(), "{dev}: bf16 of {v:e} ({:#010x})", v.to_bits());
+        assert_eq!(h[i], wh.to_bits(), "{dev}: f16 of {v:e} ({:#010x})", v.to_bits());
+        assert_eq!(bb[i].to_bits(), wb.to_f32().to_bits(), "{dev}: bf16 -> f32 of {v:e}");
+        assert_eq!(hb[i].to_bits(), wh.to_f32().to_bits(), "{dev}: f16 -> f32 of {v:e}");
+    }
+}
+
+#[test]
+fn conversions_round_to_nearest_even_at_the_edges() {
+    let mut x = vec![0.0f32, -0.0, 1.0, -1.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX, f32::MIN_POSITIVE];
+    // f16: largest finite, the overflow threshold and just below it, the
+    // smallest normal and subnormal, halfway cases.
+    x.extend([
+        65504.0,
+        65519.99,
+        65520.0,
+        6.1035156e-5,
+        5.9604645e-8,
+        2.9802322e-8,
+        2.9802326e-8,
+        1.0009766,
+        1.0004883,
+    ]);
+    // bf16: halfway cases with even and odd lower neighbours.
+    x.extend([
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::from_bits(0x7f7f_ffff),
+        f32::from_bits(0x0000_8000),
+    ]);
+    for dev in gpu_devices() {
+        check_conversions(&dev, &x);
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
+    #[test]
+    fn conversions_match_the_half_crate_on_any_bits(bits in proptest::collection::vec(proptest::prelude::any::<u32>(), 1..300)) {
+        let x: Vec<f32> = bits.into_iter().map(f32::from_bits).collect();
+        check_conversions(&Device::sim(), &x);
+    }
+}
