@@ -12,7 +12,9 @@
 //!    kernel and its signature.
 //!
 //! It writes OUT_DIR/kernels.rs, included by src/kernels.rs.
-//! Set GIF_FR_NO_NVCC=1 to build as if no nvcc were installed.
+//! Set GIF_FR_NO_NVCC=1 to build as if no nvcc were installed, and
+//! GIF_SIM_UCONTEXT=1 to give the simulator the portable ucontext fiber
+//! switch (what non-x86-64 hosts get) instead of the x86-64 one.
 
 use std::collections::HashSet;
 use std::env;
@@ -35,7 +37,7 @@ fn main() {
     let kdir = root.join("kernels");
 
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "PATH", "CUDA_HOME", "CUDA_PATH", "GIF_FR_NO_NVCC"] {
+    for var in ["NVCC", "PATH", "CUDA_HOME", "CUDA_PATH", "GIF_FR_NO_NVCC", "GIF_SIM_UCONTEXT"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -346,6 +348,11 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-unknown-pragmas")
         .warnings(true);
+    // GIF_SIM_UCONTEXT=1 selects the portable (slower) ucontext fiber switch
+    // that non-x86-64 hosts use, to test it on x86-64.
+    if env::var("GIF_SIM_UCONTEXT").is_ok_and(|v| !v.is_empty() && v != "0") {
+        b.define("GIF_SIM_UCONTEXT", "1");
+    }
     // Static __shared__ variables carry section("gif_sim_shared") so the
     // scheduler can poison them before each block, but GCC drops section
     // attributes on static locals of template instances (they go to

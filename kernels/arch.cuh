@@ -106,52 +106,31 @@ inline void complete_ldmatrix(gif_sim::Arrival* lanes[32], unsigned mask, const 
 }  // namespace gif_arch_sim
 #endif
 
-// d = A·B + c for one 16x8x16 tile, bf16 inputs, f32 accumulators.
-GIF_DEVICE void mma_m16n8k16_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
-#if defined(GIF_SIM)
-  gif_arch_sim::MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
-  float out[4];
-  gif_sim::warp_collective(0xffffffffu, gif_arch_sim::complete_mma_m16n8k16<bf16>, "mma.sync.m16n8k16.bf16", &in, out,
-                           0, 0, std::source_location::current());
-  for (int i = 0; i < 4; ++i) d[i] = out[i];
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%10,%11,%12,%13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-        "f"(c[3]));
-#endif
-}
-
-// d = A·B + c for one 16x8x16 tile, f16 inputs, f32 accumulators.
-GIF_DEVICE void mma_m16n8k16_f16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
-#if defined(GIF_SIM)
-  gif_arch_sim::MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
-  float out[4];
-  gif_sim::warp_collective(0xffffffffu, gif_arch_sim::complete_mma_m16n8k16<f16>, "mma.sync.m16n8k16.f16", &in, out,
-                           0, 0, std::source_location::current());
-  for (int i = 0; i < 4; ++i) d[i] = out[i];
-#else
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%10,%11,%12,%13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
-        "f"(c[3]));
-#endif
-}
-
-// The two above by input type, for templates over bf16 / f16.
+// d = A·B + c for one 16x8x16 tile: T (bf16 or f16) inputs, f32
+// accumulators (mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32).
 template <typename T>
-GIF_DEVICE void mma_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]);
-template <>
-GIF_DEVICE void mma_m16n8k16<bf16>(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
-  mma_m16n8k16_bf16(d, a, b, c);
-}
-template <>
-GIF_DEVICE void mma_m16n8k16<f16>(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
-  mma_m16n8k16_f16(d, a, b, c);
+GIF_DEVICE void mma_m16n8k16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4]) {
+  static_assert(sizeof(T) == 2, "mma_m16n8k16 takes bf16 or f16");
+#if defined(GIF_SIM)
+  gif_arch_sim::MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {c[0], c[1], c[2], c[3]}};
+  float out[4];
+  gif_sim::warp_collective(0xffffffffu, gif_arch_sim::complete_mma_m16n8k16<T>, "mma.sync.m16n8k16", &in, out, 0, 0,
+                           std::source_location::current());
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+#else
+#define GIF_MMA_ASM(TYPE)                                                                                    \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+               "{%8,%9}, {%10,%11,%12,%13};\n"                                                              \
+               : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                             \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),     \
+                 "f"(c[2]), "f"(c[3]))
+  if constexpr (gif_is_bf16<T>::value) {
+    GIF_MMA_ASM("bf16");
+  } else {
+    GIF_MMA_ASM("f16");
+  }
+#undef GIF_MMA_ASM
+#endif
 }
 
 #if !defined(GIF_SIM)

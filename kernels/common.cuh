@@ -47,6 +47,16 @@ GIF_DEVICE unsigned int gif_float_bits(float x) {
   return __float_as_uint(x);
 #endif
 }
+// Whether T is bf16 (for `if constexpr` without <type_traits>).
+template <typename T>
+struct gif_is_bf16 {
+  static constexpr bool value = false;
+};
+template <>
+struct gif_is_bf16<bf16> {
+  static constexpr bool value = true;
+};
+
 GIF_DEVICE float gif_bits_float(unsigned int u) {
 #if defined(GIF_SIM)
   float x;
