@@ -29,7 +29,7 @@ pub fn cuda() -> Option<Device> {
         Err(e) => {
             let required = std::env::var(gif_fr::device::REQUIRE_GPU_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
             assert!(!required, "{} is set but no GPU is usable: {e}", gif_fr::device::REQUIRE_GPU_ENV);
-            eprintln!("skipping the CUDA part of this test: {e}");
+            skip_notice(&format!("skipping the CUDA part of the kernel tests: {e}"));
             None
         }
     }
@@ -58,4 +58,14 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         };
         assert!(ok, "{what}: element {i}: got {g}, want {w} (atol {atol}, rtol {rtol})");
     }
+}
+
+/// Prints a skip notice once per test binary, straight to stderr so that
+/// libtest's output capture does not swallow it.
+pub fn skip_notice(msg: &str) {
+    use std::io::Write;
+    static SHOWN: std::sync::Once = std::sync::Once::new();
+    SHOWN.call_once(|| {
+        let _ = writeln!(std::io::stderr(), "note: {msg}");
+    });
 }
