@@ -349,6 +349,32 @@ impl Device {
         }
     }
 
+    /// The cuBLAS handle of a CUDA device (created once, bound to the
+    /// device's stream, default math mode: no TF32 for f32 GEMMs).
+    pub(crate) fn cublas(&self) -> Result<Arc<cudarc::cublas::CudaBlas>> {
+        let Inner::Cuda(c) = &self.inner else {
+            return Err(Error::invalid("cublas", format!("cuBLAS needs a CUDA device, not {self}")));
+        };
+        let mut b = c.blas.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = b.as_ref() {
+            return Ok(h.clone());
+        }
+        // SAFETY: only probes whether the library can be loaded.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::driver("cublas", "libcublas could not be loaded"));
+        }
+        let h = cudarc::cublas::CudaBlas::new(c.stream.clone()).map_err(|e| Error::driver("cublas create", e))?;
+        // SAFETY: a valid handle; CUBLAS_DEFAULT_MATH disables TF32 for f32.
+        unsafe {
+            cudarc::cublas::sys::cublasSetMathMode(*h.handle(), cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+        }
+        .result()
+        .map_err(|e| Error::driver("cublas math mode", e))?;
+        let h = Arc::new(h);
+        *b = Some(h.clone());
+        Ok(h)
+    }
+
     /// Runs `kernel` of `module` with `args`. The one launch path of both
     /// GPU backends; the CPU has no kernels.
     ///
@@ -376,6 +402,9 @@ pub(crate) struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<Vec<Option<Arc<CudaModule>>>>,
+    /// cuBLAS on this device's stream, created at first use (benchmarks'
+    /// baseline).
+    blas: Mutex<Option<Arc<cudarc::cublas::CudaBlas>>>,
     /// Loaded functions, with the dynamic shared memory each was allowed.
     functions: Mutex<FunctionCache>,
 }
@@ -443,6 +472,7 @@ impl CudaBackend {
             ctx,
             stream,
             modules: Mutex::new(vec![None; MODULES.len()]),
+            blas: Mutex::new(None),
             functions: Mutex::new(HashMap::new()),
         })
     }

@@ -31,6 +31,7 @@
 
 pub mod device;
 pub mod error;
+pub mod gemm;
 pub mod kernels;
 pub mod rowwise;
 pub mod selftest;

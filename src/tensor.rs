@@ -269,6 +269,14 @@ impl Tensor {
         }
     }
 
+    /// Host data of a CPU tensor, mutable.
+    pub(crate) fn host_mut(&mut self) -> Option<&mut HostData> {
+        match &mut self.storage {
+            Storage::Host(h) => Some(h),
+            Storage::Device(_) => None,
+        }
+    }
+
     /// The device address, for a kernel argument. `None` on the CPU.
     pub(crate) fn device_ptr(&self) -> Option<u64> {
         match &self.storage {

@@ -93,3 +93,9 @@ pub fn print_summary(title: &str) {
         println!("| {} | {} | {:.2} µs | {gbs} | {gf} |", r.case, r.device, s * 1e6);
     }
 }
+
+/// Mean seconds per call recorded for (`case`, device label), if any.
+pub fn mean_seconds(case: &str, device: &str) -> Option<f64> {
+    let rows = ROWS.lock().unwrap();
+    rows.iter().find(|r| r.case == case && r.device == device).map(|r| r.total.as_secs_f64() / r.iters.max(1) as f64)
+}
