@@ -26,9 +26,11 @@
 //    - _v: float4 global loads and stores. Needs the contiguous dimension of
 //      each operand and of C, and every leading dimension, to be multiples
 //      of 4, and 16-byte aligned pointers. Without _v: scalar, predicated.
-//    - Registers (ptxas -arch=sm_90 -v, CUDA 13.0): see the table printed by
-//      tests/ptx.rs; __launch_bounds__(256, 2) caps them at 128 so two blocks
-//      (16 warps) fit per SM, with no spills.
+//    - Registers (ptxas -arch=sm_90 -v, CUDA 13.0, 2026-11-28): 125 to 128,
+//      no spills, 0 bytes of stack, 33792 bytes of shared memory.
+//      __launch_bounds__(256, 2) caps them at 128 so that two blocks (16
+//      warps) fit per SM: 64 accumulators + 2 x 8 operand registers + 16
+//      prefetch registers + addressing.
 //    - Why 128 x 128 x 16: 64 accumulators per thread give 64 FFMA per
 //      4 LDS.128 (arithmetic intensity of 16 FLOP per shared byte loaded per
 //      thread-row), the largest tile that keeps two blocks resident within
@@ -49,6 +51,9 @@
 //        B [K,N] (n): S[k][128+8], ldmatrix.x4.trans B [N,K] (t): S[n][32+8], .x4
 //    - 3 stages x (A + B) tiles <= 60 KiB of dynamic shared memory (the
 //      launcher raises the 48 KiB default).
+//    - Registers (ptxas -arch=sm_90 -v, CUDA 13.0, 2026-11-28): 122 to 124
+//      for _a, 128 for the element-load path, no spills: 64 accumulators +
+//      16 A and 8 B fragment registers + addressing; two blocks fit per SM.
 //    - _a: 16-byte cp.async copies (zero-filled past the edges). Needs the
 //      contiguous dimension of A and B and their leading dimensions to be
 //      multiples of 8 and 16-byte aligned pointers. Without _a: predicated

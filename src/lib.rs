@@ -9,7 +9,7 @@
 //! machine.
 //!
 //! Devices: [`Device::cpu`], [`Device::cuda`], [`Device::sim`]. Data:
-//! [`Tensor`]. Ops: [`rowwise`] (more families follow: GEMM, tokenizer,
+//! [`Tensor`]. Ops: [`rowwise`], [`gemm`] (more families follow: tokenizer,
 //! heads, decoder, backbone).
 //!
 //! ```
