@@ -78,6 +78,15 @@ pub enum Error {
         /// The other.
         b: String,
     },
+    /// A file could not be read or written, or its contents are invalid
+    /// (truncated, corrupt, inconsistent).
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Any other invalid argument: an empty set, a value out of range, a
     /// non-finite value where one is not allowed.
     #[error("{op}: {message}")]
@@ -95,6 +104,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub(crate) fn invalid(op: &'static str, message: impl Into<String>) -> Self {
         Error::InvalidArgument { op, message: message.into() }
+    }
+    pub(crate) fn file(path: &std::path::Path, message: impl Into<String>) -> Self {
+        Error::File { path: path.display().to_string(), message: message.into() }
     }
     pub(crate) fn driver(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
         Error::Driver { context: context.into(), message: e.to_string() }

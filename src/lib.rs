@@ -37,6 +37,7 @@ pub mod rowwise;
 pub mod selftest;
 pub mod sim;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use device::{Device, DeviceKind, GpuInfo};
 pub use error::{Error, Result};

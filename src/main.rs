@@ -1,15 +1,26 @@
 //! The `gif-fr` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use gif_fr::kernels::{self, MODULES};
+use gif_fr::tokenizer::{self, Codebook, Config, Input};
 use gif_fr::{Device, Error};
 
-const USAGE: &str = "usage: gif-fr <command>
+const USAGE: &str = "usage: gif-fr <command> [options]
 
 commands:
-  info    crate version, how the kernels were built, the kernel modules,
-          and the GPU found (or exactly why none was)";
+  info            crate version, how the kernels were built, the kernel
+                  modules, and the GPU found (or exactly why none was)
+  tokenize        assign identity codes and write a codebook:
+                    (--vectors FILE.npy | --count N --dim D) --out FILE.safetensors
+                    [--vocab V (16)] [--length L] [--seed S (0)] [--steps K]
+                    [--iters I (10)] [--device best|cpu|cuda|sim (best)] [--quiet]
+                  FILE.npy holds one f32/f64 row per identity ([N, d]);
+                  without it, N random unit vectors of D dimensions are used.
+                  --device cpu is the deterministic path.
+  codebook-info FILE
+                  size, vocab, length and per-level trie statistics";
 
 fn info() {
     println!("gif-fr {}", env!("CARGO_PKG_VERSION"));
@@ -27,25 +38,111 @@ fn info() {
             g.compute_capability.1,
             g.total_memory as f64 / (1u64 << 30) as f64
         ),
-        Err(e @ (Error::NoDriver(_) | Error::NoGpu(_))) => println!("gpu: none: {e}"),
         Err(e) => println!("gpu: none: {e}"),
     }
     println!("simulator: available (Device::sim), runs the same kernels on the CPU");
 }
 
+/// A command-line mistake: printed with the usage, exit code 2.
+struct Usage(String);
+
+fn parse<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, Usage> {
+    let v = v.ok_or_else(|| Usage(format!("{flag} needs a value")))?;
+    v.parse().map_err(|_| Usage(format!("{flag}: cannot read {v:?}")))
+}
+
+fn tokenize_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
+    let mut cfg = Config { progress: true, ..Config::default() };
+    let (mut vectors, mut count, mut dim, mut out, mut device) =
+        (None::<PathBuf>, None::<usize>, None::<usize>, None::<PathBuf>, "best".to_string());
+    let mut it = args.iter().cloned();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--vectors" => vectors = Some(parse(&a, it.next())?),
+            "--count" => count = Some(parse(&a, it.next())?),
+            "--dim" => dim = Some(parse(&a, it.next())?),
+            "--out" => out = Some(parse(&a, it.next())?),
+            "--vocab" => cfg.vocab = parse(&a, it.next())?,
+            "--length" => cfg.length = Some(parse(&a, it.next())?),
+            "--seed" => cfg.seed = parse(&a, it.next())?,
+            "--steps" => cfg.steps = Some(parse(&a, it.next())?),
+            "--iters" => cfg.kmeans_iters = parse(&a, it.next())?,
+            "--device" => device = parse(&a, it.next())?,
+            "--quiet" => cfg.progress = false,
+            other => return Err(Usage(format!("unknown option {other}"))),
+        }
+    }
+    let out = out.ok_or_else(|| Usage("--out FILE.safetensors is required".into()))?;
+    let dev = match device.as_str() {
+        "best" => Ok(Device::best()),
+        "cpu" => Ok(Device::cpu()),
+        "sim" => Ok(Device::sim()),
+        "cuda" => Device::cuda(0),
+        other => return Err(Usage(format!("--device takes best, cpu, cuda or sim, not {other}"))),
+    };
+    let dev = match dev {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(e)),
+    };
+    let input = match (vectors, count, dim) {
+        (Some(p), None, None) => match tokenizer::read_npy_matrix(&p) {
+            Ok((data, _, d)) => Input::Vectors { data, dim: d },
+            Err(e) => return Ok(Err(e)),
+        },
+        (None, Some(count), Some(dim)) => Input::Random { count, dim },
+        _ => return Err(Usage("give either --vectors FILE.npy, or --count N and --dim D".into())),
+    };
+    let t0 = std::time::Instant::now();
+    Ok((|| {
+        let (book, report) = tokenizer::tokenize_with_report(input, &cfg, &dev)?;
+        let t_save = std::time::Instant::now();
+        book.save(&out)?;
+        eprintln!(
+            "tokenized {} identities on {dev}: input {:.1} s, homogenize {:.1} s ({} steps, loss {} -> {}), k-means {:.1} s, save {:.1} s; total {:.1} s",
+            book.len(),
+            report.input_seconds,
+            report.homogenize_seconds,
+            report.losses.len(),
+            report.losses.first().map_or("-".into(), |l| format!("{l:.4}")),
+            report.losses.last().map_or("-".into(), |l| format!("{l:.4}")),
+            report.kmeans_seconds,
+            t_save.elapsed().as_secs_f64(),
+            t0.elapsed().as_secs_f64()
+        );
+        print!("{}", book.describe());
+        Ok(())
+    })())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
+    let result = match args.first().map(String::as_str) {
         Some("info") => {
             info();
-            ExitCode::SUCCESS
+            Ok(Ok(()))
         }
+        Some("tokenize") => tokenize_cmd(&args[1..]),
+        Some("codebook-info") => match args.get(1) {
+            Some(f) if args.len() == 2 => {
+                Ok(Codebook::load(std::path::Path::new(f)).map(|b| print!("{}", b.describe())))
+            }
+            _ => Err(Usage("codebook-info takes one FILE".into())),
+        },
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
-            ExitCode::SUCCESS
+            Ok(Ok(()))
         }
-        _ => {
-            eprintln!("{USAGE}");
+        Some(other) => Err(Usage(format!("unknown command {other}"))),
+        None => Err(Usage("no command".into())),
+    };
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+        Err(Usage(m)) => {
+            eprintln!("error: {m}\n\n{USAGE}");
             ExitCode::from(2)
         }
     }

@@ -1,0 +1,310 @@
+//! Hierarchical, capacity-constrained spherical k-means: unique codes of
+//! exactly `l` tokens by construction.
+//!
+//! Level by level, every node (the identities sharing a prefix) is split
+//! into at most v children by spherical k-means (centroids are normalized
+//! means; a point goes to the centroid of largest dot product). A child at
+//! remaining depth r can hold at most `v^(r−1)` identities, the codes left
+//! below it, so every assignment is capacity-constrained: points take their
+//! best centroid in order of decreasing score, and a point whose best child
+//! is full takes its best child with room. A node holds at most `v^r`
+//! identities (the root: N ≤ v^l), so there is always room, and at the last
+//! level (capacity 1) every identity gets its own token: codes are unique.
+//!
+//! Scores for large nodes are a GEMM (points x centroids) and an argmax, on
+//! the GPU when the device is one (or the simulator); small nodes run on
+//! the CPU, many in parallel. Every random choice is seeded from the config
+//! seed and the node, so the CPU path is deterministic.
+
+use indicatif::ProgressBar;
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+use super::{ops, Config};
+use crate::device::Device;
+use crate::error::Result;
+use crate::gemm::{self, Op};
+use crate::tensor::Tensor;
+
+/// Nodes with at least this many identities use the GEMM path (chunked, all
+/// cores) on the CPU; smaller ones run one per thread.
+const CPU_GEMM_MIN: usize = 4096;
+const CHUNK: usize = 8192;
+
+/// `v^e`, saturating.
+fn pow_sat(v: usize, e: usize) -> usize {
+    (0..e).fold(1usize, |a, _| a.saturating_mul(v))
+}
+
+fn node_seed(seed: u64, level: usize, first: u32) -> u64 {
+    let mut z = seed ^ ((level as u64) << 56) ^ (first as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^ (z >> 31)
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Scores of the points in `members` against `centroids` (k x d): the best
+/// centroid and its score per member.
+pub(crate) struct Best {
+    pub(crate) idx: Vec<u32>,
+    pub(crate) score: Vec<f32>,
+}
+
+/// The GPU side of assignment: all vectors on the device, uploaded once.
+pub(crate) struct DeviceData {
+    all: Tensor,
+}
+
+impl DeviceData {
+    pub(crate) fn new(device: &Device, vectors: &[f32], n: usize, d: usize) -> Result<DeviceData> {
+        Ok(DeviceData { all: Tensor::from_slice(device, &[n, d], vectors)? })
+    }
+
+    fn best(&self, members: &[u32], centroids: &[f32], k: usize, d: usize) -> Result<Best> {
+        let x = ops::gather_rows(&self.all, members)?;
+        let c = Tensor::from_slice(self.all.device(), &[k, d], centroids)?;
+        let (idx, score) = ops::best_centroids(&x, &c)?;
+        Ok(Best { idx, score })
+    }
+}
+
+/// Best centroid per member on the CPU: chunks of gathered rows times the
+/// centroids (GEMM) for large nodes, direct dot products for small ones.
+pub(crate) fn best_cpu(vectors: &[f32], d: usize, members: &[u32], centroids: &[f32], k: usize) -> Best {
+    let one = |i: u32| {
+        let x = &vectors[i as usize * d..(i as usize + 1) * d];
+        let mut best = (0u32, f32::NEG_INFINITY);
+        for c in 0..k {
+            let s = dot(x, &centroids[c * d..(c + 1) * d]);
+            if s > best.1 {
+                best = (c as u32, s);
+            }
+        }
+        best
+    };
+    if members.len() < CPU_GEMM_MIN {
+        let (idx, score) = members.iter().map(|&i| one(i)).unzip();
+        return Best { idx, score };
+    }
+    let mut idx = vec![0u32; members.len()];
+    let mut score = vec![0f32; members.len()];
+    let mut x = vec![0f32; CHUNK * d];
+    let mut s = vec![0f32; CHUNK * k];
+    for (ci, chunk) in members.chunks(CHUNK).enumerate() {
+        let m = chunk.len();
+        x[..m * d].par_chunks_mut(d).zip(chunk.par_iter()).for_each(|(row, &i)| {
+            row.copy_from_slice(&vectors[i as usize * d..(i as usize + 1) * d]);
+        });
+        gemm::cpu::gemm(m, k, d, 1.0, &x[..m * d], d, Op::N, centroids, d, Op::T, 0.0, &mut s[..m * k], k);
+        for (r, row) in s[..m * k].chunks(k).enumerate() {
+            let mut best = (0u32, f32::NEG_INFINITY);
+            for (c, &v) in row.iter().enumerate() {
+                if v > best.1 {
+                    best = (c as u32, v);
+                }
+            }
+            idx[ci * CHUNK + r] = best.0;
+            score[ci * CHUNK + r] = best.1;
+        }
+    }
+    Best { idx, score }
+}
+
+/// Capacity-constrained assignment: members in order of decreasing best
+/// score keep their best cluster while it has room; the rest take their
+/// best cluster with room. Returns the cluster of each member.
+fn constrain(
+    vectors: &[f32],
+    d: usize,
+    members: &[u32],
+    centroids: &[f32],
+    k: usize,
+    cap: usize,
+    best: &Best,
+) -> Vec<u32> {
+    let mut counts = vec![0usize; k];
+    for &c in &best.idx {
+        counts[c as usize] += 1;
+    }
+    if counts.iter().all(|&c| c <= cap) {
+        return best.idx.clone();
+    }
+    let mut order: Vec<usize> = (0..members.len()).collect();
+    order.sort_by(|&a, &b| best.score[b].total_cmp(&best.score[a]).then(a.cmp(&b)));
+    let mut room = vec![cap; k];
+    let mut out = vec![u32::MAX; members.len()];
+    let mut deferred = Vec::new();
+    for &p in &order {
+        let c = best.idx[p] as usize;
+        if room[c] > 0 {
+            room[c] -= 1;
+            out[p] = c as u32;
+        } else {
+            deferred.push(p);
+        }
+    }
+    for p in deferred {
+        let i = members[p] as usize;
+        let x = &vectors[i * d..(i + 1) * d];
+        let mut cands: Vec<(f32, usize)> = (0..k).map(|c| (dot(x, &centroids[c * d..(c + 1) * d]), c)).collect();
+        cands.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        // There is room: the node holds at most k·cap members.
+        let c = cands.iter().find(|(_, c)| room[*c] > 0).map_or(0, |&(_, c)| c);
+        room[c] -= 1;
+        out[p] = c as u32;
+    }
+    out
+}
+
+/// Normalized means of the clusters (f64 sums in member order); an empty
+/// cluster keeps its centroid.
+fn update_centroids(vectors: &[f32], d: usize, members: &[u32], assign: &[u32], centroids: &mut [f32], k: usize) {
+    // Fixed chunks summed in order: the same result for any thread count.
+    let partial: Vec<Vec<f64>> = members
+        .par_chunks(CHUNK)
+        .zip(assign.par_chunks(CHUNK))
+        .map(|(ms, asg)| {
+            let mut sums = vec![0f64; k * d];
+            for (&i, &c) in ms.iter().zip(asg) {
+                let x = &vectors[i as usize * d..(i as usize + 1) * d];
+                for (s, &v) in sums[c as usize * d..(c as usize + 1) * d].iter_mut().zip(x) {
+                    *s += v as f64;
+                }
+            }
+            sums
+        })
+        .collect();
+    for c in 0..k {
+        let mut sum = vec![0f64; d];
+        for p in &partial {
+            for (s, &v) in sum.iter_mut().zip(&p[c * d..(c + 1) * d]) {
+                *s += v;
+            }
+        }
+        let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if norm > 0.0 {
+            for (o, s) in centroids[c * d..(c + 1) * d].iter_mut().zip(&sum) {
+                *o = (s / norm) as f32;
+            }
+        }
+    }
+}
+
+/// Splits one node: the child token of each member.
+#[allow(clippy::too_many_arguments)]
+fn split(
+    vectors: &[f32],
+    d: usize,
+    members: &[u32],
+    v: usize,
+    cap: usize,
+    iters: usize,
+    seed: u64,
+    gpu: Option<(&DeviceData, usize)>,
+) -> Result<Vec<u32>> {
+    let n = members.len();
+    if cap == 1 || n == 1 {
+        // Every member needs its own child (n <= v here), or there is one member.
+        return Ok((0..n as u32).collect());
+    }
+    let k = v.min(n);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut centroids = vec![0f32; k * d];
+    for (c, p) in sample(&mut rng, n, k).into_iter().enumerate() {
+        let i = members[p] as usize;
+        centroids[c * d..(c + 1) * d].copy_from_slice(&vectors[i * d..(i + 1) * d]);
+    }
+    let use_gpu = gpu.filter(|(_, min)| n >= *min).map(|(g, _)| g);
+    let mut assign: Vec<u32> = Vec::new();
+    for it in 0..iters.max(1) {
+        let best = match use_gpu {
+            Some(g) => g.best(members, &centroids, k, d)?,
+            None => best_cpu(vectors, d, members, &centroids, k),
+        };
+        let next = constrain(vectors, d, members, &centroids, k, cap, &best);
+        let done = next == assign;
+        assign = next;
+        if done || it + 1 == iters.max(1) {
+            break;
+        }
+        update_centroids(vectors, d, members, &assign, &mut centroids, k);
+    }
+    Ok(assign)
+}
+
+/// Codes for all `n` identities (row-major `[n, l]`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn assign_codes(
+    vectors: &[f32],
+    n: usize,
+    d: usize,
+    l: usize,
+    cfg: &Config,
+    gpu: Option<&DeviceData>,
+    bar: &ProgressBar,
+) -> Result<Vec<u16>> {
+    let v = cfg.vocab;
+    let mut codes = vec![0u16; n * l];
+    // Members of the nodes of the current level, node after node.
+    let mut perm: Vec<u32> = (0..n as u32).collect();
+    let mut bounds: Vec<(usize, usize)> = vec![(0, n)];
+    bar.set_length(l as u64);
+    for j in 0..l {
+        let cap = pow_sat(v, l - j - 1);
+        let gpu_arg = gpu.map(|g| (g, cfg.gpu_min_rows));
+        let big: Vec<usize> = (0..bounds.len()).filter(|&b| bounds[b].1 - bounds[b].0 >= CPU_GEMM_MIN).collect();
+        let mut tokens: Vec<Option<Vec<u32>>> = vec![None; bounds.len()];
+        // Large nodes one after another (each uses all cores or the GPU) ...
+        for &b in &big {
+            let (s, e) = bounds[b];
+            tokens[b] = Some(split(
+                vectors,
+                d,
+                &perm[s..e],
+                v,
+                cap,
+                cfg.kmeans_iters,
+                node_seed(cfg.seed, j, perm[s]),
+                gpu_arg,
+            )?);
+        }
+        // ... small ones in parallel.
+        let small: Vec<(usize, Result<Vec<u32>>)> = (0..bounds.len())
+            .into_par_iter()
+            .filter(|&b| tokens[b].is_none())
+            .map(|b| {
+                let (s, e) = bounds[b];
+                (b, split(vectors, d, &perm[s..e], v, cap, cfg.kmeans_iters, node_seed(cfg.seed, j, perm[s]), gpu_arg))
+            })
+            .collect();
+        for (b, t) in small {
+            tokens[b] = Some(t?);
+        }
+        // Record the tokens and regroup each node's members by child (stable).
+        let mut next_bounds = Vec::with_capacity(bounds.len() * 2);
+        for (b, &(s, e)) in bounds.iter().enumerate() {
+            let tok = tokens[b].take().expect("every node was split above");
+            for (&i, &t) in perm[s..e].iter().zip(&tok) {
+                codes[i as usize * l + j] = t as u16;
+            }
+            let mut order: Vec<usize> = (0..e - s).collect();
+            order.sort_by_key(|&p| tok[p]); // stable: members keep their order within a child
+            let seg: Vec<u32> = order.iter().map(|&p| perm[s + p]).collect();
+            let mut start = s;
+            for (q, &p) in order.iter().enumerate() {
+                if q + 1 == order.len() || tok[order[q + 1]] != tok[p] {
+                    next_bounds.push((start, s + q + 1));
+                    start = s + q + 1;
+                }
+            }
+            perm[s..e].copy_from_slice(&seg);
+        }
+        bounds = next_bounds;
+        bar.inc(1);
+    }
+    Ok(codes)
+}
