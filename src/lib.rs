@@ -32,6 +32,7 @@
 pub mod device;
 pub mod error;
 pub mod gemm;
+pub mod head;
 pub mod kernels;
 pub mod rowwise;
 pub mod selftest;

@@ -269,6 +269,20 @@ impl Tensor {
         }
     }
 
+    /// The same data with another shape of as many elements.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        let n = numel_of("Tensor::reshape", shape)?;
+        if n != self.numel() {
+            return Err(Error::Shape {
+                op: "Tensor::reshape",
+                expected: format!("{} elements", self.numel()),
+                got: format!("shape {shape:?} ({n} elements)"),
+            });
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
     /// Host data of a CPU tensor, mutable.
     pub(crate) fn host_mut(&mut self) -> Option<&mut HostData> {
         match &mut self.storage {

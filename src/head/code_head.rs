@@ -1,0 +1,791 @@
+//! The GIF code head (GIF §2): l parallel v-way margin softmaxes on
+//! normalized features and centres, plus the dot-regression loss that
+//! pulls each feature to its identity's code vector.
+//!
+//! For features `x` (`[B, d]`) and labels (identities), position `j`:
+//! `z = P_j x` (optional projection, `[d_p, d]`; else `z = x`),
+//! `c_k = (z/‖z‖)·(w_k/‖w_k‖)` for the v centres `W_j` (`[v, d_p]`),
+//! `CE_j = −log softmax(s·[f(c_y), c_k≠y])_y` with the margin f on the
+//! target token `y = code(label)_j` ([`Margin`]). Losses are means over the
+//! batch: `L = Σ_j λ_j·mean CE_j + γ·mean ½(x̂·h_label − 1)²`, with `x̂ =
+//! x/‖x‖` and `h` the code vectors (fixed). kernels/code_head.cu computes
+//! each position in one fused kernel (normalize → cosines → margin →
+//! softmax → CE → gradients through the feature normalization), GEMMs do the
+//! projections and the centres' gradient, rowwise l2norm_bwd the centre
+//! normalization's gradient.
+
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use super::margin::{margin_ce_row, Margin, MarginGrad};
+use crate::device::{Arg, Device, DeviceBuffer, DeviceKind, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::gemm::{self, Op};
+use crate::kernels::{self, ModuleId};
+use crate::rowwise;
+use crate::tensor::{same_device, DType, HostData, Tensor};
+use crate::tokenizer::ops::scatter_rows;
+use crate::tokenizer::Codebook;
+
+/// Normalization floor for the centres (as PyTorch's F.normalize).
+const EPS: f32 = 1e-12;
+
+/// Settings of a [`CodeHead`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CodeHeadConfig {
+    /// Embedding size d.
+    pub dim: usize,
+    /// Code length l (positions).
+    pub length: usize,
+    /// Vocabulary v (classes per position).
+    pub vocab: usize,
+    /// Per-position projection `d → d_p`: `Some(d_p)` (use `dim` for the
+    /// default d_p = d), or `None` for no projection.
+    pub projection: Option<usize>,
+    /// Margin on the target token.
+    pub margin: Margin,
+    /// Logit scale s (64 by default).
+    pub scale: f32,
+    /// Per-position loss weights λ_j; `None`: all 1.
+    pub lambdas: Option<Vec<f32>>,
+    /// Weight γ of the dot-regression loss (1 by default; 0 disables it).
+    pub gamma: f32,
+    /// Exact or straight-through margin gradient.
+    pub margin_grad: MarginGrad,
+}
+
+impl CodeHeadConfig {
+    /// ArcFace (m = 0.5), s = 64, no projection, λ = 1, γ = 1, exact gradient.
+    pub fn new(dim: usize, length: usize, vocab: usize) -> Self {
+        CodeHeadConfig {
+            dim,
+            length,
+            vocab,
+            projection: None,
+            margin: Margin::ArcFace(0.5),
+            scale: 64.0,
+            lambdas: None,
+            gamma: 1.0,
+            margin_grad: MarginGrad::Exact,
+        }
+    }
+    /// d_p: the projection's output size, or d without projection.
+    pub fn dp(&self) -> usize {
+        self.projection.unwrap_or(self.dim)
+    }
+    fn lambda(&self, j: usize) -> f32 {
+        self.lambdas.as_ref().map_or(1.0, |l| l[j])
+    }
+    fn validate(&self) -> Result<()> {
+        const OP: &str = "CodeHead";
+        if self.dim == 0 || self.length == 0 || self.projection == Some(0) {
+            return Err(Error::invalid(OP, "dim, length and the projection size must be positive"));
+        }
+        if !(2..=4096).contains(&self.vocab) {
+            return Err(Error::invalid(OP, format!("vocab must be in 2..=4096, got {}", self.vocab)));
+        }
+        if self.dp() > 8192 {
+            return Err(Error::invalid(OP, format!("d_p must be at most 8192, got {}", self.dp())));
+        }
+        if let Some(l) = &self.lambdas {
+            if l.len() != self.length || l.iter().any(|x| !x.is_finite()) {
+                return Err(Error::invalid(OP, format!("lambdas must be {} finite values", self.length)));
+            }
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0 && self.gamma.is_finite()) {
+            return Err(Error::invalid(OP, "scale must be finite and positive, gamma finite"));
+        }
+        self.margin.validate(OP)
+    }
+}
+
+/// The identities' codes (on the host) and code vectors (on the device, f32
+/// or bf16; only B rows a step are read).
+pub struct CodeTable {
+    codes: Vec<u16>,
+    n: usize,
+    length: usize,
+    vocab: usize,
+    vectors: Option<Tensor>,
+}
+
+impl CodeTable {
+    /// From `codes` (`[n, length]`, tokens < `vocab`) and, optionally, code
+    /// vectors (`[n, d]` values stored as `dtype` on `device`). Without
+    /// vectors the head needs γ = 0.
+    pub fn new(
+        device: &Device,
+        codes: Vec<u16>,
+        length: usize,
+        vocab: usize,
+        vectors: Option<(&[f32], usize, DType)>,
+    ) -> Result<CodeTable> {
+        const OP: &str = "CodeTable";
+        if length == 0 || codes.is_empty() || codes.len() % length != 0 {
+            return Err(Error::invalid(OP, format!("{} tokens are not codes of length {length}", codes.len())));
+        }
+        let n = codes.len() / length;
+        if let Some(i) = codes.iter().position(|&t| t as usize >= vocab) {
+            return Err(Error::invalid(OP, format!("identity {} has token {} >= vocab {vocab}", i / length, codes[i])));
+        }
+        let vectors = match vectors {
+            Some((v, d, dtype)) => {
+                if v.len() != n * d {
+                    return Err(Error::Shape {
+                        op: OP,
+                        expected: format!("[{n}, {d}] code vectors"),
+                        got: format!("{} values", v.len()),
+                    });
+                }
+                Some(Tensor::from_f32(device, &[n, d], v, dtype)?)
+            }
+            None => None,
+        };
+        Ok(CodeTable { codes, n, length, vocab, vectors })
+    }
+
+    /// The codes and code vectors of a tokenizer codebook.
+    pub fn from_codebook(device: &Device, book: &Codebook, vector_dtype: DType) -> Result<CodeTable> {
+        CodeTable::new(
+            device,
+            book.codes().to_vec(),
+            book.length(),
+            book.vocab(),
+            Some((book.vectors(), book.dim(), vector_dtype)),
+        )
+    }
+
+    /// Number of identities.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+    /// Always false (a table has at least one identity).
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+    /// Token `j` of identity `id`.
+    pub fn token(&self, id: usize, j: usize) -> u16 {
+        self.codes[id * self.length + j]
+    }
+}
+
+/// Losses and accuracies of one step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadLoss {
+    /// `Σ_j λ_j·CE_j + γ·L_AR`.
+    pub total: f64,
+    /// `λ_j·CE_j` (batch means).
+    pub per_position: Vec<f64>,
+    /// `γ·L_AR` (batch mean).
+    pub regression: f64,
+    /// Fraction of samples whose plain-cosine argmax is the target token.
+    pub accuracy: Vec<f64>,
+}
+
+/// Gradients of the total loss.
+#[derive(Debug)]
+pub struct HeadGrads {
+    /// With respect to the features, f32 `[B, d]`.
+    pub features: Tensor,
+    /// With respect to each position's centres, f32 `[v, d_p]`.
+    pub centres: Vec<Tensor>,
+    /// With respect to each projection, f32 `[d_p, d]`, when there are.
+    pub projections: Option<Vec<Tensor>>,
+}
+
+/// The trainable head: centres (and projections) per position, f32.
+pub struct CodeHead {
+    cfg: CodeHeadConfig,
+    device: Device,
+    centres: Vec<Tensor>,
+    projections: Option<Vec<Tensor>>,
+}
+
+impl CodeHead {
+    /// A head with seeded random centres (normal with variance 1/d_p, rows
+    /// of norm about 1) and projections (normal with variance 1/d), on
+    /// `device`.
+    pub fn new(cfg: CodeHeadConfig, device: &Device, seed: u64) -> Result<CodeHead> {
+        cfg.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (d, dp, v) = (cfg.dim, cfg.dp(), cfg.vocab);
+        let mut normal = |n: usize, sd: f32| -> Vec<f32> {
+            (0..n).map(|_| sd * Distribution::<f32>::sample(&StandardNormal, &mut rng)).collect()
+        };
+        // Rows of norm about 1, so that an SGD step moves directions by about lr·‖g‖.
+        let centres = (0..cfg.length)
+            .map(|_| Tensor::from_slice(device, &[v, dp], &normal(v * dp, 1.0 / (dp as f32).sqrt())))
+            .collect::<Result<Vec<_>>>()?;
+        let projections = match cfg.projection {
+            Some(_) => Some(
+                (0..cfg.length)
+                    .map(|_| Tensor::from_slice(device, &[dp, d], &normal(dp * d, 1.0 / (d as f32).sqrt())))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            None => None,
+        };
+        Ok(CodeHead { cfg, device: device.clone(), centres, projections })
+    }
+
+    /// A head from given weights: `centres[j]` is `[v, d_p]` f32 and
+    /// `projections[j]` `[d_p, d]` f32, all on one device.
+    pub fn from_weights(
+        cfg: CodeHeadConfig,
+        centres: Vec<Tensor>,
+        projections: Option<Vec<Tensor>>,
+    ) -> Result<CodeHead> {
+        const OP: &str = "CodeHead::from_weights";
+        cfg.validate()?;
+        let (d, dp, v) = (cfg.dim, cfg.dp(), cfg.vocab);
+        if centres.len() != cfg.length || centres.iter().any(|c| c.shape() != [v, dp] || c.dtype() != DType::F32) {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("{} f32 centre matrices [{v}, {dp}]", cfg.length),
+                got: format!("{:?}", centres.iter().map(|c| c.shape().to_vec()).collect::<Vec<_>>()),
+            });
+        }
+        match (&projections, cfg.projection) {
+            (None, None) => {}
+            (Some(p), Some(_))
+                if p.len() == cfg.length && p.iter().all(|t| t.shape() == [dp, d] && t.dtype() == DType::F32) => {}
+            _ => {
+                return Err(Error::Shape {
+                    op: OP,
+                    expected: format!("{} f32 projections [{dp}, {d}] exactly when configured", cfg.length),
+                    got: "other".into(),
+                })
+            }
+        }
+        let device = centres[0].device().clone();
+        let all: Vec<&Tensor> = centres.iter().chain(projections.iter().flatten()).collect();
+        same_device(OP, &all)?;
+        Ok(CodeHead { cfg, device, centres, projections })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CodeHeadConfig {
+        &self.cfg
+    }
+    /// Each position's centres, `[v, d_p]`.
+    pub fn centres(&self) -> &[Tensor] {
+        &self.centres
+    }
+    /// Each position's projection, `[d_p, d]`, when configured.
+    pub fn projections(&self) -> Option<&[Tensor]> {
+        self.projections.as_deref()
+    }
+
+    fn check_batch(&self, op: &'static str, features: &Tensor) -> Result<usize> {
+        let (b, d) = features.dims2(op)?;
+        if d != self.cfg.dim {
+            return Err(Error::Shape {
+                op,
+                expected: format!("features [B, {}]", self.cfg.dim),
+                got: format!("{:?}", features.shape()),
+            });
+        }
+        if !matches!(features.dtype(), DType::F32 | DType::BF16) {
+            return Err(Error::invalid(op, format!("features must be f32 or bf16, got {:?}", features.dtype())));
+        }
+        if features.dtype() == DType::BF16 && self.cfg.projection.is_some() {
+            return Err(Error::invalid(op, "bf16 features with projections are not supported yet; use f32 features"));
+        }
+        if features.device() != &self.device {
+            return Err(Error::DeviceMismatch { op, a: self.device.to_string(), b: features.device().to_string() });
+        }
+        if b > i32::MAX as usize {
+            return Err(Error::invalid(op, "batch too large"));
+        }
+        Ok(b)
+    }
+
+    /// One training step's forward and backward pass: losses, accuracies and
+    /// gradients for `features` (`[B, d]`, f32 or bf16) whose identities are
+    /// `labels` (indices into `table`). A label out of range, a shape or
+    /// vocabulary mismatch, γ > 0 without code vectors, or a non-finite loss
+    /// (e.g. a zero feature) is an error.
+    pub fn forward_backward(
+        &self,
+        features: &Tensor,
+        labels: &[u32],
+        table: &CodeTable,
+    ) -> Result<(HeadLoss, HeadGrads)> {
+        const OP: &str = "CodeHead::forward_backward";
+        let b = self.check_batch(OP, features)?;
+        let cfg = &self.cfg;
+        if labels.len() != b {
+            return Err(Error::Shape { op: OP, expected: format!("{b} labels"), got: format!("{}", labels.len()) });
+        }
+        if b == 0 {
+            return Err(Error::invalid(OP, "empty batch"));
+        }
+        if table.length != cfg.length || table.vocab != cfg.vocab {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the table has codes of length {} over {} tokens; the head expects {} over {}",
+                    table.length, table.vocab, cfg.length, cfg.vocab
+                ),
+            ));
+        }
+        if let Some(p) = labels.iter().position(|&y| y as usize >= table.n) {
+            return Err(Error::invalid(OP, format!("labels[{p}] = {} is not below N = {}", labels[p], table.n)));
+        }
+        if cfg.gamma != 0.0 {
+            match &table.vectors {
+                None => return Err(Error::invalid(OP, "gamma > 0 needs code vectors in the table")),
+                Some(v) if v.shape()[1] != cfg.dim => {
+                    return Err(Error::Shape {
+                        op: OP,
+                        expected: format!("code vectors [N, {}]", cfg.dim),
+                        got: format!("{:?}", v.shape()),
+                    })
+                }
+                Some(v) if v.device() != &self.device => {
+                    return Err(Error::DeviceMismatch { op: OP, a: self.device.to_string(), b: v.device().to_string() })
+                }
+                _ => {}
+            }
+        }
+        let (loss, grads) = if self.device.kind() == DeviceKind::Cpu {
+            self.step_cpu(features, labels, table)?
+        } else {
+            self.step_device(features, labels, table)?
+        };
+        let bad = loss.per_position.iter().position(|x| !x.is_finite());
+        if let Some(j) = bad {
+            return Err(Error::invalid(
+                OP,
+                format!("the loss at position {j} is not finite (a zero or non-finite feature or centre?)"),
+            ));
+        }
+        if !loss.regression.is_finite() {
+            return Err(Error::invalid(OP, "the dot-regression loss is not finite (a zero or non-finite feature?)"));
+        }
+        Ok((loss, grads))
+    }
+
+    fn step_cpu(&self, features: &Tensor, labels: &[u32], table: &CodeTable) -> Result<(HeadLoss, HeadGrads)> {
+        let x = features.to_f32_vec()?;
+        let host = |t: &Tensor| t.to_f32_vec();
+        let centres = self.centres.iter().map(host).collect::<Result<Vec<_>>>()?;
+        let projections = match &self.projections {
+            Some(p) => Some(p.iter().map(host).collect::<Result<Vec<_>>>()?),
+            None => None,
+        };
+        // Only the batch's code vectors are read, never the whole N x d table.
+        let h = match (&table.vectors, self.cfg.gamma != 0.0) {
+            (Some(v), true) => Some(rows_f32(v, labels)?),
+            _ => None,
+        };
+        let (loss, g) =
+            cpu::forward_backward(&self.cfg, &x, labels, &table.codes, h.as_deref(), &centres, projections.as_deref());
+        let dev = &self.device;
+        let (d, dp, v) = (self.cfg.dim, self.cfg.dp(), self.cfg.vocab);
+        let f32s = |v: &[f64]| HostData::F32(v.iter().map(|&x| x as f32).collect());
+        Ok((
+            loss,
+            HeadGrads {
+                features: Tensor::from_host(dev, vec![labels.len(), d], f32s(&g.features)),
+                centres: g.centres.iter().map(|c| Tensor::from_host(dev, vec![v, dp], f32s(c))).collect(),
+                projections: g
+                    .projections
+                    .map(|ps| ps.iter().map(|p| Tensor::from_host(dev, vec![dp, d], f32s(p))).collect()),
+            },
+        ))
+    }
+
+    fn step_device(&self, features: &Tensor, labels: &[u32], table: &CodeTable) -> Result<(HeadLoss, HeadGrads)> {
+        let cfg = &self.cfg;
+        let dev = &self.device;
+        let (b, d, dp, v, l) = (labels.len(), cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
+        let i32s = |x: &[i32]| -> Result<DeviceBuffer> { dev.upload(bytemuck::cast_slice(x)) };
+        let label_buf = i32s(&labels.iter().map(|&y| y as i32).collect::<Vec<_>>())?;
+        // Targets, position-major: position j at offset j·B.
+        let targets: Vec<i32> =
+            (0..l).flat_map(|j| labels.iter().map(move |&y| table.token(y as usize, j) as i32)).collect();
+        let target_buf = i32s(&targets)?;
+        let ptr = |t: &Tensor| Arg::Ptr(t.device_ptr().unwrap_or(0));
+        let mut dx = Tensor::empty(dev, &[b, d], DType::F32)?;
+        let ar_loss = Tensor::empty(dev, &[b], DType::F32)?;
+        let use_table = cfg.gamma != 0.0;
+        let table_t = table.vectors.as_ref().filter(|_| use_table);
+        let name = format!(
+            "code_regression_{}_{}",
+            features.dtype().kernel_suffix(),
+            table_t.map_or("f32", |t| t.dtype().kernel_suffix())
+        );
+        dev.launch(
+            ModuleId::CodeHead,
+            kernels::find(ModuleId::CodeHead, &name)?,
+            LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0),
+            &[
+                ptr(features),
+                Arg::Ptr(dev.ptr(&label_buf)),
+                table_t.map_or(Arg::Ptr(0), ptr),
+                Arg::I32(b as i32),
+                Arg::I32(d as i32),
+                Arg::F32(cfg.gamma / b as f32),
+                ptr(&dx),
+                ptr(&ar_loss),
+            ],
+        )?;
+        let (kind, m) = cfg.margin.kernel_args();
+        let exact = i32::from(cfg.margin_grad == MarginGrad::Exact);
+        let mut centre_grads = Vec::with_capacity(l);
+        let mut proj_grads = Vec::new();
+        let mut losses = Vec::with_capacity(l);
+        for j in 0..l {
+            let z_owned;
+            let z = match &self.projections {
+                Some(p) => {
+                    z_owned = gemm::matmul(features, Op::N, &p[j], Op::T)?;
+                    &z_owned
+                }
+                None => features,
+            };
+            let (w_hat, w_norm) = rowwise::l2_normalize(&self.centres[j], EPS)?;
+            let u = Tensor::empty(dev, &[b, dp], DType::F32)?;
+            let dc = Tensor::empty(dev, &[b, v], DType::F32)?;
+            let (loss, correct) = (Tensor::empty(dev, &[b], DType::F32)?, Tensor::empty(dev, &[b], DType::F32)?);
+            let dz_owned =
+                if self.projections.is_some() { Some(Tensor::empty(dev, &[b, dp], DType::F32)?) } else { None };
+            let dz = dz_owned.as_ref().unwrap_or(&dx);
+            let kname = format!("margin_ce_{}", z.dtype().kernel_suffix());
+            dev.launch(
+                ModuleId::CodeHead,
+                kernels::find(ModuleId::CodeHead, &kname)?,
+                LaunchConfig::linear(b as u32, 128, ((2 * dp + 2 * v) * 4) as u32),
+                &[
+                    ptr(z),
+                    ptr(&w_hat),
+                    Arg::Ptr(dev.ptr(&target_buf) + (j * b * 4) as u64),
+                    Arg::I32(b as i32),
+                    Arg::I32(dp as i32),
+                    Arg::I32(v as i32),
+                    Arg::F32(cfg.scale),
+                    Arg::I32(kind),
+                    Arg::F32(m),
+                    Arg::I32(exact),
+                    Arg::F32(cfg.lambda(j) / b as f32),
+                    ptr(&u),
+                    ptr(dz),
+                    Arg::I32(i32::from(dz_owned.is_none())),
+                    ptr(&dc),
+                    ptr(&loss),
+                    ptr(&correct),
+                ],
+            )?;
+            let dw_hat = gemm::matmul(&dc, Op::T, &u, Op::N)?;
+            centre_grads.push(rowwise::l2_normalize_backward(&w_hat, &w_norm, &dw_hat, EPS)?);
+            if let (Some(p), Some(dzj)) = (&self.projections, &dz_owned) {
+                proj_grads.push(gemm::matmul(dzj, Op::T, features, Op::N)?);
+                gemm::gemm(1.0, dzj, Op::N, &p[j], Op::N, 1.0, &mut dx)?;
+            }
+            losses.push((loss, correct));
+        }
+        let mut per_position = Vec::with_capacity(l);
+        let mut accuracy = Vec::with_capacity(l);
+        for (loss, correct) in &losses {
+            per_position.push(loss.to_vec::<f32>()?.iter().map(|&x| x as f64).sum::<f64>());
+            accuracy.push(correct.to_vec::<f32>()?.iter().map(|&x| x as f64).sum::<f64>() / b as f64);
+        }
+        let regression: f64 = ar_loss.to_vec::<f32>()?.iter().map(|&x| x as f64).sum();
+        let total = per_position.iter().sum::<f64>() + regression;
+        Ok((
+            HeadLoss { total, per_position, regression, accuracy },
+            HeadGrads {
+                features: dx,
+                centres: centre_grads,
+                projections: self.projections.as_ref().map(|_| proj_grads),
+            },
+        ))
+    }
+
+    /// Per-position log-softmax of `s·cos`, without margin: `[B, l·v]` f32,
+    /// row b holding position 0's v log-probabilities, then position 1's, ...
+    /// (that is, `[B, l, v]` row-major). The decoder consumes this.
+    pub fn log_probs(&self, features: &Tensor) -> Result<Tensor> {
+        const OP: &str = "CodeHead::log_probs";
+        let b = self.check_batch(OP, features)?;
+        let (l, v) = (self.cfg.length, self.cfg.vocab);
+        if self.device.kind() == DeviceKind::Cpu {
+            let x = features.to_f32_vec()?;
+            let centres = self.centres.iter().map(|t| t.to_f32_vec()).collect::<Result<Vec<_>>>()?;
+            let projections = match &self.projections {
+                Some(p) => Some(p.iter().map(|t| t.to_f32_vec()).collect::<Result<Vec<_>>>()?),
+                None => None,
+            };
+            let out = cpu::log_probs(&self.cfg, &x, b, &centres, projections.as_deref());
+            return Ok(Tensor::from_host(
+                &self.device,
+                vec![b, l * v],
+                HostData::F32(out.iter().map(|&x| x as f32).collect()),
+            ));
+        }
+        // bf16 features are widened once (the projections and centres are f32).
+        let widened;
+        let x = if features.dtype() == DType::F32 {
+            features
+        } else {
+            widened = Tensor::from_slice(&self.device, features.shape(), &features.to_f32_vec()?)?;
+            &widened
+        };
+        let mut out = Tensor::empty(&self.device, &[b * l, v], DType::F32)?;
+        for j in 0..l {
+            let z = match &self.projections {
+                Some(p) => gemm::matmul(x, Op::N, &p[j], Op::T)?,
+                None => x.to_device(&self.device)?,
+            };
+            let (u, _) = rowwise::l2_normalize(&z, EPS)?;
+            let (w_hat, _) = rowwise::l2_normalize(&self.centres[j], EPS)?;
+            let mut c = Tensor::empty(&self.device, &[b, v], DType::F32)?;
+            gemm::gemm(self.cfg.scale, &u, Op::N, &w_hat, Op::T, 0.0, &mut c)?;
+            let lp = rowwise::log_softmax(&c)?;
+            let ids: Vec<u32> = (0..b).map(|i| (i * l + j) as u32).collect();
+            scatter_rows(&lp, &ids, &mut out)?;
+        }
+        out.reshape(&[b, l * v])
+    }
+
+    /// Plain SGD on the head's weights: `w ← w − lr·g` for every centre and
+    /// projection.
+    pub fn sgd_step(&mut self, grads: &HeadGrads, lr: f32) -> Result<()> {
+        const OP: &str = "CodeHead::sgd_step";
+        if grads.centres.len() != self.centres.len()
+            || grads.projections.as_ref().map(Vec::len) != self.projections.as_ref().map(Vec::len)
+        {
+            return Err(Error::invalid(OP, "gradients do not match the head"));
+        }
+        let mut pairs: Vec<(&mut Tensor, &Tensor)> = self.centres.iter_mut().zip(grads.centres.iter()).collect();
+        if let (Some(p), Some(g)) = (self.projections.as_mut(), grads.projections.as_ref()) {
+            pairs.extend(p.iter_mut().zip(g.iter()));
+        }
+        for (w, g) in pairs {
+            axpy(w, g, -lr)?;
+        }
+        Ok(())
+    }
+}
+
+impl CodeHead {
+    /// Rescales every centre row to unit norm. The loss depends on centres
+    /// only through their directions, so this changes no output; it resets
+    /// the growth of their norms under SGD (each step adds `lr²‖g‖²` to
+    /// ‖w‖², which shrinks the effective learning rate of the directions by
+    /// `1/‖w‖²`). Call it after [`CodeHead::sgd_step`] for SGD on the sphere.
+    pub fn renormalize_centres(&mut self) -> Result<()> {
+        for c in &mut self.centres {
+            *c = rowwise::l2_normalize(c, EPS)?.0;
+        }
+        Ok(())
+    }
+}
+
+/// Rows `ids` of a CPU tensor (`[n, d]`, f32 or bf16) as f32.
+fn rows_f32(t: &Tensor, ids: &[u32]) -> Result<Vec<f32>> {
+    let d = t.shape()[1];
+    let pick = |get: &dyn Fn(usize) -> f32| {
+        ids.iter().flat_map(|&i| (0..d).map(move |c| i as usize * d + c)).map(get).collect::<Vec<f32>>()
+    };
+    Ok(match t.host() {
+        Some(HostData::F32(v)) => pick(&|k| v[k]),
+        Some(HostData::BF16(v)) => pick(&|k| v[k].to_f32()),
+        Some(HostData::F16(v)) => pick(&|k| v[k].to_f32()),
+        None => return Err(Error::invalid("CodeHead", "the code vectors are not on the CPU")),
+    })
+}
+
+/// `y += a·x` for f32 tensors of one shape on one device.
+fn axpy(y: &mut Tensor, x: &Tensor, a: f32) -> Result<()> {
+    const OP: &str = "axpy";
+    if y.shape() != x.shape() || y.dtype() != DType::F32 || x.dtype() != DType::F32 {
+        return Err(Error::Shape {
+            op: OP,
+            expected: format!("{:?} f32", y.shape()),
+            got: format!("{:?} {:?}", x.shape(), x.dtype()),
+        });
+    }
+    same_device(OP, &[y, x])?;
+    let n = y.numel();
+    let dev = y.device().clone();
+    if dev.kind() == DeviceKind::Cpu {
+        let xs = x.to_vec::<f32>()?;
+        let Some(HostData::F32(ys)) = y.host_mut() else { return Err(Error::invalid(OP, "expected f32 host data")) };
+        ys.iter_mut().zip(&xs).for_each(|(p, q)| *p += a * q);
+        return Ok(());
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = n.div_ceil(256).min(65535) as u32;
+    dev.launch(
+        ModuleId::CodeHead,
+        kernels::find(ModuleId::CodeHead, "axpy_f32")?,
+        LaunchConfig::linear(blocks, 256, 0),
+        &[
+            Arg::Ptr(y.device_ptr().unwrap_or(0)),
+            Arg::Ptr(x.device_ptr().unwrap_or(0)),
+            Arg::I64(n as i64),
+            Arg::F32(a),
+        ],
+    )
+}
+
+/// The f64 reference (and the CPU path).
+pub mod cpu {
+    use super::*;
+
+    /// Gradients in f64.
+    #[derive(Clone, Debug)]
+    pub struct Grads64 {
+        /// `[B, d]`.
+        pub features: Vec<f64>,
+        /// Per position, `[v, d_p]`.
+        pub centres: Vec<Vec<f64>>,
+        /// Per position, `[d_p, d]`.
+        pub projections: Option<Vec<Vec<f64>>>,
+    }
+
+    fn normalize(z: &[f64]) -> (Vec<f64>, f64) {
+        let n = z.iter().map(|x| x * x).sum::<f64>().sqrt();
+        (z.iter().map(|x| x / n).collect(), n)
+    }
+
+    fn project(cfg: &CodeHeadConfig, x: &[f32], p: Option<&[f32]>) -> Vec<f64> {
+        match p {
+            None => x.iter().map(|&v| v as f64).collect(),
+            Some(p) => {
+                (0..cfg.dp()).map(|r| (0..cfg.dim).map(|c| p[r * cfg.dim + c] as f64 * x[c] as f64).sum()).collect()
+            }
+        }
+    }
+
+    fn unit_centres(cfg: &CodeHeadConfig, w: &[f32]) -> (Vec<Vec<f64>>, Vec<f64>) {
+        let dp = cfg.dp();
+        (0..cfg.vocab)
+            .map(|k| {
+                let row: Vec<f64> = w[k * dp..(k + 1) * dp].iter().map(|&v| v as f64).collect();
+                let n = row.iter().map(|x| x * x).sum::<f64>().sqrt().max(EPS as f64);
+                (row.iter().map(|x| x / n).collect::<Vec<f64>>(), n)
+            })
+            .unzip()
+    }
+
+    /// Losses and gradients in f64 for features `x` (`[B, d]`), `labels`,
+    /// codes (`[N, l]`), each sample's code vector `h` (`[B, d]`: row b is
+    /// the code vector of `labels[b]`; needed when γ ≠ 0), centres and
+    /// projections (per position, row-major).
+    pub fn forward_backward(
+        cfg: &CodeHeadConfig,
+        x: &[f32],
+        labels: &[u32],
+        codes: &[u16],
+        h: Option<&[f32]>,
+        centres: &[Vec<f32>],
+        projections: Option<&[Vec<f32>]>,
+    ) -> (HeadLoss, Grads64) {
+        let (b, d, dp, v, l) = (labels.len(), cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
+        let mut dx = vec![0f64; b * d];
+        let mut per_position = vec![0f64; l];
+        let mut accuracy = vec![0f64; l];
+        let mut dcentres = Vec::with_capacity(l);
+        let mut dproj: Vec<Vec<f64>> = Vec::new();
+        for j in 0..l {
+            let (w_hat, w_norm) = unit_centres(cfg, &centres[j]);
+            let weight = cfg.lambda(j) as f64 / b as f64;
+            let mut dw_hat = vec![vec![0f64; dp]; v];
+            let mut dp_j = vec![0f64; if projections.is_some() { dp * d } else { 0 }];
+            for s in 0..b {
+                let xs = &x[s * d..(s + 1) * d];
+                let z = project(cfg, xs, projections.map(|p| &p[j][..]));
+                let (u, zn) = normalize(&z);
+                let cos: Vec<f64> = w_hat.iter().map(|w| w.iter().zip(&u).map(|(a, c)| a * c).sum()).collect();
+                let y = codes[labels[s] as usize * l + j] as usize;
+                let (loss, g, ok) = margin_ce_row(&cos, y, cfg.scale as f64, cfg.margin, cfg.margin_grad);
+                per_position[j] += weight * loss;
+                accuracy[j] += if ok { 1.0 / b as f64 } else { 0.0 };
+                let g: Vec<f64> = g.iter().map(|x| x * weight).collect();
+                let du: Vec<f64> = (0..dp).map(|c| (0..v).map(|k| g[k] * w_hat[k][c]).sum()).collect();
+                let proj: f64 = du.iter().zip(&u).map(|(a, c)| a * c).sum();
+                let dz: Vec<f64> = (0..dp).map(|c| (du[c] - u[c] * proj) / zn).collect();
+                for k in 0..v {
+                    for c in 0..dp {
+                        dw_hat[k][c] += g[k] * u[c];
+                    }
+                }
+                match projections {
+                    Some(p) => {
+                        for r in 0..dp {
+                            for c in 0..d {
+                                dp_j[r * d + c] += dz[r] * xs[c] as f64;
+                                dx[s * d + c] += p[j][r * d + c] as f64 * dz[r];
+                            }
+                        }
+                    }
+                    None => (0..d).for_each(|c| dx[s * d + c] += dz[c]),
+                }
+            }
+            let mut dw = vec![0f64; v * dp];
+            for k in 0..v {
+                let dot: f64 = (0..dp).map(|c| w_hat[k][c] * dw_hat[k][c]).sum();
+                for c in 0..dp {
+                    dw[k * dp + c] = (dw_hat[k][c] - w_hat[k][c] * dot) / w_norm[k];
+                }
+            }
+            dcentres.push(dw);
+            if projections.is_some() {
+                dproj.push(dp_j);
+            }
+        }
+        let mut regression = 0f64;
+        if cfg.gamma != 0.0 {
+            let h = h.expect("gamma != 0 needs code vectors (checked by the caller)");
+            let gb = cfg.gamma as f64 / b as f64;
+            for s in 0..b {
+                let xs: Vec<f64> = x[s * d..(s + 1) * d].iter().map(|&v| v as f64).collect();
+                let (xh, xn) = normalize(&xs);
+                let hv: Vec<f64> = h[s * d..(s + 1) * d].iter().map(|&v| v as f64).collect();
+                let dot: f64 = xh.iter().zip(&hv).map(|(a, c)| a * c).sum();
+                let r = dot - 1.0;
+                regression += 0.5 * gb * r * r;
+                for c in 0..d {
+                    dx[s * d + c] += gb * r * (hv[c] - xh[c] * dot) / xn;
+                }
+            }
+        }
+        let total = per_position.iter().sum::<f64>() + regression;
+        (
+            HeadLoss { total, per_position, regression, accuracy },
+            Grads64 { features: dx, centres: dcentres, projections: projections.map(|_| dproj) },
+        )
+    }
+
+    /// Per-position log-softmax of `s·cos` (no margin), `[B, l, v]`.
+    pub fn log_probs(
+        cfg: &CodeHeadConfig,
+        x: &[f32],
+        b: usize,
+        centres: &[Vec<f32>],
+        projections: Option<&[Vec<f32>]>,
+    ) -> Vec<f64> {
+        let (d, v, l) = (cfg.dim, cfg.vocab, cfg.length);
+        let mut out = vec![0f64; b * l * v];
+        for j in 0..l {
+            let (w_hat, _) = unit_centres(cfg, &centres[j]);
+            for s in 0..b {
+                let (u, _) = normalize(&project(cfg, &x[s * d..(s + 1) * d], projections.map(|p| &p[j][..])));
+                let lg: Vec<f64> = w_hat
+                    .iter()
+                    .map(|w| cfg.scale as f64 * w.iter().zip(&u).map(|(a, c)| a * c).sum::<f64>())
+                    .collect();
+                let mx = lg.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = mx + lg.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+                for k in 0..v {
+                    out[(s * l + j) * v + k] = lg[k] - lse;
+                }
+            }
+        }
+        out
+    }
+}
