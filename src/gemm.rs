@@ -153,13 +153,24 @@ pub fn gemm(alpha: f32, a: &Tensor, op_a: Op, b: &Tensor, op_b: Op, beta: f32, c
         }
     };
     let kernel = kernels::find(ModuleId::Gemm, &name)?;
-    let ptr = |t: &Tensor| Arg::Ptr(t.device_ptr().unwrap_or(0));
     let i = |v: usize| Arg::I32(v as i32);
     dev.launch(
         ModuleId::Gemm,
         kernel,
         LaunchConfig { grid, block: (THREADS, 1, 1), shared_bytes: shared as u32 },
-        &[i(d.m), i(d.n), i(d.k), Arg::F32(alpha), ptr(a), i(d.lda), ptr(b), i(d.ldb), Arg::F32(beta), ptr(c), i(d.n)],
+        &[
+            i(d.m),
+            i(d.n),
+            i(d.k),
+            Arg::F32(alpha),
+            a.arg(),
+            i(d.lda),
+            b.arg(),
+            i(d.ldb),
+            Arg::F32(beta),
+            c.arg(),
+            i(d.n),
+        ],
     )
 }
 

@@ -127,11 +127,6 @@ fn plan(op: &str, dtype: DType, rows: usize, cols: usize) -> Result<(&'static st
     Ok((kernel, LaunchConfig::linear(blocks as u32, BLOCK, 0)))
 }
 
-fn ptr(t: &Tensor) -> Arg {
-    // Tensors reaching a launch are on a GPU backend (checked by the caller).
-    Arg::Ptr(t.device_ptr().unwrap_or(0))
-}
-
 /// Runs a CPU reference on f32 copies of `inputs` and rounds the output back
 /// to `dtype`.
 fn to_f32(h: &HostData) -> Vec<f32> {
@@ -183,7 +178,7 @@ pub fn l2_normalize(x: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
             ModuleId::Rowwise,
             k,
             cfg,
-            &[ptr(x), ptr(&y), ptr(&norms), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::F32(eps)],
+            &[x.arg(), y.arg(), norms.arg(), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::F32(eps)],
         )?;
     }
     Ok((y, norms))
@@ -232,7 +227,7 @@ pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f32) 
             ModuleId::Rowwise,
             k,
             cfg,
-            &[ptr(y), ptr(norms), ptr(dy), ptr(&dx), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::F32(eps)],
+            &[y.arg(), norms.arg(), dy.arg(), dx.arg(), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::F32(eps)],
         )?;
     }
     Ok(dx)
@@ -250,7 +245,7 @@ fn softmax_impl(op: &'static str, x: &Tensor, log: bool) -> Result<Tensor> {
     let y = Tensor::empty(dev, &[rows, cols], x.dtype())?;
     if rows > 0 {
         let (k, cfg) = plan(if log { "log_softmax" } else { "softmax" }, x.dtype(), rows, cols)?;
-        dev.launch(ModuleId::Rowwise, k, cfg, &[ptr(x), ptr(&y), Arg::I32(rows as i32), Arg::I32(cols as i32)])?;
+        dev.launch(ModuleId::Rowwise, k, cfg, &[x.arg(), y.arg(), Arg::I32(rows as i32), Arg::I32(cols as i32)])?;
     }
     Ok(y)
 }
@@ -281,7 +276,7 @@ pub fn row_sum(x: &Tensor) -> Result<Tensor> {
     let out = Tensor::empty(dev, &[rows], DType::F32)?;
     if rows > 0 {
         let (k, cfg) = plan("row_sum", x.dtype(), rows, cols)?;
-        dev.launch(ModuleId::Rowwise, k, cfg, &[ptr(x), ptr(&out), Arg::I32(rows as i32), Arg::I32(cols as i32)])?;
+        dev.launch(ModuleId::Rowwise, k, cfg, &[x.arg(), out.arg(), Arg::I32(rows as i32), Arg::I32(cols as i32)])?;
     }
     Ok(out)
 }

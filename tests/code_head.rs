@@ -35,21 +35,12 @@ fn rows(table: &[f32], labels: &[u32], d: usize) -> Vec<f32> {
     labels.iter().flat_map(|&y| table[y as usize * d..(y as usize + 1) * d].to_vec()).collect()
 }
 
-fn unit(rng: &mut rand::rngs::StdRng, n: usize, d: usize) -> Vec<f32> {
-    let mut v = uniform(rng, n * d, -1.0, 1.0);
-    for r in v.chunks_mut(d) {
-        let s = r.iter().map(|x| x * x).sum::<f32>().sqrt();
-        r.iter_mut().for_each(|x| *x /= s);
-    }
-    v
-}
-
 #[test]
 fn reference_gradients_match_finite_differences_under_every_margin() {
     let (b, d, dp, v, l, n) = (3, 6, 5, 4, 2, 10);
     let mut rng = rng(31);
     let table = codes(n, l, v);
-    let vecs = unit(&mut rng, n, d);
+    let vecs = unit_rows(&mut rng, n, d);
     let labels: Vec<u32> = vec![1, 7, 4];
     for margin in MARGINS {
         for proj in [None, Some(dp)] {
@@ -141,7 +132,7 @@ fn compare(cfg: &CodeHeadConfig, b: usize, n: usize, fdtype: DType, tdtype: DTyp
         DType::BF16 => x.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect(),
         _ => x.clone(),
     };
-    let vecs = unit(&mut rng, n, d);
+    let vecs = unit_rows(&mut rng, n, d);
     let vr: Vec<f32> = match tdtype {
         DType::BF16 => vecs.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect(),
         _ => vecs.clone(),
@@ -262,7 +253,7 @@ fn head_learns_long_tailed_identities_including_the_rare_ones() {
     // held-out sample each. Codes from the tokenizer (v = 16, l = 3).
     let (n, d) = (2000usize, 512usize);
     let mut rng = rng(55);
-    let means = unit(&mut rng, n, d);
+    let means = unit_rows(&mut rng, n, d);
     let sample = |rng: &mut rand::rngs::StdRng, i: usize| -> Vec<f32> {
         let mut x: Vec<f32> = means[i * d..(i + 1) * d].iter().map(|&m| m + rng.random_range(-0.06f32..0.06)).collect();
         let s = x.iter().map(|a| a * a).sum::<f32>().sqrt();
@@ -341,7 +332,7 @@ fn bad_input_gets_clear_errors() {
     let cfg = config(8, 2, 4, None, Margin::ArcFace(0.5), 8.0);
     let head = CodeHead::new(cfg.clone(), &dev, 1).unwrap();
     let mut rng = rng(56);
-    let table = CodeTable::new(&dev, codes(6, 2, 4), 2, 4, Some((&unit(&mut rng, 6, 8), 8, DType::F32))).unwrap();
+    let table = CodeTable::new(&dev, codes(6, 2, 4), 2, 4, Some((&unit_rows(&mut rng, 6, 8), 8, DType::F32))).unwrap();
     let x = Tensor::from_slice(&dev, &[3, 8], &uniform(&mut rng, 24, -1.0, 1.0)).unwrap();
     let msg = |r: gif_fr::Result<_>| match r {
         Err(Error::InvalidArgument { message, .. }) => message,

@@ -385,15 +385,6 @@ fn npy_input_is_read_as_f32_rows() {
 
 // ---- The GPU building blocks against their CPU references.
 
-fn unit_rows(rng: &mut rand::rngs::StdRng, n: usize, d: usize) -> Vec<f32> {
-    let mut v = uniform(rng, n * d, -1.0, 1.0);
-    for row in v.chunks_mut(d) {
-        let s = row.iter().map(|x| x * x).sum::<f32>().sqrt();
-        row.iter_mut().for_each(|x| *x /= s);
-    }
-    v
-}
-
 #[test]
 fn gather_and_scatter_rows_match_the_cpu() {
     let mut rng = rng(25);

@@ -405,7 +405,6 @@ impl CodeHead {
         let targets: Vec<i32> =
             (0..l).flat_map(|j| labels.iter().map(move |&y| table.token(y as usize, j) as i32)).collect();
         let target_buf = i32s(&targets)?;
-        let ptr = |t: &Tensor| Arg::Ptr(t.device_ptr().unwrap_or(0));
         let mut dx = Tensor::empty(dev, &[b, d], DType::F32)?;
         let ar_loss = Tensor::empty(dev, &[b], DType::F32)?;
         let use_table = cfg.gamma != 0.0;
@@ -420,14 +419,14 @@ impl CodeHead {
             kernels::find(ModuleId::CodeHead, &name)?,
             LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0),
             &[
-                ptr(features),
+                features.arg(),
                 Arg::Ptr(dev.ptr(&label_buf)),
-                table_t.map_or(Arg::Ptr(0), ptr),
+                table_t.map_or(Arg::Ptr(0), Tensor::arg),
                 Arg::I32(b as i32),
                 Arg::I32(d as i32),
                 Arg::F32(cfg.gamma / b as f32),
-                ptr(&dx),
-                ptr(&ar_loss),
+                dx.arg(),
+                ar_loss.arg(),
             ],
         )?;
         let (kind, m) = cfg.margin.kernel_args();
@@ -457,8 +456,8 @@ impl CodeHead {
                 kernels::find(ModuleId::CodeHead, &kname)?,
                 LaunchConfig::linear(b as u32, 128, ((2 * dp + 2 * v) * 4) as u32),
                 &[
-                    ptr(z),
-                    ptr(&w_hat),
+                    z.arg(),
+                    w_hat.arg(),
                     Arg::Ptr(dev.ptr(&target_buf) + (j * b * 4) as u64),
                     Arg::I32(b as i32),
                     Arg::I32(dp as i32),
@@ -468,12 +467,12 @@ impl CodeHead {
                     Arg::F32(m),
                     Arg::I32(exact),
                     Arg::F32(cfg.lambda(j) / b as f32),
-                    ptr(&u),
-                    ptr(dz),
+                    u.arg(),
+                    dz.arg(),
                     Arg::I32(i32::from(dz_owned.is_none())),
-                    ptr(&dc),
-                    ptr(&loss),
-                    ptr(&correct),
+                    dc.arg(),
+                    loss.arg(),
+                    correct.arg(),
                 ],
             )?;
             let dw_hat = gemm::matmul(&dc, Op::T, &u, Op::N)?;

@@ -18,10 +18,6 @@ fn launch_rows(device: &Device, name: &str, rows: usize, args: &[Arg]) -> Result
     device.launch(ModuleId::Tokenizer, k, LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0), args)
 }
 
-fn ptr(t: &Tensor) -> Arg {
-    Arg::Ptr(t.device_ptr().unwrap_or(0))
-}
-
 fn f32_matrix(op: &'static str, t: &Tensor) -> Result<(usize, usize)> {
     let (r, c) = t.dims2(op)?;
     if t.dtype() != DType::F32 {
@@ -66,7 +62,7 @@ pub fn gather_rows(src: &Tensor, ids: &[u32]) -> Result<Tensor> {
             dev,
             "gather_rows_f32",
             ids.len(),
-            &[ptr(src), Arg::Ptr(dev.ptr(&idx)), ptr(&out), Arg::I32(ids.len() as i32), Arg::I32(d as i32)],
+            &[src.arg(), Arg::Ptr(dev.ptr(&idx)), out.arg(), Arg::I32(ids.len() as i32), Arg::I32(d as i32)],
         )?;
     }
     Ok(out)
@@ -104,7 +100,7 @@ pub fn scatter_rows(src: &Tensor, ids: &[u32], dst: &mut Tensor) -> Result<()> {
             &dev,
             "scatter_rows_f32",
             m,
-            &[ptr(src), Arg::Ptr(dev.ptr(&idx)), ptr(dst), Arg::I32(m as i32), Arg::I32(d as i32)],
+            &[src.arg(), Arg::Ptr(dev.ptr(&idx)), dst.arg(), Arg::I32(m as i32), Arg::I32(d as i32)],
         )?;
     }
     Ok(())
@@ -167,7 +163,7 @@ pub fn uniformity_step(h: &mut Tensor, temperature: f32, learning_rate: f32) -> 
         &dev,
         "uniformity_weights_f32",
         b,
-        &[ptr(&g), ptr(&g), ptr(&row_sums), Arg::I32(b as i32), Arg::F32(temperature)],
+        &[g.arg(), g.arg(), row_sums.arg(), Arg::I32(b as i32), Arg::F32(temperature)],
     )?;
     let s = rowwise::row_sum(&row_sums)?;
     let grad = gemm::matmul(&g, Op::N, h, Op::N)?;
@@ -176,9 +172,9 @@ pub fn uniformity_step(h: &mut Tensor, temperature: f32, learning_rate: f32) -> 
         "sphere_step_f32",
         b,
         &[
-            ptr(h),
-            ptr(&grad),
-            ptr(&s),
+            h.arg(),
+            grad.arg(),
+            s.arg(),
             Arg::I32(b as i32),
             Arg::I32(d as i32),
             Arg::F32(4.0 * temperature * learning_rate),
@@ -216,7 +212,7 @@ pub fn best_centroids(x: &Tensor, centroids: &Tensor) -> Result<(Vec<u32>, Vec<f
         &dev,
         "argmax_rows_f32",
         n,
-        &[ptr(&s), Arg::I32(n as i32), Arg::I32(k as i32), Arg::Ptr(dev.ptr(&bi)), ptr(&bs)],
+        &[s.arg(), Arg::I32(n as i32), Arg::I32(k as i32), Arg::Ptr(dev.ptr(&bi)), bs.arg()],
     )?;
     let idx: Vec<i32> = bytemuck::pod_collect_to_vec(&dev.download(&bi, n * 4)?);
     Ok((idx.into_iter().map(|i| i as u32).collect(), bs.to_vec::<f32>()?))

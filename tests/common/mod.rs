@@ -44,6 +44,16 @@ pub fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(lo..hi)).collect()
 }
 
+/// `n` random rows of `d` values, each scaled to unit norm.
+pub fn unit_rows(rng: &mut StdRng, n: usize, d: usize) -> Vec<f32> {
+    let mut v = uniform(rng, n * d, -1.0, 1.0);
+    for row in v.chunks_mut(d) {
+        let s = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|x| *x /= s);
+    }
+    v
+}
+
 /// Asserts |got - want| <= atol + rtol·|want| elementwise (NaN never
 /// passes unless both are NaN and `nan_ok`), naming the first bad index.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
