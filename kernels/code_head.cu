@@ -55,25 +55,23 @@ GIF_DEVICE float block_max4(float v, float* scratch) {
   return fmaxf(fmaxf(scratch[0], scratch[1]), fmaxf(scratch[2], scratch[3]));
 }
 
-// margin: 0 none, 1 ArcFace, 2 CosFace. Returns f(c); *df = f'(c) (exact).
-GIF_DEVICE float margin_target(float c, int margin, float m, float* df) {
-  if (margin == 2) {
-    *df = 1.0f;
-    return c - m;
-  }
+// f(c) and f'(c) (exact) of the margin on the target cosine.
+struct Target {
+  float f, df;
+};
+// margin: 0 none, 1 ArcFace, 2 CosFace.
+GIF_DEVICE Target margin_target(float c, int margin, float m) {
+  if (margin == 2) return Target{c - m, 1.0f};
   if (margin == 1) {
     const float cm = cosf(m), sm = sinf(m);
     if (c > -cm) {  // θ + m < π, i.e. c > cos(π − m) = −cos m
       const float cc = fminf(c, 1.0f);
       const float sin_t = sqrtf(fmaxf(1.0f - cc * cc, 1e-12f));
-      *df = cm + cc * sm / sin_t;
-      return cc * cm - sin_t * sm;
+      return Target{cc * cm - sin_t * sm, cm + cc * sm / sin_t};
     }
-    *df = 1.0f;
-    return c - m * sm;
+    return Target{c - m * sm, 1.0f};
   }
-  *df = 1.0f;
-  return c;
+  return Target{c, 1.0f};
 }
 
 template <typename T>
@@ -115,9 +113,9 @@ GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_h
   }
   __syncthreads();
   const int y = target[b];
-  float df = 1.0f;
-  const float fy = margin_target(cos_k[y], margin, m, &df);
-  if (!exact_grad) df = 1.0f;
+  const Target tg = margin_target(cos_k[y], margin, m);
+  const float fy = tg.f;
+  const float df = exact_grad ? tg.df : 1.0f;
   // Softmax over the logits s·c (target: s·f(c_y)); argmax of the plain cosines.
   float mx = -gif_inf();
   float best = -gif_inf();

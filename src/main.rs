@@ -20,7 +20,13 @@ commands:
                   without it, N random unit vectors of D dimensions are used.
                   --device cpu is the deterministic path.
   codebook-info FILE
-                  size, vocab, length and per-level trie statistics";
+                  size, vocab, length and per-level trie statistics
+  decode          the k best identities of each query:
+                    --codebook FILE.safetensors --scores FILE.npy (f32 [B, l, v]
+                    log-probabilities) --top-k K --out FILE.safetensors
+                    [--beam W] [--threshold T] [--device best|cpu|cuda|sim (cpu)]
+                  writes ids (i64 [B, K], -1: none or below the threshold)
+                  and scores (f32 [B, K])";
 
 fn info() {
     println!("gif-fr {}", env!("CARGO_PKG_VERSION"));
@@ -114,6 +120,51 @@ fn tokenize_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
     })())
 }
 
+fn decode_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
+    use gif_fr::decode::{Mode, PrefixDecoder};
+    let (mut book, mut scores, mut k, mut out, mut beam, mut threshold, mut device) = (
+        None::<PathBuf>,
+        None::<PathBuf>,
+        None::<usize>,
+        None::<PathBuf>,
+        None::<usize>,
+        None::<f32>,
+        "cpu".to_string(),
+    );
+    let mut it = args.iter().cloned();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--codebook" => book = Some(parse(&a, it.next())?),
+            "--scores" => scores = Some(parse(&a, it.next())?),
+            "--top-k" => k = Some(parse(&a, it.next())?),
+            "--out" => out = Some(parse(&a, it.next())?),
+            "--beam" => beam = Some(parse(&a, it.next())?),
+            "--threshold" => threshold = Some(parse(&a, it.next())?),
+            "--device" => device = parse(&a, it.next())?,
+            other => return Err(Usage(format!("unknown option {other}"))),
+        }
+    }
+    let (Some(book), Some(scores), Some(k), Some(out)) = (book, scores, k, out) else {
+        return Err(Usage("decode needs --codebook, --scores, --top-k and --out".into()));
+    };
+    let dev = match device.as_str() {
+        "best" => Ok(Device::best()),
+        "cpu" => Ok(Device::cpu()),
+        "sim" => Ok(Device::sim()),
+        "cuda" => Device::cuda(0),
+        other => return Err(Usage(format!("--device takes best, cpu, cuda or sim, not {other}"))),
+    };
+    Ok((|| {
+        let dev = dev?;
+        let book = Codebook::load(&book)?;
+        let (lp, shape) = tokenizer::read_npy(&scores)?;
+        let t = gif_fr::Tensor::from_slice(&dev, &shape, &lp)?;
+        let dec = PrefixDecoder::new(&book, &dev)?;
+        let mode = beam.map_or(Mode::Exact, Mode::Beam);
+        dec.top_k(&t, k, mode, threshold)?.save(&out)
+    })())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -122,6 +173,7 @@ fn main() -> ExitCode {
             Ok(Ok(()))
         }
         Some("tokenize") => tokenize_cmd(&args[1..]),
+        Some("decode") => decode_cmd(&args[1..]),
         Some("codebook-info") => match args.get(1) {
             Some(f) if args.len() == 2 => {
                 Ok(Codebook::load(std::path::Path::new(f)).map(|b| print!("{}", b.describe())))

@@ -264,21 +264,17 @@ pub fn tokenize_with_report(input: Input, cfg: &Config, device: &Device) -> Resu
     Ok((book, report))
 }
 
-/// Reads a 2-D `.npy` array of f32 or f64 (C order) as `(values, rows,
-/// cols)`, f64 narrowed to f32. Any other dtype, rank or layout, or an
-/// unreadable file, is an [`Error::File`].
-pub fn read_npy_matrix(path: &std::path::Path) -> Result<(Vec<f32>, usize, usize)> {
+/// Reads a `.npy` array of f32 or f64 (C order) as `(values, shape)`, f64
+/// narrowed to f32. Any other dtype or layout, or an unreadable file, is an
+/// [`Error::File`].
+pub fn read_npy(path: &std::path::Path) -> Result<(Vec<f32>, Vec<usize>)> {
     let bad = |m: String| Error::file(path, m);
     let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
     let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| bad(format!("not a .npy file: {e}")))?;
-    let shape = npy.shape().to_vec();
-    if shape.len() != 2 {
-        return Err(bad(format!("expected a 2-D array [N, d], got shape {shape:?}")));
-    }
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     if npy.order() != npyz::Order::C {
         return Err(bad("expected C (row-major) order, got Fortran order".into()));
     }
-    let (rows, cols) = (shape[0] as usize, shape[1] as usize);
     let dtype = match npy.dtype() {
         npyz::DType::Plain(t) => t.to_string(),
         other => return Err(bad(format!("expected f32 or f64 values, got {other:?}"))),
@@ -293,8 +289,22 @@ pub fn read_npy_matrix(path: &std::path::Path) -> Result<(Vec<f32>, usize, usize
             .collect(),
         other => return Err(bad(format!("expected little-endian f32 (<f4) or f64 (<f8), got {other}"))),
     };
-    if data.len() != rows * cols {
-        return Err(bad(format!("holds {} values, its shape [{rows}, {cols}] says {}", data.len(), rows * cols)));
+    if data.len() != shape.iter().product::<usize>() {
+        return Err(bad(format!(
+            "holds {} values, its shape {shape:?} says {}",
+            data.len(),
+            shape.iter().product::<usize>()
+        )));
     }
-    Ok((data, rows, cols))
+    Ok((data, shape))
+}
+
+/// Reads a 2-D `.npy` array of f32 or f64 (C order) as `(values, rows,
+/// cols)`; see [`read_npy`].
+pub fn read_npy_matrix(path: &std::path::Path) -> Result<(Vec<f32>, usize, usize)> {
+    let (data, shape) = read_npy(path)?;
+    match shape[..] {
+        [r, c] => Ok((data, r, c)),
+        _ => Err(Error::file(path, format!("expected a 2-D array [N, d], got shape {shape:?}"))),
+    }
 }

@@ -1,0 +1,209 @@
+//! The prefix decoder: exact top-k equals brute force (ties, peaked and flat
+//! distributions), the GPU kernel equals the CPU on the simulator (and a GPU
+//! when present), beam search, the open-set threshold, and bad input.
+
+mod common;
+
+use common::*;
+use gif_fr::decode::{Mode, PrefixDecoder};
+use gif_fr::tokenizer::{tokenize, Codebook, Config, Input};
+use gif_fr::{Device, Error, Tensor};
+use proptest::prelude::*;
+use rand::Rng;
+
+fn book(n: usize, v: usize, seed: u64) -> Codebook {
+    tokenize(
+        Input::Random { count: n, dim: 4 },
+        &Config { vocab: v, seed, steps: Some(0), kmeans_iters: 2, ..Config::default() },
+        &Device::cpu(),
+    )
+    .unwrap()
+}
+
+/// Log-probabilities of `b` queries: `kind` 0 random, 1 peaked (one token
+/// per position dominates), 2 flat (all equal: every code ties), 3
+/// quantized to halves (many ties).
+fn scores(rng: &mut rand::rngs::StdRng, b: usize, l: usize, v: usize, kind: u8) -> Vec<f32> {
+    (0..b * l * v)
+        .map(|i| match kind {
+            0 => rng.random_range(-6.0f32..0.0),
+            1 => {
+                if i % v == (i / v) % v {
+                    -0.01
+                } else {
+                    rng.random_range(-12.0f32..-6.0)
+                }
+            }
+            2 => -1.5,
+            _ => (rng.random_range(-8.0f32..0.0) * 2.0).round() / 2.0,
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+    #[test]
+    fn exact_top_k_matches_brute_force(n in 1usize..300, v in 2usize..9, k in 1usize..8, kind in 0u8..4, seed in 0u64..1000) {
+        let book = book(n, v, seed);
+        let k = k.min(n);
+        let mut rng = rng(seed);
+        let lp = scores(&mut rng, 5, book.length(), v, kind);
+        let dec = PrefixDecoder::new(&book, &Device::cpu()).unwrap();
+        let want = dec.brute_force(&lp, k);
+        let got = dec.top_k(&Tensor::from_slice(&Device::cpu(), &[5, book.length() * v], &lp).unwrap(), k, Mode::Exact, None).unwrap();
+        prop_assert_eq!(&got, &want);
+        // The simulated kernel too.
+        let sim = Device::sim_with(gif_fr::SimOrder::Shuffle(seed));
+        let dec = PrefixDecoder::new(&book, &sim).unwrap();
+        let got = dec.top_k(&Tensor::from_slice(&sim, &[5, book.length() * v], &lp).unwrap(), k, Mode::Exact, None).unwrap();
+        prop_assert_eq!(&got, &want);
+    }
+}
+
+#[test]
+fn gpu_exact_search_matches_the_cpu_on_many_queries() {
+    let book = book(700, 6, 3);
+    let l = book.length();
+    let mut rng = rng(4);
+    for kind in 0..4u8 {
+        let lp = scores(&mut rng, 150, l, 6, kind);
+        let cpu = PrefixDecoder::new(&book, &Device::cpu())
+            .unwrap()
+            .top_k(&Tensor::from_slice(&Device::cpu(), &[150, l, 6], &lp).unwrap(), 7, Mode::Exact, None)
+            .unwrap();
+        assert_eq!(cpu, PrefixDecoder::new(&book, &Device::cpu()).unwrap().brute_force(&lp, 7));
+        for dev in gpu_devices() {
+            let got = PrefixDecoder::new(&book, &dev)
+                .unwrap()
+                .top_k(&Tensor::from_slice(&dev, &[150, l, 6], &lp).unwrap(), 7, Mode::Exact, None)
+                .unwrap();
+            assert_eq!(got, cpu, "{dev} kind {kind}");
+        }
+    }
+}
+
+#[test]
+fn beam_search_is_exact_when_wide_and_close_when_narrow() {
+    let book = book(2000, 16, 5);
+    let l = book.length();
+    let mut rng = rng(6);
+    let lp = scores(&mut rng, 200, l, 16, 0);
+    let dec = PrefixDecoder::new(&book, &Device::cpu()).unwrap();
+    let t = Tensor::from_slice(&Device::cpu(), &[200, l * 16], &lp).unwrap();
+    let exact = dec.top_k(&t, 5, Mode::Exact, None).unwrap();
+    assert_eq!(dec.top_k(&t, 5, Mode::Beam(4096), None).unwrap(), exact, "a beam wider than any level is exhaustive");
+    let narrow = dec.top_k(&t, 5, Mode::Beam(16), None).unwrap();
+    let hits = narrow.ids.iter().zip(&exact.ids).filter(|(a, b)| a == b).count();
+    let recall = hits as f64 / exact.ids.len() as f64;
+    assert!(recall > 0.5 && recall <= 1.0, "beam-16 recall {recall}");
+}
+
+#[test]
+fn threshold_marks_unknown_queries() {
+    let book = book(50, 4, 7);
+    let l = book.length();
+    let dec = PrefixDecoder::new(&book, &Device::cpu()).unwrap();
+    let mut lp = vec![-0.1f32; 2 * l * 4];
+    lp[l * 4..].fill(-9.0); // query 1: best score -9 l
+    let t = Tensor::from_slice(&Device::cpu(), &[2, l * 4], &lp).unwrap();
+    let r = dec.top_k(&t, 2, Mode::Exact, Some(-1.0)).unwrap();
+    assert!(r.ids[..2].iter().all(|&i| i >= 0));
+    assert_eq!(&r.ids[2..], &[-1, -1]);
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let book = book(30, 4, 8);
+    let l = book.length();
+    for dev in [Device::cpu(), Device::sim()] {
+        let dec = PrefixDecoder::new(&book, &dev).unwrap();
+        let lp = Tensor::from_slice(&dev, &[2, l * 4], &vec![-1.0f32; 2 * l * 4]).unwrap();
+        let inv = |r: gif_fr::Result<_>| matches!(r, Err(Error::InvalidArgument { .. }));
+        assert!(inv(dec.top_k(&lp, 0, Mode::Exact, None)));
+        assert!(inv(dec.top_k(&lp, 31, Mode::Exact, None)));
+        assert!(inv(dec.top_k(&lp, 3, Mode::Beam(0), None)));
+        assert!(inv(dec.top_k(&lp, 3, Mode::Beam(2), None)));
+        let wrong = Tensor::from_slice(&dev, &[2, l * 4 + 1], &vec![-1.0f32; 2 * (l * 4 + 1)]).unwrap();
+        assert!(matches!(dec.top_k(&wrong, 1, Mode::Exact, None), Err(Error::Shape { .. })));
+        let mut v = vec![-1.0f32; 2 * l * 4];
+        v[l * 4 + 2] = f32::NAN;
+        let nan = Tensor::from_slice(&dev, &[2, l * 4], &v).unwrap();
+        match dec.top_k(&nan, 1, Mode::Exact, None) {
+            Err(Error::InvalidArgument { message, .. }) => {
+                assert!(message.contains("query 1") && message.contains("NaN"), "{message}")
+            }
+            other => panic!("{dev}: {other:?}"),
+        }
+        let elsewhere = Tensor::from_slice(&Device::sim(), &[2, l * 4], &vec![-1.0f32; 2 * l * 4]).unwrap();
+        assert!(matches!(dec.top_k(&elsewhere, 1, Mode::Exact, None), Err(Error::DeviceMismatch { .. })));
+    }
+}
+
+#[test]
+fn identify_runs_head_then_decoder_and_checks_they_match() {
+    use gif_fr::head::{CodeHead, CodeHeadConfig};
+    let book = book(40, 4, 9);
+    let l = book.length();
+    let mut rng = rng(10);
+    for dev in [Device::cpu(), Device::sim()] {
+        let head = CodeHead::new(CodeHeadConfig::new(6, l, 4), &dev, 3).unwrap();
+        let dec = PrefixDecoder::new(&book, &dev).unwrap();
+        let x = Tensor::from_slice(&dev, &[5, 6], &uniform(&mut rng, 30, -1.0, 1.0)).unwrap();
+        let got = gif_fr::decode::identify(&head, &dec, &x, 3, Mode::Exact, None).unwrap();
+        let lp = head.log_probs(&x).unwrap();
+        assert_eq!(got, dec.top_k(&lp, 3, Mode::Exact, None).unwrap());
+        let other = CodeHead::new(CodeHeadConfig::new(6, l + 1, 4), &dev, 3).unwrap();
+        assert!(matches!(
+            gif_fr::decode::identify(&other, &dec, &x, 3, Mode::Exact, None),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+}
+
+#[test]
+fn cli_decode_writes_ids_and_scores() {
+    let book = book(60, 4, 11);
+    let (l, v, b) = (book.length(), 4, 3);
+    let dir = std::env::temp_dir();
+    let (cb, npy, out) = (
+        dir.join(format!("gif-fr-dec-{}.safetensors", std::process::id())),
+        dir.join(format!("gif-fr-dec-{}.npy", std::process::id())),
+        dir.join(format!("gif-fr-dec-out-{}.safetensors", std::process::id())),
+    );
+    book.save(&cb).unwrap();
+    let mut rng = rng(12);
+    let lp = scores(&mut rng, b, l, v, 0);
+    // A .npy v1.0 file of f32 [b, l, v].
+    let mut h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({b}, {l}, {v}), }}");
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((h.len() as u16).to_le_bytes());
+    bytes.extend(h.as_bytes());
+    bytes.extend(lp.iter().flat_map(|x| x.to_le_bytes()));
+    std::fs::write(&npy, bytes).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+        .args(["decode", "--top-k", "4", "--codebook"])
+        .arg(&cb)
+        .arg("--scores")
+        .arg(&npy)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = PrefixDecoder::new(&book, &Device::cpu()).unwrap().brute_force(&lp, 4);
+    let file = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let ids: Vec<i64> =
+        st.tensor("ids").unwrap().data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let sc: Vec<f32> =
+        st.tensor("scores").unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(st.tensor("ids").unwrap().shape(), &[b, 4]);
+    assert_eq!((ids, sc), (want.ids, want.scores));
+    for p in [cb, npy, out] {
+        let _ = std::fs::remove_file(p);
+    }
+}
