@@ -9,8 +9,8 @@
 //! machine.
 //!
 //! Devices: [`Device::cpu`], [`Device::cuda`], [`Device::sim`]. Data:
-//! [`Tensor`]. Ops: [`rowwise`], [`gemm`], [`tokenizer`], [`head`] (more
-//! families follow: the O(N) baselines, decoder, backbone).
+//! [`Tensor`]. Ops: [`rowwise`], [`gemm`], [`tokenizer`], [`head`],
+//! [`decode`] (more families follow: the O(N) baselines, the backbone).
 //!
 //! ```
 //! use gif_fr::{rowwise, DType, Device, Tensor};
