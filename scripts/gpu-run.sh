@@ -13,8 +13,17 @@
 # skipping) and GIF_FR_POISON=1 (outputs start as NaN, so unwritten elements
 # show); benches time the GPU only (GIF_FR_BENCH_GPU_ONLY=1).
 set -u
-here=$(cd "$(dirname "$0")" && pwd)
+bundle=$(cd "$(dirname "$0")" && pwd)
 out=$(mktemp -d /tmp/gif-fr-gpu-run.XXXXXX)
+# The binaries travel as one xz archive (scripts/gpu-bundle); unpack them.
+here=$(mktemp -d /tmp/gif-fr-bundle.XXXXXX)
+if ! tar -C "$here" -xJf "$bundle/payload.tar.xz" 2>/dev/null; then
+  python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$bundle/payload.tar.xz" "$here" || {
+    echo "cannot unpack $bundle/payload.tar.xz" >&2
+    exit 1
+  }
+fi
+cp "$bundle/COMMIT" "$here/COMMIT" 2>/dev/null
 mode=${1:-all}
 export GIF_FR_REQUIRE_GPU=1 GIF_FR_POISON=1 GIF_FR_BENCH_GPU_ONLY=1 RUST_BACKTRACE=1
 summary="$out/summary.md"
