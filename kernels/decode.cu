@@ -103,3 +103,119 @@ extern "C" __global__ void __launch_bounds__(128)
     out_id[(long long)q * k + i] = i < found ? best_id[i] : -1;
   }
 }
+
+// decode_exact_warp: the same search with one warp per query (4 per
+// 128-thread block, grid = ceil(B / 4)), so a batch keeps far more of the
+// GPU busy than one thread per query. At each node the lanes evaluate up to
+// 32 children at once (score, bound, prune test); the warp descends into the
+// first surviving child and comes back for the rest (re-tested then, against
+// the k-th score found meanwhile); at the last level all surviving leaves of
+// a chunk are inserted in edge order. The top-k lives in shared memory, the
+// search state in every lane's registers (uniform across the warp).
+// decode_exact above is kept as the simplest correct version.
+extern "C" __global__ void __launch_bounds__(128)
+    decode_exact_warp(const float* __restrict__ lp, int b_rows, int l, int v, const unsigned* __restrict__ node_ptr,
+                      const unsigned short* __restrict__ token, const unsigned* __restrict__ child,
+                      const int* __restrict__ node_off, const int* __restrict__ edge_off, int k, float slack,
+                      float* __restrict__ out_score, int* __restrict__ out_id) {
+  __shared__ float s_best[4][kMaxK];
+  __shared__ int s_id[4][kMaxK];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int q = blockIdx.x * 4 + warp;
+  if (q >= b_rows) return;  // the whole warp leaves together
+  float* best_s = s_best[warp];
+  int* best_id = s_id[warp];
+  const float* p = lp + (long long)q * l * v;
+  float suffix[kMaxL + 1];
+  suffix[l] = 0.0f;
+  float mag = 0.0f;
+  bool nan = false;
+  for (int j = l - 1; j >= 0; --j) {
+    float m = -gif_inf(), a = 0.0f;
+    for (int t = lane; t < v; t += 32) {
+      const float x = p[j * v + t];
+      nan |= x != x;
+      m = fmaxf(m, x);
+      a = fmaxf(a, fabsf(x));
+    }
+    m = warp_reduce(m, MaxOp{});
+    a = warp_reduce(a, MaxOp{});
+    suffix[j] = suffix[j + 1] + m;
+    mag += a;
+  }
+  if (__any_sync(0xffffffffu, nan)) {
+    for (int i = lane; i < k; i += 32) {
+      out_score[(long long)q * k + i] = -gif_inf();
+      out_id[(long long)q * k + i] = -2;
+    }
+    return;
+  }
+  slack *= 1.0f + mag;
+  int found = 0;
+  unsigned cursor[kMaxL], end[kMaxL];
+  float partial[kMaxL];
+  int level = 0;
+  cursor[0] = node_ptr[node_off[0]];
+  end[0] = node_ptr[node_off[0] + 1];
+  partial[0] = 0.0f;
+  while (level >= 0) {
+    if (cursor[level] >= end[level]) {
+      --level;
+      continue;
+    }
+    const unsigned e0 = cursor[level];
+    const unsigned cnt = min(32u, end[level] - e0);
+    const float kth = found == k ? best_s[k - 1] : -gif_inf();
+    float s = -gif_inf();
+    unsigned c = 0;
+    bool pass = false;
+    if ((unsigned)lane < cnt) {
+      const unsigned e = edge_off[level] + e0 + lane;
+      s = partial[level] + p[level * v + token[e]];
+      c = child[e];
+      pass = !(found == k && s + suffix[level + 1] + slack < kth);
+    }
+    unsigned mask = __ballot_sync(0xffffffffu, pass);
+    if (level + 1 < l) {
+      if (mask == 0) {
+        cursor[level] = e0 + cnt;
+        continue;
+      }
+      const int src = __ffs((int)mask) - 1;
+      cursor[level] = e0 + src + 1;
+      const float ss = __shfl_sync(0xffffffffu, s, src);
+      const unsigned cc = __shfl_sync(0xffffffffu, c, src);
+      ++level;
+      partial[level] = ss;
+      cursor[level] = node_ptr[node_off[level] + cc];
+      end[level] = node_ptr[node_off[level] + cc + 1];
+      continue;
+    }
+    cursor[level] = e0 + cnt;
+    while (mask) {
+      const int src = __ffs((int)mask) - 1;
+      mask &= mask - 1;
+      const float ss = __shfl_sync(0xffffffffu, s, src);
+      const int id = (int)__shfl_sync(0xffffffffu, c, src);
+      const bool ins = found < k || ss > best_s[k - 1] || (ss == best_s[k - 1] && id < best_id[k - 1]);
+      __syncwarp();  // every lane has read the list before lane 0 changes it
+      if (!ins) continue;  // uniform: every lane read the same values
+      if (lane == 0) {
+        int pos = found < k ? found : k - 1;
+        while (pos > 0 && (ss > best_s[pos - 1] || (ss == best_s[pos - 1] && id < best_id[pos - 1]))) {
+          best_s[pos] = best_s[pos - 1];
+          best_id[pos] = best_id[pos - 1];
+          --pos;
+        }
+        best_s[pos] = ss;
+        best_id[pos] = id;
+      }
+      found = found < k ? found + 1 : k;
+      __syncwarp();
+    }
+  }
+  for (int i = lane; i < k; i += 32) {
+    out_score[(long long)q * k + i] = i < found ? best_s[i] : -gif_inf();
+    out_id[(long long)q * k + i] = i < found ? best_id[i] : -1;
+  }
+}

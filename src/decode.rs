@@ -186,16 +186,24 @@ impl PrefixDecoder {
     }
 
     fn exact_device(&self, g: &DeviceTrie, log_probs: &Tensor, b: usize, k: usize) -> Result<TopK> {
+        self.exact_kernel(g, log_probs, b, k, true)
+    }
+
+    /// Runs `decode_exact_warp` (a warp per query) or, with `warp` false,
+    /// the simpler `decode_exact` (a thread per query).
+    fn exact_kernel(&self, g: &DeviceTrie, log_probs: &Tensor, b: usize, k: usize, warp: bool) -> Result<TopK> {
         let dev = &self.device;
         if b == 0 {
             return Ok(TopK { k, ids: Vec::new(), scores: Vec::new() });
         }
         let scores = Tensor::empty(dev, &[b, k], DType::F32)?;
         let ids = dev.alloc(b * k * 4)?;
+        let (name, blocks) =
+            if warp { ("decode_exact_warp", b.div_ceil(4)) } else { ("decode_exact", b.div_ceil(128)) };
         dev.launch(
             ModuleId::Decode,
-            kernels::find(ModuleId::Decode, "decode_exact")?,
-            LaunchConfig::linear(b.div_ceil(128) as u32, 128, 0),
+            kernels::find(ModuleId::Decode, name)?,
+            LaunchConfig::linear(blocks as u32, 128, 0),
             &[
                 log_probs.arg(),
                 Arg::I32(b as i32),
@@ -220,6 +228,25 @@ impl PrefixDecoder {
             ));
         }
         Ok(TopK { k, ids: ids.into_iter().map(i64::from).collect(), scores: scores.to_vec::<f32>()? })
+    }
+
+    /// Exact top-k with the thread-per-query kernel (`decode_exact`), the
+    /// simplest correct GPU version, kept as the reference of the
+    /// warp-per-query kernel that [`PrefixDecoder::top_k`] uses.
+    pub fn top_k_thread_per_query(&self, log_probs: &Tensor, k: usize) -> Result<TopK> {
+        let g = self
+            .gpu
+            .as_ref()
+            .ok_or_else(|| Error::invalid("top_k_thread_per_query", "needs a GPU or the simulator"))?;
+        let b = log_probs.shape()[0];
+        if k == 0
+            || k > self.n.min(MAX_K)
+            || log_probs.numel() != b * self.length * self.vocab
+            || self.length > MAX_LENGTH
+        {
+            return Err(Error::invalid("top_k_thread_per_query", "k, shape or code length out of range"));
+        }
+        self.exact_kernel(g, log_probs, b, k, false)
     }
 
     /// Brute force: every identity's code scored, the k best kept (the
