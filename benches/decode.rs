@@ -1,5 +1,6 @@
 //! Identification over valid codes (kernels/decode.cu, src/decode.rs):
-//! queries per second of exact top-k, beam search (W = 16) and brute-force
+//! queries per second of exact top-k, beam search (W = 16, with its recall
+//! against exact) and brute-force
 //! scoring of all N codes, for N from 2^10 to 2^24 (v = 16), B ∈ {1, 64,
 //! 4096}, k ∈ {1, 5}. Codes are synthesized (distinct, spread over the code
 //! space); each query's log-probabilities favour a random identity's tokens
@@ -51,6 +52,7 @@ fn queries(book: &Codebook, b: usize, seed: u64) -> Vec<f32> {
 fn main() {
     let mut c = common::criterion();
     let mut rows = Vec::new();
+    let mut recall = std::collections::HashMap::new();
     for dev in common::devices() {
         let label = common::label(&dev);
         let mut g = c.benchmark_group(format!("decode/{label}"));
@@ -61,6 +63,16 @@ fn main() {
                 let lp = queries(&book, b, log2n as u64);
                 let t = Tensor::from_slice(&dev, &[b, book.length() * V], &lp).expect("upload");
                 for k in [1usize, 5] {
+                    // Beam recall against exact: the share of exact top-k ids the beam also returns.
+                    let exact = dec.top_k(&t, k, Mode::Exact, None).expect("exact");
+                    let beam = dec.top_k(&t, k, Mode::Beam(16), None).expect("beam");
+                    let hit: usize = exact
+                        .ids
+                        .chunks(k)
+                        .zip(beam.ids.chunks(k))
+                        .map(|(e, b)| e.iter().filter(|i| b.contains(i)).count())
+                        .sum();
+                    recall.insert((label.clone(), log2n, b, k), hit as f64 / exact.ids.len() as f64);
                     let mut methods: Vec<&str> = vec!["exact", "beam16"];
                     if b <= 64 && log2n <= 21 && dev.kind() == gif_fr::DeviceKind::Cpu {
                         methods.push("brute");
@@ -91,8 +103,8 @@ fn main() {
     }
     c.final_summary();
     println!("\n### decoder throughput (queries/s), v = {V}\n");
-    println!("| device | N | B | k | exact | beam W=16 | brute force | exact / brute |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| device | N | B | k | exact | beam W=16 | beam recall | brute force | exact / brute |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut done = std::collections::HashSet::new();
     for (dev, _, log2n, b, k) in &rows {
         if !done.insert((dev.clone(), *log2n, *b, *k)) {
@@ -105,7 +117,8 @@ fn main() {
             (Some(e), Some(bf)) => format!("{:.0}x", e / bf),
             _ => "-".into(),
         };
-        println!("| {dev} | 2^{log2n} | {b} | {k} | {} | {} | {} | {ratio} |", cell(e), cell(bm), cell(bf));
+        let rc = recall.get(&(dev.clone(), *log2n, *b, *k)).map_or("-".to_string(), |r| format!("{r:.4}"));
+        println!("| {dev} | 2^{log2n} | {b} | {k} | {} | {} | {rc} | {} | {ratio} |", cell(e), cell(bm), cell(bf));
     }
     common::print_summary("decode");
 }

@@ -219,3 +219,98 @@ extern "C" __global__ void __launch_bounds__(128)
     out_id[(long long)q * k + i] = i < found ? best_id[i] : -1;
   }
 }
+
+// decode_beam_warp: beam search, one warp per query (4 per block). Level by
+// level, the children of the W kept prefixes are scored into shared memory
+// and the W best (score descending, node ascending; the CPU's order) are
+// kept by W rounds of a warp-wide argmax; at the last level the k best
+// leaves are written. Dynamic shared memory per warp: 2·W + 2·C words for
+// the beam and C = W·(most children of a node) candidates (the launcher
+// sizes it; 4 warps per block).
+extern "C" __global__ void __launch_bounds__(128)
+    decode_beam_warp(const float* __restrict__ lp, int b_rows, int l, int v, const unsigned* __restrict__ node_ptr,
+                     const unsigned short* __restrict__ token, const unsigned* __restrict__ child,
+                     const int* __restrict__ node_off, const int* __restrict__ edge_off, int k, int w, int cap,
+                     float* __restrict__ out_score, int* __restrict__ out_id) {
+  GIF_DYNAMIC_SMEM(float, smem);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int q = blockIdx.x * 4 + warp;
+  if (q >= b_rows) return;
+  const int per_warp = 2 * w + 2 * cap;
+  float* beam_s = smem + warp * per_warp;
+  unsigned* beam_n = reinterpret_cast<unsigned*>(beam_s + w);
+  float* cand_s = beam_s + 2 * w;
+  unsigned* cand_n = reinterpret_cast<unsigned*>(cand_s + cap);
+  const float* p = lp + (long long)q * l * v;
+  int nbeam = 1;
+  if (lane == 0) {
+    beam_s[0] = 0.0f;
+    beam_n[0] = 0;
+  }
+  __syncwarp();
+  bool nan = false;
+  for (int level = 0; level < l; ++level) {
+    // Gather every child of every beam (lanes stride over a beam's edges).
+    int ncand = 0;
+    for (int i = 0; i < nbeam; ++i) {
+      const unsigned node = beam_n[i];
+      const float base = beam_s[i];
+      const unsigned lo = node_ptr[node_off[level] + node], hi = node_ptr[node_off[level] + node + 1];
+      for (unsigned e = lo + lane; e < hi; e += 32) {
+        const unsigned ge = edge_off[level] + e;
+        const float x = p[level * v + token[ge]];
+        nan |= x != x;
+        cand_s[ncand + (e - lo)] = base + x;
+        cand_n[ncand + (e - lo)] = child[ge];
+      }
+      ncand += (int)(hi - lo);
+    }
+    __syncwarp();
+    const int keep = min(level + 1 == l ? k : w, ncand);
+    // Select the `keep` best in order: repeated warp argmax, taking each winner out.
+    for (int r = 0; r < keep; ++r) {
+      float bs = -gif_inf();
+      unsigned bn = 0xffffffffu;
+      int bi = -1;
+      for (int c = lane; c < ncand; c += 32) {
+        const float s = cand_s[c];
+        const unsigned n = cand_n[c];
+        if (bi < 0 || s > bs || (s == bs && n < bn)) {
+          bs = s;
+          bn = n;
+          bi = c;
+        }
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        const float os = __shfl_xor_sync(0xffffffffu, bs, o);
+        const unsigned on = __shfl_xor_sync(0xffffffffu, bn, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && (bi < 0 || os > bs || (os == bs && on < bn))) {
+          bs = os;
+          bn = on;
+          bi = oi;
+        }
+      }
+      __syncwarp();
+      if (lane == 0) {
+        cand_s[bi] = -gif_inf();
+        cand_n[bi] = 0xffffffffu;  // out of every later round
+        if (level + 1 == l) {
+          out_score[(long long)q * k + r] = bs;
+          out_id[(long long)q * k + r] = (int)bn;
+        } else {
+          beam_s[r] = bs;  // the beam is read only before this selection
+          beam_n[r] = bn;
+        }
+      }
+      __syncwarp();
+    }
+    nbeam = keep;
+    if (level + 1 == l)
+      for (int i = keep + lane; i < k; i += 32) {
+        out_score[(long long)q * k + i] = -gif_inf();
+        out_id[(long long)q * k + i] = -1;
+      }
+  }
+  if (__any_sync(0xffffffffu, nan) && lane == 0) out_id[(long long)q * k] = -2;
+}

@@ -28,6 +28,8 @@ use crate::tokenizer::{Codebook, Trie};
 pub const MAX_LENGTH: usize = 16;
 /// Largest k of the GPU kernel.
 pub const MAX_K: usize = 64;
+/// Widest beam the GPU kernel takes (wider beams run on the CPU).
+pub const MAX_BEAM: usize = 64;
 const SLACK_REL: f32 = 1e-5;
 
 /// Search mode.
@@ -68,6 +70,8 @@ pub struct PrefixDecoder {
     vocab: usize,
     trie: Trie,
     codes: Vec<u16>,
+    /// Most children of any node (sizes the beam kernel's shared memory).
+    max_children: usize,
     device: Device,
     gpu: Option<DeviceTrie>,
 }
@@ -99,7 +103,10 @@ impl PrefixDecoder {
         } else {
             None
         };
+        let max_children =
+            trie.node_ptr.iter().flat_map(|p| p.windows(2).map(|w| (w[1] - w[0]) as usize)).max().unwrap_or(1);
         Ok(PrefixDecoder {
+            max_children,
             n: book.len(),
             length: book.length(),
             vocab: book.vocab(),
@@ -155,8 +162,12 @@ impl PrefixDecoder {
                 b: log_probs.device().to_string(),
             });
         }
+        let beam_smem = |w: usize| 4 * (2 * w + 2 * w * self.max_children) * 4;
         let mut out = match (&self.gpu, mode) {
             (Some(g), Mode::Exact) if k <= MAX_K && l <= MAX_LENGTH => self.exact_device(g, log_probs, b, k)?,
+            (Some(g), Mode::Beam(w)) if w <= MAX_BEAM && beam_smem(w) <= 200 * 1024 => {
+                self.beam_device(g, log_probs, b, k, w)?
+            }
             _ => {
                 let lp = log_probs.to_vec::<f32>()?;
                 if let Some(i) = lp.iter().position(|x| x.is_nan()) {
@@ -216,6 +227,45 @@ impl PrefixDecoder {
                 Arg::Ptr(dev.ptr(&g.edge_off)),
                 Arg::I32(k as i32),
                 Arg::F32(SLACK_REL),
+                scores.arg(),
+                Arg::Ptr(dev.ptr(&ids)),
+            ],
+        )?;
+        let ids: Vec<i32> = bytemuck::pod_collect_to_vec(&dev.download(&ids, b * k * 4)?);
+        if let Some(q) = ids.chunks(k).position(|r| r[0] == -2) {
+            return Err(Error::invalid(
+                "PrefixDecoder::top_k",
+                format!("the log-probabilities of query {q} hold a NaN"),
+            ));
+        }
+        Ok(TopK { k, ids: ids.into_iter().map(i64::from).collect(), scores: scores.to_vec::<f32>()? })
+    }
+
+    fn beam_device(&self, g: &DeviceTrie, log_probs: &Tensor, b: usize, k: usize, w: usize) -> Result<TopK> {
+        let dev = &self.device;
+        if b == 0 {
+            return Ok(TopK { k, ids: Vec::new(), scores: Vec::new() });
+        }
+        let cap = w * self.max_children;
+        let scores = Tensor::empty(dev, &[b, k], DType::F32)?;
+        let ids = dev.alloc(b * k * 4)?;
+        dev.launch(
+            ModuleId::Decode,
+            kernels::find(ModuleId::Decode, "decode_beam_warp")?,
+            LaunchConfig::linear(b.div_ceil(4) as u32, 128, (4 * (2 * w + 2 * cap) * 4) as u32),
+            &[
+                log_probs.arg(),
+                Arg::I32(b as i32),
+                Arg::I32(self.length as i32),
+                Arg::I32(self.vocab as i32),
+                Arg::Ptr(dev.ptr(&g.node_ptr)),
+                Arg::Ptr(dev.ptr(&g.token)),
+                Arg::Ptr(dev.ptr(&g.child)),
+                Arg::Ptr(dev.ptr(&g.node_off)),
+                Arg::Ptr(dev.ptr(&g.edge_off)),
+                Arg::I32(k as i32),
+                Arg::I32(w as i32),
+                Arg::I32(cap as i32),
                 scores.arg(),
                 Arg::Ptr(dev.ptr(&ids)),
             ],

@@ -99,6 +99,29 @@ fn beam_search_is_exact_when_wide_and_close_when_narrow() {
 }
 
 #[test]
+fn gpu_beam_search_matches_the_cpu_beam() {
+    let book = book(900, 8, 13);
+    let l = book.length();
+    let mut rng = rng(14);
+    for kind in 0..4u8 {
+        let lp = scores(&mut rng, 40, l, 8, kind);
+        let cpu_dec = PrefixDecoder::new(&book, &Device::cpu()).unwrap();
+        for (k, w) in [(1usize, 1usize), (5, 8), (3, 40)] {
+            let want = cpu_dec
+                .top_k(&Tensor::from_slice(&Device::cpu(), &[40, l * 8], &lp).unwrap(), k, Mode::Beam(w), None)
+                .unwrap();
+            for dev in gpu_devices() {
+                let got = PrefixDecoder::new(&book, &dev)
+                    .unwrap()
+                    .top_k(&Tensor::from_slice(&dev, &[40, l * 8], &lp).unwrap(), k, Mode::Beam(w), None)
+                    .unwrap();
+                assert_eq!(got, want, "{dev} kind {kind} k {k} W {w}");
+            }
+        }
+    }
+}
+
+#[test]
 fn threshold_marks_unknown_queries() {
     let book = book(50, 4, 7);
     let l = book.length();
