@@ -26,6 +26,34 @@
 namespace {
 constexpr int kMaxL = 16;
 constexpr int kMaxK = 64;
+
+// suffix[j] = Σ_{i >= j} max_t p[i, t] for one query; returns Σ_j max_t |p[j,
+// t]| (the scale of the rounding slack) and sets *nan if a value is NaN.
+// kWarp: the 32 lanes of a warp share the work (every lane gets the result);
+// else one thread does it all.
+template <bool kWarp>
+GIF_DEVICE float query_bounds(const float* p, int l, int v, float* suffix, bool* nan) {
+  const int lane = kWarp ? (threadIdx.x & 31) : 0, stride = kWarp ? 32 : 1;
+  suffix[l] = 0.0f;
+  float mag = 0.0f;
+  for (int j = l - 1; j >= 0; --j) {
+    float m = -gif_inf(), a = 0.0f;
+    for (int t = lane; t < v; t += stride) {
+      const float x = p[j * v + t];
+      *nan |= x != x;
+      m = fmaxf(m, x);
+      a = fmaxf(a, fabsf(x));
+    }
+    if constexpr (kWarp) {
+      m = warp_reduce(m, MaxOp{});
+      a = warp_reduce(a, MaxOp{});
+    }
+    suffix[j] = suffix[j + 1] + m;
+    mag += a;
+  }
+  if constexpr (kWarp) *nan = __any_sync(0xffffffffu, *nan);
+  return mag;
+}
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -38,20 +66,8 @@ extern "C" __global__ void __launch_bounds__(128)
   const float* p = lp + (long long)q * l * v;
   // suffix[j] = Σ_{i >= j} max_t lp[i, t]
   float suffix[kMaxL + 1];
-  suffix[l] = 0.0f;
-  float mag = 0.0f;
   bool nan = false;
-  for (int j = l - 1; j >= 0; --j) {
-    float m = -gif_inf(), a = 0.0f;
-    for (int t = 0; t < v; ++t) {
-      const float x = p[j * v + t];
-      nan |= x != x;
-      m = fmaxf(m, x);
-      a = fmaxf(a, fabsf(x));
-    }
-    suffix[j] = suffix[j + 1] + m;
-    mag += a;
-  }
+  const float mag = query_bounds<false>(p, l, v, suffix, &nan);
   if (nan) {  // reported by the launcher as an error
     for (int i = 0; i < k; ++i) {
       out_score[(long long)q * k + i] = -gif_inf();
@@ -127,23 +143,9 @@ extern "C" __global__ void __launch_bounds__(128)
   int* best_id = s_id[warp];
   const float* p = lp + (long long)q * l * v;
   float suffix[kMaxL + 1];
-  suffix[l] = 0.0f;
-  float mag = 0.0f;
   bool nan = false;
-  for (int j = l - 1; j >= 0; --j) {
-    float m = -gif_inf(), a = 0.0f;
-    for (int t = lane; t < v; t += 32) {
-      const float x = p[j * v + t];
-      nan |= x != x;
-      m = fmaxf(m, x);
-      a = fmaxf(a, fabsf(x));
-    }
-    m = warp_reduce(m, MaxOp{});
-    a = warp_reduce(a, MaxOp{});
-    suffix[j] = suffix[j + 1] + m;
-    mag += a;
-  }
-  if (__any_sync(0xffffffffu, nan)) {
+  const float mag = query_bounds<true>(p, l, v, suffix, &nan);
+  if (nan) {
     for (int i = lane; i < k; i += 32) {
       out_score[(long long)q * k + i] = -gif_inf();
       out_id[(long long)q * k + i] = -2;

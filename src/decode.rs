@@ -203,72 +203,67 @@ impl PrefixDecoder {
     /// Runs `decode_exact_warp` (a warp per query) or, with `warp` false,
     /// the simpler `decode_exact` (a thread per query).
     fn exact_kernel(&self, g: &DeviceTrie, log_probs: &Tensor, b: usize, k: usize, warp: bool) -> Result<TopK> {
-        let dev = &self.device;
-        if b == 0 {
-            return Ok(TopK { k, ids: Vec::new(), scores: Vec::new() });
-        }
-        let scores = Tensor::empty(dev, &[b, k], DType::F32)?;
-        let ids = dev.alloc(b * k * 4)?;
         let (name, blocks) =
             if warp { ("decode_exact_warp", b.div_ceil(4)) } else { ("decode_exact", b.div_ceil(128)) };
-        dev.launch(
-            ModuleId::Decode,
-            kernels::find(ModuleId::Decode, name)?,
-            LaunchConfig::linear(blocks as u32, 128, 0),
-            &[
-                log_probs.arg(),
-                Arg::I32(b as i32),
-                Arg::I32(self.length as i32),
-                Arg::I32(self.vocab as i32),
-                Arg::Ptr(dev.ptr(&g.node_ptr)),
-                Arg::Ptr(dev.ptr(&g.token)),
-                Arg::Ptr(dev.ptr(&g.child)),
-                Arg::Ptr(dev.ptr(&g.node_off)),
-                Arg::Ptr(dev.ptr(&g.edge_off)),
-                Arg::I32(k as i32),
-                Arg::F32(SLACK_REL),
-                scores.arg(),
-                Arg::Ptr(dev.ptr(&ids)),
-            ],
-        )?;
-        let ids: Vec<i32> = bytemuck::pod_collect_to_vec(&dev.download(&ids, b * k * 4)?);
-        if let Some(q) = ids.chunks(k).position(|r| r[0] == -2) {
-            return Err(Error::invalid(
-                "PrefixDecoder::top_k",
-                format!("the log-probabilities of query {q} hold a NaN"),
-            ));
-        }
-        Ok(TopK { k, ids: ids.into_iter().map(i64::from).collect(), scores: scores.to_vec::<f32>()? })
+        self.search_kernel(g, log_probs, b, k, name, blocks, 0, &[Arg::F32(SLACK_REL)])
     }
 
     fn beam_device(&self, g: &DeviceTrie, log_probs: &Tensor, b: usize, k: usize, w: usize) -> Result<TopK> {
+        let cap = w * self.max_children;
+        let smem = 4 * (2 * w + 2 * cap) * 4;
+        self.search_kernel(
+            g,
+            log_probs,
+            b,
+            k,
+            "decode_beam_warp",
+            b.div_ceil(4),
+            smem,
+            &[Arg::I32(w as i32), Arg::I32(cap as i32)],
+        )
+    }
+
+    /// Launches one of the search kernels, whose arguments are the
+    /// log-probabilities, B, l, v, the trie, k, `extra`, then the outputs;
+    /// downloads the result and turns the kernels' NaN flag (id −2) into an
+    /// error.
+    #[allow(clippy::too_many_arguments)]
+    fn search_kernel(
+        &self,
+        g: &DeviceTrie,
+        log_probs: &Tensor,
+        b: usize,
+        k: usize,
+        name: &str,
+        blocks: usize,
+        smem: usize,
+        extra: &[Arg],
+    ) -> Result<TopK> {
         let dev = &self.device;
         if b == 0 {
             return Ok(TopK { k, ids: Vec::new(), scores: Vec::new() });
         }
-        let cap = w * self.max_children;
         let scores = Tensor::empty(dev, &[b, k], DType::F32)?;
         let ids = dev.alloc(b * k * 4)?;
+        let mut args = vec![
+            log_probs.arg(),
+            Arg::I32(b as i32),
+            Arg::I32(self.length as i32),
+            Arg::I32(self.vocab as i32),
+            Arg::Ptr(dev.ptr(&g.node_ptr)),
+            Arg::Ptr(dev.ptr(&g.token)),
+            Arg::Ptr(dev.ptr(&g.child)),
+            Arg::Ptr(dev.ptr(&g.node_off)),
+            Arg::Ptr(dev.ptr(&g.edge_off)),
+            Arg::I32(k as i32),
+        ];
+        args.extend_from_slice(extra);
+        args.extend([scores.arg(), Arg::Ptr(dev.ptr(&ids))]);
         dev.launch(
             ModuleId::Decode,
-            kernels::find(ModuleId::Decode, "decode_beam_warp")?,
-            LaunchConfig::linear(b.div_ceil(4) as u32, 128, (4 * (2 * w + 2 * cap) * 4) as u32),
-            &[
-                log_probs.arg(),
-                Arg::I32(b as i32),
-                Arg::I32(self.length as i32),
-                Arg::I32(self.vocab as i32),
-                Arg::Ptr(dev.ptr(&g.node_ptr)),
-                Arg::Ptr(dev.ptr(&g.token)),
-                Arg::Ptr(dev.ptr(&g.child)),
-                Arg::Ptr(dev.ptr(&g.node_off)),
-                Arg::Ptr(dev.ptr(&g.edge_off)),
-                Arg::I32(k as i32),
-                Arg::I32(w as i32),
-                Arg::I32(cap as i32),
-                scores.arg(),
-                Arg::Ptr(dev.ptr(&ids)),
-            ],
+            kernels::find(ModuleId::Decode, name)?,
+            LaunchConfig::linear(blocks as u32, 128, smem as u32),
+            &args,
         )?;
         let ids: Vec<i32> = bytemuck::pod_collect_to_vec(&dev.download(&ids, b * k * 4)?);
         if let Some(q) = ids.chunks(k).position(|r| r[0] == -2) {

@@ -52,6 +52,18 @@ fn info() {
 /// A command-line mistake: printed with the usage, exit code 2.
 struct Usage(String);
 
+/// The device named by `--device`: a usage error for an unknown name, the
+/// device (or why it cannot be had) otherwise.
+fn device_arg(name: &str) -> Result<Result<Device, Error>, Usage> {
+    Ok(match name {
+        "best" => Ok(Device::best()),
+        "cpu" => Ok(Device::cpu()),
+        "sim" => Ok(Device::sim()),
+        "cuda" => Device::cuda(0),
+        other => return Err(Usage(format!("--device takes best, cpu, cuda or sim, not {other}"))),
+    })
+}
+
 fn parse<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, Usage> {
     let v = v.ok_or_else(|| Usage(format!("{flag} needs a value")))?;
     v.parse().map_err(|_| Usage(format!("{flag}: cannot read {v:?}")))
@@ -79,13 +91,7 @@ fn tokenize_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
         }
     }
     let out = out.ok_or_else(|| Usage("--out FILE.safetensors is required".into()))?;
-    let dev = match device.as_str() {
-        "best" => Ok(Device::best()),
-        "cpu" => Ok(Device::cpu()),
-        "sim" => Ok(Device::sim()),
-        "cuda" => Device::cuda(0),
-        other => return Err(Usage(format!("--device takes best, cpu, cuda or sim, not {other}"))),
-    };
+    let dev = device_arg(&device)?;
     let dev = match dev {
         Ok(d) => d,
         Err(e) => return Ok(Err(e)),
@@ -147,13 +153,7 @@ fn decode_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
     let (Some(book), Some(scores), Some(k), Some(out)) = (book, scores, k, out) else {
         return Err(Usage("decode needs --codebook, --scores, --top-k and --out".into()));
     };
-    let dev = match device.as_str() {
-        "best" => Ok(Device::best()),
-        "cpu" => Ok(Device::cpu()),
-        "sim" => Ok(Device::sim()),
-        "cuda" => Device::cuda(0),
-        other => return Err(Usage(format!("--device takes best, cpu, cuda or sim, not {other}"))),
-    };
+    let dev = device_arg(&device)?;
     Ok((|| {
         let dev = dev?;
         let book = Codebook::load(&book)?;

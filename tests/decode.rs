@@ -196,16 +196,7 @@ fn cli_decode_writes_ids_and_scores() {
     book.save(&cb).unwrap();
     let mut rng = rng(12);
     let lp = scores(&mut rng, b, l, v, 0);
-    // A .npy v1.0 file of f32 [b, l, v].
-    let mut h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({b}, {l}, {v}), }}");
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((h.len() as u16).to_le_bytes());
-    bytes.extend(h.as_bytes());
-    bytes.extend(lp.iter().flat_map(|x| x.to_le_bytes()));
+    let bytes = npy_bytes("<f4", &[b, l, v], &lp.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
     std::fs::write(&npy, bytes).unwrap();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_gif-fr"))
         .args(["decode", "--top-k", "4", "--codebook"])

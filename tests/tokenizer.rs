@@ -364,18 +364,8 @@ fn bad_input_gets_clear_errors() {
 #[test]
 fn npy_input_is_read_as_f32_rows() {
     // A hand-made .npy v1.0 file: 3 x 2 little-endian f64.
-    let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (3, 2), }";
-    let mut h = header.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((h.len() as u16).to_le_bytes());
-    bytes.extend(h.as_bytes());
-    for v in [1.0f64, 2.0, 3.0, 4.0, 5.0, 6.5] {
-        bytes.extend(v.to_le_bytes());
-    }
+    let values: Vec<u8> = [1.0f64, 2.0, 3.0, 4.0, 5.0, 6.5].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bytes = npy_bytes("<f8", &[3, 2], &values);
     let p = tmp("m.npy");
     std::fs::write(&p, &bytes).unwrap();
     let (data, r, c) = tokenizer::read_npy_matrix(&p).unwrap();

@@ -79,3 +79,19 @@ pub fn skip_notice(msg: &str) {
         let _ = writeln!(std::io::stderr(), "note: {msg}");
     });
 }
+
+/// The bytes of a .npy v1.0 file: `descr` ("<f4" or "<f8"), C order,
+/// `shape`, and the little-endian values.
+pub fn npy_bytes(descr: &str, shape: &[usize], values: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}", dims.join(", "));
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((h.len() as u16).to_le_bytes());
+    bytes.extend(h.as_bytes());
+    bytes.extend(values);
+    bytes
+}
