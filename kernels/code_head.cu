@@ -59,11 +59,11 @@ GIF_DEVICE float block_max4(float v, float* scratch) {
 struct Target {
   float f, df;
 };
-// margin: 0 none, 1 ArcFace, 2 CosFace.
-GIF_DEVICE Target margin_target(float c, int margin, float m) {
+// margin: 0 none, 1 ArcFace, 2 CosFace; cm = cos m, sm = sin m (from the
+// host, so the kernel needs no trigonometry).
+GIF_DEVICE Target margin_target(float c, int margin, float m, float cm, float sm) {
   if (margin == 2) return Target{c - m, 1.0f};
   if (margin == 1) {
-    const float cm = cosf(m), sm = sinf(m);
     if (c > -cm) {  // θ + m < π, i.e. c > cos(π − m) = −cos m
       const float cc = fminf(c, 1.0f);
       const float sin_t = sqrtf(fmaxf(1.0f - cc * cc, 1e-12f));
@@ -76,7 +76,7 @@ GIF_DEVICE Target margin_target(float c, int margin, float m) {
 
 template <typename T>
 GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_hat, const int* __restrict__ target, int b_rows,
-                          int dp, int v, float s, int margin, float m, int exact_grad, float weight,
+                          int dp, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight,
                           float* __restrict__ u_out, float* __restrict__ dz, int accumulate, float* __restrict__ dc,
                           float* __restrict__ loss, float* __restrict__ correct) {
   (void)b_rows;  // the grid has one block per sample
@@ -113,7 +113,7 @@ GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_h
   }
   __syncthreads();
   const int y = target[b];
-  const Target tg = margin_target(cos_k[y], margin, m);
+  const Target tg = margin_target(cos_k[y], margin, m, cos_m, sin_m);
   const float fy = tg.f;
   const float df = exact_grad ? tg.df : 1.0f;
   // Softmax over the logits s·c (target: s·f(c_y)); argmax of the plain cosines.
@@ -197,8 +197,8 @@ GIF_DEVICE void code_regression(const T* __restrict__ x, const int* __restrict__
 }  // namespace
 
 // clang-format off
-extern "C" __global__ void __launch_bounds__(kThreads) margin_ce_f32(const float* z, const float* w_hat, const int* target, int b, int dp, int v, float s, int margin, float m, int exact_grad, float weight, float* u, float* dz, int accumulate, float* dc, float* loss, float* correct) { margin_ce<float>(z, w_hat, target, b, dp, v, s, margin, m, exact_grad, weight, u, dz, accumulate, dc, loss, correct); }
-extern "C" __global__ void __launch_bounds__(kThreads) margin_ce_bf16(const bf16* z, const float* w_hat, const int* target, int b, int dp, int v, float s, int margin, float m, int exact_grad, float weight, float* u, float* dz, int accumulate, float* dc, float* loss, float* correct) { margin_ce<bf16>(z, w_hat, target, b, dp, v, s, margin, m, exact_grad, weight, u, dz, accumulate, dc, loss, correct); }
+extern "C" __global__ void __launch_bounds__(kThreads) margin_ce_f32(const float* z, const float* w_hat, const int* target, int b, int dp, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight, float* u, float* dz, int accumulate, float* dc, float* loss, float* correct) { margin_ce<float>(z, w_hat, target, b, dp, v, s, margin, m, cos_m, sin_m, exact_grad, weight, u, dz, accumulate, dc, loss, correct); }
+extern "C" __global__ void __launch_bounds__(kThreads) margin_ce_bf16(const bf16* z, const float* w_hat, const int* target, int b, int dp, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight, float* u, float* dz, int accumulate, float* dc, float* loss, float* correct) { margin_ce<bf16>(z, w_hat, target, b, dp, v, s, margin, m, cos_m, sin_m, exact_grad, weight, u, dz, accumulate, dc, loss, correct); }
 extern "C" __global__ void __launch_bounds__(256) code_regression_f32_f32(const float* x, const int* labels, const float* table, int b, int d, float gamma_over_b, float* dx, float* loss) { code_regression<float, float>(x, labels, table, b, d, gamma_over_b, dx, loss); }
 extern "C" __global__ void __launch_bounds__(256) code_regression_f32_bf16(const float* x, const int* labels, const bf16* table, int b, int d, float gamma_over_b, float* dx, float* loss) { code_regression<float, bf16>(x, labels, table, b, d, gamma_over_b, dx, loss); }
 extern "C" __global__ void __launch_bounds__(256) code_regression_bf16_f32(const bf16* x, const int* labels, const float* table, int b, int d, float gamma_over_b, float* dx, float* loss) { code_regression<bf16, float>(x, labels, table, b, d, gamma_over_b, dx, loss); }

@@ -465,6 +465,8 @@ impl CodeHead {
                     Arg::F32(cfg.scale),
                     Arg::I32(kind),
                     Arg::F32(m),
+                    Arg::F32(m.cos()),
+                    Arg::F32(m.sin()),
                     Arg::I32(exact),
                     Arg::F32(cfg.lambda(j) / b as f32),
                     u.arg(),
