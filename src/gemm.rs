@@ -14,8 +14,6 @@
 //! `dW = dYᵀ·X` is `(T, N)`. With `beta == 0`, `C` is not read (NaN there
 //! is overwritten, as in BLAS). NaN in A or B propagates.
 
-use half::bf16;
-
 use crate::device::{Arg, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::kernels::{self, ModuleId};
@@ -129,7 +127,7 @@ pub fn gemm(alpha: f32, a: &Tensor, op_a: Op, b: &Tensor, op_b: Op, beta: f32, c
     }
     let dev = a.device().clone();
     if dev.kind() == DeviceKind::Cpu {
-        let (av, bv) = (f32_host(a)?, f32_host(b)?);
+        let (av, bv) = (a.host_f32()?, b.host_f32()?);
         let Some(HostData::F32(cv)) = c.host_mut() else {
             return Err(Error::invalid(OP, "C must hold f32 host data on the CPU"));
         };
@@ -249,14 +247,6 @@ pub fn cublas_gemm(alpha: f32, a: &Tensor, op_a: Op, b: &Tensor, op_b: Op, beta:
         },
     };
     status.map_err(|e| Error::driver(format!("{OP} ({}x{}x{} {:?})", d.m, d.n, d.k, a.dtype()), e))
-}
-
-fn f32_host(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(match t.host() {
-        Some(HostData::F32(v)) => v.clone(),
-        Some(HostData::BF16(v)) => v.iter().map(|x| bf16::to_f32(*x)).collect(),
-        _ => t.to_f32_vec()?,
-    })
 }
 
 /// The CPU path and the f64 reference.

@@ -6,7 +6,6 @@
 //! NaN in a row propagates to that row's outputs; a row of all -inf has a
 //! NaN softmax (0/0), as in PyTorch. Zero rows give empty outputs.
 
-use half::bf16;
 use rayon::prelude::*;
 
 use crate::device::{Arg, LaunchConfig};
@@ -127,29 +126,6 @@ fn plan(op: &str, dtype: DType, rows: usize, cols: usize) -> Result<(&'static st
     Ok((kernel, LaunchConfig::linear(blocks as u32, BLOCK, 0)))
 }
 
-/// Runs a CPU reference on f32 copies of `inputs` and rounds the output back
-/// to `dtype`.
-fn to_f32(h: &HostData) -> Vec<f32> {
-    match h {
-        HostData::F32(v) => v.clone(),
-        HostData::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        HostData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-    }
-}
-fn from_f32(v: Vec<f32>, dtype: DType) -> HostData {
-    match dtype {
-        DType::F32 => HostData::F32(v),
-        DType::BF16 => HostData::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        DType::F16 => HostData::F16(v.into_iter().map(half::f16::from_f32).collect()),
-    }
-}
-fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
-    match t.host() {
-        Some(h) => Ok(to_f32(h)),
-        None => t.to_f32_vec(),
-    }
-}
-
 /// L2-normalizes each row: `y = x / max(||x||, eps)`.
 ///
 /// `x`: `[rows, cols]`, f32 or bf16. Returns `y` (same shape and dtype) and
@@ -162,11 +138,11 @@ pub fn l2_normalize(x: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
     check_eps(OP, eps)?;
     let dev = x.device();
     if !dev.runs_kernels() {
-        let xs = host_f32(x)?;
+        let xs = x.host_f32()?;
         let (mut y, mut n) = (vec![0f32; rows * cols], vec![0f32; rows]);
         cpu::l2_normalize(&xs, cols, eps, &mut y, &mut n);
         return Ok((
-            Tensor::from_host(dev, vec![rows, cols], from_f32(y, x.dtype())),
+            Tensor::from_host(dev, vec![rows, cols], HostData::from_f32(y, x.dtype())),
             Tensor::from_host(dev, vec![rows], HostData::F32(n)),
         ));
     }
@@ -215,10 +191,10 @@ pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f32) 
         return Err(Error::DType { op: OP, expected: DType::F32, got: norms.dtype() });
     }
     if !dev.runs_kernels() {
-        let (ys, ns, dys) = (host_f32(y)?, host_f32(norms)?, host_f32(dy)?);
+        let (ys, ns, dys) = (y.host_f32()?, norms.host_f32()?, dy.host_f32()?);
         let mut dx = vec![0f32; rows * cols];
         cpu::l2_normalize_backward(&ys, &ns, &dys, cols, eps, &mut dx);
-        return Ok(Tensor::from_host(dev, vec![rows, cols], from_f32(dx, y.dtype())));
+        return Ok(Tensor::from_host(dev, vec![rows, cols], HostData::from_f32(dx, y.dtype())));
     }
     let dx = Tensor::empty(dev, &[rows, cols], y.dtype())?;
     if rows > 0 {
@@ -237,10 +213,10 @@ fn softmax_impl(op: &'static str, x: &Tensor, log: bool) -> Result<Tensor> {
     let (rows, cols) = check_input(op, x)?;
     let dev = x.device();
     if !dev.runs_kernels() {
-        let xs = host_f32(x)?;
+        let xs = x.host_f32()?;
         let mut y = vec![0f32; rows * cols];
         cpu::softmax(&xs, cols, log, &mut y);
-        return Ok(Tensor::from_host(dev, vec![rows, cols], from_f32(y, x.dtype())));
+        return Ok(Tensor::from_host(dev, vec![rows, cols], HostData::from_f32(y, x.dtype())));
     }
     let y = Tensor::empty(dev, &[rows, cols], x.dtype())?;
     if rows > 0 {
@@ -268,7 +244,7 @@ pub fn row_sum(x: &Tensor) -> Result<Tensor> {
     let (rows, cols) = check_input(OP, x)?;
     let dev = x.device();
     if !dev.runs_kernels() {
-        let xs = host_f32(x)?;
+        let xs = x.host_f32()?;
         let mut out = vec![0f32; rows];
         cpu::row_sum(&xs, cols, &mut out);
         return Ok(Tensor::from_host(dev, vec![rows], HostData::F32(out)));

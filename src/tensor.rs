@@ -97,6 +97,14 @@ impl HostData {
             DType::F16 => HostData::F16(bytemuck::pod_collect_to_vec(b)),
         }
     }
+    /// `v` stored as `dtype` (rounded to nearest even for 16-bit types).
+    pub(crate) fn from_f32(v: Vec<f32>, dtype: DType) -> HostData {
+        match dtype {
+            DType::F32 => HostData::F32(v),
+            DType::BF16 => HostData::BF16(v.into_iter().map(bf16::from_f32).collect()),
+            DType::F16 => HostData::F16(v.into_iter().map(f16::from_f32).collect()),
+        }
+    }
     fn nan(dtype: DType, n: usize) -> HostData {
         match dtype {
             DType::F32 => HostData::F32(vec![f32::NAN; n]),
@@ -235,6 +243,18 @@ impl Tensor {
             DType::F32 => self.to_vec::<f32>()?,
             DType::BF16 => self.to_vec::<bf16>()?.into_iter().map(bf16::to_f32).collect(),
             DType::F16 => self.to_vec::<f16>()?.into_iter().map(f16::to_f32).collect(),
+        })
+    }
+
+    /// The elements as f32 for a CPU computation: borrowed when the tensor
+    /// already holds f32 host data, converted (or downloaded) otherwise.
+    pub(crate) fn host_f32(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
+        use std::borrow::Cow;
+        Ok(match &self.storage {
+            Storage::Host(HostData::F32(v)) => Cow::Borrowed(&v[..]),
+            Storage::Host(HostData::BF16(v)) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            Storage::Host(HostData::F16(v)) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+            Storage::Device(_) => Cow::Owned(self.to_f32_vec()?),
         })
     }
 
