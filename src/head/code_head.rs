@@ -366,8 +366,8 @@ impl CodeHead {
     }
 
     fn step_cpu(&self, features: &Tensor, labels: &[u32], table: &CodeTable) -> Result<(HeadLoss, HeadGrads)> {
-        let x = features.to_f32_vec()?;
-        let host = |t: &Tensor| t.to_f32_vec();
+        let x = features.host_f32()?;
+        let host = |t: &Tensor| t.host_f32().map(|c| c.into_owned());
         let centres = self.centres.iter().map(host).collect::<Result<Vec<_>>>()?;
         let projections = match &self.projections {
             Some(p) => Some(p.iter().map(host).collect::<Result<Vec<_>>>()?),
@@ -406,7 +406,11 @@ impl CodeHead {
             (0..l).flat_map(|j| labels.iter().map(move |&y| table.token(y as usize, j) as i32)).collect();
         let target_buf = i32s(&targets)?;
         let mut dx = Tensor::empty(dev, &[b, d], DType::F32)?;
-        let ar_loss = Tensor::empty(dev, &[b], DType::F32)?;
+        // Per-sample statistics, one row each, downloaded in one copy at the
+        // end: the regression loss, then the loss and hit of every position.
+        let stats = Tensor::empty(dev, &[2 * l + 1, b], DType::F32)?;
+        let stats_base = stats.device_ptr().unwrap_or(0);
+        let stat_row = |r: usize| Arg::Ptr(stats_base + (r * b * 4) as u64);
         let use_table = cfg.gamma != 0.0;
         let table_t = table.vectors.as_ref().filter(|_| use_table);
         let name = format!(
@@ -426,14 +430,13 @@ impl CodeHead {
                 Arg::I32(d as i32),
                 Arg::F32(cfg.gamma / b as f32),
                 dx.arg(),
-                ar_loss.arg(),
+                stat_row(0),
             ],
         )?;
         let (kind, m) = cfg.margin.kernel_args();
         let exact = i32::from(cfg.margin_grad == MarginGrad::Exact);
         let mut centre_grads = Vec::with_capacity(l);
         let mut proj_grads = Vec::new();
-        let mut losses = Vec::with_capacity(l);
         for j in 0..l {
             let z_owned;
             let z = match &self.projections {
@@ -446,7 +449,6 @@ impl CodeHead {
             let (w_hat, w_norm) = rowwise::l2_normalize(&self.centres[j], EPS)?;
             let u = Tensor::empty(dev, &[b, dp], DType::F32)?;
             let dc = Tensor::empty(dev, &[b, v], DType::F32)?;
-            let (loss, correct) = (Tensor::empty(dev, &[b], DType::F32)?, Tensor::empty(dev, &[b], DType::F32)?);
             let dz_owned =
                 if self.projections.is_some() { Some(Tensor::empty(dev, &[b, dp], DType::F32)?) } else { None };
             let dz = dz_owned.as_ref().unwrap_or(&dx);
@@ -473,8 +475,8 @@ impl CodeHead {
                     dz.arg(),
                     Arg::I32(i32::from(dz_owned.is_none())),
                     dc.arg(),
-                    loss.arg(),
-                    correct.arg(),
+                    stat_row(1 + 2 * j),
+                    stat_row(2 + 2 * j),
                 ],
             )?;
             let dw_hat = gemm::matmul(&dc, Op::T, &u, Op::N)?;
@@ -483,15 +485,12 @@ impl CodeHead {
                 proj_grads.push(gemm::matmul(dzj, Op::T, features, Op::N)?);
                 gemm::gemm(1.0, dzj, Op::N, &p[j], Op::N, 1.0, &mut dx)?;
             }
-            losses.push((loss, correct));
         }
-        let mut per_position = Vec::with_capacity(l);
-        let mut accuracy = Vec::with_capacity(l);
-        for (loss, correct) in &losses {
-            per_position.push(loss.to_vec::<f32>()?.iter().map(|&x| x as f64).sum::<f64>());
-            accuracy.push(correct.to_vec::<f32>()?.iter().map(|&x| x as f64).sum::<f64>() / b as f64);
-        }
-        let regression: f64 = ar_loss.to_vec::<f32>()?.iter().map(|&x| x as f64).sum();
+        let st = stats.to_vec::<f32>()?;
+        let row_sum = |r: usize| st[r * b..(r + 1) * b].iter().map(|&x| x as f64).sum::<f64>();
+        let per_position: Vec<f64> = (0..l).map(|j| row_sum(1 + 2 * j)).collect();
+        let accuracy: Vec<f64> = (0..l).map(|j| row_sum(2 + 2 * j) / b as f64).collect();
+        let regression = row_sum(0);
         let total = per_position.iter().sum::<f64>() + regression;
         Ok((
             HeadLoss { total, per_position, regression, accuracy },
@@ -511,7 +510,7 @@ impl CodeHead {
         let b = self.check_batch(OP, features)?;
         let (l, v) = (self.cfg.length, self.cfg.vocab);
         if self.device.kind() == DeviceKind::Cpu {
-            let x = features.to_f32_vec()?;
+            let x = features.host_f32()?;
             let centres = self.centres.iter().map(|t| t.to_f32_vec()).collect::<Result<Vec<_>>>()?;
             let projections = match &self.projections {
                 Some(p) => Some(p.iter().map(|t| t.to_f32_vec()).collect::<Result<Vec<_>>>()?),

@@ -64,12 +64,19 @@ impl DeviceData {
         Ok(DeviceData { all: Tensor::from_slice(device, &[n, d], vectors)? })
     }
 
-    fn best(&self, members: &[u32], centroids: &[f32], k: usize, d: usize) -> Result<Best> {
-        let x = ops::gather_rows(&self.all, members)?;
-        let c = Tensor::from_slice(self.all.device(), &[k, d], centroids)?;
-        let (idx, score) = ops::best_centroids(&x, &c)?;
-        Ok(Best { idx, score })
+    /// The members' rows, gathered on the device once per node (they do not
+    /// change across the node's Lloyd iterations).
+    fn gather(&self, members: &[u32]) -> Result<Tensor> {
+        ops::gather_rows(&self.all, members)
     }
+}
+
+/// Best centroid of every row of `x` (a node's gathered members on the
+/// device): one small upload of the centroids, a GEMM and an argmax.
+fn best_device(x: &Tensor, centroids: &[f32], k: usize, d: usize) -> Result<Best> {
+    let c = Tensor::from_slice(x.device(), &[k, d], centroids)?;
+    let (idx, score) = ops::best_centroids(x, &c)?;
+    Ok(Best { idx, score })
 }
 
 /// Best centroid per member on the CPU: chunks of gathered rows times the
@@ -218,11 +225,14 @@ fn split(
         let i = members[p] as usize;
         centroids[c * d..(c + 1) * d].copy_from_slice(&vectors[i * d..(i + 1) * d]);
     }
-    let use_gpu = gpu.filter(|(_, min)| n >= *min).map(|(g, _)| g);
+    let on_gpu = match gpu.filter(|(_, min)| n >= *min) {
+        Some((g, _)) => Some(g.gather(members)?),
+        None => None,
+    };
     let mut assign: Vec<u32> = Vec::new();
     for it in 0..iters.max(1) {
-        let best = match use_gpu {
-            Some(g) => g.best(members, &centroids, k, d)?,
+        let best = match &on_gpu {
+            Some(x) => best_device(x, &centroids, k, d)?,
             None => best_cpu(vectors, d, members, &centroids, k),
         };
         let next = constrain(vectors, d, members, &centroids, k, cap, &best);
