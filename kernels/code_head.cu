@@ -31,7 +31,7 @@
 //
 // Costs per step and position: B·d_p·(2 v + 4) FLOP and B·(d_p·3 + 2 v)·4
 // bytes plus the centres (v·d_p·4, from L2 after the first block).
-#include "common.cuh"
+#include "margin.cuh"
 
 namespace {
 
@@ -53,25 +53,6 @@ GIF_DEVICE float block_max4(float v, float* scratch) {
   if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
   __syncthreads();
   return fmaxf(fmaxf(scratch[0], scratch[1]), fmaxf(scratch[2], scratch[3]));
-}
-
-// f(c) and f'(c) (exact) of the margin on the target cosine.
-struct Target {
-  float f, df;
-};
-// margin: 0 none, 1 ArcFace, 2 CosFace; cm = cos m, sm = sin m (from the
-// host, so the kernel needs no trigonometry).
-GIF_DEVICE Target margin_target(float c, int margin, float m, float cm, float sm) {
-  if (margin == 2) return Target{c - m, 1.0f};
-  if (margin == 1) {
-    if (c > -cm) {  // θ + m < π, i.e. c > cos(π − m) = −cos m
-      const float cc = fminf(c, 1.0f);
-      const float sin_t = sqrtf(fmaxf(1.0f - cc * cc, 1e-12f));
-      return Target{cc * cm - sin_t * sm, cm + cc * sm / sin_t};
-    }
-    return Target{c - m * sm, 1.0f};
-  }
-  return Target{c, 1.0f};
 }
 
 template <typename T>

@@ -65,75 +65,15 @@
 // Cost: 2·M·N·K FLOP; at least (M·K + K·N)·S_in + M·N·4·(beta ? 2 : 1)
 // bytes. Compute-bound for M, N, K >= 256 or so.
 #include "arch.cuh"
+#include "tile_f32.cuh"
 
 namespace {
 
 constexpr int kThreads = 256;
 
 // ---------------------------------------------------------------------------
-// fp32 SIMT.
-constexpr int kF32Tile = 128;  // BM = BN
-constexpr int kF32K = 16;      // BK
-constexpr int kF32Pitch = kF32Tile + 4;
-
-// Element (o, k) of an operand tile, where o runs along M (for A) or N (for
-// B): X[o * ld + k] when the operand is contiguous along k, X[k * ld + o]
-// otherwise.
-template <bool kKContig>
-GIF_DEVICE long long f32_offset(long long o, long long k, long long ld) {
-  return kKContig ? o * ld + k : k * ld + o;
-}
-
-// Registers holding one thread's share of a 128 x 16 tile: two runs of 4
-// consecutive elements along the operand's contiguous dimension.
-struct F32Stage {
-  float v[2][4];
-};
-
-// Loads this thread's share of the tile at (o0, k0). `o_total`, `k_total`
-// bound the operand; elements outside read as 0.
-template <bool kKContig, bool kVec>
-GIF_DEVICE void f32_load(F32Stage& r, const float* __restrict__ X, int ld, int o0, int k0, int o_total, int k_total) {
-  const int t = threadIdx.x;
-#pragma unroll
-  for (int p = 0; p < 2; ++p) {
-    // k-contiguous: 128 rows (o) x 4 runs of 4 along k; else 16 rows (k) x 32 runs along o.
-    const int o = kKContig ? o0 + t / 4 + 64 * p : o0 + (t % 32) * 4;
-    const int k = kKContig ? k0 + (t % 4) * 4 : k0 + t / 32 + 8 * p;
-    const int run_len = kKContig ? k_total - k : o_total - o;  // elements left along the run
-    const bool row_ok = kKContig ? o < o_total : k < k_total;
-    const float* src = X + f32_offset<kKContig>(o, k, ld);
-    if constexpr (kVec) {
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (row_ok && run_len > 0) v = *reinterpret_cast<const float4*>(src);
-      r.v[p][0] = v.x;
-      r.v[p][1] = v.y;
-      r.v[p][2] = v.z;
-      r.v[p][3] = v.w;
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) r.v[p][i] = (row_ok && i < run_len) ? src[i] : 0.0f;
-    }
-  }
-}
-
-// Stores the registers into the k-major shared tile S[k][o].
-template <bool kKContig>
-GIF_DEVICE void f32_store(const F32Stage& r, float* S) {
-  const int t = threadIdx.x;
-#pragma unroll
-  for (int p = 0; p < 2; ++p) {
-    if constexpr (kKContig) {
-      const int o = t / 4 + 64 * p, k = (t % 4) * 4;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) S[(k + i) * kF32Pitch + o] = r.v[p][i];
-    } else {
-      const int o = (t % 32) * 4, k = t / 32 + 8 * p;
-      *reinterpret_cast<float4*>(&S[k * kF32Pitch + o]) = make_float4(r.v[p][0], r.v[p][1], r.v[p][2], r.v[p][3]);
-    }
-  }
-}
-
+// fp32 SIMT: the tile main loop lives in tile_f32.cuh (shared with the fused
+// softmax head); the epilogue writes alpha·acc + beta·C.
 template <bool kTA, bool kTB, bool kVec>
 GIF_DEVICE void gemm_f32(int M, int N, int K, float alpha, const float* __restrict__ A, int lda,
                          const float* __restrict__ B, int ldb, float beta, float* __restrict__ C, int ldc) {
@@ -141,52 +81,9 @@ GIF_DEVICE void gemm_f32(int M, int N, int K, float alpha, const float* __restri
   __shared__ __align__(16) float Bs[2][kF32K * kF32Pitch];
   const int m0 = blockIdx.y * kF32Tile, n0 = blockIdx.x * kF32Tile;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  // A is k-contiguous when not transposed ([M, K]); B when transposed ([N, K]).
-  constexpr bool kAK = !kTA, kBK = kTB;
-
   float acc[8][8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-
-  const int ktiles = (K + kF32K - 1) / kF32K;
-  F32Stage ra, rb;
-  if (ktiles > 0) {
-    f32_load<kAK, kVec>(ra, A, lda, m0, 0, M, K);
-    f32_load<kBK, kVec>(rb, B, ldb, n0, 0, N, K);
-    f32_store<kAK>(ra, As[0]);
-    f32_store<kBK>(rb, Bs[0]);
-  }
-  __syncthreads();
-  for (int kt = 0; kt < ktiles; ++kt) {
-    const int cur = kt & 1;
-    const bool more = kt + 1 < ktiles;
-    if (more) {  // next tile's global loads overlap this tile's math
-      f32_load<kAK, kVec>(ra, A, lda, m0, (kt + 1) * kF32K, M, K);
-      f32_load<kBK, kVec>(rb, B, ldb, n0, (kt + 1) * kF32K, N, K);
-    }
-    const float* as = As[cur];
-    const float* bs = Bs[cur];
-#pragma unroll
-    for (int k = 0; k < kF32K; ++k) {
-      const float4 a0 = *reinterpret_cast<const float4*>(&as[k * kF32Pitch + ty * 4]);
-      const float4 a1 = *reinterpret_cast<const float4*>(&as[k * kF32Pitch + 64 + ty * 4]);
-      const float4 b0 = *reinterpret_cast<const float4*>(&bs[k * kF32Pitch + tx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&bs[k * kF32Pitch + 64 + tx * 4]);
-      const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-    if (more) {
-      f32_store<kAK>(ra, As[cur ^ 1]);
-      f32_store<kBK>(rb, Bs[cur ^ 1]);
-    }
-    __syncthreads();
-  }
+  // A is k-contiguous when not transposed ([M, K]); B when transposed ([N, K]).
+  f32_tile_mainloop<!kTA, kTB, kVec>(acc, As, Bs, A, lda, m0, M, nullptr, B, ldb, n0, N, nullptr, K);
 
   // Epilogue: rows ty*4 + i and 64 + ty*4 + i, columns tx*4 + j and 64 + tx*4 + j.
 #pragma unroll

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -139,10 +140,49 @@ impl Arg {
     }
 }
 
-/// Memory on a GPU backend.
-pub(crate) enum DeviceBuffer {
+/// Memory on a GPU backend, counted by its device's [`MemoryStats`] while it
+/// lives.
+pub(crate) struct DeviceBuffer {
+    mem: Mem,
+    meter: Arc<Meter>,
+    bytes: usize,
+}
+
+enum Mem {
     Cuda(CudaSlice<u8>),
     Sim(SimBuffer),
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        self.meter.current.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// Bytes of device memory that the crate's buffers hold on one device (the
+/// allocation API's view: cuBLAS workspaces and the driver's own memory are
+/// not counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Held now.
+    pub current: usize,
+    /// The most held at once since the device was opened or
+    /// [`Device::reset_peak_memory`].
+    pub peak: usize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Meter {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Meter {
+    fn track(self: &Arc<Self>, mem: Mem, bytes: usize) -> DeviceBuffer {
+        let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        DeviceBuffer { mem, meter: self.clone(), bytes }
+    }
 }
 
 /// What a CUDA probe found.
@@ -282,7 +322,7 @@ impl Device {
     pub(crate) fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         match &self.inner {
             Inner::Cpu => Err(Error::invalid("alloc", "the CPU device has no device memory")),
-            Inner::Sim(s) => Ok(DeviceBuffer::Sim(s.alloc(bytes)?)),
+            Inner::Sim(s) => Ok(s.meter.track(Mem::Sim(s.alloc(bytes)?), bytes)),
             Inner::Cuda(c) => {
                 let n = bytes.max(1);
                 // SAFETY: the memory is uninitialized until poisoned or written
@@ -294,9 +334,26 @@ impl Device {
                     unsafe { cu::result::memset_d8_async(ptr, POISON, n, c.stream.cu_stream()) }
                         .map_err(|e| Error::driver("memset (poison)", e))?;
                 }
-                Ok(DeviceBuffer::Cuda(buf))
+                Ok(c.meter.track(Mem::Cuda(buf), bytes))
             }
         }
+    }
+
+    /// A buffer of `bytes` zero bytes.
+    pub(crate) fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuffer> {
+        let mut buf = self.alloc(bytes)?;
+        match (&self.inner, &mut buf.mem) {
+            (Inner::Sim(_), Mem::Sim(b)) => b.as_bytes_mut().fill(0),
+            (Inner::Cuda(c), Mem::Cuda(b)) => {
+                let n = bytes.max(1);
+                let (ptr, _sync) = cu::DevicePtr::device_ptr(&*b, &c.stream);
+                // SAFETY: ptr addresses the n bytes allocated above on this stream.
+                unsafe { cu::result::memset_d8_async(ptr, 0, n, c.stream.cu_stream()) }
+                    .map_err(|e| Error::driver("memset", e))?;
+            }
+            _ => return Err(Error::invalid("alloc_zeroed", "buffer and device differ")),
+        }
+        Ok(buf)
     }
 
     /// A buffer holding a copy of `data`.
@@ -306,14 +363,14 @@ impl Device {
             Inner::Sim(s) => {
                 let mut b = s.alloc(data.len())?;
                 b.as_bytes_mut().copy_from_slice(data);
-                Ok(DeviceBuffer::Sim(b))
+                Ok(s.meter.track(Mem::Sim(b), data.len()))
             }
             Inner::Cuda(c) => {
                 if data.is_empty() {
                     return self.alloc(0);
                 }
                 let buf = c.stream.clone_htod(data).map_err(|e| Error::driver("upload", e))?;
-                Ok(DeviceBuffer::Cuda(buf))
+                Ok(c.meter.track(Mem::Cuda(buf), data.len()))
             }
         }
     }
@@ -321,9 +378,9 @@ impl Device {
     /// The first `len` bytes of `buf`, copied to the host (waits for the
     /// stream).
     pub(crate) fn download(&self, buf: &DeviceBuffer, len: usize) -> Result<Vec<u8>> {
-        match (&self.inner, buf) {
-            (Inner::Sim(_), DeviceBuffer::Sim(b)) => Ok(b.as_bytes()[..len].to_vec()),
-            (Inner::Cuda(c), DeviceBuffer::Cuda(b)) => {
+        match (&self.inner, &buf.mem) {
+            (Inner::Sim(_), Mem::Sim(b)) => Ok(b.as_bytes()[..len].to_vec()),
+            (Inner::Cuda(c), Mem::Cuda(b)) => {
                 let mut out = vec![0u8; len];
                 if len > 0 {
                     let view = b.slice(..len);
@@ -338,14 +395,36 @@ impl Device {
 
     /// The device address of `buf`, for a kernel argument.
     pub(crate) fn ptr(&self, buf: &DeviceBuffer) -> u64 {
-        match (&self.inner, buf) {
-            (Inner::Cuda(c), DeviceBuffer::Cuda(b)) => cu::DevicePtr::device_ptr(b, &c.stream).0,
-            (_, DeviceBuffer::Sim(b)) => b.addr(),
-            (_, DeviceBuffer::Cuda(b)) => {
+        match (&self.inner, &buf.mem) {
+            (Inner::Cuda(c), Mem::Cuda(b)) => cu::DevicePtr::device_ptr(b, &c.stream).0,
+            (_, Mem::Sim(b)) => b.addr(),
+            (_, Mem::Cuda(b)) => {
                 // Not reachable through the public API (tensors keep their
                 // device); the address is still the right one.
                 cu::DevicePtr::device_ptr(b, b.stream()).0
             }
+        }
+    }
+
+    /// Device memory held by the crate's buffers on this GPU backend (None on
+    /// the CPU, whose tensors are ordinary host memory).
+    pub fn memory_stats(&self) -> Option<MemoryStats> {
+        let m = self.meter()?;
+        Some(MemoryStats { current: m.current.load(Ordering::Relaxed), peak: m.peak.load(Ordering::Relaxed) })
+    }
+
+    /// Restarts [`MemoryStats::peak`] from the memory held now.
+    pub fn reset_peak_memory(&self) {
+        if let Some(m) = self.meter() {
+            m.peak.store(m.current.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    fn meter(&self) -> Option<&Arc<Meter>> {
+        match &self.inner {
+            Inner::Cpu => None,
+            Inner::Cuda(c) => Some(&c.meter),
+            Inner::Sim(s) => Some(&s.meter),
         }
     }
 
@@ -396,6 +475,7 @@ impl Device {
 
 pub(crate) struct CudaBackend {
     ordinal: usize,
+    meter: Arc<Meter>,
     name: String,
     cc: (i32, i32),
     total_memory: usize,
@@ -466,6 +546,7 @@ impl CudaBackend {
         }
         Ok(CudaBackend {
             ordinal,
+            meter: Default::default(),
             name,
             cc,
             total_memory,

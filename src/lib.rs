@@ -41,7 +41,7 @@ pub mod sim;
 pub mod tensor;
 pub mod tokenizer;
 
-pub use device::{Device, DeviceKind, GpuInfo};
+pub use device::{Device, DeviceKind, GpuInfo, MemoryStats};
 pub use error::{Error, Result};
 pub use sim::SimOrder;
 pub use tensor::{DType, Element, Tensor};

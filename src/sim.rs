@@ -69,6 +69,7 @@ fn lock(r: &Registry) -> std::sync::MutexGuard<'_, BTreeMap<usize, usize>> {
 #[derive(Debug)]
 pub(crate) struct SimBackend {
     pub(crate) order: SimOrder,
+    pub(crate) meter: Arc<crate::device::Meter>,
     allocs: Registry,
 }
 
@@ -111,7 +112,7 @@ impl Drop for SimBuffer {
 
 impl SimBackend {
     pub(crate) fn new(order: SimOrder) -> Self {
-        SimBackend { order, allocs: Arc::new(Mutex::new(BTreeMap::new())) }
+        SimBackend { order, meter: Default::default(), allocs: Arc::new(Mutex::new(BTreeMap::new())) }
     }
 
     /// A poisoned allocation of `len` bytes (at least one byte is reserved so

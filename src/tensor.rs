@@ -187,6 +187,19 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage })
     }
 
+    /// A tensor of zeros (filled on the device; no host copy).
+    pub fn zeros(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let n = numel_of("Tensor::zeros", shape)?;
+        let bytes = n
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::invalid("Tensor::zeros", format!("shape {shape:?} is too large")))?;
+        let storage = match device.kind() {
+            DeviceKind::Cpu => Storage::Host(HostData::from_f32(vec![0.0; n], dtype)),
+            _ => Storage::Device(device.alloc_zeroed(bytes)?),
+        };
+        Ok(Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage })
+    }
+
     pub(crate) fn from_host(device: &Device, shape: Vec<usize>, data: HostData) -> Tensor {
         let dtype = match &data {
             HostData::F32(_) => DType::F32,

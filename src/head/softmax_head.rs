@@ -1,0 +1,768 @@
+//! The O(N) baseline: the full N-way margin softmax over cosine logits,
+//! fused so that the B × N logits never exist (kernels/softmax_head.cu), and
+//! the nearest-centre top-k. [`super::partial_fc`] runs the same kernels over
+//! a sample of the classes.
+//!
+//! For features `x` (`[B, d]`) with labels `y` and centres `W` (`[N, d]`, f32
+//! or bf16): `u = x/‖x‖`, `c_bn = u_b·w_n/‖w_n‖`, logits `s·c` with the
+//! margin f on the target (`s·f(c_by)`), `L = mean_b CE_b`. Gradients: with
+//! respect to the features (f32 `[B, d]`) and the centres (f32 `[N, d]`, also
+//! for bf16 centres).
+//!
+//! Device memory beyond the weights and their gradient: `O(B·d + B·splits +
+//! N)` (the normalized features and their gradient, per-split partial
+//! log-sum-exps, the centres' inverse norms). [`Device::memory_stats`]
+//! measures it; tests/softmax_memory.rs checks it.
+//!
+//! Determinism: the loss, accuracy and centre gradient are reproducible run
+//! to run when every class tile is owned by one block (N ≥ 128·528 classes;
+//! below, the backward splits the batch across blocks, which then add their
+//! parts of a centre gradient in any order); the feature gradient is summed
+//! over class tiles with atomic adds, so its last bits may vary run to run on
+//! a GPU (as in Cut Cross-Entropy and FlashAttention's backward). The
+//! simulator runs in a fixed order and is reproducible.
+
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+
+use super::margin::{margin_ce_row, Margin, MarginGrad};
+use crate::decode::TopK;
+use crate::device::{Arg, Device, DeviceBuffer, DeviceKind, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::gemm::{cpu::gemm as cpu_gemm, Op};
+use crate::kernels::{self, ModuleId};
+use crate::rowwise;
+use crate::tensor::{DType, HostData, Tensor};
+
+/// Normalization floor (as PyTorch's F.normalize).
+pub(crate) const EPS: f32 = 1e-12;
+/// Blocks the forward and backward aim for (about 4 per SM on an H100).
+const TARGET_BLOCKS: usize = 528;
+/// Most splits of the class range in the forward.
+const MAX_SPLITS: usize = 1024;
+/// Largest k of [`SoftmaxHead::top_k`] on a GPU (shared memory holds 128
+/// sorted lists of k).
+pub const MAX_DEVICE_K: usize = 128;
+/// Classes per chunk of the CPU path (its extra memory is `B·C + 2·C·d`).
+const CPU_CHUNK: usize = 4096;
+const TILE: usize = 128;
+
+/// Settings of a [`SoftmaxHead`] (and of [`super::PartialFc`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SoftmaxHeadConfig {
+    /// Embedding size d.
+    pub dim: usize,
+    /// Number of classes N.
+    pub classes: usize,
+    /// Margin on the target class.
+    pub margin: Margin,
+    /// Logit scale s (64 by default).
+    pub scale: f32,
+    /// Exact or straight-through (insightface) margin gradient.
+    pub margin_grad: MarginGrad,
+    /// Splits of the class range in the forward pass (`None`: enough blocks
+    /// to fill a GPU). A tuning knob; results do not depend on it beyond
+    /// rounding.
+    pub splits: Option<usize>,
+}
+
+impl SoftmaxHeadConfig {
+    /// ArcFace (m = 0.5), s = 64, exact gradient.
+    pub fn new(dim: usize, classes: usize) -> Self {
+        SoftmaxHeadConfig {
+            dim,
+            classes,
+            margin: Margin::ArcFace(0.5),
+            scale: 64.0,
+            margin_grad: MarginGrad::Exact,
+            splits: None,
+        }
+    }
+
+    pub(crate) fn validate(&self, op: &'static str) -> Result<()> {
+        if self.dim == 0 || self.classes == 0 {
+            return Err(Error::invalid(op, "dim and classes must be positive"));
+        }
+        if self.classes > i32::MAX as usize || self.dim > i32::MAX as usize / 4 {
+            return Err(Error::invalid(op, "classes or dim too large for 32-bit indices"));
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(Error::invalid(op, "scale must be finite and positive"));
+        }
+        if self.splits == Some(0) {
+            return Err(Error::invalid(op, "splits must be positive"));
+        }
+        self.margin.validate(op)
+    }
+}
+
+/// Loss and accuracy of one step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SoftmaxLoss {
+    /// Mean cross-entropy over the batch.
+    pub loss: f64,
+    /// Fraction of samples whose largest plain cosine is the label's.
+    pub accuracy: f64,
+}
+
+/// Gradients of the mean loss.
+#[derive(Debug)]
+pub struct SoftmaxGrads {
+    /// With respect to the features, f32 `[B, d]`.
+    pub features: Tensor,
+    /// With respect to the centres, f32 `[N, d]` (for [`super::PartialFc`],
+    /// `[k, d]`: the sampled rows, in the order of the sample).
+    pub centres: Tensor,
+}
+
+/// The full margin-softmax head: N centres on one device.
+pub struct SoftmaxHead {
+    cfg: SoftmaxHeadConfig,
+    centres: Tensor,
+}
+
+impl SoftmaxHead {
+    /// Seeded random centres (normal with variance 1/d), stored as `dtype`
+    /// (f32 or bf16) on `device`.
+    pub fn new(cfg: SoftmaxHeadConfig, device: &Device, dtype: DType, seed: u64) -> Result<SoftmaxHead> {
+        cfg.validate("SoftmaxHead")?;
+        let n = cfg.classes.checked_mul(cfg.dim).ok_or_else(|| Error::invalid("SoftmaxHead", "N·d overflows"))?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let sd = 1.0 / (cfg.dim as f32).sqrt();
+        let w: Vec<f32> = (0..n).map(|_| sd * Distribution::<f32>::sample(&StandardNormal, &mut rng)).collect();
+        let centres = Tensor::from_f32(device, &[cfg.classes, cfg.dim], &w, dtype)?;
+        SoftmaxHead::from_weights(cfg, centres)
+    }
+
+    /// A head over given centres, `[N, d]`, f32 or bf16.
+    pub fn from_weights(cfg: SoftmaxHeadConfig, centres: Tensor) -> Result<SoftmaxHead> {
+        const OP: &str = "SoftmaxHead::from_weights";
+        cfg.validate(OP)?;
+        check_centres(OP, &centres, cfg.classes, cfg.dim)?;
+        Ok(SoftmaxHead { cfg, centres })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SoftmaxHeadConfig {
+        &self.cfg
+    }
+    /// The centres, `[N, d]`.
+    pub fn centres(&self) -> &Tensor {
+        &self.centres
+    }
+    /// The device.
+    pub fn device(&self) -> &Device {
+        self.centres.device()
+    }
+    pub(crate) fn centres_mut(&mut self) -> &mut Tensor {
+        &mut self.centres
+    }
+
+    /// One training step's forward and backward pass. Labels out of range, a
+    /// shape mismatch, an empty batch or a non-finite loss are errors.
+    pub fn forward_backward(&self, features: &Tensor, labels: &[u32]) -> Result<(SoftmaxLoss, SoftmaxGrads)> {
+        const OP: &str = "SoftmaxHead::forward_backward";
+        check_batch(OP, &self.cfg, self.device(), features, labels)?;
+        if let Some(p) = labels.iter().position(|&y| y as usize >= self.cfg.classes) {
+            return Err(Error::invalid(
+                OP,
+                format!("labels[{p}] = {} is not below N = {}", labels[p], self.cfg.classes),
+            ));
+        }
+        let targets: Vec<i32> = labels.iter().map(|&y| y as i32).collect();
+        fused_step(OP, &self.cfg, &self.centres, None, self.cfg.classes, features, &targets)
+    }
+
+    /// The k nearest centres of each feature by cosine, best first (ties:
+    /// the lower class first): the O(N) identification baseline. Ids are
+    /// class indices, scores cosines. k must be in 1..=N (and at most
+    /// [`MAX_DEVICE_K`] on a GPU).
+    pub fn top_k(&self, features: &Tensor, k: usize) -> Result<TopK> {
+        const OP: &str = "SoftmaxHead::top_k";
+        let (b, d) = features.dims2(OP)?;
+        check_features(OP, &self.cfg, self.device(), features, b, d)?;
+        let n = self.cfg.classes;
+        if k == 0 || k > n {
+            return Err(Error::invalid(OP, format!("k must be in 1..={n}, got {k}")));
+        }
+        let dev = self.device();
+        if dev.kind() == DeviceKind::Cpu {
+            let (u, _) = cpu::normalize_rows(&features.host_f32()?, d);
+            let w = self.centres.host_f32()?;
+            return Ok(cpu::top_k(&u, &w, d, k));
+        }
+        if k > MAX_DEVICE_K {
+            return Err(Error::invalid(OP, format!("k must be at most {MAX_DEVICE_K} on a GPU, got {k}")));
+        }
+        if b == 0 {
+            return Ok(TopK { k, ids: vec![], scores: vec![] });
+        }
+        let (u, _) = normalized_f32(features)?;
+        let rnorm = inv_norms(&self.centres, None, n)?;
+        let (btiles, ntiles) = (b.div_ceil(TILE), n.div_ceil(TILE));
+        let splits = self.cfg.splits.unwrap_or_else(|| auto_splits(btiles)).min(ntiles).min(MAX_SPLITS);
+        let cand_s = Tensor::empty(dev, &[b * splits * k], DType::F32)?;
+        let cand_i = dev.alloc(b * splits * k * 4)?;
+        let suffix = vec_suffix(&self.centres, d);
+        let smem = (TILE * (TILE + 1) * 4 + TILE * k * 8) as u32;
+        dev.launch(
+            ModuleId::SoftmaxHead,
+            kernels::find(ModuleId::SoftmaxHead, &format!("topk_fwd_{suffix}"))?,
+            LaunchConfig { grid: (splits as u32, btiles as u32, 1), block: (256, 1, 1), shared_bytes: smem },
+            &[
+                u.arg(),
+                self.centres.arg(),
+                rnorm.arg(),
+                Arg::I32(b as i32),
+                Arg::I32(n as i32),
+                Arg::I32(d as i32),
+                Arg::I32(k as i32),
+                Arg::I32(splits as i32),
+                cand_s.arg(),
+                Arg::Ptr(dev.ptr(&cand_i)),
+            ],
+        )?;
+        let out_s = Tensor::empty(dev, &[b, k], DType::F32)?;
+        let out_i = dev.alloc(b * k * 4)?;
+        dev.launch(
+            ModuleId::SoftmaxHead,
+            kernels::find(ModuleId::SoftmaxHead, "topk_merge")?,
+            LaunchConfig::linear(b.div_ceil(256) as u32, 256, 0),
+            &[
+                cand_s.arg(),
+                Arg::Ptr(dev.ptr(&cand_i)),
+                Arg::I32(b as i32),
+                Arg::I32(splits as i32),
+                Arg::I32(k as i32),
+                out_s.arg(),
+                Arg::Ptr(dev.ptr(&out_i)),
+            ],
+        )?;
+        let ids: Vec<i32> = bytemuck::pod_collect_to_vec(&dev.download(&out_i, b * k * 4)?);
+        Ok(TopK { k, ids: ids.into_iter().map(i64::from).collect(), scores: out_s.to_vec::<f32>()? })
+    }
+
+    /// Plain SGD: `W ← W − lr·g` (bf16 centres are rounded to nearest even).
+    pub fn sgd_step(&mut self, grads: &SoftmaxGrads, lr: f32) -> Result<()> {
+        let n = self.cfg.classes;
+        rows_axpy("SoftmaxHead::sgd_step", &mut self.centres, None, n, &grads.centres, -lr)
+    }
+}
+
+pub(crate) fn check_centres(op: &'static str, centres: &Tensor, n: usize, d: usize) -> Result<()> {
+    if centres.shape() != [n, d] || !matches!(centres.dtype(), DType::F32 | DType::BF16) {
+        return Err(Error::Shape {
+            op,
+            expected: format!("f32 or bf16 centres [{n}, {d}]"),
+            got: format!("{:?} {:?}", centres.shape(), centres.dtype()),
+        });
+    }
+    Ok(())
+}
+
+fn check_features(
+    op: &'static str,
+    cfg: &SoftmaxHeadConfig,
+    dev: &Device,
+    x: &Tensor,
+    b: usize,
+    d: usize,
+) -> Result<()> {
+    if d != cfg.dim || !matches!(x.dtype(), DType::F32 | DType::BF16) {
+        return Err(Error::Shape {
+            op,
+            expected: format!("f32 or bf16 features [B, {}]", cfg.dim),
+            got: format!("{:?} {:?}", x.shape(), x.dtype()),
+        });
+    }
+    if x.device() != dev {
+        return Err(Error::DeviceMismatch { op, a: dev.to_string(), b: x.device().to_string() });
+    }
+    if b > i32::MAX as usize / TILE {
+        return Err(Error::invalid(op, "batch too large"));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_batch(
+    op: &'static str,
+    cfg: &SoftmaxHeadConfig,
+    dev: &Device,
+    features: &Tensor,
+    labels: &[u32],
+) -> Result<usize> {
+    let (b, d) = features.dims2(op)?;
+    check_features(op, cfg, dev, features, b, d)?;
+    if labels.len() != b {
+        return Err(Error::Shape { op, expected: format!("{b} labels"), got: format!("{}", labels.len()) });
+    }
+    if b == 0 {
+        return Err(Error::invalid(op, "empty batch"));
+    }
+    Ok(b)
+}
+
+fn auto_splits(btiles: usize) -> usize {
+    TARGET_BLOCKS.div_ceil(btiles).max(1)
+}
+
+/// "f32" / "bf16", with "_v" when rows of d elements allow vector loads.
+fn vec_suffix(centres: &Tensor, d: usize) -> String {
+    let v = if d % 4 == 0 { "_v" } else { "" };
+    format!("{}{v}", centres.dtype().kernel_suffix())
+}
+
+/// The features as f32, normalized: `(u, norms)`.
+fn normalized_f32(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    if x.dtype() == DType::F32 {
+        rowwise::l2_normalize(x, EPS)
+    } else {
+        let wide = Tensor::from_slice(x.device(), x.shape(), &x.to_f32_vec()?)?;
+        rowwise::l2_normalize(&wide, EPS)
+    }
+}
+
+/// `1 / max(‖w_n‖, eps)` of the n logical rows (through `rows`).
+fn inv_norms(w: &Tensor, rows: Option<&DeviceBuffer>, n: usize) -> Result<Tensor> {
+    let dev = w.device();
+    let r = Tensor::empty(dev, &[n], DType::F32)?;
+    dev.launch(
+        ModuleId::SoftmaxHead,
+        kernels::find(ModuleId::SoftmaxHead, &format!("inv_norms_{}", w.dtype().kernel_suffix()))?,
+        LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0),
+        &[
+            w.arg(),
+            Arg::Ptr(rows.map_or(0, |r| dev.ptr(r))),
+            Arg::I32(n as i32),
+            Arg::I32(w.shape()[1] as i32),
+            Arg::F32(EPS),
+            r.arg(),
+        ],
+    )?;
+    Ok(r)
+}
+
+/// `W[rows[i]] += a·G[i]` for the n logical rows of `w` (`rows` None: the
+/// identity); G is f32 `[n, d]` on w's device.
+pub(crate) fn rows_axpy(
+    op: &'static str,
+    w: &mut Tensor,
+    rows: Option<&[u32]>,
+    n: usize,
+    g: &Tensor,
+    a: f32,
+) -> Result<()> {
+    let d = w.shape()[1];
+    if g.shape() != [n, d] || g.dtype() != DType::F32 || g.device() != w.device() {
+        return Err(Error::Shape {
+            op,
+            expected: format!("an f32 gradient [{n}, {d}] on {}", w.device()),
+            got: format!("{:?} {:?} on {}", g.shape(), g.dtype(), g.device()),
+        });
+    }
+    let dev = w.device().clone();
+    if dev.kind() == DeviceKind::Cpu {
+        let gv = g.host_f32()?.into_owned();
+        let row = |i: usize| rows.map_or(i, |r| r[i] as usize);
+        match w.host_mut() {
+            Some(HostData::F32(v)) => (0..n).for_each(|i| {
+                let r = row(i);
+                v[r * d..(r + 1) * d].iter_mut().zip(&gv[i * d..(i + 1) * d]).for_each(|(p, q)| *p += a * q);
+            }),
+            Some(HostData::BF16(v)) => (0..n).for_each(|i| {
+                let r = row(i);
+                v[r * d..(r + 1) * d]
+                    .iter_mut()
+                    .zip(&gv[i * d..(i + 1) * d])
+                    .for_each(|(p, q)| *p = half::bf16::from_f32(p.to_f32() + a * q));
+            }),
+            _ => return Err(Error::invalid(op, "centres must be f32 or bf16")),
+        }
+        return Ok(());
+    }
+    let rows_buf = match rows {
+        Some(r) => Some(dev.upload(bytemuck::cast_slice(r))?),
+        None => None,
+    };
+    dev.launch(
+        ModuleId::SoftmaxHead,
+        kernels::find(ModuleId::SoftmaxHead, &format!("rows_axpy_{}", w.dtype().kernel_suffix()))?,
+        LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0),
+        &[
+            w.arg(),
+            Arg::Ptr(rows_buf.as_ref().map_or(0, |r| dev.ptr(r))),
+            g.arg(),
+            Arg::I32(n as i32),
+            Arg::I32(d as i32),
+            Arg::F32(a),
+        ],
+    )
+}
+
+/// The fused step over `n` logical classes: row i of the logical centre
+/// matrix is `w[rows[i]]` (`rows`: a device buffer of n i32 on a GPU, a host
+/// slice on the CPU; None: the identity). `targets` index logical classes.
+pub(crate) fn fused_step(
+    op: &'static str,
+    cfg: &SoftmaxHeadConfig,
+    w: &Tensor,
+    rows: Option<Rows<'_>>,
+    n: usize,
+    features: &Tensor,
+    targets: &[i32],
+) -> Result<(SoftmaxLoss, SoftmaxGrads)> {
+    let dev = w.device();
+    let (loss, grads) = if dev.kind() == DeviceKind::Cpu {
+        let host_rows = match rows {
+            Some(Rows::Host(r)) => Some(r),
+            None => None,
+            Some(Rows::Device(_)) => return Err(Error::invalid(op, "device rows on the CPU")),
+        };
+        let x = features.host_f32()?;
+        let wv = w.host_f32()?;
+        let (loss, dx, dw) = cpu::fused(cfg, &x, &wv, host_rows, n, targets);
+        let b = targets.len();
+        (
+            loss,
+            SoftmaxGrads {
+                features: Tensor::from_host(dev, vec![b, cfg.dim], HostData::F32(dx)),
+                centres: Tensor::from_host(dev, vec![n, cfg.dim], HostData::F32(dw)),
+            },
+        )
+    } else {
+        let dev_rows = match rows {
+            Some(Rows::Device(r)) => Some(r),
+            None => None,
+            Some(Rows::Host(_)) => return Err(Error::invalid(op, "host rows on a GPU")),
+        };
+        device_step(cfg, w, dev_rows, n, features, targets)?
+    };
+    if !loss.loss.is_finite() {
+        return Err(Error::invalid(op, "the loss is not finite (a non-finite feature or centre?)"));
+    }
+    Ok((loss, grads))
+}
+
+/// A row map of the logical centres.
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    Host(&'a [u32]),
+    Device(&'a DeviceBuffer),
+}
+
+fn device_step(
+    cfg: &SoftmaxHeadConfig,
+    w: &Tensor,
+    rows: Option<&DeviceBuffer>,
+    n: usize,
+    features: &Tensor,
+    targets: &[i32],
+) -> Result<(SoftmaxLoss, SoftmaxGrads)> {
+    let dev = w.device();
+    let (b, d) = (targets.len(), cfg.dim);
+    let (btiles, ntiles) = (b.div_ceil(TILE), n.div_ceil(TILE));
+    let rows_arg = Arg::Ptr(rows.map_or(0, |r| dev.ptr(r)));
+    let target = dev.upload(bytemuck::cast_slice(targets))?;
+    let (u, norms) = normalized_f32(features)?;
+    let rnorm = inv_norms(w, rows, n)?;
+    let suffix = vec_suffix(w, d);
+    // Forward: per-split partial log-sum-exps, then the merge per row.
+    let splits = cfg.splits.unwrap_or_else(|| auto_splits(btiles)).min(ntiles).min(MAX_SPLITS);
+    let partial = Tensor::empty(dev, &[b, splits, 4], DType::F32)?;
+    let tgt_cos = Tensor::empty(dev, &[b], DType::F32)?;
+    dev.launch(
+        ModuleId::SoftmaxHead,
+        kernels::find(ModuleId::SoftmaxHead, &format!("softmax_fwd_{suffix}"))?,
+        LaunchConfig { grid: (splits as u32, btiles as u32, 1), block: (256, 1, 1), shared_bytes: 0 },
+        &[
+            u.arg(),
+            w.arg(),
+            rows_arg,
+            rnorm.arg(),
+            Arg::Ptr(dev.ptr(&target)),
+            Arg::I32(b as i32),
+            Arg::I32(n as i32),
+            Arg::I32(d as i32),
+            Arg::F32(cfg.scale),
+            Arg::I32(splits as i32),
+            partial.arg(),
+            tgt_cos.arg(),
+        ],
+    )?;
+    // stats rows: lse, gy, loss, correct.
+    let stats = Tensor::empty(dev, &[4, b], DType::F32)?;
+    let base = stats.device_ptr().unwrap_or(0);
+    let row = |r: usize| Arg::Ptr(base + (r * b * 4) as u64);
+    let (kind, m) = cfg.margin.kernel_args();
+    let weight = 1.0 / b as f32;
+    dev.launch(
+        ModuleId::SoftmaxHead,
+        kernels::find(ModuleId::SoftmaxHead, "softmax_merge")?,
+        LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0),
+        &[
+            partial.arg(),
+            Arg::I32(splits as i32),
+            tgt_cos.arg(),
+            Arg::Ptr(dev.ptr(&target)),
+            Arg::I32(b as i32),
+            Arg::F32(cfg.scale),
+            Arg::I32(kind),
+            Arg::F32(m),
+            Arg::F32(m.cos()),
+            Arg::F32(m.sin()),
+            Arg::I32(i32::from(cfg.margin_grad == MarginGrad::Exact)),
+            Arg::F32(weight),
+            row(0),
+            row(1),
+            row(2),
+            row(3),
+        ],
+    )?;
+    drop(partial);
+    // Backward: recompute each tile, accumulate both gradients.
+    let du = Tensor::zeros(dev, &[b, d], DType::F32)?;
+    let dw = Tensor::zeros(dev, &[n, d], DType::F32)?;
+    let b_splits = (TARGET_BLOCKS / ntiles).clamp(1, btiles);
+    dev.launch(
+        ModuleId::SoftmaxHead,
+        kernels::find(ModuleId::SoftmaxHead, &format!("softmax_bwd_{suffix}"))?,
+        LaunchConfig {
+            grid: (ntiles as u32, b_splits as u32, 1),
+            block: (256, 1, 1),
+            shared_bytes: (TILE * (TILE + 4) * 4) as u32,
+        },
+        &[
+            u.arg(),
+            w.arg(),
+            rows_arg,
+            rnorm.arg(),
+            Arg::Ptr(dev.ptr(&target)),
+            row(0),
+            row(1),
+            Arg::I32(b as i32),
+            Arg::I32(n as i32),
+            Arg::I32(d as i32),
+            Arg::F32(cfg.scale),
+            Arg::F32(weight),
+            du.arg(),
+            dw.arg(),
+        ],
+    )?;
+    dev.launch(
+        ModuleId::SoftmaxHead,
+        kernels::find(ModuleId::SoftmaxHead, &format!("centre_grad_finish_{}", w.dtype().kernel_suffix()))?,
+        LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0),
+        &[w.arg(), rows_arg, rnorm.arg(), Arg::I32(n as i32), Arg::I32(d as i32), dw.arg()],
+    )?;
+    let dx = rowwise::l2_normalize_backward(&u, &norms, &du, EPS)?;
+    let st = stats.to_vec::<f32>()?;
+    let loss = st[2 * b..3 * b].iter().map(|&x| x as f64).sum::<f64>();
+    let accuracy = st[3 * b..4 * b].iter().map(|&x| x as f64).sum::<f64>() / b as f64;
+    Ok((SoftmaxLoss { loss, accuracy }, SoftmaxGrads { features: dx, centres: dw }))
+}
+
+/// The CPU path: the f64 reference (materializes the logits; small N) and
+/// the chunked f32 fallback (never holds more than a chunk of logits).
+pub mod cpu {
+    use super::*;
+
+    /// Rows of `x` (`[·, d]`) divided by `max(‖x‖, eps)`, and the norms.
+    pub fn normalize_rows(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+        let b = x.len() / d;
+        let (mut u, mut n) = (vec![0f32; x.len()], vec![0f32; b]);
+        crate::rowwise::cpu::l2_normalize(x, d, EPS, &mut u, &mut n);
+        (u, n)
+    }
+
+    /// Loss, accuracy and gradients in f64 (`dx` `[B, d]`, `dw` `[n, d]`),
+    /// materializing the B × n cosines. `w` holds the stored centres; logical
+    /// class i is row `rows[i]` (None: i).
+    #[allow(clippy::type_complexity)]
+    pub fn reference(
+        cfg: &SoftmaxHeadConfig,
+        x: &[f32],
+        w: &[f32],
+        rows: Option<&[u32]>,
+        n: usize,
+        targets: &[i32],
+    ) -> (SoftmaxLoss, Vec<f64>, Vec<f64>) {
+        let (b, d) = (targets.len(), cfg.dim);
+        let unit = |v: &[f32], eps: f64| -> (Vec<f64>, f64) {
+            let nn = v.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+            let r = 1.0 / nn.max(eps);
+            (v.iter().map(|&a| a as f64 * r).collect(), nn)
+        };
+        let row = |i: usize| rows.map_or(i, |r| r[i] as usize);
+        let (w_hat, w_norm): (Vec<Vec<f64>>, Vec<f64>) =
+            (0..n).map(|i| unit(&w[row(i) * d..(row(i) + 1) * d], EPS as f64)).unzip();
+        let mut dx = vec![0f64; b * d];
+        let mut dw_hat = vec![0f64; n * d];
+        let (mut loss, mut acc) = (0f64, 0f64);
+        for s in 0..b {
+            let (u, un) = unit(&x[s * d..(s + 1) * d], EPS as f64);
+            let cos: Vec<f64> = w_hat.iter().map(|wh| wh.iter().zip(&u).map(|(a, c)| a * c).sum()).collect();
+            let (l, g, ok) = margin_ce_row(&cos, targets[s] as usize, cfg.scale as f64, cfg.margin, cfg.margin_grad);
+            loss += l / b as f64;
+            acc += if ok { 1.0 / b as f64 } else { 0.0 };
+            let mut du = vec![0f64; d];
+            for k in 0..n {
+                let gk = g[k] / b as f64;
+                for c in 0..d {
+                    du[c] += gk * w_hat[k][c];
+                    dw_hat[k * d + c] += gk * u[c];
+                }
+            }
+            let proj: f64 = du.iter().zip(&u).map(|(a, c)| a * c).sum();
+            for c in 0..d {
+                dx[s * d + c] = (du[c] - u[c] * proj) / un.max(EPS as f64);
+            }
+        }
+        let mut dw = vec![0f64; n * d];
+        for k in 0..n {
+            let g = &dw_hat[k * d..(k + 1) * d];
+            let dot: f64 = w_hat[k].iter().zip(g).map(|(a, c)| a * c).sum();
+            for c in 0..d {
+                dw[k * d + c] = (g[c] - w_hat[k][c] * dot) / w_norm[k].max(EPS as f64);
+            }
+        }
+        (SoftmaxLoss { loss, accuracy: acc }, dx, dw)
+    }
+
+    /// Normalized logical rows [c0, c0 + len) of the centres, and their
+    /// inverse norms.
+    fn chunk(w: &[f32], rows: Option<&[u32]>, d: usize, c0: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![0f32; len * d];
+        let mut inv = vec![0f32; len];
+        out.par_chunks_mut(d).zip(inv.par_iter_mut()).enumerate().for_each(|(i, (o, r))| {
+            let src = rows.map_or(c0 + i, |m| m[c0 + i] as usize);
+            let v = &w[src * d..(src + 1) * d];
+            *r = 1.0 / v.iter().map(|a| a * a).sum::<f32>().sqrt().max(EPS);
+            o.iter_mut().zip(v).for_each(|(p, q)| *p = q * *r);
+        });
+        (out, inv)
+    }
+
+    /// The chunked f32 step: loss, `dx` `[B, d]`, `dw` `[n, d]`. Extra memory
+    /// `B·C + 2·C·d` floats for chunks of C classes, whatever n is.
+    pub fn fused(
+        cfg: &SoftmaxHeadConfig,
+        x: &[f32],
+        w: &[f32],
+        rows: Option<&[u32]>,
+        n: usize,
+        targets: &[i32],
+    ) -> (SoftmaxLoss, Vec<f32>, Vec<f32>) {
+        let (b, d, s) = (targets.len(), cfg.dim, cfg.scale);
+        let (u, norms) = normalize_rows(x, d);
+        // Per row: running (max, sum) over non-targets, argmax, target cosine.
+        let mut state = vec![(f32::NEG_INFINITY, 0f32, f32::NEG_INFINITY, usize::MAX, f32::NAN); b];
+        let mut logits = vec![0f32; b * CPU_CHUNK.min(n)];
+        for c0 in (0..n).step_by(CPU_CHUNK) {
+            let len = CPU_CHUNK.min(n - c0);
+            let (wc, _) = chunk(w, rows, d, c0, len);
+            let lg = &mut logits[..b * len];
+            cpu_gemm(b, len, d, 1.0, &u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
+            state.par_iter_mut().zip(lg.par_chunks(len)).enumerate().for_each(|(r, (st, cs))| {
+                let y = targets[r] as usize;
+                for (i, &c) in cs.iter().enumerate() {
+                    let k = c0 + i;
+                    if c > st.2 || (c == st.2 && k < st.3) {
+                        st.2 = c;
+                        st.3 = k;
+                    }
+                    if k == y {
+                        st.4 = c;
+                        continue;
+                    }
+                    let l = s * c;
+                    if l > st.0 {
+                        st.1 = st.1 * (st.0 - l).exp() + 1.0;
+                        st.0 = l;
+                    } else {
+                        st.1 += (l - st.0).exp();
+                    }
+                }
+            });
+        }
+        let weight = 1.0 / b as f32;
+        let exact = cfg.margin_grad == MarginGrad::Exact;
+        // Per row: lse, the target's gradient, the loss, the hit.
+        let rowv: Vec<(f32, f32, f64, bool)> = state
+            .iter()
+            .zip(targets)
+            .map(|(&(m, se, _, arg, cy), &y)| {
+                let (f, df) = cfg.margin.target(cy as f64);
+                let t = s * f as f32;
+                let mm = m.max(t);
+                let sum = if m == f32::NEG_INFINITY { 0.0 } else { se * (m - mm).exp() } + (t - mm).exp();
+                let lse = mm + sum.ln();
+                let py = (t - lse).exp();
+                let gy = weight * s * (py - 1.0) * if exact { df as f32 } else { 1.0 };
+                (lse, gy, (lse - t) as f64, arg == y as usize)
+            })
+            .collect();
+        let loss = rowv.iter().map(|r| r.2).sum::<f64>() / b as f64;
+        let accuracy = rowv.iter().filter(|r| r.3).count() as f64 / b as f64;
+        let mut du = vec![0f32; b * d];
+        let mut dw = vec![0f32; n * d];
+        let mut dwc = vec![0f32; CPU_CHUNK.min(n) * d];
+        for c0 in (0..n).step_by(CPU_CHUNK) {
+            let len = CPU_CHUNK.min(n - c0);
+            let (wc, inv) = chunk(w, rows, d, c0, len);
+            let g = &mut logits[..b * len];
+            cpu_gemm(b, len, d, 1.0, &u, d, Op::N, &wc, d, Op::T, 0.0, g, len);
+            g.par_chunks_mut(len).enumerate().for_each(|(r, gs)| {
+                let (lse, gy, _, _) = rowv[r];
+                let y = targets[r] as usize;
+                for (i, v) in gs.iter_mut().enumerate() {
+                    *v = if c0 + i == y { gy } else { weight * s * (s * *v - lse).exp() };
+                }
+            });
+            cpu_gemm(b, d, len, 1.0, g, len, Op::N, &wc, d, Op::N, 1.0, &mut du, d);
+            let dwc = &mut dwc[..len * d];
+            cpu_gemm(len, d, b, 1.0, g, len, Op::T, &u, d, Op::N, 0.0, dwc, d);
+            dw[c0 * d..(c0 + len) * d].par_chunks_mut(d).zip(dwc.par_chunks(d)).enumerate().for_each(|(i, (o, gh))| {
+                let wh = &wc[i * d..(i + 1) * d];
+                let dot: f32 = wh.iter().zip(gh).map(|(a, c)| a * c).sum();
+                o.iter_mut().zip(gh.iter().zip(wh)).for_each(|(p, (g, h))| *p = inv[i] * (g - h * dot));
+            });
+        }
+        let mut dx = vec![0f32; b * d];
+        crate::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, EPS, &mut dx);
+        (SoftmaxLoss { loss, accuracy }, dx, dw)
+    }
+
+    /// The k nearest centres by cosine of each normalized feature in `u`,
+    /// chunked like [`fused`].
+    pub fn top_k(u: &[f32], w: &[f32], d: usize, k: usize) -> TopK {
+        let (b, n) = (u.len() / d, w.len() / d);
+        let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(k + 1); b];
+        let mut lg = vec![0f32; b * CPU_CHUNK.min(n)];
+        for c0 in (0..n).step_by(CPU_CHUNK) {
+            let len = CPU_CHUNK.min(n - c0);
+            let (wc, _) = chunk(w, None, d, c0, len);
+            let lg = &mut lg[..b * len];
+            cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
+            best.par_iter_mut().zip(lg.par_chunks(len)).for_each(|(list, cs)| {
+                for (i, &c) in cs.iter().enumerate() {
+                    if c.is_nan() {
+                        continue;
+                    }
+                    let better = |e: &(f32, usize)| c > e.0 || (c == e.0 && c0 + i < e.1);
+                    if list.len() == k && !list.last().is_some_and(better) {
+                        continue;
+                    }
+                    let at = list.iter().position(better).unwrap_or(list.len());
+                    list.insert(at, (c, c0 + i));
+                    list.truncate(k);
+                }
+            });
+        }
+        TopK {
+            k,
+            ids: best.iter().flat_map(|l| l.iter().map(|e| e.1 as i64)).collect(),
+            scores: best.iter().flat_map(|l| l.iter().map(|e| e.0)).collect(),
+        }
+    }
+}
