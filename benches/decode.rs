@@ -14,40 +14,9 @@ mod common;
 
 use criterion::BenchmarkId;
 use gif_fr::decode::{Mode, PrefixDecoder};
-use gif_fr::tokenizer::{min_length, Codebook};
 use gif_fr::Tensor;
-use rand::{Rng, SeedableRng};
 
-const V: usize = 16;
-
-fn codebook(n: usize) -> Codebook {
-    let l = min_length(V, n);
-    let space = 1u64 << (4 * l);
-    let codes: Vec<u16> = (0..n as u64)
-        .flat_map(|i| {
-            let c = i.wrapping_mul(2_654_435_761) % space; // odd multiplier: a bijection mod 16^l
-            (0..l).map(move |j| ((c >> (4 * j)) & 15) as u16)
-        })
-        .collect();
-    Codebook::from_parts(V, l, 1, 0, codes, vec![1.0; n]).expect("synthetic codebook")
-}
-
-fn queries(book: &Codebook, b: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let l = book.length();
-    let mut out = Vec::with_capacity(b * l * V);
-    for _ in 0..b {
-        let target = book.code_of(rng.random_range(0..book.len())).unwrap().to_vec();
-        for &t in &target {
-            let logits: Vec<f32> =
-                (0..V).map(|k| rng.random_range(-1.0f32..1.0) + if k == t as usize { 4.0 } else { 0.0 }).collect();
-            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = m + logits.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
-            out.extend(logits.iter().map(|x| x - lse));
-        }
-    }
-    out
-}
+use common::codes::V;
 
 fn main() {
     let mut c = common::criterion();
@@ -57,10 +26,10 @@ fn main() {
         let label = common::label(&dev);
         let mut g = c.benchmark_group(format!("decode/{label}"));
         for log2n in [10usize, 14, 18, 21, 24] {
-            let book = codebook(1 << log2n);
+            let book = common::codes::codebook(1 << log2n);
             let dec = PrefixDecoder::new(&book, &dev).expect("decoder");
             for b in [1usize, 64, 4096] {
-                let lp = queries(&book, b, log2n as u64);
+                let lp = common::codes::queries(&book, b, log2n as u64);
                 let t = Tensor::from_slice(&dev, &[b, book.length() * V], &lp).expect("upload");
                 for k in [1usize, 5] {
                     // Beam recall against exact: the share of exact top-k ids the beam also returns.

@@ -4,6 +4,9 @@
 //! events on the device's stream), and a summary table printed last.
 #![allow(dead_code)]
 
+pub mod codes;
+pub mod heads;
+
 use std::sync::Mutex;
 use std::time::Duration;
 

@@ -1,0 +1,226 @@
+//! The heads as the benches run them: one training step (forward +
+//! backward) of the full margin softmax, Partial FC or the GIF code head at
+//! (N, B, d), the analytical multiply-adds and weights of each, and the peak
+//! extra memory of a step (the device's allocation meter on a GPU, a
+//! counting global allocator on the CPU).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use gif_fr::head::{CodeHead, CodeHeadConfig, CodeTable, PartialFc, SoftmaxHead, SoftmaxHeadConfig};
+use gif_fr::{DType, Device, DeviceKind, Result, Tensor};
+use rayon::prelude::*;
+
+struct Counting;
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// A head of the study.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Kind {
+    /// The fused full margin softmax.
+    Full,
+    /// Partial FC with this sample rate.
+    Pfc(f32),
+    /// The GIF code head (v = 16), with or without per-position projections.
+    Code { projection: bool },
+}
+
+pub use super::codes::V;
+
+impl Kind {
+    pub fn name(self) -> String {
+        match self {
+            Kind::Full => "full softmax".into(),
+            Kind::Pfc(r) => format!("partial fc r={r}"),
+            Kind::Code { projection: false } => "code head".into(),
+            Kind::Code { projection: true } => "code head + proj".into(),
+        }
+    }
+
+    /// Multiply-adds of one step (forward + backward, the textbook count:
+    /// three products of the logits' size).
+    pub fn macs(self, n: usize, b: usize, d: usize) -> f64 {
+        let (n, b, d) = (n as f64, b as f64, d as f64);
+        match self {
+            Kind::Full => 3.0 * b * n * d,
+            Kind::Pfc(r) => 3.0 * b * (r as f64 * n).ceil().max(b.min(n)) * d,
+            Kind::Code { projection } => {
+                let l = gif_fr::tokenizer::min_length(V, n as usize) as f64;
+                l * (3.0 * b * V as f64 * d + if projection { 3.0 * b * d * d } else { 0.0 })
+            }
+        }
+    }
+
+    /// Trainable weights.
+    pub fn weights(self, n: usize, d: usize) -> usize {
+        match self {
+            Kind::Full | Kind::Pfc(_) => n * d,
+            Kind::Code { projection } => {
+                let l = gif_fr::tokenizer::min_length(V, n);
+                l * (V * d + if projection { d * d } else { 0 })
+            }
+        }
+    }
+}
+
+/// `n` values uniform in [−a, a), fast and in parallel (benchmark weights:
+/// their values only need to be generic).
+pub fn fill(n: usize, a: f32, seed: u64) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
+        let mut s = seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        for x in chunk {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            *x = ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a;
+        }
+    });
+    v
+}
+
+/// One step of `kind` at (n, b, d) on `dev`, ready to run repeatedly.
+pub type Step = Box<dyn FnMut() -> Result<()>>;
+
+/// Code vectors are stored while the table is at most this large (else γ = 0).
+pub const TABLE_LIMIT: usize = 512 << 20;
+
+/// Builds `kind` at (n, b, d): weights, a batch of features and labels.
+pub fn prepare(dev: &Device, kind: Kind, n: usize, b: usize, d: usize) -> Result<Step> {
+    let x = Tensor::from_slice(dev, &[b, d], &fill(b * d, 1.0, 7))?;
+    let labels: Vec<u32> = (0..b as u64).map(|i| ((i.wrapping_mul(0x9E37_79B9) >> 3) % n as u64) as u32).collect();
+    match kind {
+        Kind::Full | Kind::Pfc(_) => {
+            let w = Tensor::from_slice(dev, &[n, d], &fill(n * d, 1.0 / (d as f32).sqrt(), 3))?;
+            let head = SoftmaxHead::from_weights(SoftmaxHeadConfig::new(d, n), w)?;
+            if let Kind::Pfc(r) = kind {
+                let pfc = PartialFc::new(head, r, 11)?;
+                let mut step = 0u64;
+                Ok(Box::new(move || {
+                    step += 1;
+                    pfc.forward_backward(&x, &labels, step).map(drop)
+                }))
+            } else {
+                Ok(Box::new(move || head.forward_backward(&x, &labels).map(drop)))
+            }
+        }
+        Kind::Code { projection } => {
+            let l = gif_fr::tokenizer::min_length(V, n);
+            let codes: Vec<u16> = (0..n).flat_map(|i| (0..l).map(move |j| ((i >> (4 * j)) & 15) as u16)).collect();
+            let with_table = n * d * 4 <= TABLE_LIMIT;
+            let values = if with_table { fill(n * d, 0.05, 5) } else { Vec::new() };
+            let table = CodeTable::new(dev, codes, l, V, with_table.then_some((&values[..], d, DType::F32)))?;
+            drop(values);
+            let cfg = CodeHeadConfig {
+                gamma: if with_table { 1.0 } else { 0.0 },
+                projection: projection.then_some(d),
+                ..CodeHeadConfig::new(d, l, V)
+            };
+            let head = CodeHead::new(cfg, dev, 1)?;
+            Ok(Box::new(move || head.forward_backward(&x, &labels, &table).map(drop)))
+        }
+    }
+}
+
+/// Peak bytes allocated beyond what was held before, over one call of `step`.
+pub fn peak_extra(dev: &Device, step: &mut Step) -> Result<usize> {
+    if dev.kind() == DeviceKind::Cpu {
+        PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
+        let before = CURRENT.load(Ordering::Relaxed);
+        step()?;
+        Ok(PEAK.load(Ordering::Relaxed) - before)
+    } else {
+        dev.synchronize()?;
+        dev.reset_peak_memory();
+        let before = dev.memory_stats().map_or(0, |m| m.current);
+        step()?;
+        dev.synchronize()?;
+        Ok(dev.memory_stats().map_or(0, |m| m.peak) - before)
+    }
+}
+
+/// One measured point of a sweep.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    pub device: String,
+    pub kind: Kind,
+    pub n: usize,
+    pub b: usize,
+    pub d: usize,
+    /// Mean seconds per step.
+    pub seconds: f64,
+    /// Peak extra bytes of a step (including the gradients it returns).
+    pub peak: usize,
+}
+
+/// A step slower than this (the first, untimed one) is timed over 2 steps
+/// without criterion, so that a CPU sweep to N = 2M stays within minutes.
+pub const SLOW: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Times every `kind` at every N (criterion group `group/<device>`), one head
+/// alive at a time, and measures each one's peak extra memory.
+pub fn sweep(
+    c: &mut criterion::Criterion,
+    group: &str,
+    dev: &Device,
+    kinds: &[Kind],
+    ns: &[usize],
+    b: usize,
+    d: usize,
+) -> Vec<Measured> {
+    let label = super::label(dev);
+    let mut out = Vec::new();
+    let mut g = c.benchmark_group(format!("{group}/{label}"));
+    for &n in ns {
+        for &kind in kinds {
+            let mut step = match prepare(dev, kind, n, b, d) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{} at N = {n} on {label}: skipped ({e})", kind.name());
+                    continue;
+                }
+            };
+            let t0 = std::time::Instant::now();
+            step().unwrap_or_else(|e| panic!("{} N = {n}: {e}", kind.name()));
+            let first = t0.elapsed();
+            let peak = peak_extra(dev, &mut step).expect("step");
+            let case = format!("{} N={n} B={b}", kind.name());
+            let flops = 2.0 * kind.macs(n, b, d);
+            if first > SLOW {
+                // Criterion would take 11+ steps: time 2 more directly.
+                println!("{case} on {label}: {:.1} s per step, timed over 2 steps outside criterion", first.as_secs_f64());
+                super::timed(dev, &case, 0.0, flops, 2, &mut step);
+            } else {
+                g.bench_function(criterion::BenchmarkId::new(kind.name(), n), |bch| {
+                    bch.iter_custom(|iters| super::timed(dev, &case, 0.0, flops, iters, &mut step))
+                });
+            }
+            let seconds = super::mean_seconds(&case, &label).unwrap_or(f64::NAN);
+            out.push(Measured { device: label.clone(), kind, n, b, d, seconds, peak });
+        }
+    }
+    g.finish();
+    out
+}
+
+/// Mebibytes.
+pub fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
