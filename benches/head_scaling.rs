@@ -21,7 +21,7 @@ mod common;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use common::heads::{fill, mib, sweep, Kind, Measured, V};
+use common::heads::{bench_or_time, fill, mib, sweep, Kind, Measured, V};
 use gif_fr::decode::{Mode, PrefixDecoder};
 use gif_fr::head::{CodeHead, CodeHeadConfig, SoftmaxHead, SoftmaxHeadConfig};
 use gif_fr::{Device, DeviceKind, Tensor};
@@ -114,6 +114,7 @@ fn main() {
     let mut ident = Vec::new();
     {
         let mut g = c.benchmark_group(format!("identify/{label}"));
+        g.sampling_mode(criterion::SamplingMode::Flat);
         for &n in &ns {
             let book = common::codes::codebook(n);
             let l = book.length();
@@ -127,11 +128,8 @@ fn main() {
                 drop(head.log_probs(&x)?);
                 dec.top_k(&lp, 5, Mode::Exact, None).map(drop)
             };
-            gif().expect("gif identify");
             let case = format!("gif identify N={n} B={qb}");
-            g.bench_function(criterion::BenchmarkId::new("gif", n), |bch| {
-                bch.iter_custom(|iters| common::timed(&dev, &case, 0.0, 0.0, iters, &mut gif))
-            });
+            bench_or_time(&mut g, &dev, "gif", n, &case, 0.0, &mut gif);
             let gif_s = common::mean_seconds(&case, &label).unwrap_or(f64::NAN);
             drop((dec, head));
             let w = match Tensor::from_slice(&dev, &[n, D], &fill(n * D, 0.05, 4)) {
@@ -144,11 +142,8 @@ fn main() {
             };
             let full = SoftmaxHead::from_weights(SoftmaxHeadConfig::new(D, n), w).expect("full head");
             let mut topk = || full.top_k(&x, 5).map(drop);
-            topk().expect("top-k");
             let case = format!("full top-5 N={n} B={qb}");
-            g.bench_function(criterion::BenchmarkId::new("full-topk", n), |bch| {
-                bch.iter_custom(|iters| common::timed(&dev, &case, 0.0, 2.0 * (qb * n * D) as f64, iters, &mut topk))
-            });
+            bench_or_time(&mut g, &dev, "full-topk", n, &case, 2.0 * (qb * n * D) as f64, &mut topk);
             ident.push((n, l, gif_s, common::mean_seconds(&case, &label).unwrap_or(f64::NAN)));
         }
         g.finish();

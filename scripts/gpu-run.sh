@@ -71,13 +71,24 @@ done
 echo >> "$summary"
 
 if [ "$mode" = "all" ]; then
+  # The scaling study runs in its quick mode and writes its CSV and plot here.
+  export GIF_FR_SCALING_QUICK=1 GIF_FR_SCALING_OUT="$out/scaling"
   for b in "$here"/benches/*; do
     name=$(basename "$b")
-    CRITERION_HOME="$out/criterion" timeout 150 "$b" --bench --warm-up-time 0.3 --measurement-time 1 \
+    limit=150
+    [ "$name" = head_scaling ] && limit=240
+    CRITERION_HOME="$out/criterion" timeout $limit "$b" --bench --warm-up-time 0.3 --measurement-time 1 \
       > "$out/bench-$name.log" 2>&1 || echo "bench $name exited with $?" >> "$summary"
     sed -n '/^### /,$p' "$out/bench-$name.log" >> "$summary"
     echo >> "$summary"
   done
+  # PyTorch at the O(N) heads' shapes (benches/torch_heads.py), same machine.
+  if [ -f "$bundle/torch_heads.py" ]; then
+    timeout 150 python3 "$bundle/torch_heads.py" --quick --csv "$out/scaling/torch_heads.csv" \
+      > "$out/torch_heads.log" 2>&1 || echo "torch_heads.py exited with $?" >> "$summary"
+    sed -n '/^### /,$p' "$out/torch_heads.log" >> "$summary"
+    echo >> "$summary"
+  fi
 fi
 
 if [ -f "$summary.failures" ]; then
@@ -88,6 +99,9 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "$summary" "$OUT/summary$( [ "$mode" = all ] || echo "${mode#--}" | sed 's/^/-/').md"
   tar czf "$OUT/logs$( [ "$mode" = all ] || echo "${mode#--}" | sed 's/^/-/').tar.gz" -C "$out" --exclude criterion .
+  for f in results.csv identify.csv time_vs_n.svg torch_heads.csv; do
+    [ -f "$out/scaling/$f" ] && cp "$out/scaling/$f" "$OUT/scaling-$f"
+  done
 fi
 cat "$summary"
 [ "$total_failed" -eq 0 ]

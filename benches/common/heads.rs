@@ -172,7 +172,33 @@ pub struct Measured {
 
 /// A step slower than this (the first, untimed one) is timed over 2 steps
 /// without criterion, so that a CPU sweep to N = 2M stays within minutes.
-pub const SLOW: std::time::Duration = std::time::Duration::from_millis(1500);
+pub const SLOW: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Runs `f` once (warm-up); then criterion times it as `id`/`n` and records
+/// it as `case`, or, when that first call took longer than [`SLOW`], it is
+/// timed over 2 more calls outside criterion (said in the output).
+pub fn bench_or_time(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    dev: &Device,
+    id: &str,
+    n: usize,
+    case: &str,
+    flops: f64,
+    f: &mut dyn FnMut() -> Result<()>,
+) {
+    let t0 = std::time::Instant::now();
+    f().unwrap_or_else(|e| panic!("{case}: {e}"));
+    dev.synchronize().expect("synchronize");
+    let first = t0.elapsed();
+    if first > SLOW {
+        println!("{case}: {:.2} s per call, timed over 2 calls outside criterion", first.as_secs_f64());
+        super::timed(dev, case, 0.0, flops, 2, f);
+    } else {
+        g.bench_function(criterion::BenchmarkId::new(id, n), |bch| {
+            bch.iter_custom(|iters| super::timed(dev, case, 0.0, flops, iters, &mut *f))
+        });
+    }
+}
 
 /// Times every `kind` at every N (criterion group `group/<device>`), one head
 /// alive at a time, and measures each one's peak extra memory.
@@ -188,6 +214,9 @@ pub fn sweep(
     let label = super::label(dev);
     let mut out = Vec::new();
     let mut g = c.benchmark_group(format!("{group}/{label}"));
+    // Flat sampling: 10 samples of equal iteration counts (linear sampling
+    // would run at least 55 iterations of a slow step).
+    g.sampling_mode(criterion::SamplingMode::Flat);
     for &n in ns {
         for &kind in kinds {
             let mut step = match prepare(dev, kind, n, b, d) {
@@ -197,21 +226,10 @@ pub fn sweep(
                     continue;
                 }
             };
-            let t0 = std::time::Instant::now();
-            step().unwrap_or_else(|e| panic!("{} N = {n}: {e}", kind.name()));
-            let first = t0.elapsed();
             let peak = peak_extra(dev, &mut step).expect("step");
             let case = format!("{} N={n} B={b}", kind.name());
             let flops = 2.0 * kind.macs(n, b, d);
-            if first > SLOW {
-                // Criterion would take 11+ steps: time 2 more directly.
-                println!("{case} on {label}: {:.1} s per step, timed over 2 steps outside criterion", first.as_secs_f64());
-                super::timed(dev, &case, 0.0, flops, 2, &mut step);
-            } else {
-                g.bench_function(criterion::BenchmarkId::new(kind.name(), n), |bch| {
-                    bch.iter_custom(|iters| super::timed(dev, &case, 0.0, flops, iters, &mut step))
-                });
-            }
+            bench_or_time(&mut g, dev, &kind.name(), n, &case, flops, &mut step);
             let seconds = super::mean_seconds(&case, &label).unwrap_or(f64::NAN);
             out.push(Measured { device: label.clone(), kind, n, b, d, seconds, peak });
         }
