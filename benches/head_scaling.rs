@@ -70,7 +70,8 @@ fn plot(path: &PathBuf, rows: &[Measured], kinds: &[Kind], title: &str) -> Resul
     chart.configure_mesh().x_desc("identities N").y_desc("forward + backward, ms").draw()?;
     let colors = [RED, BLUE, GREEN, MAGENTA, BLACK];
     for (i, &kind) in kinds.iter().enumerate() {
-        let pts: Vec<(f64, f64)> = ok.iter().filter(|r| r.kind == kind).map(|r| (r.n as f64, r.seconds * 1e3)).collect();
+        let pts: Vec<(f64, f64)> =
+            ok.iter().filter(|r| r.kind == kind).map(|r| (r.n as f64, r.seconds * 1e3)).collect();
         let color = colors[i % colors.len()];
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?

@@ -21,7 +21,8 @@ const D: usize = 512;
 fn cublas_three(dev: &Device, n: usize, b: usize) -> Option<f64> {
     let t = |shape: &[usize]| Tensor::from_slice(dev, shape, &common::heads::fill(shape.iter().product(), 0.1, 1)).ok();
     let (u, w, mut g) = (t(&[b, D])?, t(&[n, D])?, t(&[b, n])?);
-    let (mut du, mut dw) = (Tensor::empty(dev, &[b, D], DType::F32).ok()?, Tensor::empty(dev, &[n, D], DType::F32).ok()?);
+    let (mut du, mut dw) =
+        (Tensor::empty(dev, &[b, D], DType::F32).ok()?, Tensor::empty(dev, &[n, D], DType::F32).ok()?);
     let mut run = || -> gif_fr::Result<()> {
         cublas_gemm(1.0, &u, Op::N, &w, Op::T, 0.0, &mut g)?;
         cublas_gemm(1.0, &g, Op::N, &w, Op::N, 0.0, &mut du)?;

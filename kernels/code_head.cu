@@ -27,8 +27,6 @@
 //   written to dx (the first term of the feature gradient). A null table
 //   (γ = 0) writes zeros.
 //
-// axpy_f32: y += a·x (n values; grid-stride): gradient sums and SGD steps.
-//
 // Costs per step and position: B·d_p·(2 v + 4) FLOP and B·(d_p·3 + 2 v)·4
 // bytes plus the centres (v·d_p·4, from L2 after the first block).
 #include "margin.cuh"
@@ -184,5 +182,4 @@ extern "C" __global__ void __launch_bounds__(256) code_regression_f32_f32(const 
 extern "C" __global__ void __launch_bounds__(256) code_regression_f32_bf16(const float* x, const int* labels, const bf16* table, int b, int d, float gamma_over_b, float* dx, float* loss) { code_regression<float, bf16>(x, labels, table, b, d, gamma_over_b, dx, loss); }
 extern "C" __global__ void __launch_bounds__(256) code_regression_bf16_f32(const bf16* x, const int* labels, const float* table, int b, int d, float gamma_over_b, float* dx, float* loss) { code_regression<bf16, float>(x, labels, table, b, d, gamma_over_b, dx, loss); }
 extern "C" __global__ void __launch_bounds__(256) code_regression_bf16_bf16(const bf16* x, const int* labels, const bf16* table, int b, int d, float gamma_over_b, float* dx, float* loss) { code_regression<bf16, bf16>(x, labels, table, b, d, gamma_over_b, dx, loss); }
-extern "C" __global__ void __launch_bounds__(256) axpy_f32(float* y, const float* x, long long n, float a) { for (long long i = blockIdx.x * 256ll + threadIdx.x; i < n; i += 256ll * gridDim.x) y[i] += a * x[i]; }
 // clang-format on

@@ -164,4 +164,8 @@ extern "C" __global__ void __launch_bounds__(kBlock) l2norm_bwd_bf16_b(const bf1
 extern "C" __global__ void __launch_bounds__(kBlock) softmax_bf16_b(const bf16* x, bf16* y, int rows, int cols) { softmax_fwd<bf16, 256, false>(x, y, rows, cols); }
 extern "C" __global__ void __launch_bounds__(kBlock) log_softmax_bf16_b(const bf16* x, bf16* y, int rows, int cols) { softmax_fwd<bf16, 256, true>(x, y, rows, cols); }
 extern "C" __global__ void __launch_bounds__(kBlock) row_sum_bf16_b(const bf16* x, float* out, int rows, int cols) { row_sum<bf16, 256>(x, out, rows, cols); }
+// widen_<T>: y = float(x), n elements (grid-stride; f32: a copy); Tensor::to_f32.
+extern "C" __global__ void __launch_bounds__(256) widen_bf16(const bf16* x, float* y, long long n) { for (long long i = blockIdx.x * 256ll + threadIdx.x; i < n; i += 256ll * gridDim.x) y[i] = to_float(x[i]); }
+extern "C" __global__ void __launch_bounds__(256) widen_f32(const float* x, float* y, long long n) { for (long long i = blockIdx.x * 256ll + threadIdx.x; i < n; i += 256ll * gridDim.x) y[i] = x[i]; }
+extern "C" __global__ void __launch_bounds__(256) widen_f16(const f16* x, float* y, long long n) { for (long long i = blockIdx.x * 256ll + threadIdx.x; i < n; i += 256ll * gridDim.x) y[i] = to_float(x[i]); }
 // clang-format on

@@ -271,6 +271,27 @@ impl Tensor {
         })
     }
 
+    /// This tensor's values as f32, on its device (a copy; converted by a
+    /// kernel on a GPU backend, without a trip through the host).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        if self.device.kind() == DeviceKind::Cpu {
+            let v = self.host_f32()?.into_owned();
+            return Ok(Tensor::from_host(&self.device, self.shape.clone(), HostData::F32(v)));
+        }
+        let out = Tensor::empty(&self.device, &self.shape, DType::F32)?;
+        let n = self.numel();
+        if n > 0 {
+            let name = format!("widen_{}", self.dtype.kernel_suffix());
+            self.device.launch(
+                crate::kernels::ModuleId::Rowwise,
+                crate::kernels::find(crate::kernels::ModuleId::Rowwise, &name)?,
+                crate::device::LaunchConfig::linear(n.div_ceil(256).min(65535) as u32, 256, 0),
+                &[self.arg(), out.arg(), crate::device::Arg::I64(n as i64)],
+            )?;
+        }
+        Ok(out)
+    }
+
     /// A copy on `device`.
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         let host = self.host_data()?;

@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use gif_fr::head::code_head::cpu;
 use gif_fr::head::{CodeHead, CodeHeadConfig, CodeTable, Margin, MarginGrad};
-use gif_fr::tokenizer::{self, Config, Input};
 use gif_fr::{DType, Device, Error, Tensor};
 use rand::Rng;
 
@@ -119,8 +118,16 @@ fn straight_through_gradient_is_s_times_p_minus_onehot() {
     }
 }
 
-fn tensors(dev: &Device, xs: &[Vec<f32>], shape: &[usize]) -> Vec<Tensor> {
-    xs.iter().map(|x| Tensor::from_slice(dev, shape, x).unwrap()).collect()
+fn tensors(dev: &Device, xs: &[Vec<f32>], shape: &[usize], dtype: DType) -> Vec<Tensor> {
+    xs.iter().map(|x| Tensor::from_f32(dev, shape, x, dtype).unwrap()).collect()
+}
+
+/// Values as the weights' dtype stores them.
+fn stored(v: Vec<f32>, dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::BF16 => v.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect(),
+        _ => v,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -137,25 +144,29 @@ fn compare(cfg: &CodeHeadConfig, b: usize, n: usize, fdtype: DType, tdtype: DTyp
         DType::BF16 => vecs.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect(),
         _ => vecs.clone(),
     };
-    let centres: Vec<Vec<f32>> = (0..l).map(|_| uniform(&mut rng, v * dp, -1.0, 1.0)).collect();
+    let wt = cfg.weight_dtype;
+    let centres: Vec<Vec<f32>> = (0..l).map(|_| stored(uniform(&mut rng, v * dp, -1.0, 1.0), wt)).collect();
     let projs: Option<Vec<Vec<f32>>> =
-        cfg.projection.map(|_| (0..l).map(|_| uniform(&mut rng, dp * d, -0.3, 0.3)).collect());
+        cfg.projection.map(|_| (0..l).map(|_| stored(uniform(&mut rng, dp * d, -0.3, 0.3), wt)).collect());
     let labels: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
     let table = codes(n, l, v);
     let (want, g) =
         cpu::forward_backward(cfg, &xr, &labels, &table, Some(&rows(&vr, &labels, d)), &centres, projs.as_deref());
-    for dev in gpu_devices() {
+    // The CPU device runs the f32 CPU path; the others the kernels.
+    let mut devices = vec![Device::cpu()];
+    devices.extend(gpu_devices());
+    for dev in devices {
         let head = CodeHead::from_weights(
             cfg.clone(),
-            tensors(&dev, &centres, &[v, dp]),
-            projs.as_ref().map(|p| tensors(&dev, p, &[dp, d])),
+            tensors(&dev, &centres, &[v, dp], wt),
+            projs.as_ref().map(|p| tensors(&dev, p, &[dp, d], wt)),
         )
         .unwrap();
         let tab = CodeTable::new(&dev, table.clone(), l, v, Some((&vecs, d, tdtype))).unwrap();
         let xt = Tensor::from_f32(&dev, &[b, d], &x, fdtype).unwrap();
         let (got, gg) = head.forward_backward(&xt, &labels, &tab).unwrap();
         let what = format!(
-            "{dev} {:?} proj {:?} {:?} v {v} {fdtype:?}/{tdtype:?}",
+            "{dev} {:?} proj {:?} {:?} v {v} {fdtype:?}/{tdtype:?} weights {wt:?}",
             cfg.margin, cfg.projection, cfg.margin_grad
         );
         let tol = |a: f64, w: f64| (a - w).abs() <= 1e-4 + 1e-4 * w.abs();
@@ -207,6 +218,41 @@ fn kernels_take_bf16_features_and_code_vectors() {
 }
 
 #[test]
+fn bf16_weights_with_projections_and_bf16_features() {
+    let cfg = CodeHeadConfig { weight_dtype: DType::BF16, ..config(40, 3, 16, Some(24), Margin::ArcFace(0.5), 16.0) };
+    compare(&cfg, 37, 50, DType::BF16, DType::F32, 54);
+    compare(&cfg, 37, 50, DType::F32, DType::BF16, 55);
+    let cfg = CodeHeadConfig { weight_dtype: DType::BF16, ..config(33, 2, 8, None, Margin::CosFace(0.4), 32.0) };
+    compare(&cfg, 21, 40, DType::F32, DType::F32, 56);
+}
+
+#[test]
+fn bf16_weights_train_with_sgd() {
+    // The SGD step rounds bf16 weights to nearest even; the loss still falls.
+    for dev in [Device::cpu(), Device::sim()] {
+        let cfg = CodeHeadConfig {
+            weight_dtype: DType::BF16,
+            gamma: 0.0,
+            ..config(16, 2, 8, Some(16), Margin::CosFace(0.2), 16.0)
+        };
+        let mut head = CodeHead::new(cfg, &dev, 3).unwrap();
+        assert_eq!(head.centres()[0].dtype(), DType::BF16);
+        let mut r = rng(57);
+        let x = Tensor::from_slice(&dev, &[32, 16], &uniform(&mut r, 32 * 16, -1.0, 1.0)).unwrap();
+        let labels: Vec<u32> = (0..32).map(|i| i % 20).collect();
+        let table = CodeTable::new(&dev, codes(20, 2, 8), 2, 8, None).unwrap();
+        let first = head.forward_backward(&x, &labels, &table).unwrap().0.total;
+        for _ in 0..20 {
+            let (_, g) = head.forward_backward(&x, &labels, &table).unwrap();
+            head.sgd_step(&g, 0.5).unwrap();
+        }
+        let last = head.forward_backward(&x, &labels, &table).unwrap().0.total;
+        assert!(last < 0.7 * first, "{dev}: {first} -> {last}");
+        assert_eq!(head.centres()[0].dtype(), DType::BF16);
+    }
+}
+
+#[test]
 fn kernels_handle_a_vocabulary_of_1000() {
     let cfg = config(16, 2, 1000, None, Margin::ArcFace(0.5), 30.0);
     compare(&cfg, 5, 2000, DType::F32, DType::F32, 53);
@@ -229,8 +275,8 @@ fn log_probs_match_the_reference_and_normalize() {
         for dev in devs {
             let head = CodeHead::from_weights(
                 cfg.clone(),
-                tensors(&dev, &centres, &[v, dp]),
-                projs.as_ref().map(|p| tensors(&dev, p, &[dp, d])),
+                tensors(&dev, &centres, &[v, dp], DType::F32),
+                projs.as_ref().map(|p| tensors(&dev, p, &[dp, d], DType::F32)),
             )
             .unwrap();
             let lp = head.log_probs(&Tensor::from_slice(&dev, &[b, d], &x).unwrap()).unwrap();
@@ -246,16 +292,45 @@ fn log_probs_match_the_reference_and_normalize() {
 }
 
 #[test]
-#[ignore = "fails: held-out identity accuracy is about 0.1, not >= 0.95; a linear head on fixed features cannot decode code positions >= 1, whose tokens are arbitrary across parent nodes (docs/code_head.md, issue 5 note)"]
 fn head_learns_long_tailed_identities_including_the_rare_ones() {
-    // 2,000 identities on the sphere (d = 256); identity i has
-    // max(1, floor(40 / (i + 1)^0.8)) training samples (a power law); one
-    // held-out sample each. Codes from the tokenizer (v = 16, l = 3).
-    let (n, d) = (2000usize, 512usize);
+    // 2,000 identities with distinct random codes (v = 16, l = 3) whose
+    // feature clusters on the sphere carry their codes: identity i's mean is
+    // normalize(Σ_j E_j[t_ij] + 0.5·r_i) with random unit token directions
+    // E_j[k] and a random unit r_i of its own, the layout GIF's training
+    // drives features to (each position linearly decodable). Fixed,
+    // tokenizer-made codes on unstructured clusters are not linearly
+    // decodable past position 0 (a linear head reaches about 10%; see
+    // docs/code_head.md), so they cannot test the head alone.
+    // Identity i has max(1, floor(40 / (i + 1)^0.8)) training samples (a
+    // power law), 2,185 in all; held out: one sample each. Samples are the
+    // mean plus uniform noise in ±0.18 per coordinate (norm about 2.3, so
+    // per-position errors are real: 96.5% held-out identity accuracy, 98.5%
+    // on the rarest tenth, measured 2026-11-28), renormalized.
+    let (n, d, l, v) = (2000usize, 512usize, 3usize, 16usize);
     let mut rng = rng(55);
-    let means = unit_rows(&mut rng, n, d);
+    let mut codes: Vec<u16> = Vec::with_capacity(n * l);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < n {
+        let c: Vec<u16> = (0..l).map(|_| rng.random_range(0..v as u16)).collect();
+        if seen.insert(c.clone()) {
+            codes.extend(c);
+        }
+    }
+    let tokens: Vec<Vec<f32>> = (0..l).map(|_| unit_rows(&mut rng, v, d)).collect();
+    let own = unit_rows(&mut rng, n, d);
+    let mut means = vec![0f32; n * d];
+    for i in 0..n {
+        let m = &mut means[i * d..(i + 1) * d];
+        for (j, e) in tokens.iter().enumerate() {
+            let t = codes[i * l + j] as usize;
+            m.iter_mut().zip(&e[t * d..(t + 1) * d]).for_each(|(a, b)| *a += b);
+        }
+        m.iter_mut().zip(&own[i * d..(i + 1) * d]).for_each(|(a, b)| *a += 0.5 * b);
+        let s = m.iter().map(|a| a * a).sum::<f32>().sqrt();
+        m.iter_mut().for_each(|a| *a /= s);
+    }
     let sample = |rng: &mut rand::rngs::StdRng, i: usize| -> Vec<f32> {
-        let mut x: Vec<f32> = means[i * d..(i + 1) * d].iter().map(|&m| m + rng.random_range(-0.06f32..0.06)).collect();
+        let mut x: Vec<f32> = means[i * d..(i + 1) * d].iter().map(|&m| m + rng.random_range(-0.18f32..0.18)).collect();
         let s = x.iter().map(|a| a * a).sum::<f32>().sqrt();
         x.iter_mut().for_each(|a| *a /= s);
         x
@@ -270,40 +345,28 @@ fn head_learns_long_tailed_identities_including_the_rare_ones() {
     }
     let test_x: Vec<f32> = (0..n).flat_map(|i| sample(&mut rng, i)).collect();
     let cpu = Device::cpu();
-    let book = tokenizer::tokenize(
-        Input::Vectors { data: means.clone(), dim: d },
-        &Config { vocab: 16, seed: 1, steps: Some(0), ..Config::default() },
-        &cpu,
-    )
-    .unwrap();
-    let table = CodeTable::from_codebook(&cpu, &book, DType::F32).unwrap();
-    let cfg = CodeHeadConfig {
-        margin: Margin::CosFace(0.2),
-        scale: SCALE,
-        gamma: 0.0,
-        ..CodeHeadConfig::new(d, book.length(), 16)
-    };
-    let mut head = CodeHead::new(cfg, &cpu, 2).unwrap();
-    let m = train_y.len();
+    // The code vectors are the identity means (γ > 0 exercises L_AR too).
+    let table = CodeTable::new(&cpu, codes.clone(), l, v, Some((&means, d, DType::F32))).unwrap();
     const LR: f32 = 2.0;
     const SCALE: f32 = 32.0;
+    let cfg = CodeHeadConfig { margin: Margin::CosFace(0.2), scale: SCALE, gamma: 0.5, ..CodeHeadConfig::new(d, l, v) };
+    let mut head = CodeHead::new(cfg, &cpu, 2).unwrap();
+    let m = train_y.len();
     let bsz = 256;
     for step in 0..300 {
         let idx: Vec<usize> = (0..bsz).map(|_| rng.random_range(0..m)).collect();
         let xb: Vec<f32> = idx.iter().flat_map(|&i| train_x[i * d..(i + 1) * d].to_vec()).collect();
         let yb: Vec<u32> = idx.iter().map(|&i| train_y[i]).collect();
-        let (_, g) = head.forward_backward(&Tensor::from_slice(&cpu, &[bsz, d], &xb).unwrap(), &yb, &table).unwrap();
+        let (loss, g) = head.forward_backward(&Tensor::from_slice(&cpu, &[bsz, d], &xb).unwrap(), &yb, &table).unwrap();
         let lr = if step < 200 { LR } else { LR / 4.0 };
         head.sgd_step(&g, lr).unwrap();
         head.renormalize_centres().unwrap();
         if step % 50 == 0 {
-            let (loss, _) =
-                head.forward_backward(&Tensor::from_slice(&cpu, &[bsz, d], &xb).unwrap(), &yb, &table).unwrap();
             println!("step {step}: loss {:?} acc {:?}", loss.per_position, loss.accuracy);
         }
     }
     let lp = head.log_probs(&Tensor::from_slice(&cpu, &[n, d], &test_x).unwrap()).unwrap().to_vec::<f32>().unwrap();
-    let (l, v) = (book.length(), 16);
+    let by_code: std::collections::HashMap<&[u16], usize> = (0..n).map(|i| (&codes[i * l..(i + 1) * l], i)).collect();
     let decoded: Vec<Option<usize>> = (0..n)
         .map(|i| {
             let code: Vec<u16> = (0..l)
@@ -312,7 +375,7 @@ fn head_learns_long_tailed_identities_including_the_rare_ones() {
                     (0..v).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u16
                 })
                 .collect();
-            book.identity_of(&code)
+            by_code.get(&code[..]).copied()
         })
         .collect();
     let acc = |ids: &[usize]| ids.iter().filter(|&&i| decoded[i] == Some(i)).count() as f64 / ids.len() as f64;
@@ -321,7 +384,7 @@ fn head_learns_long_tailed_identities_including_the_rare_ones() {
     by_count.sort_by_key(|&i| (counts[i], i));
     let rare = &by_count[..n / 10];
     let (a_all, a_rare) = (acc(&all), acc(rare));
-    println!("held-out identity accuracy {a_all:.4}, rarest tenth {a_rare:.4} ({} training samples)", m);
+    println!("held-out identity accuracy {a_all:.4}, rarest tenth {a_rare:.4} ({m} training samples)");
     assert!(a_all >= 0.95, "held-out identity accuracy {a_all}");
     assert!(a_rare >= 0.90, "rarest tenth {a_rare}");
 }

@@ -238,3 +238,21 @@ proptest::proptest! {
         assert_close("l2 norm", &nt.to_vec::<f32>().unwrap(), &n, 1e-6, 1e-5);
     }
 }
+
+#[test]
+fn to_f32_widens_on_the_device() {
+    let mut r = rng(77);
+    let v = uniform(&mut r, 1000, -3.0, 3.0);
+    let mut devices = vec![Device::cpu()];
+    devices.extend(gpu_devices());
+    for dev in devices {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let t = Tensor::from_f32(&dev, &[40, 25], &v, dtype).unwrap();
+            let w = t.to_f32().unwrap();
+            assert_eq!(w.dtype(), DType::F32);
+            assert_eq!(w.shape(), &[40, 25]);
+            assert_eq!(w.device(), &dev);
+            assert_eq!(w.to_vec::<f32>().unwrap(), t.to_f32_vec().unwrap(), "{dev} {dtype:?}");
+        }
+    }
+}

@@ -37,4 +37,3 @@ pub fn queries(book: &Codebook, b: usize, seed: u64) -> Vec<f32> {
     }
     out
 }
-

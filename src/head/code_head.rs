@@ -18,6 +18,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::margin::{margin_ce_row, Margin, MarginGrad};
+use super::softmax_head::rows_axpy;
 use crate::device::{Arg, Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::gemm::{self, Op};
@@ -52,6 +53,9 @@ pub struct CodeHeadConfig {
     pub gamma: f32,
     /// Exact or straight-through margin gradient.
     pub margin_grad: MarginGrad,
+    /// Storage of the centres and projections: f32 (default) or bf16 (math
+    /// in f32 either way; gradients are f32).
+    pub weight_dtype: DType,
 }
 
 impl CodeHeadConfig {
@@ -67,6 +71,7 @@ impl CodeHeadConfig {
             lambdas: None,
             gamma: 1.0,
             margin_grad: MarginGrad::Exact,
+            weight_dtype: DType::F32,
         }
     }
     /// d_p: the projection's output size, or d without projection.
@@ -91,6 +96,9 @@ impl CodeHeadConfig {
             if l.len() != self.length || l.iter().any(|x| !x.is_finite()) {
                 return Err(Error::invalid(OP, format!("lambdas must be {} finite values", self.length)));
             }
+        }
+        if !matches!(self.weight_dtype, DType::F32 | DType::BF16) {
+            return Err(Error::invalid(OP, format!("weights must be f32 or bf16, got {:?}", self.weight_dtype)));
         }
         if !(self.scale.is_finite() && self.scale > 0.0 && self.gamma.is_finite()) {
             return Err(Error::invalid(OP, "scale must be finite and positive, gamma finite"));
@@ -203,8 +211,8 @@ pub struct CodeHead {
 
 impl CodeHead {
     /// A head with seeded random centres (normal with variance 1/d_p, rows
-    /// of norm about 1) and projections (normal with variance 1/d), on
-    /// `device`.
+    /// of norm about 1) and projections (normal with variance 1/d), stored as
+    /// `cfg.weight_dtype` on `device`.
     pub fn new(cfg: CodeHeadConfig, device: &Device, seed: u64) -> Result<CodeHead> {
         cfg.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -214,12 +222,14 @@ impl CodeHead {
         };
         // Rows of norm about 1, so that an SGD step moves directions by about lr·‖g‖.
         let centres = (0..cfg.length)
-            .map(|_| Tensor::from_slice(device, &[v, dp], &normal(v * dp, 1.0 / (dp as f32).sqrt())))
+            .map(|_| Tensor::from_f32(device, &[v, dp], &normal(v * dp, 1.0 / (dp as f32).sqrt()), cfg.weight_dtype))
             .collect::<Result<Vec<_>>>()?;
         let projections = match cfg.projection {
             Some(_) => Some(
                 (0..cfg.length)
-                    .map(|_| Tensor::from_slice(device, &[dp, d], &normal(dp * d, 1.0 / (d as f32).sqrt())))
+                    .map(|_| {
+                        Tensor::from_f32(device, &[dp, d], &normal(dp * d, 1.0 / (d as f32).sqrt()), cfg.weight_dtype)
+                    })
                     .collect::<Result<Vec<_>>>()?,
             ),
             None => None,
@@ -227,8 +237,8 @@ impl CodeHead {
         Ok(CodeHead { cfg, device: device.clone(), centres, projections })
     }
 
-    /// A head from given weights: `centres[j]` is `[v, d_p]` f32 and
-    /// `projections[j]` `[d_p, d]` f32, all on one device.
+    /// A head from given weights: `centres[j]` is `[v, d_p]` and
+    /// `projections[j]` `[d_p, d]`, all of `cfg.weight_dtype` on one device.
     pub fn from_weights(
         cfg: CodeHeadConfig,
         centres: Vec<Tensor>,
@@ -237,21 +247,22 @@ impl CodeHead {
         const OP: &str = "CodeHead::from_weights";
         cfg.validate()?;
         let (d, dp, v) = (cfg.dim, cfg.dp(), cfg.vocab);
-        if centres.len() != cfg.length || centres.iter().any(|c| c.shape() != [v, dp] || c.dtype() != DType::F32) {
+        let wt = cfg.weight_dtype;
+        if centres.len() != cfg.length || centres.iter().any(|c| c.shape() != [v, dp] || c.dtype() != wt) {
             return Err(Error::Shape {
                 op: OP,
-                expected: format!("{} f32 centre matrices [{v}, {dp}]", cfg.length),
+                expected: format!("{} {wt:?} centre matrices [{v}, {dp}]", cfg.length),
                 got: format!("{:?}", centres.iter().map(|c| c.shape().to_vec()).collect::<Vec<_>>()),
             });
         }
         match (&projections, cfg.projection) {
             (None, None) => {}
             (Some(p), Some(_))
-                if p.len() == cfg.length && p.iter().all(|t| t.shape() == [dp, d] && t.dtype() == DType::F32) => {}
+                if p.len() == cfg.length && p.iter().all(|t| t.shape() == [dp, d] && t.dtype() == wt) => {}
             _ => {
                 return Err(Error::Shape {
                     op: OP,
-                    expected: format!("{} f32 projections [{dp}, {d}] exactly when configured", cfg.length),
+                    expected: format!("{} {wt:?} projections [{dp}, {d}] exactly when configured", cfg.length),
                     got: "other".into(),
                 })
             }
@@ -286,9 +297,6 @@ impl CodeHead {
         }
         if !matches!(features.dtype(), DType::F32 | DType::BF16) {
             return Err(Error::invalid(op, format!("features must be f32 or bf16, got {:?}", features.dtype())));
-        }
-        if features.dtype() == DType::BF16 && self.cfg.projection.is_some() {
-            return Err(Error::invalid(op, "bf16 features with projections are not supported yet; use f32 features"));
         }
         if features.device() != &self.device {
             return Err(Error::DeviceMismatch { op, a: self.device.to_string(), b: features.device().to_string() });
@@ -378,19 +386,24 @@ impl CodeHead {
             (Some(v), true) => Some(rows_f32(v, labels)?),
             _ => None,
         };
-        let (loss, g) =
-            cpu::forward_backward(&self.cfg, &x, labels, &table.codes, h.as_deref(), &centres, projections.as_deref());
+        let (loss, g) = cpu::fast_forward_backward(
+            &self.cfg,
+            &x,
+            labels,
+            &table.codes,
+            h.as_deref(),
+            &centres,
+            projections.as_deref(),
+        );
         let dev = &self.device;
         let (d, dp, v) = (self.cfg.dim, self.cfg.dp(), self.cfg.vocab);
-        let f32s = |v: &[f64]| HostData::F32(v.iter().map(|&x| x as f32).collect());
+        let host = |shape: Vec<usize>, v: Vec<f32>| Tensor::from_host(dev, shape, HostData::F32(v));
         Ok((
             loss,
             HeadGrads {
-                features: Tensor::from_host(dev, vec![labels.len(), d], f32s(&g.features)),
-                centres: g.centres.iter().map(|c| Tensor::from_host(dev, vec![v, dp], f32s(c))).collect(),
-                projections: g
-                    .projections
-                    .map(|ps| ps.iter().map(|p| Tensor::from_host(dev, vec![dp, d], f32s(p))).collect()),
+                features: host(vec![labels.len(), d], g.features),
+                centres: g.centres.into_iter().map(|c| host(vec![v, dp], c)).collect(),
+                projections: g.projections.map(|ps| ps.into_iter().map(|p| host(vec![dp, d], p)).collect()),
             },
         ))
     }
@@ -437,16 +450,30 @@ impl CodeHead {
         let exact = i32::from(cfg.margin_grad == MarginGrad::Exact);
         let mut centre_grads = Vec::with_capacity(l);
         let mut proj_grads = Vec::new();
+        // bf16 features meet f32 (or widened) projections in an f32 GEMM.
+        let x32_owned;
+        let x32 = if self.projections.is_some() && features.dtype() != DType::F32 {
+            x32_owned = features.to_f32()?;
+            &x32_owned
+        } else {
+            features
+        };
         for j in 0..l {
+            let p_wide = match &self.projections {
+                Some(p) => Some((&p[j], widened(&p[j])?)),
+                None => None,
+            };
+            let p32: Option<&Tensor> = p_wide.as_ref().map(|(p, w)| w.as_ref().unwrap_or(p));
             let z_owned;
-            let z = match &self.projections {
+            let z = match p32 {
                 Some(p) => {
-                    z_owned = gemm::matmul(features, Op::N, &p[j], Op::T)?;
+                    z_owned = gemm::matmul(x32, Op::N, p, Op::T)?;
                     &z_owned
                 }
                 None => features,
             };
-            let (w_hat, w_norm) = rowwise::l2_normalize(&self.centres[j], EPS)?;
+            let c_wide = widened(&self.centres[j])?;
+            let (w_hat, w_norm) = rowwise::l2_normalize(c_wide.as_ref().unwrap_or(&self.centres[j]), EPS)?;
             let u = Tensor::empty(dev, &[b, dp], DType::F32)?;
             let dc = Tensor::empty(dev, &[b, v], DType::F32)?;
             let dz_owned =
@@ -481,9 +508,9 @@ impl CodeHead {
             )?;
             let dw_hat = gemm::matmul(&dc, Op::T, &u, Op::N)?;
             centre_grads.push(rowwise::l2_normalize_backward(&w_hat, &w_norm, &dw_hat, EPS)?);
-            if let (Some(p), Some(dzj)) = (&self.projections, &dz_owned) {
-                proj_grads.push(gemm::matmul(dzj, Op::T, features, Op::N)?);
-                gemm::gemm(1.0, dzj, Op::N, &p[j], Op::N, 1.0, &mut dx)?;
+            if let (Some(p), Some(dzj)) = (p32, &dz_owned) {
+                proj_grads.push(gemm::matmul(dzj, Op::T, x32, Op::N)?);
+                gemm::gemm(1.0, dzj, Op::N, p, Op::N, 1.0, &mut dx)?;
             }
         }
         let st = stats.to_vec::<f32>()?;
@@ -512,6 +539,7 @@ impl CodeHead {
         if self.device.kind() == DeviceKind::Cpu {
             let x = features.host_f32()?;
             let centres = self.centres.iter().map(|t| t.to_f32_vec()).collect::<Result<Vec<_>>>()?;
+            // f64 (the reference): inference batches are small on the CPU.
             let projections = match &self.projections {
                 Some(p) => Some(p.iter().map(|t| t.to_f32_vec()).collect::<Result<Vec<_>>>()?),
                 None => None,
@@ -524,21 +552,22 @@ impl CodeHead {
             ));
         }
         // bf16 features are widened once (the projections and centres are f32).
-        let widened;
+        let x_wide;
         let x = if features.dtype() == DType::F32 {
             features
         } else {
-            widened = Tensor::from_slice(&self.device, features.shape(), &features.to_f32_vec()?)?;
-            &widened
+            x_wide = features.to_f32()?;
+            &x_wide
         };
         let mut out = Tensor::empty(&self.device, &[b * l, v], DType::F32)?;
         for j in 0..l {
             let z = match &self.projections {
-                Some(p) => gemm::matmul(x, Op::N, &p[j], Op::T)?,
+                Some(p) => gemm::matmul(x, Op::N, widened(&p[j])?.as_ref().unwrap_or(&p[j]), Op::T)?,
                 None => x.to_device(&self.device)?,
             };
             let (u, _) = rowwise::l2_normalize(&z, EPS)?;
-            let (w_hat, _) = rowwise::l2_normalize(&self.centres[j], EPS)?;
+            let c_wide = widened(&self.centres[j])?;
+            let (w_hat, _) = rowwise::l2_normalize(c_wide.as_ref().unwrap_or(&self.centres[j]), EPS)?;
             let mut c = Tensor::empty(&self.device, &[b, v], DType::F32)?;
             gemm::gemm(self.cfg.scale, &u, Op::N, &w_hat, Op::T, 0.0, &mut c)?;
             let lp = rowwise::log_softmax(&c)?;
@@ -562,7 +591,8 @@ impl CodeHead {
             pairs.extend(p.iter_mut().zip(g.iter()));
         }
         for (w, g) in pairs {
-            axpy(w, g, -lr)?;
+            let rows = w.shape()[0];
+            rows_axpy(OP, w, None, rows, g, -lr)?;
         }
         Ok(())
     }
@@ -596,43 +626,13 @@ fn rows_f32(t: &Tensor, ids: &[u32]) -> Result<Vec<f32>> {
     })
 }
 
-/// `y += a·x` for f32 tensors of one shape on one device.
-fn axpy(y: &mut Tensor, x: &Tensor, a: f32) -> Result<()> {
-    const OP: &str = "axpy";
-    if y.shape() != x.shape() || y.dtype() != DType::F32 || x.dtype() != DType::F32 {
-        return Err(Error::Shape {
-            op: OP,
-            expected: format!("{:?} f32", y.shape()),
-            got: format!("{:?} {:?}", x.shape(), x.dtype()),
-        });
-    }
-    same_device(OP, &[y, x])?;
-    let n = y.numel();
-    let dev = y.device().clone();
-    if dev.kind() == DeviceKind::Cpu {
-        let xs = x.to_vec::<f32>()?;
-        let Some(HostData::F32(ys)) = y.host_mut() else { return Err(Error::invalid(OP, "expected f32 host data")) };
-        ys.iter_mut().zip(&xs).for_each(|(p, q)| *p += a * q);
-        return Ok(());
-    }
-    if n == 0 {
-        return Ok(());
-    }
-    let blocks = n.div_ceil(256).min(65535) as u32;
-    dev.launch(
-        ModuleId::CodeHead,
-        kernels::find(ModuleId::CodeHead, "axpy_f32")?,
-        LaunchConfig::linear(blocks, 256, 0),
-        &[
-            Arg::Ptr(y.device_ptr().unwrap_or(0)),
-            Arg::Ptr(x.device_ptr().unwrap_or(0)),
-            Arg::I64(n as i64),
-            Arg::F32(a),
-        ],
-    )
+/// A bf16 weight matrix widened to f32 on its device; None when it is f32
+/// already (use it as is).
+fn widened(w: &Tensor) -> Result<Option<Tensor>> {
+    Ok(if w.dtype() == DType::F32 { None } else { Some(w.to_f32()?) })
 }
 
-/// The f64 reference (and the CPU path).
+/// The f64 reference, and the f32 CPU path.
 pub mod cpu {
     use super::*;
 
@@ -758,6 +758,114 @@ pub mod cpu {
         (
             HeadLoss { total, per_position, regression, accuracy },
             Grads64 { features: dx, centres: dcentres, projections: projections.map(|_| dproj) },
+        )
+    }
+
+    /// Gradients in f32.
+    #[derive(Clone, Debug)]
+    pub struct Grads32 {
+        /// `[B, d]`.
+        pub features: Vec<f32>,
+        /// Per position, `[v, d_p]`.
+        pub centres: Vec<Vec<f32>>,
+        /// Per position, `[d_p, d]`.
+        pub projections: Option<Vec<Vec<f32>>>,
+    }
+
+    /// Rows divided by their norms (floored at `eps`), and the unclamped norms.
+    fn unit_rows32(x: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+        let (mut u, mut n) = (vec![0f32; x.len()], vec![0f32; x.len() / d]);
+        crate::rowwise::cpu::l2_normalize(x, d, eps, &mut u, &mut n);
+        (u, n)
+    }
+
+    /// The CPU path: the same step as [`forward_backward`] in f32, with the
+    /// products through the `gemm` crate (projections `B·d·d_p`, cosines and
+    /// their gradients `B·v·d_p`) and the per-row margin softmax in f64.
+    pub fn fast_forward_backward(
+        cfg: &CodeHeadConfig,
+        x: &[f32],
+        labels: &[u32],
+        codes: &[u16],
+        h: Option<&[f32]>,
+        centres: &[Vec<f32>],
+        projections: Option<&[Vec<f32>]>,
+    ) -> (HeadLoss, Grads32) {
+        use crate::gemm::cpu::gemm as g;
+        let (b, d, dp, v, l) = (labels.len(), cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
+        let mut dx = vec![0f32; b * d];
+        let (mut per_position, mut accuracy) = (vec![0f64; l], vec![0f64; l]);
+        let (mut dcentres, mut dproj) = (Vec::with_capacity(l), Vec::new());
+        for j in 0..l {
+            let z_owned;
+            let z: &[f32] = match projections {
+                Some(p) => {
+                    let mut zz = vec![0f32; b * dp];
+                    g(b, dp, d, 1.0, x, d, Op::N, &p[j], d, Op::T, 0.0, &mut zz, dp);
+                    z_owned = zz;
+                    &z_owned
+                }
+                None => x,
+            };
+            // Features: plain norms (a zero feature gives a non-finite loss, as on the GPU).
+            let zn: Vec<f32> = z.chunks(dp).map(|r| r.iter().map(|a| a * a).sum::<f32>().sqrt()).collect();
+            let u: Vec<f32> = z.chunks(dp).zip(&zn).flat_map(|(r, n)| r.iter().map(move |a| a / n)).collect();
+            let (w_hat, w_norm) = unit_rows32(&centres[j], dp, EPS);
+            let mut cos = vec![0f32; b * v];
+            g(b, v, dp, 1.0, &u, dp, Op::N, &w_hat, dp, Op::T, 0.0, &mut cos, v);
+            let weight = cfg.lambda(j) as f64 / b as f64;
+            let mut gc = vec![0f32; b * v];
+            for s in 0..b {
+                let row: Vec<f64> = cos[s * v..(s + 1) * v].iter().map(|&c| c as f64).collect();
+                let y = codes[labels[s] as usize * l + j] as usize;
+                let (loss, gr, ok) = margin_ce_row(&row, y, cfg.scale as f64, cfg.margin, cfg.margin_grad);
+                per_position[j] += weight * loss;
+                accuracy[j] += if ok { 1.0 / b as f64 } else { 0.0 };
+                gc[s * v..(s + 1) * v].iter_mut().zip(&gr).for_each(|(o, &q)| *o = (q * weight) as f32);
+            }
+            let mut du = vec![0f32; b * dp];
+            g(b, dp, v, 1.0, &gc, v, Op::N, &w_hat, dp, Op::N, 0.0, &mut du, dp);
+            let mut dz = vec![0f32; b * dp];
+            for s in 0..b {
+                let (us, dus) = (&u[s * dp..(s + 1) * dp], &du[s * dp..(s + 1) * dp]);
+                let proj: f32 = us.iter().zip(dus).map(|(a, c)| a * c).sum();
+                dz[s * dp..(s + 1) * dp].iter_mut().enumerate().for_each(|(c, o)| *o = (dus[c] - us[c] * proj) / zn[s]);
+            }
+            let mut dw_hat = vec![0f32; v * dp];
+            g(v, dp, b, 1.0, &gc, v, Op::T, &u, dp, Op::N, 0.0, &mut dw_hat, dp);
+            let mut dw = vec![0f32; v * dp];
+            crate::rowwise::cpu::l2_normalize_backward(&w_hat, &w_norm, &dw_hat, dp, EPS, &mut dw);
+            dcentres.push(dw);
+            match projections {
+                Some(p) => {
+                    let mut dpj = vec![0f32; dp * d];
+                    g(dp, d, b, 1.0, &dz, dp, Op::T, x, d, Op::N, 0.0, &mut dpj, d);
+                    g(b, d, dp, 1.0, &dz, dp, Op::N, &p[j], d, Op::N, 1.0, &mut dx, d);
+                    dproj.push(dpj);
+                }
+                None => dx.iter_mut().zip(&dz).for_each(|(a, c)| *a += c),
+            }
+        }
+        let mut regression = 0f64;
+        if cfg.gamma != 0.0 {
+            let h = h.expect("gamma != 0 needs code vectors (checked by the caller)");
+            let gb = cfg.gamma as f64 / b as f64;
+            for s in 0..b {
+                let xs = &x[s * d..(s + 1) * d];
+                let xn = xs.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+                let hv = &h[s * d..(s + 1) * d];
+                let dot = xs.iter().zip(hv).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() / xn;
+                let r = dot - 1.0;
+                regression += 0.5 * gb * r * r;
+                for c in 0..d {
+                    dx[s * d + c] += (gb * r * (hv[c] as f64 - xs[c] as f64 / xn * dot) / xn) as f32;
+                }
+            }
+        }
+        let total = per_position.iter().sum::<f64>() + regression;
+        (
+            HeadLoss { total, per_position, regression, accuracy },
+            Grads32 { features: dx, centres: dcentres, projections: projections.map(|_| dproj) },
         )
     }
 
