@@ -629,22 +629,41 @@ pub mod cpu {
         (SoftmaxLoss { loss, accuracy: acc }, dx, dw)
     }
 
-    /// Normalized logical rows [c0, c0 + len) of the centres, and their
-    /// inverse norms.
-    fn chunk(w: &[f32], rows: Option<&[u32]>, d: usize, c0: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
-        let mut out = vec![0f32; len * d];
-        let mut inv = vec![0f32; len];
-        out.par_chunks_mut(d).zip(inv.par_iter_mut()).enumerate().for_each(|(i, (o, r))| {
-            let src = rows.map_or(c0 + i, |m| m[c0 + i] as usize);
-            let v = &w[src * d..(src + 1) * d];
-            *r = 1.0 / v.iter().map(|a| a * a).sum::<f32>().sqrt().max(EPS);
-            o.iter_mut().zip(v).for_each(|(p, q)| *p = q * *r);
-        });
-        (out, inv)
+    /// Logical rows [c0, c0 + len) of the centres: borrowed when they are
+    /// stored contiguously (no row map), else gathered.
+    fn chunk<'a>(w: &'a [f32], rows: Option<&[u32]>, d: usize, c0: usize, len: usize) -> std::borrow::Cow<'a, [f32]> {
+        match rows {
+            None => std::borrow::Cow::Borrowed(&w[c0 * d..(c0 + len) * d]),
+            Some(m) => {
+                let mut out = vec![0f32; len * d];
+                out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
+                    let src = m[c0 + i] as usize;
+                    o.copy_from_slice(&w[src * d..(src + 1) * d]);
+                });
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+
+    /// `1 / max(‖w_i‖, eps)` of the n logical rows.
+    fn inv_norms(w: &[f32], rows: Option<&[u32]>, d: usize, n: usize) -> Vec<f32> {
+        (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let r = rows.map_or(i, |m| m[i] as usize);
+                1.0 / w[r * d..(r + 1) * d].iter().map(|a| a * a).sum::<f32>().sqrt().max(EPS)
+            })
+            .collect()
+    }
+
+    /// `lg[r][i] *= inv[i]` for every row of a `[rows, inv.len()]` block.
+    fn scale_columns(lg: &mut [f32], inv: &[f32]) {
+        lg.par_chunks_mut(inv.len()).for_each(|row| row.iter_mut().zip(inv).for_each(|(a, r)| *a *= r));
     }
 
     /// The chunked f32 step: loss, `dx` `[B, d]`, `dw` `[n, d]`. Extra memory
-    /// `B·C + 2·C·d` floats for chunks of C classes, whatever n is.
+    /// `B·C` floats for chunks of C classes (plus a gathered chunk of `C·d`
+    /// through a row map), and the n inverse norms, whatever n is.
     pub fn fused(
         cfg: &SoftmaxHeadConfig,
         x: &[f32],
@@ -655,32 +674,47 @@ pub mod cpu {
     ) -> (SoftmaxLoss, Vec<f32>, Vec<f32>) {
         let (b, d, s) = (targets.len(), cfg.dim, cfg.scale);
         let (u, norms) = normalize_rows(x, d);
+        let inv = inv_norms(w, rows, d, n);
         // Per row: running (max, sum) over non-targets, argmax, target cosine.
         let mut state = vec![(f32::NEG_INFINITY, 0f32, f32::NEG_INFINITY, usize::MAX, f32::NAN); b];
         let mut logits = vec![0f32; b * CPU_CHUNK.min(n)];
         for c0 in (0..n).step_by(CPU_CHUNK) {
             let len = CPU_CHUNK.min(n - c0);
-            let (wc, _) = chunk(w, rows, d, c0, len);
+            let wc = chunk(w, rows, d, c0, len);
             let lg = &mut logits[..b * len];
             cpu_gemm(b, len, d, 1.0, &u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
+            scale_columns(lg, &inv[c0..c0 + len]);
             state.par_iter_mut().zip(lg.par_chunks(len)).enumerate().for_each(|(r, (st, cs))| {
                 let y = targets[r] as usize;
+                // The chunk's max and sum of exp over non-targets (branch-free
+                // passes), merged into the running pair; then the argmax.
+                let yi = y.wrapping_sub(c0);
+                let mut m = f32::NEG_INFINITY;
                 for (i, &c) in cs.iter().enumerate() {
-                    let k = c0 + i;
-                    if c > st.2 || (c == st.2 && k < st.3) {
+                    if i != yi {
+                        m = m.max(s * c);
+                    }
+                    if c.is_nan() {
+                        m = f32::NAN;
+                    }
+                }
+                if m > f32::NEG_INFINITY || m.is_nan() {
+                    let sum: f32 =
+                        cs.iter().enumerate().map(|(i, &c)| if i == yi { 0.0 } else { (s * c - m).exp() }).sum();
+                    if yi < len {
+                        st.4 = cs[yi];
+                    }
+                    let mm = st.0.max(m);
+                    let old = if st.0 == f32::NEG_INFINITY { 0.0 } else { st.1 * (st.0 - mm).exp() };
+                    st.1 = old + sum * (m - mm).exp();
+                    st.0 = if m.is_nan() { m } else { mm };
+                } else if yi < len {
+                    st.4 = cs[yi];
+                }
+                for (i, &c) in cs.iter().enumerate() {
+                    if c > st.2 || (c == st.2 && c0 + i < st.3) {
                         st.2 = c;
-                        st.3 = k;
-                    }
-                    if k == y {
-                        st.4 = c;
-                        continue;
-                    }
-                    let l = s * c;
-                    if l > st.0 {
-                        st.1 = st.1 * (st.0 - l).exp() + 1.0;
-                        st.0 = l;
-                    } else {
-                        st.1 += (l - st.0).exp();
+                        st.3 = c0 + i;
                     }
                 }
             });
@@ -706,26 +740,28 @@ pub mod cpu {
         let accuracy = rowv.iter().filter(|r| r.3).count() as f64 / b as f64;
         let mut du = vec![0f32; b * d];
         let mut dw = vec![0f32; n * d];
-        let mut dwc = vec![0f32; CPU_CHUNK.min(n) * d];
         for c0 in (0..n).step_by(CPU_CHUNK) {
             let len = CPU_CHUNK.min(n - c0);
-            let (wc, inv) = chunk(w, rows, d, c0, len);
+            let inv_c = &inv[c0..c0 + len];
+            let wc = chunk(w, rows, d, c0, len);
             let g = &mut logits[..b * len];
             cpu_gemm(b, len, d, 1.0, &u, d, Op::N, &wc, d, Op::T, 0.0, g, len);
             g.par_chunks_mut(len).enumerate().for_each(|(r, gs)| {
                 let (lse, gy, _, _) = rowv[r];
                 let y = targets[r] as usize;
                 for (i, v) in gs.iter_mut().enumerate() {
-                    *v = if c0 + i == y { gy } else { weight * s * (s * *v - lse).exp() };
+                    *v = if c0 + i == y { gy } else { weight * s * (s * *v * inv_c[i] - lse).exp() };
                 }
             });
-            cpu_gemm(b, d, len, 1.0, g, len, Op::N, &wc, d, Op::N, 1.0, &mut du, d);
-            let dwc = &mut dwc[..len * d];
+            // dŴ = Gᵀ·U into this chunk's rows of dw; dU += G·diag(r)·W.
+            let dwc = &mut dw[c0 * d..(c0 + len) * d];
             cpu_gemm(len, d, b, 1.0, g, len, Op::T, &u, d, Op::N, 0.0, dwc, d);
-            dw[c0 * d..(c0 + len) * d].par_chunks_mut(d).zip(dwc.par_chunks(d)).enumerate().for_each(|(i, (o, gh))| {
-                let wh = &wc[i * d..(i + 1) * d];
-                let dot: f32 = wh.iter().zip(gh).map(|(a, c)| a * c).sum();
-                o.iter_mut().zip(gh.iter().zip(wh)).for_each(|(p, (g, h))| *p = inv[i] * (g - h * dot));
+            scale_columns(g, inv_c);
+            cpu_gemm(b, d, len, 1.0, g, len, Op::N, &wc, d, Op::N, 1.0, &mut du, d);
+            // dW_i = r_i (dŴ_i − ŵ_i (ŵ_i·dŴ_i)), ŵ = r w.
+            dwc.par_chunks_mut(d).zip(wc.par_chunks(d)).zip(inv_c.par_iter()).for_each(|((gh, wr), &r)| {
+                let dot: f32 = wr.iter().zip(gh.iter()).map(|(a, c)| a * c).sum::<f32>() * r;
+                gh.iter_mut().zip(wr).for_each(|(g, h)| *g = r * (*g - r * h * dot));
             });
         }
         let mut dx = vec![0f32; b * d];
@@ -739,11 +775,13 @@ pub mod cpu {
         let (b, n) = (u.len() / d, w.len() / d);
         let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(k + 1); b];
         let mut lg = vec![0f32; b * CPU_CHUNK.min(n)];
+        let inv = inv_norms(w, None, d, n);
         for c0 in (0..n).step_by(CPU_CHUNK) {
             let len = CPU_CHUNK.min(n - c0);
-            let (wc, _) = chunk(w, None, d, c0, len);
+            let wc = chunk(w, None, d, c0, len);
             let lg = &mut lg[..b * len];
             cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
+            scale_columns(lg, &inv[c0..c0 + len]);
             best.par_iter_mut().zip(lg.par_chunks(len)).for_each(|(list, cs)| {
                 for (i, &c) in cs.iter().enumerate() {
                     if c.is_nan() {
