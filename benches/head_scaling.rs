@@ -86,11 +86,10 @@ fn plot(path: &PathBuf, rows: &[Measured], kinds: &[Kind], title: &str) -> Resul
 
 fn main() {
     let quick = env_on("GIF_FR_SCALING_QUICK");
-    let mut c = if quick {
-        common::criterion().sample_size(10).warm_up_time(std::time::Duration::from_millis(200))
-    } else {
-        common::criterion()
-    };
+    // 10 flat samples over about a second per case: the study has 49 cases.
+    let mut c = common::criterion()
+        .warm_up_time(std::time::Duration::from_millis(if quick { 200 } else { 300 }))
+        .measurement_time(std::time::Duration::from_secs(1));
     let dev = best_device();
     let gpu = dev.kind() == DeviceKind::Cuda;
     let label = common::label(&dev);
@@ -130,7 +129,7 @@ fn main() {
                 dec.top_k(&lp, 5, Mode::Exact, None).map(drop)
             };
             let case = format!("gif identify N={n} B={qb}");
-            bench_or_time(&mut g, &dev, "gif", n, &case, 0.0, &mut gif);
+            bench_or_time(&mut g, &dev, "gif", n, &case, 0.0, None, &mut gif);
             let gif_s = common::mean_seconds(&case, &label).unwrap_or(f64::NAN);
             drop((dec, head));
             let w = match Tensor::from_slice(&dev, &[n, D], &fill(n * D, 0.05, 4)) {
@@ -144,7 +143,7 @@ fn main() {
             let full = SoftmaxHead::from_weights(SoftmaxHeadConfig::new(D, n), w).expect("full head");
             let mut topk = || full.top_k(&x, 5).map(drop);
             let case = format!("full top-5 N={n} B={qb}");
-            bench_or_time(&mut g, &dev, "full-topk", n, &case, 2.0 * (qb * n * D) as f64, &mut topk);
+            bench_or_time(&mut g, &dev, "full-topk", n, &case, 2.0 * (qb * n * D) as f64, None, &mut topk);
             ident.push((n, l, gif_s, common::mean_seconds(&case, &label).unwrap_or(f64::NAN)));
         }
         g.finish();

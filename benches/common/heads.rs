@@ -174,9 +174,11 @@ pub struct Measured {
 /// without criterion, so that a CPU sweep to N = 2M stays within minutes.
 pub const SLOW: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Runs `f` once (warm-up); then criterion times it as `id`/`n` and records
-/// it as `case`, or, when that first call took longer than [`SLOW`], it is
-/// timed over 2 more calls outside criterion (said in the output).
+/// Criterion times `f` as `id`/`n` and records it as `case`; but when the
+/// first (warm-up) call took longer than [`SLOW`], it is timed over 2 more
+/// calls (1 beyond 5 s) outside criterion, as the output says. `first`: the
+/// duration of a warm-up call already made, or None to make one here.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_or_time(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     dev: &Device,
@@ -184,15 +186,19 @@ pub fn bench_or_time(
     n: usize,
     case: &str,
     flops: f64,
+    first: Option<std::time::Duration>,
     f: &mut dyn FnMut() -> Result<()>,
 ) {
-    let t0 = std::time::Instant::now();
-    f().unwrap_or_else(|e| panic!("{case}: {e}"));
-    dev.synchronize().expect("synchronize");
-    let first = t0.elapsed();
+    let first = first.unwrap_or_else(|| {
+        let t0 = std::time::Instant::now();
+        f().unwrap_or_else(|e| panic!("{case}: {e}"));
+        dev.synchronize().expect("synchronize");
+        t0.elapsed()
+    });
     if first > SLOW {
-        println!("{case}: {:.2} s per call, timed over 2 calls outside criterion", first.as_secs_f64());
-        super::timed(dev, case, 0.0, flops, 2, f);
+        let calls = if first.as_secs_f64() > 5.0 { 1 } else { 2 };
+        println!("{case}: {:.2} s per call, timed over {calls} call(s) outside criterion", first.as_secs_f64());
+        super::timed(dev, case, 0.0, flops, calls, f);
     } else {
         g.bench_function(criterion::BenchmarkId::new(id, n), |bch| {
             bch.iter_custom(|iters| super::timed(dev, case, 0.0, flops, iters, &mut *f))
@@ -226,10 +232,13 @@ pub fn sweep(
                     continue;
                 }
             };
-            let peak = peak_extra(dev, &mut step).expect("step");
+            // The first call warms up and measures the peak memory.
+            let t0 = std::time::Instant::now();
+            let peak = peak_extra(dev, &mut step).unwrap_or_else(|e| panic!("{} N = {n}: {e}", kind.name()));
+            let first = t0.elapsed();
             let case = format!("{} N={n} B={b}", kind.name());
             let flops = 2.0 * kind.macs(n, b, d);
-            bench_or_time(&mut g, dev, &kind.name(), n, &case, flops, &mut step);
+            bench_or_time(&mut g, dev, &kind.name(), n, &case, flops, Some(first), &mut step);
             let seconds = super::mean_seconds(&case, &label).unwrap_or(f64::NAN);
             out.push(Measured { device: label.clone(), kind, n, b, d, seconds, peak });
         }
