@@ -367,6 +367,20 @@ GIF_DEVICE void centre_grad_finish(const T* __restrict__ W, const int* __restric
   for (int c = lane; c < d; c += 32) g[c] = r * (g[c] - r * to_float(w[c]) * dot);
 }
 
+// Inserts (v, n) into the sorted list (s_, i_) of k when it beats the last;
+// NaN never enters.
+GIF_DEVICE void insert_sorted(float* s_, int* i_, int k, float v, int n) {
+  if (!better(v, n, s_[k - 1], i_[k - 1])) return;
+  int q = k - 1;
+  while (q > 0 && better(v, n, s_[q - 1], i_[q - 1])) {
+    s_[q] = s_[q - 1];
+    i_[q] = i_[q - 1];
+    --q;
+  }
+  s_[q] = v;
+  i_[q] = n;
+}
+
 // Top-k: the cosine tile goes to Gs[row][class] (pitch kTopPitch), then
 // thread t < 128 owns row t's sorted list (dynamic shared memory after Gs).
 constexpr int kTopPitch = kTile + 1;
@@ -402,15 +416,7 @@ GIF_DEVICE void topk_fwd(const float* __restrict__ U, const T* __restrict__ W, c
       for (int c = 0; c < cols; ++c) {
         const float v = Ts[t * kTopPitch + c];
         const int n = n0 + c;
-        if (!better(v, n, s_[k - 1], i_[k - 1])) continue;  // NaN never enters
-        int q = k - 1;
-        while (q > 0 && better(v, n, s_[q - 1], i_[q - 1])) {
-          s_[q] = s_[q - 1];
-          i_[q] = i_[q - 1];
-          --q;
-        }
-        s_[q] = v;
-        i_[q] = n;
+        insert_sorted(s_, i_, k, v, n);
       }
     }
     // the next tile's main loop begins with a barrier before Ts is rewritten
@@ -436,15 +442,7 @@ GIF_DEVICE void topk_merge_rows(const float* __restrict__ cand_score, const int*
   for (long long c = 0; c < (long long)splits * k; ++c) {
     const float v = cand_score[(long long)row * splits * k + c];
     const int n = cand_idx[(long long)row * splits * k + c];
-    if (!better(v, n, s_[k - 1], i_[k - 1])) continue;
-    int q = k - 1;
-    while (q > 0 && better(v, n, s_[q - 1], i_[q - 1])) {
-      s_[q] = s_[q - 1];
-      i_[q] = i_[q - 1];
-      --q;
-    }
-    s_[q] = v;
-    i_[q] = n;
+    insert_sorted(s_, i_, k, v, n);
   }
 }
 

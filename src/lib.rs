@@ -29,11 +29,13 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod backbone;
 pub mod decode;
 pub mod device;
 pub mod error;
 pub mod gemm;
 pub mod head;
+pub mod host_memory;
 pub mod kernels;
 pub mod rowwise;
 pub mod selftest;

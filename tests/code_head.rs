@@ -153,9 +153,7 @@ fn compare(cfg: &CodeHeadConfig, b: usize, n: usize, fdtype: DType, tdtype: DTyp
     let (want, g) =
         cpu::forward_backward(cfg, &xr, &labels, &table, Some(&rows(&vr, &labels, d)), &centres, projs.as_deref());
     // The CPU device runs the f32 CPU path; the others the kernels.
-    let mut devices = vec![Device::cpu()];
-    devices.extend(gpu_devices());
-    for dev in devices {
+    for dev in all_devices() {
         let head = CodeHead::from_weights(
             cfg.clone(),
             tensors(&dev, &centres, &[v, dp], wt),

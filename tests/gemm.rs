@@ -103,12 +103,6 @@ fn check_case(
     }
 }
 
-fn all_devices() -> Vec<Device> {
-    let mut v = vec![Device::cpu()];
-    v.extend(gpu_devices());
-    v
-}
-
 #[test]
 fn gemm_f32_every_variant_on_odd_shapes_matches_f64() {
     for dev in all_devices() {

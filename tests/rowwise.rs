@@ -243,9 +243,7 @@ proptest::proptest! {
 fn to_f32_widens_on_the_device() {
     let mut r = rng(77);
     let v = uniform(&mut r, 1000, -3.0, 3.0);
-    let mut devices = vec![Device::cpu()];
-    devices.extend(gpu_devices());
-    for dev in devices {
+    for dev in all_devices() {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let t = Tensor::from_f32(&dev, &[40, 25], &v, dtype).unwrap();
             let w = t.to_f32().unwrap();

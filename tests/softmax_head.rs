@@ -32,6 +32,15 @@ fn labels(rng: &mut rand::rngs::StdRng, b: usize, n: usize) -> Vec<u32> {
     (0..b).map(|_| rng.random_range(0..n as u32)).collect()
 }
 
+/// Centres `[n, d]`, features `[b, d]` and labels, seeded.
+fn problem(b: usize, d: usize, n: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+    let mut r = rng(seed);
+    let w = uniform(&mut r, n * d, -1.0, 1.0);
+    let x = uniform(&mut r, b * d, -1.0, 1.0);
+    let y = labels(&mut r, b, n);
+    (w, x, y)
+}
+
 #[test]
 fn reference_gradients_match_finite_differences() {
     let (b, d, n) = (3, 5, 7);
@@ -164,9 +173,7 @@ fn top_k_matches_brute_force() {
         let (a, bb) = (unit(&x[q * d..(q + 1) * d]), unit(&w[c * d..(c + 1) * d]));
         a.iter().zip(&bb).map(|(p, q)| p * q).sum::<f64>()
     };
-    let mut devices = vec![Device::cpu()];
-    devices.extend(gpu_devices());
-    for dev in devices {
+    for dev in all_devices() {
         for splits in [None, Some(2)] {
             let cfg = SoftmaxHeadConfig { splits, ..SoftmaxHeadConfig::new(d, n) };
             let head = SoftmaxHead::from_weights(cfg, Tensor::from_slice(&dev, &[n, d], &w).unwrap()).unwrap();
@@ -225,13 +232,8 @@ fn partial_fc_device_sample_equals_the_host_sample() {
 #[test]
 fn partial_fc_with_rate_one_equals_the_full_head() {
     let (b, d, n) = (40, 20, 300);
-    let mut r = rng(41);
-    let w = uniform(&mut r, n * d, -1.0, 1.0);
-    let x = uniform(&mut r, b * d, -1.0, 1.0);
-    let y = labels(&mut r, b, n);
-    let mut devices = vec![Device::cpu()];
-    devices.extend(gpu_devices());
-    for dev in devices {
+    let (w, x, y) = problem(b, d, n, 41);
+    for dev in all_devices() {
         let cfg = SoftmaxHeadConfig::new(d, n);
         let full = SoftmaxHead::from_weights(cfg.clone(), Tensor::from_slice(&dev, &[n, d], &w).unwrap()).unwrap();
         let xt = Tensor::from_slice(&dev, &[b, d], &x).unwrap();
@@ -254,13 +256,8 @@ fn partial_fc_with_rate_one_equals_the_full_head() {
 #[test]
 fn partial_fc_trains_the_sampled_rows_only() {
     let (b, d, n) = (16, 12, 400);
-    let mut r = rng(51);
-    let w = uniform(&mut r, n * d, -1.0, 1.0);
-    let x = uniform(&mut r, b * d, -1.0, 1.0);
-    let y = labels(&mut r, b, n);
-    let mut devices = vec![Device::cpu()];
-    devices.extend(gpu_devices());
-    for dev in devices {
+    let (w, x, y) = problem(b, d, n, 51);
+    for dev in all_devices() {
         for dtype in [DType::F32, DType::BF16] {
             let cfg = config(d, n, Margin::ArcFace(0.5), MarginGrad::Exact, 16.0);
             let head =

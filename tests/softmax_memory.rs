@@ -6,31 +6,12 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use gif_fr::head::{SoftmaxHead, SoftmaxHeadConfig};
+use gif_fr::host_memory::{self, CountingAllocator};
 use gif_fr::{DType, Device, Tensor};
 
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-        PEAK.fetch_max(now, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 const MB: usize = 1 << 20;
 
@@ -65,8 +46,8 @@ fn no_b_by_n_allocation() {
         b,
         d,
         n,
-        &|| (CURRENT.load(Ordering::Relaxed), PEAK.load(Ordering::Relaxed)),
-        &|| PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed),
+        &|| (host_memory::stats().current, host_memory::stats().peak),
+        &host_memory::reset_peak,
     );
     let (logits, grad) = (b * n * 4, n * d * 4);
     println!(

@@ -4,32 +4,13 @@
 //! extra memory of a step (the device's allocation meter on a GPU, a
 //! counting global allocator on the CPU).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use gif_fr::head::{CodeHead, CodeHeadConfig, CodeTable, PartialFc, SoftmaxHead, SoftmaxHeadConfig};
+use gif_fr::host_memory::{self, CountingAllocator};
 use gif_fr::{DType, Device, DeviceKind, Result, Tensor};
 use rayon::prelude::*;
 
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let now = CURRENT.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-        PEAK.fetch_max(now, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 /// A head of the study.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -142,10 +123,10 @@ pub fn prepare(dev: &Device, kind: Kind, n: usize, b: usize, d: usize) -> Result
 /// Peak bytes allocated beyond what was held before, over one call of `step`.
 pub fn peak_extra(dev: &Device, step: &mut Step) -> Result<usize> {
     if dev.kind() == DeviceKind::Cpu {
-        PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
-        let before = CURRENT.load(Ordering::Relaxed);
+        host_memory::reset_peak();
+        let before = host_memory::stats().current;
         step()?;
-        Ok(PEAK.load(Ordering::Relaxed) - before)
+        Ok(host_memory::stats().peak - before)
     } else {
         dev.synchronize()?;
         dev.reset_peak_memory();

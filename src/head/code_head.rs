@@ -672,6 +672,36 @@ pub mod cpu {
             .unzip()
     }
 
+    /// γ·L_AR (batch mean) in f64, passing each feature-gradient term
+    /// `(index into [B, d], value)` to `add`.
+    fn regression(
+        cfg: &CodeHeadConfig,
+        x: &[f32],
+        h: Option<&[f32]>,
+        b: usize,
+        mut add: impl FnMut(usize, f64),
+    ) -> f64 {
+        if cfg.gamma == 0.0 {
+            return 0.0;
+        }
+        let d = cfg.dim;
+        let h = h.expect("gamma != 0 needs code vectors (checked by the caller)");
+        let gb = cfg.gamma as f64 / b as f64;
+        let mut total = 0f64;
+        for s in 0..b {
+            let xs: Vec<f64> = x[s * d..(s + 1) * d].iter().map(|&v| v as f64).collect();
+            let (xh, xn) = normalize(&xs);
+            let hv: Vec<f64> = h[s * d..(s + 1) * d].iter().map(|&v| v as f64).collect();
+            let dot: f64 = xh.iter().zip(&hv).map(|(a, c)| a * c).sum();
+            let r = dot - 1.0;
+            total += 0.5 * gb * r * r;
+            for c in 0..d {
+                add(s * d + c, gb * r * (hv[c] - xh[c] * dot) / xn);
+            }
+        }
+        total
+    }
+
     /// Losses and gradients in f64 for features `x` (`[B, d]`), `labels`,
     /// codes (`[N, l]`), each sample's code vector `h` (`[B, d]`: row b is
     /// the code vector of `labels[b]`; needed when γ ≠ 0), centres and
@@ -738,22 +768,7 @@ pub mod cpu {
                 dproj.push(dp_j);
             }
         }
-        let mut regression = 0f64;
-        if cfg.gamma != 0.0 {
-            let h = h.expect("gamma != 0 needs code vectors (checked by the caller)");
-            let gb = cfg.gamma as f64 / b as f64;
-            for s in 0..b {
-                let xs: Vec<f64> = x[s * d..(s + 1) * d].iter().map(|&v| v as f64).collect();
-                let (xh, xn) = normalize(&xs);
-                let hv: Vec<f64> = h[s * d..(s + 1) * d].iter().map(|&v| v as f64).collect();
-                let dot: f64 = xh.iter().zip(&hv).map(|(a, c)| a * c).sum();
-                let r = dot - 1.0;
-                regression += 0.5 * gb * r * r;
-                for c in 0..d {
-                    dx[s * d + c] += gb * r * (hv[c] - xh[c] * dot) / xn;
-                }
-            }
-        }
+        let regression = regression(cfg, x, h, b, |i, g| dx[i] += g);
         let total = per_position.iter().sum::<f64>() + regression;
         (
             HeadLoss { total, per_position, regression, accuracy },
@@ -846,22 +861,7 @@ pub mod cpu {
                 None => dx.iter_mut().zip(&dz).for_each(|(a, c)| *a += c),
             }
         }
-        let mut regression = 0f64;
-        if cfg.gamma != 0.0 {
-            let h = h.expect("gamma != 0 needs code vectors (checked by the caller)");
-            let gb = cfg.gamma as f64 / b as f64;
-            for s in 0..b {
-                let xs = &x[s * d..(s + 1) * d];
-                let xn = xs.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
-                let hv = &h[s * d..(s + 1) * d];
-                let dot = xs.iter().zip(hv).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() / xn;
-                let r = dot - 1.0;
-                regression += 0.5 * gb * r * r;
-                for c in 0..d {
-                    dx[s * d + c] += (gb * r * (hv[c] as f64 - xs[c] as f64 / xn * dot) / xn) as f32;
-                }
-            }
-        }
+        let regression = regression(cfg, x, h, b, |i, g| dx[i] += g as f32);
         let total = per_position.iter().sum::<f64>() + regression;
         (
             HeadLoss { total, per_position, regression, accuracy },

@@ -21,6 +21,13 @@ pub fn gpu_devices() -> Vec<Device> {
     v
 }
 
+/// The CPU (the CPU path of an op) and then [`gpu_devices`].
+pub fn all_devices() -> Vec<Device> {
+    let mut v = vec![Device::cpu()];
+    v.extend(gpu_devices());
+    v
+}
+
 /// The first GPU with poisoned allocations, or `None` with a printed skip
 /// notice (a failure when GIF_FR_REQUIRE_GPU is set).
 pub fn cuda() -> Option<Device> {

@@ -1,0 +1,464 @@
+//! Per-channel layers of the backbone on `[rows, C]` f32 activations (NHWC
+//! flattened: rows = B·H·W; BatchNorm1d is the same with rows = B):
+//! BatchNorm (training with batch statistics and the running-statistics
+//! update, eval with the running statistics folded in, backward), PReLU
+//! (forward, backward with the slope's gradient) and the residual add.
+//! kernels/norm.cu; the CPU path (f64 accumulation) is the reference.
+//!
+//! Per-channel sums are computed in splits and combined in a fixed order,
+//! so every result is reproducible run to run.
+
+use crate::device::{Arg, Device, DeviceKind, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::kernels::{self, ModuleId};
+use crate::tensor::{same_device, DType, HostData, Tensor};
+
+/// A BatchNorm layer (PyTorch's BatchNorm1d/2d semantics and defaults:
+/// eps 1e-5, momentum 0.1, weight 1, bias 0, running mean 0 and variance 1;
+/// the running variance is updated with the unbiased batch variance).
+pub struct BatchNorm {
+    /// Channels C.
+    pub channels: usize,
+    /// Added to the variance.
+    pub eps: f32,
+    /// Weight of the new batch statistics in the running ones.
+    pub momentum: f32,
+    /// γ, f32 `[C]`.
+    pub weight: Tensor,
+    /// β, f32 `[C]`.
+    pub bias: Tensor,
+    /// f32 `[C]`.
+    pub running_mean: Tensor,
+    /// f32 `[C]`.
+    pub running_var: Tensor,
+}
+
+/// What a forward pass keeps for its backward: the statistics it used.
+pub struct BnCache {
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+}
+
+/// Gradients of a BatchNorm.
+pub struct BnGrads {
+    /// With respect to the input, `[rows, C]`.
+    pub input: Tensor,
+    /// With respect to γ, `[C]`.
+    pub weight: Tensor,
+    /// With respect to β, `[C]`.
+    pub bias: Tensor,
+}
+
+fn check_rows(op: &'static str, x: &Tensor, c: usize) -> Result<usize> {
+    let (rows, cols) = x.dims2(op)?;
+    if cols != c || x.dtype() != DType::F32 {
+        return Err(Error::Shape {
+            op,
+            expected: format!("f32 [rows, {c}]"),
+            got: format!("{:?} {:?}", x.shape(), x.dtype()),
+        });
+    }
+    if rows == 0 {
+        return Err(Error::invalid(op, "no rows"));
+    }
+    Ok(rows)
+}
+
+fn host(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.host_f32()?.into_owned())
+}
+
+/// Grid of the per-channel sums: channel groups of 32 x row splits.
+fn sums_grid(rows: usize, c: usize) -> (u32, u32) {
+    let groups = c.div_ceil(32);
+    let splits = 528usize.div_ceil(groups).clamp(1, rows.div_ceil(8)).min(1024);
+    (groups as u32, splits as u32)
+}
+
+/// Per-channel sums on a GPU backend: `mode` is chan_sums_<mode>; returns
+/// (out_a, out_b) as finalized by chan_finalize with the given scales.
+fn chan_sums(
+    mode: &str,
+    x: &Tensor,
+    dy: Option<&Tensor>,
+    mean: Option<&Tensor>,
+    scale_a: f32,
+    scale_b: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let dev = x.device();
+    let (rows, c) = (x.shape()[0], x.shape()[1]);
+    let (groups, splits) = sums_grid(rows, c);
+    let partial = Tensor::empty(dev, &[splits as usize, c, 2], DType::F32)?;
+    dev.launch(
+        ModuleId::Norm,
+        kernels::find(ModuleId::Norm, &format!("chan_sums_{mode}"))?,
+        LaunchConfig { grid: (groups, splits, 1), block: (32, 8, 1), shared_bytes: 0 },
+        &[
+            x.arg(),
+            dy.map_or(Arg::Ptr(0), Tensor::arg),
+            mean.map_or(Arg::Ptr(0), Tensor::arg),
+            Arg::I64(rows as i64),
+            Arg::I32(c as i32),
+            partial.arg(),
+        ],
+    )?;
+    let (a, b) = (Tensor::empty(dev, &[c], DType::F32)?, Tensor::empty(dev, &[c], DType::F32)?);
+    dev.launch(
+        ModuleId::Norm,
+        kernels::find(ModuleId::Norm, "chan_finalize")?,
+        LaunchConfig::linear(c.div_ceil(256) as u32, 256, 0),
+        &[
+            partial.arg(),
+            Arg::I32(splits as i32),
+            Arg::I32(c as i32),
+            Arg::F32(scale_a),
+            scale_b.map_or(Arg::Ptr(0), Tensor::arg),
+            a.arg(),
+            b.arg(),
+        ],
+    )?;
+    Ok((a, b))
+}
+
+/// An element-wise launch over rows·C values.
+fn elementwise(dev: &Device, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+    dev.launch(
+        ModuleId::Norm,
+        kernels::find(ModuleId::Norm, name)?,
+        LaunchConfig::linear(n.div_ceil(256).clamp(1, 8192) as u32, 256, 0),
+        args,
+    )
+}
+
+impl BatchNorm {
+    /// A layer of `channels` with PyTorch's initial values, on `device`.
+    pub fn new(device: &Device, channels: usize, eps: f32) -> Result<BatchNorm> {
+        if channels == 0 || !(eps.is_finite() && eps > 0.0) {
+            return Err(Error::invalid("BatchNorm", "channels must be positive and eps finite and positive"));
+        }
+        let full = |v: f32| Tensor::from_slice(device, &[channels], &vec![v; channels]);
+        Ok(BatchNorm {
+            channels,
+            eps,
+            momentum: 0.1,
+            weight: full(1.0)?,
+            bias: full(0.0)?,
+            running_mean: full(0.0)?,
+            running_var: full(1.0)?,
+        })
+    }
+
+    fn params(&self) -> [&Tensor; 4] {
+        [&self.weight, &self.bias, &self.running_mean, &self.running_var]
+    }
+
+    /// `y = (x − μ)/sqrt(σ² + eps)·γ + β` over `[rows, C]`. Training: μ, σ²
+    /// are the batch's (biased variance) and the running statistics move by
+    /// `momentum`; eval: the running statistics.
+    pub fn forward(&mut self, x: &Tensor, training: bool) -> Result<(Tensor, BnCache)> {
+        const OP: &str = "BatchNorm::forward";
+        let c = self.channels;
+        let rows = check_rows(OP, x, c)?;
+        let mut all = vec![x];
+        all.extend(self.params());
+        let dev = same_device(OP, &all)?.clone();
+        if training && rows < 2 {
+            return Err(Error::invalid(OP, "training needs at least 2 rows per channel"));
+        }
+        if dev.kind() == DeviceKind::Cpu {
+            let (y, mean, invstd, rm, rv) = cpu::forward(
+                &host(x)?,
+                c,
+                &host(&self.weight)?,
+                &host(&self.bias)?,
+                &host(&self.running_mean)?,
+                &host(&self.running_var)?,
+                self.eps,
+                self.momentum,
+                training,
+            );
+            if training {
+                self.running_mean = Tensor::from_slice(&dev, &[c], &rm)?;
+                self.running_var = Tensor::from_slice(&dev, &[c], &rv)?;
+            }
+            let t = |v: Vec<f32>, shape: Vec<usize>| Tensor::from_host(&dev, shape, HostData::F32(v));
+            return Ok((t(y, vec![rows, c]), BnCache { mean: t(mean, vec![c]), invstd: t(invstd, vec![c]), training }));
+        }
+        let invstd = Tensor::empty(&dev, &[c], DType::F32)?;
+        let grid = LaunchConfig::linear(c.div_ceil(256) as u32, 256, 0);
+        let mean = if training {
+            let (mean, _) = chan_sums("mean", x, None, None, 1.0 / rows as f32, None)?;
+            let (var, _) = chan_sums("var", x, None, Some(&mean), 1.0 / rows as f32, None)?;
+            dev.launch(
+                ModuleId::Norm,
+                kernels::find(ModuleId::Norm, "bn_stats_finalize")?,
+                grid,
+                &[
+                    var.arg(),
+                    Arg::I64(rows as i64),
+                    Arg::I32(c as i32),
+                    Arg::F32(self.eps),
+                    Arg::F32(self.momentum),
+                    mean.arg(),
+                    invstd.arg(),
+                    self.running_mean.arg(),
+                    self.running_var.arg(),
+                ],
+            )?;
+            mean
+        } else {
+            dev.launch(
+                ModuleId::Norm,
+                kernels::find(ModuleId::Norm, "bn_eval_stats")?,
+                grid,
+                &[self.running_var.arg(), Arg::I32(c as i32), Arg::F32(self.eps), invstd.arg()],
+            )?;
+            self.running_mean.to_f32()?
+        };
+        let y = Tensor::empty(&dev, &[rows, c], DType::F32)?;
+        elementwise(
+            &dev,
+            "bn_apply",
+            rows * c,
+            &[
+                x.arg(),
+                mean.arg(),
+                invstd.arg(),
+                self.weight.arg(),
+                self.bias.arg(),
+                Arg::I64(rows as i64),
+                Arg::I32(c as i32),
+                y.arg(),
+            ],
+        )?;
+        Ok((y, BnCache { mean, invstd, training }))
+    }
+
+    /// Gradients for the forward pass that returned `cache` on input `x`.
+    pub fn backward(&self, x: &Tensor, cache: &BnCache, dy: &Tensor) -> Result<BnGrads> {
+        const OP: &str = "BatchNorm::backward";
+        let c = self.channels;
+        let rows = check_rows(OP, x, c)?;
+        if dy.shape() != x.shape() || dy.dtype() != DType::F32 {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("dy {:?} f32", x.shape()),
+                got: format!("{:?}", dy.shape()),
+            });
+        }
+        let dev = same_device(OP, &[x, dy, &self.weight, &cache.mean])?.clone();
+        if dev.kind() == DeviceKind::Cpu {
+            let (dx, dg, db) = cpu::backward(
+                &host(x)?,
+                &host(dy)?,
+                c,
+                &host(&cache.mean)?,
+                &host(&cache.invstd)?,
+                &host(&self.weight)?,
+                cache.training,
+            );
+            let t = |v: Vec<f32>, shape: Vec<usize>| Tensor::from_host(&dev, shape, HostData::F32(v));
+            return Ok(BnGrads { input: t(dx, vec![rows, c]), weight: t(dg, vec![c]), bias: t(db, vec![c]) });
+        }
+        let (dbeta, dgamma) = chan_sums("bn_bwd", x, Some(dy), Some(&cache.mean), 1.0, Some(&cache.invstd))?;
+        let dx = Tensor::empty(&dev, &[rows, c], DType::F32)?;
+        elementwise(
+            &dev,
+            "bn_backward",
+            rows * c,
+            &[
+                x.arg(),
+                dy.arg(),
+                cache.mean.arg(),
+                cache.invstd.arg(),
+                self.weight.arg(),
+                dbeta.arg(),
+                dgamma.arg(),
+                Arg::I64(rows as i64),
+                Arg::I32(c as i32),
+                Arg::I32(i32::from(cache.training)),
+                dx.arg(),
+            ],
+        )?;
+        Ok(BnGrads { input: dx, weight: dgamma, bias: dbeta })
+    }
+}
+
+fn check_alpha(op: &'static str, x: &Tensor, alpha: &Tensor) -> Result<(usize, usize)> {
+    let c = alpha.numel();
+    let rows = check_rows(op, x, c)?;
+    if alpha.shape() != [c] || alpha.dtype() != DType::F32 {
+        return Err(Error::Shape { op, expected: format!("f32 slopes [{c}]"), got: format!("{:?}", alpha.shape()) });
+    }
+    same_device(op, &[x, alpha])?;
+    Ok((rows, c))
+}
+
+/// PReLU: `y = x` where x > 0, else `α_c·x` (per channel; `alpha`: `[C]`).
+pub fn prelu(x: &Tensor, alpha: &Tensor) -> Result<Tensor> {
+    let (rows, c) = check_alpha("prelu", x, alpha)?;
+    let dev = x.device();
+    if dev.kind() == DeviceKind::Cpu {
+        let (xs, a) = (host(x)?, host(alpha)?);
+        let y = xs.iter().enumerate().map(|(i, &v)| if v > 0.0 { v } else { a[i % c] * v }).collect();
+        return Ok(Tensor::from_host(dev, vec![rows, c], HostData::F32(y)));
+    }
+    let y = Tensor::empty(dev, &[rows, c], DType::F32)?;
+    elementwise(
+        dev,
+        "prelu_fwd",
+        rows * c,
+        &[x.arg(), alpha.arg(), Arg::I64(rows as i64), Arg::I32(c as i32), y.arg()],
+    )?;
+    Ok(y)
+}
+
+/// PReLU's gradients: `(dx, dα)`, `dα_c = Σ dy·x` over the rows where x ≤ 0.
+pub fn prelu_backward(x: &Tensor, alpha: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "prelu_backward";
+    let (rows, c) = check_alpha(OP, x, alpha)?;
+    if dy.shape() != x.shape() || dy.dtype() != DType::F32 {
+        return Err(Error::Shape {
+            op: OP,
+            expected: format!("dy {:?} f32", x.shape()),
+            got: format!("{:?}", dy.shape()),
+        });
+    }
+    let dev = same_device(OP, &[x, dy])?;
+    if dev.kind() == DeviceKind::Cpu {
+        let (xs, a, g) = (host(x)?, host(alpha)?, host(dy)?);
+        let dx = xs.iter().zip(&g).enumerate().map(|(i, (&v, &d))| if v > 0.0 { d } else { a[i % c] * d }).collect();
+        let mut da = vec![0f64; c];
+        for (i, (&v, &d)) in xs.iter().zip(&g).enumerate() {
+            if v <= 0.0 {
+                da[i % c] += d as f64 * v as f64;
+            }
+        }
+        return Ok((
+            Tensor::from_host(dev, vec![rows, c], HostData::F32(dx)),
+            Tensor::from_host(dev, vec![c], HostData::F32(da.iter().map(|&v| v as f32).collect())),
+        ));
+    }
+    let dx = Tensor::empty(dev, &[rows, c], DType::F32)?;
+    elementwise(
+        dev,
+        "prelu_bwd",
+        rows * c,
+        &[x.arg(), alpha.arg(), dy.arg(), Arg::I64(rows as i64), Arg::I32(c as i32), dx.arg()],
+    )?;
+    let (da, _) = chan_sums("prelu_bwd", x, Some(dy), None, 1.0, None)?;
+    Ok((dx, da))
+}
+
+/// The residual add `a + b` (same shape, f32). Its backward passes the
+/// gradient to both inputs unchanged.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    const OP: &str = "add";
+    if a.shape() != b.shape() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return Err(Error::Shape {
+            op: OP,
+            expected: format!("f32 {:?}", a.shape()),
+            got: format!("{:?} {:?}", b.shape(), b.dtype()),
+        });
+    }
+    let dev = same_device(OP, &[a, b])?;
+    let n = a.numel();
+    if dev.kind() == DeviceKind::Cpu {
+        let y = host(a)?.iter().zip(host(b)?.iter()).map(|(p, q)| p + q).collect();
+        return Ok(Tensor::from_host(dev, a.shape().to_vec(), HostData::F32(y)));
+    }
+    let y = Tensor::empty(dev, a.shape(), DType::F32)?;
+    if n > 0 {
+        elementwise(dev, "add_f32", n, &[a.arg(), b.arg(), Arg::I64(n as i64), y.arg()])?;
+    }
+    Ok(y)
+}
+
+/// The CPU reference (f64 sums).
+pub mod cpu {
+    /// Forward: `(y, mean, invstd, new running mean, new running var)`.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub fn forward(
+        x: &[f32],
+        c: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        rm: &[f32],
+        rv: &[f32],
+        eps: f32,
+        momentum: f32,
+        training: bool,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let rows = x.len() / c;
+        let (mut mean, mut var) = (vec![0f64; c], vec![0f64; c]);
+        if training {
+            for (i, &v) in x.iter().enumerate() {
+                mean[i % c] += v as f64;
+            }
+            mean.iter_mut().for_each(|m| *m /= rows as f64);
+            for (i, &v) in x.iter().enumerate() {
+                var[i % c] += (v as f64 - mean[i % c]).powi(2);
+            }
+            var.iter_mut().for_each(|s| *s /= rows as f64);
+        } else {
+            mean = rm.iter().map(|&v| v as f64).collect();
+            var = rv.iter().map(|&v| v as f64).collect();
+        }
+        let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps as f64).sqrt()).collect();
+        let y = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| ((v as f64 - mean[i % c]) * invstd[i % c] * gamma[i % c] as f64 + beta[i % c] as f64) as f32)
+            .collect();
+        let (mut nrm, mut nrv) = (rm.to_vec(), rv.to_vec());
+        if training {
+            let m = momentum as f64;
+            for k in 0..c {
+                let unbiased = var[k] * rows as f64 / (rows as f64 - 1.0);
+                nrm[k] = ((1.0 - m) * rm[k] as f64 + m * mean[k]) as f32;
+                nrv[k] = ((1.0 - m) * rv[k] as f64 + m * unbiased) as f32;
+            }
+        }
+        let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        (y, f(&mean), f(&invstd), nrm, nrv)
+    }
+
+    /// Backward: `(dx, dγ, dβ)`.
+    pub fn backward(
+        x: &[f32],
+        dy: &[f32],
+        c: usize,
+        mean: &[f32],
+        invstd: &[f32],
+        gamma: &[f32],
+        training: bool,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let rows = x.len() / c;
+        let (mut db, mut dg) = (vec![0f64; c], vec![0f64; c]);
+        for (i, (&v, &g)) in x.iter().zip(dy).enumerate() {
+            let k = i % c;
+            db[k] += g as f64;
+            dg[k] += g as f64 * (v as f64 - mean[k] as f64) * invstd[k] as f64;
+        }
+        let m = rows as f64;
+        let dx = x
+            .iter()
+            .zip(dy)
+            .enumerate()
+            .map(|(i, (&v, &g))| {
+                let k = i % c;
+                let is = invstd[k] as f64;
+                let base = gamma[k] as f64 * is;
+                if training {
+                    let xh = (v as f64 - mean[k] as f64) * is;
+                    (base * (g as f64 - db[k] / m - xh * dg[k] / m)) as f32
+                } else {
+                    (base * g as f64) as f32
+                }
+            })
+            .collect();
+        let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        (dx, f(&dg), f(&db))
+    }
+}
