@@ -108,44 +108,70 @@ GIF_DEVICE void f32_outer(float (&acc)[8][8], const float* as, const float* bs, 
     for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
 }
 
-// acc = the (m0, n0) tile of op(A)·op(B) over K. kAK / kBK: A / B is
-// k-contiguous ([M, K] / [N, K]). As, Bs: 2 x kF32K x kF32Pitch floats of
-// shared memory each. Starts and ends with a __syncthreads, so the caller
-// may reuse As / Bs and read what it wrote before the call.
-template <bool kAK, bool kBK, bool kVec, typename TA, typename TB>
-GIF_DEVICE void f32_tile_mainloop(float (&acc)[8][8], float (*As)[kF32K * kF32Pitch], float (*Bs)[kF32K * kF32Pitch],
-                                  const TA* __restrict__ A, int lda, int m0, int M, const int* __restrict__ a_rows,
-                                  const TB* __restrict__ B, int ldb, int n0, int N, const int* __restrict__ b_rows,
-                                  int K) {
+// An operand read as a matrix (optionally through a row map): the source
+// every GEMM uses. Sources load a thread's share of the tile at (o0, k0)
+// into registers; f32_tile_loop stores them k-major.
+template <bool kKContig, bool kVec, typename T>
+struct MatrixSrc {
+  static constexpr bool kK = kKContig;
+  const T* X;
+  int ld;
+  const int* rows;
+  int o_total, k_total;
+  GIF_DEVICE void load(F32Stage& r, int o0, int k0) const {
+    f32_load<kKContig, kVec>(r, X, ld, rows, o0, k0, o_total, k_total);
+  }
+};
+
+// acc = the (m0, n0) tile of A·B over k in [k_begin, k_end) (multiples of
+// kF32K but the last), the operands given by sources (SrcA: o along M,
+// SrcB: o along N). As, Bs: 2 x kF32K x kF32Pitch floats of shared memory
+// each. Starts and ends with a __syncthreads, so the caller may reuse As /
+// Bs and read what it wrote before the call.
+template <typename SrcA, typename SrcB>
+GIF_DEVICE void f32_tile_loop(float (&acc)[8][8], float (*As)[kF32K * kF32Pitch], float (*Bs)[kF32K * kF32Pitch],
+                              const SrcA& a, int m0, const SrcB& b, int n0, int k_begin, int k_end) {
 #pragma unroll
   for (int i = 0; i < 8; ++i)
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
-  const int ktiles = (K + kF32K - 1) / kF32K;
+  const int ktiles = (k_end - k_begin + kF32K - 1) / kF32K;
   F32Stage ra, rb;
   __syncthreads();
   if (ktiles > 0) {
-    f32_load<kAK, kVec>(ra, A, lda, a_rows, m0, 0, M, K);
-    f32_load<kBK, kVec>(rb, B, ldb, b_rows, n0, 0, N, K);
-    f32_store<kAK>(ra, As[0]);
-    f32_store<kBK>(rb, Bs[0]);
+    a.load(ra, m0, k_begin);
+    b.load(rb, n0, k_begin);
+    f32_store<SrcA::kK>(ra, As[0]);
+    f32_store<SrcB::kK>(rb, Bs[0]);
   }
   __syncthreads();
   for (int kt = 0; kt < ktiles; ++kt) {
     const int cur = kt & 1;
     const bool more = kt + 1 < ktiles;
     if (more) {  // next tile's global loads overlap this tile's math
-      f32_load<kAK, kVec>(ra, A, lda, a_rows, m0, (kt + 1) * kF32K, M, K);
-      f32_load<kBK, kVec>(rb, B, ldb, b_rows, n0, (kt + 1) * kF32K, N, K);
+      a.load(ra, m0, k_begin + (kt + 1) * kF32K);
+      b.load(rb, n0, k_begin + (kt + 1) * kF32K);
     }
 #pragma unroll
     for (int k = 0; k < kF32K; ++k) f32_outer(acc, As[cur], Bs[cur], k);
     if (more) {
-      f32_store<kAK>(ra, As[cur ^ 1]);
-      f32_store<kBK>(rb, Bs[cur ^ 1]);
+      f32_store<SrcA::kK>(ra, As[cur ^ 1]);
+      f32_store<SrcB::kK>(rb, Bs[cur ^ 1]);
     }
     __syncthreads();
   }
+}
+
+// acc = the (m0, n0) tile of op(A)·op(B) over K for matrices. kAK / kBK: A /
+// B is k-contiguous ([M, K] / [N, K]); a_rows / b_rows map stored rows.
+template <bool kAK, bool kBK, bool kVec, typename TA, typename TB>
+GIF_DEVICE void f32_tile_mainloop(float (&acc)[8][8], float (*As)[kF32K * kF32Pitch], float (*Bs)[kF32K * kF32Pitch],
+                                  const TA* __restrict__ A, int lda, int m0, int M, const int* __restrict__ a_rows,
+                                  const TB* __restrict__ B, int ldb, int n0, int N, const int* __restrict__ b_rows,
+                                  int K) {
+  const MatrixSrc<kAK, kVec, TA> a{A, lda, a_rows, M, K};
+  const MatrixSrc<kBK, kVec, TB> b{B, ldb, b_rows, N, K};
+  f32_tile_loop(acc, As, Bs, a, m0, b, n0, 0, K);
 }
 
 // Row and column of acc[i][j] within the 128 x 128 tile.

@@ -1,15 +1,18 @@
-//! The convolution's CPU reference (the kernels' future oracle): an
-//! independent direct formula for the forward pass, finite differences for
-//! both gradients (the loss Σ y·g is linear, so central differences are
-//! exact up to rounding), the adjoint identity <conv(x), g> = <x, dgrad(g)>,
-//! and the OIHW → OHWI conversion, at IResNet's kinds of layers: 3x3 pad 1
-//! stride 1 and 2, 1x1 stride 2 (the downsample), the 3-channel stem.
+//! The convolution: its CPU reference against an independent direct formula,
+//! finite differences for both gradients (the loss Σ y·g is linear, so
+//! central differences are exact up to rounding) and the adjoint identity
+//! <conv(x), g> = <x, dgrad(g)>; the OIHW → OHWI conversion; and the
+//! implicit-GEMM kernels (forward, data and weight gradient) against the
+//! reference on the simulator (three orders) and a GPU when present, at
+//! IResNet's kinds of layers (3x3 pad 1 stride 1 and 2, 1x1 stride 2, the
+//! 3-channel stem), scalar and vector-load paths, several tiles.
 
 mod common;
 
 use common::*;
 use gif_fr::backbone::conv::cpu;
-use gif_fr::backbone::ConvShape;
+use gif_fr::backbone::{conv2d, conv2d_data_grad, conv2d_weight_grad, ConvShape};
+use gif_fr::{Device, Error, Tensor};
 
 const SHAPES: [ConvShape; 4] = [
     ConvShape { batch: 2, height: 5, width: 6, c_in: 3, c_out: 4, kernel: 3, stride: 1, pad: 1 },
@@ -118,5 +121,107 @@ fn bad_shapes_are_errors() {
         ConvShape { batch: 0, ..good },
     ] {
         assert!(bad.validate("t").is_err(), "{bad:?}");
+    }
+}
+
+/// |got − want| ≤ tol·max|want|.
+fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * scale, "{what}[{i}]: got {g}, want {w} (scale {scale})");
+    }
+}
+
+#[test]
+fn kernels_match_the_reference() {
+    let cases = [
+        SHAPES[0],
+        SHAPES[1],
+        SHAPES[2],
+        SHAPES[3],
+        // Vector loads (C % 4 == 0), stride 2, several pixel tiles.
+        ConvShape { batch: 2, height: 13, width: 11, c_in: 8, c_out: 12, kernel: 3, stride: 2, pad: 1 },
+        // An IResNet block's conv at reduced size: K = 9·16 > one k-tile; M = 2·10·9 > 128.
+        ConvShape { batch: 2, height: 10, width: 9, c_in: 16, c_out: 20, kernel: 3, stride: 1, pad: 1 },
+        // The downsample (1x1 stride 2) and a scalar path with K not a multiple of 16.
+        ConvShape { batch: 3, height: 8, width: 8, c_in: 8, c_out: 16, kernel: 1, stride: 2, pad: 0 },
+        ConvShape { batch: 1, height: 9, width: 9, c_in: 5, c_out: 7, kernel: 3, stride: 2, pad: 1 },
+    ];
+    for (n, s) in cases.iter().enumerate() {
+        let mut r = rng(500 + n as u64);
+        let (nx, nw, ny) = s.sizes();
+        let (ho, wo) = s.out_hw();
+        let (x, w, g) =
+            (uniform(&mut r, nx, -1.0, 1.0), uniform(&mut r, nw, -1.0, 1.0), uniform(&mut r, ny, -1.0, 1.0));
+        let want_y = cpu::forward(s, &x, &w);
+        let want_dx = cpu::data_grad(s, &g, &w);
+        let want_dw = cpu::weight_grad(s, &x, &g);
+        for dev in gpu_devices() {
+            let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(&dev, shape, v).unwrap();
+            let xt = t(&x, &[s.batch, s.height, s.width, s.c_in]);
+            let wt = t(&w, &[s.c_out, s.kernel, s.kernel, s.c_in]);
+            let gt = t(&g, &[s.batch, ho, wo, s.c_out]);
+            let what = format!("{dev} {s:?}");
+            close(&format!("{what} y"), &conv2d(&xt, &wt, s).unwrap().to_vec::<f32>().unwrap(), &want_y, 1e-5);
+            close(
+                &format!("{what} dx"),
+                &conv2d_data_grad(&gt, &wt, s).unwrap().to_vec::<f32>().unwrap(),
+                &want_dx,
+                1e-5,
+            );
+            close(
+                &format!("{what} dw"),
+                &conv2d_weight_grad(&xt, &gt, s).unwrap().to_vec::<f32>().unwrap(),
+                &want_dw,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn kernels_match_at_iresnet_shapes_on_a_gpu() {
+    let Some(dev) = cuda() else { return };
+    for s in [
+        ConvShape { batch: 8, height: 56, width: 56, c_in: 64, c_out: 64, kernel: 3, stride: 1, pad: 1 },
+        ConvShape { batch: 8, height: 28, width: 28, c_in: 64, c_out: 128, kernel: 3, stride: 2, pad: 1 },
+        ConvShape { batch: 8, height: 28, width: 28, c_in: 64, c_out: 128, kernel: 1, stride: 2, pad: 0 },
+        ConvShape { batch: 4, height: 112, width: 112, c_in: 3, c_out: 64, kernel: 3, stride: 1, pad: 1 },
+    ] {
+        let mut r = rng(s.c_out as u64);
+        let (nx, nw, ny) = s.sizes();
+        let (ho, wo) = s.out_hw();
+        let (x, w, g) =
+            (uniform(&mut r, nx, -1.0, 1.0), uniform(&mut r, nw, -1.0, 1.0), uniform(&mut r, ny, -1.0, 1.0));
+        let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(&dev, shape, v).unwrap();
+        let xt = t(&x, &[s.batch, s.height, s.width, s.c_in]);
+        let wt = t(&w, &[s.c_out, s.kernel, s.kernel, s.c_in]);
+        let gt = t(&g, &[s.batch, ho, wo, s.c_out]);
+        close("y", &conv2d(&xt, &wt, &s).unwrap().to_vec::<f32>().unwrap(), &cpu::forward(&s, &x, &w), 1e-5);
+        close(
+            "dx",
+            &conv2d_data_grad(&gt, &wt, &s).unwrap().to_vec::<f32>().unwrap(),
+            &cpu::data_grad(&s, &g, &w),
+            1e-5,
+        );
+        close(
+            "dw",
+            &conv2d_weight_grad(&xt, &gt, &s).unwrap().to_vec::<f32>().unwrap(),
+            &cpu::weight_grad(&s, &x, &g),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn kernel_bad_input_is_a_clear_error() {
+    let s = SHAPES[0];
+    for dev in [Device::cpu(), Device::sim()] {
+        let x = Tensor::from_slice(&dev, &[2, 5, 6, 4], &[0.5f32; 240]).unwrap();
+        let w = Tensor::from_slice(&dev, &[4, 3, 3, 3], &[0.5f32; 108]).unwrap();
+        assert!(matches!(conv2d(&x, &w, &s), Err(Error::Shape { .. })), "{dev}: channels");
+        let bad = ConvShape { stride: 0, ..s };
+        assert!(matches!(conv2d(&x, &w, &bad), Err(Error::InvalidArgument { .. })), "{dev}: stride 0");
     }
 }

@@ -4,11 +4,161 @@
 //! channel's filter is one contiguous row of the implicit-GEMM B operand
 //! (checkpoints' OIHW is converted on load).
 //!
-//! Only the CPU reference exists so far (f64 accumulation): forward, the
-//! data gradient and the weight gradient. The kernels (implicit GEMM on
-//! tile_f32.cuh and the bf16 tensor-core tile) are the next step of issue 8.
+//! [`conv2d`], [`conv2d_data_grad`], [`conv2d_weight_grad`]: f32 implicit
+//! GEMM on the fp32 SIMT tile (kernels/conv.cu), no im2col buffer; the CPU
+//! path is the f64 reference (slow: a fallback, and the tests' oracle). A
+//! bf16 tensor-core path is not built yet.
 
+use crate::device::{Arg, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
+use crate::kernels::{self, ModuleId};
+use crate::tensor::{same_device, DType, HostData, Tensor};
+
+const TILE: usize = 128;
+
+fn check(op: &'static str, t: &Tensor, what: &str, shape: [usize; 4]) -> Result<()> {
+    if t.shape() != shape || t.dtype() != DType::F32 {
+        return Err(Error::Shape {
+            op,
+            expected: format!("{what} f32 {shape:?}"),
+            got: format!("{:?} {:?}", t.shape(), t.dtype()),
+        });
+    }
+    Ok(())
+}
+
+impl ConvShape {
+    fn input(&self) -> [usize; 4] {
+        [self.batch, self.height, self.width, self.c_in]
+    }
+    fn weights(&self) -> [usize; 4] {
+        [self.c_out, self.kernel, self.kernel, self.c_in]
+    }
+    fn output(&self) -> [usize; 4] {
+        let (ho, wo) = self.out_hw();
+        [self.batch, ho, wo, self.c_out]
+    }
+    fn geometry(&self) -> Result<Vec<Arg>> {
+        let (ho, wo) = self.out_hw();
+        let pixels = self.batch.checked_mul(self.height.max(ho) * self.width.max(wo));
+        let taps = self.kernel * self.kernel * self.c_in.max(self.c_out);
+        if !pixels.is_some_and(|p| p <= i32::MAX as usize) || taps > i32::MAX as usize {
+            return Err(Error::invalid("conv2d", format!("{self:?} is too large for 32-bit indices")));
+        }
+        Ok([self.batch, self.height, self.width, self.c_in, self.c_out, self.kernel, self.stride, self.pad, ho, wo]
+            .iter()
+            .map(|&v| Arg::I32(v as i32))
+            .collect())
+    }
+    /// The vector-load kernels need both channel counts to be multiples of 4.
+    fn suffix(&self) -> &'static str {
+        if self.c_in % 4 == 0 && self.c_out % 4 == 0 {
+            "f32_v"
+        } else {
+            "f32"
+        }
+    }
+}
+
+/// `y = conv(x, w)`: x `[B, H, W, C_in]`, w `[C_out, k, k, C_in]`, y
+/// `[B, H_o, W_o, C_out]`, f32.
+pub fn conv2d(x: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
+    const OP: &str = "conv2d";
+    s.validate(OP)?;
+    check(OP, x, "input", s.input())?;
+    check(OP, w, "weights", s.weights())?;
+    let dev = same_device(OP, &[x, w])?;
+    if dev.kind() == DeviceKind::Cpu {
+        let y = cpu::forward(s, &x.host_f32()?, &w.host_f32()?);
+        return Ok(Tensor::from_host(dev, s.output().to_vec(), HostData::F32(y)));
+    }
+    let y = Tensor::empty(dev, &s.output(), DType::F32)?;
+    let (ho, wo) = s.out_hw();
+    let m = s.batch * ho * wo;
+    let mut args = vec![x.arg(), w.arg()];
+    args.extend(s.geometry()?);
+    args.push(y.arg());
+    dev.launch(
+        ModuleId::Conv,
+        kernels::find(ModuleId::Conv, &format!("conv_fwd_{}", s.suffix()))?,
+        LaunchConfig {
+            grid: (s.c_out.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        },
+        &args,
+    )?;
+    Ok(y)
+}
+
+/// The gradient with respect to the input: dy `[B, H_o, W_o, C_out]` →
+/// dx `[B, H, W, C_in]`.
+pub fn conv2d_data_grad(dy: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
+    const OP: &str = "conv2d_data_grad";
+    s.validate(OP)?;
+    check(OP, dy, "output gradient", s.output())?;
+    check(OP, w, "weights", s.weights())?;
+    let dev = same_device(OP, &[dy, w])?;
+    if dev.kind() == DeviceKind::Cpu {
+        let dx = cpu::data_grad(s, &dy.host_f32()?, &w.host_f32()?);
+        return Ok(Tensor::from_host(dev, s.input().to_vec(), HostData::F32(dx)));
+    }
+    let dx = Tensor::empty(dev, &s.input(), DType::F32)?;
+    let m = s.batch * s.height * s.width;
+    let mut args = vec![dy.arg(), w.arg()];
+    args.extend(s.geometry()?);
+    args.push(dx.arg());
+    dev.launch(
+        ModuleId::Conv,
+        kernels::find(ModuleId::Conv, &format!("conv_dgrad_{}", s.suffix()))?,
+        LaunchConfig {
+            grid: (s.c_in.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        },
+        &args,
+    )?;
+    Ok(dx)
+}
+
+/// The gradient with respect to the weights: `[C_out, k, k, C_in]`. On a
+/// GPU the sum over output pixels is split across blocks (to fill the GPU)
+/// whose parts are added atomically, so the last bits may vary run to run
+/// unless one split covers all pixels.
+pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tensor> {
+    const OP: &str = "conv2d_weight_grad";
+    s.validate(OP)?;
+    check(OP, x, "input", s.input())?;
+    check(OP, dy, "output gradient", s.output())?;
+    let dev = same_device(OP, &[x, dy])?;
+    if dev.kind() == DeviceKind::Cpu {
+        let dw = cpu::weight_grad(s, &x.host_f32()?, &dy.host_f32()?);
+        return Ok(Tensor::from_host(dev, s.weights().to_vec(), HostData::F32(dw)));
+    }
+    let dw = Tensor::zeros(dev, &s.weights(), DType::F32)?;
+    let (ho, wo) = s.out_hw();
+    let m = s.batch * ho * wo;
+    let n = s.kernel * s.kernel * s.c_in;
+    let tiles = n.div_ceil(TILE) * s.c_out.div_ceil(TILE);
+    let splits = 528usize.div_ceil(tiles).clamp(1, m.div_ceil(16));
+    let chunk = m.div_ceil(splits).div_ceil(16) * 16;
+    let splits = m.div_ceil(chunk);
+    let mut args = vec![x.arg(), dy.arg()];
+    args.extend(s.geometry()?);
+    args.push(Arg::I32(chunk as i32));
+    args.push(dw.arg());
+    dev.launch(
+        ModuleId::Conv,
+        kernels::find(ModuleId::Conv, &format!("conv_wgrad_{}", s.suffix()))?,
+        LaunchConfig {
+            grid: (n.div_ceil(TILE) as u32, s.c_out.div_ceil(TILE) as u32, splits as u32),
+            block: (256, 1, 1),
+            shared_bytes: 0,
+        },
+        &args,
+    )?;
+    Ok(dw)
+}
 
 /// Shape of a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

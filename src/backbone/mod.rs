@@ -1,10 +1,11 @@
 //! The IResNet backbone (insightface's iresnet.py) on NHWC activations:
-//! per-channel layers ([`norm`]: BatchNorm, PReLU, the residual add) with
-//! kernels, and the convolution's CPU reference ([`conv`]); the convolution
-//! kernels, the network and checkpoints are the next steps (issue 8).
+//! per-channel layers ([`norm`]: BatchNorm, PReLU, the residual add) and the
+//! convolution ([`conv`]: forward, data and weight gradients as implicit
+//! GEMM), with kernels; the network and checkpoints are the next steps
+//! (issue 8).
 
 pub mod conv;
 pub mod norm;
 
-pub use conv::ConvShape;
+pub use conv::{conv2d, conv2d_data_grad, conv2d_weight_grad, ConvShape};
 pub use norm::{add, prelu, prelu_backward, BatchNorm, BnCache, BnGrads};

@@ -1,0 +1,233 @@
+// conv.cu: 2-D convolution on NHWC activations as implicit GEMM
+// (src/backbone/conv.rs), on the fp32 SIMT tile of tile_f32.cuh. Weights are
+// OHWI ([Co, k, k, Ci]); the taps are t = r·k + q, and a GEMM index over
+// (tap, channel) is tap·C + c, channels fastest, so 4 consecutive indices
+// are 4 consecutive channels of one pixel when C % 4 == 0 (the _v kernels'
+// vector loads). No im2col buffer: the operand sources below compute each
+// element's address (or zero for padding) when the tile is loaded.
+//
+// conv_fwd    y[m, co] = Σ_{t,ci} x[pixel(m, t), ci]·w[co, t, ci]
+//             GEMM M = B·Ho·Wo (output pixels), N = Co, K = k·k·Ci;
+//             A = Im2colSrc (k-contiguous), B = w as [Co, K].
+// conv_dgrad  dx[p, ci] = Σ_{t,co} dy[out(p, t), co]·w[co, t, ci] over the
+//             taps whose output pixel exists (h + pad − r divisible by the
+//             stride and in range); M = B·H·W, N = Ci, K = k·k·Co;
+//             A = GatherDySrc, B = TapRowsSrc (w read as [(t, co), ci]).
+// conv_wgrad  dw[co, (t, ci)] = Σ_m dy[m, co]·x[pixel(m, t), ci];
+//             M = Co, N = k·k·Ci, K = B·Ho·Wo (output pixels), split over
+//             gridDim.z ranges of K (multiples of 16) whose partial tiles
+//             are added with atomicAdd into a zeroed dw (one split: each
+//             element has one writer, reproducible).
+//
+// Geometry arguments: B, H, W, Ci, Co, k, stride, pad, Ho, Wo.
+#include "tile_f32.cuh"
+
+namespace {
+
+struct Geom {
+  int B, H, W, Ci, Co, k, stride, pad, Ho, Wo;
+};
+
+// Output pixel m → (b, oy, ox).
+GIF_DEVICE void out_pixel(const Geom& g, int m, int& b, int& oy, int& ox) {
+  ox = m % g.Wo;
+  oy = (m / g.Wo) % g.Ho;
+  b = m / (g.Wo * g.Ho);
+}
+
+// x at output pixel (b, oy, ox), tap t, channel c; 0 in the padding.
+GIF_DEVICE const float* x_at(const float* x, const Geom& g, int b, int oy, int ox, int t, int c) {
+  const int iy = oy * g.stride - g.pad + t / g.k, ix = ox * g.stride - g.pad + t % g.k;
+  if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) return nullptr;
+  return x + (((long long)b * g.H + iy) * g.W + ix) * g.Ci + c;
+}
+
+// Loads 4 consecutive (tap, channel) indices k..k+3 (of K, channels C) at a
+// pixel: one float4 when kVec (C % 4 == 0, so they share the tap), else one
+// by one. `at(t, c)` gives the address or null (zero).
+template <bool kVec, typename At>
+GIF_DEVICE void load4(float (&v)[4], int k, int K, int C, At at) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = 0.0f;
+  if constexpr (kVec) {
+    if (k >= K) return;
+    const float* p = at(k / C, k % C);
+    if (p) {
+      const float4 f = *reinterpret_cast<const float4*>(p);
+      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (k + i >= K) break;
+      const float* p = at((k + i) / C, (k + i) % C);
+      if (p) v[i] = *p;
+    }
+  }
+}
+
+// A of conv_fwd: o = output pixel, k = (tap, ci); k-contiguous.
+template <bool kVec>
+struct Im2colSrc {
+  static constexpr bool kK = true;
+  const float* x;
+  Geom g;
+  int M, K;
+  GIF_DEVICE void load(F32Stage& r, int o0, int k0) const {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const int o = o0 + t / 4 + 64 * p, k = k0 + (t % 4) * 4;
+      int b = 0, oy = 0, ox = 0;
+      if (o < M) out_pixel(g, o, b, oy, ox);
+      const Geom& gg = g;
+      const float* xx = x;
+      const bool ok = o < M;
+      load4<kVec>(r.v[p], ok ? k : K, K, g.Ci,
+                  [&](int tap, int c) { return x_at(xx, gg, b, oy, ox, tap, c); });
+    }
+  }
+};
+
+// A of conv_dgrad: o = input pixel (b, h, w), k = (tap, co); k-contiguous.
+template <bool kVec>
+struct GatherDySrc {
+  static constexpr bool kK = true;
+  const float* dy;
+  Geom g;
+  int M, K;
+  GIF_DEVICE void load(F32Stage& r, int o0, int k0) const {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const int o = o0 + t / 4 + 64 * p, k = k0 + (t % 4) * 4;
+      const bool ok = o < M;
+      const int w = ok ? o % g.W : 0, h = ok ? (o / g.W) % g.H : 0, b = ok ? o / (g.W * g.H) : 0;
+      const Geom& gg = g;
+      const float* d = dy;
+      load4<kVec>(r.v[p], ok ? k : K, K, g.Co, [&](int tap, int c) -> const float* {
+        const int ty = h + gg.pad - tap / gg.k, tx = w + gg.pad - tap % gg.k;
+        if (ty < 0 || tx < 0 || ty % gg.stride || tx % gg.stride) return nullptr;
+        const int oy = ty / gg.stride, ox = tx / gg.stride;
+        if (oy >= gg.Ho || ox >= gg.Wo) return nullptr;
+        return d + (((long long)b * gg.Ho + oy) * gg.Wo + ox) * gg.Co + c;
+      });
+    }
+  }
+};
+
+// B of conv_dgrad: w read as [(tap, co), ci]: o = ci, k = (tap, co).
+template <bool kVec>
+struct TapRowsSrc {
+  static constexpr bool kK = false;
+  const float* w;
+  Geom g;
+  int K;  // k·k·Co
+  GIF_DEVICE void load(F32Stage& r, int o0, int k0) const {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const int k = k0 + t / 32 + 8 * p, o = o0 + (t % 32) * 4;
+      const int tap = k / g.Co, co = k % g.Co;
+      const float* row = w + ((long long)co * g.k * g.k + tap) * g.Ci;
+      const Geom& gg = g;
+      // Along o (ci): contiguous in the row; "tap" of load4 is always 0.
+      load4<kVec>(r.v[p], k < K ? o : gg.Ci, gg.Ci, gg.Ci, [&](int, int c) { return row + c; });
+    }
+  }
+};
+
+// B of conv_wgrad: o = (tap, ci), k = output pixel m.
+template <bool kVec>
+struct Im2colTSrc {
+  static constexpr bool kK = false;
+  const float* x;
+  Geom g;
+  int M, N;  // pixels, k·k·Ci
+  GIF_DEVICE void load(F32Stage& r, int o0, int k0) const {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const int k = k0 + t / 32 + 8 * p, o = o0 + (t % 32) * 4;
+      int b = 0, oy = 0, ox = 0;
+      const bool ok = k < M;
+      if (ok) out_pixel(g, k, b, oy, ox);
+      const Geom& gg = g;
+      const float* xx = x;
+      load4<kVec>(r.v[p], ok ? o : N, N, g.Ci, [&](int tap, int c) { return x_at(xx, gg, b, oy, ox, tap, c); });
+    }
+  }
+};
+
+// out[(r0 + i)·ld + c0 + j] = acc (or += with atomics) inside the bounds.
+template <bool kAtomic>
+GIF_DEVICE void store_tile(const float (&acc)[8][8], float* out, long long ld, int r0, int r_total, int c0, int c_total) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int r = r0 + f32_tile_row(i);
+    if (r >= r_total) continue;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int c = c0 + f32_tile_col(j);
+      if (c >= c_total) continue;
+      if (kAtomic) {
+        atomicAdd(out + r * ld + c, acc[i][j]);
+      } else {
+        out[r * ld + c] = acc[i][j];
+      }
+    }
+  }
+}
+
+template <bool kVec>
+GIF_DEVICE void conv_fwd(const float* __restrict__ x, const float* __restrict__ w, Geom g, float* __restrict__ y) {
+  __shared__ __align__(16) float As[2][kF32K * kF32Pitch];
+  __shared__ __align__(16) float Bs[2][kF32K * kF32Pitch];
+  const int M = g.B * g.Ho * g.Wo, K = g.k * g.k * g.Ci;
+  const int m0 = blockIdx.y * kF32Tile, n0 = blockIdx.x * kF32Tile;
+  float acc[8][8];
+  const Im2colSrc<kVec> a{x, g, M, K};
+  const MatrixSrc<true, kVec, float> b{w, K, nullptr, g.Co, K};
+  f32_tile_loop(acc, As, Bs, a, m0, b, n0, 0, K);
+  store_tile<false>(acc, y, g.Co, m0, M, n0, g.Co);
+}
+
+template <bool kVec>
+GIF_DEVICE void conv_dgrad(const float* __restrict__ dy, const float* __restrict__ w, Geom g, float* __restrict__ dx) {
+  __shared__ __align__(16) float As[2][kF32K * kF32Pitch];
+  __shared__ __align__(16) float Bs[2][kF32K * kF32Pitch];
+  const int M = g.B * g.H * g.W, K = g.k * g.k * g.Co;
+  const int m0 = blockIdx.y * kF32Tile, n0 = blockIdx.x * kF32Tile;
+  float acc[8][8];
+  const GatherDySrc<kVec> a{dy, g, M, K};
+  const TapRowsSrc<kVec> b{w, g, K};
+  f32_tile_loop(acc, As, Bs, a, m0, b, n0, 0, K);
+  store_tile<false>(acc, dx, g.Ci, m0, M, n0, g.Ci);
+}
+
+template <bool kVec>
+GIF_DEVICE void conv_wgrad(const float* __restrict__ x, const float* __restrict__ dy, Geom g, int chunk,
+                           float* __restrict__ dw) {
+  __shared__ __align__(16) float As[2][kF32K * kF32Pitch];
+  __shared__ __align__(16) float Bs[2][kF32K * kF32Pitch];
+  const int M = g.B * g.Ho * g.Wo, N = g.k * g.k * g.Ci;
+  const int m0 = blockIdx.y * kF32Tile, n0 = blockIdx.x * kF32Tile;
+  const int kb = blockIdx.z * chunk, ke = kb + chunk < M ? kb + chunk : M;
+  if (kb >= M) return;
+  float acc[8][8];
+  const MatrixSrc<false, kVec, float> a{dy, g.Co, nullptr, g.Co, M};
+  const Im2colTSrc<kVec> b{x, g, M, N};
+  f32_tile_loop(acc, As, Bs, a, m0, b, n0, kb, ke);
+  store_tile<true>(acc, dw, N, m0, g.Co, n0, N);
+}
+
+}  // namespace
+
+// clang-format off
+extern "C" __global__ void __launch_bounds__(256, 2) conv_fwd_f32(const float* x, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* y) { conv_fwd<false>(x, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, y); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv_fwd_f32_v(const float* x, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* y) { conv_fwd<true>(x, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, y); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv_dgrad_f32(const float* dy, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* dx) { conv_dgrad<false>(dy, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, dx); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv_dgrad_f32_v(const float* dy, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* dx) { conv_dgrad<true>(dy, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, dx); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv_wgrad_f32(const float* x, const float* dy, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, int chunk, float* dw) { conv_wgrad<false>(x, dy, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, chunk, dw); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv_wgrad_f32_v(const float* x, const float* dy, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, int chunk, float* dw) { conv_wgrad<true>(x, dy, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, chunk, dw); }
+// clang-format on
