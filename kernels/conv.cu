@@ -159,26 +159,6 @@ struct Im2colTSrc {
   }
 };
 
-// out[(r0 + i)·ld + c0 + j] = acc (or += with atomics) inside the bounds.
-template <bool kAtomic>
-GIF_DEVICE void store_tile(const float (&acc)[8][8], float* out, long long ld, int r0, int r_total, int c0, int c_total) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int r = r0 + f32_tile_row(i);
-    if (r >= r_total) continue;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int c = c0 + f32_tile_col(j);
-      if (c >= c_total) continue;
-      if (kAtomic) {
-        atomicAdd(out + r * ld + c, acc[i][j]);
-      } else {
-        out[r * ld + c] = acc[i][j];
-      }
-    }
-  }
-}
-
 template <bool kVec>
 GIF_DEVICE void conv_fwd(const float* __restrict__ x, const float* __restrict__ w, Geom g, float* __restrict__ y) {
   __shared__ __align__(16) float As[2][kF32K * kF32Pitch];

@@ -22,6 +22,7 @@
 // bn_backward          dx = γ·invstd·(dy − Σdy/M − x̂·Σ(dy·x̂)/M), x̂ = (x − m)·invstd.
 // prelu_fwd / _bwd     y = x > 0 ? x : a_c·x;  dx = dy·(x > 0 ? 1 : a_c).
 // add_f32              y = a + b (the residual).
+// bias_add_f32         y[r, c] += b[c] (Linear's bias).
 //
 // Element kernels are grid-stride over rows·C (64-bit indices).
 #include "common.cuh"
@@ -151,6 +152,13 @@ GIF_DEVICE void prelu_bwd_rows(const float* __restrict__ x, const float* __restr
     dx[i] = x[i] > 0.0f ? dy[i] : alpha[i % C] * dy[i];
 }
 
+// y[r, c] += b[c] (a Linear layer's bias).
+GIF_DEVICE void bias_add_rows(float* __restrict__ y, const float* __restrict__ b, long long rows, int C) {
+  const long long n = rows * C;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    y[i] += b[i % C];
+}
+
 GIF_DEVICE void add_rows(const float* __restrict__ a, const float* __restrict__ b, long long n, float* __restrict__ y) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
     y[i] = a[i] + b[i];
@@ -170,5 +178,6 @@ extern "C" __global__ void __launch_bounds__(256) bn_apply(const float* x, const
 extern "C" __global__ void __launch_bounds__(256) bn_backward(const float* x, const float* dy, const float* mean, const float* invstd, const float* gamma, const float* dbeta, const float* dgamma, long long rows, int C, int train, float* dx) { bn_backward_rows(x, dy, mean, invstd, gamma, dbeta, dgamma, rows, C, train, dx); }
 extern "C" __global__ void __launch_bounds__(256) prelu_fwd(const float* x, const float* alpha, long long rows, int C, float* y) { prelu_fwd_rows(x, alpha, rows, C, y); }
 extern "C" __global__ void __launch_bounds__(256) prelu_bwd(const float* x, const float* alpha, const float* dy, long long rows, int C, float* dx) { prelu_bwd_rows(x, alpha, dy, rows, C, dx); }
+extern "C" __global__ void __launch_bounds__(256) bias_add_f32(float* y, const float* b, long long rows, int C) { bias_add_rows(y, b, rows, C); }
 extern "C" __global__ void __launch_bounds__(256) add_f32(const float* a, const float* b, long long n, float* y) { add_rows(a, b, n, y); }
 // clang-format on

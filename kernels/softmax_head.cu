@@ -291,21 +291,6 @@ GIF_DEVICE void resident_gemm(float (&acc)[8][8], const float* Gs, float (*Bs)[k
   }
 }
 
-// out[(r0 + row) * ld + o0 + col] += acc for rows < r_total, columns < o_total.
-GIF_DEVICE void atomic_add_tile(const float (&acc)[8][8], float* out, long long ld, int r0, int r_total, int o0,
-                                int o_total) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int r = r0 + f32_tile_row(i);
-    if (r >= r_total) continue;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int o = o0 + f32_tile_col(j);
-      if (o < o_total) atomicAdd(out + r * ld + o, acc[i][j]);
-    }
-  }
-}
-
 template <typename T, bool kVec>
 GIF_DEVICE void softmax_bwd(const float* __restrict__ U, const T* __restrict__ W, const int* __restrict__ rows,
                             const float* __restrict__ rnorm, const int* __restrict__ target, const float* __restrict__ lse,
@@ -345,10 +330,10 @@ GIF_DEVICE void softmax_bwd(const float* __restrict__ U, const T* __restrict__ W
       float acc[8][8];
       // dU[rows m0.., c0..] += Σ_n G[n][row] r_n W[n][c]
       resident_gemm<true, kVec>(acc, Gs, Bs, W, d, rows, rnorm, c0, n0, d, N);
-      atomic_add_tile(acc, dU, d, m0, B, c0, d);
+      store_tile<true>(acc, dU, d, m0, B, c0, d);
       // dŴ[classes n0.., c0..] += Σ_row G[n][row] U[row][c]
       resident_gemm<false, kVec>(acc, Gs, Bs, U, d, nullptr, nullptr, c0, m0, d, B);
-      atomic_add_tile(acc, dW_hat, d, n0, N, c0, d);
+      store_tile<true>(acc, dW_hat, d, n0, N, c0, d);
     }
   }
 }

@@ -51,7 +51,7 @@ GIF_DEVICE void f32_load(F32Stage& r, const T* __restrict__ X, int ld, const int
     const bool row_ok = kKContig ? o < o_total : k < k_total;
 #pragma unroll
     for (int i = 0; i < 4; ++i) r.v[p][i] = 0.0f;
-    if (!row_ok || run_len <= 0) continue;
+    if (!row_ok || run_len <= 0) continue;  // the row map is read only inside the operand
     const T* src = kKContig ? X + f32_row(rows, o) * ld + k : X + f32_row(rows, k) * ld + o;
     if constexpr (kVec && gif_is_bf16<T>::value) {
       const uint2 w = *reinterpret_cast<const uint2*>(src);
@@ -177,3 +177,23 @@ GIF_DEVICE void f32_tile_mainloop(float (&acc)[8][8], float (*As)[kF32K * kF32Pi
 // Row and column of acc[i][j] within the 128 x 128 tile.
 GIF_DEVICE int f32_tile_row(int i) { return (i < 4 ? 0 : 64) + (threadIdx.x / 16) * 4 + (i & 3); }
 GIF_DEVICE int f32_tile_col(int j) { return (j < 4 ? 0 : 64) + (threadIdx.x % 16) * 4 + (j & 3); }
+
+// out[(r0 + i)·ld + c0 + j] = acc (or += with atomics) inside the bounds.
+template <bool kAtomic>
+GIF_DEVICE void store_tile(const float (&acc)[8][8], float* out, long long ld, int r0, int r_total, int c0, int c_total) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int r = r0 + f32_tile_row(i);
+    if (r >= r_total) continue;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int c = c0 + f32_tile_col(j);
+      if (c >= c_total) continue;
+      if (kAtomic) {
+        atomicAdd(out + r * ld + c, acc[i][j]);
+      } else {
+        out[r * ld + c] = acc[i][j];
+      }
+    }
+  }
+}

@@ -106,4 +106,8 @@ pub(crate) fn find(module: ModuleId, name: &str) -> crate::Result<&'static str> 
 /// Kernels allowed to spill registers to local memory under
 /// `ptxas -arch=sm_90`, each with the reason. tests/ptx.rs fails on a spill
 /// in any other kernel.
-pub const SPILLS_ALLOWED: &[(&str, &str)] = &[];
+pub const SPILLS_ALLOWED: &[(&str, &str)] = &[(
+    "gemm_f32_nn",
+    "NVRTC's PTX only (the no-nvcc fallback): the scalar, unaligned-shape path spills 12 bytes at the \
+     128-register cap of two blocks per SM; nvcc's PTX does not spill (2026-11-28, CUDA 13.0)",
+)];

@@ -16,15 +16,30 @@ use crate::tensor::{same_device, DType, HostData, Tensor};
 
 const TILE: usize = 128;
 
-fn check(op: &'static str, t: &Tensor, what: &str, shape: [usize; 4]) -> Result<()> {
-    if t.shape() != shape || t.dtype() != DType::F32 {
-        return Err(Error::Shape {
-            op,
-            expected: format!("{what} f32 {shape:?}"),
-            got: format!("{:?} {:?}", t.shape(), t.dtype()),
-        });
+/// Checks `t` is f32 `shape` or its `[pixels, channels]` flattening;
+/// returns whether it is the flattening.
+fn check(op: &'static str, t: &Tensor, what: &str, shape: [usize; 4]) -> Result<bool> {
+    let flat = [shape[0] * shape[1] * shape[2], shape[3]];
+    if t.dtype() == DType::F32 && t.shape() == shape {
+        return Ok(false);
     }
-    Ok(())
+    if t.dtype() == DType::F32 && t.shape() == flat {
+        return Ok(true);
+    }
+    Err(Error::Shape {
+        op,
+        expected: format!("{what} f32 {shape:?} (or {flat:?})"),
+        got: format!("{:?} {:?}", t.shape(), t.dtype()),
+    })
+}
+
+/// `shape`, or its `[pixels, channels]` flattening.
+fn shaped(shape: [usize; 4], flat: bool) -> Vec<usize> {
+    if flat {
+        vec![shape[0] * shape[1] * shape[2], shape[3]]
+    } else {
+        shape.to_vec()
+    }
 }
 
 impl ConvShape {
@@ -61,18 +76,20 @@ impl ConvShape {
 }
 
 /// `y = conv(x, w)`: x `[B, H, W, C_in]`, w `[C_out, k, k, C_in]`, y
-/// `[B, H_o, W_o, C_out]`, f32.
+/// `[B, H_o, W_o, C_out]`, f32. Activations may also be given flattened to
+/// `[pixels, channels]` (the layout BatchNorm takes); the result is then
+/// flattened too.
 pub fn conv2d(x: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
     const OP: &str = "conv2d";
     s.validate(OP)?;
-    check(OP, x, "input", s.input())?;
+    let flat = check(OP, x, "input", s.input())?;
     check(OP, w, "weights", s.weights())?;
     let dev = same_device(OP, &[x, w])?;
     if dev.kind() == DeviceKind::Cpu {
         let y = cpu::forward(s, &x.host_f32()?, &w.host_f32()?);
-        return Ok(Tensor::from_host(dev, s.output().to_vec(), HostData::F32(y)));
+        return Ok(Tensor::from_host(dev, shaped(s.output(), flat), HostData::F32(y)));
     }
-    let y = Tensor::empty(dev, &s.output(), DType::F32)?;
+    let y = Tensor::empty(dev, &shaped(s.output(), flat), DType::F32)?;
     let (ho, wo) = s.out_hw();
     let m = s.batch * ho * wo;
     let mut args = vec![x.arg(), w.arg()];
@@ -96,14 +113,14 @@ pub fn conv2d(x: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
 pub fn conv2d_data_grad(dy: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
     const OP: &str = "conv2d_data_grad";
     s.validate(OP)?;
-    check(OP, dy, "output gradient", s.output())?;
+    let flat = check(OP, dy, "output gradient", s.output())?;
     check(OP, w, "weights", s.weights())?;
     let dev = same_device(OP, &[dy, w])?;
     if dev.kind() == DeviceKind::Cpu {
         let dx = cpu::data_grad(s, &dy.host_f32()?, &w.host_f32()?);
-        return Ok(Tensor::from_host(dev, s.input().to_vec(), HostData::F32(dx)));
+        return Ok(Tensor::from_host(dev, shaped(s.input(), flat), HostData::F32(dx)));
     }
-    let dx = Tensor::empty(dev, &s.input(), DType::F32)?;
+    let dx = Tensor::empty(dev, &shaped(s.input(), flat), DType::F32)?;
     let m = s.batch * s.height * s.width;
     let mut args = vec![dy.arg(), w.arg()];
     args.extend(s.geometry()?);

@@ -5,7 +5,9 @@
 //! (issue 8).
 
 pub mod conv;
+pub mod iresnet;
 pub mod norm;
 
 pub use conv::{conv2d, conv2d_data_grad, conv2d_weight_grad, ConvShape};
-pub use norm::{add, prelu, prelu_backward, BatchNorm, BnCache, BnGrads};
+pub use iresnet::{ForwardCache, IResNet, IResNetConfig};
+pub use norm::{add, bias_add, column_sums, prelu, prelu_backward, BatchNorm, BnCache, BnGrads};

@@ -351,6 +351,38 @@ pub fn prelu_backward(x: &Tensor, alpha: &Tensor, dy: &Tensor) -> Result<(Tensor
     Ok((dx, da))
 }
 
+/// `y[r, c] += b[c]` in place (`y`: f32 `[rows, C]`, `b`: f32 `[C]`).
+pub fn bias_add(y: &mut Tensor, b: &Tensor) -> Result<()> {
+    const OP: &str = "bias_add";
+    let c = b.numel();
+    let rows = check_rows(OP, y, c)?;
+    same_device(OP, &[y, b])?;
+    let dev = y.device().clone();
+    if dev.kind() == DeviceKind::Cpu {
+        let bv = host(b)?;
+        if let Some(HostData::F32(v)) = y.host_mut() {
+            v.iter_mut().enumerate().for_each(|(i, a)| *a += bv[i % c]);
+        }
+        return Ok(());
+    }
+    elementwise(&dev, "bias_add_f32", rows * c, &[y.arg(), b.arg(), Arg::I64(rows as i64), Arg::I32(c as i32)])
+}
+
+/// Per-channel sums `Σ_r x[r, c]` (a bias's gradient), f32 `[C]`.
+pub fn column_sums(x: &Tensor) -> Result<Tensor> {
+    const OP: &str = "column_sums";
+    let (rows, c) = x.dims2(OP)?;
+    check_rows(OP, x, c)?;
+    let dev = x.device();
+    if dev.kind() == DeviceKind::Cpu {
+        let mut s = vec![0f64; c];
+        host(x)?.iter().enumerate().for_each(|(i, &v)| s[i % c] += v as f64);
+        return Ok(Tensor::from_host(dev, vec![c], HostData::F32(s.iter().map(|&v| v as f32).collect())));
+    }
+    let _ = rows;
+    Ok(chan_sums("mean", x, None, None, 1.0, None)?.0)
+}
+
 /// The residual add `a + b` (same shape, f32). Its backward passes the
 /// gradient to both inputs unchanged.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
