@@ -4,6 +4,7 @@
 //! GEMM), with kernels; the network and checkpoints are the next steps
 //! (issue 8).
 
+pub mod checkpoint;
 pub mod conv;
 pub mod iresnet;
 pub mod norm;
