@@ -26,7 +26,14 @@ commands:
                     log-probabilities) --top-k K --out FILE.safetensors
                     [--beam W] [--threshold T] [--device best|cpu|cuda|sim (cpu)]
                   writes ids (i64 [B, K], -1: none or below the threshold)
-                  and scores (f32 [B, K])";
+                  and scores (f32 [B, K])
+  embed           face embeddings with an insightface IResNet:
+                    --arch r18|r34|r50|r100 --weights FILE.safetensors
+                    --images FILE.npy --out FILE.npy [--batch N (32)]
+                    [--device best|cpu|cuda|sim (best)]
+                  images: uint8 [B, 112, 112, 3] RGB, or f32 [B, 3, 112, 112]
+                  normalized as insightface does; writes f32 [B, 512]
+                  (scripts/pth_to_safetensors.py converts a .pth)";
 
 fn info() {
     println!("gif-fr {}", env!("CARGO_PKG_VERSION"));
@@ -165,6 +172,43 @@ fn decode_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
     })())
 }
 
+fn embed_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
+    use gif_fr::backbone::{images, IResNet, IResNetConfig};
+    let (mut arch, mut weights, mut imgs, mut out, mut batch, mut device) =
+        (None::<String>, None::<PathBuf>, None::<PathBuf>, None::<PathBuf>, 32usize, "best".to_string());
+    let mut it = args.iter().cloned();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--arch" => arch = Some(parse(&a, it.next())?),
+            "--weights" => weights = Some(parse(&a, it.next())?),
+            "--images" => imgs = Some(parse(&a, it.next())?),
+            "--out" => out = Some(parse(&a, it.next())?),
+            "--batch" => batch = parse(&a, it.next())?,
+            "--device" => device = parse(&a, it.next())?,
+            other => return Err(Usage(format!("unknown option {other}"))),
+        }
+    }
+    let (Some(arch), Some(weights), Some(imgs), Some(out)) = (arch, weights, imgs, out) else {
+        return Err(Usage("embed needs --arch, --weights, --images and --out".into()));
+    };
+    let cfg = IResNetConfig::arch(&arch).map_err(|e| Usage(e.to_string()))?;
+    if batch == 0 {
+        return Err(Usage("--batch must be positive".into()));
+    }
+    let dev = device_arg(&device)?;
+    Ok((|| {
+        let dev = dev?;
+        let (pixels, b) = images::read_images(&imgs, cfg.input)?;
+        let e = cfg.embedding;
+        let mut net = IResNet::load(&weights, cfg, &dev)?;
+        let t0 = std::time::Instant::now();
+        let emb = net.embed(&pixels, batch)?;
+        images::write_npy(&out, &emb, b, e)?;
+        eprintln!("embedded {b} images on {dev} in {:.2} s", t0.elapsed().as_secs_f64());
+        Ok(())
+    })())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -174,6 +218,7 @@ fn main() -> ExitCode {
         }
         Some("tokenize") => tokenize_cmd(&args[1..]),
         Some("decode") => decode_cmd(&args[1..]),
+        Some("embed") => embed_cmd(&args[1..]),
         Some("codebook-info") => match args.get(1) {
             Some(f) if args.len() == 2 => {
                 Ok(Codebook::load(std::path::Path::new(f)).map(|b| print!("{}", b.describe())))

@@ -33,6 +33,7 @@ fn forward_matches_the_direct_formula() {
         let (x, w) = (uniform(&mut r, nx, -1.0, 1.0), uniform(&mut r, nw, -1.0, 1.0));
         let y = cpu::forward(s, &x, &w);
         assert_eq!(y.len(), ny);
+        close(&format!("{s:?} forward_gemm"), &cpu::forward_gemm(s, &x, &w), &y, 1e-5);
         let (ho, wo) = s.out_hw();
         let k = s.kernel;
         for b in 0..s.batch {

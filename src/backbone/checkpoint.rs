@@ -92,7 +92,7 @@ impl IResNet {
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| bad(format!("cannot map: {e}")))?;
         let st = safetensors::SafeTensors::deserialize(&map)
             .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-        let mut net = IResNet::new(cfg.clone(), device, 0)?;
+        let mut net = IResNet::build(cfg.clone(), device, None)?;
         let expected: BTreeMap<String, Vec<usize>> =
             net.state().into_iter().map(|(k, t)| (k, t.shape().to_vec())).collect();
         let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();

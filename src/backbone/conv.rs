@@ -5,9 +5,10 @@
 //! (checkpoints' OIHW is converted on load).
 //!
 //! [`conv2d`], [`conv2d_data_grad`], [`conv2d_weight_grad`]: f32 implicit
-//! GEMM on the fp32 SIMT tile (kernels/conv.cu), no im2col buffer; the CPU
-//! path is the f64 reference (slow: a fallback, and the tests' oracle). A
-//! bf16 tensor-core path is not built yet.
+//! GEMM on the fp32 SIMT tile (kernels/conv.cu), no im2col buffer. On the
+//! CPU the forward is im2col per image + the `gemm` crate; the gradients are
+//! the f64 reference (slow: a fallback, and the tests' oracle). A bf16
+//! tensor-core path is not built yet.
 
 use crate::device::{Arg, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
@@ -86,7 +87,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
     check(OP, w, "weights", s.weights())?;
     let dev = same_device(OP, &[x, w])?;
     if dev.kind() == DeviceKind::Cpu {
-        let y = cpu::forward(s, &x.host_f32()?, &w.host_f32()?);
+        let y = cpu::forward_gemm(s, &x.host_f32()?, &w.host_f32()?);
         return Ok(Tensor::from_host(dev, shaped(s.output(), flat), HostData::F32(y)));
     }
     let y = Tensor::empty(dev, &shaped(s.output(), flat), DType::F32)?;
@@ -269,7 +270,56 @@ pub mod cpu {
         }
     }
 
-    /// `y = conv(x, w)`.
+    /// `y = conv(x, w)` through im2col (per image, `H_o·W_o x k²·C_in`
+    /// floats) and the `gemm` crate: the CPU path's forward (f32).
+    pub fn forward_gemm(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (ho, wo) = s.out_hw();
+        let (k, kk) = (s.kernel, s.kernel * s.kernel * s.c_in);
+        let (npix, in_img) = (ho * wo, s.height * s.width * s.c_in);
+        let mut y = vec![0f32; s.batch * npix * s.c_out];
+        let mut col = vec![0f32; npix * kk];
+        for b in 0..s.batch {
+            let xb = &x[b * in_img..(b + 1) * in_img];
+            col.par_chunks_mut(kk).enumerate().for_each(|(pix, row)| {
+                let (oy, ox) = (pix / wo, pix % wo);
+                for r in 0..k {
+                    for q in 0..k {
+                        let dst = &mut row[(r * k + q) * s.c_in..(r * k + q + 1) * s.c_in];
+                        let (iy, ix) = (
+                            (oy * s.stride + r) as isize - s.pad as isize,
+                            (ox * s.stride + q) as isize - s.pad as isize,
+                        );
+                        if iy < 0 || ix < 0 || iy >= s.height as isize || ix >= s.width as isize {
+                            dst.fill(0.0);
+                        } else {
+                            let at = (iy as usize * s.width + ix as usize) * s.c_in;
+                            dst.copy_from_slice(&xb[at..at + s.c_in]);
+                        }
+                    }
+                }
+            });
+            let yb = &mut y[b * npix * s.c_out..(b + 1) * npix * s.c_out];
+            crate::gemm::cpu::gemm(
+                npix,
+                s.c_out,
+                kk,
+                1.0,
+                &col,
+                kk,
+                crate::gemm::Op::N,
+                w,
+                kk,
+                crate::gemm::Op::T,
+                0.0,
+                yb,
+                s.c_out,
+            );
+        }
+        y
+    }
+
+    /// `y = conv(x, w)` (f64 accumulation: the reference).
     pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
         let mut y = vec![0f64; s.sizes().2];
         taps(s, |o, i, k| y[o] += x[i] as f64 * w[k] as f64);

@@ -146,11 +146,18 @@ impl IResNet {
     /// A network with seeded random weights (Kaiming-normal convolutions,
     /// BN γ = 1 / β = 0, PReLU 0.25, Linear normal with variance 1/fan-in).
     pub fn new(cfg: IResNetConfig, device: &Device, seed: u64) -> Result<IResNet> {
+        IResNet::build(cfg, device, Some(seed))
+    }
+
+    /// The network with random weights (`seed`), or with zero weights to be
+    /// overwritten (None: checkpoint loading).
+    pub(crate) fn build(cfg: IResNetConfig, device: &Device, seed: Option<u64>) -> Result<IResNet> {
         cfg.validate()?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut rng = seed.map(rand::rngs::StdRng::seed_from_u64);
         let mut normal = |shape: &[usize], sd: f32| -> Result<Tensor> {
+            let Some(rng) = rng.as_mut() else { return Tensor::zeros(device, shape, DType::F32) };
             let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| sd * Distribution::<f32>::sample(&StandardNormal, &mut rng)).collect();
+            let v: Vec<f32> = (0..n).map(|_| sd * Distribution::<f32>::sample(&StandardNormal, rng)).collect();
             Tensor::from_slice(device, shape, &v)
         };
         let kaiming = |c_in: usize, k: usize| (2.0 / (c_in * k * k) as f32).sqrt();
@@ -230,6 +237,27 @@ impl IResNet {
         m.insert("fc.bias".into(), &self.fc_bias);
         insert_bn_state(&mut m, "features", &self.features);
         m
+    }
+
+    /// Embeddings `[B, E]` (eval mode) of NHWC images `[B, H, W, 3]` given
+    /// as host values, `chunk` images at a time (bounding the activations'
+    /// memory).
+    pub fn embed(&mut self, images: &[f32], chunk: usize) -> Result<Vec<f32>> {
+        let s = self.cfg.input;
+        let per = s * s * 3;
+        if images.len() % per != 0 || chunk == 0 {
+            return Err(Error::invalid(
+                "IResNet::embed",
+                format!("{} values are not images of {s}x{s}x3", images.len()),
+            ));
+        }
+        let mut out = Vec::with_capacity(images.len() / per * self.cfg.embedding);
+        for part in images.chunks(per * chunk) {
+            let b = part.len() / per;
+            let x = Tensor::from_slice(&self.device, &[b, s, s, 3], part)?;
+            out.extend(self.forward(&x, false)?.0.to_vec::<f32>()?);
+        }
+        Ok(out)
     }
 
     /// Replaces the parameter or buffer `name` (a [`IResNet::state`] name)

@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod conv;
+pub mod images;
 pub mod iresnet;
 pub mod norm;
 

@@ -1,0 +1,64 @@
+//! Face images for the backbone, from .npy files: uint8 `[B, H, W, 3]` RGB
+//! (normalized as insightface does, (x/255 − 0.5)/0.5) or f32 `[B, 3, H, W]`
+//! already normalized (transposed to NHWC). Also the .npy writer of
+//! embeddings.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// NHWC f32 pixels `[B, size, size, 3]` and B, from `path`.
+pub fn read_images(path: &Path, size: usize) -> Result<(Vec<f32>, usize)> {
+    let bad = |m: String| Error::file(path, m);
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| bad(format!("not a .npy file: {e}")))?;
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    if npy.order() != npyz::Order::C {
+        return Err(bad("expected C (row-major) order".into()));
+    }
+    let dtype = match npy.dtype() {
+        npyz::DType::Plain(t) => t.to_string(),
+        other => return Err(bad(format!("expected uint8 or f32 images, got {other:?}"))),
+    };
+    match (dtype.as_str(), &shape[..]) {
+        ("|u1", &[b, h, w, 3]) if h == size && w == size => {
+            let v = npy.into_vec::<u8>().map_err(|e| bad(format!("cannot read the values: {e}")))?;
+            Ok((v.iter().map(|&p| (p as f32 / 255.0 - 0.5) / 0.5).collect(), b))
+        }
+        ("<f4", &[b, 3, h, w]) if h == size && w == size => {
+            let v = npy.into_vec::<f32>().map_err(|e| bad(format!("cannot read the values: {e}")))?;
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(bad(format!("element {i} is not finite")));
+            }
+            let hw = h * w;
+            let mut out = vec![0f32; v.len()];
+            for n in 0..b {
+                for c in 0..3 {
+                    for p in 0..hw {
+                        out[(n * hw + p) * 3 + c] = v[(n * 3 + c) * hw + p];
+                    }
+                }
+            }
+            Ok((out, b))
+        }
+        (d, s) => Err(bad(format!(
+            "expected uint8 [B, {size}, {size}, 3] (RGB) or f32 [B, 3, {size}, {size}] (normalized), got {d} {s:?}"
+        ))),
+    }
+}
+
+/// Writes f32 `[rows, cols]` as a .npy file.
+pub fn write_npy(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result<()> {
+    let bad = |m: String| Error::file(path, m);
+    let file = std::fs::File::create(path).map_err(|e| bad(format!("cannot create: {e}")))?;
+    use npyz::WriterBuilder;
+    let mut w = npyz::WriteOptions::<f32>::new()
+        .default_dtype()
+        .shape(&[rows as u64, cols as u64])
+        .writer(std::io::BufWriter::new(file))
+        .begin_nd()
+        .map_err(|e| bad(format!("cannot write: {e}")))?;
+    w.extend(values.iter().copied()).map_err(|e| bad(format!("cannot write: {e}")))?;
+    w.finish().map_err(|e| bad(format!("cannot write: {e}")))?;
+    Ok(())
+}
