@@ -77,15 +77,18 @@ fn embed_reads_images_and_writes_embeddings() {
     // One uint8 RGB image.
     let pixels: Vec<u8> = (0..112 * 112 * 3).map(|i| (i * 37 % 251) as u8).collect();
     std::fs::write(&images, common::npy_bytes("|u1", &[1, 112, 112, 3], &pixels)).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr"))
-        .args(["embed", "--arch", "r18", "--device", "cpu", "--weights"])
-        .arg(&weights)
-        .arg("--images")
-        .arg(&images)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let embed = |arch: &str| {
+        Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+            .args(["embed", "--arch", arch, "--device", "cpu", "--weights"])
+            .arg(&weights)
+            .arg("--images")
+            .arg(&images)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = embed("r18");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (emb, shape) = gif_fr::tokenizer::read_npy(&out).unwrap();
     assert_eq!(shape, vec![1, 512]);
@@ -93,27 +96,11 @@ fn embed_reads_images_and_writes_embeddings() {
     let norm: Vec<f32> = pixels.iter().map(|&p| (p as f32 / 255.0 - 0.5) / 0.5).collect();
     assert_eq!(emb, net.embed(&norm, 1).unwrap());
     // A wrong arch for the weights, and images of the wrong shape, are errors.
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr"))
-        .args(["embed", "--arch", "r34", "--device", "cpu", "--weights"])
-        .arg(&weights)
-        .arg("--images")
-        .arg(&images)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = embed("r34");
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("layer"), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::write(&images, common::npy_bytes("|u1", &[1, 64, 64, 3], &pixels[..64 * 64 * 3])).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr"))
-        .args(["embed", "--arch", "r18", "--device", "cpu", "--weights"])
-        .arg(&weights)
-        .arg("--images")
-        .arg(&images)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = embed("r18");
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("112"), "{}", String::from_utf8_lossy(&o.stderr));
 }

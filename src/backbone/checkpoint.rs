@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::conv::cpu::oihw_to_ohwi;
+use super::conv::cpu::{ohwi_to_oihw, oihw_to_ohwi};
 use super::iresnet::{IResNet, IResNetConfig};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -46,20 +46,6 @@ fn torch_shape(shape: &[usize]) -> Vec<usize> {
         [o, k1, k2, i] => vec![*o, *i, *k1, *k2],
         s => s.to_vec(),
     }
-}
-
-fn ohwi_to_oihw(w: &[f32], o: usize, i: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; w.len()];
-    for oo in 0..o {
-        for ii in 0..i {
-            for r in 0..k {
-                for q in 0..k {
-                    out[((oo * i + ii) * k + r) * k + q] = w[((oo * k + r) * k + q) * i + ii];
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Columns (c, hw) → (hw, c) of an `[e, c·hw]` matrix, or back (`to_torch`).

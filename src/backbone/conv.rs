@@ -342,12 +342,26 @@ pub mod cpu {
 
     /// OIHW (PyTorch) weights to OHWI.
     pub fn oihw_to_ohwi(w: &[f32], c_out: usize, c_in: usize, k: usize) -> Vec<f32> {
+        permute_weights(w, c_out, c_in, k, true)
+    }
+
+    /// OHWI weights to OIHW (PyTorch).
+    pub fn ohwi_to_oihw(w: &[f32], c_out: usize, c_in: usize, k: usize) -> Vec<f32> {
+        permute_weights(w, c_out, c_in, k, false)
+    }
+
+    fn permute_weights(w: &[f32], c_out: usize, c_in: usize, k: usize, to_ohwi: bool) -> Vec<f32> {
         let mut out = vec![0f32; w.len()];
         for o in 0..c_out {
             for i in 0..c_in {
                 for r in 0..k {
                     for q in 0..k {
-                        out[((o * k + r) * k + q) * c_in + i] = w[((o * c_in + i) * k + r) * k + q];
+                        let (oihw, ohwi) = (((o * c_in + i) * k + r) * k + q, ((o * k + r) * k + q) * c_in + i);
+                        if to_ohwi {
+                            out[ohwi] = w[oihw];
+                        } else {
+                            out[oihw] = w[ohwi];
+                        }
                     }
                 }
             }

@@ -11,15 +11,7 @@ use crate::error::{Error, Result};
 pub fn read_images(path: &Path, size: usize) -> Result<(Vec<f32>, usize)> {
     let bad = |m: String| Error::file(path, m);
     let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| bad(format!("not a .npy file: {e}")))?;
-    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    if npy.order() != npyz::Order::C {
-        return Err(bad("expected C (row-major) order".into()));
-    }
-    let dtype = match npy.dtype() {
-        npyz::DType::Plain(t) => t.to_string(),
-        other => return Err(bad(format!("expected uint8 or f32 images, got {other:?}"))),
-    };
+    let (npy, shape, dtype) = crate::tokenizer::open_npy(path, &bytes)?;
     match (dtype.as_str(), &shape[..]) {
         ("|u1", &[b, h, w, 3]) if h == size && w == size => {
             let v = npy.into_vec::<u8>().map_err(|e| bad(format!("cannot read the values: {e}")))?;

@@ -264,21 +264,33 @@ pub fn tokenize_with_report(input: Input, cfg: &Config, device: &Device) -> Resu
     Ok((book, report))
 }
 
-/// Reads a `.npy` array of f32 or f64 (C order) as `(values, shape)`, f64
-/// narrowed to f32. Any other dtype or layout, or an unreadable file, is an
-/// [`Error::File`].
-pub fn read_npy(path: &std::path::Path) -> Result<(Vec<f32>, Vec<usize>)> {
+/// An opened `.npy` file: the reader, its shape and its plain dtype
+/// ("<f4", "|u1", ...).
+pub type NpyParts<'a> = (npyz::NpyFile<&'a [u8]>, Vec<usize>, String);
+
+/// Opens the C-order `.npy` file in `bytes` (read from `path`, named in
+/// errors).
+pub fn open_npy<'a>(path: &std::path::Path, bytes: &'a [u8]) -> Result<NpyParts<'a>> {
     let bad = |m: String| Error::file(path, m);
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let npy = npyz::NpyFile::new(&bytes[..]).map_err(|e| bad(format!("not a .npy file: {e}")))?;
+    let npy = npyz::NpyFile::new(bytes).map_err(|e| bad(format!("not a .npy file: {e}")))?;
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     if npy.order() != npyz::Order::C {
         return Err(bad("expected C (row-major) order, got Fortran order".into()));
     }
     let dtype = match npy.dtype() {
         npyz::DType::Plain(t) => t.to_string(),
-        other => return Err(bad(format!("expected f32 or f64 values, got {other:?}"))),
+        other => return Err(bad(format!("expected a plain numeric dtype, got {other:?}"))),
     };
+    Ok((npy, shape, dtype))
+}
+
+/// Reads a `.npy` array of f32 or f64 (C order) as `(values, shape)`, f64
+/// narrowed to f32. Any other dtype or layout, or an unreadable file, is an
+/// [`Error::File`].
+pub fn read_npy(path: &std::path::Path) -> Result<(Vec<f32>, Vec<usize>)> {
+    let bad = |m: String| Error::file(path, m);
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let (npy, shape, dtype) = open_npy(path, &bytes)?;
     let data: Vec<f32> = match dtype.as_str() {
         "<f4" => npy.into_vec::<f32>().map_err(|e| bad(format!("cannot read the values: {e}")))?,
         "<f8" => npy
