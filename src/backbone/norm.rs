@@ -371,7 +371,7 @@ pub fn bias_add(y: &mut Tensor, b: &Tensor) -> Result<()> {
 /// Per-channel sums `Σ_r x[r, c]` (a bias's gradient), f32 `[C]`.
 pub fn column_sums(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "column_sums";
-    let (rows, c) = x.dims2(OP)?;
+    let c = x.dims2(OP)?.1;
     check_rows(OP, x, c)?;
     let dev = x.device();
     if dev.kind() == DeviceKind::Cpu {
@@ -379,7 +379,6 @@ pub fn column_sums(x: &Tensor) -> Result<Tensor> {
         host(x)?.iter().enumerate().for_each(|(i, &v)| s[i % c] += v as f64);
         return Ok(Tensor::from_host(dev, vec![c], HostData::F32(s.iter().map(|&v| v as f32).collect())));
     }
-    let _ = rows;
     Ok(chan_sums("mean", x, None, None, 1.0, None)?.0)
 }
 

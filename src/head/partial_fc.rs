@@ -143,8 +143,10 @@ impl PartialFc {
             // Radix select of the k − p largest negative keys: sel = {hi, rem, lo, rem}.
             let need = dev.upload(bytemuck::cast_slice(&[(k - p) as i32]))?;
             let sel = dev.alloc(16)?;
+            // One zeroed allocation for both passes' histograms.
+            let hists = dev.alloc_zeroed(2 * 65536 * 4)?;
             for pass in 0..2 {
-                let hist = dev.alloc_zeroed(65536 * 4)?;
+                let hist = dev.ptr(&hists) + (pass * 65536 * 4) as u64;
                 let match_hi = if pass == 0 { 0 } else { dev.ptr(&sel) };
                 launch(
                     "pfc_hist",
@@ -155,14 +157,14 @@ impl PartialFc {
                         Arg::U32(a),
                         Arg::U32(b),
                         Arg::Ptr(match_hi),
-                        Arg::Ptr(dev.ptr(&hist)),
+                        Arg::Ptr(hist),
                     ],
                 )?;
                 let need_ptr = if pass == 0 { dev.ptr(&need) } else { dev.ptr(&sel) + 4 };
                 launch(
                     "pfc_find",
                     LaunchConfig::linear(1, 256, 0),
-                    &[Arg::Ptr(dev.ptr(&hist)), Arg::Ptr(need_ptr), Arg::Ptr(dev.ptr(&sel) + 8 * pass)],
+                    &[Arg::Ptr(hist), Arg::Ptr(need_ptr), Arg::Ptr(dev.ptr(&sel) + 8 * pass as u64)],
                 )?;
             }
             Some(sel)
