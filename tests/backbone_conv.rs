@@ -74,6 +74,9 @@ fn gradients_match_finite_differences_and_the_adjoint() {
             (uniform(&mut r, nx, -1.0, 1.0), uniform(&mut r, nw, -1.0, 1.0), uniform(&mut r, ny, -1.0, 1.0));
         let dx = cpu::data_grad(s, &g, &w);
         let dw = cpu::weight_grad(s, &x, &g);
+        // The CPU path's im2col / col2im + GEMM gradients equal the direct reference.
+        close(&format!("{s:?} data_grad_gemm"), &cpu::data_grad_gemm(s, &g, &w), &dx, 1e-5);
+        close(&format!("{s:?} weight_grad_gemm"), &cpu::weight_grad_gemm(s, &x, &g), &dw, 1e-5);
         // Adjoint: <conv(x, w), g> = <x, dgrad(g, w)> = <w, wgrad(x, g)>.
         let lhs = dot(&cpu::forward(s, &x, &w), &g);
         assert!((lhs - dot(&x, &dx)).abs() < 1e-4 * lhs.abs().max(1.0), "{s:?}: data-gradient adjoint");

@@ -6,9 +6,9 @@
 //!
 //! [`conv2d`], [`conv2d_data_grad`], [`conv2d_weight_grad`]: f32 implicit
 //! GEMM on the fp32 SIMT tile (kernels/conv.cu), no im2col buffer. On the
-//! CPU the forward is im2col per image + the `gemm` crate; the gradients are
-//! the f64 reference (slow: a fallback, and the tests' oracle). A bf16
-//! tensor-core path is not built yet.
+//! CPU all three are im2col / col2im per image + the `gemm` crate (f32);
+//! `cpu::{forward, data_grad, weight_grad}` are the direct f64 reference
+//! (the tests' oracle). A bf16 tensor-core path is not built yet.
 
 use crate::device::{Arg, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
@@ -118,7 +118,7 @@ pub fn conv2d_data_grad(dy: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor
     check(OP, w, "weights", s.weights())?;
     let dev = same_device(OP, &[dy, w])?;
     if dev.kind() == DeviceKind::Cpu {
-        let dx = cpu::data_grad(s, &dy.host_f32()?, &w.host_f32()?);
+        let dx = cpu::data_grad_gemm(s, &dy.host_f32()?, &w.host_f32()?);
         return Ok(Tensor::from_host(dev, shaped(s.input(), flat), HostData::F32(dx)));
     }
     let dx = Tensor::empty(dev, &shaped(s.input(), flat), DType::F32)?;
@@ -150,7 +150,7 @@ pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tens
     check(OP, dy, "output gradient", s.output())?;
     let dev = same_device(OP, &[x, dy])?;
     if dev.kind() == DeviceKind::Cpu {
-        let dw = cpu::weight_grad(s, &x.host_f32()?, &dy.host_f32()?);
+        let dw = cpu::weight_grad_gemm(s, &x.host_f32()?, &dy.host_f32()?);
         return Ok(Tensor::from_host(dev, s.weights().to_vec(), HostData::F32(dw)));
     }
     let dw = Tensor::zeros(dev, &s.weights(), DType::F32)?;
@@ -236,6 +236,7 @@ impl ConvShape {
 /// The CPU reference.
 pub mod cpu {
     use super::ConvShape;
+    use crate::gemm::Op;
 
     /// Calls `f(out_index, in_index, weight_index)` for every product of the
     /// convolution (out-of-range taps skipped).
@@ -270,53 +271,100 @@ pub mod cpu {
         }
     }
 
+    /// Fills `col` (`H_o·W_o x k²·C_in`, row per output pixel, columns
+    /// (tap, channel)) from one image `xb` (`H x W x C_in`); padding is 0.
+    fn im2col(s: &ConvShape, xb: &[f32], col: &mut [f32]) {
+        use rayon::prelude::*;
+        let (_, wo) = s.out_hw();
+        let (k, kk) = (s.kernel, s.kernel * s.kernel * s.c_in);
+        col.par_chunks_mut(kk).enumerate().for_each(|(pix, row)| {
+            let (oy, ox) = (pix / wo, pix % wo);
+            for r in 0..k {
+                for q in 0..k {
+                    let dst = &mut row[(r * k + q) * s.c_in..(r * k + q + 1) * s.c_in];
+                    match in_pixel(s, oy, ox, r, q) {
+                        Some(at) => dst.copy_from_slice(&xb[at * s.c_in..(at + 1) * s.c_in]),
+                        None => dst.fill(0.0),
+                    }
+                }
+            }
+        });
+    }
+
+    /// The input pixel (y·W + x within the image) under output pixel
+    /// (oy, ox) at tap (r, q), or None in the padding.
+    fn in_pixel(s: &ConvShape, oy: usize, ox: usize, r: usize, q: usize) -> Option<usize> {
+        let iy = (oy * s.stride + r).checked_sub(s.pad)?;
+        let ix = (ox * s.stride + q).checked_sub(s.pad)?;
+        (iy < s.height && ix < s.width).then_some(iy * s.width + ix)
+    }
+
+    /// `c = a·op(b)` (+ c when `accumulate`), row-major, through the `gemm` crate.
+    #[allow(clippy::too_many_arguments)]
+    fn mm(m: usize, n: usize, k: usize, a: &[f32], op_a: Op, b: &[f32], op_b: Op, accumulate: bool, c: &mut [f32]) {
+        let lda = if op_a == Op::N { k } else { m };
+        let ldb = if op_b == Op::N { n } else { k };
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        crate::gemm::cpu::gemm(m, n, k, 1.0, a, lda, op_a, b, ldb, op_b, beta, c, n);
+    }
+
     /// `y = conv(x, w)` through im2col (per image, `H_o·W_o x k²·C_in`
     /// floats) and the `gemm` crate: the CPU path's forward (f32).
     pub fn forward_gemm(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
-        use rayon::prelude::*;
         let (ho, wo) = s.out_hw();
-        let (k, kk) = (s.kernel, s.kernel * s.kernel * s.c_in);
+        let kk = s.kernel * s.kernel * s.c_in;
         let (npix, in_img) = (ho * wo, s.height * s.width * s.c_in);
         let mut y = vec![0f32; s.batch * npix * s.c_out];
         let mut col = vec![0f32; npix * kk];
         for b in 0..s.batch {
-            let xb = &x[b * in_img..(b + 1) * in_img];
-            col.par_chunks_mut(kk).enumerate().for_each(|(pix, row)| {
+            im2col(s, &x[b * in_img..(b + 1) * in_img], &mut col);
+            let yb = &mut y[b * npix * s.c_out..(b + 1) * npix * s.c_out];
+            mm(npix, s.c_out, kk, &col, Op::N, w, Op::T, false, yb);
+        }
+        y
+    }
+
+    /// The data gradient on the CPU path (f32): per image, the column
+    /// gradient `dy_b · W` (`H_o·W_o x k²·C_in`, the `gemm` crate) scattered
+    /// back onto the input pixels (col2im).
+    pub fn data_grad_gemm(s: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
+        let (ho, wo) = s.out_hw();
+        let (k, kk) = (s.kernel, s.kernel * s.kernel * s.c_in);
+        let (npix, in_img) = (ho * wo, s.height * s.width * s.c_in);
+        let mut dx = vec![0f32; s.batch * in_img];
+        let mut col = vec![0f32; npix * kk];
+        for b in 0..s.batch {
+            mm(npix, kk, s.c_out, &dy[b * npix * s.c_out..(b + 1) * npix * s.c_out], Op::N, w, Op::N, false, &mut col);
+            let dxb = &mut dx[b * in_img..(b + 1) * in_img];
+            for pix in 0..npix {
                 let (oy, ox) = (pix / wo, pix % wo);
                 for r in 0..k {
                     for q in 0..k {
-                        let dst = &mut row[(r * k + q) * s.c_in..(r * k + q + 1) * s.c_in];
-                        let (iy, ix) = (
-                            (oy * s.stride + r) as isize - s.pad as isize,
-                            (ox * s.stride + q) as isize - s.pad as isize,
-                        );
-                        if iy < 0 || ix < 0 || iy >= s.height as isize || ix >= s.width as isize {
-                            dst.fill(0.0);
-                        } else {
-                            let at = (iy as usize * s.width + ix as usize) * s.c_in;
-                            dst.copy_from_slice(&xb[at..at + s.c_in]);
+                        if let Some(at) = in_pixel(s, oy, ox, r, q) {
+                            let src = &col[pix * kk + (r * k + q) * s.c_in..][..s.c_in];
+                            dxb[at * s.c_in..(at + 1) * s.c_in].iter_mut().zip(src).for_each(|(d, v)| *d += v);
                         }
                     }
                 }
-            });
-            let yb = &mut y[b * npix * s.c_out..(b + 1) * npix * s.c_out];
-            crate::gemm::cpu::gemm(
-                npix,
-                s.c_out,
-                kk,
-                1.0,
-                &col,
-                kk,
-                crate::gemm::Op::N,
-                w,
-                kk,
-                crate::gemm::Op::T,
-                0.0,
-                yb,
-                s.c_out,
-            );
+            }
         }
-        y
+        dx
+    }
+
+    /// The weight gradient on the CPU path (f32): `Σ_b dy_bᵀ · im2col(x_b)`
+    /// through the `gemm` crate.
+    pub fn weight_grad_gemm(s: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let (ho, wo) = s.out_hw();
+        let kk = s.kernel * s.kernel * s.c_in;
+        let (npix, in_img) = (ho * wo, s.height * s.width * s.c_in);
+        let mut dw = vec![0f32; s.c_out * kk];
+        let mut col = vec![0f32; npix * kk];
+        for b in 0..s.batch {
+            im2col(s, &x[b * in_img..(b + 1) * in_img], &mut col);
+            let dyb = &dy[b * npix * s.c_out..(b + 1) * npix * s.c_out];
+            mm(s.c_out, kk, npix, dyb, Op::T, &col, Op::N, b > 0, &mut dw);
+        }
+        dw
     }
 
     /// `y = conv(x, w)` (f64 accumulation: the reference).
