@@ -204,3 +204,18 @@ GIF_DEVICE MaxSum block_reduce_max_sum(MaxSum v, float* scratch) {
   v = lane < nwarps ? MaxSum{scratch[lane], scratch[32 + lane]} : MaxSum{-gif_inf(), 0.0f};
   return warp_reduce_max_sum(v);
 }
+
+// A keyed 32-bit hash of n: xor, odd multiplies and xorshifts, so a
+// bijection of n for each key (distinct inputs give distinct outputs).
+// Partial FC's sampling keys and dropout's masks; src/hash.rs is the same
+// function on the host.
+GIF_DEVICE unsigned int keyed_hash32(unsigned int n, unsigned int key_a, unsigned int key_b) {
+  unsigned int x = n ^ key_a;
+  x *= 0x9E3779B1u;
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return x + key_b;
+}

@@ -22,6 +22,9 @@
 // bn_backward          dx = γ·invstd·(dy − Σdy/M − x̂·Σ(dy·x̂)/M), x̂ = (x − m)·invstd.
 // prelu_fwd / _bwd     y = x > 0 ? x : a_c·x;  dx = dy·(x > 0 ? 1 : a_c).
 // add_f32              y = a + b (the residual).
+// add_assign_f32       y += b (the residual, in place).
+// dropout_f32          y = keyed_hash32(i) >= threshold ? x·scale : 0
+//                      (inverted dropout; also its backward, on dy).
 // bias_add_f32         y[r, c] += b[c] (Linear's bias).
 //
 // Element kernels are grid-stride over rows·C (64-bit indices).
@@ -164,6 +167,18 @@ GIF_DEVICE void add_rows(const float* __restrict__ a, const float* __restrict__ 
     y[i] = a[i] + b[i];
 }
 
+GIF_DEVICE void add_assign_rows(float* __restrict__ y, const float* __restrict__ b, long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    y[i] += b[i];
+}
+
+// n ≤ 2^32 (the element index is the hash's input).
+GIF_DEVICE void dropout_rows(const float* __restrict__ x, long long n, unsigned int threshold, float scale,
+                             unsigned int key_a, unsigned int key_b, float* __restrict__ y) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    y[i] = keyed_hash32((unsigned int)i, key_a, key_b) >= threshold ? x[i] * scale : 0.0f;
+}
+
 }  // namespace
 
 // clang-format off
@@ -179,5 +194,7 @@ extern "C" __global__ void __launch_bounds__(256) bn_backward(const float* x, co
 extern "C" __global__ void __launch_bounds__(256) prelu_fwd(const float* x, const float* alpha, long long rows, int C, float* y) { prelu_fwd_rows(x, alpha, rows, C, y); }
 extern "C" __global__ void __launch_bounds__(256) prelu_bwd(const float* x, const float* alpha, const float* dy, long long rows, int C, float* dx) { prelu_bwd_rows(x, alpha, dy, rows, C, dx); }
 extern "C" __global__ void __launch_bounds__(256) bias_add_f32(float* y, const float* b, long long rows, int C) { bias_add_rows(y, b, rows, C); }
+extern "C" __global__ void __launch_bounds__(256) add_assign_f32(float* y, const float* b, long long n) { add_assign_rows(y, b, n); }
+extern "C" __global__ void __launch_bounds__(256) dropout_f32(const float* x, long long n, unsigned int threshold, float scale, unsigned int key_a, unsigned int key_b, float* y) { dropout_rows(x, n, threshold, scale, key_a, key_b, y); }
 extern "C" __global__ void __launch_bounds__(256) add_f32(const float* a, const float* b, long long n, float* y) { add_rows(a, b, n, y); }
 // clang-format on

@@ -432,19 +432,11 @@ GIF_DEVICE void topk_merge_rows(const float* __restrict__ cand_score, const int*
 }
 
 // ---------------------------------------------------------------------------
-// Partial FC sampling. key(n): a bijection of the 32-bit class index keyed by
-// the seed (xor, odd multiplies, xorshifts): distinct keys, so "the k' largest
-// keys among the negatives" is one exact set. src/head/partial_fc.rs has the
-// same function for the CPU path.
+// Partial FC sampling. key(n) = keyed_hash32 (common.cuh): a bijection of
+// the 32-bit class index keyed by the seed: distinct keys, so "the k'
+// largest keys among the negatives" is one exact set.
 GIF_DEVICE unsigned int pfc_key(unsigned int n, unsigned int seed_a, unsigned int seed_b) {
-  unsigned int x = n ^ seed_a;
-  x *= 0x9E3779B1u;
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  x ^= x >> 16;
-  return x + seed_b;
+  return keyed_hash32(n, seed_a, seed_b);
 }
 
 // positive[labels[b]] = 1 (positive starts zeroed).

@@ -34,6 +34,7 @@ pub mod decode;
 pub mod device;
 pub mod error;
 pub mod gemm;
+mod hash;
 pub mod head;
 pub mod host_memory;
 pub mod kernels;

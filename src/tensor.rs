@@ -345,6 +345,37 @@ impl Tensor {
         }
     }
 
+    /// Overwrites a CPU tensor's elements with `v` (f32, as many elements).
+    /// The CPU paths of the `_into` ops write their results through it.
+    pub(crate) fn write_host_f32(&mut self, v: &[f32]) -> Result<()> {
+        match self.host_mut() {
+            Some(HostData::F32(d)) if d.len() == v.len() => {
+                d.copy_from_slice(v);
+                Ok(())
+            }
+            _ => Err(Error::invalid("write_host_f32", "not an f32 CPU tensor of that many elements")),
+        }
+    }
+
+    /// Checks that `self`, an op's output buffer, is f32 with one of
+    /// `shapes` and on `device`.
+    pub(crate) fn check_output(&self, op: &'static str, device: &Device, shapes: &[&[usize]]) -> Result<()> {
+        if self.dtype != DType::F32 || !shapes.iter().any(|s| self.shape == *s) {
+            return Err(Error::Shape {
+                op,
+                expected: format!(
+                    "an f32 output of shape {}",
+                    shapes.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(" or ")
+                ),
+                got: format!("{:?} {:?}", self.shape, self.dtype),
+            });
+        }
+        if &self.device != device {
+            return Err(Error::DeviceMismatch { op, a: device.to_string(), b: self.device.to_string() });
+        }
+        Ok(())
+    }
+
     /// The device address, for a kernel argument. `None` on the CPU.
     pub(crate) fn device_ptr(&self) -> Option<u64> {
         match &self.storage {

@@ -1,5 +1,5 @@
 //! The backbone's per-channel layers: BatchNorm (training, eval, backward,
-//! running statistics), PReLU and the residual add. Finite differences of
+//! running statistics), PReLU, the residual add and dropout. Finite differences of
 //! the CPU reference; the kernels against it on the simulator (three
 //! orders) and a GPU when present, with row and channel counts off the
 //! kernels' tiles (32 channels x 8 row lanes) and an IResNet shape.
@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use gif_fr::backbone::{add, prelu, prelu_backward, BatchNorm};
+use gif_fr::backbone::{add, add_assign, prelu, prelu_backward, prelu_into, BatchNorm, Dropout};
 use gif_fr::{Device, Error, Tensor};
 
 fn bn_with(dev: &Device, c: usize, seed: u64) -> BatchNorm {
@@ -188,4 +188,66 @@ fn bad_input_is_a_clear_error() {
     }
     assert!(BatchNorm::new(&Device::cpu(), 0, 1e-5).is_err());
     assert!(BatchNorm::new(&Device::cpu(), 4, f32::NAN).is_err());
+}
+
+#[test]
+fn in_place_and_into_forms_equal_the_allocating_ones() {
+    let (rows, c) = (301usize, 37usize);
+    let mut r = rng(21);
+    let x = uniform(&mut r, rows * c, -2.0, 2.0);
+    let b = uniform(&mut r, rows * c, -2.0, 2.0);
+    let alpha = uniform(&mut r, c, 0.05, 0.5);
+    for dev in all_devices() {
+        let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(&dev, shape, v).unwrap();
+        let want = add(&t(&x, &[rows, c]), &t(&b, &[rows, c])).unwrap().to_vec::<f32>().unwrap();
+        let mut y = t(&x, &[rows, c]);
+        add_assign(&mut y, &t(&b, &[rows, c])).unwrap();
+        assert_eq!(y.to_vec::<f32>().unwrap(), want, "{dev} add_assign");
+        // Into a used buffer (the earlier result): every element rewritten.
+        prelu_into(&t(&x, &[rows, c]), &t(&alpha, &[c]), &mut y).unwrap();
+        let want = prelu(&t(&x, &[rows, c]), &t(&alpha, &[c])).unwrap().to_vec::<f32>().unwrap();
+        assert_eq!(y.to_vec::<f32>().unwrap(), want, "{dev} prelu_into");
+        let mut bn = bn_with(&dev, c, 3);
+        let want = bn.forward(&t(&x, &[rows, c]), true).unwrap().0.to_vec::<f32>().unwrap();
+        let mut bn = bn_with(&dev, c, 3);
+        bn.forward_into(&t(&x, &[rows, c]), true, &mut y).unwrap();
+        assert_eq!(y.to_vec::<f32>().unwrap(), want, "{dev} BatchNorm::forward_into");
+        let mut wrong = t(&x[..rows * c - c], &[rows - 1, c]);
+        assert!(matches!(prelu_into(&t(&x, &[rows, c]), &t(&alpha, &[c]), &mut wrong), Err(Error::Shape { .. })));
+        assert!(matches!(add_assign(&mut wrong, &t(&b, &[rows, c])), Err(Error::Shape { .. })));
+    }
+}
+
+#[test]
+fn dropout_masks_agree_across_backends_and_keep_one_minus_p() {
+    let n = 70_001usize;
+    let mut r = rng(22);
+    let x = uniform(&mut r, n, 0.5, 1.5);
+    for (p, seed, step) in [(0.0f32, 1u64, 0u64), (0.2, 1, 0), (0.2, 1, 1), (0.5, 9, 3)] {
+        let d = Dropout::new(p, seed, step).unwrap();
+        let cpu = Device::cpu();
+        let mut want = Tensor::empty(&cpu, &[n], gif_fr::DType::F32).unwrap();
+        d.apply_into(&Tensor::from_slice(&cpu, &[n], &x).unwrap(), &mut want).unwrap();
+        let want = want.to_vec::<f32>().unwrap();
+        let kept = want.iter().filter(|&&v| v != 0.0).count();
+        let expect = (1.0 - p as f64) * n as f64;
+        // Binomial: 5 standard deviations.
+        let sd = (n as f64 * p as f64 * (1.0 - p as f64)).sqrt();
+        assert!((kept as f64 - expect).abs() <= 5.0 * sd + 1.0, "p {p}: kept {kept} of {n}");
+        for (i, (&y, &v)) in want.iter().zip(&x).enumerate() {
+            assert!(y == 0.0 || y == v * (1.0 / (1.0 - p)), "p {p}: element {i} scaled wrong");
+            assert_eq!(y != 0.0, d.keeps(i as u32));
+        }
+        for dev in gpu_devices() {
+            let mut y = Tensor::empty(&dev, &[n], gif_fr::DType::F32).unwrap();
+            d.apply_into(&Tensor::from_slice(&dev, &[n], &x).unwrap(), &mut y).unwrap();
+            assert_eq!(y.to_vec::<f32>().unwrap(), want, "{dev} p {p} seed {seed} step {step}");
+        }
+    }
+    // Different steps draw different masks.
+    let (a, b) = (Dropout::new(0.5, 1, 0).unwrap(), Dropout::new(0.5, 1, 1).unwrap());
+    assert!((0..1000).filter(|&i| a.keeps(i) != b.keeps(i)).count() > 300);
+    for bad in [-0.1f32, 1.0, f32::NAN] {
+        assert!(matches!(Dropout::new(bad, 0, 0), Err(Error::InvalidArgument { .. })), "p {bad}");
+    }
 }

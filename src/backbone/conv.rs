@@ -81,16 +81,24 @@ impl ConvShape {
 /// `[pixels, channels]` (the layout BatchNorm takes); the result is then
 /// flattened too.
 pub fn conv2d(x: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
+    let flat = check("conv2d", x, "input", s.input())?;
+    let mut y = Tensor::empty(x.device(), &shaped(s.output(), flat), DType::F32)?;
+    conv2d_into(x, w, s, &mut y)?;
+    Ok(y)
+}
+
+/// [`conv2d`] into `y` (`[B, H_o, W_o, C_out]` or its flattening, f32, on
+/// the same device), which is overwritten: no allocation on a GPU backend.
+pub fn conv2d_into(x: &Tensor, w: &Tensor, s: &ConvShape, y: &mut Tensor) -> Result<()> {
     const OP: &str = "conv2d";
     s.validate(OP)?;
-    let flat = check(OP, x, "input", s.input())?;
+    check(OP, x, "input", s.input())?;
     check(OP, w, "weights", s.weights())?;
     let dev = same_device(OP, &[x, w])?;
+    y.check_output(OP, dev, &[&s.output(), &shaped(s.output(), true)])?;
     if dev.kind() == DeviceKind::Cpu {
-        let y = cpu::forward_gemm(s, &x.host_f32()?, &w.host_f32()?);
-        return Ok(Tensor::from_host(dev, shaped(s.output(), flat), HostData::F32(y)));
+        return y.write_host_f32(&cpu::forward_gemm(s, &x.host_f32()?, &w.host_f32()?));
     }
-    let y = Tensor::empty(dev, &shaped(s.output(), flat), DType::F32)?;
     let (ho, wo) = s.out_hw();
     let m = s.batch * ho * wo;
     let mut args = vec![x.arg(), w.arg()];
@@ -105,23 +113,30 @@ pub fn conv2d(x: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
             shared_bytes: 0,
         },
         &args,
-    )?;
-    Ok(y)
+    )
 }
 
 /// The gradient with respect to the input: dy `[B, H_o, W_o, C_out]` →
 /// dx `[B, H, W, C_in]`.
 pub fn conv2d_data_grad(dy: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
+    let flat = check("conv2d_data_grad", dy, "output gradient", s.output())?;
+    let mut dx = Tensor::empty(dy.device(), &shaped(s.input(), flat), DType::F32)?;
+    conv2d_data_grad_into(dy, w, s, &mut dx)?;
+    Ok(dx)
+}
+
+/// [`conv2d_data_grad`] into `dx` (`[B, H, W, C_in]` or its flattening),
+/// which is overwritten.
+pub fn conv2d_data_grad_into(dy: &Tensor, w: &Tensor, s: &ConvShape, dx: &mut Tensor) -> Result<()> {
     const OP: &str = "conv2d_data_grad";
     s.validate(OP)?;
-    let flat = check(OP, dy, "output gradient", s.output())?;
+    check(OP, dy, "output gradient", s.output())?;
     check(OP, w, "weights", s.weights())?;
     let dev = same_device(OP, &[dy, w])?;
+    dx.check_output(OP, dev, &[&s.input(), &shaped(s.input(), true)])?;
     if dev.kind() == DeviceKind::Cpu {
-        let dx = cpu::data_grad_gemm(s, &dy.host_f32()?, &w.host_f32()?);
-        return Ok(Tensor::from_host(dev, shaped(s.input(), flat), HostData::F32(dx)));
+        return dx.write_host_f32(&cpu::data_grad_gemm(s, &dy.host_f32()?, &w.host_f32()?));
     }
-    let dx = Tensor::empty(dev, &shaped(s.input(), flat), DType::F32)?;
     let m = s.batch * s.height * s.width;
     let mut args = vec![dy.arg(), w.arg()];
     args.extend(s.geometry()?);
@@ -135,8 +150,7 @@ pub fn conv2d_data_grad(dy: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor
             shared_bytes: 0,
         },
         &args,
-    )?;
-    Ok(dx)
+    )
 }
 
 /// The gradient with respect to the weights: `[C_out, k, k, C_in]`. On a

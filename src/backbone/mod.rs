@@ -10,6 +10,9 @@ pub mod images;
 pub mod iresnet;
 pub mod norm;
 
-pub use conv::{conv2d, conv2d_data_grad, conv2d_weight_grad, ConvShape};
+pub use conv::{conv2d, conv2d_data_grad, conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, ConvShape};
 pub use iresnet::{ForwardCache, IResNet, IResNetConfig};
-pub use norm::{add, bias_add, column_sums, prelu, prelu_backward, BatchNorm, BnCache, BnGrads};
+pub use norm::{
+    add, add_assign, bias_add, column_sums, prelu, prelu_backward, prelu_backward_into, prelu_into, BatchNorm, BnCache,
+    BnGrads, Dropout,
+};

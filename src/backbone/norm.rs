@@ -157,17 +157,26 @@ impl BatchNorm {
     /// are the batch's (biased variance) and the running statistics move by
     /// `momentum`; eval: the running statistics.
     pub fn forward(&mut self, x: &Tensor, training: bool) -> Result<(Tensor, BnCache)> {
+        let mut y = Tensor::empty(x.device(), x.shape(), DType::F32)?;
+        let cache = self.forward_into(x, training, &mut y)?;
+        Ok((y, cache))
+    }
+
+    /// [`BatchNorm::forward`] into `y` (x's shape, f32, same device), which
+    /// is overwritten.
+    pub fn forward_into(&mut self, x: &Tensor, training: bool, y: &mut Tensor) -> Result<BnCache> {
         const OP: &str = "BatchNorm::forward";
         let c = self.channels;
         let rows = check_rows(OP, x, c)?;
         let mut all = vec![x];
         all.extend(self.params());
         let dev = same_device(OP, &all)?.clone();
+        y.check_output(OP, &dev, &[x.shape()])?;
         if training && rows < 2 {
             return Err(Error::invalid(OP, "training needs at least 2 rows per channel"));
         }
         if dev.kind() == DeviceKind::Cpu {
-            let (y, mean, invstd, rm, rv) = cpu::forward(
+            let (out, mean, invstd, rm, rv) = cpu::forward(
                 &host(x)?,
                 c,
                 &host(&self.weight)?,
@@ -182,8 +191,9 @@ impl BatchNorm {
                 self.running_mean = Tensor::from_slice(&dev, &[c], &rm)?;
                 self.running_var = Tensor::from_slice(&dev, &[c], &rv)?;
             }
-            let t = |v: Vec<f32>, shape: Vec<usize>| Tensor::from_host(&dev, shape, HostData::F32(v));
-            return Ok((t(y, vec![rows, c]), BnCache { mean: t(mean, vec![c]), invstd: t(invstd, vec![c]), training }));
+            y.write_host_f32(&out)?;
+            let t = |v: Vec<f32>| Tensor::from_host(&dev, vec![c], HostData::F32(v));
+            return Ok(BnCache { mean: t(mean), invstd: t(invstd), training });
         }
         let invstd = Tensor::empty(&dev, &[c], DType::F32)?;
         let grid = LaunchConfig::linear(c.div_ceil(256) as u32, 256, 0);
@@ -216,7 +226,6 @@ impl BatchNorm {
             )?;
             self.running_mean.to_f32()?
         };
-        let y = Tensor::empty(&dev, &[rows, c], DType::F32)?;
         elementwise(
             &dev,
             "bn_apply",
@@ -232,11 +241,19 @@ impl BatchNorm {
                 y.arg(),
             ],
         )?;
-        Ok((y, BnCache { mean, invstd, training }))
+        Ok(BnCache { mean, invstd, training })
     }
 
     /// Gradients for the forward pass that returned `cache` on input `x`.
     pub fn backward(&self, x: &Tensor, cache: &BnCache, dy: &Tensor) -> Result<BnGrads> {
+        let mut input = Tensor::empty(x.device(), x.shape(), DType::F32)?;
+        let (weight, bias) = self.backward_into(x, cache, dy, &mut input)?;
+        Ok(BnGrads { input, weight, bias })
+    }
+
+    /// [`BatchNorm::backward`] with the input's gradient written into `dx`
+    /// (x's shape, f32, same device); returns `(dγ, dβ)`.
+    pub fn backward_into(&self, x: &Tensor, cache: &BnCache, dy: &Tensor, dx: &mut Tensor) -> Result<(Tensor, Tensor)> {
         const OP: &str = "BatchNorm::backward";
         let c = self.channels;
         let rows = check_rows(OP, x, c)?;
@@ -248,8 +265,9 @@ impl BatchNorm {
             });
         }
         let dev = same_device(OP, &[x, dy, &self.weight, &cache.mean])?.clone();
+        dx.check_output(OP, &dev, &[x.shape()])?;
         if dev.kind() == DeviceKind::Cpu {
-            let (dx, dg, db) = cpu::backward(
+            let (g, dg, db) = cpu::backward(
                 &host(x)?,
                 &host(dy)?,
                 c,
@@ -258,11 +276,11 @@ impl BatchNorm {
                 &host(&self.weight)?,
                 cache.training,
             );
-            let t = |v: Vec<f32>, shape: Vec<usize>| Tensor::from_host(&dev, shape, HostData::F32(v));
-            return Ok(BnGrads { input: t(dx, vec![rows, c]), weight: t(dg, vec![c]), bias: t(db, vec![c]) });
+            dx.write_host_f32(&g)?;
+            let t = |v: Vec<f32>| Tensor::from_host(&dev, vec![c], HostData::F32(v));
+            return Ok((t(dg), t(db)));
         }
         let (dbeta, dgamma) = chan_sums("bn_bwd", x, Some(dy), Some(&cache.mean), 1.0, Some(&cache.invstd))?;
-        let dx = Tensor::empty(&dev, &[rows, c], DType::F32)?;
         elementwise(
             &dev,
             "bn_backward",
@@ -281,7 +299,7 @@ impl BatchNorm {
                 dx.arg(),
             ],
         )?;
-        Ok(BnGrads { input: dx, weight: dgamma, bias: dbeta })
+        Ok((dgamma, dbeta))
     }
 }
 
@@ -297,25 +315,34 @@ fn check_alpha(op: &'static str, x: &Tensor, alpha: &Tensor) -> Result<(usize, u
 
 /// PReLU: `y = x` where x > 0, else `α_c·x` (per channel; `alpha`: `[C]`).
 pub fn prelu(x: &Tensor, alpha: &Tensor) -> Result<Tensor> {
-    let (rows, c) = check_alpha("prelu", x, alpha)?;
+    let mut y = Tensor::empty(x.device(), x.shape(), DType::F32)?;
+    prelu_into(x, alpha, &mut y)?;
+    Ok(y)
+}
+
+/// [`prelu`] into `y` (x's shape, f32, same device).
+pub fn prelu_into(x: &Tensor, alpha: &Tensor, y: &mut Tensor) -> Result<()> {
+    const OP: &str = "prelu";
+    let (rows, c) = check_alpha(OP, x, alpha)?;
     let dev = x.device();
+    y.check_output(OP, dev, &[x.shape()])?;
     if dev.kind() == DeviceKind::Cpu {
         let (xs, a) = (host(x)?, host(alpha)?);
-        let y = xs.iter().enumerate().map(|(i, &v)| if v > 0.0 { v } else { a[i % c] * v }).collect();
-        return Ok(Tensor::from_host(dev, vec![rows, c], HostData::F32(y)));
+        let v: Vec<f32> = xs.iter().enumerate().map(|(i, &v)| if v > 0.0 { v } else { a[i % c] * v }).collect();
+        return y.write_host_f32(&v);
     }
-    let y = Tensor::empty(dev, &[rows, c], DType::F32)?;
-    elementwise(
-        dev,
-        "prelu_fwd",
-        rows * c,
-        &[x.arg(), alpha.arg(), Arg::I64(rows as i64), Arg::I32(c as i32), y.arg()],
-    )?;
-    Ok(y)
+    elementwise(dev, "prelu_fwd", rows * c, &[x.arg(), alpha.arg(), Arg::I64(rows as i64), Arg::I32(c as i32), y.arg()])
 }
 
 /// PReLU's gradients: `(dx, dα)`, `dα_c = Σ dy·x` over the rows where x ≤ 0.
 pub fn prelu_backward(x: &Tensor, alpha: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let mut dx = Tensor::empty(x.device(), x.shape(), DType::F32)?;
+    let da = prelu_backward_into(x, alpha, dy, &mut dx)?;
+    Ok((dx, da))
+}
+
+/// [`prelu_backward`] with dx written into `dx`; returns dα.
+pub fn prelu_backward_into(x: &Tensor, alpha: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<Tensor> {
     const OP: &str = "prelu_backward";
     let (rows, c) = check_alpha(OP, x, alpha)?;
     if dy.shape() != x.shape() || dy.dtype() != DType::F32 {
@@ -326,29 +353,27 @@ pub fn prelu_backward(x: &Tensor, alpha: &Tensor, dy: &Tensor) -> Result<(Tensor
         });
     }
     let dev = same_device(OP, &[x, dy])?;
+    dx.check_output(OP, dev, &[x.shape()])?;
     if dev.kind() == DeviceKind::Cpu {
         let (xs, a, g) = (host(x)?, host(alpha)?, host(dy)?);
-        let dx = xs.iter().zip(&g).enumerate().map(|(i, (&v, &d))| if v > 0.0 { d } else { a[i % c] * d }).collect();
+        let d: Vec<f32> =
+            xs.iter().zip(&g).enumerate().map(|(i, (&v, &d))| if v > 0.0 { d } else { a[i % c] * d }).collect();
+        dx.write_host_f32(&d)?;
         let mut da = vec![0f64; c];
         for (i, (&v, &d)) in xs.iter().zip(&g).enumerate() {
             if v <= 0.0 {
                 da[i % c] += d as f64 * v as f64;
             }
         }
-        return Ok((
-            Tensor::from_host(dev, vec![rows, c], HostData::F32(dx)),
-            Tensor::from_host(dev, vec![c], HostData::F32(da.iter().map(|&v| v as f32).collect())),
-        ));
+        return Ok(Tensor::from_host(dev, vec![c], HostData::F32(da.iter().map(|&v| v as f32).collect())));
     }
-    let dx = Tensor::empty(dev, &[rows, c], DType::F32)?;
     elementwise(
         dev,
         "prelu_bwd",
         rows * c,
         &[x.arg(), alpha.arg(), dy.arg(), Arg::I64(rows as i64), Arg::I32(c as i32), dx.arg()],
     )?;
-    let (da, _) = chan_sums("prelu_bwd", x, Some(dy), None, 1.0, None)?;
-    Ok((dx, da))
+    Ok(chan_sums("prelu_bwd", x, Some(dy), None, 1.0, None)?.0)
 }
 
 /// `y[r, c] += b[c]` in place (`y`: f32 `[rows, C]`, `b`: f32 `[C]`).
@@ -404,6 +429,103 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         elementwise(dev, "add_f32", n, &[a.arg(), b.arg(), Arg::I64(n as i64), y.arg()])?;
     }
     Ok(y)
+}
+
+/// `y += b` in place (same shape, f32): the residual add without a new
+/// buffer.
+pub fn add_assign(y: &mut Tensor, b: &Tensor) -> Result<()> {
+    const OP: &str = "add_assign";
+    if y.shape() != b.shape() || y.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return Err(Error::Shape {
+            op: OP,
+            expected: format!("f32 {:?}", y.shape()),
+            got: format!("{:?} {:?}", b.shape(), b.dtype()),
+        });
+    }
+    let dev = same_device(OP, &[y, b])?.clone();
+    let n = y.numel();
+    if dev.kind() == DeviceKind::Cpu {
+        let bv = host(b)?;
+        if let Some(HostData::F32(v)) = y.host_mut() {
+            v.iter_mut().zip(bv.iter()).for_each(|(a, b)| *a += b);
+        }
+        return Ok(());
+    }
+    if n > 0 {
+        elementwise(&dev, "add_assign_f32", n, &[y.arg(), b.arg(), Arg::I64(n as i64)])?;
+    }
+    Ok(())
+}
+
+/// Inverted dropout's mask: element i of a draw keyed by `key` is kept when
+/// its 32-bit hash is at least `threshold` = round(p·2³²), and kept values
+/// are scaled by 1/(1 − p). The same (p, key) gives the same mask on every
+/// backend (kernels/norm.cu `dropout_f32`), so the backward is the same
+/// operation on the gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    /// Probability of zeroing an element, in [0, 1).
+    pub p: f32,
+    /// The draw's key (from the seed and the step).
+    pub key: (u32, u32),
+}
+
+impl Dropout {
+    /// Dropout with probability `p` for step `step` of a run seeded `seed`.
+    pub fn new(p: f32, seed: u64, step: u64) -> Result<Dropout> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::invalid("Dropout", format!("p must be in [0, 1), got {p}")));
+        }
+        Ok(Dropout { p, key: crate::hash::step_key(seed, step) })
+    }
+
+    fn threshold(&self) -> u32 {
+        (self.p as f64 * 4294967296.0).round().min(u32::MAX as f64) as u32
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (1.0 - self.p)
+    }
+
+    /// Whether element `i` is kept.
+    pub fn keeps(&self, i: u32) -> bool {
+        crate::hash::keyed_hash32(i, self.key.0, self.key.1) >= self.threshold()
+    }
+
+    /// `y = x·mask/(1 − p)` into `y` (x's shape, f32, same device); also the
+    /// backward (on the gradient). At most 2³² elements.
+    pub fn apply_into(&self, x: &Tensor, y: &mut Tensor) -> Result<()> {
+        const OP: &str = "dropout";
+        if x.dtype() != DType::F32 || x.numel() > u32::MAX as usize {
+            return Err(Error::Shape { op: OP, expected: "f32, at most 2^32 elements".into(), got: format!("{x:?}") });
+        }
+        let dev = x.device();
+        y.check_output(OP, dev, &[x.shape()])?;
+        let scale = self.scale();
+        if dev.kind() == DeviceKind::Cpu {
+            let v: Vec<f32> =
+                host(x)?.iter().enumerate().map(|(i, &v)| if self.keeps(i as u32) { v * scale } else { 0.0 }).collect();
+            return y.write_host_f32(&v);
+        }
+        let n = x.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        elementwise(
+            dev,
+            "dropout_f32",
+            n,
+            &[
+                x.arg(),
+                Arg::I64(n as i64),
+                Arg::U32(self.threshold()),
+                Arg::F32(scale),
+                Arg::U32(self.key.0),
+                Arg::U32(self.key.1),
+                y.arg(),
+            ],
+        )
+    }
 }
 
 /// The CPU reference (f64 sums).

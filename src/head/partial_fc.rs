@@ -41,26 +41,6 @@ pub struct PfcGrads {
     pub grads: SoftmaxGrads,
 }
 
-/// SplitMix64: the (seed, step) mixer.
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The class key of kernels/softmax_head.cu `pfc_key`: a bijection of n.
-fn key(n: u32, a: u32, b: u32) -> u32 {
-    let mut x = n ^ a;
-    x = x.wrapping_mul(0x9E37_79B1);
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x85EB_CA6B);
-    x ^= x >> 13;
-    x = x.wrapping_mul(0xC2B2_AE35);
-    x ^= x >> 16;
-    x.wrapping_add(b)
-}
-
 impl PartialFc {
     /// Partial FC with sample rate `rate` in (0, 1] over `head`'s centres,
     /// sampling seeded by `seed` (and the step).
@@ -87,8 +67,7 @@ impl PartialFc {
     }
 
     fn seeds(&self, step: u64) -> (u32, u32) {
-        let z = splitmix64(splitmix64(self.seed) ^ step);
-        (z as u32, (z >> 32) as u32)
+        crate::hash::step_key(self.seed, step)
     }
 
     fn check_labels(&self, op: &'static str, labels: &[u32]) -> Result<Vec<bool>> {
@@ -112,8 +91,10 @@ impl PartialFc {
         let (a, b) = self.seeds(step);
         let mut keep = positive;
         if negatives > 0 {
-            let mut keys: Vec<(u32, u32)> =
-                (0..keep.len() as u32).filter(|&n| !keep[n as usize]).map(|n| (key(n, a, b), n)).collect();
+            let mut keys: Vec<(u32, u32)> = (0..keep.len() as u32)
+                .filter(|&n| !keep[n as usize])
+                .map(|n| (crate::hash::keyed_hash32(n, a, b), n))
+                .collect();
             keys.select_nth_unstable_by(negatives - 1, |x, y| y.0.cmp(&x.0));
             keys[..negatives].iter().for_each(|&(_, n)| keep[n as usize] = true);
         }
