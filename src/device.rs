@@ -375,6 +375,28 @@ impl Device {
         }
     }
 
+    /// Copies the first `bytes` bytes of `src` into `dst` on the device
+    /// (queued on the stream).
+    pub(crate) fn copy(&self, src: &DeviceBuffer, dst: &mut DeviceBuffer, bytes: usize) -> Result<()> {
+        if bytes > src.bytes || bytes > dst.bytes {
+            return Err(Error::invalid("copy", format!("{bytes} bytes exceed a buffer")));
+        }
+        match (&self.inner, &src.mem, &mut dst.mem) {
+            (Inner::Sim(_), Mem::Sim(a), Mem::Sim(b)) => {
+                b.as_bytes_mut()[..bytes].copy_from_slice(&a.as_bytes()[..bytes]);
+                Ok(())
+            }
+            (Inner::Cuda(c), Mem::Cuda(a), Mem::Cuda(b)) => {
+                if bytes == 0 {
+                    return Ok(());
+                }
+                let mut view = b.slice_mut(..bytes);
+                c.stream.memcpy_dtod(&a.slice(..bytes), &mut view).map_err(|e| Error::driver("copy", e))
+            }
+            _ => Err(Error::invalid("copy", format!("buffers do not belong to {self}"))),
+        }
+    }
+
     /// The first `len` bytes of `buf`, copied to the host (waits for the
     /// stream).
     pub(crate) fn download(&self, buf: &DeviceBuffer, len: usize) -> Result<Vec<u8>> {

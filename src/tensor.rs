@@ -345,6 +345,29 @@ impl Tensor {
         }
     }
 
+    /// Overwrites this tensor's elements with `src`'s (same dtype, device and
+    /// number of elements; shapes may differ), on the device.
+    pub fn copy_from(&mut self, src: &Tensor) -> Result<()> {
+        const OP: &str = "Tensor::copy_from";
+        if src.dtype != self.dtype || src.numel() != self.numel() {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("{} {:?} elements", self.numel(), self.dtype),
+                got: format!("{} {:?} elements", src.numel(), src.dtype),
+            });
+        }
+        if src.device != self.device {
+            return Err(Error::DeviceMismatch { op: OP, a: self.device.to_string(), b: src.device.to_string() });
+        }
+        let bytes = self.numel() * self.dtype.size();
+        match (&src.storage, &mut self.storage) {
+            (Storage::Host(a), Storage::Host(b)) => *b = a.clone(),
+            (Storage::Device(a), Storage::Device(b)) => self.device.copy(a, b, bytes)?,
+            _ => return Err(Error::invalid(OP, "host and device storage mixed")),
+        }
+        Ok(())
+    }
+
     /// Overwrites a CPU tensor's elements with `v` (f32, as many elements).
     /// The CPU paths of the `_into` ops write their results through it.
     pub(crate) fn write_host_f32(&mut self, v: &[f32]) -> Result<()> {

@@ -14,7 +14,7 @@ use gif_fr::backbone::{IResNet, IResNetConfig};
 use gif_fr::{Device, Error, Tensor};
 
 fn tiny() -> IResNetConfig {
-    IResNetConfig { layers: [2, 1, 1, 1], stem: 4, widths: [4, 8, 8, 12], input: 16, embedding: 6 }
+    IResNetConfig { layers: [2, 1, 1, 1], stem: 4, widths: [4, 8, 8, 12], input: 16, embedding: 6, dropout: 0.0 }
 }
 
 fn temp(name: &str) -> PathBuf {
@@ -75,8 +75,8 @@ fn save_then_load_round_trips() {
         for (k, t) in net.state() {
             assert_eq!(back.state()[&k].to_vec::<f32>().unwrap(), t.to_vec::<f32>().unwrap(), "{dev}: {k}");
         }
-        let (a, _) = net.forward(&img, false).unwrap();
-        let (b, _) = back.forward(&img, false).unwrap();
+        let a = net.infer(&img).unwrap();
+        let b = back.infer(&img).unwrap();
         assert_eq!(a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap(), "{dev}: embeddings");
     }
 }
@@ -108,7 +108,8 @@ fn the_file_is_in_pytorch_layouts() {
     assert!(file.contains_key("layer1.0.downsample.0.weight"));
     // The fc permutation on a 7x7 map (112x112 input), narrow channels:
     // element (e, c, p) of the file is (e, p, c) of the network.
-    let cfg = IResNetConfig { layers: [1, 1, 1, 1], stem: 4, widths: [4, 4, 4, 8], input: 112, embedding: 6 };
+    let cfg =
+        IResNetConfig { layers: [1, 1, 1, 1], stem: 4, widths: [4, 4, 4, 8], input: 112, embedding: 6, dropout: 0.0 };
     let big = IResNet::new(cfg.clone(), &Device::cpu(), 1).unwrap();
     let bpath = temp("seven.safetensors");
     big.save(&bpath).unwrap();

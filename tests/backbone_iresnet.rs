@@ -1,8 +1,11 @@
 //! The assembled IResNet: a small network of the same structure (stem, four
-//! stages, downsample and plain blocks, BN, flatten, Linear, BN1d) — the
-//! kernels' forward and backward equal the CPU path's on the simulator (and
-//! a GPU), and the CPU path's gradients match finite differences for
-//! parameters of every kind; the state names are insightface's.
+//! stages, downsample and plain blocks, BN, flatten, dropout, Linear, BN1d)
+//! — the kernels' forward and backward equal the CPU path's on the
+//! simulator (and a GPU), with and without dropout, and the CPU path's
+//! gradients match finite differences for parameters of every kind;
+//! buffers are reused from step to step (no growth) and across batch sizes
+//! correctly; the full-size r18 on a GPU equals the CPU path; the state
+//! names are insightface's.
 
 mod common;
 
@@ -11,7 +14,31 @@ use gif_fr::backbone::{IResNet, IResNetConfig};
 use gif_fr::{Device, Error, Tensor};
 
 fn tiny() -> IResNetConfig {
-    IResNetConfig { layers: [2, 1, 1, 1], stem: 4, widths: [4, 8, 8, 12], input: 16, embedding: 6 }
+    IResNetConfig { layers: [2, 1, 1, 1], stem: 4, widths: [4, 8, 8, 12], input: 16, embedding: 6, dropout: 0.0 }
+}
+
+fn tiny_dropout() -> IResNetConfig {
+    IResNetConfig { dropout: 0.3, ..tiny() }
+}
+
+/// Compares embeddings and every gradient with the CPU path's.
+fn assert_same_step(what: &str, emb: &Tensor, want_emb: &[f32], g: &Grads, want_g: &Grads) {
+    assert_close(&format!("{what} emb"), &emb.to_vec::<f32>().unwrap(), want_emb, 2e-4, 2e-3);
+    assert_eq!(g.keys().collect::<Vec<_>>(), want_g.keys().collect::<Vec<_>>());
+    for (k, want) in want_g {
+        let w = want.to_vec::<f32>().unwrap();
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        assert_close(&format!("{what} {k}"), &g[k].to_vec::<f32>().unwrap(), &w, 2e-3 * scale, 2e-3);
+    }
+}
+
+type Grads = std::collections::BTreeMap<String, Tensor>;
+
+/// Copies every parameter and buffer of `from` into `to`.
+fn copy_state(from: &IResNet, to: &mut IResNet, dev: &Device) {
+    for (k, v) in from.state() {
+        to.set(&k, Tensor::from_slice(dev, v.shape(), &v.to_vec::<f32>().unwrap()).unwrap()).unwrap();
+    }
 }
 
 fn images(dev: &Device, b: usize, seed: u64) -> (Vec<f32>, Tensor) {
@@ -55,80 +82,176 @@ fn state_names_follow_insightface() {
 fn kernels_match_the_cpu_path_forward_and_backward() {
     let b = 3;
     let cpu = Device::cpu();
-    let mut want_net = IResNet::new(tiny(), &cpu, 5).unwrap();
     let (img, xt) = images(&cpu, b, 6);
     let mut r = rng(7);
     let d_emb = uniform(&mut r, b * 6, -1.0, 1.0);
-    for training in [true, false] {
-        let (want_emb, cache) = want_net.forward(&xt, training).unwrap();
-        let want_g = want_net.backward(&cache, &Tensor::from_slice(&cpu, &[b, 6], &d_emb).unwrap()).unwrap();
-        for dev in gpu_devices() {
-            let mut net = IResNet::new(tiny(), &dev, 5).unwrap();
-            if !training {
-                // Same running statistics as the CPU network after its training pass.
-                for (k, v) in want_net.state() {
-                    net.set(&k, Tensor::from_slice(&dev, v.shape(), &v.to_vec::<f32>().unwrap()).unwrap()).unwrap();
+    for cfg in [tiny(), tiny_dropout()] {
+        let mut want_net = IResNet::new(cfg.clone(), &cpu, 5).unwrap();
+        for training in [true, false] {
+            let want_emb = want_net.forward(&xt, training).unwrap().to_vec::<f32>().unwrap();
+            let want_g = want_net.backward(&Tensor::from_slice(&cpu, &[b, 6], &d_emb).unwrap()).unwrap();
+            for dev in gpu_devices() {
+                let mut net = IResNet::new(cfg.clone(), &dev, 5).unwrap();
+                if !training {
+                    // Same running statistics as the CPU network after its training pass.
+                    copy_state(&want_net, &mut net, &dev);
                 }
-            }
-            let x = Tensor::from_slice(&dev, &[b, 16, 16, 3], &img).unwrap();
-            let (emb, c) = net.forward(&x, training).unwrap();
-            let what = format!("{dev} training {training}");
-            assert_close(
-                &format!("{what} emb"),
-                &emb.to_vec::<f32>().unwrap(),
-                &want_emb.to_vec::<f32>().unwrap(),
-                2e-4,
-                2e-3,
-            );
-            let g = net.backward(&c, &Tensor::from_slice(&dev, &[b, 6], &d_emb).unwrap()).unwrap();
-            assert_eq!(g.keys().collect::<Vec<_>>(), want_g.keys().collect::<Vec<_>>());
-            for (k, want) in &want_g {
-                let w = want.to_vec::<f32>().unwrap();
-                let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-                assert_close(&format!("{what} {k}"), &g[k].to_vec::<f32>().unwrap(), &w, 2e-3 * scale, 2e-3);
+                let x = Tensor::from_slice(&dev, &[b, 16, 16, 3], &img).unwrap();
+                let emb = net.forward(&x, training).unwrap();
+                let g = net.backward(&Tensor::from_slice(&dev, &[b, 6], &d_emb).unwrap()).unwrap();
+                let what = format!("{dev} dropout {} training {training}", cfg.dropout);
+                assert_same_step(&what, &emb, &want_emb, &g, &want_g);
             }
         }
     }
 }
 
 #[test]
-fn cpu_gradients_match_finite_differences() {
-    let b = 2;
+fn buffers_are_reused_from_step_to_step() {
+    let b = 3;
+    let mut r = rng(12);
+    let d_emb = uniform(&mut r, b * 6, -1.0, 1.0);
+    for dev in [Device::sim()] {
+        let (_, x) = images(&dev, b, 6);
+        let d = Tensor::from_slice(&dev, &[b, 6], &d_emb).unwrap();
+        let mut net = IResNet::new(tiny(), &dev, 5).unwrap();
+        let first = net.forward(&x, true).unwrap().to_vec::<f32>().unwrap();
+        let g1 = net.backward(&d).unwrap();
+        let g1: Vec<(String, Vec<f32>)> = g1.into_iter().map(|(k, v)| (k, v.to_vec::<f32>().unwrap())).collect();
+        let held = net.buffer_bytes();
+        let mem = dev.memory_stats().unwrap();
+        dev.reset_peak_memory();
+        // Step 2 at the same batch size: the same results (training mode
+        // ignores the running statistics), from the same buffers.
+        let second = net.forward(&x, true).unwrap().to_vec::<f32>().unwrap();
+        let g2 = net.backward(&d).unwrap();
+        assert_eq!(second, first, "embeddings of step 2");
+        for (k, v) in &g1 {
+            assert_eq!(&g2[k].to_vec::<f32>().unwrap(), v, "{k} of step 2");
+        }
+        drop(g2);
+        assert_eq!(net.buffer_bytes(), held, "the pool grew");
+        let after = dev.memory_stats().unwrap();
+        assert_eq!(after.current, mem.current, "device memory after step 2 vs step 1");
+        // Step 2 allocates only the outputs (embeddings, gradients, per-channel
+        // statistics), far less than the activations it reuses.
+        assert!(after.peak - mem.current < held / 4, "step 2 peak extra {} vs held {held}", after.peak - mem.current);
+        // Inference keeps no activations: its buffers do not grow with the
+        // depth (4 more plain blocks in stage 3), a forward's do.
+        let held_by = |layers: [usize; 4], infer: bool| {
+            let mut n = IResNet::new(IResNetConfig { layers, ..tiny() }, &dev, 5).unwrap();
+            let e = if infer { n.infer(&x) } else { n.forward(&x, false) };
+            (e.unwrap().to_vec::<f32>().unwrap(), n.buffer_bytes(), n)
+        };
+        let (want, fwd_shallow, _) = held_by([1, 1, 2, 1], false);
+        let (e, inf_shallow, _) = held_by([1, 1, 2, 1], true);
+        assert_eq!(e, want, "infer vs eval forward");
+        let (_, fwd_deep, _) = held_by([1, 1, 6, 1], false);
+        let (_, inf_deep, mut inf) = held_by([1, 1, 6, 1], true);
+        assert!(fwd_deep > fwd_shallow, "forward keeps the extra blocks' activations");
+        assert_eq!(inf_deep, inf_shallow, "infer's buffers grew with the depth");
+        assert!(matches!(inf.backward(&d), Err(Error::InvalidArgument { .. })), "backward after infer");
+        net.release_buffers();
+        assert_eq!(net.buffer_bytes(), 0);
+    }
+}
+
+#[test]
+fn batch_sizes_can_change_between_steps() {
     let cpu = Device::cpu();
-    let mut net = IResNet::new(tiny(), &cpu, 9).unwrap();
+    let mut r = rng(13);
+    for dev in [Device::sim()] {
+        let mut net = IResNet::new(tiny(), &dev, 8).unwrap();
+        let mut want = IResNet::new(tiny(), &cpu, 8).unwrap();
+        for b in [3usize, 2, 3] {
+            let (img, xc) = images(&cpu, b, 20 + b as u64);
+            let d = uniform(&mut r, b * 6, -1.0, 1.0);
+            let want_emb = want.forward(&xc, true).unwrap().to_vec::<f32>().unwrap();
+            let want_g = want.backward(&Tensor::from_slice(&cpu, &[b, 6], &d).unwrap()).unwrap();
+            let x = Tensor::from_slice(&dev, &[b, 16, 16, 3], &img).unwrap();
+            let emb = net.forward(&x, true).unwrap();
+            let g = net.backward(&Tensor::from_slice(&dev, &[b, 6], &d).unwrap()).unwrap();
+            assert_same_step(&format!("{dev} batch {b}"), &emb, &want_emb, &g, &want_g);
+            let wrong = Tensor::from_slice(&dev, &[b + 1, 6], &uniform(&mut r, (b + 1) * 6, -1.0, 1.0)).unwrap();
+            assert!(matches!(net.backward(&wrong), Err(Error::Shape { .. })), "a gradient for another batch");
+        }
+    }
+}
+
+/// The full-size r18 (112x112, B = 2) in training mode, forward and
+/// backward, on a GPU against the CPU path; skipped without a GPU.
+#[test]
+fn r18_forward_and_backward_on_a_gpu_equal_the_cpu_path() {
+    let Some(gpu) = cuda() else { return };
+    let (b, cpu) = (2, Device::cpu());
+    let cfg = IResNetConfig::arch("r18").unwrap();
+    let mut r = rng(30);
+    let img = uniform(&mut r, b * 112 * 112 * 3, -1.0, 1.0);
+    let d_emb = uniform(&mut r, b * 512, -1.0, 1.0);
+    let mut want_net = IResNet::new(cfg.clone(), &cpu, 31).unwrap();
+    let want_emb = want_net.forward(&Tensor::from_slice(&cpu, &[b, 112, 112, 3], &img).unwrap(), true).unwrap();
+    let want_g = want_net.backward(&Tensor::from_slice(&cpu, &[b, 512], &d_emb).unwrap()).unwrap();
+    let mut net = IResNet::new(cfg, &gpu, 31).unwrap();
+    let emb = net.forward(&Tensor::from_slice(&gpu, &[b, 112, 112, 3], &img).unwrap(), true).unwrap();
+    let g = net.backward(&Tensor::from_slice(&gpu, &[b, 512], &d_emb).unwrap()).unwrap();
+    assert_same_step("r18 on the GPU", &emb, &want_emb.to_vec::<f32>().unwrap(), &g, &want_g);
+    for (k, v) in net.state() {
+        let w = want_net.state()[&k].to_vec::<f32>().unwrap();
+        assert_close(&format!("r18 {k} after the step"), &v.to_vec::<f32>().unwrap(), &w, 1e-4, 1e-3);
+    }
+}
+
+#[test]
+fn cpu_gradients_match_finite_differences() {
+    // B = 4: with 2 samples BatchNorm1d's output is ±1 whatever its input,
+    // and every gradient below it vanishes.
+    let b = 4;
+    let cpu = Device::cpu();
     let (_, xt) = images(&cpu, b, 10);
     let mut r = rng(11);
     let w = uniform(&mut r, b * 6, -1.0, 1.0);
-    let (_, cache) = net.forward(&xt, true).unwrap();
-    let g = net.backward(&cache, &Tensor::from_slice(&cpu, &[b, 6], &w).unwrap()).unwrap();
-    let h = 1e-2f32;
-    for (name, idx) in [
-        ("conv1.weight", 5usize),
-        ("bn1.weight", 1),
-        ("prelu.weight", 2),
-        ("layer1.0.conv2.weight", 17),
-        ("layer1.0.downsample.0.weight", 3),
-        ("layer1.1.bn3.bias", 0),
-        ("layer4.0.prelu.weight", 4),
-        ("bn2.weight", 7),
-        ("fc.weight", 11),
-        ("fc.bias", 2),
-        ("features.bias", 1),
-    ] {
-        let base = net.state()[name].to_vec::<f32>().unwrap();
-        let shape = net.state()[name].shape().to_vec();
-        let mut eval = |v: Vec<f32>| {
-            net.set(name, Tensor::from_slice(&cpu, &shape, &v).unwrap()).unwrap();
-            let (emb, _) = net.forward(&xt, true).unwrap();
-            loss_of(&emb.to_vec::<f32>().unwrap(), &w)
-        };
-        let (mut p, mut m) = (base.clone(), base.clone());
-        p[idx] += h;
-        m[idx] -= h;
-        let fd = (eval(p) - eval(m)) / (2.0 * h as f64);
-        eval(base);
-        let analytic = g[name].to_vec::<f32>().unwrap()[idx] as f64;
-        assert!((fd - analytic).abs() <= 5e-3 + 2e-2 * fd.abs(), "{name}[{idx}]: fd {fd}, analytic {analytic}");
+    for cfg in [tiny(), tiny_dropout()] {
+        let mut net = IResNet::new(cfg.clone(), &cpu, 9).unwrap();
+        // One dropout mask for every evaluation: the same seed and step.
+        net.set_dropout_seed(77);
+        net.forward(&xt, true).unwrap();
+        let g = net.backward(&Tensor::from_slice(&cpu, &[b, 6], &w).unwrap()).unwrap();
+        // h: small enough that few PReLU kinks are crossed (the truncation
+        // error at 1e-2 is ~5 % in the first layers), large enough for f32.
+        let h = 1e-3f32;
+        for (name, idx) in [
+            ("conv1.weight", 5usize),
+            ("bn1.weight", 1),
+            ("prelu.weight", 2),
+            ("layer1.0.conv2.weight", 17),
+            ("layer1.0.downsample.0.weight", 3),
+            ("layer1.1.bn3.bias", 0),
+            ("layer4.0.prelu.weight", 4),
+            ("bn2.weight", 7),
+            ("fc.weight", 11),
+            ("fc.bias", 2),
+            ("features.bias", 1),
+        ] {
+            let base = net.state()[name].to_vec::<f32>().unwrap();
+            let shape = net.state()[name].shape().to_vec();
+            let mut eval = |v: Vec<f32>| {
+                net.set(name, Tensor::from_slice(&cpu, &shape, &v).unwrap()).unwrap();
+                net.set_dropout_seed(77);
+                let emb = net.forward(&xt, true).unwrap();
+                loss_of(&emb.to_vec::<f32>().unwrap(), &w)
+            };
+            let (mut p, mut m) = (base.clone(), base.clone());
+            p[idx] += h;
+            m[idx] -= h;
+            let fd = (eval(p) - eval(m)) / (2.0 * h as f64);
+            eval(base);
+            let analytic = g[name].to_vec::<f32>().unwrap()[idx] as f64;
+            assert!(
+                (fd - analytic).abs() <= 2e-3 + 3e-2 * analytic.abs(),
+                "dropout {}: {name}[{idx}]: fd {fd}, analytic {analytic}",
+                cfg.dropout
+            );
+        }
     }
 }
 
@@ -139,6 +262,11 @@ fn bad_input_is_a_clear_error() {
     let wrong = Tensor::from_slice(&dev, &[1, 16, 16, 4], &[0.5f32; 1024]).unwrap();
     assert!(matches!(net.forward(&wrong, true), Err(Error::Shape { .. })));
     assert!(IResNetConfig::arch("r42").is_err());
+    for p in [1.0f32, -0.5, f32::NAN] {
+        assert!(IResNet::new(IResNetConfig { dropout: p, ..tiny() }, &dev, 1).is_err(), "dropout {p}");
+    }
+    let d = Tensor::from_slice(&dev, &[2, 6], &[0.5f32; 12]).unwrap();
+    assert!(matches!(net.backward(&d), Err(Error::InvalidArgument { .. })), "backward before any forward");
     let bad = Tensor::from_slice(&dev, &[3], &[1.0f32; 3]).unwrap();
     assert!(matches!(net.set("bn1.weight", bad), Err(Error::Shape { .. })));
     assert!(matches!(

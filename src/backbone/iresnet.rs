@@ -6,8 +6,16 @@
 //! (64, 128, 256, 512 channels; the first block of each has stride 2 and a
 //! 1x1 conv + BN downsample), each block
 //! `BN → conv3x3 → BN → PReLU → conv3x3(stride) → BN (+ identity)`; then BN,
-//! flatten, Linear (512·7·7 → 512) and BatchNorm1d (its γ fixed at 1, as
-//! insightface has it). Dropout has insightface's default p = 0.
+//! flatten, dropout (training only; insightface's default p = 0), Linear
+//! (512·7·7 → 512) and BatchNorm1d (its γ fixed at 1, as insightface has
+//! it).
+//!
+//! Memory: [`IResNet::forward`] keeps the activations its backward needs
+//! inside the network; their buffers, and the backward's temporaries, come
+//! from a pool of device buffers by shape that is filled by the first step
+//! at a batch size and reused by every later one (a new batch size empties
+//! it). [`IResNet::infer`] keeps nothing: each block's buffers go back to
+//! the pool as soon as the next block has its input.
 //!
 //! Layouts: activations are `[pixels, C]` (NHWC flattened), conv weights
 //! OHWI, and the Linear's input is the NHWC flattening (h, w, c), so
@@ -19,8 +27,10 @@ use std::collections::BTreeMap;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::conv::{conv2d, conv2d_data_grad, conv2d_weight_grad, ConvShape};
-use super::norm::{add, bias_add, column_sums, prelu, prelu_backward, BatchNorm, BnCache};
+use std::collections::HashMap;
+
+use super::conv::{conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, ConvShape};
+use super::norm::{add_assign, bias_add, column_sums, prelu_backward_into, prelu_into, BatchNorm, BnCache, Dropout};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::gemm::{self, Op};
@@ -32,7 +42,7 @@ const BN_EPS: f32 = 1e-5;
 const PRELU_INIT: f32 = 0.25;
 
 /// The network's shape.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct IResNetConfig {
     /// Blocks per stage: r18 [2, 2, 2, 2], r34 [3, 4, 6, 3], r50 [3, 4, 14, 3],
     /// r100 [3, 13, 30, 3].
@@ -45,6 +55,9 @@ pub struct IResNetConfig {
     pub input: usize,
     /// Embedding size (512).
     pub embedding: usize,
+    /// Dropout probability before the Linear layer in training, in [0, 1)
+    /// (insightface's default 0; its glint360k configs use 0 too).
+    pub dropout: f32,
 }
 
 impl IResNetConfig {
@@ -62,7 +75,7 @@ impl IResNetConfig {
                 ))
             }
         };
-        Ok(IResNetConfig { layers, stem: 64, widths: [64, 128, 256, 512], input: 112, embedding: 512 })
+        Ok(IResNetConfig { layers, stem: 64, widths: [64, 128, 256, 512], input: 112, embedding: 512, dropout: 0.0 })
     }
 
     /// Height and width after the four stride-2 stages.
@@ -76,6 +89,9 @@ impl IResNetConfig {
         }
         if self.layers.contains(&0) || self.widths.contains(&0) {
             return Err(Error::invalid("IResNet", "every stage needs at least one block and one channel"));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid("IResNet", format!("dropout must be in [0, 1), got {}", self.dropout)));
         }
         Ok(())
     }
@@ -95,6 +111,7 @@ struct Block {
     downsample: Option<(Tensor, BatchNorm)>,
 }
 
+/// What a block's forward keeps for its backward (`x` is its input).
 struct BlockCache {
     hw: usize,
     x: Tensor,
@@ -109,19 +126,81 @@ struct BlockCache {
     ds: Option<(Tensor, BnCache)>,
 }
 
-/// What [`IResNet::forward`] keeps for [`IResNet::backward`].
-pub struct ForwardCache {
-    batch: usize,
-    images: Tensor,
+impl BlockCache {
+    fn tensors(self) -> impl Iterator<Item = Tensor> {
+        [self.x, self.a1, self.c1, self.a2, self.p, self.c2].into_iter().chain(self.ds.map(|d| d.0))
+    }
+}
+
+/// The stem's activations (`images`: a copy of the input, kept for the
+/// first conv's weight gradient; None when inferring).
+struct StemCache {
+    images: Option<Tensor>,
     c0: Tensor,
     bn1: BnCache,
     y0: Tensor,
-    blocks: Vec<BlockCache>,
+}
+
+/// The layers after the last block: `last` (the blocks' output) → bn2 →
+/// flatten (`flat`) → dropout (`dropped`, when p > 0) → Linear (`fc`) →
+/// BatchNorm1d.
+struct HeadCache {
     last: Tensor,
     bn2: BnCache,
     flat: Tensor,
+    dropped: Option<(Tensor, Dropout)>,
     fc: Tensor,
     features: BnCache,
+}
+
+/// Everything the last [`IResNet::forward`] kept for the backward.
+struct ForwardCache {
+    batch: usize,
+    stem: StemCache,
+    blocks: Vec<BlockCache>,
+    head: HeadCache,
+}
+
+impl ForwardCache {
+    fn tensors(self) -> Vec<Tensor> {
+        let mut v: Vec<Tensor> = self.stem.images.into_iter().chain([self.stem.c0, self.stem.y0]).collect();
+        v.extend(self.blocks.into_iter().flat_map(BlockCache::tensors));
+        let h = self.head;
+        v.extend([h.last, h.flat, h.fc]);
+        v.extend(h.dropped.map(|d| d.0));
+        v
+    }
+}
+
+/// Device buffers by shape, for reuse: `take` pops one of the shape (or
+/// allocates), `give` puts one back. A run of the same ops at the same
+/// batch size takes the same shapes, so after the first it allocates
+/// nothing.
+#[derive(Default)]
+struct Pool {
+    batch: usize,
+    free: HashMap<Vec<usize>, Vec<Tensor>>,
+}
+
+impl Pool {
+    fn take(&mut self, dev: &Device, shape: &[usize]) -> Result<Tensor> {
+        match self.free.get_mut(shape).and_then(Vec::pop) {
+            Some(t) => Ok(t),
+            None => Tensor::empty(dev, shape, DType::F32),
+        }
+    }
+
+    fn give(&mut self, t: Tensor) {
+        self.free.entry(t.shape().to_vec()).or_default().push(t);
+    }
+
+    fn give_all(&mut self, ts: impl IntoIterator<Item = Tensor>) {
+        ts.into_iter().for_each(|t| self.give(t));
+    }
+
+    fn bytes(&self) -> usize {
+        self.free.values().flatten().map(|t| t.numel() * 4).sum()
+    }
 }
 
 /// The network: parameters (f32) on one device.
@@ -136,6 +215,12 @@ pub struct IResNet {
     fc_weight: Tensor,
     fc_bias: Tensor,
     features: BatchNorm,
+    /// Dropout's seed (the draw of training step t is keyed by (seed, t)).
+    seed: u64,
+    /// Training forward passes so far.
+    step: u64,
+    pool: Pool,
+    cache: Option<ForwardCache>,
 }
 
 fn conv_shape(batch: usize, hw: usize, c_in: usize, c_out: usize, kernel: usize, stride: usize) -> ConvShape {
@@ -202,6 +287,10 @@ impl IResNet {
             fc_weight: normal(&[cfg.embedding, fan_in], 1.0 / (fan_in as f32).sqrt())?,
             fc_bias: full(cfg.embedding, 0.0)?,
             features: bn(cfg.embedding)?,
+            seed: seed.unwrap_or(0),
+            step: 0,
+            pool: Pool::default(),
+            cache: None,
             cfg,
         })
     }
@@ -255,7 +344,7 @@ impl IResNet {
         for part in images.chunks(per * chunk) {
             let b = part.len() / per;
             let x = Tensor::from_slice(&self.device, &[b, s, s, 3], part)?;
-            out.extend(self.forward(&x, false)?.0.to_vec::<f32>()?);
+            out.extend(self.infer(&x)?.to_vec::<f32>()?);
         }
         Ok(out)
     }
@@ -313,86 +402,241 @@ impl IResNet {
         }
     }
 
-    /// Embeddings `[B, E]` of `images` (`[B, H, W, 3]` f32, normalized as
-    /// insightface does: (x/255 − 0.5)/0.5), in training mode (batch
-    /// statistics; running statistics updated) or eval mode.
-    pub fn forward(&mut self, images: &Tensor, training: bool) -> Result<(Tensor, ForwardCache)> {
-        const OP: &str = "IResNet::forward";
+    fn check_images(&self, op: &'static str, images: &Tensor) -> Result<usize> {
         let s = self.cfg.input;
         let b = match images.shape() {
             [b, h, w, 3] if *h == s && *w == s && images.dtype() == DType::F32 => *b,
             other => {
                 return Err(Error::Shape {
-                    op: OP,
+                    op,
                     expected: format!("f32 images [B, {s}, {s}, 3]"),
                     got: format!("{other:?} {:?}", images.dtype()),
                 })
             }
         };
         if b == 0 {
-            return Err(Error::invalid(OP, "empty batch"));
+            return Err(Error::invalid(op, "empty batch"));
         }
         if images.device() != &self.device {
-            return Err(Error::DeviceMismatch { op: OP, a: self.device.to_string(), b: images.device().to_string() });
+            return Err(Error::DeviceMismatch { op, a: self.device.to_string(), b: images.device().to_string() });
         }
-        let images = images.to_f32()?.reshape(&[b * s * s, 3])?;
-        let c0 = conv2d(&images, &self.conv1, &conv_shape(b, s, 3, self.cfg.stem, 3, 1))?;
-        let (y0, bn1) = self.bn1.forward(&c0, training)?;
-        let mut x = prelu(&y0, &self.prelu)?;
+        Ok(b)
+    }
+
+    /// Returns the last forward's buffers to the pool, or empties the pool
+    /// when the batch size changes.
+    fn recycle(&mut self, batch: usize) {
+        if self.pool.batch != batch {
+            self.cache = None;
+            self.pool = Pool { batch, ..Pool::default() };
+        } else if let Some(c) = self.cache.take() {
+            self.pool.give_all(c.tensors());
+        }
+    }
+
+    /// Embeddings `[B, E]` of `images` (`[B, H, W, 3]` f32, normalized as
+    /// insightface does: (x/255 − 0.5)/0.5), in training mode (batch
+    /// statistics, running statistics updated, dropout) or eval mode. The
+    /// activations are kept (in buffers reused from step to step) for
+    /// [`IResNet::backward`]; for inference without a backward use
+    /// [`IResNet::infer`], which keeps none.
+    pub fn forward(&mut self, images: &Tensor, training: bool) -> Result<Tensor> {
+        let b = self.check_images("IResNet::forward", images)?;
+        self.recycle(b);
+        let dropout = if training && self.cfg.dropout > 0.0 {
+            self.step += 1;
+            Some(Dropout::new(self.cfg.dropout, self.seed, self.step)?)
+        } else {
+            None
+        };
+        let (emb, cache) = self.run(images, b, training, dropout, true)?;
+        self.cache = cache;
+        Ok(emb)
+    }
+
+    /// Embeddings `[B, E]` in eval mode, keeping no activations (the
+    /// memory of about one block); a later [`IResNet::backward`] is an
+    /// error until the next [`IResNet::forward`].
+    pub fn infer(&mut self, images: &Tensor) -> Result<Tensor> {
+        let b = self.check_images("IResNet::infer", images)?;
+        self.recycle(b);
+        Ok(self.run(images, b, false, None, false)?.0)
+    }
+
+    /// Bytes held for activations and temporaries: the last forward's kept
+    /// activations and the pool's free buffers (device memory on a GPU
+    /// backend, host memory on the CPU).
+    pub fn buffer_bytes(&self) -> usize {
+        let kept: usize = self.cache.as_ref().map_or(0, |c| {
+            let mut n = c.stem.images.as_ref().map_or(0, Tensor::numel) + c.stem.c0.numel() + c.stem.y0.numel();
+            for bc in &c.blocks {
+                n += [&bc.x, &bc.a1, &bc.c1, &bc.a2, &bc.p, &bc.c2].iter().map(|t| t.numel()).sum::<usize>();
+                n += bc.ds.as_ref().map_or(0, |d| d.0.numel());
+            }
+            let h = &c.head;
+            n + h.last.numel() + h.flat.numel() + h.fc.numel() + h.dropped.as_ref().map_or(0, |d| d.0.numel())
+        });
+        kept * 4 + self.pool.bytes()
+    }
+
+    /// Seeds dropout's draws (a network made by [`IResNet::new`] uses its
+    /// seed; a loaded one 0); the step count restarts.
+    pub fn set_dropout_seed(&mut self, seed: u64) {
+        self.seed = seed;
+        self.step = 0;
+    }
+
+    /// Frees the kept activations and the pool (the next step allocates
+    /// them again).
+    pub fn release_buffers(&mut self) {
+        self.cache = None;
+        self.pool = Pool::default();
+    }
+
+    /// The network on `images`: the embeddings (a new tensor) and, when
+    /// `keep`, the cache for the backward (else every buffer goes back to
+    /// the pool as soon as it is used).
+    fn run(
+        &mut self,
+        images: &Tensor,
+        b: usize,
+        training: bool,
+        dropout: Option<Dropout>,
+        keep: bool,
+    ) -> Result<(Tensor, Option<ForwardCache>)> {
+        let dev = self.device.clone();
+        let (s, stem_c) = (self.cfg.input, self.cfg.stem);
+        let pool = &mut self.pool;
+        let rows = b * s * s;
+        let kept_images = if keep {
+            let mut t = pool.take(&dev, &[rows, 3])?;
+            t.copy_from(images)?;
+            Some(t)
+        } else {
+            None
+        };
+        let mut c0 = pool.take(&dev, &[rows, stem_c])?;
+        conv2d_into(images, &self.conv1, &conv_shape(b, s, 3, stem_c, 3, 1), &mut c0)?;
+        let mut y0 = pool.take(&dev, &[rows, stem_c])?;
+        let bn1 = self.bn1.forward_into(&c0, training, &mut y0)?;
+        let mut x = pool.take(&dev, &[rows, stem_c])?;
+        prelu_into(&y0, &self.prelu, &mut x)?;
+        let stem = StemCache { images: kept_images, c0, bn1, y0 };
+        let stem = if keep {
+            Some(stem)
+        } else {
+            pool.give_all([stem.c0, stem.y0]);
+            None
+        };
         let mut hw = s;
-        let mut caches = Vec::with_capacity(self.blocks.len());
+        let mut blocks = Vec::with_capacity(if keep { self.blocks.len() } else { 0 });
         for blk in &mut self.blocks {
-            let (y, cache) = block_forward(blk, x, b, hw, training)?;
+            let (y, cache) = block_forward(blk, pool, x, b, hw, training)?;
             hw /= blk.stride;
-            caches.push(cache);
+            if keep {
+                blocks.push(cache);
+            } else {
+                pool.give_all(cache.tensors());
+            }
             x = y;
         }
-        let (y2, bn2) = self.bn2.forward(&x, training)?;
-        let flat = y2.reshape(&[b, hw * hw * self.cfg.widths[3]])?;
-        let mut fc = gemm::matmul(&flat, Op::N, &self.fc_weight, Op::T)?;
+        let c4 = self.cfg.widths[3];
+        let mut y2 = pool.take(&dev, x.shape())?;
+        let bn2 = self.bn2.forward_into(&x, training, &mut y2)?;
+        let flat = y2.reshape(&[b, hw * hw * c4])?;
+        let dropped = match dropout {
+            Some(d) => {
+                let mut t = pool.take(&dev, flat.shape())?;
+                d.apply_into(&flat, &mut t)?;
+                Some((t, d))
+            }
+            None => None,
+        };
+        let mut fc = pool.take(&dev, &[b, self.cfg.embedding])?;
+        let fc_in = dropped.as_ref().map_or(&flat, |d| &d.0);
+        gemm::gemm(1.0, fc_in, Op::N, &self.fc_weight, Op::T, 0.0, &mut fc)?;
         bias_add(&mut fc, &self.fc_bias)?;
         let (emb, features) = self.features.forward(&fc, training)?;
-        Ok((emb, ForwardCache { batch: b, images, c0, bn1, y0, blocks: caches, last: x, bn2, flat, fc, features }))
+        let head = HeadCache { last: x, bn2, flat, dropped, fc, features };
+        let cache = match (keep, stem) {
+            (true, Some(stem)) => Some(ForwardCache { batch: b, stem, blocks, head }),
+            _ => {
+                let h = head;
+                pool.give_all([h.last, h.flat, h.fc].into_iter().chain(h.dropped.map(|d| d.0)));
+                None
+            }
+        };
+        Ok((emb, cache))
     }
 
     /// Gradients of every trainable parameter, by state-dict name (the
     /// parameters' shapes and layouts), given the gradient of the embeddings
-    /// `[B, E]` for the forward pass that returned `cache`. `features.weight`
-    /// is fixed at 1 (insightface) and has none.
-    pub fn backward(&self, cache: &ForwardCache, d_emb: &Tensor) -> Result<BTreeMap<String, Tensor>> {
+    /// `[B, E]` of the last [`IResNet::forward`]. `features.weight` is fixed
+    /// at 1 (insightface) and has none. The temporaries come from the pool;
+    /// the gradients are new tensors.
+    pub fn backward(&mut self, d_emb: &Tensor) -> Result<BTreeMap<String, Tensor>> {
         const OP: &str = "IResNet::backward";
+        let Some(cache) = self.cache.as_ref() else {
+            return Err(Error::invalid(OP, "no activations to differentiate: call forward (not infer) first"));
+        };
         let b = cache.batch;
         if d_emb.shape() != [b, self.cfg.embedding] || d_emb.dtype() != DType::F32 {
             return Err(Error::Shape {
                 op: OP,
                 expected: format!("f32 [{b}, {}]", self.cfg.embedding),
-                got: format!("{:?}", d_emb.shape()),
+                got: format!("{:?} {:?}", d_emb.shape(), d_emb.dtype()),
             });
         }
+        same_device_as(OP, &self.device, d_emb)?;
+        let dev = self.device.clone();
+        let pool = &mut self.pool;
+        let h = &cache.head;
         let mut g = BTreeMap::new();
-        let fg = self.features.backward(&cache.fc, &cache.features, d_emb)?;
-        g.insert("features.bias".to_string(), fg.bias);
-        let d_fc = fg.input;
+        let mut d_fc = pool.take(&dev, h.fc.shape())?;
+        let (_, d_feat_bias) = self.features.backward_into(&h.fc, &h.features, d_emb, &mut d_fc)?;
+        g.insert("features.bias".to_string(), d_feat_bias);
         g.insert("fc.bias".to_string(), column_sums(&d_fc)?);
-        g.insert("fc.weight".to_string(), gemm::matmul(&d_fc, Op::T, &cache.flat, Op::N)?);
-        let hw = self.cfg.final_hw();
-        let c4 = self.cfg.widths[3];
-        let d_flat = gemm::matmul(&d_fc, Op::N, &self.fc_weight, Op::N)?.reshape(&[b * hw * hw, c4])?;
-        let g2 = self.bn2.backward(&cache.last, &cache.bn2, &d_flat)?;
-        insert_bn(&mut g, "bn2", g2.weight, g2.bias);
-        let mut d = g2.input;
-        for (blk, bc) in self.blocks.iter().zip(&cache.blocks).rev() {
-            d = block_backward(blk, bc, b, &d, &mut g)?;
+        let fc_in = h.dropped.as_ref().map_or(&h.flat, |d| &d.0);
+        g.insert("fc.weight".to_string(), gemm::matmul(&d_fc, Op::T, fc_in, Op::N)?);
+        let mut d_in = pool.take(&dev, h.flat.shape())?;
+        gemm::gemm(1.0, &d_fc, Op::N, &self.fc_weight, Op::N, 0.0, &mut d_in)?;
+        pool.give(d_fc);
+        if let Some((_, drop)) = &h.dropped {
+            let mut t = pool.take(&dev, h.flat.shape())?;
+            drop.apply_into(&d_in, &mut t)?;
+            pool.give(std::mem::replace(&mut d_in, t));
         }
-        let (d_y0, d_prelu) = prelu_backward(&cache.y0, &self.prelu, &d)?;
-        g.insert("prelu.weight".to_string(), d_prelu);
-        let g1 = self.bn1.backward(&cache.c0, &cache.bn1, &d_y0)?;
-        insert_bn(&mut g, "bn1", g1.weight, g1.bias);
+        let d_flat = d_in.reshape(h.last.shape())?;
+        let mut d = pool.take(&dev, h.last.shape())?;
+        let (dw, db) = self.bn2.backward_into(&h.last, &h.bn2, &d_flat, &mut d)?;
+        pool.give(d_flat);
+        insert_bn(&mut g, "bn2", dw, db);
+        for (blk, bc) in self.blocks.iter().zip(&cache.blocks).rev() {
+            let d_in = block_backward(blk, bc, pool, b, &d, &mut g)?;
+            pool.give(std::mem::replace(&mut d, d_in));
+        }
+        let st = &cache.stem;
+        let mut d_y0 = pool.take(&dev, st.y0.shape())?;
+        g.insert("prelu.weight".to_string(), prelu_backward_into(&st.y0, &self.prelu, &d, &mut d_y0)?);
+        pool.give(d);
+        let mut d_c0 = pool.take(&dev, st.c0.shape())?;
+        let (dw, db) = self.bn1.backward_into(&st.c0, &st.bn1, &d_y0, &mut d_c0)?;
+        pool.give(d_y0);
+        insert_bn(&mut g, "bn1", dw, db);
         let s = self.cfg.input;
         let shape = conv_shape(b, s, 3, self.cfg.stem, 3, 1);
-        g.insert("conv1.weight".to_string(), conv2d_weight_grad(&cache.images, &g1.input, &shape)?);
+        let images = st.images.as_ref().ok_or_else(|| Error::invalid(OP, "the forward kept no images"))?;
+        g.insert("conv1.weight".to_string(), conv2d_weight_grad(images, &d_c0, &shape)?);
+        pool.give(d_c0);
         Ok(g)
     }
+}
+
+fn same_device_as(op: &'static str, dev: &Device, t: &Tensor) -> Result<()> {
+    if t.device() != dev {
+        return Err(Error::DeviceMismatch { op, a: dev.to_string(), b: t.device().to_string() });
+    }
+    Ok(())
 }
 
 fn insert_bn(g: &mut BTreeMap<String, Tensor>, prefix: &str, weight: Tensor, bias: Tensor) {
@@ -407,58 +651,98 @@ fn insert_bn_state<'a>(m: &mut BTreeMap<String, &'a Tensor>, prefix: &str, b: &'
     m.insert(format!("{prefix}.running_var"), &b.running_var);
 }
 
-/// One IBasicBlock on `x` (`[b·hw·hw, inplanes]`, kept in the cache).
-fn block_forward(blk: &mut Block, x: Tensor, b: usize, hw: usize, training: bool) -> Result<(Tensor, BlockCache)> {
-    let (a1, bn1) = blk.bn1.forward(&x, training)?;
-    let c1 = conv2d(&a1, &blk.conv1, &conv_shape(b, hw, blk.inplanes, blk.planes, 3, 1))?;
-    let (a2, bn2) = blk.bn2.forward(&c1, training)?;
-    let p = prelu(&a2, &blk.prelu)?;
-    let c2 = conv2d(&p, &blk.conv2, &conv_shape(b, hw, blk.planes, blk.planes, 3, blk.stride))?;
-    let (y3, bn3) = blk.bn3.forward(&c2, training)?;
-    let (out, ds) = match &mut blk.downsample {
+/// One IBasicBlock on `x` (`[b·hw·hw, inplanes]`, kept in the cache);
+/// buffers from the pool.
+fn block_forward(
+    blk: &mut Block,
+    pool: &mut Pool,
+    x: Tensor,
+    b: usize,
+    hw: usize,
+    training: bool,
+) -> Result<(Tensor, BlockCache)> {
+    let dev = x.device().clone();
+    let (rows, out_rows) = (b * hw * hw, b * (hw / blk.stride) * (hw / blk.stride));
+    let mut a1 = pool.take(&dev, x.shape())?;
+    let bn1 = blk.bn1.forward_into(&x, training, &mut a1)?;
+    let mut c1 = pool.take(&dev, &[rows, blk.planes])?;
+    conv2d_into(&a1, &blk.conv1, &conv_shape(b, hw, blk.inplanes, blk.planes, 3, 1), &mut c1)?;
+    let mut a2 = pool.take(&dev, c1.shape())?;
+    let bn2 = blk.bn2.forward_into(&c1, training, &mut a2)?;
+    let mut p = pool.take(&dev, c1.shape())?;
+    prelu_into(&a2, &blk.prelu, &mut p)?;
+    let mut c2 = pool.take(&dev, &[out_rows, blk.planes])?;
+    conv2d_into(&p, &blk.conv2, &conv_shape(b, hw, blk.planes, blk.planes, 3, blk.stride), &mut c2)?;
+    let mut out = pool.take(&dev, c2.shape())?;
+    let bn3 = blk.bn3.forward_into(&c2, training, &mut out)?;
+    let ds = match &mut blk.downsample {
         Some((w, bn)) => {
-            let dc = conv2d(&x, w, &conv_shape(b, hw, blk.inplanes, blk.planes, 1, blk.stride))?;
-            let (dy, dcache) = bn.forward(&dc, training)?;
-            (add(&y3, &dy)?, Some((dc, dcache)))
+            let mut dc = pool.take(&dev, c2.shape())?;
+            conv2d_into(&x, w, &conv_shape(b, hw, blk.inplanes, blk.planes, 1, blk.stride), &mut dc)?;
+            let mut dy = pool.take(&dev, c2.shape())?;
+            let dcache = bn.forward_into(&dc, training, &mut dy)?;
+            add_assign(&mut out, &dy)?;
+            pool.give(dy);
+            Some((dc, dcache))
         }
-        None => (add(&y3, &x)?, None),
+        None => {
+            add_assign(&mut out, &x)?;
+            None
+        }
     };
     Ok((out, BlockCache { hw, x, bn1, a1, c1, bn2, a2, p, c2, bn3, ds }))
 }
 
 /// The block's backward: its parameters' gradients into `g`; returns the
-/// gradient of its input.
+/// gradient of its input (temporaries from and back to the pool).
 fn block_backward(
     blk: &Block,
     c: &BlockCache,
+    pool: &mut Pool,
     b: usize,
     d_out: &Tensor,
     g: &mut BTreeMap<String, Tensor>,
 ) -> Result<Tensor> {
     let p = &blk.prefix;
+    let dev = d_out.device().clone();
     let s1 = conv_shape(b, c.hw, blk.inplanes, blk.planes, 3, 1);
     let s2 = conv_shape(b, c.hw, blk.planes, blk.planes, 3, blk.stride);
-    let g3 = blk.bn3.backward(&c.c2, &c.bn3, d_out)?;
-    insert_bn(g, &format!("{p}.bn3"), g3.weight, g3.bias);
-    g.insert(format!("{p}.conv2.weight"), conv2d_weight_grad(&c.p, &g3.input, &s2)?);
-    let d_p = conv2d_data_grad(&g3.input, &blk.conv2, &s2)?;
-    let (d_a2, d_alpha) = prelu_backward(&c.a2, &blk.prelu, &d_p)?;
-    g.insert(format!("{p}.prelu.weight"), d_alpha);
-    let g2 = blk.bn2.backward(&c.c1, &c.bn2, &d_a2)?;
-    insert_bn(g, &format!("{p}.bn2"), g2.weight, g2.bias);
-    g.insert(format!("{p}.conv1.weight"), conv2d_weight_grad(&c.a1, &g2.input, &s1)?);
-    let d_a1 = conv2d_data_grad(&g2.input, &blk.conv1, &s1)?;
-    let g1 = blk.bn1.backward(&c.x, &c.bn1, &d_a1)?;
-    insert_bn(g, &format!("{p}.bn1"), g1.weight, g1.bias);
-    let d_identity = match (&blk.downsample, &c.ds) {
+    let mut d_c2 = pool.take(&dev, c.c2.shape())?;
+    let (dw, db) = blk.bn3.backward_into(&c.c2, &c.bn3, d_out, &mut d_c2)?;
+    insert_bn(g, &format!("{p}.bn3"), dw, db);
+    g.insert(format!("{p}.conv2.weight"), conv2d_weight_grad(&c.p, &d_c2, &s2)?);
+    let mut d_p = pool.take(&dev, c.p.shape())?;
+    conv2d_data_grad_into(&d_c2, &blk.conv2, &s2, &mut d_p)?;
+    pool.give(d_c2);
+    let mut d_a2 = pool.take(&dev, c.a2.shape())?;
+    g.insert(format!("{p}.prelu.weight"), prelu_backward_into(&c.a2, &blk.prelu, &d_p, &mut d_a2)?);
+    pool.give(d_p);
+    let mut d_c1 = pool.take(&dev, c.c1.shape())?;
+    let (dw, db) = blk.bn2.backward_into(&c.c1, &c.bn2, &d_a2, &mut d_c1)?;
+    pool.give(d_a2);
+    insert_bn(g, &format!("{p}.bn2"), dw, db);
+    g.insert(format!("{p}.conv1.weight"), conv2d_weight_grad(&c.a1, &d_c1, &s1)?);
+    let mut d_a1 = pool.take(&dev, c.a1.shape())?;
+    conv2d_data_grad_into(&d_c1, &blk.conv1, &s1, &mut d_a1)?;
+    pool.give(d_c1);
+    let mut d_x = pool.take(&dev, c.x.shape())?;
+    let (dw, db) = blk.bn1.backward_into(&c.x, &c.bn1, &d_a1, &mut d_x)?;
+    pool.give(d_a1);
+    insert_bn(g, &format!("{p}.bn1"), dw, db);
+    match (&blk.downsample, &c.ds) {
         (Some((w, bn)), Some((dc, dcache))) => {
             let sd = conv_shape(b, c.hw, blk.inplanes, blk.planes, 1, blk.stride);
-            let gd = bn.backward(dc, dcache, d_out)?;
-            insert_bn(g, &format!("{p}.downsample.1"), gd.weight, gd.bias);
-            g.insert(format!("{p}.downsample.0.weight"), conv2d_weight_grad(&c.x, &gd.input, &sd)?);
-            conv2d_data_grad(&gd.input, w, &sd)?
+            let mut d_dc = pool.take(&dev, dc.shape())?;
+            let (dw, db) = bn.backward_into(dc, dcache, d_out, &mut d_dc)?;
+            insert_bn(g, &format!("{p}.downsample.1"), dw, db);
+            g.insert(format!("{p}.downsample.0.weight"), conv2d_weight_grad(&c.x, &d_dc, &sd)?);
+            let mut d_id = pool.take(&dev, c.x.shape())?;
+            conv2d_data_grad_into(&d_dc, w, &sd, &mut d_id)?;
+            pool.give(d_dc);
+            add_assign(&mut d_x, &d_id)?;
+            pool.give(d_id);
         }
-        _ => return add(&g1.input, d_out),
-    };
-    add(&g1.input, &d_identity)
+        _ => add_assign(&mut d_x, d_out)?,
+    }
+    Ok(d_x)
 }

@@ -1,8 +1,8 @@
 //! The IResNet backbone (insightface's iresnet.py) on NHWC activations:
 //! per-channel layers ([`norm`]: BatchNorm, PReLU, the residual add) and the
 //! convolution ([`conv`]: forward, data and weight gradients as implicit
-//! GEMM), with kernels; the network and checkpoints are the next steps
-//! (issue 8).
+//! GEMM), with kernels; the network ([`iresnet`]), insightface checkpoints
+//! ([`checkpoint`]) and image files ([`images`]).
 
 pub mod checkpoint;
 pub mod conv;
@@ -11,7 +11,7 @@ pub mod iresnet;
 pub mod norm;
 
 pub use conv::{conv2d, conv2d_data_grad, conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, ConvShape};
-pub use iresnet::{ForwardCache, IResNet, IResNetConfig};
+pub use iresnet::{IResNet, IResNetConfig};
 pub use norm::{
     add, add_assign, bias_add, column_sums, prelu, prelu_backward, prelu_backward_into, prelu_into, BatchNorm, BnCache,
     BnGrads, Dropout,
