@@ -20,6 +20,13 @@
 //             element has one writer, reproducible).
 //
 // Geometry arguments: B, H, W, Ci, Co, k, stride, pad, Ho, Wo.
+//
+// Two families: conv_<op>_f32[_v] on the fp32 SIMT tile (tile_f32.cuh;
+// _v: float4 loads, channel counts multiples of 4) and conv_<op>_bf16[_a]
+// on the bf16 tensor-core tile (tile_bf16.cuh; bf16 x, w, dy; f32 results;
+// _a: 16-byte cp.async chunks of 8 channels, channel counts multiples of 8;
+// the weight gradient's pixel splits are then multiples of 32).
+#include "tile_bf16.cuh"
 #include "tile_f32.cuh"
 
 namespace {
@@ -36,10 +43,23 @@ GIF_DEVICE void out_pixel(const Geom& g, int m, int& b, int& oy, int& ox) {
 }
 
 // x at output pixel (b, oy, ox), tap t, channel c; 0 in the padding.
-GIF_DEVICE const float* x_at(const float* x, const Geom& g, int b, int oy, int ox, int t, int c) {
+template <typename T>
+GIF_DEVICE const T* x_at(const T* x, const Geom& g, int b, int oy, int ox, int t, int c) {
   const int iy = oy * g.stride - g.pad + t / g.k, ix = ox * g.stride - g.pad + t % g.k;
   if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) return nullptr;
   return x + (((long long)b * g.H + iy) * g.W + ix) * g.Ci + c;
+}
+
+// dy of the output pixel that input pixel (b, h, w) feeds through tap t,
+// channel c; null when there is none (the stride does not divide, or it is
+// outside the output).
+template <typename T>
+GIF_DEVICE const T* dy_at(const T* dy, const Geom& g, int b, int h, int w, int t, int c) {
+  const int ty = h + g.pad - t / g.k, tx = w + g.pad - t % g.k;
+  if (ty < 0 || tx < 0 || ty % g.stride || tx % g.stride) return nullptr;
+  const int oy = ty / g.stride, ox = tx / g.stride;
+  if (oy >= g.Ho || ox >= g.Wo) return nullptr;
+  return dy + (((long long)b * g.Ho + oy) * g.Wo + ox) * g.Co + c;
 }
 
 // Loads 4 consecutive (tap, channel) indices k..k+3 (of K, channels C) at a
@@ -105,13 +125,7 @@ struct GatherDySrc {
       const int w = ok ? o % g.W : 0, h = ok ? (o / g.W) % g.H : 0, b = ok ? o / (g.W * g.H) : 0;
       const Geom& gg = g;
       const float* d = dy;
-      load4<kVec>(r.v[p], ok ? k : K, K, g.Co, [&](int tap, int c) -> const float* {
-        const int ty = h + gg.pad - tap / gg.k, tx = w + gg.pad - tap % gg.k;
-        if (ty < 0 || tx < 0 || ty % gg.stride || tx % gg.stride) return nullptr;
-        const int oy = ty / gg.stride, ox = tx / gg.stride;
-        if (oy >= gg.Ho || ox >= gg.Wo) return nullptr;
-        return d + (((long long)b * gg.Ho + oy) * gg.Wo + ox) * gg.Co + c;
-      });
+      load4<kVec>(r.v[p], ok ? k : K, K, g.Co, [&](int tap, int c) { return dy_at(d, gg, b, h, w, tap, c); });
     }
   }
 };
@@ -201,6 +215,97 @@ GIF_DEVICE void conv_wgrad(const float* __restrict__ x, const float* __restrict_
   store_tile<true>(acc, dw, N, m0, g.Co, n0, N);
 }
 
+// ---------------------------------------------------------------------------
+// bf16 tensor cores (tile_bf16.cuh): the same three GEMMs with bf16 operands
+// and f32 results. Sources give each element's address by (stored row,
+// contiguous column); kAsync (both channel counts multiples of 8) moves 8
+// channels of one pixel per 16-byte cp.async.
+
+// conv_fwd A, stored [m = output pixel][k = (tap, ci)].
+struct TcIm2col {
+  const bf16* base;
+  Geom g;
+  int M, K;
+  GIF_DEVICE const bf16* at(int m, int k) const {
+    if (m >= M || k >= K) return nullptr;
+    int b, oy, ox;
+    out_pixel(g, m, b, oy, ox);
+    return x_at(base, g, b, oy, ox, k / g.Ci, k % g.Ci);
+  }
+};
+
+// conv_dgrad A, stored [m = input pixel][k = (tap, co)].
+struct TcGatherDy {
+  const bf16* base;
+  Geom g;
+  int M, K;
+  GIF_DEVICE const bf16* at(int m, int k) const {
+    if (m >= M || k >= K) return nullptr;
+    const int w = m % g.W, h = (m / g.W) % g.H, b = m / (g.W * g.H);
+    return dy_at(base, g, b, h, w, k / g.Co, k % g.Co);
+  }
+};
+
+// conv_dgrad B, stored [k = (tap, co)][n = ci]: the weights' rows.
+struct TcTapRows {
+  const bf16* base;
+  Geom g;
+  int K;
+  GIF_DEVICE const bf16* at(int k, int n) const {
+    if (k >= K || n >= g.Ci) return nullptr;
+    const int tap = k / g.Co, co = k % g.Co;
+    return base + ((long long)co * g.k * g.k + tap) * g.Ci + n;
+  }
+};
+
+// conv_wgrad B, stored [k = output pixel][n = (tap, ci)].
+struct TcIm2colT {
+  const bf16* base;
+  Geom g;
+  int P, N;
+  GIF_DEVICE const bf16* at(int k, int n) const {
+    if (k >= P || n >= N) return nullptr;
+    int b, oy, ox;
+    out_pixel(g, k, b, oy, ox);
+    return x_at(base, g, b, oy, ox, n / g.Ci, n % g.Ci);
+  }
+};
+
+template <bool kAsync>
+GIF_DEVICE void conv_fwd_tc(const bf16* __restrict__ x, const bf16* __restrict__ w, Geom g, float* __restrict__ y) {
+  GIF_DYNAMIC_SMEM(bf16, smem);
+  const int M = g.B * g.Ho * g.Wo, K = g.k * g.k * g.Ci;
+  const int m0 = blockIdx.y * kTcTile, n0 = blockIdx.x * kTcTile;
+  float acc[4][4][4];
+  tc_tile_loop<true, true, kAsync>(acc, smem, TcIm2col{x, g, M, K}, m0, TcMatrix{w, K, g.Co, K}, n0, 0, K);
+  tc_store_tile<false>(acc, y, g.Co, m0, M, n0, g.Co);
+}
+
+template <bool kAsync>
+GIF_DEVICE void conv_dgrad_tc(const bf16* __restrict__ dy, const bf16* __restrict__ w, Geom g,
+                              float* __restrict__ dx) {
+  GIF_DYNAMIC_SMEM(bf16, smem);
+  const int M = g.B * g.H * g.W, K = g.k * g.k * g.Co;
+  const int m0 = blockIdx.y * kTcTile, n0 = blockIdx.x * kTcTile;
+  float acc[4][4][4];
+  tc_tile_loop<true, false, kAsync>(acc, smem, TcGatherDy{dy, g, M, K}, m0, TcTapRows{w, g, K}, n0, 0, K);
+  tc_store_tile<false>(acc, dx, g.Ci, m0, M, n0, g.Ci);
+}
+
+// Split over gridDim.z ranges of output pixels (multiples of kTcK).
+template <bool kAsync>
+GIF_DEVICE void conv_wgrad_tc(const bf16* __restrict__ x, const bf16* __restrict__ dy, Geom g, int chunk,
+                              float* __restrict__ dw) {
+  GIF_DYNAMIC_SMEM(bf16, smem);
+  const int P = g.B * g.Ho * g.Wo, N = g.k * g.k * g.Ci;
+  const int m0 = blockIdx.y * kTcTile, n0 = blockIdx.x * kTcTile;
+  const int kb = blockIdx.z * chunk, ke = kb + chunk < P ? kb + chunk : P;
+  if (kb >= P) return;
+  float acc[4][4][4];
+  tc_tile_loop<false, false, kAsync>(acc, smem, TcMatrix{dy, g.Co, P, g.Co}, m0, TcIm2colT{x, g, P, N}, n0, kb, ke);
+  tc_store_tile<true>(acc, dw, N, m0, g.Co, n0, N);
+}
+
 }  // namespace
 
 // clang-format off
@@ -210,4 +315,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_dgrad_f32(const float*
 extern "C" __global__ void __launch_bounds__(256, 2) conv_dgrad_f32_v(const float* dy, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* dx) { conv_dgrad<true>(dy, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, dx); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv_wgrad_f32(const float* x, const float* dy, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, int chunk, float* dw) { conv_wgrad<false>(x, dy, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, chunk, dw); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv_wgrad_f32_v(const float* x, const float* dy, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, int chunk, float* dw) { conv_wgrad<true>(x, dy, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, chunk, dw); }
+extern "C" __global__ void __launch_bounds__(256) conv_fwd_bf16(const bf16* x, const bf16* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* y) { conv_fwd_tc<false>(x, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, y); }
+extern "C" __global__ void __launch_bounds__(256) conv_fwd_bf16_a(const bf16* x, const bf16* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* y) { conv_fwd_tc<true>(x, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, y); }
+extern "C" __global__ void __launch_bounds__(256) conv_dgrad_bf16(const bf16* dy, const bf16* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* dx) { conv_dgrad_tc<false>(dy, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, dx); }
+extern "C" __global__ void __launch_bounds__(256) conv_dgrad_bf16_a(const bf16* dy, const bf16* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* dx) { conv_dgrad_tc<true>(dy, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, dx); }
+extern "C" __global__ void __launch_bounds__(256) conv_wgrad_bf16(const bf16* x, const bf16* dy, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, int chunk, float* dw) { conv_wgrad_tc<false>(x, dy, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, chunk, dw); }
+extern "C" __global__ void __launch_bounds__(256) conv_wgrad_bf16_a(const bf16* x, const bf16* dy, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, int chunk, float* dw) { conv_wgrad_tc<true>(x, dy, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, chunk, dw); }
 // clang-format on

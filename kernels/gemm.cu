@@ -64,7 +64,7 @@
 //
 // Cost: 2·M·N·K FLOP; at least (M·K + K·N)·S_in + M·N·4·(beta ? 2 : 1)
 // bytes. Compute-bound for M, N, K >= 256 or so.
-#include "arch.cuh"
+#include "tile_bf16.cuh"
 #include "tile_f32.cuh"
 
 namespace {
@@ -117,148 +117,26 @@ GIF_DEVICE void gemm_f32(int M, int N, int K, float alpha, const float* __restri
 }
 
 // ---------------------------------------------------------------------------
-// bf16 tensor cores.
-constexpr int kTcTile = 128;  // BM = BN
-constexpr int kTcK = 32;      // BK
-constexpr int kStages = 3;
-constexpr int kPad = 8;  // bf16 elements = 16 bytes
-
-// Shared-memory shape of one operand tile: kRows rows of kLen contiguous
-// elements (+ kPad). For A: k-contiguous [128 m][32 k] or else [32 k][128 m];
-// for B: n-contiguous [32 k][128 n] or else [128 n][32 k].
-template <bool kKContig>
-struct TcTile {
-  static constexpr int kRows = kKContig ? kTcTile : kTcK;
-  static constexpr int kLen = kKContig ? kTcK : kTcTile;
-  static constexpr int kPitch = kLen + kPad;
-  static constexpr int kElems = kRows * kPitch;
-  static constexpr int kChunks = kRows * kLen / 8;  // 16-byte chunks per tile
-};
-
-// Copies the tile whose first row is `row0` and first contiguous index
-// `col0` from X (rows_total x cols_total, leading dimension ld) into S.
-// With kAsync: 16-byte cp.async copies, zero-filled outside the operand
-// (cols_total is a multiple of 8, so a chunk is either inside or outside).
-// Without: element loads, predicated one by one.
-template <bool kKContig, bool kAsync>
-GIF_DEVICE void tc_load(bf16* S, const bf16* __restrict__ X, int ld, int row0, int col0, int rows_total,
-                        int cols_total) {
-  using Tile = TcTile<kKContig>;
-  constexpr int kPerRow = Tile::kLen / 8;
-#pragma unroll
-  for (int p = 0; p < Tile::kChunks / kThreads; ++p) {
-    const int c = threadIdx.x + kThreads * p;
-    const int r = c / kPerRow, col = (c % kPerRow) * 8;
-    const int gr = row0 + r, gc = col0 + col;
-    bf16* dst = S + r * Tile::kPitch + col;
-    if constexpr (kAsync) {
-      const bool ok = gr < rows_total && gc < cols_total;
-      const bf16* src = ok ? X + (long long)gr * ld + gc : X;  // any valid address when nothing is read
-      cp_async<16>(dst, src, ok ? 16 : 0);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        bf16 v;
-        v.bits = 0;
-        if (gr < rows_total && gc + i < cols_total) v = X[(long long)gr * ld + gc + i];
-        dst[i] = v;
-      }
-    }
-  }
-}
-
+// bf16 tensor cores: the tile main loop lives in tile_bf16.cuh (shared with
+// the convolutions); the epilogue writes alpha·acc + beta·C.
 template <bool kTA, bool kTB, bool kAsync>
 GIF_DEVICE void gemm_bf16(int M, int N, int K, float alpha, const bf16* __restrict__ A, int lda,
                           const bf16* __restrict__ B, int ldb, float beta, float* __restrict__ C, int ldc) {
   constexpr bool kAK = !kTA, kBK = kTB;
-  using TA = TcTile<kAK>;
-  using TB = TcTile<kBK>;
-  constexpr int kStage = TA::kElems + TB::kElems;
   GIF_DYNAMIC_SMEM(bf16, smem);
-
   const int m0 = blockIdx.y * kTcTile, n0 = blockIdx.x * kTcTile;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = (warp / 4) * 64, wn = (warp % 4) * 32;  // warp tile origin in the block tile
-  const int g = lane >> 2, t = lane & 3;
-  const int mi = lane >> 3, r8 = lane & 7;  // ldmatrix: this lane's matrix and row
-
-  // Operand extents as stored: rows x contiguous columns.
-  const int a_rows = kAK ? M : K, a_cols = kAK ? K : M;
-  const int b_rows = kBK ? N : K, b_cols = kBK ? K : N;
-
+  // Operands as stored: rows x contiguous columns.
+  const TcMatrix a{A, lda, kAK ? M : K, kAK ? K : M};
+  const TcMatrix b{B, ldb, kBK ? N : K, kBK ? K : N};
   float acc[4][4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
-
-  const int ktiles = (K + kTcK - 1) / kTcK;
-  auto load_stage = [&](int kt) {
-    bf16* sa = smem + (kt % kStages) * kStage;
-    bf16* sb = sa + TA::kElems;
-    const int k0 = kt * kTcK;
-    tc_load<kAK, kAsync>(sa, A, lda, kAK ? m0 : k0, kAK ? k0 : m0, a_rows, a_cols);
-    tc_load<kBK, kAsync>(sb, B, ldb, kBK ? n0 : k0, kBK ? k0 : n0, b_rows, b_cols);
-  };
-
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ktiles) load_stage(s);
-    cp_async_commit();  // an empty group keeps the wait counts uniform
-  }
-
-  for (int kt = 0; kt < ktiles; ++kt) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile kt is in shared memory; stage (kt-1) % kStages is free
-    if (kt + kStages - 1 < ktiles) load_stage(kt + kStages - 1);
-    cp_async_commit();
-
-    const bf16* sa = smem + (kt % kStages) * kStage;
-    const bf16* sb = sa + TA::kElems;
-#pragma unroll
-    for (int kk = 0; kk < kTcK; kk += 16) {
-      unsigned af[4][4], bfr[4][2];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = wm + i * 16;
-        if constexpr (kAK) {  // S[m][k]: matrices (m 0-7 | 8-15) x (k 0-7 | 8-15)
-          ldmatrix<4, false>(af[i], &sa[(m + r8 + (mi & 1) * 8) * TA::kPitch + kk + (mi >> 1) * 8]);
-        } else {  // S[k][m]
-          ldmatrix<4, true>(af[i], &sa[(kk + r8 + (mi >> 1) * 8) * TA::kPitch + m + (mi & 1) * 8]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 4; j += 2) {
-        const int n = wn + j * 8;
-        unsigned r[4];
-        if constexpr (kBK) {  // S[n][k]: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
-          ldmatrix<4, false>(r, &sb[(n + r8 + (mi >> 1) * 8) * TB::kPitch + kk + (mi & 1) * 8]);
-        } else {  // S[k][n]: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
-          ldmatrix<4, true>(r, &sb[(kk + r8 + (mi & 1) * 8) * TB::kPitch + n + (mi >> 1) * 8]);
-        }
-        bfr[j][0] = r[0];
-        bfr[j][1] = r[1];
-        bfr[j + 1][0] = r[2];
-        bfr[j + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) mma_m16n8k16<bf16>(acc[i][j], af[i], bfr[j], acc[i][j]);
-    }
-  }
-  cp_async_wait<0>();
-
+  tc_tile_loop<kAK, kBK, kAsync>(acc, smem, a, m0, b, n0, 0, K);
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int m = m0 + wm + i * 16 + g + (e >= 2 ? 8 : 0);
-        const int n = n0 + wn + j * 8 + 2 * t + (e & 1);
+        const int m = m0 + tc_tile_row(i, e), n = n0 + tc_tile_col(j, e);
         if (m < M && n < N) {
           float* c = C + (long long)m * ldc + n;
           const float v = alpha * acc[i][j][e];

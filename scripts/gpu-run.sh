@@ -74,10 +74,13 @@ echo >> "$summary"
 if [ "$mode" = "all" ]; then
   # The scaling study runs in its quick mode and writes its CSV and plot here.
   export GIF_FR_SCALING_QUICK=1 GIF_FR_SCALING_OUT="$out/scaling"
+  # The backbone bench's quick subset; its CSV feeds torch_backbone.py.
+  export GIF_FR_BACKBONE_QUICK=1 GIF_FR_BACKBONE_OUT="$out/backbone"
   # Most important first; no bench starts after GIF_FR_KIT_BUDGET seconds
   # (default 420) since the kit started, so one device call stays under 540 s.
+  # PyTorch runs right after the bench it is compared with, in the same call.
   budget=${GIF_FR_KIT_BUDGET:-420}
-  for name in head_scaling softmax_head gemm code_head decode rowwise $(ls "$here/benches"); do
+  for name in head_scaling softmax_head gemm backbone code_head decode rowwise $(ls "$here/benches"); do
     b="$here/benches/$name"
     [ -f "$b" ] || continue
     grep -qx "$name" "$out/.benched" 2>/dev/null && continue
@@ -92,14 +95,21 @@ if [ "$mode" = "all" ]; then
       > "$out/bench-$name.log" 2>&1 || echo "bench $name exited with $?" >> "$summary"
     sed -n '/^### /,$p' "$out/bench-$name.log" >> "$summary"
     echo >> "$summary"
+    case "$name" in
+      softmax_head) torch_script=torch_heads; torch_args="--quick --csv $out/scaling/torch_heads.csv" ;;
+      backbone) torch_script=torch_backbone
+        torch_args="--quick --ours $out/backbone/backbone.csv --csv $out/backbone/torch_backbone.csv" ;;
+      *) torch_script= ;;
+    esac
+    if [ -n "$torch_script" ] && [ -f "$bundle/$torch_script.py" ]; then
+      mkdir -p "$out/scaling" "$out/backbone"
+      # shellcheck disable=SC2086
+      timeout 150 python3 "$bundle/$torch_script.py" $torch_args > "$out/$torch_script.log" 2>&1 \
+        || echo "$torch_script.py exited with $?" >> "$summary"
+      sed -n '/^### /,$p' "$out/$torch_script.log" >> "$summary"
+      echo >> "$summary"
+    fi
   done
-  # PyTorch at the O(N) heads' shapes (benches/torch_heads.py), same machine.
-  if [ -f "$bundle/torch_heads.py" ]; then
-    timeout 150 python3 "$bundle/torch_heads.py" --quick --csv "$out/scaling/torch_heads.csv" \
-      > "$out/torch_heads.log" 2>&1 || echo "torch_heads.py exited with $?" >> "$summary"
-    sed -n '/^### /,$p' "$out/torch_heads.log" >> "$summary"
-    echo >> "$summary"
-  fi
 fi
 
 if [ -f "$summary.failures" ]; then
@@ -112,6 +122,9 @@ if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/logs$( [ "$mode" = all ] || echo "${mode#--}" | sed 's/^/-/').tar.gz" -C "$out" --exclude criterion .
   for f in results.csv identify.csv time_vs_n.svg torch_heads.csv; do
     [ -f "$out/scaling/$f" ] && cp "$out/scaling/$f" "$OUT/scaling-$f"
+  done
+  for f in backbone.csv torch_backbone.csv; do
+    [ -f "$out/backbone/$f" ] && cp "$out/backbone/$f" "$OUT/$f"
   done
 fi
 cat "$summary"
