@@ -3,8 +3,10 @@
 //! (r50 and r100 inference images/s; r50's training step, forward and
 //! backward).
 //!
-//! - GPU: B = 128 (the shapes); the conv table gives TFLOP/s.
-//! - CPU: B = 2 (the CPU path is a fallback; B = 128 would take hours).
+//! - GPU: B = 128 (the shapes); convolutions with f32 operands (fp32
+//!   SIMT kernels) and bf16 operands (tensor cores, f32 accumulation); the
+//!   conv table gives TFLOP/s.
+//! - CPU: B = 2, f32 (the CPU path is a fallback; B = 128 would take hours).
 //!
 //! Each conv layer is named by its first place in insightface's iresnet
 //! (`layer2.0.conv2` = stage 2's stride-2 3x3 conv, `layer2.1.conv1` = the
@@ -59,6 +61,7 @@ fn macs(s: &ConvShape) -> f64 {
 
 struct ConvRow {
     device: String,
+    dtype: DType,
     layer: String,
     shape: ConvShape,
     op: &'static str,
@@ -77,26 +80,32 @@ fn t(dev: &Device, shape: &[usize], seed: u64) -> Result<Tensor> {
     Tensor::from_slice(dev, shape, &fill(shape.iter().product(), 1.0, seed))
 }
 
-/// Times the three ops of convolution `s` (layer `name`).
+fn typed(dev: &Device, shape: &[usize], seed: u64, dtype: DType) -> Result<Tensor> {
+    Tensor::from_f32(dev, shape, &fill(shape.iter().product(), 1.0, seed), dtype)
+}
+
+/// Times the three ops of convolution `s` (layer `name`) with `dtype`
+/// operands.
 fn bench_conv(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     dev: &Device,
     name: &str,
     s: &ConvShape,
+    dtype: DType,
     rows: &mut Vec<ConvRow>,
 ) -> Result<()> {
     let label = common::label(dev);
     let (nx, _, ny) = s.sizes();
     let (x, w, dy) = (
-        t(dev, &[nx / s.c_in, s.c_in], 1)?,
-        t(dev, &[s.c_out, s.kernel, s.kernel, s.c_in], 2)?,
-        t(dev, &[ny / s.c_out, s.c_out], 3)?,
+        typed(dev, &[nx / s.c_in, s.c_in], 1, dtype)?,
+        typed(dev, &[s.c_out, s.kernel, s.kernel, s.c_in], 2, dtype)?,
+        typed(dev, &[ny / s.c_out, s.c_out], 3, dtype)?,
     );
     let mut y = Tensor::empty(dev, &[ny / s.c_out, s.c_out], DType::F32)?;
     let mut dx = Tensor::empty(dev, &[nx / s.c_in, s.c_in], DType::F32)?;
     let flops = 2.0 * macs(s);
     for op in ["forward", "data grad", "weight grad"] {
-        let case = format!("{name} {op} B={}", s.batch);
+        let case = format!("{name} {op} {dtype:?} B={}", s.batch);
         let mut f = || -> Result<()> {
             match op {
                 "forward" => conv2d_into(&x, &w, s, &mut y),
@@ -104,9 +113,9 @@ fn bench_conv(
                 _ => conv2d_weight_grad(&x, &dy, s).map(drop),
             }
         };
-        bench_or_time(g, dev, &format!("{name} {op}"), s.batch, &case, flops, None, &mut f);
+        bench_or_time(g, dev, &format!("{name} {op} {dtype:?}"), s.batch, &case, flops, None, &mut f);
         let seconds = common::mean_seconds(&case, &label).unwrap_or(f64::NAN);
-        rows.push(ConvRow { device: label.clone(), layer: name.to_string(), shape: *s, op, seconds });
+        rows.push(ConvRow { device: label.clone(), dtype, layer: name.to_string(), shape: *s, op, seconds });
     }
     Ok(())
 }
@@ -122,7 +131,11 @@ fn main() {
         let mut g = c.benchmark_group(format!("backbone_conv/{label}"));
         for (name, hw, c_in, c_out, k, stride) in layers(quick) {
             let s = ConvShape { batch: b, height: hw, width: hw, c_in, c_out, kernel: k, stride, pad: k / 2 };
-            bench_conv(&mut g, &dev, &name, &s, &mut conv_rows).unwrap_or_else(|e| panic!("{name} on {label}: {e}"));
+            let dtypes: &[DType] = if gpu { &[DType::F32, DType::BF16] } else { &[DType::F32] };
+            for &dtype in dtypes {
+                bench_conv(&mut g, &dev, &name, &s, dtype, &mut conv_rows)
+                    .unwrap_or_else(|e| panic!("{name} {dtype:?} on {label}: {e}"));
+            }
         }
         g.finish();
         let mut g = c.benchmark_group(format!("backbone_net/{label}"));
@@ -152,13 +165,13 @@ fn main() {
         g.finish();
     }
     c.final_summary();
-    println!("\n### IResNet convolutions (f32, NHWC, implicit GEMM)\n");
-    println!("| device | layer | B | HxW | C_in -> C_out | k / stride | op | time | TFLOP/s |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("\n### IResNet convolutions (NHWC, implicit GEMM; f32 results)\n");
+    println!("| device | layer | B | HxW | C_in -> C_out | k / stride | op | operands | time | TFLOP/s |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &conv_rows {
         let s = &r.shape;
         println!(
-            "| {} | {} | {} | {}x{} | {} -> {} | {} / {} | {} | {:.3} ms | {:.2} |",
+            "| {} | {} | {} | {}x{} | {} -> {} | {} / {} | {} | {:?} | {:.3} ms | {:.2} |",
             r.device,
             r.layer,
             s.batch,
@@ -169,6 +182,7 @@ fn main() {
             s.kernel,
             s.stride,
             r.op,
+            r.dtype,
             r.seconds * 1e3,
             2.0 * macs(s) / r.seconds / 1e12
         );
@@ -198,17 +212,18 @@ fn write_csv(dir: &str, conv: &[ConvRow], net: &[NetRow]) -> std::io::Result<()>
     std::fs::create_dir_all(dir)?;
     let path = std::path::Path::new(dir).join("backbone.csv");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
-    writeln!(f, "kind,device,name,op,b,hw,c_in,c_out,k,stride,seconds")?;
+    writeln!(f, "kind,device,name,op,dtype,b,hw,c_in,c_out,k,stride,seconds")?;
     for r in conv {
         let s = &r.shape;
+        let dtype = if r.dtype == DType::BF16 { "bf16" } else { "f32" };
         writeln!(
             f,
-            "conv,{},{},{},{},{},{},{},{},{},{:.6e}",
+            "conv,{},{},{},{dtype},{},{},{},{},{},{},{:.6e}",
             r.device, r.layer, r.op, s.batch, s.height, s.c_in, s.c_out, s.kernel, s.stride, r.seconds
         )?;
     }
     for r in net {
-        writeln!(f, "net,{},{},{},{},112,3,512,0,0,{:.6e}", r.device, r.arch, r.what, r.b, r.seconds)?;
+        writeln!(f, "net,{},{},{},f32,{},112,3,512,0,0,{:.6e}", r.device, r.arch, r.what, r.b, r.seconds)?;
     }
     println!("wrote {}", path.display());
     Ok(())

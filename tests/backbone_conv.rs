@@ -5,14 +5,15 @@
 //! implicit-GEMM kernels (forward, data and weight gradient) against the
 //! reference on the simulator (three orders) and a GPU when present, at
 //! IResNet's kinds of layers (3x3 pad 1 stride 1 and 2, 1x1 stride 2, the
-//! 3-channel stem), scalar and vector-load paths, several tiles.
+//! 3-channel stem), scalar and vector-load paths, several tiles; the same
+//! for the bf16 tensor-core kernels (and the CPU path with bf16 operands).
 
 mod common;
 
 use common::*;
 use gif_fr::backbone::conv::cpu;
 use gif_fr::backbone::{conv2d, conv2d_data_grad, conv2d_weight_grad, ConvShape};
-use gif_fr::{Device, Error, Tensor};
+use gif_fr::{DType, Device, Error, Tensor};
 
 const SHAPES: [ConvShape; 4] = [
     ConvShape { batch: 2, height: 5, width: 6, c_in: 3, c_out: 4, kernel: 3, stride: 1, pad: 1 },
@@ -137,6 +138,45 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     }
 }
 
+/// The three convolution ops on `dev` at `s` with `dtype` operands (the
+/// random values rounded to it first) against the f64 reference of the
+/// rounded values.
+fn compare(dev: &Device, s: &ConvShape, dtype: DType, seed: u64) {
+    let mut r = rng(seed);
+    let (nx, nw, ny) = s.sizes();
+    let (ho, wo) = s.out_hw();
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        if dtype == DType::BF16 {
+            v.into_iter().map(|a| half::bf16::from_f32(a).to_f32()).collect()
+        } else {
+            v
+        }
+    };
+    let (x, w, g) = (
+        round(uniform(&mut r, nx, -1.0, 1.0)),
+        round(uniform(&mut r, nw, -1.0, 1.0)),
+        round(uniform(&mut r, ny, -1.0, 1.0)),
+    );
+    let t = |v: &[f32], shape: &[usize]| Tensor::from_f32(dev, shape, v, dtype).unwrap();
+    let xt = t(&x, &[s.batch, s.height, s.width, s.c_in]);
+    let wt = t(&w, &[s.c_out, s.kernel, s.kernel, s.c_in]);
+    let gt = t(&g, &[s.batch, ho, wo, s.c_out]);
+    let what = format!("{dev} {dtype:?} {s:?}");
+    close(&format!("{what} y"), &conv2d(&xt, &wt, s).unwrap().to_vec::<f32>().unwrap(), &cpu::forward(s, &x, &w), 1e-5);
+    close(
+        &format!("{what} dx"),
+        &conv2d_data_grad(&gt, &wt, s).unwrap().to_vec::<f32>().unwrap(),
+        &cpu::data_grad(s, &g, &w),
+        1e-5,
+    );
+    close(
+        &format!("{what} dw"),
+        &conv2d_weight_grad(&xt, &gt, s).unwrap().to_vec::<f32>().unwrap(),
+        &cpu::weight_grad(s, &x, &g),
+        1e-5,
+    );
+}
+
 #[test]
 fn kernels_match_the_reference() {
     let cases = [
@@ -153,33 +193,30 @@ fn kernels_match_the_reference() {
         ConvShape { batch: 1, height: 9, width: 9, c_in: 5, c_out: 7, kernel: 3, stride: 2, pad: 1 },
     ];
     for (n, s) in cases.iter().enumerate() {
-        let mut r = rng(500 + n as u64);
-        let (nx, nw, ny) = s.sizes();
-        let (ho, wo) = s.out_hw();
-        let (x, w, g) =
-            (uniform(&mut r, nx, -1.0, 1.0), uniform(&mut r, nw, -1.0, 1.0), uniform(&mut r, ny, -1.0, 1.0));
-        let want_y = cpu::forward(s, &x, &w);
-        let want_dx = cpu::data_grad(s, &g, &w);
-        let want_dw = cpu::weight_grad(s, &x, &g);
         for dev in gpu_devices() {
-            let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(&dev, shape, v).unwrap();
-            let xt = t(&x, &[s.batch, s.height, s.width, s.c_in]);
-            let wt = t(&w, &[s.c_out, s.kernel, s.kernel, s.c_in]);
-            let gt = t(&g, &[s.batch, ho, wo, s.c_out]);
-            let what = format!("{dev} {s:?}");
-            close(&format!("{what} y"), &conv2d(&xt, &wt, s).unwrap().to_vec::<f32>().unwrap(), &want_y, 1e-5);
-            close(
-                &format!("{what} dx"),
-                &conv2d_data_grad(&gt, &wt, s).unwrap().to_vec::<f32>().unwrap(),
-                &want_dx,
-                1e-5,
-            );
-            close(
-                &format!("{what} dw"),
-                &conv2d_weight_grad(&xt, &gt, s).unwrap().to_vec::<f32>().unwrap(),
-                &want_dw,
-                1e-5,
-            );
+            compare(&dev, s, DType::F32, 500 + n as u64);
+        }
+    }
+}
+
+/// The bf16 tensor-core kernels: element-load paths (channels not multiples
+/// of 8) and cp.async paths (multiples of 8), several 128-wide tiles along
+/// M and N, K over several 32-wide k-tiles, the weight gradient split over
+/// pixel ranges; and the CPU path with bf16 operands.
+#[test]
+fn bf16_kernels_match_the_reference() {
+    let cases = [
+        SHAPES[0],
+        SHAPES[1],
+        ConvShape { batch: 1, height: 9, width: 9, c_in: 5, c_out: 7, kernel: 3, stride: 2, pad: 1 },
+        ConvShape { batch: 2, height: 12, width: 11, c_in: 24, c_out: 136, kernel: 3, stride: 1, pad: 1 },
+        ConvShape { batch: 2, height: 13, width: 11, c_in: 16, c_out: 8, kernel: 3, stride: 2, pad: 1 },
+        ConvShape { batch: 3, height: 8, width: 8, c_in: 8, c_out: 16, kernel: 1, stride: 2, pad: 0 },
+        ConvShape { batch: 1, height: 12, width: 12, c_in: 136, c_out: 16, kernel: 3, stride: 1, pad: 1 },
+    ];
+    for (n, s) in cases.iter().enumerate() {
+        for dev in all_devices() {
+            compare(&dev, s, DType::BF16, 700 + n as u64);
         }
     }
 }
@@ -192,29 +229,11 @@ fn kernels_match_at_iresnet_shapes_on_a_gpu() {
         ConvShape { batch: 8, height: 28, width: 28, c_in: 64, c_out: 128, kernel: 3, stride: 2, pad: 1 },
         ConvShape { batch: 8, height: 28, width: 28, c_in: 64, c_out: 128, kernel: 1, stride: 2, pad: 0 },
         ConvShape { batch: 4, height: 112, width: 112, c_in: 3, c_out: 64, kernel: 3, stride: 1, pad: 1 },
+        ConvShape { batch: 8, height: 14, width: 14, c_in: 256, c_out: 512, kernel: 3, stride: 2, pad: 1 },
     ] {
-        let mut r = rng(s.c_out as u64);
-        let (nx, nw, ny) = s.sizes();
-        let (ho, wo) = s.out_hw();
-        let (x, w, g) =
-            (uniform(&mut r, nx, -1.0, 1.0), uniform(&mut r, nw, -1.0, 1.0), uniform(&mut r, ny, -1.0, 1.0));
-        let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(&dev, shape, v).unwrap();
-        let xt = t(&x, &[s.batch, s.height, s.width, s.c_in]);
-        let wt = t(&w, &[s.c_out, s.kernel, s.kernel, s.c_in]);
-        let gt = t(&g, &[s.batch, ho, wo, s.c_out]);
-        close("y", &conv2d(&xt, &wt, &s).unwrap().to_vec::<f32>().unwrap(), &cpu::forward(&s, &x, &w), 1e-5);
-        close(
-            "dx",
-            &conv2d_data_grad(&gt, &wt, &s).unwrap().to_vec::<f32>().unwrap(),
-            &cpu::data_grad(&s, &g, &w),
-            1e-5,
-        );
-        close(
-            "dw",
-            &conv2d_weight_grad(&xt, &gt, &s).unwrap().to_vec::<f32>().unwrap(),
-            &cpu::weight_grad(&s, &x, &g),
-            1e-5,
-        );
+        for dtype in [DType::F32, DType::BF16] {
+            compare(&dev, &s, dtype, s.c_out as u64);
+        }
     }
 }
 
@@ -227,5 +246,14 @@ fn kernel_bad_input_is_a_clear_error() {
         assert!(matches!(conv2d(&x, &w, &s), Err(Error::Shape { .. })), "{dev}: channels");
         let bad = ConvShape { stride: 0, ..s };
         assert!(matches!(conv2d(&x, &w, &bad), Err(Error::InvalidArgument { .. })), "{dev}: stride 0");
+        assert!(matches!(conv2d_data_grad(&x, &w, &bad), Err(Error::InvalidArgument { .. })), "{dev}: stride 0");
+        // Mixed operand dtypes, and f16 operands, are errors.
+        let (x3, w3) = (
+            Tensor::from_slice(&dev, &[2, 5, 6, 3], &[0.5f32; 180]).unwrap(),
+            Tensor::from_f32(&dev, &[4, 3, 3, 3], &[0.5f32; 108], DType::BF16).unwrap(),
+        );
+        assert!(matches!(conv2d(&x3, &w3, &s), Err(Error::Shape { .. })), "{dev}: f32 x, bf16 w");
+        let h = Tensor::from_f32(&dev, &[2, 5, 6, 3], &[0.5f32; 180], DType::F16).unwrap();
+        assert!(matches!(conv2d(&h, &w3, &s), Err(Error::InvalidArgument { .. })), "{dev}: f16");
     }
 }

@@ -4,34 +4,46 @@
 //! channel's filter is one contiguous row of the implicit-GEMM B operand
 //! (checkpoints' OIHW is converted on load).
 //!
-//! [`conv2d`], [`conv2d_data_grad`], [`conv2d_weight_grad`]: f32 implicit
-//! GEMM on the fp32 SIMT tile (kernels/conv.cu), no im2col buffer. On the
-//! CPU all three are im2col / col2im per image + the `gemm` crate (f32);
+//! [`conv2d`], [`conv2d_data_grad`], [`conv2d_weight_grad`]: implicit GEMM
+//! (kernels/conv.cu), no im2col buffer, with f32 operands on the fp32 SIMT
+//! tile or bf16 operands on the bf16 tensor-core tile (f32 accumulation
+//! and results either way). On the CPU all three are im2col / col2im per
+//! image + the `gemm` crate (f32; bf16 operands widened);
 //! `cpu::{forward, data_grad, weight_grad}` are the direct f64 reference
-//! (the tests' oracle). A bf16 tensor-core path is not built yet.
+//! (the tests' oracle).
 
 use crate::device::{Arg, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
+use crate::gemm::Op;
 use crate::kernels::{self, ModuleId};
 use crate::tensor::{same_device, DType, HostData, Tensor};
 
 const TILE: usize = 128;
 
-/// Checks `t` is f32 `shape` or its `[pixels, channels]` flattening;
-/// returns whether it is the flattening.
-fn check(op: &'static str, t: &Tensor, what: &str, shape: [usize; 4]) -> Result<bool> {
+/// Checks `t` is `dtype` of `shape` or its `[pixels, channels]`
+/// flattening; returns whether it is the flattening.
+fn check(op: &'static str, t: &Tensor, what: &str, shape: [usize; 4], dtype: DType) -> Result<bool> {
     let flat = [shape[0] * shape[1] * shape[2], shape[3]];
-    if t.dtype() == DType::F32 && t.shape() == shape {
+    if t.dtype() == dtype && t.shape() == shape {
         return Ok(false);
     }
-    if t.dtype() == DType::F32 && t.shape() == flat {
+    if t.dtype() == dtype && t.shape() == flat {
         return Ok(true);
     }
     Err(Error::Shape {
         op,
-        expected: format!("{what} f32 {shape:?} (or {flat:?})"),
+        expected: format!("{what} {dtype:?} {shape:?} (or {flat:?})"),
         got: format!("{:?} {:?}", t.shape(), t.dtype()),
     })
+}
+
+/// The operands' dtype: f32 or bf16 (the first operand's; the checks then
+/// require the other to match).
+fn operand_dtype(op: &'static str, t: &Tensor) -> Result<DType> {
+    match t.dtype() {
+        d @ (DType::F32 | DType::BF16) => Ok(d),
+        d => Err(Error::invalid(op, format!("operands must be f32 or bf16, got {d:?}"))),
+    }
 }
 
 /// `shape`, or its `[pixels, channels]` flattening.
@@ -66,22 +78,31 @@ impl ConvShape {
             .map(|&v| Arg::I32(v as i32))
             .collect())
     }
-    /// The vector-load kernels need both channel counts to be multiples of 4.
-    fn suffix(&self) -> &'static str {
-        if self.c_in % 4 == 0 && self.c_out % 4 == 0 {
-            "f32_v"
-        } else {
-            "f32"
-        }
+    /// The kernel `conv_<op>_<suffix>` for `dtype` operands and its dynamic
+    /// shared memory: f32 (`_v`: float4 loads, both channel counts multiples
+    /// of 4) or bf16 on tensor cores (`_a`: 16-byte cp.async, multiples of
+    /// 8), whose tile is gemm's with A, B stored as `ops` says.
+    fn kernel(&self, op: &str, dtype: DType, ops: (Op, Op)) -> Result<(&'static str, u32)> {
+        let (name, shared) = match dtype {
+            DType::BF16 if self.c_in % 8 == 0 && self.c_out % 8 == 0 => {
+                (format!("conv_{op}_bf16_a"), crate::gemm::bf16_shared_bytes(ops.0, ops.1))
+            }
+            DType::BF16 => (format!("conv_{op}_bf16"), crate::gemm::bf16_shared_bytes(ops.0, ops.1)),
+            _ if self.c_in % 4 == 0 && self.c_out % 4 == 0 => (format!("conv_{op}_f32_v"), 0),
+            _ => (format!("conv_{op}_f32"), 0),
+        };
+        Ok((kernels::find(ModuleId::Conv, &name)?, shared as u32))
     }
 }
 
 /// `y = conv(x, w)`: x `[B, H, W, C_in]`, w `[C_out, k, k, C_in]`, y
-/// `[B, H_o, W_o, C_out]`, f32. Activations may also be given flattened to
+/// `[B, H_o, W_o, C_out]`. Activations may also be given flattened to
 /// `[pixels, channels]` (the layout BatchNorm takes); the result is then
-/// flattened too.
+/// flattened too. x and w both f32 (the fp32 SIMT kernels) or both bf16
+/// (tensor cores, f32 accumulation); y is f32 either way.
 pub fn conv2d(x: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
-    let flat = check("conv2d", x, "input", s.input())?;
+    s.validate("conv2d")?;
+    let flat = check("conv2d", x, "input", s.input(), operand_dtype("conv2d", x)?)?;
     let mut y = Tensor::empty(x.device(), &shaped(s.output(), flat), DType::F32)?;
     conv2d_into(x, w, s, &mut y)?;
     Ok(y)
@@ -92,8 +113,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
 pub fn conv2d_into(x: &Tensor, w: &Tensor, s: &ConvShape, y: &mut Tensor) -> Result<()> {
     const OP: &str = "conv2d";
     s.validate(OP)?;
-    check(OP, x, "input", s.input())?;
-    check(OP, w, "weights", s.weights())?;
+    let dtype = operand_dtype(OP, x)?;
+    check(OP, x, "input", s.input(), dtype)?;
+    check(OP, w, "weights", s.weights(), dtype)?;
     let dev = same_device(OP, &[x, w])?;
     y.check_output(OP, dev, &[&s.output(), &shaped(s.output(), true)])?;
     if dev.kind() == DeviceKind::Cpu {
@@ -104,22 +126,25 @@ pub fn conv2d_into(x: &Tensor, w: &Tensor, s: &ConvShape, y: &mut Tensor) -> Res
     let mut args = vec![x.arg(), w.arg()];
     args.extend(s.geometry()?);
     args.push(y.arg());
+    let (kernel, shared_bytes) = s.kernel("fwd", dtype, (Op::N, Op::T))?;
     dev.launch(
         ModuleId::Conv,
-        kernels::find(ModuleId::Conv, &format!("conv_fwd_{}", s.suffix()))?,
+        kernel,
         LaunchConfig {
             grid: (s.c_out.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
             block: (256, 1, 1),
-            shared_bytes: 0,
+            shared_bytes,
         },
         &args,
     )
 }
 
 /// The gradient with respect to the input: dy `[B, H_o, W_o, C_out]` →
-/// dx `[B, H, W, C_in]`.
+/// dx `[B, H, W, C_in]` (f32; dy and w both f32 or both bf16).
 pub fn conv2d_data_grad(dy: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor> {
-    let flat = check("conv2d_data_grad", dy, "output gradient", s.output())?;
+    const OP: &str = "conv2d_data_grad";
+    s.validate(OP)?;
+    let flat = check(OP, dy, "output gradient", s.output(), operand_dtype(OP, dy)?)?;
     let mut dx = Tensor::empty(dy.device(), &shaped(s.input(), flat), DType::F32)?;
     conv2d_data_grad_into(dy, w, s, &mut dx)?;
     Ok(dx)
@@ -130,8 +155,9 @@ pub fn conv2d_data_grad(dy: &Tensor, w: &Tensor, s: &ConvShape) -> Result<Tensor
 pub fn conv2d_data_grad_into(dy: &Tensor, w: &Tensor, s: &ConvShape, dx: &mut Tensor) -> Result<()> {
     const OP: &str = "conv2d_data_grad";
     s.validate(OP)?;
-    check(OP, dy, "output gradient", s.output())?;
-    check(OP, w, "weights", s.weights())?;
+    let dtype = operand_dtype(OP, dy)?;
+    check(OP, dy, "output gradient", s.output(), dtype)?;
+    check(OP, w, "weights", s.weights(), dtype)?;
     let dev = same_device(OP, &[dy, w])?;
     dx.check_output(OP, dev, &[&s.input(), &shaped(s.input(), true)])?;
     if dev.kind() == DeviceKind::Cpu {
@@ -141,27 +167,29 @@ pub fn conv2d_data_grad_into(dy: &Tensor, w: &Tensor, s: &ConvShape, dx: &mut Te
     let mut args = vec![dy.arg(), w.arg()];
     args.extend(s.geometry()?);
     args.push(dx.arg());
+    let (kernel, shared_bytes) = s.kernel("dgrad", dtype, (Op::N, Op::N))?;
     dev.launch(
         ModuleId::Conv,
-        kernels::find(ModuleId::Conv, &format!("conv_dgrad_{}", s.suffix()))?,
+        kernel,
         LaunchConfig {
             grid: (s.c_in.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
             block: (256, 1, 1),
-            shared_bytes: 0,
+            shared_bytes,
         },
         &args,
     )
 }
 
-/// The gradient with respect to the weights: `[C_out, k, k, C_in]`. On a
-/// GPU the sum over output pixels is split across blocks (to fill the GPU)
+/// The gradient with respect to the weights: `[C_out, k, k, C_in]`, f32
+/// (x and dy both f32 or both bf16). On a GPU the sum over output pixels is split across blocks (to fill the GPU)
 /// whose parts are added atomically, so the last bits may vary run to run
 /// unless one split covers all pixels.
 pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tensor> {
     const OP: &str = "conv2d_weight_grad";
     s.validate(OP)?;
-    check(OP, x, "input", s.input())?;
-    check(OP, dy, "output gradient", s.output())?;
+    let dtype = operand_dtype(OP, x)?;
+    check(OP, x, "input", s.input(), dtype)?;
+    check(OP, dy, "output gradient", s.output(), dtype)?;
     let dev = same_device(OP, &[x, dy])?;
     if dev.kind() == DeviceKind::Cpu {
         let dw = cpu::weight_grad_gemm(s, &x.host_f32()?, &dy.host_f32()?);
@@ -173,19 +201,21 @@ pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tens
     let n = s.kernel * s.kernel * s.c_in;
     let tiles = n.div_ceil(TILE) * s.c_out.div_ceil(TILE);
     let splits = 528usize.div_ceil(tiles).clamp(1, m.div_ceil(16));
-    let chunk = m.div_ceil(splits).div_ceil(16) * 16;
+    // Multiples of 32, a k-tile of both kernels' families (16 and 32).
+    let chunk = m.div_ceil(splits).div_ceil(32) * 32;
     let splits = m.div_ceil(chunk);
     let mut args = vec![x.arg(), dy.arg()];
     args.extend(s.geometry()?);
     args.push(Arg::I32(chunk as i32));
     args.push(dw.arg());
+    let (kernel, shared_bytes) = s.kernel("wgrad", dtype, (Op::T, Op::N))?;
     dev.launch(
         ModuleId::Conv,
-        kernels::find(ModuleId::Conv, &format!("conv_wgrad_{}", s.suffix()))?,
+        kernel,
         LaunchConfig {
             grid: (n.div_ceil(TILE) as u32, s.c_out.div_ceil(TILE) as u32, splits as u32),
             block: (256, 1, 1),
-            shared_bytes: 0,
+            shared_bytes,
         },
         &args,
     )?;
