@@ -1,7 +1,8 @@
 //! The IResNet backbone: every kind of convolution at its place in the
 //! network (forward, data gradient, weight gradient), and whole networks
 //! (r50 and r100 inference images/s; r50's training step, forward and
-//! backward).
+//! backward), with f32 convolutions and, on a GPU, bf16 ones
+//! (`IResNetConfig::conv_dtype`).
 //!
 //! - GPU: B = 128 (the shapes); convolutions with f32 operands (fp32
 //!   SIMT kernels) and bf16 operands (tensor cores, f32 accumulation); the
@@ -71,6 +72,7 @@ struct ConvRow {
 struct NetRow {
     device: String,
     arch: String,
+    dtype: DType,
     what: &'static str,
     b: usize,
     seconds: f64,
@@ -140,27 +142,27 @@ fn main() {
         g.finish();
         let mut g = c.benchmark_group(format!("backbone_net/{label}"));
         let archs: &[&str] = if quick { &["r50"] } else { &["r50", "r100"] };
+        let dtypes: &[DType] = if gpu { &[DType::F32, DType::BF16] } else { &[DType::F32] };
         for &arch in archs {
-            let cfg = IResNetConfig::arch(arch).expect("arch");
-            let mut net = IResNet::new(cfg, &dev, 1).expect("network");
-            let x = t(&dev, &[b, 112, 112, 3], 4).expect("images");
-            let d = t(&dev, &[b, 512], 5).expect("gradient");
-            let case = format!("{arch} inference B={b}");
-            bench_or_time(&mut g, &dev, &format!("{arch} inference"), b, &case, 0.0, None, &mut || {
-                net.infer(&x).map(drop)
-            });
-            let seconds = common::mean_seconds(&case, &label).unwrap_or(f64::NAN);
-            net_rows.push(NetRow { device: label.clone(), arch: arch.into(), what: "inference", b, seconds });
-            if arch == "r50" {
-                let case = format!("{arch} training step B={b}");
-                bench_or_time(&mut g, &dev, &format!("{arch} training step"), b, &case, 0.0, None, &mut || {
-                    net.forward(&x, true)?;
-                    net.backward(&d).map(drop)
-                });
-                let seconds = common::mean_seconds(&case, &label).unwrap_or(f64::NAN);
-                net_rows.push(NetRow { device: label.clone(), arch: arch.into(), what: "training step", b, seconds });
+            for &dtype in dtypes {
+                let cfg = IResNetConfig { conv_dtype: dtype, ..IResNetConfig::arch(arch).expect("arch") };
+                let mut net = IResNet::new(cfg, &dev, 1).expect("network");
+                let x = t(&dev, &[b, 112, 112, 3], 4).expect("images");
+                let d = t(&dev, &[b, 512], 5).expect("gradient");
+                let mut row = |what: &'static str, f: &mut dyn FnMut() -> Result<()>| {
+                    let case = format!("{arch} {what} {dtype:?} B={b}");
+                    bench_or_time(&mut g, &dev, &format!("{arch} {what} {dtype:?}"), b, &case, 0.0, None, f);
+                    let seconds = common::mean_seconds(&case, &label).unwrap_or(f64::NAN);
+                    net_rows.push(NetRow { device: label.clone(), arch: arch.into(), dtype, what, b, seconds });
+                };
+                row("inference", &mut || net.infer(&x).map(drop));
+                if arch == "r50" {
+                    row("training step", &mut || {
+                        net.forward(&x, true)?;
+                        net.backward(&d).map(drop)
+                    });
+                }
             }
-            net.release_buffers();
         }
         g.finish();
     }
@@ -187,16 +189,17 @@ fn main() {
             2.0 * macs(s) / r.seconds / 1e12
         );
     }
-    println!("\n### IResNet networks (f32)\n");
-    println!("| device | arch | B | pass | time per batch | images/s |");
-    println!("|---|---|---|---|---|---|");
+    println!("\n### IResNet networks (convolution operands f32 or bf16; the rest f32)\n");
+    println!("| device | arch | B | pass | convolutions | time per batch | images/s |");
+    println!("|---|---|---|---|---|---|---|");
     for r in &net_rows {
         println!(
-            "| {} | {} | {} | {} | {:.1} ms | {:.1} |",
+            "| {} | {} | {} | {} | {:?} | {:.1} ms | {:.1} |",
             r.device,
             r.arch,
             r.b,
             r.what,
+            r.dtype,
             r.seconds * 1e3,
             r.b as f64 / r.seconds
         );
@@ -213,9 +216,10 @@ fn write_csv(dir: &str, conv: &[ConvRow], net: &[NetRow]) -> std::io::Result<()>
     let path = std::path::Path::new(dir).join("backbone.csv");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
     writeln!(f, "kind,device,name,op,dtype,b,hw,c_in,c_out,k,stride,seconds")?;
+    let name = |d: DType| if d == DType::BF16 { "bf16" } else { "f32" };
     for r in conv {
         let s = &r.shape;
-        let dtype = if r.dtype == DType::BF16 { "bf16" } else { "f32" };
+        let dtype = name(r.dtype);
         writeln!(
             f,
             "conv,{},{},{},{dtype},{},{},{},{},{},{},{:.6e}",
@@ -223,7 +227,8 @@ fn write_csv(dir: &str, conv: &[ConvRow], net: &[NetRow]) -> std::io::Result<()>
         )?;
     }
     for r in net {
-        writeln!(f, "net,{},{},{},f32,{},112,3,512,0,0,{:.6e}", r.device, r.arch, r.what, r.b, r.seconds)?;
+        let dtype = name(r.dtype);
+        writeln!(f, "net,{},{},{},{dtype},{},112,3,512,0,0,{:.6e}", r.device, r.arch, r.what, r.b, r.seconds)?;
     }
     println!("wrote {}", path.display());
     Ok(())

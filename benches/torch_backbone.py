@@ -10,8 +10,8 @@ With --ours backbone.csv (written by `GIF_FR_BACKBONE_OUT=DIR cargo bench
 --bench backbone`) the shapes are taken from that file and the ratios are
 printed: gif-fr's speed as a percentage of cuDNN's at the same operand type
 (100% = as fast; the issue's targets: f32 convolutions >= 50% of cuDNN
-fp32, bf16 (tensor-core) ones >= 50% of cuDNN bf16). gif-fr's networks are
-f32 throughout; PyTorch's are timed in f32 and in bf16 autocast.
+fp32, bf16 (tensor-core) ones >= 50% of cuDNN bf16). Networks: gif-fr's
+f32 and bf16-convolution networks against PyTorch's f32 and bf16 autocast.
 
 Run on the GPU machine: python3 benches/torch_backbone.py [--quick]
 [--ours DIR/backbone.csv] [--csv out.csv]
@@ -199,7 +199,8 @@ def main():
         for dtype, dname in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
             nets.append((arch, dname, "inference", time_net(arch, b, dtype, False, iters)))
         if arch == "r50":
-            nets.append((arch, "f32", "training step", time_net(arch, b, torch.float32, True, iters)))
+            for dtype, dname in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+                nets.append((arch, dname, "training step", time_net(arch, b, dtype, True, iters)))
     name = torch.cuda.get_device_name()
     print(f"\n### cuDNN convolutions, channels_last ({name}, torch {torch.__version__}, "
           f"cuDNN {torch.backends.cudnn.version()})\n")
@@ -217,10 +218,10 @@ def main():
             print(f"| {lname} | {lb} | {hw}x{hw} | {c_in} -> {c_out} | {k} / {stride} | {op} | {ms(f32)} | {ms(mine)} "
                   f"| {pct(mine, f32)} | {ms(bf)} | {ms(mine_bf)} | {pct(mine_bf, bf)} |")
     print(f"\n### PyTorch IResNet networks, channels_last ({name})\n")
-    print("| arch | B | pass | dtype | time per batch | images/s | gif-fr f32 images/s | gif-fr % |")
+    print("| arch | B | pass | dtype | time per batch | images/s | gif-fr images/s | gif-fr % |")
     print("|---|---|---|---|---|---|---|---|")
     for arch, dname, what, s in nets:
-        mine = ours.get(("net", arch, what, "f32", b))
+        mine = ours.get(("net", arch, what, dname, b))
         mine_cell = f"{b / mine:.0f}" if mine else "-"
         print(f"| {arch} | {b} | {what} | {dname} | {s * 1e3:.1f} ms | {b / s:.0f} | {mine_cell} | {pct(mine, s)} |")
     if args.csv:

@@ -168,4 +168,6 @@ extern "C" __global__ void __launch_bounds__(kBlock) row_sum_bf16_b(const bf16* 
 extern "C" __global__ void __launch_bounds__(256) widen_bf16(const bf16* x, float* y, long long n) { for (long long i = blockIdx.x * 256ll + threadIdx.x; i < n; i += 256ll * gridDim.x) y[i] = to_float(x[i]); }
 extern "C" __global__ void __launch_bounds__(256) widen_f32(const float* x, float* y, long long n) { for (long long i = blockIdx.x * 256ll + threadIdx.x; i < n; i += 256ll * gridDim.x) y[i] = x[i]; }
 extern "C" __global__ void __launch_bounds__(256) widen_f16(const f16* x, float* y, long long n) { for (long long i = blockIdx.x * 256ll + threadIdx.x; i < n; i += 256ll * gridDim.x) y[i] = to_float(x[i]); }
+// narrow_bf16: y = bf16(x), round to nearest even (NaN stays NaN); Tensor::narrow_into.
+extern "C" __global__ void __launch_bounds__(256) narrow_bf16(const float* x, bf16* y, long long n) { for (long long i = blockIdx.x * 256ll + threadIdx.x; i < n; i += 256ll * gridDim.x) y[i] = from_float<bf16>(x[i]); }
 // clang-format on

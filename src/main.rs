@@ -30,7 +30,8 @@ commands:
   embed           face embeddings with an insightface IResNet:
                     --arch r18|r34|r50|r100 --weights FILE.safetensors
                     --images FILE.npy --out FILE.npy [--batch N (32)]
-                    [--device best|cpu|cuda|sim (best)]
+                    [--device best|cpu|cuda|sim (best)] [--bf16 (convolutions
+                    on bf16 tensor cores, as autocast; default f32)]
                   images: uint8 [B, 112, 112, 3] RGB, or f32 [B, 3, 112, 112]
                   normalized as insightface does; writes f32 [B, 512]
                   (scripts/pth_to_safetensors.py converts a .pth)";
@@ -176,6 +177,7 @@ fn embed_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
     use gif_fr::backbone::{images, IResNet, IResNetConfig};
     let (mut arch, mut weights, mut imgs, mut out, mut batch, mut device) =
         (None::<String>, None::<PathBuf>, None::<PathBuf>, None::<PathBuf>, 32usize, "best".to_string());
+    let mut bf16 = false;
     let mut it = args.iter().cloned();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -185,13 +187,17 @@ fn embed_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
             "--out" => out = Some(parse(&a, it.next())?),
             "--batch" => batch = parse(&a, it.next())?,
             "--device" => device = parse(&a, it.next())?,
+            "--bf16" => bf16 = true,
             other => return Err(Usage(format!("unknown option {other}"))),
         }
     }
     let (Some(arch), Some(weights), Some(imgs), Some(out)) = (arch, weights, imgs, out) else {
         return Err(Usage("embed needs --arch, --weights, --images and --out".into()));
     };
-    let cfg = IResNetConfig::arch(&arch).map_err(|e| Usage(e.to_string()))?;
+    let mut cfg = IResNetConfig::arch(&arch).map_err(|e| Usage(e.to_string()))?;
+    if bf16 {
+        cfg.conv_dtype = gif_fr::DType::BF16;
+    }
     if batch == 0 {
         return Err(Usage("--batch must be positive".into()));
     }

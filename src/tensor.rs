@@ -292,6 +292,40 @@ impl Tensor {
         Ok(out)
     }
 
+    /// Writes this f32 tensor's values, rounded to nearest even, into the
+    /// bf16 tensor `out` (as many elements, same device; shapes may
+    /// differ): on a GPU backend a kernel, without a trip through the host.
+    pub fn narrow_into(&self, out: &mut Tensor) -> Result<()> {
+        const OP: &str = "Tensor::narrow_into";
+        if self.dtype != DType::F32 || out.dtype != DType::BF16 || self.numel() != out.numel() {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("f32 in, bf16 out, {} elements each", self.numel()),
+                got: format!("{:?} in, {:?} out of {} elements", self.dtype, out.dtype, out.numel()),
+            });
+        }
+        if self.device != out.device {
+            return Err(Error::DeviceMismatch { op: OP, a: self.device.to_string(), b: out.device.to_string() });
+        }
+        if self.device.kind() == DeviceKind::Cpu {
+            let v = self.host_f32()?;
+            if let Some(HostData::BF16(d)) = out.host_mut() {
+                d.iter_mut().zip(v.iter()).for_each(|(o, &x)| *o = bf16::from_f32(x));
+            }
+            return Ok(());
+        }
+        let n = self.numel();
+        if n > 0 {
+            self.device.launch(
+                crate::kernels::ModuleId::Rowwise,
+                crate::kernels::find(crate::kernels::ModuleId::Rowwise, "narrow_bf16")?,
+                crate::device::LaunchConfig::linear(n.div_ceil(256).min(65535) as u32, 256, 0),
+                &[self.arg(), out.arg(), crate::device::Arg::I64(n as i64)],
+            )?;
+        }
+        Ok(())
+    }
+
     /// A copy on `device`.
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
         let host = self.host_data()?;

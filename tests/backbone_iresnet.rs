@@ -11,10 +11,18 @@ mod common;
 
 use common::*;
 use gif_fr::backbone::{IResNet, IResNetConfig};
-use gif_fr::{Device, Error, Tensor};
+use gif_fr::{DType, Device, Error, Tensor};
 
 fn tiny() -> IResNetConfig {
-    IResNetConfig { layers: [2, 1, 1, 1], stem: 4, widths: [4, 8, 8, 12], input: 16, embedding: 6, dropout: 0.0 }
+    IResNetConfig {
+        layers: [2, 1, 1, 1],
+        stem: 4,
+        widths: [4, 8, 8, 12],
+        input: 16,
+        embedding: 6,
+        dropout: 0.0,
+        conv_dtype: DType::F32,
+    }
 }
 
 fn tiny_dropout() -> IResNetConfig {
@@ -103,6 +111,50 @@ fn kernels_match_the_cpu_path_forward_and_backward() {
                 assert_same_step(&what, &emb, &want_emb, &g, &want_g);
             }
         }
+    }
+}
+
+/// bf16 convolutions (tensor cores on the simulator; widened operands on
+/// the CPU): the kernels equal the CPU path with the same roundings, and
+/// the network stays close to the f32 one.
+#[test]
+fn bf16_convolutions_match_the_cpu_path() {
+    let b = 3;
+    let cpu = Device::cpu();
+    let (img, xt) = images(&cpu, b, 40);
+    let mut r = rng(41);
+    let d_emb = uniform(&mut r, b * 6, -1.0, 1.0);
+    let cfg = IResNetConfig { conv_dtype: DType::BF16, ..tiny() };
+    let mut want_net = IResNet::new(cfg.clone(), &cpu, 5).unwrap();
+    let want_emb = want_net.forward(&xt, true).unwrap().to_vec::<f32>().unwrap();
+    let want_g = want_net.backward(&Tensor::from_slice(&cpu, &[b, 6], &d_emb).unwrap()).unwrap();
+    // Against the f32 network: bf16 rounding (2^-9 relative) through 5 blocks.
+    let mut f32_net = IResNet::new(tiny(), &cpu, 5).unwrap();
+    let f32_emb = f32_net.forward(&xt, true).unwrap().to_vec::<f32>().unwrap();
+    assert_close("bf16 vs f32 network", &want_emb, &f32_emb, 5e-2, 5e-2);
+    assert_ne!(want_emb, f32_emb, "the bf16 network rounds");
+    for dev in [Device::sim(), Device::sim_with(gif_fr::SimOrder::Reverse)].into_iter().chain(cuda()) {
+        let mut net = IResNet::new(cfg.clone(), &dev, 5).unwrap();
+        let x = Tensor::from_slice(&dev, &[b, 16, 16, 3], &img).unwrap();
+        let emb = net.forward(&x, true).unwrap();
+        let g = net.backward(&Tensor::from_slice(&dev, &[b, 6], &d_emb).unwrap()).unwrap();
+        // Summation-order differences can flip a bf16 rounding: a looser bound
+        // than f32's, still far below a wrong convolution's error.
+        assert_close(&format!("{dev} bf16 emb"), &emb.to_vec::<f32>().unwrap(), &want_emb, 1e-2, 1e-2);
+        assert_eq!(g.keys().collect::<Vec<_>>(), want_g.keys().collect::<Vec<_>>());
+        for (k, want) in &want_g {
+            let w = want.to_vec::<f32>().unwrap();
+            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+            assert_close(&format!("{dev} bf16 {k}"), &g[k].to_vec::<f32>().unwrap(), &w, 2e-2 * scale, 2e-2);
+        }
+        // Inference in bf16 equals an eval forward.
+        let mut inf = IResNet::new(cfg.clone(), &dev, 5).unwrap();
+        let mut fwd = IResNet::new(cfg.clone(), &dev, 5).unwrap();
+        assert_eq!(
+            inf.infer(&x).unwrap().to_vec::<f32>().unwrap(),
+            fwd.forward(&x, false).unwrap().to_vec::<f32>().unwrap(),
+            "{dev} bf16 infer"
+        );
     }
 }
 
@@ -265,6 +317,7 @@ fn bad_input_is_a_clear_error() {
     for p in [1.0f32, -0.5, f32::NAN] {
         assert!(IResNet::new(IResNetConfig { dropout: p, ..tiny() }, &dev, 1).is_err(), "dropout {p}");
     }
+    assert!(IResNet::new(IResNetConfig { conv_dtype: DType::F16, ..tiny() }, &dev, 1).is_err(), "f16 convs");
     let d = Tensor::from_slice(&dev, &[2, 6], &[0.5f32; 12]).unwrap();
     assert!(matches!(net.backward(&d), Err(Error::InvalidArgument { .. })), "backward before any forward");
     let bad = Tensor::from_slice(&dev, &[3], &[1.0f32; 3]).unwrap();

@@ -77,7 +77,7 @@ fn embed_reads_images_and_writes_embeddings() {
     // One uint8 RGB image.
     let pixels: Vec<u8> = (0..112 * 112 * 3).map(|i| (i * 37 % 251) as u8).collect();
     std::fs::write(&images, common::npy_bytes("|u1", &[1, 112, 112, 3], &pixels)).unwrap();
-    let embed = |arch: &str| {
+    let embed_with = |arch: &str, extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_gif-fr"))
             .args(["embed", "--arch", arch, "--device", "cpu", "--weights"])
             .arg(&weights)
@@ -85,9 +85,15 @@ fn embed_reads_images_and_writes_embeddings() {
             .arg(&images)
             .arg("--out")
             .arg(&out)
+            .args(extra)
             .output()
             .unwrap()
     };
+    let embed = |arch: &str| embed_with(arch, &[]);
+    // --bf16: the network with bf16 convolutions (on the CPU, rounded operands).
+    let o = embed_with("r18", &["--bf16"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (emb_bf16, _) = gif_fr::tokenizer::read_npy(&out).unwrap();
     let o = embed("r18");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (emb, shape) = gif_fr::tokenizer::read_npy(&out).unwrap();
@@ -95,6 +101,10 @@ fn embed_reads_images_and_writes_embeddings() {
     // The same as the library's eval forward on the normalized image.
     let norm: Vec<f32> = pixels.iter().map(|&p| (p as f32 / 255.0 - 0.5) / 0.5).collect();
     assert_eq!(emb, net.embed(&norm, 1).unwrap());
+    let bf16_cfg = IResNetConfig { conv_dtype: gif_fr::DType::BF16, ..cfg.clone() };
+    let mut bf16_net = IResNet::load(&weights, bf16_cfg, &gif_fr::Device::cpu()).unwrap();
+    assert_eq!(emb_bf16, bf16_net.embed(&norm, 1).unwrap());
+    assert_ne!(emb_bf16, emb);
     // A wrong arch for the weights, and images of the wrong shape, are errors.
     let o = embed("r34");
     assert_eq!(o.status.code(), Some(1));

@@ -254,3 +254,34 @@ fn to_f32_widens_on_the_device() {
         }
     }
 }
+
+#[test]
+fn narrow_into_rounds_to_nearest_even_on_the_device() {
+    let mut r = rng(78);
+    let mut v = uniform(&mut r, 997, -3.0, 3.0);
+    // Ties (1 + 2^-8 lies halfway between two bf16 values), infinities, NaN,
+    // a subnormal and signed zero.
+    v[..8].copy_from_slice(&[
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -0.0,
+        1e-40,
+        3e38,
+        -1.5,
+    ]);
+    v[8] = f32::NAN;
+    let want: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+    for dev in all_devices() {
+        let x = Tensor::from_slice(&dev, &[997], &v).unwrap();
+        let mut out = Tensor::empty(&dev, &[997], DType::BF16).unwrap();
+        x.narrow_into(&mut out).unwrap();
+        let got: Vec<u16> = out.to_vec::<bf16>().unwrap().iter().map(|b| b.to_bits()).collect();
+        assert!(bf16::from_bits(got[8]).is_nan(), "{dev}: NaN stays NaN");
+        assert_eq!(got[..8], want[..8], "{dev}: special values");
+        assert_eq!(got[9..], want[9..], "{dev}");
+        let mut wrong = Tensor::empty(&dev, &[996], DType::BF16).unwrap();
+        assert!(matches!(x.narrow_into(&mut wrong), Err(gif_fr::Error::Shape { .. })));
+    }
+}

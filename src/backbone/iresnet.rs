@@ -58,6 +58,11 @@ pub struct IResNetConfig {
     /// Dropout probability before the Linear layer in training, in [0, 1)
     /// (insightface's default 0; its glint360k configs use 0 too).
     pub dropout: f32,
+    /// Operand type of the convolutions: F32, or BF16 (tensor cores): each
+    /// conv's input, weights and output gradient rounded to bf16 as
+    /// PyTorch's autocast does, accumulation and results f32; BatchNorm,
+    /// PReLU, the Linear layer and the parameters stay f32.
+    pub conv_dtype: DType,
 }
 
 impl IResNetConfig {
@@ -75,7 +80,15 @@ impl IResNetConfig {
                 ))
             }
         };
-        Ok(IResNetConfig { layers, stem: 64, widths: [64, 128, 256, 512], input: 112, embedding: 512, dropout: 0.0 })
+        Ok(IResNetConfig {
+            layers,
+            stem: 64,
+            widths: [64, 128, 256, 512],
+            input: 112,
+            embedding: 512,
+            dropout: 0.0,
+            conv_dtype: DType::F32,
+        })
     }
 
     /// Height and width after the four stride-2 stages.
@@ -89,6 +102,12 @@ impl IResNetConfig {
         }
         if self.layers.contains(&0) || self.widths.contains(&0) {
             return Err(Error::invalid("IResNet", "every stage needs at least one block and one channel"));
+        }
+        if !matches!(self.conv_dtype, DType::F32 | DType::BF16) {
+            return Err(Error::invalid(
+                "IResNet",
+                format!("conv_dtype must be F32 or BF16, got {:?}", self.conv_dtype),
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::invalid("IResNet", format!("dropout must be in [0, 1), got {}", self.dropout)));
@@ -111,10 +130,14 @@ struct Block {
     downsample: Option<(Tensor, BatchNorm)>,
 }
 
-/// What a block's forward keeps for its backward (`x` is its input).
+/// What a block's forward keeps for its backward (`x` is its input). The
+/// convolutions' operands (`a1`, `p`, and `x_conv`, the downsample's copy
+/// of x) are of the conv dtype; with bf16 convolutions `w` holds the bf16
+/// copies of conv1, conv2 and the downsample's weights.
 struct BlockCache {
     hw: usize,
     x: Tensor,
+    x_conv: Option<Tensor>,
     bn1: BnCache,
     a1: Tensor,
     c1: Tensor,
@@ -124,21 +147,29 @@ struct BlockCache {
     c2: Tensor,
     bn3: BnCache,
     ds: Option<(Tensor, BnCache)>,
+    w: Option<(Tensor, Tensor, Option<Tensor>)>,
 }
 
 impl BlockCache {
     fn tensors(self) -> impl Iterator<Item = Tensor> {
-        [self.x, self.a1, self.c1, self.a2, self.p, self.c2].into_iter().chain(self.ds.map(|d| d.0))
+        let w = self.w.map(|(a, b, d)| [Some(a), Some(b), d]).into_iter().flatten().flatten();
+        [self.x, self.a1, self.c1, self.a2, self.p, self.c2]
+            .into_iter()
+            .chain(self.ds.map(|d| d.0))
+            .chain(self.x_conv)
+            .chain(w)
     }
 }
 
-/// The stem's activations (`images`: a copy of the input, kept for the
-/// first conv's weight gradient; None when inferring).
+/// The stem's activations (`images`: a copy of the input of the conv
+/// dtype, kept for the first conv's weight gradient; None when inferring
+/// in f32; `w`: conv1's weights in bf16 with bf16 convolutions).
 struct StemCache {
     images: Option<Tensor>,
     c0: Tensor,
     bn1: BnCache,
     y0: Tensor,
+    w: Option<Tensor>,
 }
 
 /// The layers after the last block: `last` (the blocks' output) → bn2 →
@@ -163,7 +194,8 @@ struct ForwardCache {
 
 impl ForwardCache {
     fn tensors(self) -> Vec<Tensor> {
-        let mut v: Vec<Tensor> = self.stem.images.into_iter().chain([self.stem.c0, self.stem.y0]).collect();
+        let st = self.stem;
+        let mut v: Vec<Tensor> = st.images.into_iter().chain([st.c0, st.y0]).chain(st.w).collect();
         v.extend(self.blocks.into_iter().flat_map(BlockCache::tensors));
         let h = self.head;
         v.extend([h.last, h.flat, h.fc]);
@@ -172,34 +204,63 @@ impl ForwardCache {
     }
 }
 
-/// Device buffers by shape, for reuse: `take` pops one of the shape (or
+/// Device buffers by shape and dtype, for reuse: `take` pops one (or
 /// allocates), `give` puts one back. A run of the same ops at the same
 /// batch size takes the same shapes, so after the first it allocates
 /// nothing.
 #[derive(Default)]
 struct Pool {
     batch: usize,
-    free: HashMap<Vec<usize>, Vec<Tensor>>,
+    free: HashMap<(Vec<usize>, DType), Vec<Tensor>>,
+    /// Bytes of every buffer this pool allocated (free or in use).
+    allocated: usize,
 }
 
 impl Pool {
     fn take(&mut self, dev: &Device, shape: &[usize]) -> Result<Tensor> {
-        match self.free.get_mut(shape).and_then(Vec::pop) {
+        self.take_typed(dev, shape, DType::F32)
+    }
+
+    fn take_typed(&mut self, dev: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        match self.free.get_mut(&(shape.to_vec(), dtype)).and_then(Vec::pop) {
             Some(t) => Ok(t),
-            None => Tensor::empty(dev, shape, DType::F32),
+            None => {
+                let t = Tensor::empty(dev, shape, dtype)?;
+                self.allocated += t.numel() * dtype.size();
+                Ok(t)
+            }
         }
     }
 
     fn give(&mut self, t: Tensor) {
-        self.free.entry(t.shape().to_vec()).or_default().push(t);
+        self.free.entry((t.shape().to_vec(), t.dtype())).or_default().push(t);
     }
 
     fn give_all(&mut self, ts: impl IntoIterator<Item = Tensor>) {
         ts.into_iter().for_each(|t| self.give(t));
     }
 
-    fn bytes(&self) -> usize {
-        self.free.values().flatten().map(|t| t.numel() * 4).sum()
+    /// `t` as a convolution operand of `dtype`: None when it already is,
+    /// else a rounded copy in a pool buffer.
+    fn operand(&mut self, t: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
+        if t.dtype() == dtype {
+            return Ok(None);
+        }
+        let mut h = self.take_typed(t.device(), t.shape(), dtype)?;
+        t.narrow_into(&mut h)?;
+        Ok(Some(h))
+    }
+
+    /// `t` converted to a convolution operand of `dtype`, `t` itself going
+    /// back to the pool when a copy was made.
+    fn convert_operand(&mut self, t: Tensor, dtype: DType) -> Result<Tensor> {
+        match self.operand(&t, dtype)? {
+            Some(h) => {
+                self.give(t);
+                Ok(h)
+            }
+            None => Ok(t),
+        }
     }
 }
 
@@ -463,20 +524,11 @@ impl IResNet {
         Ok(self.run(images, b, false, None, false)?.0)
     }
 
-    /// Bytes held for activations and temporaries: the last forward's kept
-    /// activations and the pool's free buffers (device memory on a GPU
-    /// backend, host memory on the CPU).
+    /// Bytes held for activations and temporaries: every buffer of the
+    /// pool, in use by the kept activations or free (device memory on a
+    /// GPU backend, host memory on the CPU).
     pub fn buffer_bytes(&self) -> usize {
-        let kept: usize = self.cache.as_ref().map_or(0, |c| {
-            let mut n = c.stem.images.as_ref().map_or(0, Tensor::numel) + c.stem.c0.numel() + c.stem.y0.numel();
-            for bc in &c.blocks {
-                n += [&bc.x, &bc.a1, &bc.c1, &bc.a2, &bc.p, &bc.c2].iter().map(|t| t.numel()).sum::<usize>();
-                n += bc.ds.as_ref().map_or(0, |d| d.0.numel());
-            }
-            let h = &c.head;
-            n + h.last.numel() + h.flat.numel() + h.fc.numel() + h.dropped.as_ref().map_or(0, |d| d.0.numel())
-        });
-        kept * 4 + self.pool.bytes()
+        self.pool.allocated
     }
 
     /// Seeds dropout's draws (a network made by [`IResNet::new`] uses its
@@ -505,33 +557,39 @@ impl IResNet {
         keep: bool,
     ) -> Result<(Tensor, Option<ForwardCache>)> {
         let dev = self.device.clone();
-        let (s, stem_c) = (self.cfg.input, self.cfg.stem);
+        let (s, stem_c, dt) = (self.cfg.input, self.cfg.stem, self.cfg.conv_dtype);
         let pool = &mut self.pool;
         let rows = b * s * s;
-        let kept_images = if keep {
-            let mut t = pool.take(&dev, &[rows, 3])?;
-            t.copy_from(images)?;
-            Some(t)
-        } else {
-            None
+        // The stem conv's input: the images rounded (bf16), or as given (f32;
+        // a copy is kept for the backward).
+        let conv_images = match pool.operand(images, dt)? {
+            Some(h) => Some(h),
+            None if keep => {
+                let mut t = pool.take(&dev, &[rows, 3])?;
+                t.copy_from(images)?;
+                Some(t)
+            }
+            None => None,
         };
+        let w0 = pool.operand(&self.conv1, dt)?;
         let mut c0 = pool.take(&dev, &[rows, stem_c])?;
-        conv2d_into(images, &self.conv1, &conv_shape(b, s, 3, stem_c, 3, 1), &mut c0)?;
+        let stem_shape = conv_shape(b, s, 3, stem_c, 3, 1);
+        conv2d_into(conv_images.as_ref().unwrap_or(images), w0.as_ref().unwrap_or(&self.conv1), &stem_shape, &mut c0)?;
         let mut y0 = pool.take(&dev, &[rows, stem_c])?;
         let bn1 = self.bn1.forward_into(&c0, training, &mut y0)?;
         let mut x = pool.take(&dev, &[rows, stem_c])?;
         prelu_into(&y0, &self.prelu, &mut x)?;
-        let stem = StemCache { images: kept_images, c0, bn1, y0 };
+        let stem = StemCache { images: conv_images, c0, bn1, y0, w: w0 };
         let stem = if keep {
             Some(stem)
         } else {
-            pool.give_all([stem.c0, stem.y0]);
+            pool.give_all([stem.c0, stem.y0].into_iter().chain(stem.images).chain(stem.w));
             None
         };
         let mut hw = s;
         let mut blocks = Vec::with_capacity(if keep { self.blocks.len() } else { 0 });
         for blk in &mut self.blocks {
-            let (y, cache) = block_forward(blk, pool, x, b, hw, training)?;
+            let (y, cache) = block_forward(blk, pool, x, b, hw, training, dt)?;
             hw /= blk.stride;
             if keep {
                 blocks.push(cache);
@@ -612,7 +670,7 @@ impl IResNet {
         pool.give(d_flat);
         insert_bn(&mut g, "bn2", dw, db);
         for (blk, bc) in self.blocks.iter().zip(&cache.blocks).rev() {
-            let d_in = block_backward(blk, bc, pool, b, &d, &mut g)?;
+            let d_in = block_backward(blk, bc, pool, b, &d, &mut g, self.cfg.conv_dtype)?;
             pool.give(std::mem::replace(&mut d, d_in));
         }
         let st = &cache.stem;
@@ -626,7 +684,9 @@ impl IResNet {
         let s = self.cfg.input;
         let shape = conv_shape(b, s, 3, self.cfg.stem, 3, 1);
         let images = st.images.as_ref().ok_or_else(|| Error::invalid(OP, "the forward kept no images"))?;
-        g.insert("conv1.weight".to_string(), conv2d_weight_grad(images, &d_c0, &shape)?);
+        let d_c0h = pool.operand(&d_c0, self.cfg.conv_dtype)?;
+        g.insert("conv1.weight".to_string(), conv2d_weight_grad(images, d_c0h.as_ref().unwrap_or(&d_c0), &shape)?);
+        pool.give_all(d_c0h);
         pool.give(d_c0);
         Ok(g)
     }
@@ -652,7 +712,7 @@ fn insert_bn_state<'a>(m: &mut BTreeMap<String, &'a Tensor>, prefix: &str, b: &'
 }
 
 /// One IBasicBlock on `x` (`[b·hw·hw, inplanes]`, kept in the cache);
-/// buffers from the pool.
+/// buffers from the pool; convolutions with `dt` operands.
 fn block_forward(
     blk: &mut Block,
     pool: &mut Pool,
@@ -660,37 +720,51 @@ fn block_forward(
     b: usize,
     hw: usize,
     training: bool,
+    dt: DType,
 ) -> Result<(Tensor, BlockCache)> {
     let dev = x.device().clone();
     let (rows, out_rows) = (b * hw * hw, b * (hw / blk.stride) * (hw / blk.stride));
+    let w1 = pool.operand(&blk.conv1, dt)?;
+    let w2 = pool.operand(&blk.conv2, dt)?;
     let mut a1 = pool.take(&dev, x.shape())?;
     let bn1 = blk.bn1.forward_into(&x, training, &mut a1)?;
+    let a1 = pool.convert_operand(a1, dt)?;
     let mut c1 = pool.take(&dev, &[rows, blk.planes])?;
-    conv2d_into(&a1, &blk.conv1, &conv_shape(b, hw, blk.inplanes, blk.planes, 3, 1), &mut c1)?;
+    let s1 = conv_shape(b, hw, blk.inplanes, blk.planes, 3, 1);
+    conv2d_into(&a1, w1.as_ref().unwrap_or(&blk.conv1), &s1, &mut c1)?;
     let mut a2 = pool.take(&dev, c1.shape())?;
     let bn2 = blk.bn2.forward_into(&c1, training, &mut a2)?;
     let mut p = pool.take(&dev, c1.shape())?;
     prelu_into(&a2, &blk.prelu, &mut p)?;
+    let p = pool.convert_operand(p, dt)?;
     let mut c2 = pool.take(&dev, &[out_rows, blk.planes])?;
-    conv2d_into(&p, &blk.conv2, &conv_shape(b, hw, blk.planes, blk.planes, 3, blk.stride), &mut c2)?;
+    let s2 = conv_shape(b, hw, blk.planes, blk.planes, 3, blk.stride);
+    conv2d_into(&p, w2.as_ref().unwrap_or(&blk.conv2), &s2, &mut c2)?;
     let mut out = pool.take(&dev, c2.shape())?;
     let bn3 = blk.bn3.forward_into(&c2, training, &mut out)?;
-    let ds = match &mut blk.downsample {
+    let (ds, x_conv, wd) = match &mut blk.downsample {
         Some((w, bn)) => {
+            let x_conv = pool.operand(&x, dt)?;
+            let wd = pool.operand(w, dt)?;
             let mut dc = pool.take(&dev, c2.shape())?;
-            conv2d_into(&x, w, &conv_shape(b, hw, blk.inplanes, blk.planes, 1, blk.stride), &mut dc)?;
+            let sd = conv_shape(b, hw, blk.inplanes, blk.planes, 1, blk.stride);
+            conv2d_into(x_conv.as_ref().unwrap_or(&x), wd.as_ref().unwrap_or(w), &sd, &mut dc)?;
             let mut dy = pool.take(&dev, c2.shape())?;
             let dcache = bn.forward_into(&dc, training, &mut dy)?;
             add_assign(&mut out, &dy)?;
             pool.give(dy);
-            Some((dc, dcache))
+            (Some((dc, dcache)), x_conv, wd)
         }
         None => {
             add_assign(&mut out, &x)?;
-            None
+            (None, None, None)
         }
     };
-    Ok((out, BlockCache { hw, x, bn1, a1, c1, bn2, a2, p, c2, bn3, ds }))
+    let w = match (w1, w2) {
+        (Some(w1), Some(w2)) => Some((w1, w2, wd)),
+        _ => None,
+    };
+    Ok((out, BlockCache { hw, x, x_conv, bn1, a1, c1, bn2, a2, p, c2, bn3, ds, w }))
 }
 
 /// The block's backward: its parameters' gradients into `g`; returns the
@@ -702,17 +776,22 @@ fn block_backward(
     b: usize,
     d_out: &Tensor,
     g: &mut BTreeMap<String, Tensor>,
+    dt: DType,
 ) -> Result<Tensor> {
     let p = &blk.prefix;
     let dev = d_out.device().clone();
     let s1 = conv_shape(b, c.hw, blk.inplanes, blk.planes, 3, 1);
     let s2 = conv_shape(b, c.hw, blk.planes, blk.planes, 3, blk.stride);
+    let (w1, w2) = c.w.as_ref().map_or((&blk.conv1, &blk.conv2), |w| (&w.0, &w.1));
     let mut d_c2 = pool.take(&dev, c.c2.shape())?;
     let (dw, db) = blk.bn3.backward_into(&c.c2, &c.bn3, d_out, &mut d_c2)?;
     insert_bn(g, &format!("{p}.bn3"), dw, db);
-    g.insert(format!("{p}.conv2.weight"), conv2d_weight_grad(&c.p, &d_c2, &s2)?);
+    let d_c2h = pool.operand(&d_c2, dt)?;
+    let d_c2o = d_c2h.as_ref().unwrap_or(&d_c2);
+    g.insert(format!("{p}.conv2.weight"), conv2d_weight_grad(&c.p, d_c2o, &s2)?);
     let mut d_p = pool.take(&dev, c.p.shape())?;
-    conv2d_data_grad_into(&d_c2, &blk.conv2, &s2, &mut d_p)?;
+    conv2d_data_grad_into(d_c2o, w2, &s2, &mut d_p)?;
+    pool.give_all(d_c2h);
     pool.give(d_c2);
     let mut d_a2 = pool.take(&dev, c.a2.shape())?;
     g.insert(format!("{p}.prelu.weight"), prelu_backward_into(&c.a2, &blk.prelu, &d_p, &mut d_a2)?);
@@ -721,9 +800,12 @@ fn block_backward(
     let (dw, db) = blk.bn2.backward_into(&c.c1, &c.bn2, &d_a2, &mut d_c1)?;
     pool.give(d_a2);
     insert_bn(g, &format!("{p}.bn2"), dw, db);
-    g.insert(format!("{p}.conv1.weight"), conv2d_weight_grad(&c.a1, &d_c1, &s1)?);
+    let d_c1h = pool.operand(&d_c1, dt)?;
+    let d_c1o = d_c1h.as_ref().unwrap_or(&d_c1);
+    g.insert(format!("{p}.conv1.weight"), conv2d_weight_grad(&c.a1, d_c1o, &s1)?);
     let mut d_a1 = pool.take(&dev, c.a1.shape())?;
-    conv2d_data_grad_into(&d_c1, &blk.conv1, &s1, &mut d_a1)?;
+    conv2d_data_grad_into(d_c1o, w1, &s1, &mut d_a1)?;
+    pool.give_all(d_c1h);
     pool.give(d_c1);
     let mut d_x = pool.take(&dev, c.x.shape())?;
     let (dw, db) = blk.bn1.backward_into(&c.x, &c.bn1, &d_a1, &mut d_x)?;
@@ -732,12 +814,17 @@ fn block_backward(
     match (&blk.downsample, &c.ds) {
         (Some((w, bn)), Some((dc, dcache))) => {
             let sd = conv_shape(b, c.hw, blk.inplanes, blk.planes, 1, blk.stride);
+            let wd = c.w.as_ref().and_then(|w| w.2.as_ref()).unwrap_or(w);
+            let x_conv = c.x_conv.as_ref().unwrap_or(&c.x);
             let mut d_dc = pool.take(&dev, dc.shape())?;
             let (dw, db) = bn.backward_into(dc, dcache, d_out, &mut d_dc)?;
             insert_bn(g, &format!("{p}.downsample.1"), dw, db);
-            g.insert(format!("{p}.downsample.0.weight"), conv2d_weight_grad(&c.x, &d_dc, &sd)?);
+            let d_dch = pool.operand(&d_dc, dt)?;
+            let d_dco = d_dch.as_ref().unwrap_or(&d_dc);
+            g.insert(format!("{p}.downsample.0.weight"), conv2d_weight_grad(x_conv, d_dco, &sd)?);
             let mut d_id = pool.take(&dev, c.x.shape())?;
-            conv2d_data_grad_into(&d_dc, w, &sd, &mut d_id)?;
+            conv2d_data_grad_into(d_dco, wd, &sd, &mut d_id)?;
+            pool.give_all(d_dch);
             pool.give(d_dc);
             add_assign(&mut d_x, &d_id)?;
             pool.give(d_id);
