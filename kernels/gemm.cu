@@ -130,19 +130,10 @@ GIF_DEVICE void gemm_bf16(int M, int N, int K, float alpha, const bf16* __restri
   const TcMatrix b{B, ldb, kBK ? N : K, kBK ? K : N};
   float acc[4][4][4];
   tc_tile_loop<kAK, kBK, kAsync>(acc, smem, a, m0, b, n0, 0, K);
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int m = m0 + tc_tile_row(i, e), n = n0 + tc_tile_col(j, e);
-        if (m < M && n < N) {
-          float* c = C + (long long)m * ldc + n;
-          const float v = alpha * acc[i][j][e];
-          *c = beta != 0.0f ? v + beta * *c : v;
-        }
-      }
+  tc_for_each(acc, m0, M, n0, N, [&](int m, int n, float v) {
+    float* c = C + (long long)m * ldc + n;
+    *c = beta != 0.0f ? alpha * v + beta * *c : alpha * v;
+  });
 }
 
 }  // namespace

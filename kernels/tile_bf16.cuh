@@ -158,10 +158,10 @@ GIF_DEVICE void tc_tile_loop(float (&acc)[4][4][4], bf16* smem, const SrcA& a, i
 GIF_DEVICE int tc_tile_row(int i, int e) { return ((threadIdx.x / 32) / 4) * 64 + i * 16 + ((threadIdx.x % 32) >> 2) + (e >= 2 ? 8 : 0); }
 GIF_DEVICE int tc_tile_col(int j, int e) { return ((threadIdx.x / 32) % 4) * 32 + j * 8 + 2 * ((threadIdx.x % 32) & 3) + (e & 1); }
 
-// out[(r0 + row)·ld + c0 + col] = acc (or += with atomics) inside the bounds.
-template <bool kAtomic>
-GIF_DEVICE void tc_store_tile(const float (&acc)[4][4][4], float* out, long long ld, int r0, int r_total, int c0,
-                              int c_total) {
+// Calls f(row, col, value) for each accumulator of the (r0, c0) tile inside
+// r_total x c_total.
+template <typename F>
+GIF_DEVICE void tc_for_each(const float (&acc)[4][4][4], int r0, int r_total, int c0, int c_total, F f) {
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -169,11 +169,19 @@ GIF_DEVICE void tc_store_tile(const float (&acc)[4][4][4], float* out, long long
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = r0 + tc_tile_row(i, e), c = c0 + tc_tile_col(j, e);
-        if (r >= r_total || c >= c_total) continue;
-        if (kAtomic) {
-          atomicAdd(out + r * ld + c, acc[i][j][e]);
-        } else {
-          out[r * ld + c] = acc[i][j][e];
-        }
+        if (r < r_total && c < c_total) f(r, c, acc[i][j][e]);
       }
+}
+
+// out[(r0 + row)·ld + c0 + col] = acc (or += with atomics) inside the bounds.
+template <bool kAtomic>
+GIF_DEVICE void tc_store_tile(const float (&acc)[4][4][4], float* out, long long ld, int r0, int r_total, int c0,
+                              int c_total) {
+  tc_for_each(acc, r0, r_total, c0, c_total, [&](int r, int c, float v) {
+    if (kAtomic) {
+      atomicAdd(out + r * ld + c, v);
+    } else {
+      out[r * ld + c] = v;
+    }
+  });
 }

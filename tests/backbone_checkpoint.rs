@@ -11,18 +11,10 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use gif_fr::backbone::{IResNet, IResNetConfig};
-use gif_fr::{DType, Device, Error, Tensor};
+use gif_fr::{Device, Error, Tensor};
 
 fn tiny() -> IResNetConfig {
-    IResNetConfig {
-        layers: [2, 1, 1, 1],
-        stem: 4,
-        widths: [4, 8, 8, 12],
-        input: 16,
-        embedding: 6,
-        dropout: 0.0,
-        conv_dtype: DType::F32,
-    }
+    tiny_iresnet()
 }
 
 fn temp(name: &str) -> PathBuf {
@@ -116,15 +108,7 @@ fn the_file_is_in_pytorch_layouts() {
     assert!(file.contains_key("layer1.0.downsample.0.weight"));
     // The fc permutation on a 7x7 map (112x112 input), narrow channels:
     // element (e, c, p) of the file is (e, p, c) of the network.
-    let cfg = IResNetConfig {
-        layers: [1, 1, 1, 1],
-        stem: 4,
-        widths: [4, 4, 4, 8],
-        input: 112,
-        embedding: 6,
-        dropout: 0.0,
-        conv_dtype: DType::F32,
-    };
+    let cfg = IResNetConfig { layers: [1, 1, 1, 1], widths: [4, 4, 4, 8], input: 112, ..tiny() };
     let big = IResNet::new(cfg.clone(), &Device::cpu(), 1).unwrap();
     let bpath = temp("seven.safetensors");
     big.save(&bpath).unwrap();

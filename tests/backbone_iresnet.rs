@@ -14,29 +14,25 @@ use gif_fr::backbone::{IResNet, IResNetConfig};
 use gif_fr::{DType, Device, Error, Tensor};
 
 fn tiny() -> IResNetConfig {
-    IResNetConfig {
-        layers: [2, 1, 1, 1],
-        stem: 4,
-        widths: [4, 8, 8, 12],
-        input: 16,
-        embedding: 6,
-        dropout: 0.0,
-        conv_dtype: DType::F32,
-    }
+    tiny_iresnet()
 }
 
 fn tiny_dropout() -> IResNetConfig {
     IResNetConfig { dropout: 0.3, ..tiny() }
 }
 
+/// F32 steps' bounds: embeddings (absolute, relative), gradients relative
+/// (absolute: that times the gradient's largest magnitude).
+const F32_TOL: (f32, f32) = (2e-4, 2e-3);
+
 /// Compares embeddings and every gradient with the CPU path's.
-fn assert_same_step(what: &str, emb: &Tensor, want_emb: &[f32], g: &Grads, want_g: &Grads) {
-    assert_close(&format!("{what} emb"), &emb.to_vec::<f32>().unwrap(), want_emb, 2e-4, 2e-3);
+fn assert_same_step(what: &str, emb: &Tensor, want_emb: &[f32], g: &Grads, want_g: &Grads, tol: (f32, f32)) {
+    assert_close(&format!("{what} emb"), &emb.to_vec::<f32>().unwrap(), want_emb, tol.0, tol.1);
     assert_eq!(g.keys().collect::<Vec<_>>(), want_g.keys().collect::<Vec<_>>());
     for (k, want) in want_g {
         let w = want.to_vec::<f32>().unwrap();
         let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-        assert_close(&format!("{what} {k}"), &g[k].to_vec::<f32>().unwrap(), &w, 2e-3 * scale, 2e-3);
+        assert_close(&format!("{what} {k}"), &g[k].to_vec::<f32>().unwrap(), &w, tol.1 * scale, tol.1);
     }
 }
 
@@ -108,7 +104,7 @@ fn kernels_match_the_cpu_path_forward_and_backward() {
                 let emb = net.forward(&x, training).unwrap();
                 let g = net.backward(&Tensor::from_slice(&dev, &[b, 6], &d_emb).unwrap()).unwrap();
                 let what = format!("{dev} dropout {} training {training}", cfg.dropout);
-                assert_same_step(&what, &emb, &want_emb, &g, &want_g);
+                assert_same_step(&what, &emb, &want_emb, &g, &want_g, F32_TOL);
             }
         }
     }
@@ -140,13 +136,7 @@ fn bf16_convolutions_match_the_cpu_path() {
         let g = net.backward(&Tensor::from_slice(&dev, &[b, 6], &d_emb).unwrap()).unwrap();
         // Summation-order differences can flip a bf16 rounding: a looser bound
         // than f32's, still far below a wrong convolution's error.
-        assert_close(&format!("{dev} bf16 emb"), &emb.to_vec::<f32>().unwrap(), &want_emb, 1e-2, 1e-2);
-        assert_eq!(g.keys().collect::<Vec<_>>(), want_g.keys().collect::<Vec<_>>());
-        for (k, want) in &want_g {
-            let w = want.to_vec::<f32>().unwrap();
-            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-            assert_close(&format!("{dev} bf16 {k}"), &g[k].to_vec::<f32>().unwrap(), &w, 2e-2 * scale, 2e-2);
-        }
+        assert_same_step(&format!("{dev} bf16"), &emb, &want_emb, &g, &want_g, (1e-2, 2e-2));
         // Inference in bf16 equals an eval forward.
         let mut inf = IResNet::new(cfg.clone(), &dev, 5).unwrap();
         let mut fwd = IResNet::new(cfg.clone(), &dev, 5).unwrap();
@@ -223,7 +213,7 @@ fn batch_sizes_can_change_between_steps() {
             let x = Tensor::from_slice(&dev, &[b, 16, 16, 3], &img).unwrap();
             let emb = net.forward(&x, true).unwrap();
             let g = net.backward(&Tensor::from_slice(&dev, &[b, 6], &d).unwrap()).unwrap();
-            assert_same_step(&format!("{dev} batch {b}"), &emb, &want_emb, &g, &want_g);
+            assert_same_step(&format!("{dev} batch {b}"), &emb, &want_emb, &g, &want_g, F32_TOL);
             let wrong = Tensor::from_slice(&dev, &[b + 1, 6], &uniform(&mut r, (b + 1) * 6, -1.0, 1.0)).unwrap();
             assert!(matches!(net.backward(&wrong), Err(Error::Shape { .. })), "a gradient for another batch");
         }
@@ -246,7 +236,8 @@ fn r18_forward_and_backward_on_a_gpu_equal_the_cpu_path() {
     let mut net = IResNet::new(cfg, &gpu, 31).unwrap();
     let emb = net.forward(&Tensor::from_slice(&gpu, &[b, 112, 112, 3], &img).unwrap(), true).unwrap();
     let g = net.backward(&Tensor::from_slice(&gpu, &[b, 512], &d_emb).unwrap()).unwrap();
-    assert_same_step("r18 on the GPU", &emb, &want_emb.to_vec::<f32>().unwrap(), &g, &want_g);
+    // 18 layers of f32 in different summation orders: a little looser than the tiny network's.
+    assert_same_step("r18 on the GPU", &emb, &want_emb.to_vec::<f32>().unwrap(), &g, &want_g, (5e-4, 5e-3));
     for (k, v) in net.state() {
         let w = want_net.state()[&k].to_vec::<f32>().unwrap();
         assert_close(&format!("r18 {k} after the step"), &v.to_vec::<f32>().unwrap(), &w, 1e-4, 1e-3);

@@ -102,3 +102,18 @@ pub fn npy_bytes(descr: &str, shape: &[usize], values: &[u8]) -> Vec<u8> {
     bytes.extend(values);
     bytes
 }
+
+/// A small IResNet of the full structure (stem, four stages with
+/// downsample and plain blocks, BN, flatten, Linear, BN1d): 16x16 input,
+/// widths 4-12, embedding 6.
+pub fn tiny_iresnet() -> gif_fr::backbone::IResNetConfig {
+    gif_fr::backbone::IResNetConfig {
+        layers: [2, 1, 1, 1],
+        stem: 4,
+        widths: [4, 8, 8, 12],
+        input: 16,
+        embedding: 6,
+        dropout: 0.0,
+        conv_dtype: gif_fr::DType::F32,
+    }
+}
