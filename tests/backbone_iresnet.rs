@@ -309,6 +309,10 @@ fn bad_input_is_a_clear_error() {
         assert!(IResNet::new(IResNetConfig { dropout: p, ..tiny() }, &dev, 1).is_err(), "dropout {p}");
     }
     assert!(IResNet::new(IResNetConfig { conv_dtype: DType::F16, ..tiny() }, &dev, 1).is_err(), "f16 convs");
+    let mut px = vec![0.5f32; 2 * 16 * 16 * 3];
+    px[700] = f32::NAN;
+    assert!(matches!(net.embed(&px, 1), Err(Error::InvalidArgument { .. })), "a NaN pixel");
+    assert!(matches!(net.embed(&px[..100], 1), Err(Error::InvalidArgument { .. })), "not whole images");
     let d = Tensor::from_slice(&dev, &[2, 6], &[0.5f32; 12]).unwrap();
     assert!(matches!(net.backward(&d), Err(Error::InvalidArgument { .. })), "backward before any forward");
     let bad = Tensor::from_slice(&dev, &[3], &[1.0f32; 3]).unwrap();

@@ -401,6 +401,9 @@ impl IResNet {
                 format!("{} values are not images of {s}x{s}x3", images.len()),
             ));
         }
+        if let Some(i) = images.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid("IResNet::embed", format!("pixel value {i} is {}", images[i])));
+        }
         let mut out = Vec::with_capacity(images.len() / per * self.cfg.embedding);
         for part in images.chunks(per * chunk) {
             let b = part.len() / per;
@@ -510,7 +513,7 @@ impl IResNet {
         } else {
             None
         };
-        let (emb, cache) = self.run(images, b, training, dropout, true)?;
+        let (emb, cache) = self.run(images, b, training, dropout, true).inspect_err(|_| self.release_buffers())?;
         self.cache = cache;
         Ok(emb)
     }
@@ -521,12 +524,12 @@ impl IResNet {
     pub fn infer(&mut self, images: &Tensor) -> Result<Tensor> {
         let b = self.check_images("IResNet::infer", images)?;
         self.recycle(b);
-        Ok(self.run(images, b, false, None, false)?.0)
+        Ok(self.run(images, b, false, None, false).inspect_err(|_| self.release_buffers())?.0)
     }
 
     /// Bytes held for activations and temporaries: every buffer of the
     /// pool, in use by the kept activations or free (device memory on a
-    /// GPU backend, host memory on the CPU).
+    /// GPU backend, host memory on the CPU). A failed pass releases them.
     pub fn buffer_bytes(&self) -> usize {
         self.pool.allocated
     }
@@ -646,6 +649,15 @@ impl IResNet {
             });
         }
         same_device_as(OP, &self.device, d_emb)?;
+        // A failure past the checks (a device error) leaves buffers out of
+        // the pool's account: start over.
+        self.backward_run(d_emb).inspect_err(|_| self.release_buffers())
+    }
+
+    fn backward_run(&mut self, d_emb: &Tensor) -> Result<BTreeMap<String, Tensor>> {
+        const OP: &str = "IResNet::backward";
+        let cache = self.cache.as_ref().ok_or_else(|| Error::invalid(OP, "no activations"))?;
+        let b = cache.batch;
         let dev = self.device.clone();
         let pool = &mut self.pool;
         let h = &cache.head;
