@@ -116,29 +116,36 @@ class Block(nn.Module):
 
 
 class IResNet(nn.Module):
-    def __init__(self, layers):
+    """insightface's iresnet.py structure and state-dict names (conv1, bn1,
+    prelu, layer1..layer4, bn2, dropout, fc, features)."""
+
+    def __init__(self, layers, dropout=0.0):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
         self.prelu = nn.PReLU(64)
-        blocks, inplanes = [], 64
-        for n, planes in zip(layers, (64, 128, 256, 512)):
-            for i in range(n):
-                blocks.append(Block(inplanes, planes, 2 if i == 0 else 1))
+        inplanes = 64
+        for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
+            blocks = []
+            for j in range(n):
+                blocks.append(Block(inplanes, planes, 2 if j == 0 else 1))
                 inplanes = planes
-        self.blocks = nn.Sequential(*blocks)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+        self.dropout = nn.Dropout(p=dropout, inplace=True)
         self.fc = nn.Linear(512 * 7 * 7, 512)
         self.features = nn.BatchNorm1d(512, eps=1e-5)
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
 
     def forward(self, x):
-        x = self.blocks(self.prelu(self.bn1(self.conv1(x))))
-        return self.features(self.fc(torch.flatten(self.bn2(x), 1)))
+        x = self.prelu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.dropout(torch.flatten(self.bn2(x), 1))
+        return self.features(self.fc(x))
 
 
-ARCHS = {"r50": [3, 4, 14, 3], "r100": [3, 13, 30, 3]}
+ARCHS = {"r18": [2, 2, 2, 2], "r34": [3, 4, 6, 3], "r50": [3, 4, 14, 3], "r100": [3, 13, 30, 3]}
 
 
 def time_net(arch, b, dtype, training, iters):

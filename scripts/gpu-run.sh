@@ -71,6 +71,20 @@ for t in "$here"/tests/*; do
 done
 echo >> "$summary"
 
+if [ "$mode" = "all" ] && [ -f "$bundle/check_insightface.py" ]; then
+  # PyTorch's insightface iresnet -> .pth -> pth_to_safetensors.py -> gif-fr
+  # embed (CPU and GPU, f32 and --bf16) against PyTorch's own embeddings.
+  timeout 180 python3 "$bundle/check_insightface.py" --gif-fr "$here/bin/gif-fr" --work "$out/insightface" \
+    > "$out/insightface.log" 2>&1
+  rc=$?
+  sed -n '/^### /,$p' "$out/insightface.log" >> "$summary"
+  echo >> "$summary"
+  if [ "$rc" -ne 0 ]; then
+    total_failed=$((total_failed + 1))
+    { echo "check_insightface.py (exit $rc):"; tail -n 20 "$out/insightface.log"; } | sed 's/^/    /' >> "$summary.failures"
+  fi
+fi
+
 if [ "$mode" = "all" ]; then
   # The scaling study runs in its quick mode and writes its CSV and plot here.
   export GIF_FR_SCALING_QUICK=1 GIF_FR_SCALING_OUT="$out/scaling"
@@ -115,7 +129,7 @@ fi
 if [ -f "$summary.failures" ]; then
   { echo "### failures"; echo; cat "$summary.failures"; echo; } >> "$summary"
 fi
-echo "test binaries failed: $total_failed" >> "$summary"
+echo "failed (test binaries and checks): $total_failed" >> "$summary"
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "$summary" "$OUT/summary$( [ "$mode" = all ] || echo "${mode#--}" | sed 's/^/-/').md"

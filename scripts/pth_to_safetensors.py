@@ -8,8 +8,10 @@ gif-fr (`IResNet::load`, `gif-fr embed --weights`).
 Keeps every name and PyTorch layout (gif-fr converts OIHW convolutions and
 the fc columns itself); floats are written as F32, integers
 (num_batches_tracked) as I64. Needs PyTorch only (the safetensors package
-is used when installed, else a small writer of the same format).
+is used when installed, else a small writer of the same format; numpy is
+not needed).
 """
+import ctypes
 import json
 import struct
 import sys
@@ -43,7 +45,7 @@ def write(tensors, path):
     header, blobs, offset = {}, [], 0
     for name in sorted(tensors):
         t = tensors[name]
-        data = t.numpy().tobytes()
+        data = ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())  # no numpy needed
         dtype = "F32" if t.dtype == torch.float32 else "I64"
         header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
