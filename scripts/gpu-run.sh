@@ -5,6 +5,7 @@
 #   bash gpu-bundle/run.sh              tests on the GPU, then a quick bench pass
 #   bash gpu-bundle/run.sh --sanitizer  the tests under compute-sanitizer (memcheck)
 #   bash gpu-bundle/run.sh --tests-only
+#   bash gpu-bundle/run.sh --benches "backbone gemm"   those benches only (no tests)
 #
 # Logs are written to a scratch folder; at the end summary.md and
 # logs.tar.gz (every log) are copied to $OUT when it is set (the device
@@ -26,6 +27,11 @@ if ! tar -C "$here" -xJf "$bundle/payload.tar.xz" 2>/dev/null; then
 fi
 cp "$bundle/COMMIT" "$here/COMMIT" 2>/dev/null
 mode=${1:-all}
+# Benches by priority (then any other); --benches NAMES runs NAMES only.
+bench_list="head_scaling softmax_head gemm backbone code_head decode rowwise"
+if [ "$mode" = "--benches" ]; then
+  bench_list=${2:?--benches needs a list of bench names}
+fi
 export GIF_FR_REQUIRE_GPU=1 GIF_FR_POISON=1 GIF_FR_BENCH_GPU_ONLY=1 RUST_BACKTRACE=1
 summary="$out/summary.md"
 : > "$summary"
@@ -44,10 +50,13 @@ summary="$out/summary.md"
 sed 's/^/    /' "$out/info.log" >> "$summary"
 echo >> "$summary"
 
-echo "| test binary | result | passed | failed | seconds |" >> "$summary"
-echo "|---|---|---|---|---|" >> "$summary"
 total_failed=0
+[ "$mode" = "--benches" ] || {
+  echo "| test binary | result | passed | failed | seconds |"
+  echo "|---|---|---|---|---|"
+} >> "$summary"
 for t in "$here"/tests/*; do
+  [ "$mode" = "--benches" ] && break
   name=$(basename "$t")
   log="$out/test-$name.log"
   start=$(date +%s)
@@ -85,7 +94,7 @@ if [ "$mode" = "all" ] && [ -f "$bundle/check_insightface.py" ]; then
   fi
 fi
 
-if [ "$mode" = "all" ]; then
+if [ "$mode" = "all" ] || [ "$mode" = "--benches" ]; then
   # The scaling study runs in its quick mode and writes its CSV and plot here.
   export GIF_FR_SCALING_QUICK=1 GIF_FR_SCALING_OUT="$out/scaling"
   # The backbone bench's quick subset; its CSV feeds torch_backbone.py.
@@ -94,7 +103,8 @@ if [ "$mode" = "all" ]; then
   # (default 420) since the kit started, so one device call stays under 540 s.
   # PyTorch runs right after the bench it is compared with, in the same call.
   budget=${GIF_FR_KIT_BUDGET:-420}
-  for name in head_scaling softmax_head gemm backbone code_head decode rowwise $(ls "$here/benches"); do
+  extra=$([ "$mode" = all ] && ls "$here/benches")
+  for name in $bench_list $extra; do
     b="$here/benches/$name"
     [ -f "$b" ] || continue
     grep -qx "$name" "$out/.benched" 2>/dev/null && continue
