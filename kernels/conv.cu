@@ -3,19 +3,19 @@
 // OHWI ([Co, k, k, Ci]); the taps are t = r·k + q, and a GEMM index over
 // (tap, channel) is tap·C + c, channels fastest, so 4 consecutive indices
 // are 4 consecutive channels of one pixel when C % 4 == 0 (the _v kernels'
-// vector loads). No im2col buffer: the operand sources below compute each
+// vector loads). No im2col buffer: the operands below compute each
 // element's address (or zero for padding) when the tile is loaded.
 //
 // conv_fwd    y[m, co] = Σ_{t,ci} x[pixel(m, t), ci]·w[co, t, ci]
 //             GEMM M = B·Ho·Wo (output pixels), N = Co, K = k·k·Ci;
-//             A = Im2colSrc (k-contiguous), B = w as [Co, K].
+//             A = Im2colOp (k-contiguous), B = w as [Co, K].
 // conv_dgrad  dx[p, ci] = Σ_{t,co} dy[out(p, t), co]·w[co, t, ci] over the
 //             taps whose output pixel exists (h + pad − r divisible by the
 //             stride and in range); M = B·H·W, N = Ci, K = k·k·Co;
-//             A = GatherDySrc, B = TapRowsSrc (w read as [(t, co), ci]).
+//             A = GatherDyOp, B = TapRowsOp (w read as [(t, co), ci]).
 // conv_wgrad  dw[co, (t, ci)] = Σ_m dy[m, co]·x[pixel(m, t), ci];
 //             M = Co, N = k·k·Ci, K = B·Ho·Wo (output pixels), split over
-//             gridDim.z ranges of K (multiples of 16) whose partial tiles
+//             gridDim.z ranges of K (multiples of 32) whose partial tiles
 //             are added with atomicAdd into a zeroed dw (one split: each
 //             element has one writer, reproducible).
 //
@@ -62,114 +62,79 @@ GIF_DEVICE const T* dy_at(const T* dy, const Geom& g, int b, int h, int w, int t
   return dy + (((long long)b * g.Ho + oy) * g.Wo + ox) * g.Co + c;
 }
 
-// Loads 4 consecutive (tap, channel) indices k..k+3 (of K, channels C) at a
-// pixel: one float4 when kVec (C % 4 == 0, so they share the tap), else one
-// by one. `at(t, c)` gives the address or null (zero).
-template <bool kVec, typename At>
-GIF_DEVICE void load4(float (&v)[4], int k, int K, int C, At at) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = 0.0f;
-  if constexpr (kVec) {
-    if (k >= K) return;
-    const float* p = at(k / C, k % C);
-    if (p) {
-      const float4 f = *reinterpret_cast<const float4*>(p);
-      v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (k + i >= K) break;
-      const float* p = at((k + i) / C, (k + i) % C);
-      if (p) v[i] = *p;
-    }
-  }
-}
+// The implicit-GEMM operands, by element address. For the operand as
+// stored (rows x contiguous columns), `row(r)` decodes stored row r once
+// (its pixel, or its weight row) and `at(row, c)` is the address of column
+// c in it, or null for a zero (outside the operand, in the padding, or a
+// tap with no output pixel). Both tiles read them: the fp32 SIMT tile
+// through AddressSrc (tile_f32.cuh), the bf16 tensor-core tile directly
+// (tile_bf16.cuh); each decodes a row once per run of columns. Columns over
+// (tap, channel) have channels fastest, so a run of 4 (f32 _v) or 8 (bf16
+// _a) columns starting at a multiple of the run is one pixel's consecutive
+// channels when C is a multiple of it.
 
-// A of conv_fwd: o = output pixel, k = (tap, ci); k-contiguous.
-template <bool kVec>
-struct Im2colSrc {
-  static constexpr bool kK = true;
-  const float* x;
+// A decoded pixel (b, y, x) of a row; b < 0: the row is outside the operand.
+struct PixelRow {
+  int b, y, x;
+};
+
+// conv_fwd A, stored [m = output pixel][k = (tap, ci)].
+template <typename T>
+struct Im2colOp {
+  const T* base;
   Geom g;
   int M, K;
-  GIF_DEVICE void load(F32Stage& r, int o0, int k0) const {
-    const int t = threadIdx.x;
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const int o = o0 + t / 4 + 64 * p, k = k0 + (t % 4) * 4;
-      int b = 0, oy = 0, ox = 0;
-      if (o < M) out_pixel(g, o, b, oy, ox);
-      const Geom& gg = g;
-      const float* xx = x;
-      const bool ok = o < M;
-      load4<kVec>(r.v[p], ok ? k : K, K, g.Ci,
-                  [&](int tap, int c) { return x_at(xx, gg, b, oy, ox, tap, c); });
-    }
+  GIF_DEVICE PixelRow row(int m) const {
+    PixelRow r;
+    out_pixel(g, m, r.b, r.y, r.x);
+    if (m >= M) r.b = -1;
+    return r;
+  }
+  GIF_DEVICE const T* at(const PixelRow& r, int k) const {
+    return r.b >= 0 && k < K ? x_at(base, g, r.b, r.y, r.x, k / g.Ci, k % g.Ci) : nullptr;
   }
 };
 
-// A of conv_dgrad: o = input pixel (b, h, w), k = (tap, co); k-contiguous.
-template <bool kVec>
-struct GatherDySrc {
-  static constexpr bool kK = true;
-  const float* dy;
+// conv_dgrad A, stored [m = input pixel][k = (tap, co)].
+template <typename T>
+struct GatherDyOp {
+  const T* base;
   Geom g;
   int M, K;
-  GIF_DEVICE void load(F32Stage& r, int o0, int k0) const {
-    const int t = threadIdx.x;
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const int o = o0 + t / 4 + 64 * p, k = k0 + (t % 4) * 4;
-      const bool ok = o < M;
-      const int w = ok ? o % g.W : 0, h = ok ? (o / g.W) % g.H : 0, b = ok ? o / (g.W * g.H) : 0;
-      const Geom& gg = g;
-      const float* d = dy;
-      load4<kVec>(r.v[p], ok ? k : K, K, g.Co, [&](int tap, int c) { return dy_at(d, gg, b, h, w, tap, c); });
-    }
+  GIF_DEVICE PixelRow row(int m) const {
+    return m < M ? PixelRow{m / (g.W * g.H), (m / g.W) % g.H, m % g.W} : PixelRow{-1, 0, 0};
+  }
+  GIF_DEVICE const T* at(const PixelRow& r, int k) const {
+    return r.b >= 0 && k < K ? dy_at(base, g, r.b, r.y, r.x, k / g.Co, k % g.Co) : nullptr;
   }
 };
 
-// B of conv_dgrad: w read as [(tap, co), ci]: o = ci, k = (tap, co).
-template <bool kVec>
-struct TapRowsSrc {
-  static constexpr bool kK = false;
-  const float* w;
+// conv_dgrad B, stored [k = (tap, co)][n = ci]: the weights' rows.
+template <typename T>
+struct TapRowsOp {
+  const T* base;
   Geom g;
-  int K;  // k·k·Co
-  GIF_DEVICE void load(F32Stage& r, int o0, int k0) const {
-    const int t = threadIdx.x;
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const int k = k0 + t / 32 + 8 * p, o = o0 + (t % 32) * 4;
-      const int tap = k / g.Co, co = k % g.Co;
-      const float* row = w + ((long long)co * g.k * g.k + tap) * g.Ci;
-      const Geom& gg = g;
-      // Along o (ci): contiguous in the row; "tap" of load4 is always 0.
-      load4<kVec>(r.v[p], k < K ? o : gg.Ci, gg.Ci, gg.Ci, [&](int, int c) { return row + c; });
-    }
+  int K;
+  GIF_DEVICE const T* row(int k) const {
+    return k < K ? base + ((long long)(k % g.Co) * g.k * g.k + k / g.Co) * g.Ci : nullptr;
   }
+  GIF_DEVICE const T* at(const T* r, int n) const { return r && n < g.Ci ? r + n : nullptr; }
 };
 
-// B of conv_wgrad: o = (tap, ci), k = output pixel m.
-template <bool kVec>
-struct Im2colTSrc {
-  static constexpr bool kK = false;
-  const float* x;
+// conv_wgrad B, stored [k = output pixel][n = (tap, ci)].
+template <typename T>
+struct Im2colTOp {
+  const T* base;
   Geom g;
-  int M, N;  // pixels, k·k·Ci
-  GIF_DEVICE void load(F32Stage& r, int o0, int k0) const {
-    const int t = threadIdx.x;
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const int k = k0 + t / 32 + 8 * p, o = o0 + (t % 32) * 4;
-      int b = 0, oy = 0, ox = 0;
-      const bool ok = k < M;
-      if (ok) out_pixel(g, k, b, oy, ox);
-      const Geom& gg = g;
-      const float* xx = x;
-      load4<kVec>(r.v[p], ok ? o : N, N, g.Ci, [&](int tap, int c) { return x_at(xx, gg, b, oy, ox, tap, c); });
-    }
+  int P, N;
+  GIF_DEVICE PixelRow row(int k) const {
+    PixelRow r;
+    out_pixel(g, k, r.b, r.y, r.x);
+    if (k >= P) r.b = -1;
+    return r;
+  }
+  GIF_DEVICE const T* at(const PixelRow& r, int n) const {
+    return r.b >= 0 && n < N ? x_at(base, g, r.b, r.y, r.x, n / g.Ci, n % g.Ci) : nullptr;
   }
 };
 
@@ -180,7 +145,7 @@ GIF_DEVICE void conv_fwd(const float* __restrict__ x, const float* __restrict__ 
   const int M = g.B * g.Ho * g.Wo, K = g.k * g.k * g.Ci;
   const int m0 = blockIdx.y * kF32Tile, n0 = blockIdx.x * kF32Tile;
   float acc[8][8];
-  const Im2colSrc<kVec> a{x, g, M, K};
+  const AddressSrc<true, kVec, Im2colOp<float>> a{{x, g, M, K}};
   const MatrixSrc<true, kVec, float> b{w, K, nullptr, g.Co, K};
   f32_tile_loop(acc, As, Bs, a, m0, b, n0, 0, K);
   store_tile<false>(acc, y, g.Co, m0, M, n0, g.Co);
@@ -193,8 +158,8 @@ GIF_DEVICE void conv_dgrad(const float* __restrict__ dy, const float* __restrict
   const int M = g.B * g.H * g.W, K = g.k * g.k * g.Co;
   const int m0 = blockIdx.y * kF32Tile, n0 = blockIdx.x * kF32Tile;
   float acc[8][8];
-  const GatherDySrc<kVec> a{dy, g, M, K};
-  const TapRowsSrc<kVec> b{w, g, K};
+  const AddressSrc<true, kVec, GatherDyOp<float>> a{{dy, g, M, K}};
+  const AddressSrc<false, kVec, TapRowsOp<float>> b{{w, g, K}};
   f32_tile_loop(acc, As, Bs, a, m0, b, n0, 0, K);
   store_tile<false>(acc, dx, g.Ci, m0, M, n0, g.Ci);
 }
@@ -210,66 +175,15 @@ GIF_DEVICE void conv_wgrad(const float* __restrict__ x, const float* __restrict_
   if (kb >= M) return;
   float acc[8][8];
   const MatrixSrc<false, kVec, float> a{dy, g.Co, nullptr, g.Co, M};
-  const Im2colTSrc<kVec> b{x, g, M, N};
+  const AddressSrc<false, kVec, Im2colTOp<float>> b{{x, g, M, N}};
   f32_tile_loop(acc, As, Bs, a, m0, b, n0, kb, ke);
   store_tile<true>(acc, dw, N, m0, g.Co, n0, N);
 }
 
 // ---------------------------------------------------------------------------
-// bf16 tensor cores (tile_bf16.cuh): the same three GEMMs with bf16 operands
-// and f32 results. Sources give each element's address by (stored row,
-// contiguous column); kAsync (both channel counts multiples of 8) moves 8
-// channels of one pixel per 16-byte cp.async.
-
-// conv_fwd A, stored [m = output pixel][k = (tap, ci)].
-struct TcIm2col {
-  const bf16* base;
-  Geom g;
-  int M, K;
-  GIF_DEVICE const bf16* at(int m, int k) const {
-    if (m >= M || k >= K) return nullptr;
-    int b, oy, ox;
-    out_pixel(g, m, b, oy, ox);
-    return x_at(base, g, b, oy, ox, k / g.Ci, k % g.Ci);
-  }
-};
-
-// conv_dgrad A, stored [m = input pixel][k = (tap, co)].
-struct TcGatherDy {
-  const bf16* base;
-  Geom g;
-  int M, K;
-  GIF_DEVICE const bf16* at(int m, int k) const {
-    if (m >= M || k >= K) return nullptr;
-    const int w = m % g.W, h = (m / g.W) % g.H, b = m / (g.W * g.H);
-    return dy_at(base, g, b, h, w, k / g.Co, k % g.Co);
-  }
-};
-
-// conv_dgrad B, stored [k = (tap, co)][n = ci]: the weights' rows.
-struct TcTapRows {
-  const bf16* base;
-  Geom g;
-  int K;
-  GIF_DEVICE const bf16* at(int k, int n) const {
-    if (k >= K || n >= g.Ci) return nullptr;
-    const int tap = k / g.Co, co = k % g.Co;
-    return base + ((long long)co * g.k * g.k + tap) * g.Ci + n;
-  }
-};
-
-// conv_wgrad B, stored [k = output pixel][n = (tap, ci)].
-struct TcIm2colT {
-  const bf16* base;
-  Geom g;
-  int P, N;
-  GIF_DEVICE const bf16* at(int k, int n) const {
-    if (k >= P || n >= N) return nullptr;
-    int b, oy, ox;
-    out_pixel(g, k, b, oy, ox);
-    return x_at(base, g, b, oy, ox, n / g.Ci, n % g.Ci);
-  }
-};
+// bf16 tensor cores (tile_bf16.cuh): the same three GEMMs and operands with
+// bf16 elements and f32 results; kAsync (both channel counts multiples of 8)
+// moves 8 channels of one pixel per 16-byte cp.async.
 
 template <bool kAsync>
 GIF_DEVICE void conv_fwd_tc(const bf16* __restrict__ x, const bf16* __restrict__ w, Geom g, float* __restrict__ y) {
@@ -277,7 +191,7 @@ GIF_DEVICE void conv_fwd_tc(const bf16* __restrict__ x, const bf16* __restrict__
   const int M = g.B * g.Ho * g.Wo, K = g.k * g.k * g.Ci;
   const int m0 = blockIdx.y * kTcTile, n0 = blockIdx.x * kTcTile;
   float acc[4][4][4];
-  tc_tile_loop<true, true, kAsync>(acc, smem, TcIm2col{x, g, M, K}, m0, TcMatrix{w, K, g.Co, K}, n0, 0, K);
+  tc_tile_loop<true, true, kAsync>(acc, smem, Im2colOp<bf16>{x, g, M, K}, m0, TcMatrix{w, K, g.Co, K}, n0, 0, K);
   tc_store_tile<false>(acc, y, g.Co, m0, M, n0, g.Co);
 }
 
@@ -288,7 +202,7 @@ GIF_DEVICE void conv_dgrad_tc(const bf16* __restrict__ dy, const bf16* __restric
   const int M = g.B * g.H * g.W, K = g.k * g.k * g.Co;
   const int m0 = blockIdx.y * kTcTile, n0 = blockIdx.x * kTcTile;
   float acc[4][4][4];
-  tc_tile_loop<true, false, kAsync>(acc, smem, TcGatherDy{dy, g, M, K}, m0, TcTapRows{w, g, K}, n0, 0, K);
+  tc_tile_loop<true, false, kAsync>(acc, smem, GatherDyOp<bf16>{dy, g, M, K}, m0, TapRowsOp<bf16>{w, g, K}, n0, 0, K);
   tc_store_tile<false>(acc, dx, g.Ci, m0, M, n0, g.Ci);
 }
 
@@ -302,7 +216,7 @@ GIF_DEVICE void conv_wgrad_tc(const bf16* __restrict__ x, const bf16* __restrict
   const int kb = blockIdx.z * chunk, ke = kb + chunk < P ? kb + chunk : P;
   if (kb >= P) return;
   float acc[4][4][4];
-  tc_tile_loop<false, false, kAsync>(acc, smem, TcMatrix{dy, g.Co, P, g.Co}, m0, TcIm2colT{x, g, P, N}, n0, kb, ke);
+  tc_tile_loop<false, false, kAsync>(acc, smem, TcMatrix{dy, g.Co, P, g.Co}, m0, Im2colTOp<bf16>{x, g, P, N}, n0, kb, ke);
   tc_store_tile<true>(acc, dw, N, m0, g.Co, n0, N);
 }
 

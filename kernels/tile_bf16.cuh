@@ -11,10 +11,10 @@
 //   A k-contiguous ([M, K]): S[m][32+8], ldmatrix.x4   else ([K, M]): S[k][128+8], .x4.trans
 //   B n-contiguous ([K, N]): S[k][128+8], .x4.trans    else ([N, K]): S[n][32+8], .x4
 //
-// Operands come from *sources*: `at(row, col)` gives the address of the
-// element at (stored row, contiguous column), or null for a zero (outside
-// the operand, or in a convolution's padding); `base` is any valid global
-// address. With kAsync the tile moves in 16-byte cp.async chunks, so the 8
+// Operands come from *sources*: `row(r)` decodes stored row r and
+// `at(row, col)` gives the address of the element at (row, contiguous
+// column), or null for a zero (outside the operand, or in a convolution's
+// padding); `base` is any valid global address. With kAsync the tile moves in 16-byte cp.async chunks, so the 8
 // elements at col..col+7 (col a multiple of 8) must be contiguous in memory
 // and all present or all absent, and present chunks 16-byte aligned; without
 // it, element by element (any shape).
@@ -44,7 +44,8 @@ struct TcMatrix {
   const bf16* base;
   long long ld;
   int rows, cols;
-  GIF_DEVICE const bf16* at(int r, int c) const { return r < rows && c < cols ? base + r * ld + c : nullptr; }
+  GIF_DEVICE const bf16* row(int r) const { return r < rows ? base + r * ld : nullptr; }
+  GIF_DEVICE const bf16* at(const bf16* r, int c) const { return r && c < cols ? r + c : nullptr; }
 };
 
 // Copies the tile whose first stored row is `row0` and first contiguous
@@ -59,12 +60,12 @@ GIF_DEVICE void tc_load(bf16* S, const Src& src, int row0, int col0) {
     const int r = c / kPerRow, col = (c % kPerRow) * 8;
     bf16* dst = S + r * Tile::kPitch + col;
     if constexpr (kAsync) {
-      const bf16* p = src.at(row0 + r, col0 + col);
+      const bf16* p = src.at(src.row(row0 + r), col0 + col);
       cp_async<16>(dst, p ? p : src.base, p ? 16 : 0);  // 0 bytes: zero-filled, nothing read
     } else {
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const bf16* p = src.at(row0 + r, col0 + col + i);
+        const bf16* p = src.at(src.row(row0 + r), col0 + col + i);
         bf16 v;
         v.bits = 0;
         if (p) v = *p;

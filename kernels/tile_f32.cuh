@@ -123,6 +123,42 @@ struct MatrixSrc {
   }
 };
 
+// An f32 operand given by element addresses (the implicit-GEMM operands of
+// conv.cu): for the operand as stored (k-contiguous: [o][k], else [k][o]),
+// `op.row(r)` decodes a stored row and `op.at(row, col)` is an address or
+// null (zero). kVec: a run of 4 columns starting at a multiple of 4 is
+// contiguous, 16-byte aligned and all present or all absent (one float4).
+template <bool kKContig, bool kVec, typename Op>
+struct AddressSrc {
+  static constexpr bool kK = kKContig;
+  Op op;
+  GIF_DEVICE void load(F32Stage& r, int o0, int k0) const {
+    const int t = threadIdx.x;
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      // The same shares as f32_load: k-contiguous, 128 rows x 4 runs; else 16 rows x 32 runs.
+      const int o = kKContig ? o0 + t / 4 + 64 * p : o0 + (t % 32) * 4;
+      const int k = kKContig ? k0 + (t % 4) * 4 : k0 + t / 32 + 8 * p;
+      const auto row = op.row(kKContig ? o : k);
+      const int col = kKContig ? k : o;
+      if constexpr (kVec) {
+        const float* src = op.at(row, col);
+        const float4 v = src ? *reinterpret_cast<const float4*>(src) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        r.v[p][0] = v.x;
+        r.v[p][1] = v.y;
+        r.v[p][2] = v.z;
+        r.v[p][3] = v.w;
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) r.v[p][i] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (const float* src = op.at(row, col + i)) r.v[p][i] = *src;
+      }
+    }
+  }
+};
+
 // acc = the (m0, n0) tile of A·B over k in [k_begin, k_end) (multiples of
 // kF32K but the last), the operands given by sources (SrcA: o along M,
 // SrcB: o along N). As, Bs: 2 x kF32K x kF32Pitch floats of shared memory
