@@ -21,7 +21,6 @@
 //                      eval: running ones folded into m and invstd).
 // bn_backward          dx = γ·invstd·(dy − Σdy/M − x̂·Σ(dy·x̂)/M), x̂ = (x − m)·invstd.
 // prelu_fwd / _bwd     y = x > 0 ? x : a_c·x;  dx = dy·(x > 0 ? 1 : a_c).
-// add_f32              y = a + b (the residual).
 // add_assign_f32       y += b (the residual, in place).
 // dropout_f32          y = keyed_hash32(i) >= threshold ? x·scale : 0
 //                      (inverted dropout; also its backward, on dy).
@@ -162,11 +161,6 @@ GIF_DEVICE void bias_add_rows(float* __restrict__ y, const float* __restrict__ b
     y[i] += b[i % C];
 }
 
-GIF_DEVICE void add_rows(const float* __restrict__ a, const float* __restrict__ b, long long n, float* __restrict__ y) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-    y[i] = a[i] + b[i];
-}
-
 GIF_DEVICE void add_assign_rows(float* __restrict__ y, const float* __restrict__ b, long long n) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
     y[i] += b[i];
@@ -196,5 +190,4 @@ extern "C" __global__ void __launch_bounds__(256) prelu_bwd(const float* x, cons
 extern "C" __global__ void __launch_bounds__(256) bias_add_f32(float* y, const float* b, long long rows, int C) { bias_add_rows(y, b, rows, C); }
 extern "C" __global__ void __launch_bounds__(256) add_assign_f32(float* y, const float* b, long long n) { add_assign_rows(y, b, n); }
 extern "C" __global__ void __launch_bounds__(256) dropout_f32(const float* x, long long n, unsigned int threshold, float scale, unsigned int key_a, unsigned int key_b, float* y) { dropout_rows(x, n, threshold, scale, key_a, key_b, y); }
-extern "C" __global__ void __launch_bounds__(256) add_f32(const float* a, const float* b, long long n, float* y) { add_rows(a, b, n, y); }
 // clang-format on

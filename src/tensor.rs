@@ -278,17 +278,8 @@ impl Tensor {
             let v = self.host_f32()?.into_owned();
             return Ok(Tensor::from_host(&self.device, self.shape.clone(), HostData::F32(v)));
         }
-        let out = Tensor::empty(&self.device, &self.shape, DType::F32)?;
-        let n = self.numel();
-        if n > 0 {
-            let name = format!("widen_{}", self.dtype.kernel_suffix());
-            self.device.launch(
-                crate::kernels::ModuleId::Rowwise,
-                crate::kernels::find(crate::kernels::ModuleId::Rowwise, &name)?,
-                crate::device::LaunchConfig::linear(n.div_ceil(256).min(65535) as u32, 256, 0),
-                &[self.arg(), out.arg(), crate::device::Arg::I64(n as i64)],
-            )?;
-        }
+        let mut out = Tensor::empty(&self.device, &self.shape, DType::F32)?;
+        self.convert(&format!("widen_{}", self.dtype.kernel_suffix()), &mut out)?;
         Ok(out)
     }
 
@@ -314,16 +305,22 @@ impl Tensor {
             }
             return Ok(());
         }
+        self.convert("narrow_bf16", out)
+    }
+
+    /// `out[i] = convert(self[i])` by the element kernel `kernel` of
+    /// rowwise.cu (x, y, n), on a GPU backend.
+    fn convert(&self, kernel: &str, out: &mut Tensor) -> Result<()> {
         let n = self.numel();
-        if n > 0 {
-            self.device.launch(
-                crate::kernels::ModuleId::Rowwise,
-                crate::kernels::find(crate::kernels::ModuleId::Rowwise, "narrow_bf16")?,
-                crate::device::LaunchConfig::linear(n.div_ceil(256).min(65535) as u32, 256, 0),
-                &[self.arg(), out.arg(), crate::device::Arg::I64(n as i64)],
-            )?;
+        if n == 0 {
+            return Ok(());
         }
-        Ok(())
+        self.device.launch(
+            crate::kernels::ModuleId::Rowwise,
+            crate::kernels::find(crate::kernels::ModuleId::Rowwise, kernel)?,
+            crate::device::LaunchConfig::linear(n.div_ceil(256).min(65535) as u32, 256, 0),
+            &[self.arg(), out.arg(), crate::device::Arg::I64(n as i64)],
+        )
     }
 
     /// A copy on `device`.

@@ -14,7 +14,7 @@
 
 use crate::device::{Arg, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::gemm::Op;
+use crate::gemm::{bf16_shared_bytes, Op};
 use crate::kernels::{self, ModuleId};
 use crate::tensor::{same_device, DType, HostData, Tensor};
 
@@ -78,20 +78,46 @@ impl ConvShape {
             .map(|&v| Arg::I32(v as i32))
             .collect())
     }
-    /// The kernel `conv_<op>_<suffix>` for `dtype` operands and its dynamic
-    /// shared memory: f32 (`_v`: float4 loads, both channel counts multiples
-    /// of 4) or bf16 on tensor cores (`_a`: 16-byte cp.async, multiples of
-    /// 8), whose tile is gemm's with A, B stored as `ops` says.
-    fn kernel(&self, op: &str, dtype: DType, ops: (Op, Op)) -> Result<(&'static str, u32)> {
-        let (name, shared) = match dtype {
-            DType::BF16 if self.c_in % 8 == 0 && self.c_out % 8 == 0 => {
-                (format!("conv_{op}_bf16_a"), crate::gemm::bf16_shared_bytes(ops.0, ops.1))
-            }
-            DType::BF16 => (format!("conv_{op}_bf16"), crate::gemm::bf16_shared_bytes(ops.0, ops.1)),
-            _ if self.c_in % 4 == 0 && self.c_out % 4 == 0 => (format!("conv_{op}_f32_v"), 0),
-            _ => (format!("conv_{op}_f32"), 0),
+    /// Launches `conv_<op>_<suffix>` (op: fwd, dgrad, wgrad) for `dtype`
+    /// operands: f32 (`_v`: float4 loads, both channel counts multiples of
+    /// 4) or bf16 on tensor cores (`_a`: 16-byte cp.async, multiples of 8;
+    /// dynamic shared memory of gemm's tile with A, B stored as the op reads
+    /// them). Arguments: `a`, `b`, the geometry, `extra`, `out`; the grid
+    /// covers an `m x n` output in 128 x 128 tiles, x `splits`.
+    fn launch(
+        &self,
+        op: &str,
+        dtype: DType,
+        [a, b, out]: [&Tensor; 3],
+        extra: &[Arg],
+        (m, n): (usize, usize),
+        splits: usize,
+    ) -> Result<()> {
+        let ops = match op {
+            "fwd" => (Op::N, Op::T),
+            "dgrad" => (Op::N, Op::N),
+            _ => (Op::T, Op::N),
         };
-        Ok((kernels::find(ModuleId::Conv, &name)?, shared as u32))
+        let (suffix, shared) = match dtype {
+            DType::BF16 if self.c_in % 8 == 0 && self.c_out % 8 == 0 => ("bf16_a", bf16_shared_bytes(ops.0, ops.1)),
+            DType::BF16 => ("bf16", bf16_shared_bytes(ops.0, ops.1)),
+            _ if self.c_in % 4 == 0 && self.c_out % 4 == 0 => ("f32_v", 0),
+            _ => ("f32", 0),
+        };
+        let mut args = vec![a.arg(), b.arg()];
+        args.extend(self.geometry()?);
+        args.extend_from_slice(extra);
+        args.push(out.arg());
+        a.device().launch(
+            ModuleId::Conv,
+            kernels::find(ModuleId::Conv, &format!("conv_{op}_{suffix}"))?,
+            LaunchConfig {
+                grid: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, splits as u32),
+                block: (256, 1, 1),
+                shared_bytes: shared as u32,
+            },
+            &args,
+        )
     }
 }
 
@@ -122,21 +148,7 @@ pub fn conv2d_into(x: &Tensor, w: &Tensor, s: &ConvShape, y: &mut Tensor) -> Res
         return y.write_host_f32(&cpu::forward_gemm(s, &x.host_f32()?, &w.host_f32()?));
     }
     let (ho, wo) = s.out_hw();
-    let m = s.batch * ho * wo;
-    let mut args = vec![x.arg(), w.arg()];
-    args.extend(s.geometry()?);
-    args.push(y.arg());
-    let (kernel, shared_bytes) = s.kernel("fwd", dtype, (Op::N, Op::T))?;
-    dev.launch(
-        ModuleId::Conv,
-        kernel,
-        LaunchConfig {
-            grid: (s.c_out.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
-            block: (256, 1, 1),
-            shared_bytes,
-        },
-        &args,
-    )
+    s.launch("fwd", dtype, [x, w, y], &[], (s.batch * ho * wo, s.c_out), 1)
 }
 
 /// The gradient with respect to the input: dy `[B, H_o, W_o, C_out]` →
@@ -163,27 +175,13 @@ pub fn conv2d_data_grad_into(dy: &Tensor, w: &Tensor, s: &ConvShape, dx: &mut Te
     if dev.kind() == DeviceKind::Cpu {
         return dx.write_host_f32(&cpu::data_grad_gemm(s, &dy.host_f32()?, &w.host_f32()?));
     }
-    let m = s.batch * s.height * s.width;
-    let mut args = vec![dy.arg(), w.arg()];
-    args.extend(s.geometry()?);
-    args.push(dx.arg());
-    let (kernel, shared_bytes) = s.kernel("dgrad", dtype, (Op::N, Op::N))?;
-    dev.launch(
-        ModuleId::Conv,
-        kernel,
-        LaunchConfig {
-            grid: (s.c_in.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
-            block: (256, 1, 1),
-            shared_bytes,
-        },
-        &args,
-    )
+    s.launch("dgrad", dtype, [dy, w, dx], &[], (s.batch * s.height * s.width, s.c_in), 1)
 }
 
 /// The gradient with respect to the weights: `[C_out, k, k, C_in]`, f32
-/// (x and dy both f32 or both bf16). On a GPU the sum over output pixels is split across blocks (to fill the GPU)
-/// whose parts are added atomically, so the last bits may vary run to run
-/// unless one split covers all pixels.
+/// (x and dy both f32 or both bf16). On a GPU the sum over output pixels is
+/// split across blocks (to fill the GPU) whose parts are added atomically,
+/// so the last bits may vary run to run unless one split covers all pixels.
 pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tensor> {
     const OP: &str = "conv2d_weight_grad";
     s.validate(OP)?;
@@ -203,22 +201,7 @@ pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tens
     let splits = 528usize.div_ceil(tiles).clamp(1, m.div_ceil(16));
     // Multiples of 32, a k-tile of both kernels' families (16 and 32).
     let chunk = m.div_ceil(splits).div_ceil(32) * 32;
-    let splits = m.div_ceil(chunk);
-    let mut args = vec![x.arg(), dy.arg()];
-    args.extend(s.geometry()?);
-    args.push(Arg::I32(chunk as i32));
-    args.push(dw.arg());
-    let (kernel, shared_bytes) = s.kernel("wgrad", dtype, (Op::T, Op::N))?;
-    dev.launch(
-        ModuleId::Conv,
-        kernel,
-        LaunchConfig {
-            grid: (n.div_ceil(TILE) as u32, s.c_out.div_ceil(TILE) as u32, splits as u32),
-            block: (256, 1, 1),
-            shared_bytes,
-        },
-        &args,
-    )?;
+    s.launch("wgrad", dtype, [x, dy, &dw], &[Arg::I32(chunk as i32)], (s.c_out, n), m.div_ceil(chunk))?;
     Ok(dw)
 }
 
