@@ -251,6 +251,28 @@ impl Pool {
         Ok(Some(h))
     }
 
+    /// A convolution's backward from the gradient of its output `d_out`
+    /// (f32): returns the weight gradient, and with `data = (w, d_in)`
+    /// writes the input's gradient into `d_in`; `x` and `w` are the
+    /// forward's operands (of `dtype`), `d_out` is rounded to it first.
+    fn conv_backward(
+        &mut self,
+        dtype: DType,
+        d_out: &Tensor,
+        x: &Tensor,
+        s: &ConvShape,
+        data: Option<(&Tensor, &mut Tensor)>,
+    ) -> Result<Tensor> {
+        let rounded = self.operand(d_out, dtype)?;
+        let d = rounded.as_ref().unwrap_or(d_out);
+        let dw = conv2d_weight_grad(x, d, s)?;
+        if let Some((w, d_in)) = data {
+            conv2d_data_grad_into(d, w, s, d_in)?;
+        }
+        self.give_all(rounded);
+        Ok(dw)
+    }
+
     /// `t` converted to a convolution operand of `dtype`, `t` itself going
     /// back to the pool when a copy was made.
     fn convert_operand(&mut self, t: Tensor, dtype: DType) -> Result<Tensor> {
@@ -696,9 +718,7 @@ impl IResNet {
         let s = self.cfg.input;
         let shape = conv_shape(b, s, 3, self.cfg.stem, 3, 1);
         let images = st.images.as_ref().ok_or_else(|| Error::invalid(OP, "the forward kept no images"))?;
-        let d_c0h = pool.operand(&d_c0, self.cfg.conv_dtype)?;
-        g.insert("conv1.weight".to_string(), conv2d_weight_grad(images, d_c0h.as_ref().unwrap_or(&d_c0), &shape)?);
-        pool.give_all(d_c0h);
+        g.insert("conv1.weight".to_string(), pool.conv_backward(self.cfg.conv_dtype, &d_c0, images, &shape, None)?);
         pool.give(d_c0);
         Ok(g)
     }
@@ -798,12 +818,8 @@ fn block_backward(
     let mut d_c2 = pool.take(&dev, c.c2.shape())?;
     let (dw, db) = blk.bn3.backward_into(&c.c2, &c.bn3, d_out, &mut d_c2)?;
     insert_bn(g, &format!("{p}.bn3"), dw, db);
-    let d_c2h = pool.operand(&d_c2, dt)?;
-    let d_c2o = d_c2h.as_ref().unwrap_or(&d_c2);
-    g.insert(format!("{p}.conv2.weight"), conv2d_weight_grad(&c.p, d_c2o, &s2)?);
     let mut d_p = pool.take(&dev, c.p.shape())?;
-    conv2d_data_grad_into(d_c2o, w2, &s2, &mut d_p)?;
-    pool.give_all(d_c2h);
+    g.insert(format!("{p}.conv2.weight"), pool.conv_backward(dt, &d_c2, &c.p, &s2, Some((w2, &mut d_p)))?);
     pool.give(d_c2);
     let mut d_a2 = pool.take(&dev, c.a2.shape())?;
     g.insert(format!("{p}.prelu.weight"), prelu_backward_into(&c.a2, &blk.prelu, &d_p, &mut d_a2)?);
@@ -812,12 +828,8 @@ fn block_backward(
     let (dw, db) = blk.bn2.backward_into(&c.c1, &c.bn2, &d_a2, &mut d_c1)?;
     pool.give(d_a2);
     insert_bn(g, &format!("{p}.bn2"), dw, db);
-    let d_c1h = pool.operand(&d_c1, dt)?;
-    let d_c1o = d_c1h.as_ref().unwrap_or(&d_c1);
-    g.insert(format!("{p}.conv1.weight"), conv2d_weight_grad(&c.a1, d_c1o, &s1)?);
     let mut d_a1 = pool.take(&dev, c.a1.shape())?;
-    conv2d_data_grad_into(d_c1o, w1, &s1, &mut d_a1)?;
-    pool.give_all(d_c1h);
+    g.insert(format!("{p}.conv1.weight"), pool.conv_backward(dt, &d_c1, &c.a1, &s1, Some((w1, &mut d_a1)))?);
     pool.give(d_c1);
     let mut d_x = pool.take(&dev, c.x.shape())?;
     let (dw, db) = blk.bn1.backward_into(&c.x, &c.bn1, &d_a1, &mut d_x)?;
@@ -831,12 +843,9 @@ fn block_backward(
             let mut d_dc = pool.take(&dev, dc.shape())?;
             let (dw, db) = bn.backward_into(dc, dcache, d_out, &mut d_dc)?;
             insert_bn(g, &format!("{p}.downsample.1"), dw, db);
-            let d_dch = pool.operand(&d_dc, dt)?;
-            let d_dco = d_dch.as_ref().unwrap_or(&d_dc);
-            g.insert(format!("{p}.downsample.0.weight"), conv2d_weight_grad(x_conv, d_dco, &sd)?);
             let mut d_id = pool.take(&dev, c.x.shape())?;
-            conv2d_data_grad_into(d_dco, wd, &sd, &mut d_id)?;
-            pool.give_all(d_dch);
+            let dw = pool.conv_backward(dt, &d_dc, x_conv, &sd, Some((wd, &mut d_id)))?;
+            g.insert(format!("{p}.downsample.0.weight"), dw);
             pool.give(d_dc);
             add_assign(&mut d_x, &d_id)?;
             pool.give(d_id);
