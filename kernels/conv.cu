@@ -14,7 +14,8 @@
 //             stride and in range); M = B·H·W, N = Ci, K = k·k·Co;
 //             A = GatherDyOp, B = TapRowsOp (w read as [(t, co), ci]).
 // conv_wgrad  dw[co, (t, ci)] = Σ_m dy[m, co]·x[pixel(m, t), ci];
-//             M = Co, N = k·k·Ci, K = B·Ho·Wo (output pixels), split over
+//             M = Co, N = k·k·Ci, K = B·Ho·Wo (output pixels); A = dy,
+//             B = Im2colOp (the forward's A, read n-contiguous); split over
 //             gridDim.z ranges of K (multiples of 32) whose partial tiles
 //             are added with atomicAdd into a zeroed dw (one split: each
 //             element has one writer, reproducible).
@@ -78,7 +79,8 @@ struct PixelRow {
   int b, y, x;
 };
 
-// conv_fwd A, stored [m = output pixel][k = (tap, ci)].
+// conv_fwd A and conv_wgrad B: the im2col matrix, stored [output pixel][(tap, ci)]
+// (M = pixels, K = k·k·Ci).
 template <typename T>
 struct Im2colOp {
   const T* base;
@@ -121,23 +123,6 @@ struct TapRowsOp {
   GIF_DEVICE const T* at(const T* r, int n) const { return r && n < g.Ci ? r + n : nullptr; }
 };
 
-// conv_wgrad B, stored [k = output pixel][n = (tap, ci)].
-template <typename T>
-struct Im2colTOp {
-  const T* base;
-  Geom g;
-  int P, N;
-  GIF_DEVICE PixelRow row(int k) const {
-    PixelRow r;
-    out_pixel(g, k, r.b, r.y, r.x);
-    if (k >= P) r.b = -1;
-    return r;
-  }
-  GIF_DEVICE const T* at(const PixelRow& r, int n) const {
-    return r.b >= 0 && n < N ? x_at(base, g, r.b, r.y, r.x, n / g.Ci, n % g.Ci) : nullptr;
-  }
-};
-
 template <bool kVec>
 GIF_DEVICE void conv_fwd(const float* __restrict__ x, const float* __restrict__ w, Geom g, float* __restrict__ y) {
   __shared__ __align__(16) float As[2][kF32K * kF32Pitch];
@@ -175,7 +160,7 @@ GIF_DEVICE void conv_wgrad(const float* __restrict__ x, const float* __restrict_
   if (kb >= M) return;
   float acc[8][8];
   const MatrixSrc<false, kVec, float> a{dy, g.Co, nullptr, g.Co, M};
-  const AddressSrc<false, kVec, Im2colTOp<float>> b{{x, g, M, N}};
+  const AddressSrc<false, kVec, Im2colOp<float>> b{{x, g, M, N}};
   f32_tile_loop(acc, As, Bs, a, m0, b, n0, kb, ke);
   store_tile<true>(acc, dw, N, m0, g.Co, n0, N);
 }
@@ -216,7 +201,7 @@ GIF_DEVICE void conv_wgrad_tc(const bf16* __restrict__ x, const bf16* __restrict
   const int kb = blockIdx.z * chunk, ke = kb + chunk < P ? kb + chunk : P;
   if (kb >= P) return;
   float acc[4][4][4];
-  tc_tile_loop<false, false, kAsync>(acc, smem, TcMatrix{dy, g.Co, P, g.Co}, m0, Im2colTOp<bf16>{x, g, P, N}, n0, kb, ke);
+  tc_tile_loop<false, false, kAsync>(acc, smem, TcMatrix{dy, g.Co, P, g.Co}, m0, Im2colOp<bf16>{x, g, P, N}, n0, kb, ke);
   tc_store_tile<true>(acc, dw, N, m0, g.Co, n0, N);
 }
 

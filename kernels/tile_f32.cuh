@@ -32,6 +32,13 @@ struct F32Stage {
   float v[2][4];
 };
 
+GIF_DEVICE void f32_set4(float (&d)[4], float4 v) {
+  d[0] = v.x;
+  d[1] = v.y;
+  d[2] = v.z;
+  d[3] = v.w;
+}
+
 // Loads this thread's share of the tile at (o0, k0), where o runs along M
 // (for A) or N (for B). kKContig: the operand is stored [o][k] (contiguous
 // along k), else [k][o]; `rows` maps its stored rows. `o_total`, `k_total`
@@ -60,11 +67,7 @@ GIF_DEVICE void f32_load(F32Stage& r, const T* __restrict__ X, int ld, const int
       r.v[p][2] = gif_bits_float(w.y << 16);
       r.v[p][3] = gif_bits_float(w.y & 0xffff0000u);
     } else if constexpr (kVec) {
-      const float4 v = *reinterpret_cast<const float4*>(src);
-      r.v[p][0] = v.x;
-      r.v[p][1] = v.y;
-      r.v[p][2] = v.z;
-      r.v[p][3] = v.w;
+      f32_set4(r.v[p], *reinterpret_cast<const float4*>(src));
     } else {
 #pragma unroll
       for (int i = 0; i < 4; ++i)
@@ -143,11 +146,7 @@ struct AddressSrc {
       const int col = kKContig ? k : o;
       if constexpr (kVec) {
         const float* src = op.at(row, col);
-        const float4 v = src ? *reinterpret_cast<const float4*>(src) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        r.v[p][0] = v.x;
-        r.v[p][1] = v.y;
-        r.v[p][2] = v.z;
-        r.v[p][3] = v.w;
+        f32_set4(r.v[p], src ? *reinterpret_cast<const float4*>(src) : make_float4(0.0f, 0.0f, 0.0f, 0.0f));
       } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i) r.v[p][i] = 0.0f;
