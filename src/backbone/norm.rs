@@ -77,7 +77,8 @@ fn sums_grid(rows: usize, c: usize) -> (u32, u32) {
 }
 
 /// Per-channel sums on a GPU backend: `mode` is chan_sums_<mode>; returns
-/// (out_a, out_b) as finalized by chan_finalize with the given scales.
+/// out_a and, when `scale_b` is given (the BatchNorm backward), out_b, as
+/// finalized by chan_finalize with the given scales.
 fn chan_sums(
     mode: &str,
     x: &Tensor,
@@ -85,7 +86,7 @@ fn chan_sums(
     mean: Option<&Tensor>,
     scale_a: f32,
     scale_b: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let dev = x.device();
     let (rows, c) = (x.shape()[0], x.shape()[1]);
     let (groups, splits) = sums_grid(rows, c);
@@ -103,7 +104,8 @@ fn chan_sums(
             partial.arg(),
         ],
     )?;
-    let (a, b) = (Tensor::empty(dev, &[c], DType::F32)?, Tensor::empty(dev, &[c], DType::F32)?);
+    let a = Tensor::empty(dev, &[c], DType::F32)?;
+    let b = scale_b.map(|_| Tensor::empty(dev, &[c], DType::F32)).transpose()?;
     dev.launch(
         ModuleId::Norm,
         kernels::find(ModuleId::Norm, "chan_finalize")?,
@@ -115,7 +117,7 @@ fn chan_sums(
             Arg::F32(scale_a),
             scale_b.map_or(Arg::Ptr(0), Tensor::arg),
             a.arg(),
-            b.arg(),
+            b.as_ref().map_or(Arg::Ptr(0), Tensor::arg),
         ],
     )?;
     Ok((a, b))
@@ -281,6 +283,7 @@ impl BatchNorm {
             return Ok((t(dg), t(db)));
         }
         let (dbeta, dgamma) = chan_sums("bn_bwd", x, Some(dy), Some(&cache.mean), 1.0, Some(&cache.invstd))?;
+        let dgamma = dgamma.ok_or_else(|| Error::invalid(OP, "chan_sums returned no second sum"))?;
         elementwise(
             &dev,
             "bn_backward",
