@@ -104,7 +104,7 @@ struct GatherDyOp {
   Geom g;
   int M, K;
   GIF_DEVICE PixelRow row(int m) const {
-    return m < M ? PixelRow{m / (g.W * g.H), (m / g.W) % g.H, m % g.W} : PixelRow{-1, 0, 0};
+    return PixelRow{m < M ? m / (g.W * g.H) : -1, (m / g.W) % g.H, m % g.W};
   }
   GIF_DEVICE const T* at(const PixelRow& r, int k) const {
     return r.b >= 0 && k < K ? dy_at(base, g, r.b, r.y, r.x, k / g.Co, k % g.Co) : nullptr;
@@ -207,12 +207,15 @@ GIF_DEVICE void conv_wgrad_tc(const bf16* __restrict__ x, const bf16* __restrict
 
 }  // namespace
 
+// The element-load f32 kernels (channel counts not multiples of 4: the
+// 3-channel stem) decode addresses per element; they run without the
+// 2-blocks-per-SM register cap, which would make them spill.
 // clang-format off
-extern "C" __global__ void __launch_bounds__(256, 2) conv_fwd_f32(const float* x, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* y) { conv_fwd<false>(x, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, y); }
+extern "C" __global__ void __launch_bounds__(256) conv_fwd_f32(const float* x, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* y) { conv_fwd<false>(x, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, y); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv_fwd_f32_v(const float* x, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* y) { conv_fwd<true>(x, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, y); }
-extern "C" __global__ void __launch_bounds__(256, 2) conv_dgrad_f32(const float* dy, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* dx) { conv_dgrad<false>(dy, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, dx); }
+extern "C" __global__ void __launch_bounds__(256) conv_dgrad_f32(const float* dy, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* dx) { conv_dgrad<false>(dy, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, dx); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv_dgrad_f32_v(const float* dy, const float* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* dx) { conv_dgrad<true>(dy, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, dx); }
-extern "C" __global__ void __launch_bounds__(256, 2) conv_wgrad_f32(const float* x, const float* dy, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, int chunk, float* dw) { conv_wgrad<false>(x, dy, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, chunk, dw); }
+extern "C" __global__ void __launch_bounds__(256) conv_wgrad_f32(const float* x, const float* dy, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, int chunk, float* dw) { conv_wgrad<false>(x, dy, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, chunk, dw); }
 extern "C" __global__ void __launch_bounds__(256, 2) conv_wgrad_f32_v(const float* x, const float* dy, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, int chunk, float* dw) { conv_wgrad<true>(x, dy, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, chunk, dw); }
 extern "C" __global__ void __launch_bounds__(256) conv_fwd_bf16(const bf16* x, const bf16* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* y) { conv_fwd_tc<false>(x, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, y); }
 extern "C" __global__ void __launch_bounds__(256) conv_fwd_bf16_a(const bf16* x, const bf16* w, int B, int H, int W, int Ci, int Co, int k, int stride, int pad, int Ho, int Wo, float* y) { conv_fwd_tc<true>(x, w, Geom{B, H, W, Ci, Co, k, stride, pad, Ho, Wo}, y); }
