@@ -131,8 +131,7 @@ pub fn gemm(alpha: f32, a: &Tensor, op_a: Op, b: &Tensor, op_b: Op, beta: f32, c
         let Some(HostData::F32(cv)) = c.host_mut() else {
             return Err(Error::invalid(OP, "C must hold f32 host data on the CPU"));
         };
-        cpu::gemm(d.m, d.n, d.k, alpha, &av, d.lda, op_a, &bv, d.ldb, op_b, beta, cv, d.n);
-        return Ok(());
+        return cpu::gemm(d.m, d.n, d.k, alpha, &av, d.lda, op_a, &bv, d.ldb, op_b, beta, cv, d.n);
     }
     let grid = (d.n.div_ceil(TILE) as u32, d.m.div_ceil(TILE) as u32, 1);
     // Contiguous lengths of A and B's rows are their leading dimensions;
@@ -252,10 +251,14 @@ pub fn cublas_gemm(alpha: f32, a: &Tensor, op_a: Op, b: &Tensor, op_b: Op, beta:
 /// The CPU path and the f64 reference.
 pub mod cpu {
     use super::Op;
+    use crate::error::{Error, Result};
 
     /// `c = alpha·op(a)·op(b) + beta·c` with the `gemm` crate, all cores.
     /// `a` has row length `lda`, `b` row length `ldb`, `c` row length `ldc`
-    /// (row-major). `beta == 0` does not read `c`.
+    /// (row-major). `beta == 0` does not read `c`. Errors (nothing is
+    /// written): a leading dimension shorter than its row, or a slice
+    /// shorter than the rows and strides reach (sizes computed with checked
+    /// arithmetic).
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         m: usize,
@@ -271,11 +274,27 @@ pub mod cpu {
         beta: f32,
         c: &mut [f32],
         ldc: usize,
-    ) {
+    ) -> Result<()> {
+        const OP: &str = "gemm::cpu::gemm";
         if m == 0 || n == 0 {
-            return;
+            return Ok(());
         }
-        assert!(c.len() >= (m - 1) * ldc + n, "c holds {} elements, needs {}", c.len(), (m - 1) * ldc + n);
+        // Elements a row-major matrix of `rows` rows of `cols`, `ld` apart, spans.
+        let span = |what: &str, rows: usize, cols: usize, ld: usize, len: usize| -> Result<()> {
+            if ld < cols {
+                return Err(Error::invalid(OP, format!("{what}: leading dimension {ld} < {cols} columns")));
+            }
+            let need = (rows - 1).checked_mul(ld).and_then(|x| x.checked_add(cols));
+            match need {
+                Some(need) if need <= len => Ok(()),
+                _ => Err(Error::Shape {
+                    op: OP,
+                    expected: format!("{what} of {rows} x {cols} with leading dimension {ld}"),
+                    got: format!("{len} elements"),
+                }),
+            }
+        };
+        span("c", m, n, ldc, c.len())?;
         if k == 0 {
             // Nothing to multiply: C = beta·C.
             for r in 0..m {
@@ -283,16 +302,19 @@ pub mod cpu {
                     *v = if beta == 0.0 { 0.0 } else { beta * *v };
                 }
             }
-            return;
+            return Ok(());
         }
-        let need = |rows: usize, cols: usize, ld: usize| (rows - 1) * ld + cols;
         let (a_rows, a_cols) = if op_a == Op::N { (m, k) } else { (k, m) };
         let (b_rows, b_cols) = if op_b == Op::N { (k, n) } else { (n, k) };
-        assert!(a.len() >= need(a_rows, a_cols, lda) && b.len() >= need(b_rows, b_cols, ldb), "operand too short");
+        span("a", a_rows, a_cols, lda, a.len())?;
+        span("b", b_rows, b_cols, ldb, b.len())?;
+        if [lda, ldb, ldc].iter().any(|&ld| ld > isize::MAX as usize) {
+            return Err(Error::invalid(OP, "a leading dimension exceeds isize::MAX"));
+        }
         // Strides of op(A) (m x k) and op(B) (k x n), in elements: (row, column).
         let (a_rs, a_cs) = if op_a == Op::N { (lda as isize, 1) } else { (1, lda as isize) };
         let (b_rs, b_cs) = if op_b == Op::N { (ldb as isize, 1) } else { (1, ldb as isize) };
-        // SAFETY: the asserts above show every element the strides reach is
+        // SAFETY: the checks above show every element the strides reach is
         // inside the slices; `c` is exclusively borrowed. gemm computes
         // dst = alpha_g·dst + beta_g·lhs·rhs, so our beta is its alpha and our
         // alpha its beta; read_dst = false ignores dst entirely.
@@ -318,6 +340,31 @@ pub mod cpu {
                 false,
                 ::gemm::Parallelism::Rayon(0),
             )
+        }
+        Ok(())
+    }
+
+    /// [`gemm`] for the crate's own CPU paths, whose operand sizes follow
+    /// from shapes their public functions validated: a size error here is a
+    /// bug in the crate, reported as a panic naming it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_sized(
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &[f32],
+        lda: usize,
+        op_a: Op,
+        b: &[f32],
+        ldb: usize,
+        op_b: Op,
+        beta: f32,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        if let Err(e) = gemm(m, n, k, alpha, a, lda, op_a, b, ldb, op_b, beta, c, ldc) {
+            panic!("gif-fr bug: a CPU path passed inconsistent GEMM sizes: {e}");
         }
     }
 

@@ -332,7 +332,7 @@ pub mod cpu {
         let lda = if op_a == Op::N { k } else { m };
         let ldb = if op_b == Op::N { n } else { k };
         let beta = if accumulate { 1.0 } else { 0.0 };
-        crate::gemm::cpu::gemm(m, n, k, 1.0, a, lda, op_a, b, ldb, op_b, beta, c, n);
+        crate::gemm::cpu::gemm_sized(m, n, k, 1.0, a, lda, op_a, b, ldb, op_b, beta, c, n);
     }
 
     /// `y = conv(x, w)` through im2col (per image, `H_o·W_o x k²·C_in`

@@ -806,7 +806,7 @@ pub mod cpu {
         centres: &[Vec<f32>],
         projections: Option<&[Vec<f32>]>,
     ) -> (HeadLoss, Grads32) {
-        use crate::gemm::cpu::gemm as g;
+        use crate::gemm::cpu::gemm_sized as g;
         let (b, d, dp, v, l) = (labels.len(), cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
         let mut dx = vec![0f32; b * d];
         let (mut per_position, mut accuracy) = (vec![0f64; l], vec![0f64; l]);

@@ -30,7 +30,7 @@ use super::margin::{margin_ce_row, Margin, MarginGrad};
 use crate::decode::TopK;
 use crate::device::{Arg, Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::gemm::{cpu::gemm as cpu_gemm, Op};
+use crate::gemm::{cpu::gemm_sized as cpu_gemm, Op};
 use crate::kernels::{self, ModuleId};
 use crate::rowwise;
 use crate::tensor::{DType, HostData, Tensor};
@@ -44,8 +44,9 @@ const MAX_SPLITS: usize = 1024;
 /// Largest k of [`SoftmaxHead::top_k`] on a GPU (shared memory holds 128
 /// sorted lists of k).
 pub const MAX_DEVICE_K: usize = 128;
-/// Classes per chunk of the CPU path (its extra memory is `B·C + 2·C·d`).
-const CPU_CHUNK: usize = 4096;
+/// Classes per chunk of the CPU path (its extra memory is `B·C + 2·C·d`,
+/// plus the `gemm` crate's packing workspace for GEMMs of that size).
+pub const CPU_CHUNK: usize = 4096;
 const TILE: usize = 128;
 
 /// Settings of a [`SoftmaxHead`] (and of [`super::PartialFc`]).

@@ -106,7 +106,7 @@ pub(crate) fn best_cpu(vectors: &[f32], d: usize, members: &[u32], centroids: &[
         x[..m * d].par_chunks_mut(d).zip(chunk.par_iter()).for_each(|(row, &i)| {
             row.copy_from_slice(&vectors[i as usize * d..(i as usize + 1) * d]);
         });
-        gemm::cpu::gemm(m, k, d, 1.0, &x[..m * d], d, Op::N, centroids, d, Op::T, 0.0, &mut s[..m * k], k);
+        gemm::cpu::gemm_sized(m, k, d, 1.0, &x[..m * d], d, Op::N, centroids, d, Op::T, 0.0, &mut s[..m * k], k);
         for (r, row) in s[..m * k].chunks(k).enumerate() {
             let mut best = (0u32, f32::NEG_INFINITY);
             for (c, &v) in row.iter().enumerate() {

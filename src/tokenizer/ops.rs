@@ -113,7 +113,7 @@ pub fn scatter_rows(src: &Tensor, ids: &[u32], dst: &mut Tensor) -> Result<()> {
 /// loss is `ln(S / (b(b − 1)))`). Deterministic for any thread count.
 pub(crate) fn uniformity_step_cpu(h: &mut [f32], d: usize, t: f32, lr: f32, g: &mut [f32], grad: &mut [f32]) -> f64 {
     let b = h.len() / d;
-    gemm::cpu::gemm(b, b, d, 1.0, h, d, Op::N, h, d, Op::T, 0.0, g, b);
+    gemm::cpu::gemm_sized(b, b, d, 1.0, h, d, Op::N, h, d, Op::T, 0.0, g, b);
     let row_sums: Vec<f64> = g
         .par_chunks_mut(b)
         .enumerate()
@@ -127,7 +127,7 @@ pub(crate) fn uniformity_step_cpu(h: &mut [f32], d: usize, t: f32, lr: f32, g: &
         })
         .collect();
     let s: f64 = row_sums.iter().sum();
-    gemm::cpu::gemm(b, d, b, 1.0, g, b, Op::N, h, d, Op::N, 0.0, grad, d);
+    gemm::cpu::gemm_sized(b, d, b, 1.0, g, b, Op::N, h, d, Op::N, 0.0, grad, d);
     let step = (4.0 * t as f64 * lr as f64 / s) as f32;
     h.par_chunks_mut(d).zip(grad.par_chunks(d)).for_each(|(row, gr)| {
         let mut ss = 0f64;
