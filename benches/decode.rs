@@ -52,10 +52,7 @@ fn main() {
                             match m {
                                 "exact" => dec.top_k(&t, k, Mode::Exact, None).map(drop),
                                 "beam16" => dec.top_k(&t, k, Mode::Beam(16), None).map(drop),
-                                _ => {
-                                    dec.brute_force(&lp, k);
-                                    Ok(())
-                                }
+                                _ => dec.brute_force(&lp, k).map(drop),
                             }
                         };
                         let mut run = run;

@@ -6,13 +6,16 @@
 // S = (((lp[b,0,t0] + lp[b,1,t1]) + lp[b,2,t2]) + ...) in f32, summed in
 // position order (the CPU sums the same way, so scores match bit for bit).
 // The search is a depth-first branch and bound over the trie: a child is
-// skipped when its partial score plus the sum of per-position maxima over
-// the remaining positions (an admissible bound), plus `slack`, is below the
-// k-th best score found so far. The k best are kept sorted by score
-// descending, then identity ascending. slack (relative, times 1 + Σ_j max
-// |lp|) absorbs the rounding between the f32 bound and an f32 score (a few
-// ulps), so nothing that could tie is pruned: the result equals brute
-// force. A NaN in a query's log-probabilities sets its ids to -2.
+// skipped when an upper bound of every f32 score below it is below the k-th
+// best score found so far. With P the child's partial score and m_i the
+// per-position maxima of the positions left, every completion scores at
+// most P + Σ m_i up to the rounding of its f32 sum, and since t + γ|t| grows
+// with t, at most  P + Σ m_i + rel·(|P| + Σ |m_i|)  (upper_bound below; rel
+// covers l additions and the bound's own rounding, set by the launcher).
+// It is −inf when P or a remaining maximum is −inf, so a −inf score prunes
+// like any other and huge magnitudes elsewhere in a row do not widen it:
+// nothing that could tie is pruned, and the result equals brute force. A
+// NaN or +inf in a query's log-probabilities sets its ids to −2.
 //
 // Trie layout (per level j, concatenated over levels): node_ptr (CSR row
 // pointers, nodes_j + 1 entries, starting at node_off[j]; edge indices are
@@ -27,55 +30,55 @@ namespace {
 constexpr int kMaxL = 16;
 constexpr int kMaxK = 64;
 
-// suffix[j] = Σ_{i >= j} max_t p[i, t] for one query; returns Σ_j max_t |p[j,
-// t]| (the scale of the rounding slack) and sets *nan if a value is NaN.
+// suffix[j] = Σ_{i >= j} max_t p[i, t] and suffix_abs[j] = Σ_{i >= j} |max_t
+// p[i, t]| for one query; sets *bad if a value is NaN or +inf.
 // kWarp: the 32 lanes of a warp share the work (every lane gets the result);
 // else one thread does it all.
 template <bool kWarp>
-GIF_DEVICE float query_bounds(const float* p, int l, int v, float* suffix, bool* nan) {
+GIF_DEVICE void query_bounds(const float* p, int l, int v, float* suffix, float* suffix_abs, bool* bad) {
   const int lane = kWarp ? (threadIdx.x & 31) : 0, stride = kWarp ? 32 : 1;
   suffix[l] = 0.0f;
-  float mag = 0.0f;
+  suffix_abs[l] = 0.0f;
   for (int j = l - 1; j >= 0; --j) {
-    float m = -gif_inf(), a = 0.0f;
+    float m = -gif_inf();
     for (int t = lane; t < v; t += stride) {
       const float x = p[j * v + t];
-      *nan |= x != x;
+      *bad |= x != x || x == gif_inf();
       m = fmaxf(m, x);
-      a = fmaxf(a, fabsf(x));
     }
-    if constexpr (kWarp) {
-      m = warp_reduce(m, MaxOp{});
-      a = warp_reduce(a, MaxOp{});
-    }
+    if constexpr (kWarp) m = warp_reduce(m, MaxOp{});
     suffix[j] = suffix[j + 1] + m;
-    mag += a;
+    suffix_abs[j] = suffix_abs[j + 1] + fabsf(m);
   }
-  if constexpr (kWarp) *nan = __any_sync(0xffffffffu, *nan);
-  return mag;
+  if constexpr (kWarp) *bad = __any_sync(0xffffffffu, *bad);
+}
+
+// The upper bound of every f32 score below a prefix of partial score s with
+// `suf` / `suf_abs` the sums over the positions left (see the header).
+GIF_DEVICE float upper_bound(float s, float suf, float suf_abs, float rel) {
+  if (s == -gif_inf() || suf == -gif_inf()) return -gif_inf();
+  return s + suf + rel * (fabsf(s) + suf_abs) + 1e-30f;
 }
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(128)
     decode_exact(const float* __restrict__ lp, int b_rows, int l, int v, const unsigned* __restrict__ node_ptr,
                  const unsigned short* __restrict__ token, const unsigned* __restrict__ child,
-                 const int* __restrict__ node_off, const int* __restrict__ edge_off, int k, float slack,
+                 const int* __restrict__ node_off, const int* __restrict__ edge_off, int k, float rel,
                  float* __restrict__ out_score, int* __restrict__ out_id) {
   const int q = blockIdx.x * blockDim.x + threadIdx.x;
   if (q >= b_rows) return;
   const float* p = lp + (long long)q * l * v;
-  // suffix[j] = Σ_{i >= j} max_t lp[i, t]
-  float suffix[kMaxL + 1];
-  bool nan = false;
-  const float mag = query_bounds<false>(p, l, v, suffix, &nan);
-  if (nan) {  // reported by the launcher as an error
+  float suffix[kMaxL + 1], suffix_abs[kMaxL + 1];
+  bool bad = false;
+  query_bounds<false>(p, l, v, suffix, suffix_abs, &bad);
+  if (bad) {  // reported by the launcher as an error
     for (int i = 0; i < k; ++i) {
       out_score[(long long)q * k + i] = -gif_inf();
       out_id[(long long)q * k + i] = -2;
     }
     return;
   }
-  slack *= 1.0f + mag;
   float best_s[kMaxK];
   int best_id[kMaxK];
   int found = 0;
@@ -93,7 +96,7 @@ extern "C" __global__ void __launch_bounds__(128)
     const unsigned e = cursor[level]++;
     const int tok = token[edge_off[level] + e];
     const float s = partial[level] + p[level * v + tok];
-    if (found == k && s + suffix[level + 1] + slack < best_s[k - 1]) continue;
+    if (found == k && upper_bound(s, suffix[level + 1], suffix_abs[level + 1], rel) < best_s[k - 1]) continue;
     const unsigned c = child[edge_off[level] + e];
     if (level + 1 < l) {
       ++level;
@@ -132,7 +135,7 @@ extern "C" __global__ void __launch_bounds__(128)
 extern "C" __global__ void __launch_bounds__(128)
     decode_exact_warp(const float* __restrict__ lp, int b_rows, int l, int v, const unsigned* __restrict__ node_ptr,
                       const unsigned short* __restrict__ token, const unsigned* __restrict__ child,
-                      const int* __restrict__ node_off, const int* __restrict__ edge_off, int k, float slack,
+                      const int* __restrict__ node_off, const int* __restrict__ edge_off, int k, float rel,
                       float* __restrict__ out_score, int* __restrict__ out_id) {
   __shared__ float s_best[4][kMaxK];
   __shared__ int s_id[4][kMaxK];
@@ -142,17 +145,16 @@ extern "C" __global__ void __launch_bounds__(128)
   float* best_s = s_best[warp];
   int* best_id = s_id[warp];
   const float* p = lp + (long long)q * l * v;
-  float suffix[kMaxL + 1];
-  bool nan = false;
-  const float mag = query_bounds<true>(p, l, v, suffix, &nan);
-  if (nan) {
+  float suffix[kMaxL + 1], suffix_abs[kMaxL + 1];
+  bool bad = false;
+  query_bounds<true>(p, l, v, suffix, suffix_abs, &bad);
+  if (bad) {
     for (int i = lane; i < k; i += 32) {
       out_score[(long long)q * k + i] = -gif_inf();
       out_id[(long long)q * k + i] = -2;
     }
     return;
   }
-  slack *= 1.0f + mag;
   int found = 0;
   unsigned cursor[kMaxL], end[kMaxL];
   float partial[kMaxL];
@@ -175,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(128)
       const unsigned e = edge_off[level] + e0 + lane;
       s = partial[level] + p[level * v + token[e]];
       c = child[e];
-      pass = !(found == k && s + suffix[level + 1] + slack < kth);
+      pass = !(found == k && upper_bound(s, suffix[level + 1], suffix_abs[level + 1], rel) < kth);
     }
     unsigned mask = __ballot_sync(0xffffffffu, pass);
     if (level + 1 < l) {
@@ -250,7 +252,7 @@ extern "C" __global__ void __launch_bounds__(128)
     beam_n[0] = 0;
   }
   __syncwarp();
-  bool nan = false;
+  bool bad = false;
   for (int level = 0; level < l; ++level) {
     // Gather every child of every beam (lanes stride over a beam's edges).
     int ncand = 0;
@@ -261,7 +263,7 @@ extern "C" __global__ void __launch_bounds__(128)
       for (unsigned e = lo + lane; e < hi; e += 32) {
         const unsigned ge = edge_off[level] + e;
         const float x = p[level * v + token[ge]];
-        nan |= x != x;
+        bad |= x != x || x == gif_inf();
         cand_s[ncand + (e - lo)] = base + x;
         cand_n[ncand + (e - lo)] = child[ge];
       }
@@ -314,5 +316,5 @@ extern "C" __global__ void __launch_bounds__(128)
         out_id[(long long)q * k + i] = -1;
       }
   }
-  if (__any_sync(0xffffffffu, nan) && lane == 0) out_id[(long long)q * k] = -2;
+  if (__any_sync(0xffffffffu, bad) && lane == 0) out_id[(long long)q * k] = -2;
 }

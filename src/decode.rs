@@ -30,7 +30,14 @@ pub const MAX_LENGTH: usize = 16;
 pub const MAX_K: usize = 64;
 /// Widest beam the GPU kernel takes (wider beams run on the CPU).
 pub const MAX_BEAM: usize = 64;
-const SLACK_REL: f32 = 1e-5;
+
+/// The relative rounding slack of the exact search's bound for codes of
+/// length `l`: at least 4·(l + 2) units in the last place of f32, so that it
+/// covers the rounding of an f32 sum of l terms and of the bound itself
+/// (kernels/decode.cu, `upper_bound`).
+fn slack_rel(l: usize) -> f32 {
+    (4.0 * (l as f32 + 2.0) * f32::EPSILON / 2.0).max(1e-5)
+}
 
 /// Search mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,39 +135,22 @@ impl PrefixDecoder {
 
     /// The k best valid codes of every query of `log_probs` (`[B, l·v]` or
     /// `[B, l, v]`, f32, on the decoder's device), with an optional open-set
-    /// threshold on the best score. Errors: k = 0 or k > N, a beam narrower
-    /// than k, a shape that does not match the codebook, NaN log-probs.
+    /// threshold on the best score (every id of a query whose best score is
+    /// below it becomes −1). Errors: k = 0 or k > N, a beam narrower than
+    /// k, a shape, dtype or device that does not match, a NaN or +inf
+    /// log-probability (−inf is allowed: a token that cannot occur), a NaN
+    /// threshold.
     pub fn top_k(&self, log_probs: &Tensor, k: usize, mode: Mode, threshold: Option<f32>) -> Result<TopK> {
         const OP: &str = "PrefixDecoder::top_k";
+        let b = self.check(OP, log_probs, k)?;
         let (l, v) = (self.length, self.vocab);
-        let b = match log_probs.shape() {
-            [b, lv] if *lv == l * v => *b,
-            [b, ll, vv] if *ll == l && *vv == v => *b,
-            s => {
-                return Err(Error::Shape {
-                    op: OP,
-                    expected: format!("[B, {l}, {v}] or [B, {}]", l * v),
-                    got: format!("{s:?}"),
-                })
-            }
-        };
-        if log_probs.dtype() != DType::F32 {
-            return Err(Error::DType { op: OP, expected: DType::F32, got: log_probs.dtype() });
-        }
-        if k == 0 || k > self.n {
-            return Err(Error::invalid(OP, format!("k must be in 1..={}, got {k}", self.n)));
-        }
         if let Mode::Beam(w) = mode {
             if w < k {
                 return Err(Error::invalid(OP, format!("the beam width ({w}) must be at least k ({k})")));
             }
         }
-        if log_probs.device() != &self.device {
-            return Err(Error::DeviceMismatch {
-                op: OP,
-                a: self.device.to_string(),
-                b: log_probs.device().to_string(),
-            });
+        if threshold.is_some_and(f32::is_nan) {
+            return Err(Error::invalid(OP, "the threshold is NaN"));
         }
         let beam_smem = |w: usize| 4 * (2 * w + 2 * w * self.max_children) * 4;
         let mut out = match (&self.gpu, mode) {
@@ -170,16 +160,22 @@ impl PrefixDecoder {
             }
             _ => {
                 let lp = log_probs.to_vec::<f32>()?;
-                if let Some(i) = lp.iter().position(|x| x.is_nan()) {
+                if let Some(i) = lp.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
                     return Err(Error::invalid(
                         OP,
-                        format!("log-probability {} of query {} is NaN", i % (l * v), i / (l * v)),
+                        format!(
+                            "log-probability {} of query {} is {} (NaN and +inf are not log-probabilities)",
+                            i % (l * v),
+                            i / (l * v),
+                            lp[i]
+                        ),
                     ));
                 }
+                let rel = slack_rel(l);
                 let rows: Vec<Vec<(f32, u32)>> = lp
                     .par_chunks(l * v)
                     .map(|q| match mode {
-                        Mode::Exact => cpu::exact(q, &self.trie, l, v, k),
+                        Mode::Exact => cpu::exact(q, &self.trie, l, v, k, rel),
                         Mode::Beam(w) => cpu::beam(q, &self.trie, l, v, k, w),
                     })
                     .collect();
@@ -196,6 +192,35 @@ impl PrefixDecoder {
         Ok(out)
     }
 
+    /// The one validation of a batch of log-probabilities and k: returns B.
+    fn check(&self, op: &'static str, log_probs: &Tensor, k: usize) -> Result<usize> {
+        let (l, v) = (self.length, self.vocab);
+        let b = match log_probs.shape() {
+            [b, lv] if Some(*lv) == l.checked_mul(v) => *b,
+            [b, ll, vv] if *ll == l && *vv == v => *b,
+            s => {
+                return Err(Error::Shape {
+                    op,
+                    expected: format!("[B, {l}, {v}] or [B, {}]", l * v),
+                    got: format!("{s:?}"),
+                })
+            }
+        };
+        if log_probs.dtype() != DType::F32 {
+            return Err(Error::DType { op, expected: DType::F32, got: log_probs.dtype() });
+        }
+        if log_probs.device() != &self.device {
+            return Err(Error::DeviceMismatch { op, a: self.device.to_string(), b: log_probs.device().to_string() });
+        }
+        if k == 0 || k > self.n {
+            return Err(Error::invalid(op, format!("k must be in 1..={}, got {k}", self.n)));
+        }
+        if b > i32::MAX as usize / k {
+            return Err(Error::invalid(op, format!("B·k = {b}·{k} results do not fit the kernels' int indices")));
+        }
+        Ok(b)
+    }
+
     fn exact_device(&self, g: &DeviceTrie, log_probs: &Tensor, b: usize, k: usize) -> Result<TopK> {
         self.exact_kernel(g, log_probs, b, k, true)
     }
@@ -205,7 +230,7 @@ impl PrefixDecoder {
     fn exact_kernel(&self, g: &DeviceTrie, log_probs: &Tensor, b: usize, k: usize, warp: bool) -> Result<TopK> {
         let (name, blocks) =
             if warp { ("decode_exact_warp", b.div_ceil(4)) } else { ("decode_exact", b.div_ceil(128)) };
-        self.search_kernel(g, log_probs, b, k, name, blocks, 0, &[Arg::F32(SLACK_REL)])
+        self.search_kernel(g, log_probs, b, k, name, blocks, 0, &[Arg::F32(slack_rel(self.length))])
     }
 
     fn beam_device(&self, g: &DeviceTrie, log_probs: &Tensor, b: usize, k: usize, w: usize) -> Result<TopK> {
@@ -269,7 +294,7 @@ impl PrefixDecoder {
         if let Some(q) = ids.chunks(k).position(|r| r[0] == -2) {
             return Err(Error::invalid(
                 "PrefixDecoder::top_k",
-                format!("the log-probabilities of query {q} hold a NaN"),
+                format!("the log-probabilities of query {q} hold a NaN or +inf"),
             ));
         }
         Ok(TopK { k, ids: ids.into_iter().map(i64::from).collect(), scores: scores.to_vec::<f32>()? })
@@ -277,27 +302,39 @@ impl PrefixDecoder {
 
     /// Exact top-k with the thread-per-query kernel (`decode_exact`), the
     /// simplest correct GPU version, kept as the reference of the
-    /// warp-per-query kernel that [`PrefixDecoder::top_k`] uses.
+    /// warp-per-query kernel that [`PrefixDecoder::top_k`] uses. The same
+    /// checks as [`PrefixDecoder::top_k`], and k ≤ [`MAX_K`], l ≤
+    /// [`MAX_LENGTH`], a GPU or the simulator.
     pub fn top_k_thread_per_query(&self, log_probs: &Tensor, k: usize) -> Result<TopK> {
-        let g = self
-            .gpu
-            .as_ref()
-            .ok_or_else(|| Error::invalid("top_k_thread_per_query", "needs a GPU or the simulator"))?;
-        let b = log_probs.shape()[0];
-        if k == 0
-            || k > self.n.min(MAX_K)
-            || log_probs.numel() != b * self.length * self.vocab
-            || self.length > MAX_LENGTH
-        {
-            return Err(Error::invalid("top_k_thread_per_query", "k, shape or code length out of range"));
+        const OP: &str = "top_k_thread_per_query";
+        let b = self.check(OP, log_probs, k)?;
+        let g = self.gpu.as_ref().ok_or_else(|| Error::invalid(OP, "needs a GPU or the simulator"))?;
+        if k > MAX_K || self.length > MAX_LENGTH {
+            return Err(Error::invalid(
+                OP,
+                format!("the kernel takes k <= {MAX_K} and l <= {MAX_LENGTH}, got k = {k}, l = {}", self.length),
+            ));
         }
         self.exact_kernel(g, log_probs, b, k, false)
     }
 
     /// Brute force: every identity's code scored, the k best kept (the
     /// reference of the exact mode, and the O(N) baseline of the benches).
-    pub fn brute_force(&self, log_probs: &[f32], k: usize) -> TopK {
+    /// `log_probs` holds B queries of `l·v` values on the host. Errors: k
+    /// outside 1..=N, a length that is not a whole number of queries.
+    pub fn brute_force(&self, log_probs: &[f32], k: usize) -> Result<TopK> {
+        const OP: &str = "PrefixDecoder::brute_force";
         let (l, v) = (self.length, self.vocab);
+        if k == 0 || k > self.n {
+            return Err(Error::invalid(OP, format!("k must be in 1..={}, got {k}", self.n)));
+        }
+        if log_probs.len() % (l * v) != 0 {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("queries of l·v = {} values", l * v),
+                got: format!("{} values", log_probs.len()),
+            });
+        }
         let rows: Vec<Vec<(f32, u32)>> = log_probs
             .par_chunks(l * v)
             .map(|q| {
@@ -310,14 +347,13 @@ impl PrefixDecoder {
                         (s, id as u32)
                     })
                     .collect();
-                let k = k.min(all.len());
                 all.select_nth_unstable_by(k - 1, score_cmp);
                 all.truncate(k);
                 all.sort_by(score_cmp);
                 all
             })
             .collect();
-        pack(&rows, k)
+        Ok(pack(&rows, k))
     }
 }
 
@@ -341,22 +377,32 @@ fn pack(rows: &[Vec<(f32, u32)>], k: usize) -> TopK {
     TopK { k, ids, scores }
 }
 
-/// The CPU searches, one query at a time (`q` is its `[l, v]` log-probs).
-pub mod cpu {
+/// The CPU searches, one query at a time (`q` is its `[l, v]` log-probs,
+/// without NaN or +inf; the trie is a codebook's, k ≥ 1: checked by
+/// [`PrefixDecoder::top_k`]).
+mod cpu {
     use super::*;
 
-    /// `suffix[j] = Σ_{i ≥ j} max_t q[i, t]` and the slack that absorbs f32
-    /// rounding between a bound and a score.
-    fn bounds(q: &[f32], l: usize, v: usize) -> (Vec<f32>, f32) {
-        let mut suffix = vec![0f32; l + 1];
-        let mut mag = 0f32;
+    /// `suffix[j] = Σ_{i ≥ j} max_t q[i, t]` and `suffix_abs[j] = Σ_{i ≥ j}
+    /// |max_t q[i, t]|`.
+    fn bounds(q: &[f32], l: usize, v: usize) -> (Vec<f32>, Vec<f32>) {
+        let (mut suffix, mut suffix_abs) = (vec![0f32; l + 1], vec![0f32; l + 1]);
         for j in (0..l).rev() {
-            let row = &q[j * v..(j + 1) * v];
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let m = q[j * v..(j + 1) * v].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             suffix[j] = suffix[j + 1] + m;
-            mag += row.iter().fold(0f32, |a, x| a.max(x.abs()));
+            suffix_abs[j] = suffix_abs[j + 1] + m.abs();
         }
-        (suffix, SLACK_REL * (1.0 + mag))
+        (suffix, suffix_abs)
+    }
+
+    /// An upper bound of the f32 score of every code below a prefix of
+    /// partial score `s`, as kernels/decode.cu's `upper_bound`: `s + Σ m_i`
+    /// plus `rel·(|s| + Σ |m_i|)` for rounding, −inf when any term is.
+    fn upper_bound(s: f32, suf: f32, suf_abs: f32, rel: f32) -> f32 {
+        if s == f32::NEG_INFINITY || suf == f32::NEG_INFINITY {
+            return f32::NEG_INFINITY;
+        }
+        s + suf + rel * (s.abs() + suf_abs) + 1e-30
     }
 
     #[derive(PartialEq)]
@@ -378,41 +424,76 @@ pub mod cpu {
         }
     }
 
+    /// A found identity; the max-heap of them has the worst on top.
+    #[derive(PartialEq)]
+    struct Found(f32, u32);
+    impl Eq for Found {}
+    impl Ord for Found {
+        fn cmp(&self, o: &Self) -> Ordering {
+            score_cmp(&(self.0, self.1), &(o.0, o.1))
+        }
+    }
+    impl PartialOrd for Found {
+        fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+
     /// Exact top-k by best-first search; level `l` entries are identities.
-    pub fn exact(q: &[f32], trie: &Trie, l: usize, v: usize, k: usize) -> Vec<(f32, u32)> {
-        let (suffix, slack) = bounds(q, l, v);
+    /// The k best so far are a bounded heap, so a query costs O(visited ·
+    /// log) even when nothing can be pruned (−inf scores, ties).
+    pub(super) fn exact(q: &[f32], trie: &Trie, l: usize, v: usize, k: usize, rel: f32) -> Vec<(f32, u32)> {
+        exact_counted(q, trie, l, v, k, rel).0
+    }
+
+    /// [`exact`], and how many entries it pushed (its work, for tests).
+    pub(super) fn exact_counted(
+        q: &[f32],
+        trie: &Trie,
+        l: usize,
+        v: usize,
+        k: usize,
+        rel: f32,
+    ) -> (Vec<(f32, u32)>, usize) {
+        let (suffix, suffix_abs) = bounds(q, l, v);
+        let mut pushed = 1usize;
         let mut heap = BinaryHeap::new();
-        heap.push(Entry { bound: suffix[0], partial: 0.0, level: 0, node: 0 });
-        let mut found: Vec<(f32, u32)> = Vec::new();
+        heap.push(Entry { bound: upper_bound(0.0, suffix[0], suffix_abs[0], rel), partial: 0.0, level: 0, node: 0 });
+        let mut found: BinaryHeap<Found> = BinaryHeap::with_capacity(k + 1);
+        // The k-th best score once k are found: nothing bounded below it can enter.
+        let kth = |found: &BinaryHeap<Found>| if found.len() == k { found.peek().map(|f| f.0) } else { None };
         while let Some(e) = heap.pop() {
-            if found.len() >= k {
-                // Every identity still in the heap scores at most its bound
-                // (up to rounding, covered by slack): stop once that is below
-                // the k-th best score found.
-                found.sort_by(score_cmp);
-                if e.bound + slack < found[k - 1].0 {
-                    break;
-                }
+            if kth(&found).is_some_and(|t| e.bound < t) {
+                break; // every entry left is bounded by e.bound
             }
             if e.level == l {
-                found.push((e.partial, e.node));
+                found.push(Found(e.partial, e.node));
+                if found.len() > k {
+                    found.pop();
+                }
                 continue;
             }
             let j = e.level;
             let (lo, hi) = (trie.node_ptr[j][e.node as usize] as usize, trie.node_ptr[j][e.node as usize + 1] as usize);
+            let cut = kth(&found);
             for edge in lo..hi {
                 let s = e.partial + q[j * v + trie.token[j][edge] as usize];
-                heap.push(Entry { bound: s + suffix[j + 1], partial: s, level: j + 1, node: trie.child[j][edge] });
+                let bound = if j + 1 == l { s } else { upper_bound(s, suffix[j + 1], suffix_abs[j + 1], rel) };
+                if cut.is_some_and(|t| bound < t) {
+                    continue;
+                }
+                heap.push(Entry { bound, partial: s, level: j + 1, node: trie.child[j][edge] });
+                pushed += 1;
             }
         }
-        found.sort_by(score_cmp);
-        found.truncate(k);
-        found
+        let mut out: Vec<(f32, u32)> = found.into_iter().map(|f| (f.0, f.1)).collect();
+        out.sort_by(score_cmp);
+        (out, pushed)
     }
 
     /// Beam search keeping the `w` best prefixes (by partial score, then
     /// node) per level.
-    pub fn beam(q: &[f32], trie: &Trie, l: usize, v: usize, k: usize, w: usize) -> Vec<(f32, u32)> {
+    pub(super) fn beam(q: &[f32], trie: &Trie, l: usize, v: usize, k: usize, w: usize) -> Vec<(f32, u32)> {
         let mut beams: Vec<(f32, u32)> = vec![(0.0, 0)];
         for j in 0..l {
             let mut next: Vec<(f32, u32)> = Vec::new();
@@ -474,5 +555,41 @@ impl TopK {
             ("scores", view(safetensors::Dtype::F32, vec![b, self.k], &scores, path)?),
         ];
         safetensors::serialize_to_file(tensors, None, path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// A masked token (−inf) or a huge magnitude (−1e9) used to make the
+    /// rounding slack infinite or huge: the search stopped pruning and
+    /// re-sorted its results on every step (98.7 s for one query at N =
+    /// 2^18). The bound is now per entry and the results a bounded heap: the
+    /// work stays within a small factor of the same query without them.
+    #[test]
+    fn exact_search_work_does_not_blow_up_with_masked_or_huge_scores() {
+        let n = 1 << 14;
+        let cfg =
+            crate::tokenizer::Config { vocab: 16, seed: 1, steps: Some(0), kmeans_iters: 1, ..Default::default() };
+        let book =
+            crate::tokenizer::tokenize(crate::tokenizer::Input::Random { count: n, dim: 4 }, &cfg, &Device::cpu())
+                .unwrap();
+        let (l, v, k) = (book.length(), 16, 5);
+        let dec = PrefixDecoder::new(&book, &Device::cpu()).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        for q in 0..20 {
+            let base: Vec<f32> = (0..l * v).map(|_| rng.random_range(-6.0f32..0.0)).collect();
+            let (_, plain) = cpu::exact_counted(&base, &dec.trie, l, v, k, slack_rel(l));
+            for odd in [f32::NEG_INFINITY, -1e9] {
+                let mut lp = base.clone();
+                lp[rng.random_range(0..l * v)] = odd;
+                let (got, work) = cpu::exact_counted(&lp, &dec.trie, l, v, k, slack_rel(l));
+                assert_eq!(pack(&[got], k), dec.brute_force(&lp, k).unwrap(), "query {q} with {odd}");
+                assert!(work <= 2 * plain + l * v, "query {q} with {odd}: {work} entries pushed, {plain} without");
+                assert!(work < n / 8, "query {q} with {odd}: {work} entries pushed for N = {n}");
+            }
+        }
     }
 }
