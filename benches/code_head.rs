@@ -26,7 +26,7 @@ fn main() {
         let mut g = c.benchmark_group(format!("code_head/{label}"));
         for log2n in (10..=24).step_by(2) {
             let n = 1usize << log2n;
-            let l = gif_fr::tokenizer::min_length(V, n);
+            let l = gif_fr::tokenizer::min_length(V, n).expect("V >= 2");
             let codes: Vec<u16> = (0..n).flat_map(|i| (0..l).map(move |j| ((i >> (4 * j)) & 15) as u16)).collect();
             let mut rng = rand::rngs::StdRng::seed_from_u64(log2n as u64);
             let with_table = n * D * 4 <= TABLE_LIMIT;

@@ -166,7 +166,7 @@ fn main() {
     let _ = writeln!(table, " full / code |");
     let _ = writeln!(table, "|{}", "---|".repeat(3 + 2 * kinds.len()));
     for &n in &ns {
-        let l = gif_fr::tokenizer::min_length(V, n);
+        let l = gif_fr::tokenizer::min_length(V, n).expect("V >= 2");
         let _ = write!(table, "| {n} | {l} |");
         for &k in &kinds {
             match get(k, n) {

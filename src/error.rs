@@ -87,6 +87,17 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// Memory an operation needs could not be allocated: the allocator
+    /// refused it (host), or the device is full.
+    #[error("{op}: cannot allocate {bytes} bytes for {what}")]
+    OutOfMemory {
+        /// The operation.
+        op: &'static str,
+        /// What the memory was for.
+        what: String,
+        /// Bytes requested.
+        bytes: usize,
+    },
     /// Any other invalid argument: an empty set, a value out of range, a
     /// non-finite value where one is not allowed.
     #[error("{op}: {message}")]

@@ -14,6 +14,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::device::MemoryStats;
+use crate::error::{Error, Result};
 
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
@@ -70,4 +71,18 @@ pub fn stats() -> MemoryStats {
 /// Restarts the peak from the bytes held now.
 pub fn reset_peak() {
     PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// A vector of `n` copies of `value`, allocated fallibly: a size that
+/// overflows, or an allocation the system refuses, is an error naming `op`
+/// and `what` instead of an abort. For buffers whose size comes from user
+/// input.
+pub(crate) fn try_filled<T: Clone>(op: &'static str, what: &str, n: usize, value: T) -> Result<Vec<T>> {
+    let bytes = n.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+        Error::invalid(op, format!("{what}: {n} elements of {} bytes overflow", std::mem::size_of::<T>()))
+    })?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory { op, what: what.to_string(), bytes })?;
+    v.resize(n, value);
+    Ok(v)
 }

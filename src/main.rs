@@ -1,40 +1,165 @@
-//! The `gif-fr` command line.
+//! The `gif-fr` command line (clap): `gif-fr --help`, `gif-fr <command>
+//! --help`. Usage errors exit with 2, failures of the work with 1.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use gif_fr::kernels::{self, MODULES};
 use gif_fr::tokenizer::{self, Codebook, Config, Input};
 use gif_fr::{Device, Error};
 
-const USAGE: &str = "usage: gif-fr <command> [options]
+/// Face recognition at scale with identity codes (GIF): identity
+/// tokenizer, prefix-tree decoder and IResNet embeddings, on the CPU, a
+/// CUDA GPU or the simulated GPU.
+#[derive(Parser)]
+#[command(name = "gif-fr", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-commands:
-  info            crate version, how the kernels were built, the kernel
-                  modules, and the GPU found (or exactly why none was)
-  tokenize        assign identity codes and write a codebook:
-                    (--vectors FILE.npy | --count N --dim D) --out FILE.safetensors
-                    [--vocab V (16)] [--length L] [--seed S (0)] [--steps K]
-                    [--iters I (10)] [--device best|cpu|cuda|sim (best)] [--quiet]
-                  FILE.npy holds one f32/f64 row per identity ([N, d]);
-                  without it, N random unit vectors of D dimensions are used.
-                  --device cpu is the deterministic path.
-  codebook-info FILE
-                  size, vocab, length and per-level trie statistics
-  decode          the k best identities of each query:
-                    --codebook FILE.safetensors --scores FILE.npy (f32 [B, l, v]
-                    log-probabilities) --top-k K --out FILE.safetensors
-                    [--beam W] [--threshold T] [--device best|cpu|cuda|sim (cpu)]
-                  writes ids (i64 [B, K], -1: none or below the threshold)
-                  and scores (f32 [B, K])
-  embed           face embeddings with an insightface IResNet:
-                    --arch r18|r34|r50|r100 --weights FILE.safetensors
-                    --images FILE.npy --out FILE.npy [--batch N (32)]
-                    [--device best|cpu|cuda|sim (best)] [--bf16 (convolutions
-                    on bf16 tensor cores, as autocast; default f32)]
-                  images: uint8 [B, 112, 112, 3] RGB, or f32 [B, 3, 112, 112]
-                  normalized as insightface does; writes f32 [B, 512]
-                  (scripts/pth_to_safetensors.py converts a .pth)";
+#[derive(Subcommand)]
+enum Command {
+    /// Crate version, how the kernels were built, the kernel modules, and
+    /// the GPU found (or exactly why none was).
+    Info,
+    /// Assign identity codes and write a codebook.
+    ///
+    /// Either FILE.npy holds one f32/f64 row per identity ([N, d]), or N
+    /// random unit vectors of D dimensions are drawn from the seed.
+    /// `--device cpu` is the deterministic path.
+    Tokenize(TokenizeArgs),
+    /// Size, vocab, length and per-level trie statistics of a codebook.
+    CodebookInfo {
+        /// The codebook (.safetensors, from `gif-fr tokenize`).
+        file: PathBuf,
+    },
+    /// The k best identities of each query, by the prefix trie of a
+    /// codebook.
+    ///
+    /// Writes ids (i64 [B, K]; -1: none, or every id of a query whose best
+    /// score is below the threshold) and scores (f32 [B, K]).
+    Decode(DecodeArgs),
+    /// Face embeddings with an insightface IResNet.
+    ///
+    /// Images: uint8 [B, 112, 112, 3] RGB, or f32 [B, 3, 112, 112]
+    /// normalized as insightface does; writes f32 [B, 512].
+    /// scripts/pth_to_safetensors.py converts a .pth checkpoint.
+    Embed(EmbedArgs),
+}
+
+/// Where the work runs.
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    /// The first GPU if there is one, else the CPU.
+    Best,
+    /// The CPU implementations.
+    Cpu,
+    /// The first CUDA GPU (an error if there is none).
+    Cuda,
+    /// The simulated GPU (the kernels, run on the CPU).
+    Sim,
+}
+
+impl DeviceArg {
+    fn device(self) -> Result<Device, Error> {
+        match self {
+            DeviceArg::Best => Ok(Device::best()),
+            DeviceArg::Cpu => Ok(Device::cpu()),
+            DeviceArg::Sim => Ok(Device::sim()),
+            DeviceArg::Cuda => Device::cuda(0),
+        }
+    }
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// Per-identity vectors, f32 or f64 [N, d] (.npy, C order).
+    #[arg(long, value_name = "FILE.npy", conflicts_with_all = ["count", "dim"], required_unless_present = "count")]
+    vectors: Option<PathBuf>,
+    /// Number of identities N (random unit vectors).
+    #[arg(long, value_name = "N", requires = "dim")]
+    count: Option<usize>,
+    /// Dimension d of the random vectors.
+    #[arg(long, value_name = "D", requires = "count")]
+    dim: Option<usize>,
+    /// Where to write the codebook.
+    #[arg(long, value_name = "FILE.safetensors")]
+    out: PathBuf,
+    /// Vocabulary v: tokens are in [0, v), 2..=65535.
+    #[arg(long, value_name = "V", default_value_t = 16)]
+    vocab: usize,
+    /// Code length l (default: the smallest with v^l >= N; at most 1024).
+    #[arg(long, value_name = "L")]
+    length: Option<usize>,
+    /// Seed of every random choice.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    seed: u64,
+    /// Homogenization steps (default: one epoch, ceil(N / 2048); 0 skips it).
+    #[arg(long, value_name = "K")]
+    steps: Option<usize>,
+    /// Lloyd iterations per k-means node.
+    #[arg(long, value_name = "I", default_value_t = 10)]
+    iters: usize,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Best)]
+    device: DeviceArg,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct DecodeArgs {
+    /// The codebook (.safetensors).
+    #[arg(long, value_name = "FILE.safetensors")]
+    codebook: PathBuf,
+    /// Per-position log-probabilities, f32 [B, l, v] (.npy).
+    #[arg(long, value_name = "FILE.npy")]
+    scores: PathBuf,
+    /// Results per query (1..=N).
+    #[arg(long, value_name = "K")]
+    top_k: usize,
+    /// Where to write ids and scores.
+    #[arg(long, value_name = "FILE.safetensors")]
+    out: PathBuf,
+    /// Beam search keeping W prefixes per level (default: exact top-k).
+    #[arg(long, value_name = "W")]
+    beam: Option<usize>,
+    /// Open-set threshold on each query's best score.
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    threshold: Option<f32>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    /// Architecture: r18, r34, r50 or r100.
+    #[arg(long, value_parser = ["r18", "r34", "r50", "r100"])]
+    arch: String,
+    /// The network's weights: an insightface state dict as safetensors.
+    #[arg(long, value_name = "FILE.safetensors")]
+    weights: PathBuf,
+    /// The images (.npy).
+    #[arg(long, value_name = "FILE.npy")]
+    images: PathBuf,
+    /// Where to write the embeddings (.npy).
+    #[arg(long, value_name = "FILE.npy")]
+    out: PathBuf,
+    /// Images per forward pass.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Best)]
+    device: DeviceArg,
+    /// Convolutions on bf16 tensor cores, as autocast (default f32).
+    #[arg(long)]
+    bf16: bool,
+}
 
 fn info() {
     println!("gif-fr {}", env!("CARGO_PKG_VERSION"));
@@ -57,196 +182,97 @@ fn info() {
     println!("simulator: available (Device::sim), runs the same kernels on the CPU");
 }
 
-/// A command-line mistake: printed with the usage, exit code 2.
-struct Usage(String);
-
-/// The device named by `--device`: a usage error for an unknown name, the
-/// device (or why it cannot be had) otherwise.
-fn device_arg(name: &str) -> Result<Result<Device, Error>, Usage> {
-    Ok(match name {
-        "best" => Ok(Device::best()),
-        "cpu" => Ok(Device::cpu()),
-        "sim" => Ok(Device::sim()),
-        "cuda" => Device::cuda(0),
-        other => return Err(Usage(format!("--device takes best, cpu, cuda or sim, not {other}"))),
-    })
-}
-
-fn parse<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, Usage> {
-    let v = v.ok_or_else(|| Usage(format!("{flag} needs a value")))?;
-    v.parse().map_err(|_| Usage(format!("{flag}: cannot read {v:?}")))
-}
-
-fn tokenize_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
-    let mut cfg = Config { progress: true, ..Config::default() };
-    let (mut vectors, mut count, mut dim, mut out, mut device) =
-        (None::<PathBuf>, None::<usize>, None::<usize>, None::<PathBuf>, "best".to_string());
-    let mut it = args.iter().cloned();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--vectors" => vectors = Some(parse(&a, it.next())?),
-            "--count" => count = Some(parse(&a, it.next())?),
-            "--dim" => dim = Some(parse(&a, it.next())?),
-            "--out" => out = Some(parse(&a, it.next())?),
-            "--vocab" => cfg.vocab = parse(&a, it.next())?,
-            "--length" => cfg.length = Some(parse(&a, it.next())?),
-            "--seed" => cfg.seed = parse(&a, it.next())?,
-            "--steps" => cfg.steps = Some(parse(&a, it.next())?),
-            "--iters" => cfg.kmeans_iters = parse(&a, it.next())?,
-            "--device" => device = parse(&a, it.next())?,
-            "--quiet" => cfg.progress = false,
-            other => return Err(Usage(format!("unknown option {other}"))),
-        }
-    }
-    let out = out.ok_or_else(|| Usage("--out FILE.safetensors is required".into()))?;
-    let dev = device_arg(&device)?;
-    let dev = match dev {
-        Ok(d) => d,
-        Err(e) => return Ok(Err(e)),
+fn tokenize_cmd(a: TokenizeArgs) -> Result<(), Error> {
+    let cfg = Config {
+        vocab: a.vocab,
+        length: a.length,
+        seed: a.seed,
+        steps: a.steps,
+        kmeans_iters: a.iters,
+        progress: !a.quiet,
+        ..Config::default()
     };
-    let input = match (vectors, count, dim) {
-        (Some(p), None, None) => match tokenizer::read_npy_matrix(&p) {
-            Ok((data, _, d)) => Input::Vectors { data, dim: d },
-            Err(e) => return Ok(Err(e)),
-        },
-        (None, Some(count), Some(dim)) => Input::Random { count, dim },
-        _ => return Err(Usage("give either --vectors FILE.npy, or --count N and --dim D".into())),
-    };
+    let dev = a.device.device()?;
     let t0 = std::time::Instant::now();
-    Ok((|| {
-        let (book, report) = tokenizer::tokenize_with_report(input, &cfg, &dev)?;
-        let t_save = std::time::Instant::now();
-        book.save(&out)?;
-        eprintln!(
-            "tokenized {} identities on {dev}: input {:.1} s, homogenize {:.1} s ({} steps, loss {} -> {}), k-means {:.1} s, save {:.1} s; total {:.1} s",
-            book.len(),
-            report.input_seconds,
-            report.homogenize_seconds,
-            report.losses.len(),
-            report.losses.first().map_or("-".into(), |l| format!("{l:.4}")),
-            report.losses.last().map_or("-".into(), |l| format!("{l:.4}")),
-            report.kmeans_seconds,
-            t_save.elapsed().as_secs_f64(),
-            t0.elapsed().as_secs_f64()
-        );
-        print!("{}", book.describe());
-        Ok(())
-    })())
-}
-
-fn decode_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
-    use gif_fr::decode::{Mode, PrefixDecoder};
-    let (mut book, mut scores, mut k, mut out, mut beam, mut threshold, mut device) = (
-        None::<PathBuf>,
-        None::<PathBuf>,
-        None::<usize>,
-        None::<PathBuf>,
-        None::<usize>,
-        None::<f32>,
-        "cpu".to_string(),
+    let input = match (a.vectors, a.count, a.dim) {
+        (Some(p), _, _) => {
+            let (data, _, d) = tokenizer::read_npy_matrix(&p)?;
+            Input::Vectors { data, dim: d }
+        }
+        (None, Some(count), Some(dim)) => Input::Random { count, dim },
+        // clap requires --vectors, or --count with --dim.
+        _ => {
+            return Err(Error::InvalidArgument {
+                op: "tokenize",
+                message: "give --vectors, or --count and --dim".into(),
+            })
+        }
+    };
+    let (book, report) = tokenizer::tokenize_with_report(input, &cfg, &dev)?;
+    let t_save = std::time::Instant::now();
+    book.save(&a.out)?;
+    eprintln!(
+        "tokenized {} identities on {dev}: input {:.1} s, homogenize {:.1} s ({} steps, loss {} -> {}), k-means {:.1} s, save {:.1} s; total {:.1} s",
+        book.len(),
+        report.input_seconds,
+        report.homogenize_seconds,
+        report.losses.len(),
+        report.losses.first().map_or("-".into(), |l| format!("{l:.4}")),
+        report.losses.last().map_or("-".into(), |l| format!("{l:.4}")),
+        report.kmeans_seconds,
+        t_save.elapsed().as_secs_f64(),
+        t0.elapsed().as_secs_f64()
     );
-    let mut it = args.iter().cloned();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--codebook" => book = Some(parse(&a, it.next())?),
-            "--scores" => scores = Some(parse(&a, it.next())?),
-            "--top-k" => k = Some(parse(&a, it.next())?),
-            "--out" => out = Some(parse(&a, it.next())?),
-            "--beam" => beam = Some(parse(&a, it.next())?),
-            "--threshold" => threshold = Some(parse(&a, it.next())?),
-            "--device" => device = parse(&a, it.next())?,
-            other => return Err(Usage(format!("unknown option {other}"))),
-        }
-    }
-    let (Some(book), Some(scores), Some(k), Some(out)) = (book, scores, k, out) else {
-        return Err(Usage("decode needs --codebook, --scores, --top-k and --out".into()));
-    };
-    let dev = device_arg(&device)?;
-    Ok((|| {
-        let dev = dev?;
-        let book = Codebook::load(&book)?;
-        let (lp, shape) = tokenizer::read_npy(&scores)?;
-        let t = gif_fr::Tensor::from_slice(&dev, &shape, &lp)?;
-        let dec = PrefixDecoder::new(&book, &dev)?;
-        let mode = beam.map_or(Mode::Exact, Mode::Beam);
-        dec.top_k(&t, k, mode, threshold)?.save(&out)
-    })())
+    print!("{}", book.describe());
+    Ok(())
 }
 
-fn embed_cmd(args: &[String]) -> Result<Result<(), Error>, Usage> {
+fn decode_cmd(a: DecodeArgs) -> Result<(), Error> {
+    use gif_fr::decode::{Mode, PrefixDecoder};
+    let dev = a.device.device()?;
+    let book = Codebook::load(&a.codebook)?;
+    let (lp, shape) = tokenizer::read_npy(&a.scores)?;
+    let t = gif_fr::Tensor::from_slice(&dev, &shape, &lp)?;
+    let dec = PrefixDecoder::new(&book, &dev)?;
+    let mode = a.beam.map_or(Mode::Exact, Mode::Beam);
+    dec.top_k(&t, a.top_k, mode, a.threshold)?.save(&a.out)
+}
+
+fn embed_cmd(a: EmbedArgs) -> Result<(), Error> {
     use gif_fr::backbone::{images, IResNet, IResNetConfig};
-    let (mut arch, mut weights, mut imgs, mut out, mut batch, mut device) =
-        (None::<String>, None::<PathBuf>, None::<PathBuf>, None::<PathBuf>, 32usize, "best".to_string());
-    let mut bf16 = false;
-    let mut it = args.iter().cloned();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--arch" => arch = Some(parse(&a, it.next())?),
-            "--weights" => weights = Some(parse(&a, it.next())?),
-            "--images" => imgs = Some(parse(&a, it.next())?),
-            "--out" => out = Some(parse(&a, it.next())?),
-            "--batch" => batch = parse(&a, it.next())?,
-            "--device" => device = parse(&a, it.next())?,
-            "--bf16" => bf16 = true,
-            other => return Err(Usage(format!("unknown option {other}"))),
-        }
-    }
-    let (Some(arch), Some(weights), Some(imgs), Some(out)) = (arch, weights, imgs, out) else {
-        return Err(Usage("embed needs --arch, --weights, --images and --out".into()));
-    };
-    let mut cfg = IResNetConfig::arch(&arch).map_err(|e| Usage(e.to_string()))?;
-    if bf16 {
+    let mut cfg = IResNetConfig::arch(&a.arch)?;
+    if a.bf16 {
         cfg.conv_dtype = gif_fr::DType::BF16;
     }
-    if batch == 0 {
-        return Err(Usage("--batch must be positive".into()));
-    }
-    let dev = device_arg(&device)?;
-    Ok((|| {
-        let dev = dev?;
-        let (pixels, b) = images::read_images(&imgs, cfg.input)?;
-        let e = cfg.embedding;
-        let mut net = IResNet::load(&weights, cfg, &dev)?;
-        let t0 = std::time::Instant::now();
-        let emb = net.embed(&pixels, batch)?;
-        images::write_npy(&out, &emb, b, e)?;
-        eprintln!("embedded {b} images on {dev} in {:.2} s", t0.elapsed().as_secs_f64());
-        Ok(())
-    })())
+    let dev = a.device.device()?;
+    let e = cfg.embedding;
+    // The weights first: a wrong file fails before the images are read.
+    let input = cfg.input;
+    let mut net = IResNet::load(&a.weights, cfg, &dev)?;
+    let (pixels, b) = images::read_images(&a.images, input)?;
+    let t0 = std::time::Instant::now();
+    let emb = net.embed(&pixels, a.batch as usize)?;
+    images::write_npy(&a.out, &emb, b, e)?;
+    eprintln!("embedded {b} images on {dev} in {:.2} s", t0.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("info") => {
+    let result = match Cli::parse().command {
+        Command::Info => {
             info();
-            Ok(Ok(()))
+            Ok(())
         }
-        Some("tokenize") => tokenize_cmd(&args[1..]),
-        Some("decode") => decode_cmd(&args[1..]),
-        Some("embed") => embed_cmd(&args[1..]),
-        Some("codebook-info") => match args.get(1) {
-            Some(f) if args.len() == 2 => {
-                Ok(Codebook::load(std::path::Path::new(f)).map(|b| print!("{}", b.describe())))
-            }
-            _ => Err(Usage("codebook-info takes one FILE".into())),
-        },
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
-            Ok(Ok(()))
-        }
-        Some(other) => Err(Usage(format!("unknown command {other}"))),
-        None => Err(Usage("no command".into())),
+        Command::Tokenize(a) => tokenize_cmd(a),
+        Command::CodebookInfo { file } => Codebook::load(&file).map(|b| print!("{}", b.describe())),
+        Command::Decode(a) => decode_cmd(a),
+        Command::Embed(a) => embed_cmd(a),
     };
     match result {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) => {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
-        }
-        Err(Usage(m)) => {
-            eprintln!("error: {m}\n\n{USAGE}");
-            ExitCode::from(2)
         }
     }
 }

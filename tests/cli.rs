@@ -1,10 +1,35 @@
-//! The `gif-fr` binary.
+//! The `gif-fr` binary: commands, help, and bad arguments and files, each of
+//! which gets a clear error and exit code 2 (usage) or 1 (the work failed),
+//! never a panic (exit 101) or an abort.
 
-use std::process::Command;
+mod common;
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn gif_fr<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_gif-fr")).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Exit code `code`, and stderr containing `needle` (case-insensitive).
+fn expect_exit(o: &Output, code: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(err.to_lowercase().contains(&needle.to_lowercase()), "expected {needle:?} in: {err}");
+}
 
 #[test]
 fn info_reports_version_build_modules_and_gpu() {
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr")).arg("info").output().unwrap();
+    let o = gif_fr(["info"]);
     assert!(o.status.success());
     let s = String::from_utf8(o.stdout).unwrap();
     assert!(s.contains(concat!("gif-fr ", env!("CARGO_PKG_VERSION"))), "{s}");
@@ -21,66 +46,174 @@ fn info_reports_version_build_modules_and_gpu() {
 }
 
 #[test]
-fn unknown_command_prints_usage_and_fails() {
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr")).arg("frobnicate").output().unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("usage: gif-fr"));
+fn help_version_and_usage_errors() {
+    let o = gif_fr(["--version"]);
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), concat!("gif-fr ", env!("CARGO_PKG_VERSION")));
+    for cmd in ["tokenize", "decode", "embed", "codebook-info", "info"] {
+        let o = gif_fr([cmd, "--help"]);
+        assert!(o.status.success(), "{cmd} --help: {}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(out.contains(&format!("Usage: gif-fr {cmd}")), "{out}");
+    }
+    expect_exit(&gif_fr(["frobnicate"]), 2, "Usage: gif-fr");
+    expect_exit(&gif_fr::<[&str; 0], &str>([]), 2, "Usage: gif-fr");
+    // Errors name the flag.
+    expect_exit(&gif_fr(["tokenize", "--count", "10", "--out", "x.safetensors"]), 2, "--dim");
+    expect_exit(&gif_fr(["tokenize", "--count", "ten", "--dim", "3", "--out", "x"]), 2, "--count");
+    expect_exit(&gif_fr(["tokenize", "--count=1", "--dim=1", "--out=x", "--device=tpu"]), 2, "--device");
+    expect_exit(&gif_fr(["tokenize", "--vectors", "v.npy", "--count", "3", "--dim", "2", "--out", "x"]), 2, "--count");
+    expect_exit(&gif_fr(["embed", "--arch", "r7", "--weights", "w", "--images", "i", "--out", "o"]), 2, "--arch");
+    // A batch that cannot be (it used to overflow a product and panic).
+    let big = ["embed", "--arch", "r18", "--weights", "w", "--images", "i", "--out", "o", "--batch"];
+    expect_exit(&gif_fr(big.iter().chain(&["72057594037927936"])), 2, "--batch");
+    expect_exit(&gif_fr(big.iter().chain(&["0"])), 2, "--batch");
 }
 
 #[test]
 fn tokenize_writes_a_codebook_that_codebook_info_reads() {
-    let out = std::env::temp_dir().join(format!("gif-fr-cli-{}.safetensors", std::process::id()));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("codes.safetensors");
+    // --flag=value works as well as --flag value.
     let o = Command::new(env!("CARGO_BIN_EXE_gif-fr"))
-        .args([
-            "tokenize", "--count", "300", "--dim", "8", "--vocab", "5", "--seed", "3", "--steps", "2", "--device",
-            "cpu", "--quiet", "--out",
-        ])
+        .args(["tokenize", "--count=300", "--dim", "8", "--vocab", "5", "--seed", "3", "--steps", "2"])
+        .args(["--device", "cpu", "--quiet", "--out"])
         .arg(&out)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     let book = gif_fr::tokenizer::Codebook::load(&out).unwrap();
     assert_eq!((book.len(), book.vocab(), book.length(), book.dim(), book.seed()), (300, 5, 4, 8, 3));
     let o = Command::new(env!("CARGO_BIN_EXE_gif-fr")).arg("codebook-info").arg(&out).output().unwrap();
     assert!(o.status.success());
     let s = String::from_utf8(o.stdout).unwrap();
     assert!(s.contains("identities 300  vocab 5  length 4  dim 8  seed 3"), "{s}");
-    let _ = std::fs::remove_file(&out);
 }
 
 #[test]
-fn tokenize_reports_bad_arguments_and_bad_input() {
-    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_gif-fr")).args(args).output().unwrap();
-    let o = run(&["tokenize", "--count", "10", "--out", "/tmp/x.safetensors"]);
-    assert_eq!(o.status.code(), Some(2), "missing --dim is a usage error");
-    let o = run(&["tokenize", "--count", "ten", "--dim", "3", "--out", "/tmp/x.safetensors"]);
-    assert_eq!(o.status.code(), Some(2));
-    let o = run(&["tokenize", "--count", "0", "--dim", "3", "--device", "cpu", "--out", "/tmp/x.safetensors"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("N = 0"));
-    let o = run(&["codebook-info", "/nonexistent/file.safetensors"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot open"));
+fn tokenize_refuses_sizes_it_cannot_hold_with_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.safetensors");
+    let out = out.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut a = vec!["tokenize", "--device", "cpu", "--quiet", "--out", out];
+        a.extend_from_slice(extra);
+        gif_fr(a)
+    };
+    expect_exit(&run(&["--count", "0", "--dim", "3"]), 1, "N = 0");
+    // count·dim wrapped to 0 (a panic), or indexed past a slice.
+    expect_exit(&run(&["--count", "2", "--dim", "9223372036854775808"]), 1, "2147483647");
+    expect_exit(&run(&["--count", "4", "--dim", "4611686018427387905"]), 1, "2147483647");
+    // 4.4 TB of vectors: refused before any allocation (it aborted).
+    expect_exit(&run(&["--count", "2147483647", "--dim", "512"]), 1, "2^36");
+    // Vec::with_capacity(steps): a capacity overflow panic, or an 8 TB abort.
+    expect_exit(&run(&["--count", "10", "--dim", "4", "--steps", "18446744073709551615"]), 1, "steps must be at most");
+    expect_exit(&run(&["--count", "10", "--dim", "4", "--steps", "1000000000000"]), 1, "steps must be at most");
+    // O(L²) for minutes: a documented maximum.
+    expect_exit(&run(&["--count", "10", "--dim", "4", "--length", "1000000"]), 1, "at most 1024");
+    expect_exit(&run(&["--count", "10", "--dim", "4", "--vocab", "1"]), 1, "vocab");
+    expect_exit(&run(&["--count", "70000", "--dim", "4", "--vocab", "2", "--length", "16"]), 1, "unique");
+    assert!(!Path::new(out).exists(), "no codebook is written on an error");
 }
 
-mod common;
+#[test]
+fn tokenize_reads_vectors_and_rejects_a_lying_npy_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let (npy, out) = (dir.path().join("v.npy"), dir.path().join("codes.safetensors"));
+    let values: Vec<u8> = (0..40).flat_map(|i| (i as f32 * 0.37 - 3.0).to_le_bytes()).collect();
+    std::fs::write(&npy, common::npy_bytes("<f4", &[10, 4], &values)).unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+            .args(["tokenize", "--device", "cpu", "--quiet", "--vocab", "4", "--vectors"])
+            .arg(&npy)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(gif_fr::tokenizer::Codebook::load(&out).unwrap().len(), 10);
+    // A shape whose product wraps to 40 values (2^62·2^2 + 40): it ran with
+    // N = 1 before.
+    let wrapped = [(1usize << 62) + 10, 4];
+    std::fs::write(&npy, common::npy_bytes("<f4", &wrapped, &values)).unwrap();
+    expect_exit(&run(), 1, "shape");
+    // Fewer bytes than the header says, and more.
+    std::fs::write(&npy, common::npy_bytes("<f4", &[10, 4], &values[..156])).unwrap();
+    expect_exit(&run(), 1, "160 bytes of data");
+    std::fs::write(&npy, common::npy_bytes("<f4", &[9, 4], &values)).unwrap();
+    expect_exit(&run(), 1, "144 bytes of data");
+    std::fs::write(&npy, common::npy_bytes("<f4", &[10, 0], &[])).unwrap();
+    expect_exit(&run(), 1, "at least one column");
+    std::fs::write(&npy, b"\x93NUMPY\x01\x00garbage").unwrap();
+    expect_exit(&run(), 1, "not a .npy file");
+}
+
+#[test]
+fn non_utf8_paths_are_accepted() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join(OsStr::from_bytes(b"codes-\xff.safetensors"));
+    // A missing file with a non-UTF-8 name: an error about the file (args() used to panic).
+    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr")).arg("codebook-info").arg(&odd).output().unwrap();
+    expect_exit(&o, 1, "cannot open");
+    // And a real one round-trips.
+    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+        .args(["tokenize", "--count", "20", "--dim", "3", "--device", "cpu", "--quiet", "--out"])
+        .arg(&odd)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr")).arg("codebook-info").arg(&odd).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn decode_refuses_a_nan_threshold_and_accepts_negative_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cb, npy, out) =
+        (dir.path().join("book.safetensors"), dir.path().join("lp.npy"), dir.path().join("out.safetensors"));
+    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+        .args(["tokenize", "--count", "20", "--dim", "3", "--vocab", "4", "--device", "cpu", "--quiet", "--out"])
+        .arg(&cb)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lp: Vec<u8> = (0..2 * 3 * 4).flat_map(|i| (-(i as f32) * 0.1).to_le_bytes()).collect();
+    std::fs::write(&npy, common::npy_bytes("<f4", &[2, 3, 4], &lp)).unwrap();
+    let decode = |threshold: &str| {
+        Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+            .args(["decode", "--top-k", "2", "--threshold", threshold, "--codebook"])
+            .arg(&cb)
+            .arg("--scores")
+            .arg(&npy)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    expect_exit(&decode("nan"), 1, "threshold is NaN");
+    let o = decode("-2.5");
+    assert!(o.status.success(), "{}", stderr(&o));
+}
 
 #[test]
 fn embed_reads_images_and_writes_embeddings() {
     use gif_fr::backbone::{IResNet, IResNetConfig};
-    let dir = std::env::temp_dir().join(format!("gif-fr-embed-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (weights, images, out) = (dir.join("r18.safetensors"), dir.join("img.npy"), dir.join("emb.npy"));
+    let dir = tempfile::tempdir().unwrap();
+    let (weights, images, out) =
+        (dir.path().join("r18.safetensors"), dir.path().join("img.npy"), dir.path().join("emb.npy"));
     let cfg = IResNetConfig::arch("r18").unwrap();
     let mut net = IResNet::new(cfg.clone(), &gif_fr::Device::cpu(), 4).unwrap();
     net.save(&weights).unwrap();
     // One uint8 RGB image.
     let pixels: Vec<u8> = (0..112 * 112 * 3).map(|i| (i * 37 % 251) as u8).collect();
     std::fs::write(&images, common::npy_bytes("|u1", &[1, 112, 112, 3], &pixels)).unwrap();
-    let embed_with = |arch: &str, extra: &[&str]| {
+    let embed_with = |arch: &str, weights: &Path, extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_gif-fr"))
             .args(["embed", "--arch", arch, "--device", "cpu", "--weights"])
-            .arg(&weights)
+            .arg(weights)
             .arg("--images")
             .arg(&images)
             .arg("--out")
@@ -89,13 +222,13 @@ fn embed_reads_images_and_writes_embeddings() {
             .output()
             .unwrap()
     };
-    let embed = |arch: &str| embed_with(arch, &[]);
+    let embed = |arch: &str| embed_with(arch, &weights, &[]);
     // --bf16: the network with bf16 convolutions (on the CPU, rounded operands).
-    let o = embed_with("r18", &["--bf16"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = embed_with("r18", &weights, &["--bf16"]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let (emb_bf16, _) = gif_fr::tokenizer::read_npy(&out).unwrap();
     let o = embed("r18");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", stderr(&o));
     let (emb, shape) = gif_fr::tokenizer::read_npy(&out).unwrap();
     assert_eq!(shape, vec![1, 512]);
     // The same as the library's eval forward on the normalized image.
@@ -106,23 +239,76 @@ fn embed_reads_images_and_writes_embeddings() {
     assert_eq!(emb_bf16, bf16_net.embed(&norm, 1).unwrap());
     assert_ne!(emb_bf16, emb);
     // A wrong arch for the weights, and images of the wrong shape, are errors.
-    let o = embed("r34");
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("layer"), "{}", String::from_utf8_lossy(&o.stderr));
+    expect_exit(&embed("r34"), 1, "layer");
     std::fs::write(&images, common::npy_bytes("|u1", &[1, 64, 64, 3], &pixels[..64 * 64 * 3])).unwrap();
-    let o = embed("r18");
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("112"), "{}", String::from_utf8_lossy(&o.stderr));
+    expect_exit(&embed("r18"), 1, "112");
+    // A header claiming 2^56 images: the element count wrapped to 0 and the
+    // command "embedded" them into an empty file, or indexed an empty vector.
+    std::fs::write(&images, common::npy_bytes("|u1", &[1 << 56, 3, 112, 112], &pixels)).unwrap();
+    expect_exit(&embed("r18"), 1, "shape");
+    std::fs::write(&images, common::npy_bytes("|u1", &[(1 << 62) / 3136 * 4, 112, 112, 3], &pixels)).unwrap();
+    expect_exit(&embed("r18"), 1, "shape");
+    // The weights are checked before the images are read.
+    let missing = dir.path().join("missing.safetensors");
+    expect_exit(&embed_with("r18", &missing, &[]), 1, "missing.safetensors");
+}
+
+#[test]
+fn embed_refuses_checkpoints_that_would_embed_to_nan() {
+    use gif_fr::backbone::{IResNet, IResNetConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let (weights, images, out) =
+        (dir.path().join("w.safetensors"), dir.path().join("img.npy"), dir.path().join("emb.npy"));
+    let pixels: Vec<u8> = (0..112 * 112 * 3).map(|i| (i * 29 % 253) as u8).collect();
+    std::fs::write(&images, common::npy_bytes("|u1", &[1, 112, 112, 3], &pixels)).unwrap();
+    let cfg = IResNetConfig::arch("r18").unwrap();
+    let embed = || {
+        Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+            .args(["embed", "--arch", "r18", "--device", "cpu", "--weights"])
+            .arg(&weights)
+            .arg("--images")
+            .arg(&images)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    // A state dict edited entry by entry through safetensors (as a user's
+    // converter might write it).
+    let write_with = |name: &str, value: f32, all: bool| {
+        let net = IResNet::new(cfg.clone(), &gif_fr::Device::cpu(), 5).unwrap();
+        net.save(&weights).unwrap();
+        let bytes = std::fs::read(&weights).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+            st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+        let entry = owned.iter_mut().find(|e| e.0 == name).unwrap();
+        let n = if all { entry.3.len() } else { 4 };
+        entry.3[..n].chunks_mut(4).for_each(|c| c.copy_from_slice(&value.to_le_bytes()));
+        let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+            .iter()
+            .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &weights).unwrap();
+        let _ = std::fs::remove_file(&out);
+    };
+    write_with("bn1.running_var", -1.0, false);
+    expect_exit(&embed(), 1, "running_var");
+    write_with("layer1.0.bn2.running_var", -1e-5, false);
+    expect_exit(&embed(), 1, "variance");
+    // Finite weights whose products overflow f32: an error, not a NaN file.
+    write_with("fc.weight", 3e38, true);
+    expect_exit(&embed(), 1, "non-finite");
+    assert!(!out.exists(), "no embeddings are written on an error");
 }
 
 #[test]
 fn images_in_both_layouts_read_the_same() {
     use gif_fr::backbone::images::read_images;
-    let dir = std::env::temp_dir().join(format!("gif-fr-images-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let (s, b) = (16usize, 2usize);
     let pixels: Vec<u8> = (0..b * s * s * 3).map(|i| (i * 13 % 256) as u8).collect();
-    let u8_path = dir.join("u8.npy");
+    let u8_path = dir.path().join("u8.npy");
     std::fs::write(&u8_path, common::npy_bytes("|u1", &[b, s, s, 3], &pixels)).unwrap();
     let (from_u8, n) = read_images(&u8_path, s).unwrap();
     assert_eq!(n, b);
@@ -136,7 +322,7 @@ fn images_in_both_layouts_read_the_same() {
             }
         }
     }
-    let f32_path = dir.join("f32.npy");
+    let f32_path = dir.path().join("f32.npy");
     std::fs::write(&f32_path, common::npy_bytes("<f4", &[b, 3, s, s], bytemuck::cast_slice(&nchw))).unwrap();
     assert_eq!(read_images(&f32_path, s).unwrap().0, from_u8);
     // Wrong layouts are errors.

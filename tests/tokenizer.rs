@@ -58,7 +58,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
     #[test]
     fn codes_are_unique_and_of_fixed_length(n in 1usize..400, v in 2usize..20, extra in 0usize..2, seed in 0u64..1000) {
-        let l = tokenizer::min_length(v, n) + extra;
+        let l = tokenizer::min_length(v, n).unwrap() + extra;
         let cfg = Config { length: Some(l), ..quick(v, seed) };
         let book = tokenize(Input::Random { count: n, dim: 6 }, &cfg, &Device::cpu()).unwrap();
         check_codes(&book, n, v, l);
@@ -302,8 +302,10 @@ fn homogenization_lowers_the_uniformity_loss() {
     let first: f64 = report.losses[..15].iter().sum::<f64>() / 15.0;
     let last: f64 = report.losses[135..].iter().sum::<f64>() / 15.0;
     assert!(last < first - 0.05, "subset loss {first} -> {last}");
-    let (l0, l1) =
-        (homogenize::uniformity_loss(&before, 16, 2.0), homogenize::uniformity_loss(book.vectors(), 16, 2.0));
+    let (l0, l1) = (
+        homogenize::uniformity_loss(&before, 16, 2.0).unwrap(),
+        homogenize::uniformity_loss(book.vectors(), 16, 2.0).unwrap(),
+    );
     assert!(l1 < l0 - 0.05, "full loss {l0} -> {l1}");
 }
 
@@ -419,7 +421,7 @@ fn uniformity_step_matches_the_cpu() {
         let want = cpu.to_vec::<f32>().unwrap();
         // The loss before the step, against the f64 definition.
         let loss = (s_cpu / (b * (b - 1)) as f64).ln();
-        assert!((loss - homogenize::uniformity_loss(&h0, d, 2.0)).abs() < 1e-5, "b {b}: {loss}");
+        assert!((loss - homogenize::uniformity_loss(&h0, d, 2.0).unwrap()).abs() < 1e-5, "b {b}: {loss}");
         for dev in gpu_devices() {
             let mut h = Tensor::from_slice(&dev, &[b, d], &h0).unwrap();
             let s = ops::uniformity_step(&mut h, 2.0, 0.5).unwrap();

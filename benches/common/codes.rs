@@ -8,7 +8,7 @@ pub const V: usize = 16;
 
 /// N distinct codes of length ceil(log_16 N), spread over the code space.
 pub fn codebook(n: usize) -> Codebook {
-    let l = min_length(V, n);
+    let l = min_length(V, n).expect("V >= 2");
     let space = 1u64 << (4 * l);
     let codes: Vec<u16> = (0..n as u64)
         .flat_map(|i| {

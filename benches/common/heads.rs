@@ -43,7 +43,7 @@ impl Kind {
             Kind::Full => 3.0 * b * n * d,
             Kind::Pfc(r) => 3.0 * b * (r as f64 * n).ceil().max(b.min(n)) * d,
             Kind::Code { projection } => {
-                let l = gif_fr::tokenizer::min_length(V, n as usize) as f64;
+                let l = gif_fr::tokenizer::min_length(V, n as usize).expect("V >= 2") as f64;
                 l * (3.0 * b * V as f64 * d + if projection { 3.0 * b * d * d } else { 0.0 })
             }
         }
@@ -54,7 +54,7 @@ impl Kind {
         match self {
             Kind::Full | Kind::Pfc(_) => n * d,
             Kind::Code { projection } => {
-                let l = gif_fr::tokenizer::min_length(V, n);
+                let l = gif_fr::tokenizer::min_length(V, n).expect("V >= 2");
                 l * (V * d + if projection { d * d } else { 0 })
             }
         }
@@ -103,7 +103,7 @@ pub fn prepare(dev: &Device, kind: Kind, n: usize, b: usize, d: usize) -> Result
             }
         }
         Kind::Code { projection } => {
-            let l = gif_fr::tokenizer::min_length(V, n);
+            let l = gif_fr::tokenizer::min_length(V, n).expect("V >= 2");
             let codes: Vec<u16> = (0..n).flat_map(|i| (0..l).map(move |j| ((i >> (4 * j)) & 15) as u16)).collect();
             let with_table = n * d * 4 <= TABLE_LIMIT;
             let values = if with_table { fill(n * d, 0.05, 5) } else { Vec::new() };

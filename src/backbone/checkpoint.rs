@@ -6,7 +6,8 @@
 //! PyTorch's (c, h, w) flattening to the crate's NHWC (h, w, c); save does
 //! the inverse, so a file round-trips. `num_batches_tracked` entries are
 //! accepted (and written as 0). A missing, unexpected or mis-shaped key, a
-//! non-float dtype or a non-finite value is an error naming the key.
+//! non-float dtype, a non-finite value or a negative BatchNorm running
+//! variance is an error naming the key.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -119,7 +120,10 @@ impl IResNet {
                 Layout::Conv => oihw_to_ohwi(&values, shape[0], shape[3], shape[1]),
                 Layout::Fc { c, hw } => permute_fc(&values, c, hw, false),
             };
-            net.set(name, Tensor::from_slice(device, shape, &ours)?)?;
+            net.set(name, Tensor::from_slice(device, shape, &ours)?).map_err(|e| match e {
+                Error::InvalidArgument { message, .. } => bad(message),
+                other => other,
+            })?;
             seen += 1;
         }
         if seen != expected.len() {

@@ -426,11 +426,24 @@ impl IResNet {
         if let Some(i) = images.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid("IResNet::embed", format!("pixel value {i} is {}", images[i])));
         }
-        let mut out = Vec::with_capacity(images.len() / per * self.cfg.embedding);
-        for part in images.chunks(per * chunk) {
+        let e = self.cfg.embedding;
+        let mut out = Vec::with_capacity((images.len() / per).saturating_mul(e));
+        for part in images.chunks(per.saturating_mul(chunk)) {
             let b = part.len() / per;
             let x = Tensor::from_slice(&self.device, &[b, s, s, 3], part)?;
+            let first = out.len() / e;
             out.extend(self.infer(&x)?.to_vec::<f32>()?);
+            if let Some(i) = out[first * e..].iter().position(|v| !v.is_finite()) {
+                return Err(Error::invalid(
+                    "IResNet::embed",
+                    format!(
+                        "image {} embeds to a non-finite value ({}): the weights overflow f32 (weights too large, or \
+                         a BatchNorm whose running variance + eps is not positive?)",
+                        first + i / e,
+                        out[first * e + i]
+                    ),
+                ));
+            }
         }
         Ok(out)
     }
@@ -447,6 +460,16 @@ impl IResNet {
                 expected: format!("{name}: f32 {:?} on {}", slot.shape(), slot.device()),
                 got: format!("{:?} {:?} on {}", value.shape(), value.dtype(), value.device()),
             });
+        }
+        if name.ends_with(".running_var") {
+            // A variance below 0 makes var + eps ≤ 0 possible and every output NaN.
+            let v = value.to_f32_vec()?;
+            if let Some(i) = v.iter().position(|x| !(x.is_finite() && *x >= 0.0)) {
+                return Err(Error::invalid(
+                    OP,
+                    format!("{name}: channel {i} has variance {} (must be finite and >= 0)", v[i]),
+                ));
+            }
         }
         *slot = value;
         Ok(())

@@ -23,8 +23,16 @@ use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// The uniformity loss of the unit rows of `h` (`n x d`), computed directly
-/// in f64 (a reference for tests; O(n²·d)).
-pub fn uniformity_loss(h: &[f32], d: usize, t: f64) -> f64 {
+/// in f64 (a reference for tests; O(n²·d)). Errors: d = 0, a length that is
+/// not whole rows, fewer than 2 rows (the mean over pairs is empty).
+pub fn uniformity_loss(h: &[f32], d: usize, t: f64) -> Result<f64> {
+    const OP: &str = "uniformity_loss";
+    if d == 0 || h.len() % d != 0 || h.len() / d < 2 {
+        return Err(crate::Error::invalid(
+            OP,
+            format!("needs at least 2 whole rows of d >= 1 values, got {} values, d = {d}", h.len()),
+        ));
+    }
     let n = h.len() / d;
     let mut s = 0f64;
     for i in 0..n {
@@ -35,7 +43,7 @@ pub fn uniformity_loss(h: &[f32], d: usize, t: f64) -> f64 {
             }
         }
     }
-    (s / (n * (n - 1)) as f64).ln()
+    Ok((s / (n as f64 * (n as f64 - 1.0))).ln())
 }
 
 /// The subsets of one run: `steps` batches of `b` ids, epochs of seeded
@@ -73,14 +81,18 @@ pub(crate) fn run(
     if device.runs_kernels() {
         run_device(vectors, n, d, b, steps, cfg, device, bar)
     } else {
-        Ok(run_cpu(vectors, d, b, steps, cfg, bar))
+        run_cpu(vectors, d, b, steps, cfg, bar)
     }
 }
 
-fn run_cpu(vectors: &mut [f32], d: usize, b: usize, steps: usize, cfg: &Config, bar: &ProgressBar) -> Vec<f64> {
+fn run_cpu(vectors: &mut [f32], d: usize, b: usize, steps: usize, cfg: &Config, bar: &ProgressBar) -> Result<Vec<f64>> {
     let n = vectors.len() / d;
-    let mut losses = Vec::with_capacity(steps);
-    let (mut h, mut g, mut grad) = (vec![0f32; b * d], vec![0f32; b * b], vec![0f32; b * d]);
+    // Grows with the steps run (steps may be any number; nothing is reserved for them).
+    let mut losses = Vec::new();
+    let buf = |what: &str, len: usize| crate::host_memory::try_filled("tokenize", what, len, 0f32);
+    // b ≤ N and b ≤ MAX_SUBSET (checked by tokenize): the products fit.
+    let (mut h, mut g, mut grad) =
+        (buf("a homogenization subset", b * d)?, buf("its Gram matrix", b * b)?, buf("its gradient", b * d)?);
     for ids in batches(n, b, steps, cfg.seed) {
         h.par_chunks_mut(d).zip(ids.par_iter()).for_each(|(row, &i)| {
             row.copy_from_slice(&vectors[i as usize * d..(i as usize + 1) * d]);
@@ -92,7 +104,7 @@ fn run_cpu(vectors: &mut [f32], d: usize, b: usize, steps: usize, cfg: &Config, 
         }
         bar.inc(1);
     }
-    losses
+    Ok(losses)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -107,7 +119,7 @@ fn run_device(
     bar: &ProgressBar,
 ) -> Result<Vec<f64>> {
     let mut all = Tensor::from_slice(device, &[n, d], vectors)?;
-    let mut losses = Vec::with_capacity(steps);
+    let mut losses = Vec::new();
     for ids in batches(n, b, steps, cfg.seed) {
         let mut h = ops::gather_rows(&all, &ids)?;
         let s = ops::uniformity_step(&mut h, cfg.temperature, cfg.learning_rate)?;

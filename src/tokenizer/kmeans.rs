@@ -30,11 +30,22 @@ use crate::tensor::Tensor;
 /// Nodes with at least this many identities use the GEMM path (chunked, all
 /// cores) on the CPU; smaller ones run one per thread.
 const CPU_GEMM_MIN: usize = 4096;
+/// Rows per chunk of the CPU assignment and of the centroid sums, at most.
 const CHUNK: usize = 8192;
+/// Most scores (`rows × k` floats) a CPU chunk or a device assignment holds
+/// at once: 64 MiB, whatever the vocabulary.
+pub(crate) const SCORE_BUDGET: usize = 1 << 24;
+/// Most bytes of per-chunk partial centroid sums (`k·d` f64 per chunk).
+const PARTIAL_BUDGET: usize = 1 << 26;
 
-/// `v^e`, saturating.
+/// `v^e`, saturating (O(1): `e` may be up to the code length).
 fn pow_sat(v: usize, e: usize) -> usize {
-    (0..e).fold(1usize, |a, _| a.saturating_mul(v))
+    u32::try_from(e).ok().and_then(|e| v.checked_pow(e)).unwrap_or(usize::MAX)
+}
+
+/// Rows per chunk of a `rows × k` score matrix within [`SCORE_BUDGET`].
+pub(crate) fn score_rows(k: usize) -> usize {
+    (SCORE_BUDGET / k.max(1)).clamp(1, CHUNK)
 }
 
 fn node_seed(seed: u64, level: usize, first: u32) -> u64 {
@@ -65,18 +76,26 @@ impl DeviceData {
     }
 
     /// The members' rows, gathered on the device once per node (they do not
-    /// change across the node's Lloyd iterations).
-    fn gather(&self, members: &[u32]) -> Result<Tensor> {
-        ops::gather_rows(&self.all, members)
+    /// change across the node's Lloyd iterations), in chunks whose scores
+    /// against k centroids stay within [`SCORE_BUDGET`].
+    fn gather(&self, members: &[u32], k: usize) -> Result<Vec<Tensor>> {
+        members.chunks(score_rows(k)).map(|c| ops::gather_rows(&self.all, c)).collect()
     }
 }
 
-/// Best centroid of every row of `x` (a node's gathered members on the
-/// device): one small upload of the centroids, a GEMM and an argmax.
-fn best_device(x: &Tensor, centroids: &[f32], k: usize, d: usize) -> Result<Best> {
-    let c = Tensor::from_slice(x.device(), &[k, d], centroids)?;
-    let (idx, score) = ops::best_centroids(x, &c)?;
-    Ok(Best { idx, score })
+/// Best centroid of every row of `xs` (a node's gathered members on the
+/// device, in chunks): one small upload of the centroids, then a GEMM and
+/// an argmax per chunk.
+fn best_device(xs: &[Tensor], centroids: &[f32], k: usize, d: usize) -> Result<Best> {
+    let Some(first) = xs.first() else { return Ok(Best { idx: Vec::new(), score: Vec::new() }) };
+    let c = Tensor::from_slice(first.device(), &[k, d], centroids)?;
+    let mut best = Best { idx: Vec::new(), score: Vec::new() };
+    for x in xs {
+        let (idx, score) = ops::best_centroids(x, &c)?;
+        best.idx.extend(idx);
+        best.score.extend(score);
+    }
+    Ok(best)
 }
 
 /// Best centroid per member on the CPU: chunks of gathered rows times the
@@ -99,9 +118,10 @@ pub(crate) fn best_cpu(vectors: &[f32], d: usize, members: &[u32], centroids: &[
     }
     let mut idx = vec![0u32; members.len()];
     let mut score = vec![0f32; members.len()];
-    let mut x = vec![0f32; CHUNK * d];
-    let mut s = vec![0f32; CHUNK * k];
-    for (ci, chunk) in members.chunks(CHUNK).enumerate() {
+    let rows = score_rows(k);
+    let mut x = vec![0f32; rows * d];
+    let mut s = vec![0f32; rows * k];
+    for (ci, chunk) in members.chunks(rows).enumerate() {
         let m = chunk.len();
         x[..m * d].par_chunks_mut(d).zip(chunk.par_iter()).for_each(|(row, &i)| {
             row.copy_from_slice(&vectors[i as usize * d..(i as usize + 1) * d]);
@@ -114,8 +134,8 @@ pub(crate) fn best_cpu(vectors: &[f32], d: usize, members: &[u32], centroids: &[
                     best = (c as u32, v);
                 }
             }
-            idx[ci * CHUNK + r] = best.0;
-            score[ci * CHUNK + r] = best.1;
+            idx[ci * rows + r] = best.0;
+            score[ci * rows + r] = best.1;
         }
     }
     Best { idx, score }
@@ -171,9 +191,13 @@ fn constrain(
 /// cluster keeps its centroid.
 fn update_centroids(vectors: &[f32], d: usize, members: &[u32], assign: &[u32], centroids: &mut [f32], k: usize) {
     // Fixed chunks summed in order: the same result for any thread count.
+    // Chunks of at least CHUNK members, fewer when the k·d partial sums of
+    // every chunk would pass PARTIAL_BUDGET (a large vocabulary).
+    let chunks = (PARTIAL_BUDGET / (k * d * 8).max(1)).clamp(1, members.len().div_ceil(CHUNK).max(1));
+    let size = members.len().div_ceil(chunks).max(1);
     let partial: Vec<Vec<f64>> = members
-        .par_chunks(CHUNK)
-        .zip(assign.par_chunks(CHUNK))
+        .par_chunks(size)
+        .zip(assign.par_chunks(size))
         .map(|(ms, asg)| {
             let mut sums = vec![0f64; k * d];
             for (&i, &c) in ms.iter().zip(asg) {
@@ -226,7 +250,7 @@ fn split(
         centroids[c * d..(c + 1) * d].copy_from_slice(&vectors[i * d..(i + 1) * d]);
     }
     let on_gpu = match gpu.filter(|(_, min)| n >= *min) {
-        Some((g, _)) => Some(g.gather(members)?),
+        Some((g, _)) => Some(g.gather(members, k)?),
         None => None,
     };
     let mut assign: Vec<u32> = Vec::new();
@@ -258,7 +282,8 @@ pub(crate) fn assign_codes(
     bar: &ProgressBar,
 ) -> Result<Vec<u16>> {
     let v = cfg.vocab;
-    let mut codes = vec![0u16; n * l];
+    // n·l was checked by tokenize; the allocation may still be refused.
+    let mut codes = crate::host_memory::try_filled("tokenize", "the codes", n * l, 0u16)?;
     // Members of the nodes of the current level, node after node.
     let mut perm: Vec<u32> = (0..n as u32).collect();
     let mut bounds: Vec<(usize, usize)> = vec![(0, n)];

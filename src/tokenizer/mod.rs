@@ -30,22 +30,39 @@ use rayon::prelude::*;
 use crate::device::Device;
 use crate::error::{Error, Result};
 
+/// Longest code the tokenizer makes ([`Config::length`]). The smallest
+/// length that fits 2^31 identities over 2 tokens is 31; a longer code only
+/// repeats token 0 once every identity has its own prefix.
+pub const MAX_LENGTH: usize = 1024;
+/// Largest homogenization subset ([`Config::subset`]): its Gram matrix is
+/// `subset²` floats (4 GiB at the limit).
+pub const MAX_SUBSET: usize = 32768;
+/// Most values `N·d` of the identity vectors: 2^36 (256 GiB of f32; 2M
+/// identities of 512 dimensions are 2^30).
+pub const MAX_VALUES: usize = 1 << 36;
+/// Most homogenization steps ([`Config::steps`]): 2^28, about 130,000
+/// epochs of 2M identities in subsets of 2048 (the paper ran 1000); the
+/// loss log holds one f64 per step.
+pub const MAX_STEPS: usize = 1 << 28;
+
 /// Tokenizer settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// Vocabulary v: tokens are in `[0, v)`; 2..=65535. Default 16.
     pub vocab: usize,
     /// Code length l; default (None) the smallest with `v^l >= N`. A larger
-    /// l is allowed.
+    /// l is allowed, up to [`MAX_LENGTH`].
     pub length: Option<usize>,
     /// Uniformity temperature t (2 in the paper).
     pub temperature: f32,
     /// SGD learning rate of the homogenization (0.1 in the paper).
     pub learning_rate: f32,
-    /// Identities per homogenization step (2048 in the paper).
+    /// Identities per homogenization step (2048 in the paper); 2..=
+    /// [`MAX_SUBSET`].
     pub subset: usize,
     /// Homogenization steps; default (None) one epoch, `ceil(N / subset)`,
-    /// so every identity is updated once. 0 skips homogenization.
+    /// so every identity is updated once. 0 skips homogenization; at most
+    /// [`MAX_STEPS`].
     pub steps: Option<usize>,
     /// Lloyd iterations per k-means node (stops early when nothing moves).
     pub kmeans_iters: usize,
@@ -109,15 +126,21 @@ pub struct Report {
     pub kmeans_seconds: f64,
 }
 
-/// The smallest l with `v^l >= n`.
-pub fn min_length(v: usize, n: usize) -> usize {
-    let mut l = 0;
-    let mut cap = 1usize;
+/// The smallest l ≥ 1 with `v^l >= n`; `None` when there is none (v < 2
+/// and n > 1).
+pub fn min_length(v: usize, n: usize) -> Option<usize> {
+    if n <= 1 {
+        return Some(1);
+    }
+    if v < 2 {
+        return None;
+    }
+    let (mut l, mut cap) = (0usize, 1usize);
     while cap < n {
-        cap = cap.saturating_mul(v);
+        cap = cap.saturating_mul(v); // at most 64 rounds: v ≥ 2
         l += 1;
     }
-    l.max(1)
+    Some(l)
 }
 
 fn bar(cfg: &Config, what: &'static str) -> ProgressBar {
@@ -132,8 +155,8 @@ fn bar(cfg: &Config, what: &'static str) -> ProgressBar {
     b
 }
 
-/// Unit rows of `data` (`dim` columns): errors on empty input, non-finite
-/// values or all-zero rows.
+/// Unit rows of `data` (`dim` ≥ 1 columns): errors on non-finite values or
+/// all-zero rows.
 fn normalize_rows(data: &mut [f32], dim: usize) -> Result<()> {
     const OP: &str = "tokenize";
     let bad = data.par_chunks_mut(dim).enumerate().find_map_any(|(i, row)| {
@@ -155,10 +178,13 @@ fn normalize_rows(data: &mut [f32], dim: usize) -> Result<()> {
 }
 
 /// `count` seeded random unit vectors: each block of rows has its own
-/// stream, so the result does not depend on the number of threads.
-fn random_unit_vectors(count: usize, dim: usize, seed: u64) -> Vec<f32> {
+/// stream, so the result does not depend on the number of threads. Errors
+/// when `count·dim` floats cannot be allocated.
+fn random_unit_vectors(count: usize, dim: usize, seed: u64) -> Result<Vec<f32>> {
     const ROWS: usize = 1024;
-    let mut data = vec![0f32; count * dim];
+    let n =
+        count.checked_mul(dim).ok_or_else(|| Error::invalid("tokenize", format!("N·d = {count}·{dim} overflows")))?;
+    let mut data = crate::host_memory::try_filled("tokenize", "the identity vectors", n, 0f32)?;
     data.par_chunks_mut(ROWS * dim).enumerate().for_each(|(blk, chunk)| {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ blk as u64);
         for row in chunk.chunks_mut(dim) {
@@ -176,7 +202,7 @@ fn random_unit_vectors(count: usize, dim: usize, seed: u64) -> Vec<f32> {
             }
         }
     });
-    data
+    Ok(data)
 }
 
 /// Tokenizes `input` on `device`: homogenizes the vectors (GPU steps on a
@@ -211,17 +237,25 @@ pub fn tokenize_with_report(input: Input, cfg: &Config, device: &Device) -> Resu
     if d == 0 {
         return Err(Error::invalid(OP, "dim must be positive"));
     }
-    if n > i32::MAX as usize {
-        return Err(Error::invalid(OP, format!("at most {} identities, got {n}", i32::MAX)));
+    if n > i32::MAX as usize || d > i32::MAX as usize {
+        return Err(Error::invalid(
+            OP,
+            format!("at most {} identities and dimensions, got N = {n}, d = {d}", i32::MAX),
+        ));
+    }
+    if !n.checked_mul(d).is_some_and(|v| v <= MAX_VALUES) {
+        return Err(Error::invalid(OP, format!("N·d = {n}·{d} values; at most {MAX_VALUES} (2^36) are supported")));
     }
     if !(2..=65535).contains(&cfg.vocab) {
         return Err(Error::invalid(OP, format!("vocab must be in 2..=65535, got {}", cfg.vocab)));
     }
     let l = match cfg.length {
         Some(0) => return Err(Error::invalid(OP, "length must be at least 1")),
+        Some(l) if l > MAX_LENGTH => {
+            return Err(Error::invalid(OP, format!("length must be at most {MAX_LENGTH}, got {l}")))
+        }
         Some(l) => {
-            let cap = (0..l).try_fold(1usize, |a, _| a.checked_mul(cfg.vocab));
-            if cap.is_some_and(|c| c < n) {
+            if cfg.vocab.checked_pow(l as u32).is_some_and(|c| c < n) {
                 return Err(Error::invalid(
                     OP,
                     format!("vocab^length = {}^{l} < N = {n}: codes cannot be unique", cfg.vocab),
@@ -229,10 +263,26 @@ pub fn tokenize_with_report(input: Input, cfg: &Config, device: &Device) -> Resu
             }
             l
         }
-        None => min_length(cfg.vocab, n),
+        // vocab ≥ 2 here, so a length exists.
+        None => min_length(cfg.vocab, n).unwrap_or(MAX_LENGTH),
     };
-    if cfg.subset < 2 || !(cfg.temperature.is_finite() && cfg.temperature > 0.0) || !cfg.learning_rate.is_finite() {
-        return Err(Error::invalid(OP, "subset must be at least 2, temperature positive, learning rate finite"));
+    if n.checked_mul(l).and_then(|x| x.checked_mul(2)).is_none() {
+        return Err(Error::invalid(OP, format!("N·l = {n}·{l} tokens do not fit in memory")));
+    }
+    if cfg.steps.is_some_and(|s| s > MAX_STEPS) {
+        return Err(Error::invalid(OP, format!("steps must be at most {MAX_STEPS}, got {}", cfg.steps.unwrap_or(0))));
+    }
+    if !(2..=MAX_SUBSET).contains(&cfg.subset) {
+        return Err(Error::invalid(OP, format!("subset must be in 2..={MAX_SUBSET}, got {}", cfg.subset)));
+    }
+    if !(cfg.temperature.is_finite() && cfg.temperature > 0.0 && cfg.learning_rate.is_finite()) {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "temperature must be finite and positive, learning rate finite; got {} and {}",
+                cfg.temperature, cfg.learning_rate
+            ),
+        ));
     }
     let mut report = Report::default();
 
@@ -242,7 +292,7 @@ pub fn tokenize_with_report(input: Input, cfg: &Config, device: &Device) -> Resu
             normalize_rows(&mut data, dim)?;
             data
         }
-        Input::Random { count, dim } => random_unit_vectors(count, dim, cfg.seed),
+        Input::Random { count, dim } => random_unit_vectors(count, dim, cfg.seed)?,
     };
     report.input_seconds = t0.elapsed().as_secs_f64();
 
@@ -269,19 +319,65 @@ pub fn tokenize_with_report(input: Input, cfg: &Config, device: &Device) -> Resu
 pub type NpyParts<'a> = (npyz::NpyFile<&'a [u8]>, Vec<usize>, String);
 
 /// Opens the C-order `.npy` file in `bytes` (read from `path`, named in
-/// errors).
+/// errors). The header must describe exactly the data that follows it: the
+/// element count is the product of the shape (checked, never wrapped) and
+/// the data holds exactly that many elements of the dtype's size, so a
+/// reader allocates at most the file's size.
 pub fn open_npy<'a>(path: &std::path::Path, bytes: &'a [u8]) -> Result<NpyParts<'a>> {
     let bad = |m: String| Error::file(path, m);
-    let npy = npyz::NpyFile::new(bytes).map_err(|e| bad(format!("not a .npy file: {e}")))?;
-    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    if npy.order() != npyz::Order::C {
+    // npyz multiplies the shape unchecked (a panic or a wrapped count):
+    // the shape's product is checked here first.
+    if let Some(shape) = npy_header_shape(bytes) {
+        if shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).is_none() {
+            return Err(bad(format!("shape {shape:?} has more elements than fit in memory")));
+        }
+    }
+    let mut data: &'a [u8] = bytes;
+    let header = npyz::NpyHeader::from_reader(&mut data).map_err(|e| bad(format!("not a .npy file: {e}")))?;
+    if header.order() != npyz::Order::C {
         return Err(bad("expected C (row-major) order, got Fortran order".into()));
     }
-    let dtype = match npy.dtype() {
-        npyz::DType::Plain(t) => t.to_string(),
+    let type_str = match header.dtype() {
+        npyz::DType::Plain(t) => t,
         other => return Err(bad(format!("expected a plain numeric dtype, got {other:?}"))),
     };
-    Ok((npy, shape, dtype))
+    let item =
+        type_str.num_bytes().filter(|&b| b > 0).ok_or_else(|| bad(format!("dtype {type_str} has no fixed size")))?;
+    let shape = header
+        .shape()
+        .iter()
+        .map(|&d| usize::try_from(d).ok())
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| bad(format!("shape {:?} does not fit this machine's sizes", header.shape())))?;
+    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match count.and_then(|c| c.checked_mul(item)) {
+        Some(need) if need == data.len() => {}
+        Some(need) => {
+            return Err(bad(format!(
+                "its header says shape {shape:?} of {type_str} ({need} bytes of data), the file holds {} bytes after the header",
+                data.len()
+            )))
+        }
+        None => return Err(bad(format!("shape {shape:?} of {type_str} has more bytes than fit in memory"))),
+    }
+    Ok((npyz::NpyFile::with_header(header, data), shape, type_str.to_string()))
+}
+
+/// The shape tuple of a `.npy` header, if the header is well formed enough
+/// to find it (the rest of the header is npyz's to judge).
+fn npy_header_shape(bytes: &[u8]) -> Option<Vec<u64>> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return None;
+    }
+    let (len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
+        _ => (u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize, 12),
+    };
+    let header = std::str::from_utf8(bytes.get(start..start.checked_add(len)?)?).ok()?;
+    let after = &header[header.find("'shape'")? + 7..];
+    let tuple = after.trim_start().strip_prefix(':')?.trim_start().strip_prefix('(')?;
+    let tuple = &tuple[..tuple.find(')')?];
+    tuple.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| t.trim_end_matches('L').parse().ok()).collect()
 }
 
 /// Reads a `.npy` array of f32 or f64 (C order) as `(values, shape)`, f64
@@ -301,21 +397,15 @@ pub fn read_npy(path: &std::path::Path) -> Result<(Vec<f32>, Vec<usize>)> {
             .collect(),
         other => return Err(bad(format!("expected little-endian f32 (<f4) or f64 (<f8), got {other}"))),
     };
-    if data.len() != shape.iter().product::<usize>() {
-        return Err(bad(format!(
-            "holds {} values, its shape {shape:?} says {}",
-            data.len(),
-            shape.iter().product::<usize>()
-        )));
-    }
     Ok((data, shape))
 }
 
-/// Reads a 2-D `.npy` array of f32 or f64 (C order) as `(values, rows,
-/// cols)`; see [`read_npy`].
+/// Reads a 2-D `.npy` array of f32 or f64 (C order) with at least one
+/// column as `(values, rows, cols)`; see [`read_npy`].
 pub fn read_npy_matrix(path: &std::path::Path) -> Result<(Vec<f32>, usize, usize)> {
     let (data, shape) = read_npy(path)?;
     match shape[..] {
+        [_, 0] => Err(Error::file(path, format!("expected at least one column, got shape {shape:?}"))),
         [r, c] => Ok((data, r, c)),
         _ => Err(Error::file(path, format!("expected a 2-D array [N, d], got shape {shape:?}"))),
     }

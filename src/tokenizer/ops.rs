@@ -185,7 +185,9 @@ pub fn uniformity_step(h: &mut Tensor, temperature: f32, learning_rate: f32) -> 
 
 /// For each row of `x` (`[n, d]`), the centroid of `centroids` (`[k, d]`,
 /// k ≥ 1) with the largest dot product (the lowest index on ties) and that
-/// dot product: the spherical k-means assignment. GEMM + argmax on a GPU.
+/// dot product: the spherical k-means assignment. GEMM + argmax on a GPU,
+/// which holds the `n × k` scores at once (the tokenizer calls it on chunks
+/// of rows; on the CPU the scores are chunked inside).
 pub fn best_centroids(x: &Tensor, centroids: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
     const OP: &str = "best_centroids";
     let (n, d) = f32_matrix(OP, x)?;
