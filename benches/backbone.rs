@@ -56,7 +56,7 @@ fn layers(quick: bool) -> Vec<(String, usize, usize, usize, usize, usize)> {
 
 /// Multiply-adds of the convolution (each of its three ops has as many).
 fn macs(s: &ConvShape) -> f64 {
-    let (ho, wo) = s.out_hw();
+    let (ho, wo) = s.out_hw().unwrap();
     (s.batch * ho * wo * s.c_out * s.kernel * s.kernel * s.c_in) as f64
 }
 
@@ -97,7 +97,7 @@ fn bench_conv(
     rows: &mut Vec<ConvRow>,
 ) -> Result<()> {
     let label = common::label(dev);
-    let (nx, _, ny) = s.sizes();
+    let (nx, _, ny) = s.sizes().unwrap();
     let (x, w, dy) = (
         typed(dev, &[nx / s.c_in, s.c_in], 1, dtype)?,
         typed(dev, &[s.c_out, s.kernel, s.kernel, s.c_in], 2, dtype)?,

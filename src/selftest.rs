@@ -18,6 +18,16 @@ fn need_kernels(op: &'static str, dev: &Device) -> Result<()> {
     }
 }
 
+/// The planted bugs run only on the simulator: on a GPU they are real
+/// out-of-bounds writes, hangs or races.
+fn need_sim(op: &'static str, dev: &Device) -> Result<()> {
+    if dev.kind() == crate::device::DeviceKind::Sim {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, format!("a planted bug runs only on the simulator, not on {dev}")))
+    }
+}
+
 fn up<T: bytemuck::Pod>(dev: &Device, v: &[T]) -> Result<DeviceBuffer> {
     dev.upload(bytemuck::cast_slice(v))
 }
@@ -39,10 +49,14 @@ fn check_threads(op: &'static str, threads: usize) -> Result<()> {
 
 /// Sums of `blocks` rows of `threads` values, one block per row, thread 0
 /// adding the partials all threads put in shared memory. Without the
-/// barrier the result depends on the order threads run in.
+/// barrier the result depends on the order threads run in (a race: the
+/// simulator only).
 pub fn block_sum(dev: &Device, x: &[f32], threads: usize, with_barrier: bool) -> Result<Vec<f32>> {
     const OP: &str = "selftest::block_sum";
     need_kernels(OP, dev)?;
+    if !with_barrier {
+        need_sim(OP, dev)?;
+    }
     check_threads(OP, threads)?;
     if x.is_empty() || x.len() % threads != 0 {
         return Err(Error::invalid(OP, format!("{} values are not whole rows of {threads}", x.len())));
@@ -59,9 +73,14 @@ pub fn block_sum(dev: &Device, x: &[f32], threads: usize, with_barrier: bool) ->
     down(dev, &out, blocks)
 }
 
-/// Writes ones to `y[0..=n]` of an `n`-float buffer: one past its end.
+/// Writes ones to `y[0..=n]` of an `n`-float buffer: one past its end
+/// (the simulator only; `n` < 2^31).
 pub fn oob_write(dev: &Device, n: usize) -> Result<Vec<f32>> {
-    need_kernels("selftest::oob_write", dev)?;
+    const OP: &str = "selftest::oob_write";
+    need_sim(OP, dev)?;
+    if n >= i32::MAX as usize {
+        return Err(Error::invalid(OP, format!("n must be below 2^31 - 1, got {n}")));
+    }
     let y = dev.alloc(n * 4)?;
     let blocks = (n + 1).div_ceil(128) as u32;
     launch(
@@ -73,10 +92,11 @@ pub fn oob_write(dev: &Device, n: usize) -> Result<Vec<f32>> {
     down(dev, &y, n)
 }
 
-/// Threads `n..threads` return before a barrier the others wait at.
+/// Threads `n..threads` return before a barrier the others wait at (the
+/// simulator only).
 pub fn exit_before_barrier(dev: &Device, threads: usize, n: usize) -> Result<Vec<f32>> {
     const OP: &str = "selftest::exit_before_barrier";
-    need_kernels(OP, dev)?;
+    need_sim(OP, dev)?;
     check_threads(OP, threads)?;
     let y = dev.alloc(threads * 4)?;
     launch(
@@ -88,29 +108,30 @@ pub fn exit_before_barrier(dev: &Device, threads: usize, n: usize) -> Result<Vec
     down(dev, &y, threads)
 }
 
-/// Odd and even threads wait at different barriers.
+/// Odd and even threads wait at different barriers (the simulator only).
 pub fn divergent_barrier(dev: &Device, threads: usize) -> Result<Vec<f32>> {
     const OP: &str = "selftest::divergent_barrier";
-    need_kernels(OP, dev)?;
+    need_sim(OP, dev)?;
     check_threads(OP, threads)?;
     let y = dev.alloc(threads * 4)?;
     launch(dev, "selftest_divergent_barrier", LaunchConfig::linear(1, threads as u32, 0), &[Arg::Ptr(dev.ptr(&y))])?;
     down(dev, &y, threads)
 }
 
-/// Half a warp shuffles with a full mask after the other half left.
+/// Half a warp shuffles with a full mask after the other half left (the
+/// simulator only).
 pub fn shfl_exited_lane(dev: &Device) -> Result<Vec<f32>> {
-    need_kernels("selftest::shfl_exited_lane", dev)?;
+    need_sim("selftest::shfl_exited_lane", dev)?;
     let y = dev.alloc(32 * 4)?;
     launch(dev, "selftest_shfl_exited_lane", LaunchConfig::linear(1, 32, 0), &[Arg::Ptr(dev.ptr(&y))])?;
     down(dev, &y, 16)
 }
 
 /// Copies `x` (4 floats per thread) through shared memory with cp.async but
-/// never waits for the copies.
+/// never waits for the copies (a race: the simulator only).
 pub fn cp_async_without_wait(dev: &Device, x: &[f32]) -> Result<Vec<f32>> {
     const OP: &str = "selftest::cp_async_without_wait";
-    need_kernels(OP, dev)?;
+    need_sim(OP, dev)?;
     if x.is_empty() || x.len() % 4 != 0 || x.len() > 4096 {
         return Err(Error::invalid(OP, format!("needs 4 to 4096 floats in fours, got {}", x.len())));
     }

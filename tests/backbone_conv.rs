@@ -30,12 +30,12 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 fn forward_matches_the_direct_formula() {
     for (n, s) in SHAPES.iter().enumerate() {
         let mut r = rng(n as u64);
-        let (nx, nw, ny) = s.sizes();
+        let (nx, nw, ny) = s.sizes().unwrap();
         let (x, w) = (uniform(&mut r, nx, -1.0, 1.0), uniform(&mut r, nw, -1.0, 1.0));
         let y = cpu::forward(s, &x, &w);
         assert_eq!(y.len(), ny);
         close(&format!("{s:?} forward_gemm"), &cpu::forward_gemm(s, &x, &w), &y, 1e-5);
-        let (ho, wo) = s.out_hw();
+        let (ho, wo) = s.out_hw().unwrap();
         let k = s.kernel;
         for b in 0..s.batch {
             for oy in 0..ho {
@@ -70,7 +70,7 @@ fn forward_matches_the_direct_formula() {
 fn gradients_match_finite_differences_and_the_adjoint() {
     for (n, s) in SHAPES.iter().enumerate() {
         let mut r = rng(100 + n as u64);
-        let (nx, nw, ny) = s.sizes();
+        let (nx, nw, ny) = s.sizes().unwrap();
         let (x, w, g) =
             (uniform(&mut r, nx, -1.0, 1.0), uniform(&mut r, nw, -1.0, 1.0), uniform(&mut r, ny, -1.0, 1.0));
         let dx = cpu::data_grad(s, &g, &w);
@@ -124,9 +124,27 @@ fn bad_shapes_are_errors() {
         ConvShape { c_in: 0, ..good },
         ConvShape { kernel: 9, pad: 0, ..good },
         ConvShape { batch: 0, ..good },
+        ConvShape { height: 0, ..good },
+        // Sizes that overflow (unchecked, they wrapped or panicked).
+        ConvShape { pad: usize::MAX / 2 + 1, ..good },
+        ConvShape { kernel: usize::MAX, ..good },
+        ConvShape { batch: usize::MAX / 2, ..good },
+        ConvShape { c_in: 1 << 40, c_out: 1 << 40, ..good },
     ] {
         assert!(bad.validate("t").is_err(), "{bad:?}");
+        assert!(bad.sizes().is_err(), "{bad:?}");
     }
+    // A kernel larger than the padded input has no output (it underflowed).
+    assert!(ConvShape { kernel: 9, pad: 0, ..good }.out_hw().is_err());
+    assert!(ConvShape { stride: 0, ..good }.out_hw().is_err());
+    let (h, w) = good.out_hw().unwrap();
+    assert_eq!(
+        (h, w),
+        (
+            (good.height + 2 * good.pad - good.kernel) / good.stride + 1,
+            (good.width + 2 * good.pad - good.kernel) / good.stride + 1
+        )
+    );
 }
 
 /// |got − want| ≤ tol·max|want|.
@@ -143,8 +161,8 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 /// rounded values.
 fn compare(dev: &Device, s: &ConvShape, dtype: DType, seed: u64) {
     let mut r = rng(seed);
-    let (nx, nw, ny) = s.sizes();
-    let (ho, wo) = s.out_hw();
+    let (nx, nw, ny) = s.sizes().unwrap();
+    let (ho, wo) = s.out_hw().unwrap();
     let round = |v: Vec<f32>| -> Vec<f32> {
         if dtype == DType::BF16 {
             v.into_iter().map(|a| half::bf16::from_f32(a).to_f32()).collect()

@@ -191,6 +191,63 @@ fn bad_input_is_a_clear_error() {
 }
 
 #[test]
+fn batchnorm_and_dropout_check_their_public_fields() {
+    // The kernels trust these fields: a parameter of the wrong length or
+    // dtype used to be read out of bounds, a p outside [0, 1) reached the
+    // kernel.
+    for dev in [Device::cpu(), Device::sim()] {
+        let x = Tensor::from_slice(&dev, &[3, 4], &[0.5f32, -1.0, 2.0, 0.25, 1.0, 0.0, -2.0, 3.0, 0.1, 0.2, 0.3, 0.4])
+            .unwrap();
+        let (d1, d2) = (dev.clone(), dev.clone());
+        let short = move || Tensor::from_slice(&d1, &[3], &[1.0f32; 3]).unwrap();
+        let bf16 = move || Tensor::from_f32(&d2, &[4], &[1.0; 4], gif_fr::DType::BF16).unwrap();
+        type Edit = Box<dyn Fn(&mut BatchNorm)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            (
+                "weight",
+                Box::new({
+                    let short = short.clone();
+                    move |b: &mut BatchNorm| b.weight = short()
+                }),
+            ),
+            (
+                "bias",
+                Box::new({
+                    let short = short.clone();
+                    move |b: &mut BatchNorm| b.bias = short()
+                }),
+            ),
+            ("running_mean", Box::new(move |b: &mut BatchNorm| b.running_mean = short())),
+            ("running_var bf16", Box::new(move |b: &mut BatchNorm| b.running_var = bf16())),
+            ("channels", Box::new(|b: &mut BatchNorm| b.channels = 5)),
+            ("eps", Box::new(|b: &mut BatchNorm| b.eps = -1.0)),
+            ("momentum", Box::new(|b: &mut BatchNorm| b.momentum = f32::NAN)),
+        ];
+        for (what, edit) in edits {
+            let mut bn = BatchNorm::new(&dev, 4, 1e-5).unwrap();
+            let (_, cache) = bn.forward(&x, true).unwrap();
+            edit(&mut bn);
+            assert!(bn.forward(&x, true).is_err(), "{dev}: forward with a bad {what}");
+            assert!(bn.forward(&x, false).is_err(), "{dev}: eval with a bad {what}");
+            assert!(bn.backward(&x, &cache, &x).is_err(), "{dev}: backward with a bad {what}");
+        }
+        // A cache from a layer of other channels.
+        let mut five = BatchNorm::new(&dev, 5, 1e-5).unwrap();
+        let x5 = Tensor::from_slice(&dev, &[2, 5], &[1.0f32, 2.0, 3.0, 4.0, 5.0, 0.0, 1.0, 0.0, 1.0, 0.0]).unwrap();
+        let (_, other) = five.forward(&x5, true).unwrap();
+        let bn = BatchNorm::new(&dev, 4, 1e-5).unwrap();
+        assert!(matches!(bn.backward(&x, &other, &x), Err(Error::Shape { .. })), "{dev}");
+        // Dropout's public p.
+        for p in [1.0f32, -0.5, f32::NAN] {
+            let mut d = Dropout::new(0.5, 1, 2).unwrap();
+            d.p = p;
+            let mut y = Tensor::empty(&dev, &[3, 4], gif_fr::DType::F32).unwrap();
+            assert!(matches!(d.apply_into(&x, &mut y), Err(Error::InvalidArgument { .. })), "{dev}: p {p}");
+        }
+    }
+}
+
+#[test]
 fn in_place_and_into_forms_equal_the_allocating_ones() {
     let (rows, c) = (301usize, 37usize);
     let mut r = rng(21);

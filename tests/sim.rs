@@ -55,6 +55,23 @@ fn out_of_bounds_write_is_reported_with_the_kernel_and_offset() {
 }
 
 #[test]
+fn planted_bugs_run_only_on_the_simulator() {
+    // On a GPU they would be a real out-of-bounds write, a hang or a race.
+    let mut others = vec![Device::cpu()];
+    others.extend(common::cuda());
+    for dev in &others {
+        let refused = |r: gif_fr::Result<Vec<f32>>| matches!(r, Err(gif_fr::Error::InvalidArgument { .. }));
+        assert!(refused(selftest::oob_write(dev, 10)), "{dev}");
+        assert!(refused(selftest::exit_before_barrier(dev, 64, 40)), "{dev}");
+        assert!(refused(selftest::divergent_barrier(dev, 64)), "{dev}");
+        assert!(refused(selftest::shfl_exited_lane(dev)), "{dev}");
+        assert!(refused(selftest::cp_async_without_wait(dev, &[1.0; 16])), "{dev}");
+        assert!(refused(selftest::block_sum(dev, &[1.0; 64], 64, false)), "{dev}");
+    }
+    assert!(selftest::oob_write(&Device::sim(), usize::MAX).is_err());
+}
+
+#[test]
 fn guard_bands_are_restored_after_a_report() {
     let dev = Device::sim();
     let _ = selftest::oob_write(&dev, 10);

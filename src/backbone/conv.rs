@@ -63,12 +63,12 @@ impl ConvShape {
         [self.c_out, self.kernel, self.kernel, self.c_in]
     }
     fn output(&self) -> [usize; 4] {
-        let (ho, wo) = self.out_hw();
+        let (ho, wo) = self.hw();
         [self.batch, ho, wo, self.c_out]
     }
     fn geometry(&self) -> Result<Vec<Arg>> {
-        let (ho, wo) = self.out_hw();
-        let pixels = self.batch.checked_mul(self.height.max(ho) * self.width.max(wo));
+        let (ho, wo) = self.hw();
+        let pixels = self.height.max(ho).checked_mul(self.width.max(wo)).and_then(|p| p.checked_mul(self.batch));
         let taps = self.kernel * self.kernel * self.c_in.max(self.c_out);
         if !pixels.is_some_and(|p| p <= i32::MAX as usize) || taps > i32::MAX as usize {
             return Err(Error::invalid("conv2d", format!("{self:?} is too large for 32-bit indices")));
@@ -147,7 +147,7 @@ pub fn conv2d_into(x: &Tensor, w: &Tensor, s: &ConvShape, y: &mut Tensor) -> Res
     if dev.kind() == DeviceKind::Cpu {
         return y.write_host_f32(&cpu::forward_gemm(s, &x.host_f32()?, &w.host_f32()?));
     }
-    let (ho, wo) = s.out_hw();
+    let (ho, wo) = s.hw();
     s.launch("fwd", dtype, [x, w, y], &[], (s.batch * ho * wo, s.c_out), 1)
 }
 
@@ -194,7 +194,7 @@ pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tens
         return Ok(Tensor::from_host(dev, s.weights().to_vec(), HostData::F32(dw)));
     }
     let dw = Tensor::zeros(dev, &s.weights(), DType::F32)?;
-    let (ho, wo) = s.out_hw();
+    let (ho, wo) = s.hw();
     let m = s.batch * ho * wo;
     let n = s.kernel * s.kernel * s.c_in;
     let tiles = n.div_ceil(TILE) * s.c_out.div_ceil(TILE);
@@ -227,36 +227,63 @@ pub struct ConvShape {
 }
 
 impl ConvShape {
-    /// Output height and width.
-    pub fn out_hw(&self) -> (usize, usize) {
-        let o = |n: usize| (n + 2 * self.pad - self.kernel) / self.stride + 1;
-        (o(self.height), o(self.width))
+    /// Output height and width, `(n + 2·pad − k) / stride + 1`. Errors
+    /// (checked arithmetic): a zero stride, a kernel larger than the padded
+    /// input, sizes that overflow.
+    pub fn out_hw(&self) -> Result<(usize, usize)> {
+        let o = |n: usize| {
+            self.pad
+                .checked_mul(2)
+                .and_then(|p| p.checked_add(n))
+                .and_then(|p| p.checked_sub(self.kernel))
+                .and_then(|p| p.checked_div(self.stride))
+                .map(|q| q + 1)
+        };
+        match (o(self.height), o(self.width)) {
+            (Some(h), Some(w)) => Ok((h, w)),
+            _ => Err(Error::invalid(
+                "ConvShape::out_hw",
+                format!("no output for {self:?}: the stride must be positive and the kernel fit the padded input"),
+            )),
+        }
     }
 
-    /// Checks the shape is usable; `op` names the caller.
+    /// The output size of a shape [`ConvShape::validate`] accepted.
+    fn hw(&self) -> (usize, usize) {
+        self.out_hw().unwrap_or((0, 0))
+    }
+
+    /// Checks the shape is usable, with checked arithmetic: every size
+    /// positive, an output, and element counts that fit in `usize` (the
+    /// kernels' own 32-bit limits are checked at launch). `op` names the
+    /// caller.
     pub fn validate(&self, op: &'static str) -> Result<()> {
-        let ok = self.batch > 0
-            && self.c_in > 0
-            && self.c_out > 0
-            && self.kernel > 0
-            && self.stride > 0
-            && self.height + 2 * self.pad >= self.kernel
-            && self.width + 2 * self.pad >= self.kernel;
-        if !ok {
+        let positive = [self.batch, self.c_in, self.c_out, self.kernel, self.stride, self.height, self.width]
+            .iter()
+            .all(|&v| v > 0);
+        let sizes = self.checked_sizes();
+        if !positive || self.out_hw().is_err() || sizes.is_none() {
             return Err(Error::invalid(op, format!("unusable convolution shape {self:?}")));
         }
         Ok(())
     }
 
+    fn checked_sizes(&self) -> Option<(usize, usize, usize)> {
+        let (ho, wo) = self.out_hw().ok()?;
+        let prod = |v: &[usize]| v.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+        Some((
+            prod(&[self.batch, self.height, self.width, self.c_in])?,
+            prod(&[self.c_out, self.kernel, self.kernel, self.c_in])?,
+            prod(&[self.batch, ho, wo, self.c_out])?,
+        ))
+    }
+
     /// Elements of the input `[B, H, W, C_in]`, weights `[C_out, k, k, C_in]`
-    /// and output `[B, H_o, W_o, C_out]`.
-    pub fn sizes(&self) -> (usize, usize, usize) {
-        let (ho, wo) = self.out_hw();
-        (
-            self.batch * self.height * self.width * self.c_in,
-            self.c_out * self.kernel * self.kernel * self.c_in,
-            self.batch * ho * wo * self.c_out,
-        )
+    /// and output `[B, H_o, W_o, C_out]`; an error for a shape
+    /// [`ConvShape::validate`] refuses.
+    pub fn sizes(&self) -> Result<(usize, usize, usize)> {
+        self.validate("ConvShape::sizes")?;
+        self.checked_sizes().ok_or_else(|| Error::invalid("ConvShape::sizes", format!("{self:?} is too large")))
     }
 }
 
@@ -268,7 +295,7 @@ pub mod cpu {
     /// Calls `f(out_index, in_index, weight_index)` for every product of the
     /// convolution (out-of-range taps skipped).
     fn taps(s: &ConvShape, mut f: impl FnMut(usize, usize, usize)) {
-        let (ho, wo) = s.out_hw();
+        let (ho, wo) = s.hw();
         let k = s.kernel;
         for b in 0..s.batch {
             for oy in 0..ho {
@@ -302,7 +329,7 @@ pub mod cpu {
     /// (tap, channel)) from one image `xb` (`H x W x C_in`); padding is 0.
     fn im2col(s: &ConvShape, xb: &[f32], col: &mut [f32]) {
         use rayon::prelude::*;
-        let (_, wo) = s.out_hw();
+        let (_, wo) = s.hw();
         let (k, kk) = (s.kernel, s.kernel * s.kernel * s.c_in);
         col.par_chunks_mut(kk).enumerate().for_each(|(pix, row)| {
             let (oy, ox) = (pix / wo, pix % wo);
@@ -338,7 +365,7 @@ pub mod cpu {
     /// `y = conv(x, w)` through im2col (per image, `H_o·W_o x k²·C_in`
     /// floats) and the `gemm` crate: the CPU path's forward (f32).
     pub fn forward_gemm(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let (ho, wo) = s.out_hw();
+        let (ho, wo) = s.hw();
         let kk = s.kernel * s.kernel * s.c_in;
         let (npix, in_img) = (ho * wo, s.height * s.width * s.c_in);
         let mut y = vec![0f32; s.batch * npix * s.c_out];
@@ -355,7 +382,7 @@ pub mod cpu {
     /// gradient `dy_b · W` (`H_o·W_o x k²·C_in`, the `gemm` crate) scattered
     /// back onto the input pixels (col2im).
     pub fn data_grad_gemm(s: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
-        let (ho, wo) = s.out_hw();
+        let (ho, wo) = s.hw();
         let (k, kk) = (s.kernel, s.kernel * s.kernel * s.c_in);
         let (npix, in_img) = (ho * wo, s.height * s.width * s.c_in);
         let mut dx = vec![0f32; s.batch * in_img];
@@ -381,7 +408,7 @@ pub mod cpu {
     /// The weight gradient on the CPU path (f32): `Σ_b dy_bᵀ · im2col(x_b)`
     /// through the `gemm` crate.
     pub fn weight_grad_gemm(s: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
-        let (ho, wo) = s.out_hw();
+        let (ho, wo) = s.hw();
         let kk = s.kernel * s.kernel * s.c_in;
         let (npix, in_img) = (ho * wo, s.height * s.width * s.c_in);
         let mut dw = vec![0f32; s.c_out * kk];
@@ -396,21 +423,21 @@ pub mod cpu {
 
     /// `y = conv(x, w)` (f64 accumulation: the reference).
     pub fn forward(s: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let mut y = vec![0f64; s.sizes().2];
+        let mut y = vec![0f64; s.checked_sizes().map_or(0, |z| z.2)];
         taps(s, |o, i, k| y[o] += x[i] as f64 * w[k] as f64);
         y.into_iter().map(|v| v as f32).collect()
     }
 
     /// The gradient with respect to the input, given `dy`.
     pub fn data_grad(s: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
-        let mut dx = vec![0f64; s.sizes().0];
+        let mut dx = vec![0f64; s.checked_sizes().map_or(0, |z| z.0)];
         taps(s, |o, i, k| dx[i] += dy[o] as f64 * w[k] as f64);
         dx.into_iter().map(|v| v as f32).collect()
     }
 
     /// The gradient with respect to the weights, given `dy`.
     pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
-        let mut dw = vec![0f64; s.sizes().1];
+        let mut dw = vec![0f64; s.checked_sizes().map_or(0, |z| z.1)];
         taps(s, |o, i, k| dw[k] += dy[o] as f64 * x[i] as f64);
         dw.into_iter().map(|v| v as f32).collect()
     }

@@ -155,6 +155,32 @@ impl BatchNorm {
         [&self.weight, &self.bias, &self.running_mean, &self.running_var]
     }
 
+    /// The layer's public fields, as the kernels read them: every parameter
+    /// f32 `[C]`, eps finite and positive, momentum in [0, 1].
+    fn check_params(&self, op: &'static str) -> Result<()> {
+        let c = self.channels;
+        let names = ["weight", "bias", "running_mean", "running_var"];
+        for (t, name) in self.params().into_iter().zip(names) {
+            if t.shape() != [c] || t.dtype() != DType::F32 {
+                return Err(Error::Shape {
+                    op,
+                    expected: format!("{name}: f32 [{c}] (channels = {c})"),
+                    got: format!("{:?} {:?}", t.shape(), t.dtype()),
+                });
+            }
+        }
+        if c == 0 || !(self.eps.is_finite() && self.eps > 0.0) || !(0.0..=1.0).contains(&self.momentum) {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "channels must be positive, eps finite and positive, momentum in [0, 1]; got {c}, {}, {}",
+                    self.eps, self.momentum
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// `y = (x − μ)/sqrt(σ² + eps)·γ + β` over `[rows, C]`. Training: μ, σ²
     /// are the batch's (biased variance) and the running statistics move by
     /// `momentum`; eval: the running statistics.
@@ -168,6 +194,7 @@ impl BatchNorm {
     /// is overwritten.
     pub fn forward_into(&mut self, x: &Tensor, training: bool, y: &mut Tensor) -> Result<BnCache> {
         const OP: &str = "BatchNorm::forward";
+        self.check_params(OP)?;
         let c = self.channels;
         let rows = check_rows(OP, x, c)?;
         let mut all = vec![x];
@@ -257,8 +284,16 @@ impl BatchNorm {
     /// (x's shape, f32, same device); returns `(dγ, dβ)`.
     pub fn backward_into(&self, x: &Tensor, cache: &BnCache, dy: &Tensor, dx: &mut Tensor) -> Result<(Tensor, Tensor)> {
         const OP: &str = "BatchNorm::backward";
+        self.check_params(OP)?;
         let c = self.channels;
         let rows = check_rows(OP, x, c)?;
+        if cache.mean.shape() != [c] || cache.invstd.shape() != [c] {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("the cache of a forward pass over {c} channels"),
+                got: format!("a cache of {:?} channels", cache.mean.shape()),
+            });
+        }
         if dy.shape() != x.shape() || dy.dtype() != DType::F32 {
             return Err(Error::Shape {
                 op: OP,
@@ -266,7 +301,9 @@ impl BatchNorm {
                 got: format!("{:?}", dy.shape()),
             });
         }
-        let dev = same_device(OP, &[x, dy, &self.weight, &cache.mean])?.clone();
+        let mut all = vec![x, dy, &cache.mean, &cache.invstd];
+        all.extend(self.params());
+        let dev = same_device(OP, &all)?.clone();
         dx.check_output(OP, &dev, &[x.shape()])?;
         if dev.kind() == DeviceKind::Cpu {
             let (g, dg, db) = cpu::backward(
@@ -485,6 +522,9 @@ impl Dropout {
     /// backward (on the gradient). At most 2³² elements.
     pub fn apply_into(&self, x: &Tensor, y: &mut Tensor) -> Result<()> {
         const OP: &str = "dropout";
+        if !(0.0..1.0).contains(&self.p) {
+            return Err(Error::invalid(OP, format!("p must be in [0, 1), got {}", self.p)));
+        }
         if x.dtype() != DType::F32 || x.numel() > u32::MAX as usize {
             return Err(Error::Shape { op: OP, expected: "f32, at most 2^32 elements".into(), got: format!("{x:?}") });
         }

@@ -171,9 +171,12 @@ impl CodeTable {
     pub fn is_empty(&self) -> bool {
         self.n == 0
     }
-    /// Token `j` of identity `id`.
-    pub fn token(&self, id: usize, j: usize) -> u16 {
-        self.codes[id * self.length + j]
+    /// Token `j` of identity `id`; `None` when `id` ≥ N or `j` ≥ l.
+    pub fn token(&self, id: usize, j: usize) -> Option<u16> {
+        if id >= self.n || j >= self.length {
+            return None;
+        }
+        Some(self.codes[id * self.length + j])
     }
 }
 
@@ -416,7 +419,7 @@ impl CodeHead {
         let label_buf = i32s(&labels.iter().map(|&y| y as i32).collect::<Vec<_>>())?;
         // Targets, position-major: position j at offset j·B.
         let targets: Vec<i32> =
-            (0..l).flat_map(|j| labels.iter().map(move |&y| table.token(y as usize, j) as i32)).collect();
+            (0..l).flat_map(|j| labels.iter().map(move |&y| table.codes[y as usize * l + j] as i32)).collect();
         let target_buf = i32s(&targets)?;
         let mut dx = Tensor::empty(dev, &[b, d], DType::F32)?;
         // Per-sample statistics, one row each, downloaded in one copy at the

@@ -568,8 +568,8 @@ fn device_step(
 pub mod cpu {
     use super::*;
 
-    /// Rows of `x` (`[·, d]`) divided by `max(‖x‖, eps)`, and the norms.
-    pub fn normalize_rows(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    /// Rows of `x` (`[·, d]`, d ≥ 1) divided by `max(‖x‖, eps)`, and the norms.
+    pub(crate) fn normalize_rows(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
         let b = x.len() / d;
         let (mut u, mut n) = (vec![0f32; x.len()], vec![0f32; b]);
         crate::rowwise::cpu::l2_normalize(x, d, EPS, &mut u, &mut n);
