@@ -5,18 +5,27 @@
 //   For sample b (one 128-thread block each), z = z_j[b] (d_p values):
 //     ‖z‖, u = z / ‖z‖                       (written to u, f32)
 //     c_k = u · ŵ_k for the v normalized centres ŵ (f32, [v, d_p])
-//     target logit s·f(c_y) with f the margin (margin.rs):
-//       none: c; CosFace: c − m; ArcFace: cos(θ + m) while c > cos(π − m),
-//       else c − m·sin m (insightface's fallback)
-//     other logits s·c_k; p = softmax; loss_b = w·(−log p_y), w = λ_j / B
-//     dC_k = w·s·(p_k − [k = y]), times f'(c_y) for the target when the
-//       margin gradient is exact (straight-through: f' = 1, as insightface)
-//     dU = Σ_k dC_k ŵ_k;  dz = (dU − u (u·dU)) / ‖z‖   (through the
-//       feature normalization; the centre normalization's gradient is
-//       applied by rowwise l2norm_bwd after dŴ = dCᵀ·U, a GEMM)
+//     for the angular margins (kinds 1, 3), the target's c_y and sin θ from
+//       z and the raw centre w_y in f64 (margin.cuh warp_angle), so both are
+//       accurate at small angles
+//     target logit s·f(c_y) with f the margin (margin.cuh), other logits
+//       s·c_k; with M the max logit, S = Σ_{k≠y} exp(s c_k − M), e_y =
+//       exp(s f − M), Z = e_y + S: loss_b = w·log1p(S) when the target is
+//       the max, else w·((M − s f) + log Z), w = λ_j / B
+//     dC_k = w·s·exp(s c_k − M)/Z (k ≠ y); G = −w·s·S/Z (= w·s·(p_y − 1)
+//       without cancellation); dC_y = G·df (exact) or G (straight-through);
+//       the exact ArcFace gradient's singular part a = G·sing goes along
+//       the unit tangents (margin.rs)
+//     dU = Σ_k dC_k ŵ_k;  dz = (dU − u (u·dU) + a·t_z) / ‖z‖ with t_z the
+//       unit tangent at u toward ŵ_y (through the feature normalization;
+//       the centre normalization's gradient is applied by rowwise
+//       l2norm_bwd after dŴ = dCᵀ·U, a GEMM)
 //   Outputs per sample: loss, correct (argmax_k c_k == y, as 1/0), dC row,
 //   u row, dz row (written, or added to dz when accumulate != 0: the
-//   no-projection case sums all positions into the feature gradient).
+//   no-projection case sums all positions into the feature gradient). With
+//   `singular` != 0, also rows B + b of dC (one-hot at y) and of u (a·t_w,
+//   t_w the unit tangent at ŵ_y toward u), so that the GEMM over 2B rows
+//   adds the singular part to dŴ_y.
 //   Grid: B blocks x 128 threads; dynamic shared memory (2 d_p + 2 v)
 //   floats. Limits: v <= 4096 and d_p <= 8192 (the launcher checks); ‖z‖ = 0 gives
 //   a non-finite loss, which the launcher reports as an error.
@@ -54,11 +63,11 @@ GIF_DEVICE float block_max4(float v, float* scratch) {
 }
 
 template <typename T>
-GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_hat, const int* __restrict__ target, int b_rows,
-                          int dp, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight,
-                          float* __restrict__ u_out, float* __restrict__ dz, int accumulate, float* __restrict__ dc,
+GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_hat, const float* __restrict__ w_raw,
+                          const int* __restrict__ target, int b_rows, int dp, int v, float s, int margin, float m,
+                          float cos_m, float sin_m, int exact_grad, float weight, float* __restrict__ u_out,
+                          float* __restrict__ dz, int accumulate, float* __restrict__ dc, int singular,
                           float* __restrict__ loss, float* __restrict__ correct) {
-  (void)b_rows;  // the grid has one block per sample
   GIF_DYNAMIC_SMEM(float, sm);
   float* u = sm;            // d_p: the normalized feature
   float* dus = sm + dp;     // d_p: the gradient with respect to u
@@ -68,6 +77,8 @@ GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_h
   const int b = blockIdx.x;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const T* zr = z + (long long)b * dp;
+  const int y = target[b];
+  const float* wy = w_raw + (long long)y * dp;
 
   float ss = 0.0f;
   for (int c = t; c < dp; c += kThreads) {
@@ -90,17 +101,20 @@ GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_h
     acc = warp_reduce(acc, SumOp{});
     if (lane == 0) cos_k[k] = acc;
   }
+  // The target's angle from the raw vectors (every warp computes the same).
+  const bool angular = margin == 1 || margin == 3;
+  Angle64 ang{0.0, 0.0, 0.0, 0.0};
+  if (angular) ang = warp_angle(zr, wy, dp);
   __syncthreads();
-  const int y = target[b];
-  const Target tg = margin_target(cos_k[y], margin, m, cos_m, sin_m);
-  const float fy = tg.f;
-  const float df = exact_grad ? tg.df : 1.0f;
+  if (angular && t == 0) cos_k[y] = (float)ang.c;
+  __syncthreads();
+  const Target tg = margin_target(cos_k[y], (float)ang.sin, margin, m, cos_m, sin_m);
   // Softmax over the logits s·c (target: s·f(c_y)); argmax of the plain cosines.
   float mx = -gif_inf();
   float best = -gif_inf();
   int arg = 0x7fffffff;
   for (int k = t; k < v; k += kThreads) {
-    const float lg = s * (k == y ? fy : cos_k[k]);
+    const float lg = s * (k == y ? tg.f : cos_k[k]);
     mx = fmaxf(mx, lg);
     if (cos_k[k] > best || (cos_k[k] == best && k < arg)) {
       best = cos_k[k];
@@ -112,23 +126,26 @@ GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_h
   const float top = block_max4(best, scratch);
   const float first = -block_max4(best == top ? -(float)arg : -gif_inf(), scratch);
   float se = 0.0f;
-  for (int k = t; k < v; k += kThreads) se += expf(s * (k == y ? fy : cos_k[k]) - mx);
-  se = block_sum4(se, scratch);
-  const float log_se = logf(se);
+  for (int k = t; k < v; k += kThreads) se += k == y ? 0.0f : expf(s * cos_k[k] - mx);
+  se = block_sum4(se, scratch);  // S: the other classes
+  const float ty = s * tg.f;
+  const float zsum = expf(ty - mx) + se;
+  const float g_y = -weight * s * se / zsum;  // w·s·(p_y − 1)
   for (int k = t; k < v; k += kThreads) {
-    const float p = expf(s * (k == y ? fy : cos_k[k]) - mx - log_se);
-    float g = weight * s * (p - (k == y ? 1.0f : 0.0f));
-    if (k == y) g *= df;
+    const float g = k == y ? g_y * (exact_grad ? tg.df : 1.0f) : weight * s * expf(s * cos_k[k] - mx) / zsum;
     grad[k] = g;
     dc[(long long)b * v + k] = g;
+    if (singular) dc[((long long)b_rows + b) * v + k] = k == y ? 1.0f : 0.0f;
   }
   if (t == 0) {
-    loss[b] = weight * (mx + log_se - s * fy);
+    loss[b] = weight * (ty >= mx ? log1pf(se) : (mx - ty) + logf(zsum));
     correct[b] = (int)first == y ? 1.0f : 0.0f;
   }
+  // The singular part of the exact gradient, along the unit tangents.
+  const double a = exact_grad ? (double)g_y * tg.sing : 0.0;
   __syncthreads();
   // dU = Σ_k grad_k ŵ_k, then through the normalization:
-  // dz = (dU − u (u·dU)) / ‖z‖.
+  // dz = (dU − u (u·dU) + a·t_z) / ‖z‖.
   float du_dot_u = 0.0f;
   for (int c = t; c < dp; c += kThreads) {
     float du = 0.0f;
@@ -138,9 +155,12 @@ GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_h
   }
   const float proj = block_sum4(du_dot_u, scratch);
   for (int c = t; c < dp; c += kThreads) {
-    const float g = (dus[c] - u[c] * proj) * inv;
+    const double zc = (double)to_float(zr[c]), wc = (double)wy[c];
+    float g = (dus[c] - u[c] * proj) * inv;
+    if (a != 0.0) g += (float)(a * ang.toward_w(zc, wc) / ang.nz);
     float* o = dz + (long long)b * dp + c;
     *o = accumulate ? *o + g : g;
+    if (singular) u_out[((long long)b_rows + b) * dp + c] = (float)(a * ang.toward_z(zc, wc));
   }
 }
 
@@ -176,8 +196,8 @@ GIF_DEVICE void code_regression(const T* __restrict__ x, const int* __restrict__
 }  // namespace
 
 // clang-format off
-extern "C" __global__ void __launch_bounds__(kThreads) margin_ce_f32(const float* z, const float* w_hat, const int* target, int b, int dp, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight, float* u, float* dz, int accumulate, float* dc, float* loss, float* correct) { margin_ce<float>(z, w_hat, target, b, dp, v, s, margin, m, cos_m, sin_m, exact_grad, weight, u, dz, accumulate, dc, loss, correct); }
-extern "C" __global__ void __launch_bounds__(kThreads) margin_ce_bf16(const bf16* z, const float* w_hat, const int* target, int b, int dp, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight, float* u, float* dz, int accumulate, float* dc, float* loss, float* correct) { margin_ce<bf16>(z, w_hat, target, b, dp, v, s, margin, m, cos_m, sin_m, exact_grad, weight, u, dz, accumulate, dc, loss, correct); }
+extern "C" __global__ void __launch_bounds__(kThreads) margin_ce_f32(const float* z, const float* w_hat, const float* w_raw, const int* target, int b, int dp, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight, float* u, float* dz, int accumulate, float* dc, int singular, float* loss, float* correct) { margin_ce<float>(z, w_hat, w_raw, target, b, dp, v, s, margin, m, cos_m, sin_m, exact_grad, weight, u, dz, accumulate, dc, singular, loss, correct); }
+extern "C" __global__ void __launch_bounds__(kThreads) margin_ce_bf16(const bf16* z, const float* w_hat, const float* w_raw, const int* target, int b, int dp, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight, float* u, float* dz, int accumulate, float* dc, int singular, float* loss, float* correct) { margin_ce<bf16>(z, w_hat, w_raw, target, b, dp, v, s, margin, m, cos_m, sin_m, exact_grad, weight, u, dz, accumulate, dc, singular, loss, correct); }
 extern "C" __global__ void __launch_bounds__(256) code_regression_f32_f32(const float* x, const int* labels, const float* table, int b, int d, float gamma_over_b, float* dx, float* loss) { code_regression<float, float>(x, labels, table, b, d, gamma_over_b, dx, loss); }
 extern "C" __global__ void __launch_bounds__(256) code_regression_f32_bf16(const float* x, const int* labels, const bf16* table, int b, int d, float gamma_over_b, float* dx, float* loss) { code_regression<float, bf16>(x, labels, table, b, d, gamma_over_b, dx, loss); }
 extern "C" __global__ void __launch_bounds__(256) code_regression_bf16_f32(const bf16* x, const int* labels, const float* table, int b, int d, float gamma_over_b, float* dx, float* loss) { code_regression<bf16, float>(x, labels, table, b, d, gamma_over_b, dx, loss); }

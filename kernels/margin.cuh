@@ -1,25 +1,79 @@
 // margin.cuh: the angular margins on the target cosine, the kernel side of
-// src/head/margin.rs (Margin::target). Shared by the code head and the O(N)
-// softmax heads.
+// src/head/margin.rs (Margin::target, Angle). Shared by the code head and
+// the O(N) softmax heads.
+//
+// margin (kind): 0 none, 1 ArcFace with insightface's old fallback, 2
+// CosFace (c − m; also insightface's CombinedMarginLoss with m3 > 0), 3
+// ArcFace without fallback (cos(θ + m) for every θ: CombinedMarginLoss with
+// m1 = 1, m3 = 0). cm = cos m, sm = sin m come from the host.
 #pragma once
 #include "common.cuh"
 
-// f(c) and f'(c) (exact) of the margin on the target cosine.
+// f(c), and f'(c) = df + sing / sin θ split into its regular part and the
+// coefficient of its singular part (the exact ArcFace gradient's unit
+// tangent term, applied along the tangents of warp_angle below).
 struct Target {
-  float f, df;
+  float f, df, sing;
 };
-// margin: 0 none, 1 ArcFace, 2 CosFace; cm = cos m, sm = sin m (from the
-// host, so the kernel needs no trigonometry).
-GIF_DEVICE Target margin_target(float c, int margin, float m, float cm, float sm) {
-  if (margin == 2) return Target{c - m, 1.0f};
-  if (margin == 1) {
-    if (c > -cm) {  // θ + m < π, i.e. c > cos(π − m) = −cos m
-      const float cc = fminf(c, 1.0f);
-      const float sin_t = sqrtf(fmaxf(1.0f - cc * cc, 1e-12f));
-      return Target{cc * cm - sin_t * sm, cm + cc * sm / sin_t};
-    }
-    return Target{c - m * sm, 1.0f};
-  }
-  return Target{c, 1.0f};
+// c: the target's cosine; sin_t: the sine of its angle from the vectors
+// (read by kinds 1 and 3 only).
+GIF_DEVICE Target margin_target(float c, float sin_t, int margin, float m, float cm, float sm) {
+  c = fminf(fmaxf(c, -1.0f), 1.0f);
+  if (margin == 2) return Target{c - m, 1.0f, 0.0f};
+  if (margin == 1 && c <= -cm) return Target{c - m * sm, 1.0f, 0.0f};  // θ + m ≥ π: the fallback
+  if (margin == 1 || margin == 3) return Target{c * cm - sin_t * sm, cm, c * sm};
+  return Target{c, 1.0f, 0.0f};
 }
 
+// The angle between z and w (d values each) from the raw vectors, in f64:
+// c = z·w / (‖z‖‖w‖) clamped to [−1, 1] and sin θ = ‖ŵ − c·ẑ‖, accurate at
+// any angle (not sqrt(1 − c²)). A zero vector gives c = 0, sin = 1 and no
+// tangent. Every lane of a full warp calls it and gets the result.
+struct Angle64 {
+  double c, sin, nz, nw;
+  // Component i of the unit tangent at ẑ toward ŵ, (ŵ − c ẑ) / sin θ, and
+  // at ŵ toward ẑ, (ẑ − c ŵ) / sin θ; 0 when there is none.
+  GIF_DEVICE double toward_w(double zi, double wi) const {
+    return sin > 0.0 && nz > 0.0 && nw > 0.0 ? (wi / nw - c * zi / nz) / sin : 0.0;
+  }
+  GIF_DEVICE double toward_z(double zi, double wi) const {
+    return sin > 0.0 && nz > 0.0 && nw > 0.0 ? (zi / nz - c * wi / nw) / sin : 0.0;
+  }
+};
+
+GIF_DEVICE double warp_sum_f64(double v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename A, typename B>
+GIF_DEVICE Angle64 warp_angle(const A* __restrict__ z, const B* __restrict__ w, int d) {
+  const int lane = threadIdx.x & 31;
+  double zz = 0.0, ww = 0.0, zw = 0.0;
+  for (int i = lane; i < d; i += 32) {
+    const double a = (double)to_float(z[i]), b = (double)to_float(w[i]);
+    zz += a * a;
+    ww += b * b;
+    zw += a * b;
+  }
+  zz = warp_sum_f64(zz);
+  ww = warp_sum_f64(ww);
+  zw = warp_sum_f64(zw);
+  Angle64 r;
+  r.nz = sqrt(zz);
+  r.nw = sqrt(ww);
+  if (!(r.nz > 0.0 && r.nw > 0.0)) {
+    r.c = r.nz == r.nz && r.nw == r.nw ? 0.0 : r.nz + r.nw;  // NaN stays NaN
+    r.sin = 1.0;
+    return r;
+  }
+  r.c = fmin(fmax(zw / (r.nz * r.nw), -1.0), 1.0);
+  double ss = 0.0;
+  for (int i = lane; i < d; i += 32) {
+    const double t = (double)to_float(w[i]) / r.nw - r.c * (double)to_float(z[i]) / r.nz;
+    ss += t * t;
+  }
+  r.sin = sqrt(warp_sum_f64(ss));
+  return r;
+}

@@ -18,11 +18,20 @@
 //                         argmax of c (lowest index on ties). Writes partial
 //                         [B][splits][4] = (max, sum, best c, best index bits)
 //                         and the target cosine c_y (its one tile writes it).
+// softmax_target_angle_<T> (angular margins) one warp per row: the
+//                         target's c_y and sin θ from the raw feature and
+//                         centre in f64 (margin.cuh), replacing the tile's c_y.
 // softmax_merge           one warp per row: merges the splits, adds the
-//                         target logit s·f(c_y): lse, loss = weight·(lse −
-//                         s·f(c_y)), correct = (argmax == y), and
-//                         gy = weight·s·(p_y − 1)·f'(c_y) (f' = 1 when the
-//                         gradient is straight-through).
+//                         target logit s·f(c_y): lse, loss = weight·log1p(S)
+//                         when the target is the max logit, else weight·(lse
+//                         − s·f(c_y)) (S: the other classes' Σ exp at the
+//                         max), correct = (argmax == y), G = −weight·s·S/Z
+//                         (= weight·s·(p_y − 1) without cancellation), gy =
+//                         G·df (G when straight-through) and gsing = G·sing,
+//                         the exact ArcFace gradient's singular part.
+// softmax_target_singular_<T> (exact ArcFace) one warp per distinct target
+//                         class: adds gsing along the unit tangents to the
+//                         rows' dU and the class's dŴ, in row order.
 // softmax_bwd_<T>[_v]     grid (⌈N/128⌉, b_splits): block (nt, bs) owns class
 //                         tile nt and walks row tiles bs, bs + b_splits, ...:
 //                         recomputes the tile of c, G = weight·s·p (gy on the
@@ -186,9 +195,10 @@ GIF_DEVICE void softmax_fwd(const float* __restrict__ U, const T* __restrict__ W
 }
 
 GIF_DEVICE void merge_rows(const float* __restrict__ partial, int splits, const float* __restrict__ tgt_cos,
-                              const int* __restrict__ target, int B, float s, int margin, float m, float cos_m, float sin_m,
-                              int exact_grad, float weight, float* __restrict__ lse_out, float* __restrict__ gy,
-                              float* __restrict__ loss, float* __restrict__ correct) {
+                           const float* __restrict__ tgt_sin, const int* __restrict__ target, int B, float s, int margin,
+                           float m, float cos_m, float sin_m, int exact_grad, float weight, float* __restrict__ lse_out,
+                           float* __restrict__ gy, float* __restrict__ loss, float* __restrict__ correct,
+                           float* __restrict__ gsing) {
   const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= B) return;
   Lse l{-gif_inf(), 0.0f};
@@ -218,15 +228,61 @@ GIF_DEVICE void merge_rows(const float* __restrict__ partial, int splits, const 
   if (lane != 0) return;
   const int y = target[row];
   const float cy = tgt_cos[row];
-  const Target tg = margin_target(cy, margin, m, cos_m, sin_m);
+  const Target tg = margin_target(cy, tgt_sin ? tgt_sin[row] : 0.0f, margin, m, cos_m, sin_m);
   const float ty = s * tg.f;
-  const Lse all = lse_merge(l, Lse{ty, 1.0f});
-  const float lse = all.m + logf(all.s);
-  const float py = expf(ty - lse);
-  lse_out[row] = lse;
-  gy[row] = weight * s * (py - 1.0f) * (exact_grad ? tg.df : 1.0f);
-  loss[row] = nan || cy != cy ? gif_bits_float(0x7fc00000u) : weight * (lse - ty);
+  // l holds (max, Σ exp) of the other classes: S = their sum at the row's
+  // max M, Z = S + exp(s f − M).
+  const float mx = fmaxf(l.m, ty);
+  const float others = l.m == -gif_inf() ? 0.0f : l.s * expf(l.m - mx);
+  const float zsum = others + expf(ty - mx);
+  const float g = -weight * s * others / zsum;  // weight·s·(p_y − 1), without cancellation
+  lse_out[row] = mx + logf(zsum);
+  gy[row] = g * (exact_grad ? tg.df : 1.0f);
+  gsing[row] = exact_grad ? g * tg.sing : 0.0f;
+  loss[row] = nan || cy != cy ? gif_bits_float(0x7fc00000u) : weight * (ty >= mx ? log1pf(others) : (mx - ty) + logf(zsum));
   correct[row] = bi == y ? 1.0f : 0.0f;
+}
+
+// The target's cosine and the sine of its angle from the raw feature (f32)
+// and centre in f64, one warp per row; overwrites the tile's f32 cosine.
+template <typename T>
+GIF_DEVICE void target_angle(const float* __restrict__ X, const T* __restrict__ W, const int* __restrict__ rows,
+                             const int* __restrict__ target, int B, int d, float* __restrict__ tgt_cos,
+                             float* __restrict__ tgt_sin) {
+  const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= B) return;
+  const Angle64 a = warp_angle(X + (long long)row * d, W + f32_row(rows, target[row]) * d, d);
+  if (lane == 0) {
+    tgt_cos[row] = (float)a.c;
+    tgt_sin[row] = (float)a.sin;
+  }
+}
+
+// The singular part of the exact ArcFace gradient: one warp per distinct
+// target class (rows order[starts[g] .. starts[g + 1]], ascending), adding
+// a·t (a = gsing of the row) to the row's dU along the unit tangent at u
+// toward ŵ, and to the class's dŴ along the tangent at ŵ toward u, row after
+// row: the centre gradient stays reproducible.
+template <typename T>
+GIF_DEVICE void target_singular(const float* __restrict__ X, const T* __restrict__ W, const int* __restrict__ rows,
+                                const int* __restrict__ target, const int* __restrict__ order,
+                                const int* __restrict__ starts, int d, const float* __restrict__ gsing,
+                                float* __restrict__ dU, float* __restrict__ dW_hat) {
+  const int g = blockIdx.x, lane = threadIdx.x & 31;
+  for (int i = starts[g]; i < starts[g + 1]; ++i) {
+    const int row = order[i];
+    const float a = gsing[row];
+    if (a == 0.0f) continue;  // the same for every lane
+    const int n = target[row];
+    const float* x = X + (long long)row * d;
+    const T* w = W + f32_row(rows, n) * d;
+    const Angle64 ang = warp_angle(x, w, d);
+    for (int c = lane; c < d; c += 32) {
+      const double xc = x[c], wc = to_float(w[c]);
+      dU[(long long)row * d + c] += (float)(a * ang.toward_w(xc, wc));
+      dW_hat[(long long)n * d + c] += (float)(a * ang.toward_z(xc, wc));
+    }
+  }
 }
 
 // acc = A·X over the 128-deep k range of a resident tile: A(o, k) is
@@ -593,7 +649,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) softmax_fwd_f32(const float
 extern "C" __global__ void __launch_bounds__(256, 2) softmax_fwd_f32_v(const float* U, const float* W, const int* rows, const float* rnorm, const int* target, int B, int N, int d, float s, int splits, float* partial, float* tgt_cos) { softmax_fwd<float, true>(U, W, rows, rnorm, target, B, N, d, s, splits, partial, tgt_cos); }
 extern "C" __global__ void __launch_bounds__(256, 2) softmax_fwd_bf16(const float* U, const bf16* W, const int* rows, const float* rnorm, const int* target, int B, int N, int d, float s, int splits, float* partial, float* tgt_cos) { softmax_fwd<bf16, false>(U, W, rows, rnorm, target, B, N, d, s, splits, partial, tgt_cos); }
 extern "C" __global__ void __launch_bounds__(256, 2) softmax_fwd_bf16_v(const float* U, const bf16* W, const int* rows, const float* rnorm, const int* target, int B, int N, int d, float s, int splits, float* partial, float* tgt_cos) { softmax_fwd<bf16, true>(U, W, rows, rnorm, target, B, N, d, s, splits, partial, tgt_cos); }
-extern "C" __global__ void __launch_bounds__(256) softmax_merge(const float* partial, int splits, const float* tgt_cos, const int* target, int B, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight, float* lse, float* gy, float* loss, float* correct) { merge_rows(partial, splits, tgt_cos, target, B, s, margin, m, cos_m, sin_m, exact_grad, weight, lse, gy, loss, correct); }
+extern "C" __global__ void __launch_bounds__(256) softmax_merge(const float* partial, int splits, const float* tgt_cos, const float* tgt_sin, const int* target, int B, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight, float* lse, float* gy, float* loss, float* correct, float* gsing) { merge_rows(partial, splits, tgt_cos, tgt_sin, target, B, s, margin, m, cos_m, sin_m, exact_grad, weight, lse, gy, loss, correct, gsing); }
+extern "C" __global__ void __launch_bounds__(256) softmax_target_angle_f32(const float* X, const float* W, const int* rows, const int* target, int B, int d, float* tgt_cos, float* tgt_sin) { target_angle<float>(X, W, rows, target, B, d, tgt_cos, tgt_sin); }
+extern "C" __global__ void __launch_bounds__(256) softmax_target_angle_bf16(const float* X, const bf16* W, const int* rows, const int* target, int B, int d, float* tgt_cos, float* tgt_sin) { target_angle<bf16>(X, W, rows, target, B, d, tgt_cos, tgt_sin); }
+extern "C" __global__ void __launch_bounds__(32) softmax_target_singular_f32(const float* X, const float* W, const int* rows, const int* target, const int* order, const int* starts, int d, const float* gsing, float* dU, float* dW_hat) { target_singular<float>(X, W, rows, target, order, starts, d, gsing, dU, dW_hat); }
+extern "C" __global__ void __launch_bounds__(32) softmax_target_singular_bf16(const float* X, const bf16* W, const int* rows, const int* target, const int* order, const int* starts, int d, const float* gsing, float* dU, float* dW_hat) { target_singular<bf16>(X, W, rows, target, order, starts, d, gsing, dU, dW_hat); }
 extern "C" __global__ void __launch_bounds__(256, 1) softmax_bwd_f32(const float* U, const float* W, const int* rows, const float* rnorm, const int* target, const float* lse, const float* gy, int B, int N, int d, float s, float weight, float* dU, float* dW_hat) { softmax_bwd<float, false>(U, W, rows, rnorm, target, lse, gy, B, N, d, s, weight, dU, dW_hat); }
 extern "C" __global__ void __launch_bounds__(256, 1) softmax_bwd_f32_v(const float* U, const float* W, const int* rows, const float* rnorm, const int* target, const float* lse, const float* gy, int B, int N, int d, float s, float weight, float* dU, float* dW_hat) { softmax_bwd<float, true>(U, W, rows, rnorm, target, lse, gy, B, N, d, s, weight, dU, dW_hat); }
 extern "C" __global__ void __launch_bounds__(256, 1) softmax_bwd_bf16(const float* U, const bf16* W, const int* rows, const float* rnorm, const int* target, const float* lse, const float* gy, int B, int N, int d, float s, float weight, float* dU, float* dW_hat) { softmax_bwd<bf16, false>(U, W, rows, rnorm, target, lse, gy, B, N, d, s, weight, dU, dW_hat); }

@@ -11,7 +11,13 @@ use gif_fr::head::{CodeHead, CodeHeadConfig, CodeTable, Margin, MarginGrad};
 use gif_fr::{DType, Device, Error, Tensor};
 use rand::Rng;
 
-const MARGINS: [Margin; 3] = [Margin::None, Margin::ArcFace(0.5), Margin::CosFace(0.4)];
+const MARGINS: [Margin; 5] = [
+    Margin::None,
+    Margin::ArcFace(0.5),
+    Margin::CosFace(0.4),
+    Margin::INSIGHTFACE_ARCFACE,
+    Margin::Combined { m1: 1.0, m2: 0.3, m3: 0.25 },
+];
 
 fn config(d: usize, l: usize, v: usize, proj: Option<usize>, margin: Margin, s: f32) -> CodeHeadConfig {
     CodeHeadConfig {
@@ -20,6 +26,7 @@ fn config(d: usize, l: usize, v: usize, proj: Option<usize>, margin: Margin, s: 
         scale: s,
         gamma: 0.7,
         lambdas: Some((0..l).map(|j| 1.0 + 0.25 * j as f32).collect()),
+        margin_grad: MarginGrad::Exact,
         ..CodeHeadConfig::new(d, l, v)
     }
 }
@@ -107,9 +114,13 @@ fn reference_gradients_match_finite_differences_under_every_margin() {
 #[test]
 fn straight_through_gradient_is_s_times_p_minus_onehot() {
     let cos = [0.3, -0.2, 0.8, 0.1];
-    let (_, g, _) =
-        gif_fr::head::margin::margin_ce_row(&cos, 2, 10.0, Margin::ArcFace(0.5), MarginGrad::StraightThrough);
-    let (fy, _) = Margin::ArcFace(0.5).target(0.8);
+    let sin = (1.0f64 - 0.64).sqrt();
+    let row =
+        gif_fr::head::margin::margin_ce_row(&cos, 2, sin, 10.0, Margin::ArcFace(0.5), MarginGrad::StraightThrough)
+            .unwrap();
+    assert_eq!(row.singular, 0.0, "straight-through has no singular part");
+    let g = row.grad;
+    let fy = Margin::ArcFace(0.5).target(0.8, sin).f;
     let lg: Vec<f64> = (0..4).map(|k| 10.0 * if k == 2 { fy } else { cos[k] }).collect();
     let z: f64 = lg.iter().map(|x| x.exp()).sum();
     for k in 0..4 {

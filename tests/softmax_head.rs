@@ -13,7 +13,13 @@ use gif_fr::head::{Margin, MarginGrad, PartialFc, SoftmaxHead, SoftmaxHeadConfig
 use gif_fr::{DType, Device, Error, Tensor};
 use rand::Rng;
 
-const MARGINS: [Margin; 3] = [Margin::None, Margin::ArcFace(0.5), Margin::CosFace(0.35)];
+const MARGINS: [Margin; 5] = [
+    Margin::None,
+    Margin::ArcFace(0.5),
+    Margin::CosFace(0.35),
+    Margin::INSIGHTFACE_ARCFACE,
+    Margin::Combined { m1: 1.0, m2: 0.0, m3: 0.3 },
+];
 
 fn config(d: usize, n: usize, margin: Margin, grad: MarginGrad, s: f32) -> SoftmaxHeadConfig {
     SoftmaxHeadConfig { margin, margin_grad: grad, scale: s, ..SoftmaxHeadConfig::new(d, n) }
@@ -96,9 +102,12 @@ fn chunked_cpu_path_matches_the_reference() {
     let x = uniform(&mut r, b * d, -1.0, 1.0);
     let w = uniform(&mut r, n * d, -1.0, 1.0);
     let t: Vec<i32> = labels(&mut r, b, n).iter().map(|&y| y as i32).collect();
-    for (margin, grad) in
-        [(Margin::ArcFace(0.5), MarginGrad::Exact), (Margin::CosFace(0.4), MarginGrad::StraightThrough)]
-    {
+    for (margin, grad) in [
+        (Margin::ArcFace(0.5), MarginGrad::Exact),
+        (Margin::CosFace(0.4), MarginGrad::StraightThrough),
+        (Margin::INSIGHTFACE_ARCFACE, MarginGrad::StraightThrough),
+        (Margin::INSIGHTFACE_ARCFACE, MarginGrad::Exact),
+    ] {
         let cfg = config(d, n, margin, grad, 30.0);
         let (l64, dx64, dw64) = cpu::reference(&cfg, &x, &w, None, n, &t);
         let (l, dx, dw) = cpu::fused(&cfg, &x, &w, None, n, &t);
@@ -123,9 +132,12 @@ fn check_head(dev: &Device, b: usize, d: usize, n: usize, dtype: DType, splits: 
     }
     let y = labels(&mut r, b, n);
     let t: Vec<i32> = y.iter().map(|&v| v as i32).collect();
-    for (margin, grad) in
-        [(Margin::ArcFace(0.5), MarginGrad::Exact), (Margin::CosFace(0.4), MarginGrad::StraightThrough)]
-    {
+    for (margin, grad) in [
+        (Margin::ArcFace(0.5), MarginGrad::Exact),
+        (Margin::CosFace(0.4), MarginGrad::StraightThrough),
+        (Margin::INSIGHTFACE_ARCFACE, MarginGrad::StraightThrough),
+        (Margin::INSIGHTFACE_ARCFACE, MarginGrad::Exact),
+    ] {
         let cfg = SoftmaxHeadConfig { splits, ..config(d, n, margin, grad, 32.0) };
         let head = SoftmaxHead::from_weights(cfg.clone(), Tensor::from_f32(dev, &[n, d], &w, dtype).unwrap()).unwrap();
         let xt = Tensor::from_slice(dev, &[b, d], &x).unwrap();

@@ -17,7 +17,7 @@
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::margin::{margin_ce_row, Margin, MarginGrad};
+use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
 use super::softmax_head::rows_axpy;
 use crate::device::{Arg, Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
@@ -59,18 +59,20 @@ pub struct CodeHeadConfig {
 }
 
 impl CodeHeadConfig {
-    /// ArcFace (m = 0.5), s = 64, no projection, λ = 1, γ = 1, exact gradient.
+    /// insightface's defaults: `margin_list = (1.0, 0.5, 0.0)` (ArcFace,
+    /// [`Margin::INSIGHTFACE_ARCFACE`]) with its straight-through gradient,
+    /// s = 64; no projection, λ = 1, γ = 1.
     pub fn new(dim: usize, length: usize, vocab: usize) -> Self {
         CodeHeadConfig {
             dim,
             length,
             vocab,
             projection: None,
-            margin: Margin::ArcFace(0.5),
+            margin: Margin::INSIGHTFACE_ARCFACE,
             scale: 64.0,
             lambdas: None,
             gamma: 1.0,
-            margin_grad: MarginGrad::Exact,
+            margin_grad: MarginGrad::StraightThrough,
             weight_dtype: DType::F32,
         }
     }
@@ -451,6 +453,7 @@ impl CodeHead {
         )?;
         let (kind, m) = cfg.margin.kernel_args();
         let exact = i32::from(cfg.margin_grad == MarginGrad::Exact);
+        let singular = cfg.margin.is_angular() && cfg.margin_grad == MarginGrad::Exact;
         let mut centre_grads = Vec::with_capacity(l);
         let mut proj_grads = Vec::new();
         // bf16 features meet f32 (or widened) projections in an f32 GEMM.
@@ -476,9 +479,13 @@ impl CodeHead {
                 None => features,
             };
             let c_wide = widened(&self.centres[j])?;
-            let (w_hat, w_norm) = rowwise::l2_normalize(c_wide.as_ref().unwrap_or(&self.centres[j]), EPS)?;
-            let u = Tensor::empty(dev, &[b, dp], DType::F32)?;
-            let dc = Tensor::empty(dev, &[b, v], DType::F32)?;
+            let w_raw = c_wide.as_ref().unwrap_or(&self.centres[j]);
+            let (w_hat, w_norm) = rowwise::l2_normalize(w_raw, EPS)?;
+            // With the exact ArcFace gradient, rows B.. of dC and U carry its
+            // singular part into the same dŴ GEMM (kernels/code_head.cu).
+            let rows = if singular { 2 * b } else { b };
+            let u = Tensor::empty(dev, &[rows, dp], DType::F32)?;
+            let dc = Tensor::empty(dev, &[rows, v], DType::F32)?;
             let dz_owned =
                 if self.projections.is_some() { Some(Tensor::empty(dev, &[b, dp], DType::F32)?) } else { None };
             let dz = dz_owned.as_ref().unwrap_or(&dx);
@@ -490,6 +497,7 @@ impl CodeHead {
                 &[
                     z.arg(),
                     w_hat.arg(),
+                    w_raw.arg(),
                     Arg::Ptr(dev.ptr(&target_buf) + (j * b * 4) as u64),
                     Arg::I32(b as i32),
                     Arg::I32(dp as i32),
@@ -505,6 +513,7 @@ impl CodeHead {
                     dz.arg(),
                     Arg::I32(i32::from(dz_owned.is_none())),
                     dc.arg(),
+                    Arg::I32(i32::from(singular)),
                     stat_row(1 + 2 * j),
                     stat_row(2 + 2 * j),
                 ],
@@ -733,19 +742,30 @@ pub mod cpu {
                 let xs = &x[s * d..(s + 1) * d];
                 let z = project(cfg, xs, projections.map(|p| &p[j][..]));
                 let (u, zn) = normalize(&z);
-                let cos: Vec<f64> = w_hat.iter().map(|w| w.iter().zip(&u).map(|(a, c)| a * c).sum()).collect();
+                let mut cos: Vec<f64> = w_hat.iter().map(|w| w.iter().zip(&u).map(|(a, c)| a * c).sum()).collect();
                 let y = codes[labels[s] as usize * l + j] as usize;
-                let (loss, g, ok) = margin_ce_row(&cos, y, cfg.scale as f64, cfg.margin, cfg.margin_grad);
-                per_position[j] += weight * loss;
-                accuracy[j] += if ok { 1.0 / b as f64 } else { 0.0 };
-                let g: Vec<f64> = g.iter().map(|x| x * weight).collect();
+                // The target's angle from the vectors (accurate at small angles).
+                let wy = &centres[j][y * dp..(y + 1) * dp];
+                let ang = Angle::of(&z, wy);
+                cos[y] = ang.c;
+                let row = margin_ce_row(&cos, y, ang.sin, cfg.scale as f64, cfg.margin, cfg.margin_grad)
+                    .unwrap_or_else(|_| RowCe::nan(v));
+                per_position[j] += weight * row.loss;
+                accuracy[j] += if row.correct { 1.0 / b as f64 } else { 0.0 };
+                let g: Vec<f64> = row.grad.iter().map(|x| x * weight).collect();
                 let du: Vec<f64> = (0..dp).map(|c| (0..v).map(|k| g[k] * w_hat[k][c]).sum()).collect();
                 let proj: f64 = du.iter().zip(&u).map(|(a, c)| a * c).sum();
-                let dz: Vec<f64> = (0..dp).map(|c| (du[c] - u[c] * proj) / zn).collect();
+                // Through the normalization, plus the singular part along the unit tangent.
+                let sing = weight * row.singular;
+                let dz: Vec<f64> =
+                    (0..dp).map(|c| (du[c] - u[c] * proj + sing * ang.toward_w(&z, wy, c)) / zn).collect();
                 for k in 0..v {
                     for c in 0..dp {
                         dw_hat[k][c] += g[k] * u[c];
                     }
+                }
+                for (c, o) in dw_hat[y].iter_mut().enumerate() {
+                    *o += sing * ang.toward_z(&z, wy, c);
                 }
                 match projections {
                     Some(p) => {
@@ -833,13 +853,29 @@ pub mod cpu {
             g(b, v, dp, 1.0, &u, dp, Op::N, &w_hat, dp, Op::T, 0.0, &mut cos, v);
             let weight = cfg.lambda(j) as f64 / b as f64;
             let mut gc = vec![0f32; b * v];
+            // Per sample: the target's angle from the vectors (f64), and the
+            // singular part of the exact gradient, applied along the unit
+            // tangents below (0 for most margins).
+            let mut singular: Vec<(usize, Angle, f64)> = Vec::new();
             for s in 0..b {
-                let row: Vec<f64> = cos[s * v..(s + 1) * v].iter().map(|&c| c as f64).collect();
+                let mut row: Vec<f64> = cos[s * v..(s + 1) * v].iter().map(|&c| c as f64).collect();
                 let y = codes[labels[s] as usize * l + j] as usize;
-                let (loss, gr, ok) = margin_ce_row(&row, y, cfg.scale as f64, cfg.margin, cfg.margin_grad);
-                per_position[j] += weight * loss;
-                accuracy[j] += if ok { 1.0 / b as f64 } else { 0.0 };
-                gc[s * v..(s + 1) * v].iter_mut().zip(&gr).for_each(|(o, &q)| *o = (q * weight) as f32);
+                let zs = &z[s * dp..(s + 1) * dp];
+                let ang = if cfg.margin.is_angular() {
+                    let a = Angle::of(zs, &centres[j][y * dp..(y + 1) * dp]);
+                    row[y] = a.c;
+                    a
+                } else {
+                    Angle { c: row[y], sin: (1.0 - row[y] * row[y]).max(0.0).sqrt(), nz: 1.0, nw: 1.0 }
+                };
+                let r = margin_ce_row(&row, y, ang.sin, cfg.scale as f64, cfg.margin, cfg.margin_grad)
+                    .unwrap_or_else(|_| RowCe::nan(v));
+                per_position[j] += weight * r.loss;
+                accuracy[j] += if r.correct { 1.0 / b as f64 } else { 0.0 };
+                gc[s * v..(s + 1) * v].iter_mut().zip(&r.grad).for_each(|(o, &q)| *o = (q * weight) as f32);
+                if r.singular != 0.0 {
+                    singular.push((s, ang, r.singular * weight));
+                }
             }
             let mut du = vec![0f32; b * dp];
             g(b, dp, v, 1.0, &gc, v, Op::N, &w_hat, dp, Op::N, 0.0, &mut du, dp);
@@ -851,6 +887,14 @@ pub mod cpu {
             }
             let mut dw_hat = vec![0f32; v * dp];
             g(v, dp, b, 1.0, &gc, v, Op::T, &u, dp, Op::N, 0.0, &mut dw_hat, dp);
+            for &(s, ang, a) in &singular {
+                let y = codes[labels[s] as usize * l + j] as usize;
+                let (zs, wy) = (&z[s * dp..(s + 1) * dp], &centres[j][y * dp..(y + 1) * dp]);
+                for c in 0..dp {
+                    dz[s * dp + c] += (a * ang.toward_w(zs, wy, c) / ang.nz) as f32;
+                    dw_hat[y * dp + c] += (a * ang.toward_z(zs, wy, c)) as f32;
+                }
+            }
             let mut dw = vec![0f32; v * dp];
             crate::rowwise::cpu::l2_normalize_backward(&w_hat, &w_norm, &dw_hat, dp, EPS, &mut dw);
             dcentres.push(dw);

@@ -26,7 +26,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use super::margin::{margin_ce_row, Margin, MarginGrad};
+use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
 use crate::decode::TopK;
 use crate::device::{Arg, Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
@@ -69,14 +69,16 @@ pub struct SoftmaxHeadConfig {
 }
 
 impl SoftmaxHeadConfig {
-    /// ArcFace (m = 0.5), s = 64, exact gradient.
+    /// insightface's defaults: `margin_list = (1.0, 0.5, 0.0)` (ArcFace,
+    /// [`Margin::INSIGHTFACE_ARCFACE`]) with its straight-through gradient,
+    /// s = 64.
     pub fn new(dim: usize, classes: usize) -> Self {
         SoftmaxHeadConfig {
             dim,
             classes,
-            margin: Margin::ArcFace(0.5),
+            margin: Margin::INSIGHTFACE_ARCFACE,
             scale: 64.0,
-            margin_grad: MarginGrad::Exact,
+            margin_grad: MarginGrad::StraightThrough,
             splits: None,
         }
     }
@@ -491,12 +493,42 @@ fn device_step(
             tgt_cos.arg(),
         ],
     )?;
-    // stats rows: lse, gy, loss, correct.
-    let stats = Tensor::empty(dev, &[4, b], DType::F32)?;
+    // The angular margins take the target's angle from the raw vectors (f64).
+    let (kind, m) = cfg.margin.kernel_args();
+    let x32_owned;
+    let x32 = if features.dtype() == DType::F32 {
+        features
+    } else {
+        x32_owned = features.to_f32()?;
+        &x32_owned
+    };
+    let tgt_sin = if cfg.margin.is_angular() {
+        let sin = Tensor::empty(dev, &[b], DType::F32)?;
+        dev.launch(
+            ModuleId::SoftmaxHead,
+            kernels::find(ModuleId::SoftmaxHead, &format!("softmax_target_angle_{}", w.dtype().kernel_suffix()))?,
+            LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0),
+            &[
+                x32.arg(),
+                w.arg(),
+                rows_arg,
+                Arg::Ptr(dev.ptr(&target)),
+                Arg::I32(b as i32),
+                Arg::I32(d as i32),
+                tgt_cos.arg(),
+                sin.arg(),
+            ],
+        )?;
+        Some(sin)
+    } else {
+        None
+    };
+    // stats rows: lse, gy, loss, correct, gsing.
+    let stats = Tensor::empty(dev, &[5, b], DType::F32)?;
     let base = stats.device_ptr().unwrap_or(0);
     let row = |r: usize| Arg::Ptr(base + (r * b * 4) as u64);
-    let (kind, m) = cfg.margin.kernel_args();
     let weight = 1.0 / b as f32;
+    let exact = cfg.margin_grad == MarginGrad::Exact;
     dev.launch(
         ModuleId::SoftmaxHead,
         kernels::find(ModuleId::SoftmaxHead, "softmax_merge")?,
@@ -505,6 +537,7 @@ fn device_step(
             partial.arg(),
             Arg::I32(splits as i32),
             tgt_cos.arg(),
+            tgt_sin.as_ref().map_or(Arg::Ptr(0), Tensor::arg),
             Arg::Ptr(dev.ptr(&target)),
             Arg::I32(b as i32),
             Arg::F32(cfg.scale),
@@ -512,12 +545,13 @@ fn device_step(
             Arg::F32(m),
             Arg::F32(m.cos()),
             Arg::F32(m.sin()),
-            Arg::I32(i32::from(cfg.margin_grad == MarginGrad::Exact)),
+            Arg::I32(i32::from(exact)),
             Arg::F32(weight),
             row(0),
             row(1),
             row(2),
             row(3),
+            row(4),
         ],
     )?;
     drop(partial);
@@ -550,6 +584,38 @@ fn device_step(
             dw.arg(),
         ],
     )?;
+    if exact && cfg.margin.is_angular() {
+        // The singular part, one warp per distinct target class, its rows in order.
+        let mut order: Vec<i32> = (0..b as i32).collect();
+        order.sort_by_key(|&r| (targets[r as usize], r));
+        let mut starts = vec![0i32];
+        for i in 1..b {
+            if targets[order[i] as usize] != targets[order[i - 1] as usize] {
+                starts.push(i as i32);
+            }
+        }
+        starts.push(b as i32);
+        let groups = starts.len() - 1;
+        let (order_buf, starts_buf) =
+            (dev.upload(bytemuck::cast_slice(&order))?, dev.upload(bytemuck::cast_slice(&starts))?);
+        dev.launch(
+            ModuleId::SoftmaxHead,
+            kernels::find(ModuleId::SoftmaxHead, &format!("softmax_target_singular_{}", w.dtype().kernel_suffix()))?,
+            LaunchConfig::linear(groups as u32, 32, 0),
+            &[
+                x32.arg(),
+                w.arg(),
+                rows_arg,
+                Arg::Ptr(dev.ptr(&target)),
+                Arg::Ptr(dev.ptr(&order_buf)),
+                Arg::Ptr(dev.ptr(&starts_buf)),
+                Arg::I32(d as i32),
+                row(4),
+                du.arg(),
+                dw.arg(),
+            ],
+        )?;
+    }
     dev.launch(
         ModuleId::SoftmaxHead,
         kernels::find(ModuleId::SoftmaxHead, &format!("centre_grad_finish_{}", w.dtype().kernel_suffix()))?,
@@ -601,18 +667,31 @@ pub mod cpu {
         let mut dw_hat = vec![0f64; n * d];
         let (mut loss, mut acc) = (0f64, 0f64);
         for s in 0..b {
-            let (u, un) = unit(&x[s * d..(s + 1) * d], EPS as f64);
-            let cos: Vec<f64> = w_hat.iter().map(|wh| wh.iter().zip(&u).map(|(a, c)| a * c).sum()).collect();
-            let (l, g, ok) = margin_ce_row(&cos, targets[s] as usize, cfg.scale as f64, cfg.margin, cfg.margin_grad);
-            loss += l / b as f64;
-            acc += if ok { 1.0 / b as f64 } else { 0.0 };
+            let xs = &x[s * d..(s + 1) * d];
+            let (u, un) = unit(xs, EPS as f64);
+            let mut cos: Vec<f64> = w_hat.iter().map(|wh| wh.iter().zip(&u).map(|(a, c)| a * c).sum()).collect();
+            let y = targets[s] as usize;
+            // The target's angle from the vectors (accurate at small angles).
+            let wy = &w[row(y) * d..(row(y) + 1) * d];
+            let ang = Angle::of(xs, wy);
+            cos[y] = ang.c;
+            let r = margin_ce_row(&cos, y, ang.sin, cfg.scale as f64, cfg.margin, cfg.margin_grad)
+                .unwrap_or_else(|_| RowCe::nan(n));
+            loss += r.loss / b as f64;
+            acc += if r.correct { 1.0 / b as f64 } else { 0.0 };
             let mut du = vec![0f64; d];
             for k in 0..n {
-                let gk = g[k] / b as f64;
+                let gk = r.grad[k] / b as f64;
                 for c in 0..d {
                     du[c] += gk * w_hat[k][c];
                     dw_hat[k * d + c] += gk * u[c];
                 }
+            }
+            // The singular part of the exact gradient, along the unit tangents.
+            let sing = r.singular / b as f64;
+            for c in 0..d {
+                du[c] += sing * ang.toward_w(xs, wy, c);
+                dw_hat[y * d + c] += sing * ang.toward_z(xs, wy, c);
             }
             let proj: f64 = du.iter().zip(&u).map(|(a, c)| a * c).sum();
             for c in 0..d {
@@ -722,19 +801,37 @@ pub mod cpu {
         }
         let weight = 1.0 / b as f32;
         let exact = cfg.margin_grad == MarginGrad::Exact;
-        // Per row: lse, the target's gradient, the loss, the hit.
-        let rowv: Vec<(f32, f32, f64, bool)> = state
+        let angular = cfg.margin.is_angular();
+        let row_of = |y: usize| rows.map_or(y, |m| m[y] as usize);
+        // The angular margins' target angle, from the raw vectors in f64.
+        let angles: Vec<Option<Angle>> = targets
+            .par_iter()
+            .enumerate()
+            .map(|(r, &y)| {
+                let wy = row_of(y as usize);
+                angular.then(|| Angle::of(&x[r * d..(r + 1) * d], &w[wy * d..(wy + 1) * d]))
+            })
+            .collect();
+        // Per row: lse, the target's gradient, the loss, the hit, the
+        // gradient's singular part.
+        let rowv: Vec<(f32, f32, f64, bool, f64)> = state
             .iter()
             .zip(targets)
-            .map(|(&(m, se, _, arg, cy), &y)| {
-                let (f, df) = cfg.margin.target(cy as f64);
-                let t = s * f as f32;
+            .zip(&angles)
+            .map(|((&(m, se, _, arg, cy), &y), ang)| {
+                let (c, sin) = ang.map_or((cy as f64, 0.0), |a| (a.c, a.sin));
+                let tg = cfg.margin.target(c, sin);
+                let t = s * tg.f as f32;
                 let mm = m.max(t);
-                let sum = if m == f32::NEG_INFINITY { 0.0 } else { se * (m - mm).exp() } + (t - mm).exp();
-                let lse = mm + sum.ln();
-                let py = (t - lse).exp();
-                let gy = weight * s * (py - 1.0) * if exact { df as f32 } else { 1.0 };
-                (lse, gy, (lse - t) as f64, arg == y as usize)
+                // The other classes' Σ exp at the row's max, and Z.
+                let others = if m == f32::NEG_INFINITY { 0.0 } else { se * (m - mm).exp() };
+                let z = others + (t - mm).exp();
+                let lse = mm + z.ln();
+                let g = -weight * s * others / z; // weight·s·(p_y − 1)
+                let gy = g * if exact { tg.df as f32 } else { 1.0 };
+                let loss = if t >= mm { (others as f64).ln_1p() } else { (mm - t) as f64 + (z as f64).ln() };
+                let loss = if cy.is_nan() || m.is_nan() { f64::NAN } else { loss };
+                (lse, gy, loss, arg == y as usize, if exact { g as f64 * tg.sing } else { 0.0 })
             })
             .collect();
         let loss = rowv.iter().map(|r| r.2).sum::<f64>() / b as f64;
@@ -748,7 +845,7 @@ pub mod cpu {
             let g = &mut logits[..b * len];
             cpu_gemm(b, len, d, 1.0, &u, d, Op::N, &wc, d, Op::T, 0.0, g, len);
             g.par_chunks_mut(len).enumerate().for_each(|(r, gs)| {
-                let (lse, gy, _, _) = rowv[r];
+                let (lse, gy, _, _, _) = rowv[r];
                 let y = targets[r] as usize;
                 for (i, v) in gs.iter_mut().enumerate() {
                     *v = if c0 + i == y { gy } else { weight * s * (s * *v * inv_c[i] - lse).exp() };
@@ -764,6 +861,21 @@ pub mod cpu {
                 let dot: f32 = wr.iter().zip(gh.iter()).map(|(a, c)| a * c).sum::<f32>() * r;
                 gh.iter_mut().zip(wr).for_each(|(g, h)| *g = r * (*g - r * h * dot));
             });
+        }
+        // The singular part of the exact ArcFace gradient, along the unit
+        // tangents, row after row: du (before the feature normalization's
+        // backward) and the target class's finished centre gradient.
+        for (r, (row, ang)) in rowv.iter().zip(&angles).enumerate() {
+            let (Some(ang), a) = (ang, row.4) else { continue };
+            if a == 0.0 {
+                continue;
+            }
+            let y = targets[r] as usize;
+            let (xs, wy) = (&x[r * d..(r + 1) * d], &w[row_of(y) * d..(row_of(y) + 1) * d]);
+            for c in 0..d {
+                du[r * d + c] += (a * ang.toward_w(xs, wy, c)) as f32;
+                dw[y * d + c] += (a * ang.toward_z(xs, wy, c)) as f32 * inv[y];
+            }
         }
         let mut dx = vec![0f32; b * d];
         crate::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, EPS, &mut dx);
