@@ -186,7 +186,7 @@ impl Meter {
 }
 
 /// What a CUDA probe found.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuInfo {
     /// Device ordinal.
     pub ordinal: usize,

@@ -7,18 +7,36 @@ use gif_fr::{Device, DeviceKind, Error, Tensor};
 
 #[test]
 fn cuda_without_a_usable_gpu_is_a_typed_error_not_a_panic() {
+    // Cross-checked against an independent probe of the driver library
+    // (cudarc's loader), so each outcome must be the right one for this
+    // machine, not merely a typed one.
+    // SAFETY: only attempts to dlopen the driver library.
+    let driver_present = unsafe { cudarc::driver::sys::is_culib_present() };
     match Device::cuda(0) {
         Ok(d) => {
+            assert!(driver_present, "a GPU without a loadable driver library");
             let g = d.gpu_info().expect("a CUDA device describes itself");
             assert!(g.compute_capability.0 >= 8, "{g:?}");
             assert!(g.total_memory > 0);
+            assert_eq!(Device::probe_cuda().unwrap(), g, "the probe and the device agree");
         }
-        Err(Error::NoDriver(why) | Error::NoGpu(why)) => assert!(!why.is_empty()),
+        Err(Error::NoDriver(why)) => {
+            assert!(!driver_present, "the driver library loads, yet NoDriver: {why}");
+            assert!(why.contains("libcuda"), "{why}");
+        }
+        Err(Error::NoGpu(why)) => {
+            assert!(driver_present, "NoGpu without a driver library: {why}");
+            assert!(why.contains("GPU") || why.contains("device") || why.contains("driver"), "{why}");
+        }
         Err(e) => panic!("unexpected error kind: {e}"),
     }
-    // An ordinal no machine has.
+    // A GPU the run requires must be there (the kit sets this on GPU machines).
+    let required = std::env::var(gif_fr::device::REQUIRE_GPU_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+    assert!(!required || Device::cuda(0).is_ok(), "{} is set but no GPU opens", gif_fr::device::REQUIRE_GPU_ENV);
+    // An ordinal no machine has: NoDriver without a driver, else NoGpu naming it.
     match Device::cuda(4096) {
-        Err(Error::NoDriver(_) | Error::NoGpu(_)) => {}
+        Err(Error::NoDriver(_)) => assert!(!driver_present),
+        Err(Error::NoGpu(why)) => assert!(why.contains("4096"), "{why}"),
         other => panic!("GPU 4096 should not exist: {other:?}"),
     }
 }

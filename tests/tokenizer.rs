@@ -364,6 +364,55 @@ fn bad_input_gets_clear_errors() {
 }
 
 #[test]
+fn sizes_from_input_are_checked_against_documented_maxima() {
+    use tokenizer::{MAX_LENGTH, MAX_STEPS, MAX_SUBSET, MAX_VALUES};
+    let cpu = Device::cpu();
+    let cfg = quick(4, 0);
+    let err = |input: Input, cfg: &Config| match tokenize(input, cfg, &cpu) {
+        Err(Error::InvalidArgument { message, .. }) => message,
+        other => panic!("expected an error, got {other:?}"),
+    };
+    // N·d wraps, or passes the documented maximum: refused before allocating.
+    assert!(err(Input::Random { count: 2, dim: usize::MAX / 2 + 1 }, &cfg).contains("at most"));
+    assert!(err(Input::Random { count: 1 << 30, dim: 128 }, &cfg).contains("2^36"));
+    assert!(err(Input::Random { count: i32::MAX as usize + 1, dim: 1 }, &cfg).contains("at most"));
+    let small = Input::Random { count: 10, dim: 3 };
+    assert!(err(small.clone(), &Config { length: Some(MAX_LENGTH + 1), ..cfg.clone() }).contains("at most 1024"));
+    assert!(err(small.clone(), &Config { steps: Some(MAX_STEPS + 1), ..cfg.clone() }).contains("steps"));
+    assert!(err(small.clone(), &Config { subset: MAX_SUBSET + 1, ..cfg.clone() }).contains("subset"));
+    assert!(err(small.clone(), &Config { subset: 1, ..cfg.clone() }).contains("subset"));
+    assert!(err(small.clone(), &Config { temperature: f32::NAN, ..cfg.clone() }).contains("temperature"));
+    assert!(MAX_VALUES >= 2_059_906 * 512, "WebFace42M's identities at d = 512 fit");
+    // A long code is allowed and costs O(l) per level, not O(l²).
+    let book = tokenize(small, &Config { length: Some(MAX_LENGTH), ..cfg.clone() }, &cpu).unwrap();
+    assert_eq!(book.length(), MAX_LENGTH);
+    // min_length has no answer below v = 2; uniformity_loss needs two rows.
+    assert_eq!(tokenizer::min_length(1, 5), None);
+    assert_eq!(tokenizer::min_length(0, 1), Some(1));
+    assert_eq!(tokenizer::min_length(16, 2_059_906), Some(6));
+    assert_eq!(tokenizer::min_length(2, usize::MAX), Some(64));
+    assert!(homogenize::uniformity_loss(&[1.0, 0.0], 0, 2.0).is_err());
+    assert!(homogenize::uniformity_loss(&[1.0, 0.0], 2, 2.0).is_err());
+    assert!(homogenize::uniformity_loss(&[1.0, 0.0, 0.0], 2, 2.0).is_err());
+}
+
+#[test]
+fn a_large_vocabulary_keeps_the_assignment_buffers_bounded() {
+    // v = 65535: the CPU assignment held an 8192 x k score buffer (2.1 GB
+    // at N = 100,000) and per-chunk k x d partial sums. Its peak is measured
+    // in tests/tokenizer_memory.rs; this checks the chunked path (k = 5000
+    // centroids at the root, 3355-row chunks) gives valid codes on the CPU
+    // and the simulator.
+    let cfg = Config { vocab: 65535, length: Some(2), steps: Some(0), kmeans_iters: 2, ..quick(65535, 3) };
+    let book = tokenize(Input::Random { count: 5000, dim: 4 }, &cfg, &Device::cpu()).unwrap();
+    check_codes(&book, 5000, 65535, 2);
+    assert!(book.stats()[1].nodes > 100, "the root really split: {:?}", book.stats()[1]);
+    let sim = Config { gpu_min_rows: 4096, kmeans_iters: 1, ..cfg };
+    let book = tokenize(Input::Random { count: 5000, dim: 4 }, &sim, &Device::sim()).unwrap();
+    check_codes(&book, 5000, 65535, 2);
+}
+
+#[test]
 fn npy_input_is_read_as_f32_rows() {
     // A hand-made .npy v1.0 file: 3 x 2 little-endian f64.
     let values: Vec<u8> = [1.0f64, 2.0, 3.0, 4.0, 5.0, 6.5].iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -473,7 +522,23 @@ fn tokenizer_on_the_simulated_gpu_gives_valid_codes_and_lowers_the_loss() {
     let (sim, sim_report) =
         tokenize_with_report(Input::Vectors { data: data.clone(), dim: 16 }, &cfg, &Device::sim()).unwrap();
     check_codes(&sim, 240, 4, 4);
-    let (_, cpu_report) = tokenize_with_report(Input::Vectors { data, dim: 16 }, &cfg, &Device::cpu()).unwrap();
+    let (cpu, cpu_report) =
+        tokenize_with_report(Input::Vectors { data: data.clone(), dim: 16 }, &cfg, &Device::cpu()).unwrap();
+    // The same homogenization: the code vectors agree to f32 rounding, and
+    // so do the codes (a near-tie flipped by rounding may move a few
+    // identities; none did when this was written).
+    assert_close("code vectors", sim.vectors(), cpu.vectors(), 1e-4, 1e-4);
+    let same = (0..240).filter(|&i| sim.code_of(i) == cpu.code_of(i)).count();
+    assert!(same >= 216, "only {same} of 240 codes agree between the simulator and the CPU");
+    // Without homogenization both k-means runs see identical vectors: the
+    // GPU assignment (GEMM + argmax kernels) gives the CPU's codes exactly,
+    // in every scheduling order.
+    let c0 = Config { steps: Some(0), ..cfg.clone() };
+    let want = tokenize_with_report(Input::Vectors { data: data.clone(), dim: 16 }, &c0, &Device::cpu()).unwrap().0;
+    for dev in gpu_devices() {
+        let got = tokenize_with_report(Input::Vectors { data: data.clone(), dim: 16 }, &c0, &dev).unwrap().0;
+        assert_eq!(got.codes(), want.codes(), "{dev}");
+    }
     // The same batches: the per-step losses agree to f32 rounding.
     assert_close(
         "losses",

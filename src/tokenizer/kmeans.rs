@@ -34,9 +34,10 @@ const CPU_GEMM_MIN: usize = 4096;
 const CHUNK: usize = 8192;
 /// Most scores (`rows × k` floats) a CPU chunk or a device assignment holds
 /// at once: 64 MiB, whatever the vocabulary.
-pub(crate) const SCORE_BUDGET: usize = 1 << 24;
-/// Most bytes of per-chunk partial centroid sums (`k·d` f64 per chunk).
-const PARTIAL_BUDGET: usize = 1 << 26;
+pub const SCORE_BUDGET: usize = 1 << 24;
+/// Most bytes of per-chunk partial centroid sums (`k·d` f64 per chunk),
+/// unless one chunk's sums alone are larger (then there is one chunk).
+pub const PARTIAL_BUDGET: usize = 1 << 26;
 
 /// `v^e`, saturating (O(1): `e` may be up to the code length).
 fn pow_sat(v: usize, e: usize) -> usize {

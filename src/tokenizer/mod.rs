@@ -21,6 +21,7 @@ mod kmeans;
 pub mod ops;
 
 pub use codebook::{Codebook, LevelStats, Trie};
+pub use kmeans::{PARTIAL_BUDGET, SCORE_BUDGET};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
