@@ -382,7 +382,7 @@ fn sizes_from_input_are_checked_against_documented_maxima() {
     assert!(err(small.clone(), &Config { subset: MAX_SUBSET + 1, ..cfg.clone() }).contains("subset"));
     assert!(err(small.clone(), &Config { subset: 1, ..cfg.clone() }).contains("subset"));
     assert!(err(small.clone(), &Config { temperature: f32::NAN, ..cfg.clone() }).contains("temperature"));
-    assert!(MAX_VALUES >= 2_059_906 * 512, "WebFace42M's identities at d = 512 fit");
+    const { assert!(MAX_VALUES >= 2_059_906 * 512, "WebFace42M's identities at d = 512 fit") };
     // A long code is allowed and costs O(l) per level, not O(l²).
     let book = tokenize(small, &Config { length: Some(MAX_LENGTH), ..cfg.clone() }, &cpu).unwrap();
     assert_eq!(book.length(), MAX_LENGTH);
