@@ -326,10 +326,13 @@ pub type NpyParts<'a> = (npyz::NpyFile<&'a [u8]>, Vec<usize>, String);
 /// reader allocates at most the file's size.
 pub fn open_npy<'a>(path: &std::path::Path, bytes: &'a [u8]) -> Result<NpyParts<'a>> {
     let bad = |m: String| Error::file(path, m);
-    // npyz multiplies the shape unchecked (a panic or a wrapped count):
-    // the shape's product is checked here first.
-    if let Some(shape) = npy_header_shape(bytes) {
-        if shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).is_none() {
+    // npyz allocates the header length it reads, and multiplies the shape
+    // unchecked (a panic or a wrapped count): both are checked here first.
+    let header = npy_header(bytes).map_err(bad)?;
+    if let Some(shape) = npy_header_shape(header) {
+        // Every partial product npyz forms (strides, in either order) is at
+        // most the product of the nonzero dimensions.
+        if shape.iter().filter(|&&d| d != 0).try_fold(1u64, |a, &d| a.checked_mul(d)).is_none() {
             return Err(bad(format!("shape {shape:?} has more elements than fit in memory")));
         }
     }
@@ -364,21 +367,38 @@ pub fn open_npy<'a>(path: &std::path::Path, bytes: &'a [u8]) -> Result<NpyParts<
     Ok((npyz::NpyFile::with_header(header, data), shape, type_str.to_string()))
 }
 
-/// The shape tuple of a `.npy` header, if the header is well formed enough
-/// to find it (the rest of the header is npyz's to judge).
-fn npy_header_shape(bytes: &[u8]) -> Option<Vec<u64>> {
+/// The header text of a `.npy` file: the magic string, a version of 1, 2 or
+/// 3 and a header length that fits in the file (npyz allocates the length
+/// it reads before reading, so a corrupt length would be an allocation of
+/// up to 4 GiB).
+fn npy_header(bytes: &[u8]) -> std::result::Result<&[u8], String> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return None;
+        return Err("not a .npy file: no NUMPY magic string, or shorter than a header".into());
     }
     let (len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
-        _ => (u32::from_le_bytes(bytes.get(8..12)?.try_into().ok()?) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 => return Err("not a .npy file: truncated header".into()),
+        v => return Err(format!("not a .npy file: format version {v}.{} (1, 2 or 3 are)", bytes[7])),
     };
-    let header = std::str::from_utf8(bytes.get(start..start.checked_add(len)?)?).ok()?;
-    let after = &header[header.find("'shape'")? + 7..];
-    let tuple = after.trim_start().strip_prefix(':')?.trim_start().strip_prefix('(')?;
-    let tuple = &tuple[..tuple.find(')')?];
-    tuple.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| t.trim_end_matches('L').parse().ok()).collect()
+    match start.checked_add(len) {
+        Some(end) if end <= bytes.len() => Ok(&bytes[start..end]),
+        _ => Err(format!(
+            "not a .npy file: a header of {len} bytes, the file holds {} after the prefix",
+            bytes.len() - start
+        )),
+    }
+}
+
+/// The shape of a `.npy` header as npyz will read it (the same Python
+/// literal parser, py_literal; the last "shape" key), if it is a tuple or
+/// list of integers that fit in u64; otherwise npyz reports the problem.
+fn npy_header_shape(header: &[u8]) -> Option<Vec<u64>> {
+    let text = std::str::from_utf8(header.strip_suffix(b"\n").unwrap_or(header)).ok()?;
+    let value: py_literal::Value = text.parse().ok()?;
+    let (_, shape) = value.as_dict()?.iter().rev().find(|(k, _)| k.as_string().is_some_and(|k| k == "shape"))?;
+    let dims = shape.as_tuple().or(shape.as_list())?;
+    dims.iter().map(|d| d.as_integer().and_then(|i| i.to_string().parse::<u64>().ok())).collect()
 }
 
 /// Reads a `.npy` array of f32 or f64 (C order) as `(values, shape)`, f64

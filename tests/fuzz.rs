@@ -1,0 +1,226 @@
+//! A fuzz harness over the file parsers, run by `cargo test` for a bounded
+//! number of cases: valid files (codebooks, insightface checkpoints, .npy
+//! arrays of several dtypes and header versions) are mutated — bit flips,
+//! byte overwrites, truncations, appended garbage, numbers in the header
+//! replaced by edge values (0, 2^31, 2^56, 2^64 − 1, 10^20, ...) — and
+//! parsed. Every outcome must be a value or a typed error: no panic, no
+//! abort, and no allocation beyond the stated bound (docs/reliability.md),
+//! measured by a counting allocator.
+//!
+//! `GIF_FR_FUZZ_CASES` (default 160 per parser) and `GIF_FR_FUZZ_SEED`
+//! (default fixed, so CI is reproducible) run a longer or different
+//! campaign: `GIF_FR_FUZZ_CASES=20000 GIF_FR_FUZZ_SEED=7 cargo test
+//! --release --test fuzz`. One test per binary, so that no other test's
+//! allocations interfere with the measurement.
+
+mod common;
+
+use std::path::Path;
+
+use gif_fr::backbone::{images, IResNet};
+use gif_fr::host_memory::{self, CountingAllocator};
+use gif_fr::tokenizer::{self, tokenize, Codebook, Config, Input};
+use gif_fr::{Device, Error};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestRng, TestRunner};
+
+#[global_allocator]
+static GLOBAL: CountingAllocator = CountingAllocator;
+
+/// The stated bound: a parser allocates at most 16 times the file's size
+/// plus 1 MiB (for a checkpoint, plus the network it fills).
+fn bound(file_len: usize, base: usize) -> usize {
+    16 * file_len + (1 << 20) + base
+}
+
+#[derive(Clone, Debug)]
+enum Mutation {
+    Flip(usize, u8),
+    Set(usize, u8),
+    Truncate(usize),
+    Append(Vec<u8>),
+    /// Replace the k-th run of digits in the first 512 bytes (the header).
+    Number(usize, String),
+}
+
+fn edge_number() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("0".to_string()),
+        Just("1".to_string()),
+        Just("2147483647".to_string()),
+        Just("2147483648".to_string()),
+        Just("4294967296".to_string()),
+        Just("72057594037927936".to_string()),
+        Just("9223372036854775808".to_string()),
+        Just("18446744073709551615".to_string()),
+        Just("100000000000000000000".to_string()),
+        any::<u32>().prop_map(|v| v.to_string()),
+        any::<u64>().prop_map(|v| v.to_string()),
+        Just("-1".to_string()),
+    ]
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (any::<usize>(), 0u8..8).prop_map(|(p, b)| Mutation::Flip(p, b)),
+        (any::<usize>(), any::<u8>()).prop_map(|(p, v)| Mutation::Set(p, v)),
+        any::<usize>().prop_map(Mutation::Truncate),
+        prop::collection::vec(any::<u8>(), 1..64).prop_map(Mutation::Append),
+        (0usize..32, edge_number()).prop_map(|(k, n)| Mutation::Number(k, n)),
+        (0usize..32, edge_number()).prop_map(|(k, n)| Mutation::Number(k, n)),
+    ]
+}
+
+fn apply(base: &[u8], muts: &[Mutation]) -> Vec<u8> {
+    let mut b = base.to_vec();
+    for m in muts {
+        if b.is_empty() {
+            break;
+        }
+        match m {
+            Mutation::Flip(p, bit) => {
+                let i = p % b.len();
+                b[i] ^= 1 << bit;
+            }
+            Mutation::Set(p, v) => {
+                let i = p % b.len();
+                b[i] = *v;
+            }
+            Mutation::Truncate(p) => b.truncate(p % b.len()),
+            Mutation::Append(tail) => b.extend_from_slice(tail),
+            Mutation::Number(k, n) => {
+                let head = b.len().min(512);
+                let mut runs = Vec::new();
+                let mut i = 0;
+                while i < head {
+                    if b[i].is_ascii_digit() {
+                        let s = i;
+                        while i < head && b[i].is_ascii_digit() {
+                            i += 1;
+                        }
+                        runs.push((s, i));
+                    } else {
+                        i += 1;
+                    }
+                }
+                if let Some(&(s, e)) = runs.get(k % runs.len().max(1)) {
+                    b.splice(s..e, n.bytes());
+                }
+            }
+        }
+    }
+    b
+}
+
+/// Runs `parse` on `cases` mutations of `base`, checking each outcome and
+/// its peak allocation.
+fn fuzz(
+    name: &str,
+    base: &[u8],
+    base_alloc: usize,
+    cases: u32,
+    seed: u64,
+    parse: &dyn Fn(&Path) -> Result<(), Error>,
+) -> (u32, u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    // The unmutated file parses.
+    std::fs::write(&path, base).unwrap();
+    parse(&path).unwrap_or_else(|e| panic!("{name}: the valid file does not parse: {e}"));
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    seed_bytes[8..8 + name.len().min(24)].copy_from_slice(&name.as_bytes()[..name.len().min(24)]);
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes);
+    let mut runner =
+        TestRunner::new_with_rng(RunnerConfig { cases, failure_persistence: None, ..RunnerConfig::default() }, rng);
+    let ok = std::cell::Cell::new((0u32, 0u32));
+    let result = runner.run(&prop::collection::vec(mutation(), 1..4), |muts| {
+        let bytes = apply(base, &muts);
+        std::fs::write(&path, &bytes).unwrap();
+        host_memory::reset_peak();
+        let before = host_memory::stats().current;
+        let r = parse(&path);
+        let extra = host_memory::stats().peak.saturating_sub(before);
+        let limit = bound(bytes.len(), base_alloc);
+        prop_assert!(extra <= limit, "{name}: {extra} bytes allocated for a {}-byte file (bound {limit})", bytes.len());
+        let (mut good, mut bad) = ok.get();
+        match r {
+            Ok(()) => good += 1,
+            Err(Error::File { .. } | Error::InvalidArgument { .. } | Error::Shape { .. }) => bad += 1,
+            Err(e) => prop_assert!(false, "{name}: an error of an unexpected kind: {e:?}"),
+        }
+        ok.set((good, bad));
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{name}: {e}");
+    }
+    ok.get()
+}
+
+/// A .npy file of `shape` with `descr` and raw `data`, in header version 1
+/// or 2 (common::npy_bytes writes version 1).
+fn npy_v2(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}", dims.join(", "));
+    while (12 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut bytes = b"\x93NUMPY\x02\x00".to_vec();
+    bytes.extend((h.len() as u32).to_le_bytes());
+    bytes.extend(h.as_bytes());
+    bytes.extend(data);
+    bytes
+}
+
+#[test]
+fn parsers_survive_mutated_files_with_bounded_memory() {
+    let cases: u32 = std::env::var("GIF_FR_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(160);
+    let seed: u64 = std::env::var("GIF_FR_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(2026);
+    let cpu = Device::cpu();
+    let mut report = Vec::new();
+
+    // Codebooks.
+    let cfg = Config { vocab: 4, seed: 1, steps: Some(2), subset: 16, kmeans_iters: 2, ..Config::default() };
+    let book = tokenize(Input::Random { count: 30, dim: 3 }, &cfg, &cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("book.safetensors");
+    book.save(&p).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    report.push(("codebook", fuzz("codebook", &bytes, 0, cases, seed, &|p| Codebook::load(p).map(drop))));
+
+    // insightface checkpoints (safetensors state dicts) of a tiny IResNet.
+    let net_cfg = common::tiny_iresnet();
+    let net = IResNet::new(net_cfg.clone(), &cpu, 3).unwrap();
+    let p = dir.path().join("net.safetensors");
+    net.save(&p).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    // The network the loader builds before reading (its parameters, twice).
+    let base = 2 * bytes.len();
+    report.push((
+        "checkpoint",
+        fuzz("checkpoint", &bytes, base, cases, seed, &|p| IResNet::load(p, net_cfg.clone(), &cpu).map(drop)),
+    ));
+
+    // .npy arrays: f32 and f64 matrices (v1 and v2 headers), uint8 images.
+    let f32s: Vec<u8> = (0..15).flat_map(|i| (i as f32 * 0.25 - 1.0).to_le_bytes()).collect();
+    let f64s: Vec<u8> = (0..8).flat_map(|i| (i as f64 * 0.5 - 2.0).to_le_bytes()).collect();
+    let pixels: Vec<u8> = (0..2 * 4 * 4 * 3).map(|i| (i * 7 % 256) as u8).collect();
+    let matrix = |p: &Path| tokenizer::read_npy_matrix(p).map(drop);
+    report.push(("npy f32", fuzz("f32.npy", &common::npy_bytes("<f4", &[3, 5], &f32s), 0, cases, seed, &matrix)));
+    report.push(("npy f64 v2", fuzz("f64.npy", &npy_v2("<f8", &[2, 4], &f64s), 0, cases, seed, &matrix)));
+    let read = |p: &Path| tokenizer::read_npy(p).map(drop);
+    report.push(("npy 3-d", fuzz("3d.npy", &common::npy_bytes("<f4", &[1, 3, 5], &f32s), 0, cases, seed, &read)));
+    let imgs = |p: &Path| images::read_images(p, 4).map(drop);
+    report.push((
+        "npy images",
+        fuzz("img.npy", &common::npy_bytes("|u1", &[2, 4, 4, 3], &pixels), 0, cases, seed, &imgs),
+    ));
+
+    for (name, (good, bad)) in &report {
+        println!("{name}: {good} parsed, {bad} refused with typed errors");
+        // The mutations reach the validation: most cases are refused.
+        assert!(*bad > cases / 4, "{name}: only {bad} of {cases} mutated files were refused");
+    }
+}
