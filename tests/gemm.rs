@@ -193,3 +193,21 @@ fn bad_gemm_inputs_get_typed_errors() {
     assert!(matches!(gemm::gemm(1.0, &a, Op::N, &elsewhere, Op::N, 0.0, &mut c), Err(Error::DeviceMismatch { .. })));
     assert!(matches!(gemm::cublas_gemm(1.0, &a, Op::N, &b, Op::N, 0.0, &mut c), Err(Error::InvalidArgument { .. })));
 }
+
+#[test]
+fn cpu_gemm_checks_its_slices_instead_of_trusting_them() {
+    use gif_fr::gemm::cpu::gemm;
+    let (a, b) = (vec![1.0f32; 6], vec![1.0f32; 6]);
+    let mut c = vec![0f32; 4];
+    // 2x3 · 3x2 fits.
+    gemm(2, 2, 3, 1.0, &a, 3, Op::N, &b, 2, Op::N, 0.0, &mut c, 2).unwrap();
+    assert_eq!(c, vec![3.0; 4]);
+    // Too short, a leading dimension below the row, and strides whose span
+    // overflows (it wrapped past the old assert: an out-of-bounds read).
+    assert!(gemm(2, 2, 4, 1.0, &a, 4, Op::N, &b, 2, Op::N, 0.0, &mut c, 2).is_err());
+    assert!(gemm(2, 2, 3, 1.0, &a, 2, Op::N, &b, 2, Op::N, 0.0, &mut c, 2).is_err());
+    assert!(gemm(2, 2, 3, 1.0, &a, 3, Op::N, &b, 2, Op::N, 0.0, &mut c[..3], 2).is_err());
+    assert!(gemm(2, 2, 3, 1.0, &a, usize::MAX / 2 + 2, Op::N, &b, 2, Op::N, 0.0, &mut c, 2).is_err());
+    assert!(gemm(3, 2, 1, 1.0, &a, 1, Op::N, &b, 2, Op::N, 0.0, &mut c, usize::MAX).is_err());
+    assert_eq!(c, vec![3.0; 4], "nothing is written on an error");
+}
