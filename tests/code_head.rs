@@ -11,14 +11,6 @@ use gif_fr::head::{CodeHead, CodeHeadConfig, CodeTable, Margin, MarginGrad};
 use gif_fr::{DType, Device, Error, Tensor};
 use rand::Rng;
 
-const MARGINS: [Margin; 5] = [
-    Margin::None,
-    Margin::ArcFace(0.5),
-    Margin::CosFace(0.4),
-    Margin::INSIGHTFACE_ARCFACE,
-    Margin::Combined { m1: 1.0, m2: 0.3, m3: 0.25 },
-];
-
 fn config(d: usize, l: usize, v: usize, proj: Option<usize>, margin: Margin, s: f32) -> CodeHeadConfig {
     CodeHeadConfig {
         projection: proj,

@@ -158,22 +158,6 @@ fn fuzz(
     ok.get()
 }
 
-/// A .npy file of `shape` with `descr` and raw `data`, in header version 1
-/// or 2 (common::npy_bytes writes version 1).
-fn npy_v2(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}", dims.join(", "));
-    while (12 + h.len() + 1) % 64 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut bytes = b"\x93NUMPY\x02\x00".to_vec();
-    bytes.extend((h.len() as u32).to_le_bytes());
-    bytes.extend(h.as_bytes());
-    bytes.extend(data);
-    bytes
-}
-
 #[test]
 fn parsers_survive_mutated_files_with_bounded_memory() {
     let cases: u32 = std::env::var("GIF_FR_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(160);
@@ -209,7 +193,10 @@ fn parsers_survive_mutated_files_with_bounded_memory() {
     let pixels: Vec<u8> = (0..2 * 4 * 4 * 3).map(|i| (i * 7 % 256) as u8).collect();
     let matrix = |p: &Path| tokenizer::read_npy_matrix(p).map(drop);
     report.push(("npy f32", fuzz("f32.npy", &common::npy_bytes("<f4", &[3, 5], &f32s), 0, cases, seed, &matrix)));
-    report.push(("npy f64 v2", fuzz("f64.npy", &npy_v2("<f8", &[2, 4], &f64s), 0, cases, seed, &matrix)));
+    report.push((
+        "npy f64 v2",
+        fuzz("f64.npy", &common::npy_bytes_version(2, "<f8", &[2, 4], &f64s), 0, cases, seed, &matrix),
+    ));
     let read = |p: &Path| tokenizer::read_npy(p).map(drop);
     report.push(("npy 3-d", fuzz("3d.npy", &common::npy_bytes("<f4", &[1, 3, 5], &f32s), 0, cases, seed, &read)));
     let imgs = |p: &Path| images::read_images(p, 4).map(drop);

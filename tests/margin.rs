@@ -206,6 +206,50 @@ fn close(what: &str, got: f64, want: f64, tol: f64) {
     assert!((got - want).abs() <= tol * want.abs(), "{what}: {got:e} vs {want:e}");
 }
 
+/// What the oracle says of a case: loss, feature and centre gradients.
+struct Want {
+    loss: f64,
+    gx: Vec<f64>,
+    gw: Vec<f64>,
+}
+
+/// Both heads on `dev` (the softmax head over the 5 centres; the code head
+/// with one position over 5 tokens, identity i having code [i]) against
+/// the oracle. `grads`: compare the gradients too (they equal the oracle's
+/// only for exact gradients or without a margin).
+#[allow(clippy::too_many_arguments)]
+fn check_heads(
+    dev: &Device,
+    x: &[f32],
+    w: &[f32],
+    y: &[usize],
+    (margin, grad, s): (Margin, MarginGrad, f32),
+    want: &Want,
+    grads: bool,
+    what: &str,
+) {
+    let d = 7;
+    let labels: Vec<u32> = y.iter().map(|&t| t as u32).collect();
+    let xt = Tensor::from_slice(dev, &[3, d], x).unwrap();
+    let centres = || Tensor::from_slice(dev, &[5, d], w).unwrap();
+    let cfg = SoftmaxHeadConfig { margin, margin_grad: grad, scale: s, ..SoftmaxHeadConfig::new(d, 5) };
+    let (loss, g) = SoftmaxHead::from_weights(cfg, centres()).unwrap().forward_backward(&xt, &labels).unwrap();
+    let mut runs = vec![("softmax head", loss.loss, g.features, g.centres)];
+    let cfg = CodeHeadConfig { margin, margin_grad: grad, scale: s, gamma: 0.0, ..CodeHeadConfig::new(d, 1, 5) };
+    let table = CodeTable::new(dev, (0..5).collect(), 1, 5, None).unwrap();
+    let code = CodeHead::from_weights(cfg, vec![centres()], None).unwrap();
+    let (loss, mut g) = code.forward_backward(&xt, &labels, &table).unwrap();
+    runs.push(("code head", loss.total, g.features, g.centres.remove(0)));
+    for (head, loss, gx, gw) in runs {
+        let h = format!("{head} on {dev}, {margin:?} {grad:?}, s {s}, {what}");
+        close(&format!("{h}: loss"), loss, want.loss, 1e-4);
+        if grads {
+            close_rows(&format!("{h}: features"), &gx.to_vec().unwrap(), &want.gx, d, 1e-4);
+            close_rows(&format!("{h}: centres"), &gw.to_vec().unwrap(), &want.gw, d, 1e-4);
+        }
+    }
+}
+
 const EXACT_ARCS: [Margin; 2] = [Margin::ArcFace(0.5), Margin::INSIGHTFACE_ARCFACE];
 
 #[test]
@@ -215,40 +259,11 @@ fn exact_arcface_gradients_hold_at_tiny_angles_on_both_heads() {
         for s in [1.0f32, 64.0] {
             for (i, theta) in [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 1e-2, 0.4].into_iter().enumerate() {
                 let (x, w, y) = case(theta, 1.3, 100 + i as u64);
-                let (want_loss, want_gx, want_gw) = oracle(&x, &w, &y, d, s as f64, margin);
-                let what = |head: &str, dev: &Device| format!("{head} on {dev}, {margin:?}, s {s}, θ {theta:e}");
-                let labels: Vec<u32> = y.iter().map(|&t| t as u32).collect();
+                let (loss, gx, gw) = oracle(&x, &w, &y, d, s as f64, margin);
+                let want = Want { loss, gx, gw };
                 for dev in all_devices() {
-                    // The full softmax head.
-                    let cfg = SoftmaxHeadConfig {
-                        margin,
-                        margin_grad: MarginGrad::Exact,
-                        scale: s,
-                        ..SoftmaxHeadConfig::new(d, 5)
-                    };
-                    let head = SoftmaxHead::from_weights(cfg, Tensor::from_slice(&dev, &[5, d], &w).unwrap()).unwrap();
-                    let xt = Tensor::from_slice(&dev, &[3, d], &x).unwrap();
-                    let (loss, g) = head.forward_backward(&xt, &labels).unwrap();
-                    let h = what("softmax head", &dev);
-                    close(&format!("{h}: loss"), loss.loss, want_loss, 1e-4);
-                    close_rows(&format!("{h}: features"), &g.features.to_vec().unwrap(), &want_gx, d, 1e-4);
-                    close_rows(&format!("{h}: centres"), &g.centres.to_vec().unwrap(), &want_gw, d, 1e-4);
-                    // The code head: one position over 5 tokens, identity i has code [i].
-                    let cfg = CodeHeadConfig {
-                        margin,
-                        margin_grad: MarginGrad::Exact,
-                        scale: s,
-                        gamma: 0.0,
-                        ..CodeHeadConfig::new(d, 1, 5)
-                    };
-                    let code = CodeHead::from_weights(cfg, vec![Tensor::from_slice(&dev, &[5, d], &w).unwrap()], None)
-                        .unwrap();
-                    let table = CodeTable::new(&dev, (0..5).collect(), 1, 5, None).unwrap();
-                    let (loss, g) = code.forward_backward(&xt, &labels, &table).unwrap();
-                    let h = what("code head", &dev);
-                    close(&format!("{h}: loss"), loss.total, want_loss, 1e-4);
-                    close_rows(&format!("{h}: features"), &g.features.to_vec().unwrap(), &want_gx, d, 1e-4);
-                    close_rows(&format!("{h}: centres"), &g.centres[0].to_vec().unwrap(), &want_gw, d, 1e-4);
+                    let what = format!("θ {theta:e}");
+                    check_heads(&dev, &x, &w, &y, (margin, MarginGrad::Exact, s), &want, true, &what);
                 }
                 // The f64 references.
                 let cfg = SoftmaxHeadConfig {
@@ -260,10 +275,10 @@ fn exact_arcface_gradients_hold_at_tiny_angles_on_both_heads() {
                 let t: Vec<i32> = y.iter().map(|&v| v as i32).collect();
                 let (loss, gx, gw) = gif_fr::head::softmax_head::cpu::reference(&cfg, &x, &w, None, 5, &t);
                 let h = format!("softmax reference, {margin:?}, s {s}, θ {theta:e}");
-                close(&format!("{h}: loss"), loss.loss, want_loss, 1e-6);
+                close(&format!("{h}: loss"), loss.loss, want.loss, 1e-6);
                 let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-                close_rows(&format!("{h}: features"), &f(&gx), &want_gx, d, 1e-5);
-                close_rows(&format!("{h}: centres"), &f(&gw), &want_gw, d, 1e-5);
+                close_rows(&format!("{h}: features"), &f(&gx), &want.gx, d, 1e-5);
+                close_rows(&format!("{h}: centres"), &f(&gw), &want.gw, d, 1e-5);
             }
         }
     }
@@ -284,37 +299,12 @@ fn confident_rows_keep_their_loss_and_gradient() {
                         w[k * d + i] = -x[i] - x[d + i] - x[2 * d + i] + 0.1 * i as f32;
                     }
                 }
-                let (want_loss, want_gx, want_gw) = oracle(&x, &w, &y, d, s as f64, margin);
-                assert!(want_loss > 0.0 && want_loss < 1e-3, "the case is confident: {want_loss:e}");
-                let labels: Vec<u32> = y.iter().map(|&t| t as u32).collect();
+                let (loss, gx, gw) = oracle(&x, &w, &y, d, s as f64, margin);
+                assert!(loss > 0.0 && loss < 1e-3, "the case is confident: {loss:e}");
+                let want = Want { loss, gx, gw };
+                let grads = grad == MarginGrad::Exact || margin == Margin::None;
                 for dev in all_devices() {
-                    let cfg = SoftmaxHeadConfig { margin, margin_grad: grad, scale: s, ..SoftmaxHeadConfig::new(d, 5) };
-                    let head = SoftmaxHead::from_weights(cfg, Tensor::from_slice(&dev, &[5, d], &w).unwrap()).unwrap();
-                    let xt = Tensor::from_slice(&dev, &[3, d], &x).unwrap();
-                    let (loss, g) = head.forward_backward(&xt, &labels).unwrap();
-                    let h = format!("softmax head on {dev}, {margin:?} {grad:?}, s {s}, loss {want_loss:e}");
-                    close(&format!("{h}: loss"), loss.loss, want_loss, 1e-4);
-                    if grad == MarginGrad::Exact || margin == Margin::None {
-                        close_rows(&format!("{h}: features"), &g.features.to_vec().unwrap(), &want_gx, d, 1e-4);
-                        close_rows(&format!("{h}: centres"), &g.centres.to_vec().unwrap(), &want_gw, d, 1e-4);
-                    }
-                    let cfg = CodeHeadConfig {
-                        margin,
-                        margin_grad: grad,
-                        scale: s,
-                        gamma: 0.0,
-                        ..CodeHeadConfig::new(d, 1, 5)
-                    };
-                    let code = CodeHead::from_weights(cfg, vec![Tensor::from_slice(&dev, &[5, d], &w).unwrap()], None)
-                        .unwrap();
-                    let table = CodeTable::new(&dev, (0..5).collect(), 1, 5, None).unwrap();
-                    let (loss, g) = code.forward_backward(&xt, &labels, &table).unwrap();
-                    let h = format!("code head on {dev}, {margin:?} {grad:?}, s {s}");
-                    close(&format!("{h}: loss"), loss.total, want_loss, 1e-4);
-                    if grad == MarginGrad::Exact || margin == Margin::None {
-                        close_rows(&format!("{h}: features"), &g.features.to_vec().unwrap(), &want_gx, d, 1e-4);
-                        close_rows(&format!("{h}: centres"), &g.centres[0].to_vec().unwrap(), &want_gw, d, 1e-4);
-                    }
+                    check_heads(&dev, &x, &w, &y, (margin, grad, s), &want, grads, &format!("loss {loss:e}"));
                 }
             }
         }

@@ -13,14 +13,6 @@ use gif_fr::head::{Margin, MarginGrad, PartialFc, SoftmaxHead, SoftmaxHeadConfig
 use gif_fr::{DType, Device, Error, Tensor};
 use rand::Rng;
 
-const MARGINS: [Margin; 5] = [
-    Margin::None,
-    Margin::ArcFace(0.5),
-    Margin::CosFace(0.35),
-    Margin::INSIGHTFACE_ARCFACE,
-    Margin::Combined { m1: 1.0, m2: 0.0, m3: 0.3 },
-];
-
 fn config(d: usize, n: usize, margin: Margin, grad: MarginGrad, s: f32) -> SoftmaxHeadConfig {
     SoftmaxHeadConfig { margin, margin_grad: grad, scale: s, ..SoftmaxHeadConfig::new(d, n) }
 }

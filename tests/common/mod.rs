@@ -90,18 +90,38 @@ pub fn skip_notice(msg: &str) {
 /// The bytes of a .npy v1.0 file: `descr` ("<f4" or "<f8"), C order,
 /// `shape`, and the little-endian values.
 pub fn npy_bytes(descr: &str, shape: &[usize], values: &[u8]) -> Vec<u8> {
+    npy_bytes_version(1, descr, shape, values)
+}
+
+/// [`npy_bytes`] with a version 1 (u16 header length) or 2 (u32) header.
+pub fn npy_bytes_version(version: u8, descr: &str, shape: &[usize], values: &[u8]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let prefix = if version == 1 { 10 } else { 12 };
     let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}", dims.join(", "));
-    while (10 + h.len() + 1) % 64 != 0 {
+    while (prefix + h.len() + 1) % 64 != 0 {
         h.push(' ');
     }
     h.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((h.len() as u16).to_le_bytes());
+    let mut bytes = vec![0x93, b'N', b'U', b'M', b'P', b'Y', version, 0];
+    if version == 1 {
+        bytes.extend((h.len() as u16).to_le_bytes());
+    } else {
+        bytes.extend((h.len() as u32).to_le_bytes());
+    }
     bytes.extend(h.as_bytes());
     bytes.extend(values);
     bytes
 }
+
+/// The margins every head test runs: none, the old fallback ArcFace,
+/// CosFace, and insightface's combined margins (arc and cos).
+pub const MARGINS: [gif_fr::head::Margin; 5] = [
+    gif_fr::head::Margin::None,
+    gif_fr::head::Margin::ArcFace(0.5),
+    gif_fr::head::Margin::CosFace(0.35),
+    gif_fr::head::Margin::INSIGHTFACE_ARCFACE,
+    gif_fr::head::Margin::Combined { m1: 1.0, m2: 0.3, m3: 0.25 },
+];
 
 /// A small IResNet of the full structure (stem, four stages with
 /// downsample and plain blocks, BN, flatten, Linear, BN1d): 16x16 input,
