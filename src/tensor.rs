@@ -283,6 +283,13 @@ impl Tensor {
         Ok(out)
     }
 
+    /// This tensor widened to f32 on its device when it holds 16-bit values;
+    /// `None` when it is f32 already (use it as is):
+    /// `t.widened()?.as_ref().unwrap_or(&t)`.
+    pub(crate) fn widened(&self) -> Result<Option<Tensor>> {
+        Ok(if self.dtype == DType::F32 { None } else { Some(self.to_f32()?) })
+    }
+
     /// Writes this f32 tensor's values, rounded to nearest even, into the
     /// bf16 tensor `out` (as many elements, same device; shapes may
     /// differ): on a GPU backend a kernel, without a trip through the host.

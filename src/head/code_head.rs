@@ -457,16 +457,11 @@ impl CodeHead {
         let mut centre_grads = Vec::with_capacity(l);
         let mut proj_grads = Vec::new();
         // bf16 features meet f32 (or widened) projections in an f32 GEMM.
-        let x32_owned;
-        let x32 = if self.projections.is_some() && features.dtype() != DType::F32 {
-            x32_owned = features.to_f32()?;
-            &x32_owned
-        } else {
-            features
-        };
+        let x_wide = if self.projections.is_some() { features.widened()? } else { None };
+        let x32 = x_wide.as_ref().unwrap_or(features);
         for j in 0..l {
             let p_wide = match &self.projections {
-                Some(p) => Some((&p[j], widened(&p[j])?)),
+                Some(p) => Some((&p[j], p[j].widened()?)),
                 None => None,
             };
             let p32: Option<&Tensor> = p_wide.as_ref().map(|(p, w)| w.as_ref().unwrap_or(p));
@@ -478,7 +473,7 @@ impl CodeHead {
                 }
                 None => features,
             };
-            let c_wide = widened(&self.centres[j])?;
+            let c_wide = self.centres[j].widened()?;
             let w_raw = c_wide.as_ref().unwrap_or(&self.centres[j]);
             let (w_hat, w_norm) = rowwise::l2_normalize(w_raw, EPS)?;
             // With the exact ArcFace gradient, rows B.. of dC and U carry its
@@ -564,21 +559,16 @@ impl CodeHead {
             ));
         }
         // bf16 features are widened once (the projections and centres are f32).
-        let x_wide;
-        let x = if features.dtype() == DType::F32 {
-            features
-        } else {
-            x_wide = features.to_f32()?;
-            &x_wide
-        };
+        let x_wide = features.widened()?;
+        let x = x_wide.as_ref().unwrap_or(features);
         let mut out = Tensor::empty(&self.device, &[b * l, v], DType::F32)?;
         for j in 0..l {
             let z = match &self.projections {
-                Some(p) => gemm::matmul(x, Op::N, widened(&p[j])?.as_ref().unwrap_or(&p[j]), Op::T)?,
+                Some(p) => gemm::matmul(x, Op::N, p[j].widened()?.as_ref().unwrap_or(&p[j]), Op::T)?,
                 None => x.to_device(&self.device)?,
             };
             let (u, _) = rowwise::l2_normalize(&z, EPS)?;
-            let c_wide = widened(&self.centres[j])?;
+            let c_wide = self.centres[j].widened()?;
             let (w_hat, _) = rowwise::l2_normalize(c_wide.as_ref().unwrap_or(&self.centres[j]), EPS)?;
             let mut c = Tensor::empty(&self.device, &[b, v], DType::F32)?;
             gemm::gemm(self.cfg.scale, &u, Op::N, &w_hat, Op::T, 0.0, &mut c)?;
@@ -636,12 +626,6 @@ fn rows_f32(t: &Tensor, ids: &[u32]) -> Result<Vec<f32>> {
         Some(HostData::F16(v)) => pick(&|k| v[k].to_f32()),
         None => return Err(Error::invalid("CodeHead", "the code vectors are not on the CPU")),
     })
-}
-
-/// A bf16 weight matrix widened to f32 on its device; None when it is f32
-/// already (use it as is).
-fn widened(w: &Tensor) -> Result<Option<Tensor>> {
-    Ok(if w.dtype() == DType::F32 { None } else { Some(w.to_f32()?) })
 }
 
 /// The f64 reference, and the f32 CPU path.

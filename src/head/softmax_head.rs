@@ -495,13 +495,8 @@ fn device_step(
     )?;
     // The angular margins take the target's angle from the raw vectors (f64).
     let (kind, m) = cfg.margin.kernel_args();
-    let x32_owned;
-    let x32 = if features.dtype() == DType::F32 {
-        features
-    } else {
-        x32_owned = features.to_f32()?;
-        &x32_owned
-    };
+    let x_wide = features.widened()?;
+    let x32 = x_wide.as_ref().unwrap_or(features);
     let tgt_sin = if cfg.margin.is_angular() {
         let sin = Tensor::empty(dev, &[b], DType::F32)?;
         dev.launch(
