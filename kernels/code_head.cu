@@ -103,7 +103,7 @@ GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_h
   }
   // The target's angle from the raw vectors (every warp computes the same).
   const bool angular = margin == 1 || margin == 3;
-  Angle64 ang{0.0, 0.0, 0.0, 0.0};
+  Angle64 ang{0.0, 0.0, 0.0, 0.0, 0.0};
   if (angular) ang = warp_angle(zr, wy, dp);
   __syncthreads();
   if (angular && t == 0) cos_k[y] = (float)ang.c;
@@ -157,7 +157,7 @@ GIF_DEVICE void margin_ce(const T* __restrict__ z, const float* __restrict__ w_h
   for (int c = t; c < dp; c += kThreads) {
     const double zc = (double)to_float(zr[c]), wc = (double)wy[c];
     float g = (dus[c] - u[c] * proj) * inv;
-    if (a != 0.0) g += (float)(a * ang.toward_w(zc, wc) / ang.nz);
+    if (a != 0.0) g += (float)(a * ang.toward_w(zc, wc) * ang.rz);
     float* o = dz + (long long)b * dp + c;
     *o = accumulate ? *o + g : g;
     if (singular) u_out[((long long)b_rows + b) * dp + c] = (float)(a * ang.toward_z(zc, wc));

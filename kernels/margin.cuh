@@ -30,15 +30,13 @@ GIF_DEVICE Target margin_target(float c, float sin_t, int margin, float m, float
 // any angle (not sqrt(1 − c²)). A zero vector gives c = 0, sin = 1 and no
 // tangent. Every lane of a full warp calls it and gets the result.
 struct Angle64 {
-  double c, sin, nz, nw;
+  double c, sin;
+  double rz, rw, rs;  // 1/‖z‖, 1/‖w‖, 1/sin θ; 0 where there is no tangent
   // Component i of the unit tangent at ẑ toward ŵ, (ŵ − c ẑ) / sin θ, and
-  // at ŵ toward ẑ, (ẑ − c ŵ) / sin θ; 0 when there is none.
-  GIF_DEVICE double toward_w(double zi, double wi) const {
-    return sin > 0.0 && nz > 0.0 && nw > 0.0 ? (wi / nw - c * zi / nz) / sin : 0.0;
-  }
-  GIF_DEVICE double toward_z(double zi, double wi) const {
-    return sin > 0.0 && nz > 0.0 && nw > 0.0 ? (zi / nz - c * wi / nw) / sin : 0.0;
-  }
+  // at ŵ toward ẑ, (ẑ − c ŵ) / sin θ; 0 when there is none. (Reciprocals
+  // once per row: an f64 division is a subroutine, and spilled registers.)
+  GIF_DEVICE double toward_w(double zi, double wi) const { return (wi * rw - c * zi * rz) * rs; }
+  GIF_DEVICE double toward_z(double zi, double wi) const { return (zi * rz - c * wi * rw) * rs; }
 };
 
 GIF_DEVICE double warp_sum_f64(double v) {
@@ -61,19 +59,23 @@ GIF_DEVICE Angle64 warp_angle(const A* __restrict__ z, const B* __restrict__ w, 
   ww = warp_sum_f64(ww);
   zw = warp_sum_f64(zw);
   Angle64 r;
-  r.nz = sqrt(zz);
-  r.nw = sqrt(ww);
-  if (!(r.nz > 0.0 && r.nw > 0.0)) {
-    r.c = r.nz == r.nz && r.nw == r.nw ? 0.0 : r.nz + r.nw;  // NaN stays NaN
+  const double nz = sqrt(zz), nw = sqrt(ww);
+  r.rs = 0.0;
+  if (!(nz > 0.0 && nw > 0.0)) {
+    r.c = nz == nz && nw == nw ? 0.0 : nz + nw;  // NaN stays NaN
     r.sin = 1.0;
+    r.rz = r.rw = 0.0;
     return r;
   }
-  r.c = fmin(fmax(zw / (r.nz * r.nw), -1.0), 1.0);
+  r.rz = 1.0 / nz;
+  r.rw = 1.0 / nw;
+  r.c = fmin(fmax(zw * r.rz * r.rw, -1.0), 1.0);
   double ss = 0.0;
   for (int i = lane; i < d; i += 32) {
-    const double t = (double)to_float(w[i]) / r.nw - r.c * (double)to_float(z[i]) / r.nz;
+    const double t = (double)to_float(w[i]) * r.rw - r.c * (double)to_float(z[i]) * r.rz;
     ss += t * t;
   }
   r.sin = sqrt(warp_sum_f64(ss));
+  r.rs = r.sin > 0.0 ? 1.0 / r.sin : 0.0;
   return r;
 }

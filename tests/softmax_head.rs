@@ -237,8 +237,12 @@ fn partial_fc_device_sample_equals_the_host_sample() {
 fn partial_fc_with_rate_one_equals_the_full_head() {
     let (b, d, n) = (40, 20, 300);
     let (w, x, y) = problem(b, d, n, 41);
-    for dev in all_devices() {
-        let cfg = SoftmaxHeadConfig::new(d, n);
+    // insightface's default, and the exact ArcFace gradient (whose singular
+    // part reads the centres through Partial FC's row map).
+    let exact = config(d, n, Margin::ArcFace(0.5), MarginGrad::Exact, 64.0);
+    for (dev, cfg) in
+        all_devices().into_iter().flat_map(|d| [(d.clone(), SoftmaxHeadConfig::new(20, 300)), (d, exact.clone())])
+    {
         let full = SoftmaxHead::from_weights(cfg.clone(), Tensor::from_slice(&dev, &[n, d], &w).unwrap()).unwrap();
         let xt = Tensor::from_slice(&dev, &[b, d], &x).unwrap();
         let (l1, g1) = full.forward_backward(&xt, &y).unwrap();
