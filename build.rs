@@ -11,7 +11,9 @@
 //!    kernels/sim/gif_sim.h, plus a registry of every `extern "C" __global__`
 //!    kernel and its signature.
 //!
-//! It writes OUT_DIR/kernels.rs, included by src/kernels.rs.
+//! It writes OUT_DIR/kernels.rs (the module table) and OUT_DIR/launch.rs
+//! (a typed launcher per kernel, generated from its signature), included by
+//! src/kernels.rs.
 //! Set GIF_FR_NO_NVCC=1 to build as if no nvcc were installed, and
 //! GIF_SIM_UCONTEXT=1 to give the simulator the portable ucontext fiber
 //! switch (what non-x86-64 hosts get) instead of the x86-64 one.
@@ -26,9 +28,64 @@ use std::process::Command;
 struct Module {
     name: String,
     path: PathBuf,
-    kernels: Vec<String>,
+    kernels: Vec<Kernel>,
     flat: PathBuf,
     ptx: Option<PathBuf>,
+}
+
+/// One `extern "C" __global__` kernel and its parameters, as read from the
+/// source: the typed launcher of src/kernels.rs `launch` is generated from
+/// them.
+struct Kernel {
+    name: String,
+    params: Vec<Param>,
+}
+
+/// One kernel parameter: its name and C type.
+struct Param {
+    name: String,
+    ty: CType,
+}
+
+/// The C types kernel parameters may have.
+#[derive(Clone, Copy, PartialEq)]
+enum CType {
+    /// A pointer to `elem` (a Rust element type), const or not.
+    Ptr { elem: &'static str, mutable: bool },
+    /// A scalar passed by value: its Rust type.
+    Scalar(&'static str),
+}
+
+impl CType {
+    /// The Rust parameter type of the launcher.
+    fn rust(self) -> String {
+        match self {
+            CType::Ptr { elem, mutable: false } => format!("Ptr<{elem}>"),
+            CType::Ptr { elem, mutable: true } => format!("PtrMut<{elem}>"),
+            CType::Scalar(t) => t.to_string(),
+        }
+    }
+    /// The `Arg` the launcher passes.
+    fn arg(self, name: &str) -> String {
+        match self {
+            CType::Ptr { .. } => format!("Arg::Ptr({name}.addr())"),
+            CType::Scalar("i32") => format!("Arg::I32({name})"),
+            CType::Scalar("u32") => format!("Arg::U32({name})"),
+            CType::Scalar("i64") => format!("Arg::I64({name})"),
+            CType::Scalar("u64") => format!("Arg::U64({name})"),
+            CType::Scalar("f32") => format!("Arg::F32({name})"),
+            CType::Scalar(t) => panic!("no Arg for {t}"),
+        }
+    }
+    /// (kind, bytes) as the simulator's signature registry holds them.
+    fn sim_kind(self) -> (u8, u8) {
+        match self {
+            CType::Ptr { .. } => (1, 8),
+            CType::Scalar("f32") => (3, 4),
+            CType::Scalar("i64" | "u64") => (2, 8),
+            CType::Scalar(_) => (2, 4),
+        }
+    }
 }
 
 fn main() {
@@ -131,12 +188,13 @@ fn main() {
             camel(&m.name),
             m.name,
             m.flat.display().to_string(),
-            m.kernels
+            m.kernels.iter().map(|k| k.name.as_str()).collect::<Vec<_>>()
         )
         .unwrap();
     }
     writeln!(t, "];").unwrap();
     fs::write(out.join("kernels.rs"), t).expect("write kernels.rs");
+    fs::write(out.join("launch.rs"), launchers(&modules)).expect("write launch.rs");
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -217,11 +275,11 @@ fn strip_comments(src: &str) -> String {
     out
 }
 
-/// Names of the `extern "C" __global__` kernels, in source order:
-/// `extern "C" __global__ void [__launch_bounds__(...)] NAME(`.
-fn kernel_names(src: &str, module: &str) -> Vec<String> {
+/// The `extern "C" __global__` kernels, in source order:
+/// `extern "C" __global__ void [__launch_bounds__(...)] NAME(PARAMS)`.
+fn kernel_names(src: &str, module: &str) -> Vec<Kernel> {
     let s = strip_comments(src);
-    let mut names = Vec::new();
+    let mut kernels: Vec<Kernel> = Vec::new();
     let mut rest = s.as_str();
     while let Some(p) = rest.find("__global__") {
         let before = rest[..p].trim_end();
@@ -241,10 +299,110 @@ fn kernel_names(src: &str, module: &str) -> Vec<String> {
         }
         let name: String = a.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
         assert!(!name.is_empty(), "kernels/{module}.cu: could not read a kernel name near: {}", &a[..a.len().min(60)]);
-        assert!(!names.contains(&name), "kernels/{module}.cu: kernel {name} is defined twice");
-        names.push(name);
+        assert!(kernels.iter().all(|k| k.name != name), "kernels/{module}.cu: kernel {name} is defined twice");
+        let open = a.find('(').unwrap_or_else(|| panic!("kernels/{module}.cu: {name}: no parameter list"));
+        let close = a[open..].find(')').unwrap_or_else(|| panic!("kernels/{module}.cu: {name}: unclosed parameters"));
+        let params = a[open + 1..open + close]
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty() && *p != "void")
+            .map(|p| parse_param(p).unwrap_or_else(|e| panic!("kernels/{module}.cu: {name}: parameter `{p}`: {e}")))
+            .collect();
+        kernels.push(Kernel { name, params });
     }
-    names
+    kernels
+}
+
+/// `const float* __restrict__ x` → (x, Ptr<f32>), `int n` → (n, i32).
+fn parse_param(p: &str) -> Result<Param, String> {
+    let spaced = p.replace('*', " * ");
+    let tokens: Vec<&str> = spaced.split_whitespace().filter(|t| *t != "__restrict__").collect();
+    let (name, ty) = tokens.split_last().ok_or("empty")?;
+    let pointer = ty.contains(&"*");
+    if ty.iter().filter(|t| **t == "*").count() > 1 {
+        return Err("pointers to pointers are not supported".into());
+    }
+    let mutable = pointer && !ty.contains(&"const");
+    let base: Vec<&str> = ty.iter().copied().filter(|t| *t != "*" && *t != "const").collect();
+    let rust = match base.join(" ").as_str() {
+        "float" => "f32",
+        "double" => "f64",
+        "bf16" => "half::bf16",
+        "f16" => "half::f16",
+        "int" => "i32",
+        "unsigned" | "unsigned int" => "u32",
+        "unsigned short" => "u16",
+        "unsigned char" => "u8",
+        "long long" => "i64",
+        "unsigned long long" => "u64",
+        other => return Err(format!("unsupported type `{other}`")),
+    };
+    if !pointer && !matches!(rust, "f32" | "i32" | "u32" | "i64" | "u64") {
+        return Err(format!("a {rust} passed by value is not supported"));
+    }
+    let ty = if pointer { CType::Ptr { elem: rust, mutable } } else { CType::Scalar(rust) };
+    const KEYWORDS: &[&str] = &["in", "ref", "type", "fn", "loop", "match", "move", "mod", "use", "impl", "self"];
+    let name = if KEYWORDS.contains(name) { format!("r#{name}") } else { name.to_string() };
+    Ok(Param { name, ty })
+}
+
+/// The typed launchers: one `unsafe fn` per kernel, with the kernel's
+/// parameters as typed Rust parameters, launching it by index.
+fn launchers(modules: &[Module]) -> String {
+    let mut t = String::new();
+    writeln!(t, "// Generated by build.rs from the kernels' signatures.").unwrap();
+    for m in modules {
+        for (i, k) in m.kernels.iter().enumerate() {
+            let sig: Vec<String> = k.params.iter().map(|p| format!("{}: {}", p.name, p.ty.rust())).collect();
+            let args: Vec<String> = k.params.iter().map(|p| p.ty.arg(&p.name)).collect();
+            writeln!(t, "/// `{}` of kernels/{}.cu: `{}({})`.", k.name, m.name, k.name, sig.join(", ")).unwrap();
+            writeln!(t, "///").unwrap();
+            writeln!(t, "/// # Safety").unwrap();
+            writeln!(t, "///").unwrap();
+            writeln!(
+                t,
+                "/// Every pointer must address device memory of `dev` covering every element the kernel \
+                 touches for these sizes and this launch configuration (each op states why at its call)."
+            )
+            .unwrap();
+            writeln!(t, "#[allow(non_snake_case, clippy::too_many_arguments, clippy::missing_safety_doc)]").unwrap();
+            writeln!(
+                t,
+                "pub unsafe fn {}(dev: &Device, cfg: LaunchConfig{}) -> crate::Result<()> {{",
+                k.name,
+                sig.iter().map(|s| format!(", {s}")).collect::<String>()
+            )
+            .unwrap();
+            writeln!(
+                t,
+                "    dev.launch_kernel(KernelRef {{ module: ModuleId::{}, index: {i}, name: {:?} }}, cfg, &[{}])",
+                camel(&m.name),
+                k.name,
+                args.join(", ")
+            )
+            .unwrap();
+            writeln!(t, "}}").unwrap();
+        }
+    }
+    // The signature table the simulator's registry is checked against.
+    writeln!(t, "/// Per module and kernel (source order): each parameter's (kind, bytes) as the simulator").unwrap();
+    writeln!(t, "/// registers it (1 pointer, 2 integer, 3 float).").unwrap();
+    writeln!(t, "pub static SIGNATURES: &[&[&[(u8, u8)]]] = &[").unwrap();
+    for m in modules {
+        let ks: Vec<String> = m
+            .kernels
+            .iter()
+            .map(|k| {
+                format!(
+                    "&[{}]",
+                    k.params.iter().map(|p| format!("{:?}", p.ty.sim_kind())).collect::<Vec<_>>().join(", ")
+                )
+            })
+            .collect();
+        writeln!(t, "    &[{}],", ks.join(", ")).unwrap();
+    }
+    writeln!(t, "];").unwrap();
+    t
 }
 
 fn find_nvcc() -> Option<PathBuf> {
@@ -305,7 +463,7 @@ fn build_simulator(root: &Path, out: &Path, modules: &[Module]) {
         writeln!(tu, "#include {:?}", m.path.display().to_string()).unwrap();
         writeln!(tu, "static const gif_sim::Kernel gif_sim_kernels_{}[] = {{", m.name).unwrap();
         for k in &m.kernels {
-            writeln!(tu, "  gif_sim::make_kernel({k:?}, &{k}),").unwrap();
+            writeln!(tu, "  gif_sim::make_kernel({:?}, &{}),", k.name, k.name).unwrap();
         }
         if m.kernels.is_empty() {
             writeln!(tu, "  {{nullptr, nullptr, nullptr, 0, nullptr, nullptr}},").unwrap();

@@ -18,9 +18,9 @@ use std::collections::BinaryHeap;
 
 use rayon::prelude::*;
 
-use crate::device::{Arg, Device, DeviceBuffer, LaunchConfig};
+use crate::device::{Device, DeviceBuffer, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::{self, ModuleId};
+use crate::kernels::{launch, Ptr, PtrMut};
 use crate::tensor::{DType, Tensor};
 use crate::tokenizer::{Codebook, Trie};
 
@@ -67,6 +67,21 @@ struct DeviceTrie {
     child: DeviceBuffer,
     node_off: DeviceBuffer,
     edge_off: DeviceBuffer,
+}
+
+/// The trie's buffers as the search kernels take them.
+type TriePtrs = (Ptr<u32>, Ptr<u16>, Ptr<u32>, Ptr<i32>, Ptr<i32>);
+
+impl DeviceTrie {
+    fn ptrs(&self, dev: &Device) -> TriePtrs {
+        (
+            dev.ptr_of(&self.node_ptr),
+            dev.ptr_of(&self.token),
+            dev.ptr_of(&self.child),
+            dev.ptr_of(&self.node_off),
+            dev.ptr_of(&self.edge_off),
+        )
+    }
 }
 
 /// A codebook's trie, ready for batched decoding on a device (uploaded
@@ -228,68 +243,61 @@ impl PrefixDecoder {
     /// Runs `decode_exact_warp` (a warp per query) or, with `warp` false,
     /// the simpler `decode_exact` (a thread per query).
     fn exact_kernel(&self, g: &DeviceTrie, log_probs: &Tensor, b: usize, k: usize, warp: bool) -> Result<TopK> {
-        let (name, blocks) =
-            if warp { ("decode_exact_warp", b.div_ceil(4)) } else { ("decode_exact", b.div_ceil(128)) };
-        self.search_kernel(g, log_probs, b, k, name, blocks, 0, &[Arg::F32(slack_rel(self.length))])
+        let dev = &self.device;
+        let (l, v, rel) = (self.length as i32, self.vocab as i32, slack_rel(self.length));
+        let lp = log_probs.ptr()?;
+        let t = g.ptrs(dev);
+        self.search(b, k, |scores, ids| {
+            // SAFETY: lp is [B, l, v] (checked by `check`); the trie buffers
+            // are the codebook's (uploaded by `new`, consistent by
+            // construction); scores and ids hold B·k entries; l ≤ MAX_LENGTH
+            // and k ≤ MAX_K (the kernels' arrays).
+            unsafe {
+                if warp {
+                    let cfg = LaunchConfig::linear(b.div_ceil(4) as u32, 128, 0);
+                    launch::decode_exact_warp(
+                        dev, cfg, lp, b as i32, l, v, t.0, t.1, t.2, t.3, t.4, k as i32, rel, scores, ids,
+                    )
+                } else {
+                    let cfg = LaunchConfig::linear(b.div_ceil(128) as u32, 128, 0);
+                    launch::decode_exact(
+                        dev, cfg, lp, b as i32, l, v, t.0, t.1, t.2, t.3, t.4, k as i32, rel, scores, ids,
+                    )
+                }
+            }
+        })
     }
 
     fn beam_device(&self, g: &DeviceTrie, log_probs: &Tensor, b: usize, k: usize, w: usize) -> Result<TopK> {
+        let dev = &self.device;
         let cap = w * self.max_children;
         let smem = 4 * (2 * w + 2 * cap) * 4;
-        self.search_kernel(
-            g,
-            log_probs,
-            b,
-            k,
-            "decode_beam_warp",
-            b.div_ceil(4),
-            smem,
-            &[Arg::I32(w as i32), Arg::I32(cap as i32)],
-        )
+        let (l, v) = (self.length as i32, self.vocab as i32);
+        let lp = log_probs.ptr()?;
+        let t = g.ptrs(dev);
+        self.search(b, k, |scores, ids| {
+            let cfg = LaunchConfig::linear(b.div_ceil(4) as u32, 128, smem as u32);
+            // SAFETY: as in exact_kernel; the dynamic shared memory holds 4
+            // warps' beams of w and candidates of cap = w·(most children).
+            unsafe {
+                launch::decode_beam_warp(
+                    dev, cfg, lp, b as i32, l, v, t.0, t.1, t.2, t.3, t.4, k as i32, w as i32, cap as i32, scores, ids,
+                )
+            }
+        })
     }
 
-    /// Launches one of the search kernels, whose arguments are the
-    /// log-probabilities, B, l, v, the trie, k, `extra`, then the outputs;
-    /// downloads the result and turns the kernels' NaN flag (id −2) into an
-    /// error.
-    #[allow(clippy::too_many_arguments)]
-    fn search_kernel(
-        &self,
-        g: &DeviceTrie,
-        log_probs: &Tensor,
-        b: usize,
-        k: usize,
-        name: &str,
-        blocks: usize,
-        smem: usize,
-        extra: &[Arg],
-    ) -> Result<TopK> {
+    /// Allocates the `[B, k]` results, runs `run(scores, ids)` (one of the
+    /// search kernels), downloads them and turns the kernels' NaN/+inf flag
+    /// (id −2) into an error.
+    fn search(&self, b: usize, k: usize, run: impl FnOnce(PtrMut<f32>, PtrMut<i32>) -> Result<()>) -> Result<TopK> {
         let dev = &self.device;
         if b == 0 {
             return Ok(TopK { k, ids: Vec::new(), scores: Vec::new() });
         }
-        let scores = Tensor::empty(dev, &[b, k], DType::F32)?;
-        let ids = dev.alloc(b * k * 4)?;
-        let mut args = vec![
-            log_probs.arg(),
-            Arg::I32(b as i32),
-            Arg::I32(self.length as i32),
-            Arg::I32(self.vocab as i32),
-            Arg::Ptr(dev.ptr(&g.node_ptr)),
-            Arg::Ptr(dev.ptr(&g.token)),
-            Arg::Ptr(dev.ptr(&g.child)),
-            Arg::Ptr(dev.ptr(&g.node_off)),
-            Arg::Ptr(dev.ptr(&g.edge_off)),
-            Arg::I32(k as i32),
-        ];
-        args.extend_from_slice(extra);
-        args.extend([scores.arg(), Arg::Ptr(dev.ptr(&ids))]);
-        dev.launch(
-            ModuleId::Decode,
-            kernels::find(ModuleId::Decode, name)?,
-            LaunchConfig::linear(blocks as u32, 128, smem as u32),
-            &args,
-        )?;
+        let mut scores = Tensor::empty(dev, &[b, k], DType::F32)?;
+        let mut ids = dev.alloc(b * k * 4)?;
+        run(scores.ptr_mut()?, dev.ptr_mut_of(&mut ids))?;
         let ids: Vec<i32> = bytemuck::pod_collect_to_vec(&dev.download(&ids, b * k * 4)?);
         if let Some(q) = ids.chunks(k).position(|r| r[0] == -2) {
             return Err(Error::invalid(

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{self as cu, sys as cusys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
 use crate::error::{Error, Result};
-use crate::kernels::{self, ModuleId, MODULES};
+use crate::kernels::{self, KernelRef, ModuleId, Ptr, PtrMut, MODULES};
 use crate::sim::{SimBackend, SimBuffer, SimOrder, POISON};
 
 /// Which backend a [`Device`] is.
@@ -428,6 +428,16 @@ impl Device {
         }
     }
 
+    /// `buf` as read-only `T` elements for a kernel.
+    pub(crate) fn ptr_of<T>(&self, buf: &DeviceBuffer) -> Ptr<T> {
+        Ptr::from_addr(self.ptr(buf))
+    }
+
+    /// `buf` as `T` elements a kernel writes.
+    pub(crate) fn ptr_mut_of<T>(&self, buf: &mut DeviceBuffer) -> PtrMut<T> {
+        PtrMut::from_addr(self.ptr(buf))
+    }
+
     /// Device memory held by the crate's buffers on this GPU backend (None on
     /// the CPU, whose tensors are ordinary host memory).
     pub fn memory_stats(&self) -> Option<MemoryStats> {
@@ -476,18 +486,27 @@ impl Device {
         Ok(h)
     }
 
-    /// Runs `kernel` of `module` with `args`. The one launch path of both
-    /// GPU backends; the CPU has no kernels.
+    /// Runs `kernel` of `module` with `args` (transitional: the ops move to
+    /// the typed launchers of `kernels::launch`).
+    pub(crate) fn launch(&self, module: ModuleId, kernel: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        self.launch_kernel(kernels::kernel_ref(module, kernel)?, cfg, args)
+    }
+
+    /// Runs kernel `k` with `args`: the one launch path of both GPU
+    /// backends, reached through the typed launchers of
+    /// [`crate::kernels::launch`] (the CPU has no kernels).
     ///
     /// The caller (an op's public function) has validated every size, so
     /// the pointers cover what the kernel touches.
-    pub(crate) fn launch(&self, module: ModuleId, kernel: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    pub(crate) fn launch_kernel(&self, k: KernelRef, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         match &self.inner {
-            Inner::Cpu => {
-                Err(Error::Kernel { module: module.name(), kernel, message: "the CPU device runs no kernels".into() })
-            }
-            Inner::Sim(s) => s.launch(module, kernel, &cfg, args),
-            Inner::Cuda(c) => c.launch(module, kernel, &cfg, args),
+            Inner::Cpu => Err(Error::Kernel {
+                module: k.module.name(),
+                kernel: k.name,
+                message: "the CPU device runs no kernels".into(),
+            }),
+            Inner::Sim(s) => s.launch(k, &cfg, args),
+            Inner::Cuda(c) => c.launch(k, &cfg, args),
         }
     }
 }
@@ -511,9 +530,9 @@ pub(crate) struct CudaBackend {
     functions: Mutex<FunctionCache>,
 }
 
-/// (module, kernel) -> the loaded function and the dynamic shared memory
-/// (bytes) it may use.
-type FunctionCache = HashMap<(ModuleId, &'static str), (CudaFunction, u32)>;
+/// Per module and kernel index: the loaded function and the dynamic shared
+/// memory (bytes) it may use.
+type FunctionCache = Vec<Vec<Option<(CudaFunction, u32)>>>;
 
 impl CudaBackend {
     /// The backend for `ordinal`, created once per process.
@@ -576,7 +595,7 @@ impl CudaBackend {
             stream,
             modules: Mutex::new(vec![None; MODULES.len()]),
             blas: Mutex::new(None),
-            functions: Mutex::new(HashMap::new()),
+            functions: Mutex::new(MODULES.iter().map(|m| vec![None; m.kernels.len()]).collect()),
         })
     }
 
@@ -597,18 +616,19 @@ impl CudaBackend {
 
     /// The function handle, loaded once; raises its dynamic shared memory
     /// limit the first time a launch needs more than the default 48 KiB.
-    fn function(&self, id: ModuleId, kernel: &'static str, shared_bytes: u32) -> Result<CudaFunction> {
-        let kerr = |message: String| Error::Kernel { module: id.name(), kernel, message };
-        let key = (id, kernel);
+    fn function(&self, k: KernelRef, shared_bytes: u32) -> Result<CudaFunction> {
+        let kerr = |message: String| Error::Kernel { module: k.module.name(), kernel: k.name, message };
         let mut fns = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        let (f, allowed) = match fns.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let module = self.module(id)?;
-                let f = module.load_function(kernel).map_err(|e| kerr(format!("not found in the module: {e}")))?;
-                v.insert((f, 48 * 1024))
-            }
-        };
+        let slot = fns
+            .get_mut(k.module as usize)
+            .and_then(|m| m.get_mut(k.index as usize))
+            .ok_or_else(|| kerr(format!("no kernel {} in the module", k.index)))?;
+        if slot.is_none() {
+            let module = self.module(k.module)?;
+            let f = module.load_function(k.name).map_err(|e| kerr(format!("not found in the module: {e}")))?;
+            *slot = Some((f, 48 * 1024));
+        }
+        let Some((f, allowed)) = slot.as_mut() else { return Err(kerr("the function cache lost an entry".into())) };
         if shared_bytes > *allowed {
             f.set_attribute(
                 cusys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -620,9 +640,9 @@ impl CudaBackend {
         Ok(f.clone())
     }
 
-    fn launch(&self, id: ModuleId, kernel: &'static str, cfg: &LaunchConfig, args: &[Arg]) -> Result<()> {
-        let kerr = |message: String| Error::Kernel { module: id.name(), kernel, message };
-        let f = self.function(id, kernel, cfg.shared_bytes)?;
+    fn launch(&self, k: KernelRef, cfg: &LaunchConfig, args: &[Arg]) -> Result<()> {
+        let kerr = |message: String| Error::Kernel { module: k.module.name(), kernel: k.name, message };
+        let f = self.function(k, cfg.shared_bytes)?;
         let mut values: Vec<[u8; 8]> = args.iter().map(Arg::bytes).collect();
         let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr() as *mut c_void).collect();
         self.ctx.bind_to_thread().map_err(|e| kerr(format!("bind context: {e}")))?;

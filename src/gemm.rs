@@ -14,9 +14,9 @@
 //! `dW = dYᵀ·X` is `(T, N)`. With `beta == 0`, `C` is not read (NaN there
 //! is overwritten, as in BLAS). NaN in A or B propagates.
 
-use crate::device::{Arg, DeviceKind, LaunchConfig};
+use crate::device::{DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::{self, ModuleId};
+use crate::kernels::launch_one_of;
 use crate::tensor::{same_device, DType, HostData, Tensor};
 
 /// Whether an operand is used as stored or transposed.
@@ -26,15 +26,6 @@ pub enum Op {
     N,
     /// Transposed.
     T,
-}
-
-impl Op {
-    fn suffix(self) -> char {
-        match self {
-            Op::N => 'n',
-            Op::T => 't',
-        }
-    }
 }
 
 const THREADS: u32 = 256;
@@ -136,39 +127,27 @@ pub fn gemm(alpha: f32, a: &Tensor, op_a: Op, b: &Tensor, op_b: Op, beta: f32, c
     let grid = (d.n.div_ceil(TILE) as u32, d.m.div_ceil(TILE) as u32, 1);
     // Contiguous lengths of A and B's rows are their leading dimensions;
     // device buffers start 256-byte aligned, so only the lengths matter.
-    let (name, shared) = match a.dtype() {
-        DType::F32 => {
-            let vec = d.lda % 4 == 0 && d.ldb % 4 == 0 && d.n % 4 == 0;
-            (format!("gemm_f32_{}{}{}", op_a.suffix(), op_b.suffix(), if vec { "_v" } else { "" }), 0)
-        }
-        _ => {
-            let async_copy = d.lda % 8 == 0 && d.ldb % 8 == 0;
-            (
-                format!("gemm_bf16_{}{}{}", op_a.suffix(), op_b.suffix(), if async_copy { "_a" } else { "" }),
-                bf16_shared_bytes(op_a, op_b),
-            )
-        }
-    };
-    let kernel = kernels::find(ModuleId::Gemm, &name)?;
-    let i = |v: usize| Arg::I32(v as i32);
-    dev.launch(
-        ModuleId::Gemm,
-        kernel,
-        LaunchConfig { grid, block: (THREADS, 1, 1), shared_bytes: shared as u32 },
-        &[
-            i(d.m),
-            i(d.n),
-            i(d.k),
-            Arg::F32(alpha),
-            a.arg(),
-            i(d.lda),
-            b.arg(),
-            i(d.ldb),
-            Arg::F32(beta),
-            c.arg(),
-            i(d.n),
-        ],
-    )
+    let vec = d.lda % 4 == 0 && d.ldb % 4 == 0 && d.n % 4 == 0;
+    let async_copy = d.lda % 8 == 0 && d.ldb % 8 == 0;
+    let bf16 = a.dtype() != DType::F32;
+    let shared = if bf16 { bf16_shared_bytes(op_a, op_b) as u32 } else { 0 };
+    let cfg = LaunchConfig { grid, block: (THREADS, 1, 1), shared_bytes: shared };
+    let (m, n, k, lda, ldb) = (d.m as i32, d.n as i32, d.k as i32, d.lda as i32, d.ldb as i32);
+    use Op::{N, T};
+    // SAFETY: check() validated A, B and C against (m, n, k) and the
+    // leading dimensions, all on this device.
+    unsafe {
+        launch_one_of!((bf16, op_a, op_b, if bf16 { async_copy } else { vec }), {
+            (false, N, N, false) => gemm_f32_nn, (false, N, T, false) => gemm_f32_nt,
+            (false, T, N, false) => gemm_f32_tn, (false, T, T, false) => gemm_f32_tt,
+            (false, N, N, true) => gemm_f32_nn_v, (false, N, T, true) => gemm_f32_nt_v,
+            (false, T, N, true) => gemm_f32_tn_v, (false, T, T, true) => gemm_f32_tt_v,
+            (true, N, N, false) => gemm_bf16_nn, (true, N, T, false) => gemm_bf16_nt,
+            (true, T, N, false) => gemm_bf16_tn, (true, T, T, false) => gemm_bf16_tt,
+            (true, N, N, true) => gemm_bf16_nn_a, (true, N, T, true) => gemm_bf16_nt_a,
+            (true, T, N, true) => gemm_bf16_tn_a, (true, T, T, true) => gemm_bf16_tt_a,
+        }, (&dev, cfg, m, n, k, alpha, a.ptr()?, lda, b.ptr()?, ldb, beta, c.ptr_mut()?, n))
+    }
 }
 
 /// `op(A)·op(B)` into a new f32 tensor (`gemm` with alpha 1, beta 0).

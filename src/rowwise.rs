@@ -8,9 +8,9 @@
 
 use rayon::prelude::*;
 
-use crate::device::{Arg, LaunchConfig};
+use crate::device::LaunchConfig;
 use crate::error::{Error, Result};
-use crate::kernels::{self, ModuleId};
+use crate::kernels::launch_one_of;
 use crate::tensor::{same_device, DType, HostData, Tensor};
 
 /// Threads per block in every rowwise kernel.
@@ -115,15 +115,13 @@ fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     Ok(())
 }
 
-/// The kernel instance for `op` on `dtype` and the launch that covers
-/// `rows` rows of `cols` columns (a warp per row up to
-/// [`WARP_PER_ROW_MAX_COLS`] columns, else a block per row).
-fn plan(op: &str, dtype: DType, rows: usize, cols: usize) -> Result<(&'static str, LaunchConfig)> {
+/// The variant (`true`: the `_w` kernels, a warp per row, up to
+/// [`WARP_PER_ROW_MAX_COLS`] columns; else `_b`, a block per row) and the
+/// launch that covers `rows` rows of `cols` columns.
+fn plan(rows: usize, cols: usize) -> (bool, LaunchConfig) {
     let warp = cols <= WARP_PER_ROW_MAX_COLS;
-    let name = format!("{op}_{}_{}", dtype.kernel_suffix(), if warp { "w" } else { "b" });
-    let kernel = kernels::find(ModuleId::Rowwise, &name)?;
     let blocks = if warp { rows.div_ceil((BLOCK / 32) as usize) } else { rows };
-    Ok((kernel, LaunchConfig::linear(blocks as u32, BLOCK, 0)))
+    (warp, LaunchConfig::linear(blocks as u32, BLOCK, 0))
 }
 
 /// L2-normalizes each row: `y = x / max(||x||, eps)`.
@@ -146,16 +144,19 @@ pub fn l2_normalize(x: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
             Tensor::from_host(dev, vec![rows], HostData::F32(n)),
         ));
     }
-    let y = Tensor::empty(dev, &[rows, cols], x.dtype())?;
-    let norms = Tensor::empty(dev, &[rows], DType::F32)?;
+    let mut y = Tensor::empty(dev, &[rows, cols], x.dtype())?;
+    let mut norms = Tensor::empty(dev, &[rows], DType::F32)?;
     if rows > 0 {
-        let (k, cfg) = plan("l2norm_fwd", x.dtype(), rows, cols)?;
-        dev.launch(
-            ModuleId::Rowwise,
-            k,
-            cfg,
-            &[x.arg(), y.arg(), norms.arg(), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::F32(eps)],
-        )?;
+        let (warp, cfg) = plan(rows, cols);
+        let (r, c) = (rows as i32, cols as i32);
+        // SAFETY: x and y hold rows·cols elements, norms rows (checked above,
+        // allocated here); the launch covers exactly those rows.
+        unsafe {
+            launch_one_of!((x.dtype(), warp), {
+                (DType::F32, true) => l2norm_fwd_f32_w, (DType::F32, false) => l2norm_fwd_f32_b,
+                (_, true) => l2norm_fwd_bf16_w, (_, false) => l2norm_fwd_bf16_b,
+            }, (dev, cfg, x.ptr()?, y.ptr_mut()?, norms.ptr_mut()?, r, c, eps))
+        }?;
     }
     Ok((y, norms))
 }
@@ -196,15 +197,18 @@ pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f32) 
         cpu::l2_normalize_backward(&ys, &ns, &dys, cols, eps, &mut dx);
         return Ok(Tensor::from_host(dev, vec![rows, cols], HostData::from_f32(dx, y.dtype())));
     }
-    let dx = Tensor::empty(dev, &[rows, cols], y.dtype())?;
+    let mut dx = Tensor::empty(dev, &[rows, cols], y.dtype())?;
     if rows > 0 {
-        let (k, cfg) = plan("l2norm_bwd", y.dtype(), rows, cols)?;
-        dev.launch(
-            ModuleId::Rowwise,
-            k,
-            cfg,
-            &[y.arg(), norms.arg(), dy.arg(), dx.arg(), Arg::I32(rows as i32), Arg::I32(cols as i32), Arg::F32(eps)],
-        )?;
+        let (warp, cfg) = plan(rows, cols);
+        let (r, c) = (rows as i32, cols as i32);
+        // SAFETY: y, dy and dx hold rows·cols elements, norms rows (checked
+        // above, dx allocated here).
+        unsafe {
+            launch_one_of!((y.dtype(), warp), {
+                (DType::F32, true) => l2norm_bwd_f32_w, (DType::F32, false) => l2norm_bwd_f32_b,
+                (_, true) => l2norm_bwd_bf16_w, (_, false) => l2norm_bwd_bf16_b,
+            }, (dev, cfg, y.ptr()?, norms.ptr()?, dy.ptr()?, dx.ptr_mut()?, r, c, eps))
+        }?;
     }
     Ok(dx)
 }
@@ -218,10 +222,19 @@ fn softmax_impl(op: &'static str, x: &Tensor, log: bool) -> Result<Tensor> {
         cpu::softmax(&xs, cols, log, &mut y);
         return Ok(Tensor::from_host(dev, vec![rows, cols], HostData::from_f32(y, x.dtype())));
     }
-    let y = Tensor::empty(dev, &[rows, cols], x.dtype())?;
+    let mut y = Tensor::empty(dev, &[rows, cols], x.dtype())?;
     if rows > 0 {
-        let (k, cfg) = plan(if log { "log_softmax" } else { "softmax" }, x.dtype(), rows, cols)?;
-        dev.launch(ModuleId::Rowwise, k, cfg, &[x.arg(), y.arg(), Arg::I32(rows as i32), Arg::I32(cols as i32)])?;
+        let (warp, cfg) = plan(rows, cols);
+        let (r, c) = (rows as i32, cols as i32);
+        // SAFETY: x and y hold rows·cols elements (checked, allocated here).
+        unsafe {
+            launch_one_of!((log, x.dtype(), warp), {
+                (false, DType::F32, true) => softmax_f32_w, (false, DType::F32, false) => softmax_f32_b,
+                (false, _, true) => softmax_bf16_w, (false, _, false) => softmax_bf16_b,
+                (true, DType::F32, true) => log_softmax_f32_w, (true, DType::F32, false) => log_softmax_f32_b,
+                (true, _, true) => log_softmax_bf16_w, (true, _, false) => log_softmax_bf16_b,
+            }, (dev, cfg, x.ptr()?, y.ptr_mut()?, r, c))
+        }?;
     }
     Ok(y)
 }
@@ -249,10 +262,17 @@ pub fn row_sum(x: &Tensor) -> Result<Tensor> {
         cpu::row_sum(&xs, cols, &mut out);
         return Ok(Tensor::from_host(dev, vec![rows], HostData::F32(out)));
     }
-    let out = Tensor::empty(dev, &[rows], DType::F32)?;
+    let mut out = Tensor::empty(dev, &[rows], DType::F32)?;
     if rows > 0 {
-        let (k, cfg) = plan("row_sum", x.dtype(), rows, cols)?;
-        dev.launch(ModuleId::Rowwise, k, cfg, &[x.arg(), out.arg(), Arg::I32(rows as i32), Arg::I32(cols as i32)])?;
+        let (warp, cfg) = plan(rows, cols);
+        let (r, c) = (rows as i32, cols as i32);
+        // SAFETY: x holds rows·cols elements, out rows (checked, allocated here).
+        unsafe {
+            launch_one_of!((x.dtype(), warp), {
+                (DType::F32, true) => row_sum_f32_w, (DType::F32, false) => row_sum_f32_b,
+                (_, true) => row_sum_bf16_w, (_, false) => row_sum_bf16_b,
+            }, (dev, cfg, x.ptr()?, out.ptr_mut()?, r, c))
+        }?;
     }
     Ok(out)
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::device::{Arg, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::ModuleId;
+use crate::kernels::{KernelRef, ModuleId};
 
 /// Bytes of guard band before and after every simulated allocation. They
 /// hold the poison byte; an out-of-bounds write changes them and the next
@@ -38,8 +38,8 @@ pub enum SimOrder {
 
 #[repr(C)]
 struct GifSimLaunch {
-    module: *const c_char,
-    kernel: *const c_char,
+    module: u32,
+    kernel: u32,
     grid: [u32; 3],
     block: [u32; 3],
     shared_bytes: u64,
@@ -54,6 +54,20 @@ struct GifSimLaunch {
 extern "C" {
     fn gif_sim_launch(l: *const GifSimLaunch, err: *mut c_char, err_len: usize) -> i32;
     fn gif_sim_kernel_names(module: *const c_char, out: *mut c_char, out_len: u64) -> u64;
+    fn gif_sim_kernel_signature(module: u32, kernel: u32, kinds: *mut u8, sizes: *mut u32, cap: u32) -> i64;
+}
+
+/// The simulator's registered signature of a kernel (from the C++ compiler's
+/// view of its parameters): (kind, bytes) per parameter, kinds 1 pointer, 2
+/// integer, 3 float, 4 other; `None` for an index out of range.
+pub fn kernel_signature(kernel: KernelRef) -> Option<Vec<(u8, u8)>> {
+    let (mut kinds, mut sizes) = ([0u8; 64], [0u32; 64]);
+    // SAFETY: the buffers hold 64 entries, the cap passed.
+    let n = unsafe {
+        gif_sim_kernel_signature(kernel.module as u32, kernel.index as u32, kinds.as_mut_ptr(), sizes.as_mut_ptr(), 64)
+    };
+    let n = usize::try_from(n).ok()?.min(64);
+    Some((0..n).map(|i| (kinds[i], sizes[i] as u8)).collect())
 }
 
 /// Live allocations of one simulated device: start address -> length.
@@ -134,16 +148,8 @@ impl SimBackend {
         Ok(b)
     }
 
-    pub(crate) fn launch(
-        &self,
-        module: ModuleId,
-        kernel: &'static str,
-        cfg: &LaunchConfig,
-        args: &[Arg],
-    ) -> Result<()> {
-        let kerr = |message: String| Error::Kernel { module: module.name(), kernel, message };
-        let cmod = CString::new(module.name()).map_err(|e| kerr(e.to_string()))?;
-        let ckernel = CString::new(kernel).map_err(|e| kerr(e.to_string()))?;
+    pub(crate) fn launch(&self, k: KernelRef, cfg: &LaunchConfig, args: &[Arg]) -> Result<()> {
+        let kerr = |message: String| Error::Kernel { module: k.module.name(), kernel: k.name, message };
         let mut values: Vec<[u8; 8]> = args.iter().map(Arg::bytes).collect();
         let mut ptrs: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr() as *mut c_void).collect();
         let sizes: Vec<u64> = args.iter().map(|a| a.size() as u64).collect();
@@ -154,8 +160,8 @@ impl SimBackend {
             SimOrder::Shuffle(s) => (2, s),
         };
         let l = GifSimLaunch {
-            module: cmod.as_ptr(),
-            kernel: ckernel.as_ptr(),
+            module: k.module as u32,
+            kernel: k.index as u32,
             grid: [cfg.grid.0, cfg.grid.1, cfg.grid.2],
             block: [cfg.block.0, cfg.block.1, cfg.block.2],
             shared_bytes: cfg.shared_bytes as u64,
@@ -248,19 +254,23 @@ mod tests {
         }
     }
 
+    fn oob_write() -> KernelRef {
+        crate::kernels::kernel_ref(ModuleId::Selftest, "selftest_oob_write").unwrap()
+    }
+
     #[test]
     fn launch_checks_arguments_against_the_kernel_signature() {
         let sim = SimBackend::new(SimOrder::Forward);
         let buf = sim.alloc(64).unwrap();
         let cfg = LaunchConfig::linear(1, 16, 0);
-        let e = err(sim.launch(ModuleId::Selftest, "selftest_oob_write", &cfg, &[Arg::I32(3)]));
+        let e = err(sim.launch(oob_write(), &cfg, &[Arg::I32(3)]));
         assert!(e.contains("takes 2 arguments, the launch passed 1"), "{e}");
-        let e = err(sim.launch(ModuleId::Selftest, "selftest_oob_write", &cfg, &[Arg::F32(1.0), Arg::I32(3)]));
+        let e = err(sim.launch(oob_write(), &cfg, &[Arg::F32(1.0), Arg::I32(3)]));
         assert!(e.contains("argument 0 is a pointer of 8 bytes, the launch passed a float of 4 bytes"), "{e}");
-        let e = err(sim.launch(ModuleId::Selftest, "selftest_oob_write", &cfg, &[Arg::Ptr(buf.addr()), Arg::I64(3)]));
+        let e = err(sim.launch(oob_write(), &cfg, &[Arg::Ptr(buf.addr()), Arg::I64(3)]));
         assert!(e.contains("argument 1 is an integer of 4 bytes"), "{e}");
-        let e = err(sim.launch(ModuleId::Selftest, "no_such_kernel", &cfg, &[]));
-        assert!(e.contains("has no kernel named 'no_such_kernel'"), "{e}");
+        let e = err(sim.launch(KernelRef { index: 999, ..oob_write() }, &cfg, &[]));
+        assert!(e.contains("has no kernel 999"), "{e}");
     }
 
     #[test]
@@ -269,11 +279,11 @@ mod tests {
         let buf = sim.alloc(64).unwrap();
         let args = [Arg::Ptr(buf.addr()), Arg::I32(0)];
         let big = LaunchConfig::linear(1, 1025, 0);
-        assert!(err(sim.launch(ModuleId::Selftest, "selftest_oob_write", &big, &args)).contains("at most 1024 threads"));
+        assert!(err(sim.launch(oob_write(), &big, &args)).contains("at most 1024 threads"));
         let empty = LaunchConfig::linear(0, 32, 0);
-        assert!(err(sim.launch(ModuleId::Selftest, "selftest_oob_write", &empty, &args)).contains("at least 1"));
+        assert!(err(sim.launch(oob_write(), &empty, &args)).contains("at least 1"));
         let smem = LaunchConfig::linear(1, 32, 228 * 1024);
-        assert!(err(sim.launch(ModuleId::Selftest, "selftest_oob_write", &smem, &args)).contains("227 KiB"));
+        assert!(err(sim.launch(oob_write(), &smem, &args)).contains("227 KiB"));
     }
 
     #[test]

@@ -279,7 +279,7 @@ impl Tensor {
             return Ok(Tensor::from_host(&self.device, self.shape.clone(), HostData::F32(v)));
         }
         let mut out = Tensor::empty(&self.device, &self.shape, DType::F32)?;
-        self.convert(&format!("widen_{}", self.dtype.kernel_suffix()), &mut out)?;
+        self.convert(&mut out)?;
         Ok(out)
     }
 
@@ -312,22 +312,27 @@ impl Tensor {
             }
             return Ok(());
         }
-        self.convert("narrow_bf16", out)
+        self.convert(out)
     }
 
-    /// `out[i] = convert(self[i])` by the element kernel `kernel` of
-    /// rowwise.cu (x, y, n), on a GPU backend.
-    fn convert(&self, kernel: &str, out: &mut Tensor) -> Result<()> {
+    /// `out[i] = convert(self[i])` by the element kernels of rowwise.cu,
+    /// on a GPU backend: `widen_*` into f32, or `narrow_bf16` from f32.
+    fn convert(&self, out: &mut Tensor) -> Result<()> {
+        use crate::kernels::launch_one_of;
         let n = self.numel();
         if n == 0 {
             return Ok(());
         }
-        self.device.launch(
-            crate::kernels::ModuleId::Rowwise,
-            crate::kernels::find(crate::kernels::ModuleId::Rowwise, kernel)?,
-            crate::device::LaunchConfig::linear(n.div_ceil(256).min(65535) as u32, 256, 0),
-            &[self.arg(), out.arg(), crate::device::Arg::I64(n as i64)],
-        )
+        let (dev, cfg) = (&self.device, crate::device::LaunchConfig::linear(n.div_ceil(256).min(65535) as u32, 256, 0));
+        // SAFETY: the callers checked both tensors hold n elements on this device.
+        unsafe {
+            launch_one_of!((self.dtype, out.dtype), {
+                (DType::BF16, DType::F32) => widen_bf16,
+                (DType::F16, DType::F32) => widen_f16,
+                (DType::F32, DType::F32) => widen_f32,
+                (_, _) => narrow_bf16,
+            }, (dev, cfg, self.ptr()?, out.ptr_mut()?, n as i64))
+        }
     }
 
     /// A copy on `device`.
@@ -443,6 +448,27 @@ impl Tensor {
             Storage::Device(b) => Some(self.device.ptr(b)),
             Storage::Host(_) => None,
         }
+    }
+
+    /// The device address of a GPU-backend tensor of dtype `T`, or why not.
+    fn typed_addr<T: Element>(&self) -> Result<u64> {
+        const OP: &str = "kernel argument";
+        if self.dtype != T::DTYPE {
+            return Err(Error::DType { op: OP, expected: T::DTYPE, got: self.dtype });
+        }
+        self.device_ptr()
+            .ok_or_else(|| Error::invalid(OP, format!("a tensor on {} has no device address", self.device)))
+    }
+
+    /// This tensor as `T` elements a kernel reads: an error for another
+    /// dtype or a CPU tensor. The ops call it after validating sizes.
+    pub(crate) fn ptr<T: Element>(&self) -> Result<crate::kernels::Ptr<T>> {
+        self.typed_addr::<T>().map(crate::kernels::Ptr::from_addr)
+    }
+
+    /// This tensor as `T` elements a kernel writes (see [`Tensor::ptr`]).
+    pub(crate) fn ptr_mut<T: Element>(&mut self) -> Result<crate::kernels::PtrMut<T>> {
+        self.typed_addr::<T>().map(crate::kernels::PtrMut::from_addr)
     }
 
     /// This tensor as a kernel argument (its device address). The ops call

@@ -562,8 +562,8 @@ void complete_syncwarp(Arrival**, unsigned, const char**) {}
 extern "C" {
 
 struct GifSimLaunch {
-  const char* module;
-  const char* kernel;
+  unsigned module;  // index in gif_sim_modules (the crate's ModuleId)
+  unsigned kernel;  // index in the module's kernels (source order)
   unsigned grid[3];
   unsigned block[3];
   unsigned long long shared_bytes;
@@ -613,18 +613,30 @@ unsigned long long gif_sim_kernel_names(const char* module, char* out, unsigned 
   return s.size();
 }
 
+// The signature of kernel `kernel` of module `module` (indices): writes up
+// to `cap` parameter kinds and sizes, returns the parameter count, or -1 for
+// an index out of range.
+long long gif_sim_kernel_signature(unsigned module, unsigned kernel, unsigned char* kinds, unsigned* sizes,
+                                   unsigned cap) {
+  using namespace gif_sim;
+  if (module >= gif_sim_module_count || kernel >= gif_sim_modules[module]->count) return -1;
+  const Kernel& k = gif_sim_modules[module]->kernels[kernel];
+  for (unsigned i = 0; i < k.nargs && i < cap; ++i) {
+    kinds[i] = k.kinds[i];
+    sizes[i] = k.sizes[i];
+  }
+  return k.nargs;
+}
+
 int gif_sim_launch(const GifSimLaunch* l, char* err, size_t err_len) {
   using namespace gif_sim;
-  const Module* mod = nullptr;
-  for (unsigned m = 0; m < gif_sim_module_count; ++m)
-    if (std::strcmp(gif_sim_modules[m]->name, l->module) == 0) mod = gif_sim_modules[m];
-  if (!mod) return gif_sim_report(err, err_len, GIF_SIM_UNKNOWN_MODULE, fmt("no module named '%s'", l->module));
-  const Kernel* k = nullptr;
-  for (unsigned i = 0; i < mod->count; ++i)
-    if (std::strcmp(mod->kernels[i].name, l->kernel) == 0) k = &mod->kernels[i];
-  if (!k)
+  if (l->module >= gif_sim_module_count)
+    return gif_sim_report(err, err_len, GIF_SIM_UNKNOWN_MODULE, fmt("no module %u", l->module));
+  const Module* mod = gif_sim_modules[l->module];
+  if (l->kernel >= mod->count)
     return gif_sim_report(err, err_len, GIF_SIM_UNKNOWN_KERNEL,
-                          fmt("module '%s' has no kernel named '%s'", l->module, l->kernel));
+                          fmt("module '%s' has no kernel %u", mod->name, l->kernel));
+  const Kernel* k = &mod->kernels[l->kernel];
   if (l->nargs != k->nargs)
     return gif_sim_report(err, err_len, GIF_SIM_BAD_ARGS,
                           fmt("takes %u arguments, the launch passed %llu", k->nargs, l->nargs));

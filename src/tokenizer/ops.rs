@@ -6,16 +6,16 @@
 
 use rayon::prelude::*;
 
-use crate::device::{Arg, Device, DeviceKind, LaunchConfig};
+use crate::device::{Device, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::gemm::{self, Op};
-use crate::kernels::{self, ModuleId};
+use crate::kernels::launch;
 use crate::rowwise;
 use crate::tensor::{same_device, DType, HostData, Tensor};
 
-fn launch_rows(device: &Device, name: &str, rows: usize, args: &[Arg]) -> Result<()> {
-    let k = kernels::find(ModuleId::Tokenizer, name)?;
-    device.launch(ModuleId::Tokenizer, k, LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0), args)
+/// A warp per row, 8 rows per 256-thread block.
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0)
 }
 
 fn f32_matrix(op: &'static str, t: &Tensor) -> Result<(usize, usize)> {
@@ -55,15 +55,22 @@ pub fn gather_rows(src: &Tensor, ids: &[u32]) -> Result<Tensor> {
         });
         return Ok(Tensor::from_host(dev, vec![ids.len(), d], HostData::F32(out)));
     }
-    let out = Tensor::empty(dev, &[ids.len(), d], DType::F32)?;
+    let mut out = Tensor::empty(dev, &[ids.len(), d], DType::F32)?;
     if !ids.is_empty() {
         let idx = upload_ids(dev, ids)?;
-        launch_rows(
-            dev,
-            "gather_rows_f32",
-            ids.len(),
-            &[src.arg(), Arg::Ptr(dev.ptr(&idx)), out.arg(), Arg::I32(ids.len() as i32), Arg::I32(d as i32)],
-        )?;
+        // SAFETY: ids (checked < n) index rows of src ([n, d]); out holds
+        // ids.len() rows of d; idx holds ids.len() i32.
+        unsafe {
+            launch::gather_rows_f32(
+                dev,
+                rows_cfg(ids.len()),
+                src.ptr()?,
+                dev.ptr_of(&idx),
+                out.ptr_mut()?,
+                ids.len() as i32,
+                d as i32,
+            )
+        }?;
     }
     Ok(out)
 }
@@ -96,12 +103,19 @@ pub fn scatter_rows(src: &Tensor, ids: &[u32], dst: &mut Tensor) -> Result<()> {
     }
     if !ids.is_empty() {
         let idx = upload_ids(&dev, ids)?;
-        launch_rows(
-            &dev,
-            "scatter_rows_f32",
-            m,
-            &[src.arg(), Arg::Ptr(dev.ptr(&idx)), dst.arg(), Arg::I32(m as i32), Arg::I32(d as i32)],
-        )?;
+        // SAFETY: src holds m = ids.len() rows of d; ids (checked < n) index
+        // rows of dst ([n, d]); idx holds m i32.
+        unsafe {
+            launch::scatter_rows_f32(
+                &dev,
+                rows_cfg(m),
+                src.ptr()?,
+                dev.ptr_of(&idx),
+                dst.ptr_mut()?,
+                m as i32,
+                d as i32,
+            )
+        }?;
     }
     Ok(())
 }
@@ -157,29 +171,36 @@ pub fn uniformity_step(h: &mut Tensor, temperature: f32, learning_rate: f32) -> 
         let (mut g, mut grad) = (vec![0f32; b * b], vec![0f32; b * d]);
         return Ok(uniformity_step_cpu(hv, d, temperature, learning_rate, &mut g, &mut grad));
     }
-    let g = gemm::matmul(h, Op::N, h, Op::T)?;
-    let row_sums = Tensor::empty(&dev, &[1, b], DType::F32)?;
-    launch_rows(
-        &dev,
-        "uniformity_weights_f32",
-        b,
-        &[g.arg(), g.arg(), row_sums.arg(), Arg::I32(b as i32), Arg::F32(temperature)],
-    )?;
+    let mut g = gemm::matmul(h, Op::N, h, Op::T)?;
+    let mut row_sums = Tensor::empty(&dev, &[1, b], DType::F32)?;
+    // SAFETY: g is [b, b] (read and rewritten in place: the kernel's g and w
+    // are not restrict), row_sums [b].
+    unsafe {
+        launch::uniformity_weights_f32(
+            &dev,
+            rows_cfg(b),
+            g.ptr()?,
+            g.ptr_mut()?,
+            row_sums.ptr_mut()?,
+            b as i32,
+            temperature,
+        )
+    }?;
     let s = rowwise::row_sum(&row_sums)?;
     let grad = gemm::matmul(&g, Op::N, h, Op::N)?;
-    launch_rows(
-        &dev,
-        "sphere_step_f32",
-        b,
-        &[
-            h.arg(),
-            grad.arg(),
-            s.arg(),
-            Arg::I32(b as i32),
-            Arg::I32(d as i32),
-            Arg::F32(4.0 * temperature * learning_rate),
-        ],
-    )?;
+    // SAFETY: h and grad are [b, d], s one f32.
+    unsafe {
+        launch::sphere_step_f32(
+            &dev,
+            rows_cfg(b),
+            h.ptr_mut()?,
+            grad.ptr()?,
+            s.ptr()?,
+            b as i32,
+            d as i32,
+            4.0 * temperature * learning_rate,
+        )
+    }?;
     Ok(s.to_vec::<f32>()?[0] as f64)
 }
 
@@ -209,13 +230,11 @@ pub fn best_centroids(x: &Tensor, centroids: &Tensor) -> Result<(Vec<u32>, Vec<f
         return Ok((Vec::new(), Vec::new()));
     }
     let s = gemm::matmul(x, Op::N, centroids, Op::T)?;
-    let (bi, bs) = (dev.alloc(n * 4)?, Tensor::empty(&dev, &[n], DType::F32)?);
-    launch_rows(
-        &dev,
-        "argmax_rows_f32",
-        n,
-        &[s.arg(), Arg::I32(n as i32), Arg::I32(k as i32), Arg::Ptr(dev.ptr(&bi)), bs.arg()],
-    )?;
+    let (mut bi, mut bs) = (dev.alloc(n * 4)?, Tensor::empty(&dev, &[n], DType::F32)?);
+    // SAFETY: s is [n, k]; bi holds n i32, bs n f32.
+    unsafe {
+        launch::argmax_rows_f32(&dev, rows_cfg(n), s.ptr()?, n as i32, k as i32, dev.ptr_mut_of(&mut bi), bs.ptr_mut()?)
+    }?;
     let idx: Vec<i32> = bytemuck::pod_collect_to_vec(&dev.download(&bi, n * 4)?);
     Ok((idx.into_iter().map(|i| i as u32).collect(), bs.to_vec::<f32>()?))
 }
