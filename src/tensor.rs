@@ -471,6 +471,12 @@ impl Tensor {
         self.typed_addr::<T>().map(crate::kernels::PtrMut::from_addr)
     }
 
+    /// [`Tensor::ptr`] of an optional tensor: the null pointer for `None`
+    /// (the kernels' optional arguments).
+    pub(crate) fn ptr_or_null<T: Element>(t: Option<&Tensor>) -> Result<crate::kernels::Ptr<T>> {
+        t.map_or(Ok(crate::kernels::Ptr::null()), Tensor::ptr)
+    }
+
     /// This tensor as a kernel argument (its device address). The ops call
     /// it only for tensors on a GPU backend, after validating them.
     pub(crate) fn arg(&self) -> crate::device::Arg {

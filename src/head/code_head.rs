@@ -19,10 +19,10 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
 use super::softmax_head::rows_axpy;
-use crate::device::{Arg, Device, DeviceBuffer, DeviceKind, LaunchConfig};
+use crate::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::gemm::{self, Op};
-use crate::kernels::{self, ModuleId};
+use crate::kernels::launch_one_of;
 use crate::rowwise;
 use crate::tensor::{same_device, DType, HostData, Tensor};
 use crate::tokenizer::ops::scatter_rows;
@@ -426,31 +426,26 @@ impl CodeHead {
         let mut dx = Tensor::empty(dev, &[b, d], DType::F32)?;
         // Per-sample statistics, one row each, downloaded in one copy at the
         // end: the regression loss, then the loss and hit of every position.
-        let stats = Tensor::empty(dev, &[2 * l + 1, b], DType::F32)?;
-        let stats_base = stats.device_ptr().unwrap_or(0);
-        let stat_row = |r: usize| Arg::Ptr(stats_base + (r * b * 4) as u64);
+        let mut stats = Tensor::empty(dev, &[2 * l + 1, b], DType::F32)?;
+        let stats_base = stats.ptr_mut::<f32>()?;
+        let stat_row = |r: usize| stats_base.add(r * b);
         let use_table = cfg.gamma != 0.0;
         let table_t = table.vectors.as_ref().filter(|_| use_table);
-        let name = format!(
-            "code_regression_{}_{}",
-            features.dtype().kernel_suffix(),
-            table_t.map_or("f32", |t| t.dtype().kernel_suffix())
-        );
-        dev.launch(
-            ModuleId::CodeHead,
-            kernels::find(ModuleId::CodeHead, &name)?,
-            LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0),
-            &[
-                features.arg(),
-                Arg::Ptr(dev.ptr(&label_buf)),
-                table_t.map_or(Arg::Ptr(0), Tensor::arg),
-                Arg::I32(b as i32),
-                Arg::I32(d as i32),
-                Arg::F32(cfg.gamma / b as f32),
-                dx.arg(),
-                stat_row(0),
-            ],
-        )?;
+        let rcfg = LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0);
+        let labels_p = dev.ptr_of::<i32>(&label_buf);
+        let gb = cfg.gamma / b as f32;
+        let (bi, di) = (b as i32, d as i32);
+        // SAFETY: features [B, d] and dx [B, d]; labels B i32 < N (checked);
+        // the table [N, d] or null (γ = 0: the kernel writes zeros); row 0
+        // of stats holds B floats.
+        unsafe {
+            launch_one_of!((features.dtype(), table_t.map(Tensor::dtype)), {
+                (DType::F32, None | Some(DType::F32)) => code_regression_f32_f32,
+                (DType::F32, Some(_)) => code_regression_f32_bf16,
+                (_, None | Some(DType::F32)) => code_regression_bf16_f32,
+                (_, Some(_)) => code_regression_bf16_bf16,
+            }, (dev, rcfg, features.ptr()?, labels_p, Tensor::ptr_or_null(table_t)?, bi, di, gb, dx.ptr_mut()?, stat_row(0)))
+        }?;
         let (kind, m) = cfg.margin.kernel_args();
         let exact = i32::from(cfg.margin_grad == MarginGrad::Exact);
         let singular = cfg.margin.is_angular() && cfg.margin_grad == MarginGrad::Exact;
@@ -479,40 +474,48 @@ impl CodeHead {
             // With the exact ArcFace gradient, rows B.. of dC and U carry its
             // singular part into the same dŴ GEMM (kernels/code_head.cu).
             let rows = if singular { 2 * b } else { b };
-            let u = Tensor::empty(dev, &[rows, dp], DType::F32)?;
-            let dc = Tensor::empty(dev, &[rows, v], DType::F32)?;
-            let dz_owned =
+            let mut u = Tensor::empty(dev, &[rows, dp], DType::F32)?;
+            let mut dc = Tensor::empty(dev, &[rows, v], DType::F32)?;
+            let mut dz_owned =
                 if self.projections.is_some() { Some(Tensor::empty(dev, &[b, dp], DType::F32)?) } else { None };
-            let dz = dz_owned.as_ref().unwrap_or(&dx);
-            let kname = format!("margin_ce_{}", z.dtype().kernel_suffix());
-            dev.launch(
-                ModuleId::CodeHead,
-                kernels::find(ModuleId::CodeHead, &kname)?,
-                LaunchConfig::linear(b as u32, 128, ((2 * dp + 2 * v) * 4) as u32),
-                &[
-                    z.arg(),
-                    w_hat.arg(),
-                    w_raw.arg(),
-                    Arg::Ptr(dev.ptr(&target_buf) + (j * b * 4) as u64),
-                    Arg::I32(b as i32),
-                    Arg::I32(dp as i32),
-                    Arg::I32(v as i32),
-                    Arg::F32(cfg.scale),
-                    Arg::I32(kind),
-                    Arg::F32(m),
-                    Arg::F32(m.cos()),
-                    Arg::F32(m.sin()),
-                    Arg::I32(exact),
-                    Arg::F32(cfg.lambda(j) / b as f32),
-                    u.arg(),
-                    dz.arg(),
-                    Arg::I32(i32::from(dz_owned.is_none())),
-                    dc.arg(),
-                    Arg::I32(i32::from(singular)),
+            let mcfg = LaunchConfig::linear(b as u32, 128, ((2 * dp + 2 * v) * 4) as u32);
+            let target_p = dev.ptr_of::<i32>(&target_buf).add(j * b);
+            let dz_p = match dz_owned.as_mut() {
+                Some(t) => t.ptr_mut()?,
+                None => dx.ptr_mut()?,
+            };
+            let (u_p, dc_p) = (u.ptr_mut()?, dc.ptr_mut()?);
+            // SAFETY: z is [B, d_p] (f32 or bf16), ŵ and the raw centres
+            // [v, d_p]; the targets B tokens < v (from the table); u and dC
+            // hold B rows (2B with the singular part), dz [B, d_p], stats
+            // rows B floats; v ≤ 4096 and d_p ≤ 8192 fit the shared memory.
+            unsafe {
+                launch_one_of!(z.dtype(), { DType::F32 => margin_ce_f32, _ => margin_ce_bf16 }, (
+                    dev,
+                    mcfg,
+                    z.ptr()?,
+                    w_hat.ptr()?,
+                    w_raw.ptr()?,
+                    target_p,
+                    b as i32,
+                    dp as i32,
+                    v as i32,
+                    cfg.scale,
+                    kind,
+                    m,
+                    m.cos(),
+                    m.sin(),
+                    exact,
+                    cfg.lambda(j) / b as f32,
+                    u_p,
+                    dz_p,
+                    i32::from(dz_owned.is_none()),
+                    dc_p,
+                    i32::from(singular),
                     stat_row(1 + 2 * j),
                     stat_row(2 + 2 * j),
-                ],
-            )?;
+                ))
+            }?;
             let dw_hat = gemm::matmul(&dc, Op::T, &u, Op::N)?;
             centre_grads.push(rowwise::l2_normalize_backward(&w_hat, &w_norm, &dw_hat, EPS)?);
             if let (Some(p), Some(dzj)) = (p32, &dz_owned) {

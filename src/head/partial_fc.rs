@@ -19,9 +19,9 @@
 use super::softmax_head::{
     check_batch, check_centres, fused_step, rows_axpy, Rows, SoftmaxGrads, SoftmaxHead, SoftmaxHeadConfig, SoftmaxLoss,
 };
-use crate::device::{Arg, Device, DeviceBuffer, DeviceKind, LaunchConfig};
+use crate::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::{self, ModuleId};
+use crate::kernels::{launch, Ptr};
 use crate::tensor::Tensor;
 
 /// Partial FC over a [`SoftmaxHead`]'s centres.
@@ -108,66 +108,72 @@ impl PartialFc {
         let p = positive_host.iter().filter(|&&x| x).count();
         let k = self.sample_size().max(p);
         let (a, b) = self.seeds(step);
-        let launch = |name: &str, cfg: LaunchConfig, args: &[Arg]| {
-            dev.launch(ModuleId::SoftmaxHead, kernels::find(ModuleId::SoftmaxHead, name)?, cfg, args)
-        };
         let labels_buf = dev.upload(bytemuck::cast_slice(labels))?;
-        let positive = dev.alloc_zeroed(n * 4)?;
+        let mut positive = dev.alloc_zeroed(n * 4)?;
         let bsz = labels.len();
-        launch(
-            "pfc_mark",
-            LaunchConfig::linear(bsz.div_ceil(256) as u32, 256, 0),
-            &[Arg::Ptr(dev.ptr(&labels_buf)), Arg::I32(bsz as i32), Arg::Ptr(dev.ptr(&positive))],
-        )?;
-        let spread = n.div_ceil(256).min(4096) as u32;
+        let (ni, spread) = (n as i32, n.div_ceil(256).min(4096) as u32);
+        // SAFETY (every launch below): labels holds B class ids < N (checked),
+        // positive N i32 flags; the selection buffers are sized here: sel 4
+        // i32 ({hi, rem, lo, rem}), each histogram 65536 u32, need 1 i32,
+        // counts one i32 per 1024 classes, index k i32 (k ≥ the positives
+        // and the selected negatives, which the radix select makes exact).
+        unsafe {
+            launch::pfc_mark(
+                dev,
+                LaunchConfig::linear(bsz.div_ceil(256) as u32, 256, 0),
+                dev.ptr_of(&labels_buf),
+                bsz as i32,
+                dev.ptr_mut_of(&mut positive),
+            )?;
+        }
         let sel = if k > p {
             // Radix select of the k − p largest negative keys: sel = {hi, rem, lo, rem}.
             let need = dev.upload(bytemuck::cast_slice(&[(k - p) as i32]))?;
-            let sel = dev.alloc(16)?;
+            let mut sel = dev.alloc(16)?;
             // One zeroed allocation for both passes' histograms.
-            let hists = dev.alloc_zeroed(2 * 65536 * 4)?;
+            let mut hists = dev.alloc_zeroed(2 * 65536 * 4)?;
             for pass in 0..2 {
-                let hist = dev.ptr(&hists) + (pass * 65536 * 4) as u64;
-                let match_hi = if pass == 0 { 0 } else { dev.ptr(&sel) };
-                launch(
-                    "pfc_hist",
-                    LaunchConfig::linear(spread, 256, 0),
-                    &[
-                        Arg::Ptr(dev.ptr(&positive)),
-                        Arg::I32(n as i32),
-                        Arg::U32(a),
-                        Arg::U32(b),
-                        Arg::Ptr(match_hi),
-                        Arg::Ptr(hist),
-                    ],
-                )?;
-                let need_ptr = if pass == 0 { dev.ptr(&need) } else { dev.ptr(&sel) + 4 };
-                launch(
-                    "pfc_find",
-                    LaunchConfig::linear(1, 256, 0),
-                    &[Arg::Ptr(hist), Arg::Ptr(need_ptr), Arg::Ptr(dev.ptr(&sel) + 8 * pass as u64)],
-                )?;
+                let hist = dev.ptr_mut_of::<u32>(&mut hists).add(pass * 65536);
+                let sel_p = dev.ptr_mut_of::<i32>(&mut sel);
+                let match_hi = if pass == 0 { Ptr::null() } else { sel_p.as_const() };
+                let need_p = if pass == 0 { dev.ptr_of(&need) } else { sel_p.as_const().add(1) };
+                // SAFETY: as above.
+                unsafe {
+                    launch::pfc_hist(
+                        dev,
+                        LaunchConfig::linear(spread, 256, 0),
+                        dev.ptr_of(&positive),
+                        ni,
+                        a,
+                        b,
+                        match_hi,
+                        hist,
+                    )?;
+                    launch::pfc_find(
+                        dev,
+                        LaunchConfig::linear(1, 256, 0),
+                        hist.as_const(),
+                        need_p,
+                        sel_p.add(2 * pass),
+                    )?;
+                }
             }
             Some(sel)
         } else {
             None
         };
-        let sel_arg = Arg::Ptr(sel.as_ref().map_or(0, |s| dev.ptr(s)));
+        let sel_p = sel.as_ref().map_or(Ptr::null(), |s| dev.ptr_of(s));
         let blocks = n.div_ceil(1024);
-        let counts = dev.alloc(blocks * 4)?;
-        let common = [Arg::Ptr(dev.ptr(&positive)), Arg::I32(n as i32), Arg::U32(a), Arg::U32(b), sel_arg];
-        let mut args = common.to_vec();
-        args.push(Arg::Ptr(dev.ptr(&counts)));
-        launch("pfc_count", LaunchConfig::linear(blocks as u32, 256, 0), &args)?;
-        launch(
-            "pfc_scan_blocks",
-            LaunchConfig::linear(1, 256, 0),
-            &[Arg::Ptr(dev.ptr(&counts)), Arg::I32(blocks as i32)],
-        )?;
-        let index = dev.alloc(k * 4)?;
-        let mut args = common.to_vec();
-        args.extend([Arg::Ptr(dev.ptr(&counts)), Arg::Ptr(dev.ptr(&index))]);
-        launch("pfc_write", LaunchConfig::linear(blocks as u32, 256, 0), &args)?;
+        let mut counts = dev.alloc(blocks * 4)?;
+        let mut index = dev.alloc(k * 4)?;
+        let cfg = LaunchConfig::linear(blocks as u32, 256, 0);
+        // SAFETY: as above.
+        unsafe {
+            launch::pfc_count(dev, cfg, dev.ptr_of(&positive), ni, a, b, sel_p, dev.ptr_mut_of(&mut counts))?;
+            launch::pfc_scan_blocks(dev, LaunchConfig::linear(1, 256, 0), dev.ptr_mut_of(&mut counts), blocks as i32)?;
+            let (pos_p, counts_p) = (dev.ptr_of(&positive), dev.ptr_of(&counts));
+            launch::pfc_write(dev, cfg, pos_p, ni, a, b, sel_p, counts_p, dev.ptr_mut_of(&mut index))?;
+        }
         Ok((index, k))
     }
 

@@ -28,10 +28,10 @@ use rayon::prelude::*;
 
 use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
 use crate::decode::TopK;
-use crate::device::{Arg, Device, DeviceBuffer, DeviceKind, LaunchConfig};
+use crate::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::gemm::{cpu::gemm_sized as cpu_gemm, Op};
-use crate::kernels::{self, ModuleId};
+use crate::kernels::{launch, launch_one_of, Ptr};
 use crate::rowwise;
 use crate::tensor::{DType, HostData, Tensor};
 
@@ -205,43 +205,35 @@ impl SoftmaxHead {
         let rnorm = inv_norms(&self.centres, None, n)?;
         let (btiles, ntiles) = (b.div_ceil(TILE), n.div_ceil(TILE));
         let splits = self.cfg.splits.unwrap_or_else(|| auto_splits(btiles)).min(ntiles).min(MAX_SPLITS);
-        let cand_s = Tensor::empty(dev, &[b * splits * k], DType::F32)?;
-        let cand_i = dev.alloc(b * splits * k * 4)?;
-        let suffix = vec_suffix(&self.centres, d);
+        let mut cand_s = Tensor::empty(dev, &[b * splits * k], DType::F32)?;
+        let mut cand_i = dev.alloc(b * splits * k * 4)?;
         let smem = (TILE * (TILE + 1) * 4 + TILE * k * 8) as u32;
-        dev.launch(
-            ModuleId::SoftmaxHead,
-            kernels::find(ModuleId::SoftmaxHead, &format!("topk_fwd_{suffix}"))?,
-            LaunchConfig { grid: (splits as u32, btiles as u32, 1), block: (256, 1, 1), shared_bytes: smem },
-            &[
-                u.arg(),
-                self.centres.arg(),
-                rnorm.arg(),
-                Arg::I32(b as i32),
-                Arg::I32(n as i32),
-                Arg::I32(d as i32),
-                Arg::I32(k as i32),
-                Arg::I32(splits as i32),
-                cand_s.arg(),
-                Arg::Ptr(dev.ptr(&cand_i)),
-            ],
-        )?;
-        let out_s = Tensor::empty(dev, &[b, k], DType::F32)?;
-        let out_i = dev.alloc(b * k * 4)?;
-        dev.launch(
-            ModuleId::SoftmaxHead,
-            kernels::find(ModuleId::SoftmaxHead, "topk_merge")?,
-            LaunchConfig::linear(b.div_ceil(256) as u32, 256, 0),
-            &[
-                cand_s.arg(),
-                Arg::Ptr(dev.ptr(&cand_i)),
-                Arg::I32(b as i32),
-                Arg::I32(splits as i32),
-                Arg::I32(k as i32),
-                out_s.arg(),
-                Arg::Ptr(dev.ptr(&out_i)),
-            ],
-        )?;
+        let cfg = LaunchConfig { grid: (splits as u32, btiles as u32, 1), block: (256, 1, 1), shared_bytes: smem };
+        let (bi, ni, di, ki, si) = (b as i32, n as i32, d as i32, k as i32, splits as i32);
+        // SAFETY: u is [B, d], the centres [N, d], rnorm N; the candidates
+        // hold B·splits·k entries; k ≤ MAX_DEVICE_K fits the shared memory.
+        unsafe {
+            launch_one_of!((self.centres.dtype(), d % 4 == 0), {
+                (DType::F32, false) => topk_fwd_f32, (DType::F32, true) => topk_fwd_f32_v,
+                (_, false) => topk_fwd_bf16, (_, true) => topk_fwd_bf16_v,
+            }, (dev, cfg, u.ptr()?, self.centres.ptr()?, rnorm.ptr()?, bi, ni, di, ki, si, cand_s.ptr_mut()?, dev.ptr_mut_of(&mut cand_i)))
+        }?;
+        let mut out_s = Tensor::empty(dev, &[b, k], DType::F32)?;
+        let mut out_i = dev.alloc(b * k * 4)?;
+        // SAFETY: the candidates as above; the outputs hold B·k entries.
+        unsafe {
+            launch::topk_merge(
+                dev,
+                LaunchConfig::linear(b.div_ceil(256) as u32, 256, 0),
+                cand_s.ptr()?,
+                dev.ptr_of(&cand_i),
+                bi,
+                si,
+                ki,
+                out_s.ptr_mut()?,
+                dev.ptr_mut_of(&mut out_i),
+            )
+        }?;
         let ids: Vec<i32> = bytemuck::pod_collect_to_vec(&dev.download(&out_i, b * k * 4)?);
         Ok(TopK { k, ids: ids.into_iter().map(i64::from).collect(), scores: out_s.to_vec::<f32>()? })
     }
@@ -310,12 +302,6 @@ fn auto_splits(btiles: usize) -> usize {
     TARGET_BLOCKS.div_ceil(btiles).max(1)
 }
 
-/// "f32" / "bf16", with "_v" when rows of d elements allow vector loads.
-fn vec_suffix(centres: &Tensor, d: usize) -> String {
-    let v = if d % 4 == 0 { "_v" } else { "" };
-    format!("{}{v}", centres.dtype().kernel_suffix())
-}
-
 /// The features as f32, normalized: `(u, norms)`.
 fn normalized_f32(x: &Tensor) -> Result<(Tensor, Tensor)> {
     if x.dtype() == DType::F32 {
@@ -329,20 +315,15 @@ fn normalized_f32(x: &Tensor) -> Result<(Tensor, Tensor)> {
 /// `1 / max(‖w_n‖, eps)` of the n logical rows (through `rows`).
 fn inv_norms(w: &Tensor, rows: Option<&DeviceBuffer>, n: usize) -> Result<Tensor> {
     let dev = w.device();
-    let r = Tensor::empty(dev, &[n], DType::F32)?;
-    dev.launch(
-        ModuleId::SoftmaxHead,
-        kernels::find(ModuleId::SoftmaxHead, &format!("inv_norms_{}", w.dtype().kernel_suffix()))?,
-        LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0),
-        &[
-            w.arg(),
-            Arg::Ptr(rows.map_or(0, |r| dev.ptr(r))),
-            Arg::I32(n as i32),
-            Arg::I32(w.shape()[1] as i32),
-            Arg::F32(EPS),
-            r.arg(),
-        ],
-    )?;
+    let mut r = Tensor::empty(dev, &[n], DType::F32)?;
+    let cfg = LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0);
+    let rows_p = rows.map_or(Ptr::null(), |r| dev.ptr_of(r));
+    // SAFETY: w holds the n logical rows (through rows: n stored row
+    // indices, checked by the caller) of d = w.shape()[1]; r holds n.
+    unsafe {
+        launch_one_of!(w.dtype(), { DType::F32 => inv_norms_f32, _ => inv_norms_bf16 },
+            (dev, cfg, w.ptr()?, rows_p, n as i32, w.shape()[1] as i32, EPS, r.ptr_mut()?))
+    }?;
     Ok(r)
 }
 
@@ -388,19 +369,14 @@ pub(crate) fn rows_axpy(
         Some(r) => Some(dev.upload(bytemuck::cast_slice(r))?),
         None => None,
     };
-    dev.launch(
-        ModuleId::SoftmaxHead,
-        kernels::find(ModuleId::SoftmaxHead, &format!("rows_axpy_{}", w.dtype().kernel_suffix()))?,
-        LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0),
-        &[
-            w.arg(),
-            Arg::Ptr(rows_buf.as_ref().map_or(0, |r| dev.ptr(r))),
-            g.arg(),
-            Arg::I32(n as i32),
-            Arg::I32(d as i32),
-            Arg::F32(a),
-        ],
-    )
+    let rows_p = rows_buf.as_ref().map_or(Ptr::null(), |r| dev.ptr_of(r));
+    let cfg = LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0);
+    // SAFETY: g is [n, d] (checked above); w holds the n logical rows (rows:
+    // n indices of w's rows, from the caller's validated sample).
+    unsafe {
+        launch_one_of!(w.dtype(), { DType::F32 => rows_axpy_f32, _ => rows_axpy_bf16 },
+            (&dev, cfg, w.ptr_mut()?, rows_p, g.ptr()?, n as i32, d as i32, a))
+    }
 }
 
 /// The fused step over `n` logical classes: row i of the logical centre
@@ -465,120 +441,99 @@ fn device_step(
     let dev = w.device();
     let (b, d) = (targets.len(), cfg.dim);
     let (btiles, ntiles) = (b.div_ceil(TILE), n.div_ceil(TILE));
-    let rows_arg = Arg::Ptr(rows.map_or(0, |r| dev.ptr(r)));
+    let rows_p = rows.map_or(Ptr::null(), |r| dev.ptr_of::<i32>(r));
     let target = dev.upload(bytemuck::cast_slice(targets))?;
+    let target_p = dev.ptr_of::<i32>(&target);
     let (u, norms) = normalized_f32(features)?;
     let rnorm = inv_norms(w, rows, n)?;
-    let suffix = vec_suffix(w, d);
+    let vec = d % 4 == 0;
+    let (bi, ni, di) = (b as i32, n as i32, d as i32);
+    // SAFETY (every launch of this step): u, du and the features are
+    // [B, d], the centres hold the n logical rows (rows: n stored row indices
+    // from the validated sample, or null) of d, rnorm n; the targets are B
+    // logical classes < n (checked by the callers); every other buffer is
+    // allocated here with the size its kernel's header states: partial
+    // [B, splits, 4], tgt_cos and tgt_sin [B], the stats rows [B] each, dw
+    // [n, d]; order (B rows) and starts (groups + 1) index them.
     // Forward: per-split partial log-sum-exps, then the merge per row.
     let splits = cfg.splits.unwrap_or_else(|| auto_splits(btiles)).min(ntiles).min(MAX_SPLITS);
-    let partial = Tensor::empty(dev, &[b, splits, 4], DType::F32)?;
-    let tgt_cos = Tensor::empty(dev, &[b], DType::F32)?;
-    dev.launch(
-        ModuleId::SoftmaxHead,
-        kernels::find(ModuleId::SoftmaxHead, &format!("softmax_fwd_{suffix}"))?,
-        LaunchConfig { grid: (splits as u32, btiles as u32, 1), block: (256, 1, 1), shared_bytes: 0 },
-        &[
-            u.arg(),
-            w.arg(),
-            rows_arg,
-            rnorm.arg(),
-            Arg::Ptr(dev.ptr(&target)),
-            Arg::I32(b as i32),
-            Arg::I32(n as i32),
-            Arg::I32(d as i32),
-            Arg::F32(cfg.scale),
-            Arg::I32(splits as i32),
-            partial.arg(),
-            tgt_cos.arg(),
-        ],
-    )?;
+    let mut partial = Tensor::empty(dev, &[b, splits, 4], DType::F32)?;
+    let mut tgt_cos = Tensor::empty(dev, &[b], DType::F32)?;
+    let fwd = LaunchConfig { grid: (splits as u32, btiles as u32, 1), block: (256, 1, 1), shared_bytes: 0 };
+    // SAFETY: see the top of the step.
+    unsafe {
+        launch_one_of!((w.dtype(), vec), {
+            (DType::F32, false) => softmax_fwd_f32, (DType::F32, true) => softmax_fwd_f32_v,
+            (_, false) => softmax_fwd_bf16, (_, true) => softmax_fwd_bf16_v,
+        }, (dev, fwd, u.ptr()?, w.ptr()?, rows_p, rnorm.ptr()?, target_p, bi, ni, di, cfg.scale, splits as i32,
+            partial.ptr_mut()?, tgt_cos.ptr_mut()?))
+    }?;
     // The angular margins take the target's angle from the raw vectors (f64).
     let (kind, m) = cfg.margin.kernel_args();
     let x_wide = features.widened()?;
     let x32 = x_wide.as_ref().unwrap_or(features);
+    let rows_cfg = LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0);
     let tgt_sin = if cfg.margin.is_angular() {
-        let sin = Tensor::empty(dev, &[b], DType::F32)?;
-        dev.launch(
-            ModuleId::SoftmaxHead,
-            kernels::find(ModuleId::SoftmaxHead, &format!("softmax_target_angle_{}", w.dtype().kernel_suffix()))?,
-            LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0),
-            &[
-                x32.arg(),
-                w.arg(),
-                rows_arg,
-                Arg::Ptr(dev.ptr(&target)),
-                Arg::I32(b as i32),
-                Arg::I32(d as i32),
-                tgt_cos.arg(),
-                sin.arg(),
-            ],
-        )?;
+        let mut sin = Tensor::empty(dev, &[b], DType::F32)?;
+        // SAFETY: see the top of the step.
+        unsafe {
+            launch_one_of!(w.dtype(), { DType::F32 => softmax_target_angle_f32, _ => softmax_target_angle_bf16 },
+                (dev, rows_cfg, x32.ptr()?, w.ptr()?, rows_p, target_p, bi, di, tgt_cos.ptr_mut()?, sin.ptr_mut()?))
+        }?;
         Some(sin)
     } else {
         None
     };
     // stats rows: lse, gy, loss, correct, gsing.
-    let stats = Tensor::empty(dev, &[5, b], DType::F32)?;
-    let base = stats.device_ptr().unwrap_or(0);
-    let row = |r: usize| Arg::Ptr(base + (r * b * 4) as u64);
+    let mut stats = Tensor::empty(dev, &[5, b], DType::F32)?;
+    let base = stats.ptr_mut::<f32>()?;
+    let row = |r: usize| base.add(r * b);
     let weight = 1.0 / b as f32;
     let exact = cfg.margin_grad == MarginGrad::Exact;
-    dev.launch(
-        ModuleId::SoftmaxHead,
-        kernels::find(ModuleId::SoftmaxHead, "softmax_merge")?,
-        LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0),
-        &[
-            partial.arg(),
-            Arg::I32(splits as i32),
-            tgt_cos.arg(),
-            tgt_sin.as_ref().map_or(Arg::Ptr(0), Tensor::arg),
-            Arg::Ptr(dev.ptr(&target)),
-            Arg::I32(b as i32),
-            Arg::F32(cfg.scale),
-            Arg::I32(kind),
-            Arg::F32(m),
-            Arg::F32(m.cos()),
-            Arg::F32(m.sin()),
-            Arg::I32(i32::from(exact)),
-            Arg::F32(weight),
+    // SAFETY: see the top of the step.
+    unsafe {
+        launch::softmax_merge(
+            dev,
+            rows_cfg,
+            partial.ptr()?,
+            splits as i32,
+            tgt_cos.ptr()?,
+            Tensor::ptr_or_null(tgt_sin.as_ref())?,
+            target_p,
+            bi,
+            cfg.scale,
+            kind,
+            m,
+            m.cos(),
+            m.sin(),
+            i32::from(exact),
+            weight,
             row(0),
             row(1),
             row(2),
             row(3),
             row(4),
-        ],
-    )?;
+        )
+    }?;
     drop(partial);
     // Backward: recompute each tile, accumulate both gradients.
-    let du = Tensor::zeros(dev, &[b, d], DType::F32)?;
-    let dw = Tensor::zeros(dev, &[n, d], DType::F32)?;
+    let mut du = Tensor::zeros(dev, &[b, d], DType::F32)?;
+    let mut dw = Tensor::zeros(dev, &[n, d], DType::F32)?;
     let b_splits = (TARGET_BLOCKS / ntiles).clamp(1, btiles);
-    dev.launch(
-        ModuleId::SoftmaxHead,
-        kernels::find(ModuleId::SoftmaxHead, &format!("softmax_bwd_{suffix}"))?,
-        LaunchConfig {
-            grid: (ntiles as u32, b_splits as u32, 1),
-            block: (256, 1, 1),
-            shared_bytes: (TILE * (TILE + 4) * 4) as u32,
-        },
-        &[
-            u.arg(),
-            w.arg(),
-            rows_arg,
-            rnorm.arg(),
-            Arg::Ptr(dev.ptr(&target)),
-            row(0),
-            row(1),
-            Arg::I32(b as i32),
-            Arg::I32(n as i32),
-            Arg::I32(d as i32),
-            Arg::F32(cfg.scale),
-            Arg::F32(weight),
-            du.arg(),
-            dw.arg(),
-        ],
-    )?;
+    let bwd = LaunchConfig {
+        grid: (ntiles as u32, b_splits as u32, 1),
+        block: (256, 1, 1),
+        shared_bytes: (TILE * (TILE + 4) * 4) as u32,
+    };
+    let (lse_p, gy_p) = (row(0).as_const(), row(1).as_const());
+    // SAFETY: see the top of the step.
+    unsafe {
+        launch_one_of!((w.dtype(), vec), {
+            (DType::F32, false) => softmax_bwd_f32, (DType::F32, true) => softmax_bwd_f32_v,
+            (_, false) => softmax_bwd_bf16, (_, true) => softmax_bwd_bf16_v,
+        }, (dev, bwd, u.ptr()?, w.ptr()?, rows_p, rnorm.ptr()?, target_p, lse_p, gy_p, bi, ni, di, cfg.scale, weight,
+            du.ptr_mut()?, dw.ptr_mut()?))
+    }?;
     if exact && cfg.margin.is_angular() {
         // The singular part, one warp per distinct target class, its rows in order.
         let mut order: Vec<i32> = (0..b as i32).collect();
@@ -593,30 +548,21 @@ fn device_step(
         let groups = starts.len() - 1;
         let (order_buf, starts_buf) =
             (dev.upload(bytemuck::cast_slice(&order))?, dev.upload(bytemuck::cast_slice(&starts))?);
-        dev.launch(
-            ModuleId::SoftmaxHead,
-            kernels::find(ModuleId::SoftmaxHead, &format!("softmax_target_singular_{}", w.dtype().kernel_suffix()))?,
-            LaunchConfig::linear(groups as u32, 32, 0),
-            &[
-                x32.arg(),
-                w.arg(),
-                rows_arg,
-                Arg::Ptr(dev.ptr(&target)),
-                Arg::Ptr(dev.ptr(&order_buf)),
-                Arg::Ptr(dev.ptr(&starts_buf)),
-                Arg::I32(d as i32),
-                row(4),
-                du.arg(),
-                dw.arg(),
-            ],
-        )?;
+        let cfg1 = LaunchConfig::linear(groups as u32, 32, 0);
+        let (order_p, starts_p, gsing_p) = (dev.ptr_of(&order_buf), dev.ptr_of(&starts_buf), row(4).as_const());
+        // SAFETY: see the top of the step.
+        unsafe {
+            launch_one_of!(w.dtype(), { DType::F32 => softmax_target_singular_f32, _ => softmax_target_singular_bf16 },
+                (dev, cfg1, x32.ptr()?, w.ptr()?, rows_p, target_p, order_p, starts_p, di, gsing_p,
+                 du.ptr_mut()?, dw.ptr_mut()?))
+        }?;
     }
-    dev.launch(
-        ModuleId::SoftmaxHead,
-        kernels::find(ModuleId::SoftmaxHead, &format!("centre_grad_finish_{}", w.dtype().kernel_suffix()))?,
-        LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0),
-        &[w.arg(), rows_arg, rnorm.arg(), Arg::I32(n as i32), Arg::I32(d as i32), dw.arg()],
-    )?;
+    let fin = LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0);
+    // SAFETY: see the top of the step.
+    unsafe {
+        launch_one_of!(w.dtype(), { DType::F32 => centre_grad_finish_f32, _ => centre_grad_finish_bf16 },
+            (dev, fin, w.ptr()?, rows_p, rnorm.ptr()?, ni, di, dw.ptr_mut()?))
+    }?;
     let dx = rowwise::l2_normalize_backward(&u, &norms, &du, EPS)?;
     let st = stats.to_vec::<f32>()?;
     let loss = st[2 * b..3 * b].iter().map(|&x| x as f64).sum::<f64>();
