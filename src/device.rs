@@ -486,12 +486,6 @@ impl Device {
         Ok(h)
     }
 
-    /// Runs `kernel` of `module` with `args` (transitional: the ops move to
-    /// the typed launchers of `kernels::launch`).
-    pub(crate) fn launch(&self, module: ModuleId, kernel: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        self.launch_kernel(kernels::kernel_ref(module, kernel)?, cfg, args)
-    }
-
     /// Runs kernel `k` with `args`: the one launch path of both GPU
     /// backends, reached through the typed launchers of
     /// [`crate::kernels::launch`] (the CPU has no kernels).

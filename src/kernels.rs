@@ -73,7 +73,7 @@ macro_rules! pointer {
             }
             /// `elems` elements further on (wrapping, like pointer
             /// arithmetic; what is there is the launcher's contract).
-            pub fn add(self, elems: usize) -> Self {
+            pub fn offset(self, elems: usize) -> Self {
                 Self::from_addr(self.addr.wrapping_add((elems as u64).wrapping_mul(std::mem::size_of::<T>() as u64)))
             }
         }
@@ -228,16 +228,6 @@ pub fn kernel_ref(module: ModuleId, name: &str) -> crate::Result<KernelRef> {
         message: format!("no kernel named {name:?} in kernels/{}.cu", module.name()),
     })?;
     Ok(KernelRef { module, index: k as u16, name: module.source().kernels[k] })
-}
-
-/// The `&'static` name of kernel `name` in `module`, or an error when the
-/// module has no such kernel (a build that lost an instance).
-pub(crate) fn find(module: ModuleId, name: &str) -> crate::Result<&'static str> {
-    module.source().kernels.iter().copied().find(|k| *k == name).ok_or_else(|| crate::Error::Kernel {
-        module: module.name(),
-        kernel: "?",
-        message: format!("no kernel named {name} in kernels/{}.cu", module.name()),
-    })
 }
 
 /// Kernels allowed to spill registers to local memory under

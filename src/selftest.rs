@@ -5,9 +5,9 @@
 
 use half::{bf16, f16};
 
-use crate::device::{Arg, Device, DeviceBuffer, LaunchConfig};
+use crate::device::{Device, DeviceBuffer, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::{self, ModuleId};
+use crate::kernels::launch;
 use crate::tensor::DType;
 
 fn need_kernels(op: &'static str, dev: &Device) -> Result<()> {
@@ -36,9 +36,11 @@ fn down<T: bytemuck::Pod>(dev: &Device, b: &DeviceBuffer, n: usize) -> Result<Ve
     Ok(bytemuck::pod_collect_to_vec(&dev.download(b, n * std::mem::size_of::<T>())?))
 }
 
-fn launch(dev: &Device, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-    dev.launch(ModuleId::Selftest, kernels::find(ModuleId::Selftest, name)?, cfg, args)
-}
+// SAFETY (every launch below): each kernel reads and writes exactly the
+// buffers allocated for it here, of the sizes its comment in
+// kernels/selftest.cu states for the launch configuration given — except
+// the planted bugs, which run only on the simulator (need_sim), whose guard
+// bands catch their out-of-bounds write.
 
 fn check_threads(op: &'static str, threads: usize) -> Result<()> {
     if threads == 0 || threads > 1024 {
@@ -62,14 +64,17 @@ pub fn block_sum(dev: &Device, x: &[f32], threads: usize, with_barrier: bool) ->
         return Err(Error::invalid(OP, format!("{} values are not whole rows of {threads}", x.len())));
     }
     let blocks = x.len() / threads;
-    let (xb, out) = (up(dev, x)?, dev.alloc(blocks * 4)?);
-    let name = if with_barrier { "selftest_block_sum" } else { "selftest_block_sum_nosync" };
-    launch(
-        dev,
-        name,
-        LaunchConfig::linear(blocks as u32, threads as u32, 0),
-        &[Arg::Ptr(dev.ptr(&xb)), Arg::Ptr(dev.ptr(&out))],
-    )?;
+    let (xb, mut out) = (up(dev, x)?, dev.alloc(blocks * 4)?);
+    let cfg = LaunchConfig::linear(blocks as u32, threads as u32, 0);
+    let (xp, op) = (dev.ptr_of(&xb), dev.ptr_mut_of(&mut out));
+    // SAFETY: see above (blocks rows of threads values in, blocks sums out).
+    unsafe {
+        if with_barrier {
+            launch::selftest_block_sum(dev, cfg, xp, op)
+        } else {
+            launch::selftest_block_sum_nosync(dev, cfg, xp, op)
+        }
+    }?;
     down(dev, &out, blocks)
 }
 
@@ -81,14 +86,10 @@ pub fn oob_write(dev: &Device, n: usize) -> Result<Vec<f32>> {
     if n >= i32::MAX as usize {
         return Err(Error::invalid(OP, format!("n must be below 2^31 - 1, got {n}")));
     }
-    let y = dev.alloc(n * 4)?;
+    let mut y = dev.alloc(n * 4)?;
     let blocks = (n + 1).div_ceil(128) as u32;
-    launch(
-        dev,
-        "selftest_oob_write",
-        LaunchConfig::linear(blocks, 128, 0),
-        &[Arg::Ptr(dev.ptr(&y)), Arg::I32(n as i32)],
-    )?;
+    // SAFETY: see above (the simulator only: the write past the end lands in a guard band).
+    unsafe { launch::selftest_oob_write(dev, LaunchConfig::linear(blocks, 128, 0), dev.ptr_mut_of(&mut y), n as i32) }?;
     down(dev, &y, n)
 }
 
@@ -98,13 +99,10 @@ pub fn exit_before_barrier(dev: &Device, threads: usize, n: usize) -> Result<Vec
     const OP: &str = "selftest::exit_before_barrier";
     need_sim(OP, dev)?;
     check_threads(OP, threads)?;
-    let y = dev.alloc(threads * 4)?;
-    launch(
-        dev,
-        "selftest_exit_before_barrier",
-        LaunchConfig::linear(1, threads as u32, 0),
-        &[Arg::Ptr(dev.ptr(&y)), Arg::I32(n as i32)],
-    )?;
+    let mut y = dev.alloc(threads * 4)?;
+    let cfg = LaunchConfig::linear(1, threads as u32, 0);
+    // SAFETY: see above (the simulator only).
+    unsafe { launch::selftest_exit_before_barrier(dev, cfg, dev.ptr_mut_of(&mut y), n as i32) }?;
     down(dev, &y, threads)
 }
 
@@ -113,8 +111,10 @@ pub fn divergent_barrier(dev: &Device, threads: usize) -> Result<Vec<f32>> {
     const OP: &str = "selftest::divergent_barrier";
     need_sim(OP, dev)?;
     check_threads(OP, threads)?;
-    let y = dev.alloc(threads * 4)?;
-    launch(dev, "selftest_divergent_barrier", LaunchConfig::linear(1, threads as u32, 0), &[Arg::Ptr(dev.ptr(&y))])?;
+    let mut y = dev.alloc(threads * 4)?;
+    let cfg = LaunchConfig::linear(1, threads as u32, 0);
+    // SAFETY: see above (the simulator only).
+    unsafe { launch::selftest_divergent_barrier(dev, cfg, dev.ptr_mut_of(&mut y)) }?;
     down(dev, &y, threads)
 }
 
@@ -122,8 +122,9 @@ pub fn divergent_barrier(dev: &Device, threads: usize) -> Result<Vec<f32>> {
 /// simulator only).
 pub fn shfl_exited_lane(dev: &Device) -> Result<Vec<f32>> {
     need_sim("selftest::shfl_exited_lane", dev)?;
-    let y = dev.alloc(32 * 4)?;
-    launch(dev, "selftest_shfl_exited_lane", LaunchConfig::linear(1, 32, 0), &[Arg::Ptr(dev.ptr(&y))])?;
+    let mut y = dev.alloc(32 * 4)?;
+    // SAFETY: see above (the simulator only).
+    unsafe { launch::selftest_shfl_exited_lane(dev, LaunchConfig::linear(1, 32, 0), dev.ptr_mut_of(&mut y)) }?;
     down(dev, &y, 16)
 }
 
@@ -135,13 +136,10 @@ pub fn cp_async_without_wait(dev: &Device, x: &[f32]) -> Result<Vec<f32>> {
     if x.is_empty() || x.len() % 4 != 0 || x.len() > 4096 {
         return Err(Error::invalid(OP, format!("needs 4 to 4096 floats in fours, got {}", x.len())));
     }
-    let (xb, y) = (up(dev, x)?, dev.alloc(x.len() * 4)?);
-    launch(
-        dev,
-        "selftest_cp_async_nowait",
-        LaunchConfig::linear(1, (x.len() / 4) as u32, 0),
-        &[Arg::Ptr(dev.ptr(&xb)), Arg::Ptr(dev.ptr(&y))],
-    )?;
+    let (xb, mut y) = (up(dev, x)?, dev.alloc(x.len() * 4)?);
+    let cfg = LaunchConfig::linear(1, (x.len() / 4) as u32, 0);
+    // SAFETY: see above (the simulator only).
+    unsafe { launch::selftest_cp_async_nowait(dev, cfg, dev.ptr_of(&xb), dev.ptr_mut_of(&mut y)) }?;
     down(dev, &y, x.len())
 }
 
@@ -154,13 +152,10 @@ pub fn warp_ops(dev: &Device, input: &[i32], width: i32) -> Result<Vec<i32>> {
     if input.len() % 32 != 0 || !matches!(width, 1 | 2 | 4 | 8 | 16 | 32) {
         return Err(Error::invalid(OP, "needs whole warps and a width that is a power of two up to 32"));
     }
-    let (ib, out) = (up(dev, input)?, dev.alloc(input.len() * 8 * 4)?);
-    launch(
-        dev,
-        "selftest_warp_ops",
-        LaunchConfig::linear(1, input.len() as u32, 0),
-        &[Arg::Ptr(dev.ptr(&ib)), Arg::Ptr(dev.ptr(&out)), Arg::I32(width)],
-    )?;
+    let (ib, mut out) = (up(dev, input)?, dev.alloc(input.len() * 8 * 4)?);
+    let cfg = LaunchConfig::linear(1, input.len() as u32, 0);
+    // SAFETY: see above (one value in, 8 out per thread).
+    unsafe { launch::selftest_warp_ops(dev, cfg, dev.ptr_of(&ib), dev.ptr_mut_of(&mut out), width) }?;
     down(dev, &out, input.len() * 8)
 }
 
@@ -195,13 +190,11 @@ pub fn warp_ops_reference(input: &[i32], width: i32) -> Vec<i32> {
 /// matrix i at `m[64 i..]`): 14 words per lane.
 pub fn ldmatrix(dev: &Device, m: &[u16; 256]) -> Result<Vec<u32>> {
     need_kernels("selftest::ldmatrix", dev)?;
-    let (mb, out) = (up(dev, &m[..])?, dev.alloc(32 * 14 * 4)?);
-    launch(
-        dev,
-        "selftest_ldmatrix",
-        LaunchConfig::linear(1, 32, 0),
-        &[Arg::Ptr(dev.ptr(&mb)), Arg::Ptr(dev.ptr(&out))],
-    )?;
+    let (mb, mut out) = (up(dev, &m[..])?, dev.alloc(32 * 14 * 4)?);
+    // SAFETY: see above (256 16-bit values in, 14 words per lane out).
+    unsafe {
+        launch::selftest_ldmatrix(dev, LaunchConfig::linear(1, 32, 0), dev.ptr_of(&mb), dev.ptr_mut_of(&mut out))
+    }?;
     down(dev, &out, 32 * 14)
 }
 
@@ -243,26 +236,41 @@ pub fn mma_tile(dev: &Device, a: &[f32], b: &[f32], c: &[f32], dtype: DType) -> 
             got: format!("a: {}, b: {}, c: {}", a.len(), b.len(), c.len()),
         });
     }
-    let (ab, bb, name) = match dtype {
-        DType::BF16 => (
-            up(dev, &a.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())?,
-            up(dev, &b.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())?,
-            "selftest_mma_bf16",
-        ),
-        DType::F16 => (
-            up(dev, &a.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>())?,
-            up(dev, &b.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>())?,
-            "selftest_mma_f16",
-        ),
+    let (cb, mut d) = (up(dev, c)?, dev.alloc(128 * 4)?);
+    let cfg = LaunchConfig::linear(1, 32, 0);
+    match dtype {
+        DType::BF16 => {
+            let ab = up(dev, &a.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())?;
+            let bb = up(dev, &b.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())?;
+            // SAFETY: see above (a 16x16, b 16x8, c and d 16x8).
+            unsafe {
+                launch::selftest_mma_bf16(
+                    dev,
+                    cfg,
+                    dev.ptr_of(&ab),
+                    dev.ptr_of(&bb),
+                    dev.ptr_of(&cb),
+                    dev.ptr_mut_of(&mut d),
+                )
+            }?;
+        }
+        DType::F16 => {
+            let ab = up(dev, &a.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>())?;
+            let bb = up(dev, &b.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>())?;
+            // SAFETY: as for bf16.
+            unsafe {
+                launch::selftest_mma_f16(
+                    dev,
+                    cfg,
+                    dev.ptr_of(&ab),
+                    dev.ptr_of(&bb),
+                    dev.ptr_of(&cb),
+                    dev.ptr_mut_of(&mut d),
+                )
+            }?;
+        }
         DType::F32 => return Err(Error::invalid(OP, "mma.sync m16n8k16 takes bf16 or f16 inputs")),
-    };
-    let (cb, d) = (up(dev, c)?, dev.alloc(128 * 4)?);
-    launch(
-        dev,
-        name,
-        LaunchConfig::linear(1, 32, 0),
-        &[Arg::Ptr(dev.ptr(&ab)), Arg::Ptr(dev.ptr(&bb)), Arg::Ptr(dev.ptr(&cb)), Arg::Ptr(dev.ptr(&d))],
-    )?;
+    }
     down(dev, &d, 128)
 }
 
@@ -297,20 +305,20 @@ pub fn convert(dev: &Device, x: &[f32]) -> Result<Conversions> {
     }
     let n = x.len();
     let xb = up(dev, x)?;
-    let (b, h, bb, hb) = (dev.alloc(2 * n)?, dev.alloc(2 * n)?, dev.alloc(4 * n)?, dev.alloc(4 * n)?);
-    launch(
-        dev,
-        "selftest_convert",
-        LaunchConfig::linear(n.div_ceil(128) as u32, 128, 0),
-        &[
-            Arg::Ptr(dev.ptr(&xb)),
-            Arg::Ptr(dev.ptr(&b)),
-            Arg::Ptr(dev.ptr(&h)),
-            Arg::Ptr(dev.ptr(&bb)),
-            Arg::Ptr(dev.ptr(&hb)),
-            Arg::I32(n as i32),
-        ],
-    )?;
+    let (mut b, mut h, mut bb, mut hb) = (dev.alloc(2 * n)?, dev.alloc(2 * n)?, dev.alloc(4 * n)?, dev.alloc(4 * n)?);
+    // SAFETY: see above (n values through each buffer).
+    unsafe {
+        launch::selftest_convert(
+            dev,
+            LaunchConfig::linear(n.div_ceil(128) as u32, 128, 0),
+            dev.ptr_of(&xb),
+            dev.ptr_mut_of(&mut b),
+            dev.ptr_mut_of(&mut h),
+            dev.ptr_mut_of(&mut bb),
+            dev.ptr_mut_of(&mut hb),
+            n as i32,
+        )
+    }?;
     Ok((down(dev, &b, n)?, down(dev, &h, n)?, down(dev, &bb, n)?, down(dev, &hb, n)?))
 }
 
@@ -320,12 +328,9 @@ pub fn block_votes(dev: &Device, input: &[i32]) -> Result<Vec<i32>> {
     const OP: &str = "selftest::block_votes";
     need_kernels(OP, dev)?;
     check_threads(OP, input.len())?;
-    let (ib, out) = (up(dev, input)?, dev.alloc(input.len() * 3 * 4)?);
-    launch(
-        dev,
-        "selftest_block_votes",
-        LaunchConfig::linear(1, input.len() as u32, 0),
-        &[Arg::Ptr(dev.ptr(&ib)), Arg::Ptr(dev.ptr(&out))],
-    )?;
+    let (ib, mut out) = (up(dev, input)?, dev.alloc(input.len() * 3 * 4)?);
+    let cfg = LaunchConfig::linear(1, input.len() as u32, 0);
+    // SAFETY: see above (one value in, 3 out per thread).
+    unsafe { launch::selftest_block_votes(dev, cfg, dev.ptr_of(&ib), dev.ptr_mut_of(&mut out)) }?;
     down(dev, &out, input.len() * 3)
 }

@@ -477,12 +477,6 @@ impl Tensor {
         t.map_or(Ok(crate::kernels::Ptr::null()), Tensor::ptr)
     }
 
-    /// This tensor as a kernel argument (its device address). The ops call
-    /// it only for tensors on a GPU backend, after validating them.
-    pub(crate) fn arg(&self) -> crate::device::Arg {
-        crate::device::Arg::Ptr(self.device_ptr().unwrap_or(0))
-    }
-
     /// True when every element is finite (no NaN, no infinity). Waits for
     /// the device.
     pub fn all_finite(&self) -> Result<bool> {

@@ -165,6 +165,27 @@ fn build_script_registered_every_kernel_with_the_simulator() {
 }
 
 #[test]
+fn every_generated_launcher_matches_the_signature_the_compiler_saw() {
+    // build.rs generates the typed launchers from the source text; the
+    // simulator registers each kernel's parameters as the C++ compiler
+    // deduced them from its type. They agree for all kernels, in order.
+    use gif_fr::kernels::{launch::SIGNATURES, KernelRef, MODULES};
+    let mut checked = 0;
+    for (mi, m) in MODULES.iter().enumerate() {
+        assert_eq!(SIGNATURES[mi].len(), m.kernels.len(), "{}", m.name);
+        for (ki, &name) in m.kernels.iter().enumerate() {
+            let k = KernelRef { module: m.id, index: ki as u16, name };
+            let compiled = gif_fr::sim::kernel_signature(k).expect("a registered kernel");
+            assert_eq!(compiled, SIGNATURES[mi][ki], "kernels/{}.cu {name}: (kind, bytes) per parameter", m.name);
+            checked += 1;
+        }
+        let past = KernelRef { module: m.id, index: m.kernels.len() as u16, name: "past the end" };
+        assert_eq!(gif_fr::sim::kernel_signature(past), None);
+    }
+    assert!(checked > 100, "{checked} kernels");
+}
+
+#[test]
 fn block_votes_count_and_or_over_the_block() {
     let mut rng = rng(15);
     for dev in gpu_devices() {

@@ -12,10 +12,10 @@
 //! `cpu::{forward, data_grad, weight_grad}` are the direct f64 reference
 //! (the tests' oracle).
 
-use crate::device::{Arg, DeviceKind, LaunchConfig};
+use crate::device::{DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::gemm::{bf16_shared_bytes, Op};
-use crate::kernels::{self, ModuleId};
+use crate::kernels::launch_one_of;
 use crate::tensor::{same_device, DType, HostData, Tensor};
 
 const TILE: usize = 128;
@@ -66,7 +66,9 @@ impl ConvShape {
         let (ho, wo) = self.hw();
         [self.batch, ho, wo, self.c_out]
     }
-    fn geometry(&self) -> Result<Vec<Arg>> {
+    /// B, H, W, C_in, C_out, k, stride, pad, H_o, W_o as the kernels take
+    /// them (after checking they fit their 32-bit indices).
+    fn geometry(&self) -> Result<[i32; 10]> {
         let (ho, wo) = self.hw();
         let pixels = self.height.max(ho).checked_mul(self.width.max(wo)).and_then(|p| p.checked_mul(self.batch));
         let taps = self.kernel * self.kernel * self.c_in.max(self.c_out);
@@ -74,51 +76,69 @@ impl ConvShape {
             return Err(Error::invalid("conv2d", format!("{self:?} is too large for 32-bit indices")));
         }
         Ok([self.batch, self.height, self.width, self.c_in, self.c_out, self.kernel, self.stride, self.pad, ho, wo]
-            .iter()
-            .map(|&v| Arg::I32(v as i32))
-            .collect())
+            .map(|v| v as i32))
     }
-    /// Launches `conv_<op>_<suffix>` (op: fwd, dgrad, wgrad) for `dtype`
-    /// operands: f32 (`_v`: float4 loads, both channel counts multiples of
-    /// 4) or bf16 on tensor cores (`_a`: 16-byte cp.async, multiples of 8;
-    /// dynamic shared memory of gemm's tile with A, B stored as the op reads
-    /// them). Arguments: `a`, `b`, the geometry, `extra`, `out`; the grid
+    /// Launches `conv_<op>_<variant>` for `dtype` operands: f32 (`_v`:
+    /// float4 loads, both channel counts multiples of 4) or bf16 on tensor
+    /// cores (`_a`: 16-byte cp.async, multiples of 8; dynamic shared memory
+    /// of gemm's tile with A, B stored as the op reads them). The grid
     /// covers an `m x n` output in 128 x 128 tiles, x `splits`.
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
-        op: &str,
+        op: ConvOp,
         dtype: DType,
-        [a, b, out]: [&Tensor; 3],
-        extra: &[Arg],
+        a: &Tensor,
+        b: &Tensor,
+        out: &mut Tensor,
         (m, n): (usize, usize),
         splits: usize,
     ) -> Result<()> {
         let ops = match op {
-            "fwd" => (Op::N, Op::T),
-            "dgrad" => (Op::N, Op::N),
-            _ => (Op::T, Op::N),
+            ConvOp::Fwd => (Op::N, Op::T),
+            ConvOp::Dgrad => (Op::N, Op::N),
+            ConvOp::Wgrad(_) => (Op::T, Op::N),
         };
-        let (suffix, shared) = match dtype {
-            DType::BF16 if self.c_in % 8 == 0 && self.c_out % 8 == 0 => ("bf16_a", bf16_shared_bytes(ops.0, ops.1)),
-            DType::BF16 => ("bf16", bf16_shared_bytes(ops.0, ops.1)),
-            _ if self.c_in % 4 == 0 && self.c_out % 4 == 0 => ("f32_v", 0),
-            _ => ("f32", 0),
+        let bf16 = dtype == DType::BF16;
+        let wide =
+            if bf16 { self.c_in % 8 == 0 && self.c_out % 8 == 0 } else { self.c_in % 4 == 0 && self.c_out % 4 == 0 };
+        let cfg = LaunchConfig {
+            grid: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, splits as u32),
+            block: (256, 1, 1),
+            shared_bytes: if bf16 { bf16_shared_bytes(ops.0, ops.1) as u32 } else { 0 },
         };
-        let mut args = vec![a.arg(), b.arg()];
-        args.extend(self.geometry()?);
-        args.extend_from_slice(extra);
-        args.push(out.arg());
-        a.device().launch(
-            ModuleId::Conv,
-            kernels::find(ModuleId::Conv, &format!("conv_{op}_{suffix}"))?,
-            LaunchConfig {
-                grid: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, splits as u32),
-                block: (256, 1, 1),
-                shared_bytes: shared as u32,
-            },
-            &args,
-        )
+        let [bb, h, w, ci, co, k, st, pd, ho, wo] = self.geometry()?;
+        let dev = a.device();
+        // SAFETY: the callers checked a, b and out against this shape (input,
+        // weights, output or their gradients, as the op reads them) and the
+        // geometry fits the kernels' 32-bit indices; the weight gradient's
+        // chunks cover m rows in `splits` parts.
+        unsafe {
+            match op {
+                ConvOp::Fwd => launch_one_of!((bf16, wide), {
+                    (false, false) => conv_fwd_f32, (false, true) => conv_fwd_f32_v,
+                    (true, false) => conv_fwd_bf16, (true, true) => conv_fwd_bf16_a,
+                }, (dev, cfg, a.ptr()?, b.ptr()?, bb, h, w, ci, co, k, st, pd, ho, wo, out.ptr_mut()?)),
+                ConvOp::Dgrad => launch_one_of!((bf16, wide), {
+                    (false, false) => conv_dgrad_f32, (false, true) => conv_dgrad_f32_v,
+                    (true, false) => conv_dgrad_bf16, (true, true) => conv_dgrad_bf16_a,
+                }, (dev, cfg, a.ptr()?, b.ptr()?, bb, h, w, ci, co, k, st, pd, ho, wo, out.ptr_mut()?)),
+                ConvOp::Wgrad(chunk) => launch_one_of!((bf16, wide), {
+                    (false, false) => conv_wgrad_f32, (false, true) => conv_wgrad_f32_v,
+                    (true, false) => conv_wgrad_bf16, (true, true) => conv_wgrad_bf16_a,
+                }, (dev, cfg, a.ptr()?, b.ptr()?, bb, h, w, ci, co, k, st, pd, ho, wo, chunk, out.ptr_mut()?)),
+            }
+        }
     }
+}
+
+/// Which convolution kernel family: the forward, the data gradient, or the
+/// weight gradient over chunks of this many output pixels.
+#[derive(Clone, Copy)]
+enum ConvOp {
+    Fwd,
+    Dgrad,
+    Wgrad(i32),
 }
 
 /// `y = conv(x, w)`: x `[B, H, W, C_in]`, w `[C_out, k, k, C_in]`, y
@@ -148,7 +168,7 @@ pub fn conv2d_into(x: &Tensor, w: &Tensor, s: &ConvShape, y: &mut Tensor) -> Res
         return y.write_host_f32(&cpu::forward_gemm(s, &x.host_f32()?, &w.host_f32()?));
     }
     let (ho, wo) = s.hw();
-    s.launch("fwd", dtype, [x, w, y], &[], (s.batch * ho * wo, s.c_out), 1)
+    s.launch(ConvOp::Fwd, dtype, x, w, y, (s.batch * ho * wo, s.c_out), 1)
 }
 
 /// The gradient with respect to the input: dy `[B, H_o, W_o, C_out]` →
@@ -175,7 +195,7 @@ pub fn conv2d_data_grad_into(dy: &Tensor, w: &Tensor, s: &ConvShape, dx: &mut Te
     if dev.kind() == DeviceKind::Cpu {
         return dx.write_host_f32(&cpu::data_grad_gemm(s, &dy.host_f32()?, &w.host_f32()?));
     }
-    s.launch("dgrad", dtype, [dy, w, dx], &[], (s.batch * s.height * s.width, s.c_in), 1)
+    s.launch(ConvOp::Dgrad, dtype, dy, w, dx, (s.batch * s.height * s.width, s.c_in), 1)
 }
 
 /// The gradient with respect to the weights: `[C_out, k, k, C_in]`, f32
@@ -193,7 +213,7 @@ pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tens
         let dw = cpu::weight_grad_gemm(s, &x.host_f32()?, &dy.host_f32()?);
         return Ok(Tensor::from_host(dev, s.weights().to_vec(), HostData::F32(dw)));
     }
-    let dw = Tensor::zeros(dev, &s.weights(), DType::F32)?;
+    let mut dw = Tensor::zeros(dev, &s.weights(), DType::F32)?;
     let (ho, wo) = s.hw();
     let m = s.batch * ho * wo;
     let n = s.kernel * s.kernel * s.c_in;
@@ -201,7 +221,7 @@ pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tens
     let splits = 528usize.div_ceil(tiles).clamp(1, m.div_ceil(16));
     // Multiples of 32, a k-tile of both kernels' families (16 and 32).
     let chunk = m.div_ceil(splits).div_ceil(32) * 32;
-    s.launch("wgrad", dtype, [x, dy, &dw], &[Arg::I32(chunk as i32)], (s.c_out, n), m.div_ceil(chunk))?;
+    s.launch(ConvOp::Wgrad(chunk as i32), dtype, x, dy, &mut dw, (s.c_out, n), m.div_ceil(chunk))?;
     Ok(dw)
 }
 

@@ -8,9 +8,9 @@
 //! Per-channel sums are computed in splits and combined in a fixed order,
 //! so every result is reproducible run to run.
 
-use crate::device::{Arg, Device, DeviceKind, LaunchConfig};
+use crate::device::{Device, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::{self, ModuleId};
+use crate::kernels::{launch, launch_one_of, PtrMut};
 use crate::tensor::{same_device, DType, HostData, Tensor};
 
 /// A BatchNorm layer (PyTorch's BatchNorm1d/2d semantics and defaults:
@@ -76,11 +76,20 @@ fn sums_grid(rows: usize, c: usize) -> (u32, u32) {
     (groups as u32, splits as u32)
 }
 
-/// Per-channel sums on a GPU backend: `mode` is chan_sums_<mode>; returns
-/// out_a and, when `scale_b` is given (the BatchNorm backward), out_b, as
-/// finalized by chan_finalize with the given scales.
+/// Which per-channel sums (kernels/norm.cu chan_sums_<mode>).
+#[derive(Clone, Copy)]
+enum Sums {
+    Mean,
+    Var,
+    BnBwd,
+    PreluBwd,
+}
+
+/// Per-channel sums on a GPU backend; returns out_a and, when `scale_b` is
+/// given (the BatchNorm backward), out_b, as finalized by chan_finalize
+/// with the given scales.
 fn chan_sums(
-    mode: &str,
+    mode: Sums,
     x: &Tensor,
     dy: Option<&Tensor>,
     mean: Option<&Tensor>,
@@ -90,47 +99,43 @@ fn chan_sums(
     let dev = x.device();
     let (rows, c) = (x.shape()[0], x.shape()[1]);
     let (groups, splits) = sums_grid(rows, c);
-    let partial = Tensor::empty(dev, &[splits as usize, c, 2], DType::F32)?;
-    dev.launch(
-        ModuleId::Norm,
-        kernels::find(ModuleId::Norm, &format!("chan_sums_{mode}"))?,
-        LaunchConfig { grid: (groups, splits, 1), block: (32, 8, 1), shared_bytes: 0 },
-        &[
-            x.arg(),
-            dy.map_or(Arg::Ptr(0), Tensor::arg),
-            mean.map_or(Arg::Ptr(0), Tensor::arg),
-            Arg::I64(rows as i64),
-            Arg::I32(c as i32),
-            partial.arg(),
-        ],
-    )?;
-    let a = Tensor::empty(dev, &[c], DType::F32)?;
-    let b = scale_b.map(|_| Tensor::empty(dev, &[c], DType::F32)).transpose()?;
-    dev.launch(
-        ModuleId::Norm,
-        kernels::find(ModuleId::Norm, "chan_finalize")?,
-        LaunchConfig::linear(c.div_ceil(256) as u32, 256, 0),
-        &[
-            partial.arg(),
-            Arg::I32(splits as i32),
-            Arg::I32(c as i32),
-            Arg::F32(scale_a),
-            scale_b.map_or(Arg::Ptr(0), Tensor::arg),
-            a.arg(),
-            b.as_ref().map_or(Arg::Ptr(0), Tensor::arg),
-        ],
-    )?;
+    let mut partial = Tensor::empty(dev, &[splits as usize, c, 2], DType::F32)?;
+    let cfg = LaunchConfig { grid: (groups, splits, 1), block: (32, 8, 1), shared_bytes: 0 };
+    let (dy_p, mean_p) = (Tensor::ptr_or_null(dy)?, Tensor::ptr_or_null(mean)?);
+    // SAFETY: x (and dy) are [rows, C], mean [C] (the callers checked the
+    // shapes); partial holds splits·C·2 floats for this grid.
+    unsafe {
+        launch_one_of!(mode, {
+            Sums::Mean => chan_sums_mean, Sums::Var => chan_sums_var,
+            Sums::BnBwd => chan_sums_bn_bwd, Sums::PreluBwd => chan_sums_prelu_bwd,
+        }, (dev, cfg, x.ptr()?, dy_p, mean_p, rows as i64, c as i32, partial.ptr_mut()?))
+    }?;
+    let mut a = Tensor::empty(dev, &[c], DType::F32)?;
+    let mut b = scale_b.map(|_| Tensor::empty(dev, &[c], DType::F32)).transpose()?;
+    let out_b = match b.as_mut() {
+        Some(t) => t.ptr_mut()?,
+        None => PtrMut::null(),
+    };
+    // SAFETY: partial as above; scale_b, a and b hold C floats.
+    unsafe {
+        launch::chan_finalize(
+            dev,
+            LaunchConfig::linear(c.div_ceil(256) as u32, 256, 0),
+            partial.ptr()?,
+            splits as i32,
+            c as i32,
+            scale_a,
+            Tensor::ptr_or_null(scale_b)?,
+            a.ptr_mut()?,
+            out_b,
+        )
+    }?;
     Ok((a, b))
 }
 
-/// An element-wise launch over rows·C values.
-fn elementwise(dev: &Device, name: &str, n: usize, args: &[Arg]) -> Result<()> {
-    dev.launch(
-        ModuleId::Norm,
-        kernels::find(ModuleId::Norm, name)?,
-        LaunchConfig::linear(n.div_ceil(256).clamp(1, 8192) as u32, 256, 0),
-        args,
-    )
+/// An element-wise launch over n = rows·C values.
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig::linear(n.div_ceil(256).clamp(1, 8192) as u32, 256, 0)
 }
 
 impl BatchNorm {
@@ -224,52 +229,53 @@ impl BatchNorm {
             let t = |v: Vec<f32>| Tensor::from_host(&dev, vec![c], HostData::F32(v));
             return Ok(BnCache { mean: t(mean), invstd: t(invstd), training });
         }
-        let invstd = Tensor::empty(&dev, &[c], DType::F32)?;
+        let mut invstd = Tensor::empty(&dev, &[c], DType::F32)?;
         let grid = LaunchConfig::linear(c.div_ceil(256) as u32, 256, 0);
+        let (ri, ci) = (rows as i64, c as i32);
+        // SAFETY (the launches of this pass): x and y are [rows, C] (checked
+        // above), every per-channel buffer (the parameters: check_params;
+        // mean, var, invstd: allocated for C) holds C floats.
         let mean = if training {
-            let (mean, _) = chan_sums("mean", x, None, None, 1.0 / rows as f32, None)?;
-            let (var, _) = chan_sums("var", x, None, Some(&mean), 1.0 / rows as f32, None)?;
-            dev.launch(
-                ModuleId::Norm,
-                kernels::find(ModuleId::Norm, "bn_stats_finalize")?,
-                grid,
-                &[
-                    var.arg(),
-                    Arg::I64(rows as i64),
-                    Arg::I32(c as i32),
-                    Arg::F32(self.eps),
-                    Arg::F32(self.momentum),
-                    mean.arg(),
-                    invstd.arg(),
-                    self.running_mean.arg(),
-                    self.running_var.arg(),
-                ],
-            )?;
+            let (mean, _) = chan_sums(Sums::Mean, x, None, None, 1.0 / rows as f32, None)?;
+            let (var, _) = chan_sums(Sums::Var, x, None, Some(&mean), 1.0 / rows as f32, None)?;
+            let (rm, rv) = (self.running_mean.ptr_mut()?, self.running_var.ptr_mut()?);
+            // SAFETY: see above.
+            unsafe {
+                launch::bn_stats_finalize(
+                    &dev,
+                    grid,
+                    var.ptr()?,
+                    ri,
+                    ci,
+                    self.eps,
+                    self.momentum,
+                    mean.ptr()?,
+                    invstd.ptr_mut()?,
+                    rm,
+                    rv,
+                )
+            }?;
             mean
         } else {
-            dev.launch(
-                ModuleId::Norm,
-                kernels::find(ModuleId::Norm, "bn_eval_stats")?,
-                grid,
-                &[self.running_var.arg(), Arg::I32(c as i32), Arg::F32(self.eps), invstd.arg()],
-            )?;
+            // SAFETY: see above.
+            unsafe { launch::bn_eval_stats(&dev, grid, self.running_var.ptr()?, ci, self.eps, invstd.ptr_mut()?) }?;
             self.running_mean.to_f32()?
         };
-        elementwise(
-            &dev,
-            "bn_apply",
-            rows * c,
-            &[
-                x.arg(),
-                mean.arg(),
-                invstd.arg(),
-                self.weight.arg(),
-                self.bias.arg(),
-                Arg::I64(rows as i64),
-                Arg::I32(c as i32),
-                y.arg(),
-            ],
-        )?;
+        // SAFETY: see above.
+        unsafe {
+            launch::bn_apply(
+                &dev,
+                elementwise(rows * c),
+                x.ptr()?,
+                mean.ptr()?,
+                invstd.ptr()?,
+                self.weight.ptr()?,
+                self.bias.ptr()?,
+                ri,
+                ci,
+                y.ptr_mut()?,
+            )
+        }?;
         Ok(BnCache { mean, invstd, training })
     }
 
@@ -319,26 +325,27 @@ impl BatchNorm {
             let t = |v: Vec<f32>| Tensor::from_host(&dev, vec![c], HostData::F32(v));
             return Ok((t(dg), t(db)));
         }
-        let (dbeta, dgamma) = chan_sums("bn_bwd", x, Some(dy), Some(&cache.mean), 1.0, Some(&cache.invstd))?;
+        let (dbeta, dgamma) = chan_sums(Sums::BnBwd, x, Some(dy), Some(&cache.mean), 1.0, Some(&cache.invstd))?;
         let dgamma = dgamma.ok_or_else(|| Error::invalid(OP, "chan_sums returned no second sum"))?;
-        elementwise(
-            &dev,
-            "bn_backward",
-            rows * c,
-            &[
-                x.arg(),
-                dy.arg(),
-                cache.mean.arg(),
-                cache.invstd.arg(),
-                self.weight.arg(),
-                dbeta.arg(),
-                dgamma.arg(),
-                Arg::I64(rows as i64),
-                Arg::I32(c as i32),
-                Arg::I32(i32::from(cache.training)),
-                dx.arg(),
-            ],
-        )?;
+        // SAFETY: x, dy and dx are [rows, C] (checked above); the cache, the
+        // weight and both sums hold C floats (check_params, the cache check).
+        unsafe {
+            launch::bn_backward(
+                &dev,
+                elementwise(rows * c),
+                x.ptr()?,
+                dy.ptr()?,
+                cache.mean.ptr()?,
+                cache.invstd.ptr()?,
+                self.weight.ptr()?,
+                dbeta.ptr()?,
+                dgamma.ptr()?,
+                rows as i64,
+                c as i32,
+                i32::from(cache.training),
+                dx.ptr_mut()?,
+            )
+        }?;
         Ok((dgamma, dbeta))
     }
 }
@@ -371,7 +378,10 @@ pub fn prelu_into(x: &Tensor, alpha: &Tensor, y: &mut Tensor) -> Result<()> {
         let v: Vec<f32> = xs.iter().enumerate().map(|(i, &v)| if v > 0.0 { v } else { a[i % c] * v }).collect();
         return y.write_host_f32(&v);
     }
-    elementwise(dev, "prelu_fwd", rows * c, &[x.arg(), alpha.arg(), Arg::I64(rows as i64), Arg::I32(c as i32), y.arg()])
+    // SAFETY: x and y are [rows, C], alpha [C] (checked above).
+    unsafe {
+        launch::prelu_fwd(dev, elementwise(rows * c), x.ptr()?, alpha.ptr()?, rows as i64, c as i32, y.ptr_mut()?)
+    }
 }
 
 /// PReLU's gradients: `(dx, dα)`, `dα_c = Σ dy·x` over the rows where x ≤ 0.
@@ -407,13 +417,20 @@ pub fn prelu_backward_into(x: &Tensor, alpha: &Tensor, dy: &Tensor, dx: &mut Ten
         }
         return Ok(Tensor::from_host(dev, vec![c], HostData::F32(da.iter().map(|&v| v as f32).collect())));
     }
-    elementwise(
-        dev,
-        "prelu_bwd",
-        rows * c,
-        &[x.arg(), alpha.arg(), dy.arg(), Arg::I64(rows as i64), Arg::I32(c as i32), dx.arg()],
-    )?;
-    Ok(chan_sums("prelu_bwd", x, Some(dy), None, 1.0, None)?.0)
+    // SAFETY: x, dy and dx are [rows, C], alpha [C] (checked above).
+    unsafe {
+        launch::prelu_bwd(
+            dev,
+            elementwise(rows * c),
+            x.ptr()?,
+            alpha.ptr()?,
+            dy.ptr()?,
+            rows as i64,
+            c as i32,
+            dx.ptr_mut()?,
+        )
+    }?;
+    Ok(chan_sums(Sums::PreluBwd, x, Some(dy), None, 1.0, None)?.0)
 }
 
 /// `y[r, c] += b[c]` in place (`y`: f32 `[rows, C]`, `b`: f32 `[C]`).
@@ -430,7 +447,8 @@ pub fn bias_add(y: &mut Tensor, b: &Tensor) -> Result<()> {
         }
         return Ok(());
     }
-    elementwise(&dev, "bias_add_f32", rows * c, &[y.arg(), b.arg(), Arg::I64(rows as i64), Arg::I32(c as i32)])
+    // SAFETY: y is [rows, C], b [C] (checked above).
+    unsafe { launch::bias_add_f32(&dev, elementwise(rows * c), y.ptr_mut()?, b.ptr()?, rows as i64, c as i32) }
 }
 
 /// Per-channel sums `Σ_r x[r, c]` (a bias's gradient), f32 `[C]`.
@@ -444,7 +462,7 @@ pub fn column_sums(x: &Tensor) -> Result<Tensor> {
         host(x)?.iter().enumerate().for_each(|(i, &v)| s[i % c] += v as f64);
         return Ok(Tensor::from_host(dev, vec![c], HostData::F32(s.iter().map(|&v| v as f32).collect())));
     }
-    Ok(chan_sums("mean", x, None, None, 1.0, None)?.0)
+    Ok(chan_sums(Sums::Mean, x, None, None, 1.0, None)?.0)
 }
 
 /// The residual add `a + b` (same shape, f32): a copy of `a`, then
@@ -478,7 +496,8 @@ pub fn add_assign(y: &mut Tensor, b: &Tensor) -> Result<()> {
         return Ok(());
     }
     if n > 0 {
-        elementwise(&dev, "add_assign_f32", n, &[y.arg(), b.arg(), Arg::I64(n as i64)])?;
+        // SAFETY: y and b hold n floats each (same shape, checked above).
+        unsafe { launch::add_assign_f32(&dev, elementwise(n), y.ptr_mut()?, b.ptr()?, n as i64) }?;
     }
     Ok(())
 }
@@ -540,20 +559,9 @@ impl Dropout {
         if n == 0 {
             return Ok(());
         }
-        elementwise(
-            dev,
-            "dropout_f32",
-            n,
-            &[
-                x.arg(),
-                Arg::I64(n as i64),
-                Arg::U32(self.threshold()),
-                Arg::F32(scale),
-                Arg::U32(self.key.0),
-                Arg::U32(self.key.1),
-                y.arg(),
-            ],
-        )
+        let (threshold, (ka, kb)) = (self.threshold(), self.key);
+        // SAFETY: x and y hold n floats each (y checked against x's shape).
+        unsafe { launch::dropout_f32(dev, elementwise(n), x.ptr()?, n as i64, threshold, scale, ka, kb, y.ptr_mut()?) }
     }
 }
 

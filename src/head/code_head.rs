@@ -428,7 +428,7 @@ impl CodeHead {
         // end: the regression loss, then the loss and hit of every position.
         let mut stats = Tensor::empty(dev, &[2 * l + 1, b], DType::F32)?;
         let stats_base = stats.ptr_mut::<f32>()?;
-        let stat_row = |r: usize| stats_base.add(r * b);
+        let stat_row = |r: usize| stats_base.offset(r * b);
         let use_table = cfg.gamma != 0.0;
         let table_t = table.vectors.as_ref().filter(|_| use_table);
         let rcfg = LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0);
@@ -479,7 +479,7 @@ impl CodeHead {
             let mut dz_owned =
                 if self.projections.is_some() { Some(Tensor::empty(dev, &[b, dp], DType::F32)?) } else { None };
             let mcfg = LaunchConfig::linear(b as u32, 128, ((2 * dp + 2 * v) * 4) as u32);
-            let target_p = dev.ptr_of::<i32>(&target_buf).add(j * b);
+            let target_p = dev.ptr_of::<i32>(&target_buf).offset(j * b);
             let dz_p = match dz_owned.as_mut() {
                 Some(t) => t.ptr_mut()?,
                 None => dx.ptr_mut()?,

@@ -133,10 +133,10 @@ impl PartialFc {
             // One zeroed allocation for both passes' histograms.
             let mut hists = dev.alloc_zeroed(2 * 65536 * 4)?;
             for pass in 0..2 {
-                let hist = dev.ptr_mut_of::<u32>(&mut hists).add(pass * 65536);
+                let hist = dev.ptr_mut_of::<u32>(&mut hists).offset(pass * 65536);
                 let sel_p = dev.ptr_mut_of::<i32>(&mut sel);
                 let match_hi = if pass == 0 { Ptr::null() } else { sel_p.as_const() };
-                let need_p = if pass == 0 { dev.ptr_of(&need) } else { sel_p.as_const().add(1) };
+                let need_p = if pass == 0 { dev.ptr_of(&need) } else { sel_p.as_const().offset(1) };
                 // SAFETY: as above.
                 unsafe {
                     launch::pfc_hist(
@@ -154,7 +154,7 @@ impl PartialFc {
                         LaunchConfig::linear(1, 256, 0),
                         hist.as_const(),
                         need_p,
-                        sel_p.add(2 * pass),
+                        sel_p.offset(2 * pass),
                     )?;
                 }
             }

@@ -487,7 +487,7 @@ fn device_step(
     // stats rows: lse, gy, loss, correct, gsing.
     let mut stats = Tensor::empty(dev, &[5, b], DType::F32)?;
     let base = stats.ptr_mut::<f32>()?;
-    let row = |r: usize| base.add(r * b);
+    let row = |r: usize| base.offset(r * b);
     let weight = 1.0 / b as f32;
     let exact = cfg.margin_grad == MarginGrad::Exact;
     // SAFETY: see the top of the step.
