@@ -231,9 +231,25 @@ impl Device {
         Ok(Device { inner: Inner::Cuda(backend), poison })
     }
 
-    /// The first GPU if there is one, else the CPU.
+    /// The first GPU if there is one, else the CPU ([`Device::best_reason`]
+    /// says why not a GPU).
     pub fn best() -> Device {
-        Device::cuda(0).unwrap_or_else(|_| Device::cpu())
+        Device::best_with_reason().0
+    }
+
+    /// [`Device::best`], and the error that made it the CPU (`None` when it
+    /// is a GPU): a caller can log why the GPU was not used.
+    pub fn best_with_reason() -> (Device, Option<Error>) {
+        match Device::cuda(0) {
+            Ok(d) => (d, None),
+            Err(e) => (Device::cpu(), Some(e)),
+        }
+    }
+
+    /// Why [`Device::best`] is the CPU (no driver, no GPU, a GPU below
+    /// compute capability 8.0), or `None` when it is a GPU.
+    pub fn best_reason() -> Option<String> {
+        Device::best_with_reason().1.map(|e| e.to_string())
     }
 
     /// Why no GPU can be used, or what the first one is.
@@ -327,7 +343,7 @@ impl Device {
                 let n = bytes.max(1);
                 // SAFETY: the memory is uninitialized until poisoned or written
                 // by a kernel / upload; it is only read after one of those.
-                let buf = unsafe { c.stream.alloc::<u8>(n) }.map_err(|e| Error::driver("alloc", e))?;
+                let buf = unsafe { c.stream.alloc::<u8>(n) }.map_err(|e| c.alloc_error("alloc", n, e))?;
                 if self.poison {
                     let (ptr, _sync) = cu::DevicePtr::device_ptr(&buf, &c.stream);
                     // SAFETY: ptr addresses n bytes allocated above on this stream.
@@ -369,7 +385,7 @@ impl Device {
                 if data.is_empty() {
                     return self.alloc(0);
                 }
-                let buf = c.stream.clone_htod(data).map_err(|e| Error::driver("upload", e))?;
+                let buf = c.stream.clone_htod(data).map_err(|e| c.alloc_error("upload", data.len(), e))?;
                 Ok(c.meter.track(Mem::Cuda(buf), data.len()))
             }
         }
@@ -591,6 +607,16 @@ impl CudaBackend {
             blas: Mutex::new(None),
             functions: Mutex::new(MODULES.iter().map(|m| vec![None; m.kernels.len()]).collect()),
         })
+    }
+
+    /// `e` from allocating `bytes`: out of memory (with the free memory the
+    /// driver reports) when it is, a driver error otherwise.
+    fn alloc_error(&self, op: &'static str, bytes: usize, e: cu::DriverError) -> Error {
+        if e.0 != cusys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            return Error::driver(op, e);
+        }
+        let free = self.ctx.bind_to_thread().ok().and_then(|_| cu::result::mem_get_info().ok()).map(|(f, _)| f);
+        Error::OutOfMemory { op, what: format!("device memory on {}", self.name), bytes, free }
     }
 
     /// The module, loaded on first use (nvcc's PTX, or NVRTC's).

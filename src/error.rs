@@ -2,8 +2,14 @@
 //! [`Result`]; nothing in the library panics on bad input, a missing driver
 //! or a missing GPU.
 
-/// What went wrong, with enough context to act on it.
+/// The error a driver, NVRTC or cuBLAS call returned, kept as the
+/// [`std::error::Error::source`] of [`Error::Driver`].
+pub type DriverSource = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong, with enough context to act on it. New variants may be
+/// added: match with a wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No CUDA driver library (libcuda) could be loaded.
     #[error("no CUDA driver: {0}")]
@@ -12,13 +18,14 @@ pub enum Error {
     /// ordinal is out of range, or initialization failed).
     #[error("no GPU: {0}")]
     NoGpu(String),
-    /// A CUDA driver call failed.
-    #[error("CUDA error in {context}: {message}")]
+    /// A CUDA driver (or cuBLAS) call failed.
+    #[error("CUDA error in {context}: {source}")]
     Driver {
         /// What was being done: the operation, kernel or module.
         context: String,
-        /// The driver's message.
-        message: String,
+        /// The driver's error (cudarc's `DriverError` for driver calls).
+        #[source]
+        source: DriverSource,
     },
     /// NVRTC could not compile a module's embedded source.
     #[error("NVRTC could not compile module {module}: {message}")]
@@ -89,7 +96,7 @@ pub enum Error {
     },
     /// Memory an operation needs could not be allocated: the allocator
     /// refused it (host), or the device is full.
-    #[error("{op}: cannot allocate {bytes} bytes for {what}")]
+    #[error("{op}: cannot allocate {bytes} bytes for {what}{}", free.map_or(String::new(), |f| format!(" ({f} bytes free on the device)")))]
     OutOfMemory {
         /// The operation.
         op: &'static str,
@@ -97,6 +104,8 @@ pub enum Error {
         what: String,
         /// Bytes requested.
         bytes: usize,
+        /// Device memory free when it failed, when known (GPUs).
+        free: Option<usize>,
     },
     /// Any other invalid argument: an empty set, a value out of range, a
     /// non-finite value where one is not allowed.
@@ -119,7 +128,7 @@ impl Error {
     pub(crate) fn file(path: &std::path::Path, message: impl Into<String>) -> Self {
         Error::File { path: path.display().to_string(), message: message.into() }
     }
-    pub(crate) fn driver(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
-        Error::Driver { context: context.into(), message: e.to_string() }
+    pub(crate) fn driver(context: impl Into<String>, e: impl Into<DriverSource>) -> Self {
+        Error::Driver { context: context.into(), source: e.into() }
     }
 }

@@ -82,7 +82,7 @@ pub(crate) fn try_filled<T: Clone>(op: &'static str, what: &str, n: usize, value
         Error::invalid(op, format!("{what}: {n} elements of {} bytes overflow", std::mem::size_of::<T>()))
     })?;
     let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory { op, what: what.to_string(), bytes })?;
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory { op, what: what.to_string(), bytes, free: None })?;
     v.resize(n, value);
     Ok(v)
 }

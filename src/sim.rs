@@ -139,8 +139,12 @@ impl SimBackend {
             .map_err(|e| Error::invalid("sim alloc", format!("{len} bytes: {e}")))?;
         // SAFETY: layout has a non-zero size (2 guards).
         let p = unsafe { alloc(layout) };
-        let base = NonNull::new(p)
-            .ok_or_else(|| Error::invalid("sim alloc", format!("out of host memory allocating {len} bytes")))?;
+        let base = NonNull::new(p).ok_or_else(|| Error::OutOfMemory {
+            op: "sim alloc",
+            what: "a simulated device buffer (host memory)".into(),
+            bytes: len,
+            free: None,
+        })?;
         // SAFETY: p points to `total` writable bytes.
         unsafe { std::ptr::write_bytes(p, POISON, total) };
         let b = SimBuffer { base, layout, len, allocs: self.allocs.clone() };

@@ -42,12 +42,37 @@ fn cuda_without_a_usable_gpu_is_a_typed_error_not_a_panic() {
 }
 
 #[test]
-fn best_is_the_gpu_when_present_else_the_cpu() {
+fn best_is_the_gpu_when_present_else_the_cpu_and_says_why() {
     let best = Device::best();
     match Device::cuda(0) {
-        Ok(_) => assert_eq!(best.kind(), DeviceKind::Cuda),
-        Err(_) => assert_eq!(best.kind(), DeviceKind::Cpu),
+        Ok(_) => {
+            assert_eq!(best.kind(), DeviceKind::Cuda);
+            assert_eq!(Device::best_reason(), None);
+        }
+        Err(e) => {
+            assert_eq!(best.kind(), DeviceKind::Cpu);
+            assert_eq!(Device::best_reason(), Some(e.to_string()));
+            let (d, why) = Device::best_with_reason();
+            assert_eq!(d.kind(), DeviceKind::Cpu);
+            assert!(matches!(why, Some(Error::NoDriver(_) | Error::NoGpu(_))), "{why:?}");
+        }
     }
+}
+
+#[test]
+fn errors_keep_their_source_and_out_of_memory_says_how_much() {
+    use std::error::Error as _;
+    // An allocation the simulator's host allocator refuses (1 EiB, past any
+    // machine's 48- or 57-bit address space): OutOfMemory with the bytes.
+    let sim = Device::sim();
+    match gif_fr::Tensor::empty(&sim, &[1 << 58], gif_fr::DType::F32) {
+        Err(Error::OutOfMemory { bytes, free, .. }) => assert_eq!((bytes, free), (1 << 60, None)),
+        other => panic!("{other:?}"),
+    }
+    // A driver error keeps the driver's error as its source.
+    let e = Error::Driver { context: "test".into(), source: "the driver said no".into() };
+    assert_eq!(e.to_string(), "CUDA error in test: the driver said no");
+    assert_eq!(e.source().map(|s| s.to_string()).as_deref(), Some("the driver said no"));
 }
 
 #[test]
