@@ -157,8 +157,10 @@ fn main() {
         }
     }
 
-    // 3. The simulator.
-    build_simulator(&root, &out, &modules);
+    // 3. The simulator (cargo feature `sim`, default).
+    if env::var_os("CARGO_FEATURE_SIM").is_some() {
+        build_simulator(&root, &out, &modules);
+    }
 
     // The table src/kernels.rs includes.
     let mut t = String::new();

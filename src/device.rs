@@ -5,7 +5,7 @@
 //! - [`Device::cuda`]: a GPU through the CUDA driver (cudarc, loaded at run
 //!   time). One context, one stream per GPU; modules are loaded once per
 //!   context and function handles cached.
-//! - [`Device::sim`]: the same kernels/*.cu run on the CPU by the simulator,
+//! - `Device::sim` (cargo feature `sim`, default): the same kernels/*.cu run on the CPU by the simulator,
 //!   with barrier checks, scheduling orders and guard bands (docs/simulator.md).
 //!
 //! Both GPU backends share one launch path: a module, a kernel name, a
@@ -22,7 +22,12 @@ use cudarc::driver::{self as cu, sys as cusys, CudaContext, CudaFunction, CudaMo
 
 use crate::error::{Error, Result};
 use crate::kernels::{self, KernelRef, ModuleId, Ptr, PtrMut, MODULES};
-use crate::sim::{SimBackend, SimBuffer, SimOrder, POISON};
+#[cfg(feature = "sim")]
+use crate::sim::{SimBackend, SimBuffer, SimOrder};
+
+/// The byte fresh allocations are filled with when poisoned (0xFF: NaN in
+/// every float type).
+pub const POISON: u8 = 0xFF;
 
 /// Which backend a [`Device`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +51,7 @@ pub struct Device {
 enum Inner {
     Cpu,
     Cuda(Arc<CudaBackend>),
+    #[cfg(feature = "sim")]
     Sim(Arc<SimBackend>),
 }
 
@@ -54,6 +60,7 @@ impl PartialEq for Device {
         match (&self.inner, &other.inner) {
             (Inner::Cpu, Inner::Cpu) => true,
             (Inner::Cuda(a), Inner::Cuda(b)) => a.ordinal == b.ordinal,
+            #[cfg(feature = "sim")]
             (Inner::Sim(a), Inner::Sim(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
@@ -71,6 +78,7 @@ impl fmt::Display for Device {
         match &self.inner {
             Inner::Cpu => write!(f, "cpu"),
             Inner::Cuda(c) => write!(f, "cuda:{} ({})", c.ordinal, c.name),
+            #[cfg(feature = "sim")]
             Inner::Sim(s) => write!(f, "sim ({:?} order)", s.order),
         }
     }
@@ -112,6 +120,7 @@ pub enum Arg {
 }
 
 impl Arg {
+    #[cfg(feature = "sim")]
     pub(crate) fn size(&self) -> usize {
         match self {
             Arg::Ptr(_) | Arg::I64(_) | Arg::U64(_) => 8,
@@ -131,6 +140,7 @@ impl Arg {
         b
     }
     /// The simulator's argument kinds (kernels/sim/gif_sim.h ArgKind).
+    #[cfg(feature = "sim")]
     pub(crate) fn sim_kind(&self) -> u8 {
         match self {
             Arg::Ptr(_) => 1,
@@ -150,6 +160,7 @@ pub(crate) struct DeviceBuffer {
 
 enum Mem {
     Cuda(CudaSlice<u8>),
+    #[cfg(feature = "sim")]
     Sim(SimBuffer),
 }
 
@@ -208,13 +219,16 @@ impl Device {
         Device { inner: Inner::Cpu, poison: false }
     }
 
-    /// The simulated GPU, running blocks and threads in forward order.
+    /// The simulated GPU, running blocks and threads in forward order
+    /// (cargo feature `sim`, on by default).
+    #[cfg(feature = "sim")]
     pub fn sim() -> Device {
         Device::sim_with(SimOrder::Forward)
     }
 
     /// The simulated GPU with a scheduling order. Each call makes a new
     /// device: tensors of one are not usable with ops on another.
+    #[cfg(feature = "sim")]
     pub fn sim_with(order: SimOrder) -> Device {
         Device { inner: Inner::Sim(Arc::new(SimBackend::new(order))), poison: true }
     }
@@ -262,7 +276,7 @@ impl Device {
     /// show. Always on for the simulator; costs one memset per allocation on
     /// a GPU.
     pub fn with_poison(mut self, poison: bool) -> Device {
-        if !matches!(self.inner, Inner::Sim(_)) {
+        if self.kind() != DeviceKind::Sim {
             self.poison = poison;
         }
         self
@@ -273,6 +287,7 @@ impl Device {
         match self.inner {
             Inner::Cpu => DeviceKind::Cpu,
             Inner::Cuda(_) => DeviceKind::Cuda,
+            #[cfg(feature = "sim")]
             Inner::Sim(_) => DeviceKind::Sim,
         }
     }
@@ -338,6 +353,7 @@ impl Device {
     pub(crate) fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         match &self.inner {
             Inner::Cpu => Err(Error::invalid("alloc", "the CPU device has no device memory")),
+            #[cfg(feature = "sim")]
             Inner::Sim(s) => Ok(s.meter.track(Mem::Sim(s.alloc(bytes)?), bytes)),
             Inner::Cuda(c) => {
                 let n = bytes.max(1);
@@ -359,6 +375,7 @@ impl Device {
     pub(crate) fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuffer> {
         let mut buf = self.alloc(bytes)?;
         match (&self.inner, &mut buf.mem) {
+            #[cfg(feature = "sim")]
             (Inner::Sim(_), Mem::Sim(b)) => b.as_bytes_mut().fill(0),
             (Inner::Cuda(c), Mem::Cuda(b)) => {
                 let n = bytes.max(1);
@@ -376,6 +393,7 @@ impl Device {
     pub(crate) fn upload(&self, data: &[u8]) -> Result<DeviceBuffer> {
         match &self.inner {
             Inner::Cpu => Err(Error::invalid("upload", "the CPU device has no device memory")),
+            #[cfg(feature = "sim")]
             Inner::Sim(s) => {
                 let mut b = s.alloc(data.len())?;
                 b.as_bytes_mut().copy_from_slice(data);
@@ -398,6 +416,7 @@ impl Device {
             return Err(Error::invalid("copy", format!("{bytes} bytes exceed a buffer")));
         }
         match (&self.inner, &src.mem, &mut dst.mem) {
+            #[cfg(feature = "sim")]
             (Inner::Sim(_), Mem::Sim(a), Mem::Sim(b)) => {
                 b.as_bytes_mut()[..bytes].copy_from_slice(&a.as_bytes()[..bytes]);
                 Ok(())
@@ -417,6 +436,7 @@ impl Device {
     /// stream).
     pub(crate) fn download(&self, buf: &DeviceBuffer, len: usize) -> Result<Vec<u8>> {
         match (&self.inner, &buf.mem) {
+            #[cfg(feature = "sim")]
             (Inner::Sim(_), Mem::Sim(b)) => Ok(b.as_bytes()[..len].to_vec()),
             (Inner::Cuda(c), Mem::Cuda(b)) => {
                 let mut out = vec![0u8; len];
@@ -435,6 +455,7 @@ impl Device {
     pub(crate) fn ptr(&self, buf: &DeviceBuffer) -> u64 {
         match (&self.inner, &buf.mem) {
             (Inner::Cuda(c), Mem::Cuda(b)) => cu::DevicePtr::device_ptr(b, &c.stream).0,
+            #[cfg(feature = "sim")]
             (_, Mem::Sim(b)) => b.addr(),
             (_, Mem::Cuda(b)) => {
                 // Not reachable through the public API (tensors keep their
@@ -472,6 +493,7 @@ impl Device {
         match &self.inner {
             Inner::Cpu => None,
             Inner::Cuda(c) => Some(&c.meter),
+            #[cfg(feature = "sim")]
             Inner::Sim(s) => Some(&s.meter),
         }
     }
@@ -515,6 +537,7 @@ impl Device {
                 kernel: k.name,
                 message: "the CPU device runs no kernels".into(),
             }),
+            #[cfg(feature = "sim")]
             Inner::Sim(s) => s.launch(k, &cfg, args),
             Inner::Cuda(c) => c.launch(k, &cfg, args),
         }

@@ -8,7 +8,7 @@
 //! the same CUDA source on the CPU so every kernel is tested on every
 //! machine.
 //!
-//! Devices: [`Device::cpu`], [`Device::cuda`], [`Device::sim`]. Data:
+//! Devices: [`Device::cpu`], [`Device::cuda`], `Device::sim` (cargo feature `sim`). Data:
 //! [`Tensor`]. Ops: [`rowwise`], [`gemm`], [`tokenizer`], [`head`],
 //! [`decode`] (more families follow: the O(N) baselines, the backbone).
 //!
@@ -21,10 +21,14 @@
 //! assert_eq!(norms.to_vec::<f32>()?, vec![3.0, 5.0]);
 //! assert_eq!(y.to_vec::<f32>()?, vec![1.0 / 3.0, 2.0 / 3.0, 2.0 / 3.0, 0.0, 0.6, 0.8]);
 //!
-//! // The same op on the simulated GPU runs kernels/rowwise.cu on the CPU.
-//! let sim = Device::sim();
-//! let (_, n) = rowwise::l2_normalize(&x.to_device(&sim)?, 1e-12)?;
-//! assert_eq!(n.to_vec::<f32>()?, vec![3.0, 5.0]);
+//! // The same op on the simulated GPU (cargo feature `sim`, on by default)
+//! // runs kernels/rowwise.cu on the CPU.
+//! #[cfg(feature = "sim")]
+//! {
+//!     let sim = Device::sim();
+//!     let (_, n) = rowwise::l2_normalize(&x.to_device(&sim)?, 1e-12)?;
+//!     assert_eq!(n.to_vec::<f32>()?, vec![3.0, 5.0]);
+//! }
 //! # Ok::<(), gif_fr::Error>(())
 //! ```
 #![warn(missing_docs)]
@@ -40,11 +44,13 @@ pub mod host_memory;
 pub mod kernels;
 pub mod rowwise;
 pub mod selftest;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod tensor;
 pub mod tokenizer;
 
 pub use device::{Device, DeviceKind, GpuInfo, MemoryStats};
 pub use error::{Error, Result};
+#[cfg(feature = "sim")]
 pub use sim::SimOrder;
 pub use tensor::{DType, Element, Tensor};

@@ -60,6 +60,7 @@ enum DeviceArg {
     /// The first CUDA GPU (an error if there is none).
     Cuda,
     /// The simulated GPU (the kernels, run on the CPU).
+    #[cfg(feature = "sim")]
     Sim,
 }
 
@@ -68,6 +69,7 @@ impl DeviceArg {
         match self {
             DeviceArg::Best => Ok(Device::best()),
             DeviceArg::Cpu => Ok(Device::cpu()),
+            #[cfg(feature = "sim")]
             DeviceArg::Sim => Ok(Device::sim()),
             DeviceArg::Cuda => Device::cuda(0),
         }
@@ -179,7 +181,11 @@ fn info() {
         ),
         Err(e) => println!("gpu: none: {e}"),
     }
-    println!("simulator: available (Device::sim), runs the same kernels on the CPU");
+    if cfg!(feature = "sim") {
+        println!("simulator: available (Device::sim), runs the same kernels on the CPU");
+    } else {
+        println!("simulator: not built (cargo feature `sim` off)");
+    }
 }
 
 fn tokenize_cmd(a: TokenizeArgs) -> Result<(), Error> {

@@ -20,7 +20,7 @@ use crate::kernels::{KernelRef, ModuleId};
 pub const GUARD_BYTES: usize = 4096;
 /// The byte that fills fresh allocations, guard bands and shared memory:
 /// 0xFF is NaN in f32, bf16 and f16, and -1 in integers.
-pub const POISON: u8 = 0xFF;
+pub use crate::device::POISON;
 const ALIGN: usize = 256; // as cudaMalloc
 
 /// The order in which the simulator runs blocks, and runnable threads within

@@ -3,6 +3,8 @@
 //! columns in (c, h, w) order) with insightface's names; a missing,
 //! unexpected, mis-shaped or non-finite entry and a corrupt file are errors
 //! naming the problem.
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

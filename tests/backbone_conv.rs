@@ -7,6 +7,8 @@
 //! IResNet's kinds of layers (3x3 pad 1 stride 1 and 2, 1x1 stride 2, the
 //! 3-channel stem), scalar and vector-load paths, several tiles; the same
 //! for the bf16 tensor-core kernels (and the CPU path with bf16 operands).
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

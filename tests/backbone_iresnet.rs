@@ -6,6 +6,8 @@
 //! buffers are reused from step to step (no growth) and across batch sizes
 //! correctly; the full-size r18 on a GPU equals the CPU path; the state
 //! names are insightface's.
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

@@ -3,6 +3,8 @@
 //! the CPU reference; the kernels against it on the simulator (three
 //! orders) and a GPU when present, with row and channel counts off the
 //! kernels' tiles (32 channels x 8 row lanes) and an IResNet shape.
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

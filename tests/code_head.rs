@@ -2,6 +2,8 @@
 //! reference under every margin, the kernels against the reference on the
 //! simulator (three orders) and a GPU when present, log-probabilities, a
 //! learning test on long-tailed synthetic identities, and bad input.
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! The prefix decoder: exact top-k equals brute force (ties, peaked and flat
 //! distributions), the GPU kernel equals the CPU on the simulator (and a GPU
 //! when present), beam search, the open-set threshold, and bad input.
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

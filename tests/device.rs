@@ -1,5 +1,7 @@
 //! The device layer without a GPU: typed errors, never a panic; the CPU
 //! fallback; and, with a GPU, what the probe reports.
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

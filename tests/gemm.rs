@@ -2,6 +2,8 @@
 //! (1, 17, 127, 513 in every position), both load paths of each kernel,
 //! alpha/beta; on the CPU, the simulator in three orders, and a GPU when
 //! present (where cuBLAS is checked too).
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

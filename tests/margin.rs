@@ -8,6 +8,8 @@
 //! - confident rows, whose loss (1e-8 and below) was computed as 0;
 //! - insightface's CombinedMarginLoss semantics (no fallback, CosFace when
 //!   m3 > 0, an error for m1 ≠ 1 without m3).
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

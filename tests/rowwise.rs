@@ -1,6 +1,8 @@
 //! rowwise kernels against their CPU references, on the simulator in three
 //! orders and on a GPU when present; and the references against finite
 //! differences and the definitions.
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! kernels/selftest.cu), and its emulations of shuffles, votes, ldmatrix,
 //! cp.async and mma.sync give the answers the PTX ISA defines. The
 //! known-answer tests run on a GPU too when one is present.
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

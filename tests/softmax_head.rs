@@ -4,6 +4,8 @@
 //! present) against the reference, f32 and bf16 centres, shapes off the
 //! tile; top-k; Partial FC's device sample against the host's, r = 1 against
 //! the full head, sparse SGD; bad input.
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

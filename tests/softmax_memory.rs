@@ -3,6 +3,8 @@
 //! O(B·d + B·splits + N), measured through the allocation API: a counting
 //! global allocator on the CPU, Device::memory_stats on the simulator and a
 //! GPU. One test per binary, so that no other test's allocations interfere.
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

@@ -3,6 +3,8 @@
 //! uniformity loss, prefix sharing of similar identities, bad input, and the
 //! GPU building blocks against their CPU references (simulator everywhere,
 //! CUDA when present).
+// The simulated GPU is this file's second device: it needs the `sim` feature (default).
+#![cfg(feature = "sim")]
 
 mod common;
 

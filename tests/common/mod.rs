@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use gif_fr::{Device, SimOrder};
+use gif_fr::Device;
+#[cfg(feature = "sim")]
+use gif_fr::SimOrder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -9,6 +11,7 @@ use rand::{Rng, SeedableRng};
 /// and a shuffled order, and the first GPU when there is one (with poisoned
 /// allocations). Without a GPU a skip notice is printed, or, when
 /// GIF_FR_REQUIRE_GPU is set, the test fails.
+#[cfg(feature = "sim")]
 pub fn gpu_devices() -> Vec<Device> {
     let mut v = vec![
         Device::sim_with(SimOrder::Forward),
@@ -22,6 +25,7 @@ pub fn gpu_devices() -> Vec<Device> {
 }
 
 /// The CPU (the CPU path of an op) and then [`gpu_devices`].
+#[cfg(feature = "sim")]
 pub fn all_devices() -> Vec<Device> {
     let mut v = vec![Device::cpu()];
     v.extend(gpu_devices());
