@@ -11,7 +11,7 @@
 mod common;
 
 use criterion::{BenchmarkId, Throughput};
-use gif_fr::gemm::{self, Op};
+use gif_fr::ops::gemm::{self, Op};
 use gif_fr::{DType, Device, DeviceKind, Tensor};
 use rand::{Rng, SeedableRng};
 

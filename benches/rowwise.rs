@@ -8,7 +8,8 @@
 mod common;
 
 use criterion::{BenchmarkId, Throughput};
-use gif_fr::{rowwise, DType, Device, Tensor};
+use gif_fr::ops::rowwise;
+use gif_fr::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 fn input(dev: &Device, rows: usize, cols: usize, dtype: DType) -> Tensor {

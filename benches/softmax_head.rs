@@ -12,7 +12,7 @@
 mod common;
 
 use common::heads::{mib, sweep, Kind};
-use gif_fr::gemm::{cublas_gemm, Op};
+use gif_fr::ops::gemm::{cublas_gemm, Op};
 use gif_fr::{DType, Device, DeviceKind, Tensor};
 
 const D: usize = 512;

@@ -629,17 +629,6 @@ GIF_DEVICE void write_kept(const int* __restrict__ positive, int N, unsigned int
     if (keep[q]) index[at++] = (int)(base + q);
 }
 
-// W[rows[i]] += a·G[i] (row i of G, d values): Partial FC's sparse SGD step;
-// bf16 weights are rounded to nearest even. One warp per row.
-template <typename T>
-GIF_DEVICE void rows_axpy(T* __restrict__ W, const int* __restrict__ rows, const float* __restrict__ G, int n, int d, float a) {
-  const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= n) return;
-  T* w = W + f32_row(rows, row) * d;
-  const float* g = G + (long long)row * d;
-  for (int c = lane; c < d; c += 32) w[c] = from_float<T>(to_float(w[c]) + a * g[c]);
-}
-
 }  // namespace
 
 // clang-format off
@@ -671,7 +660,5 @@ extern "C" __global__ void __launch_bounds__(256) pfc_find(const unsigned int* h
 extern "C" __global__ void __launch_bounds__(256) pfc_count(const int* positive, int N, unsigned int seed_a, unsigned int seed_b, const int* sel, int* block_count) { count_kept(positive, N, seed_a, seed_b, sel, block_count); }
 extern "C" __global__ void __launch_bounds__(256) pfc_scan_blocks(int* block_count, int nblocks) { scan_counts(block_count, nblocks); }
 extern "C" __global__ void __launch_bounds__(256) pfc_write(const int* positive, int N, unsigned int seed_a, unsigned int seed_b, const int* sel, const int* block_offset, int* index) { write_kept(positive, N, seed_a, seed_b, sel, block_offset, index); }
-extern "C" __global__ void __launch_bounds__(256) rows_axpy_f32(float* W, const int* rows, const float* G, int n, int d, float a) { rows_axpy<float>(W, rows, G, n, d, a); }
-extern "C" __global__ void __launch_bounds__(256) rows_axpy_bf16(bf16* W, const int* rows, const float* G, int n, int d, float a) { rows_axpy<bf16>(W, rows, G, n, d, a); }
 // clang-format on
 

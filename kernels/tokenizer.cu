@@ -1,9 +1,8 @@
 // tokenizer.cu: the identity tokenizer's GPU steps (src/tokenizer/).
 // GEMMs (Gram matrices, gradients, point-centroid scores) go through
-// kernels/gemm.cu; these kernels are what lies between them.
+// kernels/gemm.cu and row gathers through kernels/rows.cu; these kernels
+// are what lies between them.
 //
-//   gather_rows_f32   dst[i, :] = src[idx[i], :]                 (n rows of d)
-//   scatter_rows_f32  dst[idx[i], :] = src[i, :]
 //   uniformity_weights_f32
 //                     w[i, j] = exp(-t·(2 - 2·g[i, j])) for i != j, 0 on the
 //                     diagonal (= exp(-t‖h_i − h_j‖²) for unit rows h), and
@@ -21,8 +20,7 @@
 // per 256-thread block (grid = ceil(rows / 8)), lanes striding the row, so
 // loads are coalesced. Costs are one read and one write of each row
 // (memory-bound); the exp in uniformity_weights is B² per step.
-// Limits: rows, d, k fit in int; offsets are 64-bit; idx entries must be
-// valid row indices (checked by the launcher on the host).
+// Limits: rows, d, k fit in int; offsets are 64-bit.
 #include "common.cuh"
 
 namespace {
@@ -31,24 +29,6 @@ constexpr int kRowsPerBlock = kBlock / 32;
 
 GIF_DEVICE int warp_row() { return blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5); }
 }  // namespace
-
-extern "C" __global__ void __launch_bounds__(kBlock)
-    gather_rows_f32(const float* __restrict__ src, const int* __restrict__ idx, float* __restrict__ dst, int n, int d) {
-  const int row = warp_row(), lane = threadIdx.x & 31;
-  if (row >= n) return;
-  const float* s = src + (long long)idx[row] * d;
-  float* o = dst + (long long)row * d;
-  for (int c = lane; c < d; c += 32) o[c] = s[c];
-}
-
-extern "C" __global__ void __launch_bounds__(kBlock)
-    scatter_rows_f32(const float* __restrict__ src, const int* __restrict__ idx, float* __restrict__ dst, int n, int d) {
-  const int row = warp_row(), lane = threadIdx.x & 31;
-  if (row >= n) return;
-  const float* s = src + (long long)row * d;
-  float* o = dst + (long long)idx[row] * d;
-  for (int c = lane; c < d; c += 32) o[c] = s[c];
-}
 
 extern "C" __global__ void __launch_bounds__(kBlock)
     uniformity_weights_f32(const float* g, float* w, float* __restrict__ rowsum, int b, float t) {

@@ -18,10 +18,13 @@ use std::collections::BinaryHeap;
 
 use rayon::prelude::*;
 
-use crate::device::{Device, DeviceBuffer, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::{launch, Ptr, PtrMut};
-use crate::tensor::{DType, Tensor};
+pub use crate::ops::topk::TopK;
+use crate::ops::topk::{pack, score_cmp};
+use crate::runtime::device::{Device, DeviceBuffer, LaunchConfig};
+use crate::runtime::kernels::{Ptr, PtrMut};
+use crate::runtime::launch;
+use crate::runtime::tensor::{DType, Tensor};
 use crate::tokenizer::{Codebook, Trie};
 
 /// Longest code and largest k the GPU kernel takes (kernels/decode.cu).
@@ -46,19 +49,6 @@ pub enum Mode {
     Exact,
     /// Beam search keeping this many prefixes per level (at least k).
     Beam(usize),
-}
-
-/// The k best identities of each query: `ids[b·k + i]` (−1 where there is
-/// none, or for every entry of a query whose best score is below the
-/// open-set threshold), with `scores[b·k + i]`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TopK {
-    /// Results per query.
-    pub k: usize,
-    /// Identity ids, `[B, k]`.
-    pub ids: Vec<i64>,
-    /// Scores, `[B, k]`.
-    pub scores: Vec<f32>,
 }
 
 struct DeviceTrie {
@@ -96,10 +86,6 @@ pub struct PrefixDecoder {
     max_children: usize,
     device: Device,
     gpu: Option<DeviceTrie>,
-}
-
-fn score_cmp(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
-    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
 impl PrefixDecoder {
@@ -365,26 +351,6 @@ impl PrefixDecoder {
     }
 }
 
-fn pack(rows: &[Vec<(f32, u32)>], k: usize) -> TopK {
-    let mut ids = Vec::with_capacity(rows.len() * k);
-    let mut scores = Vec::with_capacity(rows.len() * k);
-    for r in rows {
-        for i in 0..k {
-            match r.get(i) {
-                Some(&(s, id)) => {
-                    ids.push(id as i64);
-                    scores.push(s);
-                }
-                None => {
-                    ids.push(-1);
-                    scores.push(f32::NEG_INFINITY);
-                }
-            }
-        }
-    }
-    TopK { k, ids, scores }
-}
-
 /// The CPU searches, one query at a time (`q` is its `[l, v]` log-probs,
 /// without NaN or +inf; the trie is a codebook's, k ≥ 1: checked by
 /// [`PrefixDecoder::top_k`]).
@@ -541,29 +507,6 @@ pub fn identify(
         ));
     }
     decoder.top_k(&head.log_probs(features)?, k, mode, threshold)
-}
-
-impl TopK {
-    /// Writes the result as safetensors: "ids" (I64 `[B, k]`) and "scores"
-    /// (F32 `[B, k]`).
-    pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        let b = self.ids.len() / self.k.max(1);
-        let ids: Vec<u8> = self.ids.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let scores: Vec<u8> = self.scores.iter().flat_map(|x| x.to_le_bytes()).collect();
-        fn view<'a>(
-            dt: safetensors::Dtype,
-            shape: Vec<usize>,
-            data: &'a [u8],
-            path: &std::path::Path,
-        ) -> Result<safetensors::tensor::TensorView<'a>> {
-            safetensors::tensor::TensorView::new(dt, shape, data).map_err(|e| Error::file(path, e.to_string()))
-        }
-        let tensors = vec![
-            ("ids", view(safetensors::Dtype::I64, vec![b, self.k], &ids, path)?),
-            ("scores", view(safetensors::Dtype::F32, vec![b, self.k], &scores, path)?),
-        ];
-        safetensors::serialize_to_file(tensors, None, path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
-    }
 }
 
 #[cfg(test)]

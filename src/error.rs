@@ -71,9 +71,9 @@ pub enum Error {
         /// The operation.
         op: &'static str,
         /// What it needs.
-        expected: crate::DType,
+        expected: crate::runtime::dtype::DType,
         /// What it was given.
-        got: crate::DType,
+        got: crate::runtime::dtype::DType,
     },
     /// Inputs live on different devices.
     #[error("{op}: inputs are on different devices ({a} and {b})")]

@@ -9,11 +9,14 @@
 //! machine.
 //!
 //! Devices: [`Device::cpu`], [`Device::cuda`], `Device::sim` (cargo feature `sim`). Data:
-//! [`Tensor`]. Ops: [`rowwise`], [`gemm`], [`tokenizer`], [`head`],
-//! [`decode`] (more families follow: the O(N) baselines, the backbone).
+//! [`Tensor`]. Building blocks: [`ops`] (row operations, GEMM, row
+//! gathers, top-k), [`io`] (file formats). The method: [`tokenizer`],
+//! [`head`] (the code head and the O(N) baselines), [`decode`],
+//! [`backbone`].
 //!
 //! ```
-//! use gif_fr::{rowwise, DType, Device, Tensor};
+//! use gif_fr::ops::rowwise;
+//! use gif_fr::{DType, Device, Tensor};
 //!
 //! let dev = Device::best(); // the first GPU, else the CPU
 //! let x = Tensor::from_f32(&dev, &[2, 3], &[1.0, 2.0, 2.0, 0.0, 3.0, 4.0], DType::F32)?;
@@ -35,22 +38,15 @@
 
 pub mod backbone;
 pub mod decode;
-pub mod device;
 pub mod error;
-pub mod gemm;
-mod hash;
 pub mod head;
-pub mod host_memory;
-pub mod kernels;
-pub mod rowwise;
-pub mod selftest;
-#[cfg(feature = "sim")]
-pub mod sim;
-pub mod tensor;
+pub mod io;
+pub mod ops;
+pub mod runtime;
 pub mod tokenizer;
 
-pub use device::{Device, DeviceKind, GpuInfo, MemoryStats};
 pub use error::{Error, Result};
+pub use runtime::device::{Device, DeviceKind, GpuInfo, MemoryStats};
 #[cfg(feature = "sim")]
-pub use sim::SimOrder;
-pub use tensor::{DType, Element, Tensor};
+pub use runtime::sim::SimOrder;
+pub use runtime::tensor::{DType, Element, Tensor};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use gif_fr::kernels::{self, MODULES};
+use gif_fr::runtime::kernels::{self, MODULES};
 use gif_fr::tokenizer::{self, Codebook, Config, Input};
 use gif_fr::{Device, Error};
 
@@ -202,7 +202,7 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<(), Error> {
     let t0 = std::time::Instant::now();
     let input = match (a.vectors, a.count, a.dim) {
         (Some(p), _, _) => {
-            let (data, _, d) = tokenizer::read_npy_matrix(&p)?;
+            let (data, _, d) = gif_fr::io::npy::read_npy_matrix(&p)?;
             Input::Vectors { data, dim: d }
         }
         (None, Some(count), Some(dim)) => Input::Random { count, dim },
@@ -237,7 +237,7 @@ fn decode_cmd(a: DecodeArgs) -> Result<(), Error> {
     use gif_fr::decode::{Mode, PrefixDecoder};
     let dev = a.device.device()?;
     let book = Codebook::load(&a.codebook)?;
-    let (lp, shape) = tokenizer::read_npy(&a.scores)?;
+    let (lp, shape) = gif_fr::io::npy::read_npy(&a.scores)?;
     let t = gif_fr::Tensor::from_slice(&dev, &shape, &lp)?;
     let dec = PrefixDecoder::new(&book, &dev)?;
     let mode = a.beam.map_or(Mode::Exact, Mode::Beam);
@@ -258,7 +258,7 @@ fn embed_cmd(a: EmbedArgs) -> Result<(), Error> {
     let (pixels, b) = images::read_images(&a.images, input)?;
     let t0 = std::time::Instant::now();
     let emb = net.embed(&pixels, a.batch as usize)?;
-    images::write_npy(&a.out, &emb, b, e)?;
+    gif_fr::io::npy::write_npy(&a.out, &emb, b, e)?;
     eprintln!("embedded {b} images on {dev} in {:.2} s", t0.elapsed().as_secs_f64());
     Ok(())
 }

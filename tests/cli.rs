@@ -33,9 +33,9 @@ fn info_reports_version_build_modules_and_gpu() {
     assert!(o.status.success());
     let s = String::from_utf8(o.stdout).unwrap();
     assert!(s.contains(concat!("gif-fr ", env!("CARGO_PKG_VERSION"))), "{s}");
-    let mode = if gif_fr::kernels::BUILT_WITH_NVCC { "PTX (compute_80) from nvcc" } else { "NVRTC" };
+    let mode = if gif_fr::runtime::kernels::BUILT_WITH_NVCC { "PTX (compute_80) from nvcc" } else { "NVRTC" };
     assert!(s.contains(mode), "{s}");
-    for m in gif_fr::kernels::MODULES {
+    for m in gif_fr::runtime::kernels::MODULES {
         assert!(s.contains(&format!("kernels/{}.cu", m.name)), "{s}");
     }
     let gpu = s.lines().find(|l| l.starts_with("gpu: ")).expect("a gpu line");
@@ -226,10 +226,10 @@ fn embed_reads_images_and_writes_embeddings() {
     // --bf16: the network with bf16 convolutions (on the CPU, rounded operands).
     let o = embed_with("r18", &weights, &["--bf16"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (emb_bf16, _) = gif_fr::tokenizer::read_npy(&out).unwrap();
+    let (emb_bf16, _) = gif_fr::io::npy::read_npy(&out).unwrap();
     let o = embed("r18");
     assert!(o.status.success(), "{}", stderr(&o));
-    let (emb, shape) = gif_fr::tokenizer::read_npy(&out).unwrap();
+    let (emb, shape) = gif_fr::io::npy::read_npy(&out).unwrap();
     assert_eq!(shape, vec![1, 512]);
     // The same as the library's eval forward on the normalized image.
     let norm: Vec<f32> = pixels.iter().map(|&p| (p as f32 / 255.0 - 0.5) / 0.5).collect();

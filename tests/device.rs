@@ -33,8 +33,12 @@ fn cuda_without_a_usable_gpu_is_a_typed_error_not_a_panic() {
         Err(e) => panic!("unexpected error kind: {e}"),
     }
     // A GPU the run requires must be there (the kit sets this on GPU machines).
-    let required = std::env::var(gif_fr::device::REQUIRE_GPU_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-    assert!(!required || Device::cuda(0).is_ok(), "{} is set but no GPU opens", gif_fr::device::REQUIRE_GPU_ENV);
+    let required = std::env::var(gif_fr::runtime::device::REQUIRE_GPU_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+    assert!(
+        !required || Device::cuda(0).is_ok(),
+        "{} is set but no GPU opens",
+        gif_fr::runtime::device::REQUIRE_GPU_ENV
+    );
     // An ordinal no machine has: NoDriver without a driver, else NoGpu naming it.
     match Device::cuda(4096) {
         Err(Error::NoDriver(_)) => assert!(!driver_present),

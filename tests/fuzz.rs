@@ -18,8 +18,9 @@ mod common;
 use std::path::Path;
 
 use gif_fr::backbone::{images, IResNet};
-use gif_fr::host_memory::{self, CountingAllocator};
-use gif_fr::tokenizer::{self, tokenize, Codebook, Config, Input};
+use gif_fr::io::npy;
+use gif_fr::runtime::host_memory::{self, CountingAllocator};
+use gif_fr::tokenizer::{tokenize, Codebook, Config, Input};
 use gif_fr::{Device, Error};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, RngAlgorithm, TestRng, TestRunner};
@@ -191,13 +192,13 @@ fn parsers_survive_mutated_files_with_bounded_memory() {
     let f32s: Vec<u8> = (0..15).flat_map(|i| (i as f32 * 0.25 - 1.0).to_le_bytes()).collect();
     let f64s: Vec<u8> = (0..8).flat_map(|i| (i as f64 * 0.5 - 2.0).to_le_bytes()).collect();
     let pixels: Vec<u8> = (0..2 * 4 * 4 * 3).map(|i| (i * 7 % 256) as u8).collect();
-    let matrix = |p: &Path| tokenizer::read_npy_matrix(p).map(drop);
+    let matrix = |p: &Path| npy::read_npy_matrix(p).map(drop);
     report.push(("npy f32", fuzz("f32.npy", &common::npy_bytes("<f4", &[3, 5], &f32s), 0, cases, seed, &matrix)));
     report.push((
         "npy f64 v2",
         fuzz("f64.npy", &common::npy_bytes_version(2, "<f8", &[2, 4], &f64s), 0, cases, seed, &matrix),
     ));
-    let read = |p: &Path| tokenizer::read_npy(p).map(drop);
+    let read = |p: &Path| npy::read_npy(p).map(drop);
     report.push(("npy 3-d", fuzz("3d.npy", &common::npy_bytes("<f4", &[1, 3, 5], &f32s), 0, cases, seed, &read)));
     let imgs = |p: &Path| images::read_images(p, 4).map(drop);
     report.push((

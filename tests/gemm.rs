@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use gif_fr::gemm::{self, cpu, Op};
+use gif_fr::ops::gemm::{self, cpu, Op};
 use gif_fr::{DType, Device, Error, Tensor};
 use half::bf16;
 
@@ -198,7 +198,7 @@ fn bad_gemm_inputs_get_typed_errors() {
 
 #[test]
 fn cpu_gemm_checks_its_slices_instead_of_trusting_them() {
-    use gif_fr::gemm::cpu::gemm;
+    use gif_fr::ops::gemm::cpu::gemm;
     let (a, b) = (vec![1.0f32; 6], vec![1.0f32; 6]);
     let mut c = vec![0f32; 4];
     // 2x3 · 3x2 fits.

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use gif_fr::kernels::{self, ModuleSource, MODULES, SPILLS_ALLOWED};
+use gif_fr::runtime::kernels::{self, ModuleSource, MODULES, SPILLS_ALLOWED};
 
 fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use gif_fr::rowwise::{self, cpu};
+use gif_fr::ops::rowwise::{self, cpu};
 use gif_fr::{DType, Device, Error, Tensor};
 use half::bf16;
 

@@ -8,7 +8,8 @@
 mod common;
 
 use common::*;
-use gif_fr::{selftest, DType, Device, Error, SimOrder};
+use gif_fr::runtime::selftest;
+use gif_fr::{DType, Device, Error, SimOrder};
 
 fn kernel_error(r: Result<impl std::fmt::Debug, Error>) -> String {
     match r {
@@ -160,9 +161,9 @@ fn mma_tile_matches_f64_reference_for_bf16_and_f16() {
 
 #[test]
 fn build_script_registered_every_kernel_with_the_simulator() {
-    for m in gif_fr::kernels::MODULES {
+    for m in gif_fr::runtime::kernels::MODULES {
         assert!(!m.kernels.is_empty(), "{} has no kernels", m.name);
-        assert_eq!(gif_fr::sim::registered_kernels(m.id), m.kernels, "{}", m.name);
+        assert_eq!(gif_fr::runtime::sim::registered_kernels(m.id), m.kernels, "{}", m.name);
     }
 }
 
@@ -171,18 +172,19 @@ fn every_generated_launcher_matches_the_signature_the_compiler_saw() {
     // build.rs generates the typed launchers from the source text; the
     // simulator registers each kernel's parameters as the C++ compiler
     // deduced them from its type. They agree for all kernels, in order.
-    use gif_fr::kernels::{launch::SIGNATURES, KernelRef, MODULES};
+    use gif_fr::runtime::kernels::{KernelRef, MODULES};
+    use gif_fr::runtime::launch::SIGNATURES;
     let mut checked = 0;
     for (mi, m) in MODULES.iter().enumerate() {
         assert_eq!(SIGNATURES[mi].len(), m.kernels.len(), "{}", m.name);
         for (ki, &name) in m.kernels.iter().enumerate() {
             let k = KernelRef { module: m.id, index: ki as u16, name };
-            let compiled = gif_fr::sim::kernel_signature(k).expect("a registered kernel");
+            let compiled = gif_fr::runtime::sim::kernel_signature(k).expect("a registered kernel");
             assert_eq!(compiled, SIGNATURES[mi][ki], "kernels/{}.cu {name}: (kind, bytes) per parameter", m.name);
             checked += 1;
         }
         let past = KernelRef { module: m.id, index: m.kernels.len() as u16, name: "past the end" };
-        assert_eq!(gif_fr::sim::kernel_signature(past), None);
+        assert_eq!(gif_fr::runtime::sim::kernel_signature(past), None);
     }
     assert!(checked > 100, "{checked} kernels");
 }

@@ -9,7 +9,7 @@
 mod common;
 
 use gif_fr::head::{SoftmaxHead, SoftmaxHeadConfig};
-use gif_fr::host_memory::{self, CountingAllocator};
+use gif_fr::runtime::host_memory::{self, CountingAllocator};
 use gif_fr::{DType, Device, Tensor};
 
 #[global_allocator]
@@ -47,7 +47,7 @@ fn peak_extra(
 /// be charged with on a fresh thread); then each shape runs once measured.
 /// Returns the largest peak extra of one call.
 fn gemm_workspace(b: usize, d: usize, n: usize) -> usize {
-    use gif_fr::gemm::{cpu::gemm, Op};
+    use gif_fr::ops::gemm::{cpu::gemm, Op};
     let c = gif_fr::head::softmax_head::CPU_CHUNK.min(n);
     let run = |shape: usize| {
         let (u, w, g) = (vec![0.5f32; b * d], vec![0.25f32; c * d], vec![0.125f32; b * c]);

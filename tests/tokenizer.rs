@@ -361,7 +361,7 @@ fn bad_input_gets_clear_errors() {
     assert!(err(Input::Vectors { data: zero, dim: 3 }, &cfg).contains("vector 1 is all zeros"));
     let p = tmp("bad.npy");
     std::fs::write(&p, b"\x93NUMPY nope").unwrap();
-    assert!(matches!(tokenizer::read_npy_matrix(&p), Err(Error::File { .. })));
+    assert!(matches!(gif_fr::io::npy::read_npy_matrix(&p), Err(Error::File { .. })));
     let _ = std::fs::remove_file(p);
 }
 
@@ -414,75 +414,7 @@ fn a_large_vocabulary_keeps_the_assignment_buffers_bounded() {
     check_codes(&book, 5000, 65535, 2);
 }
 
-#[test]
-fn npy_headers_found_by_the_fuzzer_are_refused() {
-    // Each of these panicked inside npyz or made it allocate gigabytes.
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("x.npy");
-    let refused = |bytes: &[u8], needle: &str| {
-        std::fs::write(&p, bytes).unwrap();
-        match tokenizer::read_npy(&p) {
-            Err(Error::File { message, .. }) => assert!(message.contains(needle), "{needle}: {message}"),
-            other => panic!("{needle}: {other:?}"),
-        }
-    };
-    // A zero dimension first: the total product is 0, npyz's strides are not.
-    refused(&npy_bytes("<f4", &[0, 1 << 40, 1 << 40], &[]), "more elements");
-    // A header length (u32, version 2) far past the end of the file.
-    let mut v2 = npy_bytes("<f4", &[2], &[0; 8]);
-    v2[6] = 2;
-    refused(&v2, "header of");
-    refused(b"\x93NUMPY\x07\x00\x10\x00", "format version 7");
-    refused(b"\x93NUMPY\x01", "magic");
-}
-
-#[test]
-fn npy_input_is_read_as_f32_rows() {
-    // A hand-made .npy v1.0 file: 3 x 2 little-endian f64.
-    let values: Vec<u8> = [1.0f64, 2.0, 3.0, 4.0, 5.0, 6.5].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let bytes = npy_bytes("<f8", &[3, 2], &values);
-    let p = tmp("m.npy");
-    std::fs::write(&p, &bytes).unwrap();
-    let (data, r, c) = tokenizer::read_npy_matrix(&p).unwrap();
-    assert_eq!((data, r, c), (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5], 3, 2));
-    let _ = std::fs::remove_file(p);
-}
-
 // ---- The GPU building blocks against their CPU references.
-
-#[test]
-fn gather_and_scatter_rows_match_the_cpu() {
-    let mut rng = rng(25);
-    let (n, d) = (37, 19);
-    let src = uniform(&mut rng, n * d, -1.0, 1.0);
-    let ids: Vec<u32> = (0..23).map(|_| rng.random_range(0..n as u32)).collect();
-    let uniq: Vec<u32> = {
-        let mut u = ids.clone();
-        u.sort_unstable();
-        u.dedup();
-        u
-    };
-    let cpu_g = ops::gather_rows(&Tensor::from_slice(&Device::cpu(), &[n, d], &src).unwrap(), &ids)
-        .unwrap()
-        .to_vec::<f32>()
-        .unwrap();
-    for dev in gpu_devices() {
-        let t = Tensor::from_slice(&dev, &[n, d], &src).unwrap();
-        assert_eq!(ops::gather_rows(&t, &ids).unwrap().to_vec::<f32>().unwrap(), cpu_g, "{dev}");
-        let rows = Tensor::from_slice(&dev, &[uniq.len(), d], &uniform(&mut rng, uniq.len() * d, 5.0, 6.0)).unwrap();
-        let mut dst = Tensor::from_slice(&dev, &[n, d], &src).unwrap();
-        ops::scatter_rows(&rows, &uniq, &mut dst).unwrap();
-        let (got, rv) = (dst.to_vec::<f32>().unwrap(), rows.to_vec::<f32>().unwrap());
-        for i in 0..n {
-            let want = match uniq.iter().position(|&u| u as usize == i) {
-                Some(p) => &rv[p * d..(p + 1) * d],
-                None => &src[i * d..(i + 1) * d],
-            };
-            assert_eq!(&got[i * d..(i + 1) * d], want, "{dev} row {i}");
-        }
-        assert!(matches!(ops::gather_rows(&t, &[n as u32]), Err(Error::InvalidArgument { .. })));
-    }
-}
 
 #[test]
 fn uniformity_step_matches_the_cpu() {

@@ -3,7 +3,7 @@
 //! sums), measured by a counting allocator. One test per binary, so that no
 //! other test's allocations interfere.
 
-use gif_fr::host_memory::{self, CountingAllocator};
+use gif_fr::runtime::host_memory::{self, CountingAllocator};
 use gif_fr::tokenizer::{tokenize, Config, Input, PARTIAL_BUDGET, SCORE_BUDGET};
 use gif_fr::Device;
 
@@ -16,7 +16,7 @@ const MB: usize = 1 << 20;
 /// (`rows x k` scores of d-dimensional points), which depends on the cache
 /// sizes it detects: measured here, after a warm-up on every thread.
 fn gemm_workspace(rows: usize, k: usize, d: usize) -> usize {
-    use gif_fr::gemm::{cpu::gemm, Op};
+    use gif_fr::ops::gemm::{cpu::gemm, Op};
     let run = || {
         let (x, c, mut s) = (vec![0.5f32; rows * d], vec![0.25f32; k * d], vec![0f32; rows * k]);
         let (before, _) = (host_memory::stats().current, host_memory::reset_peak());

@@ -5,7 +5,7 @@
 //! counting global allocator on the CPU).
 
 use gif_fr::head::{CodeHead, CodeHeadConfig, CodeTable, PartialFc, SoftmaxHead, SoftmaxHeadConfig};
-use gif_fr::host_memory::{self, CountingAllocator};
+use gif_fr::runtime::host_memory::{self, CountingAllocator};
 use gif_fr::{DType, Device, DeviceKind, Result, Tensor};
 use rayon::prelude::*;
 

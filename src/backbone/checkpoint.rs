@@ -14,9 +14,9 @@ use std::path::Path;
 
 use super::conv::cpu::{ohwi_to_oihw, oihw_to_ohwi};
 use super::iresnet::{IResNet, IResNetConfig};
-use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::runtime::device::Device;
+use crate::runtime::tensor::Tensor;
 
 const TRACKED: &str = ".num_batches_tracked";
 

@@ -12,11 +12,11 @@
 //! `cpu::{forward, data_grad, weight_grad}` are the direct f64 reference
 //! (the tests' oracle).
 
-use crate::device::{DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::gemm::{bf16_shared_bytes, Op};
-use crate::kernels::launch_one_of;
-use crate::tensor::{same_device, DType, HostData, Tensor};
+use crate::ops::gemm::{bf16_shared_bytes, Op};
+use crate::runtime::device::{DeviceKind, LaunchConfig};
+use crate::runtime::launch::launch_one_of;
+use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
 
 const TILE: usize = 128;
 
@@ -310,7 +310,7 @@ impl ConvShape {
 /// The CPU reference.
 pub mod cpu {
     use super::ConvShape;
-    use crate::gemm::Op;
+    use crate::ops::gemm::Op;
 
     /// Calls `f(out_index, in_index, weight_index)` for every product of the
     /// convolution (out-of-range taps skipped).
@@ -379,7 +379,7 @@ pub mod cpu {
         let lda = if op_a == Op::N { k } else { m };
         let ldb = if op_b == Op::N { n } else { k };
         let beta = if accumulate { 1.0 } else { 0.0 };
-        crate::gemm::cpu::gemm_sized(m, n, k, 1.0, a, lda, op_a, b, ldb, op_b, beta, c, n);
+        crate::ops::gemm::cpu::gemm_sized(m, n, k, 1.0, a, lda, op_a, b, ldb, op_b, beta, c, n);
     }
 
     /// `y = conv(x, w)` through im2col (per image, `H_o·W_o x k²·C_in`

@@ -1,7 +1,7 @@
 //! Face images for the backbone, from .npy files: uint8 `[B, H, W, 3]` RGB
 //! (normalized as insightface does, (x/255 − 0.5)/0.5) or f32 `[B, 3, H, W]`
-//! already normalized (transposed to NHWC). Also the .npy writer of
-//! embeddings.
+//! already normalized (transposed to NHWC). Embeddings are written with
+//! `io::npy::write_npy`.
 
 use std::path::Path;
 
@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 pub fn read_images(path: &Path, size: usize) -> Result<(Vec<f32>, usize)> {
     let bad = |m: String| Error::file(path, m);
     let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let (npy, shape, dtype) = crate::tokenizer::open_npy(path, &bytes)?;
+    let (npy, shape, dtype) = crate::io::npy::open_npy(path, &bytes)?;
     match (dtype.as_str(), &shape[..]) {
         ("|u1", &[b, h, w, 3]) if h == size && w == size => {
             let v = npy.into_vec::<u8>().map_err(|e| bad(format!("cannot read the values: {e}")))?;
@@ -37,20 +37,4 @@ pub fn read_images(path: &Path, size: usize) -> Result<(Vec<f32>, usize)> {
             "expected uint8 [B, {size}, {size}, 3] (RGB) or f32 [B, 3, {size}, {size}] (normalized), got {d} {s:?}"
         ))),
     }
-}
-
-/// Writes f32 `[rows, cols]` as a .npy file.
-pub fn write_npy(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result<()> {
-    let bad = |m: String| Error::file(path, m);
-    let file = std::fs::File::create(path).map_err(|e| bad(format!("cannot create: {e}")))?;
-    use npyz::WriterBuilder;
-    let mut w = npyz::WriteOptions::<f32>::new()
-        .default_dtype()
-        .shape(&[rows as u64, cols as u64])
-        .writer(std::io::BufWriter::new(file))
-        .begin_nd()
-        .map_err(|e| bad(format!("cannot write: {e}")))?;
-    w.extend(values.iter().copied()).map_err(|e| bad(format!("cannot write: {e}")))?;
-    w.finish().map_err(|e| bad(format!("cannot write: {e}")))?;
-    Ok(())
 }

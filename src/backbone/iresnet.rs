@@ -31,10 +31,10 @@ use std::collections::HashMap;
 
 use super::conv::{conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, ConvShape};
 use super::norm::{add_assign, bias_add, column_sums, prelu_backward_into, prelu_into, BatchNorm, BnCache, Dropout};
-use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::gemm::{self, Op};
-use crate::tensor::{DType, Tensor};
+use crate::ops::gemm::{self, Op};
+use crate::runtime::device::Device;
+use crate::runtime::tensor::{DType, Tensor};
 
 /// BatchNorm eps of every layer (insightface: 1e-5).
 const BN_EPS: f32 = 1e-5;

@@ -8,10 +8,11 @@
 //! Per-channel sums are computed in splits and combined in a fixed order,
 //! so every result is reproducible run to run.
 
-use crate::device::{Device, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::{launch, launch_one_of, PtrMut};
-use crate::tensor::{same_device, DType, HostData, Tensor};
+use crate::runtime::device::{Device, DeviceKind, LaunchConfig};
+use crate::runtime::kernels::PtrMut;
+use crate::runtime::launch::{self, launch_one_of};
+use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
 
 /// A BatchNorm layer (PyTorch's BatchNorm1d/2d semantics and defaults:
 /// eps 1e-5, momentum 0.1, weight 1, bias 0, running mean 0 and variance 1;
@@ -521,7 +522,7 @@ impl Dropout {
         if !(0.0..1.0).contains(&p) {
             return Err(Error::invalid("Dropout", format!("p must be in [0, 1), got {p}")));
         }
-        Ok(Dropout { p, key: crate::hash::step_key(seed, step) })
+        Ok(Dropout { p, key: crate::runtime::hash::step_key(seed, step) })
     }
 
     fn threshold(&self) -> u32 {
@@ -534,7 +535,7 @@ impl Dropout {
 
     /// Whether element `i` is kept.
     pub fn keeps(&self, i: u32) -> bool {
-        crate::hash::keyed_hash32(i, self.key.0, self.key.1) >= self.threshold()
+        crate::runtime::hash::keyed_hash32(i, self.key.0, self.key.1) >= self.threshold()
     }
 
     /// `y = x·mask/(1 − p)` into `y` (x's shape, f32, same device); also the

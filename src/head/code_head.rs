@@ -18,14 +18,13 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
-use super::softmax_head::rows_axpy;
-use crate::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::gemm::{self, Op};
-use crate::kernels::launch_one_of;
-use crate::rowwise;
-use crate::tensor::{same_device, DType, HostData, Tensor};
-use crate::tokenizer::ops::scatter_rows;
+use crate::ops::gemm::{self, Op};
+use crate::ops::rows::{axpy_rows, scatter_rows};
+use crate::ops::rowwise;
+use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
+use crate::runtime::launch::launch_one_of;
+use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
 use crate::tokenizer::Codebook;
 
 /// Normalization floor for the centres (as PyTorch's F.normalize).
@@ -596,8 +595,7 @@ impl CodeHead {
             pairs.extend(p.iter_mut().zip(g.iter()));
         }
         for (w, g) in pairs {
-            let rows = w.shape()[0];
-            rows_axpy(OP, w, None, rows, g, -lr)?;
+            axpy_rows(w, None, g, -lr)?;
         }
         Ok(())
     }
@@ -800,7 +798,7 @@ pub mod cpu {
     /// Rows divided by their norms (floored at `eps`), and the unclamped norms.
     fn unit_rows32(x: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
         let (mut u, mut n) = (vec![0f32; x.len()], vec![0f32; x.len() / d]);
-        crate::rowwise::cpu::l2_normalize(x, d, eps, &mut u, &mut n);
+        crate::ops::rowwise::cpu::l2_normalize(x, d, eps, &mut u, &mut n);
         (u, n)
     }
 
@@ -816,7 +814,7 @@ pub mod cpu {
         centres: &[Vec<f32>],
         projections: Option<&[Vec<f32>]>,
     ) -> (HeadLoss, Grads32) {
-        use crate::gemm::cpu::gemm_sized as g;
+        use crate::ops::gemm::cpu::gemm_sized as g;
         let (b, d, dp, v, l) = (labels.len(), cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
         let mut dx = vec![0f32; b * d];
         let (mut per_position, mut accuracy) = (vec![0f64; l], vec![0f64; l]);
@@ -883,7 +881,7 @@ pub mod cpu {
                 }
             }
             let mut dw = vec![0f32; v * dp];
-            crate::rowwise::cpu::l2_normalize_backward(&w_hat, &w_norm, &dw_hat, dp, EPS, &mut dw);
+            crate::ops::rowwise::cpu::l2_normalize_backward(&w_hat, &w_norm, &dw_hat, dp, EPS, &mut dw);
             dcentres.push(dw);
             match projections {
                 Some(p) => {

@@ -17,12 +17,13 @@
 //! extra memory is the fused head's plus `O(N)` for the sampling.
 
 use super::softmax_head::{
-    check_batch, check_centres, fused_step, rows_axpy, Rows, SoftmaxGrads, SoftmaxHead, SoftmaxHeadConfig, SoftmaxLoss,
+    check_batch, check_centres, fused_step, Rows, SoftmaxGrads, SoftmaxHead, SoftmaxHeadConfig, SoftmaxLoss,
 };
-use crate::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::{launch, Ptr};
-use crate::tensor::Tensor;
+use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
+use crate::runtime::kernels::Ptr;
+use crate::runtime::launch;
+use crate::runtime::tensor::Tensor;
 
 /// Partial FC over a [`SoftmaxHead`]'s centres.
 pub struct PartialFc {
@@ -67,7 +68,7 @@ impl PartialFc {
     }
 
     fn seeds(&self, step: u64) -> (u32, u32) {
-        crate::hash::step_key(self.seed, step)
+        crate::runtime::hash::step_key(self.seed, step)
     }
 
     fn check_labels(&self, op: &'static str, labels: &[u32]) -> Result<Vec<bool>> {
@@ -93,7 +94,7 @@ impl PartialFc {
         if negatives > 0 {
             let mut keys: Vec<(u32, u32)> = (0..keep.len() as u32)
                 .filter(|&n| !keep[n as usize])
-                .map(|n| (crate::hash::keyed_hash32(n, a, b), n))
+                .map(|n| (crate::runtime::hash::keyed_hash32(n, a, b), n))
                 .collect();
             keys.select_nth_unstable_by(negatives - 1, |x, y| y.0.cmp(&x.0));
             keys[..negatives].iter().for_each(|&(_, n)| keep[n as usize] = true);
@@ -209,11 +210,7 @@ impl PartialFc {
         const OP: &str = "PartialFc::sgd_step";
         let cfg = self.head.config().clone();
         check_centres(OP, self.head.centres(), cfg.classes, cfg.dim)?;
-        if grads.sampled.iter().any(|&i| i as usize >= cfg.classes) {
-            return Err(Error::invalid(OP, "a sampled class is out of range"));
-        }
-        let k = grads.sampled.len();
-        rows_axpy(OP, self.head.centres_mut(), Some(&grads.sampled), k, &grads.grads.centres, -lr)
+        crate::ops::rows::axpy_rows(self.head.centres_mut(), Some(&grads.sampled), &grads.grads.centres, -lr)
     }
 
     /// Consumes the Partial FC, returning its head.

@@ -27,13 +27,14 @@ use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
 use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
-use crate::decode::TopK;
-use crate::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::gemm::{cpu::gemm_sized as cpu_gemm, Op};
-use crate::kernels::{launch, launch_one_of, Ptr};
-use crate::rowwise;
-use crate::tensor::{DType, HostData, Tensor};
+use crate::ops::gemm::{cpu::gemm_sized as cpu_gemm, Op};
+use crate::ops::rowwise;
+use crate::ops::topk::TopK;
+use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
+use crate::runtime::kernels::Ptr;
+use crate::runtime::launch::{self, launch_one_of};
+use crate::runtime::tensor::{DType, HostData, Tensor};
 
 /// Normalization floor (as PyTorch's F.normalize).
 pub(crate) const EPS: f32 = 1e-12;
@@ -240,8 +241,7 @@ impl SoftmaxHead {
 
     /// Plain SGD: `W ← W − lr·g` (bf16 centres are rounded to nearest even).
     pub fn sgd_step(&mut self, grads: &SoftmaxGrads, lr: f32) -> Result<()> {
-        let n = self.cfg.classes;
-        rows_axpy("SoftmaxHead::sgd_step", &mut self.centres, None, n, &grads.centres, -lr)
+        crate::ops::rows::axpy_rows(&mut self.centres, None, &grads.centres, -lr)
     }
 }
 
@@ -325,58 +325,6 @@ fn inv_norms(w: &Tensor, rows: Option<&DeviceBuffer>, n: usize) -> Result<Tensor
             (dev, cfg, w.ptr()?, rows_p, n as i32, w.shape()[1] as i32, EPS, r.ptr_mut()?))
     }?;
     Ok(r)
-}
-
-/// `W[rows[i]] += a·G[i]` for the n logical rows of `w` (`rows` None: the
-/// identity); G is f32 `[n, d]` on w's device.
-pub(crate) fn rows_axpy(
-    op: &'static str,
-    w: &mut Tensor,
-    rows: Option<&[u32]>,
-    n: usize,
-    g: &Tensor,
-    a: f32,
-) -> Result<()> {
-    let d = w.shape()[1];
-    if g.shape() != [n, d] || g.dtype() != DType::F32 || g.device() != w.device() {
-        return Err(Error::Shape {
-            op,
-            expected: format!("an f32 gradient [{n}, {d}] on {}", w.device()),
-            got: format!("{:?} {:?} on {}", g.shape(), g.dtype(), g.device()),
-        });
-    }
-    let dev = w.device().clone();
-    if dev.kind() == DeviceKind::Cpu {
-        let gv = g.host_f32()?.into_owned();
-        let row = |i: usize| rows.map_or(i, |r| r[i] as usize);
-        match w.host_mut() {
-            Some(HostData::F32(v)) => (0..n).for_each(|i| {
-                let r = row(i);
-                v[r * d..(r + 1) * d].iter_mut().zip(&gv[i * d..(i + 1) * d]).for_each(|(p, q)| *p += a * q);
-            }),
-            Some(HostData::BF16(v)) => (0..n).for_each(|i| {
-                let r = row(i);
-                v[r * d..(r + 1) * d]
-                    .iter_mut()
-                    .zip(&gv[i * d..(i + 1) * d])
-                    .for_each(|(p, q)| *p = half::bf16::from_f32(p.to_f32() + a * q));
-            }),
-            _ => return Err(Error::invalid(op, "centres must be f32 or bf16")),
-        }
-        return Ok(());
-    }
-    let rows_buf = match rows {
-        Some(r) => Some(dev.upload(bytemuck::cast_slice(r))?),
-        None => None,
-    };
-    let rows_p = rows_buf.as_ref().map_or(Ptr::null(), |r| dev.ptr_of(r));
-    let cfg = LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0);
-    // SAFETY: g is [n, d] (checked above); w holds the n logical rows (rows:
-    // n indices of w's rows, from the caller's validated sample).
-    unsafe {
-        launch_one_of!(w.dtype(), { DType::F32 => rows_axpy_f32, _ => rows_axpy_bf16 },
-            (&dev, cfg, w.ptr_mut()?, rows_p, g.ptr()?, n as i32, d as i32, a))
-    }
 }
 
 /// The fused step over `n` logical classes: row i of the logical centre
@@ -579,7 +527,7 @@ pub mod cpu {
     pub(crate) fn normalize_rows(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
         let b = x.len() / d;
         let (mut u, mut n) = (vec![0f32; x.len()], vec![0f32; b]);
-        crate::rowwise::cpu::l2_normalize(x, d, EPS, &mut u, &mut n);
+        crate::ops::rowwise::cpu::l2_normalize(x, d, EPS, &mut u, &mut n);
         (u, n)
     }
 
@@ -819,7 +767,7 @@ pub mod cpu {
             }
         }
         let mut dx = vec![0f32; b * d];
-        crate::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, EPS, &mut dx);
+        crate::ops::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, EPS, &mut dx);
         (SoftmaxLoss { loss, accuracy }, dx, dw)
     }
 

@@ -17,10 +17,11 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use super::{ops, Config};
-use crate::device::Device;
+use super::config::Config;
+use super::ops;
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::runtime::device::Device;
+use crate::runtime::tensor::Tensor;
 
 /// The uniformity loss of the unit rows of `h` (`n x d`), computed directly
 /// in f64 (a reference for tests; O(n²·d)). Errors: d = 0, a length that is
@@ -89,7 +90,7 @@ fn run_cpu(vectors: &mut [f32], d: usize, b: usize, steps: usize, cfg: &Config, 
     let n = vectors.len() / d;
     // Grows with the steps run (steps may be any number; nothing is reserved for them).
     let mut losses = Vec::new();
-    let buf = |what: &str, len: usize| crate::host_memory::try_filled("tokenize", what, len, 0f32);
+    let buf = |what: &str, len: usize| crate::runtime::host_memory::try_filled("tokenize", what, len, 0f32);
     // b ≤ N and b ≤ MAX_SUBSET (checked by tokenize): the products fit.
     let (mut h, mut g, mut grad) =
         (buf("a homogenization subset", b * d)?, buf("its Gram matrix", b * b)?, buf("its gradient", b * d)?);
@@ -121,9 +122,9 @@ fn run_device(
     let mut all = Tensor::from_slice(device, &[n, d], vectors)?;
     let mut losses = Vec::new();
     for ids in batches(n, b, steps, cfg.seed) {
-        let mut h = ops::gather_rows(&all, &ids)?;
+        let mut h = crate::ops::rows::gather_rows(&all, &ids)?;
         let s = ops::uniformity_step(&mut h, cfg.temperature, cfg.learning_rate)?;
-        ops::scatter_rows(&h, &ids, &mut all)?;
+        crate::ops::rows::scatter_rows(&h, &ids, &mut all)?;
         losses.push((s / (b * (b - 1)) as f64).ln());
         bar.inc(1);
     }

@@ -21,20 +21,12 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use super::{ops, Config};
-use crate::device::Device;
+use super::config::Config;
+use super::ops::{self, best_cpu, dot, score_rows, Best, CHUNK, CPU_GEMM_MIN};
 use crate::error::Result;
-use crate::gemm::{self, Op};
-use crate::tensor::Tensor;
+use crate::runtime::device::Device;
+use crate::runtime::tensor::Tensor;
 
-/// Nodes with at least this many identities use the GEMM path (chunked, all
-/// cores) on the CPU; smaller ones run one per thread.
-const CPU_GEMM_MIN: usize = 4096;
-/// Rows per chunk of the CPU assignment and of the centroid sums, at most.
-const CHUNK: usize = 8192;
-/// Most scores (`rows × k` floats) a CPU chunk or a device assignment holds
-/// at once: 64 MiB, whatever the vocabulary.
-pub const SCORE_BUDGET: usize = 1 << 24;
 /// Most bytes of per-chunk partial centroid sums (`k·d` f64 per chunk),
 /// unless one chunk's sums alone are larger (then there is one chunk).
 pub const PARTIAL_BUDGET: usize = 1 << 26;
@@ -44,26 +36,10 @@ fn pow_sat(v: usize, e: usize) -> usize {
     u32::try_from(e).ok().and_then(|e| v.checked_pow(e)).unwrap_or(usize::MAX)
 }
 
-/// Rows per chunk of a `rows × k` score matrix within [`SCORE_BUDGET`].
-pub(crate) fn score_rows(k: usize) -> usize {
-    (SCORE_BUDGET / k.max(1)).clamp(1, CHUNK)
-}
-
 fn node_seed(seed: u64, level: usize, first: u32) -> u64 {
     let mut z = seed ^ ((level as u64) << 56) ^ (first as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z ^ (z >> 31)
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// Scores of the points in `members` against `centroids` (k x d): the best
-/// centroid and its score per member.
-pub(crate) struct Best {
-    pub(crate) idx: Vec<u32>,
-    pub(crate) score: Vec<f32>,
 }
 
 /// The GPU side of assignment: all vectors on the device, uploaded once.
@@ -78,9 +54,9 @@ impl DeviceData {
 
     /// The members' rows, gathered on the device once per node (they do not
     /// change across the node's Lloyd iterations), in chunks whose scores
-    /// against k centroids stay within [`SCORE_BUDGET`].
+    /// against k centroids stay within [`ops::SCORE_BUDGET`].
     fn gather(&self, members: &[u32], k: usize) -> Result<Vec<Tensor>> {
-        members.chunks(score_rows(k)).map(|c| ops::gather_rows(&self.all, c)).collect()
+        members.chunks(score_rows(k)).map(|c| crate::ops::rows::gather_rows(&self.all, c)).collect()
     }
 }
 
@@ -97,49 +73,6 @@ fn best_device(xs: &[Tensor], centroids: &[f32], k: usize, d: usize) -> Result<B
         best.score.extend(score);
     }
     Ok(best)
-}
-
-/// Best centroid per member on the CPU: chunks of gathered rows times the
-/// centroids (GEMM) for large nodes, direct dot products for small ones.
-pub(crate) fn best_cpu(vectors: &[f32], d: usize, members: &[u32], centroids: &[f32], k: usize) -> Best {
-    let one = |i: u32| {
-        let x = &vectors[i as usize * d..(i as usize + 1) * d];
-        let mut best = (0u32, f32::NEG_INFINITY);
-        for c in 0..k {
-            let s = dot(x, &centroids[c * d..(c + 1) * d]);
-            if s > best.1 {
-                best = (c as u32, s);
-            }
-        }
-        best
-    };
-    if members.len() < CPU_GEMM_MIN {
-        let (idx, score) = members.iter().map(|&i| one(i)).unzip();
-        return Best { idx, score };
-    }
-    let mut idx = vec![0u32; members.len()];
-    let mut score = vec![0f32; members.len()];
-    let rows = score_rows(k);
-    let mut x = vec![0f32; rows * d];
-    let mut s = vec![0f32; rows * k];
-    for (ci, chunk) in members.chunks(rows).enumerate() {
-        let m = chunk.len();
-        x[..m * d].par_chunks_mut(d).zip(chunk.par_iter()).for_each(|(row, &i)| {
-            row.copy_from_slice(&vectors[i as usize * d..(i as usize + 1) * d]);
-        });
-        gemm::cpu::gemm_sized(m, k, d, 1.0, &x[..m * d], d, Op::N, centroids, d, Op::T, 0.0, &mut s[..m * k], k);
-        for (r, row) in s[..m * k].chunks(k).enumerate() {
-            let mut best = (0u32, f32::NEG_INFINITY);
-            for (c, &v) in row.iter().enumerate() {
-                if v > best.1 {
-                    best = (c as u32, v);
-                }
-            }
-            idx[ci * rows + r] = best.0;
-            score[ci * rows + r] = best.1;
-        }
-    }
-    Best { idx, score }
 }
 
 /// Capacity-constrained assignment: members in order of decreasing best
@@ -284,7 +217,7 @@ pub(crate) fn assign_codes(
 ) -> Result<Vec<u16>> {
     let v = cfg.vocab;
     // n·l was checked by tokenize; the allocation may still be refused.
-    let mut codes = crate::host_memory::try_filled("tokenize", "the codes", n * l, 0u16)?;
+    let mut codes = crate::runtime::host_memory::try_filled("tokenize", "the codes", n * l, 0u16)?;
     // Members of the nodes of the current level, node after node.
     let mut perm: Vec<u32> = (0..n as u32).collect();
     let mut bounds: Vec<(usize, usize)> = vec![(0, n)];

@@ -16,133 +16,23 @@
 //! ```
 
 pub mod codebook;
+mod config;
 pub mod homogenize;
 mod kmeans;
 pub mod ops;
 
 pub use codebook::{Codebook, LevelStats, Trie};
-pub use kmeans::{PARTIAL_BUDGET, SCORE_BUDGET};
+pub use config::{min_length, Config, Input, Report, MAX_LENGTH, MAX_STEPS, MAX_SUBSET, MAX_VALUES};
+pub use kmeans::PARTIAL_BUDGET;
+pub use ops::SCORE_BUDGET;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use crate::device::Device;
 use crate::error::{Error, Result};
-
-/// Longest code the tokenizer makes ([`Config::length`]). The smallest
-/// length that fits 2^31 identities over 2 tokens is 31; a longer code only
-/// repeats token 0 once every identity has its own prefix.
-pub const MAX_LENGTH: usize = 1024;
-/// Largest homogenization subset ([`Config::subset`]): its Gram matrix is
-/// `subset²` floats (4 GiB at the limit).
-pub const MAX_SUBSET: usize = 32768;
-/// Most values `N·d` of the identity vectors: 2^36 (256 GiB of f32; 2M
-/// identities of 512 dimensions are 2^30).
-pub const MAX_VALUES: usize = 1 << 36;
-/// Most homogenization steps ([`Config::steps`]): 2^28, about 130,000
-/// epochs of 2M identities in subsets of 2048 (the paper ran 1000); the
-/// loss log holds one f64 per step.
-pub const MAX_STEPS: usize = 1 << 28;
-
-/// Tokenizer settings.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Config {
-    /// Vocabulary v: tokens are in `[0, v)`; 2..=65535. Default 16.
-    pub vocab: usize,
-    /// Code length l; default (None) the smallest with `v^l >= N`. A larger
-    /// l is allowed, up to [`MAX_LENGTH`].
-    pub length: Option<usize>,
-    /// Uniformity temperature t (2 in the paper).
-    pub temperature: f32,
-    /// SGD learning rate of the homogenization (0.1 in the paper).
-    pub learning_rate: f32,
-    /// Identities per homogenization step (2048 in the paper); 2..=
-    /// [`MAX_SUBSET`].
-    pub subset: usize,
-    /// Homogenization steps; default (None) one epoch, `ceil(N / subset)`,
-    /// so every identity is updated once. 0 skips homogenization; at most
-    /// [`MAX_STEPS`].
-    pub steps: Option<usize>,
-    /// Lloyd iterations per k-means node (stops early when nothing moves).
-    pub kmeans_iters: usize,
-    /// Seed of every random choice.
-    pub seed: u64,
-    /// Show progress bars (indicatif) on stderr.
-    pub progress: bool,
-    /// On a GPU (or the simulator), k-means nodes with at least this many
-    /// identities compute their assignment there (GEMM + argmax).
-    pub gpu_min_rows: usize,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            vocab: 16,
-            length: None,
-            temperature: 2.0,
-            learning_rate: 0.1,
-            subset: 2048,
-            steps: None,
-            kmeans_iters: 10,
-            seed: 0,
-            progress: false,
-            gpu_min_rows: 16384,
-        }
-    }
-}
-
-/// The per-identity vectors to tokenize.
-#[derive(Clone, Debug)]
-pub enum Input {
-    /// `N x dim` values, row-major, any scale (rows are normalized); rows
-    /// must be finite and not all zero.
-    Vectors {
-        /// The values.
-        data: Vec<f32>,
-        /// d.
-        dim: usize,
-    },
-    /// `count` random unit vectors of `dim` dimensions, drawn from the seed.
-    Random {
-        /// N.
-        count: usize,
-        /// d.
-        dim: usize,
-    },
-}
-
-/// What a tokenizer run measured, besides the codebook.
-#[derive(Clone, Debug, Default)]
-pub struct Report {
-    /// The uniformity loss of each homogenization step's subset, before the
-    /// step.
-    pub losses: Vec<f64>,
-    /// Seconds spent drawing or normalizing the input.
-    pub input_seconds: f64,
-    /// Seconds spent homogenizing.
-    pub homogenize_seconds: f64,
-    /// Seconds spent in the hierarchical k-means.
-    pub kmeans_seconds: f64,
-}
-
-/// The smallest l ≥ 1 with `v^l >= n`; `None` when there is none (v < 2
-/// and n > 1).
-pub fn min_length(v: usize, n: usize) -> Option<usize> {
-    if n <= 1 {
-        return Some(1);
-    }
-    if v < 2 {
-        return None;
-    }
-    let (mut l, mut cap) = (0usize, 1usize);
-    while cap < n {
-        cap = cap.saturating_mul(v); // at most 64 rounds: v ≥ 2
-        l += 1;
-    }
-    Some(l)
-}
+use crate::runtime::device::Device;
 
 fn bar(cfg: &Config, what: &'static str) -> ProgressBar {
     if !cfg.progress {
@@ -185,7 +75,7 @@ fn random_unit_vectors(count: usize, dim: usize, seed: u64) -> Result<Vec<f32>> 
     const ROWS: usize = 1024;
     let n =
         count.checked_mul(dim).ok_or_else(|| Error::invalid("tokenize", format!("N·d = {count}·{dim} overflows")))?;
-    let mut data = crate::host_memory::try_filled("tokenize", "the identity vectors", n, 0f32)?;
+    let mut data = crate::runtime::host_memory::try_filled("tokenize", "the identity vectors", n, 0f32)?;
     data.par_chunks_mut(ROWS * dim).enumerate().for_each(|(blk, chunk)| {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ blk as u64);
         for row in chunk.chunks_mut(dim) {
@@ -313,121 +203,4 @@ pub fn tokenize_with_report(input: Input, cfg: &Config, device: &Device) -> Resu
 
     let book = Codebook::from_parts(cfg.vocab, l, d, cfg.seed, codes, vectors)?;
     Ok((book, report))
-}
-
-/// An opened `.npy` file: the reader, its shape and its plain dtype
-/// ("<f4", "|u1", ...).
-pub type NpyParts<'a> = (npyz::NpyFile<&'a [u8]>, Vec<usize>, String);
-
-/// Opens the C-order `.npy` file in `bytes` (read from `path`, named in
-/// errors). The header must describe exactly the data that follows it: the
-/// element count is the product of the shape (checked, never wrapped) and
-/// the data holds exactly that many elements of the dtype's size, so a
-/// reader allocates at most the file's size.
-pub fn open_npy<'a>(path: &std::path::Path, bytes: &'a [u8]) -> Result<NpyParts<'a>> {
-    let bad = |m: String| Error::file(path, m);
-    // npyz allocates the header length it reads, and multiplies the shape
-    // unchecked (a panic or a wrapped count): both are checked here first.
-    let header = npy_header(bytes).map_err(bad)?;
-    if let Some(shape) = npy_header_shape(header) {
-        // Every partial product npyz forms (strides, in either order) is at
-        // most the product of the nonzero dimensions.
-        if shape.iter().filter(|&&d| d != 0).try_fold(1u64, |a, &d| a.checked_mul(d)).is_none() {
-            return Err(bad(format!("shape {shape:?} has more elements than fit in memory")));
-        }
-    }
-    let mut data: &'a [u8] = bytes;
-    let header = npyz::NpyHeader::from_reader(&mut data).map_err(|e| bad(format!("not a .npy file: {e}")))?;
-    if header.order() != npyz::Order::C {
-        return Err(bad("expected C (row-major) order, got Fortran order".into()));
-    }
-    let type_str = match header.dtype() {
-        npyz::DType::Plain(t) => t,
-        other => return Err(bad(format!("expected a plain numeric dtype, got {other:?}"))),
-    };
-    let item =
-        type_str.num_bytes().filter(|&b| b > 0).ok_or_else(|| bad(format!("dtype {type_str} has no fixed size")))?;
-    let shape = header
-        .shape()
-        .iter()
-        .map(|&d| usize::try_from(d).ok())
-        .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| bad(format!("shape {:?} does not fit this machine's sizes", header.shape())))?;
-    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    match count.and_then(|c| c.checked_mul(item)) {
-        Some(need) if need == data.len() => {}
-        Some(need) => {
-            return Err(bad(format!(
-                "its header says shape {shape:?} of {type_str} ({need} bytes of data), the file holds {} bytes after the header",
-                data.len()
-            )))
-        }
-        None => return Err(bad(format!("shape {shape:?} of {type_str} has more bytes than fit in memory"))),
-    }
-    Ok((npyz::NpyFile::with_header(header, data), shape, type_str.to_string()))
-}
-
-/// The header text of a `.npy` file: the magic string, a version of 1, 2 or
-/// 3 and a header length that fits in the file (npyz allocates the length
-/// it reads before reading, so a corrupt length would be an allocation of
-/// up to 4 GiB).
-fn npy_header(bytes: &[u8]) -> std::result::Result<&[u8], String> {
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err("not a .npy file: no NUMPY magic string, or shorter than a header".into());
-    }
-    let (len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
-        2 | 3 => return Err("not a .npy file: truncated header".into()),
-        v => return Err(format!("not a .npy file: format version {v}.{} (1, 2 or 3 are)", bytes[7])),
-    };
-    match start.checked_add(len) {
-        Some(end) if end <= bytes.len() => Ok(&bytes[start..end]),
-        _ => Err(format!(
-            "not a .npy file: a header of {len} bytes, the file holds {} after the prefix",
-            bytes.len() - start
-        )),
-    }
-}
-
-/// The shape of a `.npy` header as npyz will read it (the same Python
-/// literal parser, py_literal; the last "shape" key), if it is a tuple or
-/// list of integers that fit in u64; otherwise npyz reports the problem.
-fn npy_header_shape(header: &[u8]) -> Option<Vec<u64>> {
-    let text = std::str::from_utf8(header.strip_suffix(b"\n").unwrap_or(header)).ok()?;
-    let value: py_literal::Value = text.parse().ok()?;
-    let (_, shape) = value.as_dict()?.iter().rev().find(|(k, _)| k.as_string().is_some_and(|k| k == "shape"))?;
-    let dims = shape.as_tuple().or(shape.as_list())?;
-    dims.iter().map(|d| d.as_integer().and_then(|i| i.to_string().parse::<u64>().ok())).collect()
-}
-
-/// Reads a `.npy` array of f32 or f64 (C order) as `(values, shape)`, f64
-/// narrowed to f32. Any other dtype or layout, or an unreadable file, is an
-/// [`Error::File`].
-pub fn read_npy(path: &std::path::Path) -> Result<(Vec<f32>, Vec<usize>)> {
-    let bad = |m: String| Error::file(path, m);
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let (npy, shape, dtype) = open_npy(path, &bytes)?;
-    let data: Vec<f32> = match dtype.as_str() {
-        "<f4" => npy.into_vec::<f32>().map_err(|e| bad(format!("cannot read the values: {e}")))?,
-        "<f8" => npy
-            .into_vec::<f64>()
-            .map_err(|e| bad(format!("cannot read the values: {e}")))?
-            .into_iter()
-            .map(|x| x as f32)
-            .collect(),
-        other => return Err(bad(format!("expected little-endian f32 (<f4) or f64 (<f8), got {other}"))),
-    };
-    Ok((data, shape))
-}
-
-/// Reads a 2-D `.npy` array of f32 or f64 (C order) with at least one
-/// column as `(values, rows, cols)`; see [`read_npy`].
-pub fn read_npy_matrix(path: &std::path::Path) -> Result<(Vec<f32>, usize, usize)> {
-    let (data, shape) = read_npy(path)?;
-    match shape[..] {
-        [_, 0] => Err(Error::file(path, format!("expected at least one column, got shape {shape:?}"))),
-        [r, c] => Ok((data, r, c)),
-        _ => Err(Error::file(path, format!("expected a 2-D array [N, d], got shape {shape:?}"))),
-    }
 }

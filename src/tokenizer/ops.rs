@@ -6,12 +6,79 @@
 
 use rayon::prelude::*;
 
-use crate::device::{Device, DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::gemm::{self, Op};
-use crate::kernels::launch;
-use crate::rowwise;
-use crate::tensor::{same_device, DType, HostData, Tensor};
+use crate::ops::gemm::{self, Op};
+use crate::ops::rowwise;
+use crate::runtime::device::{DeviceKind, LaunchConfig};
+use crate::runtime::launch;
+use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
+
+/// Nodes with at least this many identities use the GEMM path (chunked, all
+/// cores) on the CPU; smaller ones run one per thread.
+pub(crate) const CPU_GEMM_MIN: usize = 4096;
+/// Rows per chunk of the CPU assignment and of the centroid sums, at most.
+pub(crate) const CHUNK: usize = 8192;
+/// Most scores (`rows × k` floats) a CPU chunk or a device assignment holds
+/// at once: 64 MiB, whatever the vocabulary.
+pub const SCORE_BUDGET: usize = 1 << 24;
+/// Rows per chunk of a `rows × k` score matrix within [`SCORE_BUDGET`].
+pub(crate) fn score_rows(k: usize) -> usize {
+    (SCORE_BUDGET / k.max(1)).clamp(1, CHUNK)
+}
+
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Scores of the points in `members` against `centroids` (k x d): the best
+/// centroid and its score per member.
+pub(crate) struct Best {
+    pub(crate) idx: Vec<u32>,
+    pub(crate) score: Vec<f32>,
+}
+
+/// Best centroid per member on the CPU: chunks of gathered rows times the
+/// centroids (GEMM) for large nodes, direct dot products for small ones.
+pub(crate) fn best_cpu(vectors: &[f32], d: usize, members: &[u32], centroids: &[f32], k: usize) -> Best {
+    let one = |i: u32| {
+        let x = &vectors[i as usize * d..(i as usize + 1) * d];
+        let mut best = (0u32, f32::NEG_INFINITY);
+        for c in 0..k {
+            let s = dot(x, &centroids[c * d..(c + 1) * d]);
+            if s > best.1 {
+                best = (c as u32, s);
+            }
+        }
+        best
+    };
+    if members.len() < CPU_GEMM_MIN {
+        let (idx, score) = members.iter().map(|&i| one(i)).unzip();
+        return Best { idx, score };
+    }
+    let mut idx = vec![0u32; members.len()];
+    let mut score = vec![0f32; members.len()];
+    let rows = score_rows(k);
+    let mut x = vec![0f32; rows * d];
+    let mut s = vec![0f32; rows * k];
+    for (ci, chunk) in members.chunks(rows).enumerate() {
+        let m = chunk.len();
+        x[..m * d].par_chunks_mut(d).zip(chunk.par_iter()).for_each(|(row, &i)| {
+            row.copy_from_slice(&vectors[i as usize * d..(i as usize + 1) * d]);
+        });
+        gemm::cpu::gemm_sized(m, k, d, 1.0, &x[..m * d], d, Op::N, centroids, d, Op::T, 0.0, &mut s[..m * k], k);
+        for (r, row) in s[..m * k].chunks(k).enumerate() {
+            let mut best = (0u32, f32::NEG_INFINITY);
+            for (c, &v) in row.iter().enumerate() {
+                if v > best.1 {
+                    best = (c as u32, v);
+                }
+            }
+            idx[ci * rows + r] = best.0;
+            score[ci * rows + r] = best.1;
+        }
+    }
+    Best { idx, score }
+}
 
 /// A warp per row, 8 rows per 256-thread block.
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -27,97 +94,6 @@ fn f32_matrix(op: &'static str, t: &Tensor) -> Result<(usize, usize)> {
         return Err(Error::invalid(op, format!("[{r}, {c}] does not fit the kernels' int sizes")));
     }
     Ok((r, c))
-}
-
-fn check_ids(op: &'static str, ids: &[u32], n: usize) -> Result<()> {
-    match ids.iter().position(|&i| i as usize >= n) {
-        Some(p) => Err(Error::invalid(op, format!("ids[{p}] = {} is not a row of a {n}-row matrix", ids[p]))),
-        None => Ok(()),
-    }
-}
-
-fn upload_ids(device: &Device, ids: &[u32]) -> Result<crate::device::DeviceBuffer> {
-    let v: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-    device.upload(bytemuck::cast_slice(&v))
-}
-
-/// Rows `ids` of `src` (`[n, d]`, f32) as a new `[ids.len(), d]` tensor.
-pub fn gather_rows(src: &Tensor, ids: &[u32]) -> Result<Tensor> {
-    const OP: &str = "gather_rows";
-    let (n, d) = f32_matrix(OP, src)?;
-    check_ids(OP, ids, n)?;
-    let dev = src.device();
-    if dev.kind() == DeviceKind::Cpu {
-        let Some(HostData::F32(s)) = src.host() else { return Err(Error::invalid(OP, "expected f32 host data")) };
-        let mut out = vec![0f32; ids.len() * d];
-        out.par_chunks_mut(d.max(1)).zip(ids.par_iter()).for_each(|(row, &i)| {
-            row.copy_from_slice(&s[i as usize * d..(i as usize + 1) * d]);
-        });
-        return Ok(Tensor::from_host(dev, vec![ids.len(), d], HostData::F32(out)));
-    }
-    let mut out = Tensor::empty(dev, &[ids.len(), d], DType::F32)?;
-    if !ids.is_empty() {
-        let idx = upload_ids(dev, ids)?;
-        // SAFETY: ids (checked < n) index rows of src ([n, d]); out holds
-        // ids.len() rows of d; idx holds ids.len() i32.
-        unsafe {
-            launch::gather_rows_f32(
-                dev,
-                rows_cfg(ids.len()),
-                src.ptr()?,
-                dev.ptr_of(&idx),
-                out.ptr_mut()?,
-                ids.len() as i32,
-                d as i32,
-            )
-        }?;
-    }
-    Ok(out)
-}
-
-/// Writes row `i` of `src` (`[ids.len(), d]`) to row `ids[i]` of `dst`
-/// (`[n, d]`). With repeated ids the last write wins on the CPU; on a GPU
-/// the order is unspecified.
-pub fn scatter_rows(src: &Tensor, ids: &[u32], dst: &mut Tensor) -> Result<()> {
-    const OP: &str = "scatter_rows";
-    let (m, d) = f32_matrix(OP, src)?;
-    let (n, dd) = f32_matrix(OP, dst)?;
-    same_device(OP, &[src, dst])?;
-    if m != ids.len() || d != dd {
-        return Err(Error::Shape {
-            op: OP,
-            expected: format!("src [{}, {dd}]", ids.len()),
-            got: format!("[{m}, {d}]"),
-        });
-    }
-    check_ids(OP, ids, n)?;
-    let dev = src.device().clone();
-    if dev.kind() == DeviceKind::Cpu {
-        let Some(HostData::F32(s)) = src.host() else { return Err(Error::invalid(OP, "expected f32 host data")) };
-        let s = s.clone();
-        let Some(HostData::F32(t)) = dst.host_mut() else { return Err(Error::invalid(OP, "expected f32 host data")) };
-        for (row, &i) in s.chunks(d.max(1)).zip(ids) {
-            t[i as usize * d..(i as usize + 1) * d].copy_from_slice(row);
-        }
-        return Ok(());
-    }
-    if !ids.is_empty() {
-        let idx = upload_ids(&dev, ids)?;
-        // SAFETY: src holds m = ids.len() rows of d; ids (checked < n) index
-        // rows of dst ([n, d]); idx holds m i32.
-        unsafe {
-            launch::scatter_rows_f32(
-                &dev,
-                rows_cfg(m),
-                src.ptr()?,
-                dev.ptr_of(&idx),
-                dst.ptr_mut()?,
-                m as i32,
-                d as i32,
-            )
-        }?;
-    }
-    Ok(())
 }
 
 /// One homogenization step on `h` (`[b, d]`, unit rows), on the CPU:
@@ -223,7 +199,7 @@ pub fn best_centroids(x: &Tensor, centroids: &Tensor) -> Result<(Vec<u32>, Vec<f
             return Err(Error::invalid(OP, "expected f32 host data"));
         };
         let members: Vec<u32> = (0..n as u32).collect();
-        let best = super::kmeans::best_cpu(xv, d, &members, cv, k);
+        let best = best_cpu(xv, d, &members, cv, k);
         return Ok((best.idx, best.score));
     }
     if n == 0 {

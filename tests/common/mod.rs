@@ -38,8 +38,9 @@ pub fn cuda() -> Option<Device> {
     match Device::cuda(0) {
         Ok(d) => Some(d.with_poison(true)),
         Err(e) => {
-            let required = std::env::var(gif_fr::device::REQUIRE_GPU_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
-            assert!(!required, "{} is set but no GPU is usable: {e}", gif_fr::device::REQUIRE_GPU_ENV);
+            let required =
+                std::env::var(gif_fr::runtime::device::REQUIRE_GPU_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+            assert!(!required, "{} is set but no GPU is usable: {e}", gif_fr::runtime::device::REQUIRE_GPU_ENV);
             skip_notice(&format!("skipping the CUDA part of the kernel tests: {e}"));
             None
         }

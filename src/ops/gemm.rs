@@ -14,10 +14,10 @@
 //! `dW = dYᵀ·X` is `(T, N)`. With `beta == 0`, `C` is not read (NaN there
 //! is overwritten, as in BLAS). NaN in A or B propagates.
 
-use crate::device::{DeviceKind, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::launch_one_of;
-use crate::tensor::{same_device, DType, HostData, Tensor};
+use crate::runtime::device::{DeviceKind, LaunchConfig};
+use crate::runtime::launch::launch_one_of;
+use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
 
 /// Whether an operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -8,10 +8,10 @@
 
 use rayon::prelude::*;
 
-use crate::device::LaunchConfig;
 use crate::error::{Error, Result};
-use crate::kernels::launch_one_of;
-use crate::tensor::{same_device, DType, HostData, Tensor};
+use crate::runtime::device::LaunchConfig;
+use crate::runtime::launch::launch_one_of;
+use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
 
 /// Threads per block in every rowwise kernel.
 const BLOCK: u32 = 256;

@@ -21,13 +21,17 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{self as cu, sys as cusys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 
 use crate::error::{Error, Result};
-use crate::kernels::{self, KernelRef, ModuleId, Ptr, PtrMut, MODULES};
+use crate::runtime::kernels::{self, KernelRef, ModuleId, Ptr, PtrMut, MODULES};
+pub use crate::runtime::kernels::{Arg, LaunchConfig, POISON};
 #[cfg(feature = "sim")]
-use crate::sim::{SimBackend, SimBuffer, SimOrder};
+use crate::runtime::sim::{SimBackend, SimBuffer, SimOrder};
 
-/// The byte fresh allocations are filled with when poisoned (0xFF: NaN in
-/// every float type).
-pub const POISON: u8 = 0xFF;
+/// A simulated GPU: the simulator and the meter of its memory.
+#[cfg(feature = "sim")]
+struct SimDevice {
+    sim: SimBackend,
+    meter: Arc<Meter>,
+}
 
 /// Which backend a [`Device`] is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,7 +56,7 @@ enum Inner {
     Cpu,
     Cuda(Arc<CudaBackend>),
     #[cfg(feature = "sim")]
-    Sim(Arc<SimBackend>),
+    Sim(Arc<SimDevice>),
 }
 
 impl PartialEq for Device {
@@ -79,73 +83,7 @@ impl fmt::Display for Device {
             Inner::Cpu => write!(f, "cpu"),
             Inner::Cuda(c) => write!(f, "cuda:{} ({})", c.ordinal, c.name),
             #[cfg(feature = "sim")]
-            Inner::Sim(s) => write!(f, "sim ({:?} order)", s.order),
-        }
-    }
-}
-
-/// Grid, block and dynamic shared memory of a launch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LaunchConfig {
-    /// Blocks in x, y, z.
-    pub grid: (u32, u32, u32),
-    /// Threads per block in x, y, z.
-    pub block: (u32, u32, u32),
-    /// Bytes of dynamic shared memory per block.
-    pub shared_bytes: u32,
-}
-
-impl LaunchConfig {
-    /// A one-dimensional launch.
-    pub fn linear(blocks: u32, threads: u32, shared_bytes: u32) -> Self {
-        LaunchConfig { grid: (blocks, 1, 1), block: (threads, 1, 1), shared_bytes }
-    }
-}
-
-/// One kernel argument, passed by value as the kernel's parameter.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Arg {
-    /// A device address (a `T*` parameter).
-    Ptr(u64),
-    /// `int`.
-    I32(i32),
-    /// `unsigned int`.
-    U32(u32),
-    /// `long long`.
-    I64(i64),
-    /// `unsigned long long`.
-    U64(u64),
-    /// `float`.
-    F32(f32),
-}
-
-impl Arg {
-    #[cfg(feature = "sim")]
-    pub(crate) fn size(&self) -> usize {
-        match self {
-            Arg::Ptr(_) | Arg::I64(_) | Arg::U64(_) => 8,
-            Arg::I32(_) | Arg::U32(_) | Arg::F32(_) => 4,
-        }
-    }
-    /// Little-endian bytes, zero-padded to 8.
-    pub(crate) fn bytes(&self) -> [u8; 8] {
-        let mut b = [0u8; 8];
-        match *self {
-            Arg::Ptr(v) | Arg::U64(v) => b.copy_from_slice(&v.to_le_bytes()),
-            Arg::I64(v) => b.copy_from_slice(&v.to_le_bytes()),
-            Arg::I32(v) => b[..4].copy_from_slice(&v.to_le_bytes()),
-            Arg::U32(v) => b[..4].copy_from_slice(&v.to_le_bytes()),
-            Arg::F32(v) => b[..4].copy_from_slice(&v.to_le_bytes()),
-        }
-        b
-    }
-    /// The simulator's argument kinds (kernels/sim/gif_sim.h ArgKind).
-    #[cfg(feature = "sim")]
-    pub(crate) fn sim_kind(&self) -> u8 {
-        match self {
-            Arg::Ptr(_) => 1,
-            Arg::I32(_) | Arg::U32(_) | Arg::I64(_) | Arg::U64(_) => 2,
-            Arg::F32(_) => 3,
+            Inner::Sim(s) => write!(f, "sim ({:?} order)", s.sim.order),
         }
     }
 }
@@ -230,7 +168,8 @@ impl Device {
     /// device: tensors of one are not usable with ops on another.
     #[cfg(feature = "sim")]
     pub fn sim_with(order: SimOrder) -> Device {
-        Device { inner: Inner::Sim(Arc::new(SimBackend::new(order))), poison: true }
+        let sim = SimDevice { sim: SimBackend::new(order), meter: Default::default() };
+        Device { inner: Inner::Sim(Arc::new(sim)), poison: true }
     }
 
     /// GPU `ordinal` through the CUDA driver. Never panics: a missing driver
@@ -354,7 +293,7 @@ impl Device {
         match &self.inner {
             Inner::Cpu => Err(Error::invalid("alloc", "the CPU device has no device memory")),
             #[cfg(feature = "sim")]
-            Inner::Sim(s) => Ok(s.meter.track(Mem::Sim(s.alloc(bytes)?), bytes)),
+            Inner::Sim(s) => Ok(s.meter.track(Mem::Sim(s.sim.alloc(bytes)?), bytes)),
             Inner::Cuda(c) => {
                 let n = bytes.max(1);
                 // SAFETY: the memory is uninitialized until poisoned or written
@@ -395,7 +334,7 @@ impl Device {
             Inner::Cpu => Err(Error::invalid("upload", "the CPU device has no device memory")),
             #[cfg(feature = "sim")]
             Inner::Sim(s) => {
-                let mut b = s.alloc(data.len())?;
+                let mut b = s.sim.alloc(data.len())?;
                 b.as_bytes_mut().copy_from_slice(data);
                 Ok(s.meter.track(Mem::Sim(b), data.len()))
             }
@@ -526,7 +465,7 @@ impl Device {
 
     /// Runs kernel `k` with `args`: the one launch path of both GPU
     /// backends, reached through the typed launchers of
-    /// [`crate::kernels::launch`] (the CPU has no kernels).
+    /// [`crate::runtime::launch`] (the CPU has no kernels).
     ///
     /// The caller (an op's public function) has validated every size, so
     /// the pointers cover what the kernel touches.
@@ -538,7 +477,7 @@ impl Device {
                 message: "the CPU device runs no kernels".into(),
             }),
             #[cfg(feature = "sim")]
-            Inner::Sim(s) => s.launch(k, &cfg, args),
+            Inner::Sim(s) => s.sim.launch(k, &cfg, args),
             Inner::Cuda(c) => c.launch(k, &cfg, args),
         }
     }

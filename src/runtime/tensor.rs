@@ -3,74 +3,10 @@
 
 use half::{bf16, f16};
 
-use crate::device::{Device, DeviceBuffer, DeviceKind};
+pub use crate::runtime::dtype::{DType, Element};
+
 use crate::error::{Error, Result};
-
-/// Element type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DType {
-    /// IEEE binary32.
-    F32,
-    /// bfloat16 (8-bit exponent, 7-bit mantissa).
-    BF16,
-    /// IEEE binary16.
-    F16,
-}
-
-impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::BF16 | DType::F16 => 2,
-        }
-    }
-    /// The suffix of kernel names: f32, bf16, f16.
-    pub fn kernel_suffix(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-        }
-    }
-}
-
-/// A Rust element type a tensor can hold.
-pub trait Element: bytemuck::Pod + Copy + Send + Sync + 'static {
-    /// Its [`DType`].
-    const DTYPE: DType;
-    /// Converts to f32 (exactly).
-    fn to_f32(self) -> f32;
-    /// Converts from f32, rounding to nearest even.
-    fn from_f32(x: f32) -> Self;
-}
-impl Element for f32 {
-    const DTYPE: DType = DType::F32;
-    fn to_f32(self) -> f32 {
-        self
-    }
-    fn from_f32(x: f32) -> Self {
-        x
-    }
-}
-impl Element for bf16 {
-    const DTYPE: DType = DType::BF16;
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-}
-impl Element for f16 {
-    const DTYPE: DType = DType::F16;
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-}
+use crate::runtime::device::{Device, DeviceBuffer, DeviceKind};
 
 /// Host storage, typed so that it is aligned for its element.
 #[derive(Clone, Debug)]
@@ -318,12 +254,13 @@ impl Tensor {
     /// `out[i] = convert(self[i])` by the element kernels of rowwise.cu,
     /// on a GPU backend: `widen_*` into f32, or `narrow_bf16` from f32.
     fn convert(&self, out: &mut Tensor) -> Result<()> {
-        use crate::kernels::launch_one_of;
+        use crate::runtime::launch::launch_one_of;
         let n = self.numel();
         if n == 0 {
             return Ok(());
         }
-        let (dev, cfg) = (&self.device, crate::device::LaunchConfig::linear(n.div_ceil(256).min(65535) as u32, 256, 0));
+        let (dev, cfg) =
+            (&self.device, crate::runtime::device::LaunchConfig::linear(n.div_ceil(256).min(65535) as u32, 256, 0));
         // SAFETY: the callers checked both tensors hold n elements on this device.
         unsafe {
             launch_one_of!((self.dtype, out.dtype), {
@@ -462,19 +399,19 @@ impl Tensor {
 
     /// This tensor as `T` elements a kernel reads: an error for another
     /// dtype or a CPU tensor. The ops call it after validating sizes.
-    pub(crate) fn ptr<T: Element>(&self) -> Result<crate::kernels::Ptr<T>> {
-        self.typed_addr::<T>().map(crate::kernels::Ptr::from_addr)
+    pub(crate) fn ptr<T: Element>(&self) -> Result<crate::runtime::kernels::Ptr<T>> {
+        self.typed_addr::<T>().map(crate::runtime::kernels::Ptr::from_addr)
     }
 
     /// This tensor as `T` elements a kernel writes (see [`Tensor::ptr`]).
-    pub(crate) fn ptr_mut<T: Element>(&mut self) -> Result<crate::kernels::PtrMut<T>> {
-        self.typed_addr::<T>().map(crate::kernels::PtrMut::from_addr)
+    pub(crate) fn ptr_mut<T: Element>(&mut self) -> Result<crate::runtime::kernels::PtrMut<T>> {
+        self.typed_addr::<T>().map(crate::runtime::kernels::PtrMut::from_addr)
     }
 
     /// [`Tensor::ptr`] of an optional tensor: the null pointer for `None`
     /// (the kernels' optional arguments).
-    pub(crate) fn ptr_or_null<T: Element>(t: Option<&Tensor>) -> Result<crate::kernels::Ptr<T>> {
-        t.map_or(Ok(crate::kernels::Ptr::null()), Tensor::ptr)
+    pub(crate) fn ptr_or_null<T: Element>(t: Option<&Tensor>) -> Result<crate::runtime::kernels::Ptr<T>> {
+        t.map_or(Ok(crate::runtime::kernels::Ptr::null()), Tensor::ptr)
     }
 
     /// True when every element is finite (no NaN, no infinity). Waits for

@@ -5,10 +5,10 @@
 
 use half::{bf16, f16};
 
-use crate::device::{Device, DeviceBuffer, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::launch;
-use crate::tensor::DType;
+use crate::runtime::device::{Device, DeviceBuffer, LaunchConfig};
+use crate::runtime::launch;
+use crate::runtime::tensor::DType;
 
 fn need_kernels(op: &'static str, dev: &Device) -> Result<()> {
     if dev.runs_kernels() {
@@ -21,7 +21,7 @@ fn need_kernels(op: &'static str, dev: &Device) -> Result<()> {
 /// The planted bugs run only on the simulator: on a GPU they are real
 /// out-of-bounds writes, hangs or races.
 fn need_sim(op: &'static str, dev: &Device) -> Result<()> {
-    if dev.kind() == crate::device::DeviceKind::Sim {
+    if dev.kind() == crate::runtime::device::DeviceKind::Sim {
         Ok(())
     } else {
         Err(Error::invalid(op, format!("a planted bug runs only on the simulator, not on {dev}")))

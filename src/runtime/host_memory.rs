@@ -4,7 +4,7 @@
 //!
 //! ```ignore
 //! #[global_allocator]
-//! static ALLOC: gif_fr::host_memory::CountingAllocator = gif_fr::host_memory::CountingAllocator;
+//! static ALLOC: gif_fr::runtime::host_memory::CountingAllocator = gif_fr::runtime::host_memory::CountingAllocator;
 //! ```
 //!
 //! The CPU device's tensors are host memory, so this is how the CPU side of
@@ -13,8 +13,8 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::device::MemoryStats;
 use crate::error::{Error, Result};
+use crate::runtime::device::MemoryStats;
 
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);

@@ -10,9 +10,9 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
-use crate::device::{Arg, LaunchConfig};
 use crate::error::{Error, Result};
-use crate::kernels::{KernelRef, ModuleId};
+use crate::runtime::kernels::{Arg, LaunchConfig};
+use crate::runtime::kernels::{KernelRef, ModuleId};
 
 /// Bytes of guard band before and after every simulated allocation. They
 /// hold the poison byte; an out-of-bounds write changes them and the next
@@ -20,7 +20,7 @@ use crate::kernels::{KernelRef, ModuleId};
 pub const GUARD_BYTES: usize = 4096;
 /// The byte that fills fresh allocations, guard bands and shared memory:
 /// 0xFF is NaN in f32, bf16 and f16, and -1 in integers.
-pub use crate::device::POISON;
+pub use crate::runtime::kernels::POISON;
 const ALIGN: usize = 256; // as cudaMalloc
 
 /// The order in which the simulator runs blocks, and runnable threads within
@@ -83,7 +83,6 @@ fn lock(r: &Registry) -> std::sync::MutexGuard<'_, BTreeMap<usize, usize>> {
 #[derive(Debug)]
 pub(crate) struct SimBackend {
     pub(crate) order: SimOrder,
-    pub(crate) meter: Arc<crate::device::Meter>,
     allocs: Registry,
 }
 
@@ -126,7 +125,7 @@ impl Drop for SimBuffer {
 
 impl SimBackend {
     pub(crate) fn new(order: SimOrder) -> Self {
-        SimBackend { order, meter: Default::default(), allocs: Arc::new(Mutex::new(BTreeMap::new())) }
+        SimBackend { order, allocs: Arc::new(Mutex::new(BTreeMap::new())) }
     }
 
     /// A poisoned allocation of `len` bytes (at least one byte is reserved so
@@ -259,7 +258,7 @@ mod tests {
     }
 
     fn oob_write() -> KernelRef {
-        crate::kernels::kernel_ref(ModuleId::Selftest, "selftest_oob_write").unwrap()
+        crate::runtime::kernels::kernel_ref(ModuleId::Selftest, "selftest_oob_write").unwrap()
     }
 
     #[test]

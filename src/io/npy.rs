@@ -1,0 +1,139 @@
+//! `.npy` files (NumPy's format): reading with the header checked against
+//! the data before anything is allocated, and writing f32 matrices.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// An opened `.npy` file: the reader, its shape and its plain dtype
+/// ("<f4", "|u1", ...).
+pub type NpyParts<'a> = (npyz::NpyFile<&'a [u8]>, Vec<usize>, String);
+
+/// Opens the C-order `.npy` file in `bytes` (read from `path`, named in
+/// errors). The header must describe exactly the data that follows it: the
+/// element count is the product of the shape (checked, never wrapped) and
+/// the data holds exactly that many elements of the dtype's size, so a
+/// reader allocates at most the file's size.
+pub fn open_npy<'a>(path: &Path, bytes: &'a [u8]) -> Result<NpyParts<'a>> {
+    let bad = |m: String| Error::file(path, m);
+    // npyz allocates the header length it reads, and multiplies the shape
+    // unchecked (a panic or a wrapped count): both are checked here first.
+    let header = npy_header(bytes).map_err(bad)?;
+    if let Some(shape) = npy_header_shape(header) {
+        // Every partial product npyz forms (strides, in either order) is at
+        // most the product of the nonzero dimensions.
+        if shape.iter().filter(|&&d| d != 0).try_fold(1u64, |a, &d| a.checked_mul(d)).is_none() {
+            return Err(bad(format!("shape {shape:?} has more elements than fit in memory")));
+        }
+    }
+    let mut data: &'a [u8] = bytes;
+    let header = npyz::NpyHeader::from_reader(&mut data).map_err(|e| bad(format!("not a .npy file: {e}")))?;
+    if header.order() != npyz::Order::C {
+        return Err(bad("expected C (row-major) order, got Fortran order".into()));
+    }
+    let type_str = match header.dtype() {
+        npyz::DType::Plain(t) => t,
+        other => return Err(bad(format!("expected a plain numeric dtype, got {other:?}"))),
+    };
+    let item =
+        type_str.num_bytes().filter(|&b| b > 0).ok_or_else(|| bad(format!("dtype {type_str} has no fixed size")))?;
+    let shape = header
+        .shape()
+        .iter()
+        .map(|&d| usize::try_from(d).ok())
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| bad(format!("shape {:?} does not fit this machine's sizes", header.shape())))?;
+    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match count.and_then(|c| c.checked_mul(item)) {
+        Some(need) if need == data.len() => {}
+        Some(need) => {
+            return Err(bad(format!(
+                "its header says shape {shape:?} of {type_str} ({need} bytes of data), the file holds {} bytes after the header",
+                data.len()
+            )))
+        }
+        None => return Err(bad(format!("shape {shape:?} of {type_str} has more bytes than fit in memory"))),
+    }
+    Ok((npyz::NpyFile::with_header(header, data), shape, type_str.to_string()))
+}
+
+/// The header text of a `.npy` file: the magic string, a version of 1, 2 or
+/// 3 and a header length that fits in the file (npyz allocates the length
+/// it reads before reading, so a corrupt length would be an allocation of
+/// up to 4 GiB).
+fn npy_header(bytes: &[u8]) -> std::result::Result<&[u8], String> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err("not a .npy file: no NUMPY magic string, or shorter than a header".into());
+    }
+    let (len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 => return Err("not a .npy file: truncated header".into()),
+        v => return Err(format!("not a .npy file: format version {v}.{} (1, 2 or 3 are)", bytes[7])),
+    };
+    match start.checked_add(len) {
+        Some(end) if end <= bytes.len() => Ok(&bytes[start..end]),
+        _ => Err(format!(
+            "not a .npy file: a header of {len} bytes, the file holds {} after the prefix",
+            bytes.len() - start
+        )),
+    }
+}
+
+/// The shape of a `.npy` header as npyz will read it (the same Python
+/// literal parser, py_literal; the last "shape" key), if it is a tuple or
+/// list of integers that fit in u64; otherwise npyz reports the problem.
+fn npy_header_shape(header: &[u8]) -> Option<Vec<u64>> {
+    let text = std::str::from_utf8(header.strip_suffix(b"\n").unwrap_or(header)).ok()?;
+    let value: py_literal::Value = text.parse().ok()?;
+    let (_, shape) = value.as_dict()?.iter().rev().find(|(k, _)| k.as_string().is_some_and(|k| k == "shape"))?;
+    let dims = shape.as_tuple().or(shape.as_list())?;
+    dims.iter().map(|d| d.as_integer().and_then(|i| i.to_string().parse::<u64>().ok())).collect()
+}
+
+/// Reads a `.npy` array of f32 or f64 (C order) as `(values, shape)`, f64
+/// narrowed to f32. Any other dtype or layout, or an unreadable file, is an
+/// [`Error::File`].
+pub fn read_npy(path: &Path) -> Result<(Vec<f32>, Vec<usize>)> {
+    let bad = |m: String| Error::file(path, m);
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let (npy, shape, dtype) = open_npy(path, &bytes)?;
+    let data: Vec<f32> = match dtype.as_str() {
+        "<f4" => npy.into_vec::<f32>().map_err(|e| bad(format!("cannot read the values: {e}")))?,
+        "<f8" => npy
+            .into_vec::<f64>()
+            .map_err(|e| bad(format!("cannot read the values: {e}")))?
+            .into_iter()
+            .map(|x| x as f32)
+            .collect(),
+        other => return Err(bad(format!("expected little-endian f32 (<f4) or f64 (<f8), got {other}"))),
+    };
+    Ok((data, shape))
+}
+
+/// Reads a 2-D `.npy` array of f32 or f64 (C order) with at least one
+/// column as `(values, rows, cols)`; see [`read_npy`].
+pub fn read_npy_matrix(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
+    let (data, shape) = read_npy(path)?;
+    match shape[..] {
+        [_, 0] => Err(Error::file(path, format!("expected at least one column, got shape {shape:?}"))),
+        [r, c] => Ok((data, r, c)),
+        _ => Err(Error::file(path, format!("expected a 2-D array [N, d], got shape {shape:?}"))),
+    }
+}
+
+/// Writes f32 `[rows, cols]` as a .npy file.
+pub fn write_npy(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result<()> {
+    let bad = |m: String| Error::file(path, m);
+    let file = std::fs::File::create(path).map_err(|e| bad(format!("cannot create: {e}")))?;
+    use npyz::WriterBuilder;
+    let mut w = npyz::WriteOptions::<f32>::new()
+        .default_dtype()
+        .shape(&[rows as u64, cols as u64])
+        .writer(std::io::BufWriter::new(file))
+        .begin_nd()
+        .map_err(|e| bad(format!("cannot write: {e}")))?;
+    w.extend(values.iter().copied()).map_err(|e| bad(format!("cannot write: {e}")))?;
+    w.finish().map_err(|e| bad(format!("cannot write: {e}")))?;
+    Ok(())
+}

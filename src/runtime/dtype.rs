@@ -1,0 +1,71 @@
+//! Element types: [`DType`] (what a tensor stores) and [`Element`] (the
+//! Rust types that hold one), shared by tensors, errors and kernel
+//! pointers.
+
+use half::{bf16, f16};
+
+/// Element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// bfloat16 (8-bit exponent, 7-bit mantissa).
+    BF16,
+    /// IEEE binary16.
+    F16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+    /// The suffix of kernel names: f32, bf16, f16.
+    pub fn kernel_suffix(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+/// A Rust element type a tensor can hold.
+pub trait Element: bytemuck::Pod + Copy + Send + Sync + 'static {
+    /// Its [`DType`].
+    const DTYPE: DType;
+    /// Converts to f32 (exactly).
+    fn to_f32(self) -> f32;
+    /// Converts from f32, rounding to nearest even.
+    fn from_f32(x: f32) -> Self;
+}
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
