@@ -50,6 +50,8 @@ summary="$out/summary.md"
 sed 's/^/    /' "$out/info.log" >> "$summary"
 echo >> "$summary"
 
+# tests/cli.rs runs the gif-fr binary: the bundle's, not the build machine's path.
+export GIF_FR_BIN="$here/bin/gif-fr"
 total_failed=0
 [ "$mode" = "--benches" ] || {
   echo "| test binary | result | passed | failed | seconds |"

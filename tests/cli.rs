@@ -13,7 +13,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    Command::new(env!("CARGO_BIN_EXE_gif-fr")).args(args).output().unwrap()
+    Command::new(common::gif_fr_bin()).args(args).output().unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -75,7 +75,7 @@ fn tokenize_writes_a_codebook_that_codebook_info_reads() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("codes.safetensors");
     // --flag=value works as well as --flag value.
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+    let o = Command::new(common::gif_fr_bin())
         .args(["tokenize", "--count=300", "--dim", "8", "--vocab", "5", "--seed", "3", "--steps", "2"])
         .args(["--device", "cpu", "--quiet", "--out"])
         .arg(&out)
@@ -84,7 +84,7 @@ fn tokenize_writes_a_codebook_that_codebook_info_reads() {
     assert!(o.status.success(), "{}", stderr(&o));
     let book = gif_fr::tokenizer::Codebook::load(&out).unwrap();
     assert_eq!((book.len(), book.vocab(), book.length(), book.dim(), book.seed()), (300, 5, 4, 8, 3));
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr")).arg("codebook-info").arg(&out).output().unwrap();
+    let o = Command::new(common::gif_fr_bin()).arg("codebook-info").arg(&out).output().unwrap();
     assert!(o.status.success());
     let s = String::from_utf8(o.stdout).unwrap();
     assert!(s.contains("identities 300  vocab 5  length 4  dim 8  seed 3"), "{s}");
@@ -123,7 +123,7 @@ fn tokenize_reads_vectors_and_rejects_a_lying_npy_header() {
     let values: Vec<u8> = (0..40).flat_map(|i| (i as f32 * 0.37 - 3.0).to_le_bytes()).collect();
     std::fs::write(&npy, common::npy_bytes("<f4", &[10, 4], &values)).unwrap();
     let run = || {
-        Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+        Command::new(common::gif_fr_bin())
             .args(["tokenize", "--device", "cpu", "--quiet", "--vocab", "4", "--vectors"])
             .arg(&npy)
             .arg("--out")
@@ -156,16 +156,16 @@ fn non_utf8_paths_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let odd = dir.path().join(OsStr::from_bytes(b"codes-\xff.safetensors"));
     // A missing file with a non-UTF-8 name: an error about the file (args() used to panic).
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr")).arg("codebook-info").arg(&odd).output().unwrap();
+    let o = Command::new(common::gif_fr_bin()).arg("codebook-info").arg(&odd).output().unwrap();
     expect_exit(&o, 1, "cannot open");
     // And a real one round-trips.
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+    let o = Command::new(common::gif_fr_bin())
         .args(["tokenize", "--count", "20", "--dim", "3", "--device", "cpu", "--quiet", "--out"])
         .arg(&odd)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr")).arg("codebook-info").arg(&odd).output().unwrap();
+    let o = Command::new(common::gif_fr_bin()).arg("codebook-info").arg(&odd).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
@@ -174,7 +174,7 @@ fn decode_refuses_a_nan_threshold_and_accepts_negative_ones() {
     let dir = tempfile::tempdir().unwrap();
     let (cb, npy, out) =
         (dir.path().join("book.safetensors"), dir.path().join("lp.npy"), dir.path().join("out.safetensors"));
-    let o = Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+    let o = Command::new(common::gif_fr_bin())
         .args(["tokenize", "--count", "20", "--dim", "3", "--vocab", "4", "--device", "cpu", "--quiet", "--out"])
         .arg(&cb)
         .output()
@@ -183,7 +183,7 @@ fn decode_refuses_a_nan_threshold_and_accepts_negative_ones() {
     let lp: Vec<u8> = (0..2 * 3 * 4).flat_map(|i| (-(i as f32) * 0.1).to_le_bytes()).collect();
     std::fs::write(&npy, common::npy_bytes("<f4", &[2, 3, 4], &lp)).unwrap();
     let decode = |threshold: &str| {
-        Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+        Command::new(common::gif_fr_bin())
             .args(["decode", "--top-k", "2", "--threshold", threshold, "--codebook"])
             .arg(&cb)
             .arg("--scores")
@@ -211,7 +211,7 @@ fn embed_reads_images_and_writes_embeddings() {
     let pixels: Vec<u8> = (0..112 * 112 * 3).map(|i| (i * 37 % 251) as u8).collect();
     std::fs::write(&images, common::npy_bytes("|u1", &[1, 112, 112, 3], &pixels)).unwrap();
     let embed_with = |arch: &str, weights: &Path, extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+        Command::new(common::gif_fr_bin())
             .args(["embed", "--arch", arch, "--device", "cpu", "--weights"])
             .arg(weights)
             .arg("--images")
@@ -263,7 +263,7 @@ fn embed_refuses_checkpoints_that_would_embed_to_nan() {
     std::fs::write(&images, common::npy_bytes("|u1", &[1, 112, 112, 3], &pixels)).unwrap();
     let cfg = IResNetConfig::arch("r18").unwrap();
     let embed = || {
-        Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+        Command::new(common::gif_fr_bin())
             .args(["embed", "--arch", "r18", "--device", "cpu", "--weights"])
             .arg(&weights)
             .arg("--images")

@@ -246,7 +246,7 @@ fn cli_decode_writes_ids_and_scores() {
     let lp = scores(&mut rng, b, l, v, 0);
     let bytes = npy_bytes("<f4", &[b, l, v], &lp.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
     std::fs::write(&npy, bytes).unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gif-fr"))
+    let o = std::process::Command::new(common::gif_fr_bin())
         .args(["decode", "--top-k", "4", "--codebook"])
         .arg(&cb)
         .arg("--scores")

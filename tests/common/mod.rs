@@ -142,3 +142,10 @@ pub fn tiny_iresnet() -> gif_fr::backbone::IResNetConfig {
         conv_dtype: gif_fr::DType::F32,
     }
 }
+
+/// The `gif-fr` binary: `GIF_FR_BIN` when set (the GPU kit runs prebuilt
+/// test binaries on a machine where the build's target folder is absent),
+/// else the one cargo built for this test run.
+pub fn gif_fr_bin() -> std::path::PathBuf {
+    std::env::var_os("GIF_FR_BIN").map_or_else(|| env!("CARGO_BIN_EXE_gif-fr").into(), Into::into)
+}
