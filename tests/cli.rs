@@ -170,31 +170,48 @@ fn non_utf8_paths_are_accepted() {
 }
 
 #[test]
-fn decode_refuses_a_nan_threshold_and_accepts_negative_ones() {
+fn decode_writes_ids_and_scores_and_refuses_a_nan_threshold() {
+    use gif_fr::decode::PrefixDecoder;
     let dir = tempfile::tempdir().unwrap();
     let (cb, npy, out) =
         (dir.path().join("book.safetensors"), dir.path().join("lp.npy"), dir.path().join("out.safetensors"));
     let o = Command::new(common::gif_fr_bin())
-        .args(["tokenize", "--count", "20", "--dim", "3", "--vocab", "4", "--device", "cpu", "--quiet", "--out"])
+        .args(["tokenize", "--count", "60", "--dim", "4", "--vocab", "4", "--device", "cpu", "--quiet", "--out"])
         .arg(&cb)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let lp: Vec<u8> = (0..2 * 3 * 4).flat_map(|i| (-(i as f32) * 0.1).to_le_bytes()).collect();
-    std::fs::write(&npy, common::npy_bytes("<f4", &[2, 3, 4], &lp)).unwrap();
-    let decode = |threshold: &str| {
+    let book = gif_fr::tokenizer::Codebook::load(&cb).unwrap();
+    let (l, v, b) = (book.length(), 4, 3);
+    let lp: Vec<f32> = (0..b * l * v).map(|i| -((i * 7919 % 97) as f32) * 0.05).collect();
+    std::fs::write(&npy, common::npy_bytes("<f4", &[b, l, v], bytemuck::cast_slice(&lp))).unwrap();
+    let decode = |extra: &[&str]| {
         Command::new(common::gif_fr_bin())
-            .args(["decode", "--top-k", "2", "--threshold", threshold, "--codebook"])
+            .args(["decode", "--top-k", "4", "--codebook"])
             .arg(&cb)
             .arg("--scores")
             .arg(&npy)
             .arg("--out")
             .arg(&out)
+            .args(extra)
             .output()
             .unwrap()
     };
-    expect_exit(&decode("nan"), 1, "threshold is NaN");
-    let o = decode("-2.5");
+    let o = decode(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The file holds what the library's brute force finds.
+    let want = PrefixDecoder::new(&book, &gif_fr::Device::cpu()).unwrap().brute_force(&lp, 4).unwrap();
+    let file = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let ids: Vec<i64> =
+        st.tensor("ids").unwrap().data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+    let sc: Vec<f32> =
+        st.tensor("scores").unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(st.tensor("ids").unwrap().shape(), &[b, 4]);
+    assert_eq!((ids, sc), (want.ids, want.scores));
+    // Thresholds: NaN is refused, a negative one is a number.
+    expect_exit(&decode(&["--threshold", "nan"]), 1, "threshold is NaN");
+    let o = decode(&["--threshold", "-2.5"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 

@@ -233,36 +233,3 @@ fn identify_runs_head_then_decoder_and_checks_they_match() {
         ));
     }
 }
-
-#[test]
-fn cli_decode_writes_ids_and_scores() {
-    let book = book(60, 4, 11);
-    let (l, v, b) = (book.length(), 4, 3);
-    let dir = tempfile::tempdir().unwrap();
-    let (cb, npy, out) =
-        (dir.path().join("book.safetensors"), dir.path().join("lp.npy"), dir.path().join("out.safetensors"));
-    book.save(&cb).unwrap();
-    let mut rng = rng(12);
-    let lp = scores(&mut rng, b, l, v, 0);
-    let bytes = npy_bytes("<f4", &[b, l, v], &lp.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
-    std::fs::write(&npy, bytes).unwrap();
-    let o = std::process::Command::new(common::gif_fr_bin())
-        .args(["decode", "--top-k", "4", "--codebook"])
-        .arg(&cb)
-        .arg("--scores")
-        .arg(&npy)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let want = PrefixDecoder::new(&book, &Device::cpu()).unwrap().brute_force(&lp, 4).unwrap();
-    let file = std::fs::read(&out).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
-    let ids: Vec<i64> =
-        st.tensor("ids").unwrap().data().chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-    let sc: Vec<f32> =
-        st.tensor("scores").unwrap().data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    assert_eq!(st.tensor("ids").unwrap().shape(), &[b, 4]);
-    assert_eq!((ids, sc), (want.ids, want.scores));
-}

@@ -7,7 +7,7 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::runtime::device::{Device, DeviceBuffer, LaunchConfig};
-use crate::runtime::launch;
+use crate::runtime::launch::{self, launch_one_of};
 use crate::runtime::tensor::DType;
 
 fn need_kernels(op: &'static str, dev: &Device) -> Result<()> {
@@ -238,39 +238,20 @@ pub fn mma_tile(dev: &Device, a: &[f32], b: &[f32], c: &[f32], dtype: DType) -> 
     }
     let (cb, mut d) = (up(dev, c)?, dev.alloc(128 * 4)?);
     let cfg = LaunchConfig::linear(1, 32, 0);
-    match dtype {
-        DType::BF16 => {
-            let ab = up(dev, &a.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())?;
-            let bb = up(dev, &b.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>())?;
-            // SAFETY: see above (a 16x16, b 16x8, c and d 16x8).
-            unsafe {
-                launch::selftest_mma_bf16(
-                    dev,
-                    cfg,
-                    dev.ptr_of(&ab),
-                    dev.ptr_of(&bb),
-                    dev.ptr_of(&cb),
-                    dev.ptr_mut_of(&mut d),
-                )
-            }?;
-        }
-        DType::F16 => {
-            let ab = up(dev, &a.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>())?;
-            let bb = up(dev, &b.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>())?;
-            // SAFETY: as for bf16.
-            unsafe {
-                launch::selftest_mma_f16(
-                    dev,
-                    cfg,
-                    dev.ptr_of(&ab),
-                    dev.ptr_of(&bb),
-                    dev.ptr_of(&cb),
-                    dev.ptr_mut_of(&mut d),
-                )
-            }?;
-        }
-        DType::F32 => return Err(Error::invalid(OP, "mma.sync m16n8k16 takes bf16 or f16 inputs")),
+    // A and B rounded to the MMA's input type.
+    let narrow = |v: &[f32]| match dtype {
+        DType::BF16 => up(dev, &v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>()),
+        _ => up(dev, &v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()),
+    };
+    if dtype == DType::F32 {
+        return Err(Error::invalid(OP, "mma.sync m16n8k16 takes bf16 or f16 inputs"));
     }
+    let (ab, bb) = (narrow(a)?, narrow(b)?);
+    // SAFETY: see above (a 16x16, b 16x8, c and d 16x8).
+    unsafe {
+        launch_one_of!(dtype, { DType::BF16 => selftest_mma_bf16, _ => selftest_mma_f16 },
+            (dev, cfg, dev.ptr_of(&ab), dev.ptr_of(&bb), dev.ptr_of(&cb), dev.ptr_mut_of(&mut d)))
+    }?;
     down(dev, &d, 128)
 }
 
