@@ -45,8 +45,12 @@ pub mod ops;
 pub mod runtime;
 pub mod tokenizer;
 
+/// The cudarc this crate is built on, for [`Device::from_stream`] and
+/// [`Tensor::from_cuda`]: a dependent crate uses the same version through it.
+pub use cudarc;
 pub use error::{Error, Result};
+pub use ops::labels::Labels;
 pub use runtime::device::{Device, DeviceKind, GpuInfo, MemoryStats};
 #[cfg(feature = "sim")]
 pub use runtime::sim::SimOrder;
-pub use runtime::tensor::{DType, Element, Tensor};
+pub use runtime::tensor::{DType, Element, Float, Tensor, TensorView};

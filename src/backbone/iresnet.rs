@@ -699,6 +699,34 @@ impl IResNet {
         self.backward_run(d_emb).inspect_err(|_| self.release_buffers())
     }
 
+    /// [`IResNet::backward`] into given buffers: each gradient overwrites
+    /// the tensor of its name in `grads` (f32, the parameter's shape, on the
+    /// network's device: a framework's buffers through
+    /// [`Tensor::from_device_ptr`]); names `grads` lacks are inserted. No
+    /// host synchronization. The gradients are still computed into pooled
+    /// temporaries and copied (one device copy per parameter); persistent
+    /// gradient buffers come with the training issue's parameters.
+    pub fn backward_into(&mut self, d_emb: &Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        const OP: &str = "IResNet::backward_into";
+        for (name, g) in grads.iter() {
+            let shape = self
+                .state()
+                .get(name.as_str())
+                .map(|t| t.shape().to_vec())
+                .ok_or_else(|| Error::invalid(OP, format!("{name} is not a parameter of this network")))?;
+            g.check_output(OP, &self.device, &[&shape])?;
+        }
+        for (name, g) in self.backward(d_emb)? {
+            match grads.get_mut(&name) {
+                Some(t) => t.copy_from(&g)?,
+                None => {
+                    grads.insert(name, g);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn backward_run(&mut self, d_emb: &Tensor) -> Result<BTreeMap<String, Tensor>> {
         const OP: &str = "IResNet::backward";
         let cache = self.cache.as_ref().ok_or_else(|| Error::invalid(OP, "no activations"))?;

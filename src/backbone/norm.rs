@@ -443,7 +443,7 @@ pub fn bias_add(y: &mut Tensor, b: &Tensor) -> Result<()> {
     let dev = y.device().clone();
     if dev.kind() == DeviceKind::Cpu {
         let bv = host(b)?;
-        if let Some(HostData::F32(v)) = y.host_mut() {
+        if let Some(v) = y.host_slice_mut::<f32>() {
             v.iter_mut().enumerate().for_each(|(i, a)| *a += bv[i % c]);
         }
         return Ok(());
@@ -491,7 +491,7 @@ pub fn add_assign(y: &mut Tensor, b: &Tensor) -> Result<()> {
     let n = y.numel();
     if dev.kind() == DeviceKind::Cpu {
         let bv = host(b)?;
-        if let Some(HostData::F32(v)) = y.host_mut() {
+        if let Some(v) = y.host_slice_mut::<f32>() {
             v.iter_mut().zip(bv.iter()).for_each(|(a, b)| *a += b);
         }
         return Ok(());

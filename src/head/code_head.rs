@@ -20,6 +20,7 @@ use rand_distr::{Distribution, StandardNormal};
 use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
 use crate::error::{Error, Result};
 use crate::ops::gemm::{self, Op};
+use crate::ops::labels::{self, Codes, Labels};
 use crate::ops::rows::{axpy_rows, scatter_rows};
 use crate::ops::rowwise;
 use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
@@ -112,6 +113,9 @@ impl CodeHeadConfig {
 /// or bf16; only B rows a step are read).
 pub struct CodeTable {
     codes: Vec<u16>,
+    /// The codes on `device` (GPU backends): device labels map to tokens
+    /// there.
+    codes_device: Option<(Device, DeviceBuffer)>,
     n: usize,
     length: usize,
     vocab: usize,
@@ -150,7 +154,11 @@ impl CodeTable {
             }
             None => None,
         };
-        Ok(CodeTable { codes, n, length, vocab, vectors })
+        let codes_device = match device.runs_kernels() {
+            true => Some((device.clone(), device.upload(bytemuck::cast_slice(&codes))?)),
+            false => None,
+        };
+        Ok(CodeTable { codes, codes_device, n, length, vocab, vectors })
     }
 
     /// The codes and code vectors of a tokenizer codebook.
@@ -194,6 +202,74 @@ pub struct HeadLoss {
     pub accuracy: Vec<f64>,
 }
 
+/// Losses, accuracies and the device label check of one step, left on the
+/// device that ran it ([`CodeHead::forward_backward_into`]) until
+/// [`HeadMetrics::read`]: per-sample rows `[2l + 1, B]` (the regression
+/// term, then each position's loss and hit), summed at reading. Reusable
+/// from step to step (no allocation while B stays the same).
+#[derive(Debug, Default)]
+pub struct HeadMetrics {
+    state: MetricsState,
+}
+
+#[derive(Debug, Default)]
+enum MetricsState {
+    #[default]
+    Empty,
+    Host(HeadLoss),
+    Device {
+        stats: Tensor,
+        bad: Option<DeviceBuffer>,
+        n: usize,
+    },
+}
+
+impl HeadMetrics {
+    /// Metrics before any step.
+    pub fn new() -> HeadMetrics {
+        HeadMetrics::default()
+    }
+
+    /// The step's losses and accuracies: one download of `(2l + 1)·B`
+    /// floats (and the 4-byte label flag) on a GPU backend, the only host
+    /// synchronization of a step. Errors as
+    /// [`CodeHead::forward_backward`]: a label out of range (found on the
+    /// device), a non-finite loss; and before any step.
+    pub fn read(&self) -> Result<HeadLoss> {
+        const OP: &str = "CodeHead::forward_backward";
+        let loss = match &self.state {
+            MetricsState::Empty => {
+                return Err(Error::invalid("HeadMetrics::read", "no step has written these metrics"))
+            }
+            MetricsState::Host(loss) => loss.clone(),
+            MetricsState::Device { stats, bad, n } => {
+                if let Some(p) = bad.as_ref().map(|f| labels::first_bad(stats.device(), f)).transpose()?.flatten() {
+                    return Err(labels::bad_label_error(OP, p, *n));
+                }
+                let (rows, b) = stats.dims2(OP)?;
+                let l = (rows - 1) / 2;
+                let st = stats.to_vec::<f32>()?;
+                let row_sum = |r: usize| st[r * b..(r + 1) * b].iter().map(|&x| x as f64).sum::<f64>();
+                let per_position: Vec<f64> = (0..l).map(|j| row_sum(1 + 2 * j)).collect();
+                let accuracy: Vec<f64> = (0..l).map(|j| row_sum(2 + 2 * j) / b as f64).collect();
+                let regression = row_sum(0);
+                let total = per_position.iter().sum::<f64>() + regression;
+                HeadLoss { total, per_position, regression, accuracy }
+            }
+        };
+        if let Some(j) = loss.per_position.iter().position(|x| !x.is_finite()) {
+            return Err(Error::invalid(
+                OP,
+                format!("the loss at position {j} is not finite (a zero or non-finite feature or centre?)"),
+            ));
+        }
+        if !loss.regression.is_finite() {
+            return Err(Error::invalid(OP, "the dot-regression loss is not finite (a zero or non-finite feature?)"));
+        }
+        Ok(loss)
+    }
+}
+
 /// Gradients of the total loss.
 #[derive(Debug)]
 pub struct HeadGrads {
@@ -203,6 +279,44 @@ pub struct HeadGrads {
     pub centres: Vec<Tensor>,
     /// With respect to each projection, f32 `[d_p, d]`, when there are.
     pub projections: Option<Vec<Tensor>>,
+}
+
+impl HeadGrads {
+    /// Buffers for the gradients of `head` at batch size `batch` (unwritten:
+    /// NaN where the device poisons), for
+    /// [`CodeHead::forward_backward_into`]. A caller may build a
+    /// `HeadGrads` of its own tensors instead (views of its memory
+    /// included), of these shapes, f32, on the head's device.
+    pub fn new(head: &CodeHead, batch: usize) -> Result<HeadGrads> {
+        let (d, dp, v, l) = (head.cfg.dim, head.cfg.dp(), head.cfg.vocab, head.cfg.length);
+        let dev = &head.device;
+        Ok(HeadGrads {
+            features: Tensor::empty(dev, &[batch, d], DType::F32)?,
+            centres: (0..l).map(|_| Tensor::empty(dev, &[v, dp], DType::F32)).collect::<Result<_>>()?,
+            projections: match head.projections {
+                Some(_) => Some((0..l).map(|_| Tensor::empty(dev, &[dp, d], DType::F32)).collect::<Result<_>>()?),
+                None => None,
+            },
+        })
+    }
+
+    fn check(&self, op: &'static str, head: &CodeHead, b: usize) -> Result<()> {
+        let (d, dp, v, l) = (head.cfg.dim, head.cfg.dp(), head.cfg.vocab, head.cfg.length);
+        self.features.check_output(op, &head.device, &[&[b, d]])?;
+        if self.centres.len() != l || self.projections.as_ref().map(Vec::len) != head.projections.as_ref().map(|_| l) {
+            return Err(Error::invalid(
+                op,
+                format!("the gradients need {l} centre matrices and, with projections, {l} projections"),
+            ));
+        }
+        for c in &self.centres {
+            c.check_output(op, &head.device, &[&[v, dp]])?;
+        }
+        for p in self.projections.iter().flatten() {
+            p.check_output(op, &head.device, &[&[dp, d]])?;
+        }
+        Ok(())
+    }
 }
 
 /// The trainable head: centres (and projections) per position, f32.
@@ -313,16 +427,44 @@ impl CodeHead {
 
     /// One training step's forward and backward pass: losses, accuracies and
     /// gradients for `features` (`[B, d]`, f32 or bf16) whose identities are
-    /// `labels` (indices into `table`). A label out of range, a shape or
-    /// vocabulary mismatch, γ > 0 without code vectors, or a non-finite loss
-    /// (e.g. a zero feature) is an error.
-    pub fn forward_backward(
+    /// `labels` (indices into `table`: host `u32`s, or a u32 / i64 tensor on
+    /// the head's device). A label out of range, a shape or vocabulary
+    /// mismatch, γ > 0 without code vectors, or a non-finite loss (e.g. a
+    /// zero feature) is an error. New gradient buffers each call, and the
+    /// losses read back: [`CodeHead::forward_backward_into`] is the step
+    /// without either.
+    pub fn forward_backward<'l>(
         &self,
         features: &Tensor,
-        labels: &[u32],
+        labels: impl Into<Labels<'l>>,
         table: &CodeTable,
     ) -> Result<(HeadLoss, HeadGrads)> {
+        let b = self.check_batch("CodeHead::forward_backward", features)?;
+        let mut grads = HeadGrads::new(self, b)?;
+        let mut metrics = HeadMetrics::new();
+        self.forward_backward_into(features, labels, table, &mut grads, &mut metrics)?;
+        Ok((metrics.read()?, grads))
+    }
+
+    /// [`CodeHead::forward_backward`] into given buffers: the gradients
+    /// overwrite `grads` (shapes of [`HeadGrads::new`], f32, on the head's
+    /// device; a caller's memory through [`Tensor::from_device_ptr`]), and
+    /// the losses stay in `metrics` on the device until
+    /// [`HeadMetrics::read`]. Nothing waits for the device: with device
+    /// labels, a label out of range is found by a kernel and reported by
+    /// `read` (the gradients of such a step are meaningless, computed as if
+    /// the label were 0); host labels are checked here. A non-finite loss,
+    /// too, is reported by `read`.
+    pub fn forward_backward_into<'l>(
+        &self,
+        features: &Tensor,
+        labels: impl Into<Labels<'l>>,
+        table: &CodeTable,
+        grads: &mut HeadGrads,
+        metrics: &mut HeadMetrics,
+    ) -> Result<()> {
         const OP: &str = "CodeHead::forward_backward";
+        let labels = labels.into();
         let b = self.check_batch(OP, features)?;
         let cfg = &self.cfg;
         if labels.len() != b {
@@ -340,9 +482,6 @@ impl CodeHead {
                 ),
             ));
         }
-        if let Some(p) = labels.iter().position(|&y| y as usize >= table.n) {
-            return Err(Error::invalid(OP, format!("labels[{p}] = {} is not below N = {}", labels[p], table.n)));
-        }
         if cfg.gamma != 0.0 {
             match &table.vectors {
                 None => return Err(Error::invalid(OP, "gamma > 0 needs code vectors in the table")),
@@ -359,25 +498,29 @@ impl CodeHead {
                 _ => {}
             }
         }
-        let (loss, grads) = if self.device.kind() == DeviceKind::Cpu {
-            self.step_cpu(features, labels, table)?
-        } else {
-            self.step_device(features, labels, table)?
+        grads.check(OP, self, b)?;
+        if self.device.kind() == DeviceKind::Cpu {
+            let host = labels.host_checked(OP, &self.device, table.n)?;
+            let loss = self.step_cpu(features, &host, table, grads)?;
+            metrics.state = MetricsState::Host(loss);
+            return Ok(());
+        }
+        let codes_device = match &table.codes_device {
+            Some((d, buf)) if d == &self.device => Some(buf),
+            _ => None,
         };
-        let bad = loss.per_position.iter().position(|x| !x.is_finite());
-        if let Some(j) = bad {
-            return Err(Error::invalid(
-                OP,
-                format!("the loss at position {j} is not finite (a zero or non-finite feature or centre?)"),
-            ));
-        }
-        if !loss.regression.is_finite() {
-            return Err(Error::invalid(OP, "the dot-regression loss is not finite (a zero or non-finite feature?)"));
-        }
-        Ok((loss, grads))
+        let codes = Codes { host: &table.codes, device: codes_device, length: table.length };
+        let prepared = labels::prepare(OP, &self.device, labels, table.n, Some(&codes))?;
+        self.step_device(features, prepared, table, grads, metrics)
     }
 
-    fn step_cpu(&self, features: &Tensor, labels: &[u32], table: &CodeTable) -> Result<(HeadLoss, HeadGrads)> {
+    fn step_cpu(
+        &self,
+        features: &Tensor,
+        labels: &[u32],
+        table: &CodeTable,
+        grads: &mut HeadGrads,
+    ) -> Result<HeadLoss> {
         let x = features.host_f32()?;
         let host = |t: &Tensor| t.host_f32().map(|c| c.into_owned());
         let centres = self.centres.iter().map(host).collect::<Result<Vec<_>>>()?;
@@ -399,35 +542,39 @@ impl CodeHead {
             &centres,
             projections.as_deref(),
         );
-        let dev = &self.device;
-        let (d, dp, v) = (self.cfg.dim, self.cfg.dp(), self.cfg.vocab);
-        let host = |shape: Vec<usize>, v: Vec<f32>| Tensor::from_host(dev, shape, HostData::F32(v));
-        Ok((
-            loss,
-            HeadGrads {
-                features: host(vec![labels.len(), d], g.features),
-                centres: g.centres.into_iter().map(|c| host(vec![v, dp], c)).collect(),
-                projections: g.projections.map(|ps| ps.into_iter().map(|p| host(vec![dp, d], p)).collect()),
-            },
-        ))
+        grads.features.write_f32(&g.features)?;
+        for (t, c) in grads.centres.iter_mut().zip(&g.centres) {
+            t.write_f32(c)?;
+        }
+        for (t, p) in grads.projections.iter_mut().flatten().zip(g.projections.iter().flatten()) {
+            t.write_f32(p)?;
+        }
+        Ok(loss)
     }
 
-    fn step_device(&self, features: &Tensor, labels: &[u32], table: &CodeTable) -> Result<(HeadLoss, HeadGrads)> {
+    fn step_device(
+        &self,
+        features: &Tensor,
+        prepared: labels::DeviceLabels,
+        table: &CodeTable,
+        grads: &mut HeadGrads,
+        metrics: &mut HeadMetrics,
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let dev = &self.device;
-        let (b, d, dp, v, l) = (labels.len(), cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
-        let i32s = |x: &[i32]| -> Result<DeviceBuffer> { dev.upload(bytemuck::cast_slice(x)) };
-        let label_buf = i32s(&labels.iter().map(|&y| y as i32).collect::<Vec<_>>())?;
-        // Targets, position-major: position j at offset j·B.
-        let targets: Vec<i32> =
-            (0..l).flat_map(|j| labels.iter().map(move |&y| table.codes[y as usize * l + j] as i32)).collect();
-        let target_buf = i32s(&targets)?;
-        let mut dx = Tensor::empty(dev, &[b, d], DType::F32)?;
-        // Per-sample statistics, one row each, downloaded in one copy at the
-        // end: the regression loss, then the loss and hit of every position.
-        let mut stats = Tensor::empty(dev, &[2 * l + 1, b], DType::F32)?;
-        let stats_base = stats.ptr_mut::<f32>()?;
-        let stat_row = |r: usize| stats_base.offset(r * b);
+        let (b, d, dp, v, l) = (features.shape()[0], cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
+        let labels::DeviceLabels { labels: label_buf, targets, bad } = prepared;
+        let target_buf = targets.as_ref().ok_or_else(|| Error::invalid("CodeHead", "no targets"))?;
+        let HeadGrads { features: dx, centres: centre_grads, projections: proj_grads } = grads;
+        // Per-sample statistics, one row each, left in the metrics (read in
+        // one copy): the regression loss, then the loss and hit of every
+        // position. Reused while the shape stays.
+        let mut stats = match std::mem::take(&mut metrics.state) {
+            MetricsState::Device { stats, .. } if stats.shape() == [2 * l + 1, b] && stats.device() == dev => stats,
+            _ => Tensor::empty(dev, &[2 * l + 1, b], DType::F32)?,
+        };
+        let stat_rows: Vec<_> = (0..2 * l + 1).map(|r| stats.rows_ptr_mut::<f32>(r, 1)).collect::<Result<_>>()?;
+        let stat_row = |r: usize| stat_rows[r];
         let use_table = cfg.gamma != 0.0;
         let table_t = table.vectors.as_ref().filter(|_| use_table);
         let rcfg = LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0);
@@ -448,8 +595,6 @@ impl CodeHead {
         let (kind, m) = cfg.margin.kernel_args();
         let exact = i32::from(cfg.margin_grad == MarginGrad::Exact);
         let singular = cfg.margin.is_angular() && cfg.margin_grad == MarginGrad::Exact;
-        let mut centre_grads = Vec::with_capacity(l);
-        let mut proj_grads = Vec::new();
         // bf16 features meet f32 (or widened) projections in an f32 GEMM.
         let x_wide = if self.projections.is_some() { features.widened()? } else { None };
         let x32 = x_wide.as_ref().unwrap_or(features);
@@ -478,7 +623,8 @@ impl CodeHead {
             let mut dz_owned =
                 if self.projections.is_some() { Some(Tensor::empty(dev, &[b, dp], DType::F32)?) } else { None };
             let mcfg = LaunchConfig::linear(b as u32, 128, ((2 * dp + 2 * v) * 4) as u32);
-            let target_p = dev.ptr_of::<i32>(&target_buf).offset(j * b);
+            // Position j's B targets (the prepared buffer holds l·B).
+            let target_p = dev.ptr_of::<i32>(target_buf).offset(j * b);
             let dz_p = match dz_owned.as_mut() {
                 Some(t) => t.ptr_mut()?,
                 None => dx.ptr_mut()?,
@@ -516,26 +662,14 @@ impl CodeHead {
                 ))
             }?;
             let dw_hat = gemm::matmul(&dc, Op::T, &u, Op::N)?;
-            centre_grads.push(rowwise::l2_normalize_backward(&w_hat, &w_norm, &dw_hat, EPS)?);
-            if let (Some(p), Some(dzj)) = (p32, &dz_owned) {
-                proj_grads.push(gemm::matmul(dzj, Op::T, x32, Op::N)?);
-                gemm::gemm(1.0, dzj, Op::N, p, Op::N, 1.0, &mut dx)?;
+            centre_grads[j].copy_from(&rowwise::l2_normalize_backward(&w_hat, &w_norm, &dw_hat, EPS)?)?;
+            if let (Some(p), Some(dzj), Some(pg)) = (p32, &dz_owned, proj_grads.as_mut()) {
+                gemm::gemm(1.0, dzj, Op::T, x32, Op::N, 0.0, &mut pg[j])?;
+                gemm::gemm(1.0, dzj, Op::N, p, Op::N, 1.0, dx)?;
             }
         }
-        let st = stats.to_vec::<f32>()?;
-        let row_sum = |r: usize| st[r * b..(r + 1) * b].iter().map(|&x| x as f64).sum::<f64>();
-        let per_position: Vec<f64> = (0..l).map(|j| row_sum(1 + 2 * j)).collect();
-        let accuracy: Vec<f64> = (0..l).map(|j| row_sum(2 + 2 * j) / b as f64).collect();
-        let regression = row_sum(0);
-        let total = per_position.iter().sum::<f64>() + regression;
-        Ok((
-            HeadLoss { total, per_position, regression, accuracy },
-            HeadGrads {
-                features: dx,
-                centres: centre_grads,
-                projections: self.projections.as_ref().map(|_| proj_grads),
-            },
-        ))
+        metrics.state = MetricsState::Device { stats, bad, n: table.n };
+        Ok(())
     }
 
     /// Per-position log-softmax of `s·cos`, without margin: `[B, l·v]` f32,
@@ -621,12 +755,16 @@ fn rows_f32(t: &Tensor, ids: &[u32]) -> Result<Vec<f32>> {
     let pick = |get: &dyn Fn(usize) -> f32| {
         ids.iter().flat_map(|&i| (0..d).map(move |c| i as usize * d + c)).map(get).collect::<Vec<f32>>()
     };
-    Ok(match t.host() {
-        Some(HostData::F32(v)) => pick(&|k| v[k]),
-        Some(HostData::BF16(v)) => pick(&|k| v[k].to_f32()),
-        Some(HostData::F16(v)) => pick(&|k| v[k].to_f32()),
-        None => return Err(Error::invalid("CodeHead", "the code vectors are not on the CPU")),
-    })
+    if let Some(v) = t.host_slice::<f32>() {
+        return Ok(pick(&|k| v[k]));
+    }
+    if let Some(v) = t.host_slice::<half::bf16>() {
+        return Ok(pick(&|k| v[k].to_f32()));
+    }
+    if let Some(v) = t.host_slice::<half::f16>() {
+        return Ok(pick(&|k| v[k].to_f32()));
+    }
+    Err(Error::invalid("CodeHead", "the code vectors are not on the CPU"))
 }
 
 /// The f64 reference, and the f32 CPU path.

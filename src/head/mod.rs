@@ -6,7 +6,7 @@ pub mod margin;
 pub mod partial_fc;
 pub mod softmax_head;
 
-pub use code_head::{CodeHead, CodeHeadConfig, CodeTable, HeadGrads, HeadLoss};
+pub use code_head::{CodeHead, CodeHeadConfig, CodeTable, HeadGrads, HeadLoss, HeadMetrics};
 pub use margin::{Margin, MarginGrad};
 pub use partial_fc::{PartialFc, PfcGrads};
-pub use softmax_head::{SoftmaxGrads, SoftmaxHead, SoftmaxHeadConfig, SoftmaxLoss};
+pub use softmax_head::{SoftmaxGrads, SoftmaxHead, SoftmaxHeadConfig, SoftmaxLoss, SoftmaxMetrics};

@@ -18,8 +18,10 @@
 
 use super::softmax_head::{
     check_batch, check_centres, fused_step, Rows, SoftmaxGrads, SoftmaxHead, SoftmaxHeadConfig, SoftmaxLoss,
+    SoftmaxMetrics, Targets,
 };
 use crate::error::{Error, Result};
+use crate::ops::labels::Labels;
 use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::runtime::kernels::Ptr;
 use crate::runtime::launch;
@@ -40,6 +42,16 @@ pub struct PfcGrads {
     pub sampled: Vec<u32>,
     /// Features `[B, d]` and sampled centres `[k, d]`, f32.
     pub grads: SoftmaxGrads,
+}
+
+impl PfcGrads {
+    /// Buffers for a step of `pfc` at batch size `batch`: the features'
+    /// gradient `[B, d]`; the sampled rows' are sized by each step (the
+    /// sample's size varies with the positives).
+    pub fn new(pfc: &PartialFc, batch: usize) -> Result<PfcGrads> {
+        let cfg = pfc.head.config();
+        Ok(PfcGrads { sampled: Vec::new(), grads: SoftmaxGrads::new(pfc.head.device(), batch, 0, cfg.dim)? })
+    }
 }
 
 impl PartialFc {
@@ -180,15 +192,44 @@ impl PartialFc {
 
     /// One training step: samples the classes of `step`, then the fused
     /// margin softmax over them. Errors as [`SoftmaxHead::forward_backward`].
-    pub fn forward_backward(&self, features: &Tensor, labels: &[u32], step: u64) -> Result<(SoftmaxLoss, PfcGrads)> {
+    pub fn forward_backward<'l>(
+        &self,
+        features: &Tensor,
+        labels: impl Into<Labels<'l>>,
+        step: u64,
+    ) -> Result<(SoftmaxLoss, PfcGrads)> {
+        let b = features.shape().first().copied().unwrap_or(0);
+        let mut grads = PfcGrads::new(self, b)?;
+        let mut metrics = SoftmaxMetrics::new();
+        self.forward_backward_into(features, labels, step, &mut grads, &mut metrics)?;
+        Ok((metrics.read()?, grads))
+    }
+
+    /// [`PartialFc::forward_backward`] into given buffers: the features'
+    /// gradient overwrites `grads.grads.features` (`[B, d]` f32 on the
+    /// head's device), `grads.sampled` and the sampled rows' gradient
+    /// (reallocated when the sample's size changes) are this step's, the
+    /// loss stays in `metrics`. The sample is remapped on the host, so
+    /// device labels are downloaded (one synchronization per step; the
+    /// other heads have none).
+    pub fn forward_backward_into<'l>(
+        &self,
+        features: &Tensor,
+        labels: impl Into<Labels<'l>>,
+        step: u64,
+        grads: &mut PfcGrads,
+        metrics: &mut SoftmaxMetrics,
+    ) -> Result<()> {
         const OP: &str = "PartialFc::forward_backward";
+        let labels = labels.into();
         let cfg: &SoftmaxHeadConfig = self.head.config();
         let dev = self.head.device();
-        check_batch(OP, cfg, dev, features, labels)?;
+        let b = check_batch(OP, cfg, dev, features, labels.len())?;
+        let labels = labels.host_checked(OP, dev, cfg.classes)?;
         let (sampled, index) = if dev.kind() == DeviceKind::Cpu {
-            (self.sample(labels, step)?, None)
+            (self.sample(&labels, step)?, None)
         } else {
-            let (index, k) = self.sample_device(dev, labels, step)?;
+            let (index, k) = self.sample_device(dev, &labels, step)?;
             let ids: Vec<i32> = bytemuck::pod_collect_to_vec(&dev.download(&index, k * 4)?);
             (ids.into_iter().map(|i| i as u32).collect(), Some(index))
         };
@@ -201,8 +242,24 @@ impl PartialFc {
             Some(b) => Rows::Device(b),
             None => Rows::Host(&sampled),
         };
-        let (loss, grads) = fused_step(OP, cfg, self.head.centres(), Some(rows), sampled.len(), features, &targets)?;
-        Ok((loss, PfcGrads { sampled, grads }))
+        let k = sampled.len();
+        if grads.grads.centres.shape() != [k, cfg.dim] || grads.grads.centres.device() != dev {
+            grads.grads.centres = Tensor::empty(dev, &[k, cfg.dim], crate::DType::F32)?;
+        }
+        grads.grads.check(OP, dev, b, k, cfg.dim)?;
+        fused_step(
+            OP,
+            cfg,
+            self.head.centres(),
+            Some(rows),
+            k,
+            features,
+            Targets::Host(targets),
+            &mut grads.grads,
+            metrics,
+        )?;
+        grads.sampled = sampled;
+        Ok(())
     }
 
     /// Plain SGD on the sampled rows: `W[sampled[i]] ← W[sampled[i]] − lr·g_i`.

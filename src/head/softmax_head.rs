@@ -29,12 +29,13 @@ use rayon::prelude::*;
 use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
 use crate::error::{Error, Result};
 use crate::ops::gemm::{cpu::gemm_sized as cpu_gemm, Op};
+use crate::ops::labels::{self, Labels};
 use crate::ops::rowwise;
 use crate::ops::topk::TopK;
 use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::runtime::kernels::Ptr;
 use crate::runtime::launch::{self, launch_one_of};
-use crate::runtime::tensor::{DType, HostData, Tensor};
+use crate::runtime::tensor::{DType, Tensor};
 
 /// Normalization floor (as PyTorch's F.normalize).
 pub(crate) const EPS: f32 = 1e-12;
@@ -120,6 +121,71 @@ pub struct SoftmaxGrads {
     pub centres: Tensor,
 }
 
+impl SoftmaxGrads {
+    /// Buffers for the gradients at batch size `batch` over `classes`
+    /// centre rows (N for [`SoftmaxHead`]), f32 on `device`, unwritten (NaN
+    /// where the device poisons), for the `_into` steps.
+    pub fn new(device: &Device, batch: usize, classes: usize, dim: usize) -> Result<SoftmaxGrads> {
+        Ok(SoftmaxGrads {
+            features: Tensor::empty(device, &[batch, dim], DType::F32)?,
+            centres: Tensor::empty(device, &[classes, dim], DType::F32)?,
+        })
+    }
+}
+
+/// Loss, accuracy and the device label check of one step, left on the
+/// device until [`SoftmaxMetrics::read`] (per-sample rows, summed at
+/// reading). Reusable from step to step.
+#[derive(Debug, Default)]
+pub struct SoftmaxMetrics {
+    state: SmState,
+}
+
+#[derive(Debug, Default)]
+enum SmState {
+    #[default]
+    Empty,
+    Host(SoftmaxLoss),
+    Device {
+        /// `[5, B]`: lse, gy, loss, hit, singular weight.
+        stats: Tensor,
+        bad: Option<DeviceBuffer>,
+        n: usize,
+    },
+}
+
+impl SoftmaxMetrics {
+    /// Metrics before any step.
+    pub fn new() -> SoftmaxMetrics {
+        SoftmaxMetrics::default()
+    }
+
+    /// The step's loss and accuracy (a download of 5·B floats and the label
+    /// flag on a GPU backend). Errors: a label out of range found on the
+    /// device, a non-finite loss, no step yet.
+    pub fn read(&self) -> Result<SoftmaxLoss> {
+        const OP: &str = "SoftmaxHead::forward_backward";
+        let loss = match &self.state {
+            SmState::Empty => return Err(Error::invalid("SoftmaxMetrics::read", "no step has written these metrics")),
+            SmState::Host(l) => *l,
+            SmState::Device { stats, bad, n } => {
+                if let Some(p) = bad.as_ref().map(|f| labels::first_bad(stats.device(), f)).transpose()?.flatten() {
+                    return Err(labels::bad_label_error(OP, p, *n));
+                }
+                let b = stats.shape()[1];
+                let st = stats.to_vec::<f32>()?;
+                let loss = st[2 * b..3 * b].iter().map(|&x| x as f64).sum::<f64>();
+                let accuracy = st[3 * b..4 * b].iter().map(|&x| x as f64).sum::<f64>() / b as f64;
+                SoftmaxLoss { loss, accuracy }
+            }
+        };
+        if !loss.loss.is_finite() {
+            return Err(Error::invalid(OP, "the loss is not finite (a non-finite feature or centre?)"));
+        }
+        Ok(loss)
+    }
+}
+
 /// The full margin-softmax head: N centres on one device.
 pub struct SoftmaxHead {
     cfg: SoftmaxHeadConfig,
@@ -163,19 +229,48 @@ impl SoftmaxHead {
         &mut self.centres
     }
 
-    /// One training step's forward and backward pass. Labels out of range, a
-    /// shape mismatch, an empty batch or a non-finite loss are errors.
-    pub fn forward_backward(&self, features: &Tensor, labels: &[u32]) -> Result<(SoftmaxLoss, SoftmaxGrads)> {
+    /// One training step's forward and backward pass (labels: host `u32`s
+    /// or a u32 / i64 tensor on the head's device). Labels out of range, a
+    /// shape mismatch, an empty batch or a non-finite loss are errors. New
+    /// gradient buffers, and the loss read back:
+    /// [`SoftmaxHead::forward_backward_into`] is the step without either.
+    pub fn forward_backward<'l>(
+        &self,
+        features: &Tensor,
+        labels: impl Into<Labels<'l>>,
+    ) -> Result<(SoftmaxLoss, SoftmaxGrads)> {
+        let b = features.shape().first().copied().unwrap_or(0);
+        let mut grads = SoftmaxGrads::new(self.device(), b, self.cfg.classes, self.cfg.dim)?;
+        let mut metrics = SoftmaxMetrics::new();
+        self.forward_backward_into(features, labels, &mut grads, &mut metrics)?;
+        Ok((metrics.read()?, grads))
+    }
+
+    /// [`SoftmaxHead::forward_backward`] into given buffers: the gradients
+    /// overwrite `grads` (features `[B, d]`, centres `[N, d]`, f32, on the
+    /// head's device), the loss stays in `metrics` until
+    /// [`SoftmaxMetrics::read`]. Nothing waits for the device, except with
+    /// device labels and the exact ArcFace gradient (its singular part
+    /// groups the batch by target on the host: one download of B labels).
+    pub fn forward_backward_into<'l>(
+        &self,
+        features: &Tensor,
+        labels: impl Into<Labels<'l>>,
+        grads: &mut SoftmaxGrads,
+        metrics: &mut SoftmaxMetrics,
+    ) -> Result<()> {
         const OP: &str = "SoftmaxHead::forward_backward";
-        check_batch(OP, &self.cfg, self.device(), features, labels)?;
-        if let Some(p) = labels.iter().position(|&y| y as usize >= self.cfg.classes) {
-            return Err(Error::invalid(
-                OP,
-                format!("labels[{p}] = {} is not below N = {}", labels[p], self.cfg.classes),
-            ));
-        }
-        let targets: Vec<i32> = labels.iter().map(|&y| y as i32).collect();
-        fused_step(OP, &self.cfg, &self.centres, None, self.cfg.classes, features, &targets)
+        let labels = labels.into();
+        let b = check_batch(OP, &self.cfg, self.device(), features, labels.len())?;
+        let n = self.cfg.classes;
+        grads.check(OP, self.device(), b, n, self.cfg.dim)?;
+        let targets = if self.device().kind() == DeviceKind::Cpu || matches!(labels, Labels::Host(_)) {
+            let host = labels.host_checked(OP, self.device(), n)?;
+            Targets::Host(host.iter().map(|&y| y as i32).collect())
+        } else {
+            Targets::Device(labels::prepare(OP, self.device(), labels, n, None)?)
+        };
+        fused_step(OP, &self.cfg, &self.centres, None, n, features, targets, grads, metrics)
     }
 
     /// The k nearest centres of each feature by cosine, best first (ties:
@@ -280,17 +375,31 @@ fn check_features(
     Ok(())
 }
 
+impl SoftmaxGrads {
+    pub(crate) fn check(&self, op: &'static str, dev: &Device, b: usize, n: usize, d: usize) -> Result<()> {
+        self.features.check_output(op, dev, &[&[b, d]])?;
+        self.centres.check_output(op, dev, &[&[n, d]])
+    }
+}
+
+/// The targets of a step: logical classes on the host, or labels checked on
+/// the device (their flag goes into the metrics).
+pub(crate) enum Targets {
+    Host(Vec<i32>),
+    Device(labels::DeviceLabels),
+}
+
 pub(crate) fn check_batch(
     op: &'static str,
     cfg: &SoftmaxHeadConfig,
     dev: &Device,
     features: &Tensor,
-    labels: &[u32],
+    labels: usize,
 ) -> Result<usize> {
     let (b, d) = features.dims2(op)?;
     check_features(op, cfg, dev, features, b, d)?;
-    if labels.len() != b {
-        return Err(Error::Shape { op, expected: format!("{b} labels"), got: format!("{}", labels.len()) });
+    if labels != b {
+        return Err(Error::Shape { op, expected: format!("{b} labels"), got: format!("{labels}") });
     }
     if b == 0 {
         return Err(Error::invalid(op, "empty batch"));
@@ -330,6 +439,8 @@ fn inv_norms(w: &Tensor, rows: Option<&DeviceBuffer>, n: usize) -> Result<Tensor
 /// The fused step over `n` logical classes: row i of the logical centre
 /// matrix is `w[rows[i]]` (`rows`: a device buffer of n i32 on a GPU, a host
 /// slice on the CPU; None: the identity). `targets` index logical classes.
+/// The gradients overwrite `grads`; the loss goes to `metrics`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn fused_step(
     op: &'static str,
     cfg: &SoftmaxHeadConfig,
@@ -337,10 +448,13 @@ pub(crate) fn fused_step(
     rows: Option<Rows<'_>>,
     n: usize,
     features: &Tensor,
-    targets: &[i32],
-) -> Result<(SoftmaxLoss, SoftmaxGrads)> {
+    targets: Targets,
+    grads: &mut SoftmaxGrads,
+    metrics: &mut SoftmaxMetrics,
+) -> Result<()> {
     let dev = w.device();
-    let (loss, grads) = if dev.kind() == DeviceKind::Cpu {
+    if dev.kind() == DeviceKind::Cpu {
+        let Targets::Host(targets) = targets else { return Err(Error::invalid(op, "device targets on the CPU")) };
         let host_rows = match rows {
             Some(Rows::Host(r)) => Some(r),
             None => None,
@@ -348,27 +462,19 @@ pub(crate) fn fused_step(
         };
         let x = features.host_f32()?;
         let wv = w.host_f32()?;
-        let (loss, dx, dw) = cpu::fused(cfg, &x, &wv, host_rows, n, targets);
-        let b = targets.len();
-        (
-            loss,
-            SoftmaxGrads {
-                features: Tensor::from_host(dev, vec![b, cfg.dim], HostData::F32(dx)),
-                centres: Tensor::from_host(dev, vec![n, cfg.dim], HostData::F32(dw)),
-            },
-        )
+        let dw = grads.centres.host_slice_mut::<f32>().ok_or_else(|| Error::invalid(op, "no host storage"))?;
+        let (loss, dx) = cpu::fused_into(cfg, &x, &wv, host_rows, n, &targets, dw);
+        grads.features.write_f32(&dx)?;
+        metrics.state = SmState::Host(loss);
+        Ok(())
     } else {
         let dev_rows = match rows {
             Some(Rows::Device(r)) => Some(r),
             None => None,
             Some(Rows::Host(_)) => return Err(Error::invalid(op, "host rows on a GPU")),
         };
-        device_step(cfg, w, dev_rows, n, features, targets)?
-    };
-    if !loss.loss.is_finite() {
-        return Err(Error::invalid(op, "the loss is not finite (a non-finite feature or centre?)"));
+        device_step(cfg, w, dev_rows, n, features, targets, grads, metrics)
     }
-    Ok((loss, grads))
 }
 
 /// A row map of the logical centres.
@@ -378,19 +484,25 @@ pub(crate) enum Rows<'a> {
     Device(&'a DeviceBuffer),
 }
 
+#[allow(clippy::too_many_arguments)]
 fn device_step(
     cfg: &SoftmaxHeadConfig,
     w: &Tensor,
     rows: Option<&DeviceBuffer>,
     n: usize,
     features: &Tensor,
-    targets: &[i32],
-) -> Result<(SoftmaxLoss, SoftmaxGrads)> {
+    targets: Targets,
+    grads: &mut SoftmaxGrads,
+    metrics: &mut SoftmaxMetrics,
+) -> Result<()> {
     let dev = w.device();
-    let (b, d) = (targets.len(), cfg.dim);
+    let (b, d) = (features.shape()[0], cfg.dim);
     let (btiles, ntiles) = (b.div_ceil(TILE), n.div_ceil(TILE));
     let rows_p = rows.map_or(Ptr::null(), |r| dev.ptr_of::<i32>(r));
-    let target = dev.upload(bytemuck::cast_slice(targets))?;
+    let (target, host_targets, bad) = match targets {
+        Targets::Host(t) => (dev.upload(bytemuck::cast_slice(&t))?, Some(t), None),
+        Targets::Device(p) => (p.labels, None, p.bad),
+    };
     let target_p = dev.ptr_of::<i32>(&target);
     let (u, norms) = normalized_f32(features)?;
     let rnorm = inv_norms(w, rows, n)?;
@@ -432,10 +544,13 @@ fn device_step(
     } else {
         None
     };
-    // stats rows: lse, gy, loss, correct, gsing.
-    let mut stats = Tensor::empty(dev, &[5, b], DType::F32)?;
-    let base = stats.ptr_mut::<f32>()?;
-    let row = |r: usize| base.offset(r * b);
+    // stats rows: lse, gy, loss, correct, gsing (kept in the metrics).
+    let mut stats = match std::mem::take(&mut metrics.state) {
+        SmState::Device { stats, .. } if stats.shape() == [5, b] && stats.device() == dev => stats,
+        _ => Tensor::empty(dev, &[5, b], DType::F32)?,
+    };
+    let stat_rows: Vec<_> = (0..5).map(|r| stats.rows_ptr_mut::<f32>(r, 1)).collect::<Result<_>>()?;
+    let row = |r: usize| stat_rows[r];
     let weight = 1.0 / b as f32;
     let exact = cfg.margin_grad == MarginGrad::Exact;
     // SAFETY: see the top of the step.
@@ -466,7 +581,8 @@ fn device_step(
     drop(partial);
     // Backward: recompute each tile, accumulate both gradients.
     let mut du = Tensor::zeros(dev, &[b, d], DType::F32)?;
-    let mut dw = Tensor::zeros(dev, &[n, d], DType::F32)?;
+    let dw = &mut grads.centres;
+    dw.fill_zeros()?;
     let b_splits = (TARGET_BLOCKS / ntiles).clamp(1, btiles);
     let bwd = LaunchConfig {
         grid: (ntiles as u32, b_splits as u32, 1),
@@ -483,7 +599,12 @@ fn device_step(
             du.ptr_mut()?, dw.ptr_mut()?))
     }?;
     if exact && cfg.margin.is_angular() {
-        // The singular part, one warp per distinct target class, its rows in order.
+        // The singular part, one warp per distinct target class, its rows in
+        // order (grouped on the host: device labels come down once).
+        let targets = match host_targets {
+            Some(t) => t,
+            None => bytemuck::pod_collect_to_vec(&dev.download(&target, b * 4)?),
+        };
         let mut order: Vec<i32> = (0..b as i32).collect();
         order.sort_by_key(|&r| (targets[r as usize], r));
         let mut starts = vec![0i32];
@@ -511,11 +632,9 @@ fn device_step(
         launch_one_of!(w.dtype(), { DType::F32 => centre_grad_finish_f32, _ => centre_grad_finish_bf16 },
             (dev, fin, w.ptr()?, rows_p, rnorm.ptr()?, ni, di, dw.ptr_mut()?))
     }?;
-    let dx = rowwise::l2_normalize_backward(&u, &norms, &du, EPS)?;
-    let st = stats.to_vec::<f32>()?;
-    let loss = st[2 * b..3 * b].iter().map(|&x| x as f64).sum::<f64>();
-    let accuracy = st[3 * b..4 * b].iter().map(|&x| x as f64).sum::<f64>() / b as f64;
-    Ok((SoftmaxLoss { loss, accuracy }, SoftmaxGrads { features: dx, centres: dw }))
+    grads.features.copy_from(&rowwise::l2_normalize_backward(&u, &norms, &du, EPS)?)?;
+    metrics.state = SmState::Device { stats, bad, n };
+    Ok(())
 }
 
 /// The CPU path: the f64 reference (materializes the logits; small N) and
@@ -641,6 +760,22 @@ pub mod cpu {
         n: usize,
         targets: &[i32],
     ) -> (SoftmaxLoss, Vec<f32>, Vec<f32>) {
+        let mut dw = vec![0f32; n * cfg.dim];
+        let (loss, dx) = fused_into(cfg, x, w, rows, n, targets, &mut dw);
+        (loss, dx, dw)
+    }
+
+    /// [`fused`] with the centre gradient written into `dw` (`n·d` floats,
+    /// every one overwritten): the `_into` steps' CPU path.
+    pub fn fused_into(
+        cfg: &SoftmaxHeadConfig,
+        x: &[f32],
+        w: &[f32],
+        rows: Option<&[u32]>,
+        n: usize,
+        targets: &[i32],
+        dw: &mut [f32],
+    ) -> (SoftmaxLoss, Vec<f32>) {
         let (b, d, s) = (targets.len(), cfg.dim, cfg.scale);
         let (u, norms) = normalize_rows(x, d);
         let inv = inv_norms(w, rows, d, n);
@@ -726,7 +861,6 @@ pub mod cpu {
         let loss = rowv.iter().map(|r| r.2).sum::<f64>() / b as f64;
         let accuracy = rowv.iter().filter(|r| r.3).count() as f64 / b as f64;
         let mut du = vec![0f32; b * d];
-        let mut dw = vec![0f32; n * d];
         for c0 in (0..n).step_by(CPU_CHUNK) {
             let len = CPU_CHUNK.min(n - c0);
             let inv_c = &inv[c0..c0 + len];
@@ -768,7 +902,7 @@ pub mod cpu {
         }
         let mut dx = vec![0f32; b * d];
         crate::ops::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, EPS, &mut dx);
-        (SoftmaxLoss { loss, accuracy }, dx, dw)
+        (SoftmaxLoss { loss, accuracy }, dx)
     }
 
     /// The k nearest centres by cosine of each normalized feature in `u`,

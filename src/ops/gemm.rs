@@ -17,7 +17,7 @@
 use crate::error::{Error, Result};
 use crate::runtime::device::{DeviceKind, LaunchConfig};
 use crate::runtime::launch::launch_one_of;
-use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
+use crate::runtime::tensor::{same_device, DType, Tensor};
 
 /// Whether an operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -119,7 +119,7 @@ pub fn gemm(alpha: f32, a: &Tensor, op_a: Op, b: &Tensor, op_b: Op, beta: f32, c
     let dev = a.device().clone();
     if dev.kind() == DeviceKind::Cpu {
         let (av, bv) = (a.host_f32()?, b.host_f32()?);
-        let Some(HostData::F32(cv)) = c.host_mut() else {
+        let Some(cv) = c.host_slice_mut::<f32>() else {
             return Err(Error::invalid(OP, "C must hold f32 host data on the CPU"));
         };
         return cpu::gemm(d.m, d.n, d.k, alpha, &av, d.lda, op_a, &bv, d.ldb, op_b, beta, cv, d.n);

@@ -47,7 +47,7 @@ pub fn gather_rows(src: &Tensor, ids: &[u32]) -> Result<Tensor> {
     check_ids(OP, ids, n)?;
     let dev = src.device();
     if dev.kind() == DeviceKind::Cpu {
-        let Some(HostData::F32(s)) = src.host() else { return Err(Error::invalid(OP, "expected f32 host data")) };
+        let Some(s) = src.host_slice::<f32>() else { return Err(Error::invalid(OP, "expected f32 host data")) };
         let mut out = vec![0f32; ids.len() * d];
         out.par_chunks_mut(d.max(1)).zip(ids.par_iter()).for_each(|(row, &i)| {
             row.copy_from_slice(&s[i as usize * d..(i as usize + 1) * d]);
@@ -92,9 +92,9 @@ pub fn scatter_rows(src: &Tensor, ids: &[u32], dst: &mut Tensor) -> Result<()> {
     check_ids(OP, ids, n)?;
     let dev = src.device().clone();
     if dev.kind() == DeviceKind::Cpu {
-        let Some(HostData::F32(s)) = src.host() else { return Err(Error::invalid(OP, "expected f32 host data")) };
-        let s = s.clone();
-        let Some(HostData::F32(t)) = dst.host_mut() else { return Err(Error::invalid(OP, "expected f32 host data")) };
+        let Some(s) = src.host_slice::<f32>() else { return Err(Error::invalid(OP, "expected f32 host data")) };
+        let s = s.to_vec();
+        let Some(t) = dst.host_slice_mut::<f32>() else { return Err(Error::invalid(OP, "expected f32 host data")) };
         for (row, &i) in s.chunks(d.max(1)).zip(ids) {
             t[i as usize * d..(i as usize + 1) * d].copy_from_slice(row);
         }
@@ -143,19 +143,21 @@ pub fn axpy_rows(w: &mut Tensor, rows: Option<&[u32]>, g: &Tensor, a: f32) -> Re
     if dev.kind() == DeviceKind::Cpu {
         let gv = g.host_f32()?.into_owned();
         let row = |i: usize| rows.map_or(i, |r| r[i] as usize);
-        match w.host_mut() {
-            Some(HostData::F32(v)) => (0..n).for_each(|i| {
+        if let Some(v) = w.host_slice_mut::<f32>() {
+            (0..n).for_each(|i| {
                 let r = row(i);
                 v[r * d..(r + 1) * d].iter_mut().zip(&gv[i * d..(i + 1) * d]).for_each(|(p, q)| *p += a * q);
-            }),
-            Some(HostData::BF16(v)) => (0..n).for_each(|i| {
+            });
+        } else if let Some(v) = w.host_slice_mut::<half::bf16>() {
+            (0..n).for_each(|i| {
                 let r = row(i);
                 v[r * d..(r + 1) * d]
                     .iter_mut()
                     .zip(&gv[i * d..(i + 1) * d])
                     .for_each(|(p, q)| *p = half::bf16::from_f32(p.to_f32() + a * q));
-            }),
-            _ => return Err(Error::invalid(OP, "expected f32 or bf16 host data")),
+            });
+        } else {
+            return Err(Error::invalid(OP, "expected f32 or bf16 host data"));
         }
         return Ok(());
     }

@@ -4,12 +4,15 @@
 //!   fallback), multithreaded with rayon.
 //! - [`Device::cuda`]: a GPU through the CUDA driver (cudarc, loaded at run
 //!   time). One context, one stream per GPU; modules are loaded once per
-//!   context and function handles cached.
+//!   context and function handles cached. [`Device::from_stream`] runs on a
+//!   caller's cudarc stream instead (a framework's), so that the crate's work
+//!   is ordered with the caller's without a synchronization.
 //! - `Device::sim` (cargo feature `sim`, default): the same kernels/*.cu run on the CPU by the simulator,
 //!   with barrier checks, scheduling orders and guard bands (docs/simulator.md).
 //!
-//! Both GPU backends share one launch path: a module, a kernel name, a
-//! [`LaunchConfig`] and a list of [`Arg`]s.
+//! Both GPU backends share one launch path: a kernel reference, a
+//! [`LaunchConfig`] and a list of [`Arg`]s, reached through the typed
+//! launchers of [`crate::runtime::launch`].
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -63,7 +66,7 @@ impl PartialEq for Device {
     fn eq(&self, other: &Self) -> bool {
         match (&self.inner, &other.inner) {
             (Inner::Cpu, Inner::Cpu) => true,
-            (Inner::Cuda(a), Inner::Cuda(b)) => a.ordinal == b.ordinal,
+            (Inner::Cuda(a), Inner::Cuda(b)) => Arc::ptr_eq(&a.stream, &b.stream),
             #[cfg(feature = "sim")]
             (Inner::Sim(a), Inner::Sim(b)) => Arc::ptr_eq(a, b),
             _ => false,
@@ -81,6 +84,7 @@ impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.inner {
             Inner::Cpu => write!(f, "cpu"),
+            Inner::Cuda(c) if c.external => write!(f, "cuda:{} ({}, a caller's stream)", c.ordinal, c.name),
             Inner::Cuda(c) => write!(f, "cuda:{} ({})", c.ordinal, c.name),
             #[cfg(feature = "sim")]
             Inner::Sim(s) => write!(f, "sim ({:?} order)", s.sim.order),
@@ -100,6 +104,12 @@ enum Mem {
     Cuda(CudaSlice<u8>),
     #[cfg(feature = "sim")]
     Sim(SimBuffer),
+}
+
+impl fmt::Debug for DeviceBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceBuffer({} bytes)", self.bytes)
+    }
 }
 
 impl Drop for DeviceBuffer {
@@ -182,6 +192,28 @@ impl Device {
         let backend = CudaBackend::get(ordinal)?;
         let poison = std::env::var("GIF_FR_POISON").is_ok_and(|v| !v.is_empty() && v != "0");
         Ok(Device { inner: Inner::Cuda(backend), poison })
+    }
+
+    /// The GPU of a caller's cudarc stream, with every kernel, copy and
+    /// allocation of the crate queued on that stream: work is ordered with
+    /// the caller's own (a framework's) without a host synchronization.
+    /// Tensors of this device are not usable with another `Device` (not even
+    /// [`Device::cuda`] of the same GPU: their streams differ), which the ops
+    /// check. Errors like [`Device::cuda`] for a GPU below compute
+    /// capability 8.0.
+    pub fn from_stream(stream: std::sync::Arc<CudaStream>) -> Result<Device> {
+        let backend = CudaBackend::on_stream(stream)?;
+        let poison = std::env::var("GIF_FR_POISON").is_ok_and(|v| !v.is_empty() && v != "0");
+        Ok(Device { inner: Inner::Cuda(Arc::new(backend)), poison })
+    }
+
+    /// The cudarc stream a CUDA device queues its work on (the caller's for
+    /// [`Device::from_stream`]); `None` on the CPU and the simulator.
+    pub fn cuda_stream(&self) -> Option<Arc<CudaStream>> {
+        match &self.inner {
+            Inner::Cuda(c) => Some(c.stream.clone()),
+            _ => None,
+        }
     }
 
     /// The first GPU if there is one, else the CPU ([`Device::best_reason`]
@@ -348,45 +380,135 @@ impl Device {
         }
     }
 
-    /// Copies the first `bytes` bytes of `src` into `dst` on the device
-    /// (queued on the stream).
-    pub(crate) fn copy(&self, src: &DeviceBuffer, dst: &mut DeviceBuffer, bytes: usize) -> Result<()> {
-        if bytes > src.bytes || bytes > dst.bytes {
-            return Err(Error::invalid("copy", format!("{bytes} bytes exceed a buffer")));
-        }
-        match (&self.inner, &src.mem, &mut dst.mem) {
-            #[cfg(feature = "sim")]
-            (Inner::Sim(_), Mem::Sim(a), Mem::Sim(b)) => {
-                b.as_bytes_mut()[..bytes].copy_from_slice(&a.as_bytes()[..bytes]);
-                Ok(())
-            }
-            (Inner::Cuda(c), Mem::Cuda(a), Mem::Cuda(b)) => {
-                if bytes == 0 {
-                    return Ok(());
-                }
-                let mut view = b.slice_mut(..bytes);
-                c.stream.memcpy_dtod(&a.slice(..bytes), &mut view).map_err(|e| Error::driver("copy", e))
-            }
-            _ => Err(Error::invalid("copy", format!("buffers do not belong to {self}"))),
-        }
-    }
-
     /// The first `len` bytes of `buf`, copied to the host (waits for the
     /// stream).
     pub(crate) fn download(&self, buf: &DeviceBuffer, len: usize) -> Result<Vec<u8>> {
-        match (&self.inner, &buf.mem) {
+        if len > buf.bytes {
+            return Err(Error::invalid("download", format!("{len} bytes exceed a buffer of {}", buf.bytes)));
+        }
+        self.download_addr(self.ptr(buf), len)
+    }
+
+    /// Copies `bytes` bytes from device address `src` to `dst` (queued on
+    /// the stream). The tensors that hold both ranges checked them.
+    pub(crate) fn copy_addr(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid("copy", "the CPU device has no device memory")),
             #[cfg(feature = "sim")]
-            (Inner::Sim(_), Mem::Sim(b)) => Ok(b.as_bytes()[..len].to_vec()),
-            (Inner::Cuda(c), Mem::Cuda(b)) => {
-                let mut out = vec![0u8; len];
-                if len > 0 {
-                    let view = b.slice(..len);
-                    c.stream.memcpy_dtoh(&view, &mut out).map_err(|e| Error::driver("download", e))?;
-                    c.stream.synchronize().map_err(|e| Error::driver("download (synchronize)", e))?;
-                }
-                Ok(out)
+            Inner::Sim(s) => s.sim.copy(src, dst, bytes),
+            Inner::Cuda(c) => {
+                c.ctx.bind_to_thread().map_err(|e| Error::driver("copy (bind context)", e))?;
+                // SAFETY: both ranges lie in memory of this context (tensors
+                // of this device; caller memory by the contract of the
+                // unsafe constructors), ordered on this stream.
+                unsafe { cu::result::memcpy_dtod_async(dst, src, bytes, c.stream.cu_stream()) }
+                    .map_err(|e| Error::driver("copy", e))
             }
-            _ => Err(Error::invalid("download", format!("buffer does not belong to {self}"))),
+        }
+    }
+
+    /// Sets `bytes` bytes at device address `addr` to zero (queued).
+    pub(crate) fn zero_addr(&self, addr: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid("zero", "the CPU device has no device memory")),
+            #[cfg(feature = "sim")]
+            Inner::Sim(s) => s.sim.write(addr, &vec![0u8; bytes]),
+            Inner::Cuda(c) => {
+                c.ctx.bind_to_thread().map_err(|e| Error::driver("memset (bind context)", e))?;
+                // SAFETY: as in copy_addr.
+                unsafe { cu::result::memset_d8_async(addr, 0, bytes, c.stream.cu_stream()) }
+                    .map_err(|e| Error::driver("memset", e))
+            }
+        }
+    }
+
+    /// `len` bytes at device address `addr`, copied to the host (waits for
+    /// the stream).
+    pub(crate) fn download_addr(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        if len == 0 {
+            return Ok(out);
+        }
+        match &self.inner {
+            Inner::Cpu => return Err(Error::invalid("download", "the CPU device has no device memory")),
+            #[cfg(feature = "sim")]
+            Inner::Sim(s) => s.sim.read(addr, &mut out)?,
+            Inner::Cuda(c) => {
+                c.ctx.bind_to_thread().map_err(|e| Error::driver("download (bind context)", e))?;
+                // SAFETY: as in copy_addr; `out` holds len bytes and outlives
+                // the synchronize below.
+                unsafe { cu::result::memcpy_dtoh_async(&mut out[..], addr, c.stream.cu_stream()) }
+                    .map_err(|e| Error::driver("download", e))?;
+                c.stream.synchronize().map_err(|e| Error::driver("download (synchronize)", e))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Copies `data` to device address `addr` (queued; the copy of `data` is
+    /// complete when this returns).
+    pub(crate) fn upload_to(&self, addr: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid("upload", "the CPU device has no device memory")),
+            #[cfg(feature = "sim")]
+            Inner::Sim(s) => s.sim.write(addr, data),
+            Inner::Cuda(c) => {
+                c.ctx.bind_to_thread().map_err(|e| Error::driver("upload (bind context)", e))?;
+                // SAFETY: as in copy_addr. The synchronize keeps `data`
+                // alive until the (pageable) copy has read it.
+                unsafe { cu::result::memcpy_htod_async(addr, data, c.stream.cu_stream()) }
+                    .map_err(|e| Error::driver("upload", e))?;
+                c.stream.synchronize().map_err(|e| Error::driver("upload (synchronize)", e))
+            }
+        }
+    }
+
+    /// Checks that `len` bytes at `addr` are device memory this device can
+    /// address: on the simulator, inside one live allocation; on a GPU the
+    /// driver's attributes of the pointer (its context); the CPU has none.
+    pub(crate) fn check_range(&self, op: &'static str, addr: u64, len: usize) -> Result<()> {
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid(op, "the CPU device has no device memory")),
+            #[cfg(feature = "sim")]
+            Inner::Sim(s) => s.sim.check_range(addr, len).map_err(|m| Error::invalid(op, m)),
+            Inner::Cuda(c) => {
+                if len == 0 {
+                    return Ok(());
+                }
+                c.ctx.bind_to_thread().map_err(|e| Error::driver("pointer check (bind context)", e))?;
+                let ctx_of = |a: u64| -> Result<cusys::CUcontext> {
+                    let mut ctx: cusys::CUcontext = std::ptr::null_mut();
+                    // SAFETY: queries an attribute into a local of the right type.
+                    unsafe {
+                        cusys::cuPointerGetAttribute(
+                            (&mut ctx as *mut cusys::CUcontext).cast(),
+                            cusys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT,
+                            a,
+                        )
+                    }
+                    .result()
+                    .map_err(|e| Error::invalid(op, format!("{a:#x} is not device memory the driver knows: {e}")))?;
+                    Ok(ctx)
+                };
+                let last = addr
+                    .checked_add(len as u64 - 1)
+                    .ok_or_else(|| Error::invalid(op, "the range wraps around the address space"))?;
+                for a in [addr, last] {
+                    if ctx_of(a)? != c.ctx.cu_ctx() {
+                        return Err(Error::invalid(op, format!("{a:#x} belongs to another CUDA context")));
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
@@ -488,6 +610,8 @@ impl Device {
 
 pub(crate) struct CudaBackend {
     ordinal: usize,
+    /// Runs on a caller's stream ([`Device::from_stream`]).
+    external: bool,
     meter: Arc<Meter>,
     name: String,
     cc: (i32, i32),
@@ -548,6 +672,20 @@ impl CudaBackend {
         // SAFETY: no buffers exist yet on this context.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| Error::driver("stream create", e))?;
+        CudaBackend::with_stream(ctx, stream, false)
+    }
+
+    /// A backend on the caller's `stream` (its context stays as the caller
+    /// set it up, event tracking included).
+    fn on_stream(stream: Arc<CudaStream>) -> Result<CudaBackend> {
+        // A stream exists only if the driver loaded, so cudarc cannot panic
+        // on a missing library here.
+        let ctx = stream.context().clone();
+        CudaBackend::with_stream(ctx, stream, true)
+    }
+
+    fn with_stream(ctx: Arc<CudaContext>, stream: Arc<CudaStream>, external: bool) -> Result<CudaBackend> {
+        let ordinal = ctx.ordinal();
         let name = ctx.name().map_err(|e| Error::driver("device name", e))?;
         let cc = ctx.compute_capability().map_err(|e| Error::driver("compute capability", e))?;
         let total_memory = ctx.total_mem().map_err(|e| Error::driver("device memory", e))?;
@@ -559,6 +697,7 @@ impl CudaBackend {
         }
         Ok(CudaBackend {
             ordinal,
+            external,
             meter: Default::default(),
             name,
             cc,

@@ -260,7 +260,7 @@ pub fn mma_tile_reference(a: &[f32], b: &[f32], c: &[f32], dtype: DType) -> Vec<
     let round = |x: f32| match dtype {
         DType::BF16 => bf16::from_f32(x).to_f32(),
         DType::F16 => f16::from_f32(x).to_f32(),
-        DType::F32 => x,
+        _ => x,
     } as f64;
     let mut d = vec![0f32; 128];
     for i in 0..16 {

@@ -105,12 +105,9 @@ impl SimBuffer {
         // SAFETY: base + GUARD_BYTES is inside the allocation (len + 2 guards).
         unsafe { self.base.as_ptr().add(GUARD_BYTES) as u64 }
     }
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        // SAFETY: the user region [GUARD, GUARD + len) is allocated and initialized (poisoned).
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(GUARD_BYTES), self.len) }
-    }
     pub(crate) fn as_bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self gives exclusive access.
+        // SAFETY: the user region [GUARD, GUARD + len) is allocated and
+        // initialized (poisoned); &mut self gives exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().add(GUARD_BYTES), self.len) }
     }
 }
@@ -149,6 +146,41 @@ impl SimBackend {
         let b = SimBuffer { base, layout, len, allocs: self.allocs.clone() };
         lock(&self.allocs).insert(b.addr() as usize, len);
         Ok(b)
+    }
+
+    /// Checks that `[addr, addr + len)` lies inside one live allocation.
+    pub(crate) fn check_range(&self, addr: u64, len: usize) -> std::result::Result<(), String> {
+        within(&lock(&self.allocs), addr, len)
+    }
+
+    /// Copies `out.len()` bytes at `addr` into `out`.
+    pub(crate) fn read(&self, addr: u64, out: &mut [u8]) -> Result<()> {
+        // Holding the registry excludes launches and frees meanwhile.
+        let allocs = lock(&self.allocs);
+        within(&allocs, addr, out.len()).map_err(|m| Error::invalid("sim read", m))?;
+        // SAFETY: the range lies inside a live allocation (checked above),
+        // which nothing else touches while the registry is held.
+        unsafe { std::ptr::copy_nonoverlapping(addr as usize as *const u8, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` to `addr`.
+    pub(crate) fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        let allocs = lock(&self.allocs);
+        within(&allocs, addr, data.len()).map_err(|m| Error::invalid("sim write", m))?;
+        // SAFETY: as in read.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as usize as *mut u8, data.len()) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `src` to `dst` (ranges may overlap).
+    pub(crate) fn copy(&self, src: u64, dst: u64, len: usize) -> Result<()> {
+        let allocs = lock(&self.allocs);
+        within(&allocs, src, len).map_err(|m| Error::invalid("sim copy", m))?;
+        within(&allocs, dst, len).map_err(|m| Error::invalid("sim copy", m))?;
+        // SAFETY: as in read.
+        unsafe { std::ptr::copy(src as usize as *const u8, dst as usize as *mut u8, len) };
+        Ok(())
     }
 
     pub(crate) fn launch(&self, k: KernelRef, cfg: &LaunchConfig, args: &[Arg]) -> Result<()> {
@@ -192,6 +224,15 @@ impl SimBackend {
             return Err(kerr(msg));
         }
         guard.map_err(kerr)
+    }
+}
+
+/// `Ok` when `[addr, addr + len)` lies inside one live allocation.
+fn within(allocs: &BTreeMap<usize, usize>, addr: u64, len: usize) -> std::result::Result<(), String> {
+    let a = addr as usize;
+    match allocs.range(..=a).next_back() {
+        Some((&base, &size)) if a - base <= size && len <= size - (a - base) => Ok(()),
+        _ => Err(format!("{len} bytes at {addr:#x} are not inside one allocation of this simulated device")),
     }
 }
 
@@ -292,8 +333,8 @@ mod tests {
     #[test]
     fn fresh_allocations_and_guards_are_poison() {
         let sim = SimBackend::new(SimOrder::Reverse);
-        let b = sim.alloc(40).unwrap();
-        assert!(b.as_bytes().iter().all(|&x| x == POISON));
+        let mut b = sim.alloc(40).unwrap();
+        assert!(b.as_bytes_mut().iter().all(|&x| x == POISON));
         assert!(check_guards(&lock(&sim.allocs)).is_ok());
     }
 }

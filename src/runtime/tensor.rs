@@ -3,7 +3,7 @@
 
 use half::{bf16, f16};
 
-pub use crate::runtime::dtype::{DType, Element};
+pub use crate::runtime::dtype::{DType, Element, Float};
 
 use crate::error::{Error, Result};
 use crate::runtime::device::{Device, DeviceBuffer, DeviceKind};
@@ -14,6 +14,8 @@ pub(crate) enum HostData {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
+    U32(Vec<u32>),
+    I64(Vec<i64>),
 }
 
 impl HostData {
@@ -22,6 +24,26 @@ impl HostData {
             HostData::F32(v) => bytemuck::cast_slice(v),
             HostData::BF16(v) => bytemuck::cast_slice(v),
             HostData::F16(v) => bytemuck::cast_slice(v),
+            HostData::U32(v) => bytemuck::cast_slice(v),
+            HostData::I64(v) => bytemuck::cast_slice(v),
+        }
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            HostData::F32(v) => bytemuck::cast_slice_mut(v),
+            HostData::BF16(v) => bytemuck::cast_slice_mut(v),
+            HostData::F16(v) => bytemuck::cast_slice_mut(v),
+            HostData::U32(v) => bytemuck::cast_slice_mut(v),
+            HostData::I64(v) => bytemuck::cast_slice_mut(v),
+        }
+    }
+    fn dtype(&self) -> DType {
+        match self {
+            HostData::F32(_) => DType::F32,
+            HostData::BF16(_) => DType::BF16,
+            HostData::F16(_) => DType::F16,
+            HostData::U32(_) => DType::U32,
+            HostData::I64(_) => DType::I64,
         }
     }
     fn from_bytes(dtype: DType, b: &[u8]) -> HostData {
@@ -31,21 +53,30 @@ impl HostData {
             DType::F32 => HostData::F32(bytemuck::pod_collect_to_vec(b)),
             DType::BF16 => HostData::BF16(bytemuck::pod_collect_to_vec(b)),
             DType::F16 => HostData::F16(bytemuck::pod_collect_to_vec(b)),
+            DType::U32 => HostData::U32(bytemuck::pod_collect_to_vec(b)),
+            DType::I64 => HostData::I64(bytemuck::pod_collect_to_vec(b)),
         }
     }
-    /// `v` stored as `dtype` (rounded to nearest even for 16-bit types).
+    /// `v` stored as `dtype` (rounded to nearest even for 16-bit types;
+    /// integer types take the values truncated, saturating).
     pub(crate) fn from_f32(v: Vec<f32>, dtype: DType) -> HostData {
         match dtype {
             DType::F32 => HostData::F32(v),
             DType::BF16 => HostData::BF16(v.into_iter().map(bf16::from_f32).collect()),
             DType::F16 => HostData::F16(v.into_iter().map(f16::from_f32).collect()),
+            DType::U32 => HostData::U32(v.into_iter().map(|x| x as u32).collect()),
+            DType::I64 => HostData::I64(v.into_iter().map(|x| x as i64).collect()),
         }
     }
-    fn nan(dtype: DType, n: usize) -> HostData {
+    /// `n` elements of 0xFF bytes: NaN in the float types, the largest
+    /// u32, −1 in i64 (what a poisoned device buffer holds).
+    fn poison(dtype: DType, n: usize) -> HostData {
         match dtype {
-            DType::F32 => HostData::F32(vec![f32::NAN; n]),
-            DType::BF16 => HostData::BF16(vec![bf16::NAN; n]),
-            DType::F16 => HostData::F16(vec![f16::NAN; n]),
+            DType::F32 => HostData::F32(vec![f32::from_bits(u32::MAX); n]),
+            DType::BF16 => HostData::BF16(vec![bf16::from_bits(u16::MAX); n]),
+            DType::F16 => HostData::F16(vec![f16::from_bits(u16::MAX); n]),
+            DType::U32 => HostData::U32(vec![u32::MAX; n]),
+            DType::I64 => HostData::I64(vec![-1; n]),
         }
     }
 }
@@ -53,9 +84,20 @@ impl HostData {
 pub(crate) enum Storage {
     Host(HostData),
     Device(DeviceBuffer),
+    /// Memory the tensor does not own: a view of another tensor's
+    /// ([`Tensor::narrow`]) or a caller's ([`Tensor::from_device_ptr`]).
+    /// `addr` is a host address on the CPU, a device address otherwise;
+    /// `token` identifies the scoped view of [`Tensor::narrow_mut`] (0 for
+    /// the others).
+    Borrowed {
+        addr: u64,
+        bytes: usize,
+        token: u64,
+    },
 }
 
-/// A contiguous row-major tensor on one device.
+/// A contiguous row-major tensor on one device: memory it owns, or a view
+/// of memory it does not (another tensor's, or a caller's).
 pub struct Tensor {
     shape: Vec<usize>,
     dtype: DType,
@@ -69,12 +111,38 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
+/// Byte alignment of every tensor's memory, views included: the kernels
+/// load 16-byte vectors, and `cp.async` copies 16 bytes.
+pub const ALIGN: usize = 16;
+
+/// A read-only view of part of a tensor ([`Tensor::narrow`]), usable
+/// wherever a `&Tensor` is: it borrows the tensor it views.
+pub struct TensorView<'a> {
+    tensor: Tensor,
+    _parent: std::marker::PhantomData<&'a Tensor>,
+}
+
+impl std::ops::Deref for TensorView<'_> {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        &self.tensor
+    }
+}
+
+impl std::fmt::Debug for TensorView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "View of {:?}", self.tensor)
+    }
+}
+
 fn numel_of(op: &'static str, shape: &[usize]) -> Result<usize> {
     shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| Error::invalid(op, format!("shape {shape:?} has more elements than fit in usize")))
 }
+
+static NEXT_TOKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Tensor {
     /// A tensor holding a copy of `data`, which must have as many elements
@@ -95,7 +163,7 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), dtype: T::DTYPE, device: device.clone(), storage })
     }
 
-    /// f32 values stored as `dtype` (rounded to nearest even).
+    /// f32 values stored as `dtype` (rounded to nearest even; a float type).
     pub fn from_f32(device: &Device, shape: &[usize], data: &[f32], dtype: DType) -> Result<Tensor> {
         match dtype {
             DType::F32 => Tensor::from_slice(device, shape, data),
@@ -105,19 +173,17 @@ impl Tensor {
             DType::F16 => {
                 Tensor::from_slice(device, shape, &data.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>())
             }
+            d => Err(Error::invalid("Tensor::from_f32", format!("{d:?} is not a floating-point type"))),
         }
     }
 
-    /// A tensor whose contents are unspecified until written: NaN on the CPU
-    /// and on devices that poison (the simulator, and GPUs with poisoning
-    /// on), garbage otherwise.
+    /// A tensor whose contents are unspecified until written: 0xFF bytes
+    /// (NaN) on the CPU and on devices that poison (the simulator, and GPUs
+    /// with poisoning on), garbage otherwise.
     pub fn empty(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let n = numel_of("Tensor::empty", shape)?;
-        let bytes = n
-            .checked_mul(dtype.size())
-            .ok_or_else(|| Error::invalid("Tensor::empty", format!("shape {shape:?} is too large")))?;
+        let (n, bytes) = sizes_of("Tensor::empty", shape, dtype)?;
         let storage = match device.kind() {
-            DeviceKind::Cpu => Storage::Host(HostData::nan(dtype, n)),
+            DeviceKind::Cpu => Storage::Host(HostData::poison(dtype, n)),
             _ => Storage::Device(device.alloc(bytes)?),
         };
         Ok(Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage })
@@ -125,24 +191,82 @@ impl Tensor {
 
     /// A tensor of zeros (filled on the device; no host copy).
     pub fn zeros(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let n = numel_of("Tensor::zeros", shape)?;
-        let bytes = n
-            .checked_mul(dtype.size())
-            .ok_or_else(|| Error::invalid("Tensor::zeros", format!("shape {shape:?} is too large")))?;
+        let (n, bytes) = sizes_of("Tensor::zeros", shape, dtype)?;
         let storage = match device.kind() {
-            DeviceKind::Cpu => Storage::Host(HostData::from_f32(vec![0.0; n], dtype)),
+            DeviceKind::Cpu => Storage::Host(HostData::from_bytes(dtype, &vec![0u8; bytes.max(n)])),
             _ => Storage::Device(device.alloc_zeroed(bytes)?),
         };
         Ok(Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage })
     }
 
     pub(crate) fn from_host(device: &Device, shape: Vec<usize>, data: HostData) -> Tensor {
-        let dtype = match &data {
-            HostData::F32(_) => DType::F32,
-            HostData::BF16(_) => DType::BF16,
-            HostData::F16(_) => DType::F16,
-        };
-        Tensor { shape, dtype, device: device.clone(), storage: Storage::Host(data) }
+        Tensor { shape, dtype: data.dtype(), device: device.clone(), storage: Storage::Host(data) }
+    }
+
+    /// A tensor over `shape` elements of `dtype` at device address `addr`,
+    /// memory the caller owns (a framework's buffer): the ops read and
+    /// write it in place, and dropping the tensor frees nothing.
+    ///
+    /// Checked: the device runs kernels (CUDA or the simulator), the size
+    /// does not overflow, `addr` is non-null and [`ALIGN`]-aligned, and the
+    /// range is device memory of this device (on the simulator: inside one
+    /// of its allocations; on a GPU: memory the driver attributes to this
+    /// device's context).
+    ///
+    /// # Safety
+    /// For as long as the tensor (or anything made from it) is used, the
+    /// range must stay allocated, hold initialized elements of `dtype`, and
+    /// not be written by anything but this crate's ops, nor read while they
+    /// write it, except in order on the device's stream (use
+    /// [`Device::from_stream`] with the stream the caller's work is on).
+    pub unsafe fn from_device_ptr(device: &Device, addr: u64, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        const OP: &str = "Tensor::from_device_ptr";
+        if !device.runs_kernels() {
+            return Err(Error::invalid(OP, "views over device memory need a CUDA or simulated device"));
+        }
+        let (_, bytes) = sizes_of(OP, shape, dtype)?;
+        if addr == 0 || addr % ALIGN as u64 != 0 {
+            return Err(Error::invalid(OP, format!("the address {addr:#x} is null or not {ALIGN}-byte aligned")));
+        }
+        device.check_range(OP, addr, bytes)?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            device: device.clone(),
+            storage: Storage::Borrowed { addr, bytes, token: 0 },
+        })
+    }
+
+    /// [`Tensor::from_device_ptr`] over a cudarc buffer (a `CudaSlice`, or
+    /// a `CudaViewMut` of one) of `T` elements, which must number exactly as
+    /// many as `shape`. `device` must be a CUDA device.
+    ///
+    /// # Safety
+    /// As [`Tensor::from_device_ptr`]: the buffer outlives the tensor and is
+    /// used by nothing else meanwhile, except in order on the device's
+    /// stream. cudarc's event tracking (when the caller's context has it)
+    /// orders the device's stream after the buffer's earlier work, and the
+    /// buffer's later users after this call, not after the ops that follow.
+    pub unsafe fn from_cuda<T, S>(device: &Device, buffer: &mut S, shape: &[usize]) -> Result<Tensor>
+    where
+        T: Element,
+        S: cudarc::driver::DevicePtrMut<T>,
+    {
+        const OP: &str = "Tensor::from_cuda";
+        let stream = device
+            .cuda_stream()
+            .ok_or_else(|| Error::invalid(OP, format!("a cudarc buffer needs a CUDA device, not {device}")))?;
+        let n = numel_of(OP, shape)?;
+        if buffer.len() != n {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("{n} elements for shape {shape:?}"),
+                got: format!("a buffer of {}", buffer.len()),
+            });
+        }
+        let (addr, _record) = buffer.device_ptr_mut(&stream);
+        // SAFETY: the caller's contract, as documented.
+        unsafe { Tensor::from_device_ptr(device, addr, shape, T::DTYPE) }
     }
 
     /// The shape.
@@ -161,6 +285,14 @@ impl Tensor {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    /// Bytes of its elements.
+    fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+    /// True when the tensor views memory it does not own.
+    pub fn is_view(&self) -> bool {
+        matches!(self.storage, Storage::Borrowed { .. })
+    }
 
     /// (rows, cols) of a 2-D tensor, or a shape error naming `op`.
     pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
@@ -172,26 +304,75 @@ impl Tensor {
         }
     }
 
+    /// The host bytes of a CPU tensor (owned or viewed).
+    fn host_bytes(&self) -> Option<&[u8]> {
+        match &self.storage {
+            Storage::Host(h) => Some(h.bytes()),
+            Storage::Borrowed { addr, bytes, .. } if self.device.kind() == DeviceKind::Cpu => {
+                // SAFETY: a CPU view addresses `bytes` bytes of the host data
+                // of the tensor it borrows (TensorView's lifetime, or the
+                // scope of narrow_mut), which outlives it.
+                Some(unsafe { std::slice::from_raw_parts(*addr as usize as *const u8, *bytes) })
+            }
+            _ => None,
+        }
+    }
+
+    fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        let cpu = self.device.kind() == DeviceKind::Cpu;
+        match &mut self.storage {
+            Storage::Host(h) => Some(h.bytes_mut()),
+            Storage::Borrowed { addr, bytes, .. } if cpu => {
+                // SAFETY: as in host_bytes; a mutable CPU view exists only
+                // inside narrow_mut, which holds the parent's &mut.
+                Some(unsafe { std::slice::from_raw_parts_mut(*addr as usize as *mut u8, *bytes) })
+            }
+            _ => None,
+        }
+    }
+
+    /// The elements of a CPU tensor of dtype `T`, without a copy.
+    pub(crate) fn host_slice<T: Element>(&self) -> Option<&[T]> {
+        if T::DTYPE != self.dtype {
+            return None;
+        }
+        self.host_bytes().and_then(|b| bytemuck::try_cast_slice(b).ok())
+    }
+
+    /// The elements of a CPU tensor of dtype `T`, mutable.
+    pub(crate) fn host_slice_mut<T: Element>(&mut self) -> Option<&mut [T]> {
+        if T::DTYPE != self.dtype {
+            return None;
+        }
+        self.host_bytes_mut().and_then(|b| bytemuck::try_cast_slice_mut(b).ok())
+    }
+
     /// The elements as `T`, which must be the tensor's dtype. Waits for the
     /// device.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         if T::DTYPE != self.dtype {
             return Err(Error::DType { op: "Tensor::to_vec", expected: self.dtype, got: T::DTYPE });
         }
-        Ok(match &self.storage {
-            Storage::Host(h) => bytemuck::pod_collect_to_vec(h.bytes()),
-            Storage::Device(b) => {
-                bytemuck::pod_collect_to_vec(&self.device.download(b, self.numel() * self.dtype.size())?)
-            }
-        })
+        Ok(bytemuck::pod_collect_to_vec(&self.bytes()?))
     }
 
-    /// The elements converted to f32. Waits for the device.
+    /// The elements' bytes (a copy; waits for the device).
+    fn bytes(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        use std::borrow::Cow;
+        if let Some(b) = self.host_bytes() {
+            return Ok(Cow::Borrowed(b));
+        }
+        let addr = self.device_ptr().ok_or_else(|| Error::invalid("Tensor::to_vec", "no storage"))?;
+        Ok(Cow::Owned(self.device.download_addr(addr, self.nbytes())?))
+    }
+
+    /// The elements converted to f32 (a float tensor). Waits for the device.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         Ok(match self.dtype {
             DType::F32 => self.to_vec::<f32>()?,
             DType::BF16 => self.to_vec::<bf16>()?.into_iter().map(bf16::to_f32).collect(),
             DType::F16 => self.to_vec::<f16>()?.into_iter().map(f16::to_f32).collect(),
+            d => return Err(Error::invalid("Tensor::to_f32_vec", format!("{d:?} is not a floating-point type"))),
         })
     }
 
@@ -199,17 +380,18 @@ impl Tensor {
     /// already holds f32 host data, converted (or downloaded) otherwise.
     pub(crate) fn host_f32(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
         use std::borrow::Cow;
-        Ok(match &self.storage {
-            Storage::Host(HostData::F32(v)) => Cow::Borrowed(&v[..]),
-            Storage::Host(HostData::BF16(v)) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
-            Storage::Host(HostData::F16(v)) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
-            Storage::Device(_) => Cow::Owned(self.to_f32_vec()?),
-        })
+        if let Some(v) = self.host_slice::<f32>() {
+            return Ok(Cow::Borrowed(v));
+        }
+        Ok(Cow::Owned(self.to_f32_vec()?))
     }
 
     /// This tensor's values as f32, on its device (a copy; converted by a
     /// kernel on a GPU backend, without a trip through the host).
     pub fn to_f32(&self) -> Result<Tensor> {
+        if !self.dtype.is_float() {
+            return Err(Error::invalid("Tensor::to_f32", format!("{:?} is not a floating-point type", self.dtype)));
+        }
         if self.device.kind() == DeviceKind::Cpu {
             let v = self.host_f32()?.into_owned();
             return Ok(Tensor::from_host(&self.device, self.shape.clone(), HostData::F32(v)));
@@ -242,8 +424,8 @@ impl Tensor {
             return Err(Error::DeviceMismatch { op: OP, a: self.device.to_string(), b: out.device.to_string() });
         }
         if self.device.kind() == DeviceKind::Cpu {
-            let v = self.host_f32()?;
-            if let Some(HostData::BF16(d)) = out.host_mut() {
+            let v = self.host_f32()?.into_owned();
+            if let Some(d) = out.host_slice_mut::<bf16>() {
                 d.iter_mut().zip(v.iter()).for_each(|(o, &x)| *o = bf16::from_f32(x));
             }
             return Ok(());
@@ -261,7 +443,8 @@ impl Tensor {
         }
         let (dev, cfg) =
             (&self.device, crate::runtime::device::LaunchConfig::linear(n.div_ceil(256).min(65535) as u32, 256, 0));
-        // SAFETY: the callers checked both tensors hold n elements on this device.
+        // SAFETY: the callers checked both tensors hold n elements on this
+        // device, of float types.
         unsafe {
             launch_one_of!((self.dtype, out.dtype), {
                 (DType::BF16, DType::F32) => widen_bf16,
@@ -272,35 +455,14 @@ impl Tensor {
         }
     }
 
-    /// A copy on `device`.
+    /// A copy on `device` (owning its memory).
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
-        let host = self.host_data()?;
-        match device.kind() {
-            DeviceKind::Cpu => Ok(Tensor::from_host(device, self.shape.clone(), host)),
-            _ => Ok(Tensor {
-                shape: self.shape.clone(),
-                dtype: self.dtype,
-                device: device.clone(),
-                storage: Storage::Device(device.upload(host.bytes())?),
-            }),
-        }
-    }
-
-    pub(crate) fn host_data(&self) -> Result<HostData> {
-        Ok(match &self.storage {
-            Storage::Host(h) => h.clone(),
-            Storage::Device(b) => {
-                HostData::from_bytes(self.dtype, &self.device.download(b, self.numel() * self.dtype.size())?)
-            }
-        })
-    }
-
-    /// Host data of a CPU tensor, without a copy.
-    pub(crate) fn host(&self) -> Option<&HostData> {
-        match &self.storage {
-            Storage::Host(h) => Some(h),
-            Storage::Device(_) => None,
-        }
+        let bytes = self.bytes()?;
+        let storage = match device.kind() {
+            DeviceKind::Cpu => Storage::Host(HostData::from_bytes(self.dtype, &bytes)),
+            _ => Storage::Device(device.upload(&bytes)?),
+        };
+        Ok(Tensor { shape: self.shape.clone(), dtype: self.dtype, device: device.clone(), storage })
     }
 
     /// The same data with another shape of as many elements.
@@ -317,12 +479,90 @@ impl Tensor {
         Ok(self)
     }
 
-    /// Host data of a CPU tensor, mutable.
-    pub(crate) fn host_mut(&mut self) -> Option<&mut HostData> {
-        match &mut self.storage {
-            Storage::Host(h) => Some(h),
-            Storage::Device(_) => None,
+    /// The contiguous part `start..start + len` of dimension `dim`: the
+    /// offset and shape of a sub-tensor, checked (a view, no copy). Offset
+    /// and shape describe contiguous memory only, so every dimension before
+    /// `dim` must have size 1 (rows of a matrix: `dim` 0; columns of a
+    /// single row: `dim` 1); the view must start [`ALIGN`]-aligned (rows of
+    /// a multiple of 16 bytes always do).
+    fn view_parts(&self, op: &'static str, dim: usize, start: usize, len: usize) -> Result<(u64, Vec<usize>, usize)> {
+        let nd = self.shape.len();
+        let end = start.checked_add(len);
+        if dim >= nd || end.map_or(true, |e| e > self.shape[dim]) {
+            return Err(Error::Shape {
+                op,
+                expected: format!("a range within a dimension of {:?}", self.shape),
+                got: format!("dimension {dim}, {start}..{start}+{len}"),
+            });
         }
+        if self.shape[..dim].iter().any(|&s| s != 1) {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "part of dimension {dim} of {:?} is not contiguous (the dimensions before it exceed 1)",
+                    self.shape
+                ),
+            ));
+        }
+        let inner: usize = self.shape[dim + 1..].iter().product();
+        let offset = start * inner * self.dtype.size();
+        if offset % ALIGN != 0 {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "a view at byte offset {offset} is not {ALIGN}-byte aligned (the kernels load 16-byte vectors)"
+                ),
+            ));
+        }
+        let base = match self.host_bytes() {
+            Some(b) => b.as_ptr() as u64,
+            None => self.device_ptr().ok_or_else(|| Error::invalid(op, "no storage"))?,
+        };
+        let mut shape = self.shape.clone();
+        shape[dim] = len;
+        Ok((base + offset as u64, shape, len * inner * self.dtype.size()))
+    }
+
+    /// A read-only view of `start..start + len` along `dim` (see the
+    /// conditions of [`Tensor::narrow_mut`]); usable as a `&Tensor`.
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<TensorView<'_>> {
+        let (addr, shape, bytes) = self.view_parts("Tensor::narrow", dim, start, len)?;
+        let tensor = Tensor {
+            shape,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            storage: Storage::Borrowed { addr, bytes, token: 0 },
+        };
+        Ok(TensorView { tensor, _parent: std::marker::PhantomData })
+    }
+
+    /// Runs `f` on a view of `start..start + len` along `dim` that the ops
+    /// can write: rows `start..start + len` of a matrix (`dim` 0), or part of
+    /// a tensor whose dimensions before `dim` are 1. The view must start
+    /// [`ALIGN`]-aligned. The view lives only inside `f`; replacing it with
+    /// another tensor (`std::mem::swap`) aborts the process, since the view
+    /// would outlive the memory it borrows.
+    pub fn narrow_mut<R>(
+        &mut self,
+        dim: usize,
+        start: usize,
+        len: usize,
+        f: impl FnOnce(&mut Tensor) -> Result<R>,
+    ) -> Result<R> {
+        let (addr, shape, bytes) = self.view_parts("Tensor::narrow_mut", dim, start, len)?;
+        let token = NEXT_TOKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        struct Scope(Tensor, u64);
+        impl Drop for Scope {
+            fn drop(&mut self) {
+                if !matches!(self.0.storage, Storage::Borrowed { token, .. } if token == self.1) {
+                    eprintln!("gif-fr: a view of Tensor::narrow_mut was moved out of its scope; aborting");
+                    std::process::abort();
+                }
+            }
+        }
+        let storage = Storage::Borrowed { addr, bytes, token };
+        let mut scope = Scope(Tensor { shape, dtype: self.dtype, device: self.device.clone(), storage }, token);
+        f(&mut scope.0)
     }
 
     /// Overwrites this tensor's elements with `src`'s (same dtype, device and
@@ -339,25 +579,56 @@ impl Tensor {
         if src.device != self.device {
             return Err(Error::DeviceMismatch { op: OP, a: self.device.to_string(), b: src.device.to_string() });
         }
-        let bytes = self.numel() * self.dtype.size();
-        match (&src.storage, &mut self.storage) {
-            (Storage::Host(a), Storage::Host(b)) => *b = a.clone(),
-            (Storage::Device(a), Storage::Device(b)) => self.device.copy(a, b, bytes)?,
-            _ => return Err(Error::invalid(OP, "host and device storage mixed")),
+        if self.device.kind() == DeviceKind::Cpu {
+            let v = src.host_bytes().map(<[u8]>::to_vec);
+            return match (v, self.host_bytes_mut()) {
+                (Some(v), Some(d)) => {
+                    d.copy_from_slice(&v);
+                    Ok(())
+                }
+                _ => Err(Error::invalid(OP, "no host storage")),
+            };
         }
-        Ok(())
+        let (Some(a), Some(b)) = (src.device_ptr(), self.device_ptr()) else {
+            return Err(Error::invalid(OP, "no device storage"));
+        };
+        self.device.copy_addr(a, b, self.nbytes())
+    }
+
+    /// Sets every element to zero, in place (on the device: a memset).
+    pub fn fill_zeros(&mut self) -> Result<()> {
+        if let Some(b) = self.host_bytes_mut() {
+            b.fill(0);
+            return Ok(());
+        }
+        let addr = self.device_ptr().ok_or_else(|| Error::invalid("Tensor::fill_zeros", "no storage"))?;
+        self.device.zero_addr(addr, self.nbytes())
     }
 
     /// Overwrites a CPU tensor's elements with `v` (f32, as many elements).
     /// The CPU paths of the `_into` ops write their results through it.
     pub(crate) fn write_host_f32(&mut self, v: &[f32]) -> Result<()> {
-        match self.host_mut() {
-            Some(HostData::F32(d)) if d.len() == v.len() => {
+        match self.host_slice_mut::<f32>() {
+            Some(d) if d.len() == v.len() => {
                 d.copy_from_slice(v);
                 Ok(())
             }
             _ => Err(Error::invalid("write_host_f32", "not an f32 CPU tensor of that many elements")),
         }
+    }
+
+    /// Overwrites this f32 tensor's elements with `v` (as many): on the CPU
+    /// in place, on a GPU backend one upload (the `_into` ops' CPU results
+    /// land in a caller's buffer through it).
+    pub(crate) fn write_f32(&mut self, v: &[f32]) -> Result<()> {
+        if self.dtype != DType::F32 || v.len() != self.numel() {
+            return Err(Error::invalid("write_f32", "not an f32 tensor of that many elements"));
+        }
+        if self.device.kind() == DeviceKind::Cpu {
+            return self.write_host_f32(v);
+        }
+        let addr = self.device_ptr().ok_or_else(|| Error::invalid("write_f32", "no device storage"))?;
+        self.device.upload_to(addr, bytemuck::cast_slice(v))
     }
 
     /// Checks that `self`, an op's output buffer, is f32 with one of
@@ -379,11 +650,20 @@ impl Tensor {
         Ok(())
     }
 
+    /// The device address of the elements, to hand to another library (a
+    /// framework's kernels reading this tensor, ordered on the device's
+    /// stream); `None` on the CPU. Valid while the tensor (or the memory it
+    /// views) lives.
+    pub fn device_addr(&self) -> Option<u64> {
+        self.device_ptr()
+    }
+
     /// The device address, for a kernel argument. `None` on the CPU.
     pub(crate) fn device_ptr(&self) -> Option<u64> {
         match &self.storage {
             Storage::Device(b) => Some(self.device.ptr(b)),
-            Storage::Host(_) => None,
+            Storage::Borrowed { addr, .. } if self.device.runs_kernels() => Some(*addr),
+            _ => None,
         }
     }
 
@@ -408,6 +688,22 @@ impl Tensor {
         self.typed_addr::<T>().map(crate::runtime::kernels::PtrMut::from_addr)
     }
 
+    /// Rows `start..start + n` of this tensor (rows along dimension 0) as
+    /// `T` elements a kernel writes: the bounds-checked sub-buffer of an
+    /// op's own output.
+    pub(crate) fn rows_ptr_mut<T: Element>(
+        &mut self,
+        start: usize,
+        n: usize,
+    ) -> Result<crate::runtime::kernels::PtrMut<T>> {
+        let rows = self.shape.first().copied().unwrap_or(1);
+        if start.checked_add(n).map_or(true, |e| e > rows) {
+            return Err(Error::invalid("rows_ptr_mut", format!("rows {start}..{start}+{n} of {:?}", self.shape)));
+        }
+        let inner = self.numel() / rows.max(1);
+        Ok(self.ptr_mut::<T>()?.offset(start * inner))
+    }
+
     /// [`Tensor::ptr`] of an optional tensor: the null pointer for `None`
     /// (the kernels' optional arguments).
     pub(crate) fn ptr_or_null<T: Element>(t: Option<&Tensor>) -> Result<crate::runtime::kernels::Ptr<T>> {
@@ -419,6 +715,14 @@ impl Tensor {
     pub fn all_finite(&self) -> Result<bool> {
         Ok(self.to_f32_vec()?.iter().all(|x| x.is_finite()))
     }
+}
+
+/// Elements and bytes of `shape` in `dtype`, checked.
+fn sizes_of(op: &'static str, shape: &[usize], dtype: DType) -> Result<(usize, usize)> {
+    let n = numel_of(op, shape)?;
+    let bytes =
+        n.checked_mul(dtype.size()).ok_or_else(|| Error::invalid(op, format!("shape {shape:?} is too large")))?;
+    Ok((n, bytes))
 }
 
 /// Checks that all tensors are on one device; returns it.

@@ -11,7 +11,7 @@ use crate::ops::gemm::{self, Op};
 use crate::ops::rowwise;
 use crate::runtime::device::{DeviceKind, LaunchConfig};
 use crate::runtime::launch;
-use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
+use crate::runtime::tensor::{same_device, DType, Tensor};
 
 /// Nodes with at least this many identities use the GEMM path (chunked, all
 /// cores) on the CPU; smaller ones run one per thread.
@@ -143,7 +143,7 @@ pub fn uniformity_step(h: &mut Tensor, temperature: f32, learning_rate: f32) -> 
     }
     let dev = h.device().clone();
     if dev.kind() == DeviceKind::Cpu {
-        let Some(HostData::F32(hv)) = h.host_mut() else { return Err(Error::invalid(OP, "expected f32 host data")) };
+        let Some(hv) = h.host_slice_mut::<f32>() else { return Err(Error::invalid(OP, "expected f32 host data")) };
         let (mut g, mut grad) = (vec![0f32; b * b], vec![0f32; b * d]);
         return Ok(uniformity_step_cpu(hv, d, temperature, learning_rate, &mut g, &mut grad));
     }
@@ -195,7 +195,7 @@ pub fn best_centroids(x: &Tensor, centroids: &Tensor) -> Result<(Vec<u32>, Vec<f
     }
     let dev = x.device().clone();
     if dev.kind() == DeviceKind::Cpu {
-        let (Some(HostData::F32(xv)), Some(HostData::F32(cv))) = (x.host(), centroids.host()) else {
+        let (Some(xv), Some(cv)) = (x.host_slice::<f32>(), centroids.host_slice::<f32>()) else {
             return Err(Error::invalid(OP, "expected f32 host data"));
         };
         let members: Vec<u32> = (0..n as u32).collect();
