@@ -6,7 +6,7 @@
 //! holds them) are checked by a kernel, without a host synchronization: a
 //! bad label becomes class 0 (so no kernel indexes out of range) and the
 //! first bad sample is recorded in a flag that the step's metrics carry;
-//! reading the metrics reports it as [`Error::Invalid`].
+//! reading the metrics reports it as [`Error::InvalidArgument`].
 
 use crate::error::{Error, Result};
 use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
