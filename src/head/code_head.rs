@@ -18,6 +18,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
+use super::stats::StepStats;
 use crate::error::{Error, Result};
 use crate::ops::gemm::{self, Op};
 use crate::ops::labels::{self, Codes, Labels};
@@ -209,19 +210,7 @@ pub struct HeadLoss {
 /// from step to step (no allocation while B stays the same).
 #[derive(Debug, Default)]
 pub struct HeadMetrics {
-    state: MetricsState,
-}
-
-#[derive(Debug, Default)]
-enum MetricsState {
-    #[default]
-    Empty,
-    Host(HeadLoss),
-    Device {
-        stats: Tensor,
-        bad: Option<DeviceBuffer>,
-        n: usize,
-    },
+    state: StepStats<HeadLoss>,
 }
 
 impl HeadMetrics {
@@ -237,24 +226,15 @@ impl HeadMetrics {
     /// device), a non-finite loss; and before any step.
     pub fn read(&self) -> Result<HeadLoss> {
         const OP: &str = "CodeHead::forward_backward";
-        let loss = match &self.state {
-            MetricsState::Empty => {
-                return Err(Error::invalid("HeadMetrics::read", "no step has written these metrics"))
-            }
-            MetricsState::Host(loss) => loss.clone(),
-            MetricsState::Device { stats, bad, n } => {
-                if let Some(p) = bad.as_ref().map(|f| labels::first_bad(stats.device(), f)).transpose()?.flatten() {
-                    return Err(labels::bad_label_error(OP, p, *n));
-                }
-                let (rows, b) = stats.dims2(OP)?;
-                let l = (rows - 1) / 2;
-                let st = stats.to_vec::<f32>()?;
-                let row_sum = |r: usize| st[r * b..(r + 1) * b].iter().map(|&x| x as f64).sum::<f64>();
-                let per_position: Vec<f64> = (0..l).map(|j| row_sum(1 + 2 * j)).collect();
-                let accuracy: Vec<f64> = (0..l).map(|j| row_sum(2 + 2 * j) / b as f64).collect();
-                let regression = row_sum(0);
-                let total = per_position.iter().sum::<f64>() + regression;
-                HeadLoss { total, per_position, regression, accuracy }
+        let loss = match self.state.read(OP, "HeadMetrics::read")? {
+            Ok(loss) => loss,
+            Err((sums, b)) => {
+                // Rows: the regression term, then each position's loss and hit.
+                let l = (sums.len() - 1) / 2;
+                let per_position: Vec<f64> = (0..l).map(|j| sums[1 + 2 * j]).collect();
+                let accuracy: Vec<f64> = (0..l).map(|j| sums[2 + 2 * j] / b as f64).collect();
+                let total = per_position.iter().sum::<f64>() + sums[0];
+                HeadLoss { total, per_position, regression: sums[0], accuracy }
             }
         };
         if let Some(j) = loss.per_position.iter().position(|x| !x.is_finite()) {
@@ -502,14 +482,20 @@ impl CodeHead {
         if self.device.kind() == DeviceKind::Cpu {
             let host = labels.host_checked(OP, &self.device, table.n)?;
             let loss = self.step_cpu(features, &host, table, grads)?;
-            metrics.state = MetricsState::Host(loss);
+            metrics.state = StepStats::Host(loss);
             return Ok(());
         }
+        // The table keeps its codes on its own device; on another one they
+        // are uploaded for this step.
+        let uploaded;
         let codes_device = match &table.codes_device {
-            Some((d, buf)) if d == &self.device => Some(buf),
-            _ => None,
+            Some((d, buf)) if d == &self.device => buf,
+            _ => {
+                uploaded = self.device.upload(bytemuck::cast_slice(&table.codes))?;
+                &uploaded
+            }
         };
-        let codes = Codes { host: &table.codes, device: codes_device, length: table.length };
+        let codes = Codes { device: codes_device, length: table.length };
         let prepared = labels::prepare(OP, &self.device, labels, table.n, Some(&codes))?;
         self.step_device(features, prepared, table, grads, metrics)
     }
@@ -542,12 +528,12 @@ impl CodeHead {
             &centres,
             projections.as_deref(),
         );
-        grads.features.write_f32(&g.features)?;
+        grads.features.write_host_f32(&g.features)?;
         for (t, c) in grads.centres.iter_mut().zip(&g.centres) {
-            t.write_f32(c)?;
+            t.write_host_f32(c)?;
         }
         for (t, p) in grads.projections.iter_mut().flatten().zip(g.projections.iter().flatten()) {
-            t.write_f32(p)?;
+            t.write_host_f32(p)?;
         }
         Ok(loss)
     }
@@ -569,10 +555,7 @@ impl CodeHead {
         // Per-sample statistics, one row each, left in the metrics (read in
         // one copy): the regression loss, then the loss and hit of every
         // position. Reused while the shape stays.
-        let mut stats = match std::mem::take(&mut metrics.state) {
-            MetricsState::Device { stats, .. } if stats.shape() == [2 * l + 1, b] && stats.device() == dev => stats,
-            _ => Tensor::empty(dev, &[2 * l + 1, b], DType::F32)?,
-        };
+        let mut stats = metrics.state.take_buffer(dev, 2 * l + 1, b)?;
         let stat_rows: Vec<_> = (0..2 * l + 1).map(|r| stats.rows_ptr_mut::<f32>(r, 1)).collect::<Result<_>>()?;
         let stat_row = |r: usize| stat_rows[r];
         let use_table = cfg.gamma != 0.0;
@@ -662,13 +645,13 @@ impl CodeHead {
                 ))
             }?;
             let dw_hat = gemm::matmul(&dc, Op::T, &u, Op::N)?;
-            centre_grads[j].copy_from(&rowwise::l2_normalize_backward(&w_hat, &w_norm, &dw_hat, EPS)?)?;
+            rowwise::l2_normalize_backward_into(&w_hat, &w_norm, &dw_hat, EPS, &mut centre_grads[j])?;
             if let (Some(p), Some(dzj), Some(pg)) = (p32, &dz_owned, proj_grads.as_mut()) {
                 gemm::gemm(1.0, dzj, Op::T, x32, Op::N, 0.0, &mut pg[j])?;
                 gemm::gemm(1.0, dzj, Op::N, p, Op::N, 1.0, dx)?;
             }
         }
-        metrics.state = MetricsState::Device { stats, bad, n: table.n };
+        metrics.state = StepStats::Device { stats, bad, n: table.n };
         Ok(())
     }
 

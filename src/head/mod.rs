@@ -5,6 +5,7 @@ pub mod code_head;
 pub mod margin;
 pub mod partial_fc;
 pub mod softmax_head;
+mod stats;
 
 pub use code_head::{CodeHead, CodeHeadConfig, CodeTable, HeadGrads, HeadLoss, HeadMetrics};
 pub use margin::{Margin, MarginGrad};

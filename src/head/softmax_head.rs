@@ -27,6 +27,7 @@ use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
 use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
+use super::stats::StepStats;
 use crate::error::{Error, Result};
 use crate::ops::gemm::{cpu::gemm_sized as cpu_gemm, Op};
 use crate::ops::labels::{self, Labels};
@@ -138,20 +139,8 @@ impl SoftmaxGrads {
 /// reading). Reusable from step to step.
 #[derive(Debug, Default)]
 pub struct SoftmaxMetrics {
-    state: SmState,
-}
-
-#[derive(Debug, Default)]
-enum SmState {
-    #[default]
-    Empty,
-    Host(SoftmaxLoss),
-    Device {
-        /// `[5, B]`: lse, gy, loss, hit, singular weight.
-        stats: Tensor,
-        bad: Option<DeviceBuffer>,
-        n: usize,
-    },
+    /// Device rows `[5, B]`: lse, gy, loss, hit, singular weight.
+    state: StepStats<SoftmaxLoss>,
 }
 
 impl SoftmaxMetrics {
@@ -165,19 +154,9 @@ impl SoftmaxMetrics {
     /// device, a non-finite loss, no step yet.
     pub fn read(&self) -> Result<SoftmaxLoss> {
         const OP: &str = "SoftmaxHead::forward_backward";
-        let loss = match &self.state {
-            SmState::Empty => return Err(Error::invalid("SoftmaxMetrics::read", "no step has written these metrics")),
-            SmState::Host(l) => *l,
-            SmState::Device { stats, bad, n } => {
-                if let Some(p) = bad.as_ref().map(|f| labels::first_bad(stats.device(), f)).transpose()?.flatten() {
-                    return Err(labels::bad_label_error(OP, p, *n));
-                }
-                let b = stats.shape()[1];
-                let st = stats.to_vec::<f32>()?;
-                let loss = st[2 * b..3 * b].iter().map(|&x| x as f64).sum::<f64>();
-                let accuracy = st[3 * b..4 * b].iter().map(|&x| x as f64).sum::<f64>() / b as f64;
-                SoftmaxLoss { loss, accuracy }
-            }
+        let loss = match self.state.read(OP, "SoftmaxMetrics::read")? {
+            Ok(loss) => loss,
+            Err((sums, b)) => SoftmaxLoss { loss: sums[2], accuracy: sums[3] / b as f64 },
         };
         if !loss.loss.is_finite() {
             return Err(Error::invalid(OP, "the loss is not finite (a non-finite feature or centre?)"));
@@ -264,7 +243,7 @@ impl SoftmaxHead {
         let b = check_batch(OP, &self.cfg, self.device(), features, labels.len())?;
         let n = self.cfg.classes;
         grads.check(OP, self.device(), b, n, self.cfg.dim)?;
-        let targets = if self.device().kind() == DeviceKind::Cpu || matches!(labels, Labels::Host(_)) {
+        let targets = if self.device().kind() == DeviceKind::Cpu {
             let host = labels.host_checked(OP, self.device(), n)?;
             Targets::Host(host.iter().map(|&y| y as i32).collect())
         } else {
@@ -464,8 +443,8 @@ pub(crate) fn fused_step(
         let wv = w.host_f32()?;
         let dw = grads.centres.host_slice_mut::<f32>().ok_or_else(|| Error::invalid(op, "no host storage"))?;
         let (loss, dx) = cpu::fused_into(cfg, &x, &wv, host_rows, n, &targets, dw);
-        grads.features.write_f32(&dx)?;
-        metrics.state = SmState::Host(loss);
+        grads.features.write_host_f32(&dx)?;
+        metrics.state = StepStats::Host(loss);
         Ok(())
     } else {
         let dev_rows = match rows {
@@ -545,10 +524,7 @@ fn device_step(
         None
     };
     // stats rows: lse, gy, loss, correct, gsing (kept in the metrics).
-    let mut stats = match std::mem::take(&mut metrics.state) {
-        SmState::Device { stats, .. } if stats.shape() == [5, b] && stats.device() == dev => stats,
-        _ => Tensor::empty(dev, &[5, b], DType::F32)?,
-    };
+    let mut stats = metrics.state.take_buffer(dev, 5, b)?;
     let stat_rows: Vec<_> = (0..5).map(|r| stats.rows_ptr_mut::<f32>(r, 1)).collect::<Result<_>>()?;
     let row = |r: usize| stat_rows[r];
     let weight = 1.0 / b as f32;
@@ -632,8 +608,8 @@ fn device_step(
         launch_one_of!(w.dtype(), { DType::F32 => centre_grad_finish_f32, _ => centre_grad_finish_bf16 },
             (dev, fin, w.ptr()?, rows_p, rnorm.ptr()?, ni, di, dw.ptr_mut()?))
     }?;
-    grads.features.copy_from(&rowwise::l2_normalize_backward(&u, &norms, &du, EPS)?)?;
-    metrics.state = SmState::Device { stats, bad, n };
+    rowwise::l2_normalize_backward_into(&u, &norms, &du, EPS, &mut grads.features)?;
+    metrics.state = StepStats::Device { stats, bad, n };
     Ok(())
 }
 

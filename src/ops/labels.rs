@@ -116,17 +116,18 @@ pub(crate) struct DeviceLabels {
 }
 
 /// The identity codes an op maps labels through: `[n, length]` u16 on the
-/// host and (GPU backends) on the device.
+/// device.
 pub(crate) struct Codes<'a> {
-    pub host: &'a [u16],
-    pub device: Option<&'a DeviceBuffer>,
+    pub device: &'a DeviceBuffer,
     pub length: usize,
 }
 
 /// `labels` (B of them, below `n`) ready for the kernels on `device`, with
 /// the targets of `codes` when given. Host labels are checked here (an
 /// error names the first bad one) and uploaded; device labels are checked
-/// and converted by one kernel launch, their errors deferred to the flag.
+/// by the kernel, their errors deferred to the flag. The kernel converts
+/// both and maps them to targets (host labels without codes need no
+/// kernel: they are uploaded as i32).
 pub(crate) fn prepare(
     op: &'static str,
     device: &Device,
@@ -143,19 +144,18 @@ pub(crate) fn prepare(
         return Err(Error::invalid(op, format!("{b} labels of {n} classes do not fit the kernels' int sizes")));
     }
     let up = |v: &[i32]| device.upload(bytemuck::cast_slice(v));
-    let t = match labels {
-        Labels::Host(_) => {
-            let host = labels.host_checked(op, device, n)?;
-            let targets = match codes {
-                Some(c) => Some(up(&(0..c.length)
-                    .flat_map(|j| host.iter().map(move |&y| c.host[y as usize * c.length + j] as i32))
-                    .collect::<Vec<_>>())?),
-                None => None,
-            };
-            let labels = up(&host.iter().map(|&y| y as i32).collect::<Vec<_>>())?;
-            return Ok(DeviceLabels { labels, targets, bad: None });
+    let uploaded;
+    let (t, checked) = match labels {
+        Labels::Host(v) => {
+            labels.host_checked(op, device, n)?;
+            if codes.is_none() {
+                let labels = up(&v.iter().map(|&y| y as i32).collect::<Vec<_>>())?;
+                return Ok(DeviceLabels { labels, targets: None, bad: None });
+            }
+            uploaded = Tensor::from_slice(device, &[b], v)?;
+            (&uploaded, true)
         }
-        Labels::Tensor(t) => t,
+        Labels::Tensor(t) => (t, false),
     };
     let mut out = device.alloc(b * 4)?;
     let length = codes.map_or(0, |c| c.length);
@@ -169,11 +169,7 @@ pub(crate) fn prepare(
         ),
         None => None,
     };
-    let codes_p = match codes {
-        Some(Codes { device: Some(d), .. }) => device.ptr_of::<u16>(d),
-        Some(_) => return Err(Error::invalid(op, "the codes are not on the device")),
-        None => Ptr::null(),
-    };
+    let codes_p = codes.map_or(Ptr::null(), |c| device.ptr_of::<u16>(c.device));
     let mut bad = up(&[i32::MAX])?;
     if b > 0 {
         let targets_p = match targets.as_mut() {
@@ -191,7 +187,8 @@ pub(crate) fn prepare(
                 (device, cfg, t.ptr()?, b as i32, n as i64, codes_p, length as i32, out_p, targets_p, bad_p))
         }?;
     }
-    Ok(DeviceLabels { labels: out, targets, bad: Some(bad) })
+    // Host labels were checked: their flag is not kept.
+    Ok(DeviceLabels { labels: out, targets, bad: if checked { None } else { Some(bad) } })
 }
 
 /// The first bad sample a device check flagged (`None`: every label was in

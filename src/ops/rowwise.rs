@@ -167,6 +167,14 @@ pub fn l2_normalize(x: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
 /// that were clamped. Shapes: `y`, `dy`: `[rows, cols]` of one dtype;
 /// `norms`: f32 `[rows]`.
 pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> {
+    let mut dx = Tensor::empty(y.device(), y.shape(), y.dtype())?;
+    l2_normalize_backward_into(y, norms, dy, eps, &mut dx)?;
+    Ok(dx)
+}
+
+/// [`l2_normalize_backward`] into `dx` (`y`'s shape, dtype and device),
+/// every element overwritten.
+pub fn l2_normalize_backward_into(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f32, dx: &mut Tensor) -> Result<()> {
     const OP: &str = "l2_normalize_backward";
     let (rows, cols) = check_input(OP, y)?;
     check_eps(OP, eps)?;
@@ -191,13 +199,20 @@ pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f32) 
     if norms.dtype() != DType::F32 {
         return Err(Error::DType { op: OP, expected: DType::F32, got: norms.dtype() });
     }
+    if dx.shape() != y.shape() || dx.dtype() != y.dtype() {
+        return Err(Error::Shape {
+            op: OP,
+            expected: format!("dx of shape {:?}, {:?}", y.shape(), y.dtype()),
+            got: format!("{:?} {:?}", dx.shape(), dx.dtype()),
+        });
+    }
+    same_device(OP, &[y, dx])?;
     if !dev.runs_kernels() {
         let (ys, ns, dys) = (y.host_f32()?, norms.host_f32()?, dy.host_f32()?);
-        let mut dx = vec![0f32; rows * cols];
-        cpu::l2_normalize_backward(&ys, &ns, &dys, cols, eps, &mut dx);
-        return Ok(Tensor::from_host(dev, vec![rows, cols], HostData::from_f32(dx, y.dtype())));
+        let mut v = vec![0f32; rows * cols];
+        cpu::l2_normalize_backward(&ys, &ns, &dys, cols, eps, &mut v);
+        return dx.write_host_f32(&v);
     }
-    let mut dx = Tensor::empty(dev, &[rows, cols], y.dtype())?;
     if rows > 0 {
         let (warp, cfg) = plan(rows, cols);
         let (r, c) = (rows as i32, cols as i32);
@@ -210,7 +225,7 @@ pub fn l2_normalize_backward(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f32) 
             }, (dev, cfg, y.ptr()?, norms.ptr()?, dy.ptr()?, dx.ptr_mut()?, r, c, eps))
         }?;
     }
-    Ok(dx)
+    Ok(())
 }
 
 fn softmax_impl(op: &'static str, x: &Tensor, log: bool) -> Result<Tensor> {

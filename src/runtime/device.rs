@@ -418,7 +418,7 @@ impl Device {
         match &self.inner {
             Inner::Cpu => Err(Error::invalid("zero", "the CPU device has no device memory")),
             #[cfg(feature = "sim")]
-            Inner::Sim(s) => s.sim.write(addr, &vec![0u8; bytes]),
+            Inner::Sim(s) => s.sim.fill(addr, bytes, 0),
             Inner::Cuda(c) => {
                 c.ctx.bind_to_thread().map_err(|e| Error::driver("memset (bind context)", e))?;
                 // SAFETY: as in copy_addr.
@@ -449,27 +449,6 @@ impl Device {
             }
         }
         Ok(out)
-    }
-
-    /// Copies `data` to device address `addr` (queued; the copy of `data` is
-    /// complete when this returns).
-    pub(crate) fn upload_to(&self, addr: u64, data: &[u8]) -> Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        match &self.inner {
-            Inner::Cpu => Err(Error::invalid("upload", "the CPU device has no device memory")),
-            #[cfg(feature = "sim")]
-            Inner::Sim(s) => s.sim.write(addr, data),
-            Inner::Cuda(c) => {
-                c.ctx.bind_to_thread().map_err(|e| Error::driver("upload (bind context)", e))?;
-                // SAFETY: as in copy_addr. The synchronize keeps `data`
-                // alive until the (pageable) copy has read it.
-                unsafe { cu::result::memcpy_htod_async(addr, data, c.stream.cu_stream()) }
-                    .map_err(|e| Error::driver("upload", e))?;
-                c.stream.synchronize().map_err(|e| Error::driver("upload (synchronize)", e))
-            }
-        }
     }
 
     /// Checks that `len` bytes at `addr` are device memory this device can

@@ -68,15 +68,20 @@ impl HostData {
             DType::I64 => HostData::I64(v.into_iter().map(|x| x as i64).collect()),
         }
     }
-    /// `n` elements of 0xFF bytes: NaN in the float types, the largest
-    /// u32, −1 in i64 (what a poisoned device buffer holds).
-    fn poison(dtype: DType, n: usize) -> HostData {
+    /// `n` elements of `dtype` whose every byte is `byte`: 0 for zeros,
+    /// 0xFF (NaN in the float types) for what a poisoned device buffer holds.
+    fn splat(dtype: DType, n: usize, byte: u8) -> HostData {
+        fn v<T: bytemuck::Pod>(n: usize, byte: u8) -> Vec<T> {
+            let mut v = vec![T::zeroed(); n];
+            bytemuck::cast_slice_mut::<T, u8>(&mut v).fill(byte);
+            v
+        }
         match dtype {
-            DType::F32 => HostData::F32(vec![f32::from_bits(u32::MAX); n]),
-            DType::BF16 => HostData::BF16(vec![bf16::from_bits(u16::MAX); n]),
-            DType::F16 => HostData::F16(vec![f16::from_bits(u16::MAX); n]),
-            DType::U32 => HostData::U32(vec![u32::MAX; n]),
-            DType::I64 => HostData::I64(vec![-1; n]),
+            DType::F32 => HostData::F32(v(n, byte)),
+            DType::BF16 => HostData::BF16(v(n, byte)),
+            DType::F16 => HostData::F16(v(n, byte)),
+            DType::U32 => HostData::U32(v(n, byte)),
+            DType::I64 => HostData::I64(v(n, byte)),
         }
     }
 }
@@ -183,7 +188,7 @@ impl Tensor {
     pub fn empty(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let (n, bytes) = sizes_of("Tensor::empty", shape, dtype)?;
         let storage = match device.kind() {
-            DeviceKind::Cpu => Storage::Host(HostData::poison(dtype, n)),
+            DeviceKind::Cpu => Storage::Host(HostData::splat(dtype, n, crate::runtime::kernels::POISON)),
             _ => Storage::Device(device.alloc(bytes)?),
         };
         Ok(Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage })
@@ -193,7 +198,7 @@ impl Tensor {
     pub fn zeros(device: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let (n, bytes) = sizes_of("Tensor::zeros", shape, dtype)?;
         let storage = match device.kind() {
-            DeviceKind::Cpu => Storage::Host(HostData::from_bytes(dtype, &vec![0u8; bytes.max(n)])),
+            DeviceKind::Cpu => Storage::Host(HostData::splat(dtype, n, 0)),
             _ => Storage::Device(device.alloc_zeroed(bytes)?),
         };
         Ok(Tensor { shape: shape.to_vec(), dtype, device: device.clone(), storage })
@@ -424,7 +429,7 @@ impl Tensor {
             return Err(Error::DeviceMismatch { op: OP, a: self.device.to_string(), b: out.device.to_string() });
         }
         if self.device.kind() == DeviceKind::Cpu {
-            let v = self.host_f32()?.into_owned();
+            let v = self.host_f32()?;
             if let Some(d) = out.host_slice_mut::<bf16>() {
                 d.iter_mut().zip(v.iter()).for_each(|(o, &x)| *o = bf16::from_f32(x));
             }
@@ -580,10 +585,10 @@ impl Tensor {
             return Err(Error::DeviceMismatch { op: OP, a: self.device.to_string(), b: src.device.to_string() });
         }
         if self.device.kind() == DeviceKind::Cpu {
-            let v = src.host_bytes().map(<[u8]>::to_vec);
-            return match (v, self.host_bytes_mut()) {
+            // `src` cannot be (a view of) `self`: self is borrowed mutably.
+            return match (src.host_bytes(), self.host_bytes_mut()) {
                 (Some(v), Some(d)) => {
-                    d.copy_from_slice(&v);
+                    d.copy_from_slice(v);
                     Ok(())
                 }
                 _ => Err(Error::invalid(OP, "no host storage")),
@@ -605,30 +610,22 @@ impl Tensor {
         self.device.zero_addr(addr, self.nbytes())
     }
 
-    /// Overwrites a CPU tensor's elements with `v` (f32, as many elements).
-    /// The CPU paths of the `_into` ops write their results through it.
+    /// Overwrites a CPU tensor's elements with `v` (as many), rounded to
+    /// nearest even into a 16-bit type. The CPU paths of the `_into` ops
+    /// write their results through it.
     pub(crate) fn write_host_f32(&mut self, v: &[f32]) -> Result<()> {
-        match self.host_slice_mut::<f32>() {
-            Some(d) if d.len() == v.len() => {
-                d.copy_from_slice(v);
-                Ok(())
-            }
-            _ => Err(Error::invalid("write_host_f32", "not an f32 CPU tensor of that many elements")),
+        fn put<T: Element>(t: &mut Tensor, v: &[f32], f: impl Fn(f32) -> T) -> Option<()> {
+            let d = t.host_slice_mut::<T>().filter(|d| d.len() == v.len())?;
+            d.iter_mut().zip(v).for_each(|(o, &x)| *o = f(x));
+            Some(())
         }
-    }
-
-    /// Overwrites this f32 tensor's elements with `v` (as many): on the CPU
-    /// in place, on a GPU backend one upload (the `_into` ops' CPU results
-    /// land in a caller's buffer through it).
-    pub(crate) fn write_f32(&mut self, v: &[f32]) -> Result<()> {
-        if self.dtype != DType::F32 || v.len() != self.numel() {
-            return Err(Error::invalid("write_f32", "not an f32 tensor of that many elements"));
+        match self.dtype {
+            DType::F32 => put(self, v, |x| x),
+            DType::BF16 => put(self, v, bf16::from_f32),
+            DType::F16 => put(self, v, f16::from_f32),
+            _ => None,
         }
-        if self.device.kind() == DeviceKind::Cpu {
-            return self.write_host_f32(v);
-        }
-        let addr = self.device_ptr().ok_or_else(|| Error::invalid("write_f32", "no device storage"))?;
-        self.device.upload_to(addr, bytemuck::cast_slice(v))
+        .ok_or_else(|| Error::invalid("write_host_f32", "not a float CPU tensor of that many elements"))
     }
 
     /// Checks that `self`, an op's output buffer, is f32 with one of
