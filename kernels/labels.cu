@@ -3,7 +3,9 @@
 // i64 as PyTorch stores them) never travel to the host.
 //
 //   labels_check_<L>  out[b] = labels[b] when 0 <= labels[b] < n, else 0 and
-//                     bad = min(bad, b) (the first bad sample); with codes
+//                     bad = max(bad, 0xFFFFFFFF - b): the first bad sample
+//                     gives the largest value, and a zeroed flag (a memset,
+//                     no upload) means none; with codes
 //                     ([n, length] u16, the identity codes) also
 //                     targets[j·B + b] = codes[out[b]·length + j]
 //                     (position-major: position j's B targets together).
@@ -20,13 +22,13 @@ constexpr int kBlock = 256;
 
 template <typename L>
 GIF_DEVICE void labels_check(const L* __restrict__ labels, int batch, long long n, const unsigned short* __restrict__ codes,
-                             int length, int* __restrict__ out, int* __restrict__ targets, int* __restrict__ bad) {
+                             int length, int* __restrict__ out, int* __restrict__ targets, unsigned int* __restrict__ bad) {
   const int b = blockIdx.x * kBlock + threadIdx.x;
   if (b >= batch) return;
   const long long y = (long long)labels[b];
   const bool ok = y >= 0 && y < n;
   const long long c = ok ? y : 0;
-  if (!ok) atomicMin(bad, b);
+  if (!ok) atomicMax(bad, 0xFFFFFFFFu - (unsigned int)b);
   out[b] = (int)c;
   if (codes)
     for (int j = 0; j < length; ++j) targets[(long long)j * batch + b] = (int)codes[c * length + j];
@@ -36,13 +38,13 @@ GIF_DEVICE void labels_check(const L* __restrict__ labels, int batch, long long 
 extern "C" __global__ void __launch_bounds__(kBlock)
     labels_check_u32(const unsigned int* __restrict__ labels, int batch, long long n,
                      const unsigned short* __restrict__ codes, int length, int* __restrict__ out,
-                     int* __restrict__ targets, int* __restrict__ bad) {
+                     int* __restrict__ targets, unsigned int* __restrict__ bad) {
   labels_check(labels, batch, n, codes, length, out, targets, bad);
 }
 
 extern "C" __global__ void __launch_bounds__(kBlock)
     labels_check_i64(const long long* __restrict__ labels, int batch, long long n,
                      const unsigned short* __restrict__ codes, int length, int* __restrict__ out,
-                     int* __restrict__ targets, int* __restrict__ bad) {
+                     int* __restrict__ targets, unsigned int* __restrict__ bad) {
   labels_check(labels, batch, n, codes, length, out, targets, bad);
 }

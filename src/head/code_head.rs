@@ -681,16 +681,26 @@ impl CodeHead {
         let x_wide = features.widened()?;
         let x = x_wide.as_ref().unwrap_or(features);
         let mut out = Tensor::empty(&self.device, &[b * l, v], DType::F32)?;
+        // Without projections every position normalizes the same features.
+        let shared_u = match &self.projections {
+            Some(_) => None,
+            None => Some(rowwise::l2_normalize(x, EPS)?.0),
+        };
         for j in 0..l {
-            let z = match &self.projections {
-                Some(p) => gemm::matmul(x, Op::N, p[j].widened()?.as_ref().unwrap_or(&p[j]), Op::T)?,
-                None => x.to_device(&self.device)?,
+            let projected;
+            let u = match (&self.projections, &shared_u) {
+                (Some(p), _) => {
+                    let z = gemm::matmul(x, Op::N, p[j].widened()?.as_ref().unwrap_or(&p[j]), Op::T)?;
+                    projected = rowwise::l2_normalize(&z, EPS)?.0;
+                    &projected
+                }
+                (None, Some(u)) => u,
+                (None, None) => return Err(Error::invalid(OP, "no normalized features (internal error)")),
             };
-            let (u, _) = rowwise::l2_normalize(&z, EPS)?;
             let c_wide = self.centres[j].widened()?;
             let (w_hat, _) = rowwise::l2_normalize(c_wide.as_ref().unwrap_or(&self.centres[j]), EPS)?;
             let mut c = Tensor::empty(&self.device, &[b, v], DType::F32)?;
-            gemm::gemm(self.cfg.scale, &u, Op::N, &w_hat, Op::T, 0.0, &mut c)?;
+            gemm::gemm(self.cfg.scale, u, Op::N, &w_hat, Op::T, 0.0, &mut c)?;
             let lp = rowwise::log_softmax(&c)?;
             let ids: Vec<u32> = (0..b).map(|i| (i * l + j) as u32).collect();
             scatter_rows(&lp, &ids, &mut out)?;

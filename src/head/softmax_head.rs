@@ -392,12 +392,9 @@ fn auto_splits(btiles: usize) -> usize {
 
 /// The features as f32, normalized: `(u, norms)`.
 fn normalized_f32(x: &Tensor) -> Result<(Tensor, Tensor)> {
-    if x.dtype() == DType::F32 {
-        rowwise::l2_normalize(x, EPS)
-    } else {
-        let wide = Tensor::from_slice(x.device(), x.shape(), &x.to_f32_vec()?)?;
-        rowwise::l2_normalize(&wide, EPS)
-    }
+    // bf16 features are widened on the device (no trip through the host).
+    let wide = x.widened()?;
+    rowwise::l2_normalize(wide.as_ref().unwrap_or(x), EPS)
 }
 
 /// `1 / max(‖w_n‖, eps)` of the n logical rows (through `rows`).

@@ -108,7 +108,8 @@ impl Labels<'_> {
 
 /// Checked labels on a GPU backend, for the kernels: `labels` B i32 below
 /// N, `targets` (with codes) `[l, B]` i32 tokens, position-major, and the
-/// flag of the first bad sample (device labels only: i32::MAX when none).
+/// flag of the first bad sample (device labels only: u32, 0 when none, else
+/// `u32::MAX - sample`).
 pub(crate) struct DeviceLabels {
     pub labels: DeviceBuffer,
     pub targets: Option<DeviceBuffer>,
@@ -170,7 +171,8 @@ pub(crate) fn prepare(
         None => None,
     };
     let codes_p = codes.map_or(Ptr::null(), |c| device.ptr_of::<u16>(c.device));
-    let mut bad = up(&[i32::MAX])?;
+    // Host labels were checked: the kernel never writes their flag.
+    let mut bad = if checked { device.alloc(4)? } else { device.alloc_zeroed(4)? };
     if b > 0 {
         let targets_p = match targets.as_mut() {
             Some(t) => device.ptr_mut_of(t),
@@ -194,8 +196,8 @@ pub(crate) fn prepare(
 /// The first bad sample a device check flagged (`None`: every label was in
 /// range), read from the flag of [`prepare`] (a 4-byte download).
 pub(crate) fn first_bad(device: &Device, bad: &DeviceBuffer) -> Result<Option<usize>> {
-    let v: Vec<i32> = bytemuck::pod_collect_to_vec(&device.download(bad, 4)?);
-    Ok(v.first().copied().filter(|&p| p != i32::MAX).map(|p| p as usize))
+    let v: Vec<u32> = bytemuck::pod_collect_to_vec(&device.download(bad, 4)?);
+    Ok(v.first().copied().filter(|&f| f != 0).map(|f| (u32::MAX - f) as usize))
 }
 
 /// The error of a flagged sample.

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -130,14 +130,50 @@ pub struct MemoryStats {
     pub peak: usize,
 }
 
+/// What the crate asked of a GPU backend since the device was opened or
+/// [`Device::reset_stats`]: structural counts that fix a step's cost
+/// independently of the card (docs/performance.md), and that tests pin.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Kernel launches.
+    pub launches: u64,
+    /// Device allocations (uploads included), and their bytes.
+    pub allocations: u64,
+    /// Bytes of those allocations.
+    pub bytes_allocated: u64,
+    /// Host → device copies.
+    pub uploads: u64,
+    /// Device → host copies (each waits for the device).
+    pub downloads: u64,
+    /// Device → device copies and memsets.
+    pub device_copies: u64,
+    /// Times the host waited for the device: every download, and
+    /// [`Device::synchronize`].
+    pub syncs: u64,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Meter {
     current: AtomicUsize,
     peak: AtomicUsize,
+    launches: AtomicU64,
+    allocations: AtomicU64,
+    bytes_allocated: AtomicU64,
+    uploads: AtomicU64,
+    downloads: AtomicU64,
+    device_copies: AtomicU64,
+    syncs: AtomicU64,
+}
+
+/// Adds one to a counter.
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
 }
 
 impl Meter {
     fn track(self: &Arc<Self>, mem: Mem, bytes: usize) -> DeviceBuffer {
+        bump(&self.allocations);
+        self.bytes_allocated.fetch_add(bytes as u64, Ordering::Relaxed);
         let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(now, Ordering::Relaxed);
         DeviceBuffer { mem, meter: self.clone(), bytes }
@@ -283,6 +319,7 @@ impl Device {
 
     /// Waits for all work queued on the device.
     pub fn synchronize(&self) -> Result<()> {
+        self.count(|m| &m.syncs);
         match &self.inner {
             Inner::Cuda(c) => c.stream.synchronize().map_err(|e| Error::driver("stream synchronize", e)),
             _ => Ok(()),
@@ -345,6 +382,7 @@ impl Device {
     /// A buffer of `bytes` zero bytes.
     pub(crate) fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceBuffer> {
         let mut buf = self.alloc(bytes)?;
+        self.count(|m| &m.device_copies);
         match (&self.inner, &mut buf.mem) {
             #[cfg(feature = "sim")]
             (Inner::Sim(_), Mem::Sim(b)) => b.as_bytes_mut().fill(0),
@@ -362,6 +400,7 @@ impl Device {
 
     /// A buffer holding a copy of `data`.
     pub(crate) fn upload(&self, data: &[u8]) -> Result<DeviceBuffer> {
+        self.count(|m| &m.uploads);
         match &self.inner {
             Inner::Cpu => Err(Error::invalid("upload", "the CPU device has no device memory")),
             #[cfg(feature = "sim")]
@@ -395,6 +434,7 @@ impl Device {
         if bytes == 0 {
             return Ok(());
         }
+        self.count(|m| &m.device_copies);
         match &self.inner {
             Inner::Cpu => Err(Error::invalid("copy", "the CPU device has no device memory")),
             #[cfg(feature = "sim")]
@@ -415,6 +455,7 @@ impl Device {
         if bytes == 0 {
             return Ok(());
         }
+        self.count(|m| &m.device_copies);
         match &self.inner {
             Inner::Cpu => Err(Error::invalid("zero", "the CPU device has no device memory")),
             #[cfg(feature = "sim")]
@@ -435,6 +476,8 @@ impl Device {
         if len == 0 {
             return Ok(out);
         }
+        self.count(|m| &m.downloads);
+        self.count(|m| &m.syncs);
         match &self.inner {
             Inner::Cpu => return Err(Error::invalid("download", "the CPU device has no device memory")),
             #[cfg(feature = "sim")]
@@ -515,6 +558,40 @@ impl Device {
         PtrMut::from_addr(self.ptr(buf))
     }
 
+    /// The counts of launches, allocations, copies and host waits on this
+    /// GPU backend (None on the CPU).
+    pub fn stats(&self) -> Option<DeviceStats> {
+        let m = self.meter()?;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Some(DeviceStats {
+            launches: g(&m.launches),
+            allocations: g(&m.allocations),
+            bytes_allocated: g(&m.bytes_allocated),
+            uploads: g(&m.uploads),
+            downloads: g(&m.downloads),
+            device_copies: g(&m.device_copies),
+            syncs: g(&m.syncs),
+        })
+    }
+
+    /// Restarts every count of [`Device::stats`] from zero.
+    pub fn reset_stats(&self) {
+        if let Some(m) = self.meter() {
+            for c in
+                [&m.launches, &m.allocations, &m.bytes_allocated, &m.uploads, &m.downloads, &m.device_copies, &m.syncs]
+            {
+                c.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Adds one to the counter `which` picks (GPU backends).
+    fn count(&self, which: impl Fn(&Meter) -> &AtomicU64) {
+        if let Some(m) = self.meter() {
+            bump(which(m));
+        }
+    }
+
     /// Device memory held by the crate's buffers on this GPU backend (None on
     /// the CPU, whose tensors are ordinary host memory).
     pub fn memory_stats(&self) -> Option<MemoryStats> {
@@ -571,6 +648,7 @@ impl Device {
     /// The caller (an op's public function) has validated every size, so
     /// the pointers cover what the kernel touches.
     pub(crate) fn launch_kernel(&self, k: KernelRef, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        self.count(|m| &m.launches);
         match &self.inner {
             Inner::Cpu => Err(Error::Kernel {
                 module: k.module.name(),
