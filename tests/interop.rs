@@ -149,14 +149,7 @@ fn backbone_backward_into_writes_the_named_buffers() {
     let dev = Device::cpu();
     let cfg = tiny_iresnet();
     let b = 3;
-    let mut r = rng(4);
-    let images = Tensor::from_slice(
-        &dev,
-        &[b, cfg.input, cfg.input, 3],
-        &uniform(&mut r, b * cfg.input * cfg.input * 3, -1.0, 1.0),
-    )
-    .unwrap();
-    let d_emb = Tensor::from_slice(&dev, &[b, cfg.embedding], &uniform(&mut r, b * cfg.embedding, -1.0, 1.0)).unwrap();
+    let (images, d_emb) = iresnet_batch(&dev, &cfg, b, 4);
     let mut net = IResNet::new(cfg.clone(), &dev, 1).unwrap();
     net.forward(&images, true).unwrap();
     let want = net.backward(&d_emb).unwrap();

@@ -128,14 +128,7 @@ fn iresnet_training_step() {
     let dev = Device::sim();
     let cfg = tiny_iresnet();
     let b = 2;
-    let mut r = rng(5);
-    let images = Tensor::from_slice(
-        &dev,
-        &[b, cfg.input, cfg.input, 3],
-        &uniform(&mut r, b * cfg.input * cfg.input * 3, -1.0, 1.0),
-    )
-    .unwrap();
-    let d_emb = Tensor::from_slice(&dev, &[b, cfg.embedding], &uniform(&mut r, b * cfg.embedding, -1.0, 1.0)).unwrap();
+    let (images, d_emb) = iresnet_batch(&dev, &cfg, b, 5);
     let mut net = gif_fr::backbone::IResNet::new(cfg, &dev, 1).unwrap();
     // The first step fills the buffer pool; count the second.
     net.forward(&images, true).unwrap();

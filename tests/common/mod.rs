@@ -143,6 +143,22 @@ pub fn tiny_iresnet() -> gif_fr::backbone::IResNetConfig {
     }
 }
 
+/// Random images `[b, input, input, 3]` and embedding gradients
+/// `[b, embedding]` for a network of `cfg`, on `dev`.
+pub fn iresnet_batch(
+    dev: &Device,
+    cfg: &gif_fr::backbone::IResNetConfig,
+    b: usize,
+    seed: u64,
+) -> (gif_fr::Tensor, gif_fr::Tensor) {
+    let mut r = rng(seed);
+    let s = cfg.input;
+    let images = gif_fr::Tensor::from_slice(dev, &[b, s, s, 3], &uniform(&mut r, b * s * s * 3, -1.0, 1.0)).unwrap();
+    let e = cfg.embedding;
+    let d_emb = gif_fr::Tensor::from_slice(dev, &[b, e], &uniform(&mut r, b * e, -1.0, 1.0)).unwrap();
+    (images, d_emb)
+}
+
 /// The `gif-fr` binary: `GIF_FR_BIN` when set (the GPU kit runs prebuilt
 /// test binaries on a machine where the build's target folder is absent),
 /// else the one cargo built for this test run.
