@@ -44,6 +44,8 @@ struct Usage {
     spill_stores: u32,
     spill_loads: u32,
     stack: u32,
+    /// Static shared memory, bytes.
+    smem: u32,
 }
 
 fn parse_ptxas_v(out: &str) -> Vec<Usage> {
@@ -62,42 +64,78 @@ fn parse_ptxas_v(out: &str) -> Vec<Usage> {
                 u.spill_loads = num_before(line, "bytes spill loads");
             } else if line.contains("Used") && line.contains("registers") {
                 u.registers = num_before(line, "registers");
+                u.smem = num_before(line, "bytes smem");
             }
         }
     }
     v
 }
 
-/// Runs ptxas for sm_80 and sm_90 on `ptx`; returns the sm_90 usage.
-fn check_with_ptxas(ptxas: &PathBuf, m: &ModuleSource, origin: &str, ptx: &str) -> Vec<Usage> {
+/// Runs ptxas for sm_80 and sm_90 on `ptx`; returns the usage on each.
+fn check_with_ptxas(ptxas: &PathBuf, m: &ModuleSource, origin: &str, ptx: &str) -> [Vec<Usage>; 2] {
     let file = write_temp(&format!("{}-{origin}", m.name), ptx);
-    let o = Command::new(ptxas).args(["-arch=sm_80", "-o", "/dev/null"]).arg(&file).output().expect("run ptxas");
-    assert!(
-        o.status.success(),
-        "ptxas -arch=sm_80 rejected {} ({origin}):\n{}",
-        m.name,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let o = Command::new(ptxas).args(["-arch=sm_90", "-v", "-o", "/dev/null"]).arg(&file).output().expect("run ptxas");
+    let run = |arch: &str| {
+        let o = Command::new(ptxas).args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"]).arg(&file).output();
+        let o = o.expect("run ptxas");
+        let text = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "ptxas -arch={arch} rejected {} ({origin}):\n{text}", m.name);
+        let usage = parse_ptxas_v(&text);
+        assert_eq!(
+            usage.len(),
+            m.kernels.len(),
+            "ptxas reported {} kernels for {}, the table has {}",
+            usage.len(),
+            m.name,
+            m.kernels.len()
+        );
+        usage
+    };
+    let both = [run("sm_80"), run("sm_90")];
     let _ = std::fs::remove_file(&file);
-    let text = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "ptxas -arch=sm_90 rejected {} ({origin}):\n{text}", m.name);
-    let usage = parse_ptxas_v(&text);
-    assert_eq!(
-        usage.len(),
-        m.kernels.len(),
-        "ptxas reported {} kernels for {}, the table has {}",
-        usage.len(),
-        m.name,
-        m.kernels.len()
-    );
-    usage
+    both
+}
+
+/// Each entry's `.maxntid` (its `__launch_bounds__`: the block size the
+/// kernel is built for), from the PTX text.
+fn max_threads(ptx: &str) -> std::collections::HashMap<String, u32> {
+    let mut out = std::collections::HashMap::new();
+    let mut current: Option<String> = None;
+    for line in ptx.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix(".visible .entry ").or_else(|| t.strip_prefix(".entry ")) {
+            current = Some(rest.split('(').next().unwrap_or("").trim().to_string());
+        } else if let (Some(k), Some(rest)) = (&current, t.strip_prefix(".maxntid ")) {
+            let dims: Vec<u32> = rest.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+            out.insert(k.clone(), dims.iter().product());
+            current = None;
+        }
+    }
+    out
+}
+
+/// Resident warps per SM over the 64 an SM holds (sm_80 and sm_90 alike)
+/// for `threads` per block, `regs` per thread and `smem` bytes of static
+/// shared memory per block: the occupancy calculator's limits (registers
+/// allocated per warp in units of 256 from 64 Ki, shared memory in units
+/// of 128 bytes plus 1 KiB reserved per block from `smem_per_sm`, at most
+/// 32 blocks).
+fn occupancy(threads: u32, regs: u32, smem: u32, smem_per_sm: u32) -> f64 {
+    let warps = threads.div_ceil(32).max(1);
+    let regs_per_warp = (regs.max(1) * 32).div_ceil(256) * 256;
+    let by_regs = (65536 / regs_per_warp) / warps;
+    let smem_block = (smem + 1024).div_ceil(128) * 128;
+    let by_smem = smem_per_sm / smem_block;
+    let blocks = by_regs.min(by_smem).min(64 / warps).min(32);
+    (blocks * warps) as f64 / 64.0
 }
 
 #[test]
 fn ptxas_accepts_every_module_without_spills() {
     let Some(ptxas) = ptxas() else { return skip_or_fail("ptxas is not on PATH") };
     let mut report = String::from("kernel                           regs  stack  spill st/ld  (sm_90)\n");
+    let mut table = String::from(
+        "| module | kernel | block (launch bounds) | registers sm_80 / sm_90 | static smem (B) | occupancy sm_80 | occupancy sm_90 |\n|---|---|---|---|---|---|---|\n",
+    );
     let mut bad = Vec::new();
     let mut checked = 0;
     for m in MODULES {
@@ -111,7 +149,28 @@ fn ptxas_accepts_every_module_without_spills() {
                 }
             },
         };
-        for u in check_with_ptxas(&ptxas, m, origin, &ptx) {
+        let [u80, u90] = check_with_ptxas(&ptxas, m, origin, &ptx);
+        let bounds = max_threads(&ptx);
+        for (a, u) in u80.iter().zip(&u90) {
+            let t = bounds.get(&u.kernel).copied();
+            let occ = |u: &Usage, smem_per_sm| {
+                t.map_or("–".to_string(), |t| {
+                    format!("{:.0} %", 100.0 * occupancy(t, u.registers, u.smem, smem_per_sm))
+                })
+            };
+            table += &format!(
+                "| {} | {} | {} | {} / {} | {} | {} | {} |\n",
+                m.name,
+                u.kernel,
+                t.map_or("–".to_string(), |t| t.to_string()),
+                a.registers,
+                u.registers,
+                u.smem,
+                occ(a, 167_936),
+                occ(u, 233_472)
+            );
+        }
+        for u in u90 {
             report += &format!(
                 "{:<32} {:>4} {:>6} {:>6}/{:<6}\n",
                 u.kernel, u.registers, u.stack, u.spill_stores, u.spill_loads
@@ -127,6 +186,10 @@ fn ptxas_accepts_every_module_without_spills() {
     {
         use std::io::Write;
         let _ = writeln!(std::io::stderr(), "{report}");
+    }
+    // scripts/efficiency-table asks for the table in a file.
+    if let Some(path) = std::env::var_os("GIF_FR_EFFICIENCY_TABLE") {
+        std::fs::write(&path, table).expect("write the efficiency table");
     }
     assert!(bad.is_empty(), "register spills not allowed in kernels::SPILLS_ALLOWED:\n{}", bad.join("\n"));
     if checked > 0 {
