@@ -45,8 +45,9 @@ GIF_DEVICE double warp_sum_f64(double v) {
   return v;
 }
 
+// z and w: pointers (f32, bf16) or anything indexable the same way.
 template <typename A, typename B>
-GIF_DEVICE Angle64 warp_angle(const A* __restrict__ z, const B* __restrict__ w, int d) {
+GIF_DEVICE Angle64 warp_angle(A z, B w, int d) {
   const int lane = threadIdx.x & 31;
   double zz = 0.0, ww = 0.0, zw = 0.0;
   for (int i = lane; i < d; i += 32) {

@@ -49,10 +49,12 @@
 //                         memory); writes [B][splits][k] candidates.
 // topk_merge              one thread per row: the best k of splits·k.
 // pfc_*                   Partial FC's sample (see partial_fc.rs): mark the
-//                         positives, a 2-pass 16-bit radix select of the
-//                         negatives with the largest keys (a seeded bijective
-//                         hash of the class, so keys are distinct), then an
-//                         ordered compaction (scan) into the sorted index.
+//                         positives (counting the negatives still to draw),
+//                         a 2-pass 16-bit radix select of the negatives with
+//                         the largest keys (a seeded bijective hash of the
+//                         class, so keys are distinct), an ordered compaction
+//                         (scan) into the sorted index, and the labels'
+//                         positions in it (pfc_remap, a binary search).
 //
 // Memory beyond the weights and their gradient: U, dU ([B, d]), r ([N]),
 // partial ([B, splits, 4]), lse, gy, loss, correct ([B]); splits <= 1024.
@@ -495,10 +497,27 @@ GIF_DEVICE unsigned int pfc_key(unsigned int n, unsigned int seed_a, unsigned in
   return keyed_hash32(n, seed_a, seed_b);
 }
 
-// positive[labels[b]] = 1 (positive starts zeroed).
-GIF_DEVICE void mark_positives(const int* __restrict__ labels, int B, int* __restrict__ positive) {
+// positive[labels[b]] = 1 (positive starts zeroed); with `need` (the
+// sample size), need −= 1 per distinct positive: the negatives to draw.
+GIF_DEVICE void mark_positives(const int* __restrict__ labels, int B, int* __restrict__ positive, int* need) {
   const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b < B) positive[labels[b]] = 1;
+  if (b < B && atomicExch(&positive[labels[b]], 1) == 0 && need != nullptr) atomicSub(need, 1);
+}
+
+// targets[b] = the position of labels[b] in the sorted index (k classes,
+// every label among them): a binary search per sample.
+GIF_DEVICE void remap_targets(const int* __restrict__ labels, int B, const int* __restrict__ index, int k,
+                              int* __restrict__ targets) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  const int y = labels[b];
+  int lo = 0, hi = k;  // the first position whose class is >= y
+  while (lo < hi) {
+    const int mid = lo + (hi - lo) / 2;
+    if (index[mid] < y) lo = mid + 1;
+    else hi = mid;
+  }
+  targets[b] = lo;
 }
 
 // Histogram of 16 key bits of the negatives: pass 1 (match_hi < 0) bins the
@@ -519,7 +538,8 @@ GIF_DEVICE void key_hist(const int* __restrict__ positive, int N, unsigned int s
 
 // One block of 256 threads: the bin b of a 65536-bin histogram where the
 // count from the top first reaches need[0] (> 0): out[0] = b, out[1] = need −
-// (count of the bins above b), what is still to take inside b.
+// (count of the bins above b), what is still to take inside b. need[0] <= 0
+// (no negative to take): out = {65536, 0}, a bin no key reaches.
 GIF_DEVICE void find_bin(const unsigned int* __restrict__ hist, const int* __restrict__ need, int* __restrict__ out) {
   __shared__ unsigned int warp_tot[8];
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
@@ -539,6 +559,13 @@ GIF_DEVICE void find_bin(const unsigned int* __restrict__ hist, const int* __res
   unsigned int before = 0;
   for (int w = 0; w < warp; ++w) before += warp_tot[w];
   unsigned int above = before + incl - c;
+  if (need[0] <= 0) {
+    if (t == 0) {
+      out[0] = 65536;
+      out[1] = 0;
+    }
+    return;
+  }
   const unsigned int want = (unsigned int)need[0];
   if (above < want && want <= above + c) {
     for (int q = 0; q < 256; ++q) {
@@ -654,7 +681,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) topk_fwd_f32_v(const float*
 extern "C" __global__ void __launch_bounds__(256, 1) topk_fwd_bf16(const float* U, const bf16* W, const float* rnorm, int B, int N, int d, int k, int splits, float* cand_score, int* cand_idx) { topk_fwd<bf16, false>(U, W, rnorm, B, N, d, k, splits, cand_score, cand_idx); }
 extern "C" __global__ void __launch_bounds__(256, 1) topk_fwd_bf16_v(const float* U, const bf16* W, const float* rnorm, int B, int N, int d, int k, int splits, float* cand_score, int* cand_idx) { topk_fwd<bf16, true>(U, W, rnorm, B, N, d, k, splits, cand_score, cand_idx); }
 extern "C" __global__ void __launch_bounds__(256) topk_merge(const float* cand_score, const int* cand_idx, int B, int splits, int k, float* out_score, int* out_idx) { topk_merge_rows(cand_score, cand_idx, B, splits, k, out_score, out_idx); }
-extern "C" __global__ void __launch_bounds__(256) pfc_mark(const int* labels, int B, int* positive) { mark_positives(labels, B, positive); }
+extern "C" __global__ void __launch_bounds__(256) pfc_mark(const int* labels, int B, int* positive, int* need) { mark_positives(labels, B, positive, need); }
+extern "C" __global__ void __launch_bounds__(256) pfc_remap(const int* labels, int B, const int* index, int k, int* targets) { remap_targets(labels, B, index, k, targets); }
 extern "C" __global__ void __launch_bounds__(256) pfc_hist(const int* positive, int N, unsigned int seed_a, unsigned int seed_b, const int* match_hi, unsigned int* hist) { key_hist(positive, N, seed_a, seed_b, match_hi, hist); }
 extern "C" __global__ void __launch_bounds__(256) pfc_find(const unsigned int* hist, const int* need, int* out) { find_bin(hist, need, out); }
 extern "C" __global__ void __launch_bounds__(256) pfc_count(const int* positive, int N, unsigned int seed_a, unsigned int seed_b, const int* sel, int* block_count) { count_kept(positive, N, seed_a, seed_b, sel, block_count); }

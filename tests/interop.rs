@@ -81,6 +81,27 @@ fn views_are_checked_and_read_and_write_in_place() {
 }
 
 #[test]
+fn reshaped_views_read_and_write_the_whole_tensor() {
+    for dev in [Device::cpu(), Device::sim()] {
+        let v: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32 - 7.0).collect();
+        let mut t = Tensor::from_slice(&dev, &[2, 3, 4], &v).unwrap();
+        let flat = t.view(&[6, 4]).unwrap();
+        assert_eq!(flat.shape(), [6, 4]);
+        assert!(flat.is_view());
+        assert_eq!(flat.to_vec::<f32>().unwrap(), v);
+        drop(flat);
+        // Row 5 of the [6, 4] view is the last row of block 1.
+        t.view_mut(&[6, 4], |w| w.narrow_mut(0, 5, 1, |r| r.fill_zeros())).unwrap();
+        let got = t.to_vec::<f32>().unwrap();
+        assert_eq!(got[..20], v[..20], "{dev}");
+        assert!(got[20..].iter().all(|&x| x == 0.0), "{dev}");
+        assert!(matches!(t.view(&[5, 4]).map(|_| ()).unwrap_err(), Error::Shape { .. }), "element count");
+        assert!(t.view(&[usize::MAX, 2]).is_err(), "overflow");
+        assert!(t.view_mut(&[4, 5], |_| Ok(())).is_err(), "element count");
+    }
+}
+
+#[test]
 fn views_of_caller_memory_are_checked() {
     let dev = Device::sim();
     let owner = Tensor::zeros(&dev, &[64], DType::F32).unwrap();

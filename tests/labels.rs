@@ -10,8 +10,8 @@ mod common;
 
 use common::*;
 use gif_fr::head::{
-    CodeHead, CodeHeadConfig, CodeTable, HeadGrads, HeadMetrics, Margin, MarginGrad, SoftmaxGrads, SoftmaxHead,
-    SoftmaxHeadConfig, SoftmaxMetrics,
+    CodeHead, CodeHeadConfig, CodeTable, HeadGrads, HeadMetrics, Margin, MarginGrad, PartialFc, SoftmaxGrads,
+    SoftmaxHead, SoftmaxHeadConfig, SoftmaxMetrics,
 };
 use gif_fr::{DType, Device, Error, Tensor};
 use rand::Rng;
@@ -47,9 +47,7 @@ fn device_labels_give_the_host_labels_step() {
             let (got, g) = head.forward_backward(&xt, &yt, &table).unwrap();
             assert_eq!(got, want, "{dev} {:?}", yt.dtype());
             assert_eq!(g.features.to_vec::<f32>().unwrap(), wg.features.to_vec::<f32>().unwrap());
-            for (a, b) in g.centres.iter().zip(&wg.centres) {
-                assert_eq!(a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
-            }
+            assert_eq!(g.centres.to_vec::<f32>().unwrap(), wg.centres.to_vec::<f32>().unwrap());
         }
         // The softmax head too, under the exact ArcFace gradient (whose
         // singular part groups targets on the host).
@@ -98,6 +96,16 @@ fn bad_device_labels_are_reported_when_the_metrics_are_read() {
         let mut smm = SoftmaxMetrics::new();
         sm.forward_backward_into(&xt, &Tensor::from_slice(&dev, &[B], &y64).unwrap(), &mut sg, &mut smm).unwrap();
         assert!(smm.read().unwrap_err().to_string().contains("labels[271]"), "{dev}");
+        // Partial FC whose sample holds the batch: checked on the device too.
+        let big = 4000;
+        let mut y_pfc: Vec<i64> = labels(big, 9).into_iter().map(i64::from).collect();
+        y_pfc[17] = big as i64;
+        let head = SoftmaxHead::new(SoftmaxHeadConfig::new(12, big), &dev, DType::F32, 2).unwrap();
+        let pfc = PartialFc::new(head, 0.5, 3).unwrap();
+        assert!(pfc.sample_size() >= B);
+        let mut pg = gif_fr::head::PfcGrads::new(&pfc, B).unwrap();
+        pfc.forward_backward_into(&xt, &Tensor::from_slice(&dev, &[B], &y_pfc).unwrap(), 0, &mut pg, &mut smm).unwrap();
+        assert!(smm.read().unwrap_err().to_string().contains("labels[17]"), "{dev}");
     }
 }
 

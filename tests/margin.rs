@@ -239,9 +239,9 @@ fn check_heads(
     let mut runs = vec![("softmax head", loss.loss, g.features, g.centres)];
     let cfg = CodeHeadConfig { margin, margin_grad: grad, scale: s, gamma: 0.0, ..CodeHeadConfig::new(d, 1, 5) };
     let table = CodeTable::new(dev, (0..5).collect(), 1, 5, None).unwrap();
-    let code = CodeHead::from_weights(cfg, vec![centres()], None).unwrap();
-    let (loss, mut g) = code.forward_backward(&xt, &labels, &table).unwrap();
-    runs.push(("code head", loss.total, g.features, g.centres.remove(0)));
+    let code = CodeHead::from_weights(cfg, centres().reshape(&[1, 5, d]).unwrap(), None).unwrap();
+    let (loss, g) = code.forward_backward(&xt, &labels, &table).unwrap();
+    runs.push(("code head", loss.total, g.features, g.centres.reshape(&[5, d]).unwrap()));
     for (head, loss, gx, gw) in runs {
         let h = format!("{head} on {dev}, {margin:?} {grad:?}, s {s}, {what}");
         close(&format!("{h}: loss"), loss, want.loss, 1e-4);

@@ -220,9 +220,19 @@ fn partial_fc_device_sample_equals_the_host_sample() {
             let y = labels(&mut r, b, n);
             let x = Tensor::from_slice(&dev, &[b, 8], &uniform(&mut r, b * 8, -1.0, 1.0)).unwrap();
             for step in [0u64, 7] {
-                let (_, g) = pfc.forward_backward(&x, &y, step).unwrap();
+                let (loss, g) = pfc.forward_backward(&x, &y, step).unwrap();
                 let host = pfc.sample(&y, step).unwrap();
-                assert_eq!(g.sampled, host, "{dev} n {n} r {rate} step {step}");
+                assert_eq!(g.sampled_host().unwrap(), host, "{dev} n {n} r {rate} step {step}");
+                // Device labels (u32 and i64): the same sample, loss and
+                // gradients; drawn and remapped on the device when the
+                // sample holds a batch (all but the last case).
+                let y64: Vec<i64> = y.iter().map(|&a| a as i64).collect();
+                for yt in [Tensor::from_slice(&dev, &[b], &y).unwrap(), Tensor::from_slice(&dev, &[b], &y64).unwrap()] {
+                    let (l2, g2) = pfc.forward_backward(&x, &yt, step).unwrap();
+                    assert_eq!(g2.sampled_host().unwrap(), host, "{dev} n {n} device labels");
+                    assert_eq!(l2, loss, "{dev} n {n} device labels");
+                    assert_eq!(g2.grads.centres.to_vec::<f32>().unwrap(), g.grads.centres.to_vec::<f32>().unwrap());
+                }
                 let distinct = y.iter().collect::<std::collections::BTreeSet<_>>().len();
                 assert_eq!(host.len(), pfc.sample_size().max(distinct));
                 assert!(y.iter().all(|l| host.binary_search(l).is_ok()), "every positive is sampled");
@@ -250,7 +260,7 @@ fn partial_fc_with_rate_one_equals_the_full_head() {
         let (l1, g1) = full.forward_backward(&xt, &y).unwrap();
         let pfc = PartialFc::new(full, 1.0, 5).unwrap();
         let (l2, g2) = pfc.forward_backward(&xt, &y, 3).unwrap();
-        assert_eq!(g2.sampled, (0..n as u32).collect::<Vec<_>>());
+        assert_eq!(g2.sampled_host().unwrap(), (0..n as u32).collect::<Vec<_>>());
         assert_eq!(l1, l2, "{dev}");
         assert_eq!(g1.centres.to_vec::<f32>().unwrap(), g2.grads.centres.to_vec::<f32>().unwrap(), "{dev}");
         let (f1, f2) = (g1.features.to_vec::<f32>().unwrap(), g2.grads.features.to_vec::<f32>().unwrap());
@@ -275,10 +285,11 @@ fn partial_fc_trains_the_sampled_rows_only() {
             let mut pfc = PartialFc::new(head, 0.2, 8).unwrap();
             let xt = Tensor::from_slice(&dev, &[b, d], &x).unwrap();
             let (loss, g) = pfc.forward_backward(&xt, &y, 0).unwrap();
+            let sampled = g.sampled_host().unwrap();
             // The loss over the sample equals the reference over the sampled rows.
             let stored = pfc.head().centres().to_f32_vec().unwrap();
-            let t: Vec<i32> = y.iter().map(|l| g.sampled.binary_search(l).unwrap() as i32).collect();
-            let (l64, dx64, dw64) = cpu::reference(&cfg, &x, &stored, Some(&g.sampled), g.sampled.len(), &t);
+            let t: Vec<i32> = y.iter().map(|l| sampled.binary_search(l).unwrap() as i32).collect();
+            let (l64, dx64, dw64) = cpu::reference(&cfg, &x, &stored, Some(&sampled), sampled.len(), &t);
             assert!((loss.loss - l64.loss).abs() < 1e-4 * l64.loss.max(1.0), "{dev} {dtype:?}");
             close("pfc dx", &g.grads.features.to_vec::<f32>().unwrap(), &dx64, 2e-4);
             close("pfc dw", &g.grads.centres.to_vec::<f32>().unwrap(), &dw64, 2e-4);
@@ -286,10 +297,10 @@ fn partial_fc_trains_the_sampled_rows_only() {
             let after = pfc.head().centres().to_f32_vec().unwrap();
             for c in 0..n {
                 let moved = (0..d).any(|i| after[c * d + i] != stored[c * d + i]);
-                let sampled = g.sampled.binary_search(&(c as u32)).is_ok();
-                assert!(sampled || !moved, "{dev} {dtype:?}: class {c} moved without being sampled");
+                let was_sampled = sampled.binary_search(&(c as u32)).is_ok();
+                assert!(was_sampled || !moved, "{dev} {dtype:?}: class {c} moved without being sampled");
             }
-            assert!(g.sampled.iter().any(|&c| (0..d).any(|i| after[c as usize * d + i] != stored[c as usize * d + i])));
+            assert!(sampled.iter().any(|&c| (0..d).any(|i| after[c as usize * d + i] != stored[c as usize * d + i])));
         }
     }
 }

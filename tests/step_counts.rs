@@ -23,16 +23,21 @@ fn counts(dev: &Device, f: impl FnOnce()) -> DeviceStats {
     dev.stats().unwrap()
 }
 
-fn code_step(l: usize, proj: Option<usize>, device_labels: bool) -> (DeviceStats, DeviceStats) {
+fn code_step(
+    l: usize,
+    proj: Option<usize>,
+    device_labels: bool,
+    (features, weights): (DType, DType),
+) -> (DeviceStats, DeviceStats) {
     let dev = Device::sim();
     let (b, d, v, n) = (37, 16, 8, 300);
     let codes: Vec<u16> = (0..n).flat_map(|i| (0..l).map(move |j| ((i / 8usize.pow(j as u32)) % 8) as u16)).collect();
     let mut r = rng(2);
     let vecs = unit_rows(&mut r, n, d);
     let table = CodeTable::new(&dev, codes, l, v, Some((&vecs, d, DType::F32))).unwrap();
-    let cfg = CodeHeadConfig { projection: proj, gamma: 0.5, ..CodeHeadConfig::new(d, l, v) };
+    let cfg = CodeHeadConfig { projection: proj, gamma: 0.5, weight_dtype: weights, ..CodeHeadConfig::new(d, l, v) };
     let head = CodeHead::new(cfg, &dev, 1).unwrap();
-    let x = Tensor::from_slice(&dev, &[b, d], &uniform(&mut r, b * d, -1.0, 1.0)).unwrap();
+    let x = Tensor::from_f32(&dev, &[b, d], &uniform(&mut r, b * d, -1.0, 1.0), features).unwrap();
     let y: Vec<u32> = (0..b as u32).map(|i| i * 7 % n as u32).collect();
     let yt = Tensor::from_slice(&dev, &[b], &y).unwrap();
     let mut grads = HeadGrads::new(&head, b).unwrap();
@@ -59,18 +64,27 @@ fn pin(what: &str, got: DeviceStats, launches: u64, allocations: u64, uploads: u
 
 #[test]
 fn code_head_step() {
-    for l in 2..=4u64 {
-        let lu = l as usize;
-        // Per step: the label kernel, the regression term, then per
-        // position the centres' normalization, the fused margin softmax, the
-        // centre-gradient GEMM and its normalization backward (4 launches);
-        // a projection adds its GEMM, dz's GEMMs (3 more).
-        pin("host labels", code_step(lu, None, false).0, 2 + 4 * l, 4 + 5 * l, 1, 0, 0);
-        pin("device labels", code_step(lu, None, true).0, 2 + 4 * l, 3 + 5 * l, 0, 0, 0);
-        pin("projection", code_step(lu, Some(12), true).0, 2 + 7 * l, 3 + 7 * l, 0, 0, 0);
+    const F: DType = DType::F32;
+    const H: DType = DType::BF16;
+    for l in 2..=5 {
+        // Whatever l: the label kernel, the centres' normalization (every
+        // position at once), the fused step (every position's margin
+        // softmax and the regression term), the centre gradient's split
+        // sums and their ordered sum through the normalization: 5 launches.
+        // A projection adds its GEMM and the two backward GEMMs (8); mixed
+        // f32 / bf16 features and weights add the widening of the bf16 one
+        // (9). Allocations: the prepared labels, Ŵ and its norms, U, dC,
+        // the partial sums (and Z, dZ, a widened operand).
+        pin("host labels", code_step(l, None, false, (F, F)).0, 5, 9, 1, 0, 0);
+        pin("device labels", code_step(l, None, true, (F, F)).0, 5, 8, 0, 0, 0);
+        pin("bf16 features and weights", code_step(l, None, true, (H, H)).0, 5, 8, 0, 0, 0);
+        pin("projection", code_step(l, Some(12), true, (F, F)).0, 8, 10, 0, 0, 0);
+        pin("projection, bf16", code_step(l, Some(12), true, (H, H)).0, 8, 10, 0, 0, 0);
+        pin("projection, bf16 features", code_step(l, Some(12), true, (H, F)).0, 9, 11, 0, 0, 0);
+        pin("projection, bf16 weights", code_step(l, Some(12), true, (F, H)).0, 9, 11, 0, 0, 0);
     }
     // Reading the metrics: the label flag and the statistics rows.
-    pin("read", code_step(3, None, true).1, 0, 0, 0, 2, 2);
+    pin("read", code_step(3, None, true, (F, F)).1, 0, 0, 0, 2, 2);
 }
 
 #[test]
@@ -92,15 +106,30 @@ fn softmax_and_partial_fc_steps() {
     // labels add the label kernel and replace the targets' upload.
     pin("softmax, host labels", host, 8, 8, 1, 0, 0);
     pin("softmax, device labels", device, 9, 9, 0, 0, 0);
-    let pfc = PartialFc::new(head, 0.3, 9).unwrap();
+    let mut pfc = PartialFc::new(head, 0.3, 9).unwrap();
     let mut pg = gif_fr::head::PfcGrads::new(&pfc, b).unwrap();
     pfc.forward_backward_into(&x, &y, 0, &mut pg, &mut m).unwrap();
-    let p = counts(&dev, || pfc.forward_backward_into(&x, &y, 1, &mut pg, &mut m).unwrap());
-    // The sample is drawn on the device (mark, two radix passes of hist and
-    // find, count, scan, write: 8 launches), then the step over it; the
-    // sample comes down once to remap the labels on the host (1 sync; the
-    // GPU efficiency issue moves the remapping to the device).
-    pin("partial fc", p, 16, 15, 3, 1, 1);
+    let host = counts(&dev, || pfc.forward_backward_into(&x, &y, 1, &mut pg, &mut m).unwrap());
+    let device = counts(&dev, || pfc.forward_backward_into(&x, &yt, 2, &mut pg, &mut m).unwrap());
+    let update = counts(&dev, || pfc.sgd_step(&pg, 0.1).unwrap());
+    // A sample of ⌈0.3·500⌉ = 150 ≥ B classes, all on the device: mark the
+    // positives (counting the negatives to draw), two radix passes of hist
+    // and find, count, scan, write the index, remap the labels to it (9
+    // launches), then the step over the sample (8). Uploads: the labels
+    // (host labels) and the sample size; no wait. Device labels add their
+    // check kernel and drop the labels' upload.
+    pin("partial fc, host labels", host, 17, 15, 2, 0, 0);
+    pin("partial fc, device labels", device, 18, 16, 1, 0, 0);
+    // The SGD step reads the sample where it lies.
+    pin("partial fc sgd", update, 1, 0, 0, 0, 0);
+    // A batch larger than the sample (B = 37 > ⌈0.05·500⌉ = 25): the sample
+    // grows to the distinct positives, counted on the host; the sample
+    // comes down to remap the labels there (1 wait).
+    let small = PartialFc::new(pfc.into_head(), 0.05, 9).unwrap();
+    let mut sg = gif_fr::head::PfcGrads::new(&small, b).unwrap();
+    small.forward_backward_into(&x, &y, 0, &mut sg, &mut m).unwrap();
+    let p = counts(&dev, || small.forward_backward_into(&x, &y, 1, &mut sg, &mut m).unwrap());
+    pin("partial fc, batch > sample", p, 16, 15, 3, 1, 1);
 }
 
 #[test]
@@ -148,18 +177,15 @@ fn iresnet_training_step() {
 fn code_head_log_probs() {
     for (proj, dtype) in [(None, DType::F32), (None, DType::BF16), (Some(12), DType::F32)] {
         let dev = Device::sim();
-        let (b, d, l, v) = (23, 16, 3u64, 8);
-        let cfg = CodeHeadConfig { projection: proj, ..CodeHeadConfig::new(d, l as usize, v) };
+        let (b, d, l, v) = (23, 16, 3, 8);
+        let cfg = CodeHeadConfig { projection: proj, ..CodeHeadConfig::new(d, l, v) };
         let head = CodeHead::new(cfg, &dev, 1).unwrap();
         let x = Tensor::from_f32(&dev, &[b, d], &uniform(&mut rng(6), b * d, -1.0, 1.0), dtype).unwrap();
         let c = counts(&dev, || drop(head.log_probs(&x).unwrap()));
-        // bf16 features are widened by a kernel; without a projection the
-        // features are normalized once; per position: (projection GEMM and
-        // its normalization), the centres' normalization, the cosine GEMM,
-        // the log-softmax and the scatter into place, whose row ids are the
-        // one upload per position. Nothing comes back to the host.
-        let widen = u64::from(dtype != DType::F32);
-        let launches = widen + if proj.is_some() { 6 * l } else { 1 + 4 * l };
-        assert_eq!((c.launches, c.uploads, c.downloads, c.syncs), (launches, l, 0, 0), "{proj:?} {dtype:?}: {c:?}");
+        // Whatever l: the centres' normalization, (the projections' GEMM,)
+        // one kernel for every position; bf16 features are read as they
+        // are. Nothing goes up or comes back.
+        let launches = if proj.is_some() { 3 } else { 2 };
+        assert_eq!((c.launches, c.uploads, c.downloads, c.syncs), (launches, 0, 0, 0), "{proj:?} {dtype:?}: {c:?}");
     }
 }

@@ -8,11 +8,14 @@
 //! `CE_j = −log softmax(s·[f(c_y), c_k≠y])_y` with the margin f on the
 //! target token `y = code(label)_j` ([`Margin`]). Losses are means over the
 //! batch: `L = Σ_j λ_j·mean CE_j + γ·mean ½(x̂·h_label − 1)²`, with `x̂ =
-//! x/‖x‖` and `h` the code vectors (fixed). kernels/code_head.cu computes
-//! each position in one fused kernel (normalize → cosines → margin →
-//! softmax → CE → gradients through the feature normalization), GEMMs do the
-//! projections and the centres' gradient, rowwise l2norm_bwd the centre
-//! normalization's gradient.
+//! x/‖x‖` and `h` the code vectors (fixed). The centres of every position
+//! are one tensor `[l, v, d_p]` (projections `[l, d_p, d]`), and
+//! kernels/code_head.cu computes every position in one launch: the
+//! regression term and each position's margin softmax fused (normalize →
+//! cosines → margin → softmax → CE → gradients through the feature
+//! normalization), then the centres' gradient as a small-v GEMM over all
+//! positions; the projections are one GEMM each way. A step is 5 launches
+//! whatever l (8 with projections; docs/code_head.md).
 
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -22,15 +25,19 @@ use super::stats::StepStats;
 use crate::error::{Error, Result};
 use crate::ops::gemm::{self, Op};
 use crate::ops::labels::{self, Codes, Labels};
-use crate::ops::rows::{axpy_rows, scatter_rows};
+use crate::ops::rows::axpy_rows;
 use crate::ops::rowwise;
 use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
-use crate::runtime::launch::launch_one_of;
+use crate::runtime::kernels::{Ptr, PtrMut};
 use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
 use crate::tokenizer::Codebook;
 
 /// Normalization floor for the centres (as PyTorch's F.normalize).
 const EPS: f32 = 1e-12;
+/// Longest code (a v ≥ 2 code of 256 tokens names 2^256 identities).
+pub const MAX_LENGTH: usize = 256;
+/// Row slices of the centre gradient's split reduction, at most.
+const MAX_SLICES: usize = 16;
 
 /// Settings of a [`CodeHead`].
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +95,9 @@ impl CodeHeadConfig {
         const OP: &str = "CodeHead";
         if self.dim == 0 || self.length == 0 || self.projection == Some(0) {
             return Err(Error::invalid(OP, "dim, length and the projection size must be positive"));
+        }
+        if self.length > MAX_LENGTH {
+            return Err(Error::invalid(OP, format!("length must be at most {MAX_LENGTH}, got {}", self.length)));
         }
         if !(2..=4096).contains(&self.vocab) {
             return Err(Error::invalid(OP, format!("vocab must be in 2..=4096, got {}", self.vocab)));
@@ -255,10 +265,11 @@ impl HeadMetrics {
 pub struct HeadGrads {
     /// With respect to the features, f32 `[B, d]`.
     pub features: Tensor,
-    /// With respect to each position's centres, f32 `[v, d_p]`.
-    pub centres: Vec<Tensor>,
-    /// With respect to each projection, f32 `[d_p, d]`, when there are.
-    pub projections: Option<Vec<Tensor>>,
+    /// With respect to the centres, f32 `[l, v, d_p]` (position j's
+    /// `[v, d_p]` is block j).
+    pub centres: Tensor,
+    /// With respect to the projections, f32 `[l, d_p, d]`, when there are.
+    pub projections: Option<Tensor>,
 }
 
 impl HeadGrads {
@@ -272,9 +283,9 @@ impl HeadGrads {
         let dev = &head.device;
         Ok(HeadGrads {
             features: Tensor::empty(dev, &[batch, d], DType::F32)?,
-            centres: (0..l).map(|_| Tensor::empty(dev, &[v, dp], DType::F32)).collect::<Result<_>>()?,
+            centres: Tensor::empty(dev, &[l, v, dp], DType::F32)?,
             projections: match head.projections {
-                Some(_) => Some((0..l).map(|_| Tensor::empty(dev, &[dp, d], DType::F32)).collect::<Result<_>>()?),
+                Some(_) => Some(Tensor::empty(dev, &[l, dp, d], DType::F32)?),
                 None => None,
             },
         })
@@ -283,28 +294,25 @@ impl HeadGrads {
     fn check(&self, op: &'static str, head: &CodeHead, b: usize) -> Result<()> {
         let (d, dp, v, l) = (head.cfg.dim, head.cfg.dp(), head.cfg.vocab, head.cfg.length);
         self.features.check_output(op, &head.device, &[&[b, d]])?;
-        if self.centres.len() != l || self.projections.as_ref().map(Vec::len) != head.projections.as_ref().map(|_| l) {
-            return Err(Error::invalid(
-                op,
-                format!("the gradients need {l} centre matrices and, with projections, {l} projections"),
-            ));
+        self.centres.check_output(op, &head.device, &[&[l, v, dp]])?;
+        match (&self.projections, &head.projections) {
+            (Some(p), Some(_)) => p.check_output(op, &head.device, &[&[l, dp, d]]),
+            (None, None) => Ok(()),
+            _ => Err(Error::invalid(op, "the gradients hold projections exactly when the head has them")),
         }
-        for c in &self.centres {
-            c.check_output(op, &head.device, &[&[v, dp]])?;
-        }
-        for p in self.projections.iter().flatten() {
-            p.check_output(op, &head.device, &[&[dp, d]])?;
-        }
-        Ok(())
     }
 }
 
-/// The trainable head: centres (and projections) per position, f32.
+/// The trainable head: the centres of every position in one tensor
+/// `[l, v, d_p]` (and the projections `[l, d_p, d]`), so that one launch
+/// serves every position.
 pub struct CodeHead {
     cfg: CodeHeadConfig,
     device: Device,
-    centres: Vec<Tensor>,
-    projections: Option<Vec<Tensor>>,
+    centres: Tensor,
+    projections: Option<Tensor>,
+    /// λ on the device (GPU backends, when configured).
+    lambdas: Option<DeviceBuffer>,
 }
 
 impl CodeHead {
@@ -314,74 +322,78 @@ impl CodeHead {
     pub fn new(cfg: CodeHeadConfig, device: &Device, seed: u64) -> Result<CodeHead> {
         cfg.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let (d, dp, v) = (cfg.dim, cfg.dp(), cfg.vocab);
+        let (d, dp, v, l) = (cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
         let mut normal = |n: usize, sd: f32| -> Vec<f32> {
             (0..n).map(|_| sd * Distribution::<f32>::sample(&StandardNormal, &mut rng)).collect()
         };
+        let count = |dims: &[usize]| -> Result<usize> {
+            dims.iter()
+                .try_fold(1usize, |a, &x| a.checked_mul(x))
+                .ok_or_else(|| Error::invalid("CodeHead", "size overflows"))
+        };
         // Rows of norm about 1, so that an SGD step moves directions by about lr·‖g‖.
-        let centres = (0..cfg.length)
-            .map(|_| Tensor::from_f32(device, &[v, dp], &normal(v * dp, 1.0 / (dp as f32).sqrt()), cfg.weight_dtype))
-            .collect::<Result<Vec<_>>>()?;
+        let centres = Tensor::from_f32(
+            device,
+            &[l, v, dp],
+            &normal(count(&[l, v, dp])?, 1.0 / (dp as f32).sqrt()),
+            cfg.weight_dtype,
+        )?;
         let projections = match cfg.projection {
-            Some(_) => Some(
-                (0..cfg.length)
-                    .map(|_| {
-                        Tensor::from_f32(device, &[dp, d], &normal(dp * d, 1.0 / (d as f32).sqrt()), cfg.weight_dtype)
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-            ),
+            Some(_) => Some(Tensor::from_f32(
+                device,
+                &[l, dp, d],
+                &normal(count(&[l, dp, d])?, 1.0 / (d as f32).sqrt()),
+                cfg.weight_dtype,
+            )?),
             None => None,
         };
-        Ok(CodeHead { cfg, device: device.clone(), centres, projections })
+        let lambdas = device_lambdas(&cfg, device)?;
+        Ok(CodeHead { cfg, device: device.clone(), centres, projections, lambdas })
     }
 
-    /// A head from given weights: `centres[j]` is `[v, d_p]` and
-    /// `projections[j]` `[d_p, d]`, all of `cfg.weight_dtype` on one device.
-    pub fn from_weights(
-        cfg: CodeHeadConfig,
-        centres: Vec<Tensor>,
-        projections: Option<Vec<Tensor>>,
-    ) -> Result<CodeHead> {
+    /// A head from given weights: `centres` `[l, v, d_p]` and `projections`
+    /// `[l, d_p, d]`, of `cfg.weight_dtype` on one device.
+    pub fn from_weights(cfg: CodeHeadConfig, centres: Tensor, projections: Option<Tensor>) -> Result<CodeHead> {
         const OP: &str = "CodeHead::from_weights";
         cfg.validate()?;
-        let (d, dp, v) = (cfg.dim, cfg.dp(), cfg.vocab);
+        let (d, dp, v, l) = (cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
         let wt = cfg.weight_dtype;
-        if centres.len() != cfg.length || centres.iter().any(|c| c.shape() != [v, dp] || c.dtype() != wt) {
+        if centres.shape() != [l, v, dp] || centres.dtype() != wt {
             return Err(Error::Shape {
                 op: OP,
-                expected: format!("{} {wt:?} centre matrices [{v}, {dp}]", cfg.length),
-                got: format!("{:?}", centres.iter().map(|c| c.shape().to_vec()).collect::<Vec<_>>()),
+                expected: format!("{wt:?} centres [{l}, {v}, {dp}]"),
+                got: format!("{:?} {:?}", centres.dtype(), centres.shape()),
             });
         }
         match (&projections, cfg.projection) {
             (None, None) => {}
-            (Some(p), Some(_))
-                if p.len() == cfg.length && p.iter().all(|t| t.shape() == [dp, d] && t.dtype() == wt) => {}
+            (Some(p), Some(_)) if p.shape() == [l, dp, d] && p.dtype() == wt => {}
             _ => {
                 return Err(Error::Shape {
                     op: OP,
-                    expected: format!("{} {wt:?} projections [{dp}, {d}] exactly when configured", cfg.length),
-                    got: "other".into(),
+                    expected: format!("{wt:?} projections [{l}, {dp}, {d}] exactly when configured"),
+                    got: format!("{:?}", projections.as_ref().map(|p| (p.dtype(), p.shape().to_vec()))),
                 })
             }
         }
-        let device = centres[0].device().clone();
-        let all: Vec<&Tensor> = centres.iter().chain(projections.iter().flatten()).collect();
+        let device = centres.device().clone();
+        let all: Vec<&Tensor> = std::iter::once(&centres).chain(projections.as_ref()).collect();
         same_device(OP, &all)?;
-        Ok(CodeHead { cfg, device, centres, projections })
+        let lambdas = device_lambdas(&cfg, &device)?;
+        Ok(CodeHead { cfg, device, centres, projections, lambdas })
     }
 
     /// The configuration.
     pub fn config(&self) -> &CodeHeadConfig {
         &self.cfg
     }
-    /// Each position's centres, `[v, d_p]`.
-    pub fn centres(&self) -> &[Tensor] {
+    /// The centres of every position, `[l, v, d_p]`.
+    pub fn centres(&self) -> &Tensor {
         &self.centres
     }
-    /// Each position's projection, `[d_p, d]`, when configured.
-    pub fn projections(&self) -> Option<&[Tensor]> {
-        self.projections.as_deref()
+    /// The projections of every position, `[l, d_p, d]`, when configured.
+    pub fn projections(&self) -> Option<&Tensor> {
+        self.projections.as_ref()
     }
 
     fn check_batch(&self, op: &'static str, features: &Tensor) -> Result<usize> {
@@ -508,12 +520,7 @@ impl CodeHead {
         grads: &mut HeadGrads,
     ) -> Result<HeadLoss> {
         let x = features.host_f32()?;
-        let host = |t: &Tensor| t.host_f32().map(|c| c.into_owned());
-        let centres = self.centres.iter().map(host).collect::<Result<Vec<_>>>()?;
-        let projections = match &self.projections {
-            Some(p) => Some(p.iter().map(host).collect::<Result<Vec<_>>>()?),
-            None => None,
-        };
+        let (centres, projections) = self.host_weights()?;
         // Only the batch's code vectors are read, never the whole N x d table.
         let h = match (&table.vectors, self.cfg.gamma != 0.0) {
             (Some(v), true) => Some(rows_f32(v, labels)?),
@@ -529,13 +536,56 @@ impl CodeHead {
             projections.as_deref(),
         );
         grads.features.write_host_f32(&g.features)?;
-        for (t, c) in grads.centres.iter_mut().zip(&g.centres) {
-            t.write_host_f32(c)?;
-        }
-        for (t, p) in grads.projections.iter_mut().flatten().zip(g.projections.iter().flatten()) {
-            t.write_host_f32(p)?;
+        grads.centres.write_host_f32(&g.centres.concat())?;
+        if let (Some(t), Some(p)) = (grads.projections.as_mut(), &g.projections) {
+            t.write_host_f32(&p.concat())?;
         }
         Ok(loss)
+    }
+
+    /// The weights of a CPU head as f32, one vector per position.
+    fn host_weights(&self) -> Result<(PerPosition, Option<PerPosition>)> {
+        let (d, dp, v) = (self.cfg.dim, self.cfg.dp(), self.cfg.vocab);
+        let split = |t: &Tensor, n: usize| t.host_f32().map(|w| w.chunks(n).map(<[f32]>::to_vec).collect::<Vec<_>>());
+        let centres = split(&self.centres, v * dp)?;
+        let projections = self.projections.as_ref().map(|p| split(p, dp * d)).transpose()?;
+        Ok((centres, projections))
+    }
+
+    /// Ŵ (f32 `[l·v, d_p]`) and the centres' norms (`[l·v]`): one launch
+    /// over every position.
+    fn normalized_centres(&self) -> Result<(Tensor, Tensor)> {
+        let dev = &self.device;
+        let (rows, dp) = (self.cfg.length * self.cfg.vocab, self.cfg.dp());
+        let mut w_hat = Tensor::empty(dev, &[rows, dp], DType::F32)?;
+        let mut norms = Tensor::empty(dev, &[rows], DType::F32)?;
+        let (w32, w16) = f32_or_bf16(&self.centres)?;
+        // SAFETY: the centres hold l·v rows of d_p (checked at construction),
+        // w_hat and norms are allocated for them; one warp per row.
+        unsafe {
+            crate::runtime::launch::code_centres_normalize(
+                dev,
+                LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0),
+                w32,
+                w16,
+                rows as i32,
+                dp as i32,
+                EPS,
+                w_hat.ptr_mut()?,
+                norms.ptr_mut()?,
+            )
+        }?;
+        Ok((w_hat, norms))
+    }
+
+    /// Copies that bring the features and projections to the dtype their
+    /// GEMMs share: none when they match, else the bf16 one widened (one
+    /// launch).
+    fn widen_mismatch(features: &Tensor, p: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if features.dtype() == p.dtype() {
+            return Ok((None, None));
+        }
+        Ok((features.widened()?, p.widened()?))
     }
 
     fn step_device(
@@ -551,125 +601,168 @@ impl CodeHead {
         let (b, d, dp, v, l) = (features.shape()[0], cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
         let labels::DeviceLabels { labels: label_buf, targets, bad } = prepared;
         let target_buf = targets.as_ref().ok_or_else(|| Error::invalid("CodeHead", "no targets"))?;
-        let HeadGrads { features: dx, centres: centre_grads, projections: proj_grads } = grads;
         // Per-sample statistics, one row each, left in the metrics (read in
         // one copy): the regression loss, then the loss and hit of every
         // position. Reused while the shape stays.
         let mut stats = metrics.state.take_buffer(dev, 2 * l + 1, b)?;
-        let stat_rows: Vec<_> = (0..2 * l + 1).map(|r| stats.rows_ptr_mut::<f32>(r, 1)).collect::<Result<_>>()?;
-        let stat_row = |r: usize| stat_rows[r];
-        let use_table = cfg.gamma != 0.0;
-        let table_t = table.vectors.as_ref().filter(|_| use_table);
-        let rcfg = LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0);
-        let labels_p = dev.ptr_of::<i32>(&label_buf);
-        let gb = cfg.gamma / b as f32;
-        let (bi, di) = (b as i32, d as i32);
-        // SAFETY: features [B, d] and dx [B, d]; labels B i32 < N (checked);
-        // the table [N, d] or null (γ = 0: the kernel writes zeros); row 0
-        // of stats holds B floats.
-        unsafe {
-            launch_one_of!((features.dtype(), table_t.map(Tensor::dtype)), {
-                (DType::F32, None | Some(DType::F32)) => code_regression_f32_f32,
-                (DType::F32, Some(_)) => code_regression_f32_bf16,
-                (_, None | Some(DType::F32)) => code_regression_bf16_f32,
-                (_, Some(_)) => code_regression_bf16_bf16,
-            }, (dev, rcfg, features.ptr()?, labels_p, Tensor::ptr_or_null(table_t)?, bi, di, gb, dx.ptr_mut()?, stat_row(0)))
-        }?;
-        let (kind, m) = cfg.margin.kernel_args();
-        let exact = i32::from(cfg.margin_grad == MarginGrad::Exact);
+        let table_t = table.vectors.as_ref().filter(|_| cfg.gamma != 0.0);
+        let (w_hat, w_norm) = self.normalized_centres()?;
+        // The projections of every position in one GEMM: Z = X·Pᵀ, [B, l·d_p].
+        let p_flat = self.projections.as_ref().map(|p| p.view(&[l * dp, d])).transpose()?;
+        let widened = p_flat.as_ref().map(|p| Self::widen_mismatch(features, p)).transpose()?;
+        let operands: Option<(&Tensor, &Tensor)> = match (&p_flat, &widened) {
+            (Some(p), Some((xw, pw))) => Some((xw.as_ref().unwrap_or(features), pw.as_ref().unwrap_or(p))),
+            _ => None,
+        };
+        let z = match operands {
+            Some((x, p)) => Some(gemm::matmul(x, Op::N, p, Op::T)?),
+            None => None,
+        };
+        // With bf16 operands the backward GEMMs run on bf16 too (dZ rounded,
+        // as autocast does), on the tensor cores.
+        let dz_dtype = operands.map_or(DType::F32, |(x, _)| x.dtype());
+        let mut dz = z.as_ref().map(|_| Tensor::empty(dev, &[b, l * dp], dz_dtype)).transpose()?;
+        // With the exact ArcFace gradient, rows B.. of dC and U carry its
+        // singular part into the centre gradient (kernels/code_head.cu).
         let singular = cfg.margin.is_angular() && cfg.margin_grad == MarginGrad::Exact;
-        // bf16 features meet f32 (or widened) projections in an f32 GEMM.
-        let x_wide = if self.projections.is_some() { features.widened()? } else { None };
-        let x32 = x_wide.as_ref().unwrap_or(features);
-        for j in 0..l {
-            let p_wide = match &self.projections {
-                Some(p) => Some((&p[j], p[j].widened()?)),
-                None => None,
-            };
-            let p32: Option<&Tensor> = p_wide.as_ref().map(|(p, w)| w.as_ref().unwrap_or(p));
-            let z_owned;
-            let z = match p32 {
-                Some(p) => {
-                    z_owned = gemm::matmul(x32, Op::N, p, Op::T)?;
-                    &z_owned
-                }
-                None => features,
-            };
-            let c_wide = self.centres[j].widened()?;
-            let w_raw = c_wide.as_ref().unwrap_or(&self.centres[j]);
-            let (w_hat, w_norm) = rowwise::l2_normalize(w_raw, EPS)?;
-            // With the exact ArcFace gradient, rows B.. of dC and U carry its
-            // singular part into the same dŴ GEMM (kernels/code_head.cu).
-            let rows = if singular { 2 * b } else { b };
-            let mut u = Tensor::empty(dev, &[rows, dp], DType::F32)?;
-            let mut dc = Tensor::empty(dev, &[rows, v], DType::F32)?;
-            let mut dz_owned =
-                if self.projections.is_some() { Some(Tensor::empty(dev, &[b, dp], DType::F32)?) } else { None };
-            let mcfg = LaunchConfig::linear(b as u32, 128, ((2 * dp + 2 * v) * 4) as u32);
-            // Position j's B targets (the prepared buffer holds l·B).
-            let target_p = dev.ptr_of::<i32>(target_buf).offset(j * b);
-            let dz_p = match dz_owned.as_mut() {
-                Some(t) => t.ptr_mut()?,
-                None => dx.ptr_mut()?,
-            };
-            let (u_p, dc_p) = (u.ptr_mut()?, dc.ptr_mut()?);
-            // SAFETY: z is [B, d_p] (f32 or bf16), ŵ and the raw centres
-            // [v, d_p]; the targets B tokens < v (from the table); u and dC
-            // hold B rows (2B with the singular part), dz [B, d_p], stats
-            // rows B floats; v ≤ 4096 and d_p ≤ 8192 fit the shared memory.
-            unsafe {
-                launch_one_of!(z.dtype(), { DType::F32 => margin_ce_f32, _ => margin_ce_bf16 }, (
-                    dev,
-                    mcfg,
-                    z.ptr()?,
-                    w_hat.ptr()?,
-                    w_raw.ptr()?,
-                    target_p,
-                    b as i32,
-                    dp as i32,
-                    v as i32,
-                    cfg.scale,
-                    kind,
-                    m,
-                    m.cos(),
-                    m.sin(),
-                    exact,
-                    cfg.lambda(j) / b as f32,
-                    u_p,
-                    dz_p,
-                    i32::from(dz_owned.is_none()),
-                    dc_p,
-                    i32::from(singular),
-                    stat_row(1 + 2 * j),
-                    stat_row(2 + 2 * j),
-                ))
-            }?;
-            let dw_hat = gemm::matmul(&dc, Op::T, &u, Op::N)?;
-            rowwise::l2_normalize_backward_into(&w_hat, &w_norm, &dw_hat, EPS, &mut centre_grads[j])?;
-            if let (Some(p), Some(dzj), Some(pg)) = (p32, &dz_owned, proj_grads.as_mut()) {
-                gemm::gemm(1.0, dzj, Op::T, x32, Op::N, 0.0, &mut pg[j])?;
-                gemm::gemm(1.0, dzj, Op::N, p, Op::N, 1.0, dx)?;
-            }
+        let rows = if singular { 2 * b } else { b };
+        let mut u = Tensor::empty(dev, &[l * rows, dp], DType::F32)?;
+        let mut dc = Tensor::empty(dev, &[l * rows, v], DType::F32)?;
+        let (kind, m) = cfg.margin.kernel_args();
+        let (x32, x16) = f32_or_bf16(features)?;
+        let (t32, t16) = match table_t {
+            Some(t) => f32_or_bf16(t)?,
+            None => (Ptr::null(), Ptr::null()),
+        };
+        let (w32, w16) = f32_or_bf16(&self.centres)?;
+        let (dz32, dz16) = match dz.as_mut() {
+            Some(t) if t.dtype() == DType::F32 => (t.ptr_mut()?, PtrMut::null()),
+            Some(t) => (PtrMut::null(), t.ptr_mut()?),
+            None => (PtrMut::null(), PtrMut::null()),
+        };
+        let lambdas = self.lambdas.as_ref().map_or(Ptr::null(), |buf| dev.ptr_of::<f32>(buf));
+        let step_cfg = LaunchConfig::linear(b as u32, 128, ((2 * dp + 2 * v) * 4) as u32);
+        // SAFETY: features [B, d] (f32 or bf16: one pointer null); labels B
+        // i32 < N and targets l·B tokens < v (prepared and checked); the
+        // table [N, d] or null; Z [B, l·d_p] or null (then d_p = d); Ŵ and
+        // the centres [l·v, d_p]; λ l floats or null; U [l·R, d_p] and dC
+        // [l·R, v] with R = 2B when singular, else B; dx [B, d]; dZ
+        // [B, l·d_p] or null; stats [2l + 1, B]; v ≤ 4096 and d_p ≤ 8192 fit
+        // the shared memory (validated).
+        unsafe {
+            crate::runtime::launch::code_head_step(
+                dev,
+                step_cfg,
+                x32,
+                x16,
+                d as i32,
+                dev.ptr_of::<i32>(&label_buf),
+                t32,
+                t16,
+                cfg.gamma / b as f32,
+                Tensor::ptr_or_null(z.as_ref())?,
+                dp as i32,
+                w_hat.ptr()?,
+                w32,
+                w16,
+                dev.ptr_of::<i32>(target_buf),
+                lambdas,
+                b as i32,
+                l as i32,
+                v as i32,
+                cfg.scale,
+                kind,
+                m,
+                m.cos(),
+                m.sin(),
+                i32::from(cfg.margin_grad == MarginGrad::Exact),
+                u.ptr_mut()?,
+                dc.ptr_mut()?,
+                i32::from(singular),
+                grads.features.ptr_mut()?,
+                dz32,
+                dz16,
+                stats.ptr_mut()?,
+            )
+        }?;
+        self.centre_grad(&dc, &u, rows, &w_hat, &w_norm, &mut grads.centres)?;
+        if let (Some((x, p)), Some(dz), Some(dp_out)) = (operands, &dz, grads.projections.as_mut()) {
+            // dP = dZᵀ·X ([l·d_p, d]) and dX += dZ·P, each one GEMM over every position.
+            dp_out.view_mut(&[l * dp, d], |g| gemm::gemm(1.0, dz, Op::T, x, Op::N, 0.0, g))?;
+            gemm::gemm(1.0, dz, Op::N, p, Op::N, 1.0, &mut grads.features)?;
         }
         metrics.state = StepStats::Device { stats, bad, n: table.n };
         Ok(())
     }
 
+    /// dW = the centre normalization's backward of dŴ = dCᵀ·U per position,
+    /// in two launches for every position: split partial sums over row
+    /// slices, then their ordered sum and the normalization's gradient.
+    fn centre_grad(
+        &self,
+        dc: &Tensor,
+        u: &Tensor,
+        rows: usize,
+        w_hat: &Tensor,
+        w_norm: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        let dev = &self.device;
+        let (dp, v, l) = (self.cfg.dp(), self.cfg.vocab, self.cfg.length);
+        // Slices of at least 128 rows: enough blocks to fill a GPU at v = 16
+        // (a 16 × 128 tile per block), a fixed summation order on every card.
+        let slices = rows.div_ceil(128).clamp(1, MAX_SLICES);
+        let mut partial = Tensor::empty(dev, &[slices * l * v, dp], DType::F32)?;
+        let grid = (dp.div_ceil(128) as u32, v.div_ceil(16) as u32, (l * slices) as u32);
+        // SAFETY: dC [l·rows, v] and U [l·rows, d_p] (allocated by the
+        // caller), partial [slices·l·v, d_p]; the grid covers v and d_p in
+        // tiles of 16 and 128, l·slices ≤ 256·16 < 65536.
+        unsafe {
+            crate::runtime::launch::code_centre_grad(
+                dev,
+                LaunchConfig { grid, block: (256, 1, 1), shared_bytes: 0 },
+                dc.ptr()?,
+                u.ptr()?,
+                rows as i32,
+                dp as i32,
+                v as i32,
+                l as i32,
+                slices as i32,
+                partial.ptr_mut()?,
+            )
+        }?;
+        let lv = l * v;
+        // SAFETY: partial as above, Ŵ [l·v, d_p], norms [l·v], out [l, v, d_p]
+        // (checked by HeadGrads::check); one warp per row.
+        unsafe {
+            crate::runtime::launch::code_centre_grad_finish(
+                dev,
+                LaunchConfig::linear(lv.div_ceil(8) as u32, 256, 0),
+                partial.ptr()?,
+                slices as i32,
+                w_hat.ptr()?,
+                w_norm.ptr()?,
+                lv as i32,
+                dp as i32,
+                EPS,
+                out.ptr_mut()?,
+            )
+        }
+    }
+
     /// Per-position log-softmax of `s·cos`, without margin: `[B, l·v]` f32,
     /// row b holding position 0's v log-probabilities, then position 1's, ...
-    /// (that is, `[B, l, v]` row-major). The decoder consumes this.
+    /// (that is, `[B, l, v]` row-major). The decoder consumes this. On a GPU
+    /// backend: the centres' normalization, the projections' GEMM when there
+    /// are, and one kernel for every position (2 or 3 launches, whatever l).
     pub fn log_probs(&self, features: &Tensor) -> Result<Tensor> {
         const OP: &str = "CodeHead::log_probs";
         let b = self.check_batch(OP, features)?;
-        let (l, v) = (self.cfg.length, self.cfg.vocab);
+        let (d, dp, l, v) = (self.cfg.dim, self.cfg.dp(), self.cfg.length, self.cfg.vocab);
         if self.device.kind() == DeviceKind::Cpu {
             let x = features.host_f32()?;
-            let centres = self.centres.iter().map(|t| t.to_f32_vec()).collect::<Result<Vec<_>>>()?;
             // f64 (the reference): inference batches are small on the CPU.
-            let projections = match &self.projections {
-                Some(p) => Some(p.iter().map(|t| t.to_f32_vec()).collect::<Result<Vec<_>>>()?),
-                None => None,
-            };
+            let (centres, projections) = self.host_weights()?;
             let out = cpu::log_probs(&self.cfg, &x, b, &centres, projections.as_deref());
             return Ok(Tensor::from_host(
                 &self.device,
@@ -677,52 +770,56 @@ impl CodeHead {
                 HostData::F32(out.iter().map(|&x| x as f32).collect()),
             ));
         }
-        // bf16 features are widened once (the projections and centres are f32).
-        let x_wide = features.widened()?;
-        let x = x_wide.as_ref().unwrap_or(features);
-        let mut out = Tensor::empty(&self.device, &[b * l, v], DType::F32)?;
-        // Without projections every position normalizes the same features.
-        let shared_u = match &self.projections {
-            Some(_) => None,
-            None => Some(rowwise::l2_normalize(x, EPS)?.0),
+        let dev = &self.device;
+        let (w_hat, _) = self.normalized_centres()?;
+        let p_flat = self.projections.as_ref().map(|p| p.view(&[l * dp, d])).transpose()?;
+        let z = match &p_flat {
+            Some(p) => {
+                let (xw, pw) = Self::widen_mismatch(features, p)?;
+                Some(gemm::matmul(xw.as_ref().unwrap_or(features), Op::N, pw.as_ref().unwrap_or(p), Op::T)?)
+            }
+            None => None,
         };
-        for j in 0..l {
-            let projected;
-            let u = match (&self.projections, &shared_u) {
-                (Some(p), _) => {
-                    let z = gemm::matmul(x, Op::N, p[j].widened()?.as_ref().unwrap_or(&p[j]), Op::T)?;
-                    projected = rowwise::l2_normalize(&z, EPS)?.0;
-                    &projected
-                }
-                (None, Some(u)) => u,
-                (None, None) => return Err(Error::invalid(OP, "no normalized features (internal error)")),
-            };
-            let c_wide = self.centres[j].widened()?;
-            let (w_hat, _) = rowwise::l2_normalize(c_wide.as_ref().unwrap_or(&self.centres[j]), EPS)?;
-            let mut c = Tensor::empty(&self.device, &[b, v], DType::F32)?;
-            gemm::gemm(self.cfg.scale, u, Op::N, &w_hat, Op::T, 0.0, &mut c)?;
-            let lp = rowwise::log_softmax(&c)?;
-            let ids: Vec<u32> = (0..b).map(|i| (i * l + j) as u32).collect();
-            scatter_rows(&lp, &ids, &mut out)?;
-        }
-        out.reshape(&[b, l * v])
+        let mut out = Tensor::empty(dev, &[b, l * v], DType::F32)?;
+        let (x32, x16) = f32_or_bf16(features)?;
+        // SAFETY: features [B, d] (one pointer null), Z [B, l·d_p] or null
+        // (then d_p = d), Ŵ [l·v, d_p], out [B, l·v]; (d_p + v) floats of
+        // shared memory (v ≤ 4096, d_p ≤ 8192).
+        unsafe {
+            crate::runtime::launch::code_log_probs(
+                dev,
+                LaunchConfig::linear(b as u32, 128, ((dp + v) * 4) as u32),
+                x32,
+                x16,
+                d as i32,
+                Tensor::ptr_or_null(z.as_ref())?,
+                dp as i32,
+                w_hat.ptr()?,
+                l as i32,
+                v as i32,
+                self.cfg.scale,
+                EPS,
+                out.ptr_mut()?,
+            )
+        }?;
+        Ok(out)
     }
 
-    /// Plain SGD on the head's weights: `w ← w − lr·g` for every centre and
-    /// projection.
+    /// Plain SGD on the head's weights: `w ← w − lr·g` for the centres and
+    /// projections.
     pub fn sgd_step(&mut self, grads: &HeadGrads, lr: f32) -> Result<()> {
         const OP: &str = "CodeHead::sgd_step";
-        if grads.centres.len() != self.centres.len()
-            || grads.projections.as_ref().map(Vec::len) != self.projections.as_ref().map(Vec::len)
+        let (d, dp, v, l) = (self.cfg.dim, self.cfg.dp(), self.cfg.vocab, self.cfg.length);
+        if grads.centres.shape() != self.centres.shape()
+            || grads.projections.as_ref().map(|p| p.shape()) != self.projections.as_ref().map(|p| p.shape())
         {
             return Err(Error::invalid(OP, "gradients do not match the head"));
         }
-        let mut pairs: Vec<(&mut Tensor, &Tensor)> = self.centres.iter_mut().zip(grads.centres.iter()).collect();
+        let g = grads.centres.view(&[l * v, dp])?;
+        self.centres.view_mut(&[l * v, dp], |w| axpy_rows(w, None, &g, -lr))?;
         if let (Some(p), Some(g)) = (self.projections.as_mut(), grads.projections.as_ref()) {
-            pairs.extend(p.iter_mut().zip(g.iter()));
-        }
-        for (w, g) in pairs {
-            axpy_rows(w, None, g, -lr)?;
+            let g = g.view(&[l * dp, d])?;
+            p.view_mut(&[l * dp, d], |w| axpy_rows(w, None, &g, -lr))?;
         }
         Ok(())
     }
@@ -735,11 +832,32 @@ impl CodeHead {
     /// ‖w‖², which shrinks the effective learning rate of the directions by
     /// `1/‖w‖²`). Call it after [`CodeHead::sgd_step`] for SGD on the sphere.
     pub fn renormalize_centres(&mut self) -> Result<()> {
-        for c in &mut self.centres {
-            *c = rowwise::l2_normalize(c, EPS)?.0;
-        }
+        let (dp, v, l) = (self.cfg.dp(), self.cfg.vocab, self.cfg.length);
+        let flat = self.centres.view(&[l * v, dp])?;
+        let unit = rowwise::l2_normalize(&flat, EPS)?.0;
+        drop(flat);
+        self.centres = unit.reshape(&[l, v, dp])?;
         Ok(())
     }
+}
+
+/// λ uploaded for the kernels (GPU backends, when configured).
+fn device_lambdas(cfg: &CodeHeadConfig, device: &Device) -> Result<Option<DeviceBuffer>> {
+    match (&cfg.lambdas, device.runs_kernels()) {
+        (Some(l), true) => Ok(Some(device.upload(bytemuck::cast_slice(l))?)),
+        _ => Ok(None),
+    }
+}
+
+/// One f32 vector per position.
+type PerPosition = Vec<Vec<f32>>;
+
+/// An f32-or-bf16 operand as the kernels take it: one pointer null.
+fn f32_or_bf16(t: &Tensor) -> Result<(Ptr<f32>, Ptr<half::bf16>)> {
+    Ok(match t.dtype() {
+        DType::F32 => (t.ptr()?, Ptr::null()),
+        _ => (Ptr::null(), t.ptr()?),
+    })
 }
 
 /// Rows `ids` of a CPU tensor (`[n, d]`, f32 or bf16) as f32.

@@ -14,18 +14,23 @@
 //! same sample on the host.
 //!
 //! The centres are read in place through the sample (no gathered copy):
-//! extra memory is the fused head's plus `O(N)` for the sampling.
+//! extra memory is the fused head's plus `O(N)` for the sampling. On a GPU
+//! backend the labels are remapped to positions in the sample on the
+//! device too (`pfc_remap`), and the sample stays there ([`PfcGrads::sampled`]),
+//! so a step does not wait for the device; except when a batch holds more
+//! distinct classes than `⌈r·N⌉`, where the sample's size is counted on
+//! the host (one synchronization).
 
 use super::softmax_head::{
     check_batch, check_centres, fused_step, Rows, SoftmaxGrads, SoftmaxHead, SoftmaxHeadConfig, SoftmaxLoss,
     SoftmaxMetrics, Targets,
 };
 use crate::error::{Error, Result};
-use crate::ops::labels::Labels;
+use crate::ops::labels::{self, DeviceLabels, Labels};
 use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
-use crate::runtime::kernels::Ptr;
+use crate::runtime::kernels::{Ptr, PtrMut};
 use crate::runtime::launch;
-use crate::runtime::tensor::Tensor;
+use crate::runtime::tensor::{DType, Tensor};
 
 /// Partial FC over a [`SoftmaxHead`]'s centres.
 pub struct PartialFc {
@@ -37,10 +42,10 @@ pub struct PartialFc {
 /// One step's gradients.
 #[derive(Debug)]
 pub struct PfcGrads {
-    /// The sampled classes, ascending; row i of `grads.centres` is class
-    /// `sampled[i]`'s gradient.
-    pub sampled: Vec<u32>,
-    /// Features `[B, d]` and sampled centres `[k, d]`, f32.
+    /// The sampled classes, ascending, u32 `[k]` on the head's device.
+    sampled: Tensor,
+    /// Features `[B, d]` and sampled centres `[k, d]`, f32: row i of
+    /// `grads.centres` is class `sampled[i]`'s gradient.
     pub grads: SoftmaxGrads,
 }
 
@@ -50,7 +55,22 @@ impl PfcGrads {
     /// sample's size varies with the positives).
     pub fn new(pfc: &PartialFc, batch: usize) -> Result<PfcGrads> {
         let cfg = pfc.head.config();
-        Ok(PfcGrads { sampled: Vec::new(), grads: SoftmaxGrads::new(pfc.head.device(), batch, 0, cfg.dim)? })
+        let dev = pfc.head.device();
+        Ok(PfcGrads {
+            sampled: Tensor::empty(dev, &[0], DType::U32)?,
+            grads: SoftmaxGrads::new(dev, batch, 0, cfg.dim)?,
+        })
+    }
+
+    /// The step's sampled classes, ascending (u32 `[k]` on the head's
+    /// device: the sample never leaves it during a step).
+    pub fn sampled(&self) -> &Tensor {
+        &self.sampled
+    }
+
+    /// The sampled classes on the host (a download on a GPU backend).
+    pub fn sampled_host(&self) -> Result<Vec<u32>> {
+        self.sampled.to_vec::<u32>()
     }
 }
 
@@ -114,80 +134,76 @@ impl PartialFc {
         Ok((0..keep.len() as u32).filter(|&n| keep[n as usize]).collect())
     }
 
-    /// The sample drawn on the device: the sorted index, as a buffer of i32.
-    fn sample_device(&self, dev: &Device, labels: &[u32], step: u64) -> Result<(DeviceBuffer, usize)> {
+    /// The sample drawn on the device from device labels (`B` i32 < N,
+    /// checked): the sorted index of `k` classes, `k` at least the
+    /// distinct labels' count (the caller's guarantee: k ≥ B, or k counted
+    /// on the host). Nothing comes back to the host.
+    fn sample_device(&self, dev: &Device, labels: &DeviceBuffer, bsz: usize, k: usize, step: u64) -> Result<Tensor> {
         let n = self.head.config().classes;
-        let positive_host = self.check_labels("PartialFc::forward_backward", labels)?;
-        let p = positive_host.iter().filter(|&&x| x).count();
-        let k = self.sample_size().max(p);
         let (a, b) = self.seeds(step);
-        let labels_buf = dev.upload(bytemuck::cast_slice(labels))?;
         let mut positive = dev.alloc_zeroed(n * 4)?;
-        let bsz = labels.len();
         let (ni, spread) = (n as i32, n.div_ceil(256).min(4096) as u32);
+        // sel = {hi, rem, lo, rem}: the radix select's two passes, with
+        // need = k − (distinct positives), counted by pfc_mark.
+        let mut sel = dev.alloc(16)?;
+        let mut need = dev.upload(bytemuck::cast_slice(&[k as i32]))?;
+        // One zeroed allocation for both passes' histograms.
+        let mut hists = dev.alloc_zeroed(2 * 65536 * 4)?;
         // SAFETY (every launch below): labels holds B class ids < N (checked),
         // positive N i32 flags; the selection buffers are sized here: sel 4
-        // i32 ({hi, rem, lo, rem}), each histogram 65536 u32, need 1 i32,
-        // counts one i32 per 1024 classes, index k i32 (k ≥ the positives
-        // and the selected negatives, which the radix select makes exact).
+        // i32, each histogram 65536 u32, need 1 i32, counts one i32 per 1024
+        // classes, index k i32 (k = the positives plus the selected
+        // negatives, which the radix select makes exact).
         unsafe {
             launch::pfc_mark(
                 dev,
                 LaunchConfig::linear(bsz.div_ceil(256) as u32, 256, 0),
-                dev.ptr_of(&labels_buf),
+                dev.ptr_of(labels),
                 bsz as i32,
                 dev.ptr_mut_of(&mut positive),
+                dev.ptr_mut_of(&mut need),
             )?;
         }
-        let sel = if k > p {
-            // Radix select of the k − p largest negative keys: sel = {hi, rem, lo, rem}.
-            let need = dev.upload(bytemuck::cast_slice(&[(k - p) as i32]))?;
-            let mut sel = dev.alloc(16)?;
-            // One zeroed allocation for both passes' histograms.
-            let mut hists = dev.alloc_zeroed(2 * 65536 * 4)?;
-            for pass in 0..2 {
-                let hist = dev.ptr_mut_of::<u32>(&mut hists).offset(pass * 65536);
-                let sel_p = dev.ptr_mut_of::<i32>(&mut sel);
-                let match_hi = if pass == 0 { Ptr::null() } else { sel_p.as_const() };
-                let need_p = if pass == 0 { dev.ptr_of(&need) } else { sel_p.as_const().offset(1) };
-                // SAFETY: as above.
-                unsafe {
-                    launch::pfc_hist(
-                        dev,
-                        LaunchConfig::linear(spread, 256, 0),
-                        dev.ptr_of(&positive),
-                        ni,
-                        a,
-                        b,
-                        match_hi,
-                        hist,
-                    )?;
-                    launch::pfc_find(
-                        dev,
-                        LaunchConfig::linear(1, 256, 0),
-                        hist.as_const(),
-                        need_p,
-                        sel_p.offset(2 * pass),
-                    )?;
-                }
+        for pass in 0..2 {
+            let hist = dev.ptr_mut_of::<u32>(&mut hists).offset(pass * 65536);
+            let sel_p = dev.ptr_mut_of::<i32>(&mut sel);
+            let match_hi = if pass == 0 { Ptr::null() } else { sel_p.as_const() };
+            let need_p = if pass == 0 { dev.ptr_of(&need) } else { sel_p.as_const().offset(1) };
+            // SAFETY: as above.
+            unsafe {
+                launch::pfc_hist(
+                    dev,
+                    LaunchConfig::linear(spread, 256, 0),
+                    dev.ptr_of(&positive),
+                    ni,
+                    a,
+                    b,
+                    match_hi,
+                    hist,
+                )?;
+                launch::pfc_find(
+                    dev,
+                    LaunchConfig::linear(1, 256, 0),
+                    hist.as_const(),
+                    need_p,
+                    sel_p.offset(2 * pass),
+                )?;
             }
-            Some(sel)
-        } else {
-            None
-        };
-        let sel_p = sel.as_ref().map_or(Ptr::null(), |s| dev.ptr_of(s));
+        }
+        let sel_p = dev.ptr_of(&sel);
         let blocks = n.div_ceil(1024);
         let mut counts = dev.alloc(blocks * 4)?;
-        let mut index = dev.alloc(k * 4)?;
+        let mut index = Tensor::empty(dev, &[k], DType::U32)?;
         let cfg = LaunchConfig::linear(blocks as u32, 256, 0);
         // SAFETY: as above.
         unsafe {
             launch::pfc_count(dev, cfg, dev.ptr_of(&positive), ni, a, b, sel_p, dev.ptr_mut_of(&mut counts))?;
             launch::pfc_scan_blocks(dev, LaunchConfig::linear(1, 256, 0), dev.ptr_mut_of(&mut counts), blocks as i32)?;
             let (pos_p, counts_p) = (dev.ptr_of(&positive), dev.ptr_of(&counts));
-            launch::pfc_write(dev, cfg, pos_p, ni, a, b, sel_p, counts_p, dev.ptr_mut_of(&mut index))?;
+            let index_p = PtrMut::<i32>::from_addr(index.ptr_mut::<u32>()?.addr());
+            launch::pfc_write(dev, cfg, pos_p, ni, a, b, sel_p, counts_p, index_p)?;
         }
-        Ok((index, k))
+        Ok(index)
     }
 
     /// One training step: samples the classes of `step`, then the fused
@@ -207,11 +223,17 @@ impl PartialFc {
 
     /// [`PartialFc::forward_backward`] into given buffers: the features'
     /// gradient overwrites `grads.grads.features` (`[B, d]` f32 on the
-    /// head's device), `grads.sampled` and the sampled rows' gradient
+    /// head's device), the sample and the sampled rows' gradient
     /// (reallocated when the sample's size changes) are this step's, the
-    /// loss stays in `metrics`. The sample is remapped on the host, so
-    /// device labels are downloaded (one synchronization per step; the
-    /// other heads have none).
+    /// loss stays in `metrics`.
+    ///
+    /// On a GPU backend, when the sample size `⌈r·N⌉` is at least B (so it
+    /// holds every positive and its size is known), the sample is drawn,
+    /// the labels checked and remapped to it on the device: no host wait,
+    /// device labels never come down, a bad one is reported by the metrics'
+    /// `read`. A batch larger than the sample (the sample then grows to the
+    /// distinct positives, a count the host needs) brings the labels and
+    /// the sample to the host once (one synchronization).
     pub fn forward_backward_into<'l>(
         &self,
         features: &Tensor,
@@ -225,53 +247,84 @@ impl PartialFc {
         let cfg: &SoftmaxHeadConfig = self.head.config();
         let dev = self.head.device();
         let b = check_batch(OP, cfg, dev, features, labels.len())?;
-        let labels = labels.host_checked(OP, dev, cfg.classes)?;
-        let (sampled, index) = if dev.kind() == DeviceKind::Cpu {
-            (self.sample(&labels, step)?, None)
+        let (sampled, targets) = if dev.kind() == DeviceKind::Cpu {
+            let labels = labels.host_checked(OP, dev, cfg.classes)?;
+            let sampled = self.sample(&labels, step)?;
+            let targets = remap(OP, &sampled, &labels)?;
+            (Tensor::from_slice(dev, &[sampled.len()], &sampled)?, Targets::Host(targets))
+        } else if self.sample_size() >= b {
+            // Every step samples exactly ⌈r·N⌉ classes (the distinct
+            // positives, at most B, fit): all on the device.
+            let k = self.sample_size();
+            let prepared = labels::prepare(OP, dev, labels, cfg.classes, None)?;
+            let index = self.sample_device(dev, &prepared.labels, b, k, step)?;
+            let mut remapped = dev.alloc(b * 4)?;
+            // SAFETY: the prepared labels are B i32 < N, all in the sorted
+            // index of k classes (their positives were marked); remapped
+            // holds B i32.
+            unsafe {
+                launch::pfc_remap(
+                    dev,
+                    LaunchConfig::linear(b.div_ceil(256) as u32, 256, 0),
+                    dev.ptr_of(&prepared.labels),
+                    b as i32,
+                    Ptr::from_addr(index.ptr::<u32>()?.addr()),
+                    k as i32,
+                    dev.ptr_mut_of(&mut remapped),
+                )?;
+            }
+            let targets = DeviceLabels { labels: remapped, targets: None, bad: prepared.bad };
+            (index, Targets::Device(targets))
         } else {
-            let (index, k) = self.sample_device(dev, &labels, step)?;
-            let ids: Vec<i32> = bytemuck::pod_collect_to_vec(&dev.download(&index, k * 4)?);
-            (ids.into_iter().map(|i| i as u32).collect(), Some(index))
+            let labels = labels.host_checked(OP, dev, cfg.classes)?;
+            let k = self.sample_size().max(distinct(&labels, cfg.classes));
+            let prepared = labels::prepare(OP, dev, Labels::Host(&labels), cfg.classes, None)?;
+            let index = self.sample_device(dev, &prepared.labels, b, k, step)?;
+            let sampled = index.to_vec::<u32>()?;
+            (index, Targets::Host(remap(OP, &sampled, &labels)?))
         };
-        let targets: Vec<i32> = labels
-            .iter()
-            .map(|y| sampled.binary_search(y).map(|p| p as i32))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| Error::invalid(OP, "a label is missing from the sample (internal error)"))?;
-        let rows = match &index {
-            Some(b) => Rows::Device(b),
-            None => Rows::Host(&sampled),
-        };
-        let k = sampled.len();
+        let k = sampled.numel();
         if grads.grads.centres.shape() != [k, cfg.dim] || grads.grads.centres.device() != dev {
-            grads.grads.centres = Tensor::empty(dev, &[k, cfg.dim], crate::DType::F32)?;
+            grads.grads.centres = Tensor::empty(dev, &[k, cfg.dim], DType::F32)?;
         }
         grads.grads.check(OP, dev, b, k, cfg.dim)?;
-        fused_step(
-            OP,
-            cfg,
-            self.head.centres(),
-            Some(rows),
-            k,
-            features,
-            Targets::Host(targets),
-            &mut grads.grads,
-            metrics,
-        )?;
+        let host_rows = sampled.host_slice::<u32>();
+        let rows = match (host_rows, sampled.device_buffer()) {
+            (Some(r), _) => Rows::Host(r),
+            (None, Some(buf)) => Rows::Device(buf),
+            (None, None) => return Err(Error::invalid(OP, "no sample (internal error)")),
+        };
+        fused_step(OP, cfg, self.head.centres(), Some(rows), k, features, targets, &mut grads.grads, metrics)?;
         grads.sampled = sampled;
         Ok(())
     }
 
-    /// Plain SGD on the sampled rows: `W[sampled[i]] ← W[sampled[i]] − lr·g_i`.
+    /// Plain SGD on the sampled rows: `W[sampled[i]] ← W[sampled[i]] − lr·g_i`
+    /// (the sample read where it is, on the device).
     pub fn sgd_step(&mut self, grads: &PfcGrads, lr: f32) -> Result<()> {
         const OP: &str = "PartialFc::sgd_step";
         let cfg = self.head.config().clone();
         check_centres(OP, self.head.centres(), cfg.classes, cfg.dim)?;
-        crate::ops::rows::axpy_rows(self.head.centres_mut(), Some(&grads.sampled), &grads.grads.centres, -lr)
+        crate::ops::rows::axpy_sampled_rows(self.head.centres_mut(), &grads.sampled, &grads.grads.centres, -lr)
     }
 
     /// Consumes the Partial FC, returning its head.
     pub fn into_head(self) -> SoftmaxHead {
         self.head
     }
+}
+
+/// The number of distinct labels (all < n).
+fn distinct(labels: &[u32], n: usize) -> usize {
+    let mut seen = vec![false; n];
+    labels.iter().filter(|&&y| !std::mem::replace(&mut seen[y as usize], true)).count()
+}
+
+/// Each label's position in the sorted sample.
+fn remap(op: &'static str, sampled: &[u32], labels: &[u32]) -> Result<Vec<i32>> {
+    labels
+        .iter()
+        .map(|y| sampled.binary_search(y).map(|p| p as i32))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::invalid(op, "a label is missing from the sample (internal error)"))
 }

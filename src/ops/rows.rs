@@ -173,3 +173,37 @@ pub fn axpy_rows(w: &mut Tensor, rows: Option<&[u32]>, g: &Tensor, a: f32) -> Re
             (&dev, rows_cfg(n), w.ptr_mut()?, rows_p, g.ptr()?, n as i32, d as i32, a))
     }
 }
+
+/// [`axpy_rows`] through a sample the crate drew (u32 `[n]` on w's device,
+/// every id < m by construction: Partial FC's), read where it lies: no
+/// upload, no download.
+pub(crate) fn axpy_sampled_rows(w: &mut Tensor, rows: &Tensor, g: &Tensor, a: f32) -> Result<()> {
+    const OP: &str = "axpy_rows";
+    if rows.dtype() != DType::U32 || rows.shape().len() != 1 {
+        return Err(Error::invalid(OP, "the sample must be a u32 vector"));
+    }
+    if let Some(r) = rows.host_slice::<u32>() {
+        return axpy_rows(w, Some(r), g, a);
+    }
+    let (m, d) = matrix(OP, w, &[DType::F32, DType::BF16])?;
+    let (n, dg) = matrix(OP, g, &[DType::F32])?;
+    same_device(OP, &[w, g, rows])?;
+    if dg != d || n != rows.numel() || n > m {
+        return Err(Error::Shape {
+            op: OP,
+            expected: format!("a gradient [{}, {d}]", rows.numel()),
+            got: format!("[{n}, {dg}]"),
+        });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let dev = w.device().clone();
+    let rows_p = Ptr::<i32>::from_addr(rows.ptr::<u32>()?.addr());
+    // SAFETY: g is [n, d] and w [m, d] (checked above); rows holds n indices
+    // < m, drawn by the crate's own sampling kernels.
+    unsafe {
+        launch_one_of!(w.dtype(), { DType::F32 => rows_axpy_f32, _ => rows_axpy_bf16 },
+            (&dev, rows_cfg(n), w.ptr_mut()?, rows_p, g.ptr()?, n as i32, d as i32, a))
+    }
+}

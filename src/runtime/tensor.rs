@@ -337,6 +337,14 @@ impl Tensor {
     }
 
     /// The elements of a CPU tensor of dtype `T`, without a copy.
+    /// The device buffer this tensor owns (None for host data and views).
+    pub(crate) fn device_buffer(&self) -> Option<&DeviceBuffer> {
+        match &self.storage {
+            Storage::Device(b) => Some(b),
+            _ => None,
+        }
+    }
+
     pub(crate) fn host_slice<T: Element>(&self) -> Option<&[T]> {
         if T::DTYPE != self.dtype {
             return None;
@@ -555,12 +563,57 @@ impl Tensor {
         f: impl FnOnce(&mut Tensor) -> Result<R>,
     ) -> Result<R> {
         let (addr, shape, bytes) = self.view_parts("Tensor::narrow_mut", dim, start, len)?;
+        self.scoped_view(addr, shape, bytes, f)
+    }
+
+    /// A read-only view of the whole tensor with another shape of as many
+    /// elements (no copy): e.g. `[l, v, d]` seen as the matrix `[l·v, d]`.
+    pub fn view(&self, shape: &[usize]) -> Result<TensorView<'_>> {
+        let (addr, bytes) = self.view_whole("Tensor::view", shape)?;
+        let storage = Storage::Borrowed { addr, bytes, token: 0 };
+        let tensor = Tensor { shape: shape.to_vec(), dtype: self.dtype, device: self.device.clone(), storage };
+        Ok(TensorView { tensor, _parent: std::marker::PhantomData })
+    }
+
+    /// Runs `f` on a writable view of the whole tensor with another shape of
+    /// as many elements (as [`Tensor::view`]; scoped as
+    /// [`Tensor::narrow_mut`]).
+    pub fn view_mut<R>(&mut self, shape: &[usize], f: impl FnOnce(&mut Tensor) -> Result<R>) -> Result<R> {
+        let (addr, bytes) = self.view_whole("Tensor::view_mut", shape)?;
+        self.scoped_view(addr, shape.to_vec(), bytes, f)
+    }
+
+    fn view_whole(&self, op: &'static str, shape: &[usize]) -> Result<(u64, usize)> {
+        let n = numel_of(op, shape)?;
+        if n != self.numel() {
+            return Err(Error::Shape {
+                op,
+                expected: format!("a shape of {} elements", self.numel()),
+                got: format!("{shape:?} ({n} elements)"),
+            });
+        }
+        let addr = match self.host_bytes() {
+            Some(b) => b.as_ptr() as u64,
+            None => self.device_ptr().ok_or_else(|| Error::invalid(op, "no storage"))?,
+        };
+        Ok((addr, self.nbytes()))
+    }
+
+    /// Runs `f` on a writable tensor over `bytes` at `addr` (inside this
+    /// tensor's memory), aborting if `f` moves it out.
+    fn scoped_view<R>(
+        &mut self,
+        addr: u64,
+        shape: Vec<usize>,
+        bytes: usize,
+        f: impl FnOnce(&mut Tensor) -> Result<R>,
+    ) -> Result<R> {
         let token = NEXT_TOKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         struct Scope(Tensor, u64);
         impl Drop for Scope {
             fn drop(&mut self) {
                 if !matches!(self.0.storage, Storage::Borrowed { token, .. } if token == self.1) {
-                    eprintln!("gif-fr: a view of Tensor::narrow_mut was moved out of its scope; aborting");
+                    eprintln!("gif-fr: a scoped tensor view was moved out of its scope; aborting");
                     std::process::abort();
                 }
             }
