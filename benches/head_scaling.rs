@@ -10,6 +10,12 @@
 //! queries/s of the code head + prefix-tree decoder (exact top-5) against
 //! the full head's top-5 by cosine.
 //!
+//! The code head always trains with γ = 1 and reads its N x d code-vector
+//! table (bf16; on a GPU in device memory up to 16 GiB, else resident on
+//! the host with each step's B rows uploaded): GIF's one O(N) state. Its
+//! bytes are a column of their own (fixed data: no gradient, no optimizer
+//! state), apart from the step's peak extra memory.
+//!
 //! Writes target/head_scaling/{results.csv, time_vs_n.svg, identify.csv}
 //! (GIF_FR_SCALING_OUT overrides the folder) and prints the tables.
 //! GIF_FR_SCALING_QUICK=1 runs a shorter sweep (the GPU kit's mode).
@@ -157,14 +163,14 @@ fn main() {
     let dir = out_dir();
     let get = |kind: Kind, n: usize| rows.iter().find(|r| r.kind == kind && r.n == n);
     let mut table = String::new();
-    let mut csv = String::from("device,head,n,l,b,d,seconds,peak_bytes,macs,weights\n");
+    let mut csv = String::from("device,head,n,l,b,d,seconds,peak_bytes,table_bytes,macs,weights\n");
     let _ = writeln!(table, "\n### Training step vs N on {label} (B = {b}, d = {D}, v = {V})\n");
     let _ = write!(table, "| N | l |");
     for k in &kinds {
         let _ = write!(table, " {} ms | {} MiB |", k.name(), k.name());
     }
-    let _ = writeln!(table, " full / code |");
-    let _ = writeln!(table, "|{}", "---|".repeat(3 + 2 * kinds.len()));
+    let _ = writeln!(table, " code-vector table MiB | full / code |");
+    let _ = writeln!(table, "|{}", "---|".repeat(4 + 2 * kinds.len()));
     for &n in &ns {
         let l = gif_fr::tokenizer::min_length(V, n).expect("V >= 2");
         let _ = write!(table, "| {n} | {l} |");
@@ -174,10 +180,11 @@ fn main() {
                     let _ = write!(table, " {:.3} | {:.1} |", r.seconds * 1e3, mib(r.peak));
                     let _ = writeln!(
                         csv,
-                        "{label},{},{n},{l},{b},{D},{:.6e},{},{:.4e},{}",
+                        "{label},{},{n},{l},{b},{D},{:.6e},{},{},{:.4e},{}",
                         k.name(),
                         r.seconds,
                         r.peak,
+                        r.table,
                         k.macs(n, b, D),
                         k.weights(n, D)
                     );
@@ -191,7 +198,9 @@ fn main() {
             (Some(f), Some(c)) => format!("{:.1}x", f.seconds / c.seconds),
             _ => "-".into(),
         };
-        let _ = writeln!(table, " {ratio} |");
+        let code_table =
+            get(Kind::Code { projection: false }, n).map_or("-".into(), |r| format!("{:.0}", mib(r.table)));
+        let _ = writeln!(table, " {code_table} | {ratio} |");
     }
     let _ = writeln!(table, "\n### Analytical cost per step (multiply-adds, weights)\n");
     let _ = write!(table, "| N |");

@@ -237,6 +237,41 @@ fn kernels_split_the_centre_gradient_over_row_slices() {
 }
 
 #[test]
+fn a_host_resident_table_gives_the_device_tables_step() {
+    let (b, d, l, v, n) = (29, 24, 3, 16, 200);
+    let mut r = rng(60);
+    let cfg = config(d, l, v, None, Margin::CosFace(0.3), 16.0);
+    let x = uniform(&mut r, b * d, -1.0, 1.0);
+    let vecs = unit_rows(&mut r, n, d);
+    let y: Vec<u32> = (0..b).map(|_| r.random_range(0..n as u32)).collect();
+    for dev in all_devices() {
+        for dtype in [DType::F32, DType::BF16] {
+            let head = CodeHead::new(cfg.clone(), &dev, 4).unwrap();
+            let xt = Tensor::from_slice(&dev, &[b, d], &x).unwrap();
+            let on_device = CodeTable::new(&dev, codes(n, l, v), l, v, Some((&vecs, d, dtype))).unwrap();
+            let on_host = CodeTable::with_host_vectors(&dev, codes(n, l, v), l, v, (&vecs, d, dtype)).unwrap();
+            assert_eq!(on_host.vector_device().unwrap().kind(), gif_fr::DeviceKind::Cpu);
+            assert_eq!(on_host.vector_bytes(), n * d * dtype.size());
+            let (want, wg) = head.forward_backward(&xt, &y, &on_device).unwrap();
+            assert!(want.regression > 0.0);
+            let yt = Tensor::from_slice(&dev, &[b], &y).unwrap();
+            for labels in [gif_fr::ops::labels::Labels::from(&y[..]), gif_fr::ops::labels::Labels::from(&yt)] {
+                let (got, g) = head.forward_backward(&xt, labels, &on_host).unwrap();
+                assert_eq!(got, want, "{dev} {dtype:?}");
+                assert_eq!(g.features.to_vec::<f32>().unwrap(), wg.features.to_vec::<f32>().unwrap(), "{dev}");
+                assert_eq!(g.centres.to_vec::<f32>().unwrap(), wg.centres.to_vec::<f32>().unwrap(), "{dev}");
+            }
+            // A label out of range is still an error, not a read past the table.
+            let mut bad = y.clone();
+            bad[3] = n as u32;
+            assert!(head.forward_backward(&xt, &bad, &on_host).is_err(), "{dev}");
+            let bad_t = Tensor::from_slice(&dev, &[b], &bad).unwrap();
+            assert!(head.forward_backward(&xt, &bad_t, &on_host).is_err(), "{dev}");
+        }
+    }
+}
+
+#[test]
 fn kernels_take_bf16_features_and_code_vectors() {
     let cfg = config(33, 2, 8, None, Margin::CosFace(0.4), 32.0);
     compare(&cfg, 21, 40, DType::BF16, DType::BF16, 51);

@@ -88,6 +88,30 @@ fn code_head_step() {
 }
 
 #[test]
+fn code_head_step_with_a_host_resident_table() {
+    let dev = Device::sim();
+    let (b, d, l, v, n) = (37, 16, 3, 8, 300);
+    let codes: Vec<u16> = (0..n).flat_map(|i| (0..l).map(move |j| ((i / 8usize.pow(j as u32)) % 8) as u16)).collect();
+    let mut r = rng(7);
+    let vecs = unit_rows(&mut r, n, d);
+    let table = CodeTable::with_host_vectors(&dev, codes, l, v, (&vecs, d, DType::BF16)).unwrap();
+    let head = CodeHead::new(CodeHeadConfig::new(d, l, v), &dev, 1).unwrap();
+    let x = Tensor::from_slice(&dev, &[b, d], &uniform(&mut r, b * d, -1.0, 1.0)).unwrap();
+    let y: Vec<u32> = (0..b as u32).map(|i| i * 7 % n as u32).collect();
+    let yt = Tensor::from_slice(&dev, &[b], &y).unwrap();
+    let mut grads = HeadGrads::new(&head, b).unwrap();
+    let mut m = HeadMetrics::new();
+    head.forward_backward_into(&x, &y, &table, &mut grads, &mut m).unwrap();
+    // The same 5 launches; the batch's B rows of the table go up (one
+    // upload more, one allocation for them) ...
+    let host = counts(&dev, || head.forward_backward_into(&x, &y, &table, &mut grads, &mut m).unwrap());
+    pin("host-resident table, host labels", host, 5, 10, 2, 0, 0);
+    // ... and device labels come down first to gather them (one wait).
+    let device = counts(&dev, || head.forward_backward_into(&x, &yt, &table, &mut grads, &mut m).unwrap());
+    pin("host-resident table, device labels", device, 5, 9, 1, 1, 1);
+}
+
+#[test]
 fn softmax_and_partial_fc_steps() {
     let dev = Device::sim();
     let (b, d, n) = (37, 16, 500);

@@ -80,11 +80,39 @@ pub fn fill(n: usize, a: f32, seed: u64) -> Vec<f32> {
 /// One step of `kind` at (n, b, d) on `dev`, ready to run repeatedly.
 pub type Step = Box<dyn FnMut() -> Result<()>>;
 
-/// Code vectors are stored while the table is at most this large (else γ = 0).
-pub const TABLE_LIMIT: usize = 512 << 20;
+/// A GPU keeps the bf16 code vectors in its memory up to this size; larger
+/// tables stay on the host (each step uploads its batch's rows).
+pub const DEVICE_TABLE_LIMIT: usize = 16 << 30;
 
-/// Builds `kind` at (n, b, d): weights, a batch of features and labels.
-pub fn prepare(dev: &Device, kind: Kind, n: usize, b: usize, d: usize) -> Result<Step> {
+/// The code table of n identities (codes: the base-16 digits of the
+/// identity) with bf16 code vectors at every N: GIF's one O(N) state, never
+/// dropped to fit (γ = 1 always). On a GPU the vectors live on the device
+/// while they fit [`DEVICE_TABLE_LIMIT`], else on the host.
+pub fn code_table(dev: &Device, n: usize, l: usize, d: usize, seed: u64) -> Result<CodeTable> {
+    let codes: Vec<u16> = (0..n).flat_map(|i| (0..l).map(move |j| ((i >> (4 * j)) & 15) as u16)).collect();
+    let count = n.checked_mul(d).expect("N·d fits in memory sizes");
+    let values = fill(count, 0.05, seed);
+    let vectors = (&values[..], d, DType::BF16);
+    if dev.kind() == DeviceKind::Cpu || count * 2 <= DEVICE_TABLE_LIMIT {
+        CodeTable::new(dev, codes, l, V, Some(vectors))
+    } else {
+        CodeTable::with_host_vectors(dev, codes, l, V, vectors)
+    }
+}
+
+/// Where a table's code vectors are, for the printed tables.
+pub fn table_place(dev: &Device, table: &CodeTable) -> &'static str {
+    match table.vector_device() {
+        Some(v) if v == dev => "device",
+        Some(_) => "host",
+        None => "none",
+    }
+}
+
+/// Builds `kind` at (n, b, d): weights, a batch of features and labels; and
+/// the bytes of the fixed data the step reads (the code head's code-vector
+/// table; 0 for the O(N) heads, whose O(N) state is their weights).
+pub fn prepare(dev: &Device, kind: Kind, n: usize, b: usize, d: usize) -> Result<(Step, usize)> {
     let x = Tensor::from_slice(dev, &[b, d], &fill(b * d, 1.0, 7))?;
     let labels: Vec<u32> = (0..b as u64).map(|i| ((i.wrapping_mul(0x9E37_79B9) >> 3) % n as u64) as u32).collect();
     match kind {
@@ -94,28 +122,24 @@ pub fn prepare(dev: &Device, kind: Kind, n: usize, b: usize, d: usize) -> Result
             if let Kind::Pfc(r) = kind {
                 let pfc = PartialFc::new(head, r, 11)?;
                 let mut step = 0u64;
-                Ok(Box::new(move || {
-                    step += 1;
-                    pfc.forward_backward(&x, &labels, step).map(drop)
-                }))
+                Ok((
+                    Box::new(move || {
+                        step += 1;
+                        pfc.forward_backward(&x, &labels, step).map(drop)
+                    }),
+                    0,
+                ))
             } else {
-                Ok(Box::new(move || head.forward_backward(&x, &labels).map(drop)))
+                Ok((Box::new(move || head.forward_backward(&x, &labels).map(drop)), 0))
             }
         }
         Kind::Code { projection } => {
             let l = gif_fr::tokenizer::min_length(V, n).expect("V >= 2");
-            let codes: Vec<u16> = (0..n).flat_map(|i| (0..l).map(move |j| ((i >> (4 * j)) & 15) as u16)).collect();
-            let with_table = n * d * 4 <= TABLE_LIMIT;
-            let values = if with_table { fill(n * d, 0.05, 5) } else { Vec::new() };
-            let table = CodeTable::new(dev, codes, l, V, with_table.then_some((&values[..], d, DType::F32)))?;
-            drop(values);
-            let cfg = CodeHeadConfig {
-                gamma: if with_table { 1.0 } else { 0.0 },
-                projection: projection.then_some(d),
-                ..CodeHeadConfig::new(d, l, V)
-            };
+            let table = code_table(dev, n, l, d, 5)?;
+            let bytes = table.vector_bytes();
+            let cfg = CodeHeadConfig { projection: projection.then_some(d), ..CodeHeadConfig::new(d, l, V) };
             let head = CodeHead::new(cfg, dev, 1)?;
-            Ok(Box::new(move || head.forward_backward(&x, &labels, &table).map(drop)))
+            Ok((Box::new(move || head.forward_backward(&x, &labels, &table).map(drop)), bytes))
         }
     }
 }
@@ -149,6 +173,9 @@ pub struct Measured {
     pub seconds: f64,
     /// Peak extra bytes of a step (including the gradients it returns).
     pub peak: usize,
+    /// Bytes of the fixed data the step reads besides its weights (the code
+    /// head's code-vector table).
+    pub table: usize,
 }
 
 /// A step slower than this (the first, untimed one) is timed over 2 steps
@@ -206,7 +233,7 @@ pub fn sweep(
     g.sampling_mode(criterion::SamplingMode::Flat);
     for &n in ns {
         for &kind in kinds {
-            let mut step = match prepare(dev, kind, n, b, d) {
+            let (mut step, table) = match prepare(dev, kind, n, b, d) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("{} at N = {n} on {label}: skipped ({e})", kind.name());
@@ -221,7 +248,7 @@ pub fn sweep(
             let flops = 2.0 * kind.macs(n, b, d);
             bench_or_time(&mut g, dev, &kind.name(), n, &case, flops, Some(first), &mut step);
             let seconds = super::mean_seconds(&case, &label).unwrap_or(f64::NAN);
-            out.push(Measured { device: label.clone(), kind, n, b, d, seconds, peak });
+            out.push(Measured { device: label.clone(), kind, n, b, d, seconds, peak, table });
         }
     }
     g.finish();

@@ -120,8 +120,11 @@ impl CodeHeadConfig {
     }
 }
 
-/// The identities' codes (on the host) and code vectors (on the device, f32
-/// or bf16; only B rows a step are read).
+/// The identities' codes (on the host) and code vectors (f32 or bf16; only
+/// B rows a step are read): on the head's device ([`CodeTable::new`]), or
+/// resident on the host ([`CodeTable::with_host_vectors`]), each step then
+/// gathering and uploading its B rows. GIF's one O(N) state: fixed data, no
+/// gradient, no optimizer state.
 pub struct CodeTable {
     codes: Vec<u16>,
     /// The codes on `device` (GPU backends): device labels map to tokens
@@ -144,6 +147,33 @@ impl CodeTable {
         vocab: usize,
         vectors: Option<(&[f32], usize, DType)>,
     ) -> Result<CodeTable> {
+        CodeTable::build(device, device, codes, length, vocab, vectors)
+    }
+
+    /// As [`CodeTable::new`], the code vectors (`[n, d]` stored as `dtype`)
+    /// kept in host memory: a step on a GPU backend gathers its B rows on
+    /// the host and uploads them (B·d values; with device labels, the
+    /// labels come down first: one synchronization). For tables larger
+    /// than the device's memory allows next to the model (N·d·2 bytes in
+    /// bf16: 2 GiB at N = 2^21, d = 512).
+    pub fn with_host_vectors(
+        device: &Device,
+        codes: Vec<u16>,
+        length: usize,
+        vocab: usize,
+        vectors: (&[f32], usize, DType),
+    ) -> Result<CodeTable> {
+        CodeTable::build(device, &Device::cpu(), codes, length, vocab, Some(vectors))
+    }
+
+    fn build(
+        device: &Device,
+        vector_device: &Device,
+        codes: Vec<u16>,
+        length: usize,
+        vocab: usize,
+        vectors: Option<(&[f32], usize, DType)>,
+    ) -> Result<CodeTable> {
         const OP: &str = "CodeTable";
         if length == 0 || codes.is_empty() || codes.len() % length != 0 {
             return Err(Error::invalid(OP, format!("{} tokens are not codes of length {length}", codes.len())));
@@ -154,14 +184,14 @@ impl CodeTable {
         }
         let vectors = match vectors {
             Some((v, d, dtype)) => {
-                if v.len() != n * d {
+                if n.checked_mul(d) != Some(v.len()) {
                     return Err(Error::Shape {
                         op: OP,
                         expected: format!("[{n}, {d}] code vectors"),
                         got: format!("{} values", v.len()),
                     });
                 }
-                Some(Tensor::from_f32(device, &[n, d], v, dtype)?)
+                Some(Tensor::from_f32(vector_device, &[n, d], v, dtype)?)
             }
             None => None,
         };
@@ -186,6 +216,15 @@ impl CodeTable {
     /// Number of identities.
     pub fn len(&self) -> usize {
         self.n
+    }
+    /// Bytes of the code vectors (0 without), wherever they are.
+    pub fn vector_bytes(&self) -> usize {
+        self.vectors.as_ref().map_or(0, Tensor::nbytes)
+    }
+    /// The device holding the code vectors, if any (the CPU for a
+    /// host-resident table).
+    pub fn vector_device(&self) -> Option<&Device> {
+        self.vectors.as_ref().map(Tensor::device)
     }
     /// Always false (a table has at least one identity).
     pub fn is_empty(&self) -> bool {
@@ -484,7 +523,7 @@ impl CodeHead {
                         got: format!("{:?}", v.shape()),
                     })
                 }
-                Some(v) if v.device() != &self.device => {
+                Some(v) if v.device() != &self.device && v.device().kind() != DeviceKind::Cpu => {
                     return Err(Error::DeviceMismatch { op: OP, a: self.device.to_string(), b: v.device().to_string() })
                 }
                 _ => {}
@@ -508,8 +547,14 @@ impl CodeHead {
             }
         };
         let codes = Codes { device: codes_device, length: table.length };
+        // A host-resident table gathers its rows by the labels on the host.
+        let host_resident = cfg.gamma != 0.0 && table.vectors.as_ref().is_some_and(|v| v.device() != &self.device);
+        let host_labels = match host_resident {
+            true => Some(labels.host_checked(OP, &self.device, table.n)?.into_owned()),
+            false => None,
+        };
         let prepared = labels::prepare(OP, &self.device, labels, table.n, Some(&codes))?;
-        self.step_device(features, prepared, table, grads, metrics)
+        self.step_device(features, prepared, host_labels, table, grads, metrics)
     }
 
     fn step_cpu(
@@ -592,6 +637,7 @@ impl CodeHead {
         &self,
         features: &Tensor,
         prepared: labels::DeviceLabels,
+        host_labels: Option<Vec<u32>>,
         table: &CodeTable,
         grads: &mut HeadGrads,
         metrics: &mut HeadMetrics,
@@ -606,6 +652,17 @@ impl CodeHead {
         // position. Reused while the shape stays.
         let mut stats = metrics.state.take_buffer(dev, 2 * l + 1, b)?;
         let table_t = table.vectors.as_ref().filter(|_| cfg.gamma != 0.0);
+        // A host-resident table: this batch's rows, gathered and uploaded.
+        let gathered = match (table_t, &host_labels) {
+            (Some(t), Some(y)) if t.device() != dev => {
+                Some(Tensor::from_f32(dev, &[b, d], &rows_f32(t, y)?, t.dtype())?)
+            }
+            (Some(t), None) if t.device() != dev => {
+                return Err(Error::invalid("CodeHead", "host labels needed for a host-resident table (internal error)"))
+            }
+            _ => None,
+        };
+        let table_t = gathered.as_ref().or(table_t);
         let (w_hat, w_norm) = self.normalized_centres()?;
         // The projections of every position in one GEMM: Z = X·Pᵀ, [B, l·d_p].
         let p_flat = self.projections.as_ref().map(|p| p.view(&[l * dp, d])).transpose()?;
@@ -644,7 +701,7 @@ impl CodeHead {
         let step_cfg = LaunchConfig::linear(b as u32, 128, ((2 * dp + 2 * v) * 4) as u32);
         // SAFETY: features [B, d] (f32 or bf16: one pointer null); labels B
         // i32 < N and targets l·B tokens < v (prepared and checked); the
-        // table [N, d] or null; Z [B, l·d_p] or null (then d_p = d); Ŵ and
+        // table [N, d], its gathered rows [B, d] (read at row b), or null; Z [B, l·d_p] or null (then d_p = d); Ŵ and
         // the centres [l·v, d_p]; λ l floats or null; U [l·R, d_p] and dC
         // [l·R, v] with R = 2B when singular, else B; dx [B, d]; dZ
         // [B, l·d_p] or null; stats [2l + 1, B]; v ≤ 4096 and d_p ≤ 8192 fit
@@ -659,6 +716,7 @@ impl CodeHead {
                 dev.ptr_of::<i32>(&label_buf),
                 t32,
                 t16,
+                i32::from(gathered.is_some()),
                 cfg.gamma / b as f32,
                 Tensor::ptr_or_null(z.as_ref())?,
                 dp as i32,

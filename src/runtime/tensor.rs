@@ -291,7 +291,7 @@ impl Tensor {
         self.shape.iter().product()
     }
     /// Bytes of its elements.
-    fn nbytes(&self) -> usize {
+    pub(crate) fn nbytes(&self) -> usize {
         self.numel() * self.dtype.size()
     }
     /// True when the tensor views memory it does not own.
