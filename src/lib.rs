@@ -50,7 +50,7 @@ pub mod tokenizer;
 pub use cudarc;
 pub use error::{Error, Result};
 pub use ops::labels::Labels;
-pub use runtime::device::{Device, DeviceKind, DeviceStats, GpuInfo, MemoryStats};
+pub use runtime::device::{Device, DeviceInfo, DeviceKind, DeviceStats, GpuInfo, MemoryStats};
 #[cfg(feature = "sim")]
 pub use runtime::sim::SimOrder;
 pub use runtime::tensor::{DType, Element, Float, Tensor, TensorView};

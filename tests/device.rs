@@ -133,3 +133,27 @@ fn device_timer_measures_host_work_on_the_cpu() {
     assert_eq!(n, 3);
     assert!(t >= std::time::Duration::from_millis(6), "{t:?}");
 }
+
+#[test]
+fn time_each_times_every_call_after_one_warm_up() {
+    for dev in [Device::cpu(), Device::sim()] {
+        let mut calls = 0;
+        let pause = std::time::Duration::from_millis(2);
+        let t = dev
+            .time_each(11, true, || {
+                calls += 1;
+                std::thread::sleep(pause);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((t.len(), calls), (11, 12), "{dev}: 11 timed calls after one warm-up");
+        assert!(t.iter().all(|&d| d >= pause), "{dev}: {t:?}");
+        // A failing call stops the timing with its error.
+        let err = dev.time_each(3, false, || Err(Error::NoGpu("stop".into()))).unwrap_err();
+        assert!(err.to_string().contains("stop"), "{dev}");
+    }
+    let info = Device::cpu().info();
+    assert!(!info.name.is_empty());
+    assert!(info.compute_units.is_some_and(|n| n >= 1));
+    assert!(info.to_string().starts_with(&info.name));
+}

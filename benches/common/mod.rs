@@ -49,22 +49,45 @@ struct Row {
     iters: u64,
     bytes: f64,
     flops: f64,
+    /// On a GPU: COLD_SAMPLES calls each timed alone after an L2 flush.
+    cold: Vec<Duration>,
 }
+
+/// Calls timed one by one, L2 flushed before each, per GPU case.
+pub const COLD_SAMPLES: usize = 11;
+
+/// The machines of the recorded rows, as printed above the summary.
+static MACHINES: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
 static ROWS: Mutex<Vec<Row>> = Mutex::new(Vec::new());
 
 /// Times `iters` calls of `f` on `dev` and records them for the summary
 /// under (`case`, device), with the bytes moved and FLOPs done per call.
 pub fn timed<F: FnMut() -> Result<()>>(dev: &Device, case: &str, bytes: f64, flops: f64, iters: u64, f: F) -> Duration {
-    let t = dev.time(iters, f).unwrap_or_else(|e| panic!("{case} on {dev}: {e}"));
-    let mut rows = ROWS.lock().unwrap();
+    let mut f = f;
     let device = label(dev);
+    let seen = ROWS.lock().unwrap().iter().any(|r| r.case == case && r.device == device);
+    // The first time a GPU case is timed: the kernel benchmarks' protocol
+    // too (each call alone, L2 flushed, a median), beside criterion's
+    // warm-L2 batches.
+    let cold = match (seen, dev.kind() == gif_fr::DeviceKind::Cuda) {
+        (false, true) => dev.time_each(COLD_SAMPLES, true, &mut f).unwrap_or_else(|e| panic!("{case} on {dev}: {e}")),
+        _ => Vec::new(),
+    };
+    {
+        let mut machines = MACHINES.lock().unwrap();
+        if !machines.iter().any(|(l, _)| *l == device) {
+            machines.push((device.clone(), dev.info().to_string()));
+        }
+    }
+    let t = dev.time(iters, &mut f).unwrap_or_else(|e| panic!("{case} on {dev}: {e}"));
+    let mut rows = ROWS.lock().unwrap();
     match rows.iter_mut().find(|r| r.case == case && r.device == device) {
         Some(r) => {
             r.total += t;
             r.iters += iters;
         }
-        None => rows.push(Row { case: case.to_string(), device, total: t, iters, bytes, flops }),
+        None => rows.push(Row { case: case.to_string(), device, total: t, iters, bytes, flops, cold }),
     }
     t
 }
@@ -87,13 +110,31 @@ pub fn print_summary(title: &str) {
         return;
     }
     println!("\n### {title}\n");
-    println!("| case | device | mean per call | GB/s | GFLOP/s |");
-    println!("|---|---|---|---|---|");
+    for (label, info) in MACHINES.lock().unwrap().iter() {
+        println!("- {label}: {info}");
+    }
+    println!(
+        "\nMean: criterion's batches (warm caches). On a GPU also the median of {COLD_SAMPLES} calls \
+         timed one by one with L2 flushed before each (min – max beside it); GB/s and GFLOP/s from the \
+         median there, from the mean elsewhere.\n"
+    );
+    println!("| case | device | mean per call | median, L2 flushed | min – max | GB/s | GFLOP/s |");
+    println!("|---|---|---|---|---|---|---|");
     for r in rows.iter() {
-        let s = r.total.as_secs_f64() / r.iters.max(1) as f64;
+        let mean = r.total.as_secs_f64() / r.iters.max(1) as f64;
+        let mut cold: Vec<f64> = r.cold.iter().map(Duration::as_secs_f64).collect();
+        cold.sort_by(f64::total_cmp);
+        let median = cold.get(cold.len() / 2).copied();
+        let s = median.unwrap_or(mean);
         let gbs = if r.bytes > 0.0 { format!("{:.1}", r.bytes / s / 1e9) } else { "-".into() };
         let gf = if r.flops > 0.0 { format!("{:.1}", r.flops / s / 1e9) } else { "-".into() };
-        println!("| {} | {} | {:.2} µs | {gbs} | {gf} |", r.case, r.device, s * 1e6);
+        let (med, spread) = match (median, cold.first(), cold.last()) {
+            (Some(m), Some(lo), Some(hi)) => {
+                (format!("{:.2} µs", m * 1e6), format!("{:.2} – {:.2} µs", lo * 1e6, hi * 1e6))
+            }
+            _ => ("-".into(), "-".into()),
+        };
+        println!("| {} | {} | {:.2} µs | {med} | {spread} | {gbs} | {gf} |", r.case, r.device, mean * 1e6);
     }
 }
 

@@ -92,6 +92,60 @@ impl fmt::Display for Device {
     }
 }
 
+/// The machine behind a [`Device`], as benchmarks print it
+/// ([`Device::info`]). Fields the device does not report are None.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceInfo {
+    /// The GPU's name, or the CPU model.
+    pub name: String,
+    /// Streaming multiprocessors, or CPU worker threads.
+    pub compute_units: Option<u64>,
+    /// The SM clock (its maximum, as the driver reports it), MHz.
+    pub clock_mhz: Option<u64>,
+    /// The memory clock, MHz.
+    pub memory_clock_mhz: Option<u64>,
+    /// The L2 cache, bytes.
+    pub l2_bytes: Option<u64>,
+    /// The driver's CUDA version, e.g. "13.0".
+    pub driver: Option<String>,
+}
+
+impl fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.name)?;
+        let unit = if self.driver.is_some() { "SMs" } else { "threads" };
+        if let Some(n) = self.compute_units {
+            write!(f, ", {n} {unit}")?;
+        }
+        if let Some(c) = self.clock_mhz {
+            write!(f, ", {c} MHz")?;
+        }
+        if let Some(m) = self.memory_clock_mhz {
+            write!(f, ", memory {m} MHz")?;
+        }
+        if let Some(l2) = self.l2_bytes {
+            write!(f, ", L2 {} MiB", l2 >> 20)?;
+        }
+        if let Some(d) = &self.driver {
+            write!(f, ", driver CUDA {d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The CPU's model name (Linux), or "cpu".
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "cpu".into())
+}
+
 /// Memory on a GPU backend, counted by its device's [`MemoryStats`] while it
 /// lives.
 pub(crate) struct DeviceBuffer {
@@ -354,6 +408,96 @@ impl Device {
                 }
                 Ok(t.elapsed())
             }
+        }
+    }
+
+    /// The duration of each of `samples` calls of `f`, every call timed on
+    /// its own after one untimed warm-up call, as the kernel benchmarks time
+    /// (a median over them is robust to a stray slow call). On a GPU: CUDA
+    /// events around each call on the device's stream, and with `flush_l2`
+    /// a write of a buffer twice the L2 cache before each call (not timed),
+    /// so no call finds the previous one's data in L2. Elsewhere a host
+    /// clock, and no flush (`flush_l2` is ignored: the CPU paths are timed
+    /// warm).
+    pub fn time_each<F: FnMut() -> Result<()>>(
+        &self,
+        samples: usize,
+        flush_l2: bool,
+        mut f: F,
+    ) -> Result<Vec<Duration>> {
+        f()?;
+        match &self.inner {
+            Inner::Cuda(c) => {
+                let ev = || {
+                    c.ctx
+                        .new_event(Some(cusys::CUevent_flags::CU_EVENT_DEFAULT))
+                        .map_err(|e| Error::driver("event create", e))
+                };
+                // Held for the whole timing: f never times itself.
+                let mut flush = c.flush.lock().unwrap_or_else(|p| p.into_inner());
+                if flush_l2 {
+                    c.ensure_flush(&mut flush)?;
+                }
+                let mut events = Vec::with_capacity(samples);
+                for _ in 0..samples {
+                    if let (true, Some(buf)) = (flush_l2, flush.as_mut()) {
+                        c.stream.memset_zeros(buf).map_err(|e| Error::driver("L2 flush", e))?;
+                    }
+                    let (start, end) = (ev()?, ev()?);
+                    start.record(&c.stream).map_err(|e| Error::driver("event record", e))?;
+                    f()?;
+                    end.record(&c.stream).map_err(|e| Error::driver("event record", e))?;
+                    events.push((start, end));
+                }
+                c.stream.synchronize().map_err(|e| Error::driver("stream synchronize", e))?;
+                events
+                    .iter()
+                    .map(|(a, b)| {
+                        let ms = a.elapsed_ms(b).map_err(|e| Error::driver("event elapsed", e))?;
+                        Ok(Duration::from_secs_f64(ms as f64 / 1e3))
+                    })
+                    .collect()
+            }
+            _ => (0..samples)
+                .map(|_| {
+                    let t = Instant::now();
+                    f()?;
+                    Ok(t.elapsed())
+                })
+                .collect(),
+        }
+    }
+
+    /// What a benchmark reports about the machine: the GPU's name, SMs,
+    /// clocks, L2 and driver, or the CPU's model and threads.
+    pub fn info(&self) -> DeviceInfo {
+        match &self.inner {
+            Inner::Cuda(c) => {
+                use cusys::CUdevice_attribute as A;
+                let attr = |a: A| c.ctx.attribute(a).ok().and_then(|v| u64::try_from(v).ok());
+                let mut driver = 0i32;
+                // SAFETY: writes one int; the driver is loaded (a context exists).
+                let ok = unsafe { cusys::cuDriverGetVersion(&mut driver) } == cusys::CUresult::CUDA_SUCCESS;
+                DeviceInfo {
+                    name: c.name.clone(),
+                    compute_units: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
+                    clock_mhz: attr(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE).map(|k| k / 1000),
+                    memory_clock_mhz: attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE).map(|k| k / 1000),
+                    l2_bytes: attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE),
+                    driver: ok.then(|| format!("{}.{}", driver / 1000, (driver % 1000) / 10)),
+                }
+            }
+            _ => DeviceInfo {
+                name: match &self.inner {
+                    Inner::Cpu => cpu_model(),
+                    _ => self.to_string(),
+                },
+                compute_units: Some(rayon::current_num_threads() as u64),
+                clock_mhz: None,
+                memory_clock_mhz: None,
+                l2_bytes: None,
+                driver: None,
+            },
         }
     }
 
@@ -681,6 +825,9 @@ pub(crate) struct CudaBackend {
     blas: Mutex<Option<Arc<cudarc::cublas::CudaBlas>>>,
     /// Loaded functions, with the dynamic shared memory each was allowed.
     functions: Mutex<FunctionCache>,
+    /// The buffer [`Device::time_each`] writes to flush L2 (twice its size),
+    /// allocated at first use.
+    flush: Mutex<Option<CudaSlice<u8>>>,
 }
 
 /// Per module and kernel index: the loaded function and the dynamic shared
@@ -764,7 +911,22 @@ impl CudaBackend {
             modules: Mutex::new(vec![None; MODULES.len()]),
             blas: Mutex::new(None),
             functions: Mutex::new(MODULES.iter().map(|m| vec![None; m.kernels.len()]).collect()),
+            flush: Mutex::new(None),
         })
+    }
+
+    /// Allocates the L2 flush buffer into `slot` if empty: twice the L2
+    /// cache, at least 64 MiB.
+    fn ensure_flush(&self, slot: &mut Option<CudaSlice<u8>>) -> Result<()> {
+        if slot.is_none() {
+            let l2 = self
+                .ctx
+                .attribute(cusys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+                .map_err(|e| Error::driver("L2 size", e))?;
+            let bytes = (2 * l2.max(0) as usize).max(64 << 20);
+            *slot = Some(self.stream.alloc_zeros::<u8>(bytes).map_err(|e| self.alloc_error("L2 flush", bytes, e))?);
+        }
+        Ok(())
     }
 
     /// `e` from allocating `bytes`: out of memory (with the free memory the
