@@ -213,3 +213,147 @@ fn code_head_log_probs() {
         assert_eq!((c.launches, c.uploads, c.downloads, c.syncs), (launches, 0, 0, 0), "{proj:?} {dtype:?}: {c:?}");
     }
 }
+
+#[test]
+fn the_cost_model_counts_the_measured_launches_and_every_buffer() {
+    use gif_fr::head::cost::{self, CodeStep, SoftmaxStep};
+    const F: DType = DType::F32;
+    const H: DType = DType::BF16;
+    // The model's launches are the measured ones, and its bytes cover at
+    // least every buffer the step allocated (each is written once).
+    for l in 2..=4 {
+        for (proj, (fd, wd), device_labels) in [
+            (None, (F, F), false),
+            (None, (F, F), true),
+            (None, (H, H), true),
+            (Some(12), (F, F), true),
+            (Some(12), (H, H), true),
+            (Some(12), (H, F), true),
+            (Some(12), (F, H), true),
+        ] {
+            let got = code_step(l, proj, device_labels, (fd, wd)).0;
+            let model = cost::code_head(&CodeStep {
+                batch: 37,
+                dim: 16,
+                vocab: 8,
+                length: l,
+                projection: proj,
+                bf16_features: fd == H,
+                bf16_weights: wd == H,
+                table_bf16: Some(false),
+                singular: false,
+                device_labels,
+            });
+            let what = format!("code head l {l} proj {proj:?} {fd:?}/{wd:?} device labels {device_labels}");
+            assert_eq!(model.launches, got.launches, "{what}");
+            assert!(model.bytes >= got.bytes_allocated as f64, "{what}: {} < {}", model.bytes, got.bytes_allocated);
+        }
+    }
+    let dev = Device::sim();
+    let (b, d, n) = (37, 16, 500);
+    let mut r = rng(3);
+    let x = Tensor::from_slice(&dev, &[b, d], &uniform(&mut r, b * d, -1.0, 1.0)).unwrap();
+    let y: Vec<u32> = (0..b as u32).map(|i| i * 11 % n as u32).collect();
+    let yt = Tensor::from_slice(&dev, &[b], &y).unwrap();
+    let head = SoftmaxHead::new(SoftmaxHeadConfig::new(d, n), &dev, DType::F32, 1).unwrap();
+    let mut g = SoftmaxGrads::new(&dev, b, n, d).unwrap();
+    let mut m = SoftmaxMetrics::new();
+    let shape = |device_labels| SoftmaxStep {
+        batch: b,
+        classes: n,
+        dim: d,
+        bf16_features: false,
+        bf16_weights: false,
+        angular: true,
+        device_labels,
+    };
+    for device_labels in [false, true] {
+        let got = counts(&dev, || match device_labels {
+            true => head.forward_backward_into(&x, &yt, &mut g, &mut m).unwrap(),
+            false => head.forward_backward_into(&x, &y, &mut g, &mut m).unwrap(),
+        });
+        let model = cost::full_softmax(&shape(device_labels));
+        assert_eq!(model.launches, got.launches, "softmax, device labels {device_labels}");
+        assert!(model.bytes >= got.bytes_allocated as f64, "softmax: {} < {}", model.bytes, got.bytes_allocated);
+    }
+    let pfc = PartialFc::new(head, 0.3, 9).unwrap();
+    let mut pg = gif_fr::head::PfcGrads::new(&pfc, b).unwrap();
+    for device_labels in [false, true] {
+        let got = counts(&dev, || match device_labels {
+            true => pfc.forward_backward_into(&x, &yt, 1, &mut pg, &mut m).unwrap(),
+            false => pfc.forward_backward_into(&x, &y, 1, &mut pg, &mut m).unwrap(),
+        });
+        let model = cost::partial_fc(&shape(device_labels), pfc.sample_size());
+        assert_eq!(model.launches, got.launches, "partial fc, device labels {device_labels}");
+        assert!(model.bytes >= got.bytes_allocated as f64, "partial fc: {} < {}", model.bytes, got.bytes_allocated);
+    }
+    if let Some(path) = std::env::var_os("GIF_FR_HEAD_TABLE") {
+        std::fs::write(path, head_table()).unwrap();
+    }
+}
+
+/// The per-head table of docs/performance.md at the reference shape.
+fn head_table() -> String {
+    use gif_fr::head::cost::{self, CodeStep, SoftmaxStep, StepCost};
+    use std::fmt::Write as _;
+    let (b, d, v, n) = (512, 512, 16, 1usize << 21);
+    let l = gif_fr::tokenizer::min_length(v, n).unwrap();
+    let (fp32_ridge, bf16_ridge) = cost::h100_ridges();
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "B = {b}, d = {d}, N = 2^21 (l = {l} at v = {v}), device labels, γ = 1 (the code vectors' rows read in the \
+         step's precision), ArcFace straight-through; Partial FC samples ⌈r·N⌉. H100 SXM ridge points: \
+         {fp32_ridge:.0} FLOP/B (fp32 SIMT, 67 TFLOP/s over 3.35 TB/s), {bf16_ridge:.0} FLOP/B (bf16 tensor \
+         cores, 989 TFLOP/s). The bound is max(FLOPs / peak, bytes / bandwidth) at the precision's peak.\n"
+    );
+    let _ = writeln!(t, "| head | precision | launches | GFLOP | MB moved | FLOP/B | bound by | H100 bound |");
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|");
+    let mut row = |name: &str, bf16: bool, c: StepCost| {
+        let (peak, ridge) = if bf16 { (cost::H100_BF16_TENSOR, bf16_ridge) } else { (cost::H100_FP32, fp32_ridge) };
+        let bound = (c.flops / peak).max(c.bytes / cost::H100_BANDWIDTH);
+        let _ = writeln!(
+            t,
+            "| {name} | {} | {} | {:.2} | {:.1} | {:.1} | {} | {:.1} µs |",
+            if bf16 { "bf16" } else { "f32" },
+            c.launches,
+            c.flops / 1e9,
+            c.bytes / 1e6,
+            c.intensity(),
+            if c.intensity() < ridge { "memory" } else { "arithmetic" },
+            bound * 1e6
+        );
+    };
+    for bf16 in [false, true] {
+        for proj in [None, Some(d)] {
+            let c = cost::code_head(&CodeStep {
+                batch: b,
+                dim: d,
+                vocab: v,
+                length: l,
+                projection: proj,
+                bf16_features: bf16,
+                bf16_weights: bf16,
+                table_bf16: Some(bf16),
+                singular: false,
+                device_labels: true,
+            });
+            row(if proj.is_some() { "code head + projections" } else { "code head" }, bf16, c);
+        }
+        let s = SoftmaxStep {
+            batch: b,
+            classes: n,
+            dim: d,
+            bf16_features: bf16,
+            bf16_weights: bf16,
+            angular: true,
+            device_labels: true,
+        };
+        row("full margin softmax (fused)", bf16, cost::full_softmax(&s));
+        for r in [0.1f64, 0.3] {
+            let k = (r * n as f64).ceil() as usize;
+            row(&format!("Partial FC r = {r}"), bf16, cost::partial_fc(&s, k));
+        }
+    }
+    t
+}

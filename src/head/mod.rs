@@ -2,6 +2,7 @@
 //! baselines (the fused full margin softmax, Partial FC). Margins live in [`margin`], shared by all heads.
 
 pub mod code_head;
+pub mod cost;
 pub mod margin;
 pub mod partial_fc;
 pub mod softmax_head;
