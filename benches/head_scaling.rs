@@ -109,8 +109,13 @@ fn main() {
         ns.push(WEBFACE42M);
     }
     ns.sort_unstable();
-    let kinds =
-        [Kind::Full, Kind::Pfc(0.1), Kind::Pfc(0.3), Kind::Code { projection: false }, Kind::Code { projection: true }];
+    // Both precisions on a GPU, each head against the others in its own
+    // (bf16: the O(N) heads on the tensor cores); f32 only on the CPU, which
+    // has no tensor cores (its bf16 paths widen to f32).
+    let mut kinds: Vec<Kind> = common::heads::kinds(false).to_vec();
+    if gpu {
+        kinds.extend(common::heads::kinds(true));
+    }
     println!("scaling study on {dev}: B = {b}, d = {D}, N = {ns:?}{}", if quick { " (quick)" } else { "" });
     // The code heads run first at each N: right after an O(N) head frees
     // gigabytes the kernel may be busy reclaiming them, which on a 2-core
@@ -169,8 +174,8 @@ fn main() {
     for k in &kinds {
         let _ = write!(table, " {} ms | {} MiB |", k.name(), k.name());
     }
-    let _ = writeln!(table, " code-vector table MiB | full / code |");
-    let _ = writeln!(table, "|{}", "---|".repeat(4 + 2 * kinds.len()));
+    let _ = writeln!(table, " code-vector table MiB (bf16) | full / code, f32 | full / code, bf16 |");
+    let _ = writeln!(table, "|{}", "---|".repeat(5 + 2 * kinds.len()));
     for &n in &ns {
         let l = gif_fr::tokenizer::min_length(V, n).expect("V >= 2");
         let _ = write!(table, "| {n} | {l} |");
@@ -194,13 +199,13 @@ fn main() {
                 }
             }
         }
-        let ratio = match (get(Kind::Full, n), get(Kind::Code { projection: false }, n)) {
+        let ratio = |bf16: bool| match (get(Kind::Full { bf16 }, n), get(Kind::Code { projection: false, bf16 }, n)) {
             (Some(f), Some(c)) => format!("{:.1}x", f.seconds / c.seconds),
             _ => "-".into(),
         };
-        let code_table =
-            get(Kind::Code { projection: false }, n).map_or("-".into(), |r| format!("{:.0}", mib(r.table)));
-        let _ = writeln!(table, " {code_table} | {ratio} |");
+        let code_table = get(Kind::Code { projection: false, bf16: false }, n)
+            .map_or("-".into(), |r| format!("{:.0}", mib(r.table)));
+        let _ = writeln!(table, " {code_table} | {} | {} |", ratio(false), ratio(true));
     }
     let _ = writeln!(table, "\n### Analytical cost per step (multiply-adds, weights)\n");
     let _ = write!(table, "| N |");

@@ -2,7 +2,7 @@
 // matrices (src/ops/rows.rs), shared by the tokenizer, the heads and the
 // optimizers.
 //
-//   gather_rows_f32   dst[i, :] = src[idx[i], :]                 (n rows of d)
+//   gather_rows_<T>   dst[i, :] = src[idx[i], :]   (n rows of d; T = f32, bf16)
 //   scatter_rows_f32  dst[idx[i], :] = src[i, :]
 //   rows_axpy_<T>     W[rows[i], :] += a·G[i, :] (rows null: i), T = f32 or
 //                     bf16 (rounded to nearest even); G f32
@@ -48,6 +48,15 @@ extern "C" __global__ void __launch_bounds__(kBlock)
   if (row >= n) return;
   const float* s = src + (long long)row * d;
   float* o = dst + (long long)idx[row] * d;
+  for (int c = lane; c < d; c += 32) o[c] = s[c];
+}
+
+extern "C" __global__ void __launch_bounds__(kBlock)
+    gather_rows_bf16(const bf16* __restrict__ src, const int* __restrict__ idx, bf16* __restrict__ dst, int n, int d) {
+  const int row = warp_row(), lane = threadIdx.x & 31;
+  if (row >= n) return;
+  const bf16* s = src + (long long)idx[row] * d;
+  bf16* o = dst + (long long)row * d;
   for (int c = lane; c < d; c += 32) o[c] = s[c];
 }
 

@@ -48,6 +48,8 @@
 //                         row's winners into a sorted list of k (shared
 //                         memory); writes [B][splits][k] candidates.
 // topk_merge              one thread per row: the best k of splits·k.
+// tc_chunk_stats_k,       the tensor-core path's reductions of a chunk of
+// tc_chunk_grad_k         logits (see their definitions below).
 // pfc_*                   Partial FC's sample (see partial_fc.rs): mark the
 //                         positives (counting the negatives still to draw),
 //                         a 2-pass 16-bit radix select of the negatives with
@@ -656,6 +658,90 @@ GIF_DEVICE void write_kept(const int* __restrict__ positive, int N, unsigned int
     if (keep[q]) index[at++] = (int)(base + q);
 }
 
+// The tensor-core path (SoftmaxHeadConfig::tensor_cores): the classes in
+// chunks of C, each chunk's cosines a bf16 tensor-core GEMM (gemm.cu)
+// into logits [B, C] f32 (U·W_cᵀ, not yet scaled by r), reduced here.
+//
+// tc_chunk_stats: one warp per row b, over the chunk's columns j (class
+// n = c0 + j, c = logits[b, j]·r[n]): the running (max of s·c over the
+// other classes, Σ exp at that max, best c, best index) in stats[b][4]
+// (the forward's partial with one split; `first` starts it), and the
+// target's c into tgt_cos[b] when it lies in the chunk. A NaN cosine
+// makes the row's max NaN for good (the merge then reports it).
+GIF_DEVICE void tc_chunk_stats(const float* __restrict__ logits, int cols, int c0, const float* __restrict__ rnorm,
+                               const int* __restrict__ target, int B, float s, int first, float* __restrict__ stats,
+                               float* __restrict__ tgt_cos) {
+  const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= B) return;
+  const int y = target[row];
+  const float* lg = logits + (long long)row * cols;
+  Lse l{-gif_inf(), 0.0f};
+  float bc = -gif_inf();
+  int bi = 0x7fffffff;
+  bool nan = false;
+  for (int j = lane; j < cols; j += 32) {
+    const int n = c0 + j;
+    const float c = lg[j] * rnorm[n];
+    nan |= c != c;
+    if (better(c, n, bc, bi)) {
+      bc = c;
+      bi = n;
+    }
+    if (n == y) {
+      tgt_cos[row] = c;
+    } else {
+      l = lse_merge(l, Lse{s * c, 1.0f});
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    l = lse_merge(l, Lse{__shfl_xor_sync(0xffffffffu, l.m, o), __shfl_xor_sync(0xffffffffu, l.s, o)});
+    const float oc = __shfl_xor_sync(0xffffffffu, bc, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (better(oc, oi, bc, bi)) {
+      bc = oc;
+      bi = oi;
+    }
+  }
+  nan = __any_sync(0xffffffffu, nan);
+  if (lane != 0) return;
+  float* st = stats + (long long)row * 4;
+  if (!first) {
+    nan |= st[0] != st[0];
+    l = lse_merge(Lse{st[0], st[1]}, l);
+    if (better(st[2], bits_idx(st[3]), bc, bi)) {
+      bc = st[2];
+      bi = bits_idx(st[3]);
+    }
+  }
+  st[0] = nan ? gif_bits_float(0x7fc00000u) : l.m;
+  st[1] = l.s;
+  st[2] = bc;
+  st[3] = idx_bits(bi);
+}
+
+// tc_chunk_grad: one warp per row b, over the chunk's columns: the
+// gradient of the loss with respect to the chunk's cosines, g = weight·s·
+// exp(s·c − lse) (gy on the target), as bf16 operands of the two backward
+// GEMMs: G [B, C] (for dŴ = Gᵀ·U) and G·diag(r) (for dU = (G·diag(r))·W).
+GIF_DEVICE void tc_chunk_grad(const float* __restrict__ logits, int cols, int c0, const float* __restrict__ rnorm,
+                              const int* __restrict__ target, const float* __restrict__ lse,
+                              const float* __restrict__ gy, int B, float s, float weight, bf16* __restrict__ g,
+                              bf16* __restrict__ gr) {
+  const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= B) return;
+  const int y = target[row];
+  const float z = lse[row], gt = gy[row];
+  const long long off = (long long)row * cols;
+  for (int j = lane; j < cols; j += 32) {
+    const int n = c0 + j;
+    const float r = rnorm[n];
+    const float v = n == y ? gt : weight * s * expf(s * logits[off + j] * r - z);
+    g[off + j] = from_float<bf16>(v);
+    gr[off + j] = from_float<bf16>(v * r);
+  }
+}
+
 }  // namespace
 
 // clang-format off
@@ -681,6 +767,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) topk_fwd_f32_v(const float*
 extern "C" __global__ void __launch_bounds__(256, 1) topk_fwd_bf16(const float* U, const bf16* W, const float* rnorm, int B, int N, int d, int k, int splits, float* cand_score, int* cand_idx) { topk_fwd<bf16, false>(U, W, rnorm, B, N, d, k, splits, cand_score, cand_idx); }
 extern "C" __global__ void __launch_bounds__(256, 1) topk_fwd_bf16_v(const float* U, const bf16* W, const float* rnorm, int B, int N, int d, int k, int splits, float* cand_score, int* cand_idx) { topk_fwd<bf16, true>(U, W, rnorm, B, N, d, k, splits, cand_score, cand_idx); }
 extern "C" __global__ void __launch_bounds__(256) topk_merge(const float* cand_score, const int* cand_idx, int B, int splits, int k, float* out_score, int* out_idx) { topk_merge_rows(cand_score, cand_idx, B, splits, k, out_score, out_idx); }
+extern "C" __global__ void __launch_bounds__(256) tc_chunk_stats_k(const float* logits, int cols, int c0, const float* rnorm, const int* target, int B, float s, int first, float* stats, float* tgt_cos) { tc_chunk_stats(logits, cols, c0, rnorm, target, B, s, first, stats, tgt_cos); }
+extern "C" __global__ void __launch_bounds__(256) tc_chunk_grad_k(const float* logits, int cols, int c0, const float* rnorm, const int* target, const float* lse, const float* gy, int B, float s, float weight, bf16* g, bf16* gr) { tc_chunk_grad(logits, cols, c0, rnorm, target, lse, gy, B, s, weight, g, gr); }
 extern "C" __global__ void __launch_bounds__(256) pfc_mark(const int* labels, int B, int* positive, int* need) { mark_positives(labels, B, positive, need); }
 extern "C" __global__ void __launch_bounds__(256) pfc_remap(const int* labels, int B, const int* index, int k, int* targets) { remap_targets(labels, B, index, k, targets); }
 extern "C" __global__ void __launch_bounds__(256) pfc_hist(const int* positive, int N, unsigned int seed_a, unsigned int seed_b, const int* match_hi, unsigned int* hist) { key_hist(positive, N, seed_a, seed_b, match_hi, hist); }

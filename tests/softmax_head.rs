@@ -359,3 +359,51 @@ fn bad_input_is_a_clear_error() {
     let f16 = Tensor::from_f32(&Device::cpu(), &[10, 8], &[0.5; 80], DType::F16).unwrap();
     assert!(matches!(SoftmaxHead::from_weights(SoftmaxHeadConfig::new(8, 10), f16), Err(Error::Shape { .. })));
 }
+
+#[test]
+fn tensor_core_path_matches_the_reference_to_bf16_rounding() {
+    // The chunked bf16 tensor-core path: the normalized features and the
+    // softmax's gradient are rounded to bf16, so it agrees with the f64
+    // reference (on the bf16-stored centres) to bf16 rounding, relative to
+    // each gradient's largest entry. Chunks of 128 (rounded from 120) over
+    // 500 classes leave a partial last chunk; d = 40 takes the GEMM's
+    // element path, d = 64 its cp.async path.
+    for (d, margin, grad) in [
+        (40, Margin::INSIGHTFACE_ARCFACE, MarginGrad::StraightThrough),
+        (64, Margin::ArcFace(0.5), MarginGrad::Exact),
+        (40, Margin::CosFace(0.35), MarginGrad::StraightThrough),
+    ] {
+        let (b, n) = (37, 500);
+        let (w, x, y) = problem(b, d, n, 71 + d as u64);
+        let stored: Vec<f32> = w.iter().map(|&a| half::bf16::from_f32(a).to_f32()).collect();
+        let cfg = SoftmaxHeadConfig { tensor_cores: true, chunk: Some(120), ..config(d, n, margin, grad, 32.0) };
+        let t: Vec<i32> = y.iter().map(|&a| a as i32).collect();
+        let (l64, dx64, dw64) = cpu::reference(&cfg, &x, &stored, None, n, &t);
+        for dev in gpu_devices() {
+            let what = format!("{dev} d {d} {margin:?} {grad:?}");
+            let head =
+                SoftmaxHead::from_weights(cfg.clone(), Tensor::from_f32(&dev, &[n, d], &w, DType::BF16).unwrap())
+                    .unwrap();
+            let xt = Tensor::from_slice(&dev, &[b, d], &x).unwrap();
+            let (loss, g) = head.forward_backward(&xt, &y).unwrap();
+            assert!((loss.loss - l64.loss).abs() <= 1e-2 * l64.loss.max(1.0), "{what}: {} vs {}", loss.loss, l64.loss);
+            assert!((loss.accuracy - l64.accuracy).abs() <= 2.0 / b as f64, "{what}: accuracy");
+            close(&format!("{what}: dx"), &g.features.to_vec::<f32>().unwrap(), &dx64, 1.0 / 64.0);
+            close(&format!("{what}: dw"), &g.centres.to_vec::<f32>().unwrap(), &dw64, 1.0 / 64.0);
+            // Partial FC reads its sample through the same path (the
+            // sampled rows gathered once).
+            let pfc = PartialFc::new(head, 0.3, 4).unwrap();
+            let (pl, pg) = pfc.forward_backward(&xt, &y, 2).unwrap();
+            let sampled = pfc.sample(&y, 2).unwrap();
+            let ts: Vec<i32> = y.iter().map(|l| sampled.binary_search(l).unwrap() as i32).collect();
+            let (p64, pdx, pdw) = cpu::reference(&cfg, &x, &stored, Some(&sampled), sampled.len(), &ts);
+            assert!((pl.loss - p64.loss).abs() <= 1e-2 * p64.loss.max(1.0), "{what}: pfc {} vs {}", pl.loss, p64.loss);
+            close(&format!("{what}: pfc dx"), &pg.grads.features.to_vec::<f32>().unwrap(), &pdx, 1.0 / 64.0);
+            close(&format!("{what}: pfc dw"), &pg.grads.centres.to_vec::<f32>().unwrap(), &pdw, 1.0 / 64.0);
+        }
+    }
+    // f32 centres cannot feed the tensor cores: a typed error.
+    let cfg = SoftmaxHeadConfig { tensor_cores: true, ..SoftmaxHeadConfig::new(8, 10) };
+    let err = SoftmaxHead::new(cfg, &Device::sim(), DType::F32, 1).map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("bf16"), "{err}");
+}

@@ -265,6 +265,7 @@ fn the_cost_model_counts_the_measured_launches_and_every_buffer() {
         bf16_features: false,
         bf16_weights: false,
         angular: true,
+        tensor_cores: None,
         device_labels,
     };
     for device_labels in [false, true] {
@@ -287,6 +288,31 @@ fn the_cost_model_counts_the_measured_launches_and_every_buffer() {
         assert_eq!(model.launches, got.launches, "partial fc, device labels {device_labels}");
         assert!(model.bytes >= got.bytes_allocated as f64, "partial fc: {} < {}", model.bytes, got.bytes_allocated);
     }
+    // The tensor-core path: 6 launches and 6 per chunk of classes (two
+    // GEMMs and a reduction each way, the backward's two GEMMs), plus the
+    // target angles; Partial FC adds the gather of its sample.
+    for chunk in [None, Some(100), Some(128)] {
+        let cfg = SoftmaxHeadConfig { tensor_cores: true, chunk, ..SoftmaxHeadConfig::new(d, n) };
+        let tc = SoftmaxHead::new(cfg, &dev, DType::BF16, 1).unwrap();
+        tc.forward_backward_into(&x, &y, &mut g, &mut m).unwrap();
+        let got = counts(&dev, || tc.forward_backward_into(&x, &yt, &mut g, &mut m).unwrap());
+        let step = SoftmaxStep { tensor_cores: Some(chunk), bf16_weights: true, ..shape(true) };
+        let model = cost::full_softmax(&step);
+        assert_eq!(model.launches, got.launches, "tensor cores, chunk {chunk:?}");
+        assert!(model.bytes >= got.bytes_allocated as f64, "tensor cores: {} < {}", model.bytes, got.bytes_allocated);
+        let pfc = PartialFc::new(tc, 0.3, 9).unwrap();
+        let mut pg = gif_fr::head::PfcGrads::new(&pfc, b).unwrap();
+        pfc.forward_backward_into(&x, &yt, 1, &mut pg, &mut m).unwrap();
+        let got = counts(&dev, || pfc.forward_backward_into(&x, &yt, 2, &mut pg, &mut m).unwrap());
+        let model = cost::partial_fc(&step, pfc.sample_size());
+        assert_eq!(model.launches, got.launches, "partial fc, tensor cores, chunk {chunk:?}");
+        assert!(
+            model.bytes >= got.bytes_allocated as f64,
+            "pfc tensor cores: {} < {}",
+            model.bytes,
+            got.bytes_allocated
+        );
+    }
     if let Some(path) = std::env::var_os("GIF_FR_HEAD_TABLE") {
         std::fs::write(path, head_table()).unwrap();
     }
@@ -305,17 +331,25 @@ fn head_table() -> String {
         "B = {b}, d = {d}, N = 2^21 (l = {l} at v = {v}), device labels, γ = 1 (the code vectors' rows read in the \
          step's precision), ArcFace straight-through; Partial FC samples ⌈r·N⌉. H100 SXM ridge points: \
          {fp32_ridge:.0} FLOP/B (fp32 SIMT, 67 TFLOP/s over 3.35 TB/s), {bf16_ridge:.0} FLOP/B (bf16 tensor \
-         cores, 989 TFLOP/s). The bound is max(FLOPs / peak, bytes / bandwidth) at the precision's peak.\n"
+         cores, 989 TFLOP/s). The bound is max(FLOPs / peak, bytes / bandwidth) at the peak of the units the \
+         products run on.\n"
     );
     let _ = writeln!(t, "| head | precision | launches | GFLOP | MB moved | FLOP/B | bound by | H100 bound |");
     let _ = writeln!(t, "|---|---|---|---|---|---|---|---|");
-    let mut row = |name: &str, bf16: bool, c: StepCost| {
-        let (peak, ridge) = if bf16 { (cost::H100_BF16_TENSOR, bf16_ridge) } else { (cost::H100_FP32, fp32_ridge) };
+    // The peak of the units a step's products run on: the code head's and
+    // the tensor-core path's bf16 GEMMs on tensor cores, the fused
+    // softmax kernels on the SIMT units in either precision.
+    let mut row = |name: &str, bf16: bool, tensor: bool, c: StepCost| {
+        let (peak, ridge) = if tensor { (cost::H100_BF16_TENSOR, bf16_ridge) } else { (cost::H100_FP32, fp32_ridge) };
         let bound = (c.flops / peak).max(c.bytes / cost::H100_BANDWIDTH);
         let _ = writeln!(
             t,
             "| {name} | {} | {} | {:.2} | {:.1} | {:.1} | {} | {:.1} µs |",
-            if bf16 { "bf16" } else { "f32" },
+            match (bf16, tensor) {
+                (false, _) => "f32, SIMT",
+                (true, true) => "bf16, tensor cores",
+                (true, false) => "bf16 operands, SIMT",
+            },
             c.launches,
             c.flops / 1e9,
             c.bytes / 1e6,
@@ -338,7 +372,8 @@ fn head_table() -> String {
                 singular: false,
                 device_labels: true,
             });
-            row(if proj.is_some() { "code head + projections" } else { "code head" }, bf16, c);
+            // Without projections the code head has no GEMM: SIMT kernels.
+            row(if proj.is_some() { "code head + projections" } else { "code head" }, bf16, bf16 && proj.is_some(), c);
         }
         let s = SoftmaxStep {
             batch: b,
@@ -347,12 +382,21 @@ fn head_table() -> String {
             bf16_features: bf16,
             bf16_weights: bf16,
             angular: true,
+            tensor_cores: None,
             device_labels: true,
         };
-        row("full margin softmax (fused)", bf16, cost::full_softmax(&s));
+        row("full margin softmax, fused", bf16, false, cost::full_softmax(&s));
         for r in [0.1f64, 0.3] {
             let k = (r * n as f64).ceil() as usize;
-            row(&format!("Partial FC r = {r}"), bf16, cost::partial_fc(&s, k));
+            row(&format!("Partial FC r = {r}, fused"), bf16, false, cost::partial_fc(&s, k));
+        }
+        if bf16 {
+            let t = SoftmaxStep { tensor_cores: Some(None), ..s };
+            row("full margin softmax, chunked", true, true, cost::full_softmax(&t));
+            for r in [0.1f64, 0.3] {
+                let k = (r * n as f64).ceil() as usize;
+                row(&format!("Partial FC r = {r}, chunked"), true, true, cost::partial_fc(&t, k));
+            }
         }
     }
     t

@@ -15,23 +15,45 @@ static GLOBAL: CountingAllocator = CountingAllocator;
 /// A head of the study.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Kind {
-    /// The fused full margin softmax.
-    Full,
-    /// Partial FC with this sample rate.
-    Pfc(f32),
-    /// The GIF code head (v = 16), with or without per-position projections.
-    Code { projection: bool },
+    /// The full margin softmax: fp32 SIMT fully fused (f32), or bf16 on the
+    /// tensor cores in chunks (`SoftmaxHeadConfig::tensor_cores`).
+    Full { bf16: bool },
+    /// Partial FC with this sample rate, in either precision.
+    Pfc { rate: f32, bf16: bool },
+    /// The GIF code head (v = 16), with or without per-position
+    /// projections; bf16: features, weights and code vectors in bf16.
+    Code { projection: bool, bf16: bool },
 }
 
 pub use super::codes::V;
 
+/// The name suffix of a precision.
+fn tag(bf16: bool) -> &'static str {
+    if bf16 {
+        " (bf16)"
+    } else {
+        ""
+    }
+}
+
+/// Every head of the study in one precision.
+pub fn kinds(bf16: bool) -> [Kind; 5] {
+    [
+        Kind::Full { bf16 },
+        Kind::Pfc { rate: 0.1, bf16 },
+        Kind::Pfc { rate: 0.3, bf16 },
+        Kind::Code { projection: false, bf16 },
+        Kind::Code { projection: true, bf16 },
+    ]
+}
+
 impl Kind {
     pub fn name(self) -> String {
         match self {
-            Kind::Full => "full softmax".into(),
-            Kind::Pfc(r) => format!("partial fc r={r}"),
-            Kind::Code { projection: false } => "code head".into(),
-            Kind::Code { projection: true } => "code head + proj".into(),
+            Kind::Full { bf16 } => format!("full softmax{}", tag(bf16)),
+            Kind::Pfc { rate, bf16 } => format!("partial fc r={rate}{}", tag(bf16)),
+            Kind::Code { projection: false, bf16 } => format!("code head{}", tag(bf16)),
+            Kind::Code { projection: true, bf16 } => format!("code head + proj{}", tag(bf16)),
         }
     }
 
@@ -40,9 +62,9 @@ impl Kind {
     pub fn macs(self, n: usize, b: usize, d: usize) -> f64 {
         let (n, b, d) = (n as f64, b as f64, d as f64);
         match self {
-            Kind::Full => 3.0 * b * n * d,
-            Kind::Pfc(r) => 3.0 * b * (r as f64 * n).ceil().max(b.min(n)) * d,
-            Kind::Code { projection } => {
+            Kind::Full { .. } => 3.0 * b * n * d,
+            Kind::Pfc { rate, .. } => 3.0 * b * (rate as f64 * n).ceil().max(b.min(n)) * d,
+            Kind::Code { projection, .. } => {
                 let l = gif_fr::tokenizer::min_length(V, n as usize).expect("V >= 2") as f64;
                 l * (3.0 * b * V as f64 * d + if projection { 3.0 * b * d * d } else { 0.0 })
             }
@@ -52,8 +74,8 @@ impl Kind {
     /// Trainable weights.
     pub fn weights(self, n: usize, d: usize) -> usize {
         match self {
-            Kind::Full | Kind::Pfc(_) => n * d,
-            Kind::Code { projection } => {
+            Kind::Full { .. } | Kind::Pfc { .. } => n * d,
+            Kind::Code { projection, .. } => {
                 let l = gif_fr::tokenizer::min_length(V, n).expect("V >= 2");
                 l * (V * d + if projection { d * d } else { 0 })
             }
@@ -113,13 +135,19 @@ pub fn table_place(dev: &Device, table: &CodeTable) -> &'static str {
 /// the bytes of the fixed data the step reads (the code head's code-vector
 /// table; 0 for the O(N) heads, whose O(N) state is their weights).
 pub fn prepare(dev: &Device, kind: Kind, n: usize, b: usize, d: usize) -> Result<(Step, usize)> {
-    let x = Tensor::from_slice(dev, &[b, d], &fill(b * d, 1.0, 7))?;
+    let bf16 = match kind {
+        Kind::Full { bf16 } | Kind::Pfc { bf16, .. } | Kind::Code { bf16, .. } => bf16,
+    };
+    let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+    let x = Tensor::from_f32(dev, &[b, d], &fill(b * d, 1.0, 7), dtype)?;
     let labels: Vec<u32> = (0..b as u64).map(|i| ((i.wrapping_mul(0x9E37_79B9) >> 3) % n as u64) as u32).collect();
     match kind {
-        Kind::Full | Kind::Pfc(_) => {
-            let w = Tensor::from_slice(dev, &[n, d], &fill(n * d, 1.0 / (d as f32).sqrt(), 3))?;
-            let head = SoftmaxHead::from_weights(SoftmaxHeadConfig::new(d, n), w)?;
-            if let Kind::Pfc(r) = kind {
+        Kind::Full { .. } | Kind::Pfc { .. } => {
+            let w = Tensor::from_f32(dev, &[n, d], &fill(n * d, 1.0 / (d as f32).sqrt(), 3), dtype)?;
+            // bf16 on a GPU: the tensor-core path (no effect on the CPU).
+            let cfg = SoftmaxHeadConfig { tensor_cores: bf16, ..SoftmaxHeadConfig::new(d, n) };
+            let head = SoftmaxHead::from_weights(cfg, w)?;
+            if let Kind::Pfc { rate: r, .. } = kind {
                 let pfc = PartialFc::new(head, r, 11)?;
                 let mut step = 0u64;
                 Ok((
@@ -133,11 +161,15 @@ pub fn prepare(dev: &Device, kind: Kind, n: usize, b: usize, d: usize) -> Result
                 Ok((Box::new(move || head.forward_backward(&x, &labels).map(drop)), 0))
             }
         }
-        Kind::Code { projection } => {
+        Kind::Code { projection, .. } => {
             let l = gif_fr::tokenizer::min_length(V, n).expect("V >= 2");
             let table = code_table(dev, n, l, d, 5)?;
             let bytes = table.vector_bytes();
-            let cfg = CodeHeadConfig { projection: projection.then_some(d), ..CodeHeadConfig::new(d, l, V) };
+            let cfg = CodeHeadConfig {
+                projection: projection.then_some(d),
+                weight_dtype: dtype,
+                ..CodeHeadConfig::new(d, l, V)
+            };
             let head = CodeHead::new(cfg, dev, 1)?;
             Ok((Box::new(move || head.forward_backward(&x, &labels, &table).map(drop)), bytes))
         }

@@ -142,6 +142,10 @@ pub struct SoftmaxStep {
     pub bf16_weights: bool,
     /// An angular margin (ArcFace, the default): the target angles' pass.
     pub angular: bool,
+    /// The bf16 tensor-core path (`SoftmaxHeadConfig::tensor_cores`) with
+    /// this chunk setting (`SoftmaxHeadConfig::chunk`), instead of the
+    /// fused fp32 SIMT kernels.
+    pub tensor_cores: Option<Option<usize>>,
     /// Labels already on the device (else uploaded).
     pub device_labels: bool,
 }
@@ -169,11 +173,36 @@ fn fused(b: f64, n: f64, d: f64, fb: f64, wb: f64, angular: bool) -> (u64, f64, 
     (7 + u64::from(angular), flops + angle_flops, bytes + angle_bytes)
 }
 
+/// The tensor-core path over `n` classes in chunks: per chunk the logits'
+/// GEMM twice (written f32, read by the reductions), the bf16 gradients
+/// (written, read by the two backward GEMMs), the features' bf16 copy read
+/// by three GEMMs, dU read and written by one; the centres read three times.
+fn chunked(b: usize, n: usize, d: f64, fb: f64, angular: bool, chunk: Option<usize>) -> (u64, f64, f64) {
+    let chunk = crate::head::softmax_head::tc_chunk(chunk, b, n);
+    let chunks = n.div_ceil(chunk) as f64;
+    let (bf, nf) = (b as f64, n as f64);
+    let mut bytes = bf * d * (fb + 4.0 + 4.0 + 2.0) + nf * d * 2.0 + nf * 4.0;
+    bytes += 2.0 * bf * nf * (4.0 + 4.0) + bf * nf * 2.0 * 2.0 * 2.0;
+    bytes += chunks * (3.0 * bf * d * 2.0 + 2.0 * bf * d * 4.0) + 3.0 * nf * d * 2.0 + nf * d * 4.0;
+    bytes += bf * 64.0 + nf * d * (4.0 + 2.0 + 4.0) + bf * d * 4.0 * 3.0;
+    let mut flops = 8.0 * bf * nf * d + 3.0 * bf * nf + 9.0 * nf * d + 9.0 * bf * d;
+    let mut launches = 6 + 6 * n.div_ceil(chunk) as u64;
+    if angular {
+        launches += 1;
+        bytes += bf * d * (4.0 + 2.0) + bf * 8.0;
+        flops += 8.0 * bf * d;
+    }
+    (launches, flops, bytes)
+}
+
 /// One [`crate::head::SoftmaxHead::forward_backward_into`] step on a GPU
 /// backend (the straight-through gradient: no singular pass).
 pub fn full_softmax(s: &SoftmaxStep) -> StepCost {
     let (b, n, d) = (s.batch as f64, s.classes as f64, s.dim as f64);
-    let (launches, flops, mut bytes) = fused(b, n, d, size(s.bf16_features), size(s.bf16_weights), s.angular);
+    let (launches, flops, mut bytes) = match s.tensor_cores {
+        Some(chunk) => chunked(s.batch, s.classes, d, size(s.bf16_features), s.angular, chunk),
+        None => fused(b, n, d, size(s.bf16_features), size(s.bf16_weights), s.angular),
+    };
     bytes += if s.device_labels { b * 12.0 } else { b * 4.0 };
     StepCost { launches: launches + u64::from(s.device_labels), flops, bytes }
 }
@@ -181,8 +210,16 @@ pub fn full_softmax(s: &SoftmaxStep) -> StepCost {
 /// One [`crate::head::PartialFc::forward_backward_into`] step on a GPU
 /// backend with a sample of `k ≥ B` classes (the path without a host wait).
 pub fn partial_fc(s: &SoftmaxStep, k: usize) -> StepCost {
-    let (b, n, d, k) = (s.batch as f64, s.classes as f64, s.dim as f64, k as f64);
-    let (launches, flops, mut bytes) = fused(b, k, d, size(s.bf16_features), size(s.bf16_weights), s.angular);
+    let (b, n, d, kf) = (s.batch as f64, s.classes as f64, s.dim as f64, k as f64);
+    let (launches, flops, mut bytes) = match s.tensor_cores {
+        // The sampled rows gathered once (read and written in bf16).
+        Some(chunk) => {
+            let (l, f, by) = chunked(s.batch, k, d, size(s.bf16_features), s.angular, chunk);
+            (l + 1, f, by + kf * d * 4.0 + kf * 4.0)
+        }
+        None => fused(b, kf, d, size(s.bf16_features), size(s.bf16_weights), s.angular),
+    };
+    let k = kf;
     // The sample: the positive flags zeroed and marked, two radix passes
     // over the flags (and histograms of 65536 bins), the count, the scan,
     // the ordered write, the labels' binary search; the row map read by the

@@ -69,6 +69,18 @@ pub struct SoftmaxHeadConfig {
     /// to fill a GPU). A tuning knob; results do not depend on it beyond
     /// rounding.
     pub splits: Option<usize>,
+    /// On a GPU backend, run the products on the bf16 tensor-core tile
+    /// (f32 accumulation), as PyTorch's autocast does: the normalized
+    /// features are rounded to bf16, the centres must be bf16, the
+    /// softmax's gradient is rounded to bf16 for the two backward GEMMs.
+    /// The classes go in chunks ([`SoftmaxHeadConfig::chunk`]), each
+    /// chunk's logits held once (never all B × N). Off by default (the
+    /// fp32 SIMT kernels, fully fused); no effect on the CPU.
+    pub tensor_cores: bool,
+    /// Classes per chunk of the tensor-core path (`None`: as many as fit
+    /// 256 MiB of chunk buffers, 8 bytes per logit, a multiple of 128;
+    /// a given size is rounded up to a multiple of 8).
+    pub chunk: Option<usize>,
 }
 
 impl SoftmaxHeadConfig {
@@ -83,6 +95,8 @@ impl SoftmaxHeadConfig {
             scale: 64.0,
             margin_grad: MarginGrad::StraightThrough,
             splits: None,
+            tensor_cores: false,
+            chunk: None,
         }
     }
 
@@ -96,8 +110,8 @@ impl SoftmaxHeadConfig {
         if !(self.scale.is_finite() && self.scale > 0.0) {
             return Err(Error::invalid(op, "scale must be finite and positive"));
         }
-        if self.splits == Some(0) {
-            return Err(Error::invalid(op, "splits must be positive"));
+        if self.splits == Some(0) || self.chunk == Some(0) {
+            return Err(Error::invalid(op, "splits and chunk must be positive"));
         }
         self.margin.validate(op)
     }
@@ -189,6 +203,9 @@ impl SoftmaxHead {
         const OP: &str = "SoftmaxHead::from_weights";
         cfg.validate(OP)?;
         check_centres(OP, &centres, cfg.classes, cfg.dim)?;
+        if cfg.tensor_cores && centres.dtype() != DType::BF16 {
+            return Err(Error::invalid(OP, "tensor_cores needs bf16 centres (the tensor cores' operands)"));
+        }
         Ok(SoftmaxHead { cfg, centres })
     }
 
@@ -492,18 +509,28 @@ fn device_step(
     // [B, splits, 4], tgt_cos and tgt_sin [B], the stats rows [B] each, dw
     // [n, d]; order (B rows) and starts (groups + 1) index them.
     // Forward: per-split partial log-sum-exps, then the merge per row.
-    let splits = cfg.splits.unwrap_or_else(|| auto_splits(btiles)).min(ntiles).min(MAX_SPLITS);
-    let mut partial = Tensor::empty(dev, &[b, splits, 4], DType::F32)?;
     let mut tgt_cos = Tensor::empty(dev, &[b], DType::F32)?;
-    let fwd = LaunchConfig { grid: (splits as u32, btiles as u32, 1), block: (256, 1, 1), shared_bytes: 0 };
-    // SAFETY: see the top of the step.
-    unsafe {
-        launch_one_of!((w.dtype(), vec), {
-            (DType::F32, false) => softmax_fwd_f32, (DType::F32, true) => softmax_fwd_f32_v,
-            (_, false) => softmax_fwd_bf16, (_, true) => softmax_fwd_bf16_v,
-        }, (dev, fwd, u.ptr()?, w.ptr()?, rows_p, rnorm.ptr()?, target_p, bi, ni, di, cfg.scale, splits as i32,
-            partial.ptr_mut()?, tgt_cos.ptr_mut()?))
-    }?;
+    let tc = match cfg.tensor_cores {
+        true => Some(TcOperands::new(cfg, &u, w, rows, n)?),
+        false => None,
+    };
+    let (partial, splits) = match &tc {
+        Some(tc) => (tc.forward(cfg, &rnorm, target_p, &mut tgt_cos)?, 1),
+        None => {
+            let splits = cfg.splits.unwrap_or_else(|| auto_splits(btiles)).min(ntiles).min(MAX_SPLITS);
+            let mut partial = Tensor::empty(dev, &[b, splits, 4], DType::F32)?;
+            let fwd = LaunchConfig { grid: (splits as u32, btiles as u32, 1), block: (256, 1, 1), shared_bytes: 0 };
+            // SAFETY: see the top of the step.
+            unsafe {
+                launch_one_of!((w.dtype(), vec), {
+                    (DType::F32, false) => softmax_fwd_f32, (DType::F32, true) => softmax_fwd_f32_v,
+                    (_, false) => softmax_fwd_bf16, (_, true) => softmax_fwd_bf16_v,
+                }, (dev, fwd, u.ptr()?, w.ptr()?, rows_p, rnorm.ptr()?, target_p, bi, ni, di, cfg.scale,
+                    splits as i32, partial.ptr_mut()?, tgt_cos.ptr_mut()?))
+            }?;
+            (partial, splits)
+        }
+    };
     // The angular margins take the target's angle from the raw vectors (f64).
     let (kind, m) = cfg.margin.kernel_args();
     let x_wide = features.widened()?;
@@ -556,21 +583,27 @@ fn device_step(
     let mut du = Tensor::zeros(dev, &[b, d], DType::F32)?;
     let dw = &mut grads.centres;
     dw.fill_zeros()?;
-    let b_splits = (TARGET_BLOCKS / ntiles).clamp(1, btiles);
-    let bwd = LaunchConfig {
-        grid: (ntiles as u32, b_splits as u32, 1),
-        block: (256, 1, 1),
-        shared_bytes: (TILE * (TILE + 4) * 4) as u32,
-    };
     let (lse_p, gy_p) = (row(0).as_const(), row(1).as_const());
-    // SAFETY: see the top of the step.
-    unsafe {
-        launch_one_of!((w.dtype(), vec), {
-            (DType::F32, false) => softmax_bwd_f32, (DType::F32, true) => softmax_bwd_f32_v,
-            (_, false) => softmax_bwd_bf16, (_, true) => softmax_bwd_bf16_v,
-        }, (dev, bwd, u.ptr()?, w.ptr()?, rows_p, rnorm.ptr()?, target_p, lse_p, gy_p, bi, ni, di, cfg.scale, weight,
-            du.ptr_mut()?, dw.ptr_mut()?))
-    }?;
+    match &tc {
+        Some(tc) => tc.backward(cfg, &rnorm, target_p, lse_p, gy_p, weight, &mut du, dw)?,
+        None => {
+            let b_splits = (TARGET_BLOCKS / ntiles).clamp(1, btiles);
+            let bwd = LaunchConfig {
+                grid: (ntiles as u32, b_splits as u32, 1),
+                block: (256, 1, 1),
+                shared_bytes: (TILE * (TILE + 4) * 4) as u32,
+            };
+            // SAFETY: see the top of the step.
+            unsafe {
+                launch_one_of!((w.dtype(), vec), {
+                    (DType::F32, false) => softmax_bwd_f32, (DType::F32, true) => softmax_bwd_f32_v,
+                    (_, false) => softmax_bwd_bf16, (_, true) => softmax_bwd_bf16_v,
+                }, (dev, bwd, u.ptr()?, w.ptr()?, rows_p, rnorm.ptr()?, target_p, lse_p, gy_p, bi, ni, di, cfg.scale,
+                    weight, du.ptr_mut()?, dw.ptr_mut()?))
+            }?;
+        }
+    }
+    drop(tc);
     if exact && cfg.margin.is_angular() {
         // The singular part, one warp per distinct target class, its rows in
         // order (grouped on the host: device labels come down once).
@@ -608,6 +641,172 @@ fn device_step(
     rowwise::l2_normalize_backward_into(&u, &norms, &du, EPS, &mut grads.features)?;
     metrics.state = StepStats::Device { stats, bad, n };
     Ok(())
+}
+
+/// Bytes of chunk buffers the tensor-core path aims for (logits f32 and
+/// two bf16 gradients: 8 bytes per logit).
+const TC_CHUNK_BYTES: usize = 256 << 20;
+
+/// Classes per chunk of the tensor-core path for a batch of `b` over `n`
+/// classes: a multiple of 128 (whole GEMM tiles) filling
+/// [`TC_CHUNK_BYTES`], or the given size rounded up to a multiple of 8
+/// (which keeps every chunk's rows 16-byte aligned, bf16 centres and f32
+/// gradient, whatever d); at most n.
+pub(crate) fn tc_chunk(given: Option<usize>, b: usize, n: usize) -> usize {
+    let fit = (TC_CHUNK_BYTES / (8 * b.max(1))).max(128) / 128 * 128;
+    given.map_or(fit, |c| c.div_ceil(8) * 8).min(n).max(1)
+}
+
+/// The tensor-core path's operands (SoftmaxHeadConfig::tensor_cores): the
+/// normalized features in bf16 and the logical centres as one contiguous
+/// bf16 matrix (the centres themselves, or Partial FC's sampled rows
+/// gathered once), walked in chunks of C classes.
+struct TcOperands<'a> {
+    u16: Tensor,
+    base: &'a Tensor,
+    gathered: Option<Tensor>,
+    chunk: usize,
+}
+
+impl<'a> TcOperands<'a> {
+    fn new(cfg: &SoftmaxHeadConfig, u: &Tensor, w: &'a Tensor, rows: Option<&DeviceBuffer>, n: usize) -> Result<Self> {
+        let dev = w.device();
+        let (b, d) = (u.shape()[0], cfg.dim);
+        if w.dtype() != DType::BF16 {
+            return Err(Error::invalid("SoftmaxHead", "tensor_cores needs bf16 centres"));
+        }
+        let mut u16 = Tensor::empty(dev, &[b, d], DType::BF16)?;
+        u.narrow_into(&mut u16)?;
+        let gathered = match rows {
+            None => None,
+            Some(r) => {
+                let mut g = Tensor::empty(dev, &[n, d], DType::BF16)?;
+                // SAFETY: r holds n row indices of w ([N, d], the sample's,
+                // checked by the caller); g holds n rows of d.
+                unsafe {
+                    launch::gather_rows_bf16(
+                        dev,
+                        LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0),
+                        w.ptr()?,
+                        dev.ptr_of(r),
+                        g.ptr_mut()?,
+                        n as i32,
+                        d as i32,
+                    )
+                }?;
+                Some(g)
+            }
+        };
+        let chunk = tc_chunk(cfg.chunk, b, n);
+        Ok(TcOperands { u16, base: w, gathered, chunk })
+    }
+
+    /// The logical centres, contiguous.
+    fn w(&self) -> &Tensor {
+        self.gathered.as_ref().unwrap_or(self.base)
+    }
+
+    /// Chunks (start, columns) over the n classes.
+    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let n = self.w().shape()[0];
+        (0..n).step_by(self.chunk).map(move |c0| (c0, self.chunk.min(n - c0)))
+    }
+
+    /// The forward's partial (`[B, 1, 4]`, one split) and the target
+    /// cosines: per chunk, the logits' GEMM and their reduction.
+    fn forward(
+        &self,
+        cfg: &SoftmaxHeadConfig,
+        rnorm: &Tensor,
+        target: Ptr<i32>,
+        tgt_cos: &mut Tensor,
+    ) -> Result<Tensor> {
+        let dev = self.w().device();
+        let b = self.u16.shape()[0];
+        let mut partial = Tensor::empty(dev, &[b, 1, 4], DType::F32)?;
+        let mut logits = Tensor::empty(dev, &[b * self.chunk], DType::F32)?;
+        for (c0, cols) in self.chunks() {
+            let wc = self.w().narrow(0, c0, cols)?;
+            logits.narrow_mut(0, 0, b * cols, |lg| {
+                lg.view_mut(&[b, cols], |lg| crate::ops::gemm::gemm(1.0, &self.u16, Op::N, &wc, Op::T, 0.0, lg))
+            })?;
+            // SAFETY: logits holds B × cols f32 (written above), rnorm the n
+            // logical classes (c0 + cols ≤ n), the targets B classes < n,
+            // partial [B, 1, 4] and tgt_cos [B].
+            unsafe {
+                launch::tc_chunk_stats_k(
+                    dev,
+                    LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0),
+                    logits.ptr()?,
+                    cols as i32,
+                    c0 as i32,
+                    rnorm.ptr()?,
+                    target,
+                    b as i32,
+                    cfg.scale,
+                    i32::from(c0 == 0),
+                    partial.ptr_mut()?,
+                    tgt_cos.ptr_mut()?,
+                )
+            }?;
+        }
+        Ok(partial)
+    }
+
+    /// Per chunk: the logits again, the gradient of the cosines (bf16, and
+    /// scaled by r), then `dU += (G·diag(r))·W_c` and `dŴ_c = Gᵀ·U`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        cfg: &SoftmaxHeadConfig,
+        rnorm: &Tensor,
+        target: Ptr<i32>,
+        lse: Ptr<f32>,
+        gy: Ptr<f32>,
+        weight: f32,
+        du: &mut Tensor,
+        dw_hat: &mut Tensor,
+    ) -> Result<()> {
+        let dev = self.w().device();
+        let b = self.u16.shape()[0];
+        let mut logits = Tensor::empty(dev, &[b * self.chunk], DType::F32)?;
+        let mut g = Tensor::empty(dev, &[b * self.chunk], DType::BF16)?;
+        let mut gr = Tensor::empty(dev, &[b * self.chunk], DType::BF16)?;
+        for (c0, cols) in self.chunks() {
+            let wc = self.w().narrow(0, c0, cols)?;
+            let m = b * cols;
+            logits.narrow_mut(0, 0, m, |lg| {
+                lg.view_mut(&[b, cols], |lg| crate::ops::gemm::gemm(1.0, &self.u16, Op::N, &wc, Op::T, 0.0, lg))
+            })?;
+            // SAFETY: logits holds B × cols f32, g and gr B × cols bf16;
+            // rnorm the n classes (c0 + cols ≤ n), the targets B classes,
+            // lse and gy B floats.
+            unsafe {
+                launch::tc_chunk_grad_k(
+                    dev,
+                    LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0),
+                    logits.ptr()?,
+                    cols as i32,
+                    c0 as i32,
+                    rnorm.ptr()?,
+                    target,
+                    lse,
+                    gy,
+                    b as i32,
+                    cfg.scale,
+                    weight,
+                    g.ptr_mut()?,
+                    gr.ptr_mut()?,
+                )
+            }?;
+            let (gv, grv) = (g.narrow(0, 0, m)?, gr.narrow(0, 0, m)?);
+            let (gv, grv) = (gv.view(&[b, cols])?, grv.view(&[b, cols])?);
+            crate::ops::gemm::gemm(1.0, &grv, Op::N, &wc, Op::N, 1.0, du)?;
+            dw_hat
+                .narrow_mut(0, c0, cols, |dwc| crate::ops::gemm::gemm(1.0, &gv, Op::T, &self.u16, Op::N, 0.0, dwc))?;
+        }
+        Ok(())
+    }
 }
 
 /// The CPU path: the f64 reference (materializes the logits; small N) and
