@@ -44,6 +44,7 @@ pub mod io;
 pub mod ops;
 pub mod runtime;
 pub mod tokenizer;
+pub mod train;
 
 /// The cudarc this crate is built on, for [`Device::from_stream`] and
 /// [`Tensor::from_cuda`]: a dependent crate uses the same version through it.

@@ -125,6 +125,7 @@ pub fn code_table(dev: &Device, n: usize, l: usize, d: usize, seed: u64) -> Resu
 /// Where a table's code vectors are, for the printed tables.
 pub fn table_place(dev: &Device, table: &CodeTable) -> &'static str {
     match table.vector_device() {
+        Some(_) if dev.kind() == DeviceKind::Cpu => "host",
         Some(v) if v == dev => "device",
         Some(_) => "host",
         None => "none",

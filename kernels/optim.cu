@@ -1,0 +1,173 @@
+// optim.cu: the optimizers' updates and the global gradient norm
+// (src/train/optim.rs), each one launch over a list of tensors (PyTorch's
+// multi-tensor apply): the tensors' device addresses come as arrays
+// (u64), `offsets` [T + 1] the prefix sums of their element counts; a
+// thread finds its tensor by binary search over the offsets (T is small).
+//
+// grad_sq_partial   grid-stride Σ g² over every gradient element, one pair
+//                   of partial sums per block (f32 per thread, f64 across
+//                   the block): partial[2 b] over the tensors with
+//                   in_clip[t] != 0, partial[2 b + 1] over all of them.
+// grad_norm_finish  one thread: norm[0] = sqrt(Σ partial[2 b]) (the clipped
+//                   tensors' norm), norm[1] = sqrt(Σ partial[2 b + 1]) (all:
+//                   its finiteness decides the step), f64 sums in block
+//                   order (deterministic); clip[0] = min(1, max_norm /
+//                   (norm[0] + 1e-6)) (torch.nn.utils.clip_grad_norm_), 1
+//                   when max_norm <= 0 (no clipping).
+// sgd_step_<T>      torch.optim.SGD (dampening 0, no Nesterov): g = c·grad
+//                   + wd·p; buf = g on the first step, else momentum·buf +
+//                   g; p −= lr·buf (momentum 0: p −= lr·g, no buffer).
+// adamw_step_<T>    torch.optim.AdamW: p ·= 1 − lr·wd; m = β1·m + (1 −
+//                   β1)·g; v = β2·v + (1 − β2)·g²; p −= (lr / (1 − β1^t))·m /
+//                   (sqrt(v) / sqrt(1 − β2^t) + eps), g = c·grad.
+//   c: the clip factor (clip[0], for tensors of a clipped group; else 1).
+//   t: step[0] + 1 (the device's count of applied steps). Both skip every
+//   write when norm[1] is not finite (the step is dropped, the state kept).
+//   T: the parameters' storage, f32 or bf16; bf16 parameters with a master
+//   copy (masters non-null, f32) update the master and round it into the
+//   parameter; without, they are read, updated in f32 and rounded (nearest
+//   even).
+// optim_advance     one thread: step[0] += 1 when the norm is finite, else
+//                   skipped[0] += 1.
+#include "common.cuh"
+
+namespace {
+
+constexpr int kBlock = 256;
+
+// The tensor holding flat element e: the t with offsets[t] <= e < offsets[t + 1].
+GIF_DEVICE int find_tensor(const long long* __restrict__ offsets, int tensors, long long e) {
+  int lo = 0, hi = tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= e) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename P>
+GIF_DEVICE P* at(const unsigned long long* addrs, int t) {
+  return reinterpret_cast<P*>(addrs[t]);
+}
+
+// Finite: x − x is 0 (NaN for ±inf and NaN).
+GIF_DEVICE bool norm_ok(const float* norm) { return norm == nullptr || norm[1] - norm[1] == 0.0f; }
+GIF_DEVICE float clip_factor(const float* clip) { return clip == nullptr ? 1.0f : clip[0]; }
+
+GIF_DEVICE double block_sum_f64(double v, double* warp_sums) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double s = 0.0;
+  for (int w = 0; w < kBlock / 32; ++w) s += warp_sums[w];
+  return s;
+}
+
+GIF_DEVICE void sq_partial(const unsigned long long* __restrict__ grads, const int* __restrict__ in_clip,
+                           const long long* __restrict__ offsets, int tensors, double* __restrict__ partial) {
+  __shared__ double warp_sums[kBlock / 32];
+  const long long total = offsets[tensors];
+  float clipped = 0.0f, all = 0.0f;
+  for (long long e = blockIdx.x * (long long)kBlock + threadIdx.x; e < total; e += (long long)gridDim.x * kBlock) {
+    const int t = find_tensor(offsets, tensors, e);
+    const float g = at<const float>(grads, t)[e - offsets[t]];
+    all += g * g;
+    if (in_clip[t]) clipped += g * g;
+  }
+  const double c = block_sum_f64(clipped, warp_sums);
+  const double a = block_sum_f64(all, warp_sums);
+  if (threadIdx.x == 0) {
+    partial[2 * blockIdx.x] = c;
+    partial[2 * blockIdx.x + 1] = a;
+  }
+}
+
+GIF_DEVICE void norm_finish(const double* __restrict__ partial, int blocks, float max_norm, float* __restrict__ norm,
+                            float* __restrict__ clip) {
+  if (threadIdx.x != 0) return;
+  double c = 0.0, a = 0.0;
+  for (int b = 0; b < blocks; ++b) {
+    c += partial[2 * b];
+    a += partial[2 * b + 1];
+  }
+  const float n = (float)sqrt(c);
+  norm[0] = n;
+  norm[1] = (float)sqrt(a);
+  clip[0] = max_norm > 0.0f ? fminf(1.0f, max_norm / (n + 1e-6f)) : 1.0f;
+}
+
+template <typename T>
+GIF_DEVICE void sgd(const unsigned long long* __restrict__ params, const unsigned long long* __restrict__ grads,
+                    const unsigned long long* __restrict__ bufs, const unsigned long long* __restrict__ masters,
+                    const long long* __restrict__ offsets, int tensors, float lr, float momentum, float wd,
+                    const int* __restrict__ step, const float* __restrict__ norm, const float* __restrict__ clip) {
+  if (!norm_ok(norm)) return;
+  const float c = clip_factor(clip);  // null for a group outside the clipping
+  const bool first = step[0] == 0;
+  const long long total = offsets[tensors];
+  for (long long e = blockIdx.x * (long long)kBlock + threadIdx.x; e < total; e += (long long)gridDim.x * kBlock) {
+    const int t = find_tensor(offsets, tensors, e);
+    const long long i = e - offsets[t];
+    T* p = at<T>(params, t);
+    float* master = masters != nullptr ? at<float>(masters, t) : nullptr;
+    const float w = master != nullptr ? master[i] : to_float(p[i]);
+    float g = c * at<const float>(grads, t)[i] + wd * w;
+    if (momentum != 0.0f) {
+      float* b = at<float>(bufs, t);
+      g = first ? g : momentum * b[i] + g;
+      b[i] = g;
+    }
+    const float nw = w - lr * g;
+    if (master != nullptr) master[i] = nw;
+    p[i] = from_float<T>(nw);
+  }
+}
+
+template <typename T>
+GIF_DEVICE void adamw(const unsigned long long* __restrict__ params, const unsigned long long* __restrict__ grads,
+                      const unsigned long long* __restrict__ ms, const unsigned long long* __restrict__ vs,
+                      const unsigned long long* __restrict__ masters, const long long* __restrict__ offsets,
+                      int tensors, float lr, float beta1, float beta2, float eps, float wd,
+                      const int* __restrict__ step, const float* __restrict__ norm, const float* __restrict__ clip) {
+  if (!norm_ok(norm)) return;
+  const float c = clip_factor(clip);
+  const double tt = (double)step[0] + 1.0;
+  const float bias1 = (float)(1.0 - pow((double)beta1, tt));
+  const float bias2_sqrt = (float)sqrt(1.0 - pow((double)beta2, tt));
+  const float step_size = lr / bias1;
+  const long long total = offsets[tensors];
+  for (long long e = blockIdx.x * (long long)kBlock + threadIdx.x; e < total; e += (long long)gridDim.x * kBlock) {
+    const int t = find_tensor(offsets, tensors, e);
+    const long long i = e - offsets[t];
+    T* p = at<T>(params, t);
+    float* master = masters != nullptr ? at<float>(masters, t) : nullptr;
+    float w = master != nullptr ? master[i] : to_float(p[i]);
+    const float g = c * at<const float>(grads, t)[i];
+    w *= 1.0f - lr * wd;
+    float* m = at<float>(ms, t);
+    float* v = at<float>(vs, t);
+    const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+    const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    const float denom = sqrtf(vi) / bias2_sqrt + eps;
+    w -= step_size * (mi / denom);
+    if (master != nullptr) master[i] = w;
+    p[i] = from_float<T>(w);
+  }
+}
+
+}  // namespace
+
+// clang-format off
+extern "C" __global__ void __launch_bounds__(kBlock) grad_sq_partial(const unsigned long long* grads, const int* in_clip, const long long* offsets, int tensors, double* partial) { sq_partial(grads, in_clip, offsets, tensors, partial); }
+extern "C" __global__ void __launch_bounds__(32) grad_norm_finish(const double* partial, int blocks, float max_norm, float* norm, float* clip) { norm_finish(partial, blocks, max_norm, norm, clip); }
+extern "C" __global__ void __launch_bounds__(kBlock) sgd_step_f32(const unsigned long long* params, const unsigned long long* grads, const unsigned long long* bufs, const unsigned long long* masters, const long long* offsets, int tensors, float lr, float momentum, float wd, const int* step, const float* norm, const float* clip) { sgd<float>(params, grads, bufs, masters, offsets, tensors, lr, momentum, wd, step, norm, clip); }
+extern "C" __global__ void __launch_bounds__(kBlock) sgd_step_bf16(const unsigned long long* params, const unsigned long long* grads, const unsigned long long* bufs, const unsigned long long* masters, const long long* offsets, int tensors, float lr, float momentum, float wd, const int* step, const float* norm, const float* clip) { sgd<bf16>(params, grads, bufs, masters, offsets, tensors, lr, momentum, wd, step, norm, clip); }
+extern "C" __global__ void __launch_bounds__(kBlock) adamw_step_f32(const unsigned long long* params, const unsigned long long* grads, const unsigned long long* ms, const unsigned long long* vs, const unsigned long long* masters, const long long* offsets, int tensors, float lr, float beta1, float beta2, float eps, float wd, const int* step, const float* norm, const float* clip) { adamw<float>(params, grads, ms, vs, masters, offsets, tensors, lr, beta1, beta2, eps, wd, step, norm, clip); }
+extern "C" __global__ void __launch_bounds__(kBlock) adamw_step_bf16(const unsigned long long* params, const unsigned long long* grads, const unsigned long long* ms, const unsigned long long* vs, const unsigned long long* masters, const long long* offsets, int tensors, float lr, float beta1, float beta2, float eps, float wd, const int* step, const float* norm, const float* clip) { adamw<bf16>(params, grads, ms, vs, masters, offsets, tensors, lr, beta1, beta2, eps, wd, step, norm, clip); }
+extern "C" __global__ void __launch_bounds__(32) optim_advance(const float* norm, int* step, unsigned int* skipped) { if (threadIdx.x == 0 && blockIdx.x == 0) { if (norm_ok(norm)) step[0] += 1; else skipped[0] += 1; } }
+// clang-format on
