@@ -52,6 +52,29 @@ GIF_DEVICE P* at(const unsigned long long* addrs, int t) {
 }
 
 // Finite: x − x is 0 (NaN for ±inf and NaN).
+// Element i of tensor t of a parameter list: the parameter, its master
+// copy if any (the value updates read and write), and its gradient.
+template <typename T>
+struct Elem {
+  T* p;
+  float* master;
+  long long i;
+  float g;
+  GIF_DEVICE Elem(const unsigned long long* params, const unsigned long long* masters,
+                  const unsigned long long* grads, const long long* offsets, int tensors, long long e, int& t) {
+    t = find_tensor(offsets, tensors, e);
+    i = e - offsets[t];
+    p = at<T>(params, t);
+    master = masters != nullptr ? at<float>(masters, t) : nullptr;
+    g = at<const float>(grads, t)[i];
+  }
+  GIF_DEVICE float value() const { return master != nullptr ? master[i] : to_float(p[i]); }
+  GIF_DEVICE void store(float w) const {
+    if (master != nullptr) master[i] = w;
+    p[i] = from_float<T>(w);
+  }
+};
+
 GIF_DEVICE bool norm_ok(const float* norm) { return norm == nullptr || norm[1] - norm[1] == 0.0f; }
 GIF_DEVICE float clip_factor(const float* clip) { return clip == nullptr ? 1.0f : clip[0]; }
 
@@ -109,20 +132,16 @@ GIF_DEVICE void sgd(const unsigned long long* __restrict__ params, const unsigne
   const bool first = step[0] == 0;
   const long long total = offsets[tensors];
   for (long long e = blockIdx.x * (long long)kBlock + threadIdx.x; e < total; e += (long long)gridDim.x * kBlock) {
-    const int t = find_tensor(offsets, tensors, e);
-    const long long i = e - offsets[t];
-    T* p = at<T>(params, t);
-    float* master = masters != nullptr ? at<float>(masters, t) : nullptr;
-    const float w = master != nullptr ? master[i] : to_float(p[i]);
-    float g = c * at<const float>(grads, t)[i] + wd * w;
+    int t;
+    const Elem<T> x(params, masters, grads, offsets, tensors, e, t);
+    const float w = x.value();
+    float g = c * x.g + wd * w;
     if (momentum != 0.0f) {
-      float* b = at<float>(bufs, t);
-      g = first ? g : momentum * b[i] + g;
-      b[i] = g;
+      float* b = at<float>(bufs, t) + x.i;
+      g = first ? g : momentum * *b + g;
+      *b = g;
     }
-    const float nw = w - lr * g;
-    if (master != nullptr) master[i] = nw;
-    p[i] = from_float<T>(nw);
+    x.store(w - lr * g);
   }
 }
 
@@ -140,23 +159,19 @@ GIF_DEVICE void adamw(const unsigned long long* __restrict__ params, const unsig
   const float step_size = lr / bias1;
   const long long total = offsets[tensors];
   for (long long e = blockIdx.x * (long long)kBlock + threadIdx.x; e < total; e += (long long)gridDim.x * kBlock) {
-    const int t = find_tensor(offsets, tensors, e);
-    const long long i = e - offsets[t];
-    T* p = at<T>(params, t);
-    float* master = masters != nullptr ? at<float>(masters, t) : nullptr;
-    float w = master != nullptr ? master[i] : to_float(p[i]);
-    const float g = c * at<const float>(grads, t)[i];
-    w *= 1.0f - lr * wd;
-    float* m = at<float>(ms, t);
-    float* v = at<float>(vs, t);
-    const float mi = beta1 * m[i] + (1.0f - beta1) * g;
-    const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
-    m[i] = mi;
-    v[i] = vi;
+    int t;
+    const Elem<T> x(params, masters, grads, offsets, tensors, e, t);
+    const float g = c * x.g;
+    float w = x.value() * (1.0f - lr * wd);
+    float* m = at<float>(ms, t) + x.i;
+    float* v = at<float>(vs, t) + x.i;
+    const float mi = beta1 * *m + (1.0f - beta1) * g;
+    const float vi = beta2 * *v + (1.0f - beta2) * g * g;
+    *m = mi;
+    *v = vi;
     const float denom = sqrtf(vi) / bias2_sqrt + eps;
     w -= step_size * (mi / denom);
-    if (master != nullptr) master[i] = w;
-    p[i] = from_float<T>(w);
+    x.store(w);
   }
 }
 

@@ -31,16 +31,16 @@ GIF_DEVICE void rows_axpy(T* __restrict__ W, const int* __restrict__ rows, const
   for (int c = lane; c < d; c += 32) w[c] = from_float<T>(to_float(w[c]) + a * g[c]);
 }
 
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(kBlock)
-    gather_rows_f32(const float* __restrict__ src, const int* __restrict__ idx, float* __restrict__ dst, int n, int d) {
+template <typename T>
+GIF_DEVICE void gather_rows(const T* __restrict__ src, const int* __restrict__ idx, T* __restrict__ dst, int n, int d) {
   const int row = warp_row(), lane = threadIdx.x & 31;
   if (row >= n) return;
-  const float* s = src + (long long)idx[row] * d;
-  float* o = dst + (long long)row * d;
+  const T* s = src + (long long)idx[row] * d;
+  T* o = dst + (long long)row * d;
   for (int c = lane; c < d; c += 32) o[c] = s[c];
 }
+
+}  // namespace
 
 extern "C" __global__ void __launch_bounds__(kBlock)
     scatter_rows_f32(const float* __restrict__ src, const int* __restrict__ idx, float* __restrict__ dst, int n, int d) {
@@ -51,16 +51,9 @@ extern "C" __global__ void __launch_bounds__(kBlock)
   for (int c = lane; c < d; c += 32) o[c] = s[c];
 }
 
-extern "C" __global__ void __launch_bounds__(kBlock)
-    gather_rows_bf16(const bf16* __restrict__ src, const int* __restrict__ idx, bf16* __restrict__ dst, int n, int d) {
-  const int row = warp_row(), lane = threadIdx.x & 31;
-  if (row >= n) return;
-  const bf16* s = src + (long long)idx[row] * d;
-  bf16* o = dst + (long long)row * d;
-  for (int c = lane; c < d; c += 32) o[c] = s[c];
-}
-
 // clang-format off
+extern "C" __global__ void __launch_bounds__(kBlock) gather_rows_f32(const float* src, const int* idx, float* dst, int n, int d) { gather_rows<float>(src, idx, dst, n, d); }
+extern "C" __global__ void __launch_bounds__(kBlock) gather_rows_bf16(const bf16* src, const int* idx, bf16* dst, int n, int d) { gather_rows<bf16>(src, idx, dst, n, d); }
 extern "C" __global__ void __launch_bounds__(kBlock) rows_axpy_f32(float* W, const int* rows, const float* G, int n, int d, float a) { rows_axpy<float>(W, rows, G, n, d, a); }
 extern "C" __global__ void __launch_bounds__(kBlock) rows_axpy_bf16(bf16* W, const int* rows, const float* G, int n, int d, float a) { rows_axpy<bf16>(W, rows, G, n, d, a); }
 // clang-format on

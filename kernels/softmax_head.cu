@@ -85,6 +85,20 @@ GIF_DEVICE Lse lse_merge(Lse a, Lse b) {
 GIF_DEVICE bool better(float v1, int i1, float v2, int i2) { return v1 > v2 || (v1 == v2 && i1 < i2); }
 
 GIF_DEVICE float idx_bits(int i) { return gif_bits_float((unsigned int)i); }
+
+// Merges a warp's (log-sum-exp, best cosine and index) into every lane.
+GIF_DEVICE void warp_merge(Lse& l, float& bc, int& bi) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    l = lse_merge(l, Lse{__shfl_xor_sync(0xffffffffu, l.m, o), __shfl_xor_sync(0xffffffffu, l.s, o)});
+    const float oc = __shfl_xor_sync(0xffffffffu, bc, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (better(oc, oi, bc, bi)) {
+      bc = oc;
+      bi = oi;
+    }
+  }
+}
 GIF_DEVICE int bits_idx(float f) { return (int)gif_float_bits(f); }
 
 template <typename T>
@@ -218,16 +232,7 @@ GIF_DEVICE void merge_rows(const float* __restrict__ partial, int splits, const 
       bi = bits_idx(p[3]);
     }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    l = lse_merge(l, Lse{__shfl_xor_sync(0xffffffffu, l.m, o), __shfl_xor_sync(0xffffffffu, l.s, o)});
-    const float oc = __shfl_xor_sync(0xffffffffu, bc, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (better(oc, oi, bc, bi)) {
-      bc = oc;
-      bi = oi;
-    }
-  }
+  warp_merge(l, bc, bi);
   nan = __any_sync(0xffffffffu, nan);
   if (lane != 0) return;
   const int y = target[row];
@@ -693,16 +698,7 @@ GIF_DEVICE void tc_chunk_stats(const float* __restrict__ logits, int cols, int c
       l = lse_merge(l, Lse{s * c, 1.0f});
     }
   }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    l = lse_merge(l, Lse{__shfl_xor_sync(0xffffffffu, l.m, o), __shfl_xor_sync(0xffffffffu, l.s, o)});
-    const float oc = __shfl_xor_sync(0xffffffffu, bc, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (better(oc, oi, bc, bi)) {
-      bc = oc;
-      bi = oi;
-    }
-  }
+  warp_merge(l, bc, bi);
   nan = __any_sync(0xffffffffu, nan);
   if (lane != 0) return;
   float* st = stats + (long long)row * 4;

@@ -33,6 +33,17 @@ struct Reference {
 }
 
 impl Reference {
+    /// The initial values of `run` (seed 5), zero state.
+    fn new(kind: OptimizerKind, groups: Vec<GroupConfig>, max_norm: Option<f32>) -> Reference {
+        let mut r = rng(5);
+        let w: Vec<Vec<Vec<f64>>> = SIZES
+            .iter()
+            .map(|sizes| sizes.iter().map(|&n| init(&mut r, n).iter().map(|&x| x as f64).collect()).collect())
+            .collect();
+        let zeros: Vec<Vec<Vec<f64>>> = w.iter().map(|g| g.iter().map(|v| vec![0.0; v.len()]).collect()).collect();
+        Reference { kind, groups, max_norm: max_norm.map(f64::from), w, a: zeros.clone(), b: zeros, t: 0 }
+    }
+
     fn step(&mut self, grads: &[Vec<Vec<f32>>], lr: f64) {
         let sq = |g: usize| -> f64 { grads[g].iter().flatten().map(|&x| x as f64 * x as f64).sum() };
         let all: f64 = (0..grads.len()).map(sq).sum();
@@ -127,13 +138,7 @@ fn reference(
     steps: usize,
     max_norm: Option<f32>,
 ) -> Vec<Vec<Vec<f64>>> {
-    let mut r = rng(5);
-    let w: Vec<Vec<Vec<f64>>> = SIZES
-        .iter()
-        .map(|sizes| sizes.iter().map(|&n| init(&mut r, n).iter().map(|&x| x as f64).collect()).collect())
-        .collect();
-    let zeros: Vec<Vec<Vec<f64>>> = w.iter().map(|g| g.iter().map(|v| vec![0.0; v.len()]).collect()).collect();
-    let mut rf = Reference { kind, groups, max_norm: max_norm.map(f64::from), w, a: zeros.clone(), b: zeros, t: 0 };
+    let mut rf = Reference::new(kind, groups, max_norm);
     for s in 0..steps {
         rf.step(&grads_of(s), 0.05 * (1.0 + s as f64));
     }
@@ -214,13 +219,7 @@ fn a_non_finite_gradient_skips_the_step_and_keeps_the_state() {
     for kind in [OptimizerKind::SGD, OptimizerKind::ADAMW] {
         let good = |s: usize| random_grads(s);
         // The reference: steps 0 and 3 only, at their own learning rates.
-        let mut r = rng(5);
-        let w: Vec<Vec<Vec<f64>>> = SIZES
-            .iter()
-            .map(|sizes| sizes.iter().map(|&n| init(&mut r, n).iter().map(|&x| x as f64).collect()).collect())
-            .collect();
-        let zeros: Vec<Vec<Vec<f64>>> = w.iter().map(|g| g.iter().map(|v| vec![0.0; v.len()]).collect()).collect();
-        let mut rf = Reference { kind, groups: groups(), max_norm: Some(3.0), w, a: zeros.clone(), b: zeros, t: 0 };
+        let mut rf = Reference::new(kind, groups(), Some(3.0));
         rf.step(&good(0), 0.05);
         rf.step(&good(3), 0.05 * 4.0);
         for dev in all_devices() {

@@ -111,8 +111,21 @@ fn code_head_step_with_a_host_resident_table() {
     pin("host-resident table, device labels", device, 5, 9, 1, 1, 1);
 }
 
-#[test]
-fn softmax_and_partial_fc_steps() {
+/// A full head's step on the simulator: B = 37, d = 16, N = 500.
+struct SoftmaxSetup {
+    dev: Device,
+    b: usize,
+    d: usize,
+    n: usize,
+    x: Tensor,
+    y: Vec<u32>,
+    yt: Tensor,
+    head: SoftmaxHead,
+    g: SoftmaxGrads,
+    m: SoftmaxMetrics,
+}
+
+fn softmax_setup() -> SoftmaxSetup {
     let dev = Device::sim();
     let (b, d, n) = (37, 16, 500);
     let mut r = rng(3);
@@ -120,8 +133,14 @@ fn softmax_and_partial_fc_steps() {
     let y: Vec<u32> = (0..b as u32).map(|i| i * 11 % n as u32).collect();
     let yt = Tensor::from_slice(&dev, &[b], &y).unwrap();
     let head = SoftmaxHead::new(SoftmaxHeadConfig::new(d, n), &dev, DType::F32, 1).unwrap();
-    let mut g = SoftmaxGrads::new(&dev, b, n, d).unwrap();
-    let mut m = SoftmaxMetrics::new();
+    let g = SoftmaxGrads::new(&dev, b, n, d).unwrap();
+    let m = SoftmaxMetrics::new();
+    SoftmaxSetup { dev, b, d, n, x, y, yt, head, g, m }
+}
+
+#[test]
+fn softmax_and_partial_fc_steps() {
+    let SoftmaxSetup { dev, b, x, y, yt, head, mut g, mut m, .. } = softmax_setup();
     head.forward_backward_into(&x, &y, &mut g, &mut m).unwrap();
     let host = counts(&dev, || head.forward_backward_into(&x, &y, &mut g, &mut m).unwrap());
     let device = counts(&dev, || head.forward_backward_into(&x, &yt, &mut g, &mut m).unwrap());
@@ -249,15 +268,7 @@ fn the_cost_model_counts_the_measured_launches_and_every_buffer() {
             assert!(model.bytes >= got.bytes_allocated as f64, "{what}: {} < {}", model.bytes, got.bytes_allocated);
         }
     }
-    let dev = Device::sim();
-    let (b, d, n) = (37, 16, 500);
-    let mut r = rng(3);
-    let x = Tensor::from_slice(&dev, &[b, d], &uniform(&mut r, b * d, -1.0, 1.0)).unwrap();
-    let y: Vec<u32> = (0..b as u32).map(|i| i * 11 % n as u32).collect();
-    let yt = Tensor::from_slice(&dev, &[b], &y).unwrap();
-    let head = SoftmaxHead::new(SoftmaxHeadConfig::new(d, n), &dev, DType::F32, 1).unwrap();
-    let mut g = SoftmaxGrads::new(&dev, b, n, d).unwrap();
-    let mut m = SoftmaxMetrics::new();
+    let SoftmaxSetup { dev, b, d, n, x, y, yt, head, mut g, mut m } = softmax_setup();
     let shape = |device_labels| SoftmaxStep {
         batch: b,
         classes: n,

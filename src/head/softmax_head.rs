@@ -712,6 +712,17 @@ impl<'a> TcOperands<'a> {
         (0..n).step_by(self.chunk).map(move |c0| (c0, self.chunk.min(n - c0)))
     }
 
+    /// The chunk's logits `U·W_cᵀ` into the first B·cols values of
+    /// `logits`; returns W_c (classes c0..c0 + cols), a view.
+    fn logits(&self, logits: &mut Tensor, c0: usize, cols: usize) -> Result<crate::runtime::tensor::TensorView<'_>> {
+        let b = self.u16.shape()[0];
+        let wc = self.w().narrow(0, c0, cols)?;
+        logits.narrow_mut(0, 0, b * cols, |lg| {
+            lg.view_mut(&[b, cols], |lg| crate::ops::gemm::gemm(1.0, &self.u16, Op::N, &wc, Op::T, 0.0, lg))
+        })?;
+        Ok(wc)
+    }
+
     /// The forward's partial (`[B, 1, 4]`, one split) and the target
     /// cosines: per chunk, the logits' GEMM and their reduction.
     fn forward(
@@ -726,10 +737,7 @@ impl<'a> TcOperands<'a> {
         let mut partial = Tensor::empty(dev, &[b, 1, 4], DType::F32)?;
         let mut logits = Tensor::empty(dev, &[b * self.chunk], DType::F32)?;
         for (c0, cols) in self.chunks() {
-            let wc = self.w().narrow(0, c0, cols)?;
-            logits.narrow_mut(0, 0, b * cols, |lg| {
-                lg.view_mut(&[b, cols], |lg| crate::ops::gemm::gemm(1.0, &self.u16, Op::N, &wc, Op::T, 0.0, lg))
-            })?;
+            self.logits(&mut logits, c0, cols)?;
             // SAFETY: logits holds B × cols f32 (written above), rnorm the n
             // logical classes (c0 + cols ≤ n), the targets B classes < n,
             // partial [B, 1, 4] and tgt_cos [B].
@@ -773,11 +781,8 @@ impl<'a> TcOperands<'a> {
         let mut g = Tensor::empty(dev, &[b * self.chunk], DType::BF16)?;
         let mut gr = Tensor::empty(dev, &[b * self.chunk], DType::BF16)?;
         for (c0, cols) in self.chunks() {
-            let wc = self.w().narrow(0, c0, cols)?;
+            let wc = self.logits(&mut logits, c0, cols)?;
             let m = b * cols;
-            logits.narrow_mut(0, 0, m, |lg| {
-                lg.view_mut(&[b, cols], |lg| crate::ops::gemm::gemm(1.0, &self.u16, Op::N, &wc, Op::T, 0.0, lg))
-            })?;
             // SAFETY: logits holds B × cols f32, g and gr B × cols bf16;
             // rnorm the n classes (c0 + cols ≤ n), the targets B classes,
             // lse and gy B floats.

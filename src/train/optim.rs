@@ -507,11 +507,7 @@ fn refresh_norm<'a>(
 type Entry = (u64, u64, u64, u64, u64, usize);
 
 /// One group's list for one dtype.
-fn refresh_params<'a>(
-    dev: &Device,
-    slot: &'a mut Option<Lists>,
-    entries: &[Entry],
-) -> Result<Option<&'a Lists>> {
+fn refresh_params<'a>(dev: &Device, slot: &'a mut Option<Lists>, entries: &[Entry]) -> Result<Option<&'a Lists>> {
     if entries.is_empty() {
         return Ok(None);
     }
