@@ -4,6 +4,7 @@
 #
 #   bash gpu-bundle/run.sh              tests on the GPU, then a quick bench pass
 #   bash gpu-bundle/run.sh --sanitizer  the tests under compute-sanitizer (memcheck)
+#   bash gpu-bundle/run.sh --racecheck  the tests under compute-sanitizer (racecheck)
 #   bash gpu-bundle/run.sh --tests-only
 #   bash gpu-bundle/run.sh --benches "backbone gemm"   those benches only (no tests)
 #
@@ -13,6 +14,13 @@
 # Tests run with GIF_FR_REQUIRE_GPU=1 (a missing GPU fails them rather than
 # skipping) and GIF_FR_POISON=1 (outputs start as NaN, so unwritten elements
 # show); benches time the GPU only (GIF_FR_BENCH_GPU_ONLY=1).
+#
+# The machine-readable result: every test binary's pass/fail, every bench
+# case's median and spread, ptxas's registers and spills per kernel (tests/
+# ptx.rs), the card and commit, merged by `gif-fr regress` into run.json;
+# with a baseline for this card (baselines/<card>.json, from
+# docs/gpu-runs/baselines/), the verdict goes into the summary and fails
+# the kit when it fails (see docs/gpu.md).
 set -u
 kit_start=$(date +%s)
 bundle=$(cd "$(dirname "$0")" && pwd)
@@ -35,6 +43,14 @@ fi
 export GIF_FR_REQUIRE_GPU=1 GIF_FR_POISON=1 GIF_FR_BENCH_GPU_ONLY=1 RUST_BACKTRACE=1
 summary="$out/summary.md"
 : > "$summary"
+results="$out/results"
+mkdir -p "$results"
+export GIF_FR_RESULTS_DIR="$results" GIF_FR_COMMIT="$(head -n 1 "$here/COMMIT" 2>/dev/null)"
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+gpu_driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+# The baseline's name: the card's, lower case, spaces as dashes (nvidia-h100-80gb-hbm3).
+card=$(echo "${gpu_name:-unknown}" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/-$//')
+: > "$results/tests.tsv"
 
 {
   echo "## gif-fr GPU run"
@@ -62,8 +78,10 @@ for t in "$here"/tests/*; do
   name=$(basename "$t")
   log="$out/test-$name.log"
   start=$(date +%s)
-  if [ "$mode" = "--sanitizer" ]; then
-    timeout 420 compute-sanitizer --tool memcheck --error-exitcode 99 "$t" --test-threads=1 > "$log" 2>&1
+  if [ "$mode" = "--sanitizer" ] || [ "$mode" = "--racecheck" ]; then
+    tool=memcheck
+    [ "$mode" = "--racecheck" ] && tool=racecheck
+    timeout 420 compute-sanitizer --tool $tool --error-exitcode 99 "$t" --test-threads=1 > "$log" 2>&1
   else
     timeout 240 "$t" --test-threads=4 > "$log" 2>&1
   fi
@@ -75,6 +93,7 @@ for t in "$here"/tests/*; do
   [ "$rc" -ne 0 ] && result="FAILED (exit $rc)"
   [ "$rc" -ne 0 ] && total_failed=$((total_failed + 1))
   echo "| $name | $result | ${passed:-?} | ${failed:-?} | $secs |" >> "$summary"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "${failed:-?} failed" >> "$results/tests.tsv"
   if [ "$rc" -ne 0 ]; then
     { echo "$name:"; grep -E -A3 "panicked at|ERROR SUMMARY|^========= [A-Z]" "$log" | head -n 40; } \
       | sed 's/^/    /' >> "$summary.failures"
@@ -138,6 +157,31 @@ if [ "$mode" = "all" ] || [ "$mode" = "--benches" ]; then
   done
 fi
 
+# The run's result, and the verdict against this card's baseline.
+python3 - "$results" "$gpu_name" "$gpu_driver" "$GIF_FR_COMMIT" <<'PY' 2>> "$out/results.log"
+import json, sys
+folder, device, driver, commit = sys.argv[1:5]
+tests = []
+for line in open(f"{folder}/tests.tsv"):
+    name, rc, detail = line.rstrip("\n").split("\t")
+    tests.append({"binary": name, "passed": rc == "0", "detail": None if rc == "0" else f"exit {rc}, {detail}"})
+run = {"machine": {"device": device, "driver": driver or None, "commit": commit or None}, "tests": tests}
+json.dump(run, open(f"{folder}/tests.json", "w"), indent=1)
+PY
+baseline="$bundle/baselines/$card.json"
+verdict_args=(--run "$results"/*.json --write-run "$out/run.json")
+[ -f "$baseline" ] && verdict_args+=(--baseline "$baseline")
+{
+  echo "### regression verdict ($card)"
+  echo
+  [ -f "$baseline" ] || echo "no baseline for $card yet: run.json is the candidate (docs/gpu.md says how to store it)"
+  "$here/bin/gif-fr" regress "${verdict_args[@]}" 2>&1 | sed 's/^/    /'
+  echo
+} >> "$summary"
+if [ -f "$baseline" ] && ! "$here/bin/gif-fr" regress "${verdict_args[@]}" > /dev/null 2>&1; then
+  total_failed=$((total_failed + 1))
+fi
+
 if [ -f "$summary.failures" ]; then
   { echo "### failures"; echo; cat "$summary.failures"; echo; } >> "$summary"
 fi
@@ -146,7 +190,9 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT"
   cp "$summary" "$OUT/summary$( [ "$mode" = all ] || echo "${mode#--}" | sed 's/^/-/').md"
   tar czf "$OUT/logs$( [ "$mode" = all ] || echo "${mode#--}" | sed 's/^/-/').tar.gz" -C "$out" --exclude criterion .
-  for f in results.csv identify.csv time_vs_n.svg torch_heads.csv; do
+  # At most 8 files come back: the identification CSV stays in the logs.
+  [ -f "$out/run.json" ] && cp "$out/run.json" "$OUT/run$( [ "$mode" = all ] || echo "${mode#--}" | sed 's/^/-/').json"
+  for f in results.csv time_vs_n.svg torch_heads.csv; do
     [ -f "$out/scaling/$f" ] && cp "$out/scaling/$f" "$OUT/scaling-$f"
   done
   for f in backbone.csv torch_backbone.csv; do

@@ -42,6 +42,7 @@ pub mod error;
 pub mod head;
 pub mod io;
 pub mod ops;
+pub mod regress;
 pub mod runtime;
 pub mod tokenizer;
 pub mod train;

@@ -48,6 +48,35 @@ enum Command {
     /// normalized as insightface does; writes f32 [B, 512].
     /// scripts/pth_to_safetensors.py converts a .pth checkpoint.
     Embed(EmbedArgs),
+    /// Compare a run's result JSON with a stored baseline: failed tests,
+    /// slowdowns beyond max(5 %, 3 × the pooled spread) and new spills
+    /// fail (exit status 1); faster, new and missing cases are reported.
+    /// Several `--run` parts (tests, each bench, ptxas) are merged first;
+    /// `--update` writes the run as the baseline (after an intended change).
+    Regress(RegressArgs),
+}
+
+#[derive(Args)]
+struct RegressArgs {
+    /// The run's result, or parts of it (JSON, see docs/gpu.md; repeat).
+    #[arg(long, required = true, num_args = 1..)]
+    run: Vec<PathBuf>,
+    /// The baseline of this machine kind (JSON). Without: the merged run is
+    /// only written (--write-run) and summarized.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Write the merged run here.
+    #[arg(long)]
+    write_run: Option<PathBuf>,
+    /// Write the run as the new baseline (the verdict is still printed).
+    #[arg(long)]
+    update: bool,
+    /// The smallest relative slowdown that fails.
+    #[arg(long, default_value_t = 0.05)]
+    min_slowdown: f64,
+    /// Multiplies the pooled relative spread of the two runs.
+    #[arg(long, default_value_t = 3.0)]
+    spread_factor: f64,
 }
 
 /// Where the work runs.
@@ -263,6 +292,91 @@ fn embed_cmd(a: EmbedArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// `gif-fr regress`: exit 0 (pass, or baseline written), 1 (fail), 2 (error).
+fn regress_cmd(a: RegressArgs) -> ExitCode {
+    use gif_fr::regress::{verdict, Rule, Run};
+    let read = |p: &PathBuf| -> Result<Run, Error> {
+        let file = |message: String| Error::File { path: p.display().to_string(), message };
+        let text = std::fs::read_to_string(p).map_err(|e| file(e.to_string()))?;
+        Run::from_json(&text).map_err(|e| file(e.to_string()))
+    };
+    // Written whole to a temporary file, then renamed: never a partial file.
+    let write = |path: &PathBuf, run: &Run| -> Result<(), Error> {
+        let tmp = path.with_extension("json.tmp");
+        let io = |e: std::io::Error| Error::File { path: path.display().to_string(), message: e.to_string() };
+        std::fs::write(&tmp, run.to_json()?).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    };
+    let outcome = (|| -> Result<bool, Error> {
+        let run = Run::merge(a.run.iter().map(read).collect::<Result<Vec<_>, _>>()?);
+        if let Some(p) = &a.write_run {
+            write(p, &run)?;
+        }
+        let Some(baseline) = &a.baseline else {
+            let failed = run.tests.iter().filter(|t| !t.passed).count();
+            println!(
+                "run: {} ({} tests, {failed} failing; {} cases; {} kernels); no baseline given",
+                run.machine.device,
+                run.tests.len(),
+                run.benches.len(),
+                run.kernels.len()
+            );
+            return Ok(failed == 0);
+        };
+        if !(a.min_slowdown.is_finite()
+            && a.min_slowdown >= 0.0
+            && a.spread_factor.is_finite()
+            && a.spread_factor >= 0.0)
+        {
+            return Err(Error::InvalidArgument {
+                op: "regress",
+                message: "--min-slowdown and --spread-factor must be finite, non-negative".into(),
+            });
+        }
+        let pass = if baseline.exists() {
+            let base = read(baseline)?;
+            println!("run: {} (commit {})", run.machine.device, run.machine.commit.as_deref().unwrap_or("?"));
+            println!("baseline: {} (commit {})", base.machine.device, base.machine.commit.as_deref().unwrap_or("?"));
+            let findings = verdict(&run, &base, Rule { min_slowdown: a.min_slowdown, spread_factor: a.spread_factor });
+            for f in &findings {
+                println!("{f}");
+            }
+            let failed = findings.iter().filter(|f| f.fails()).count();
+            println!(
+                "verdict: {} ({} tests, {} cases, {} kernels; {failed} failing, {} other findings)",
+                if failed == 0 { "PASS" } else { "FAIL" },
+                run.tests.len(),
+                run.benches.len(),
+                run.kernels.len(),
+                findings.len() - failed
+            );
+            failed == 0
+        } else if a.update {
+            println!("no baseline at {}: writing this run as the first", baseline.display());
+            true
+        } else {
+            return Err(Error::InvalidArgument {
+                op: "regress",
+                message: format!("no baseline at {} (--update writes one)", baseline.display()),
+            });
+        };
+        if a.update {
+            write(baseline, &run)?;
+            println!("baseline updated: {}", baseline.display());
+            return Ok(true);
+        }
+        Ok(pass)
+    })();
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Info => {
@@ -273,6 +387,7 @@ fn main() -> ExitCode {
         Command::CodebookInfo { file } => Codebook::load(&file).map(|b| print!("{}", b.describe())),
         Command::Decode(a) => decode_cmd(a),
         Command::Embed(a) => embed_cmd(a),
+        Command::Regress(a) => return regress_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

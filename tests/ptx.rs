@@ -138,6 +138,7 @@ fn ptxas_accepts_every_module_without_spills() {
     );
     let mut bad = Vec::new();
     let mut checked = 0;
+    let mut kernels_used = Vec::new();
     for m in MODULES {
         let (origin, ptx) = match m.ptx {
             Some(p) => ("nvcc", p.to_string()),
@@ -151,6 +152,13 @@ fn ptxas_accepts_every_module_without_spills() {
         };
         let [u80, u90] = check_with_ptxas(&ptxas, m, origin, &ptx);
         let bounds = max_threads(&ptx);
+        for (arch, usage) in [("sm_80", &u80), ("sm_90", &u90)] {
+            kernels_used.extend(usage.iter().map(|u| gif_fr::regress::KernelUsage {
+                name: format!("{}::{}@{arch}", m.name, u.kernel),
+                registers: u.registers,
+                spill_bytes: u.spill_stores + u.spill_loads,
+            }));
+        }
         for (a, u) in u80.iter().zip(&u90) {
             let t = bounds.get(&u.kernel).copied();
             let occ = |u: &Usage, smem_per_sm| {
@@ -186,6 +194,12 @@ fn ptxas_accepts_every_module_without_spills() {
     {
         use std::io::Write;
         let _ = writeln!(std::io::stderr(), "{report}");
+    }
+    // A GPU run's result gets the kernels' resources (gif_fr::regress).
+    if let Some(dir) = std::env::var_os("GIF_FR_RESULTS_DIR") {
+        let run = gif_fr::regress::Run { kernels: kernels_used, ..Default::default() };
+        std::fs::create_dir_all(&dir).expect("results folder");
+        std::fs::write(std::path::Path::new(&dir).join("kernels.json"), run.to_json().unwrap()).expect("kernels.json");
     }
     // scripts/efficiency-table asks for the table in a file.
     if let Some(path) = std::env::var_os("GIF_FR_EFFICIENCY_TABLE") {

@@ -51,6 +51,8 @@ struct Row {
     flops: f64,
     /// On a GPU: COLD_SAMPLES calls each timed alone after an L2 flush.
     cold: Vec<Duration>,
+    /// Seconds per call of each criterion batch (its samples).
+    batches: Vec<f64>,
 }
 
 /// Calls timed one by one, L2 flushed before each, per GPU case.
@@ -86,8 +88,18 @@ pub fn timed<F: FnMut() -> Result<()>>(dev: &Device, case: &str, bytes: f64, flo
         Some(r) => {
             r.total += t;
             r.iters += iters;
+            r.batches.push(t.as_secs_f64() / iters.max(1) as f64);
         }
-        None => rows.push(Row { case: case.to_string(), device, total: t, iters, bytes, flops, cold }),
+        None => rows.push(Row {
+            case: case.to_string(),
+            device,
+            total: t,
+            iters,
+            bytes,
+            flops,
+            cold,
+            batches: vec![t.as_secs_f64() / iters.max(1) as f64],
+        }),
     }
     t
 }
@@ -118,6 +130,9 @@ pub fn print_summary(title: &str) {
          timed one by one with L2 flushed before each (min – max beside it); GB/s and GFLOP/s from the \
          median there, from the mean elsewhere.\n"
     );
+    if let Some(dir) = std::env::var_os("GIF_FR_RESULTS_DIR") {
+        write_results(std::path::Path::new(&dir), title, &rows);
+    }
     println!("| case | device | mean per call | median, L2 flushed | min – max | GB/s | GFLOP/s |");
     println!("|---|---|---|---|---|---|---|");
     for r in rows.iter() {
@@ -142,4 +157,35 @@ pub fn print_summary(title: &str) {
 pub fn mean_seconds(case: &str, device: &str) -> Option<f64> {
     let rows = ROWS.lock().unwrap();
     rows.iter().find(|r| r.case == case && r.device == device).map(|r| r.total.as_secs_f64() / r.iters.max(1) as f64)
+}
+
+/// The cases as a part of a run's result (gif_fr::regress, `gif-fr
+/// regress`): `DIR/bench-TITLE.json`. A GPU case's samples are its cold
+/// calls; a CPU case's, criterion's batches after the first (its warm-up).
+fn write_results(dir: &std::path::Path, title: &str, rows: &[Row]) {
+    use gif_fr::regress::{BenchCase, Machine, Run};
+    let machines = MACHINES.lock().unwrap();
+    let device = machines.iter().map(|(_, info)| info.as_str()).collect::<Vec<_>>().join("; ");
+    let mut benches = Vec::new();
+    for r in rows {
+        let samples: Vec<f64> = match r.cold.is_empty() {
+            false => r.cold.iter().map(Duration::as_secs_f64).collect(),
+            true if r.batches.len() > 1 => r.batches[1..].to_vec(),
+            true => r.batches.clone(),
+        };
+        match BenchCase::from_samples(&r.case, &r.device, &samples) {
+            Ok(c) => benches.push(c),
+            Err(e) => eprintln!("results: {e}"),
+        }
+    }
+    let commit = std::env::var("GIF_FR_COMMIT").ok();
+    let run = Run { machine: Machine { device, commit, ..Machine::default() }, benches, ..Run::default() };
+    let path = dir.join(format!("bench-{title}.json"));
+    let written = std::fs::create_dir_all(dir)
+        .map_err(|e| e.to_string())
+        .and_then(|_| run.to_json().map_err(|e| e.to_string()))
+        .and_then(|text| std::fs::write(&path, text).map_err(|e| e.to_string()));
+    if let Err(e) = written {
+        eprintln!("results: cannot write {}: {e}", path.display());
+    }
 }
