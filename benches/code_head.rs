@@ -4,7 +4,7 @@
 //! B ∈ {64, 512}, d = 512, ArcFace, no projection, γ = 1; codes are
 //! synthesized (the base-16 digits of the identity). The code-vector table
 //! (N x d, bf16) is read at every N: on the device while it fits 16 GiB,
-//! else resident on the host with each step's rows uploaded (the table
+//! else resident in page-locked host memory the kernel reads in place (the table
 //! says where). On the CPU, N whose table needs more than 12 GiB to
 //! build (2^24) is skipped, as the output says, rather than run without it.
 //!

@@ -11,8 +11,8 @@
 //! the full head's top-5 by cosine.
 //!
 //! The code head always trains with γ = 1 and reads its N x d code-vector
-//! table (bf16; on a GPU in device memory up to 16 GiB, else resident on
-//! the host with each step's B rows uploaded): GIF's one O(N) state. Its
+//! table (bf16; on a GPU in device memory up to 16 GiB, else resident in
+//! page-locked host memory the step kernel reads in place): GIF's one O(N) state. Its
 //! bytes are a column of their own (fixed data: no gradient, no optimizer
 //! state), apart from the step's peak extra memory.
 //!

@@ -17,8 +17,8 @@
 //   least 8 blocks per SM: 64 registers, which ptxas otherwise picks for sm_90
 //   anyway, with a spill)
 //   The regression term first (x = features[b], d values): x̂ = x/‖x‖,
-//   h = table[label] (table[b] when `gathered`: the batch's rows of a
-//   host-resident table), r = x̂·h − 1, loss = γ/(2B)·r², dx = (γ r / B)(h −
+//   h = table[label] (device memory, or host memory mapped for the
+//   device: a host-resident table read across the bus), r = x̂·h − 1, loss = γ/(2B)·r², dx = (γ r / B)(h −
 //   x̂ (x̂·h)) / ‖x‖ written to dx[b] (zeros and loss 0 without a table).
 //   Then for each position j, with z = Z[b, j] (or x when Z is null):
 //     ‖z‖, u = z / ‖z‖                       (written to U[j, b])
@@ -226,7 +226,7 @@ GIF_DEVICE void position(In z, const float* __restrict__ w_hat, In w_raw, int y,
   __syncthreads();
 }
 
-GIF_DEVICE void head_step(In x, int d, const int* __restrict__ labels, In table, int gathered, float gamma_over_b,
+GIF_DEVICE void head_step(In x, int d, const int* __restrict__ labels, In table, float gamma_over_b,
                                const float* __restrict__ z, int dp, const float* __restrict__ w_hat, In w_raw,
                                const int* __restrict__ targets, const float* __restrict__ lambdas, int b_rows,
                                int l, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad,
@@ -238,7 +238,7 @@ GIF_DEVICE void head_step(In x, int d, const int* __restrict__ labels, In table,
   const int rows = singular ? 2 * b_rows : b_rows;
   const In xb = x.at((long long)b * d);
   float* dxb = dx + (long long)b * d;
-  regression(xb, d, gathered ? b : labels[b], table, gamma_over_b, dxb, stats + b, scratch);
+  regression(xb, d, labels[b], table, gamma_over_b, dxb, stats + b, scratch);
   const float inv_b = 1.0f / (float)b_rows;
   for (int j = 0; j < l; ++j) {
     // The projected row, or the features themselves (d_p = d).
@@ -377,7 +377,7 @@ GIF_DEVICE void log_probs(In x, int d, const float* __restrict__ z, int dp, cons
 
 // clang-format off
 extern "C" __global__ void __launch_bounds__(256) code_centres_normalize(const float* w32, const bf16* w16, int rows, int dp, float eps, float* w_hat, float* norms) { centres_normalize(In{w32, w16}, rows, dp, eps, w_hat, norms); }
-extern "C" __global__ void __launch_bounds__(kThreads, 8) code_head_step(const float* x32, const bf16* x16, int d, const int* labels, const float* table32, const bf16* table16, int gathered, float gamma_over_b, const float* z, int dp, const float* w_hat, const float* w32, const bf16* w16, const int* targets, const float* lambdas, int b, int l, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float* u, float* dc, int singular, float* dx, float* dz32, bf16* dz16, float* stats) { head_step(In{x32, x16}, d, labels, In{table32, table16}, gathered, gamma_over_b, z, dp, w_hat, In{w32, w16}, targets, lambdas, b, l, v, s, margin, m, cos_m, sin_m, exact_grad, u, dc, singular, dx, dz32, dz16, stats); }
+extern "C" __global__ void __launch_bounds__(kThreads, 8) code_head_step(const float* x32, const bf16* x16, int d, const int* labels, const float* table32, const bf16* table16, float gamma_over_b, const float* z, int dp, const float* w_hat, const float* w32, const bf16* w16, const int* targets, const float* lambdas, int b, int l, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float* u, float* dc, int singular, float* dx, float* dz32, bf16* dz16, float* stats) { head_step(In{x32, x16}, d, labels, In{table32, table16}, gamma_over_b, z, dp, w_hat, In{w32, w16}, targets, lambdas, b, l, v, s, margin, m, cos_m, sin_m, exact_grad, u, dc, singular, dx, dz32, dz16, stats); }
 extern "C" __global__ void __launch_bounds__(256) code_centre_grad(const float* dc, const float* u, int rows, int dp, int v, int l, int slices, float* partial) { centre_grad(dc, u, rows, dp, v, l, slices, partial); }
 extern "C" __global__ void __launch_bounds__(256) code_centre_grad_finish(const float* partial, int slices, const float* w_hat, const float* norms, int rows, int dp, float eps, float* dw) { centre_grad_finish(partial, slices, w_hat, norms, rows, dp, eps, dw); }
 extern "C" __global__ void __launch_bounds__(kThreads) code_log_probs(const float* x32, const bf16* x16, int d, const float* z, int dp, const float* w_hat, int l, int v, float s, float eps, float* out) { log_probs(In{x32, x16}, d, z, dp, w_hat, l, v, s, eps, out); }

@@ -103,7 +103,7 @@ pub fn fill(n: usize, a: f32, seed: u64) -> Vec<f32> {
 pub type Step = Box<dyn FnMut() -> Result<()>>;
 
 /// A GPU keeps the bf16 code vectors in its memory up to this size; larger
-/// tables stay on the host (each step uploads its batch's rows).
+/// tables stay in page-locked host memory, read in place by the kernel.
 pub const DEVICE_TABLE_LIMIT: usize = 16 << 30;
 
 /// The code table of n identities (codes: the base-16 digits of the

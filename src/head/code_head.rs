@@ -27,7 +27,7 @@ use crate::ops::gemm::{self, Op};
 use crate::ops::labels::{self, Codes, Labels};
 use crate::ops::rows::axpy_rows;
 use crate::ops::rowwise;
-use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
+use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, HostMapping, LaunchConfig};
 use crate::runtime::kernels::{Ptr, PtrMut};
 use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
 use crate::tokenizer::Codebook;
@@ -122,8 +122,8 @@ impl CodeHeadConfig {
 
 /// The identities' codes (on the host) and code vectors (f32 or bf16; only
 /// B rows a step are read): on the head's device ([`CodeTable::new`]), or
-/// resident on the host ([`CodeTable::with_host_vectors`]), each step then
-/// gathering and uploading its B rows. GIF's one O(N) state: fixed data, no
+/// resident in page-locked host memory that the kernels read in place
+/// ([`CodeTable::with_host_vectors`]). GIF's one O(N) state: fixed data, no
 /// gradient, no optimizer state.
 pub struct CodeTable {
     codes: Vec<u16>,
@@ -133,6 +133,9 @@ pub struct CodeTable {
     n: usize,
     length: usize,
     vocab: usize,
+    /// Host-resident vectors mapped for the device's kernels (declared
+    /// before `vectors`: unmapped before the memory goes).
+    mapped: Option<HostMapping>,
     vectors: Option<Tensor>,
 }
 
@@ -151,11 +154,13 @@ impl CodeTable {
     }
 
     /// As [`CodeTable::new`], the code vectors (`[n, d]` stored as `dtype`)
-    /// kept in host memory: a step on a GPU backend gathers its B rows on
-    /// the host and uploads them (B·d values; with device labels, the
-    /// labels come down first: one synchronization). For tables larger
-    /// than the device's memory allows next to the model (N·d·2 bytes in
-    /// bf16: 2 GiB at N = 2^21, d = 512).
+    /// kept in host memory, page-locked and mapped into the device's
+    /// address space (CUDA: `cuMemHostRegister` with DEVICEMAP): the step
+    /// kernel reads its B rows across the bus in place, with no upload and
+    /// no host wait, device labels included. For tables larger than the
+    /// device's memory allows next to the model (N·d·2 bytes in bf16: 2 GiB
+    /// at N = 2^21, d = 512). Page-locking N·d values needs that much
+    /// locked memory (`ulimit -l`): a refusal is a typed error.
     pub fn with_host_vectors(
         device: &Device,
         codes: Vec<u16>,
@@ -163,7 +168,15 @@ impl CodeTable {
         vocab: usize,
         vectors: (&[f32], usize, DType),
     ) -> Result<CodeTable> {
-        CodeTable::build(device, &Device::cpu(), codes, length, vocab, Some(vectors))
+        let mut table = CodeTable::build(device, &Device::cpu(), codes, length, vocab, Some(vectors))?;
+        if device.runs_kernels() {
+            if let Some(bytes) = table.vectors.as_ref().and_then(Tensor::host_bytes) {
+                // SAFETY: the vectors' host allocation lives in `table`, never
+                // moves or changes, and outlives the mapping (dropped first).
+                table.mapped = Some(unsafe { device.map_host(bytes)? });
+            }
+        }
+        Ok(table)
     }
 
     fn build(
@@ -199,7 +212,7 @@ impl CodeTable {
             true => Some((device.clone(), device.upload(bytemuck::cast_slice(&codes))?)),
             false => None,
         };
-        Ok(CodeTable { codes, codes_device, n, length, vocab, vectors })
+        Ok(CodeTable { codes, codes_device, n, length, vocab, mapped: None, vectors })
     }
 
     /// The codes and code vectors of a tokenizer codebook.
@@ -547,14 +560,8 @@ impl CodeHead {
             }
         };
         let codes = Codes { device: codes_device, length: table.length };
-        // A host-resident table gathers its rows by the labels on the host.
-        let host_resident = cfg.gamma != 0.0 && table.vectors.as_ref().is_some_and(|v| v.device() != &self.device);
-        let host_labels = match host_resident {
-            true => Some(labels.host_checked(OP, &self.device, table.n)?.into_owned()),
-            false => None,
-        };
         let prepared = labels::prepare(OP, &self.device, labels, table.n, Some(&codes))?;
-        self.step_device(features, prepared, host_labels, table, grads, metrics)
+        self.step_device(features, prepared, table, grads, metrics)
     }
 
     fn step_cpu(
@@ -637,7 +644,6 @@ impl CodeHead {
         &self,
         features: &Tensor,
         prepared: labels::DeviceLabels,
-        host_labels: Option<Vec<u32>>,
         table: &CodeTable,
         grads: &mut HeadGrads,
         metrics: &mut HeadMetrics,
@@ -652,17 +658,21 @@ impl CodeHead {
         // position. Reused while the shape stays.
         let mut stats = metrics.state.take_buffer(dev, 2 * l + 1, b)?;
         let table_t = table.vectors.as_ref().filter(|_| cfg.gamma != 0.0);
-        // A host-resident table: this batch's rows, gathered and uploaded.
-        let gathered = match (table_t, &host_labels) {
-            (Some(t), Some(y)) if t.device() != dev => {
-                Some(Tensor::from_f32(dev, &[b, d], &rows_f32(t, y)?, t.dtype())?)
+        // The table's address for this device: its own memory, or the host
+        // memory mapped for it.
+        let (t32, t16) = match table_t {
+            None => (Ptr::null(), Ptr::null()),
+            Some(t) if t.device() == dev => f32_or_bf16(t)?,
+            Some(t) => {
+                let m = table.mapped.as_ref().filter(|m| m.device() == dev).ok_or_else(|| {
+                    Error::invalid("CodeHead", "the table's host vectors are mapped for another device")
+                })?;
+                match t.dtype() {
+                    DType::F32 => (Ptr::from_addr(m.addr()), Ptr::null()),
+                    _ => (Ptr::null(), Ptr::from_addr(m.addr())),
+                }
             }
-            (Some(t), None) if t.device() != dev => {
-                return Err(Error::invalid("CodeHead", "host labels needed for a host-resident table (internal error)"))
-            }
-            _ => None,
         };
-        let table_t = gathered.as_ref().or(table_t);
         let (w_hat, w_norm) = self.normalized_centres()?;
         // The projections of every position in one GEMM: Z = X·Pᵀ, [B, l·d_p].
         let p_flat = self.projections.as_ref().map(|p| p.view(&[l * dp, d])).transpose()?;
@@ -687,10 +697,6 @@ impl CodeHead {
         let mut dc = Tensor::empty(dev, &[l * rows, v], DType::F32)?;
         let (kind, m) = cfg.margin.kernel_args();
         let (x32, x16) = f32_or_bf16(features)?;
-        let (t32, t16) = match table_t {
-            Some(t) => f32_or_bf16(t)?,
-            None => (Ptr::null(), Ptr::null()),
-        };
         let (w32, w16) = f32_or_bf16(&self.centres)?;
         let (dz32, dz16) = match dz.as_mut() {
             Some(t) if t.dtype() == DType::F32 => (t.ptr_mut()?, PtrMut::null()),
@@ -701,7 +707,8 @@ impl CodeHead {
         let step_cfg = LaunchConfig::linear(b as u32, 128, ((2 * dp + 2 * v) * 4) as u32);
         // SAFETY: features [B, d] (f32 or bf16: one pointer null); labels B
         // i32 < N and targets l·B tokens < v (prepared and checked); the
-        // table [N, d], its gathered rows [B, d] (read at row b), or null; Z [B, l·d_p] or null (then d_p = d); Ŵ and
+        // table [N, d] (device memory, or host memory mapped for this
+        // device and owned by `table`), or null; Z [B, l·d_p] or null (then d_p = d); Ŵ and
         // the centres [l·v, d_p]; λ l floats or null; U [l·R, d_p] and dC
         // [l·R, v] with R = 2B when singular, else B; dx [B, d]; dZ
         // [B, l·d_p] or null; stats [2l + 1, B]; v ≤ 4096 and d_p ≤ 8192 fit
@@ -716,7 +723,6 @@ impl CodeHead {
                 dev.ptr_of::<i32>(&label_buf),
                 t32,
                 t16,
-                i32::from(gathered.is_some()),
                 cfg.gamma / b as f32,
                 Tensor::ptr_or_null(z.as_ref())?,
                 dp as i32,

@@ -92,6 +92,38 @@ impl fmt::Display for Device {
     }
 }
 
+/// Host memory that a device's kernels read in place: page-locked and
+/// mapped into the device's address space on CUDA (reads cross the bus,
+/// zero-copy; no upload, no host wait), the host memory itself on the
+/// simulator. Unmapped when dropped.
+pub(crate) struct HostMapping {
+    device: Device,
+    host: usize,
+    addr: u64,
+}
+
+impl HostMapping {
+    /// The address kernels of its device read.
+    pub(crate) fn addr(&self) -> u64 {
+        self.addr
+    }
+    /// The device it is mapped for.
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        if let Inner::Cuda(c) = &self.device.inner {
+            if c.ctx.bind_to_thread().is_ok() {
+                // SAFETY: unregisters the range this mapping registered.
+                let _ = unsafe { cusys::cuMemHostUnregister(self.host as *mut c_void) };
+            }
+        }
+    }
+}
+
 /// The machine behind a [`Device`], as benchmarks print it
 /// ([`Device::info`]). Fields the device does not report are None.
 #[derive(Clone, Debug, PartialEq)]
@@ -498,6 +530,46 @@ impl Device {
                 l2_bytes: None,
                 driver: None,
             },
+        }
+    }
+
+    /// Maps `bytes` for this device's kernels ([`HostMapping`]).
+    ///
+    /// # Safety
+    ///
+    /// The memory must outlive the mapping and not move; while mapped,
+    /// kernels may read it at any time.
+    pub(crate) unsafe fn map_host(&self, bytes: &[u8]) -> Result<HostMapping> {
+        const OP: &str = "map host memory";
+        let host = bytes.as_ptr() as usize;
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid(OP, "the CPU reads host memory directly")),
+            #[cfg(feature = "sim")]
+            Inner::Sim(_) => Ok(HostMapping { device: self.clone(), host, addr: host as u64 }),
+            Inner::Cuda(c) => {
+                c.ctx.bind_to_thread().map_err(|e| Error::driver("map host memory (bind context)", e))?;
+                let p = host as *mut c_void;
+                let flags = cusys::CU_MEMHOSTREGISTER_DEVICEMAP | cusys::CU_MEMHOSTREGISTER_PORTABLE;
+                // SAFETY: p addresses bytes.len() bytes the caller keeps alive and in place.
+                unsafe { cusys::cuMemHostRegister_v2(p, bytes.len(), flags) }.result().map_err(|e| {
+                    Error::invalid(
+                        OP,
+                        format!(
+                            "cannot page-lock {} bytes ({e}): raise the locked-memory limit (ulimit -l) or keep the \
+                             data in device memory",
+                            bytes.len()
+                        ),
+                    )
+                })?;
+                let mut addr: cusys::CUdeviceptr = 0;
+                // SAFETY: p was registered above; addr is a local of the right type.
+                if let Err(e) = unsafe { cusys::cuMemHostGetDevicePointer_v2(&mut addr, p, 0) }.result() {
+                    // SAFETY: undoes the registration above.
+                    let _ = unsafe { cusys::cuMemHostUnregister(p) };
+                    return Err(Error::invalid(OP, format!("no device address for mapped host memory: {e}")));
+                }
+                Ok(HostMapping { device: self.clone(), host, addr })
+            }
         }
     }
 

@@ -310,7 +310,7 @@ impl Tensor {
     }
 
     /// The host bytes of a CPU tensor (owned or viewed).
-    fn host_bytes(&self) -> Option<&[u8]> {
+    pub(crate) fn host_bytes(&self) -> Option<&[u8]> {
         match &self.storage {
             Storage::Host(h) => Some(h.bytes()),
             Storage::Borrowed { addr, bytes, .. } if self.device.kind() == DeviceKind::Cpu => {
