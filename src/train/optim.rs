@@ -30,6 +30,8 @@
 //!
 //! On the CPU device the same arithmetic runs on the host.
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::runtime::kernels::Ptr;
@@ -307,7 +309,11 @@ impl Optimizer {
         for (g, list) in params.iter().enumerate() {
             for p in list.iter() {
                 let v = p.grad.host_f32()?;
-                let s: f64 = v.iter().map(|&x| (x * x) as f64).sum();
+                // Per-chunk sums in parallel, added in chunk order: the same
+                // result on every run.
+                let parts: Vec<f64> =
+                    v.par_chunks(CHUNK).map(|c| c.iter().map(|&x| (x * x) as f64).sum::<f64>()).collect();
+                let s: f64 = parts.iter().sum();
                 all += s;
                 if self.groups[g].clip {
                     clipped += s;
@@ -325,33 +331,33 @@ impl Optimizer {
             None => 1.0,
         };
         let t = self.host.0 + 1;
+        let kind = self.kind;
         for (g, list) in params.iter_mut().enumerate() {
             let cfg = self.groups[g];
-            let (lr, wd, c) = (lr * cfg.lr_scale, cfg.weight_decay, if cfg.clip { clip } else { 1.0 });
+            let h = Hyper { lr: lr * cfg.lr_scale, wd: cfg.weight_decay, c: if cfg.clip { clip } else { 1.0 }, t };
             for (p, st) in list.iter_mut().zip(self.state[g].iter_mut()) {
-                let grad = p.grad.host_f32()?.into_owned();
-                let mut w = match &st.master {
-                    Some(m) => m.host_f32()?.into_owned(),
-                    None => p.value.host_f32()?.into_owned(),
-                };
-                match self.kind {
-                    OptimizerKind::Sgd { momentum } => {
-                        let buf = st.a.as_mut().and_then(|a| a.host_slice_mut::<f32>());
-                        host_sgd(&mut w, &grad, buf, lr, momentum, wd, c, t == 1);
-                    }
-                    OptimizerKind::AdamW { beta1, beta2, eps } => {
-                        let m = st.a.as_mut().and_then(|a| a.host_slice_mut::<f32>());
-                        let v = st.b.as_mut().and_then(|b| b.host_slice_mut::<f32>());
-                        let (Some(m), Some(v)) = (m, v) else {
-                            return Err(Error::invalid(OP, "no AdamW state (internal error)"));
-                        };
-                        host_adamw(&mut w, &grad, m, v, (lr, beta1, beta2, eps, wd), c, t);
-                    }
+                let grad = p.grad.host_f32()?;
+                // The values updated in place: the master copy, an f32
+                // parameter itself, or an f32 copy of a bf16 one.
+                let State { a, b, master, .. } = st;
+                let (a, b) = (
+                    a.as_mut().and_then(|t| t.host_slice_mut::<f32>()),
+                    b.as_mut().and_then(|t| t.host_slice_mut::<f32>()),
+                );
+                if let Some(m) = master.as_mut() {
+                    let w = m
+                        .host_slice_mut::<f32>()
+                        .ok_or_else(|| Error::invalid(OP, "no host master (internal error)"))?;
+                    host_update(kind, w, &grad, a, b, h)?;
+                    let w = m.host_f32()?;
+                    p.value.write_host_f32(&w)?;
+                } else if let Some(w) = p.value.host_slice_mut::<f32>() {
+                    host_update(kind, w, &grad, a, b, h)?;
+                } else {
+                    let mut w = p.value.host_f32()?.into_owned();
+                    host_update(kind, &mut w, &grad, a, b, h)?;
+                    p.value.write_host_f32(&w)?;
                 }
-                if let Some(m) = st.master.as_mut() {
-                    m.write_host_f32(&w)?;
-                }
-                p.value.write_host_f32(&w)?;
             }
         }
         self.host.0 = t;
@@ -550,49 +556,73 @@ fn prefix(counts: impl Iterator<Item = usize>) -> Result<(Vec<i64>, usize)> {
     Ok((offsets, total))
 }
 
-/// SGD on the host, the kernel's arithmetic (f32).
-#[allow(clippy::too_many_arguments)]
-fn host_sgd(
-    w: &mut [f32],
-    grad: &[f32],
-    buf: Option<&mut [f32]>,
+/// Elements per parallel chunk of the host path.
+const CHUNK: usize = 1 << 16;
+
+/// One group's step settings on the host.
+#[derive(Clone, Copy)]
+struct Hyper {
     lr: f32,
-    momentum: f32,
     wd: f32,
     c: f32,
-    first: bool,
-) {
-    match buf {
-        Some(b) if momentum != 0.0 => {
-            for ((wi, &gi), bi) in w.iter_mut().zip(grad).zip(b.iter_mut()) {
-                let g = c * gi + wd * *wi;
-                let g = if first { g } else { momentum * *bi + g };
-                *bi = g;
-                *wi -= lr * g;
-            }
-        }
-        _ => {
-            for (wi, &gi) in w.iter_mut().zip(grad) {
-                let g = c * gi + wd * *wi;
-                *wi -= lr * g;
-            }
-        }
-    }
+    t: u64,
 }
 
-/// AdamW on the host, the kernel's arithmetic (f32).
-fn host_adamw(w: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], h: (f32, f32, f32, f32, f32), c: f32, t: u64) {
-    let (lr, beta1, beta2, eps, wd) = h;
-    let bias1 = (1.0 - (beta1 as f64).powf(t as f64)) as f32;
-    let bias2_sqrt = ((1.0 - (beta2 as f64).powf(t as f64)).sqrt()) as f32;
-    let step_size = lr / bias1;
-    for i in 0..w.len() {
-        let g = c * grad[i];
-        let mut wi = w[i] * (1.0 - lr * wd);
-        m[i] = beta1 * m[i] + (1.0 - beta1) * g;
-        v[i] = beta2 * v[i] + (1.0 - beta2) * g * g;
-        let denom = v[i].sqrt() / bias2_sqrt + eps;
-        wi -= step_size * (m[i] / denom);
-        w[i] = wi;
+/// The host update of one tensor (the kernels' arithmetic, f32), in
+/// parallel chunks; `a`, `b`: the rule's state.
+fn host_update(
+    kind: OptimizerKind,
+    w: &mut [f32],
+    grad: &[f32],
+    a: Option<&mut [f32]>,
+    b: Option<&mut [f32]>,
+    h: Hyper,
+) -> Result<()> {
+    match kind {
+        OptimizerKind::Sgd { momentum } => match a {
+            Some(buf) if momentum != 0.0 => {
+                w.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).zip(buf.par_chunks_mut(CHUNK)).for_each(
+                    |((w, g), buf)| {
+                        for ((wi, &gi), bi) in w.iter_mut().zip(g).zip(buf.iter_mut()) {
+                            let g = h.c * gi + h.wd * *wi;
+                            let g = if h.t == 1 { g } else { momentum * *bi + g };
+                            *bi = g;
+                            *wi -= h.lr * g;
+                        }
+                    },
+                );
+            }
+            _ => {
+                w.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).for_each(|(w, g)| {
+                    for (wi, &gi) in w.iter_mut().zip(g) {
+                        *wi -= h.lr * (h.c * gi + h.wd * *wi);
+                    }
+                });
+            }
+        },
+        OptimizerKind::AdamW { beta1, beta2, eps } => {
+            let (Some(m), Some(v)) = (a, b) else {
+                return Err(Error::invalid(OP, "no AdamW state (internal error)"));
+            };
+            let bias1 = (1.0 - (beta1 as f64).powf(h.t as f64)) as f32;
+            let bias2_sqrt = ((1.0 - (beta2 as f64).powf(h.t as f64)).sqrt()) as f32;
+            let step_size = h.lr / bias1;
+            w.par_chunks_mut(CHUNK)
+                .zip(grad.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((w, g), m), v)| {
+                    for i in 0..w.len() {
+                        let gi = h.c * g[i];
+                        let mut wi = w[i] * (1.0 - h.lr * h.wd);
+                        m[i] = beta1 * m[i] + (1.0 - beta1) * gi;
+                        v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi;
+                        let denom = v[i].sqrt() / bias2_sqrt + eps;
+                        wi -= step_size * (m[i] / denom);
+                        w[i] = wi;
+                    }
+                });
+        }
     }
+    Ok(())
 }
