@@ -323,3 +323,65 @@ fn bad_input_is_a_typed_error() {
     let mut p: Vec<Vec<ParamRef<'_>>> = vec![vec![], vec![]];
     assert!(opt.step(&mut p, 0.1).is_err(), "two groups for one");
 }
+
+#[test]
+fn a_backbone_and_a_code_head_train_with_the_optimizer() {
+    use gif_fr::backbone::IResNet;
+    use gif_fr::head::{CodeHead, CodeHeadConfig, CodeTable, Margin};
+    use gif_fr::train::Schedule;
+    // 12 identities, one image each, in a tiny IResNet; a code head with
+    // l = 2 over v = 4 (codes: the base-4 digits), γ = 0; SGD with
+    // momentum (insightface's optimizer: the backbone clipped at 5, the head
+    // in its own group), insightface's schedule. The CPU trains 30 steps;
+    // the simulator's first 3 steps follow the CPU's losses.
+    let (ids, b) = (12u32, 12usize);
+    let mut cpu_losses = Vec::new();
+    for (dev, steps) in [(Device::cpu(), 30u64), (Device::sim(), 3)] {
+        let cfg = tiny_iresnet();
+        let mut net = IResNet::new(cfg.clone(), &dev, 3).unwrap();
+        let (images, _) = iresnet_batch(&dev, &cfg, b, 4);
+        // Every trainable parameter has a gradient, and nothing else does.
+        net.forward(&images, true).unwrap();
+        let (_, d_emb) = iresnet_batch(&dev, &cfg, b, 5);
+        let grads = net.backward(&d_emb).unwrap();
+        let names: Vec<String> = net.params_mut().into_iter().map(|(n, _)| n).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(sorted, grads.keys().cloned().collect::<Vec<_>>(), "{dev}");
+        assert!(!names.iter().any(|n| n.contains("running") || n == "features.weight"));
+
+        let codes: Vec<u16> = (0..ids as u16).flat_map(|i| [i % 4, i / 4]).collect();
+        let table = CodeTable::new(&dev, codes, 2, 4, None).unwrap();
+        let hcfg = CodeHeadConfig {
+            gamma: 0.0,
+            margin: Margin::CosFace(0.1),
+            scale: 8.0,
+            ..CodeHeadConfig::new(cfg.embedding, 2, 4)
+        };
+        let mut head = CodeHead::new(hcfg, &dev, 6).unwrap();
+        let labels: Vec<u32> = (0..b as u32).map(|i| i % ids).collect();
+        let backbone = GroupConfig { lr_scale: 1.0, weight_decay: 5e-4, clip: true, master_weights: false };
+        let head_group = GroupConfig { clip: false, ..backbone };
+        let mut opt = Optimizer::new(&dev, OptimizerKind::SGD, vec![backbone, head_group], Some(5.0)).unwrap();
+        let schedule = Schedule::insightface(0.1, 3, 30);
+        let mut losses = Vec::new();
+        for t in 0..steps {
+            let emb = net.forward(&images, true).unwrap();
+            let (loss, hg) = head.forward_backward(&emb, &labels, &table).unwrap();
+            losses.push(loss.total);
+            let g = net.backward(&hg.features).unwrap();
+            let mut params = vec![net.param_refs(&g).unwrap(), head.param_refs(&hg).unwrap()];
+            opt.step(&mut params, schedule.lr(t) as f32).unwrap();
+        }
+        assert_eq!((opt.steps().unwrap(), opt.skipped().unwrap()), (steps, 0));
+        if dev.kind() == gif_fr::DeviceKind::Cpu {
+            let (first, last) = (losses[..3].iter().sum::<f64>() / 3.0, losses[27..].iter().sum::<f64>() / 3.0);
+            assert!(last < 0.7 * first, "the loss went from {first} to {last}: {losses:?}");
+            cpu_losses = losses;
+        } else {
+            for (t, (a, c)) in losses.iter().zip(&cpu_losses).enumerate() {
+                assert!((a - c).abs() <= 1e-3 * c.abs().max(1.0), "{dev} step {t}: loss {a}, the CPU's {c}");
+            }
+        }
+    }
+}

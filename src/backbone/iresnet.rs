@@ -24,6 +24,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::train::ParamRef;
+
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
@@ -409,6 +411,53 @@ impl IResNet {
         m.insert("fc.bias".into(), &self.fc_bias);
         insert_bn_state(&mut m, "features", &self.features);
         m
+    }
+
+    /// The trainable parameters by insightface's names, in
+    /// [`IResNet::state`]'s order: every weight and bias except the
+    /// BatchNorms' running statistics and `features.weight` (fixed at 1 and
+    /// not trained, as in insightface). Exactly the names
+    /// [`IResNet::backward`] returns gradients for.
+    pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        fn bn<'a>(v: &mut Vec<(String, &'a mut Tensor)>, prefix: &str, b: &'a mut BatchNorm) {
+            v.push((format!("{prefix}.weight"), &mut b.weight));
+            v.push((format!("{prefix}.bias"), &mut b.bias));
+        }
+        let mut v: Vec<(String, &mut Tensor)> = Vec::new();
+        v.push(("conv1.weight".into(), &mut self.conv1));
+        bn(&mut v, "bn1", &mut self.bn1);
+        v.push(("prelu.weight".into(), &mut self.prelu));
+        for b in &mut self.blocks {
+            let p = b.prefix.clone();
+            bn(&mut v, &format!("{p}.bn1"), &mut b.bn1);
+            v.push((format!("{p}.conv1.weight"), &mut b.conv1));
+            bn(&mut v, &format!("{p}.bn2"), &mut b.bn2);
+            v.push((format!("{p}.prelu.weight"), &mut b.prelu));
+            v.push((format!("{p}.conv2.weight"), &mut b.conv2));
+            bn(&mut v, &format!("{p}.bn3"), &mut b.bn3);
+            if let Some((w, d)) = &mut b.downsample {
+                v.push((format!("{p}.downsample.0.weight"), w));
+                bn(&mut v, &format!("{p}.downsample.1"), d);
+            }
+        }
+        bn(&mut v, "bn2", &mut self.bn2);
+        v.push(("fc.weight".into(), &mut self.fc_weight));
+        v.push(("fc.bias".into(), &mut self.fc_bias));
+        v.push(("features.bias".into(), &mut self.features.bias));
+        v
+    }
+
+    /// The trainable parameters ([`IResNet::params_mut`]) paired with their
+    /// gradients from `grads` (as [`IResNet::backward_into`] fills it), for
+    /// [`crate::train::Optimizer::step`]. A missing gradient is an error.
+    pub fn param_refs<'a>(&'a mut self, grads: &'a BTreeMap<String, Tensor>) -> Result<Vec<ParamRef<'a>>> {
+        self.params_mut()
+            .into_iter()
+            .map(|(name, value)| match grads.get(&name) {
+                Some(grad) => Ok(ParamRef { value, grad }),
+                None => Err(Error::invalid("IResNet::param_refs", format!("no gradient for {name}"))),
+            })
+            .collect()
     }
 
     /// Embeddings `[B, E]` (eval mode) of NHWC images `[B, H, W, 3]` given

@@ -31,6 +31,7 @@ use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, HostMapping, Laun
 use crate::runtime::kernels::{Ptr, PtrMut};
 use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
 use crate::tokenizer::Codebook;
+use crate::train::ParamRef;
 
 /// Normalization floor for the centres (as PyTorch's F.normalize).
 const EPS: f32 = 1e-12;
@@ -867,6 +868,23 @@ impl CodeHead {
             )
         }?;
         Ok(out)
+    }
+
+    /// The head's parameters with their gradients from `grads`, for
+    /// [`crate::train::Optimizer::step`]: `centres` (`[l, v, d_p]`), then
+    /// `projections` (`[l, d_p, d]`) when configured. Shapes must match.
+    pub fn param_refs<'a>(&'a mut self, grads: &'a HeadGrads) -> Result<Vec<ParamRef<'a>>> {
+        const OP: &str = "CodeHead::param_refs";
+        if grads.centres.shape() != self.centres.shape()
+            || grads.projections.as_ref().map(|p| p.shape()) != self.projections.as_ref().map(|p| p.shape())
+        {
+            return Err(Error::invalid(OP, "gradients do not match the head"));
+        }
+        let mut v = vec![ParamRef { value: &mut self.centres, grad: &grads.centres }];
+        if let (Some(p), Some(g)) = (self.projections.as_mut(), grads.projections.as_ref()) {
+            v.push(ParamRef { value: p, grad: g });
+        }
+        Ok(v)
     }
 
     /// Plain SGD on the head's weights: `w ← w − lr·g` for the centres and

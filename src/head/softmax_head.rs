@@ -221,6 +221,19 @@ impl SoftmaxHead {
     pub fn device(&self) -> &Device {
         self.centres.device()
     }
+    /// The centres (insightface's `weight`) with their gradient from
+    /// `grads`, for [`crate::train::Optimizer::step`] (a full head's
+    /// gradient: `[N, d]`).
+    pub fn param_refs<'a>(&'a mut self, grads: &'a SoftmaxGrads) -> Result<Vec<crate::train::ParamRef<'a>>> {
+        if grads.centres.shape() != self.centres.shape() {
+            return Err(Error::Shape {
+                op: "SoftmaxHead::param_refs",
+                expected: format!("a centre gradient {:?}", self.centres.shape()),
+                got: format!("{:?}", grads.centres.shape()),
+            });
+        }
+        Ok(vec![crate::train::ParamRef { value: &mut self.centres, grad: &grads.centres }])
+    }
     pub(crate) fn centres_mut(&mut self) -> &mut Tensor {
         &mut self.centres
     }
