@@ -288,11 +288,9 @@ impl PartialFc {
             grads.grads.centres = Tensor::empty(dev, &[k, cfg.dim], DType::F32)?;
         }
         grads.grads.check(OP, dev, b, k, cfg.dim)?;
-        let host_rows = sampled.host_slice::<u32>();
-        let rows = match (host_rows, sampled.device_buffer()) {
-            (Some(r), _) => Rows::Host(r),
-            (None, Some(buf)) => Rows::Device(buf),
-            (None, None) => return Err(Error::invalid(OP, "no sample (internal error)")),
+        let rows = match sampled.host_slice::<u32>() {
+            Some(r) => Rows::Host(r),
+            None => Rows::Device(&sampled),
         };
         fused_step(OP, cfg, self.head.centres(), Some(rows), k, features, targets, &mut grads.grads, metrics)?;
         grads.sampled = sampled;

@@ -33,7 +33,7 @@ use crate::ops::gemm::{cpu::gemm_sized as cpu_gemm, Op};
 use crate::ops::labels::{self, Labels};
 use crate::ops::rowwise;
 use crate::ops::topk::TopK;
-use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
+use crate::runtime::device::{Device, DeviceKind, LaunchConfig};
 use crate::runtime::kernels::Ptr;
 use crate::runtime::launch::{self, launch_one_of};
 use crate::runtime::tensor::{DType, Tensor};
@@ -427,12 +427,17 @@ fn normalized_f32(x: &Tensor) -> Result<(Tensor, Tensor)> {
     rowwise::l2_normalize(wide.as_ref().unwrap_or(x), EPS)
 }
 
+/// The row map's address for the kernels (null: the identity).
+fn rows_ptr(rows: Option<&Tensor>) -> Result<Ptr<i32>> {
+    Ok(rows.map(|r| r.ptr::<u32>()).transpose()?.map_or(Ptr::null(), |p| Ptr::from_addr(p.addr())))
+}
+
 /// `1 / max(‖w_n‖, eps)` of the n logical rows (through `rows`).
-fn inv_norms(w: &Tensor, rows: Option<&DeviceBuffer>, n: usize) -> Result<Tensor> {
+fn inv_norms(w: &Tensor, rows: Option<&Tensor>, n: usize) -> Result<Tensor> {
     let dev = w.device();
     let mut r = Tensor::empty(dev, &[n], DType::F32)?;
     let cfg = LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0);
-    let rows_p = rows.map_or(Ptr::null(), |r| dev.ptr_of(r));
+    let rows_p = rows_ptr(rows)?;
     // SAFETY: w holds the n logical rows (through rows: n stored row
     // indices, checked by the caller) of d = w.shape()[1]; r holds n.
     unsafe {
@@ -487,14 +492,15 @@ pub(crate) fn fused_step(
 #[derive(Clone, Copy)]
 pub(crate) enum Rows<'a> {
     Host(&'a [u32]),
-    Device(&'a DeviceBuffer),
+    /// A crate-drawn sample: u32 `[n]` on the device (read as i32).
+    Device(&'a Tensor),
 }
 
 #[allow(clippy::too_many_arguments)]
 fn device_step(
     cfg: &SoftmaxHeadConfig,
     w: &Tensor,
-    rows: Option<&DeviceBuffer>,
+    rows: Option<&Tensor>,
     n: usize,
     features: &Tensor,
     targets: Targets,
@@ -504,7 +510,7 @@ fn device_step(
     let dev = w.device();
     let (b, d) = (features.shape()[0], cfg.dim);
     let (btiles, ntiles) = (b.div_ceil(TILE), n.div_ceil(TILE));
-    let rows_p = rows.map_or(Ptr::null(), |r| dev.ptr_of::<i32>(r));
+    let rows_p = rows_ptr(rows)?;
     let (target, host_targets, bad) = match targets {
         Targets::Host(t) => (dev.upload(bytemuck::cast_slice(&t))?, Some(t), None),
         Targets::Device(p) => (p.labels, None, p.bad),
@@ -682,7 +688,7 @@ struct TcOperands<'a> {
 }
 
 impl<'a> TcOperands<'a> {
-    fn new(cfg: &SoftmaxHeadConfig, u: &Tensor, w: &'a Tensor, rows: Option<&DeviceBuffer>, n: usize) -> Result<Self> {
+    fn new(cfg: &SoftmaxHeadConfig, u: &Tensor, w: &'a Tensor, rows: Option<&Tensor>, n: usize) -> Result<Self> {
         let dev = w.device();
         let (b, d) = (u.shape()[0], cfg.dim);
         if w.dtype() != DType::BF16 {
@@ -690,26 +696,8 @@ impl<'a> TcOperands<'a> {
         }
         let mut u16 = Tensor::empty(dev, &[b, d], DType::BF16)?;
         u.narrow_into(&mut u16)?;
-        let gathered = match rows {
-            None => None,
-            Some(r) => {
-                let mut g = Tensor::empty(dev, &[n, d], DType::BF16)?;
-                // SAFETY: r holds n row indices of w ([N, d], the sample's,
-                // checked by the caller); g holds n rows of d.
-                unsafe {
-                    launch::gather_rows_bf16(
-                        dev,
-                        LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0),
-                        w.ptr()?,
-                        dev.ptr_of(r),
-                        g.ptr_mut()?,
-                        n as i32,
-                        d as i32,
-                    )
-                }?;
-                Some(g)
-            }
-        };
+        // Partial FC's sampled rows, gathered once into a contiguous matrix.
+        let gathered = rows.map(|r| crate::ops::rows::gather_sampled_rows(w, r)).transpose()?;
         let chunk = tc_chunk(cfg.chunk, b, n);
         Ok(TcOperands { u16, base: w, gathered, chunk })
     }

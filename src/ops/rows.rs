@@ -166,11 +166,23 @@ pub fn axpy_rows(w: &mut Tensor, rows: Option<&[u32]>, g: &Tensor, a: f32) -> Re
     }
     let rows_buf = rows.map(|r| upload_ids(&dev, r)).transpose()?;
     let rows_p = rows_buf.as_ref().map_or(Ptr::null(), |r| dev.ptr_of(r));
-    // SAFETY: g is [n, d] and w [m, d] (checked above); rows holds n indices
-    // < m (checked), or is null and n = m.
+    // SAFETY: rows holds n indices < m (checked), or is null and n = m.
+    unsafe { axpy_launch(w, rows_p, g, n, d, a) }
+}
+
+/// `rows_axpy` on a GPU backend.
+///
+/// # Safety
+///
+/// g is `[n, d]` f32 and w `[m, d]` on one device (checked by the caller);
+/// `rows` addresses n i32 row indices < m of that device, or is null with
+/// n = m.
+unsafe fn axpy_launch(w: &mut Tensor, rows: Ptr<i32>, g: &Tensor, n: usize, d: usize, a: f32) -> Result<()> {
+    let dev = w.device().clone();
+    // SAFETY: the caller's contract.
     unsafe {
         launch_one_of!(w.dtype(), { DType::F32 => rows_axpy_f32, _ => rows_axpy_bf16 },
-            (&dev, rows_cfg(n), w.ptr_mut()?, rows_p, g.ptr()?, n as i32, d as i32, a))
+            (&dev, rows_cfg(n), w.ptr_mut()?, rows, g.ptr()?, n as i32, d as i32, a))
     }
 }
 
@@ -179,31 +191,62 @@ pub fn axpy_rows(w: &mut Tensor, rows: Option<&[u32]>, g: &Tensor, a: f32) -> Re
 /// upload, no download.
 pub(crate) fn axpy_sampled_rows(w: &mut Tensor, rows: &Tensor, g: &Tensor, a: f32) -> Result<()> {
     const OP: &str = "axpy_rows";
-    if rows.dtype() != DType::U32 || rows.shape().len() != 1 {
-        return Err(Error::invalid(OP, "the sample must be a u32 vector"));
-    }
+    let n = check_sample(OP, rows, w)?;
     if let Some(r) = rows.host_slice::<u32>() {
         return axpy_rows(w, Some(r), g, a);
     }
-    let (m, d) = matrix(OP, w, &[DType::F32, DType::BF16])?;
-    let (n, dg) = matrix(OP, g, &[DType::F32])?;
-    same_device(OP, &[w, g, rows])?;
-    if dg != d || n != rows.numel() || n > m {
-        return Err(Error::Shape {
-            op: OP,
-            expected: format!("a gradient [{}, {d}]", rows.numel()),
-            got: format!("[{n}, {dg}]"),
-        });
+    let (_, d) = matrix(OP, w, &[DType::F32, DType::BF16])?;
+    let (ng, dg) = matrix(OP, g, &[DType::F32])?;
+    same_device(OP, &[w, g])?;
+    if (ng, dg) != (n, d) {
+        return Err(Error::Shape { op: OP, expected: format!("a gradient [{n}, {d}]"), got: format!("[{ng}, {dg}]") });
     }
     if n == 0 {
         return Ok(());
     }
-    let dev = w.device().clone();
     let rows_p = Ptr::<i32>::from_addr(rows.ptr::<u32>()?.addr());
-    // SAFETY: g is [n, d] and w [m, d] (checked above); rows holds n indices
-    // < m, drawn by the crate's own sampling kernels.
-    unsafe {
-        launch_one_of!(w.dtype(), { DType::F32 => rows_axpy_f32, _ => rows_axpy_bf16 },
-            (&dev, rows_cfg(n), w.ptr_mut()?, rows_p, g.ptr()?, n as i32, d as i32, a))
+    // SAFETY: the n sampled ids are rows of w, drawn by the crate's own
+    // sampling kernels (check_sample); shapes checked above.
+    unsafe { axpy_launch(w, rows_p, g, n, d, a) }
+}
+
+/// Rows `ids` (a sample the crate drew: u32 `[n]` on `src`'s device, every
+/// id a row of `src`) of `src` (`[m, d]`, f32 or bf16) as a new `[n, d]`
+/// tensor of its dtype, read where the ids lie (no upload).
+pub(crate) fn gather_sampled_rows(src: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    const OP: &str = "gather_rows";
+    let n = check_sample(OP, ids, src)?;
+    let (_, d) = matrix(OP, src, &[DType::F32, DType::BF16])?;
+    let dev = src.device();
+    if let Some(i) = ids.host_slice::<u32>() {
+        return match src.dtype() {
+            DType::F32 => gather_rows(src, i),
+            _ => Err(Error::invalid(OP, "bf16 rows are gathered on a GPU backend")),
+        };
     }
+    let mut out = Tensor::empty(dev, &[n, d], src.dtype())?;
+    if n > 0 {
+        let ids_p = Ptr::<i32>::from_addr(ids.ptr::<u32>()?.addr());
+        // SAFETY: the n ids are rows of src ([m, d]: check_sample); out
+        // holds n rows of d of src's dtype.
+        unsafe {
+            launch_one_of!(src.dtype(), { DType::F32 => gather_rows_f32, _ => gather_rows_bf16 },
+                (dev, rows_cfg(n), src.ptr()?, ids_p, out.ptr_mut()?, n as i32, d as i32))
+        }?;
+    }
+    Ok(out)
+}
+
+/// The length of a crate-drawn sample of rows of `of`: a u32 vector on its
+/// device, no longer than `of` has rows.
+fn check_sample(op: &'static str, ids: &Tensor, of: &Tensor) -> Result<usize> {
+    if ids.dtype() != DType::U32 || ids.shape().len() != 1 {
+        return Err(Error::invalid(op, "the sample must be a u32 vector"));
+    }
+    same_device(op, &[ids, of])?;
+    let (m, _) = of.dims2(op)?;
+    if ids.numel() > m {
+        return Err(Error::invalid(op, format!("a sample of {} rows of a {m}-row matrix", ids.numel())));
+    }
+    Ok(ids.numel())
 }

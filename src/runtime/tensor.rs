@@ -337,14 +337,6 @@ impl Tensor {
     }
 
     /// The elements of a CPU tensor of dtype `T`, without a copy.
-    /// The device buffer this tensor owns (None for host data and views).
-    pub(crate) fn device_buffer(&self) -> Option<&DeviceBuffer> {
-        match &self.storage {
-            Storage::Device(b) => Some(b),
-            _ => None,
-        }
-    }
-
     pub(crate) fn host_slice<T: Element>(&self) -> Option<&[T]> {
         if T::DTYPE != self.dtype {
             return None;
