@@ -119,6 +119,23 @@ struct Lists {
     total: usize,
 }
 
+/// Most blocks of the norm's first pass.
+const NORM_BLOCKS: usize = 1024;
+
+/// An optimizer's state on a GPU backend besides the parameters' own.
+struct Counters {
+    /// Applied steps t (i32).
+    t: DeviceBuffer,
+    /// Skipped steps (u32).
+    skipped: DeviceBuffer,
+    /// The last norms: the clipped groups', all groups' (f32).
+    norm: Tensor,
+    /// The clip factor (f32).
+    clip: Tensor,
+    /// The norm's per-block partial sums (2 f64 per block), reused.
+    partial: DeviceBuffer,
+}
+
 /// The norm pass's list: every gradient and whether its group is clipped.
 struct NormList {
     key: Vec<u64>,
@@ -139,9 +156,8 @@ pub struct Optimizer {
     /// Per group and dtype (f32, bf16): the uploaded lists.
     lists: Vec<[Option<Lists>; 2]>,
     norm_lists: Option<NormList>,
-    /// GPU backends: t (i32), skipped steps (u32), the norms (2 f32), the
-    /// clip factor (f32).
-    counters: Option<(DeviceBuffer, DeviceBuffer, Tensor, Tensor)>,
+    /// GPU backends: the step's device state, allocated at the first step.
+    counters: Option<Counters>,
     /// The CPU's t, skipped steps and last norms.
     host: (u64, u64, [f32; 2]),
 }
@@ -199,9 +215,7 @@ impl Optimizer {
     /// Applied steps t (a download on a GPU backend).
     pub fn steps(&self) -> Result<u64> {
         match &self.counters {
-            Some((t, ..)) => {
-                Ok(self.device.download(t, 4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))? as u64)
-            }
+            Some(c) => Ok(self.device.download(&c.t, 4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))? as u64),
             None => Ok(self.host.0),
         }
     }
@@ -210,8 +224,8 @@ impl Optimizer {
     /// backend).
     pub fn skipped(&self) -> Result<u64> {
         match &self.counters {
-            Some((_, s, ..)) => {
-                Ok(self.device.download(s, 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))? as u64)
+            Some(c) => {
+                Ok(self.device.download(&c.skipped, 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))? as u64)
             }
             None => Ok(self.host.1),
         }
@@ -221,8 +235,8 @@ impl Optimizer {
     /// before clipping (a download on a GPU backend); zeros before any step.
     pub fn last_norms(&self) -> Result<(f32, f32)> {
         match &self.counters {
-            Some((.., norm, _)) => {
-                let v = norm.to_vec::<f32>()?;
+            Some(c) => {
+                let v = c.norm.to_vec::<f32>()?;
                 Ok((v[0], v[1]))
             }
             None => Ok((self.host.2[0], self.host.2[1])),
@@ -367,10 +381,13 @@ impl Optimizer {
     fn step_device(&mut self, params: &mut [Vec<ParamRef<'_>>], lr: f32) -> Result<()> {
         let dev = self.device.clone();
         if self.counters.is_none() {
-            let t = dev.upload(&0i32.to_le_bytes())?;
-            let s = dev.upload(&0u32.to_le_bytes())?;
-            self.counters =
-                Some((t, s, Tensor::zeros(&dev, &[2], DType::F32)?, Tensor::zeros(&dev, &[1], DType::F32)?));
+            self.counters = Some(Counters {
+                t: dev.alloc_zeroed(4)?,
+                skipped: dev.alloc_zeroed(4)?,
+                norm: Tensor::zeros(&dev, &[2], DType::F32)?,
+                clip: Tensor::zeros(&dev, &[1], DType::F32)?,
+                partial: dev.alloc(2 * 8 * NORM_BLOCKS)?,
+            });
         }
         // The norms over every gradient (flags: the clipped groups).
         let mut all: Vec<(u64, usize, bool)> = Vec::new();
@@ -380,14 +397,11 @@ impl Optimizer {
             }
         }
         let lists = refresh_norm(&dev, &mut self.norm_lists, &all)?;
-        let Some((t_buf, skipped, norm, clip)) = self.counters.as_mut() else {
+        let Some(Counters { t: t_buf, skipped, norm, clip, partial }) = self.counters.as_mut() else {
             return Err(Error::invalid(OP, "no counters (internal error)"));
         };
-        let blocks = match lists {
-            Some(l) => l.total.div_ceil(256).clamp(1, 1024),
-            None => 1,
-        };
-        let mut partial = dev.alloc_zeroed(2 * 8 * blocks)?;
+        // No gradient at all: no block, and the finish sums nothing.
+        let blocks = lists.map_or(0, |l| l.total.div_ceil(256).clamp(1, NORM_BLOCKS));
         if let Some(l) = lists {
             // SAFETY: grads holds `tensors` addresses of f32 gradients with
             // the element counts of offsets ([tensors + 1] i64); flags
@@ -400,16 +414,17 @@ impl Optimizer {
                     dev.ptr_of(&l.flags),
                     dev.ptr_of(&l.offsets),
                     l.tensors as i32,
-                    dev.ptr_mut_of(&mut partial),
+                    dev.ptr_mut_of(partial),
                 )
             }?;
         }
-        // SAFETY: partial holds 2·blocks f64, norm 2 f32, clip 1 f32.
+        // SAFETY: partial holds 2·NORM_BLOCKS f64 (the first 2·blocks
+        // written above), norm 2 f32, clip 1 f32.
         unsafe {
             launch::grad_norm_finish(
                 &dev,
                 LaunchConfig::linear(1, 32, 0),
-                dev.ptr_of(&partial),
+                dev.ptr_of(partial),
                 blocks as i32,
                 self.max_grad_norm.unwrap_or(0.0),
                 norm.ptr_mut()?,
