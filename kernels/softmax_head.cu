@@ -504,11 +504,11 @@ GIF_DEVICE unsigned int pfc_key(unsigned int n, unsigned int seed_a, unsigned in
   return keyed_hash32(n, seed_a, seed_b);
 }
 
-// positive[labels[b]] = 1 (positive starts zeroed); with `need` (the
-// sample size), need −= 1 per distinct positive: the negatives to draw.
-GIF_DEVICE void mark_positives(const int* __restrict__ labels, int B, int* __restrict__ positive, int* need) {
+// positive[labels[b]] = 1 (positive starts zeroed), and count[0] += 1
+// per distinct positive (count starts zeroed).
+GIF_DEVICE void mark_positives(const int* __restrict__ labels, int B, int* __restrict__ positive, int* count) {
   const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b < B && atomicExch(&positive[labels[b]], 1) == 0 && need != nullptr) atomicSub(need, 1);
+  if (b < B && atomicExch(&positive[labels[b]], 1) == 0) atomicAdd(count, 1);
 }
 
 // targets[b] = the position of labels[b] in the sorted index (k classes,
@@ -543,11 +543,13 @@ GIF_DEVICE void key_hist(const int* __restrict__ positive, int N, unsigned int s
   }
 }
 
-// One block of 256 threads: the bin b of a 65536-bin histogram where the
-// count from the top first reaches need[0] (> 0): out[0] = b, out[1] = need −
-// (count of the bins above b), what is still to take inside b. need[0] <= 0
-// (no negative to take): out = {65536, 0}, a bin no key reaches.
-GIF_DEVICE void find_bin(const unsigned int* __restrict__ hist, const int* __restrict__ need, int* __restrict__ out) {
+// One block of 256 threads: with need = total − taken[0] keys to take, the
+// bin b of a 65536-bin histogram where the count from the top first reaches
+// need: out[0] = b, out[1] = −(need − the count of the bins above b), minus
+// what is still to take inside b (the next pass's `taken`, with total 0).
+// need <= 0 (no negative to take): out = {65536, 0}, a bin no key reaches.
+GIF_DEVICE void find_bin(const unsigned int* __restrict__ hist, int total, const int* __restrict__ taken,
+                         int* __restrict__ out) {
   __shared__ unsigned int warp_tot[8];
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   // Thread t takes bins [65536 − 256 (t + 1), 65536 − 256 t), from the top.
@@ -566,20 +568,21 @@ GIF_DEVICE void find_bin(const unsigned int* __restrict__ hist, const int* __res
   unsigned int before = 0;
   for (int w = 0; w < warp; ++w) before += warp_tot[w];
   unsigned int above = before + incl - c;
-  if (need[0] <= 0) {
+  const int need = total - taken[0];
+  if (need <= 0) {
     if (t == 0) {
       out[0] = 65536;
       out[1] = 0;
     }
     return;
   }
-  const unsigned int want = (unsigned int)need[0];
+  const unsigned int want = (unsigned int)need;
   if (above < want && want <= above + c) {
     for (int q = 0; q < 256; ++q) {
       const unsigned int h = hist[hi_bin - q];
       if (above + h >= want) {
         out[0] = hi_bin - q;
-        out[1] = (int)(want - above);
+        out[1] = -(int)(want - above);
         return;
       }
       above += h;
@@ -765,10 +768,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) topk_fwd_bf16_v(const float
 extern "C" __global__ void __launch_bounds__(256) topk_merge(const float* cand_score, const int* cand_idx, int B, int splits, int k, float* out_score, int* out_idx) { topk_merge_rows(cand_score, cand_idx, B, splits, k, out_score, out_idx); }
 extern "C" __global__ void __launch_bounds__(256) tc_chunk_stats_k(const float* logits, int cols, int c0, const float* rnorm, const int* target, int B, float s, int first, float* stats, float* tgt_cos) { tc_chunk_stats(logits, cols, c0, rnorm, target, B, s, first, stats, tgt_cos); }
 extern "C" __global__ void __launch_bounds__(256) tc_chunk_grad_k(const float* logits, int cols, int c0, const float* rnorm, const int* target, const float* lse, const float* gy, int B, float s, float weight, bf16* g, bf16* gr) { tc_chunk_grad(logits, cols, c0, rnorm, target, lse, gy, B, s, weight, g, gr); }
-extern "C" __global__ void __launch_bounds__(256) pfc_mark(const int* labels, int B, int* positive, int* need) { mark_positives(labels, B, positive, need); }
+extern "C" __global__ void __launch_bounds__(256) pfc_mark(const int* labels, int B, int* positive, int* count) { mark_positives(labels, B, positive, count); }
 extern "C" __global__ void __launch_bounds__(256) pfc_remap(const int* labels, int B, const int* index, int k, int* targets) { remap_targets(labels, B, index, k, targets); }
 extern "C" __global__ void __launch_bounds__(256) pfc_hist(const int* positive, int N, unsigned int seed_a, unsigned int seed_b, const int* match_hi, unsigned int* hist) { key_hist(positive, N, seed_a, seed_b, match_hi, hist); }
-extern "C" __global__ void __launch_bounds__(256) pfc_find(const unsigned int* hist, const int* need, int* out) { find_bin(hist, need, out); }
+extern "C" __global__ void __launch_bounds__(256) pfc_find(const unsigned int* hist, int total, const int* taken, int* out) { find_bin(hist, total, taken, out); }
 extern "C" __global__ void __launch_bounds__(256) pfc_count(const int* positive, int N, unsigned int seed_a, unsigned int seed_b, const int* sel, int* block_count) { count_kept(positive, N, seed_a, seed_b, sel, block_count); }
 extern "C" __global__ void __launch_bounds__(256) pfc_scan_blocks(int* block_count, int nblocks) { scan_counts(block_count, nblocks); }
 extern "C" __global__ void __launch_bounds__(256) pfc_write(const int* positive, int N, unsigned int seed_a, unsigned int seed_b, const int* sel, const int* block_offset, int* index) { write_kept(positive, N, seed_a, seed_b, sel, block_offset, index); }

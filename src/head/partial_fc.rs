@@ -143,16 +143,17 @@ impl PartialFc {
         let (a, b) = self.seeds(step);
         let mut positive = dev.alloc_zeroed(n * 4)?;
         let (ni, spread) = (n as i32, n.div_ceil(256).min(4096) as u32);
-        // sel = {hi, rem, lo, rem}: the radix select's two passes, with
-        // need = k − (distinct positives), counted by pfc_mark.
+        // sel = {hi, −rem, lo, −rem}: the radix select's two passes, taking
+        // k − (distinct positives, counted by pfc_mark) negatives.
         let mut sel = dev.alloc(16)?;
-        let mut need = dev.upload(bytemuck::cast_slice(&[k as i32]))?;
-        // One zeroed allocation for both passes' histograms.
-        let mut hists = dev.alloc_zeroed(2 * 65536 * 4)?;
+        // One zeroed allocation for both passes' histograms and the count
+        // of distinct positives (k minus it: the negatives to draw).
+        let mut hists = dev.alloc_zeroed((2 * 65536 + 1) * 4)?;
+        let count = dev.ptr_mut_of::<i32>(&mut hists).offset(2 * 65536);
         // SAFETY (every launch below): labels holds B class ids < N (checked),
         // positive N i32 flags; the selection buffers are sized here: sel 4
-        // i32, each histogram 65536 u32, need 1 i32, counts one i32 per 1024
-        // classes, index k i32 (k = the positives plus the selected
+        // i32, each histogram 65536 u32 and the count 1 i32, counts one i32
+        // per 1024 classes, index k i32 (k = the positives plus the selected
         // negatives, which the radix select makes exact).
         unsafe {
             launch::pfc_mark(
@@ -161,14 +162,16 @@ impl PartialFc {
                 dev.ptr_of(labels),
                 bsz as i32,
                 dev.ptr_mut_of(&mut positive),
-                dev.ptr_mut_of(&mut need),
+                count,
             )?;
         }
         for pass in 0..2 {
             let hist = dev.ptr_mut_of::<u32>(&mut hists).offset(pass * 65536);
             let sel_p = dev.ptr_mut_of::<i32>(&mut sel);
             let match_hi = if pass == 0 { Ptr::null() } else { sel_p.as_const() };
-            let need_p = if pass == 0 { dev.ptr_of(&need) } else { sel_p.as_const().offset(1) };
+            // Pass 1 takes k − (distinct positives); pass 2 what is left
+            // inside pass 1's bin (stored negated in sel[1]).
+            let (total, taken) = if pass == 0 { (k as i32, count.as_const()) } else { (0, sel_p.as_const().offset(1)) };
             // SAFETY: as above.
             unsafe {
                 launch::pfc_hist(
@@ -185,7 +188,8 @@ impl PartialFc {
                     dev,
                     LaunchConfig::linear(1, 256, 0),
                     hist.as_const(),
-                    need_p,
+                    total,
+                    taken,
                     sel_p.offset(2 * pass),
                 )?;
             }
