@@ -529,11 +529,11 @@ fn device_step(
     // [n, d]; order (B rows) and starts (groups + 1) index them.
     // Forward: per-split partial log-sum-exps, then the merge per row.
     let mut tgt_cos = Tensor::empty(dev, &[b], DType::F32)?;
-    let tc = match cfg.tensor_cores {
+    let mut tc = match cfg.tensor_cores {
         true => Some(TcOperands::new(cfg, &u, w, rows, n)?),
         false => None,
     };
-    let (partial, splits) = match &tc {
+    let (partial, splits) = match &mut tc {
         Some(tc) => (tc.forward(cfg, &rnorm, target_p, &mut tgt_cos)?, 1),
         None => {
             let splits = cfg.splits.unwrap_or_else(|| auto_splits(btiles)).min(ntiles).min(MAX_SPLITS);
@@ -603,7 +603,7 @@ fn device_step(
     let dw = &mut grads.centres;
     dw.fill_zeros()?;
     let (lse_p, gy_p) = (row(0).as_const(), row(1).as_const());
-    match &tc {
+    match &mut tc {
         Some(tc) => tc.backward(cfg, &rnorm, target_p, lse_p, gy_p, weight, &mut du, dw)?,
         None => {
             let b_splits = (TARGET_BLOCKS / ntiles).clamp(1, btiles);
@@ -685,6 +685,8 @@ struct TcOperands<'a> {
     base: &'a Tensor,
     gathered: Option<Tensor>,
     chunk: usize,
+    /// A chunk's logits (B·C f32), shared by the forward and the backward.
+    logits: Option<Tensor>,
 }
 
 impl<'a> TcOperands<'a> {
@@ -699,7 +701,8 @@ impl<'a> TcOperands<'a> {
         // Partial FC's sampled rows, gathered once into a contiguous matrix.
         let gathered = rows.map(|r| crate::ops::rows::gather_sampled_rows(w, r)).transpose()?;
         let chunk = tc_chunk(cfg.chunk, b, n);
-        Ok(TcOperands { u16, base: w, gathered, chunk })
+        let logits = Some(Tensor::empty(dev, &[b * chunk], DType::F32)?);
+        Ok(TcOperands { u16, base: w, gathered, chunk, logits })
     }
 
     /// The logical centres, contiguous.
@@ -715,7 +718,12 @@ impl<'a> TcOperands<'a> {
 
     /// The chunk's logits `U·W_cᵀ` into the first B·cols values of
     /// `logits`; returns W_c (classes c0..c0 + cols), a view.
-    fn logits(&self, logits: &mut Tensor, c0: usize, cols: usize) -> Result<crate::runtime::tensor::TensorView<'_>> {
+    fn chunk_logits(
+        &self,
+        logits: &mut Tensor,
+        c0: usize,
+        cols: usize,
+    ) -> Result<crate::runtime::tensor::TensorView<'_>> {
         let b = self.u16.shape()[0];
         let wc = self.w().narrow(0, c0, cols)?;
         logits.narrow_mut(0, 0, b * cols, |lg| {
@@ -727,18 +735,20 @@ impl<'a> TcOperands<'a> {
     /// The forward's partial (`[B, 1, 4]`, one split) and the target
     /// cosines: per chunk, the logits' GEMM and their reduction.
     fn forward(
-        &self,
+        &mut self,
         cfg: &SoftmaxHeadConfig,
         rnorm: &Tensor,
         target: Ptr<i32>,
         tgt_cos: &mut Tensor,
     ) -> Result<Tensor> {
-        let dev = self.w().device();
+        let dev = self.w().device().clone();
+        let dev = &dev;
         let b = self.u16.shape()[0];
         let mut partial = Tensor::empty(dev, &[b, 1, 4], DType::F32)?;
-        let mut logits = Tensor::empty(dev, &[b * self.chunk], DType::F32)?;
+        let mut logits =
+            self.logits.take().ok_or_else(|| Error::invalid("SoftmaxHead", "no logits (internal error)"))?;
         for (c0, cols) in self.chunks() {
-            self.logits(&mut logits, c0, cols)?;
+            self.chunk_logits(&mut logits, c0, cols)?;
             // SAFETY: logits holds B × cols f32 (written above), rnorm the n
             // logical classes (c0 + cols ≤ n), the targets B classes < n,
             // partial [B, 1, 4] and tgt_cos [B].
@@ -759,6 +769,7 @@ impl<'a> TcOperands<'a> {
                 )
             }?;
         }
+        self.logits = Some(logits);
         Ok(partial)
     }
 
@@ -766,7 +777,7 @@ impl<'a> TcOperands<'a> {
     /// scaled by r), then `dU += (G·diag(r))·W_c` and `dŴ_c = Gᵀ·U`.
     #[allow(clippy::too_many_arguments)]
     fn backward(
-        &self,
+        &mut self,
         cfg: &SoftmaxHeadConfig,
         rnorm: &Tensor,
         target: Ptr<i32>,
@@ -776,13 +787,15 @@ impl<'a> TcOperands<'a> {
         du: &mut Tensor,
         dw_hat: &mut Tensor,
     ) -> Result<()> {
-        let dev = self.w().device();
+        let dev = self.w().device().clone();
+        let dev = &dev;
         let b = self.u16.shape()[0];
-        let mut logits = Tensor::empty(dev, &[b * self.chunk], DType::F32)?;
+        let mut logits =
+            self.logits.take().ok_or_else(|| Error::invalid("SoftmaxHead", "no logits (internal error)"))?;
         let mut g = Tensor::empty(dev, &[b * self.chunk], DType::BF16)?;
         let mut gr = Tensor::empty(dev, &[b * self.chunk], DType::BF16)?;
         for (c0, cols) in self.chunks() {
-            let wc = self.logits(&mut logits, c0, cols)?;
+            let wc = self.chunk_logits(&mut logits, c0, cols)?;
             let m = b * cols;
             // SAFETY: logits holds B × cols f32, g and gr B × cols bf16;
             // rnorm the n classes (c0 + cols ≤ n), the targets B classes,
