@@ -2,16 +2,13 @@
 // of the code in one launch, and the dot-regression loss fused in.
 //
 // Layouts: centres W [l, v, d_p] (f32 or bf16), their normalized copy Ŵ
-// and norms f32 [l·v, d_p] and [l·v]; targets (tokens) [l, B] i32;
+// and norms f32 [l·v, d_p] and [l·v] (rowwise.cu l2norm_fwd, f32 out); targets (tokens) [l, B] i32;
 // projected features Z [B, l, d_p] f32 (one GEMM X·Pᵀ with P [l·d_p, d]);
 // per-position kernel outputs U [l, R, d_p] and dC [l, R, v] with R = B, or
 // 2B with the exact ArcFace gradient's singular rows; dZ [B, l, d_p] (f32,
 // or bf16 for the bf16 backward GEMMs); statistics [2l + 1, B].
 // An operand that may be f32 or bf16 comes as two pointers, one of them
 // null (In below): one kernel serves every dtype mix.
-//
-// code_centres_normalize  (one warp per row of W, 8 rows per block)
-//   ŵ = w / max(‖w‖, eps), norm = ‖w‖ (as rowwise l2norm_fwd), ŵ in f32.
 //
 // code_head_step  (one 128-thread block per sample b, looping over j; at
 //   least 8 blocks per SM: 64 registers, which ptxas otherwise picks for sm_90
@@ -322,19 +319,6 @@ GIF_DEVICE void centre_grad_finish(const float* __restrict__ partial, int slices
   }
 }
 
-GIF_DEVICE void centres_normalize(In w, int rows, int dp, float eps, float* __restrict__ w_hat,
-                                  float* __restrict__ norms) {
-  const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const In wr = w.at((long long)row * dp);
-  float ss = 0.0f;
-  for (int c = lane; c < dp; c += 32) ss += wr[c] * wr[c];
-  const float n = sqrtf(warp_reduce(ss, SumOp{}));
-  const float inv = 1.0f / fmaxf(n, eps);
-  for (int c = lane; c < dp; c += 32) w_hat[(long long)row * dp + c] = wr[c] * inv;
-  if (lane == 0) norms[row] = n;
-}
-
 GIF_DEVICE void log_probs(In x, int d, const float* __restrict__ z, int dp, const float* __restrict__ w_hat,
                           int l, int v, float s, float eps, float* __restrict__ out) {
   GIF_DYNAMIC_SMEM(float, sm);
@@ -376,7 +360,6 @@ GIF_DEVICE void log_probs(In x, int d, const float* __restrict__ z, int dp, cons
 }  // namespace
 
 // clang-format off
-extern "C" __global__ void __launch_bounds__(256) code_centres_normalize(const float* w32, const bf16* w16, int rows, int dp, float eps, float* w_hat, float* norms) { centres_normalize(In{w32, w16}, rows, dp, eps, w_hat, norms); }
 extern "C" __global__ void __launch_bounds__(kThreads, 8) code_head_step(const float* x32, const bf16* x16, int d, const int* labels, const float* table32, const bf16* table16, float gamma_over_b, const float* z, int dp, const float* w_hat, const float* w32, const bf16* w16, const int* targets, const float* lambdas, int b, int l, int v, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float* u, float* dc, int singular, float* dx, float* dz32, bf16* dz16, float* stats) { head_step(In{x32, x16}, d, labels, In{table32, table16}, gamma_over_b, z, dp, w_hat, In{w32, w16}, targets, lambdas, b, l, v, s, margin, m, cos_m, sin_m, exact_grad, u, dc, singular, dx, dz32, dz16, stats); }
 extern "C" __global__ void __launch_bounds__(256) code_centre_grad(const float* dc, const float* u, int rows, int dp, int v, int l, int slices, float* partial) { centre_grad(dc, u, rows, dp, v, l, slices, partial); }
 extern "C" __global__ void __launch_bounds__(256) code_centre_grad_finish(const float* partial, int slices, const float* w_hat, const float* norms, int rows, int dp, float eps, float* dw) { centre_grad_finish(partial, slices, w_hat, norms, rows, dp, eps, dw); }

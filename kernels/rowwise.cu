@@ -1,7 +1,8 @@
 // rowwise.cu: row operations on a row-major [rows, cols] matrix, the ones the
 // heads need. src/rowwise.rs holds the CPU references and the launches.
 //
-//   l2norm_fwd   y = x / max(||x||, eps),  norm = ||x||           (per row)
+//   l2norm_fwd   y = x / max(||x||, eps),  norm = ||x||           (per row;
+//                bf16f32: bf16 rows, f32 y)
 //   l2norm_bwd   dx = (dy - y (y·dy)) / n  if n > eps, else dy / eps
 //   softmax      y = exp(x - m) / s,  m = max x, s = sum exp(x - m)
 //   log_softmax  y = x - m - log s
@@ -68,14 +69,16 @@ GIF_DEVICE bool row_of(int rows, int& row, int& t) {
   return row < rows;
 }
 
-template <typename T, int kRowThreads>
-GIF_DEVICE void l2norm_fwd(const T* __restrict__ x, T* __restrict__ y, float* __restrict__ norms, int rows, int cols,
+// U: y's type, T by default; bf16 rows into f32 (l2norm_fwd_bf16f32_*)
+// serve the code head's centres.
+template <typename T, int kRowThreads, typename U = T>
+GIF_DEVICE void l2norm_fwd(const T* __restrict__ x, U* __restrict__ y, float* __restrict__ norms, int rows, int cols,
                            float eps) {
   __shared__ float scratch[32];
   int row, t;
   if (!row_of<kRowThreads>(rows, row, t)) return;
   const T* xr = x + (long long)row * cols;
-  T* yr = y + (long long)row * cols;
+  U* yr = y + (long long)row * cols;
   float ss = 0.0f;
   for (int c = t; c < cols; c += kRowThreads) {
     float v = to_float(xr[c]);
@@ -84,7 +87,7 @@ GIF_DEVICE void l2norm_fwd(const T* __restrict__ x, T* __restrict__ y, float* __
   ss = row_reduce<kRowThreads>(ss, scratch, SumOp{});
   const float norm = sqrtf(ss);
   const float inv = 1.0f / fmaxf(norm, eps);
-  for (int c = t; c < cols; c += kRowThreads) yr[c] = from_float<T>(to_float(xr[c]) * inv);
+  for (int c = t; c < cols; c += kRowThreads) yr[c] = from_float<U>(to_float(xr[c]) * inv);
   if (t == 0) norms[row] = norm;
 }
 
@@ -160,6 +163,8 @@ extern "C" __global__ void __launch_bounds__(kBlock) softmax_bf16_w(const bf16* 
 extern "C" __global__ void __launch_bounds__(kBlock) log_softmax_bf16_w(const bf16* x, bf16* y, int rows, int cols) { softmax_fwd<bf16, 32, true>(x, y, rows, cols); }
 extern "C" __global__ void __launch_bounds__(kBlock) row_sum_bf16_w(const bf16* x, float* out, int rows, int cols) { row_sum<bf16, 32>(x, out, rows, cols); }
 extern "C" __global__ void __launch_bounds__(kBlock) l2norm_fwd_bf16_b(const bf16* x, bf16* y, float* norms, int rows, int cols, float eps) { l2norm_fwd<bf16, 256>(x, y, norms, rows, cols, eps); }
+extern "C" __global__ void __launch_bounds__(kBlock) l2norm_fwd_bf16f32_w(const bf16* x, float* y, float* norms, int rows, int cols, float eps) { l2norm_fwd<bf16, 32, float>(x, y, norms, rows, cols, eps); }
+extern "C" __global__ void __launch_bounds__(kBlock) l2norm_fwd_bf16f32_b(const bf16* x, float* y, float* norms, int rows, int cols, float eps) { l2norm_fwd<bf16, 256, float>(x, y, norms, rows, cols, eps); }
 extern "C" __global__ void __launch_bounds__(kBlock) l2norm_bwd_bf16_b(const bf16* y, const float* norms, const bf16* dy, bf16* dx, int rows, int cols, float eps) { l2norm_bwd<bf16, 256>(y, norms, dy, dx, rows, cols, eps); }
 extern "C" __global__ void __launch_bounds__(kBlock) softmax_bf16_b(const bf16* x, bf16* y, int rows, int cols) { softmax_fwd<bf16, 256, false>(x, y, rows, cols); }
 extern "C" __global__ void __launch_bounds__(kBlock) log_softmax_bf16_b(const bf16* x, bf16* y, int rows, int cols) { softmax_fwd<bf16, 256, true>(x, y, rows, cols); }

@@ -46,6 +46,11 @@ fn l2_normalize_matches_reference_on_odd_shapes() {
                 let what = format!("{dev} {dtype:?} [{r},{c}]");
                 assert_close(&format!("y {what}"), &yt.to_f32_vec().unwrap(), &y, atol, rtol);
                 assert_close(&format!("norm {what}"), &nt.to_f32_vec().unwrap(), &n, 1e-5, 1e-5);
+                // f32 out whatever the input: bf16 rows are not rounded on the way out.
+                let (y32, n32) = rowwise::l2_normalize_f32(&xt, 1e-12).unwrap();
+                assert_eq!(y32.dtype(), DType::F32);
+                assert_close(&format!("y f32 {what}"), &y32.to_vec::<f32>().unwrap(), &y, 1e-5, 1e-4);
+                assert_close(&format!("norm f32 {what}"), &n32.to_f32_vec().unwrap(), &n, 1e-5, 1e-5);
             }
         }
     }

@@ -606,29 +606,10 @@ impl CodeHead {
     }
 
     /// Ŵ (f32 `[l·v, d_p]`) and the centres' norms (`[l·v]`): one launch
-    /// over every position.
+    /// over every position (bf16 centres normalized straight into f32).
     fn normalized_centres(&self) -> Result<(Tensor, Tensor)> {
-        let dev = &self.device;
-        let (rows, dp) = (self.cfg.length * self.cfg.vocab, self.cfg.dp());
-        let mut w_hat = Tensor::empty(dev, &[rows, dp], DType::F32)?;
-        let mut norms = Tensor::empty(dev, &[rows], DType::F32)?;
-        let (w32, w16) = f32_or_bf16(&self.centres)?;
-        // SAFETY: the centres hold l·v rows of d_p (checked at construction),
-        // w_hat and norms are allocated for them; one warp per row.
-        unsafe {
-            crate::runtime::launch::code_centres_normalize(
-                dev,
-                LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0),
-                w32,
-                w16,
-                rows as i32,
-                dp as i32,
-                EPS,
-                w_hat.ptr_mut()?,
-                norms.ptr_mut()?,
-            )
-        }?;
-        Ok((w_hat, norms))
+        let flat = self.centres.view(&[self.cfg.length * self.cfg.vocab, self.cfg.dp()])?;
+        rowwise::l2_normalize_f32(&flat, EPS)
     }
 
     /// Copies that bring the features and projections to the dtype their

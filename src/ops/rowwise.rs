@@ -131,20 +131,29 @@ fn plan(rows: usize, cols: usize) -> (bool, LaunchConfig) {
 /// [`l2_normalize_backward`] takes. `eps` must be finite and positive
 /// (PyTorch's `F.normalize` uses 1e-12).
 pub fn l2_normalize(x: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
-    const OP: &str = "l2_normalize";
-    let (rows, cols) = check_input(OP, x)?;
-    check_eps(OP, eps)?;
+    normalize_impl("l2_normalize", x, eps, x.dtype())
+}
+
+/// [`l2_normalize`] with `y` in f32 whatever `x`'s dtype (f32 or bf16):
+/// bf16 rows normalized without a widened copy.
+pub fn l2_normalize_f32(x: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    normalize_impl("l2_normalize_f32", x, eps, DType::F32)
+}
+
+fn normalize_impl(op: &'static str, x: &Tensor, eps: f32, out: DType) -> Result<(Tensor, Tensor)> {
+    let (rows, cols) = check_input(op, x)?;
+    check_eps(op, eps)?;
     let dev = x.device();
     if !dev.runs_kernels() {
         let xs = x.host_f32()?;
         let (mut y, mut n) = (vec![0f32; rows * cols], vec![0f32; rows]);
         cpu::l2_normalize(&xs, cols, eps, &mut y, &mut n);
         return Ok((
-            Tensor::from_host(dev, vec![rows, cols], HostData::from_f32(y, x.dtype())),
+            Tensor::from_host(dev, vec![rows, cols], HostData::from_f32(y, out)),
             Tensor::from_host(dev, vec![rows], HostData::F32(n)),
         ));
     }
-    let mut y = Tensor::empty(dev, &[rows, cols], x.dtype())?;
+    let mut y = Tensor::empty(dev, &[rows, cols], out)?;
     let mut norms = Tensor::empty(dev, &[rows], DType::F32)?;
     if rows > 0 {
         let (warp, cfg) = plan(rows, cols);
@@ -152,9 +161,10 @@ pub fn l2_normalize(x: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
         // SAFETY: x and y hold rows·cols elements, norms rows (checked above,
         // allocated here); the launch covers exactly those rows.
         unsafe {
-            launch_one_of!((x.dtype(), warp), {
-                (DType::F32, true) => l2norm_fwd_f32_w, (DType::F32, false) => l2norm_fwd_f32_b,
-                (_, true) => l2norm_fwd_bf16_w, (_, false) => l2norm_fwd_bf16_b,
+            launch_one_of!((x.dtype(), out, warp), {
+                (DType::F32, _, true) => l2norm_fwd_f32_w, (DType::F32, _, false) => l2norm_fwd_f32_b,
+                (_, DType::F32, true) => l2norm_fwd_bf16f32_w, (_, DType::F32, false) => l2norm_fwd_bf16f32_b,
+                (_, _, true) => l2norm_fwd_bf16_w, (_, _, false) => l2norm_fwd_bf16_b,
             }, (dev, cfg, x.ptr()?, y.ptr_mut()?, norms.ptr_mut()?, r, c, eps))
         }?;
     }
