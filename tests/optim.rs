@@ -377,7 +377,8 @@ fn a_backbone_and_a_code_head_train_with_the_optimizer() {
         assert_eq!((opt.steps().unwrap(), opt.skipped().unwrap()), (steps, 0));
         if dev.kind() == gif_fr::DeviceKind::Cpu {
             let (first, last) = (losses[..3].iter().sum::<f64>() / 3.0, losses[27..].iter().sum::<f64>() / 3.0);
-            assert!(last < 0.7 * first, "the loss went from {first} to {last}: {losses:?}");
+            // Measured 0.0103 of the start (any thread count); 0.1 leaves room.
+            assert!(last < 0.1 * first, "the loss went from {first} to {last}: {losses:?}");
             cpu_losses = losses;
         } else {
             for (t, (a, c)) in losses.iter().zip(&cpu_losses).enumerate() {
