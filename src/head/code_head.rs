@@ -464,8 +464,9 @@ impl CodeHead {
         if features.device() != &self.device {
             return Err(Error::DeviceMismatch { op, a: self.device.to_string(), b: features.device().to_string() });
         }
-        if b > i32::MAX as usize {
-            return Err(Error::invalid(op, "batch too large"));
+        // The exact ArcFace gradient sends 2B rows through i32 indices.
+        if b > i32::MAX as usize / 2 {
+            return Err(Error::invalid(op, format!("a batch of {b} exceeds {} samples", i32::MAX / 2)));
         }
         Ok(b)
     }
