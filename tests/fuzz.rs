@@ -138,8 +138,7 @@ fn fuzz(
     let result = runner.run(&prop::collection::vec(mutation(), 1..4), |muts| {
         let bytes = apply(base, &muts);
         std::fs::write(&path, &bytes).unwrap();
-        host_memory::reset_peak();
-        let before = host_memory::stats().current;
+        let before = host_memory::reset_peak();
         let r = parse(&path);
         let extra = host_memory::stats().peak.saturating_sub(before);
         let limit = bound(bytes.len(), base_alloc);

@@ -49,20 +49,23 @@ fn peak_extra(
 fn gemm_workspace(b: usize, d: usize, n: usize) -> usize {
     use gif_fr::ops::gemm::{cpu::gemm, Op};
     let c = gif_fr::head::softmax_head::CPU_CHUNK.min(n);
-    let run = |shape: usize| {
+    let run = |shape: usize, measure: bool| {
         let (u, w, g) = (vec![0.5f32; b * d], vec![0.25f32; c * d], vec![0.125f32; b * c]);
         let (mut lg, mut dw, mut du) = (vec![0f32; b * c], vec![0f32; c * d], vec![0f32; b * d]);
-        let (before, _) = (host_memory::stats().current, host_memory::reset_peak());
+        // The peak is process-wide: only the serial pass below resets and
+        // reads it (threads of the warm-up pass would reset it under each
+        // other, so that a thread's peak could read below its own start).
+        let before = measure.then(host_memory::reset_peak);
         match shape {
             0 => gemm(b, c, d, 1.0, &u, d, Op::N, &w, d, Op::T, 0.0, &mut lg, c),
             1 => gemm(c, d, b, 1.0, &g, c, Op::T, &u, d, Op::N, 0.0, &mut dw, d),
             _ => gemm(b, d, c, 1.0, &g, c, Op::N, &w, d, Op::N, 1.0, &mut du, d),
         }
         .unwrap();
-        host_memory::stats().peak - before
+        before.map_or(0, |before| host_memory::stats().peak - before)
     };
-    rayon::broadcast(|_| (0..3).map(run).max());
-    (0..3).map(run).max().unwrap_or(0)
+    rayon::broadcast(|_| (0..3).for_each(|s| _ = run(s, false)));
+    (0..3).map(|s| run(s, true)).max().unwrap_or(0)
 }
 
 #[test]
@@ -73,14 +76,10 @@ fn no_b_by_n_allocation() {
     // bound holds on any cache size).
     let (b, d, n) = (64, 32, 1 << 17);
     let workspace = gemm_workspace(b, d, n);
-    let cpu_extra = peak_extra(
-        &Device::cpu(),
-        b,
-        d,
-        n,
-        &|| (host_memory::stats().current, host_memory::stats().peak),
-        &host_memory::reset_peak,
-    );
+    let cpu_extra =
+        peak_extra(&Device::cpu(), b, d, n, &|| (host_memory::stats().current, host_memory::stats().peak), &|| {
+            _ = host_memory::reset_peak()
+        });
     let (logits, grad) = (b * n * 4, n * d * 4);
     println!(
         "cpu: B {b} N {n} d {d}: peak extra {:.1} MB (logits would be {} MB, centre gradient {} MB, GEMM workspace {:.1} MB)",

@@ -180,8 +180,7 @@ pub fn prepare(dev: &Device, kind: Kind, n: usize, b: usize, d: usize) -> Result
 /// Peak bytes allocated beyond what was held before, over one call of `step`.
 pub fn peak_extra(dev: &Device, step: &mut Step) -> Result<usize> {
     if dev.kind() == DeviceKind::Cpu {
-        host_memory::reset_peak();
-        let before = host_memory::stats().current;
+        let before = host_memory::reset_peak();
         step()?;
         Ok(host_memory::stats().peak - before)
     } else {

@@ -68,9 +68,14 @@ pub fn stats() -> MemoryStats {
     MemoryStats { current: CURRENT.load(Ordering::Relaxed), peak: PEAK.load(Ordering::Relaxed) }
 }
 
-/// Restarts the peak from the bytes held now.
-pub fn reset_peak() {
-    PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
+/// Restarts the peak from the bytes held now, and returns that number: the
+/// baseline of a measurement, `stats().peak - reset_peak()` never below zero
+/// as long as no other thread resets the peak meanwhile (the peak is
+/// process-wide: measure from one thread at a time).
+pub fn reset_peak() -> usize {
+    let now = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(now, Ordering::Relaxed);
+    now
 }
 
 /// A vector of `n` copies of `value`, allocated fallibly: a size that
