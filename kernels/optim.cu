@@ -8,19 +8,23 @@
 //                   of partial sums per block (f32 per thread, f64 across
 //                   the block): partial[2 b] over the tensors with
 //                   in_clip[t] != 0, partial[2 b + 1] over all of them.
-// grad_norm_finish  one thread: norm[0] = sqrt(Σ partial[2 b]) (the clipped
-//                   tensors' norm), norm[1] = sqrt(Σ partial[2 b + 1]) (all:
-//                   its finiteness decides the step), f64 sums in block
-//                   order (deterministic); clip[0] = min(1, max_norm /
-//                   (norm[0] + 1e-6)) (torch.nn.utils.clip_grad_norm_), 1
-//                   when max_norm <= 0 (no clipping).
+// grad_norm_finish  one thread: with s the gradients' scale (1/k for k
+//                   accumulated micro-batches, as insightface's loss / k;
+//                   1 otherwise): norm[0] = s·sqrt(Σ partial[2 b]) (the
+//                   clipped tensors' norm), norm[1] = s·sqrt(Σ partial[2 b
+//                   + 1]) (all: its finiteness decides the step), f64 sums
+//                   in block order (deterministic); clip[0] = s·min(1,
+//                   max_norm / (norm[0] + 1e-6)) (torch.nn.utils.
+//                   clip_grad_norm_; s·1 when max_norm <= 0: no clipping),
+//                   clip[1] = s (the factor of the groups not clipped).
 // sgd_step_<T>      torch.optim.SGD (dampening 0, no Nesterov): g = c·grad
 //                   + wd·p; buf = g on the first step, else momentum·buf +
 //                   g; p −= lr·buf (momentum 0: p −= lr·g, no buffer).
 // adamw_step_<T>    torch.optim.AdamW: p ·= 1 − lr·wd; m = β1·m + (1 −
 //                   β1)·g; v = β2·v + (1 − β2)·g²; p −= (lr / (1 − β1^t))·m /
 //                   (sqrt(v) / sqrt(1 − β2^t) + eps), g = c·grad.
-//   c: the clip factor (clip[0], for tensors of a clipped group; else 1).
+//   c: the gradient's factor (clip[0] for tensors of a clipped group,
+//   clip[1] for the others; 1 when clip is null).
 //   t: step[0] + 1 (the device's count of applied steps). Both skip every
 //   write when norm[1] is not finite (the step is dropped, the state kept).
 //   T: the parameters' storage, f32 or bf16; bf16 parameters with a master
@@ -108,18 +112,19 @@ GIF_DEVICE void sq_partial(const unsigned long long* __restrict__ grads, const i
   }
 }
 
-GIF_DEVICE void norm_finish(const double* __restrict__ partial, int blocks, float max_norm, float* __restrict__ norm,
-                            float* __restrict__ clip) {
+GIF_DEVICE void norm_finish(const double* __restrict__ partial, int blocks, float max_norm, float scale,
+                            float* __restrict__ norm, float* __restrict__ clip) {
   if (threadIdx.x != 0) return;
   double c = 0.0, a = 0.0;
   for (int b = 0; b < blocks; ++b) {
     c += partial[2 * b];
     a += partial[2 * b + 1];
   }
-  const float n = (float)sqrt(c);
+  const float n = scale * (float)sqrt(c);
   norm[0] = n;
-  norm[1] = (float)sqrt(a);
-  clip[0] = max_norm > 0.0f ? fminf(1.0f, max_norm / (n + 1e-6f)) : 1.0f;
+  norm[1] = scale * (float)sqrt(a);
+  clip[0] = scale * (max_norm > 0.0f ? fminf(1.0f, max_norm / (n + 1e-6f)) : 1.0f);
+  clip[1] = scale;
 }
 
 template <typename T>
@@ -128,7 +133,7 @@ GIF_DEVICE void sgd(const unsigned long long* __restrict__ params, const unsigne
                     const long long* __restrict__ offsets, int tensors, float lr, float momentum, float wd,
                     const int* __restrict__ step, const float* __restrict__ norm, const float* __restrict__ clip) {
   if (!norm_ok(norm)) return;
-  const float c = clip_factor(clip);  // null for a group outside the clipping
+  const float c = clip_factor(clip);
   const bool first = step[0] == 0;
   const long long total = offsets[tensors];
   for (long long e = blockIdx.x * (long long)kBlock + threadIdx.x; e < total; e += (long long)gridDim.x * kBlock) {
@@ -179,7 +184,7 @@ GIF_DEVICE void adamw(const unsigned long long* __restrict__ params, const unsig
 
 // clang-format off
 extern "C" __global__ void __launch_bounds__(kBlock) grad_sq_partial(const unsigned long long* grads, const int* in_clip, const long long* offsets, int tensors, double* partial) { sq_partial(grads, in_clip, offsets, tensors, partial); }
-extern "C" __global__ void __launch_bounds__(32) grad_norm_finish(const double* partial, int blocks, float max_norm, float* norm, float* clip) { norm_finish(partial, blocks, max_norm, norm, clip); }
+extern "C" __global__ void __launch_bounds__(32) grad_norm_finish(const double* partial, int blocks, float max_norm, float scale, float* norm, float* clip) { norm_finish(partial, blocks, max_norm, scale, norm, clip); }
 extern "C" __global__ void __launch_bounds__(kBlock) sgd_step_f32(const unsigned long long* params, const unsigned long long* grads, const unsigned long long* bufs, const unsigned long long* masters, const long long* offsets, int tensors, float lr, float momentum, float wd, const int* step, const float* norm, const float* clip) { sgd<float>(params, grads, bufs, masters, offsets, tensors, lr, momentum, wd, step, norm, clip); }
 extern "C" __global__ void __launch_bounds__(kBlock) sgd_step_bf16(const unsigned long long* params, const unsigned long long* grads, const unsigned long long* bufs, const unsigned long long* masters, const long long* offsets, int tensors, float lr, float momentum, float wd, const int* step, const float* norm, const float* clip) { sgd<bf16>(params, grads, bufs, masters, offsets, tensors, lr, momentum, wd, step, norm, clip); }
 extern "C" __global__ void __launch_bounds__(kBlock) adamw_step_f32(const unsigned long long* params, const unsigned long long* grads, const unsigned long long* ms, const unsigned long long* vs, const unsigned long long* masters, const long long* offsets, int tensors, float lr, float beta1, float beta2, float eps, float wd, const int* step, const float* norm, const float* clip) { adamw<float>(params, grads, ms, vs, masters, offsets, tensors, lr, beta1, beta2, eps, wd, step, norm, clip); }

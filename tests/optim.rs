@@ -103,6 +103,21 @@ fn run(
     steps: usize,
     max_norm: Option<f32>,
 ) -> (Vec<Vec<Vec<f32>>>, Optimizer) {
+    run_scaled(dev, kind, groups, dtype, grads_of, steps, max_norm, 1.0)
+}
+
+/// [`run`] through `step_scaled` with a gradient scale.
+#[allow(clippy::too_many_arguments)]
+fn run_scaled(
+    dev: &Device,
+    kind: OptimizerKind,
+    groups: Vec<GroupConfig>,
+    dtype: DType,
+    grads_of: &dyn Fn(usize) -> Vec<Vec<Vec<f32>>>,
+    steps: usize,
+    max_norm: Option<f32>,
+    scale: f32,
+) -> (Vec<Vec<Vec<f32>>>, Optimizer) {
     let mut r = rng(5);
     let mut values: Vec<Vec<Tensor>> = SIZES
         .iter()
@@ -120,7 +135,7 @@ fn run(
             .zip(&grads)
             .map(|(vs, gs)| vs.iter_mut().zip(gs).map(|(value, grad)| ParamRef { value, grad }).collect())
             .collect();
-        opt.step(&mut params, 0.05 * (1.0 + s as f32)).unwrap();
+        opt.step_scaled(&mut params, 0.05 * (1.0 + s as f32), scale).unwrap();
     }
     let out = values.iter().map(|vs| vs.iter().map(|v| v.to_f32_vec().unwrap()).collect()).collect();
     (out, opt)
@@ -167,6 +182,45 @@ fn sgd_and_adamw_follow_pytorch_over_several_steps_with_groups_and_clipping() {
                 // The clipped group's gradient norm is far above 3: clipping acted.
                 let (clipped, all) = opt.last_norms().unwrap();
                 assert!(clipped > 3.0 && all > clipped, "{dev}: norms {clipped} {all}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_gradient_scale_acts_as_scaled_gradients_before_the_norm_and_the_clipping() {
+    // 1/4: four accumulated micro-batches. The reference sees the scaled
+    // gradients; clipping at 3 still acts on them (their norm is ~ 18).
+    let scale = 0.25f32;
+    let scaled = |s: usize| -> Vec<Vec<Vec<f32>>> {
+        random_grads(s)
+            .into_iter()
+            .map(|g| g.into_iter().map(|v| v.iter().map(|x| x * scale).collect()).collect())
+            .collect()
+    };
+    for kind in [OptimizerKind::SGD, OptimizerKind::ADAMW] {
+        for max_norm in [None, Some(3.0)] {
+            let want = reference(kind, groups(), &scaled, 3, max_norm);
+            let unscaled = reference(kind, groups(), &random_grads, 3, max_norm);
+            for dev in all_devices() {
+                let (got, opt) = run_scaled(&dev, kind, groups(), DType::F32, &random_grads, 3, max_norm, scale);
+                let what = format!("{dev} {kind:?} clip {max_norm:?}");
+                assert_params(&what, &got, &want, 2e-5);
+                // The scale mattered: the unscaled run ends elsewhere (SGD;
+                // AdamW is invariant to a gradient scale but for eps).
+                if matches!(kind, OptimizerKind::Sgd { .. }) {
+                    let moved = got.iter().flatten().flatten().zip(unscaled.iter().flatten().flatten());
+                    assert!(moved.map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max) > 1e-3, "{what}");
+                }
+                let (clipped, all) = opt.last_norms().unwrap();
+                let sq = |g: &Vec<Vec<f32>>| g.iter().flatten().map(|&x| x as f64 * x as f64).sum::<f64>();
+                let last = scaled(2);
+                let want_norms = (sq(&last[0]).sqrt(), (sq(&last[0]) + sq(&last[1])).sqrt());
+                assert!(
+                    (clipped as f64 - want_norms.0).abs() < 1e-4 * want_norms.0,
+                    "{what}: {clipped} {want_norms:?}"
+                );
+                assert!((all as f64 - want_norms.1).abs() < 1e-4 * want_norms.1, "{what}: {all} {want_norms:?}");
             }
         }
     }

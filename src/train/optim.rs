@@ -15,6 +15,12 @@
 //!   v ← β2·v + (1 − β2)·g²; p ← p − (lr / (1 − β1^t))·m /
 //!   (sqrt(v) / sqrt(1 − β2^t) + eps), t the number of applied steps.
 //!
+//! [`Optimizer::step_scaled`] multiplies every gradient by a factor s first
+//! (g ← s·g before the norm, the clipping and the update): s = 1/k for k
+//! accumulated micro-batches (insightface's `loss / gradient_acc`), or the
+//! inverse of a loss scale (a GradScaler's `unscale_`), without a pass over
+//! the gradients of its own.
+//!
 //! When the norm of all the gradients (every group) is not finite, the step
 //! is skipped on the device: no parameter or state changes, t does not
 //! advance, and [`Optimizer::skipped`] counts it (what a GradScaler does).
@@ -130,7 +136,7 @@ struct Counters {
     skipped: DeviceBuffer,
     /// The last norms: the clipped groups', all groups' (f32).
     norm: Tensor,
-    /// The clip factor (f32).
+    /// The gradients' factors: the clipped groups', the others' (f32).
     clip: Tensor,
     /// The norm's per-block partial sums (2 f64 per block), reused.
     partial: DeviceBuffer,
@@ -232,7 +238,8 @@ impl Optimizer {
     }
 
     /// The last step's gradient norms: (the clipped groups', all groups'),
-    /// before clipping (a download on a GPU backend); zeros before any step.
+    /// of the scaled gradients before clipping (a download on a GPU
+    /// backend); zeros before any step.
     pub fn last_norms(&self) -> Result<(f32, f32)> {
         match &self.counters {
             Some(c) => {
@@ -247,8 +254,21 @@ impl Optimizer {
     /// group g (the same tensors, in the same order, every step: the state
     /// is matched by position and checked by shape and dtype).
     pub fn step(&mut self, params: &mut [Vec<ParamRef<'_>>], lr: f32) -> Result<()> {
+        self.step_scaled(params, lr, 1.0)
+    }
+
+    /// [`Optimizer::step`] on the gradients times `grad_scale` (finite,
+    /// positive): the norms, the clipping and the update see `grad_scale·g`
+    /// (see the module documentation).
+    pub fn step_scaled(&mut self, params: &mut [Vec<ParamRef<'_>>], lr: f32, grad_scale: f32) -> Result<()> {
         if !(lr.is_finite() && lr > 0.0) {
             return Err(Error::invalid(OP, format!("the learning rate must be finite and positive, got {lr}")));
+        }
+        if !(grad_scale.is_finite() && grad_scale > 0.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("the gradient scale must be finite and positive, got {grad_scale}"),
+            ));
         }
         if params.len() != self.groups.len() {
             return Err(Error::invalid(
@@ -260,9 +280,9 @@ impl Optimizer {
             self.check_group(g, list)?;
         }
         if self.device.kind() == DeviceKind::Cpu {
-            return self.step_host(params, lr);
+            return self.step_host(params, lr, grad_scale);
         }
-        self.step_device(params, lr)
+        self.step_device(params, lr, grad_scale)
     }
 
     fn check_group(&mut self, g: usize, list: &[ParamRef<'_>]) -> Result<()> {
@@ -318,7 +338,7 @@ impl Optimizer {
     }
 
     /// The host arithmetic (the CPU device), the kernels' rules in f32.
-    fn step_host(&mut self, params: &mut [Vec<ParamRef<'_>>], lr: f32) -> Result<()> {
+    fn step_host(&mut self, params: &mut [Vec<ParamRef<'_>>], lr: f32, scale: f32) -> Result<()> {
         let (mut clipped, mut all) = (0f64, 0f64);
         for (g, list) in params.iter().enumerate() {
             for p in list.iter() {
@@ -334,21 +354,22 @@ impl Optimizer {
                 }
             }
         }
-        let norms = [clipped.sqrt() as f32, all.sqrt() as f32];
+        let norms = [scale * clipped.sqrt() as f32, scale * all.sqrt() as f32];
         self.host.2 = norms;
         if !norms[1].is_finite() {
             self.host.1 += 1;
             return Ok(());
         }
-        let clip = match self.max_grad_norm {
-            Some(m) => (m / (norms[0] + 1e-6)).min(1.0),
-            None => 1.0,
-        };
+        let clip = scale
+            * match self.max_grad_norm {
+                Some(m) => (m / (norms[0] + 1e-6)).min(1.0),
+                None => 1.0,
+            };
         let t = self.host.0 + 1;
         let kind = self.kind;
         for (g, list) in params.iter_mut().enumerate() {
             let cfg = self.groups[g];
-            let h = Hyper { lr: lr * cfg.lr_scale, wd: cfg.weight_decay, c: if cfg.clip { clip } else { 1.0 }, t };
+            let h = Hyper { lr: lr * cfg.lr_scale, wd: cfg.weight_decay, c: if cfg.clip { clip } else { scale }, t };
             for (p, st) in list.iter_mut().zip(self.state[g].iter_mut()) {
                 let grad = p.grad.host_f32()?;
                 // The values updated in place: the master copy, an f32
@@ -378,14 +399,14 @@ impl Optimizer {
         Ok(())
     }
 
-    fn step_device(&mut self, params: &mut [Vec<ParamRef<'_>>], lr: f32) -> Result<()> {
+    fn step_device(&mut self, params: &mut [Vec<ParamRef<'_>>], lr: f32, scale: f32) -> Result<()> {
         let dev = self.device.clone();
         if self.counters.is_none() {
             self.counters = Some(Counters {
                 t: dev.alloc_zeroed(4)?,
                 skipped: dev.alloc_zeroed(4)?,
                 norm: Tensor::zeros(&dev, &[2], DType::F32)?,
-                clip: Tensor::zeros(&dev, &[1], DType::F32)?,
+                clip: Tensor::zeros(&dev, &[2], DType::F32)?,
                 partial: dev.alloc(2 * 8 * NORM_BLOCKS)?,
             });
         }
@@ -419,7 +440,7 @@ impl Optimizer {
             }?;
         }
         // SAFETY: partial holds 2·NORM_BLOCKS f64 (the first 2·blocks
-        // written above), norm 2 f32, clip 1 f32.
+        // written above), norm 2 f32, clip 2 f32.
         unsafe {
             launch::grad_norm_finish(
                 &dev,
@@ -427,11 +448,14 @@ impl Optimizer {
                 dev.ptr_of(partial),
                 blocks as i32,
                 self.max_grad_norm.unwrap_or(0.0),
+                scale,
                 norm.ptr_mut()?,
                 clip.ptr_mut()?,
             )
         }?;
         let (norm_p, clip_p, t_p): (Ptr<f32>, Ptr<f32>, Ptr<i32>) = (norm.ptr()?, clip.ptr()?, dev.ptr_of(t_buf));
+        // The unclipped groups' factor, clip[1].
+        let unclipped_p = Ptr::<f32>::from_addr(clip_p.addr() + 4);
         for (g, list) in params.iter_mut().enumerate() {
             let cfg = self.groups[g];
             for (slot, dtype) in [(0usize, DType::F32), (1, DType::BF16)] {
@@ -449,7 +473,7 @@ impl Optimizer {
                 }
                 let Some(l) = refresh_params(&dev, &mut self.lists[g][slot], &entries)? else { continue };
                 let blocks = l.total.div_ceil(256).clamp(1, 65535) as u32;
-                let c = if cfg.clip { clip_p } else { Ptr::null() };
+                let c = if cfg.clip { clip_p } else { unclipped_p };
                 let masters = l.masters.as_ref().map_or(Ptr::null(), |m| dev.ptr_of(m));
                 let (lr, wd) = (lr * cfg.lr_scale, cfg.weight_decay);
                 let lc = LaunchConfig::linear(blocks, 256, 0);
