@@ -360,7 +360,7 @@ fn bad_input_is_a_typed_error() {
     let g16 = Tensor::zeros(&dev, &[8], DType::BF16).unwrap();
     let elsewhere = Tensor::zeros(&Device::cpu(), &[8], DType::F32).unwrap();
     for (what, lr, grad) in [
-        ("lr 0", 0.0, &g),
+        ("lr < 0", -0.1, &g),
         ("lr NaN", f32::NAN, &g),
         ("short grad", 0.1, &g7),
         ("bf16 grad", 0.1, &g16),

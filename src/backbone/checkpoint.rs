@@ -136,8 +136,9 @@ impl IResNet {
     /// Writes the network as a PyTorch-layout safetensors state dict (F32;
     /// `num_batches_tracked` as I64 0 for every BatchNorm).
     pub fn save(&self, path: &Path) -> Result<()> {
+        use crate::io::safetensors::{le_bytes, write, Entry};
         let cfg = self.config().clone();
-        let mut bufs: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = Vec::new();
+        let mut entries: Vec<Entry<'_>> = Vec::new();
         for (name, t) in self.state() {
             let shape = t.shape().to_vec();
             let v = t.to_f32_vec()?;
@@ -147,18 +148,12 @@ impl IResNet {
                 Layout::Fc { c, hw } => permute_fc(&v, c, hw, true),
             };
             if let Some(prefix) = name.strip_suffix(".running_mean") {
-                bufs.push((format!("{prefix}{TRACKED}"), vec![], safetensors::Dtype::I64, 0i64.to_le_bytes().to_vec()));
+                let zero = 0i64.to_le_bytes().to_vec().into();
+                entries.push(Entry { name: format!("{prefix}{TRACKED}"), dtype: "I64", shape: vec![], bytes: zero });
             }
-            bufs.push((name, torch_shape(&shape), safetensors::Dtype::F32, bytemuck::cast_slice(&torch).to_vec()));
+            let bytes = le_bytes(&torch).into_owned().into();
+            entries.push(Entry { name, dtype: "F32", shape: torch_shape(&shape), bytes });
         }
-        let views = bufs
-            .iter()
-            .map(|(n, s, d, b)| {
-                safetensors::tensor::TensorView::new(*d, s.clone(), b)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| Error::file(path, format!("{n}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize_to_file(views, None, path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
+        write(path, &entries, &BTreeMap::new())
     }
 }

@@ -756,17 +756,38 @@ impl IResNet {
     /// temporaries and copied (one device copy per parameter); persistent
     /// gradient buffers come with the training issue's parameters.
     pub fn backward_into(&mut self, d_emb: &Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
-        const OP: &str = "IResNet::backward_into";
+        self.backward_merge("IResNet::backward_into", d_emb, grads, false)
+    }
+
+    /// [`IResNet::backward_into`] adding each gradient to the tensor of its
+    /// name instead of overwriting it (gradient accumulation over
+    /// micro-batches); `grads` must hold every trainable parameter's.
+    pub fn backward_accumulate(&mut self, d_emb: &Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
+        const OP: &str = "IResNet::backward_accumulate";
+        if let Some((name, _)) = self.params_mut().iter().find(|(name, _)| !grads.contains_key(name)) {
+            return Err(Error::invalid(OP, format!("no gradient buffer for {name} to add to")));
+        }
+        self.backward_merge(OP, d_emb, grads, true)
+    }
+
+    fn backward_merge(
+        &mut self,
+        op: &'static str,
+        d_emb: &Tensor,
+        grads: &mut BTreeMap<String, Tensor>,
+        accumulate: bool,
+    ) -> Result<()> {
         for (name, g) in grads.iter() {
             let shape = self
                 .state()
                 .get(name.as_str())
                 .map(|t| t.shape().to_vec())
-                .ok_or_else(|| Error::invalid(OP, format!("{name} is not a parameter of this network")))?;
-            g.check_output(OP, &self.device, &[&shape])?;
+                .ok_or_else(|| Error::invalid(op, format!("{name} is not a parameter of this network")))?;
+            g.check_output(op, &self.device, &[&shape])?;
         }
         for (name, g) in self.backward(d_emb)? {
             match grads.get_mut(&name) {
+                Some(t) if accumulate => add_assign(t, &g)?,
                 Some(t) => t.copy_from(&g)?,
                 None => {
                     grads.insert(name, g);

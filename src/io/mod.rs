@@ -1,5 +1,7 @@
-//! File formats: [`npy`] (NumPy arrays). Safetensors codebooks and
-//! checkpoints live with their types (tokenizer::codebook,
-//! backbone::checkpoint).
+//! File formats: [`npy`] (NumPy arrays) and the crate's [`safetensors`]
+//! writer (deterministic headers, atomic writes). The codebook, network
+//! and training-checkpoint formats live with their types
+//! (tokenizer::codebook, backbone::checkpoint, train::checkpoint).
 
 pub mod npy;
+pub mod safetensors;

@@ -1,8 +1,8 @@
 //! The codebook: every identity's code (l tokens in [0, v)), its unit code
 //! vector, the prefix trie of the codes, and the file format.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -285,39 +285,25 @@ impl Codebook {
 
     /// Writes the codebook as a safetensors file: tensors "vectors" (F32
     /// `[N, d]`) and "codes" (U16 `[N, l]`), metadata "format_version",
-    /// "length", "seed", "vocab".
-    ///
-    /// The header is written here rather than by the safetensors crate,
-    /// which serializes metadata from a HashMap in a per-process random
-    /// order: this way the same codebook gives a byte-identical file. The
-    /// safetensors crate reads it back ([`Codebook::load`], tested).
+    /// "length", "seed", "vocab"; the same codebook gives a byte-identical
+    /// file, written atomically (crate::io::safetensors).
     pub fn save(&self, path: &Path) -> Result<()> {
+        use crate::io::safetensors::{le_bytes, write, Entry};
         let (n, l, d) = (self.len(), self.length, self.dim);
-        let vbytes = n * d * 4;
-        let cbytes = n * l * 2;
-        let mut header = format!(
-            "{{\"__metadata__\":{{\"format_version\":\"{FORMAT_VERSION}\",\"length\":\"{l}\",\"seed\":\"{}\",\"vocab\":\"{}\"}},\
-             \"codes\":{{\"dtype\":\"U16\",\"shape\":[{n},{l}],\"data_offsets\":[{vbytes},{}]}},\
-             \"vectors\":{{\"dtype\":\"F32\",\"shape\":[{n},{d}],\"data_offsets\":[0,{vbytes}]}}}}",
-            self.seed,
-            self.vocab,
-            vbytes + cbytes
-        );
-        while header.len() % 8 != 0 {
-            header.push(' '); // the data starts 8-byte aligned, as the safetensors crate writes it
-        }
-        let io = |e: std::io::Error| Error::file(path, format!("cannot write: {e}"));
-        let f = std::fs::File::create(path).map_err(io)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(header.as_bytes()).map_err(io)?;
-        for chunk in self.vectors.chunks(1 << 18) {
-            let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
-            w.write_all(&bytes).map_err(io)?;
-        }
-        let bytes: Vec<u8> = self.codes.iter().flat_map(|x| x.to_le_bytes()).collect();
-        w.write_all(&bytes).map_err(io)?;
-        w.flush().map_err(io)
+        let metadata: BTreeMap<String, String> = [
+            ("format_version", FORMAT_VERSION.to_string()),
+            ("length", l.to_string()),
+            ("seed", self.seed.to_string()),
+            ("vocab", self.vocab.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let entries = [
+            Entry { name: "vectors".into(), dtype: "F32", shape: vec![n, d], bytes: le_bytes(&self.vectors) },
+            Entry { name: "codes".into(), dtype: "U16", shape: vec![n, l], bytes: le_bytes(&self.codes) },
+        ];
+        write(path, &entries, &metadata)
     }
 
     /// Reads and validates a codebook file: the safetensors structure, the

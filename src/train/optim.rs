@@ -261,8 +261,10 @@ impl Optimizer {
     /// positive): the norms, the clipping and the update see `grad_scale·g`
     /// (see the module documentation).
     pub fn step_scaled(&mut self, params: &mut [Vec<ParamRef<'_>>], lr: f32, grad_scale: f32) -> Result<()> {
-        if !(lr.is_finite() && lr > 0.0) {
-            return Err(Error::invalid(OP, format!("the learning rate must be finite and positive, got {lr}")));
+        // 0 is a rate (a schedule's last steps; torch.optim accepts it: the
+        // state still moves).
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::invalid(OP, format!("the learning rate must be finite and not negative, got {lr}")));
         }
         if !(grad_scale.is_finite() && grad_scale > 0.0) {
             return Err(Error::invalid(
