@@ -36,6 +36,43 @@ fn rows(table: &[f32], labels: &[u32], d: usize) -> Vec<f32> {
 }
 
 #[test]
+fn identity_accuracy_counts_the_samples_right_at_every_position() {
+    // Centres e_0 … e_{v-1} at every position; a feature e_t (plus a little
+    // noise) is right at position j exactly when the code's token j is t.
+    // Identities 0..v have the code (t, t, t); the others mix tokens. The
+    // batch: 37 samples (not a multiple of any tile), every third a
+    // "uniform" identity.
+    let (d, l, v, b) = (8usize, 3usize, 5usize, 37usize);
+    let mut table: Vec<u16> = (0..v as u16).flat_map(|t| [t, t, t]).collect();
+    table.extend((0..v as u16).flat_map(|t| [t, (t + 1) % v as u16, t]));
+    let n = table.len() / l;
+    let centres: Vec<f32> = (0..l).flat_map(|_| (0..v).flat_map(|k| (0..d).map(move |c| f32::from(c == k)))).collect();
+    let labels: Vec<u32> =
+        (0..b as u32).map(|s| if s % 3 == 0 { s % v as u32 } else { v as u32 + s % v as u32 }).collect();
+    let mut rng = rng(77);
+    let x: Vec<f32> = labels
+        .iter()
+        .flat_map(|&y| {
+            let t = table[y as usize * l] as usize;
+            (0..d).map(|c| f32::from(c == t) + 0.01 * rng.random_range(-1.0f32..1.0)).collect::<Vec<_>>()
+        })
+        .collect();
+    let uniform = labels.iter().filter(|&&y| (y as usize) < v).count() as f64 / b as f64;
+    let cfg = CodeHeadConfig { gamma: 0.0, ..CodeHeadConfig::new(d, l, v) };
+    for dev in all_devices() {
+        let head =
+            CodeHead::from_weights(cfg.clone(), Tensor::from_slice(&dev, &[l, v, d], &centres).unwrap(), None).unwrap();
+        let tab = CodeTable::new(&dev, table.clone(), l, v, None).unwrap();
+        let xt = Tensor::from_slice(&dev, &[b, d], &x).unwrap();
+        let (loss, _) = head.forward_backward(&xt, &labels, &tab).unwrap();
+        let near = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(loss.accuracy.iter().zip([1.0, uniform, 1.0]).all(|(&a, w)| near(a, w)), "{dev}: {:?}", loss.accuracy);
+        assert!(near(loss.identity_accuracy, uniform), "{dev}: {}", loss.identity_accuracy);
+        assert!(uniform > 0.3 && uniform < 0.4);
+    }
+}
+
+#[test]
 fn reference_gradients_match_finite_differences_under_every_margin() {
     let (b, d, dp, v, l, n) = (3, 6, 5, 4, 2, 10);
     let mut rng = rng(31);
@@ -181,6 +218,7 @@ fn compare(cfg: &CodeHeadConfig, b: usize, n: usize, fdtype: DType, tdtype: DTyp
             assert!(tol(got.per_position[j], want.per_position[j]), "{what}: loss {j}");
             assert!((got.accuracy[j] - want.accuracy[j]).abs() < 1e-9, "{what}: accuracy {j}");
         }
+        assert!((got.identity_accuracy - want.identity_accuracy).abs() < 1e-9, "{what}: identity accuracy");
         let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
         // bf16 features and weights with projections: the kernels run the
         // projections' backward GEMMs on bf16 operands (dZ rounded to bf16,

@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
-use super::stats::StepStats;
+use super::stats::{DeviceRows, StepStats};
 use crate::error::{Error, Result};
 use crate::ops::gemm::{self, Op};
 use crate::ops::labels::{self, Codes, Labels};
@@ -262,8 +262,12 @@ pub struct HeadLoss {
     pub per_position: Vec<f64>,
     /// `γ·L_AR` (batch mean).
     pub regression: f64,
-    /// Fraction of samples whose plain-cosine argmax is the target token.
+    /// Per position: the fraction of samples whose plain-cosine argmax is
+    /// the target token.
     pub accuracy: Vec<f64>,
+    /// The fraction of samples whose every position is right (the whole
+    /// code predicted greedily: the identity found).
+    pub identity_accuracy: f64,
 }
 
 /// Losses, accuracies and the device label check of one step, left on the
@@ -291,13 +295,15 @@ impl HeadMetrics {
         const OP: &str = "CodeHead::forward_backward";
         let loss = match self.state.read(OP, "HeadMetrics::read")? {
             Ok(loss) => loss,
-            Err((sums, b)) => {
+            Err(DeviceRows { sums, b, rows }) => {
                 // Rows: the regression term, then each position's loss and hit.
                 let l = (sums.len() - 1) / 2;
                 let per_position: Vec<f64> = (0..l).map(|j| sums[1 + 2 * j]).collect();
                 let accuracy: Vec<f64> = (0..l).map(|j| sums[2 + 2 * j] / b as f64).collect();
                 let total = per_position.iter().sum::<f64>() + sums[0];
-                HeadLoss { total, per_position, regression: sums[0], accuracy }
+                let all = (0..b).filter(|&s| (0..l).all(|j| rows[(2 + 2 * j) * b + s] > 0.5)).count();
+                let identity_accuracy = all as f64 / b as f64;
+                HeadLoss { total, per_position, regression: sums[0], accuracy, identity_accuracy }
             }
         };
         if let Some(j) = loss.per_position.iter().position(|x| !x.is_finite()) {
@@ -1029,6 +1035,7 @@ pub mod cpu {
         let mut dx = vec![0f64; b * d];
         let mut per_position = vec![0f64; l];
         let mut accuracy = vec![0f64; l];
+        let mut all_right = vec![true; b];
         let mut dcentres = Vec::with_capacity(l);
         let mut dproj: Vec<Vec<f64>> = Vec::new();
         for j in 0..l {
@@ -1050,6 +1057,7 @@ pub mod cpu {
                     .unwrap_or_else(|_| RowCe::nan(v));
                 per_position[j] += weight * row.loss;
                 accuracy[j] += if row.correct { 1.0 / b as f64 } else { 0.0 };
+                all_right[s] &= row.correct;
                 let g: Vec<f64> = row.grad.iter().map(|x| x * weight).collect();
                 let du: Vec<f64> = (0..dp).map(|c| (0..v).map(|k| g[k] * w_hat[k][c]).sum()).collect();
                 let proj: f64 = du.iter().zip(&u).map(|(a, c)| a * c).sum();
@@ -1092,7 +1100,13 @@ pub mod cpu {
         let regression = regression(cfg, x, h, b, |i, g| dx[i] += g);
         let total = per_position.iter().sum::<f64>() + regression;
         (
-            HeadLoss { total, per_position, regression, accuracy },
+            HeadLoss {
+                total,
+                per_position,
+                regression,
+                accuracy,
+                identity_accuracy: all_right.iter().filter(|&&r| r).count() as f64 / b as f64,
+            },
             Grads64 { features: dx, centres: dcentres, projections: projections.map(|_| dproj) },
         )
     }
@@ -1131,6 +1145,7 @@ pub mod cpu {
         let (b, d, dp, v, l) = (labels.len(), cfg.dim, cfg.dp(), cfg.vocab, cfg.length);
         let mut dx = vec![0f32; b * d];
         let (mut per_position, mut accuracy) = (vec![0f64; l], vec![0f64; l]);
+        let mut all_right = vec![true; b];
         let (mut dcentres, mut dproj) = (Vec::with_capacity(l), Vec::new());
         for j in 0..l {
             let z_owned;
@@ -1170,6 +1185,7 @@ pub mod cpu {
                     .unwrap_or_else(|_| RowCe::nan(v));
                 per_position[j] += weight * r.loss;
                 accuracy[j] += if r.correct { 1.0 / b as f64 } else { 0.0 };
+                all_right[s] &= r.correct;
                 gc[s * v..(s + 1) * v].iter_mut().zip(&r.grad).for_each(|(o, &q)| *o = (q * weight) as f32);
                 if r.singular != 0.0 {
                     singular.push((s, ang, r.singular * weight));
@@ -1209,7 +1225,13 @@ pub mod cpu {
         let regression = regression(cfg, x, h, b, |i, g| dx[i] += g as f32);
         let total = per_position.iter().sum::<f64>() + regression;
         (
-            HeadLoss { total, per_position, regression, accuracy },
+            HeadLoss {
+                total,
+                per_position,
+                regression,
+                accuracy,
+                identity_accuracy: all_right.iter().filter(|&&r| r).count() as f64 / b as f64,
+            },
             Grads32 { features: dx, centres: dcentres, projections: projections.map(|_| dproj) },
         )
     }

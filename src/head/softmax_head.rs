@@ -27,7 +27,7 @@ use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
 use super::margin::{margin_ce_row, Angle, Margin, MarginGrad, RowCe};
-use super::stats::StepStats;
+use super::stats::{DeviceRows, StepStats};
 use crate::error::{Error, Result};
 use crate::ops::gemm::{cpu::gemm_sized as cpu_gemm, Op};
 use crate::ops::labels::{self, Labels};
@@ -170,7 +170,7 @@ impl SoftmaxMetrics {
         const OP: &str = "SoftmaxHead::forward_backward";
         let loss = match self.state.read(OP, "SoftmaxMetrics::read")? {
             Ok(loss) => loss,
-            Err((sums, b)) => SoftmaxLoss { loss: sums[2], accuracy: sums[3] / b as f64 },
+            Err(DeviceRows { sums, b, .. }) => SoftmaxLoss { loss: sums[2], accuracy: sums[3] / b as f64 },
         };
         if !loss.loss.is_finite() {
             return Err(Error::invalid(OP, "the loss is not finite (a non-finite feature or centre?)"));

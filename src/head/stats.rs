@@ -8,6 +8,13 @@ use crate::ops::labels;
 use crate::runtime::device::{Device, DeviceBuffer};
 use crate::runtime::tensor::{DType, Tensor};
 
+/// A device step's statistics as read: each row's sum, B, the rows.
+pub(crate) struct DeviceRows {
+    pub sums: Vec<f64>,
+    pub b: usize,
+    pub rows: Vec<f32>,
+}
+
 // One per metrics object, so the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Default)]
@@ -22,14 +29,11 @@ pub(crate) enum StepStats<L> {
 }
 
 impl<L: Clone> StepStats<L> {
-    /// The host result, or the sum of each statistics row (f64) and B: one
-    /// download of the rows after the label check (4 bytes). `op` names
-    /// the step in errors; `what` the metrics type.
-    pub(crate) fn read(
-        &self,
-        op: &'static str,
-        what: &'static str,
-    ) -> Result<std::result::Result<L, (Vec<f64>, usize)>> {
+    /// The host result, or the sum of each statistics row (f64), B and the
+    /// rows themselves (`[rows, B]`): one download of the rows after the
+    /// label check (4 bytes). `op` names the step in errors; `what` the
+    /// metrics type.
+    pub(crate) fn read(&self, op: &'static str, what: &'static str) -> Result<std::result::Result<L, DeviceRows>> {
         match self {
             StepStats::Empty => Err(Error::invalid(what, "no step has written these metrics")),
             StepStats::Host(l) => Ok(Ok(l.clone())),
@@ -38,8 +42,9 @@ impl<L: Clone> StepStats<L> {
                     return Err(labels::bad_label_error(op, p, *n));
                 }
                 let (_, b) = stats.dims2(op)?;
-                let st = stats.to_vec::<f32>()?;
-                Ok(Err((st.chunks(b.max(1)).map(|r| r.iter().map(|&x| x as f64).sum()).collect(), b)))
+                let rows = stats.to_vec::<f32>()?;
+                let sums = rows.chunks(b.max(1)).map(|r| r.iter().map(|&x| x as f64).sum()).collect();
+                Ok(Err(DeviceRows { sums, b, rows }))
             }
         }
     }

@@ -666,6 +666,28 @@ impl Device {
         }
     }
 
+    /// Copies `data` to device address `addr` (the range checked by the
+    /// tensor that holds it). Waits for the copy: `data` may be dropped on
+    /// return.
+    pub(crate) fn upload_addr(&self, data: &[u8], addr: u64) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.count(|m| &m.uploads);
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid("upload", "the CPU device has no device memory")),
+            #[cfg(feature = "sim")]
+            Inner::Sim(s) => s.sim.write(addr, data),
+            Inner::Cuda(c) => {
+                c.ctx.bind_to_thread().map_err(|e| Error::driver("upload (bind context)", e))?;
+                // SAFETY: as in copy_addr; `data` outlives the synchronize below.
+                unsafe { cu::result::memcpy_htod_async(addr, data, c.stream.cu_stream()) }
+                    .map_err(|e| Error::driver("upload", e))?;
+                c.stream.synchronize().map_err(|e| Error::driver("upload (synchronize)", e))
+            }
+        }
+    }
+
     /// Sets `bytes` bytes at device address `addr` to zero (queued).
     pub(crate) fn zero_addr(&self, addr: u64, bytes: usize) -> Result<()> {
         if bytes == 0 {

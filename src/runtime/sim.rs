@@ -164,6 +164,15 @@ impl SimBackend {
         Ok(())
     }
 
+    /// Copies `data` to `addr`.
+    pub(crate) fn write(&self, addr: u64, data: &[u8]) -> Result<()> {
+        let allocs = lock(&self.allocs);
+        within(&allocs, addr, data.len()).map_err(|m| Error::invalid("sim write", m))?;
+        // SAFETY: as in read.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as usize as *mut u8, data.len()) };
+        Ok(())
+    }
+
     /// Sets `len` bytes at `addr` to `byte`.
     pub(crate) fn fill(&self, addr: u64, len: usize, byte: u8) -> Result<()> {
         let allocs = lock(&self.allocs);

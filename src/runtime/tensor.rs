@@ -645,6 +645,27 @@ impl Tensor {
         self.device.copy_addr(a, b, self.nbytes())
     }
 
+    /// Overwrites this tensor's elements with host values (as many, of its
+    /// dtype): into its existing memory, no allocation (on a GPU, an upload
+    /// that waits for the copy).
+    pub fn copy_from_host<T: Element>(&mut self, data: &[T]) -> Result<()> {
+        const OP: &str = "Tensor::copy_from_host";
+        if T::DTYPE != self.dtype || data.len() != self.numel() {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("{} {:?} elements", self.numel(), self.dtype),
+                got: format!("{} {:?} elements", data.len(), T::DTYPE),
+            });
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if let Some(d) = self.host_bytes_mut() {
+            d.copy_from_slice(bytes);
+            return Ok(());
+        }
+        let addr = self.device_ptr().ok_or_else(|| Error::invalid(OP, "no storage"))?;
+        self.device.upload_addr(bytes, addr)
+    }
+
     /// Sets every element to zero, in place (on the device: a memset).
     pub fn fill_zeros(&mut self) -> Result<()> {
         if let Some(b) = self.host_bytes_mut() {
