@@ -45,7 +45,6 @@ fn identity_accuracy_counts_the_samples_right_at_every_position() {
     let (d, l, v, b) = (8usize, 3usize, 5usize, 37usize);
     let mut table: Vec<u16> = (0..v as u16).flat_map(|t| [t, t, t]).collect();
     table.extend((0..v as u16).flat_map(|t| [t, (t + 1) % v as u16, t]));
-    let n = table.len() / l;
     let centres: Vec<f32> = (0..l).flat_map(|_| (0..v).flat_map(|k| (0..d).map(move |c| f32::from(c == k)))).collect();
     let labels: Vec<u32> =
         (0..b as u32).map(|s| if s % 3 == 0 { s % v as u32 } else { v as u32 + s % v as u32 }).collect();

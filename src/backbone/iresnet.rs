@@ -385,6 +385,11 @@ impl IResNet {
         &self.cfg
     }
 
+    /// The device the network lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Every parameter and buffer by insightface's state-dict name, in the
     /// crate's layouts (conv weights OHWI, `fc.weight` over NHWC-flattened
     /// inputs).
@@ -524,7 +529,17 @@ impl IResNet {
         Ok(())
     }
 
-    fn slot(&mut self, name: &str) -> Option<&mut Tensor> {
+    /// The dropout draw's position: (seed, training forward passes so
+    /// far), for checkpoints.
+    pub(crate) fn dropout_position(&self) -> (u64, u64) {
+        (self.seed, self.step)
+    }
+    pub(crate) fn set_dropout_position(&mut self, seed: u64, step: u64) {
+        (self.seed, self.step) = (seed, step);
+    }
+
+    /// The parameter or buffer `name` (a [`IResNet::state`] name), mutably.
+    pub(crate) fn slot(&mut self, name: &str) -> Option<&mut Tensor> {
         fn bn<'a>(b: &'a mut BatchNorm, field: &str) -> Option<&'a mut Tensor> {
             match field {
                 "weight" => Some(&mut b.weight),

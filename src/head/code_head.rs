@@ -227,6 +227,11 @@ impl CodeTable {
         )
     }
 
+    /// The codes, `[N, l]` row-major.
+    pub fn codes(&self) -> &[u16] {
+        &self.codes
+    }
+
     /// Number of identities.
     pub fn len(&self) -> usize {
         self.n
@@ -873,6 +878,15 @@ impl CodeHead {
             v.push(ParamRef { value: p, grad: g });
         }
         Ok(v)
+    }
+
+    /// The weights by name, mutably: `centres`, then `projections`.
+    pub(crate) fn weights_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        let mut v = vec![("centres", &mut self.centres)];
+        if let Some(p) = self.projections.as_mut() {
+            v.push(("projections", p));
+        }
+        v
     }
 
     /// Plain SGD on the head's weights: `w ← w − lr·g` for the centres and

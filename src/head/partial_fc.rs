@@ -92,6 +92,13 @@ impl PartialFc {
     pub fn rate(&self) -> f32 {
         self.rate
     }
+    /// The sampling seed (step t samples with the key (seed, t)).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+    pub(crate) fn centres_mut(&mut self) -> &mut Tensor {
+        self.head.centres_mut()
+    }
 
     /// `⌈r·N⌉` (the sample size when the positives fit in it).
     pub fn sample_size(&self) -> usize {

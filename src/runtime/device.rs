@@ -674,6 +674,7 @@ impl Device {
             return Ok(());
         }
         self.count(|m| &m.uploads);
+        self.count(|m| &m.syncs);
         match &self.inner {
             Inner::Cpu => Err(Error::invalid("upload", "the CPU device has no device memory")),
             #[cfg(feature = "sim")]

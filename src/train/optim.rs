@@ -99,6 +99,10 @@ pub struct ParamRef<'a> {
     pub grad: &'a Tensor,
 }
 
+/// [`Optimizer::export`]'s result: the named state tensors, the applied
+/// and the skipped steps.
+pub(crate) type Exported<'a> = (Vec<(String, &'a Tensor)>, u64, u64);
+
 /// Per parameter: the optimizer's f32 state.
 struct State {
     numel: usize,
@@ -140,6 +144,20 @@ struct Counters {
     clip: Tensor,
     /// The norm's per-block partial sums (2 f64 per block), reused.
     partial: DeviceBuffer,
+}
+
+impl Counters {
+    /// Counters at t applied and `skipped` skipped steps.
+    fn new(dev: &Device, t: i32, skipped: u32) -> Result<Counters> {
+        let counter = |v: [u8; 4]| if v == [0; 4] { dev.alloc_zeroed(4) } else { dev.upload(&v) };
+        Ok(Counters {
+            t: counter(t.to_le_bytes())?,
+            skipped: counter(skipped.to_le_bytes())?,
+            norm: Tensor::zeros(dev, &[2], DType::F32)?,
+            clip: Tensor::zeros(dev, &[2], DType::F32)?,
+            partial: dev.alloc(2 * 8 * NORM_BLOCKS)?,
+        })
+    }
 }
 
 /// The norm pass's list: every gradient and whether its group is clipped.
@@ -248,6 +266,97 @@ impl Optimizer {
             }
             None => Ok((self.host.2[0], self.host.2[1])),
         }
+    }
+
+    /// The state for a checkpoint: per group g and parameter i, its f32
+    /// state tensors named `{g}.{i}.momentum_buffer` (SGD) or
+    /// `{g}.{i}.exp_avg` and `{g}.{i}.exp_avg_sq` (AdamW: PyTorch's names),
+    /// and `{g}.{i}.master` (an f32 master copy); empty before the first
+    /// step. With the step and skipped counts (a download on a GPU backend).
+    pub(crate) fn export(&self) -> Result<Exported<'_>> {
+        let mut out = Vec::new();
+        let a_name = match self.kind {
+            OptimizerKind::Sgd { .. } => "momentum_buffer",
+            OptimizerKind::AdamW { .. } => "exp_avg",
+        };
+        for (g, list) in self.state.iter().enumerate() {
+            for (i, st) in list.iter().enumerate() {
+                for (name, t) in [(a_name, &st.a), ("exp_avg_sq", &st.b), ("master", &st.master)] {
+                    if let Some(t) = t {
+                        out.push((format!("{g}.{i}.{name}"), t));
+                    }
+                }
+            }
+        }
+        Ok((out, self.steps()?, self.skipped()?))
+    }
+
+    /// Restores [`Optimizer::export`]'s state for parameters `params[g]`
+    /// (element count and dtype per parameter, in step order): `take(name,
+    /// numel)` gives the f32 tensor of that name (an error when absent or
+    /// of another size). With `t` = 0 and no state the optimizer starts
+    /// fresh. Replaces any state this optimizer had.
+    pub(crate) fn import(
+        &mut self,
+        params: &[Vec<(usize, DType)>],
+        t: u64,
+        skipped: u64,
+        take: &mut dyn FnMut(&str, usize) -> Result<Option<Tensor>>,
+    ) -> Result<()> {
+        const OP: &str = "Optimizer::import";
+        if params.len() != self.groups.len() {
+            return Err(Error::invalid(OP, format!("{} groups for {}", params.len(), self.groups.len())));
+        }
+        let (a_name, b_needed) = match self.kind {
+            OptimizerKind::Sgd { .. } => ("momentum_buffer", false),
+            OptimizerKind::AdamW { .. } => ("exp_avg", true),
+        };
+        let a_needed = !matches!(self.kind, OptimizerKind::Sgd { momentum: 0.0 });
+        let mut state: Vec<Vec<State>> = Vec::new();
+        for (g, list) in params.iter().enumerate() {
+            let mut group = Vec::new();
+            for (i, &(numel, dtype)) in list.iter().enumerate() {
+                let mut get = |name: &str, needed: bool| -> Result<Option<Tensor>> {
+                    let key = format!("{g}.{i}.{name}");
+                    match take(&key, numel)? {
+                        Some(t) => Ok(Some(t)),
+                        None if needed && t > 0 => Err(Error::invalid(OP, format!("no optimizer state {key}"))),
+                        None => Ok(None),
+                    }
+                };
+                let a = get(a_name, a_needed)?;
+                let b = get("exp_avg_sq", b_needed)?;
+                let master_needed = self.groups[g].master_weights && dtype == DType::BF16;
+                let master = get("master", master_needed)?;
+                if a.is_none() && b.is_none() && master.is_none() {
+                    continue;
+                }
+                group.push(State { numel, dtype, a, b, master });
+            }
+            if !group.is_empty() && group.len() != list.len() {
+                return Err(Error::invalid(OP, format!("group {g}: state for some parameters only")));
+            }
+            state.push(group);
+        }
+        if t == 0 && state.iter().any(|g| !g.is_empty()) {
+            return Err(Error::invalid(OP, "optimizer state without any step"));
+        }
+        if t > 0 && (a_needed || b_needed) && state.iter().zip(params).any(|(s, p)| s.is_empty() && !p.is_empty()) {
+            return Err(Error::invalid(OP, format!("{t} steps but no optimizer state")));
+        }
+        self.state = state;
+        self.lists = (0..self.groups.len()).map(|_| [None, None]).collect();
+        self.norm_lists = None;
+        let (t32, s32) = (
+            i32::try_from(t).map_err(|_| Error::invalid(OP, format!("{t} steps overflow the device counter")))?,
+            u32::try_from(skipped).map_err(|_| Error::invalid(OP, format!("{skipped} skips overflow the counter")))?,
+        );
+        if self.device.kind() == DeviceKind::Cpu {
+            self.host = (t, skipped, [0.0; 2]);
+        } else {
+            self.counters = Some(Counters::new(&self.device, t32, s32)?);
+        }
+        Ok(())
     }
 
     /// One step at learning rate `lr` over `params[g]`, the parameters of
@@ -404,13 +513,7 @@ impl Optimizer {
     fn step_device(&mut self, params: &mut [Vec<ParamRef<'_>>], lr: f32, scale: f32) -> Result<()> {
         let dev = self.device.clone();
         if self.counters.is_none() {
-            self.counters = Some(Counters {
-                t: dev.alloc_zeroed(4)?,
-                skipped: dev.alloc_zeroed(4)?,
-                norm: Tensor::zeros(&dev, &[2], DType::F32)?,
-                clip: Tensor::zeros(&dev, &[2], DType::F32)?,
-                partial: dev.alloc(2 * 8 * NORM_BLOCKS)?,
-            });
+            self.counters = Some(Counters::new(&dev, 0, 0)?);
         }
         // The norms over every gradient (flags: the clipped groups).
         let mut all: Vec<(u64, usize, bool)> = Vec::new();

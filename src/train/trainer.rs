@@ -1,0 +1,460 @@
+//! The training step: a backbone, a head, an optimizer and a schedule, as
+//! insightface's arcface_torch train_v2.py runs them.
+//!
+//! One [`Trainer::step`] is one micro-batch (insightface's `global_step`):
+//! the backbone's forward in training mode, the head's forward and
+//! backward, the backbone's backward, each gradient added into buffers the
+//! trainer owns; every `gradient_acc`-th micro-batch the optimizer steps
+//! on the accumulated gradients times 1/`gradient_acc` (train_v2.py divides
+//! each micro-batch's loss by `gradient_acc`), clipping the backbone's
+//! gradient norm (insightface: 5; the head is not clipped), at the rate
+//! `schedule.lr(t)` with t the micro-batches before this one (train_v2.py
+//! steps its scheduler once per micro-batch).
+//!
+//! Two parameter groups, as train_v2.py: the backbone (group 0) and the
+//! head (group 1, its rate times `head_lr_scale`, 1 in insightface); both
+//! with `weight_decay`.
+//!
+//! The heads:
+//! - [`TrainHead::Code`]: GIF's code head over a [`CodeTable`]; its
+//!   parameters `centres` `[l, v, d_p]` and `projections` `[l, d_p, d]`;
+//! - [`TrainHead::Softmax`]: the full margin softmax (ArcFace); `weight`
+//!   `[N, d]`;
+//! - [`TrainHead::PartialFc`]: Partial FC; `weight` `[N, d]`, with
+//!   insightface's PartialFC_V2 semantics: the sampled rows' gradient is
+//!   scattered into a dense N × d gradient (zeros elsewhere), and the
+//!   optimizer updates every row (momentum and weight decay move rows
+//!   outside the sample too, as they do in PyTorch on a dense gradient).
+//!
+//! Buffers: every gradient (the backbone's, the head's, Partial FC's dense
+//! one) is allocated once, at the first step (a second set for
+//! `gradient_acc` > 1: the micro-batches after the first compute into it
+//! and add); the images' device buffer is reused while B stays. Nothing
+//! waits for the device in a step but the images' upload; the metrics stay
+//! on the device until [`Trainer::metrics`] reads them (the last
+//! micro-batch's: call it every k steps).
+
+use std::collections::BTreeMap;
+
+use crate::backbone::norm::add_assign;
+use crate::backbone::IResNet;
+use crate::error::{Error, Result};
+use crate::head::{
+    CodeHead, CodeTable, HeadGrads, HeadMetrics, PartialFc, PfcGrads, SoftmaxGrads, SoftmaxHead, SoftmaxMetrics,
+};
+use crate::runtime::tensor::{DType, Tensor};
+use crate::train::{GroupConfig, Optimizer, OptimizerKind, ParamRef, Schedule};
+
+/// The head a [`Trainer`] trains (one per trainer: the variants' sizes do
+/// not matter).
+#[allow(clippy::large_enum_variant)]
+pub enum TrainHead {
+    /// GIF: the code head and the identities' codes (and code vectors).
+    Code {
+        /// The head.
+        head: CodeHead,
+        /// Codes (and vectors for γ > 0) of the N identities.
+        table: CodeTable,
+    },
+    /// The full margin softmax.
+    Softmax(SoftmaxHead),
+    /// Partial FC.
+    PartialFc(PartialFc),
+}
+
+impl TrainHead {
+    /// "gif", "arcface" or "partial_fc" (the config's `head` values).
+    pub fn name(&self) -> &'static str {
+        match self {
+            TrainHead::Code { .. } => "gif",
+            TrainHead::Softmax(_) => "arcface",
+            TrainHead::PartialFc(_) => "partial_fc",
+        }
+    }
+
+    /// The identities N.
+    pub fn classes(&self) -> usize {
+        match self {
+            TrainHead::Code { table, .. } => table.len(),
+            TrainHead::Softmax(h) => h.config().classes,
+            TrainHead::PartialFc(p) => p.head().config().classes,
+        }
+    }
+
+    /// The feature size d.
+    pub fn dim(&self) -> usize {
+        match self {
+            TrainHead::Code { head, .. } => head.config().dim,
+            TrainHead::Softmax(h) => h.config().dim,
+            TrainHead::PartialFc(p) => p.head().config().dim,
+        }
+    }
+
+    /// The parameters by name with their values (`centres`, `projections`
+    /// for the code head; `weight` for the others, insightface's name).
+    pub fn params(&self) -> Vec<(&'static str, &Tensor)> {
+        match self {
+            TrainHead::Code { head, .. } => {
+                let mut v = vec![("centres", head.centres())];
+                if let Some(p) = head.projections() {
+                    v.push(("projections", p));
+                }
+                v
+            }
+            TrainHead::Softmax(h) => vec![("weight", h.centres())],
+            TrainHead::PartialFc(p) => vec![("weight", p.head().centres())],
+        }
+    }
+
+    pub(crate) fn params_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        match self {
+            TrainHead::Code { head, .. } => head.weights_mut(),
+            TrainHead::Softmax(h) => vec![("weight", h.centres_mut())],
+            TrainHead::PartialFc(p) => vec![("weight", p.centres_mut())],
+        }
+    }
+}
+
+/// The trainer's settings (insightface's defaults: [`TrainerConfig::insightface`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainerConfig {
+    /// The update rule.
+    pub optimizer: OptimizerKind,
+    /// Weight decay of both groups (insightface: 5e-4 with SGD, 0.1 with AdamW).
+    pub weight_decay: f32,
+    /// The head group's rate relative to the backbone's (insightface: 1).
+    pub head_lr_scale: f32,
+    /// Clip the backbone's gradient norm to this (insightface: 5; None: no
+    /// clipping; the norm still decides whether a step is skipped).
+    pub max_grad_norm: Option<f32>,
+    /// Micro-batches per optimizer step (insightface's `gradient_acc`).
+    pub gradient_acc: usize,
+    /// The learning rate per micro-batch.
+    pub schedule: Schedule,
+}
+
+impl TrainerConfig {
+    /// SGD with momentum 0.9, weight decay 5e-4, clipping at 5, no
+    /// accumulation, over `schedule` (insightface's `optimizer = "sgd"`).
+    pub fn insightface(schedule: Schedule) -> TrainerConfig {
+        TrainerConfig {
+            optimizer: OptimizerKind::SGD,
+            weight_decay: 5e-4,
+            head_lr_scale: 1.0,
+            max_grad_norm: Some(5.0),
+            gradient_acc: 1,
+            schedule,
+        }
+    }
+
+    pub(crate) fn groups(&self) -> Vec<GroupConfig> {
+        let backbone =
+            GroupConfig { lr_scale: 1.0, weight_decay: self.weight_decay, clip: true, master_weights: false };
+        vec![backbone, GroupConfig { lr_scale: self.head_lr_scale, clip: false, ..backbone }]
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.gradient_acc == 0 || self.gradient_acc > 1 << 20 {
+            return Err(Error::invalid(
+                "Trainer",
+                format!("gradient_acc must be in 1..=2^20, got {}", self.gradient_acc),
+            ));
+        }
+        self.schedule.validate()
+    }
+}
+
+/// What [`Trainer::metrics`] reads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainMetrics {
+    /// Micro-batches trained (insightface's `global_step`).
+    pub step: u64,
+    /// Optimizer steps applied.
+    pub optimizer_steps: u64,
+    /// Optimizer steps skipped for a non-finite gradient.
+    pub skipped: u64,
+    /// The rate of the last optimizer step.
+    pub lr: f64,
+    /// The last micro-batch's loss (the code head: Σ_j λ_j·CE_j + γ·L_AR).
+    pub loss: f64,
+    /// Its training accuracy: the identity predicted (the code head: every
+    /// position's greedy token right; the others: the arg-max class).
+    pub accuracy: f64,
+    /// The code head's accuracy per position (empty for the others).
+    pub position_accuracy: Vec<f64>,
+    /// The last optimizer step's gradient norm of the backbone, before
+    /// clipping.
+    pub grad_norm: f32,
+}
+
+/// Per head: the accumulated gradients, the second set for accumulation,
+/// and the last micro-batch's metrics (one per trainer).
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum HeadState {
+    Code { acc: Option<HeadGrads>, scratch: Option<HeadGrads>, metrics: HeadMetrics },
+    Softmax { acc: Option<SoftmaxGrads>, scratch: Option<SoftmaxGrads>, metrics: SoftmaxMetrics },
+    PartialFc { dense: Tensor, step: Option<PfcGrads>, metrics: SoftmaxMetrics },
+}
+
+/// A backbone and a head in training (see the module documentation).
+pub struct Trainer {
+    pub(crate) cfg: TrainerConfig,
+    pub(crate) backbone: IResNet,
+    pub(crate) head: TrainHead,
+    pub(crate) optimizer: Optimizer,
+    pub(crate) backbone_grads: BTreeMap<String, Tensor>,
+    pub(crate) state: HeadState,
+    images: Option<Tensor>,
+    /// Micro-batches so far.
+    pub(crate) micro: u64,
+    pub(crate) last_lr: f64,
+}
+
+const OP: &str = "Trainer::step";
+
+impl Trainer {
+    /// A trainer of `backbone` with `head` (on the backbone's device, of
+    /// its embedding size).
+    pub fn new(backbone: IResNet, head: TrainHead, cfg: TrainerConfig) -> Result<Trainer> {
+        cfg.validate()?;
+        let dev = backbone.device().clone();
+        if head.dim() != backbone.config().embedding {
+            return Err(Error::invalid(
+                "Trainer",
+                format!("the head takes {} features, the backbone embeds {}", head.dim(), backbone.config().embedding),
+            ));
+        }
+        for (name, t) in head.params() {
+            if t.device() != &dev {
+                return Err(Error::DeviceMismatch { op: "Trainer", a: dev.to_string(), b: format!("head {name}") });
+            }
+        }
+        let optimizer = Optimizer::new(&dev, cfg.optimizer, cfg.groups(), cfg.max_grad_norm)?;
+        let state = match &head {
+            TrainHead::Code { .. } => HeadState::Code { acc: None, scratch: None, metrics: HeadMetrics::new() },
+            TrainHead::Softmax(_) => HeadState::Softmax { acc: None, scratch: None, metrics: SoftmaxMetrics::new() },
+            TrainHead::PartialFc(p) => {
+                let c = p.head().config();
+                HeadState::PartialFc {
+                    dense: Tensor::zeros(&dev, &[c.classes, c.dim], DType::F32)?,
+                    step: None,
+                    metrics: SoftmaxMetrics::new(),
+                }
+            }
+        };
+        let mut backbone = backbone;
+        let backbone_grads = backbone
+            .params_mut()
+            .into_iter()
+            .map(|(name, t)| Ok((name, Tensor::zeros(&dev, t.shape(), DType::F32)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        Ok(Trainer { cfg, backbone, head, optimizer, backbone_grads, state, images: None, micro: 0, last_lr: 0.0 })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &TrainerConfig {
+        &self.cfg
+    }
+    /// The backbone.
+    pub fn backbone(&self) -> &IResNet {
+        &self.backbone
+    }
+    /// The backbone, mutably (evaluation between steps: `infer`, `embed`).
+    pub fn backbone_mut(&mut self) -> &mut IResNet {
+        &mut self.backbone
+    }
+    /// The head.
+    pub fn head(&self) -> &TrainHead {
+        &self.head
+    }
+    /// The optimizer.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+    /// Micro-batches trained so far.
+    pub fn steps(&self) -> u64 {
+        self.micro
+    }
+    /// Consumes the trainer, returning the backbone and the head.
+    pub fn into_parts(self) -> (IResNet, TrainHead) {
+        (self.backbone, self.head)
+    }
+
+    /// One micro-batch: `images` NHWC `[B, H, W, 3]` f32 normalized as
+    /// insightface's `(x/255 − 0.5)/0.5`, `labels` the B identities (< N).
+    /// Returns whether an optimizer step ended it. Errors (before any
+    /// state changes): an empty batch, sizes that do not match, a label
+    /// out of range or a non-finite pixel (naming the sample).
+    pub fn step(&mut self, images: &[f32], labels: &[u32]) -> Result<bool> {
+        let s = self.backbone.config().input;
+        let per = s * s * 3;
+        let b = labels.len();
+        if b == 0 {
+            return Err(Error::invalid(OP, "empty batch"));
+        }
+        if Some(images.len()) != b.checked_mul(per) {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("{b} images of {s} x {s} x 3 values ({b} labels)"),
+                got: format!("{} values", images.len()),
+            });
+        }
+        let n = self.head.classes();
+        if let Some(p) = labels.iter().position(|&y| y as usize >= n) {
+            return Err(Error::invalid(OP, format!("labels[{p}] = {} is not below the {n} identities", labels[p])));
+        }
+        if let Some(i) = images.iter().position(|x| !x.is_finite()) {
+            return Err(Error::invalid(
+                OP,
+                format!("image {} holds a non-finite value ({}) at element {}", i / per, images[i], i % per),
+            ));
+        }
+        let dev = self.backbone.device().clone();
+        match &mut self.images {
+            Some(t) if t.shape()[0] == b => t.copy_from_host(images)?,
+            slot => *slot = Some(Tensor::from_slice(&dev, &[b, s, s, 3], images)?),
+        }
+        let first = self.micro % self.cfg.gradient_acc as u64 == 0;
+        let Trainer { backbone, head, state, images: Some(images), backbone_grads, .. } = self else {
+            return Err(Error::invalid(OP, "no image buffer (internal error)"));
+        };
+        let emb = backbone.forward(images, true)?;
+        let d = head.dim();
+        let d_emb: &Tensor = match (state, &*head) {
+            (HeadState::Code { acc, scratch, metrics }, TrainHead::Code { head, table }) => {
+                let fresh = || HeadGrads::new(head, b);
+                let acc = sized(acc, fresh, b, d)?;
+                if first {
+                    head.forward_backward_into(&emb, labels, table, acc, metrics)?;
+                    &acc.features
+                } else {
+                    let sc = sized(scratch, fresh, b, d)?;
+                    head.forward_backward_into(&emb, labels, table, sc, metrics)?;
+                    add_assign(&mut acc.centres, &sc.centres)?;
+                    if let (Some(a), Some(g)) = (acc.projections.as_mut(), sc.projections.as_ref()) {
+                        add_assign(a, g)?;
+                    }
+                    &sc.features
+                }
+            }
+            (HeadState::Softmax { acc, scratch, metrics }, TrainHead::Softmax(h)) => {
+                let c = h.config();
+                let fresh = || SoftmaxGrads::new(h.device(), b, c.classes, c.dim);
+                let acc = sized(acc, fresh, b, d)?;
+                if first {
+                    h.forward_backward_into(&emb, labels, acc, metrics)?;
+                    &acc.features
+                } else {
+                    let sc = sized(scratch, fresh, b, d)?;
+                    h.forward_backward_into(&emb, labels, sc, metrics)?;
+                    add_assign(&mut acc.centres, &sc.centres)?;
+                    &sc.features
+                }
+            }
+            (HeadState::PartialFc { dense, step, metrics }, TrainHead::PartialFc(p)) => {
+                let g = match step {
+                    Some(g) if g.grads.features.shape()[0] == b => g,
+                    slot => slot.insert(PfcGrads::new(p, b)?),
+                };
+                p.forward_backward_into(&emb, labels, self.micro, g, metrics)?;
+                if first {
+                    dense.fill_zeros()?;
+                }
+                crate::ops::rows::axpy_sampled_rows(dense, g.sampled(), &g.grads.centres, 1.0)?;
+                &g.grads.features
+            }
+            _ => return Err(Error::invalid(OP, "head state of another head (internal error)")),
+        };
+        if first {
+            backbone.backward_into(d_emb, backbone_grads)?;
+        } else {
+            backbone.backward_accumulate(d_emb, backbone_grads)?;
+        }
+        let t = self.micro;
+        self.micro += 1;
+        if self.micro % self.cfg.gradient_acc as u64 != 0 {
+            return Ok(false);
+        }
+        let lr = self.cfg.schedule.lr(t);
+        self.apply(lr)?;
+        Ok(true)
+    }
+
+    /// The optimizer step over the accumulated gradients.
+    fn apply(&mut self, lr: f64) -> Result<()> {
+        let scale = 1.0 / self.cfg.gradient_acc as f32;
+        let Trainer { backbone, head, state, backbone_grads, optimizer, .. } = self;
+        let head_refs: Vec<ParamRef<'_>> = match (state, head) {
+            (HeadState::Code { acc: Some(g), .. }, TrainHead::Code { head, .. }) => head.param_refs(g)?,
+            (HeadState::Softmax { acc: Some(g), .. }, TrainHead::Softmax(h)) => h.param_refs(g)?,
+            (HeadState::PartialFc { dense, .. }, TrainHead::PartialFc(p)) => {
+                vec![ParamRef { value: p.centres_mut(), grad: dense }]
+            }
+            _ => return Err(Error::invalid(OP, "no head gradient (internal error)")),
+        };
+        let mut groups = vec![backbone.param_refs(backbone_grads)?, head_refs];
+        optimizer.step_scaled(&mut groups, lr as f32, scale)?;
+        self.last_lr = lr;
+        Ok(())
+    }
+
+    /// The counters and the last micro-batch's loss and accuracy: reads the
+    /// device (one synchronization); call it every k steps. Errors: no step
+    /// yet, a non-finite loss (the step's optimizer update was skipped and
+    /// counted), a label the device found out of range.
+    pub fn metrics(&self) -> Result<TrainMetrics> {
+        let (loss, accuracy, position_accuracy) = match &self.state {
+            HeadState::Code { metrics, .. } => {
+                let l = metrics.read()?;
+                (l.total, l.identity_accuracy, l.accuracy)
+            }
+            HeadState::Softmax { metrics, .. } | HeadState::PartialFc { metrics, .. } => {
+                let l = metrics.read()?;
+                (l.loss, l.accuracy, Vec::new())
+            }
+        };
+        Ok(TrainMetrics {
+            step: self.micro,
+            optimizer_steps: self.optimizer.steps()?,
+            skipped: self.optimizer.skipped()?,
+            lr: self.last_lr,
+            loss,
+            accuracy,
+            position_accuracy,
+            grad_norm: self.optimizer.last_norms()?.0,
+        })
+    }
+}
+
+/// Gradient buffers whose features' gradient holds `b` rows: the slot's
+/// (its features re-sized when B changed), or new ones.
+fn sized<G: FeatureGrad>(
+    slot: &mut Option<G>,
+    fresh: impl FnOnce() -> Result<G>,
+    b: usize,
+    d: usize,
+) -> Result<&mut G> {
+    let g = match slot {
+        Some(g) => g,
+        None => slot.insert(fresh()?),
+    };
+    let f = g.features_mut();
+    if f.shape() != [b, d] {
+        *f = Tensor::empty(f.device(), &[b, d], DType::F32)?;
+    }
+    Ok(g)
+}
+
+trait FeatureGrad {
+    fn features_mut(&mut self) -> &mut Tensor;
+}
+impl FeatureGrad for HeadGrads {
+    fn features_mut(&mut self) -> &mut Tensor {
+        &mut self.features
+    }
+}
+impl FeatureGrad for SoftmaxGrads {
+    fn features_mut(&mut self) -> &mut Tensor {
+        &mut self.features
+    }
+}

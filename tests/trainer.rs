@@ -1,0 +1,302 @@
+//! The training step (src/train/trainer.rs) end to end on a tiny IResNet
+//! and a few hundred images of synthetic identities: each head (GIF's code
+//! head, the full margin softmax, Partial FC) lowers the loss and raises
+//! the training accuracy on the CPU, the simulator follows the CPU's
+//! losses; gradient accumulation; bad input.
+#![cfg(feature = "sim")]
+
+mod common;
+
+use common::*;
+use gif_fr::backbone::{IResNet, IResNetConfig};
+use gif_fr::head::{
+    CodeHead, CodeHeadConfig, CodeTable, HeadGrads, HeadMetrics, Margin, PartialFc, PfcGrads, SoftmaxGrads,
+    SoftmaxHead, SoftmaxHeadConfig, SoftmaxMetrics,
+};
+use gif_fr::train::{OptimizerKind, Schedule, TrainHead, Trainer, TrainerConfig};
+use gif_fr::{DType, Device};
+use rand::seq::SliceRandom;
+
+/// The network: the tiny IResNet with a 16-dimensional embedding.
+fn net_config() -> IResNetConfig {
+    IResNetConfig { embedding: 16, ..tiny_iresnet() }
+}
+
+/// `ids` identities × `per` images: a random prototype image per identity
+/// plus noise (σ ≈ 0.35 of the pixel range), NHWC f32 in [-1.4, 1.4].
+fn dataset(ids: usize, per: usize, s: usize, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let mut r = rng(seed);
+    let px = s * s * 3;
+    let protos: Vec<Vec<f32>> = (0..ids).map(|_| uniform(&mut r, px, -0.8, 0.8)).collect();
+    let mut images = Vec::with_capacity(ids * per * px);
+    let mut labels = Vec::new();
+    for _ in 0..per {
+        for (id, p) in protos.iter().enumerate() {
+            let noise = uniform(&mut r, px, -0.6, 0.6);
+            images.extend(p.iter().zip(&noise).map(|(a, b)| a + b));
+            labels.push(id as u32);
+        }
+    }
+    (images, labels)
+}
+
+/// The batches of `epochs` epochs: a seeded shuffle per epoch, `b` images
+/// each, the last partial batch dropped (insightface's drop_last).
+fn batches(images: &[f32], labels: &[u32], px: usize, b: usize, epochs: usize) -> Vec<(Vec<f32>, Vec<u32>)> {
+    let mut out = Vec::new();
+    for e in 0..epochs {
+        let mut order: Vec<usize> = (0..labels.len()).collect();
+        order.shuffle(&mut rng(1000 + e as u64));
+        for chunk in order.chunks_exact(b) {
+            let imgs = chunk.iter().flat_map(|&i| images[i * px..(i + 1) * px].iter().copied()).collect();
+            out.push((imgs, chunk.iter().map(|&i| labels[i]).collect()));
+        }
+    }
+    out
+}
+
+/// Distinct codes of length 3 over 4 tokens for n ≤ 64 identities (a
+/// seeded permutation of the 64 codes).
+fn codes(n: usize) -> Vec<u16> {
+    let mut all: Vec<u16> = (0..64).collect();
+    all.shuffle(&mut rng(17));
+    all[..n].iter().flat_map(|&c| [c % 4, (c / 4) % 4, c / 16]).collect()
+}
+
+/// A head of kind `kind` ("gif", "arcface", "partial_fc") for n identities.
+fn head(dev: &Device, kind: &str, n: usize) -> TrainHead {
+    let d = net_config().embedding;
+    // Small margins and scales suit a 16-dimensional embedding trained for
+    // seconds (insightface's s = 64, m = 0.5 are for d = 512).
+    let sm = SoftmaxHeadConfig { margin: Margin::CosFace(0.1), scale: 16.0, ..SoftmaxHeadConfig::new(d, n) };
+    match kind {
+        "gif" => {
+            let cfg = CodeHeadConfig { margin: Margin::CosFace(0.1), scale: 16.0, ..CodeHeadConfig::new(d, 3, 4) };
+            let vectors = unit_rows(&mut rng(23), n, d);
+            let table = CodeTable::new(dev, codes(n), 3, 4, Some((&vectors, d, DType::F32))).unwrap();
+            TrainHead::Code { head: CodeHead::new(cfg, dev, 5).unwrap(), table }
+        }
+        "arcface" => TrainHead::Softmax(SoftmaxHead::new(sm, dev, DType::F32, 5).unwrap()),
+        _ => TrainHead::PartialFc(PartialFc::new(SoftmaxHead::new(sm, dev, DType::F32, 5).unwrap(), 0.5, 7).unwrap()),
+    }
+}
+
+fn trainer(dev: &Device, kind: &str, n: usize, cfg: TrainerConfig) -> Trainer {
+    Trainer::new(IResNet::new(net_config(), dev, 3).unwrap(), head(dev, kind, n), cfg).unwrap()
+}
+
+/// SGD (momentum 0.9, wd 5e-4, clip 5) at 0.1 with insightface's warmup
+/// and power-2 decay over `steps`.
+fn config(steps: u64) -> TrainerConfig {
+    TrainerConfig::insightface(Schedule::insightface(0.1, steps / 10, steps))
+}
+
+#[test]
+fn each_head_learns_synthetic_identities() {
+    let (ids, per, b) = (24, 12, 32);
+    let px = net_config().input.pow(2) * 3;
+    let (images, labels) = dataset(ids, per, net_config().input, 1);
+    let data = batches(&images, &labels, px, b, 5);
+    let steps = data.len() as u64; // 9 batches an epoch, 45 steps
+    for kind in ["gif", "arcface", "partial_fc"] {
+        let mut cpu_losses = Vec::new();
+        for dev in [Device::cpu(), Device::sim()] {
+            let mut tr = trainer(&dev, kind, ids, config(steps));
+            // The simulator follows the CPU for the first steps (the same
+            // arithmetic up to rounding); the CPU trains the whole run.
+            let run = if dev.kind() == gif_fr::DeviceKind::Cpu { data.len() } else { 2 };
+            let mut seen = Vec::new();
+            let start = std::time::Instant::now();
+            for (imgs, labs) in &data[..run] {
+                assert!(tr.step(imgs, labs).unwrap());
+                let m = tr.metrics().unwrap();
+                seen.push((m.loss, m.accuracy));
+            }
+            println!("{dev} {kind}: {run} steps in {:?}", start.elapsed());
+            let m = tr.metrics().unwrap();
+            assert_eq!((m.step, m.optimizer_steps, m.skipped), (run as u64, run as u64, 0), "{dev} {kind}");
+            if dev.kind() == gif_fr::DeviceKind::Cpu {
+                let mean = |s: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| s.iter().map(f).sum::<f64>() / s.len() as f64;
+                let (first, last) = (&seen[..5], &seen[seen.len() - 5..]);
+                let (l0, l1) = (mean(first, |x| x.0), mean(last, |x| x.0));
+                let (a0, a1) = (mean(first, |x| x.1), mean(last, |x| x.1));
+                println!("{kind}: loss {l0:.3} -> {l1:.3}, training accuracy {a0:.3} -> {a1:.3}");
+                assert!(l1 < 0.5 * l0, "{kind}: the loss went from {l0} to {l1}");
+                assert!(a1 > a0 + 0.3 && a1 > 0.5, "{kind}: the accuracy went from {a0} to {a1}");
+                cpu_losses = seen;
+            } else {
+                for (t, (a, c)) in seen.iter().zip(&cpu_losses).enumerate() {
+                    assert!((a.0 - c.0).abs() <= 2e-3 * c.0.abs().max(1.0), "{dev} {kind} step {t}: {a:?} vs {c:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn accumulating_a_micro_batch_twice_equals_one_step_on_it() {
+    // (g + g)·½ = g exactly in floating point, and the norm and clip
+    // factor scale by powers of two: two micro-batches of the same images
+    // with gradient_acc = 2 must give, bit for bit, the parameters of one
+    // step on them (constant rate: the schedule position differs).
+    let ids = 10;
+    let px = net_config().input.pow(2) * 3;
+    let (images, labels) = dataset(ids, 3, net_config().input, 2);
+    let data = batches(&images, &labels, px, 13, 2);
+    for kind in ["gif", "arcface"] {
+        for dev in [Device::cpu(), Device::sim()] {
+            let cfg = TrainerConfig { max_grad_norm: Some(0.5), ..config(10) };
+            let cfg = TrainerConfig { schedule: Schedule::Constant { base: 0.05 }, ..cfg };
+            let mut once = trainer(&dev, kind, ids, cfg.clone());
+            let mut twice = trainer(&dev, kind, ids, TrainerConfig { gradient_acc: 2, ..cfg });
+            for (imgs, labs) in &data[..2] {
+                assert!(once.step(imgs, labs).unwrap());
+                assert!(!twice.step(imgs, labs).unwrap());
+                assert!(twice.step(imgs, labs).unwrap());
+            }
+            let (a, b) = (once.metrics().unwrap(), twice.metrics().unwrap());
+            assert_eq!((a.optimizer_steps, b.optimizer_steps, b.step), (2, 2, 4), "{dev} {kind}");
+            // Clipping acted (the norm is above 0.5), on the same norm.
+            assert!(a.grad_norm > 0.5 && a.grad_norm == b.grad_norm, "{dev} {kind}: {a:?} {b:?}");
+            let params = |t: &Trainer| -> Vec<Vec<u32>> {
+                let mut v: Vec<Vec<u32>> = t
+                    .backbone()
+                    .state()
+                    .iter()
+                    .filter(|(n, _)| !n.contains("running"))
+                    .map(|(_, t)| t.to_f32_vec().unwrap().iter().map(|x| x.to_bits()).collect())
+                    .collect();
+                v.extend(
+                    t.head()
+                        .params()
+                        .iter()
+                        .map(|(_, t)| t.to_f32_vec().unwrap().iter().map(|x| x.to_bits()).collect()),
+                );
+                v
+            };
+            assert!(params(&once) == params(&twice), "{dev} {kind}: accumulation differs from one step");
+            // And the run moved the parameters (the comparison is not vacuous).
+            let fresh = trainer(&dev, kind, ids, config(10));
+            assert!(params(&once) != params(&fresh), "{dev} {kind}");
+        }
+    }
+}
+
+#[test]
+fn a_step_allocates_only_what_the_backbone_and_the_head_allocate_alone() {
+    // The allocations of a training step past the first are the backbone's
+    // own (its forward and backward, measured alone below): the head's
+    // gradients, Partial FC's dense gradient, the accumulators, the
+    // optimizer's state and lists and the images' buffer are all kept.
+    // 20 identities: Partial FC's sample (10) holds a batch's positives,
+    // its all-device path.
+    let ids = 20;
+    let px = net_config().input.pow(2) * 3;
+    let (images, labels) = dataset(ids, 3, net_config().input, 2);
+    let data = batches(&images, &labels, px, 8, 2);
+    let dev = Device::sim();
+    let backbone_alone = {
+        let mut net = IResNet::new(net_config(), &dev, 3).unwrap();
+        let mut grads = std::collections::BTreeMap::new();
+        let mut count = || {
+            let x = gif_fr::Tensor::from_slice(&dev, &[8, 16, 16, 3], &data[0].0).unwrap();
+            let d = gif_fr::Tensor::from_slice(&dev, &[8, 16], &[0.01f32; 128]).unwrap();
+            dev.reset_stats();
+            net.forward(&x, true).unwrap();
+            net.backward_into(&d, &mut grads).unwrap();
+            dev.stats().unwrap().allocations
+        };
+        count();
+        count()
+    };
+    // A head's own step allocates its temporaries (pinned in
+    // tests/step_counts.rs): measured alone, into kept buffers.
+    let head_alone = |kind: &str| -> u64 {
+        let x = gif_fr::Tensor::from_slice(&dev, &[8, 16], &uniform(&mut rng(4), 128, -1.0, 1.0)).unwrap();
+        let labs = &data[0].1;
+        let mut count = match head(&dev, kind, ids) {
+            TrainHead::Code { head, table } => {
+                let (mut g, mut m) = (HeadGrads::new(&head, 8).unwrap(), HeadMetrics::new());
+                Box::new(move || head.forward_backward_into(&x, labs, &table, &mut g, &mut m).unwrap())
+                    as Box<dyn FnMut()>
+            }
+            TrainHead::Softmax(h) => {
+                let (mut g, mut m) = (SoftmaxGrads::new(&dev, 8, ids, 16).unwrap(), SoftmaxMetrics::new());
+                // (the same shapes as the trainer's)
+                Box::new(move || h.forward_backward_into(&x, labs, &mut g, &mut m).unwrap())
+            }
+            TrainHead::PartialFc(p) => {
+                let (mut g, mut m) = (PfcGrads::new(&p, 8).unwrap(), SoftmaxMetrics::new());
+                Box::new(move || p.forward_backward_into(&x, labs, 1, &mut g, &mut m).unwrap())
+            }
+        };
+        count();
+        dev.reset_stats();
+        count();
+        dev.stats().unwrap().allocations
+    };
+    for kind in ["gif", "arcface", "partial_fc"] {
+        let own = head_alone(kind);
+        for acc in [1, 2] {
+            let mut tr = trainer(&dev, kind, ids, TrainerConfig { gradient_acc: acc, ..config(10) });
+            for (imgs, labs) in &data[..acc] {
+                tr.step(imgs, labs).unwrap();
+            }
+            let mut counts = Vec::new();
+            for (imgs, labs) in &data[acc..acc + 2] {
+                dev.reset_stats();
+                tr.step(imgs, labs).unwrap();
+                let s = dev.stats().unwrap();
+                counts.push((s.allocations, s.uploads, s.downloads, s.syncs));
+            }
+            println!(
+                "{kind} gradient_acc {acc}: per step (allocations, uploads, downloads, syncs) {counts:?}; \
+                 the backbone alone allocates {backbone_alone}, the head alone {own}"
+            );
+            // The images' upload (a wait) and the head's labels' upload;
+            // nothing comes down.
+            for c in &counts {
+                assert_eq!(c.0, backbone_alone + own, "{kind} acc {acc}: {counts:?}");
+                assert_eq!((c.1, c.2, c.3), (2, 0, 1), "{kind} acc {acc}: {counts:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error_and_changes_nothing() {
+    let dev = Device::cpu();
+    let ids = 6;
+    let s = net_config().input;
+    let px = s * s * 3;
+    let (images, labels) = dataset(ids, 2, s, 3);
+    let mut tr = trainer(&dev, "arcface", ids, config(10));
+    let b = 4;
+    let imgs = &images[..b * px];
+    let mut bad_label = labels[..b].to_vec();
+    bad_label[2] = ids as u32;
+    let mut nan = imgs.to_vec();
+    nan[px + 5] = f32::NAN;
+    for (what, i, l, needle) in [
+        ("label out of range", imgs, &bad_label[..], "labels[2] = 6"),
+        ("NaN pixel", &nan[..], &labels[..b], "image 1"),
+        ("short images", &imgs[..px * 3], &labels[..b], "values"),
+        ("empty batch", &imgs[..0], &labels[..0], "empty"),
+    ] {
+        let e = tr.step(i, l).unwrap_err().to_string();
+        assert!(e.contains(needle), "{what}: {e}");
+    }
+    assert_eq!(tr.steps(), 0);
+    assert!(tr.metrics().is_err(), "metrics before any step");
+    // Settings.
+    let zero_acc = TrainerConfig { gradient_acc: 0, ..config(10) };
+    let net = || IResNet::new(net_config(), &dev, 3).unwrap();
+    assert!(Trainer::new(net(), head(&dev, "gif", ids), zero_acc).is_err());
+    let bad_lr = TrainerConfig { schedule: Schedule::Constant { base: -0.1 }, ..config(10) };
+    assert!(Trainer::new(net(), head(&dev, "gif", ids), bad_lr).is_err());
+    let bad_momentum = TrainerConfig { optimizer: OptimizerKind::Sgd { momentum: 1.5 }, ..config(10) };
+    assert!(Trainer::new(net(), head(&dev, "gif", ids), bad_momentum).is_err());
+    let wide = IResNet::new(IResNetConfig { embedding: 8, ..net_config() }, &dev, 3).unwrap();
+    assert!(Trainer::new(wide, head(&dev, "gif", ids), config(10)).is_err(), "embedding size mismatch");
+    assert!(Trainer::new(net(), head(&Device::sim(), "gif", ids), config(10)).is_err(), "devices differ");
+}
