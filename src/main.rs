@@ -48,12 +48,38 @@ enum Command {
     /// normalized as insightface does; writes f32 [B, 512].
     /// scripts/pth_to_safetensors.py converts a .pth checkpoint.
     Embed(EmbedArgs),
+    /// Train a backbone with a head (GIF's code head, ArcFace or Partial
+    /// FC) from a TOML config with insightface arcface_torch's keys.
+    ///
+    /// Writes to the config's `output`: checkpoint.safetensors (the whole
+    /// state, for --resume), model.safetensors (the backbone, for `gif-fr
+    /// embed`), metrics.csv, training.log. docs/training.md lists the keys.
+    Train(TrainArgs),
     /// Compare a run's result JSON with a stored baseline: failed tests,
     /// slowdowns beyond max(5 %, 3 × the pooled spread) and new spills
     /// fail (exit status 1); faster, new and missing cases are reported.
     /// Several `--run` parts (tests, each bench, ptxas) are merged first;
     /// `--update` writes the run as the baseline (after an intended change).
     Regress(RegressArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The configuration (TOML).
+    #[arg(long, value_name = "FILE.toml")]
+    config: PathBuf,
+    /// Override a key (a TOML value; repeatable): --set lr=0.05 --set head=gif.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue from the checkpoint in the output directory.
+    #[arg(long)]
+    resume: bool,
+    /// Stop (with a checkpoint) after this many micro-batches in total.
+    #[arg(long, value_name = "STEPS")]
+    stop_after: Option<u64>,
+    /// No progress bar (the log lines go to stderr instead).
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -170,8 +196,12 @@ struct DecodeArgs {
 #[derive(Args)]
 struct EmbedArgs {
     /// Architecture: r18, r34, r50 or r100.
-    #[arg(long, value_parser = ["r18", "r34", "r50", "r100"])]
-    arch: String,
+    #[arg(long, value_parser = ["r18", "r34", "r50", "r100"], required_unless_present = "config", conflicts_with = "config")]
+    arch: Option<String>,
+    /// Or the network of a `gif-fr train` config (its network, size and
+    /// shape keys).
+    #[arg(long, value_name = "FILE.toml")]
+    config: Option<PathBuf>,
     /// The network's weights: an insightface state dict as safetensors.
     #[arg(long, value_name = "FILE.safetensors")]
     weights: PathBuf,
@@ -262,6 +292,22 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<(), Error> {
     Ok(())
 }
 
+fn train_cmd(a: TrainArgs) -> Result<(), Error> {
+    let cfg = gif_fr::train::TrainConfig::load(&a.config, &a.set)?;
+    let opts = gif_fr::train::RunOptions { progress: !a.quiet, resume: a.resume, stop_after: a.stop_after };
+    let s = gif_fr::train::run(&cfg, &opts)?;
+    println!(
+        "trained {} steps ({} in this run, {:.1} s); last loss {:.4}, accuracy {:.3}; output {}",
+        s.steps,
+        s.trained,
+        s.seconds,
+        s.loss,
+        s.accuracy,
+        s.output.display()
+    );
+    Ok(())
+}
+
 fn decode_cmd(a: DecodeArgs) -> Result<(), Error> {
     use gif_fr::decode::{Mode, PrefixDecoder};
     let dev = a.device.device()?;
@@ -275,7 +321,11 @@ fn decode_cmd(a: DecodeArgs) -> Result<(), Error> {
 
 fn embed_cmd(a: EmbedArgs) -> Result<(), Error> {
     use gif_fr::backbone::{images, IResNet, IResNetConfig};
-    let mut cfg = IResNetConfig::arch(&a.arch)?;
+    let mut cfg = match (&a.arch, &a.config) {
+        (Some(arch), _) => IResNetConfig::arch(arch)?,
+        (None, Some(path)) => gif_fr::train::TrainConfig::load(path, &[])?.network_config()?,
+        (None, None) => return Err(Error::InvalidArgument { op: "embed", message: "give --arch or --config".into() }),
+    };
     if a.bf16 {
         cfg.conv_dtype = gif_fr::DType::BF16;
     }
@@ -387,6 +437,7 @@ fn main() -> ExitCode {
         Command::CodebookInfo { file } => Codebook::load(&file).map(|b| print!("{}", b.describe())),
         Command::Decode(a) => decode_cmd(a),
         Command::Embed(a) => embed_cmd(a),
+        Command::Train(a) => train_cmd(a),
         Command::Regress(a) => return regress_cmd(a),
     };
     match result {

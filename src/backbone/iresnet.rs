@@ -98,7 +98,7 @@ impl IResNetConfig {
         self.input / 16
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.input == 0 || self.input % 16 != 0 || self.stem == 0 || self.embedding == 0 {
             return Err(Error::invalid("IResNet", "input must be a positive multiple of 16; widths positive"));
         }

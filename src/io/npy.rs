@@ -122,6 +122,35 @@ pub fn read_npy_matrix(path: &Path) -> Result<(Vec<f32>, usize, usize)> {
     }
 }
 
+/// Reads a 1-D `.npy` array of class labels: any little-endian integer
+/// dtype (NumPy's int64 default, int32, uint8, …) whose values are in
+/// `0..=u32::MAX`. A negative or too large label is an [`Error::File`]
+/// naming its index.
+pub fn read_npy_labels(path: &Path) -> Result<Vec<u32>> {
+    let bad = |m: String| Error::file(path, m);
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let (npy, shape, dtype) = open_npy(path, &bytes)?;
+    if shape.len() != 1 {
+        return Err(bad(format!("expected a 1-D array of labels, got shape {shape:?}")));
+    }
+    let read = |e: std::io::Error| bad(format!("cannot read the values: {e}"));
+    let wide: Vec<i128> = match dtype.as_str() {
+        "|u1" => npy.into_vec::<u8>().map_err(read)?.into_iter().map(i128::from).collect(),
+        "|i1" => npy.into_vec::<i8>().map_err(read)?.into_iter().map(i128::from).collect(),
+        "<u2" => npy.into_vec::<u16>().map_err(read)?.into_iter().map(i128::from).collect(),
+        "<i2" => npy.into_vec::<i16>().map_err(read)?.into_iter().map(i128::from).collect(),
+        "<u4" => npy.into_vec::<u32>().map_err(read)?.into_iter().map(i128::from).collect(),
+        "<i4" => npy.into_vec::<i32>().map_err(read)?.into_iter().map(i128::from).collect(),
+        "<u8" => npy.into_vec::<u64>().map_err(read)?.into_iter().map(i128::from).collect(),
+        "<i8" => npy.into_vec::<i64>().map_err(read)?.into_iter().map(i128::from).collect(),
+        other => return Err(bad(format!("expected little-endian integer labels, got dtype {other}"))),
+    };
+    wide.iter()
+        .enumerate()
+        .map(|(i, &y)| u32::try_from(y).map_err(|_| bad(format!("label {i} is {y}, not in 0..=4294967295"))))
+        .collect()
+}
+
 /// Writes f32 `[rows, cols]` as a .npy file.
 pub fn write_npy(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result<()> {
     let bad = |m: String| Error::file(path, m);

@@ -14,7 +14,7 @@
 //!   (optimizer, schedule, accumulation), Partial FC's rate and seed, and
 //!   for GIF a hash of the codes;
 //! - `model.safetensors`: the backbone alone as a PyTorch-layout state dict
-//!   ([`IResNet::save`]), what `gif-fr embed --weights` and PyTorch load.
+//!   ([`crate::backbone::IResNet::save`]), what `gif-fr embed --weights` and PyTorch load.
 //!
 //! [`Trainer::resume`] is for a trainer built as the saved one was (the
 //! same configuration, codebook and seeds): it checks the fingerprints

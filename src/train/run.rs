@@ -1,0 +1,297 @@
+//! A whole training run from a [`TrainConfig`], as `gif-fr train` runs it
+//! (arcface_torch's train_v2.py loop): the data, the backbone and the head
+//! built from the configuration, epochs of seeded shuffled batches
+//! (drop_last), the [`Trainer`]'s steps, a line of metrics every
+//! `frequent` micro-batches (an indicatif bar, `training.log` and
+//! `metrics.csv` in the output directory), checkpoints at every epoch's end
+//! (and every `save_every` micro-batches), resumable.
+//!
+//! Data until the data issue's readers land: every image in memory from
+//! one `.npy`, labels from another.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::backbone::{images, IResNet};
+use crate::error::{Error, Result};
+use crate::head::{CodeHead, CodeHeadConfig, CodeTable, MarginGrad, PartialFc, SoftmaxHead, SoftmaxHeadConfig};
+use crate::runtime::device::Device;
+use crate::runtime::tensor::DType;
+use crate::tokenizer::{self, Codebook, Input};
+use crate::train::checkpoint::CHECKPOINT_FILE;
+use crate::train::config::TrainConfig;
+use crate::train::trainer::{TrainHead, Trainer};
+
+/// How to run, besides the configuration.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+    /// Continue from the output directory's checkpoint (also the config's
+    /// `resume`).
+    pub resume: bool,
+    /// Stop (with a checkpoint) once this many micro-batches are done in
+    /// total: a run cut short and resumed later ends as a straight one.
+    pub stop_after: Option<u64>,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunSummary {
+    /// Micro-batches trained in total (resumed ones included).
+    pub steps: u64,
+    /// Micro-batches this run trained.
+    pub trained: u64,
+    /// The last logged loss and accuracy.
+    pub loss: f64,
+    /// See `loss`.
+    pub accuracy: f64,
+    /// Wall seconds of this run's steps.
+    pub seconds: f64,
+    /// The output directory.
+    pub output: PathBuf,
+}
+
+const OP: &str = "train";
+
+fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::cpu()),
+        "cuda" => Device::cuda(0),
+        #[cfg(feature = "sim")]
+        "sim" => Ok(Device::sim()),
+        "best" => Ok(Device::best()),
+        other => Err(Error::invalid(OP, format!("device {other:?} is not available in this build"))),
+    }
+}
+
+/// The head of `cfg` for `n` identities on `dev` (a codebook made and
+/// written to the output directory when GIF has none given).
+fn build_head(cfg: &TrainConfig, n: usize, dev: &Device, log: &mut dyn FnMut(&str)) -> Result<TrainHead> {
+    let d = cfg.embedding_size;
+    let sm = SoftmaxHeadConfig {
+        margin: cfg.margin(),
+        scale: cfg.scale,
+        margin_grad: MarginGrad::StraightThrough,
+        ..SoftmaxHeadConfig::new(d, n)
+    };
+    Ok(match cfg.head_kind() {
+        "arcface" => TrainHead::Softmax(SoftmaxHead::new(sm, dev, DType::F32, cfg.seed ^ 1)?),
+        "partial_fc" => TrainHead::PartialFc(PartialFc::new(
+            SoftmaxHead::new(sm, dev, DType::F32, cfg.seed ^ 1)?,
+            cfg.sample_rate,
+            cfg.seed ^ 2,
+        )?),
+        _ => {
+            let book = match &cfg.codebook {
+                Some(p) => {
+                    let book = Codebook::load(p)?;
+                    if book.len() != n || book.vocab() != cfg.vocab || cfg.length.is_some_and(|l| l != book.length()) {
+                        return Err(Error::file(
+                            p,
+                            format!(
+                                "a codebook of {} identities, v = {}, l = {}; the config wants {n} identities, v = {}, l = {}",
+                                book.len(),
+                                book.vocab(),
+                                book.length(),
+                                cfg.vocab,
+                                cfg.length.map_or("any".into(), |l| l.to_string())
+                            ),
+                        ));
+                    }
+                    book
+                }
+                None => {
+                    let tcfg = tokenizer::Config {
+                        vocab: cfg.vocab,
+                        length: cfg.length,
+                        seed: cfg.seed,
+                        progress: false,
+                        ..tokenizer::Config::default()
+                    };
+                    let book = tokenizer::tokenize(Input::Random { count: n, dim: d }, &tcfg, dev)?;
+                    let path = cfg.output.join("codebook.safetensors");
+                    book.save(&path)?;
+                    log(&format!(
+                        "codes: {n} identities from seeded random identity vectors, v = {}, l = {} (written to {})",
+                        book.vocab(),
+                        book.length(),
+                        path.display()
+                    ));
+                    book
+                }
+            };
+            let hcfg = CodeHeadConfig {
+                projection: cfg.projection,
+                margin: cfg.margin(),
+                scale: cfg.scale,
+                lambdas: cfg.lambdas.clone(),
+                gamma: cfg.gamma,
+                margin_grad: MarginGrad::StraightThrough,
+                ..CodeHeadConfig::new(d, book.length(), book.vocab())
+            };
+            let table = if cfg.gamma > 0.0 {
+                CodeTable::from_codebook(dev, &book, DType::F32)?
+            } else {
+                CodeTable::new(dev, book.codes().to_vec(), book.length(), book.vocab(), None)?
+            };
+            TrainHead::Code { head: CodeHead::new(hcfg, dev, cfg.seed ^ 1)?, table }
+        }
+    })
+}
+
+/// The order of epoch `epoch`'s images: a shuffle seeded by (seed, epoch).
+fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let key = crate::runtime::hash::splitmix64(seed ^ crate::runtime::hash::splitmix64(epoch));
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(key));
+    order
+}
+
+/// Appends lines to a file of the output directory.
+fn append(path: &Path, line: &str) -> Result<()> {
+    let io = |e: std::io::Error| Error::file(path, format!("cannot write: {e}"));
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+    writeln!(f, "{line}").map_err(io)
+}
+
+/// Runs the training `cfg` describes (see the module documentation).
+pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
+    let out = &cfg.output;
+    std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create the directory: {e}")))?;
+    let log_path = out.join("training.log");
+    let bar = if opts.progress { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
+    let mut log = |line: &str| {
+        if opts.progress {
+            bar.println(line);
+        } else {
+            eprintln!("{line}");
+        }
+        let _ = append(&log_path, line);
+    };
+    for (k, why) in cfg.ignored_keys() {
+        log(&format!("config: {k} ignored ({why})"));
+    }
+    let dev = device(&cfg.device)?;
+    let net_cfg = cfg.network_config()?;
+    let (Some(images_path), Some(labels_path)) = (&cfg.images, &cfg.labels) else {
+        return Err(Error::invalid(OP, "images and labels are required"));
+    };
+    let (pixels, count) = images::read_images(images_path, net_cfg.input)?;
+    let labels = crate::io::npy::read_npy_labels(labels_path)?;
+    if labels.len() != count {
+        return Err(Error::file(labels_path, format!("{} labels for {count} images", labels.len())));
+    }
+    if count == 0 {
+        return Err(Error::file(images_path, "no images"));
+    }
+    if cfg.num_image.is_some_and(|n| n != count) {
+        return Err(Error::invalid(OP, format!("num_image: {:?}, the data has {count} images", cfg.num_image)));
+    }
+    let max = labels.iter().copied().max().unwrap_or(0) as usize;
+    let n = cfg.num_classes.unwrap_or(max + 1);
+    if max >= n {
+        return Err(Error::file(labels_path, format!("label {max} is not below num_classes = {n}")));
+    }
+    let head = build_head(cfg, n, &dev, &mut log)?;
+    let tcfg = cfg.trainer_config(count)?;
+    let per_epoch = (count / cfg.batch_size) as u64;
+    let total = per_epoch * cfg.num_epoch as u64;
+    let backbone = IResNet::new(net_cfg, &dev, cfg.seed)?;
+    let mut trainer = Trainer::new(backbone, head, tcfg)?;
+    if cfg.resume || opts.resume {
+        if !out.join(CHECKPOINT_FILE).exists() {
+            return Err(Error::file(&out.join(CHECKPOINT_FILE), "no checkpoint to resume from"));
+        }
+        trainer.resume(out)?;
+        log(&format!("resumed from {} at step {}", out.display(), trainer.steps()));
+    }
+    log(&format!(
+        "training {} on {dev}: {} head, {n} identities, {count} images, {per_epoch} steps an epoch, {total} steps",
+        cfg.network,
+        cfg.head_kind()
+    ));
+    let csv = out.join("metrics.csv");
+    if !csv.exists() {
+        append(&csv, "step,epoch,loss,accuracy,lr,images_per_s,grad_norm,skipped")?;
+    }
+    bar.set_length(total);
+    bar.set_position(trainer.steps());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
+            .map_err(|e| Error::invalid(OP, e.to_string()))?,
+    );
+    let px = net_cfg_pixels(&trainer);
+    let b = cfg.batch_size;
+    let start_step = trainer.steps();
+    let stop = opts.stop_after.unwrap_or(total).min(total);
+    let started = std::time::Instant::now();
+    let mut since = (std::time::Instant::now(), trainer.steps());
+    let (mut loss, mut accuracy) = (f64::NAN, f64::NAN);
+    let mut batch_images = vec![0f32; b * px];
+    let mut batch_labels = vec![0u32; b];
+    while trainer.steps() < stop {
+        let step = trainer.steps();
+        let epoch = step / per_epoch;
+        let order = epoch_order(count, cfg.seed, epoch);
+        for i in (step % per_epoch) as usize..per_epoch as usize {
+            for (k, &j) in order[i * b..(i + 1) * b].iter().enumerate() {
+                batch_images[k * px..(k + 1) * px].copy_from_slice(&pixels[j * px..(j + 1) * px]);
+                batch_labels[k] = labels[j];
+            }
+            trainer.step(&batch_images, &batch_labels)?;
+            let done = trainer.steps();
+            bar.set_position(done);
+            if done % cfg.frequent == 0 || done == stop || done % per_epoch == 0 {
+                let m = trainer.metrics()?;
+                let speed = (done - since.1) as f64 * b as f64 / since.0.elapsed().as_secs_f64().max(1e-9);
+                since = (std::time::Instant::now(), done);
+                (loss, accuracy) = (m.loss, m.accuracy);
+                bar.set_message(format!("loss {:.4} acc {:.3} lr {:.6} {:.1} img/s", m.loss, m.accuracy, m.lr, speed));
+                append(
+                    &csv,
+                    &format!(
+                        "{done},{epoch},{},{},{},{speed:.3},{},{}",
+                        m.loss, m.accuracy, m.lr, m.grad_norm, m.skipped
+                    ),
+                )?;
+                // insightface's CallBackLogging line.
+                let hours = (total - done) as f64 * b as f64 / speed.max(1e-9) / 3600.0;
+                let line = format!(
+                    "Speed {speed:.2} samples/sec   Loss {:.4}   LearningRate {:.6}   Epoch: {epoch}   Global Step: {done}   Required: {hours:.1} hours",
+                    m.loss, m.lr
+                );
+                if opts.progress {
+                    let _ = append(&log_path, &line);
+                } else {
+                    log(&line);
+                }
+            }
+            let boundary = done % cfg.gradient_acc as u64 == 0;
+            let periodic = cfg.save_every.is_some_and(|k| done % k == 0);
+            if boundary && (done % per_epoch == 0 || periodic || done == stop) {
+                trainer.save(out)?;
+            }
+            if done >= stop {
+                break;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let trained = trainer.steps() - start_step;
+    let seconds = started.elapsed().as_secs_f64();
+    log(&format!(
+        "done: step {} of {total}, {trained} this run in {seconds:.1} s; checkpoint and model in {}",
+        trainer.steps(),
+        out.display()
+    ));
+    Ok(RunSummary { steps: trainer.steps(), trained, loss, accuracy, seconds, output: out.clone() })
+}
+
+fn net_cfg_pixels(t: &Trainer) -> usize {
+    let s = t.backbone().config().input;
+    s * s * 3
+}
