@@ -106,7 +106,8 @@ impl TrainHead {
         }
     }
 
-    pub(crate) fn params_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+    /// [`TrainHead::params`], mutably.
+    pub fn params_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
         match self {
             TrainHead::Code { head, .. } => head.weights_mut(),
             TrainHead::Softmax(h) => vec![("weight", h.centres_mut())],
@@ -147,7 +148,9 @@ impl TrainerConfig {
         }
     }
 
-    pub(crate) fn groups(&self) -> Vec<GroupConfig> {
+    /// The optimizer's parameter groups: 0 the backbone (clipped), 1 the
+    /// head (its rate scaled by `head_lr_scale`, not clipped).
+    pub fn groups(&self) -> Vec<GroupConfig> {
         let backbone =
             GroupConfig { lr_scale: 1.0, weight_decay: self.weight_decay, clip: true, master_weights: false };
         vec![backbone, GroupConfig { lr_scale: self.head_lr_scale, clip: false, ..backbone }]
