@@ -92,23 +92,11 @@ fn groups() -> Vec<GroupConfig> {
     ]
 }
 
-/// Runs `steps` steps of `kind` on `dev`; returns the parameters per
-/// group and tensor, and the optimizer.
-fn run(
-    dev: &Device,
-    kind: OptimizerKind,
-    groups: Vec<GroupConfig>,
-    dtype: DType,
-    grads_of: &dyn Fn(usize) -> Vec<Vec<Vec<f32>>>,
-    steps: usize,
-    max_norm: Option<f32>,
-) -> (Vec<Vec<Vec<f32>>>, Optimizer) {
-    run_scaled(dev, kind, groups, dtype, grads_of, steps, max_norm, 1.0)
-}
-
-/// [`run`] through `step_scaled` with a gradient scale.
+/// Runs `steps` steps of `kind` on `dev` through `step_scaled` with
+/// gradient scale `scale`; returns the parameters per group and tensor,
+/// and the optimizer.
 #[allow(clippy::too_many_arguments)]
-fn run_scaled(
+fn run(
     dev: &Device,
     kind: OptimizerKind,
     groups: Vec<GroupConfig>,
@@ -176,7 +164,7 @@ fn sgd_and_adamw_follow_pytorch_over_several_steps_with_groups_and_clipping() {
         for max_norm in [None, Some(3.0)] {
             let want = reference(kind, groups(), &random_grads, 4, max_norm);
             for dev in all_devices() {
-                let (got, opt) = run(&dev, kind, groups(), DType::F32, &random_grads, 4, max_norm);
+                let (got, opt) = run(&dev, kind, groups(), DType::F32, &random_grads, 4, max_norm, 1.0);
                 assert_params(&format!("{dev} {kind:?} clip {max_norm:?}"), &got, &want, 2e-5);
                 assert_eq!((opt.steps().unwrap(), opt.skipped().unwrap()), (4, 0), "{dev}");
                 // The clipped group's gradient norm is far above 3: clipping acted.
@@ -203,7 +191,7 @@ fn a_gradient_scale_acts_as_scaled_gradients_before_the_norm_and_the_clipping() 
             let want = reference(kind, groups(), &scaled, 3, max_norm);
             let unscaled = reference(kind, groups(), &random_grads, 3, max_norm);
             for dev in all_devices() {
-                let (got, opt) = run_scaled(&dev, kind, groups(), DType::F32, &random_grads, 3, max_norm, scale);
+                let (got, opt) = run(&dev, kind, groups(), DType::F32, &random_grads, 3, max_norm, scale);
                 let what = format!("{dev} {kind:?} clip {max_norm:?}");
                 assert_params(&what, &got, &want, 2e-5);
                 // The scale mattered: the unscaled run ends elsewhere (SGD;
@@ -242,7 +230,7 @@ fn adamw_bias_correction_at_step_one() {
     let mut r = rng(5);
     let p0: Vec<Vec<Vec<f32>>> = SIZES.iter().map(|sizes| sizes.iter().map(|&n| init(&mut r, n)).collect()).collect();
     for dev in all_devices() {
-        let (got, _) = run(&dev, OptimizerKind::ADAMW, one.clone(), DType::F32, &g, 1, None);
+        let (got, _) = run(&dev, OptimizerKind::ADAMW, one.clone(), DType::F32, &g, 1, None, 1.0);
         for (grp, tensors) in got.iter().enumerate() {
             for (i, v) in tensors.iter().enumerate() {
                 for (k, &w) in v.iter().enumerate() {
@@ -277,7 +265,7 @@ fn a_non_finite_gradient_skips_the_step_and_keeps_the_state() {
         rf.step(&good(0), 0.05);
         rf.step(&good(3), 0.05 * 4.0);
         for dev in all_devices() {
-            let (got, opt) = run(&dev, kind, groups(), DType::F32, &bad, 4, Some(3.0));
+            let (got, opt) = run(&dev, kind, groups(), DType::F32, &bad, 4, Some(3.0), 1.0);
             assert_params(&format!("{dev} {kind:?} skipped"), &got, &rf.w, 2e-5);
             assert_eq!((opt.steps().unwrap(), opt.skipped().unwrap()), (2, 2), "{dev} {kind:?}");
         }
@@ -289,12 +277,12 @@ fn bf16_parameters_keep_an_f32_master_when_asked() {
     let with_master: Vec<GroupConfig> =
         groups().into_iter().map(|g| GroupConfig { master_weights: true, ..g }).collect();
     for dev in all_devices() {
-        let (f32_run, _) = run(&dev, OptimizerKind::SGD, groups(), DType::F32, &random_grads, 5, Some(3.0));
+        let (f32_run, _) = run(&dev, OptimizerKind::SGD, groups(), DType::F32, &random_grads, 5, Some(3.0), 1.0);
         // The master copy follows the f32 run; the bf16 parameter is it rounded.
         let (master_run, _) =
-            run(&dev, OptimizerKind::SGD, with_master.clone(), DType::BF16, &random_grads, 5, Some(3.0));
+            run(&dev, OptimizerKind::SGD, with_master.clone(), DType::BF16, &random_grads, 5, Some(3.0), 1.0);
         // Without: each step rounds, and the error accumulates.
-        let (plain_run, _) = run(&dev, OptimizerKind::SGD, groups(), DType::BF16, &random_grads, 5, Some(3.0));
+        let (plain_run, _) = run(&dev, OptimizerKind::SGD, groups(), DType::BF16, &random_grads, 5, Some(3.0), 1.0);
         let round = |x: f32| half::bf16::from_f32(x).to_f32();
         let (mut plain_err, mut master_err) = (0f64, 0f64);
         for g in 0..2 {

@@ -275,6 +275,16 @@ pub struct HeadLoss {
     pub identity_accuracy: f64,
 }
 
+impl HeadLoss {
+    /// The CPU paths' result: the total, and the identity accuracy from
+    /// each sample's all-positions-right flag.
+    fn from_parts(per_position: Vec<f64>, regression: f64, accuracy: Vec<f64>, all_right: &[bool]) -> HeadLoss {
+        let total = per_position.iter().sum::<f64>() + regression;
+        let identity_accuracy = all_right.iter().filter(|&&r| r).count() as f64 / all_right.len().max(1) as f64;
+        HeadLoss { total, per_position, regression, accuracy, identity_accuracy }
+    }
+}
+
 /// Losses, accuracies and the device label check of one step, left on the
 /// device that ran it ([`CodeHead::forward_backward_into`]) until
 /// [`HeadMetrics::read`]: per-sample rows `[2l + 1, B]` (the regression
@@ -1112,15 +1122,8 @@ pub mod cpu {
             }
         }
         let regression = regression(cfg, x, h, b, |i, g| dx[i] += g);
-        let total = per_position.iter().sum::<f64>() + regression;
         (
-            HeadLoss {
-                total,
-                per_position,
-                regression,
-                accuracy,
-                identity_accuracy: all_right.iter().filter(|&&r| r).count() as f64 / b as f64,
-            },
+            HeadLoss::from_parts(per_position, regression, accuracy, &all_right),
             Grads64 { features: dx, centres: dcentres, projections: projections.map(|_| dproj) },
         )
     }
@@ -1237,15 +1240,8 @@ pub mod cpu {
             }
         }
         let regression = regression(cfg, x, h, b, |i, g| dx[i] += g as f32);
-        let total = per_position.iter().sum::<f64>() + regression;
         (
-            HeadLoss {
-                total,
-                per_position,
-                regression,
-                accuracy,
-                identity_accuracy: all_right.iter().filter(|&&r| r).count() as f64 / b as f64,
-            },
+            HeadLoss::from_parts(per_position, regression, accuracy, &all_right),
             Grads32 { features: dx, centres: dcentres, projections: projections.map(|_| dproj) },
         )
     }
