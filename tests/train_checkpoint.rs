@@ -35,6 +35,8 @@ fn head(dev: &Device, kind: &str, seed: u64) -> TrainHead {
             TrainHead::Code { head: CodeHead::new(cfg, dev, seed).unwrap(), table }
         }
         "arcface" => TrainHead::Softmax(SoftmaxHead::new(sm, dev, DType::F32, seed).unwrap()),
+        // bf16 centres: the optimizer keeps an f32 master copy, saved too.
+        "arcface-bf16" => TrainHead::Softmax(SoftmaxHead::new(sm, dev, DType::BF16, seed).unwrap()),
         // A sample of 9 of 12 holds a batch's positives (the device path).
         _ => {
             TrainHead::PartialFc(PartialFc::new(SoftmaxHead::new(sm, dev, DType::F32, seed).unwrap(), 0.75, 7).unwrap())
@@ -80,7 +82,7 @@ fn resume_continues_bit_identically() {
     // its convolutions run on CPU fibers) each head under one of them.
     let (n, k) = (4usize, 2usize);
     let mut cases = Vec::new();
-    for kind in ["gif", "arcface", "partial_fc"] {
+    for kind in ["gif", "arcface", "partial_fc", "arcface-bf16"] {
         for opt in [OptimizerKind::SGD, OptimizerKind::ADAMW] {
             cases.push((Device::cpu(), kind, opt));
         }
@@ -107,6 +109,12 @@ fn resume_continues_bit_identically() {
         }
         first.save(&dir).unwrap();
         let first_state = state_bits(&first);
+        if kind == "arcface-bf16" {
+            // The head's f32 master copy is part of the state.
+            let bytes = std::fs::read(dir.join(CHECKPOINT_FILE)).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            assert!(st.names().contains(&"optim.1.0.master"), "{what}: {:?}", st.names());
+        }
         assert!(!dir.join(format!("{CHECKPOINT_FILE}.tmp")).exists(), "{what}: a temporary file is left");
         drop(first);
         // A fresh trainer, built as the first was, then resumed.
