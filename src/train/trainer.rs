@@ -153,8 +153,7 @@ impl TrainerConfig {
     /// parameters (a head stored in bf16) keep an f32 master copy, as
     /// PyTorch's autocast keeps the parameters in f32.
     pub fn groups(&self) -> Vec<GroupConfig> {
-        let backbone =
-            GroupConfig { lr_scale: 1.0, weight_decay: self.weight_decay, clip: true, master_weights: true };
+        let backbone = GroupConfig { lr_scale: 1.0, weight_decay: self.weight_decay, clip: true, master_weights: true };
         vec![backbone, GroupConfig { lr_scale: self.head_lr_scale, clip: false, ..backbone }]
     }
 
