@@ -1,6 +1,7 @@
 //! A fuzz harness over the file parsers, run by `cargo test` for a bounded
 //! number of cases: valid files (codebooks, insightface checkpoints, .npy
-//! arrays of several dtypes and header versions) are mutated — bit flips,
+//! arrays of several dtypes and header versions, labels, RecordIO) are
+//! mutated — bit flips,
 //! byte overwrites, truncations, appended garbage, numbers in the header
 //! replaced by edge values (0, 2^31, 2^56, 2^64 − 1, 10^20, ...) — and
 //! parsed. Every outcome must be a value or a typed error: no panic, no
@@ -204,6 +205,33 @@ fn parsers_survive_mutated_files_with_bounded_memory() {
         "npy images",
         fuzz("img.npy", &common::npy_bytes("|u1", &[2, 4, 4, 3], &pixels), 0, cases, seed, &imgs),
     ));
+
+    // .npy labels (int64).
+    let labels: Vec<u8> = [3i64, 0, 7, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let labs = |p: &Path| npy::read_npy_labels(p).map(drop);
+    report.push(("npy labels", fuzz("labels.npy", &common::npy_bytes("<i8", &[4], &labels), 0, cases, seed, &labs)));
+
+    // RecordIO: image records (one with a magic word inside: a record of
+    // several parts), read in order and unpacked.
+    use gif_fr::io::recordio::{pack, unpack, ImageHeader, RecordFile, RecordWriter, MAGIC};
+    let rec = dir.path().join("base.rec");
+    let mut w = RecordWriter::create(&rec, None).unwrap();
+    w.write(0, &pack(&ImageHeader { flag: 2, labels: vec![4.0, 6.0], id: 0, id2: 0 }, b"")).unwrap();
+    for i in 0..3u64 {
+        let img: Vec<u8> = [&b"JPEG"[..], &MAGIC.to_le_bytes(), format!("image {i}").as_bytes()].concat();
+        w.write(1 + i, &pack(&ImageHeader::new(i as f32, i), &img)).unwrap();
+    }
+    w.finish().unwrap();
+    let bytes = std::fs::read(&rec).unwrap();
+    let recordio = |p: &Path| -> Result<(), Error> {
+        let f = RecordFile::open(p)?;
+        for r in f.records() {
+            let (at, r) = r?;
+            unpack(&r).map_err(|m| Error::InvalidArgument { op: "unpack", message: format!("{at}: {m}") })?;
+        }
+        Ok(())
+    };
+    report.push(("recordio", fuzz("train.rec", &bytes, 0, cases, seed, &recordio)));
 
     for (name, (good, bad)) in &report {
         println!("{name}: {good} parsed, {bad} refused with typed errors");
