@@ -37,6 +37,7 @@
 #![warn(missing_docs)]
 
 pub mod backbone;
+pub mod data;
 pub mod decode;
 pub mod error;
 pub mod head;

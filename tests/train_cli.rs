@@ -3,7 +3,9 @@
 //! identities written as .npy; the loss falls and the accuracy rises in
 //! metrics.csv; a run stopped and resumed ends with the same model, bit for
 //! bit, as a straight one; the model embeds with `gif-fr embed --config`;
-//! bad configs are errors naming the key.
+//! the same images as .npy arrays, an identity-folder tree of PNGs and an
+//! insightface RecordIO set train identically; bad configs are errors
+//! naming the key.
 
 mod common;
 
@@ -67,6 +69,7 @@ output = "{out}"
 device = "cpu"
 head = "{head}"
 num_workers = 2
+dali = false
 "#,
         x = dir.join("x.npy").display(),
         y = dir.join("y.npy").display(),
@@ -109,7 +112,7 @@ fn train_each_head_resume_and_embed() {
         let o = gif_fr(&["train", "--config", cfg_s, "--quiet"]);
         assert!(o.status.success(), "{head}: {}", stderr(&o));
         let log = stderr(&o);
-        assert!(log.contains("num_workers ignored"), "{log}");
+        assert!(log.contains("dali ignored"), "{log}");
         assert!(log.contains("Speed") && log.contains("Global Step: 40"), "{log}");
         let m = metrics(&straight);
         let (first, last) = (m[0], m[m.len() - 1]);
@@ -171,7 +174,7 @@ fn bad_configs_name_the_key() {
         ("lr=\"fast\"", "invalid type"),
         ("optimizer=\"adam\"", "optimizer"),
         ("head=\"softmax\"", "head"),
-        ("rec=\"/data/train.rec\"", "rec"),
+        ("rec=\"/nonexistent/faces\"", "/nonexistent/faces/train.rec"),
         ("warmup_epoch=9", "warmup_epoch"),
         ("input_size=20", "network shape"),
         ("batch_size=1000", "batch_size"),
@@ -188,5 +191,92 @@ fn bad_configs_name_the_key() {
     assert!(stderr(&o).contains("no checkpoint"), "{}", stderr(&o));
     let o = gif_fr(&["train", "--config", dir.join("none.toml").to_str().unwrap()]);
     assert!(stderr(&o).contains("cannot read"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The set of [`write_data`] (in its order: identity-major within each
+/// round) as PNG files under `dir/folder/idNN/KKK.png` and as a RecordIO set
+/// under `dir/rec` with record 0's header and `property`, both in the
+/// arrays' order.
+fn write_other_sources(dir: &Path) {
+    use gif_fr::io::recordio::{pack, ImageHeader, RecordWriter};
+    let (images, shape) = {
+        let bytes = std::fs::read(dir.join("x.npy")).unwrap();
+        let (npy, shape, _) = gif_fr::io::npy::open_npy(&dir.join("x.npy"), &bytes).unwrap();
+        (npy.into_vec::<u8>().unwrap(), shape)
+    };
+    let labels = gif_fr::io::npy::read_npy_labels(&dir.join("y.npy")).unwrap();
+    let (n, s) = (shape[0], shape[1]);
+    let px = s * s * 3;
+    // The folder order is (label, file name): name the files by their
+    // index in the arrays, and sort the arrays' order the same way.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| (labels[i], i));
+    let png = |i: usize| {
+        let mut out = Vec::new();
+        let enc = image::codecs::png::PngEncoder::new(&mut out);
+        image::ImageEncoder::write_image(
+            enc,
+            &images[i * px..(i + 1) * px],
+            s as u32,
+            s as u32,
+            image::ExtendedColorType::Rgb8,
+        )
+        .unwrap();
+        out
+    };
+    std::fs::create_dir_all(dir.join("rec")).unwrap();
+    let mut w = RecordWriter::create(&dir.join("rec/train.rec"), Some(&dir.join("rec/train.idx"))).unwrap();
+    let head = ImageHeader { flag: 2, labels: vec![(n + 1) as f32, (n + 25) as f32], id: 0, id2: 0 };
+    w.write(0, &pack(&head, b"")).unwrap();
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for (k, &i) in order.iter().enumerate() {
+        let d = dir.join(format!("folder/id{:02}", labels[i]));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("{i:03}.png")), png(i)).unwrap();
+        w.write(1 + k as u64, &pack(&ImageHeader::new(labels[i] as f32, k as u64), &png(i))).unwrap();
+        xs.extend_from_slice(&images[i * px..(i + 1) * px]);
+        ys.extend((labels[i] as i64).to_le_bytes());
+    }
+    w.finish().unwrap();
+    std::fs::write(dir.join("rec/property"), format!("24,{s},{s}")).unwrap();
+    // The arrays in the folder's order.
+    std::fs::write(dir.join("xs.npy"), npy_bytes("|u1", &[n, s, s, 3], &xs)).unwrap();
+    std::fs::write(dir.join("ys.npy"), npy_bytes("<i8", &[n], &ys)).unwrap();
+}
+
+#[test]
+fn arrays_folders_and_recordio_train_identically() {
+    let dir = temp_dir("sources");
+    write_data(&dir);
+    write_other_sources(&dir);
+    let mut runs = Vec::new();
+    for (name, set) in [
+        (
+            "arrays",
+            vec![
+                format!("images=\"{}\"", dir.join("xs.npy").display()),
+                format!("labels=\"{}\"", dir.join("ys.npy").display()),
+            ],
+        ),
+        ("folder", vec![format!("images=\"{}\"", dir.join("folder").display())]),
+        ("rec", vec![format!("rec=\"{}\"", dir.join("rec").display())]),
+    ] {
+        let out = dir.join(format!("out-{name}"));
+        let cfg = write_config(&dir, &out, "arcface");
+        let mut args = vec!["train".to_string(), "--config".into(), cfg.to_str().unwrap().into(), "--quiet".into()];
+        args.extend(["--set".into(), "num_epoch=2".into(), "--set".into(), "warmup_epoch=0".into()]);
+        for kv in &set {
+            args.extend(["--set".to_string(), kv.clone()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = gif_fr(&args);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        runs.push((name, std::fs::read(out.join("model.safetensors")).unwrap(), metrics(&out)));
+    }
+    for (name, model, m) in &runs[1..] {
+        assert!(m == &runs[0].2, "{name}: metrics differ from the arrays' run: {m:?} vs {:?}", runs[0].2);
+        assert!(model == &runs[0].1, "{name}: the model differs from the arrays' run");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -72,6 +72,12 @@ fn d_device() -> String {
 fn d_clip() -> f32 {
     5.0
 }
+fn d_workers() -> usize {
+    2
+}
+fn d_true() -> bool {
+    true
+}
 
 /// The training configuration (see the module documentation). Field names
 /// are the TOML keys.
@@ -139,9 +145,10 @@ pub struct TrainConfig {
     /// The images (checked against the data when given).
     #[serde(default)]
     pub num_image: Option<usize>,
-    /// RecordIO training data: not read yet (the data issue); an error.
+    /// insightface's training set: the directory of train.rec, train.idx
+    /// and property.
     #[serde(default)]
-    pub rec: Option<String>,
+    pub rec: Option<PathBuf>,
     /// insightface's inter-class filtering: not supported (0 only).
     #[serde(default)]
     pub interclass_filtering_threshold: f64,
@@ -157,9 +164,9 @@ pub struct TrainConfig {
     /// Accepted, ignored.
     #[serde(default)]
     pub dali_aug: Option<toml::Value>,
-    /// Accepted, ignored.
-    #[serde(default)]
-    pub num_workers: Option<toml::Value>,
+    /// Decoding threads (2).
+    #[serde(default = "d_workers")]
+    pub num_workers: usize,
     /// Accepted, ignored.
     #[serde(default)]
     pub val_targets: Option<toml::Value>,
@@ -224,13 +231,17 @@ pub struct TrainConfig {
     /// The backbone's gradient-norm clip (5, insightface's fixed value).
     #[serde(default = "d_clip")]
     pub clip_grad_norm: f32,
-    /// The training images (.npy: uint8 `[N, H, W, 3]` RGB, or f32 `[N, 3,
-    /// H, W]` normalized), until the data issue's readers land.
+    /// The training images without `rec`: a folder of identity folders
+    /// (JPEG / PNG), or a .npy array (uint8 `[N, H, W, 3]` RGB, or f32
+    /// `[N, 3, H, W]` normalized) with `labels`.
     #[serde(default)]
     pub images: Option<PathBuf>,
-    /// Their labels (.npy, 1-D integers).
+    /// The labels of a .npy `images` (1-D integers).
     #[serde(default)]
     pub labels: Option<PathBuf>,
+    /// Random horizontal flips (insightface's RandomHorizontalFlip; true).
+    #[serde(default = "d_true")]
+    pub flip: bool,
     /// "best" (default), "cpu", "cuda" or "sim".
     #[serde(default = "d_device")]
     pub device: String,
@@ -256,12 +267,11 @@ pub struct TrainConfig {
 }
 
 /// The keys accepted only for compatibility, with why they change nothing.
-const IGNORED: [(&str, &str); 15] = [
+const IGNORED: [(&str, &str); 14] = [
     ("save_all_states", "checkpoints always hold the whole state"),
     ("verbose", "verification during training comes with the evaluation issue"),
     ("dali", "no DALI pipeline"),
     ("dali_aug", "no DALI pipeline"),
-    ("num_workers", "images are read whole from .npy"),
     ("val_targets", "verification during training comes with the evaluation issue"),
     ("using_wandb", "no wandb logging (metrics.csv instead)"),
     ("wandb_key", "no wandb logging"),
@@ -319,7 +329,6 @@ impl TrainConfig {
             self.verbose.is_some(),
             self.dali.is_some(),
             self.dali_aug.is_some(),
-            self.num_workers.is_some(),
             self.val_targets.is_some(),
             self.using_wandb.is_some(),
             self.wandb_key.is_some(),
@@ -417,9 +426,7 @@ impl TrainConfig {
                 format!("{} must be below num_epoch {}", self.warmup_epoch, self.num_epoch),
             ));
         }
-        if let Some(r) = &self.rec {
-            return Err(bad("rec", format!("{r:?}: RecordIO data is not read yet; give `images` and `labels` (.npy)")));
-        }
+        pos("num_workers", self.num_workers <= 256, &self.num_workers)?;
         if self.interclass_filtering_threshold != 0.0 {
             return Err(bad("interclass_filtering_threshold", "inter-class filtering is not supported (0 only)"));
         }
@@ -445,8 +452,12 @@ impl TrainConfig {
         }
         self.margin().validate(OP).map_err(|e| bad("margin_list", e))?;
         self.network_config()?.validate().map_err(|e| bad("network shape", e))?;
-        if self.images.is_none() || self.labels.is_none() {
-            return Err(bad("images", "the training data: give `images` and `labels` (.npy files)"));
+        let folder = self.images.as_ref().is_some_and(|p| p.is_dir());
+        if self.rec.is_none() && !folder && (self.images.is_none() || self.labels.is_none()) {
+            return Err(bad(
+                "images",
+                "the training data: give `rec`, an `images` folder, or `images` and `labels` (.npy)",
+            ));
         }
         Ok(())
     }

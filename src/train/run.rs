@@ -6,16 +6,19 @@
 //! `metrics.csv` in the output directory), checkpoints at every epoch's end
 //! (and every `save_every` micro-batches), resumable.
 //!
-//! Data until the data issue's readers land: every image in memory from
-//! one `.npy`, labels from another.
+//! Data ([`crate::data`]): insightface's RecordIO set (`rec`, the
+//! directory of train.rec / train.idx / property), a folder of identity
+//! folders (`images` a directory), or `.npy` arrays (`images` and
+//! `labels` files); decoded by `num_workers` threads ahead of the step,
+//! flipped at random (keyed) when `flip`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use std::sync::Arc;
 
-use crate::backbone::{images, IResNet};
+use crate::backbone::IResNet;
+use crate::data::{Dataset, Loader, Sampler};
 use crate::error::{Error, Result};
 use crate::head::{CodeHead, CodeHeadConfig, CodeTable, MarginGrad, PartialFc, SoftmaxHead, SoftmaxHeadConfig};
 use crate::runtime::device::Device;
@@ -143,14 +146,6 @@ fn build_head(cfg: &TrainConfig, n: usize, dev: &Device, log: &mut dyn FnMut(&st
     })
 }
 
-/// The order of epoch `epoch`'s images: a shuffle seeded by (seed, epoch).
-fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    let key = crate::runtime::hash::splitmix64(seed ^ crate::runtime::hash::splitmix64(epoch));
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(key));
-    order
-}
-
 /// Appends lines to a file of the output directory.
 fn append(path: &Path, line: &str) -> Result<()> {
     let io = |e: std::io::Error| Error::file(path, format!("cannot write: {e}"));
@@ -177,24 +172,27 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     }
     let dev = device(&cfg.device)?;
     let net_cfg = cfg.network_config()?;
-    let (Some(images_path), Some(labels_path)) = (&cfg.images, &cfg.labels) else {
-        return Err(Error::invalid(OP, "images and labels are required"));
+    let size = net_cfg.input;
+    let dataset = match (&cfg.rec, &cfg.images, &cfg.labels) {
+        (Some(rec), _, _) => Dataset::records(rec, size)?,
+        (None, Some(images), _) if images.is_dir() => Dataset::folder(images, size)?,
+        (None, Some(images), Some(labels)) => Dataset::arrays(images, labels, size)?,
+        _ => return Err(Error::invalid(OP, "no data: give rec, an images folder, or images and labels (.npy)")),
     };
-    let (pixels, count) = images::read_images(images_path, net_cfg.input)?;
-    let labels = crate::io::npy::read_npy_labels(labels_path)?;
-    if labels.len() != count {
-        return Err(Error::file(labels_path, format!("{} labels for {count} images", labels.len())));
-    }
-    if count == 0 {
-        return Err(Error::file(images_path, "no images"));
-    }
+    let count = dataset.len();
     if cfg.num_image.is_some_and(|n| n != count) {
         return Err(Error::invalid(OP, format!("num_image: {:?}, the data has {count} images", cfg.num_image)));
     }
-    let max = labels.iter().copied().max().unwrap_or(0) as usize;
-    let n = cfg.num_classes.unwrap_or(max + 1);
-    if max >= n {
-        return Err(Error::file(labels_path, format!("label {max} is not below num_classes = {n}")));
+    let n = cfg.num_classes.unwrap_or(dataset.classes());
+    if dataset.classes() > n {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "num_classes: {n}, the data has {} identities (labels up to {})",
+                dataset.classes(),
+                dataset.classes() - 1
+            ),
+        ));
     }
     let head = build_head(cfg, n, &dev, &mut log)?;
     let tcfg = cfg.trainer_config(count)?;
@@ -224,25 +222,20 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
             .map_err(|e| Error::invalid(OP, e.to_string()))?,
     );
-    let px = net_cfg_pixels(&trainer);
     let b = cfg.batch_size;
+    let sampler = Sampler::new(count, b, cfg.seed);
+    let loader = Loader::new(Arc::new(dataset), sampler, cfg.num_workers, 2 * cfg.num_workers.max(1), cfg.flip)?;
     let start_step = trainer.steps();
     let stop = opts.stop_after.unwrap_or(total).min(total);
     let started = std::time::Instant::now();
     let mut since = (std::time::Instant::now(), trainer.steps());
     let (mut loss, mut accuracy) = (f64::NAN, f64::NAN);
-    let mut batch_images = vec![0f32; b * px];
-    let mut batch_labels = vec![0u32; b];
     while trainer.steps() < stop {
         let step = trainer.steps();
         let epoch = step / per_epoch;
-        let order = epoch_order(count, cfg.seed, epoch);
-        for i in (step % per_epoch) as usize..per_epoch as usize {
-            for (k, &j) in order[i * b..(i + 1) * b].iter().enumerate() {
-                batch_images[k * px..(k + 1) * px].copy_from_slice(&pixels[j * px..(j + 1) * px]);
-                batch_labels[k] = labels[j];
-            }
-            trainer.step(&batch_images, &batch_labels)?;
+        for batch in loader.epoch(epoch, (step % per_epoch) as usize)? {
+            let batch = batch?;
+            trainer.step(&batch.images, &batch.labels)?;
             let done = trainer.steps();
             bar.set_position(done);
             if done % cfg.frequent == 0 || done == stop || done % per_epoch == 0 {
@@ -289,9 +282,4 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         out.display()
     ));
     Ok(RunSummary { steps: trainer.steps(), trained, loss, accuracy, seconds, output: out.clone() })
-}
-
-fn net_cfg_pixels(t: &Trainer) -> usize {
-    let s = t.backbone().config().input;
-    s * s * 3
 }

@@ -1,0 +1,466 @@
+//! Face datasets for training: where the images come from ([`Dataset`]:
+//! insightface's RecordIO sets, one folder per identity, `.npy` arrays),
+//! how they are decoded (JPEG and PNG with the `image` crate: zune-jpeg and
+//! png, both pure Rust), normalized as insightface does (`(x/255 − 0.5) /
+//! 0.5`, RGB) and flipped (a random horizontal flip keyed by (seed, epoch,
+//! sample), so a run reproduces whatever the thread timing), in which order
+//! ([`Sampler`]: a seeded shuffle per epoch, PyTorch's DistributedSampler
+//! sharding, drop_last), and ahead of the step ([`Loader`]: worker threads
+//! filling a bounded queue of batches, delivered in order).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::error::{Error, Result};
+use crate::io::recordio::FaceRecords;
+use crate::runtime::hash::splitmix64;
+
+/// Where the images are.
+enum Source {
+    /// insightface's train.rec / train.idx / property.
+    Records(FaceRecords),
+    /// One sub-folder per identity (sorted names → labels 0, 1, …), image
+    /// files sorted by name.
+    Folder { files: Vec<(PathBuf, u32)> },
+    /// Normalized f32 NHWC pixels in memory, with their labels.
+    Array { pixels: Vec<f32>, labels: Vec<u32> },
+}
+
+/// A face dataset of square RGB images of one size (see the module
+/// documentation).
+pub struct Dataset {
+    source: Source,
+    size: usize,
+    classes: usize,
+    origin: PathBuf,
+}
+
+/// File name extensions read as images (case-insensitive).
+const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+impl Dataset {
+    /// insightface's RecordIO set in `dir` (train.rec, train.idx, and
+    /// property when present: its class count is used, else the largest
+    /// label + 1, found by reading every header once). Images must be
+    /// `size` × `size`.
+    pub fn records(dir: &Path, size: usize) -> Result<Dataset> {
+        let recs = FaceRecords::open(dir)?;
+        if recs.is_empty() {
+            return Err(Error::file(&dir.join("train.rec"), "no images"));
+        }
+        let classes = match recs.property() {
+            Some((c, h, w)) => {
+                if (h, w) != (size, size) {
+                    return Err(Error::file(
+                        &dir.join("property"),
+                        format!("images of {h} x {w}; the network takes {size} x {size}"),
+                    ));
+                }
+                c
+            }
+            None => {
+                let mut max = 0u32;
+                for i in 0..recs.len() {
+                    max = max.max(recs.get(i)?.0);
+                }
+                max as usize + 1
+            }
+        };
+        Ok(Dataset { source: Source::Records(recs), size, classes, origin: dir.to_path_buf() })
+    }
+
+    /// One sub-folder per identity under `dir` (torchvision's ImageFolder:
+    /// sub-folders sorted by name get labels 0, 1, …; their .jpg, .jpeg
+    /// and .png files, sorted by name, are the images).
+    pub fn folder(dir: &Path, size: usize) -> Result<Dataset> {
+        let io = |p: &Path, e: std::io::Error| Error::file(p, format!("cannot read the directory: {e}"));
+        let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        classes.sort();
+        if classes.is_empty() {
+            return Err(Error::file(dir, "no identity sub-folders"));
+        }
+        let mut files = Vec::new();
+        for (label, c) in classes.iter().enumerate() {
+            let label = u32::try_from(label).map_err(|_| Error::file(dir, "more than 2^32 identities"))?;
+            let mut imgs: Vec<PathBuf> = std::fs::read_dir(c)
+                .map_err(|e| io(c, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension()
+                            .and_then(|x| x.to_str())
+                            .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            imgs.sort();
+            files.extend(imgs.into_iter().map(|p| (p, label)));
+        }
+        if files.is_empty() {
+            return Err(Error::file(dir, "no .jpg, .jpeg or .png images in the identity folders"));
+        }
+        Ok(Dataset { source: Source::Folder { files }, size, classes: classes.len(), origin: dir.to_path_buf() })
+    }
+
+    /// Images from a `.npy` array (see [`crate::backbone::images::read_images`])
+    /// with labels from another (1-D integers).
+    pub fn arrays(images: &Path, labels: &Path, size: usize) -> Result<Dataset> {
+        let (pixels, count) = crate::backbone::images::read_images(images, size)?;
+        let labels_v = crate::io::npy::read_npy_labels(labels)?;
+        if labels_v.len() != count {
+            return Err(Error::file(labels, format!("{} labels for {count} images", labels_v.len())));
+        }
+        if count == 0 {
+            return Err(Error::file(images, "no images"));
+        }
+        let classes = labels_v.iter().copied().max().unwrap_or(0) as usize + 1;
+        Ok(Dataset { source: Source::Array { pixels, labels: labels_v }, size, classes, origin: images.to_path_buf() })
+    }
+
+    /// The images.
+    pub fn len(&self) -> usize {
+        match &self.source {
+            Source::Records(r) => r.len(),
+            Source::Folder { files } => files.len(),
+            Source::Array { labels, .. } => labels.len(),
+        }
+    }
+
+    /// Whether there is no image.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The identities N (labels are below it).
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// The images' height and width.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Values per image: size · size · 3.
+    pub fn pixels_per_image(&self) -> usize {
+        self.size * self.size * 3
+    }
+
+    /// The label of image `i` (a RecordIO set reads its header).
+    pub fn label(&self, i: usize) -> Result<u32> {
+        match &self.source {
+            Source::Records(r) => Ok(r.get(i)?.0),
+            Source::Folder { files } => files.get(i).map(|f| f.1).ok_or_else(|| self.out_of_range(i)),
+            Source::Array { labels, .. } => labels.get(i).copied().ok_or_else(|| self.out_of_range(i)),
+        }
+    }
+
+    fn out_of_range(&self, i: usize) -> Error {
+        Error::invalid("Dataset", format!("image {i} of {} in {}", self.len(), self.origin.display()))
+    }
+
+    /// Image `i`, decoded, normalized and (when `flip`) mirrored left to
+    /// right, into `out` (NHWC f32, [`Dataset::pixels_per_image`] values);
+    /// returns its label. A file that does not decode, or of another size,
+    /// is an [`Error::File`] naming it.
+    pub fn read(&self, i: usize, flip: bool, out: &mut [f32]) -> Result<u32> {
+        let (s, per) = (self.size, self.pixels_per_image());
+        if out.len() != per {
+            return Err(Error::invalid("Dataset::read", format!("{} values for a {s} x {s} x 3 image", out.len())));
+        }
+        let label = match &self.source {
+            Source::Array { pixels, labels } => {
+                let src = pixels.get(i * per..(i + 1) * per).ok_or_else(|| self.out_of_range(i))?;
+                out.copy_from_slice(src);
+                labels[i]
+            }
+            Source::Records(r) => {
+                let (label, bytes) = r.get(i)?;
+                let what = || self.origin.join(format!("train.rec (image {i})"));
+                decode_into(&bytes, s, out).map_err(|m| Error::file(&what(), m))?;
+                label
+            }
+            Source::Folder { files } => {
+                let (path, label) = files.get(i).ok_or_else(|| self.out_of_range(i))?;
+                let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+                decode_into(&bytes, s, out).map_err(|m| Error::file(path, m))?;
+                *label
+            }
+        };
+        if flip {
+            flip_in_place(out, s);
+        }
+        Ok(label)
+    }
+}
+
+/// Decodes a JPEG or PNG of `size` × `size` into normalized RGB f32 NHWC.
+pub fn decode_into(bytes: &[u8], size: usize, out: &mut [f32]) -> std::result::Result<(), String> {
+    let format = image::guess_format(bytes).map_err(|e| format!("not an image this crate decodes: {e}"))?;
+    if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
+        return Err(format!("a {format:?} image; JPEG and PNG are read"));
+    }
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    // A hostile header cannot make the decoder allocate more than this.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(4096);
+    limits.max_image_height = Some(4096);
+    limits.max_alloc = Some(256 << 20);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| format!("cannot decode the {format:?} image: {e}"))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if (w, h) != (size, size) {
+        return Err(format!("a {w} x {h} image; the network takes {size} x {size} (aligned faces)"));
+    }
+    let rgb = img.into_rgb8();
+    for (o, &p) in out.iter_mut().zip(rgb.as_raw()) {
+        *o = (p as f32 / 255.0 - 0.5) / 0.5;
+    }
+    Ok(())
+}
+
+/// Mirrors an NHWC image of `size` × `size` × 3 left to right.
+fn flip_in_place(img: &mut [f32], size: usize) {
+    for row in img.chunks_exact_mut(size * 3) {
+        for x in 0..size / 2 {
+            for c in 0..3 {
+                row.swap(x * 3 + c, (size - 1 - x) * 3 + c);
+            }
+        }
+    }
+}
+
+/// Whether sample `i` of `epoch` is flipped (probability ½, keyed by
+/// (seed, epoch, i): the same in every run and on every thread).
+pub fn flipped(seed: u64, epoch: u64, i: usize) -> bool {
+    splitmix64(splitmix64(seed ^ 0x9e37_79b9_7f4a_7c15) ^ splitmix64(epoch) ^ (i as u64).rotate_left(32)) & 1 == 1
+}
+
+/// The order of an epoch for one rank: PyTorch's DistributedSampler (a
+/// permutation of every index seeded by (seed, epoch), padded by repeating
+/// its start to a multiple of the world size, rank r taking positions r,
+/// r + W, …), cut into batches with the last partial one dropped
+/// (insightface's `drop_last=True`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampler {
+    /// Images in the dataset.
+    pub len: usize,
+    /// Images per batch.
+    pub batch: usize,
+    /// The shuffle's seed.
+    pub seed: u64,
+    /// This rank.
+    pub rank: usize,
+    /// Ranks in all.
+    pub world: usize,
+    /// Whether to shuffle (training) or keep the dataset's order.
+    pub shuffle: bool,
+}
+
+impl Sampler {
+    /// One rank of one, shuffled.
+    pub fn new(len: usize, batch: usize, seed: u64) -> Sampler {
+        Sampler { len, batch, seed, rank: 0, world: 1, shuffle: true }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.batch == 0 || self.world == 0 || self.rank >= self.world || self.len == 0 {
+            return Err(Error::invalid("Sampler", format!("{self:?}: batch and world positive, rank < world, images")));
+        }
+        Ok(())
+    }
+
+    /// Images this rank sees in an epoch: ⌈len / world⌉.
+    pub fn per_rank(&self) -> usize {
+        self.len.div_ceil(self.world.max(1))
+    }
+
+    /// Batches per epoch (drop_last).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.per_rank() / self.batch.max(1)
+    }
+
+    /// The batches of `epoch` for this rank: dataset indices.
+    pub fn epoch(&self, epoch: u64) -> Result<Vec<Vec<usize>>> {
+        self.check()?;
+        let mut order: Vec<usize> = (0..self.len).collect();
+        if self.shuffle {
+            let key = splitmix64(self.seed ^ splitmix64(epoch.wrapping_add(0x5eed)));
+            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(key));
+        }
+        let total = self.per_rank() * self.world;
+        let mut k = 0;
+        while order.len() < total {
+            order.push(order[k]);
+            k += 1;
+        }
+        let mine: Vec<usize> = order.into_iter().skip(self.rank).step_by(self.world).collect();
+        Ok(mine.chunks_exact(self.batch).map(<[usize]>::to_vec).collect())
+    }
+}
+
+/// A batch: NHWC f32 images (normalized, flipped as keyed) and labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// `[B, size, size, 3]` values.
+    pub images: Vec<f32>,
+    /// B labels.
+    pub labels: Vec<u32>,
+}
+
+/// Decodes batches ahead of the training step on worker threads (see the
+/// module documentation).
+pub struct Loader {
+    dataset: Arc<Dataset>,
+    sampler: Sampler,
+    /// Worker threads (0: decode on the calling thread).
+    workers: usize,
+    /// Batches decoded ahead, at most.
+    prefetch: usize,
+    /// Random horizontal flips (insightface's RandomHorizontalFlip).
+    flip: bool,
+}
+
+impl Loader {
+    /// A loader of `dataset` in `sampler`'s order, with `workers` threads
+    /// and up to `prefetch` batches ready ahead; `flip`: mirror each image
+    /// with probability ½ (keyed).
+    pub fn new(dataset: Arc<Dataset>, sampler: Sampler, workers: usize, prefetch: usize, flip: bool) -> Result<Loader> {
+        sampler.check()?;
+        if sampler.len != dataset.len() {
+            return Err(Error::invalid("Loader", format!("a sampler of {} images for {}", sampler.len, dataset.len())));
+        }
+        Ok(Loader { dataset, sampler, workers, prefetch: prefetch.max(1), flip })
+    }
+
+    /// The sampler.
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &Dataset {
+        &self.dataset
+    }
+
+    /// Batch `b` of `epoch`'s batch list `batches` (decoded here).
+    fn make(dataset: &Dataset, seed: u64, flip: bool, epoch: u64, indices: &[usize]) -> Result<Batch> {
+        let per = dataset.pixels_per_image();
+        let mut images = vec![0f32; indices.len() * per];
+        let mut labels = Vec::with_capacity(indices.len());
+        for (k, &i) in indices.iter().enumerate() {
+            let f = flip && flipped(seed, epoch, i);
+            labels.push(dataset.read(i, f, &mut images[k * per..(k + 1) * per])?);
+        }
+        Ok(Batch { images, labels })
+    }
+
+    /// The batches of `epoch` from batch `start` on, in order: decoded by
+    /// the workers into a queue of at most `prefetch` batches (the iterator
+    /// stops the workers when dropped). A decoding error ends the epoch
+    /// with that error.
+    pub fn epoch(&self, epoch: u64, start: usize) -> Result<EpochIter> {
+        let batches: Vec<Vec<usize>> = self.sampler.epoch(epoch)?.into_iter().skip(start).collect();
+        let (seed, flip) = (self.sampler.seed, self.flip);
+        if self.workers == 0 {
+            return Ok(EpochIter::Inline { dataset: self.dataset.clone(), batches, next: 0, seed, flip, epoch });
+        }
+        let batches = Arc::new(batches);
+        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Batch>)>(self.prefetch);
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut handles = Vec::new();
+        for _ in 0..self.workers {
+            let (dataset, batches, tx, next, stop) =
+                (self.dataset.clone(), batches.clone(), tx.clone(), next.clone(), stop.clone());
+            handles.push(std::thread::spawn(move || loop {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                // Batches are claimed in order, so the queue holds the next
+                // ones the consumer needs.
+                let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(indices) = batches.get(b) else { return };
+                let r = Loader::make(&dataset, seed, flip, epoch, indices);
+                if tx.send((b, r)).is_err() {
+                    return;
+                }
+            }));
+        }
+        Ok(EpochIter::Threads { rx, pending: Default::default(), next: 0, total: batches.len(), stop, handles })
+    }
+}
+
+/// [`Loader::epoch`]'s batches, in order.
+pub enum EpochIter {
+    /// Decoded on the calling thread.
+    #[doc(hidden)]
+    Inline { dataset: Arc<Dataset>, batches: Vec<Vec<usize>>, next: usize, seed: u64, flip: bool, epoch: u64 },
+    /// Decoded by worker threads.
+    #[doc(hidden)]
+    Threads {
+        rx: mpsc::Receiver<(usize, Result<Batch>)>,
+        pending: std::collections::BTreeMap<usize, Result<Batch>>,
+        next: usize,
+        total: usize,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        handles: Vec<std::thread::JoinHandle<()>>,
+    },
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Result<Batch>> {
+        match self {
+            EpochIter::Inline { dataset, batches, next, seed, flip, epoch } => {
+                let indices = batches.get(*next)?;
+                *next += 1;
+                Some(Loader::make(dataset, *seed, *flip, *epoch, indices))
+            }
+            EpochIter::Threads { rx, pending, next, total, .. } => {
+                if *next >= *total {
+                    return None;
+                }
+                loop {
+                    if let Some(r) = pending.remove(next) {
+                        *next += 1;
+                        if r.is_err() {
+                            *total = *next; // an error ends the epoch
+                        }
+                        return Some(r);
+                    }
+                    match rx.recv() {
+                        Ok((b, r)) => {
+                            pending.insert(b, r);
+                        }
+                        Err(_) => {
+                            *total = *next;
+                            return Some(Err(Error::invalid("Loader", "a worker thread stopped (panicked?)")));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        if let EpochIter::Threads { rx, stop, handles, .. } = self {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            // Dropping the receiver fails the workers' sends, also those
+            // blocked on a full queue: every worker returns.
+            drop(std::mem::replace(rx, mpsc::sync_channel(1).1));
+            for h in handles.drain(..) {
+                let _ = h.join();
+            }
+        }
+    }
+}

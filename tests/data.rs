@@ -1,0 +1,230 @@
+//! Face datasets (src/data/mod.rs): PNG and JPEG decoding to insightface's
+//! normalization, image folders (ImageFolder's labels), insightface RecordIO
+//! sets of encoded images, keyed flips, the sampler (seeded epochs,
+//! DistributedSampler sharding, drop_last), and the loader (worker threads
+//! give the batches of the calling thread, in order; an undecodable image
+//! ends the epoch with an error naming it).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use gif_fr::data::{decode_into, flipped, Dataset, Loader, Sampler};
+use gif_fr::io::recordio::{pack, ImageHeader, RecordWriter};
+use rand::{Rng, SeedableRng};
+
+const S: usize = 8;
+
+/// A random S × S RGB image.
+fn rgb(seed: u64) -> Vec<u8> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..S * S * 3).map(|_| r.random()).collect()
+}
+
+fn png(pixels: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let enc = image::codecs::png::PngEncoder::new(&mut out);
+    image::ImageEncoder::write_image(enc, pixels, size as u32, size as u32, image::ExtendedColorType::Rgb8).unwrap();
+    out
+}
+
+fn jpeg(pixels: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 100);
+    image::ImageEncoder::write_image(enc, pixels, S as u32, S as u32, image::ExtendedColorType::Rgb8).unwrap();
+    out
+}
+
+fn normalized(pixels: &[u8]) -> Vec<f32> {
+    pixels.iter().map(|&p| (p as f32 / 255.0 - 0.5) / 0.5).collect()
+}
+
+fn mirrored(img: &[f32]) -> Vec<f32> {
+    let mut out = img.to_vec();
+    for y in 0..S {
+        for x in 0..S {
+            for c in 0..3 {
+                out[(y * S + x) * 3 + c] = img[(y * S + (S - 1 - x)) * 3 + c];
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn png_and_jpeg_decode_to_insightface_normalization() {
+    let px = rgb(1);
+    let mut out = vec![f32::NAN; S * S * 3];
+    decode_into(&png(&px, S), S, &mut out).unwrap();
+    assert_eq!(out, normalized(&px), "PNG is lossless");
+    // A smooth image survives JPEG at quality 100 within a few levels.
+    let smooth: Vec<u8> = (0..S * S * 3).map(|i| (i / 3 % S * 20 + i % 3 * 30) as u8).collect();
+    decode_into(&jpeg(&smooth), S, &mut out).unwrap();
+    let err = out.iter().zip(normalized(&smooth)).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(err < 12.0 / 127.5, "JPEG error {err}");
+    // Another size, garbage, a format not read.
+    let e = decode_into(&png(&rgb(2)[..], S), S + 1, &mut out).unwrap_err();
+    assert!(e.contains("8 x 8") && e.contains("9 x 9"), "{e}");
+    assert!(decode_into(b"not an image at all", S, &mut out).is_err());
+    assert!(decode_into(b"GIF89a\x01\x00\x01\x00", S, &mut out).unwrap_err().contains("Gif"));
+    let mut cut = png(&px, S);
+    cut.truncate(cut.len() / 2);
+    assert!(decode_into(&cut, S, &mut out).unwrap_err().contains("cannot decode"));
+}
+
+/// Identity folders "b", "a", "c" (labels by sorted name: a 0, b 1, c 2),
+/// two PNGs each, and a stray text file.
+fn folder(dir: &Path) -> Vec<(String, u32, Vec<u8>)> {
+    let mut want = Vec::new();
+    for (name, label) in [("b", 1u32), ("a", 0), ("c", 2)] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        for k in 0..2 {
+            let px = rgb(10 * label as u64 + k);
+            let file = format!("{k}.png");
+            std::fs::write(dir.join(name).join(&file), png(&px, S)).unwrap();
+            want.push((format!("{name}/{file}"), label, px));
+        }
+        std::fs::write(dir.join(name).join("notes.txt"), "not an image").unwrap();
+    }
+    want.sort();
+    want
+}
+
+#[test]
+fn image_folders_label_sorted_identities() {
+    let dir = tempfile::tempdir().unwrap();
+    let want = folder(dir.path());
+    let ds = Dataset::folder(dir.path(), S).unwrap();
+    assert_eq!((ds.len(), ds.classes()), (6, 3));
+    let mut out = vec![0f32; S * S * 3];
+    for (i, (_, label, px)) in want.iter().enumerate() {
+        assert_eq!(ds.read(i, false, &mut out).unwrap(), *label);
+        assert_eq!(out, normalized(px));
+        assert_eq!(ds.read(i, true, &mut out).unwrap(), *label);
+        assert_eq!(out, mirrored(&normalized(px)));
+    }
+    // A corrupt file is an error naming it; an empty folder is refused.
+    std::fs::write(dir.path().join("a").join("0.png"), b"\x89PNG broken").unwrap();
+    let e = ds.read(0, false, &mut out).unwrap_err().to_string();
+    assert!(e.contains("0.png"), "{e}");
+    let empty = tempfile::tempdir().unwrap();
+    assert!(Dataset::folder(empty.path(), S).is_err());
+}
+
+#[test]
+fn recordio_sets_of_encoded_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = [2u32, 0, 1, 2, 1];
+    let mut w = RecordWriter::create(&dir.path().join("train.rec"), Some(&dir.path().join("train.idx"))).unwrap();
+    let n = labels.len() as f32;
+    w.write(0, &pack(&ImageHeader { flag: 2, labels: vec![n + 1.0, n + 4.0], id: 0, id2: 0 }, b"")).unwrap();
+    for (i, &y) in labels.iter().enumerate() {
+        w.write(1 + i as u64, &pack(&ImageHeader::new(y as f32, i as u64), &png(&rgb(i as u64), S))).unwrap();
+    }
+    w.finish().unwrap();
+    std::fs::write(dir.path().join("property"), format!("3,{S},{S}")).unwrap();
+    let ds = Dataset::records(dir.path(), S).unwrap();
+    assert_eq!((ds.len(), ds.classes()), (5, 3));
+    let mut out = vec![0f32; S * S * 3];
+    for (i, &y) in labels.iter().enumerate() {
+        assert_eq!(ds.read(i, false, &mut out).unwrap(), y);
+        assert_eq!(out, normalized(&rgb(i as u64)));
+    }
+    // The property's size must be the network's.
+    assert!(Dataset::records(dir.path(), 112).err().expect("an error").to_string().contains("112"));
+    // Without property, the classes come from the labels.
+    std::fs::remove_file(dir.path().join("property")).unwrap();
+    assert_eq!(Dataset::records(dir.path(), S).unwrap().classes(), 3);
+}
+
+#[test]
+fn flips_are_keyed_and_fair() {
+    let n = 10_000;
+    let a: Vec<bool> = (0..n).map(|i| flipped(7, 3, i)).collect();
+    assert_eq!(a, (0..n).map(|i| flipped(7, 3, i)).collect::<Vec<_>>());
+    let ones = a.iter().filter(|&&f| f).count();
+    assert!((4700..5300).contains(&ones), "{ones} of {n}");
+    let other_epoch = (0..n).filter(|&i| flipped(7, 4, i) != a[i]).count();
+    assert!((4700..5300).contains(&other_epoch), "epochs are independent: {other_epoch}");
+}
+
+#[test]
+fn the_sampler_shuffles_by_epoch_shards_like_distributed_sampler_and_drops_the_last_batch() {
+    let (len, batch) = (103, 10);
+    let s = Sampler::new(len, batch, 5);
+    let e0 = s.epoch(0).unwrap();
+    assert_eq!(e0.len(), 10, "drop_last: 10 full batches of 103");
+    let mut seen: Vec<usize> = e0.iter().flatten().copied().collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 100, "no image twice in an epoch");
+    assert_eq!(s.epoch(0).unwrap(), e0, "seeded");
+    assert_ne!(s.epoch(1).unwrap(), e0, "a new order each epoch");
+    assert_ne!(Sampler::new(len, batch, 6).epoch(0).unwrap(), e0);
+    // Three ranks: ⌈103/3⌉ = 35 each (2 padded from the permutation's
+    // start), together every image, each rank's positions disjoint.
+    let world = 3;
+    let ranks: Vec<Vec<usize>> = (0..world)
+        .map(|rank| {
+            let r = Sampler { rank, world, batch: 1, ..s.clone() };
+            assert_eq!((r.per_rank(), r.batches_per_epoch()), (35, 35));
+            r.epoch(2).unwrap().concat()
+        })
+        .collect();
+    let mut all: Vec<usize> = ranks.concat();
+    assert_eq!(all.len(), 105);
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 103, "every image on some rank");
+    // Rank r holds positions r, r + 3, … of one permutation: interleaving
+    // the ranks gives a sequence whose first 103 entries are distinct.
+    let inter: Vec<usize> = (0..35).flat_map(|k| ranks.iter().map(move |r| r[k])).collect();
+    let mut head = inter[..103].to_vec();
+    head.sort();
+    head.dedup();
+    assert_eq!(head.len(), 103);
+    assert_eq!(&inter[103..], &inter[..2], "padding repeats the start");
+    // Unshuffled: the dataset's order.
+    let plain = Sampler { shuffle: false, ..s.clone() };
+    assert_eq!(plain.epoch(0).unwrap()[0], (0..10).collect::<Vec<_>>());
+    assert!(Sampler { rank: 3, world: 3, ..s.clone() }.epoch(0).is_err());
+    assert!(Sampler { batch: 0, ..s }.epoch(0).is_err());
+}
+
+#[test]
+fn worker_threads_give_the_calling_threads_batches_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    // 4 identities × 6 images.
+    for id in 0..4u64 {
+        let d = dir.path().join(format!("id{id}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for k in 0..6 {
+            std::fs::write(d.join(format!("{k}.png")), png(&rgb(100 * id + k), S)).unwrap();
+        }
+    }
+    let ds = Arc::new(Dataset::folder(dir.path(), S).unwrap());
+    let sampler = Sampler::new(ds.len(), 5, 9);
+    let inline = Loader::new(ds.clone(), sampler.clone(), 0, 1, true).unwrap();
+    let threads = Loader::new(ds.clone(), sampler.clone(), 3, 2, true).unwrap();
+    for epoch in 0..2 {
+        let a: Vec<_> = inline.epoch(epoch, 0).unwrap().map(Result::unwrap).collect();
+        let b: Vec<_> = threads.epoch(epoch, 0).unwrap().map(Result::unwrap).collect();
+        assert_eq!(a.len(), 4);
+        assert!(a == b, "epoch {epoch}: the threads' batches differ");
+        // Resuming mid-epoch gives the rest of the same epoch.
+        let rest: Vec<_> = threads.epoch(epoch, 2).unwrap().map(Result::unwrap).collect();
+        assert!(rest[..] == a[2..]);
+        // Some images are flipped, some not.
+        let labels: Vec<u32> = a.iter().flat_map(|b| b.labels.clone()).collect();
+        assert!(labels.iter().all(|&y| y < 4));
+    }
+    // Dropping an epoch early stops its workers (no hang).
+    let mut it = threads.epoch(0, 0).unwrap();
+    assert!(it.next().unwrap().is_ok());
+    drop(it);
+    // An undecodable image ends the epoch with an error naming it.
+    std::fs::write(dir.path().join("id2").join("3.png"), b"garbage").unwrap();
+    let results: Vec<_> = threads.epoch(1, 0).unwrap().collect();
+    let err = results.iter().find_map(|r| r.as_ref().err()).expect("an error").to_string();
+    assert!(err.contains("3.png"), "{err}");
+    assert!(results.last().unwrap().is_err(), "the epoch stops at the error");
+}
