@@ -351,12 +351,8 @@ fn regress_cmd(a: RegressArgs) -> ExitCode {
         Run::from_json(&text).map_err(|e| file(e.to_string()))
     };
     // Written whole to a temporary file, then renamed: never a partial file.
-    let write = |path: &PathBuf, run: &Run| -> Result<(), Error> {
-        let tmp = path.with_extension("json.tmp");
-        let io = |e: std::io::Error| Error::File { path: path.display().to_string(), message: e.to_string() };
-        std::fs::write(&tmp, run.to_json()?).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
-    };
+    let write =
+        |path: &PathBuf, run: &Run| -> Result<(), Error> { gif_fr::io::write_atomic(path, run.to_json()?.as_bytes()) };
     let outcome = (|| -> Result<bool, Error> {
         let run = Run::merge(a.run.iter().map(read).collect::<Result<Vec<_>, _>>()?);
         if let Some(p) = &a.write_run {

@@ -7,6 +7,11 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// insightface's normalization of an 8-bit channel value: (x/255 − 0.5)/0.5.
+pub fn normalize(p: u8) -> f32 {
+    (p as f32 / 255.0 - 0.5) / 0.5
+}
+
 /// NHWC f32 pixels `[B, size, size, 3]` and B, from `path`.
 pub fn read_images(path: &Path, size: usize) -> Result<(Vec<f32>, usize)> {
     let bad = |m: String| Error::file(path, m);
@@ -15,7 +20,7 @@ pub fn read_images(path: &Path, size: usize) -> Result<(Vec<f32>, usize)> {
     match (dtype.as_str(), &shape[..]) {
         ("|u1", &[b, h, w, 3]) if h == size && w == size => {
             let v = npy.into_vec::<u8>().map_err(|e| bad(format!("cannot read the values: {e}")))?;
-            Ok((v.iter().map(|&p| (p as f32 / 255.0 - 0.5) / 0.5).collect(), b))
+            Ok((v.iter().map(|&p| normalize(p)).collect(), b))
         }
         ("<f4", &[b, 3, h, w]) if h == size && w == size => {
             let v = npy.into_vec::<f32>().map_err(|e| bad(format!("cannot read the values: {e}")))?;

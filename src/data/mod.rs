@@ -221,7 +221,7 @@ pub fn decode_into(bytes: &[u8], size: usize, out: &mut [f32]) -> std::result::R
     }
     let rgb = img.into_rgb8();
     for (o, &p) in out.iter_mut().zip(rgb.as_raw()) {
-        *o = (p as f32 / 255.0 - 0.5) / 0.5;
+        *o = crate::backbone::images::normalize(p);
     }
     Ok(())
 }

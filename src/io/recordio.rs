@@ -27,7 +27,6 @@
 //! record) is an [`Error::File`] naming the offset, never a panic.
 
 use std::borrow::Cow;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -221,70 +220,58 @@ impl<'a> Iterator for Records<'a> {
 /// renamed by [`RecordWriter::finish`]: an interrupted write leaves no
 /// partial set.
 pub struct RecordWriter {
-    rec: (PathBuf, std::io::BufWriter<std::fs::File>),
-    idx: Option<(PathBuf, std::io::BufWriter<std::fs::File>)>,
+    rec: crate::io::AtomicFile,
+    idx: Option<crate::io::AtomicFile>,
     offset: u64,
 }
 
 impl RecordWriter {
     /// A writer of `rec` (and of `idx`, when given).
     pub fn create(rec: &Path, idx: Option<&Path>) -> Result<RecordWriter> {
-        let open = |p: &Path| -> Result<(PathBuf, std::io::BufWriter<std::fs::File>)> {
-            let tmp = crate::io::safetensors::temporary_path(p);
-            let f = std::fs::File::create(&tmp).map_err(|e| Error::file(p, format!("cannot create: {e}")))?;
-            Ok((p.to_path_buf(), std::io::BufWriter::with_capacity(1 << 20, f)))
-        };
-        Ok(RecordWriter { rec: open(rec)?, idx: idx.map(open).transpose()?, offset: 0 })
+        let idx = idx.map(crate::io::AtomicFile::create).transpose()?;
+        Ok(RecordWriter { rec: crate::io::AtomicFile::create(rec)?, idx, offset: 0 })
     }
 
     /// Appends a record; with an index, under `key`. Returns its offset.
     pub fn write(&mut self, key: u64, record: &[u8]) -> Result<u64> {
-        let path = self.rec.0.clone();
-        let io = |e: std::io::Error| Error::file(&path, format!("cannot write: {e}"));
         if record.len() >= MAX_RECORD {
-            return Err(Error::file(
-                &path,
+            return Err(Error::invalid(
+                "RecordWriter::write",
                 format!("a record of {} bytes (RecordIO takes less than 2^30)", record.len()),
             ));
         }
         let start = self.offset;
         let magic = MAGIC.to_le_bytes();
-        let w = &mut self.rec.1;
-        let put = |w: &mut std::io::BufWriter<std::fs::File>, cflag: u32, part: &[u8]| -> Result<()> {
-            w.write_all(&magic).map_err(io)?;
-            w.write_all(&((cflag << 29) | part.len() as u32).to_le_bytes()).map_err(io)?;
-            w.write_all(part).map_err(io)
+        let w = &mut self.rec;
+        // One part: its 8 bytes of framing and its data; returns the bytes.
+        let put = |w: &mut crate::io::AtomicFile, cflag: u32, part: &[u8]| -> Result<u64> {
+            w.write_all(&magic)?;
+            w.write_all(&((cflag << 29) | part.len() as u32).to_le_bytes())?;
+            w.write_all(part)?;
+            Ok(8 + part.len() as u64)
         };
         let mut written = 0u64;
         let mut from = 0usize;
         for i in (0..record.len() / 4 * 4).step_by(4) {
             if record[i..i + 4] == magic {
-                put(w, if from == 0 { 1 } else { 2 }, &record[from..i])?;
-                written += 8 + (i - from) as u64;
+                written += put(w, if from == 0 { 1 } else { 2 }, &record[from..i])?;
                 from = i + 4;
             }
         }
-        put(w, if from == 0 { 0 } else { 3 }, &record[from..])?;
-        written += 8 + (record.len() - from) as u64;
+        written += put(w, if from == 0 { 0 } else { 3 }, &record[from..])?;
         let pad = (4 - record.len() % 4) % 4;
-        w.write_all(&[0u8; 3][..pad]).map_err(io)?;
-        written += pad as u64;
-        self.offset += written;
-        if let Some((p, w)) = self.idx.as_mut() {
-            writeln!(w, "{key}\t{start}").map_err(|e| Error::file(p, format!("cannot write: {e}")))?;
+        w.write_all(&[0u8; 3][..pad])?;
+        self.offset += written + pad as u64;
+        if let Some(f) = self.idx.as_mut() {
+            f.write_all(format!("{key}\t{start}\n").as_bytes())?;
         }
         Ok(start)
     }
 
     /// Flushes, syncs and renames the files into place.
     pub fn finish(self) -> Result<()> {
-        for (path, w) in std::iter::once(self.rec).chain(self.idx) {
-            let io = |e: std::io::Error| Error::file(&path, format!("cannot write: {e}"));
-            let f = w.into_inner().map_err(|e| io(e.into_error()))?;
-            f.sync_all().map_err(io)?;
-            std::fs::rename(crate::io::safetensors::temporary_path(&path), &path).map_err(io)?;
-        }
-        Ok(())
+        self.rec.commit()?;
+        self.idx.map_or(Ok(()), crate::io::AtomicFile::commit)
     }
 }
 

@@ -1,14 +1,12 @@
 //! Writing safetensors files the crate's way: a deterministic header (keys
 //! sorted, metadata included: the safetensors crate serializes metadata
 //! from a HashMap in a per-process random order, so the same content would
-//! not give the same bytes), the data streamed in chunks, and the file
-//! written under a temporary name beside the target, flushed to disk and
-//! renamed over it: a reader never sees a partial file, and a crash leaves
-//! the previous file in place. Reading stays with the safetensors crate.
+//! not give the same bytes), the data streamed, and the file written
+//! atomically ([`crate::io::AtomicFile`]). Reading stays with the
+//! safetensors crate.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Error, Result};
 
@@ -34,13 +32,6 @@ fn dtype_size(dtype: &str) -> Option<usize> {
         "F64" | "U64" | "I64" => 8,
         _ => return None,
     })
-}
-
-/// The temporary name a write goes through: `path` with `.tmp` appended.
-pub fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
-    path.with_file_name(name)
 }
 
 /// Writes `entries` (in their order in the data; the header lists them
@@ -71,24 +62,13 @@ pub fn write(path: &Path, entries: &[Entry<'_>], metadata: &BTreeMap<String, Str
     while text.len() % 8 != 0 {
         text.push(' '); // the data starts 8-byte aligned, as the safetensors crate writes it
     }
-    let tmp = temporary_path(path);
-    let io = |e: std::io::Error| Error::file(path, format!("cannot write: {e}"));
-    let result = (|| {
-        let f = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&(text.len() as u64).to_le_bytes())?;
-        w.write_all(text.as_bytes())?;
-        for e in entries {
-            w.write_all(&e.bytes)?;
-        }
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut f = crate::io::AtomicFile::create(path)?;
+    f.write_all(&(text.len() as u64).to_le_bytes())?;
+    f.write_all(text.as_bytes())?;
+    for e in entries {
+        f.write_all(&e.bytes)?;
     }
-    result.map_err(io)
+    f.commit()
 }
 
 /// Little-endian bytes of a slice of plain values.
