@@ -17,7 +17,8 @@
 //             M = Co, N = k·k·Ci, K = B·Ho·Wo (output pixels); A = dy,
 //             B = Im2colOp (the forward's A, read n-contiguous); split over
 //             gridDim.z ranges of K (multiples of 32) whose partial tiles
-//             are added with atomicAdd into a zeroed dw (one split: each
+//             are added with atomicAdd into dw (zeroed by the caller,
+//             or holding the gradient to accumulate onto; one split: each
 //             element has one writer, reproducible).
 //
 // Geometry arguments: B, H, W, Ci, Co, k, stride, pad, Ho, Wo.

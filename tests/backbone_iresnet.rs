@@ -150,6 +150,65 @@ fn bf16_convolutions_match_the_cpu_path() {
     }
 }
 
+/// The training loop's entry points: `backward_into` overwrites kept
+/// (poisoned) buffers in place with what `backward` returns, and
+/// `backward_accumulate` adds onto what they hold (the convolutions' and
+/// the Linear's kernels in place, the per-channel sums through a
+/// temporary), on the CPU and the simulator in three orders, f32 and bf16
+/// convolutions.
+#[test]
+fn gradients_overwrite_or_add_onto_kept_buffers_in_place() {
+    let b = 3;
+    let d_emb = uniform(&mut rng(50), b * 6, -1.0, 1.0);
+    let runs = all_devices().into_iter().map(|d| (d, DType::F32)).chain([(Device::sim(), DType::BF16)]);
+    for (dev, conv_dtype) in runs {
+        let what = format!("{dev} {conv_dtype:?}");
+        let mut net = IResNet::new(IResNetConfig { conv_dtype, ..tiny() }, &dev, 5).unwrap();
+        let (_, x) = images(&dev, b, 51);
+        let d = Tensor::from_slice(&dev, &[b, 6], &d_emb).unwrap();
+        net.forward(&x, true).unwrap();
+        let want: Vec<(String, Vec<f32>)> =
+            net.backward(&d).unwrap().into_iter().map(|(k, v)| (k, v.to_vec::<f32>().unwrap())).collect();
+        // Poisoned buffers, overwritten where they are.
+        let mut kept: Grads = want
+            .iter()
+            .map(|(k, v)| (k.clone(), Tensor::from_slice(&dev, &[v.len()], &vec![f32::NAN; v.len()]).unwrap()))
+            .collect();
+        let shapes: Vec<(String, Vec<usize>)> =
+            net.state().into_iter().map(|(k, t)| (k, t.shape().to_vec())).filter(|(k, _)| kept.contains_key(k)).collect();
+        for (k, shape) in &shapes {
+            let t = kept.remove(k).unwrap().reshape(shape).unwrap();
+            kept.insert(k.clone(), t);
+        }
+        let addrs: Vec<Option<u64>> = kept.values().map(Tensor::device_addr).collect();
+        net.forward(&x, true).unwrap();
+        net.backward_into(&d, &mut kept).unwrap();
+        assert_eq!(kept.values().map(Tensor::device_addr).collect::<Vec<_>>(), addrs, "{what}: written in place");
+        for (k, v) in &want {
+            assert_eq!(&kept[k].to_vec::<f32>().unwrap(), v, "{what} {k}: backward_into vs backward");
+        }
+        // Random starting values, then one accumulation.
+        let mut r = rng(52);
+        let start: Vec<Vec<f32>> = want.iter().map(|(_, v)| uniform(&mut r, v.len(), -1.0, 1.0)).collect();
+        for ((k, _), s) in want.iter().zip(&start) {
+            kept.get_mut(k).unwrap().copy_from_host(s).unwrap();
+        }
+        net.forward(&x, true).unwrap();
+        net.backward_accumulate(&d, &mut kept).unwrap();
+        assert_eq!(kept.values().map(Tensor::device_addr).collect::<Vec<_>>(), addrs, "{what}: added in place");
+        for ((k, v), s) in want.iter().zip(&start) {
+            let sum: Vec<f32> = v.iter().zip(s).map(|(a, b)| a + b).collect();
+            assert_close(&format!("{what} {k} accumulated"), &kept[k].to_vec::<f32>().unwrap(), &sum, 1e-5, 1e-5);
+        }
+        // A buffer of another shape is refused before anything is written.
+        let mut bad = Grads::new();
+        bad.insert("fc.bias".into(), Tensor::zeros(&dev, &[5], DType::F32).unwrap());
+        net.forward(&x, true).unwrap();
+        assert!(matches!(net.backward_into(&d, &mut bad), Err(Error::Shape { .. })), "{what}: wrong shape");
+        assert!(matches!(net.backward_accumulate(&d, &mut Grads::new()), Err(Error::InvalidArgument { .. })));
+    }
+}
+
 #[test]
 fn buffers_are_reused_from_step_to_step() {
     let b = 3;

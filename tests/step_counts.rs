@@ -200,19 +200,37 @@ fn iresnet_training_step() {
     let cfg = tiny_iresnet();
     let b = 2;
     let (images, d_emb) = iresnet_batch(&dev, &cfg, b, 5);
-    let mut net = gif_fr::backbone::IResNet::new(cfg, &dev, 1).unwrap();
-    // The first step fills the buffer pool; count the second.
-    net.forward(&images, true).unwrap();
-    net.backward(&d_emb).unwrap();
+    let mut net = gif_fr::backbone::IResNet::new(cfg.clone(), &dev, 1).unwrap();
+    let mut emb = Tensor::empty(&dev, &[b, cfg.embedding], DType::F32).unwrap();
+    let mut grads = std::collections::BTreeMap::new();
+    // The first step fills the buffer pool and the gradients' buffers;
+    // count the second (overwriting) and the third (accumulating).
+    net.forward_into(&images, true, &mut emb).unwrap();
+    net.backward_into(&d_emb, &mut grads).unwrap();
     let c = counts(&dev, || {
-        net.forward(&images, true).unwrap();
-        drop(net.backward(&d_emb).unwrap());
+        net.forward_into(&images, true, &mut emb).unwrap();
+        net.backward_into(&d_emb, &mut grads).unwrap();
     });
-    // The tiny network (stem, 5 blocks, head) at B = 2: no copy to or from
-    // the host, no wait. Allocations are the gradients (new tensors each
-    // backward) and the layers' temporaries outside the pool; the training
-    // issue's persistent gradients lower them.
-    pin("iresnet forward + backward", c, 282, 207, 0, 0, 0);
+    // The tiny network (stem, 5 blocks, head) at B = 2: nothing allocated,
+    // no copy to or from the host, no wait. The device copies: the
+    // images, kept for the stem's weight gradient, and the zeroing of the
+    // 15 convolutions' weight gradients (their kernels add into them).
+    pin("iresnet forward + backward", c, 282, 0, 0, 0, 0);
+    assert_eq!(c.device_copies, 1 + 15, "{c:?}");
+    // Accumulating (the first call adds the temporaries' shapes to the
+    // pool; count the second): the Linear's GEMM adds in place; each of
+    // the 50 per-channel gradients (21 BatchNorms' weight and bias, the
+    // embedding BatchNorm's bias, 6 PReLUs, fc.bias) and the 15
+    // convolutions' weight gradients is added from a pooled temporary, one
+    // more launch each (the zeroings stay: the temporaries are zeroed).
+    let mut accumulate = || {
+        net.forward_into(&images, true, &mut emb).unwrap();
+        net.backward_accumulate(&d_emb, &mut grads).unwrap();
+    };
+    accumulate();
+    let c = counts(&dev, accumulate);
+    pin("iresnet forward + backward_accumulate", c, 282 + 50 + 15, 0, 0, 0, 0);
+    assert_eq!(c.device_copies, 1 + 15, "{c:?}");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::ops::gemm::{bf16_shared_bytes, Op};
 use crate::runtime::device::{DeviceKind, LaunchConfig};
 use crate::runtime::launch::launch_one_of;
-use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
+use crate::runtime::tensor::{same_device, DType, Tensor};
 
 const TILE: usize = 128;
 
@@ -203,17 +203,35 @@ pub fn conv2d_data_grad_into(dy: &Tensor, w: &Tensor, s: &ConvShape, dx: &mut Te
 /// split across blocks (to fill the GPU) whose parts are added atomically,
 /// so the last bits may vary run to run unless one split covers all pixels.
 pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tensor> {
+    s.validate("conv2d_weight_grad")?;
+    let mut dw = Tensor::empty(x.device(), &s.weights(), DType::F32)?;
+    conv2d_weight_grad_into(x, dy, s, &mut dw, false)?;
+    Ok(dw)
+}
+
+/// [`conv2d_weight_grad`] into `dw` (`[C_out, k, k, C_in]` f32, on the same
+/// device): overwritten, or with `accumulate` the gradient is added to what
+/// it holds (gradient accumulation without a temporary: the kernel adds
+/// its parts into `dw` either way, which is zeroed first unless
+/// accumulating).
+pub fn conv2d_weight_grad_into(x: &Tensor, dy: &Tensor, s: &ConvShape, dw: &mut Tensor, accumulate: bool) -> Result<()> {
     const OP: &str = "conv2d_weight_grad";
     s.validate(OP)?;
     let dtype = operand_dtype(OP, x)?;
     check(OP, x, "input", s.input(), dtype)?;
     check(OP, dy, "output gradient", s.output(), dtype)?;
     let dev = same_device(OP, &[x, dy])?;
+    dw.check_output(OP, dev, &[&s.weights()])?;
     if dev.kind() == DeviceKind::Cpu {
-        let dw = cpu::weight_grad_gemm(s, &x.host_f32()?, &dy.host_f32()?);
-        return Ok(Tensor::from_host(dev, s.weights().to_vec(), HostData::F32(dw)));
+        let mut g = cpu::weight_grad_gemm(s, &x.host_f32()?, &dy.host_f32()?);
+        if accumulate {
+            g.iter_mut().zip(dw.host_f32()?.iter()).for_each(|(a, b)| *a += b);
+        }
+        return dw.write_host_f32(&g);
     }
-    let mut dw = Tensor::zeros(dev, &s.weights(), DType::F32)?;
+    if !accumulate {
+        dw.fill_zeros()?;
+    }
     let (ho, wo) = s.hw();
     let m = s.batch * ho * wo;
     let n = s.kernel * s.kernel * s.c_in;
@@ -221,8 +239,7 @@ pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tens
     let splits = 528usize.div_ceil(tiles).clamp(1, m.div_ceil(16));
     // Multiples of 32, a k-tile of both kernels' families (16 and 32).
     let chunk = m.div_ceil(splits).div_ceil(32) * 32;
-    s.launch(ConvOp::Wgrad(chunk as i32), dtype, x, dy, &mut dw, (s.c_out, n), m.div_ceil(chunk))?;
-    Ok(dw)
+    s.launch(ConvOp::Wgrad(chunk as i32), dtype, x, dy, dw, (s.c_out, n), m.div_ceil(chunk))
 }
 
 /// Shape of a convolution.

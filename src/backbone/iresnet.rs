@@ -29,10 +29,9 @@ use crate::train::ParamRef;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use std::collections::HashMap;
-
-use super::conv::{conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, ConvShape};
-use super::norm::{add_assign, bias_add, column_sums, prelu_backward_into, prelu_into, BatchNorm, BnCache, Dropout};
+use super::conv::{conv2d_into, ConvShape};
+use super::norm::{add_assign, bias_add, column_sums_with, prelu_backward_with, prelu_into, BatchNorm, BnCache, Dropout};
+use super::pool::{Pool, Scratch};
 use crate::error::{Error, Result};
 use crate::ops::gemm::{self, Op};
 use crate::runtime::device::Device;
@@ -155,9 +154,13 @@ struct BlockCache {
 impl BlockCache {
     fn tensors(self) -> impl Iterator<Item = Tensor> {
         let w = self.w.map(|(a, b, d)| [Some(a), Some(b), d]).into_iter().flatten().flatten();
+        let (dc, ds_bn) = self.ds.map(|(t, bn)| (t, bn.into_tensors())).unzip();
+        let stats = [self.bn1, self.bn2, self.bn3].into_iter().flat_map(BnCache::into_tensors);
         [self.x, self.a1, self.c1, self.a2, self.p, self.c2]
             .into_iter()
-            .chain(self.ds.map(|d| d.0))
+            .chain(dc)
+            .chain(ds_bn.into_iter().flatten())
+            .chain(stats)
             .chain(self.x_conv)
             .chain(w)
     }
@@ -198,93 +201,13 @@ impl ForwardCache {
     fn tensors(self) -> Vec<Tensor> {
         let st = self.stem;
         let mut v: Vec<Tensor> = st.images.into_iter().chain([st.c0, st.y0]).chain(st.w).collect();
+        v.extend(st.bn1.into_tensors());
         v.extend(self.blocks.into_iter().flat_map(BlockCache::tensors));
         let h = self.head;
         v.extend([h.last, h.flat, h.fc]);
         v.extend(h.dropped.map(|d| d.0));
+        v.extend([h.bn2, h.features].into_iter().flat_map(BnCache::into_tensors));
         v
-    }
-}
-
-/// Device buffers by shape and dtype, for reuse: `take` pops one (or
-/// allocates), `give` puts one back. A run of the same ops at the same
-/// batch size takes the same shapes, so after the first it allocates
-/// nothing.
-#[derive(Default)]
-struct Pool {
-    batch: usize,
-    free: HashMap<(Vec<usize>, DType), Vec<Tensor>>,
-    /// Bytes of every buffer this pool allocated (free or in use).
-    allocated: usize,
-}
-
-impl Pool {
-    fn take(&mut self, dev: &Device, shape: &[usize]) -> Result<Tensor> {
-        self.take_typed(dev, shape, DType::F32)
-    }
-
-    fn take_typed(&mut self, dev: &Device, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        match self.free.get_mut(&(shape.to_vec(), dtype)).and_then(Vec::pop) {
-            Some(t) => Ok(t),
-            None => {
-                let t = Tensor::empty(dev, shape, dtype)?;
-                self.allocated += t.numel() * dtype.size();
-                Ok(t)
-            }
-        }
-    }
-
-    fn give(&mut self, t: Tensor) {
-        self.free.entry((t.shape().to_vec(), t.dtype())).or_default().push(t);
-    }
-
-    fn give_all(&mut self, ts: impl IntoIterator<Item = Tensor>) {
-        ts.into_iter().for_each(|t| self.give(t));
-    }
-
-    /// `t` as a convolution operand of `dtype`: None when it already is,
-    /// else a rounded copy in a pool buffer.
-    fn operand(&mut self, t: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
-        if t.dtype() == dtype {
-            return Ok(None);
-        }
-        let mut h = self.take_typed(t.device(), t.shape(), dtype)?;
-        t.narrow_into(&mut h)?;
-        Ok(Some(h))
-    }
-
-    /// A convolution's backward from the gradient of its output `d_out`
-    /// (f32): returns the weight gradient, and with `data = (w, d_in)`
-    /// writes the input's gradient into `d_in`; `x` and `w` are the
-    /// forward's operands (of `dtype`), `d_out` is rounded to it first.
-    fn conv_backward(
-        &mut self,
-        dtype: DType,
-        d_out: &Tensor,
-        x: &Tensor,
-        s: &ConvShape,
-        data: Option<(&Tensor, &mut Tensor)>,
-    ) -> Result<Tensor> {
-        let rounded = self.operand(d_out, dtype)?;
-        let d = rounded.as_ref().unwrap_or(d_out);
-        let dw = conv2d_weight_grad(x, d, s)?;
-        if let Some((w, d_in)) = data {
-            conv2d_data_grad_into(d, w, s, d_in)?;
-        }
-        self.give_all(rounded);
-        Ok(dw)
-    }
-
-    /// `t` converted to a convolution operand of `dtype`, `t` itself going
-    /// back to the pool when a copy was made.
-    fn convert_operand(&mut self, t: Tensor, dtype: DType) -> Result<Tensor> {
-        match self.operand(&t, dtype)? {
-            Some(h) => {
-                self.give(t);
-                Ok(h)
-            }
-            None => Ok(t),
-        }
     }
 }
 
@@ -601,7 +524,7 @@ impl IResNet {
     fn recycle(&mut self, batch: usize) {
         if self.pool.batch != batch {
             self.cache = None;
-            self.pool = Pool { batch, ..Pool::default() };
+            self.pool = Pool::new(batch);
         } else if let Some(c) = self.cache.take() {
             self.pool.give_all(c.tensors());
         }
@@ -615,6 +538,18 @@ impl IResNet {
     /// [`IResNet::infer`], which keeps none.
     pub fn forward(&mut self, images: &Tensor, training: bool) -> Result<Tensor> {
         let b = self.check_images("IResNet::forward", images)?;
+        let mut emb = Tensor::empty(&self.device, &[b, self.cfg.embedding], DType::F32)?;
+        self.forward_into(images, training, &mut emb)?;
+        Ok(emb)
+    }
+
+    /// [`IResNet::forward`] into `emb` (f32 `[B, E]` on the network's
+    /// device, overwritten): a training step at a batch size the network
+    /// has seen allocates nothing.
+    pub fn forward_into(&mut self, images: &Tensor, training: bool, emb: &mut Tensor) -> Result<()> {
+        const OP: &str = "IResNet::forward";
+        let b = self.check_images(OP, images)?;
+        emb.check_output(OP, &self.device, &[&[b, self.cfg.embedding]])?;
         self.recycle(b);
         let dropout = if training && self.cfg.dropout > 0.0 {
             self.step += 1;
@@ -622,9 +557,8 @@ impl IResNet {
         } else {
             None
         };
-        let (emb, cache) = self.run(images, b, training, dropout, true).inspect_err(|_| self.release_buffers())?;
-        self.cache = cache;
-        Ok(emb)
+        self.cache = self.run(images, b, training, dropout, true, emb).inspect_err(|_| self.release_buffers())?;
+        Ok(())
     }
 
     /// Embeddings `[B, E]` in eval mode, keeping no activations (the
@@ -632,8 +566,10 @@ impl IResNet {
     /// error until the next [`IResNet::forward`].
     pub fn infer(&mut self, images: &Tensor) -> Result<Tensor> {
         let b = self.check_images("IResNet::infer", images)?;
+        let mut emb = Tensor::empty(&self.device, &[b, self.cfg.embedding], DType::F32)?;
         self.recycle(b);
-        Ok(self.run(images, b, false, None, false).inspect_err(|_| self.release_buffers())?.0)
+        self.run(images, b, false, None, false, &mut emb).inspect_err(|_| self.release_buffers())?;
+        Ok(emb)
     }
 
     /// Bytes held for activations and temporaries: every buffer of the
@@ -657,7 +593,7 @@ impl IResNet {
         self.pool = Pool::default();
     }
 
-    /// The network on `images`: the embeddings (a new tensor) and, when
+    /// The network on `images`: the embeddings into `emb` and, when
     /// `keep`, the cache for the backward (else every buffer goes back to
     /// the pool as soon as it is used).
     fn run(
@@ -667,7 +603,8 @@ impl IResNet {
         training: bool,
         dropout: Option<Dropout>,
         keep: bool,
-    ) -> Result<(Tensor, Option<ForwardCache>)> {
+        emb: &mut Tensor,
+    ) -> Result<Option<ForwardCache>> {
         let dev = self.device.clone();
         let (s, stem_c, dt) = (self.cfg.input, self.cfg.stem, self.cfg.conv_dtype);
         let pool = &mut self.pool;
@@ -688,14 +625,14 @@ impl IResNet {
         let stem_shape = conv_shape(b, s, 3, stem_c, 3, 1);
         conv2d_into(conv_images.as_ref().unwrap_or(images), w0.as_ref().unwrap_or(&self.conv1), &stem_shape, &mut c0)?;
         let mut y0 = pool.take(&dev, &[rows, stem_c])?;
-        let bn1 = self.bn1.forward_into(&c0, training, &mut y0)?;
+        let bn1 = self.bn1.forward_with(&c0, training, &mut y0, pool)?;
         let mut x = pool.take(&dev, &[rows, stem_c])?;
         prelu_into(&y0, &self.prelu, &mut x)?;
         let stem = StemCache { images: conv_images, c0, bn1, y0, w: w0 };
         let stem = if keep {
             Some(stem)
         } else {
-            pool.give_all([stem.c0, stem.y0].into_iter().chain(stem.images).chain(stem.w));
+            pool.give_all([stem.c0, stem.y0].into_iter().chain(stem.images).chain(stem.w).chain(stem.bn1.into_tensors()));
             None
         };
         let mut hw = s;
@@ -712,7 +649,7 @@ impl IResNet {
         }
         let c4 = self.cfg.widths[3];
         let mut y2 = pool.take(&dev, x.shape())?;
-        let bn2 = self.bn2.forward_into(&x, training, &mut y2)?;
+        let bn2 = self.bn2.forward_with(&x, training, &mut y2, pool)?;
         let flat = y2.reshape(&[b, hw * hw * c4])?;
         let dropped = match dropout {
             Some(d) => {
@@ -726,57 +663,49 @@ impl IResNet {
         let fc_in = dropped.as_ref().map_or(&flat, |d| &d.0);
         gemm::gemm(1.0, fc_in, Op::N, &self.fc_weight, Op::T, 0.0, &mut fc)?;
         bias_add(&mut fc, &self.fc_bias)?;
-        let (emb, features) = self.features.forward(&fc, training)?;
+        let features = self.features.forward_with(&fc, training, emb, pool)?;
         let head = HeadCache { last: x, bn2, flat, dropped, fc, features };
-        let cache = match (keep, stem) {
+        Ok(match (keep, stem) {
             (true, Some(stem)) => Some(ForwardCache { batch: b, stem, blocks, head }),
             _ => {
                 let h = head;
-                pool.give_all([h.last, h.flat, h.fc].into_iter().chain(h.dropped.map(|d| d.0)));
+                let stats = [h.bn2, h.features].into_iter().flat_map(BnCache::into_tensors);
+                pool.give_all([h.last, h.flat, h.fc].into_iter().chain(h.dropped.map(|d| d.0)).chain(stats));
                 None
             }
-        };
-        Ok((emb, cache))
+        })
     }
 
     /// Gradients of every trainable parameter, by state-dict name (the
     /// parameters' shapes and layouts), given the gradient of the embeddings
     /// `[B, E]` of the last [`IResNet::forward`]. `features.weight` is fixed
     /// at 1 (insightface) and has none. The temporaries come from the pool;
-    /// the gradients are new tensors.
+    /// the gradients are new tensors (a training loop keeps its buffers
+    /// with [`IResNet::backward_into`]).
     pub fn backward(&mut self, d_emb: &Tensor) -> Result<BTreeMap<String, Tensor>> {
-        const OP: &str = "IResNet::backward";
-        let Some(cache) = self.cache.as_ref() else {
-            return Err(Error::invalid(OP, "no activations to differentiate: call forward (not infer) first"));
-        };
-        let b = cache.batch;
-        if d_emb.shape() != [b, self.cfg.embedding] || d_emb.dtype() != DType::F32 {
-            return Err(Error::Shape {
-                op: OP,
-                expected: format!("f32 [{b}, {}]", self.cfg.embedding),
-                got: format!("{:?} {:?}", d_emb.shape(), d_emb.dtype()),
-            });
-        }
-        same_device_as(OP, &self.device, d_emb)?;
-        // A failure past the checks (a device error) leaves buffers out of
-        // the pool's account: start over.
-        self.backward_run(d_emb).inspect_err(|_| self.release_buffers())
+        let mut grads = BTreeMap::new();
+        self.backward_merge("IResNet::backward", d_emb, &mut grads, false)?;
+        Ok(grads)
     }
 
-    /// [`IResNet::backward`] into given buffers: each gradient overwrites
-    /// the tensor of its name in `grads` (f32, the parameter's shape, on the
-    /// network's device: a framework's buffers through
-    /// [`Tensor::from_device_ptr`]); names `grads` lacks are inserted. No
-    /// host synchronization. The gradients are still computed into pooled
-    /// temporaries and copied (one device copy per parameter); persistent
-    /// gradient buffers come with the training issue's parameters.
+    /// [`IResNet::backward`] into given buffers: each gradient is written
+    /// straight into the tensor of its name in `grads` (f32, the
+    /// parameter's shape, on the network's device; a framework's buffers
+    /// through [`Tensor::from_device_ptr`]), which is overwritten; names
+    /// `grads` lacks are inserted (allocated once: the next call writes into
+    /// them). No host synchronization; after the first step at a batch size,
+    /// no allocation.
     pub fn backward_into(&mut self, d_emb: &Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
         self.backward_merge("IResNet::backward_into", d_emb, grads, false)
     }
 
     /// [`IResNet::backward_into`] adding each gradient to the tensor of its
     /// name instead of overwriting it (gradient accumulation over
-    /// micro-batches); `grads` must hold every trainable parameter's.
+    /// micro-batches); `grads` must hold every trainable parameter's. Each
+    /// gradient is computed whole (into a pooled temporary, or by the
+    /// Linear's GEMM with β = 1) and then added, as PyTorch accumulates
+    /// `.grad`: accumulating the same micro-batch twice gives exactly twice
+    /// its gradient, however a kernel splits its sums.
     pub fn backward_accumulate(&mut self, d_emb: &Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
         const OP: &str = "IResNet::backward_accumulate";
         if let Some((name, _)) = self.params_mut().iter().find(|(name, _)| !grads.contains_key(name)) {
@@ -792,6 +721,18 @@ impl IResNet {
         grads: &mut BTreeMap<String, Tensor>,
         accumulate: bool,
     ) -> Result<()> {
+        let Some(cache) = self.cache.as_ref() else {
+            return Err(Error::invalid(op, "no activations to differentiate: call forward (not infer) first"));
+        };
+        let b = cache.batch;
+        if d_emb.shape() != [b, self.cfg.embedding] || d_emb.dtype() != DType::F32 {
+            return Err(Error::Shape {
+                op,
+                expected: format!("f32 [{b}, {}]", self.cfg.embedding),
+                got: format!("{:?} {:?}", d_emb.shape(), d_emb.dtype()),
+            });
+        }
+        same_device_as(op, &self.device, d_emb)?;
         for (name, g) in grads.iter() {
             let shape = self
                 .state()
@@ -800,32 +741,33 @@ impl IResNet {
                 .ok_or_else(|| Error::invalid(op, format!("{name} is not a parameter of this network")))?;
             g.check_output(op, &self.device, &[&shape])?;
         }
-        for (name, g) in self.backward(d_emb)? {
-            match grads.get_mut(&name) {
-                Some(t) if accumulate => add_assign(t, &g)?,
-                Some(t) => t.copy_from(&g)?,
-                None => {
-                    grads.insert(name, g);
-                }
-            }
-        }
-        Ok(())
+        // A failure past the checks (a device error) leaves buffers out of
+        // the pool's account: start over.
+        let mut sink = Sink { grads, accumulate, dev: self.device.clone() };
+        self.backward_run(d_emb, &mut sink).inspect_err(|_| self.release_buffers())
     }
 
-    fn backward_run(&mut self, d_emb: &Tensor) -> Result<BTreeMap<String, Tensor>> {
+    fn backward_run(&mut self, d_emb: &Tensor, g: &mut Sink<'_>) -> Result<()> {
         const OP: &str = "IResNet::backward";
         let cache = self.cache.as_ref().ok_or_else(|| Error::invalid(OP, "no activations"))?;
         let b = cache.batch;
         let dev = self.device.clone();
         let pool = &mut self.pool;
         let h = &cache.head;
-        let mut g = BTreeMap::new();
+        let (e, c4) = (self.cfg.embedding, self.cfg.widths[3]);
         let mut d_fc = pool.take(&dev, h.fc.shape())?;
-        let (_, d_feat_bias) = self.features.backward_into(&h.fc, &h.features, d_emb, &mut d_fc)?;
-        g.insert("features.bias".to_string(), d_feat_bias);
-        g.insert("fc.bias".to_string(), column_sums(&d_fc)?);
+        let features = &self.features;
+        g.put(pool, ["features.bias".into()], [&[e]], false, |t, pool, _| {
+            let mut dw = pool.take(&dev, &[e])?;
+            let r = features.backward_with(&h.fc, &h.features, d_emb, &mut d_fc, &mut dw, &mut t[0], pool);
+            pool.give(dw);
+            r
+        })?;
+        g.put(pool, ["fc.bias".into()], [&[e]], false, |t, pool, _| column_sums_with(&d_fc, &mut t[0], pool))?;
         let fc_in = h.dropped.as_ref().map_or(&h.flat, |d| &d.0);
-        g.insert("fc.weight".to_string(), gemm::matmul(&d_fc, Op::T, fc_in, Op::N)?);
+        g.put(pool, ["fc.weight".into()], [self.fc_weight.shape()], true, |t, _, acc| {
+            gemm::gemm(1.0, &d_fc, Op::T, fc_in, Op::N, if acc { 1.0 } else { 0.0 }, &mut t[0])
+        })?;
         let mut d_in = pool.take(&dev, h.flat.shape())?;
         gemm::gemm(1.0, &d_fc, Op::N, &self.fc_weight, Op::N, 0.0, &mut d_in)?;
         pool.give(d_fc);
@@ -836,27 +778,105 @@ impl IResNet {
         }
         let d_flat = d_in.reshape(h.last.shape())?;
         let mut d = pool.take(&dev, h.last.shape())?;
-        let (dw, db) = self.bn2.backward_into(&h.last, &h.bn2, &d_flat, &mut d)?;
+        g.bn(pool, "bn2", c4, |dw, db, pool| self.bn2.backward_with(&h.last, &h.bn2, &d_flat, &mut d, dw, db, pool))?;
         pool.give(d_flat);
-        insert_bn(&mut g, "bn2", dw, db);
         for (blk, bc) in self.blocks.iter().zip(&cache.blocks).rev() {
-            let d_in = block_backward(blk, bc, pool, b, &d, &mut g, self.cfg.conv_dtype)?;
+            let d_in = block_backward(blk, bc, pool, b, &d, g, self.cfg.conv_dtype)?;
             pool.give(std::mem::replace(&mut d, d_in));
         }
         let st = &cache.stem;
+        let stem_c = self.cfg.stem;
         let mut d_y0 = pool.take(&dev, st.y0.shape())?;
-        g.insert("prelu.weight".to_string(), prelu_backward_into(&st.y0, &self.prelu, &d, &mut d_y0)?);
+        let prelu = &self.prelu;
+        g.put(pool, ["prelu.weight".into()], [&[stem_c]], false, |t, pool, _| {
+            prelu_backward_with(&st.y0, prelu, &d, &mut d_y0, &mut t[0], pool)
+        })?;
         pool.give(d);
         let mut d_c0 = pool.take(&dev, st.c0.shape())?;
-        let (dw, db) = self.bn1.backward_into(&st.c0, &st.bn1, &d_y0, &mut d_c0)?;
+        g.bn(pool, "bn1", stem_c, |dw, db, pool| self.bn1.backward_with(&st.c0, &st.bn1, &d_y0, &mut d_c0, dw, db, pool))?;
         pool.give(d_y0);
-        insert_bn(&mut g, "bn1", dw, db);
-        let s = self.cfg.input;
-        let shape = conv_shape(b, s, 3, self.cfg.stem, 3, 1);
+        let shape = conv_shape(b, self.cfg.input, 3, stem_c, 3, 1);
         let images = st.images.as_ref().ok_or_else(|| Error::invalid(OP, "the forward kept no images"))?;
-        g.insert("conv1.weight".to_string(), pool.conv_backward(self.cfg.conv_dtype, &d_c0, images, &shape, None)?);
+        let dt = self.cfg.conv_dtype;
+        g.put(pool, ["conv1.weight".into()], [self.conv1.shape()], false, |t, pool, acc| {
+            pool.conv_backward(dt, &d_c0, images, &shape, &mut t[0], acc, None)
+        })?;
         pool.give(d_c0);
-        Ok(g)
+        Ok(())
+    }
+}
+
+/// Where the backward writes each gradient: straight into the tensor of
+/// its name in `grads` (overwritten; allocated and inserted when missing),
+/// or, when accumulating, into a pool temporary that is then added to it;
+/// the Linear's GEMM (C = A·B + 1·C adds its finished sum, the same
+/// rounding as a separate add) writes straight in either way. The
+/// convolutions could add in place too, but their kernels add split
+/// partial sums, which rounds differently from adding the whole gradient.
+struct Sink<'a> {
+    grads: &'a mut BTreeMap<String, Tensor>,
+    accumulate: bool,
+    dev: Device,
+}
+
+impl Sink<'_> {
+    /// Runs `f` on the buffers of the gradients `names` (of `shapes`);
+    /// `in_place`: `f` can add onto them, which it is told to do by its
+    /// bool.
+    fn put<const N: usize>(
+        &mut self,
+        pool: &mut Pool,
+        names: [String; N],
+        shapes: [&[usize]; N],
+        in_place: bool,
+        f: impl FnOnce(&mut [Tensor], &mut Pool, bool) -> Result<()>,
+    ) -> Result<()> {
+        let temp = self.accumulate && !in_place;
+        let mut bufs = Vec::with_capacity(N);
+        if temp {
+            for shape in shapes {
+                bufs.push(pool.take(&self.dev, shape)?);
+            }
+        } else {
+            for (name, shape) in names.iter().zip(shapes) {
+                if !self.grads.contains_key(name) {
+                    self.grads.insert(name.clone(), Tensor::empty(&self.dev, shape, DType::F32)?);
+                }
+            }
+            for name in &names {
+                bufs.push(self.grads.remove(name).ok_or_else(|| Error::invalid("IResNet::backward", "lost buffer"))?);
+            }
+        }
+        let mut r = f(&mut bufs, pool, self.accumulate && in_place);
+        for (name, t) in names.into_iter().zip(bufs) {
+            if temp {
+                if r.is_ok() {
+                    r = match self.grads.get_mut(&name) {
+                        Some(acc) => add_assign(acc, &t),
+                        None => Err(Error::invalid("IResNet::backward", format!("no gradient buffer for {name}"))),
+                    };
+                }
+                pool.give(t);
+            } else {
+                self.grads.insert(name, t);
+            }
+        }
+        r
+    }
+
+    /// A BatchNorm's `prefix.weight` and `prefix.bias` (`c` channels).
+    fn bn(
+        &mut self,
+        pool: &mut Pool,
+        prefix: &str,
+        c: usize,
+        f: impl FnOnce(&mut Tensor, &mut Tensor, &mut Pool) -> Result<()>,
+    ) -> Result<()> {
+        let names = [format!("{prefix}.weight"), format!("{prefix}.bias")];
+        self.put(pool, names, [&[c], &[c]], false, |t, pool, _| match t {
+            [w, b] => f(w, b, pool),
+            _ => Err(Error::invalid("IResNet::backward", "BatchNorm gradients come in pairs")),
+        })
     }
 }
 
@@ -865,11 +885,6 @@ fn same_device_as(op: &'static str, dev: &Device, t: &Tensor) -> Result<()> {
         return Err(Error::DeviceMismatch { op, a: dev.to_string(), b: t.device().to_string() });
     }
     Ok(())
-}
-
-fn insert_bn(g: &mut BTreeMap<String, Tensor>, prefix: &str, weight: Tensor, bias: Tensor) {
-    g.insert(format!("{prefix}.weight"), weight);
-    g.insert(format!("{prefix}.bias"), bias);
 }
 
 fn insert_bn_state<'a>(m: &mut BTreeMap<String, &'a Tensor>, prefix: &str, b: &'a BatchNorm) {
@@ -895,13 +910,13 @@ fn block_forward(
     let w1 = pool.operand(&blk.conv1, dt)?;
     let w2 = pool.operand(&blk.conv2, dt)?;
     let mut a1 = pool.take(&dev, x.shape())?;
-    let bn1 = blk.bn1.forward_into(&x, training, &mut a1)?;
+    let bn1 = blk.bn1.forward_with(&x, training, &mut a1, pool)?;
     let a1 = pool.convert_operand(a1, dt)?;
     let mut c1 = pool.take(&dev, &[rows, blk.planes])?;
     let s1 = conv_shape(b, hw, blk.inplanes, blk.planes, 3, 1);
     conv2d_into(&a1, w1.as_ref().unwrap_or(&blk.conv1), &s1, &mut c1)?;
     let mut a2 = pool.take(&dev, c1.shape())?;
-    let bn2 = blk.bn2.forward_into(&c1, training, &mut a2)?;
+    let bn2 = blk.bn2.forward_with(&c1, training, &mut a2, pool)?;
     let mut p = pool.take(&dev, c1.shape())?;
     prelu_into(&a2, &blk.prelu, &mut p)?;
     let p = pool.convert_operand(p, dt)?;
@@ -909,7 +924,7 @@ fn block_forward(
     let s2 = conv_shape(b, hw, blk.planes, blk.planes, 3, blk.stride);
     conv2d_into(&p, w2.as_ref().unwrap_or(&blk.conv2), &s2, &mut c2)?;
     let mut out = pool.take(&dev, c2.shape())?;
-    let bn3 = blk.bn3.forward_into(&c2, training, &mut out)?;
+    let bn3 = blk.bn3.forward_with(&c2, training, &mut out, pool)?;
     let (ds, x_conv, wd) = match &mut blk.downsample {
         Some((w, bn)) => {
             let x_conv = pool.operand(&x, dt)?;
@@ -918,7 +933,7 @@ fn block_forward(
             let sd = conv_shape(b, hw, blk.inplanes, blk.planes, 1, blk.stride);
             conv2d_into(x_conv.as_ref().unwrap_or(&x), wd.as_ref().unwrap_or(w), &sd, &mut dc)?;
             let mut dy = pool.take(&dev, c2.shape())?;
-            let dcache = bn.forward_into(&dc, training, &mut dy)?;
+            let dcache = bn.forward_with(&dc, training, &mut dy, pool)?;
             add_assign(&mut out, &dy)?;
             pool.give(dy);
             (Some((dc, dcache)), x_conv, wd)
@@ -943,7 +958,7 @@ fn block_backward(
     pool: &mut Pool,
     b: usize,
     d_out: &Tensor,
-    g: &mut BTreeMap<String, Tensor>,
+    g: &mut Sink<'_>,
     dt: DType,
 ) -> Result<Tensor> {
     let p = &blk.prefix;
@@ -951,37 +966,41 @@ fn block_backward(
     let s1 = conv_shape(b, c.hw, blk.inplanes, blk.planes, 3, 1);
     let s2 = conv_shape(b, c.hw, blk.planes, blk.planes, 3, blk.stride);
     let (w1, w2) = c.w.as_ref().map_or((&blk.conv1, &blk.conv2), |w| (&w.0, &w.1));
+    let (cin, cp) = (blk.inplanes, blk.planes);
     let mut d_c2 = pool.take(&dev, c.c2.shape())?;
-    let (dw, db) = blk.bn3.backward_into(&c.c2, &c.bn3, d_out, &mut d_c2)?;
-    insert_bn(g, &format!("{p}.bn3"), dw, db);
+    g.bn(pool, &format!("{p}.bn3"), cp, |dw, db, pool| blk.bn3.backward_with(&c.c2, &c.bn3, d_out, &mut d_c2, dw, db, pool))?;
     let mut d_p = pool.take(&dev, c.p.shape())?;
-    g.insert(format!("{p}.conv2.weight"), pool.conv_backward(dt, &d_c2, &c.p, &s2, Some((w2, &mut d_p)))?);
+    g.put(pool, [format!("{p}.conv2.weight")], [blk.conv2.shape()], false, |t, pool, acc| {
+        pool.conv_backward(dt, &d_c2, &c.p, &s2, &mut t[0], acc, Some((w2, &mut d_p)))
+    })?;
     pool.give(d_c2);
     let mut d_a2 = pool.take(&dev, c.a2.shape())?;
-    g.insert(format!("{p}.prelu.weight"), prelu_backward_into(&c.a2, &blk.prelu, &d_p, &mut d_a2)?);
+    g.put(pool, [format!("{p}.prelu.weight")], [&[cp]], false, |t, pool, _| {
+        prelu_backward_with(&c.a2, &blk.prelu, &d_p, &mut d_a2, &mut t[0], pool)
+    })?;
     pool.give(d_p);
     let mut d_c1 = pool.take(&dev, c.c1.shape())?;
-    let (dw, db) = blk.bn2.backward_into(&c.c1, &c.bn2, &d_a2, &mut d_c1)?;
+    g.bn(pool, &format!("{p}.bn2"), cp, |dw, db, pool| blk.bn2.backward_with(&c.c1, &c.bn2, &d_a2, &mut d_c1, dw, db, pool))?;
     pool.give(d_a2);
-    insert_bn(g, &format!("{p}.bn2"), dw, db);
     let mut d_a1 = pool.take(&dev, c.a1.shape())?;
-    g.insert(format!("{p}.conv1.weight"), pool.conv_backward(dt, &d_c1, &c.a1, &s1, Some((w1, &mut d_a1)))?);
+    g.put(pool, [format!("{p}.conv1.weight")], [blk.conv1.shape()], false, |t, pool, acc| {
+        pool.conv_backward(dt, &d_c1, &c.a1, &s1, &mut t[0], acc, Some((w1, &mut d_a1)))
+    })?;
     pool.give(d_c1);
     let mut d_x = pool.take(&dev, c.x.shape())?;
-    let (dw, db) = blk.bn1.backward_into(&c.x, &c.bn1, &d_a1, &mut d_x)?;
+    g.bn(pool, &format!("{p}.bn1"), cin, |dw, db, pool| blk.bn1.backward_with(&c.x, &c.bn1, &d_a1, &mut d_x, dw, db, pool))?;
     pool.give(d_a1);
-    insert_bn(g, &format!("{p}.bn1"), dw, db);
     match (&blk.downsample, &c.ds) {
         (Some((w, bn)), Some((dc, dcache))) => {
             let sd = conv_shape(b, c.hw, blk.inplanes, blk.planes, 1, blk.stride);
             let wd = c.w.as_ref().and_then(|w| w.2.as_ref()).unwrap_or(w);
             let x_conv = c.x_conv.as_ref().unwrap_or(&c.x);
             let mut d_dc = pool.take(&dev, dc.shape())?;
-            let (dw, db) = bn.backward_into(dc, dcache, d_out, &mut d_dc)?;
-            insert_bn(g, &format!("{p}.downsample.1"), dw, db);
+            g.bn(pool, &format!("{p}.downsample.1"), cp, |dw, db, pool| bn.backward_with(dc, dcache, d_out, &mut d_dc, dw, db, pool))?;
             let mut d_id = pool.take(&dev, c.x.shape())?;
-            let dw = pool.conv_backward(dt, &d_dc, x_conv, &sd, Some((wd, &mut d_id)))?;
-            g.insert(format!("{p}.downsample.0.weight"), dw);
+            g.put(pool, [format!("{p}.downsample.0.weight")], [w.shape()], false, |t, pool, acc| {
+                pool.conv_backward(dt, &d_dc, x_conv, &sd, &mut t[0], acc, Some((wd, &mut d_id)))
+            })?;
             pool.give(d_dc);
             add_assign(&mut d_x, &d_id)?;
             pool.give(d_id);

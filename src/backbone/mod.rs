@@ -9,8 +9,11 @@ pub mod conv;
 pub mod images;
 pub mod iresnet;
 pub mod norm;
+pub(crate) mod pool;
 
-pub use conv::{conv2d, conv2d_data_grad, conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, ConvShape};
+pub use conv::{
+    conv2d, conv2d_data_grad, conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, conv2d_weight_grad_into, ConvShape,
+};
 pub use iresnet::{IResNet, IResNetConfig};
 pub use norm::{
     add, add_assign, bias_add, column_sums, prelu, prelu_backward, prelu_backward_into, prelu_into, BatchNorm, BnCache,

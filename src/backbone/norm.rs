@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::runtime::device::{Device, DeviceKind, LaunchConfig};
 use crate::runtime::kernels::PtrMut;
 use crate::runtime::launch::{self, launch_one_of};
-use crate::runtime::tensor::{same_device, DType, HostData, Tensor};
+use super::pool::{Fresh, Scratch};
+use crate::runtime::tensor::{same_device, DType, Tensor};
 
 /// A BatchNorm layer (PyTorch's BatchNorm1d/2d semantics and defaults:
 /// eps 1e-5, momentum 0.1, weight 1, bias 0, running mean 0 and variance 1;
@@ -39,6 +40,13 @@ pub struct BnCache {
     mean: Tensor,
     invstd: Tensor,
     training: bool,
+}
+
+impl BnCache {
+    /// Its buffers (the mean and invstd, f32 `[C]`), for reuse.
+    pub(crate) fn into_tensors(self) -> [Tensor; 2] {
+        [self.mean, self.invstd]
+    }
 }
 
 /// Gradients of a BatchNorm.
@@ -86,9 +94,11 @@ enum Sums {
     PreluBwd,
 }
 
-/// Per-channel sums on a GPU backend; returns out_a and, when `scale_b` is
-/// given (the BatchNorm backward), out_b, as finalized by chan_finalize
-/// with the given scales.
+/// Per-channel sums on a GPU backend into `out_a` and, when `scale_b` is
+/// given (the BatchNorm backward), `out_b` (both f32 `[C]`), as finalized
+/// by chan_finalize with the given scales; the splits' partial sums live in
+/// a buffer from `scratch`.
+#[allow(clippy::too_many_arguments)]
 fn chan_sums(
     mode: Sums,
     x: &Tensor,
@@ -96,11 +106,26 @@ fn chan_sums(
     mean: Option<&Tensor>,
     scale_a: f32,
     scale_b: Option<&Tensor>,
-) -> Result<(Tensor, Option<Tensor>)> {
+    scratch: &mut dyn Scratch,
+    out_a: &mut Tensor,
+    out_b: Option<&mut Tensor>,
+) -> Result<()> {
+    const OP: &str = "chan_sums";
     let dev = x.device();
     let (rows, c) = (x.shape()[0], x.shape()[1]);
+    out_a.check_output(OP, dev, &[&[c]])?;
+    let out_b = match out_b {
+        Some(t) => {
+            t.check_output(OP, dev, &[&[c]])?;
+            t.ptr_mut()?
+        }
+        None => PtrMut::null(),
+    };
+    if scale_b.is_some() != (out_b.addr() != 0) {
+        return Err(Error::invalid(OP, "a second sum needs both its scale and its output"));
+    }
     let (groups, splits) = sums_grid(rows, c);
-    let mut partial = Tensor::empty(dev, &[splits as usize, c, 2], DType::F32)?;
+    let mut partial = scratch.take(dev, &[splits as usize, c, 2])?;
     let cfg = LaunchConfig { grid: (groups, splits, 1), block: (32, 8, 1), shared_bytes: 0 };
     let (dy_p, mean_p) = (Tensor::ptr_or_null(dy)?, Tensor::ptr_or_null(mean)?);
     // SAFETY: x (and dy) are [rows, C], mean [C] (the callers checked the
@@ -111,13 +136,8 @@ fn chan_sums(
             Sums::BnBwd => chan_sums_bn_bwd, Sums::PreluBwd => chan_sums_prelu_bwd,
         }, (dev, cfg, x.ptr()?, dy_p, mean_p, rows as i64, c as i32, partial.ptr_mut()?))
     }?;
-    let mut a = Tensor::empty(dev, &[c], DType::F32)?;
-    let mut b = scale_b.map(|_| Tensor::empty(dev, &[c], DType::F32)).transpose()?;
-    let out_b = match b.as_mut() {
-        Some(t) => t.ptr_mut()?,
-        None => PtrMut::null(),
-    };
-    // SAFETY: partial as above; scale_b, a and b hold C floats.
+    // SAFETY: partial as above; scale_b, out_a and out_b hold C floats
+    // (scale_b: the callers; the outputs: checked above).
     unsafe {
         launch::chan_finalize(
             dev,
@@ -127,11 +147,12 @@ fn chan_sums(
             c as i32,
             scale_a,
             Tensor::ptr_or_null(scale_b)?,
-            a.ptr_mut()?,
+            out_a.ptr_mut()?,
             out_b,
         )
     }?;
-    Ok((a, b))
+    scratch.give(partial);
+    Ok(())
 }
 
 /// An element-wise launch over n = rows·C values.
@@ -199,6 +220,18 @@ impl BatchNorm {
     /// [`BatchNorm::forward`] into `y` (x's shape, f32, same device), which
     /// is overwritten.
     pub fn forward_into(&mut self, x: &Tensor, training: bool, y: &mut Tensor) -> Result<BnCache> {
+        self.forward_with(x, training, y, &mut Fresh)
+    }
+
+    /// [`BatchNorm::forward_into`] with the statistics' buffers (the
+    /// cache's, and the sums' temporaries) from `scratch`.
+    pub(crate) fn forward_with(
+        &mut self,
+        x: &Tensor,
+        training: bool,
+        y: &mut Tensor,
+        scratch: &mut dyn Scratch,
+    ) -> Result<BnCache> {
         const OP: &str = "BatchNorm::forward";
         self.check_params(OP)?;
         let c = self.channels;
@@ -227,18 +260,25 @@ impl BatchNorm {
                 self.running_var = Tensor::from_slice(&dev, &[c], &rv)?;
             }
             y.write_host_f32(&out)?;
-            let t = |v: Vec<f32>| Tensor::from_host(&dev, vec![c], HostData::F32(v));
-            return Ok(BnCache { mean: t(mean), invstd: t(invstd), training });
+            let mut t = |v: &[f32]| -> Result<Tensor> {
+                let mut t = scratch.take(&dev, &[c])?;
+                t.write_host_f32(v)?;
+                Ok(t)
+            };
+            return Ok(BnCache { mean: t(&mean)?, invstd: t(&invstd)?, training });
         }
-        let mut invstd = Tensor::empty(&dev, &[c], DType::F32)?;
+        let mut invstd = scratch.take(&dev, &[c])?;
+        let mut mean = scratch.take(&dev, &[c])?;
         let grid = LaunchConfig::linear(c.div_ceil(256) as u32, 256, 0);
         let (ri, ci) = (rows as i64, c as i32);
         // SAFETY (the launches of this pass): x and y are [rows, C] (checked
         // above), every per-channel buffer (the parameters: check_params;
         // mean, var, invstd: allocated for C) holds C floats.
-        let mean = if training {
-            let (mean, _) = chan_sums(Sums::Mean, x, None, None, 1.0 / rows as f32, None)?;
-            let (var, _) = chan_sums(Sums::Var, x, None, Some(&mean), 1.0 / rows as f32, None)?;
+        if training {
+            let scale = 1.0 / rows as f32;
+            chan_sums(Sums::Mean, x, None, None, scale, None, scratch, &mut mean, None)?;
+            let mut var = scratch.take(&dev, &[c])?;
+            chan_sums(Sums::Var, x, None, Some(&mean), scale, None, scratch, &mut var, None)?;
             let (rm, rv) = (self.running_mean.ptr_mut()?, self.running_var.ptr_mut()?);
             // SAFETY: see above.
             unsafe {
@@ -256,12 +296,12 @@ impl BatchNorm {
                     rv,
                 )
             }?;
-            mean
+            scratch.give(var);
         } else {
             // SAFETY: see above.
             unsafe { launch::bn_eval_stats(&dev, grid, self.running_var.ptr()?, ci, self.eps, invstd.ptr_mut()?) }?;
-            self.running_mean.to_f32()?
-        };
+            mean.copy_from(&self.running_mean)?;
+        }
         // SAFETY: see above.
         unsafe {
             launch::bn_apply(
@@ -290,6 +330,26 @@ impl BatchNorm {
     /// [`BatchNorm::backward`] with the input's gradient written into `dx`
     /// (x's shape, f32, same device); returns `(dγ, dβ)`.
     pub fn backward_into(&self, x: &Tensor, cache: &BnCache, dy: &Tensor, dx: &mut Tensor) -> Result<(Tensor, Tensor)> {
+        let c = self.channels;
+        let mut dgamma = Tensor::empty(x.device(), &[c], DType::F32)?;
+        let mut dbeta = Tensor::empty(x.device(), &[c], DType::F32)?;
+        self.backward_with(x, cache, dy, dx, &mut dgamma, &mut dbeta, &mut Fresh)?;
+        Ok((dgamma, dbeta))
+    }
+
+    /// [`BatchNorm::backward_into`] with dγ and dβ written into `dgamma`
+    /// and `dbeta` (f32 `[C]`) and the temporaries from `scratch`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_with(
+        &self,
+        x: &Tensor,
+        cache: &BnCache,
+        dy: &Tensor,
+        dx: &mut Tensor,
+        dgamma: &mut Tensor,
+        dbeta: &mut Tensor,
+        scratch: &mut dyn Scratch,
+    ) -> Result<()> {
         const OP: &str = "BatchNorm::backward";
         self.check_params(OP)?;
         let c = self.channels;
@@ -312,6 +372,8 @@ impl BatchNorm {
         all.extend(self.params());
         let dev = same_device(OP, &all)?.clone();
         dx.check_output(OP, &dev, &[x.shape()])?;
+        dgamma.check_output(OP, &dev, &[&[c]])?;
+        dbeta.check_output(OP, &dev, &[&[c]])?;
         if dev.kind() == DeviceKind::Cpu {
             let (g, dg, db) = cpu::backward(
                 &host(x)?,
@@ -323,11 +385,11 @@ impl BatchNorm {
                 cache.training,
             );
             dx.write_host_f32(&g)?;
-            let t = |v: Vec<f32>| Tensor::from_host(&dev, vec![c], HostData::F32(v));
-            return Ok((t(dg), t(db)));
+            dgamma.write_host_f32(&dg)?;
+            return dbeta.write_host_f32(&db);
         }
-        let (dbeta, dgamma) = chan_sums(Sums::BnBwd, x, Some(dy), Some(&cache.mean), 1.0, Some(&cache.invstd))?;
-        let dgamma = dgamma.ok_or_else(|| Error::invalid(OP, "chan_sums returned no second sum"))?;
+        let (m, s) = (Some(&cache.mean), Some(&cache.invstd));
+        chan_sums(Sums::BnBwd, x, Some(dy), m, 1.0, s, scratch, dbeta, Some(dgamma))?;
         // SAFETY: x, dy and dx are [rows, C] (checked above); the cache, the
         // weight and both sums hold C floats (check_params, the cache check).
         unsafe {
@@ -346,8 +408,8 @@ impl BatchNorm {
                 i32::from(cache.training),
                 dx.ptr_mut()?,
             )
-        }?;
-        Ok((dgamma, dbeta))
+        }
+
     }
 }
 
@@ -394,6 +456,21 @@ pub fn prelu_backward(x: &Tensor, alpha: &Tensor, dy: &Tensor) -> Result<(Tensor
 
 /// [`prelu_backward`] with dx written into `dx`; returns dα.
 pub fn prelu_backward_into(x: &Tensor, alpha: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<Tensor> {
+    let mut da = Tensor::empty(x.device(), alpha.shape(), DType::F32)?;
+    prelu_backward_with(x, alpha, dy, dx, &mut da, &mut Fresh)?;
+    Ok(da)
+}
+
+/// [`prelu_backward_into`] with dα written into `dalpha` (f32 `[C]`) and
+/// the sums' temporaries from `scratch`.
+pub(crate) fn prelu_backward_with(
+    x: &Tensor,
+    alpha: &Tensor,
+    dy: &Tensor,
+    dx: &mut Tensor,
+    dalpha: &mut Tensor,
+    scratch: &mut dyn Scratch,
+) -> Result<()> {
     const OP: &str = "prelu_backward";
     let (rows, c) = check_alpha(OP, x, alpha)?;
     if dy.shape() != x.shape() || dy.dtype() != DType::F32 {
@@ -405,6 +482,7 @@ pub fn prelu_backward_into(x: &Tensor, alpha: &Tensor, dy: &Tensor, dx: &mut Ten
     }
     let dev = same_device(OP, &[x, dy])?;
     dx.check_output(OP, dev, &[x.shape()])?;
+    dalpha.check_output(OP, dev, &[&[c]])?;
     if dev.kind() == DeviceKind::Cpu {
         let (xs, a, g) = (host(x)?, host(alpha)?, host(dy)?);
         let d: Vec<f32> =
@@ -416,7 +494,7 @@ pub fn prelu_backward_into(x: &Tensor, alpha: &Tensor, dy: &Tensor, dx: &mut Ten
                 da[i % c] += d as f64 * v as f64;
             }
         }
-        return Ok(Tensor::from_host(dev, vec![c], HostData::F32(da.iter().map(|&v| v as f32).collect())));
+        return dalpha.write_host_f32(&da.iter().map(|&v| v as f32).collect::<Vec<_>>());
     }
     // SAFETY: x, dy and dx are [rows, C], alpha [C] (checked above).
     unsafe {
@@ -431,7 +509,7 @@ pub fn prelu_backward_into(x: &Tensor, alpha: &Tensor, dy: &Tensor, dx: &mut Ten
             dx.ptr_mut()?,
         )
     }?;
-    Ok(chan_sums(Sums::PreluBwd, x, Some(dy), None, 1.0, None)?.0)
+    chan_sums(Sums::PreluBwd, x, Some(dy), None, 1.0, None, scratch, dalpha, None)
 }
 
 /// `y[r, c] += b[c]` in place (`y`: f32 `[rows, C]`, `b`: f32 `[C]`).
@@ -454,16 +532,25 @@ pub fn bias_add(y: &mut Tensor, b: &Tensor) -> Result<()> {
 
 /// Per-channel sums `Σ_r x[r, c]` (a bias's gradient), f32 `[C]`.
 pub fn column_sums(x: &Tensor) -> Result<Tensor> {
+    let c = x.dims2("column_sums")?.1;
+    let mut out = Tensor::empty(x.device(), &[c], DType::F32)?;
+    column_sums_with(x, &mut out, &mut Fresh)?;
+    Ok(out)
+}
+
+/// [`column_sums`] into `out` (f32 `[C]`), temporaries from `scratch`.
+pub(crate) fn column_sums_with(x: &Tensor, out: &mut Tensor, scratch: &mut dyn Scratch) -> Result<()> {
     const OP: &str = "column_sums";
     let c = x.dims2(OP)?.1;
     check_rows(OP, x, c)?;
     let dev = x.device();
+    out.check_output(OP, dev, &[&[c]])?;
     if dev.kind() == DeviceKind::Cpu {
         let mut s = vec![0f64; c];
         host(x)?.iter().enumerate().for_each(|(i, &v)| s[i % c] += v as f64);
-        return Ok(Tensor::from_host(dev, vec![c], HostData::F32(s.iter().map(|&v| v as f32).collect())));
+        return out.write_host_f32(&s.iter().map(|&v| v as f32).collect::<Vec<_>>());
     }
-    Ok(chan_sums(Sums::Mean, x, None, None, 1.0, None)?.0)
+    chan_sums(Sums::Mean, x, None, None, 1.0, None, scratch, out, None)
 }
 
 /// The residual add `a + b` (same shape, f32): a copy of `a`, then

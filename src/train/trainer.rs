@@ -209,6 +209,8 @@ pub struct Trainer {
     pub(crate) backbone_grads: BTreeMap<String, Tensor>,
     pub(crate) state: HeadState,
     images: Option<Tensor>,
+    /// The embeddings' buffer (`[B, E]`), reused while B stays.
+    emb: Option<Tensor>,
     /// Micro-batches so far.
     pub(crate) micro: u64,
     pub(crate) last_lr: f64,
@@ -252,7 +254,7 @@ impl Trainer {
             .into_iter()
             .map(|(name, t)| Ok((name, Tensor::zeros(&dev, t.shape(), DType::F32)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
-        Ok(Trainer { cfg, backbone, head, optimizer, backbone_grads, state, images: None, micro: 0, last_lr: 0.0 })
+        Ok(Trainer { cfg, backbone, head, optimizer, backbone_grads, state, images: None, emb: None, micro: 0, last_lr: 0.0 })
     }
 
     /// The settings.
@@ -319,10 +321,16 @@ impl Trainer {
             slot => *slot = Some(Tensor::from_slice(&dev, &[b, s, s, 3], images)?),
         }
         let first = self.micro % self.cfg.gradient_acc as u64 == 0;
-        let Trainer { backbone, head, state, images: Some(images), backbone_grads, .. } = self else {
+        let e = self.backbone.config().embedding;
+        match &self.emb {
+            Some(t) if t.shape()[0] == b => {}
+            _ => self.emb = Some(Tensor::empty(&dev, &[b, e], DType::F32)?),
+        }
+        let Trainer { backbone, head, state, images: Some(images), emb: Some(emb), backbone_grads, .. } = self else {
             return Err(Error::invalid(OP, "no image buffer (internal error)"));
         };
-        let emb = backbone.forward(images, true)?;
+        backbone.forward_into(images, true, emb)?;
+        let emb = &*emb;
         let d = head.dim();
         let d_emb: &Tensor = match (state, &*head) {
             (HeadState::Code { acc, scratch, metrics }, TrainHead::Code { head, table }) => {
