@@ -44,10 +44,15 @@ enum Command {
     Decode(DecodeArgs),
     /// Face embeddings with an insightface IResNet.
     ///
-    /// Images: uint8 [B, 112, 112, 3] RGB, or f32 [B, 3, 112, 112]
-    /// normalized as insightface does; writes f32 [B, 512].
+    /// --images: uint8 [B, 112, 112, 3] RGB, or f32 [B, 3, 112, 112]
+    /// normalized as insightface does. --data: a RecordIO set, identity
+    /// folders or a verification .bin, streamed. Writes f32 [B, 512].
     /// scripts/pth_to_safetensors.py converts a .pth checkpoint.
     Embed(EmbedArgs),
+    /// Per-identity vectors for the tokenizer: the mean of each identity's
+    /// normalized embeddings over a dataset (one streaming pass); then
+    /// `gif-fr tokenize FILE.npy` makes the codebook.
+    IdentityVectors(IdentityVectorsArgs),
     /// Train a backbone with a head (GIF's code head, ArcFace or Partial
     /// FC) from a TOML config with insightface arcface_torch's keys.
     ///
@@ -61,6 +66,70 @@ enum Command {
     /// Several `--run` parts (tests, each bench, ptxas) are merged first;
     /// `--update` writes the run as the baseline (after an intended change).
     Regress(RegressArgs),
+    /// Generate a synthetic face-identity training set (insightface
+    /// RecordIO: train.rec, train.idx, property) and a verification .bin
+    /// of other identities, deterministic per seed.
+    ///
+    /// Each identity is a procedural face; each image a new rendering under
+    /// pose, lighting, blur, noise and occlusion (docs/data.md describes
+    /// the knobs). Image counts per identity follow a power law.
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// The output directory (created): train.rec, train.idx, property,
+    /// synth.bin, synth.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Training identities.
+    #[arg(long, default_value_t = 1000)]
+    identities: usize,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 112)]
+    size: usize,
+    /// Fewest images of an identity.
+    #[arg(long, default_value_t = 2)]
+    min_images: usize,
+    /// Most images of an identity.
+    #[arg(long, default_value_t = 100)]
+    max_images: usize,
+    /// Power-law exponent of the images per identity (smaller: longer tail).
+    #[arg(long, default_value_t = 1.2)]
+    tail: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Largest in-plane rotation, degrees (0..=45); shifts scale with it.
+    #[arg(long, default_value_t = 12.0)]
+    pose: f64,
+    /// Lighting strength (0..=1).
+    #[arg(long, default_value_t = 0.5)]
+    lighting: f64,
+    /// Probability of a blurred image.
+    #[arg(long, default_value_t = 0.2)]
+    blur: f64,
+    /// Largest noise standard deviation (0..=64, pixel units).
+    #[arg(long, default_value_t = 6.0)]
+    noise: f64,
+    /// Probability of an occluder.
+    #[arg(long, default_value_t = 0.1)]
+    occlusion: f64,
+    /// How different identities are (0.1..=1).
+    #[arg(long, default_value_t = 1.0)]
+    diversity: f64,
+    /// JPEG quality.
+    #[arg(long, default_value_t = 95)]
+    quality: u8,
+    /// Identities of the verification set (not in the training set).
+    #[arg(long, default_value_t = 300)]
+    verify_identities: usize,
+    /// Pairs of the verification set (a multiple of 20; 0: none).
+    #[arg(long, default_value_t = 6000)]
+    pairs: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -193,8 +262,9 @@ struct DecodeArgs {
     device: DeviceArg,
 }
 
+/// The network to run: its architecture and weights, where, how.
 #[derive(Args)]
-struct EmbedArgs {
+struct NetArgs {
     /// Architecture: r18, r34, r50 or r100.
     #[arg(long, value_parser = ["r18", "r34", "r50", "r100"], required_unless_present = "config", conflicts_with = "config")]
     arch: Option<String>,
@@ -205,12 +275,6 @@ struct EmbedArgs {
     /// The network's weights: an insightface state dict as safetensors.
     #[arg(long, value_name = "FILE.safetensors")]
     weights: PathBuf,
-    /// The images (.npy).
-    #[arg(long, value_name = "FILE.npy")]
-    images: PathBuf,
-    /// Where to write the embeddings (.npy).
-    #[arg(long, value_name = "FILE.npy")]
-    out: PathBuf,
     /// Images per forward pass.
     #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     batch: u32,
@@ -220,6 +284,73 @@ struct EmbedArgs {
     /// Convolutions on bf16 tensor cores, as autocast (default f32).
     #[arg(long)]
     bf16: bool,
+}
+
+impl NetArgs {
+    /// The network with its weights, on its device.
+    fn load(&self) -> Result<gif_fr::backbone::IResNet, Error> {
+        use gif_fr::backbone::{IResNet, IResNetConfig};
+        let mut cfg = match (&self.arch, &self.config) {
+            (Some(arch), _) => IResNetConfig::arch(arch)?,
+            (None, Some(path)) => gif_fr::train::TrainConfig::load(path, &[])?.network_config()?,
+            (None, None) => {
+                return Err(Error::InvalidArgument { op: "embed", message: "give --arch or --config".into() })
+            }
+        };
+        if self.bf16 {
+            cfg.conv_dtype = gif_fr::DType::BF16;
+        }
+        let dev = self.device.device()?;
+        IResNet::load(&self.weights, cfg, &dev)
+    }
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// The images (.npy).
+    #[arg(long, value_name = "FILE.npy", required_unless_present = "data", conflicts_with = "data")]
+    images: Option<PathBuf>,
+    /// Or a dataset: a RecordIO directory (train.rec, train.idx), a
+    /// directory of identity folders, or a verification .bin; streamed in
+    /// its order.
+    #[arg(long, value_name = "PATH")]
+    data: Option<PathBuf>,
+    /// With --data: also write the images' labels (int64 [B]).
+    #[arg(long, value_name = "FILE.npy", requires = "data")]
+    labels_out: Option<PathBuf>,
+    /// Where to write the embeddings (.npy).
+    #[arg(long, value_name = "FILE.npy")]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct IdentityVectorsArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// The training set: a RecordIO directory or identity folders.
+    #[arg(long, value_name = "PATH")]
+    data: PathBuf,
+    /// Where to write the vectors (f32 [identities, E] .npy).
+    #[arg(long, value_name = "FILE.npy")]
+    out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// A progress bar of `what` (hidden when `quiet`).
+fn progress_bar(quiet: bool, what: &str) -> indicatif::ProgressBar {
+    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
+    let template = format!("{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}} < {{eta_precise}}]");
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
 }
 
 fn info() {
@@ -308,6 +439,65 @@ fn train_cmd(a: TrainArgs) -> Result<(), Error> {
     Ok(())
 }
 
+fn synth_cmd(a: SynthArgs) -> Result<(), Error> {
+    use gif_fr::data::synth::{check_pairs, verification_pairs, write_training_set, SynthConfig};
+    let cfg = SynthConfig {
+        identities: a.identities,
+        size: a.size,
+        min_images: a.min_images,
+        max_images: a.max_images,
+        tail: a.tail,
+        seed: a.seed,
+        pose: a.pose,
+        lighting: a.lighting,
+        blur: a.blur,
+        noise: a.noise,
+        occlusion: a.occlusion,
+        diversity: a.diversity,
+        quality: a.quality,
+    };
+    cfg.validate()?;
+    if a.pairs > 0 {
+        check_pairs(a.verify_identities, a.pairs)?;
+    }
+    let t0 = std::time::Instant::now();
+    let bar = progress_bar(a.quiet, "images");
+    let summary = write_training_set(&cfg, &a.out, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let bin = a.out.join("synth.bin");
+    if a.pairs > 0 {
+        let set = verification_pairs(&cfg, a.verify_identities, a.pairs)?;
+        gif_fr::io::verification::write_bin(&bin, &set)?;
+    }
+    let json = serde_json::json!({
+        "config": cfg,
+        "summary": summary,
+        "verification": { "file": "synth.bin", "identities": a.verify_identities, "pairs": a.pairs },
+    });
+    let text = serde_json::to_string_pretty(&json)
+        .map_err(|e| Error::InvalidArgument { op: "synth", message: e.to_string() })?;
+    gif_fr::io::write_atomic(&a.out.join("synth.json"), text.as_bytes())?;
+    println!(
+        "wrote {} images of {} identities ({}..={} each, {:.1} MB) to {}{} in {:.1} s",
+        summary.images,
+        summary.identities,
+        summary.min_images,
+        summary.max_images,
+        summary.rec_bytes as f64 / 1e6,
+        a.out.display(),
+        if a.pairs > 0 {
+            format!(" and {} pairs of {} other identities to {}", a.pairs, a.verify_identities, bin.display())
+        } else {
+            String::new()
+        },
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn decode_cmd(a: DecodeArgs) -> Result<(), Error> {
     use gif_fr::decode::{Mode, PrefixDecoder};
     let dev = a.device.device()?;
@@ -320,25 +510,70 @@ fn decode_cmd(a: DecodeArgs) -> Result<(), Error> {
 }
 
 fn embed_cmd(a: EmbedArgs) -> Result<(), Error> {
-    use gif_fr::backbone::{images, IResNet, IResNetConfig};
-    let mut cfg = match (&a.arch, &a.config) {
-        (Some(arch), _) => IResNetConfig::arch(arch)?,
-        (None, Some(path)) => gif_fr::train::TrainConfig::load(path, &[])?.network_config()?,
-        (None, None) => return Err(Error::InvalidArgument { op: "embed", message: "give --arch or --config".into() }),
-    };
-    if a.bf16 {
-        cfg.conv_dtype = gif_fr::DType::BF16;
-    }
-    let dev = a.device.device()?;
-    let e = cfg.embedding;
     // The weights first: a wrong file fails before the images are read.
-    let input = cfg.input;
-    let mut net = IResNet::load(&a.weights, cfg, &dev)?;
-    let (pixels, b) = images::read_images(&a.images, input)?;
+    let mut net = a.net.load()?;
+    let (e, input, batch) = (net.config().embedding, net.config().input, a.net.batch as usize);
+    let dev = net.device().clone();
     let t0 = std::time::Instant::now();
-    let emb = net.embed(&pixels, a.batch as usize)?;
-    gif_fr::io::npy::write_npy(&a.out, &emb, b, e)?;
+    let b = match (&a.images, &a.data) {
+        (Some(images), _) => {
+            let (pixels, b) = gif_fr::backbone::images::read_images(images, input)?;
+            let emb = net.embed(&pixels, batch)?;
+            gif_fr::io::npy::write_npy(&a.out, &emb, b, e)?;
+            b
+        }
+        (None, Some(data)) => {
+            let ds = gif_fr::data::Dataset::open(data, input)?;
+            let n = ds.len();
+            let mut out = gif_fr::io::npy::NpyWriter::create(&a.out, n, e)?;
+            let mut labels = Vec::with_capacity(if a.labels_out.is_some() { n } else { 0 });
+            let bar = progress_bar(a.quiet, "images");
+            gif_fr::data::embed_dataset(
+                &mut net,
+                &ds,
+                batch,
+                false,
+                |_, l, emb| {
+                    if a.labels_out.is_some() {
+                        labels.extend(l.iter().map(|&y| y as i64));
+                    }
+                    out.write_rows(emb)
+                },
+                |done, total| {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                },
+            )?;
+            bar.finish_and_clear();
+            out.finish()?;
+            if let Some(p) = &a.labels_out {
+                gif_fr::io::npy::write_npy_i64(p, &labels)?;
+            }
+            n
+        }
+        (None, None) => return Err(Error::InvalidArgument { op: "embed", message: "give --images or --data".into() }),
+    };
     eprintln!("embedded {b} images on {dev} in {:.2} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn identity_vectors_cmd(a: IdentityVectorsArgs) -> Result<(), Error> {
+    let mut net = a.net.load()?;
+    let ds = gif_fr::data::Dataset::open(&a.data, net.config().input)?;
+    let t0 = std::time::Instant::now();
+    let bar = progress_bar(a.quiet, "images");
+    let (v, classes, e) = gif_fr::data::identity_vectors(&mut net, &ds, a.net.batch as usize, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    gif_fr::io::npy::write_npy(&a.out, &v, classes, e)?;
+    println!(
+        "wrote the mean embedding of each of {classes} identities ({} images, {e} dimensions) to {} in {:.1} s",
+        ds.len(),
+        a.out.display(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -433,8 +668,10 @@ fn main() -> ExitCode {
         Command::CodebookInfo { file } => Codebook::load(&file).map(|b| print!("{}", b.describe())),
         Command::Decode(a) => decode_cmd(a),
         Command::Embed(a) => embed_cmd(a),
+        Command::IdentityVectors(a) => identity_vectors_cmd(a),
         Command::Train(a) => train_cmd(a),
         Command::Regress(a) => return regress_cmd(a),
+        Command::Synth(a) => synth_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -174,8 +174,12 @@ fn gradients_overwrite_or_add_onto_kept_buffers_in_place() {
             .iter()
             .map(|(k, v)| (k.clone(), Tensor::from_slice(&dev, &[v.len()], &vec![f32::NAN; v.len()]).unwrap()))
             .collect();
-        let shapes: Vec<(String, Vec<usize>)> =
-            net.state().into_iter().map(|(k, t)| (k, t.shape().to_vec())).filter(|(k, _)| kept.contains_key(k)).collect();
+        let shapes: Vec<(String, Vec<usize>)> = net
+            .state()
+            .into_iter()
+            .map(|(k, t)| (k, t.shape().to_vec()))
+            .filter(|(k, _)| kept.contains_key(k))
+            .collect();
         for (k, shape) in &shapes {
             let t = kept.remove(k).unwrap().reshape(shape).unwrap();
             kept.insert(k.clone(), t);

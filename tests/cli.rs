@@ -347,3 +347,100 @@ fn images_in_both_layouts_read_the_same() {
     std::fs::write(&f32_path, common::npy_bytes("<f4", &[b, s, s, 3], bytemuck::cast_slice(&nchw))).unwrap();
     assert!(read_images(&f32_path, s).is_err());
 }
+
+#[test]
+fn synth_writes_a_training_set_and_a_verification_bin() {
+    let dir = std::env::temp_dir().join(format!("gif-fr-cli-synth-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = gif_fr([
+        OsStr::new("synth"),
+        OsStr::new("--out"),
+        dir.as_os_str(),
+        OsStr::new("--identities"),
+        OsStr::new("5"),
+        OsStr::new("--size"),
+        OsStr::new("24"),
+        OsStr::new("--verify-identities"),
+        OsStr::new("4"),
+        OsStr::new("--pairs"),
+        OsStr::new("20"),
+        OsStr::new("--quiet"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ds = gif_fr::data::Dataset::records(&dir, 24).unwrap();
+    assert_eq!(ds.classes(), 5);
+    let bin = gif_fr::io::verification::read_bin(&dir.join("synth.bin")).unwrap();
+    assert_eq!(bin.pairs(), 20);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("synth.json")).unwrap()).unwrap();
+    assert_eq!(json["summary"]["images"].as_u64(), Some(ds.len() as u64));
+    assert_eq!(json["config"]["pose"].as_f64(), Some(12.0));
+    // A knob out of range: the work fails (1) naming it; a bad pair count too.
+    let o = gif_fr([OsStr::new("synth"), OsStr::new("--out"), dir.as_os_str(), OsStr::new("--pose"), OsStr::new("90")]);
+    expect_exit(&o, 1, "pose");
+    let o =
+        gif_fr([OsStr::new("synth"), OsStr::new("--out"), dir.as_os_str(), OsStr::new("--pairs"), OsStr::new("30")]);
+    expect_exit(&o, 1, "pairs");
+}
+
+#[test]
+fn embed_data_and_identity_vectors_stream_a_dataset() {
+    use gif_fr::backbone::IResNet;
+    let dir = std::env::temp_dir().join(format!("gif-fr-cli-vectors-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("set");
+    let cfg = gif_fr::data::synth::SynthConfig { size: 16, max_images: 5, ..gif_fr::data::synth::SynthConfig::new(6) };
+    gif_fr::data::synth::write_training_set(&cfg, &data, |_, _| {}).unwrap();
+    // A small network described by a train config, with random weights.
+    let toml = dir.join("net.toml");
+    let text = format!(
+        "network = \"r18\"\nembedding_size = 8\ninput_size = 16\nstem_width = 4\nwidths = [4, 8, 8, 12]\n\
+         layers = [1, 1, 1, 1]\nrec = {:?}\n",
+        data.to_str().unwrap()
+    );
+    std::fs::write(&toml, text).unwrap();
+    let net_cfg = gif_fr::train::TrainConfig::load(&toml, &[]).unwrap().network_config().unwrap();
+    let weights = dir.join("net.safetensors");
+    IResNet::new(net_cfg.clone(), &gif_fr::Device::cpu(), 4).unwrap().save(&weights).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let net = ["--config", &s(&toml), "--weights", &s(&weights), "--device", "cpu", "--batch", "3"];
+    // embed --data: every image in order, with labels.
+    let (emb, labels) = (dir.join("emb.npy"), dir.join("labels.npy"));
+    let (data_s, emb_s, labels_s) = (s(&data), s(&emb), s(&labels));
+    let args = ["embed", "--data", &data_s, "--out", &emb_s, "--labels-out", &labels_s, "--quiet"];
+    let o = gif_fr(args.iter().copied().chain(net));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (e, shape) = gif_fr::io::npy::read_npy(&emb).unwrap();
+    let n: usize = cfg.image_counts().iter().sum();
+    assert_eq!(shape, vec![n, 8]);
+    let ys = gif_fr::io::npy::read_npy_labels(&labels).unwrap();
+    let want_ys: Vec<u32> = cfg.image_counts().iter().enumerate().flat_map(|(i, &c)| vec![i as u32; c]).collect();
+    assert_eq!(ys, want_ys);
+    // identity-vectors: the mean normalized embedding per identity, which
+    // tokenize then reads.
+    let vectors = dir.join("vectors.npy");
+    let args = ["identity-vectors", "--data", &s(&data), "--out", &s(&vectors), "--quiet"];
+    let o = gif_fr(args.iter().copied().chain(net));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (v, shape) = gif_fr::io::npy::read_npy(&vectors).unwrap();
+    assert_eq!(shape, vec![6, 8]);
+    for c in 0..6 {
+        let rows: Vec<&[f32]> = e.chunks(8).zip(&ys).filter(|(_, &y)| y as usize == c).map(|(r, _)| r).collect();
+        for k in 0..8 {
+            let mean: f32 = rows.iter().map(|r| r[k] / r.iter().map(|x| x * x).sum::<f32>().sqrt()).sum::<f32>()
+                / rows.len() as f32;
+            assert!((v[c * 8 + k] - mean).abs() < 1e-4, "identity {c}: {} vs {mean}", v[c * 8 + k]);
+        }
+    }
+    let book = dir.join("book.safetensors");
+    let o = gif_fr(["tokenize", "--vectors", &s(&vectors), "--vocab", "4", "--out", &s(&book), "--device", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Both at once, or neither: usage errors.
+    let o = gif_fr(["embed", "--images", "x.npy", "--data", "d", "--out", "o.npy", "--arch", "r18", "--weights", "w"]);
+    assert_eq!(o.status.code(), Some(2));
+    // A path that is no dataset: the work fails naming it.
+    let o = gif_fr(["embed", "--data", &s(&toml), "--out", &s(&emb)].into_iter().chain(net));
+    expect_exit(&o, 1, "not a dataset");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -228,3 +228,131 @@ fn worker_threads_give_the_calling_threads_batches_in_order() {
     assert!(err.contains("3.png"), "{err}");
     assert!(results.last().unwrap().is_err(), "the epoch stops at the error");
 }
+
+/// A small network of 16 x 16 inputs and 6-dimensional embeddings.
+fn tiny_net(seed: u64) -> gif_fr::backbone::IResNet {
+    let cfg = gif_fr::backbone::IResNetConfig {
+        layers: [1, 1, 1, 1],
+        stem: 4,
+        widths: [4, 8, 8, 12],
+        input: 16,
+        embedding: 6,
+        dropout: 0.0,
+        conv_dtype: gif_fr::DType::F32,
+    };
+    gif_fr::backbone::IResNet::new(cfg, &gif_fr::Device::cpu(), seed).unwrap()
+}
+
+#[test]
+fn a_dataset_embeds_in_order_in_batches_and_averages_per_identity() {
+    use gif_fr::data::synth::{write_training_set, SynthConfig};
+    use gif_fr::data::{embed_dataset, identity_vectors};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SynthConfig { size: 16, min_images: 2, max_images: 6, seed: 3, ..SynthConfig::new(5) };
+    write_training_set(&cfg, dir.path(), |_, _| {}).unwrap();
+    let ds = Dataset::open(dir.path(), 16).unwrap();
+    let n = ds.len();
+    let per = ds.pixels_per_image();
+    // What the network gives image by image.
+    let mut net = tiny_net(9);
+    let mut all = vec![0f32; n * per];
+    let labels: Vec<u32> = all.chunks_mut(per).enumerate().map(|(i, out)| ds.read(i, false, out).unwrap()).collect();
+    let want = net.embed(&all, n).unwrap();
+    // Streamed in batches of 4 (n is not a multiple): the same rows, in order.
+    let (mut got, mut got_labels, mut starts, mut last) = (Vec::new(), Vec::new(), Vec::new(), (0, 0));
+    embed_dataset(
+        &mut net,
+        &ds,
+        4,
+        false,
+        |start, l, e| {
+            starts.push(start);
+            got_labels.extend_from_slice(l);
+            got.extend_from_slice(e);
+            Ok(())
+        },
+        |done, total| last = (done, total),
+    )
+    .unwrap();
+    assert_ne!(n % 4, 0, "the set should not fill whole batches");
+    assert_eq!(starts, (0..n).step_by(4).collect::<Vec<_>>());
+    assert_eq!((got_labels, last), (labels.clone(), (n, n)));
+    assert_eq!(got.len(), want.len());
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    // The mean of each identity's normalized embeddings.
+    let (v, classes, e) = identity_vectors(&mut net, &ds, 3, |_, _| {}).unwrap();
+    assert_eq!((classes, e, v.len()), (5, 6, 30));
+    for c in 0..classes {
+        let rows: Vec<&[f32]> = want.chunks(e).zip(&labels).filter(|(_, &y)| y as usize == c).map(|(r, _)| r).collect();
+        assert_eq!(rows.len(), cfg.image_counts()[c]);
+        for k in 0..e {
+            let mean = rows
+                .iter()
+                .map(|r| r[k] as f64 / r.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt())
+                .sum::<f64>()
+                / rows.len() as f64;
+            assert!((v[c * e + k] as f64 - mean).abs() < 1e-5, "identity {c} dim {k}: {} vs {mean}", v[c * e + k]);
+        }
+    }
+    // An identity with no images (property claims a sixth) is an error
+    // naming it; a network of another input size too.
+    std::fs::write(dir.path().join("property"), "6,16,16").unwrap();
+    let ds6 = Dataset::open(dir.path(), 16).unwrap();
+    let e = identity_vectors(&mut net, &ds6, 4, |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("identity 5 has no images"), "{e}");
+    let ds8 = Dataset::encoded(vec![png(&rgb(1), S)], S, Path::new("mem"));
+    assert!(embed_dataset(&mut net, &ds8, 4, false, |_, _, _| Ok(()), |_, _| {}).is_err());
+}
+
+#[test]
+fn a_corrupt_image_stops_the_pass_naming_it() {
+    use gif_fr::data::embed_dataset;
+    // Random 16 x 16 images (the network's size).
+    let mut images: Vec<Vec<u8>> = (0..7u64)
+        .map(|i| {
+            let mut r = rand::rngs::StdRng::seed_from_u64(i);
+            png(&(0..16 * 16 * 3).map(|_| r.random()).collect::<Vec<u8>>(), 16)
+        })
+        .collect();
+    images[5] = b"\x89PNG broken".to_vec();
+    let ds = Dataset::encoded(images, 16, Path::new("pairs.bin"));
+    let mut net = tiny_net(1);
+    let mut seen = 0;
+    let e = embed_dataset(
+        &mut net,
+        &ds,
+        2,
+        false,
+        |_, l, _| {
+            seen += l.len();
+            Ok(())
+        },
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("image 5"), "{e}");
+    assert_eq!(seen, 4, "the batches before the bad one, and none after");
+}
+
+#[test]
+fn datasets_open_by_what_the_path_is() {
+    let dir = tempfile::tempdir().unwrap();
+    folder(dir.path());
+    assert_eq!(Dataset::open(dir.path(), S).unwrap().classes(), 3);
+    let set = gif_fr::io::verification::PairSet {
+        images: (0..4).map(|i| png(&rgb(i), S)).collect(),
+        issame: vec![true, false],
+    };
+    let bin = dir.path().join("pairs.bin");
+    gif_fr::io::verification::write_bin(&bin, &set).unwrap();
+    let ds = Dataset::open(&bin, S).unwrap();
+    let mut out = vec![0f32; S * S * 3];
+    assert_eq!((ds.len(), ds.read(3, false, &mut out).unwrap()), (4, 0));
+    assert_eq!(out, normalized(&rgb(3)));
+    let other = dir.path().join("x.txt");
+    std::fs::write(&other, "x").unwrap();
+    assert!(Dataset::open(&other, S).err().expect("an error").to_string().contains("not a dataset"));
+}

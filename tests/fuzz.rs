@@ -1,7 +1,7 @@
 //! A fuzz harness over the file parsers, run by `cargo test` for a bounded
 //! number of cases: valid files (codebooks, insightface checkpoints, .npy
-//! arrays of several dtypes and header versions, labels, RecordIO) are
-//! mutated — bit flips,
+//! arrays of several dtypes and header versions, labels, RecordIO,
+//! insightface's pickled verification sets) are mutated — bit flips,
 //! byte overwrites, truncations, appended garbage, numbers in the header
 //! replaced by edge values (0, 2^31, 2^56, 2^64 − 1, 10^20, ...) — and
 //! parsed. Every outcome must be a value or a typed error: no panic, no
@@ -232,6 +232,17 @@ fn parsers_survive_mutated_files_with_bounded_memory() {
         Ok(())
     };
     report.push(("recordio", fuzz("train.rec", &bytes, 0, cases, seed, &recordio)));
+
+    // insightface verification sets: a pickled (bins, issame_list).
+    use gif_fr::io::verification::{read_bin, write_bin, PairSet};
+    let set = PairSet {
+        images: (0..4).map(|i| format!("\u{ff}\u{d8}image {i}").into_bytes()).collect(),
+        issame: vec![true, false],
+    };
+    let p = dir.path().join("base.bin");
+    write_bin(&p, &set).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    report.push(("verification .bin", fuzz("set.bin", &bytes, 0, cases, seed, &|p| read_bin(p).map(drop))));
 
     for (name, (good, bad)) in &report {
         println!("{name}: {good} parsed, {bad} refused with typed errors");

@@ -214,7 +214,13 @@ pub fn conv2d_weight_grad(x: &Tensor, dy: &Tensor, s: &ConvShape) -> Result<Tens
 /// it holds (gradient accumulation without a temporary: the kernel adds
 /// its parts into `dw` either way, which is zeroed first unless
 /// accumulating).
-pub fn conv2d_weight_grad_into(x: &Tensor, dy: &Tensor, s: &ConvShape, dw: &mut Tensor, accumulate: bool) -> Result<()> {
+pub fn conv2d_weight_grad_into(
+    x: &Tensor,
+    dy: &Tensor,
+    s: &ConvShape,
+    dw: &mut Tensor,
+    accumulate: bool,
+) -> Result<()> {
     const OP: &str = "conv2d_weight_grad";
     s.validate(OP)?;
     let dtype = operand_dtype(OP, x)?;

@@ -30,7 +30,9 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::conv::{conv2d_into, ConvShape};
-use super::norm::{add_assign, bias_add, column_sums_with, prelu_backward_with, prelu_into, BatchNorm, BnCache, Dropout};
+use super::norm::{
+    add_assign, bias_add, column_sums_with, prelu_backward_with, prelu_into, BatchNorm, BnCache, Dropout,
+};
 use super::pool::{Pool, Scratch};
 use crate::error::{Error, Result};
 use crate::ops::gemm::{self, Op};
@@ -632,7 +634,9 @@ impl IResNet {
         let stem = if keep {
             Some(stem)
         } else {
-            pool.give_all([stem.c0, stem.y0].into_iter().chain(stem.images).chain(stem.w).chain(stem.bn1.into_tensors()));
+            pool.give_all(
+                [stem.c0, stem.y0].into_iter().chain(stem.images).chain(stem.w).chain(stem.bn1.into_tensors()),
+            );
             None
         };
         let mut hw = s;
@@ -793,7 +797,9 @@ impl IResNet {
         })?;
         pool.give(d);
         let mut d_c0 = pool.take(&dev, st.c0.shape())?;
-        g.bn(pool, "bn1", stem_c, |dw, db, pool| self.bn1.backward_with(&st.c0, &st.bn1, &d_y0, &mut d_c0, dw, db, pool))?;
+        g.bn(pool, "bn1", stem_c, |dw, db, pool| {
+            self.bn1.backward_with(&st.c0, &st.bn1, &d_y0, &mut d_c0, dw, db, pool)
+        })?;
         pool.give(d_y0);
         let shape = conv_shape(b, self.cfg.input, 3, stem_c, 3, 1);
         let images = st.images.as_ref().ok_or_else(|| Error::invalid(OP, "the forward kept no images"))?;
@@ -968,7 +974,9 @@ fn block_backward(
     let (w1, w2) = c.w.as_ref().map_or((&blk.conv1, &blk.conv2), |w| (&w.0, &w.1));
     let (cin, cp) = (blk.inplanes, blk.planes);
     let mut d_c2 = pool.take(&dev, c.c2.shape())?;
-    g.bn(pool, &format!("{p}.bn3"), cp, |dw, db, pool| blk.bn3.backward_with(&c.c2, &c.bn3, d_out, &mut d_c2, dw, db, pool))?;
+    g.bn(pool, &format!("{p}.bn3"), cp, |dw, db, pool| {
+        blk.bn3.backward_with(&c.c2, &c.bn3, d_out, &mut d_c2, dw, db, pool)
+    })?;
     let mut d_p = pool.take(&dev, c.p.shape())?;
     g.put(pool, [format!("{p}.conv2.weight")], [blk.conv2.shape()], false, |t, pool, acc| {
         pool.conv_backward(dt, &d_c2, &c.p, &s2, &mut t[0], acc, Some((w2, &mut d_p)))
@@ -980,7 +988,9 @@ fn block_backward(
     })?;
     pool.give(d_p);
     let mut d_c1 = pool.take(&dev, c.c1.shape())?;
-    g.bn(pool, &format!("{p}.bn2"), cp, |dw, db, pool| blk.bn2.backward_with(&c.c1, &c.bn2, &d_a2, &mut d_c1, dw, db, pool))?;
+    g.bn(pool, &format!("{p}.bn2"), cp, |dw, db, pool| {
+        blk.bn2.backward_with(&c.c1, &c.bn2, &d_a2, &mut d_c1, dw, db, pool)
+    })?;
     pool.give(d_a2);
     let mut d_a1 = pool.take(&dev, c.a1.shape())?;
     g.put(pool, [format!("{p}.conv1.weight")], [blk.conv1.shape()], false, |t, pool, acc| {
@@ -988,7 +998,9 @@ fn block_backward(
     })?;
     pool.give(d_c1);
     let mut d_x = pool.take(&dev, c.x.shape())?;
-    g.bn(pool, &format!("{p}.bn1"), cin, |dw, db, pool| blk.bn1.backward_with(&c.x, &c.bn1, &d_a1, &mut d_x, dw, db, pool))?;
+    g.bn(pool, &format!("{p}.bn1"), cin, |dw, db, pool| {
+        blk.bn1.backward_with(&c.x, &c.bn1, &d_a1, &mut d_x, dw, db, pool)
+    })?;
     pool.give(d_a1);
     match (&blk.downsample, &c.ds) {
         (Some((w, bn)), Some((dc, dcache))) => {
@@ -996,7 +1008,9 @@ fn block_backward(
             let wd = c.w.as_ref().and_then(|w| w.2.as_ref()).unwrap_or(w);
             let x_conv = c.x_conv.as_ref().unwrap_or(&c.x);
             let mut d_dc = pool.take(&dev, dc.shape())?;
-            g.bn(pool, &format!("{p}.downsample.1"), cp, |dw, db, pool| bn.backward_with(dc, dcache, d_out, &mut d_dc, dw, db, pool))?;
+            g.bn(pool, &format!("{p}.downsample.1"), cp, |dw, db, pool| {
+                bn.backward_with(dc, dcache, d_out, &mut d_dc, dw, db, pool)
+            })?;
             let mut d_id = pool.take(&dev, c.x.shape())?;
             g.put(pool, [format!("{p}.downsample.0.weight")], [w.shape()], false, |t, pool, acc| {
                 pool.conv_backward(dt, &d_dc, x_conv, &sd, &mut t[0], acc, Some((wd, &mut d_id)))

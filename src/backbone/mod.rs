@@ -12,7 +12,8 @@ pub mod norm;
 pub(crate) mod pool;
 
 pub use conv::{
-    conv2d, conv2d_data_grad, conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, conv2d_weight_grad_into, ConvShape,
+    conv2d, conv2d_data_grad, conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, conv2d_weight_grad_into,
+    ConvShape,
 };
 pub use iresnet::{IResNet, IResNetConfig};
 pub use norm::{

@@ -8,11 +8,11 @@
 //! Per-channel sums are computed in splits and combined in a fixed order,
 //! so every result is reproducible run to run.
 
+use super::pool::{Fresh, Scratch};
 use crate::error::{Error, Result};
 use crate::runtime::device::{Device, DeviceKind, LaunchConfig};
 use crate::runtime::kernels::PtrMut;
 use crate::runtime::launch::{self, launch_one_of};
-use super::pool::{Fresh, Scratch};
 use crate::runtime::tensor::{same_device, DType, Tensor};
 
 /// A BatchNorm layer (PyTorch's BatchNorm1d/2d semantics and defaults:
@@ -409,7 +409,6 @@ impl BatchNorm {
                 dx.ptr_mut()?,
             )
         }
-
     }
 }
 

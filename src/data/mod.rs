@@ -6,7 +6,13 @@
 //! sample), so a run reproduces whatever the thread timing), in which order
 //! ([`Sampler`]: a seeded shuffle per epoch, PyTorch's DistributedSampler
 //! sharding, drop_last), and ahead of the step ([`Loader`]: worker threads
-//! filling a bounded queue of batches, delivered in order).
+//! filling a bounded queue of batches, delivered in order). [`synth`]
+//! generates learnable face identities.
+
+mod embed;
+pub mod synth;
+
+pub use embed::{embed_dataset, identity_vectors};
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -28,6 +34,8 @@ enum Source {
     Folder { files: Vec<(PathBuf, u32)> },
     /// Normalized f32 NHWC pixels in memory, with their labels.
     Array { pixels: Vec<f32>, labels: Vec<u32> },
+    /// Encoded images in memory (a verification set's), every label 0.
+    Encoded { images: Vec<Vec<u8>> },
 }
 
 /// A face dataset of square RGB images of one size (see the module
@@ -124,12 +132,58 @@ impl Dataset {
         Ok(Dataset { source: Source::Array { pixels, labels: labels_v }, size, classes, origin: images.to_path_buf() })
     }
 
+    /// The 2·P images of an insightface verification set (`.bin`, see
+    /// [`crate::io::verification`]), in the file's order: pair i is images
+    /// 2i and 2i + 1. Every label is 0 (one class); whether a pair is of
+    /// one identity is the set's `issame`.
+    pub fn verification(path: &Path, size: usize) -> Result<Dataset> {
+        let set = crate::io::verification::read_bin(path)?;
+        Ok(Dataset::encoded(set.images, size, path))
+    }
+
+    /// Encoded (JPEG / PNG) images in memory, every label 0; `origin`
+    /// names them in errors.
+    pub fn encoded(images: Vec<Vec<u8>>, size: usize, origin: &Path) -> Dataset {
+        Dataset { source: Source::Encoded { images }, size, classes: 1, origin: origin.to_path_buf() }
+    }
+
+    /// Opens `path` by what it is: a directory with `train.rec` (RecordIO),
+    /// another directory (identity folders), a `.bin` (a verification
+    /// set), or a `.npy` of images (labels 0: an embedding pass needs
+    /// none).
+    pub fn open(path: &Path, size: usize) -> Result<Dataset> {
+        if path.is_dir() {
+            return if path.join("train.rec").exists() {
+                Dataset::records(path, size)
+            } else {
+                Dataset::folder(path, size)
+            };
+        }
+        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("bin") => Dataset::verification(path, size),
+            Some("npy") => {
+                let (pixels, count) = crate::backbone::images::read_images(path, size)?;
+                if count == 0 {
+                    return Err(Error::file(path, "no images"));
+                }
+                let source = Source::Array { pixels, labels: vec![0; count] };
+                Ok(Dataset { source, size, classes: 1, origin: path.to_path_buf() })
+            }
+            _ => Err(Error::file(
+                path,
+                "not a dataset: give a RecordIO directory (train.rec, train.idx), a directory of identity folders, \
+                 a verification .bin or a .npy of images",
+            )),
+        }
+    }
+
     /// The images.
     pub fn len(&self) -> usize {
         match &self.source {
             Source::Records(r) => r.len(),
             Source::Folder { files } => files.len(),
             Source::Array { labels, .. } => labels.len(),
+            Source::Encoded { images } => images.len(),
         }
     }
 
@@ -159,6 +213,7 @@ impl Dataset {
             Source::Records(r) => Ok(r.get(i)?.0),
             Source::Folder { files } => files.get(i).map(|f| f.1).ok_or_else(|| self.out_of_range(i)),
             Source::Array { labels, .. } => labels.get(i).copied().ok_or_else(|| self.out_of_range(i)),
+            Source::Encoded { images } => images.get(i).map(|_| 0).ok_or_else(|| self.out_of_range(i)),
         }
     }
 
@@ -192,6 +247,12 @@ impl Dataset {
                 let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
                 decode_into(&bytes, s, out).map_err(|m| Error::file(path, m))?;
                 *label
+            }
+            Source::Encoded { images } => {
+                let bytes = images.get(i).ok_or_else(|| self.out_of_range(i))?;
+                let what = || self.origin.join(format!("image {i}"));
+                decode_into(bytes, s, out).map_err(|m| Error::file(&what(), m))?;
+                0
             }
         };
         if flip {

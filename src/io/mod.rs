@@ -1,5 +1,6 @@
 //! File formats: [`npy`] (NumPy arrays), MXNet's [`recordio`] (insightface's
-//! training sets) and the crate's [`safetensors`] writer (deterministic
+//! training sets), insightface's pickled [`verification`] pairs (`.bin`)
+//! and the crate's [`safetensors`] writer (deterministic
 //! headers, atomic writes). The codebook, network
 //! and training-checkpoint formats live with their types
 //! (tokenizer::codebook, backbone::checkpoint, train::checkpoint). Every
@@ -8,6 +9,7 @@
 pub mod npy;
 pub mod recordio;
 pub mod safetensors;
+pub mod verification;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -151,18 +151,84 @@ pub fn read_npy_labels(path: &Path) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Writes f32 `[rows, cols]` as a .npy file.
+/// Writes `values` as an f32 `[rows, cols]` array (NPY 1.0, C order),
+/// atomically (a temporary file renamed into place).
 pub fn write_npy(path: &Path, values: &[f32], rows: usize, cols: usize) -> Result<()> {
-    let bad = |m: String| Error::file(path, m);
-    let file = std::fs::File::create(path).map_err(|e| bad(format!("cannot create: {e}")))?;
-    use npyz::WriterBuilder;
-    let mut w = npyz::WriteOptions::<f32>::new()
-        .default_dtype()
-        .shape(&[rows as u64, cols as u64])
-        .writer(std::io::BufWriter::new(file))
-        .begin_nd()
-        .map_err(|e| bad(format!("cannot write: {e}")))?;
-    w.extend(values.iter().copied()).map_err(|e| bad(format!("cannot write: {e}")))?;
-    w.finish().map_err(|e| bad(format!("cannot write: {e}")))?;
-    Ok(())
+    let mut w = NpyWriter::create(path, rows, cols)?;
+    w.write_rows(values)?;
+    w.finish()
+}
+
+/// An NPY 1.0 header for a C-order array of `descr` and `shape` (a
+/// Python tuple): the magic (6 bytes), the version (2), the header's
+/// length (2), the dict and its newline, padded to a multiple of 64.
+fn header(descr: &str, shape: &str) -> Vec<u8> {
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((dict.len() as u16).to_le_bytes());
+    bytes.extend(dict.as_bytes());
+    bytes
+}
+
+/// Writes 1-D int64 `values` (labels) as a `.npy`, atomically.
+pub fn write_npy_i64(path: &Path, values: &[i64]) -> Result<()> {
+    let mut bytes = header("<i8", &format!("({},)", values.len()));
+    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    crate::io::write_atomic(path, &bytes)
+}
+
+/// An f32 `[rows, cols]` `.npy` written row block by row block (the
+/// header first: the shape is known in advance), atomically: nothing is at
+/// `path` until [`NpyWriter::finish`] has written every row.
+pub struct NpyWriter {
+    file: crate::io::AtomicFile,
+    path: std::path::PathBuf,
+    rows: usize,
+    cols: usize,
+    written: usize,
+}
+
+impl NpyWriter {
+    /// Starts `path` for `rows` × `cols` f32 values.
+    pub fn create(path: &Path, rows: usize, cols: usize) -> Result<NpyWriter> {
+        rows.checked_mul(cols)
+            .and_then(|n| n.checked_mul(4))
+            .ok_or_else(|| Error::file(path, format!("[{rows}, {cols}] f32 overflows")))?;
+        let mut file = crate::io::AtomicFile::create(path)?;
+        file.write_all(&header("<f4", &format!("({rows}, {cols})")))?;
+        Ok(NpyWriter { file, path: path.to_path_buf(), rows, cols, written: 0 })
+    }
+
+    /// Appends whole rows (`values.len()` a multiple of `cols`).
+    pub fn write_rows(&mut self, values: &[f32]) -> Result<()> {
+        let n = values.len().checked_div(self.cols).unwrap_or(0);
+        if values.len() != n * self.cols || self.written + n > self.rows {
+            return Err(Error::file(
+                &self.path,
+                format!(
+                    "{} values are not whole rows of {} within the {} rows ({} written)",
+                    values.len(),
+                    self.cols,
+                    self.rows,
+                    self.written
+                ),
+            ));
+        }
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.file.write_all(&bytes)?;
+        self.written += n;
+        Ok(())
+    }
+
+    /// Checks every row was written, then puts the file in place.
+    pub fn finish(self) -> Result<()> {
+        if self.written != self.rows {
+            return Err(Error::file(&self.path, format!("{} of {} rows written", self.written, self.rows)));
+        }
+        self.file.commit()
+    }
 }

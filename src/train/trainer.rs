@@ -254,7 +254,18 @@ impl Trainer {
             .into_iter()
             .map(|(name, t)| Ok((name, Tensor::zeros(&dev, t.shape(), DType::F32)?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
-        Ok(Trainer { cfg, backbone, head, optimizer, backbone_grads, state, images: None, emb: None, micro: 0, last_lr: 0.0 })
+        Ok(Trainer {
+            cfg,
+            backbone,
+            head,
+            optimizer,
+            backbone_grads,
+            state,
+            images: None,
+            emb: None,
+            micro: 0,
+            last_lr: 0.0,
+        })
     }
 
     /// The settings.
@@ -337,11 +348,11 @@ impl Trainer {
                 let fresh = || HeadGrads::new(head, b);
                 let acc = sized(acc, fresh, b, d)?;
                 if first {
-                    head.forward_backward_into(&emb, labels, table, acc, metrics)?;
+                    head.forward_backward_into(emb, labels, table, acc, metrics)?;
                     &acc.features
                 } else {
                     let sc = sized(scratch, fresh, b, d)?;
-                    head.forward_backward_into(&emb, labels, table, sc, metrics)?;
+                    head.forward_backward_into(emb, labels, table, sc, metrics)?;
                     add_assign(&mut acc.centres, &sc.centres)?;
                     if let (Some(a), Some(g)) = (acc.projections.as_mut(), sc.projections.as_ref()) {
                         add_assign(a, g)?;
@@ -354,11 +365,11 @@ impl Trainer {
                 let fresh = || SoftmaxGrads::new(h.device(), b, c.classes, c.dim);
                 let acc = sized(acc, fresh, b, d)?;
                 if first {
-                    h.forward_backward_into(&emb, labels, acc, metrics)?;
+                    h.forward_backward_into(emb, labels, acc, metrics)?;
                     &acc.features
                 } else {
                     let sc = sized(scratch, fresh, b, d)?;
-                    h.forward_backward_into(&emb, labels, sc, metrics)?;
+                    h.forward_backward_into(emb, labels, sc, metrics)?;
                     add_assign(&mut acc.centres, &sc.centres)?;
                     &sc.features
                 }
@@ -368,7 +379,7 @@ impl Trainer {
                     Some(g) if g.grads.features.shape()[0] == b => g,
                     slot => slot.insert(PfcGrads::new(p, b)?),
                 };
-                p.forward_backward_into(&emb, labels, self.micro, g, metrics)?;
+                p.forward_backward_into(emb, labels, self.micro, g, metrics)?;
                 if first {
                     dense.fill_zeros()?;
                 }
