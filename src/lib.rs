@@ -40,6 +40,7 @@ pub mod backbone;
 pub mod data;
 pub mod decode;
 pub mod error;
+pub mod eval;
 pub mod head;
 pub mod io;
 pub mod ops;

@@ -53,6 +53,11 @@ enum Command {
     /// normalized embeddings over a dataset (one streaming pass); then
     /// `gif-fr tokenize FILE.npy` makes the codebook.
     IdentityVectors(IdentityVectorsArgs),
+    /// Verification on insightface .bin pair sets (lfw.bin, cfp_fp.bin,
+    /// agedb_30.bin, or gif-fr synth's synth.bin): flip-fused embeddings,
+    /// insightface's `[lfw]Accuracy-Flip: …` lines (10 folds), VAL@FAR,
+    /// the exact ROC's TAR@FAR, EER and AUC.
+    Verify(VerifyArgs),
     /// Train a backbone with a head (GIF's code head, ArcFace or Partial
     /// FC) from a TOML config with insightface arcface_torch's keys.
     ///
@@ -343,6 +348,21 @@ struct IdentityVectorsArgs {
     quiet: bool,
 }
 
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    net: NetArgs,
+    /// A verification set (insightface .bin; repeat for several).
+    #[arg(long = "bin", value_name = "FILE.bin", required = true)]
+    bins: Vec<PathBuf>,
+    /// Write every number of every set here (JSON).
+    #[arg(long, value_name = "FILE.json")]
+    json: Option<PathBuf>,
+    /// Draw the ROC curves (TAR against log FAR) here (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    roc: Option<PathBuf>,
+}
+
 /// A progress bar of `what` (hidden when `quiet`).
 fn progress_bar(quiet: bool, what: &str) -> indicatif::ProgressBar {
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
@@ -557,6 +577,34 @@ fn embed_cmd(a: EmbedArgs) -> Result<(), Error> {
     Ok(())
 }
 
+fn verify_cmd(a: VerifyArgs) -> Result<(), Error> {
+    let mut net = a.net.load()?;
+    let batch = a.net.batch as usize;
+    let mut results = Vec::new();
+    for path in &a.bins {
+        let set = gif_fr::io::verification::read_bin(path)?;
+        let t0 = std::time::Instant::now();
+        let (v, roc) = gif_fr::eval::verify_pairs(&mut net, &set, path, batch)?;
+        for line in v.lines() {
+            println!("{line}");
+        }
+        eprintln!("[{}] {} pairs in {:.1} s", v.name, v.pairs, t0.elapsed().as_secs_f64());
+        results.push((v, roc));
+    }
+    if let Some(p) = &a.json {
+        let all: Vec<&gif_fr::eval::Verification> = results.iter().map(|r| &r.0).collect();
+        let text = serde_json::to_string_pretty(&all)
+            .map_err(|e| Error::InvalidArgument { op: "verify", message: e.to_string() })?;
+        gif_fr::io::write_atomic(p, text.as_bytes())?;
+    }
+    if let Some(p) = &a.roc {
+        let curves: Vec<(&str, &gif_fr::eval::metrics::Roc)> =
+            results.iter().map(|r| (r.0.name.as_str(), &r.1)).collect();
+        gif_fr::io::write_atomic(p, gif_fr::eval::roc_svg(&curves).as_bytes())?;
+    }
+    Ok(())
+}
+
 fn identity_vectors_cmd(a: IdentityVectorsArgs) -> Result<(), Error> {
     let mut net = a.net.load()?;
     let ds = gif_fr::data::Dataset::open(&a.data, net.config().input)?;
@@ -669,6 +717,7 @@ fn main() -> ExitCode {
         Command::Decode(a) => decode_cmd(a),
         Command::Embed(a) => embed_cmd(a),
         Command::IdentityVectors(a) => identity_vectors_cmd(a),
+        Command::Verify(a) => verify_cmd(a),
         Command::Train(a) => train_cmd(a),
         Command::Regress(a) => return regress_cmd(a),
         Command::Synth(a) => synth_cmd(a),

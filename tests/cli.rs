@@ -384,7 +384,7 @@ fn synth_writes_a_training_set_and_a_verification_bin() {
 }
 
 #[test]
-fn embed_data_and_identity_vectors_stream_a_dataset() {
+fn embed_data_identity_vectors_and_verify_stream_a_dataset() {
     use gif_fr::backbone::IResNet;
     let dir = std::env::temp_dir().join(format!("gif-fr-cli-vectors-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -436,6 +436,20 @@ fn embed_data_and_identity_vectors_stream_a_dataset() {
     let book = dir.join("book.safetensors");
     let o = gif_fr(["tokenize", "--vectors", &s(&vectors), "--vocab", "4", "--out", &s(&book), "--device", "cpu"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // verify: insightface's lines on stdout, every number in the JSON, an SVG.
+    let pairs = gif_fr::data::synth::verification_pairs(&cfg, 4, 20).unwrap();
+    let bin = dir.join("synth.bin");
+    gif_fr::io::verification::write_bin(&bin, &pairs).unwrap();
+    let (json, svg) = (dir.join("ver.json"), dir.join("roc.svg"));
+    let args = ["verify", "--bin", &s(&bin), "--json", &s(&json), "--roc", &s(&svg)];
+    let o = gif_fr(args.iter().copied().chain(net));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("[synth]XNorm: ") && out.contains("[synth]Accuracy-Flip: "), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v[0]["pairs"].as_u64(), Some(20));
+    assert_eq!(v[0]["tar_at_far"].as_array().map(Vec::len), Some(6));
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
     // Both at once, or neither: usage errors.
     let o = gif_fr(["embed", "--images", "x.npy", "--data", "d", "--out", "o.npy", "--arch", "r18", "--weights", "w"]);
     assert_eq!(o.status.code(), Some(2));

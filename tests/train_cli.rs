@@ -280,3 +280,40 @@ fn arrays_folders_and_recordio_train_identically() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn verification_during_training_logs_insightface_lines_and_a_csv() {
+    let dir = temp_dir("verify");
+    write_data(&dir);
+    // A verification set of synthetic identities at the network's size.
+    let cfg = gif_fr::data::synth::SynthConfig { size: 16, ..gif_fr::data::synth::SynthConfig::new(1) };
+    let set = gif_fr::data::synth::verification_pairs(&cfg, 6, 40).unwrap();
+    let bin = dir.join("synth.bin");
+    gif_fr::io::verification::write_bin(&bin, &set).unwrap();
+    let out = dir.join("run");
+    let c = write_config(&dir, &out, "arcface");
+    let c = c.to_str().unwrap();
+    let targets = format!("val_targets=[{:?}, \"lfw\"]", bin.to_str().unwrap());
+    let o = gif_fr(&["train", "--config", c, "--quiet", "--set", &targets, "--set", "verbose=15"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = std::fs::read_to_string(out.join("training.log")).unwrap();
+    // Steps 15 and 30, and the last (40); lfw.bin is not there: skipped.
+    for step in [15, 30, 40] {
+        assert!(log.contains(&format!("[synth][{step}]Accuracy-Flip: ")), "{log}");
+        assert!(log.contains(&format!("[synth][{step}]XNorm: ")), "{log}");
+    }
+    assert!(log.contains("[synth][40]Accuracy-Highest: "), "{log}");
+    assert!(log.contains("val_targets: lfw skipped"), "{log}");
+    let csv = std::fs::read_to_string(out.join("verification.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "step,target,xnorm,accuracy,accuracy_std,accuracy_highest,val,auc,eer");
+    assert_eq!(rows.len(), 4, "{csv}");
+    for r in &rows[1..] {
+        let acc: f64 = r.split(',').nth(3).unwrap().parse().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{r}");
+    }
+    // A bad verbose is refused naming the key.
+    let o = gif_fr(&["train", "--config", c, "--quiet", "--set", "verbose=0"]);
+    assert!(stderr(&o).contains("verbose"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

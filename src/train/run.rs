@@ -216,6 +216,38 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     if !csv.exists() {
         append(&csv, "step,epoch,loss,accuracy,lr,images_per_s,grad_norm,skipped")?;
     }
+    // insightface's CallBackVerification: the sets found, read once.
+    let mut val_sets = Vec::new();
+    for (name, path) in cfg.val_paths() {
+        if path.exists() {
+            let set = crate::io::verification::read_bin(&path)?;
+            log(&format!("val_targets: {name} ({} pairs, {})", set.pairs(), path.display()));
+            val_sets.push((name, path, set, 0f64));
+        } else {
+            log(&format!("val_targets: {name} skipped ({} not found)", path.display()));
+        }
+    }
+    let val_csv = out.join("verification.csv");
+    if !val_sets.is_empty() && !val_csv.exists() {
+        append(&val_csv, "step,target,xnorm,accuracy,accuracy_std,accuracy_highest,val,auc,eer")?;
+    }
+    let mut verify = |trainer: &mut Trainer, done: u64, log: &mut dyn FnMut(&str)| -> Result<()> {
+        for (name, path, set, highest) in val_sets.iter_mut() {
+            let (v, _) = crate::eval::verify_pairs(trainer.backbone_mut(), set, path, cfg.batch_size)?;
+            *highest = highest.max(v.accuracy);
+            log(&format!("[{name}][{done}]XNorm: {:.6}", v.xnorm));
+            log(&format!("[{name}][{done}]Accuracy-Flip: {:.5}+-{:.5}", v.accuracy, v.accuracy_std));
+            log(&format!("[{name}][{done}]Accuracy-Highest: {:.5}", highest));
+            append(
+                &val_csv,
+                &format!(
+                    "{done},{name},{},{},{},{},{},{},{}",
+                    v.xnorm, v.accuracy, v.accuracy_std, highest, v.val, v.auc, v.eer
+                ),
+            )?;
+        }
+        Ok(())
+    };
     bar.set_length(total);
     bar.set_position(trainer.steps());
     bar.set_style(
@@ -262,6 +294,10 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
                 } else {
                     log(&line);
                 }
+            }
+            // Verification every `verbose` steps, and at the end of training.
+            if done % cfg.verbose == 0 || done == total {
+                verify(&mut trainer, done, &mut log)?;
             }
             let boundary = done % cfg.gradient_acc as u64 == 0;
             let periodic = cfg.save_every.is_some_and(|k| done % k == 0);

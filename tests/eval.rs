@@ -1,0 +1,329 @@
+//! Verification (src/eval): insightface's 10-fold accuracy and VAL@FAR and
+//! the exact ROC against slow, independent implementations written here
+//! (f64, brute force over every threshold), known answers worked by hand
+//! (ties, a fold of one class, a FAR below 1 / negatives), `.bin` files in
+//! both pickle protocols, and a set from the synthetic generator through a
+//! network to every number.
+
+use gif_fr::eval::metrics::{folds, kfold_accuracy, kfold_val, Roc};
+use gif_fr::eval::{evaluate, verify_pairs};
+use gif_fr::io::verification::{parse_bin, read_bin, PairSet};
+use gif_fr::Error;
+use rand::{Rng, SeedableRng};
+
+fn random_pairs(seed: u64, n: usize) -> (Vec<f64>, Vec<bool>) {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let issame: Vec<bool> = (0..n).map(|_| r.random::<bool>()).collect();
+    // Distances in [0, 4): positives lower on average; some exact ties.
+    let dist = issame
+        .iter()
+        .map(|&s| {
+            let d: f64 = if s { r.random_range(0.0..2.6) } else { r.random_range(1.0..4.0) };
+            if r.random::<f64>() < 0.1 {
+                (d * 10.0).round() / 10.0
+            } else {
+                d
+            }
+        })
+        .collect();
+    (dist, issame)
+}
+
+/// The 10-fold accuracy the slow way: every threshold, every pair.
+fn slow_kfold_accuracy(dist: &[f64], issame: &[bool]) -> Vec<f64> {
+    let thresholds: Vec<f64> = (0..400).map(|i| i as f64 * 0.01).collect();
+    let n = dist.len();
+    let acc_of =
+        |t: f64, idx: &[usize]| idx.iter().filter(|&&i| (dist[i] < t) == issame[i]).count() as f64 / idx.len() as f64;
+    let mut out = Vec::new();
+    let fold_len = |f: usize| n / 10 + usize::from(f < n % 10);
+    let mut start = 0;
+    for f in 0..10 {
+        let test: Vec<usize> = (start..start + fold_len(f)).collect();
+        start += fold_len(f);
+        let train: Vec<usize> = (0..n).filter(|i| !test.contains(i)).collect();
+        let mut best = 0;
+        for (k, &t) in thresholds.iter().enumerate() {
+            if acc_of(t, &train) > acc_of(thresholds[best], &train) {
+                best = k;
+            }
+        }
+        out.push(acc_of(thresholds[best], &test));
+    }
+    out
+}
+
+#[test]
+fn kfold_accuracy_equals_the_brute_force() {
+    for (seed, n) in [(1, 600), (2, 137), (3, 1003)] {
+        let (dist, issame) = random_pairs(seed, n);
+        let (mean, std, per_fold) = kfold_accuracy(&dist, &issame, 10).unwrap();
+        let want = slow_kfold_accuracy(&dist, &issame);
+        assert_eq!(per_fold, want, "n = {n}");
+        let m = want.iter().sum::<f64>() / 10.0;
+        let s = (want.iter().map(|a| (a - m).powi(2)).sum::<f64>() / 10.0).sqrt();
+        assert!((mean - m).abs() < 1e-12 && (std - s).abs() < 1e-12);
+        assert!(mean > 0.6 && mean < 1.0, "{mean}");
+    }
+    // KFold's sizes: 137 pairs are 7 folds of 14 and 3 of 13.
+    let sizes: Vec<usize> = folds(137, 10).iter().map(|r| r.len()).collect();
+    assert_eq!(sizes, [14, 14, 14, 14, 14, 14, 14, 13, 13, 13]);
+}
+
+#[test]
+fn known_answers_for_the_kfold_metrics() {
+    // Perfectly separated at 1.0: every fold is right at any threshold in
+    // (0.5, 1.5], so accuracy 1 ± 0.
+    let dist: Vec<f64> = (0..40).map(|i| if i % 2 == 0 { 0.5 } else { 1.5 }).collect();
+    let issame: Vec<bool> = (0..40).map(|i| i % 2 == 0).collect();
+    assert_eq!(kfold_accuracy(&dist, &issame, 10).unwrap().0, 1.0);
+    // Folds of one class (the first 20 pairs positive, the rest negative):
+    // defined numbers, never NaN.
+    let issame: Vec<bool> = (0..40).map(|i| i < 20).collect();
+    let dist: Vec<f64> = (0..40).map(|i| if i < 20 { 0.2 } else { 3.0 }).collect();
+    let (acc, std, _) = kfold_accuracy(&dist, &issame, 10).unwrap();
+    assert_eq!((acc, std), (1.0, 0.0));
+    // VAL there: folds 0-4 hold only positives (their FAR counts 0, not
+    // NaN), folds 5-9 only negatives (their VAL counts 0). The training
+    // FAR is 0 up to the threshold 3.000 and 1 from 3.001 on: the
+    // threshold interpolates to 3.0 + 0.001 · 1e-3, which accepts every
+    // positive (0.2) and every negative (3.0): VAL 1 on the positive
+    // folds, FAR 1 on the negative ones; means 0.5 and 0.5, VAL std 0.5.
+    let (val, val_std, far) = kfold_val(&dist, &issame, 1e-3, 10).unwrap();
+    assert!((val - 0.5).abs() < 1e-12 && (far - 0.5).abs() < 1e-12, "{val} {far}");
+    assert!((val_std - 0.5).abs() < 1e-12, "{val_std}");
+    // NaN is refused with the pair's index; sizes must agree.
+    let mut bad = dist.clone();
+    bad[7] = f64::NAN;
+    assert!(kfold_accuracy(&bad, &issame, 10).unwrap_err().to_string().contains("pair 7"));
+    assert!(matches!(kfold_accuracy(&dist[1..], &issame, 10), Err(Error::Shape { .. })));
+}
+
+/// VAL the slow way (the same interpolation, written as a scan).
+fn slow_val(dist: &[f64], issame: &[bool], target: f64) -> (f64, f64) {
+    let thresholds: Vec<f64> = (0..4000).map(|i| i as f64 * 0.001).collect();
+    let n = dist.len();
+    let mut vals = Vec::new();
+    let mut fars = Vec::new();
+    for test in folds(n, 10) {
+        let train: Vec<usize> = (0..n).filter(|i| !test.contains(i)).collect();
+        let negs = train.iter().filter(|&&i| !issame[i]).count().max(1) as f64;
+        let far: Vec<f64> = thresholds
+            .iter()
+            .map(|&t| train.iter().filter(|&&i| !issame[i] && dist[i] < t).count() as f64 / negs)
+            .collect();
+        let mut th = 0.0;
+        if *far.last().unwrap() >= target {
+            // The segment [k, k+1] holding the target, k the last index
+            // whose FAR is not above it.
+            let mut k = 0;
+            for (i, &f) in far.iter().enumerate() {
+                if f <= target {
+                    k = i;
+                }
+            }
+            th = if k + 1 < far.len() && far[k + 1] > far[k] {
+                thresholds[k] + (target - far[k]) * (thresholds[k + 1] - thresholds[k]) / (far[k + 1] - far[k])
+            } else {
+                thresholds[k]
+            };
+        }
+        let pos: Vec<usize> = test.clone().filter(|&i| issame[i]).collect();
+        let neg: Vec<usize> = test.clone().filter(|&i| !issame[i]).collect();
+        let rate = |v: &[usize]| {
+            if v.is_empty() {
+                0.0
+            } else {
+                v.iter().filter(|&&i| dist[i] < th).count() as f64 / v.len() as f64
+            }
+        };
+        vals.push(rate(&pos));
+        fars.push(rate(&neg));
+    }
+    (vals.iter().sum::<f64>() / 10.0, fars.iter().sum::<f64>() / 10.0)
+}
+
+#[test]
+fn kfold_val_equals_the_slow_scan() {
+    for (seed, n, target) in [(4, 3000, 1e-3), (5, 800, 1e-2), (6, 500, 0.3)] {
+        let (dist, issame) = random_pairs(seed, n);
+        let (val, _, far) = kfold_val(&dist, &issame, target, 10).unwrap();
+        let (v2, f2) = slow_val(&dist, &issame, target);
+        assert!((val - v2).abs() < 1e-12 && (far - f2).abs() < 1e-12, "{val} {v2} {far} {f2}");
+    }
+}
+
+/// TAR at FAR ≤ f and the AUC the slow way: every candidate threshold;
+/// the AUC as the Mann-Whitney statistic (ties count half).
+fn slow_roc(scores: &[f64], issame: &[bool], f: f64) -> (f64, f64) {
+    let p = issame.iter().filter(|&&s| s).count() as f64;
+    let n = issame.len() as f64 - p;
+    let mut cands: Vec<f64> = scores.to_vec();
+    cands.push(f64::INFINITY);
+    let mut best = 0.0f64;
+    for &t in &cands {
+        let far = scores.iter().zip(issame).filter(|(&s, &y)| !y && s >= t).count() as f64 / n;
+        let tar = scores.iter().zip(issame).filter(|(&s, &y)| y && s >= t).count() as f64 / p;
+        if far <= f {
+            best = best.max(tar);
+        }
+    }
+    let mut u = 0.0;
+    for (&a, &ya) in scores.iter().zip(issame) {
+        for (&b, &yb) in scores.iter().zip(issame) {
+            if ya && !yb {
+                u += if a > b {
+                    1.0
+                } else if a == b {
+                    0.5
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    (best, u / (p * n))
+}
+
+#[test]
+fn the_exact_roc_equals_the_brute_force() {
+    for (seed, n) in [(7, 400), (8, 1001)] {
+        let (dist, issame) = random_pairs(seed, n);
+        let scores: Vec<f64> = dist.iter().map(|d| 1.0 - d / 2.0).collect();
+        let roc = Roc::new(&scores, &issame).unwrap();
+        for f in [1e-6, 1e-3, 1e-2, 0.05, 0.1, 0.5] {
+            let (tar, auc) = slow_roc(&scores, &issame, f);
+            assert_eq!(roc.tar_at_far(f).tar, tar, "FAR {f}");
+            assert!(roc.tar_at_far(f).far <= f);
+            assert!((roc.auc() - auc).abs() < 1e-12, "{} vs {auc}", roc.auc());
+        }
+        // The EER point: FAR equals 1 − TAR there.
+        let (eer, _) = roc.eer();
+        assert!(eer > 0.0 && eer < 0.5, "{eer}");
+    }
+}
+
+#[test]
+fn known_answers_for_the_roc() {
+    // Scores: positives 0.9, 0.8, 0.5; negatives 0.7, 0.5, 0.1 (a tie at
+    // 0.5 across the classes).
+    let scores = [0.9, 0.8, 0.5, 0.7, 0.5, 0.1];
+    let issame = [true, true, true, false, false, false];
+    let roc = Roc::new(&scores, &issame).unwrap();
+    let pts: Vec<(f64, f64)> = roc.points.iter().map(|p| (p.far, p.tar)).collect();
+    let third = 1.0 / 3.0;
+    assert_eq!(
+        pts,
+        [(0.0, 0.0), (0.0, third), (0.0, 2.0 * third), (third, 2.0 * third), (2.0 * third, 1.0), (1.0, 1.0)]
+    );
+    // FAR below 1/3 (the least a negative can add): TAR 2/3 at the
+    // threshold 0.8, not NaN.
+    let p = roc.tar_at_far(1e-6);
+    assert_eq!((p.tar, p.threshold), (2.0 * third, 0.8));
+    // AUC: of the 9 (positive, negative) pairs the positive scores higher
+    // in 7, ties in 1 (counted half): 7.5 / 9.
+    assert!((roc.auc() - 7.5 / 9.0).abs() < 1e-15);
+    // EER: FAR = 1 − TAR between (1/3, 2/3) and (2/3, 1): at FAR 1/3.
+    assert!((roc.eer().0 - third).abs() < 1e-12);
+    // Nothing but positives: a typed error.
+    assert!(Roc::new(&[0.5, 0.6], &[true, true]).is_err());
+}
+
+/// A protocol-2 pickle as Python 2 wrote insightface's files: a tuple of
+/// a list of `str` (SHORT_BINSTRING / BINSTRING) and a list of bools.
+fn python2_pickle(images: &[Vec<u8>], issame: &[bool]) -> Vec<u8> {
+    let mut b = vec![0x80, 2]; // PROTO 2
+    b.push(b']'); // EMPTY_LIST
+    b.push(b'('); // MARK
+    for img in images {
+        if img.len() < 256 {
+            b.push(b'U'); // SHORT_BINSTRING
+            b.push(img.len() as u8);
+        } else {
+            b.push(b'T'); // BINSTRING
+            b.extend((img.len() as u32).to_le_bytes());
+        }
+        b.extend(img);
+    }
+    b.push(b'e'); // APPENDS
+    b.push(b']');
+    b.push(b'(');
+    for &s in issame {
+        b.push(if s { 0x88 } else { 0x89 }); // NEWTRUE / NEWFALSE
+    }
+    b.push(b'e');
+    b.push(0x86); // TUPLE2
+    b.push(b'.'); // STOP
+    b
+}
+
+#[test]
+fn bin_files_of_both_pickle_protocols_read() {
+    let images: Vec<Vec<u8>> = (0..4).map(|i| vec![i as u8; if i == 3 { 300 } else { 10 + i }]).collect();
+    let issame = vec![true, false];
+    let path = std::path::Path::new("lfw.bin");
+    let py2 = parse_bin(path, &python2_pickle(&images, &issame)).unwrap();
+    assert_eq!(py2, PairSet { images: images.clone(), issame: issame.clone() });
+    // A count mismatch, another shape: errors naming the file.
+    let e = parse_bin(path, &python2_pickle(&images[..3], &issame)).unwrap_err().to_string();
+    assert!(e.contains("lfw.bin") && e.contains("3 images for 2 pairs"), "{e}");
+    assert!(parse_bin(path, &[0x80, 2, b'N', b'.']).unwrap_err().to_string().contains("None"));
+    assert!(parse_bin(path, b"garbage").is_err());
+    // Protocol 3 (what this crate writes) reads back.
+    let dir = tempfile::tempdir().unwrap();
+    let p3 = dir.path().join("x.bin");
+    gif_fr::io::verification::write_bin(&p3, &py2).unwrap();
+    assert_eq!(read_bin(&p3).unwrap(), py2);
+}
+
+#[test]
+fn perfect_embeddings_score_perfectly() {
+    // Unit rows: identity k → basis vector k; pairs alternate same / other.
+    let (p, dim) = (60, 8);
+    let issame: Vec<bool> = (0..p).map(|i| i % 3 != 0).collect();
+    let mut fused = Vec::new();
+    for (i, &s) in issame.iter().enumerate() {
+        let a = i % dim;
+        let b = if s { a } else { (a + 1) % dim };
+        for k in [a, b] {
+            fused.extend((0..dim).map(|j| if j == k { 1.0f32 } else { 0.0 }));
+        }
+    }
+    let (v, _) = evaluate("perfect", &fused, dim, &issame, 1.0).unwrap();
+    assert_eq!((v.accuracy, v.accuracy_std, v.auc, v.eer), (1.0, 0.0, 1.0, 0.0));
+    assert!(v.tar_at_far.iter().all(|t| t.tar == 1.0 && t.far_reached == 0.0));
+    assert_eq!((v.positives, v.negatives), (40, 20));
+}
+
+#[test]
+fn a_synthetic_set_through_a_network_gives_every_number() {
+    use gif_fr::data::synth::{verification_pairs, SynthConfig};
+    let cfg = SynthConfig { size: 16, seed: 2, ..SynthConfig::new(10) };
+    let set = verification_pairs(&cfg, 8, 40).unwrap();
+    let net_cfg = gif_fr::backbone::IResNetConfig {
+        layers: [1, 1, 1, 1],
+        stem: 4,
+        widths: [4, 8, 8, 12],
+        input: 16,
+        embedding: 6,
+        dropout: 0.0,
+        conv_dtype: gif_fr::DType::F32,
+    };
+    let mut net = gif_fr::backbone::IResNet::new(net_cfg, &gif_fr::Device::cpu(), 1).unwrap();
+    let (v, roc) = verify_pairs(&mut net, &set, std::path::Path::new("synth.bin"), 7).unwrap();
+    assert_eq!((v.name.as_str(), v.pairs, v.positives, v.negatives), ("synth", 40, 20, 20));
+    for x in [v.accuracy, v.accuracy_std, v.val, v.val_std, v.val_far, v.eer, v.auc] {
+        assert!(x.is_finite() && (0.0..=1.0).contains(&x), "{v:?}");
+    }
+    assert!(v.xnorm > 0.0);
+    let lines = v.lines();
+    assert!(lines[1].starts_with("[synth]Accuracy-Flip: ") && lines[1].contains("+-"), "{lines:?}");
+    let svg = gif_fr::eval::roc_svg(&[("synth", &roc)]);
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    serde_json::to_string(&v).unwrap();
+    // A corrupt image: an error naming the set and the image.
+    let mut bad = set.clone();
+    bad.images[9] = b"not an image".to_vec();
+    let e = verify_pairs(&mut net, &bad, std::path::Path::new("synth.bin"), 7).unwrap_err().to_string();
+    assert!(e.contains("synth.bin") && e.contains("image 9"), "{e}");
+}
