@@ -58,6 +58,11 @@ enum Command {
     /// insightface's `[lfw]Accuracy-Flip: …` lines (10 folds), VAL@FAR,
     /// the exact ROC's TAR@FAR, EER and AUC.
     Verify(VerifyArgs),
+    /// IJB-B / IJB-C 1:1 verification from image features, as insightface's
+    /// ijb_11.py: features weighted by the faceness score, averaged per
+    /// media, summed per template, normalized; template pairs scored by
+    /// cosine; TAR@FAR (insightface's reading and the exact one), AUC.
+    Ijb(IjbArgs),
     /// Train a backbone with a head (GIF's code head, ArcFace or Partial
     /// FC) from a TOML config with insightface arcface_torch's keys.
     ///
@@ -363,6 +368,37 @@ struct VerifyArgs {
     roc: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct IjbArgs {
+    /// The meta directory (holding <target>_face_tid_mid.txt,
+    /// <target>_template_pair_label.txt and <target>_name_5pts_score.txt).
+    #[arg(long, value_name = "DIR")]
+    meta: PathBuf,
+    /// IJBC or IJBB (the meta files' prefix, lower-cased).
+    #[arg(long, default_value = "IJBC", value_parser = ["IJBC", "IJBB"])]
+    target: String,
+    /// Image features, f32 [images, d] in the order of the face_tid_mid
+    /// file: each the embedding plus its mirror image's (not normalized).
+    #[arg(long, value_name = "FILE.npy")]
+    features: PathBuf,
+    /// The features are [images, 2d]: the embedding, then the mirror
+    /// image's (insightface's layout); their halves are added.
+    #[arg(long)]
+    halves: bool,
+    /// Do not weight images by the faceness score (insightface's D0).
+    #[arg(long)]
+    no_detector_score: bool,
+    /// Normalize each image's feature first (insightface's N0).
+    #[arg(long)]
+    normalize_images: bool,
+    /// Write every number here (JSON).
+    #[arg(long, value_name = "FILE.json")]
+    json: Option<PathBuf>,
+    /// Draw the ROC here (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    roc: Option<PathBuf>,
+}
+
 /// A progress bar of `what` (hidden when `quiet`).
 fn progress_bar(quiet: bool, what: &str) -> indicatif::ProgressBar {
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
@@ -605,6 +641,83 @@ fn verify_cmd(a: VerifyArgs) -> Result<(), Error> {
     Ok(())
 }
 
+fn ijb_cmd(a: IjbArgs) -> Result<(), Error> {
+    use gif_fr::eval::{ijb, metrics::Roc, FARS};
+    let t = a.target.to_lowercase();
+    let faces = ijb::read_face_tid_mid(&a.meta.join(format!("{t}_face_tid_mid.txt")))?;
+    let pairs = ijb::read_template_pairs(&a.meta.join(format!("{t}_template_pair_label.txt")))?;
+    let (mut feats, rows, mut d) = gif_fr::io::npy::read_npy_matrix(&a.features)?;
+    if rows != faces.len() {
+        return Err(Error::File {
+            path: a.features.display().to_string(),
+            message: format!("{rows} feature rows for the {} images of the media list", faces.len()),
+        });
+    }
+    if a.halves {
+        if d % 2 != 0 {
+            return Err(Error::File {
+                path: a.features.display().to_string(),
+                message: format!("--halves: {d} columns are not two halves"),
+            });
+        }
+        let h = d / 2;
+        feats = feats.chunks_exact(d).flat_map(|r| (0..h).map(move |k| r[k] + r[h + k])).collect();
+        d = h;
+    }
+    if a.normalize_images {
+        for r in feats.chunks_exact_mut(d) {
+            let n = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            r.iter_mut().for_each(|v| *v /= n);
+        }
+    }
+    let scores = if a.no_detector_score {
+        None
+    } else {
+        let s = ijb::read_name_5pts_score(&a.meta.join(format!("{t}_name_5pts_score.txt")))?;
+        if s.len() != faces.len() || s.iter().zip(&faces).any(|(x, f)| x.0 != f.0) {
+            return Err(Error::InvalidArgument {
+                op: "ijb",
+                message: "the name_5pts_score file does not list the media list's images in its order".into(),
+            });
+        }
+        Some(s.iter().map(|x| x.2).collect::<Vec<f32>>())
+    };
+    let tid_mid: Vec<(u64, u64)> = faces.iter().map(|f| (f.1, f.2)).collect();
+    let (ids, tf) = ijb::template_features(&feats, d, &tid_mid, scores.as_deref())?;
+    let sims = ijb::score_pairs(&ids, &tf, d, &pairs)?;
+    let labels: Vec<bool> = pairs.iter().map(|p| p.2).collect();
+    let roc = Roc::new(&sims, &labels)?;
+    let nearest: Vec<String> = FARS.iter().map(|&f| format!("{:.2}", 100.0 * roc.tar_at_far_nearest(f).tar)).collect();
+    let exact: Vec<String> = FARS.iter().map(|&f| format!("{:.2}", 100.0 * roc.tar_at_far(f).tar)).collect();
+    println!("{} templates, {} pairs ({} positive)", ids.len(), pairs.len(), roc.positives);
+    println!("| TAR (%) at FAR | {} |", FARS.map(|f| format!("{f:.0e}")).join(" | "));
+    println!("| {} (insightface's reading) | {} |", a.target, nearest.join(" | "));
+    println!("| {} (FAR <= target) | {} |", a.target, exact.join(" | "));
+    println!("AUC: {:.4} %", 100.0 * roc.auc());
+    if let Some(p) = &a.json {
+        let far_rows = |f: &dyn Fn(f64) -> gif_fr::eval::metrics::RocPoint| -> Vec<serde_json::Value> {
+            FARS.iter().map(|&x| serde_json::json!({ "far": x, "tar": f(x).tar, "far_reached": f(x).far })).collect()
+        };
+        let json = serde_json::json!({
+            "target": a.target,
+            "templates": ids.len(),
+            "pairs": pairs.len(),
+            "positives": roc.positives,
+            "tar_at_far": far_rows(&|x| roc.tar_at_far(x)),
+            "tar_at_far_nearest": far_rows(&|x| roc.tar_at_far_nearest(x)),
+            "auc": roc.auc(),
+            "eer": roc.eer().0,
+        });
+        let text = serde_json::to_string_pretty(&json)
+            .map_err(|e| Error::InvalidArgument { op: "ijb", message: e.to_string() })?;
+        gif_fr::io::write_atomic(p, text.as_bytes())?;
+    }
+    if let Some(p) = &a.roc {
+        gif_fr::io::write_atomic(p, gif_fr::eval::roc_svg(&[(a.target.as_str(), &roc)]).as_bytes())?;
+    }
+    Ok(())
+}
+
 fn identity_vectors_cmd(a: IdentityVectorsArgs) -> Result<(), Error> {
     let mut net = a.net.load()?;
     let ds = gif_fr::data::Dataset::open(&a.data, net.config().input)?;
@@ -718,6 +831,7 @@ fn main() -> ExitCode {
         Command::Embed(a) => embed_cmd(a),
         Command::IdentityVectors(a) => identity_vectors_cmd(a),
         Command::Verify(a) => verify_cmd(a),
+        Command::Ijb(a) => ijb_cmd(a),
         Command::Train(a) => train_cmd(a),
         Command::Regress(a) => return regress_cmd(a),
         Command::Synth(a) => synth_cmd(a),

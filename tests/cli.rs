@@ -458,3 +458,56 @@ fn embed_data_identity_vectors_and_verify_stream_a_dataset() {
     expect_exit(&o, 1, "not a dataset");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn ijb_scores_templates_from_features() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path();
+    // 40 identities, 2 templates each of 3 images (2 media); features are
+    // the identity's direction plus noise; insightface's [n, 2d] halves.
+    let (ids, d) = (40usize, 16usize);
+    let mut r = rand::rngs::StdRng::seed_from_u64(3);
+    let dirs: Vec<Vec<f32>> = (0..ids).map(|_| (0..d).map(|_| r.random_range(-1.0..1.0)).collect()).collect();
+    let (mut tid, mut feats, mut scores) = (String::new(), Vec::new(), String::new());
+    let mut img = 0;
+    for (i, v) in dirs.iter().enumerate() {
+        for t in 0..2 {
+            for k in 0..3 {
+                let name = format!("{img}.jpg");
+                tid.push_str(&format!("{name} {} {}\n", 2 * i + t, 100 * (2 * i + t) + k / 2));
+                scores.push_str(&format!("{name} 1 2 3 4 5 6 7 8 9 10 {}\n", 0.5 + r.random::<f32>()));
+                for _ in 0..2 {
+                    feats.extend(v.iter().map(|&x| x + r.random_range(-0.6..0.6)));
+                }
+                img += 1;
+            }
+        }
+    }
+    let mut pairs = String::new();
+    for i in 0..ids {
+        pairs.push_str(&format!("{} {} 1\n", 2 * i, 2 * i + 1));
+        for j in 1..4 {
+            pairs.push_str(&format!("{} {} 0\n", 2 * i, 2 * ((i + j) % ids) + 1));
+        }
+    }
+    std::fs::write(meta.join("ijbb_face_tid_mid.txt"), tid).unwrap();
+    std::fs::write(meta.join("ijbb_template_pair_label.txt"), pairs).unwrap();
+    std::fs::write(meta.join("ijbb_name_5pts_score.txt"), scores).unwrap();
+    let fp = meta.join("feats.npy");
+    gif_fr::io::npy::write_npy(&fp, &feats, img, 2 * d).unwrap();
+    let json = meta.join("ijb.json");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let o =
+        gif_fr(["ijb", "--meta", &s(meta), "--target", "IJBB", "--features", &s(&fp), "--halves", "--json", &s(&json)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("80 templates, 160 pairs (40 positive)"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let auc = v["auc"].as_f64().unwrap();
+    assert!(auc > 0.95 && auc <= 1.0, "{auc}");
+    // A feature file of another number of rows is refused, naming it.
+    gif_fr::io::npy::write_npy(&fp, &feats[..2 * d * 10], 10, 2 * d).unwrap();
+    let o = gif_fr(["ijb", "--meta", &s(meta), "--target", "IJBB", "--features", &s(&fp)]);
+    expect_exit(&o, 1, "10 feature rows");
+}

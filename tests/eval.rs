@@ -225,6 +225,12 @@ fn known_answers_for_the_roc() {
     assert!((roc.auc() - 7.5 / 9.0).abs() < 1e-15);
     // EER: FAR = 1 − TAR between (1/3, 2/3) and (2/3, 1): at FAR 1/3.
     assert!((roc.eer().0 - third).abs() < 1e-12);
+    // insightface's IJB reading: scikit-learn drops the collinear point
+    // (0, 1/3); the nearest FAR to 1e-6 is 0, held by (0, 0) and (0, 2/3),
+    // and the later one (the larger TAR) is taken; near 0.3, (1/3, 2/3).
+    assert_eq!(roc.tar_at_far_nearest(1e-6).tar, 2.0 * third);
+    assert_eq!((roc.tar_at_far_nearest(0.3).far, roc.tar_at_far_nearest(0.3).tar), (third, 2.0 * third));
+    assert_eq!(roc.tar_at_far_nearest(0.95).tar, 1.0);
     // Nothing but positives: a typed error.
     assert!(Roc::new(&[0.5, 0.6], &[true, true]).is_err());
 }
@@ -326,4 +332,52 @@ fn a_synthetic_set_through_a_network_gives_every_number() {
     bad.images[9] = b"not an image".to_vec();
     let e = verify_pairs(&mut net, &bad, std::path::Path::new("synth.bin"), 7).unwrap_err().to_string();
     assert!(e.contains("synth.bin") && e.contains("image 9"), "{e}");
+}
+
+#[test]
+fn ijb_template_features_average_media_then_sum_then_normalize() {
+    use gif_fr::eval::ijb::{score_pairs, template_features};
+    // Template 7: media 1 holds images 0 and 1 (averaged), media 2 image 2;
+    // template 3: image 3 alone. Faceness scores weight each image.
+    let d = 2;
+    let feats = [1.0f32, 0.0, 3.0, 0.0, 0.0, 2.0, 5.0, 5.0];
+    let tid_mid = [(7, 1), (7, 1), (7, 2), (3, 9)];
+    let scores = [1.0f32, 0.5, 2.0, 1.0];
+    let (ids, tf) = template_features(&feats, d, &tid_mid, Some(&scores)).unwrap();
+    assert_eq!(ids, [3, 7]);
+    // Template 7: media 1 = mean((1,0)·1, (3,0)·0.5) = (1.25, 0); media 2 =
+    // (0, 4); sum (1.25, 4), normalized.
+    let n = (1.25f64 * 1.25 + 16.0).sqrt();
+    let want7 = [(1.25 / n) as f32, (4.0 / n) as f32];
+    assert!((tf[2] - want7[0]).abs() < 1e-7 && (tf[3] - want7[1]).abs() < 1e-7, "{tf:?}");
+    let h = std::f32::consts::FRAC_1_SQRT_2;
+    assert!((tf[0] - h).abs() < 1e-7 && (tf[1] - h).abs() < 1e-7);
+    // Cosine of the pair; an unknown template is an error naming the pair.
+    let s = score_pairs(&ids, &tf, d, &[(7, 3, false)]).unwrap();
+    assert!((s[0] - (want7[0] as f64 + want7[1] as f64) * h as f64).abs() < 1e-6);
+    let e = score_pairs(&ids, &tf, d, &[(7, 3, true), (7, 4, false)]).unwrap_err().to_string();
+    assert!(e.contains("pair 1") && e.contains("template 4"), "{e}");
+    // NaN features and count mismatches are refused.
+    let mut bad = feats;
+    bad[5] = f32::NAN;
+    assert!(template_features(&bad, d, &tid_mid, None).unwrap_err().to_string().contains("image 2"));
+    assert!(template_features(&feats, d, &tid_mid[..3], None).is_err());
+}
+
+#[test]
+fn ijb_meta_files_read_and_bad_lines_name_the_line() {
+    use gif_fr::eval::ijb::{read_face_tid_mid, read_name_5pts_score, read_template_pairs};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ijbc_face_tid_mid.txt");
+    std::fs::write(&p, "1.jpg 1 10\n2.jpg 1 11\n\n3.jpg 2 12\n").unwrap();
+    assert_eq!(read_face_tid_mid(&p).unwrap()[2], ("3.jpg".to_string(), 2, 12));
+    std::fs::write(&p, "1.jpg 1 10\n2.jpg one 11\n").unwrap();
+    let e = read_face_tid_mid(&p).unwrap_err().to_string();
+    assert!(e.contains("line 2") && e.contains("one"), "{e}");
+    let q = dir.path().join("pairs.txt");
+    std::fs::write(&q, "1 2 1\n1 3 0\n2 3 2\n").unwrap();
+    assert!(read_template_pairs(&q).unwrap_err().to_string().contains("line 3"));
+    let r = dir.path().join("scores.txt");
+    std::fs::write(&r, "1.jpg 1 2 3 4 5 6 7 8 9 10 0.9\n2.jpg 1 2 3\n").unwrap();
+    assert!(read_name_5pts_score(&r).unwrap_err().to_string().contains("line 2"));
 }

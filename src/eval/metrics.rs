@@ -233,12 +233,14 @@ impl Roc {
 
     /// TAR at FAR as insightface's IJB evaluation reads it: the point of
     /// scikit-learn's `roc_curve` (collinear points dropped) whose FAR is
-    /// nearest `far` (the first on ties), which may lie above it.
+    /// nearest `far`, which may lie above it; on ties the last such point
+    /// (insightface flips the arrays before taking the first minimum, "the
+    /// largest TPR at the same FPR").
     pub fn tar_at_far_nearest(&self, far: f64) -> RocPoint {
         let kept = self.sklearn_points();
         let mut best = kept[0];
         for p in kept {
-            if (p.far - far).abs() < (best.far - far).abs() {
+            if (p.far - far).abs() <= (best.far - far).abs() {
                 best = p;
             }
         }

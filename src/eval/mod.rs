@@ -1,9 +1,10 @@
 //! Verification, as face recognition is judged: insightface's `.bin` pair
 //! sets embedded with flip fusion ([`verify_pairs`]), their 10-fold
 //! accuracy and VAL@FAR as arcface_torch reports them, and the exact ROC
-//! (TAR at each FAR, EER, AUC) in [`metrics`]; an SVG of the ROC
-//! ([`roc_svg`]).
+//! (TAR at each FAR, EER, AUC) in [`metrics`]; the IJB-B/C template
+//! protocol ([`ijb`]); an SVG of the ROC ([`roc_svg`]).
 
+pub mod ijb;
 pub mod metrics;
 
 use std::path::Path;
