@@ -272,11 +272,13 @@ struct DecodeArgs {
     device: DeviceArg,
 }
 
-/// The network to run: its architecture and weights, where, how.
+/// The network to run: its architecture and weights, where, how (every
+/// command that runs one needs --arch or --config, and --weights; checked
+/// when the network is loaded).
 #[derive(Args)]
 struct NetArgs {
     /// Architecture: r18, r34, r50 or r100.
-    #[arg(long, value_parser = ["r18", "r34", "r50", "r100"], required_unless_present = "config", conflicts_with = "config")]
+    #[arg(long, value_parser = ["r18", "r34", "r50", "r100"], conflicts_with = "config")]
     arch: Option<String>,
     /// Or the network of a `gif-fr train` config (its network, size and
     /// shape keys).
@@ -284,7 +286,7 @@ struct NetArgs {
     config: Option<PathBuf>,
     /// The network's weights: an insightface state dict as safetensors.
     #[arg(long, value_name = "FILE.safetensors")]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
     /// Images per forward pass.
     #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     batch: u32,
@@ -304,14 +306,18 @@ impl NetArgs {
             (Some(arch), _) => IResNetConfig::arch(arch)?,
             (None, Some(path)) => gif_fr::train::TrainConfig::load(path, &[])?.network_config()?,
             (None, None) => {
-                return Err(Error::InvalidArgument { op: "embed", message: "give --arch or --config".into() })
+                return Err(Error::InvalidArgument { op: "network", message: "give --arch or --config".into() })
             }
         };
+        let weights = self
+            .weights
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument { op: "network", message: "give --weights".into() })?;
         if self.bf16 {
             cfg.conv_dtype = gif_fr::DType::BF16;
         }
         let dev = self.device.device()?;
-        IResNet::load(&self.weights, cfg, &dev)
+        IResNet::load(weights, cfg, &dev)
     }
 }
 
@@ -379,8 +385,16 @@ struct IjbArgs {
     target: String,
     /// Image features, f32 [images, d] in the order of the face_tid_mid
     /// file: each the embedding plus its mirror image's (not normalized).
-    #[arg(long, value_name = "FILE.npy")]
-    features: PathBuf,
+    #[arg(long, value_name = "FILE.npy", required_unless_present = "images", conflicts_with = "images")]
+    features: Option<PathBuf>,
+    /// Or the images (IJB's loose crops, named as in the meta files):
+    /// each aligned to the ArcFace template from its five landmarks and
+    /// embedded with its mirror image by the network given.
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// The network, with --images.
+    #[command(flatten)]
+    net: NetArgs,
     /// The features are [images, 2d]: the embedding, then the mirror
     /// image's (insightface's layout); their halves are added.
     #[arg(long)]
@@ -646,17 +660,50 @@ fn ijb_cmd(a: IjbArgs) -> Result<(), Error> {
     let t = a.target.to_lowercase();
     let faces = ijb::read_face_tid_mid(&a.meta.join(format!("{t}_face_tid_mid.txt")))?;
     let pairs = ijb::read_template_pairs(&a.meta.join(format!("{t}_template_pair_label.txt")))?;
-    let (mut feats, rows, mut d) = gif_fr::io::npy::read_npy_matrix(&a.features)?;
+    let landmarks = || -> Result<Vec<(String, [f32; 10], f32)>, Error> {
+        let l = ijb::read_name_5pts_score(&a.meta.join(format!("{t}_name_5pts_score.txt")))?;
+        if l.len() != faces.len() || l.iter().zip(&faces).any(|(x, f)| x.0 != f.0) {
+            return Err(Error::InvalidArgument {
+                op: "ijb",
+                message: "the name_5pts_score file does not list the media list's images in its order".into(),
+            });
+        }
+        Ok(l)
+    };
+    let (mut feats, rows, mut d, source) = match (&a.features, &a.images) {
+        (Some(f), _) => {
+            let (v, r, c) = gif_fr::io::npy::read_npy_matrix(f)?;
+            (v, r, c, f.clone())
+        }
+        (None, Some(dir)) => {
+            let net = &a.net;
+            let mut model = net.load()?;
+            let e = model.config().embedding;
+            let bar = progress_bar(false, "images");
+            let v = ijb::image_features(&mut model, dir, &landmarks()?, net.batch as usize, |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })?;
+            bar.finish_and_clear();
+            (v, faces.len(), e, dir.clone())
+        }
+        _ => {
+            return Err(Error::InvalidArgument {
+                op: "ijb",
+                message: "give --features, or --images with the network (--arch or --config, --weights)".into(),
+            })
+        }
+    };
     if rows != faces.len() {
         return Err(Error::File {
-            path: a.features.display().to_string(),
+            path: source.display().to_string(),
             message: format!("{rows} feature rows for the {} images of the media list", faces.len()),
         });
     }
     if a.halves {
         if d % 2 != 0 {
             return Err(Error::File {
-                path: a.features.display().to_string(),
+                path: source.display().to_string(),
                 message: format!("--halves: {d} columns are not two halves"),
             });
         }
@@ -670,18 +717,7 @@ fn ijb_cmd(a: IjbArgs) -> Result<(), Error> {
             r.iter_mut().for_each(|v| *v /= n);
         }
     }
-    let scores = if a.no_detector_score {
-        None
-    } else {
-        let s = ijb::read_name_5pts_score(&a.meta.join(format!("{t}_name_5pts_score.txt")))?;
-        if s.len() != faces.len() || s.iter().zip(&faces).any(|(x, f)| x.0 != f.0) {
-            return Err(Error::InvalidArgument {
-                op: "ijb",
-                message: "the name_5pts_score file does not list the media list's images in its order".into(),
-            });
-        }
-        Some(s.iter().map(|x| x.2).collect::<Vec<f32>>())
-    };
+    let scores = if a.no_detector_score { None } else { Some(landmarks()?.iter().map(|x| x.2).collect::<Vec<f32>>()) };
     let tid_mid: Vec<(u64, u64)> = faces.iter().map(|f| (f.1, f.2)).collect();
     let (ids, tf) = ijb::template_features(&feats, d, &tid_mid, scores.as_deref())?;
     let sims = ijb::score_pairs(&ids, &tf, d, &pairs)?;

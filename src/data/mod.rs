@@ -9,6 +9,7 @@
 //! filling a bounded queue of batches, delivered in order). [`synth`]
 //! generates learnable face identities.
 
+pub mod align;
 mod embed;
 pub mod synth;
 
@@ -264,6 +265,19 @@ impl Dataset {
 
 /// Decodes a JPEG or PNG of `size` × `size` into normalized RGB f32 NHWC.
 pub fn decode_into(bytes: &[u8], size: usize, out: &mut [f32]) -> std::result::Result<(), String> {
+    let (w, h, rgb) = decode_rgb(bytes)?;
+    if (w, h) != (size, size) {
+        return Err(format!("a {w} x {h} image; the network takes {size} x {size} (aligned faces)"));
+    }
+    for (o, &p) in out.iter_mut().zip(&rgb) {
+        *o = crate::backbone::images::normalize(p);
+    }
+    Ok(())
+}
+
+/// Decodes a JPEG or PNG of any size (up to 4096 × 4096) to RGB u8:
+/// `(width, height, pixels)`. Grayscale and RGBA are converted.
+pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<(usize, usize, Vec<u8>), String> {
     let format = image::guess_format(bytes).map_err(|e| format!("not an image this crate decodes: {e}"))?;
     if !matches!(format, image::ImageFormat::Jpeg | image::ImageFormat::Png) {
         return Err(format!("a {format:?} image; JPEG and PNG are read"));
@@ -277,14 +291,7 @@ pub fn decode_into(bytes: &[u8], size: usize, out: &mut [f32]) -> std::result::R
     reader.limits(limits);
     let img = reader.decode().map_err(|e| format!("cannot decode the {format:?} image: {e}"))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
-    if (w, h) != (size, size) {
-        return Err(format!("a {w} x {h} image; the network takes {size} x {size} (aligned faces)"));
-    }
-    let rgb = img.into_rgb8();
-    for (o, &p) in out.iter_mut().zip(rgb.as_raw()) {
-        *o = crate::backbone::images::normalize(p);
-    }
-    Ok(())
+    Ok((w, h, img.into_rgb8().into_raw()))
 }
 
 /// Mirrors an NHWC image of `size` × `size` × 3 left to right.

@@ -159,3 +159,62 @@ pub fn score_pairs(ids: &[u64], feats: &[f32], d: usize, pairs: &[(u64, u64, boo
         })
         .collect()
 }
+
+/// IJB image features from the images themselves, as insightface's IJB
+/// script makes them: each image of `entries` (a name under `dir`, its five
+/// landmarks, its faceness score: `<t>_name_5pts_score.txt`) aligned to the
+/// ArcFace template at the network's input size
+/// ([`crate::data::align::norm_crop`]), embedded, and its mirror image
+/// embedded; the feature is the sum (`[images, E]`, not normalized).
+/// Decoding and alignment run on all cores, `batch` images at a time;
+/// `progress(done, total)` after each batch.
+pub fn image_features(
+    net: &mut crate::backbone::IResNet,
+    dir: &Path,
+    entries: &[(String, [f32; 10], f32)],
+    batch: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    const OP: &str = "ijb::image_features";
+    if batch == 0 {
+        return Err(Error::invalid(OP, "a batch of 0 images"));
+    }
+    let (s, e) = (net.config().input, net.config().embedding);
+    let per = s * s * 3;
+    let mut out = Vec::with_capacity(entries.len().saturating_mul(e));
+    for (k, chunk) in entries.chunks(batch).enumerate() {
+        // Each image and its mirror image, normalized, one after the other.
+        let crops: Vec<Result<Vec<f32>>> = chunk
+            .par_iter()
+            .map(|(name, lm, _)| {
+                let path = dir.join(name);
+                let bytes = std::fs::read(&path).map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+                let (w, h, rgb) = crate::data::decode_rgb(&bytes).map_err(|m| Error::file(&path, m))?;
+                let points = [0, 1, 2, 3, 4].map(|i| [lm[2 * i] as f64, lm[2 * i + 1] as f64]);
+                let crop = crate::data::align::norm_crop(&rgb, w, h, &points, s)
+                    .ok_or_else(|| Error::file(&path, "its landmarks do not define an alignment (they coincide)"))?;
+                let mut v: Vec<f32> = crop.iter().map(|&p| crate::backbone::images::normalize(p)).collect();
+                let mut flipped = v.clone();
+                for y in 0..s {
+                    for x in 0..s {
+                        let (a, b) = ((y * s + x) * 3, (y * s + s - 1 - x) * 3);
+                        flipped[a..a + 3].copy_from_slice(&v[b..b + 3]);
+                    }
+                }
+                v.extend(flipped);
+                Ok(v)
+            })
+            .collect();
+        let mut pixels = Vec::with_capacity(chunk.len() * 2 * per);
+        for c in crops {
+            pixels.extend(c?);
+        }
+        let emb = net.embed(&pixels, 2 * chunk.len())?;
+        for pair in emb.chunks_exact(2 * e) {
+            out.extend(pair[..e].iter().zip(&pair[e..]).map(|(a, b)| a + b));
+        }
+        progress(k * batch + chunk.len(), entries.len());
+    }
+    Ok(out)
+}
