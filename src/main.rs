@@ -413,6 +413,14 @@ struct IjbArgs {
     roc: Option<PathBuf>,
 }
 
+/// A progress callback `(done, total)` moving `bar`.
+fn follow(bar: &indicatif::ProgressBar) -> impl FnMut(usize, usize) + '_ {
+    |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    }
+}
+
 /// A progress bar of `what` (hidden when `quiet`).
 fn progress_bar(quiet: bool, what: &str) -> indicatif::ProgressBar {
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
@@ -532,10 +540,7 @@ fn synth_cmd(a: SynthArgs) -> Result<(), Error> {
     }
     let t0 = std::time::Instant::now();
     let bar = progress_bar(a.quiet, "images");
-    let summary = write_training_set(&cfg, &a.out, |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
+    let summary = write_training_set(&cfg, &a.out, follow(&bar))?;
     bar.finish_and_clear();
     let bin = a.out.join("synth.bin");
     if a.pairs > 0 {
@@ -609,10 +614,7 @@ fn embed_cmd(a: EmbedArgs) -> Result<(), Error> {
                     }
                     out.write_rows(emb)
                 },
-                |done, total| {
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64);
-                },
+                follow(&bar),
             )?;
             bar.finish_and_clear();
             out.finish()?;
@@ -680,10 +682,7 @@ fn ijb_cmd(a: IjbArgs) -> Result<(), Error> {
             let mut model = net.load()?;
             let e = model.config().embedding;
             let bar = progress_bar(false, "images");
-            let v = ijb::image_features(&mut model, dir, &landmarks()?, net.batch as usize, |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            })?;
+            let v = ijb::image_features(&mut model, dir, &landmarks()?, net.batch as usize, follow(&bar))?;
             bar.finish_and_clear();
             (v, faces.len(), e, dir.clone())
         }
@@ -759,10 +758,7 @@ fn identity_vectors_cmd(a: IdentityVectorsArgs) -> Result<(), Error> {
     let ds = gif_fr::data::Dataset::open(&a.data, net.config().input)?;
     let t0 = std::time::Instant::now();
     let bar = progress_bar(a.quiet, "images");
-    let (v, classes, e) = gif_fr::data::identity_vectors(&mut net, &ds, a.net.batch as usize, |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
+    let (v, classes, e) = gif_fr::data::identity_vectors(&mut net, &ds, a.net.batch as usize, follow(&bar))?;
     bar.finish_and_clear();
     gif_fr::io::npy::write_npy(&a.out, &v, classes, e)?;
     println!(

@@ -5,6 +5,8 @@
 //! (src/eval/ijb.rs) are the embedding of the aligned crop plus its mirror
 //! image's.
 
+mod common;
+
 use gif_fr::data::align::{norm_crop, similarity, warp_affine, ARCFACE_112};
 
 fn apply(m: &[[f64; 3]; 2], p: [f64; 2]) -> [f64; 2] {
@@ -143,15 +145,7 @@ fn ijb_image_features_are_the_aligned_crop_and_its_mirror() {
         lm[2 * i] = p[0] as f32 * k;
         lm[2 * i + 1] = p[1] as f32 * k;
     }
-    let cfg = gif_fr::backbone::IResNetConfig {
-        layers: [1, 1, 1, 1],
-        stem: 4,
-        widths: [4, 8, 8, 12],
-        input: s,
-        embedding: 6,
-        dropout: 0.0,
-        conv_dtype: gif_fr::DType::F32,
-    };
+    let cfg = gif_fr::backbone::IResNetConfig { input: s, ..common::tiny_iresnet() };
     let mut net = gif_fr::backbone::IResNet::new(cfg, &gif_fr::Device::cpu(), 2).unwrap();
     let entries = vec![("a.png".to_string(), lm, 1.0f32), ("a.png".to_string(), lm, 0.5)];
     let f = gif_fr::eval::ijb::image_features(&mut net, dir.path(), &entries, 1, |_, _| {}).unwrap();

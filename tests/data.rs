@@ -5,6 +5,8 @@
 //! give the batches of the calling thread, in order; an undecodable image
 //! ends the epoch with an error naming it).
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -231,15 +233,7 @@ fn worker_threads_give_the_calling_threads_batches_in_order() {
 
 /// A small network of 16 x 16 inputs and 6-dimensional embeddings.
 fn tiny_net(seed: u64) -> gif_fr::backbone::IResNet {
-    let cfg = gif_fr::backbone::IResNetConfig {
-        layers: [1, 1, 1, 1],
-        stem: 4,
-        widths: [4, 8, 8, 12],
-        input: 16,
-        embedding: 6,
-        dropout: 0.0,
-        conv_dtype: gif_fr::DType::F32,
-    };
+    let cfg = common::tiny_iresnet();
     gif_fr::backbone::IResNet::new(cfg, &gif_fr::Device::cpu(), seed).unwrap()
 }
 

@@ -5,6 +5,8 @@
 //! both pickle protocols, and a set from the synthetic generator through a
 //! network to every number.
 
+mod common;
+
 use gif_fr::eval::metrics::{folds, kfold_accuracy, kfold_val, Roc};
 use gif_fr::eval::{evaluate, verify_pairs};
 use gif_fr::io::verification::{parse_bin, read_bin, PairSet};
@@ -306,15 +308,7 @@ fn a_synthetic_set_through_a_network_gives_every_number() {
     use gif_fr::data::synth::{verification_pairs, SynthConfig};
     let cfg = SynthConfig { size: 16, seed: 2, ..SynthConfig::new(10) };
     let set = verification_pairs(&cfg, 8, 40).unwrap();
-    let net_cfg = gif_fr::backbone::IResNetConfig {
-        layers: [1, 1, 1, 1],
-        stem: 4,
-        widths: [4, 8, 8, 12],
-        input: 16,
-        embedding: 6,
-        dropout: 0.0,
-        conv_dtype: gif_fr::DType::F32,
-    };
+    let net_cfg = common::tiny_iresnet();
     let mut net = gif_fr::backbone::IResNet::new(net_cfg, &gif_fr::Device::cpu(), 1).unwrap();
     let (v, roc) = verify_pairs(&mut net, &set, std::path::Path::new("synth.bin"), 7).unwrap();
     assert_eq!((v.name.as_str(), v.pairs, v.positives, v.negatives), ("synth", 40, 20, 20));

@@ -67,29 +67,15 @@ pub fn parse_bin(path: &Path, bytes: &[u8]) -> Result<PairSet> {
         }
         other => return Err(Error::file(path, format!("expected {shape}, found {}", kind(&other)))),
     };
-    let images = match bins {
-        Value::List(v) | Value::Tuple(v) => v
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| match b {
-                Value::Bytes(b) => Ok(b),
-                other => Err(Error::file(path, format!("bins[{i}] is {}, not encoded image bytes", kind(&other)))),
-            })
-            .collect::<Result<Vec<_>>>()?,
-        other => return Err(Error::file(path, format!("bins is {}, not a list", kind(&other)))),
-    };
-    let issame = match issame {
-        Value::List(v) | Value::Tuple(v) => v
-            .into_iter()
-            .enumerate()
-            .map(|(i, b)| match b {
-                Value::Bool(b) => Ok(b),
-                Value::I64(x @ (0 | 1)) => Ok(x == 1),
-                other => Err(Error::file(path, format!("issame_list[{i}] is {}, not a boolean", kind(&other)))),
-            })
-            .collect::<Result<Vec<_>>>()?,
-        other => return Err(Error::file(path, format!("issame_list is {}, not a list", kind(&other)))),
-    };
+    let images = list(path, "bins", bins, |i, v| match v {
+        Value::Bytes(b) => Ok(b),
+        other => Err(Error::file(path, format!("bins[{i}] is {}, not encoded image bytes", kind(&other)))),
+    })?;
+    let issame = list(path, "issame_list", issame, |i, v| match v {
+        Value::Bool(b) => Ok(b),
+        Value::I64(x @ (0 | 1)) => Ok(x == 1),
+        other => Err(Error::file(path, format!("issame_list[{i}] is {}, not a boolean", kind(&other)))),
+    })?;
     let set = PairSet { images, issame };
     set.validate(path)?;
     Ok(set)
@@ -105,6 +91,14 @@ pub fn write_bin(path: &Path, set: &PairSet) -> Result<()> {
     let bytes = serde_pickle::value_to_vec(&value, SerOptions::new())
         .map_err(|e| Error::file(path, format!("cannot pickle: {e}")))?;
     crate::io::write_atomic(path, &bytes)
+}
+
+/// The items of a pickled list (or tuple) `name`, each through `item`.
+fn list<T>(path: &Path, name: &str, v: Value, item: impl Fn(usize, Value) -> Result<T>) -> Result<Vec<T>> {
+    match v {
+        Value::List(v) | Value::Tuple(v) => v.into_iter().enumerate().map(|(i, x)| item(i, x)).collect(),
+        other => Err(Error::file(path, format!("{name} is {}, not a list", kind(&other)))),
+    }
 }
 
 fn kind(v: &Value) -> &'static str {
