@@ -11,6 +11,16 @@ use std::process::Command;
 
 use gif_fr::runtime::kernels::{self, ModuleSource, MODULES, SPILLS_ALLOWED};
 
+/// NVRTC's PTX of every module (or why not), compiled once per test
+/// process, the modules in parallel: both tests below use it.
+fn nvrtc_ptx() -> &'static [Result<String, String>] {
+    use rayon::prelude::*;
+    static PTX: std::sync::OnceLock<Vec<Result<String, String>>> = std::sync::OnceLock::new();
+    PTX.get_or_init(|| {
+        MODULES.par_iter().map(|m| kernels::compile_with_nvrtc(m.id).map_err(|e| e.to_string())).collect()
+    })
+}
+
 fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
@@ -139,11 +149,11 @@ fn ptxas_accepts_every_module_without_spills() {
     let mut bad = Vec::new();
     let mut checked = 0;
     let mut kernels_used = Vec::new();
-    for m in MODULES {
+    for (i, m) in MODULES.iter().enumerate() {
         let (origin, ptx) = match m.ptx {
             Some(p) => ("nvcc", p.to_string()),
-            None => match kernels::compile_with_nvrtc(m.id) {
-                Ok(p) => ("nvrtc", p),
+            None => match &nvrtc_ptx()[i] {
+                Ok(p) => ("nvrtc", p.clone()),
                 Err(e) => {
                     skip_or_fail(&format!("no PTX for {} (built without nvcc, and {e})", m.name));
                     continue;
@@ -237,13 +247,15 @@ fn nvrtc_compiles_every_module() {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return skip_or_fail("libnvrtc cannot be loaded (add the toolchain's lib folder to LD_LIBRARY_PATH)");
     }
-    for m in MODULES {
-        let ptx = kernels::compile_with_nvrtc(m.id).unwrap_or_else(|e| panic!("{e}"));
+    for (m, ptx) in MODULES.iter().zip(nvrtc_ptx()) {
+        let ptx = ptx.as_ref().unwrap_or_else(|e| panic!("{e}"));
         for k in m.kernels {
             assert!(ptx.contains(&format!(".entry {k}(")), "NVRTC's PTX for {} lacks {k}", m.name);
         }
-        if let Some(p) = ptxas() {
-            check_with_ptxas(&p, m, "nvrtc", &ptx);
+        // Built without nvcc, the test above already runs ptxas on this
+        // very PTX.
+        if let (Some(p), Some(_)) = (ptxas(), m.ptx) {
+            check_with_ptxas(&p, m, "nvrtc", ptx);
         }
     }
 }

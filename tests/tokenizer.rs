@@ -177,7 +177,7 @@ fn corrupt_or_inconsistent_files_are_errors_not_panics() {
 
     let l = book.length();
     let codes: Vec<u8> = book.codes().iter().flat_map(|t| t.to_le_bytes()).collect();
-    let vecs: Vec<u8> = book.vectors().iter().flat_map(|x| x.to_le_bytes()).collect();
+    let vecs: Vec<u8> = book.vectors().unwrap().iter().flat_map(|x| x.to_le_bytes()).collect();
     let meta = [("vocab", "4"), ("length", "3"), ("seed", "4"), ("format_version", "1")];
     assert_eq!(l, 3);
     use safetensors::Dtype::{F32, I32, U16};
@@ -267,26 +267,36 @@ fn corrupt_or_inconsistent_files_are_errors_not_panics() {
             ),
             "share a code",
         ),
-        (
-            "norm",
-            write_st(
-                vec![
-                    ("codes", U16, vec![40, 3], codes.clone()),
-                    ("vectors", F32, vec![40, 4], {
-                        let mut v = vecs.clone();
-                        v[..4].copy_from_slice(&3.0f32.to_le_bytes());
-                        v
-                    }),
-                ],
-                &meta,
-            ),
-            "norm",
-        ),
     ];
     for (name, bytes, want) in cases {
         let m = load_error(name, &bytes);
         assert!(m.contains(want), "{name}: {m:?} should mention {want:?}");
     }
+    // A bad code vector: the codes load (decoding never reads the vectors),
+    // and the vectors are refused, naming the file, when they are read.
+    let bad_norm = write_st(
+        vec![
+            ("codes", U16, vec![40, 3], codes.clone()),
+            ("vectors", F32, vec![40, 4], {
+                let mut v = vecs.clone();
+                v[..4].copy_from_slice(&3.0f32.to_le_bytes());
+                v
+            }),
+        ],
+        &meta,
+    );
+    let p = tmp("bad-norm");
+    std::fs::write(&p, &bad_norm).unwrap();
+    let lazy = Codebook::load(&p).unwrap();
+    assert_eq!(lazy.codes(), book.codes());
+    assert_eq!(lazy.identity_of(book.code_of(7).unwrap()), Some(7));
+    match lazy.vectors() {
+        Err(Error::File { path, message }) => {
+            assert!(path.contains("bad-norm") && message.contains("code vector 0 has norm"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(lazy.vector_of(3).is_err() && lazy.save(&tmp("bad-norm-copy")).is_err());
 }
 
 #[test]
@@ -306,7 +316,7 @@ fn homogenization_lowers_the_uniformity_loss() {
     assert!(last < first - 0.05, "subset loss {first} -> {last}");
     let (l0, l1) = (
         homogenize::uniformity_loss(&before, 16, 2.0).unwrap(),
-        homogenize::uniformity_loss(book.vectors(), 16, 2.0).unwrap(),
+        homogenize::uniformity_loss(book.vectors().unwrap(), 16, 2.0).unwrap(),
     );
     assert!(l1 < l0 - 0.05, "full loss {l0} -> {l1}");
 }
@@ -483,7 +493,7 @@ fn tokenizer_on_the_simulated_gpu_gives_valid_codes_and_lowers_the_loss() {
     // The same homogenization: the code vectors agree to f32 rounding, and
     // so do the codes (a near-tie flipped by rounding may move a few
     // identities; none did when this was written).
-    assert_close("code vectors", sim.vectors(), cpu.vectors(), 1e-4, 1e-4);
+    assert_close("code vectors", sim.vectors().unwrap(), cpu.vectors().unwrap(), 1e-4, 1e-4);
     let same = (0..240).filter(|&i| sim.code_of(i) == cpu.code_of(i)).count();
     assert!(same >= 216, "only {same} of 240 codes agree between the simulator and the CPU");
     // Without homogenization both k-means runs see identical vectors: the

@@ -223,7 +223,7 @@ impl CodeTable {
             book.codes().to_vec(),
             book.length(),
             book.vocab(),
-            Some((book.vectors(), book.dim(), vector_dtype)),
+            Some((book.vectors()?, book.dim(), vector_dtype)),
         )
     }
 

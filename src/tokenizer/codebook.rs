@@ -3,9 +3,22 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
+
+/// Checks that every row of `vectors` (`[n, dim]`) is finite and of unit
+/// norm (within 1e-3).
+fn check_norms(vectors: &[f32], dim: usize) -> std::result::Result<(), String> {
+    for (i, row) in vectors.chunks(dim).enumerate() {
+        let ss: f64 = row.iter().map(|&x| x as f64 * x as f64).sum();
+        if !ss.is_finite() || (ss.sqrt() - 1.0).abs() > 1e-3 {
+            return Err(format!("code vector {i} has norm {} (must be finite and 1)", ss.sqrt()));
+        }
+    }
+    Ok(())
+}
 
 /// Version of the file layout written by [`Codebook::save`].
 pub const FORMAT_VERSION: u32 = 1;
@@ -99,15 +112,41 @@ pub struct LevelStats {
 }
 
 /// Identity codes and code vectors of N identities.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Codebook {
     vocab: usize,
     length: usize,
     dim: usize,
     seed: u64,
     codes: Vec<u16>,
-    vectors: Vec<f32>,
+    vectors: Vectors,
     trie: Trie,
+}
+
+impl PartialEq for Codebook {
+    fn eq(&self, other: &Codebook) -> bool {
+        (self.vocab, self.length, self.dim, self.seed) == (other.vocab, other.length, other.dim, other.seed)
+            && self.codes == other.codes
+            && self.vectors().ok() == other.vectors().ok()
+    }
+}
+
+/// The code vectors: in memory (made by the tokenizer), or still in the
+/// mapped file they were loaded from, read and checked the first time they
+/// are asked for (decoding and `codebook-info` never ask, so a large
+/// codebook loads in the time and memory of its codes).
+#[derive(Clone, Debug)]
+enum Vectors {
+    Owned(Vec<f32>),
+    Mapped {
+        file: Arc<memmap2::Mmap>,
+        /// The tensor's bytes in the file.
+        range: std::ops::Range<usize>,
+        path: PathBuf,
+        /// The values (a copy unless the mapping can be read in place) or
+        /// why they are invalid; filled on first use.
+        values: Arc<OnceLock<std::result::Result<Option<Vec<f32>>, String>>>,
+    },
 }
 
 impl Codebook {
@@ -123,15 +162,10 @@ impl Codebook {
         vectors: Vec<f32>,
     ) -> Result<Codebook> {
         const OP: &str = "Codebook";
-        if !(2..=65535).contains(&vocab) {
-            return Err(Error::invalid(OP, format!("vocab must be in 2..=65535, got {vocab}")));
-        }
         if length == 0 || dim == 0 {
             return Err(Error::invalid(OP, format!("length and dim must be positive, got {length} and {dim}")));
         }
-        if codes.len() % length != 0 || codes.is_empty() {
-            return Err(Error::invalid(OP, format!("{} tokens do not form codes of length {length}", codes.len())));
-        }
+        let trie = Codebook::check_codes(vocab, length, &codes)?;
         let n = codes.len() / length;
         if vectors.len() != n * dim {
             return Err(Error::Shape {
@@ -140,6 +174,24 @@ impl Codebook {
                 got: format!("{} values", vectors.len()),
             });
         }
+        check_norms(&vectors, dim).map_err(|m| Error::invalid(OP, m))?;
+        Ok(Codebook { vocab, length, dim, seed, codes, vectors: Vectors::Owned(vectors), trie })
+    }
+
+    /// Checks the codes (`[n, length]`, tokens below `vocab`, all distinct)
+    /// and builds their trie.
+    fn check_codes(vocab: usize, length: usize, codes: &[u16]) -> Result<Trie> {
+        const OP: &str = "Codebook";
+        if !(2..=65535).contains(&vocab) {
+            return Err(Error::invalid(OP, format!("vocab must be in 2..=65535, got {vocab}")));
+        }
+        if length == 0 {
+            return Err(Error::invalid(OP, "the code length must be positive"));
+        }
+        if codes.len() % length != 0 || codes.is_empty() {
+            return Err(Error::invalid(OP, format!("{} tokens do not form codes of length {length}", codes.len())));
+        }
+        let n = codes.len() / length;
         if n > u32::MAX as usize {
             return Err(Error::invalid(OP, format!("at most {} identities, got {n}", u32::MAX)));
         }
@@ -154,15 +206,6 @@ impl Codebook {
                 ),
             ));
         }
-        for (i, row) in vectors.chunks(dim).enumerate() {
-            let ss: f64 = row.iter().map(|&x| x as f64 * x as f64).sum();
-            if !ss.is_finite() || (ss.sqrt() - 1.0).abs() > 1e-3 {
-                return Err(Error::invalid(
-                    OP,
-                    format!("code vector {i} has norm {} (must be finite and 1)", ss.sqrt()),
-                ));
-            }
-        }
         let mut ord: Vec<usize> = (0..n).collect();
         ord.sort_unstable_by(|&a, &b| codes[a * length..(a + 1) * length].cmp(&codes[b * length..(b + 1) * length]));
         for w in ord.windows(2) {
@@ -173,8 +216,7 @@ impl Codebook {
                 ));
             }
         }
-        let trie = Trie::build(&codes, n, length);
-        Ok(Codebook { vocab, length, dim, seed, codes, vectors, trie })
+        Ok(Trie::build(codes, n, length))
     }
 
     /// Number of identities N.
@@ -205,9 +247,38 @@ impl Codebook {
     pub fn codes(&self) -> &[u16] {
         &self.codes
     }
-    /// All unit code vectors, row-major `[N, d]`.
-    pub fn vectors(&self) -> &[f32] {
-        &self.vectors
+    /// All unit code vectors, row-major `[N, d]`. A loaded codebook reads
+    /// them from its file the first time (and checks every norm then): an
+    /// invalid vector is an error naming the file.
+    pub fn vectors(&self) -> Result<&[f32]> {
+        match &self.vectors {
+            Vectors::Owned(v) => Ok(v),
+            Vectors::Mapped { file, range, path, values } => {
+                let bytes = &file[range.clone()];
+                let dim = self.dim;
+                let got = values.get_or_init(|| {
+                    // In place when the bytes are aligned f32 of this
+                    // machine's (little-endian) order; else a copy.
+                    let in_place = cfg!(target_endian = "little")
+                        .then(|| bytemuck::try_cast_slice::<u8, f32>(bytes).ok())
+                        .flatten();
+                    match in_place {
+                        Some(v) => check_norms(v, dim).map(|()| None),
+                        None => {
+                            let v: Vec<f32> =
+                                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                            check_norms(&v, dim).map(|()| Some(v))
+                        }
+                    }
+                });
+                match got {
+                    Ok(Some(v)) => Ok(v),
+                    Ok(None) => bytemuck::try_cast_slice(bytes)
+                        .map_err(|e| Error::file(path, format!("the vectors' bytes: {e}"))),
+                    Err(m) => Err(Error::file(path, m.clone())),
+                }
+            }
+        }
     }
     /// The prefix trie.
     pub fn trie(&self) -> &Trie {
@@ -217,9 +288,10 @@ impl Codebook {
     pub fn code_of(&self, id: usize) -> Option<&[u16]> {
         self.codes.get(id * self.length..(id + 1) * self.length)
     }
-    /// The unit code vector of identity `id`.
-    pub fn vector_of(&self, id: usize) -> Option<&[f32]> {
-        self.vectors.get(id * self.dim..(id + 1) * self.dim)
+    /// The unit code vector of identity `id` (None past the last; an
+    /// error as [`Codebook::vectors`]).
+    pub fn vector_of(&self, id: usize) -> Result<Option<&[f32]>> {
+        Ok(self.vectors()?.get(id * self.dim..(id + 1) * self.dim))
     }
     /// The identity whose code is `code`, if any.
     pub fn identity_of(&self, code: &[u16]) -> Option<usize> {
@@ -300,16 +372,17 @@ impl Codebook {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let entries = [
-            Entry { name: "vectors".into(), dtype: "F32", shape: vec![n, d], bytes: le_bytes(&self.vectors) },
+            Entry { name: "vectors".into(), dtype: "F32", shape: vec![n, d], bytes: le_bytes(self.vectors()?) },
             Entry { name: "codes".into(), dtype: "U16", shape: vec![n, l], bytes: le_bytes(&self.codes) },
         ];
         write(path, &entries, &metadata)
     }
 
     /// Reads and validates a codebook file: the safetensors structure, the
-    /// metadata, the tensors' dtypes and shapes, the token range, the
-    /// uniqueness of codes and the norm of every code vector. Any problem is
-    /// an [`Error::File`] naming it.
+    /// metadata, the tensors' dtypes and shapes, the token range and the
+    /// uniqueness of codes. Any problem is an [`Error::File`] naming it. The
+    /// code vectors stay in the (memory-mapped) file until
+    /// [`Codebook::vectors`] reads them and checks every norm.
     pub fn load(path: &Path) -> Result<Codebook> {
         let bad = |m: String| Error::file(path, m);
         let f = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
@@ -344,11 +417,20 @@ impl Codebook {
             return Err(bad(format!("\"codes\" {cs:?} and \"vectors\" {vs:?} must be [N, {length}] and [N, d]")));
         }
         let codes: Vec<u16> = codes_t.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-        let vectors: Vec<f32> =
-            vecs_t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        Codebook::from_parts(vocab, length, vs[1], seed, codes, vectors).map_err(|e| match e {
-            Error::InvalidArgument { message, .. } | Error::Shape { got: message, .. } => bad(message),
+        let (n, dim) = (cs[0], vs[1]);
+        if dim == 0 {
+            return Err(bad("the code vectors have 0 dimensions".into()));
+        }
+        let trie = Codebook::check_codes(vocab, length, &codes).map_err(|e| match e {
+            Error::InvalidArgument { message, .. } => bad(message),
             other => other,
-        })
+        })?;
+        // Where the vectors' bytes are in the file (safetensors checked
+        // that they lie inside it and match the shape).
+        let start = vecs_t.data().as_ptr() as usize - map.as_ptr() as usize;
+        let range = start..start + n * dim * 4;
+        let vectors =
+            Vectors::Mapped { file: Arc::new(map), range, path: path.to_path_buf(), values: Arc::new(OnceLock::new()) };
+        Ok(Codebook { vocab, length, dim, seed, codes, vectors, trie })
     }
 }
