@@ -89,15 +89,36 @@ pub struct PrefixDecoder {
 }
 
 impl PrefixDecoder {
-    /// The decoder of `book` on `device`.
+    /// The decoder of `book` on `device` (the codes and the trie copied;
+    /// [`PrefixDecoder::from_codebook`] takes them without a copy).
     pub fn new(book: &Codebook, device: &Device) -> Result<PrefixDecoder> {
-        let trie = book.trie().clone();
+        let (n, length, vocab) = (book.len(), book.length(), book.vocab());
+        PrefixDecoder::build(n, length, vocab, book.codes().to_vec(), book.trie().clone(), device)
+    }
+
+    /// The decoder of `book` on `device`, keeping the codebook's codes and
+    /// trie (its vectors, unread when it was loaded from a file, are
+    /// dropped).
+    pub fn from_codebook(book: Codebook, device: &Device) -> Result<PrefixDecoder> {
+        let (n, length, vocab) = (book.len(), book.length(), book.vocab());
+        let (codes, trie) = book.into_codes_and_trie();
+        PrefixDecoder::build(n, length, vocab, codes, trie, device)
+    }
+
+    fn build(
+        n: usize,
+        length: usize,
+        vocab: usize,
+        codes: Vec<u16>,
+        trie: Trie,
+        device: &Device,
+    ) -> Result<PrefixDecoder> {
         let gpu = if device.runs_kernels() {
             let cat_u32 = |v: &[Vec<u32>]| v.iter().flatten().copied().collect::<Vec<u32>>();
             let tokens: Vec<u16> = trie.token.iter().flatten().copied().collect();
             let mut node_off = vec![0i32];
             let mut edge_off = vec![0i32];
-            for j in 0..book.length() {
+            for j in 0..length {
                 node_off.push(node_off[j] + trie.node_ptr[j].len() as i32);
                 edge_off.push(edge_off[j] + trie.token[j].len() as i32);
             }
@@ -113,16 +134,7 @@ impl PrefixDecoder {
         };
         let max_children =
             trie.node_ptr.iter().flat_map(|p| p.windows(2).map(|w| (w[1] - w[0]) as usize)).max().unwrap_or(1);
-        Ok(PrefixDecoder {
-            max_children,
-            n: book.len(),
-            length: book.length(),
-            vocab: book.vocab(),
-            trie,
-            codes: book.codes().to_vec(),
-            device: device.clone(),
-            gpu,
-        })
+        Ok(PrefixDecoder { max_children, n, length, vocab, trie, codes, device: device.clone(), gpu })
     }
 
     /// Number of identities.

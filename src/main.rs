@@ -579,7 +579,7 @@ fn decode_cmd(a: DecodeArgs) -> Result<(), Error> {
     let book = Codebook::load(&a.codebook)?;
     let (lp, shape) = gif_fr::io::npy::read_npy(&a.scores)?;
     let t = gif_fr::Tensor::from_slice(&dev, &shape, &lp)?;
-    let dec = PrefixDecoder::new(&book, &dev)?;
+    let dec = PrefixDecoder::from_codebook(book, &dev)?;
     let mode = a.beam.map_or(Mode::Exact, Mode::Beam);
     dec.top_k(&t, a.top_k, mode, a.threshold)?.save(&a.out)
 }

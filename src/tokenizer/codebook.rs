@@ -43,11 +43,15 @@ pub struct Trie {
 }
 
 impl Trie {
-    /// Builds the trie of `n` unique codes of `l` tokens (row-major).
-    fn build(codes: &[u16], n: usize, l: usize) -> Trie {
+    /// Builds the trie of `n` codes of `l` tokens (row-major); two equal
+    /// codes are an error with the two identities (smaller first).
+    fn build(codes: &[u16], n: usize, l: usize) -> std::result::Result<Trie, (usize, usize)> {
         let code = |i: usize| &codes[i * l..(i + 1) * l];
         let mut ord: Vec<u32> = (0..n as u32).collect();
-        ord.sort_unstable_by(|&a, &b| code(a as usize).cmp(code(b as usize)));
+        {
+            use rayon::slice::ParallelSliceMut;
+            ord.par_sort_unstable_by(|&a, &b| code(a as usize).cmp(code(b as usize)));
+        }
         // new_prefix[i]: the prefix of length j of ord[i] differs from ord[i - 1]'s.
         let mut new_prefix: Vec<bool> = (0..n).map(|i| i == 0).collect();
         let (mut node_ptr, mut token, mut child) =
@@ -67,13 +71,21 @@ impl Trie {
                     next_node += 1;
                 }
             }
+            // At the last level every sorted code after the first must
+            // differ from the one before it.
+            if j + 1 == l {
+                if let Some(i) = (1..n).find(|&i| !new_next[i]) {
+                    let (a, b) = (ord[i - 1] as usize, ord[i] as usize);
+                    return Err((a.min(b), a.max(b)));
+                }
+            }
             ptr.push(tok.len() as u32);
             node_ptr.push(ptr);
             token.push(tok);
             child.push(ch);
             new_prefix = new_next;
         }
-        Trie { node_ptr, token, child }
+        Ok(Trie { node_ptr, token, child })
     }
 
     /// The identity whose code is `code`, if any.
@@ -206,17 +218,8 @@ impl Codebook {
                 ),
             ));
         }
-        let mut ord: Vec<usize> = (0..n).collect();
-        ord.sort_unstable_by(|&a, &b| codes[a * length..(a + 1) * length].cmp(&codes[b * length..(b + 1) * length]));
-        for w in ord.windows(2) {
-            if codes[w[0] * length..(w[0] + 1) * length] == codes[w[1] * length..(w[1] + 1) * length] {
-                return Err(Error::invalid(
-                    OP,
-                    format!("identities {} and {} share a code", w[0].min(w[1]), w[0].max(w[1])),
-                ));
-            }
-        }
-        Ok(Trie::build(codes, n, length))
+        Trie::build(codes, n, length)
+            .map_err(|(a, b)| Error::invalid(OP, format!("identities {a} and {b} share a code")))
     }
 
     /// Number of identities N.
@@ -283,6 +286,11 @@ impl Codebook {
     /// The prefix trie.
     pub fn trie(&self) -> &Trie {
         &self.trie
+    }
+    /// The codes and the trie, taken out (the decoder keeps them without
+    /// a copy).
+    pub(crate) fn into_codes_and_trie(self) -> (Vec<u16>, Trie) {
+        (self.codes, self.trie)
     }
     /// The code of identity `id`.
     pub fn code_of(&self, id: usize) -> Option<&[u16]> {
