@@ -737,13 +737,13 @@ impl IResNet {
             });
         }
         same_device_as(op, &self.device, d_emb)?;
+        // The state's names and shapes, built once (not per gradient).
+        let state = self.state();
         for (name, g) in grads.iter() {
-            let shape = self
-                .state()
+            let param = state
                 .get(name.as_str())
-                .map(|t| t.shape().to_vec())
                 .ok_or_else(|| Error::invalid(op, format!("{name} is not a parameter of this network")))?;
-            g.check_output(op, &self.device, &[&shape])?;
+            g.check_output(op, &self.device, &[param.shape()])?;
         }
         // A failure past the checks (a device error) leaves buffers out of
         // the pool's account: start over.

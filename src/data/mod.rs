@@ -193,6 +193,11 @@ impl Dataset {
         self.len() == 0
     }
 
+    /// Where the images come from (a directory or file), as errors name it.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
     /// The identities N (labels are below it).
     pub fn classes(&self) -> usize {
         self.classes
@@ -295,7 +300,7 @@ pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<(usize, usize, Vec<u8>), 
 }
 
 /// Mirrors an NHWC image of `size` × `size` × 3 left to right.
-fn flip_in_place(img: &mut [f32], size: usize) {
+pub(crate) fn flip_in_place(img: &mut [f32], size: usize) {
     for row in img.chunks_exact_mut(size * 3) {
         for x in 0..size / 2 {
             for c in 0..3 {

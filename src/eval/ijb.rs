@@ -196,12 +196,7 @@ pub fn image_features(
                     .ok_or_else(|| Error::file(&path, "its landmarks do not define an alignment (they coincide)"))?;
                 let mut v: Vec<f32> = crop.iter().map(|&p| crate::backbone::images::normalize(p)).collect();
                 let mut flipped = v.clone();
-                for y in 0..s {
-                    for x in 0..s {
-                        let (a, b) = ((y * s + x) * 3, (y * s + s - 1 - x) * 3);
-                        flipped[a..a + 3].copy_from_slice(&v[b..b + 3]);
-                    }
-                }
+                crate::data::flip_in_place(&mut flipped, s);
                 v.extend(flipped);
                 Ok(v)
             })

@@ -20,18 +20,18 @@ pub const FARS: [f64; 6] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1];
 
 /// Embeddings of a pair set as insightface's `test()` makes them: each
 /// image and its mirror image embedded (eval mode), the two added, the sum
-/// L2-normalized. Returns the fused unit rows (`[2P, E]`) and XNorm, the
-/// mean norm of every raw embedding (both views).
-pub fn fused_embeddings(net: &mut IResNet, set: &PairSet, origin: &Path, batch: usize) -> Result<(Vec<f32>, f64)> {
-    set.validate(origin)?;
-    let ds = Dataset::encoded(set.images.clone(), net.config().input, origin);
+/// L2-normalized. `ds` holds the set's 2·P images in order
+/// ([`Dataset::encoded`], made once and reused for every evaluation).
+/// Returns the fused unit rows (`[2P, E]`) and XNorm, the mean norm of
+/// every raw embedding (both views).
+pub fn fused_embeddings(net: &mut IResNet, ds: &Dataset, batch: usize) -> Result<(Vec<f32>, f64)> {
     let e = net.config().embedding;
     let n = ds.len();
     let mut views = [Vec::with_capacity(n * e), Vec::with_capacity(n * e)];
     for (flip, out) in [false, true].into_iter().zip(views.iter_mut()) {
         embed_dataset(
             net,
-            &ds,
+            ds,
             batch,
             flip,
             |_, _, emb| {
@@ -48,7 +48,7 @@ pub fn fused_embeddings(net: &mut IResNet, set: &PairSet, origin: &Path, batch: 
         let sum: Vec<f64> = a.iter().zip(b).map(|(&x, &y)| x as f64 + y as f64).collect();
         let len = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
         if !(len > 0.0 && len.is_finite()) {
-            return Err(Error::file(origin, format!("image {i}: its fused embedding has norm {len}")));
+            return Err(Error::file(ds.origin(), format!("image {i}: its fused embedding has norm {len}")));
         }
         fused.extend(sum.iter().map(|v| (v / len) as f32));
     }
@@ -153,9 +153,17 @@ pub fn evaluate(name: &str, fused: &[f32], dim: usize, issame: &[bool], xnorm: f
 /// A pair set through `net` and [`evaluate`]: the set's name is its file
 /// stem.
 pub fn verify_pairs(net: &mut IResNet, set: &PairSet, path: &Path, batch: usize) -> Result<(Verification, Roc)> {
-    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("pairs").to_string();
-    let (fused, xnorm) = fused_embeddings(net, set, path, batch)?;
-    evaluate(&name, &fused, net.config().embedding, &set.issame, xnorm)
+    set.validate(path)?;
+    let ds = Dataset::encoded(set.images.clone(), net.config().input, path);
+    verify_dataset(net, &ds, &set.issame, batch)
+}
+
+/// [`verify_pairs`] on a set's images already in a [`Dataset`] (its name:
+/// the dataset's file stem).
+pub fn verify_dataset(net: &mut IResNet, ds: &Dataset, issame: &[bool], batch: usize) -> Result<(Verification, Roc)> {
+    let name = ds.origin().file_stem().and_then(|s| s.to_str()).unwrap_or("pairs").to_string();
+    let (fused, xnorm) = fused_embeddings(net, ds, batch)?;
+    evaluate(&name, &fused, net.config().embedding, issame, xnorm)
 }
 
 impl Verification {

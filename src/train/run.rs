@@ -222,7 +222,9 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         if path.exists() {
             let set = crate::io::verification::read_bin(&path)?;
             log(&format!("val_targets: {name} ({} pairs, {})", set.pairs(), path.display()));
-            val_sets.push((name, path, set, 0f64));
+            // The images stay encoded in memory, in a dataset made once.
+            let ds = Dataset::encoded(set.images, size, &path);
+            val_sets.push((name, ds, set.issame, 0f64));
         } else {
             log(&format!("val_targets: {name} skipped ({} not found)", path.display()));
         }
@@ -232,8 +234,8 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         append(&val_csv, "step,target,xnorm,accuracy,accuracy_std,accuracy_highest,val,auc,eer")?;
     }
     let mut verify = |trainer: &mut Trainer, done: u64, log: &mut dyn FnMut(&str)| -> Result<()> {
-        for (name, path, set, highest) in val_sets.iter_mut() {
-            let (v, _) = crate::eval::verify_pairs(trainer.backbone_mut(), set, path, cfg.batch_size)?;
+        for (name, ds, issame, highest) in val_sets.iter_mut() {
+            let (v, _) = crate::eval::verify_dataset(trainer.backbone_mut(), ds, issame, cfg.batch_size)?;
             *highest = highest.max(v.accuracy);
             log(&format!("[{name}][{done}]XNorm: {:.6}", v.xnorm));
             log(&format!("[{name}][{done}]Accuracy-Flip: {:.5}+-{:.5}", v.accuracy, v.accuracy_std));
