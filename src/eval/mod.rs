@@ -27,7 +27,8 @@ pub const FARS: [f64; 6] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1];
 pub fn fused_embeddings(net: &mut IResNet, ds: &Dataset, batch: usize) -> Result<(Vec<f32>, f64)> {
     let e = net.config().embedding;
     let n = ds.len();
-    let mut views = [Vec::with_capacity(n * e), Vec::with_capacity(n * e)];
+    let len = n.checked_mul(e).ok_or_else(|| Error::invalid("fused_embeddings", format!("{n} x {e} overflows")))?;
+    let mut views = [Vec::with_capacity(len), Vec::with_capacity(len)];
     for (flip, out) in [false, true].into_iter().zip(views.iter_mut()) {
         embed_dataset(
             net,
@@ -43,7 +44,7 @@ pub fn fused_embeddings(net: &mut IResNet, ds: &Dataset, batch: usize) -> Result
     }
     let norm = |r: &[f32]| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
     let xnorm = views.iter().flat_map(|v| v.chunks_exact(e)).map(norm).sum::<f64>() / (2 * n) as f64;
-    let mut fused = Vec::with_capacity(n * e);
+    let mut fused = Vec::with_capacity(len);
     for (i, (a, b)) in views[0].chunks_exact(e).zip(views[1].chunks_exact(e)).enumerate() {
         let sum: Vec<f64> = a.iter().zip(b).map(|(&x, &y)| x as f64 + y as f64).collect();
         let len = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
@@ -113,7 +114,7 @@ fn far_point(far: f64, p: RocPoint) -> FarPoint {
 /// and 2i + 1); also returns the ROC (for [`roc_svg`]).
 pub fn evaluate(name: &str, fused: &[f32], dim: usize, issame: &[bool], xnorm: f64) -> Result<(Verification, Roc)> {
     let p = issame.len();
-    if dim == 0 || fused.len() != 2 * p * dim {
+    if dim == 0 || p.checked_mul(2 * dim) != Some(fused.len()) {
         return Err(Error::Shape {
             op: "evaluate",
             expected: format!("{} rows of {dim} for {p} pairs", 2 * p),
