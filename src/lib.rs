@@ -41,6 +41,7 @@ pub mod data;
 pub mod decode;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod head;
 pub mod io;
 pub mod ops;

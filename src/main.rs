@@ -84,6 +84,60 @@ enum Command {
     /// pose, lighting, blur, noise and occlusion (docs/data.md describes
     /// the knobs). Image counts per identity follow a power law.
     Synth(SynthArgs),
+    /// The paper's claim, tested: the same backbone, data order, steps,
+    /// schedule and seed under each head (ArcFace, Partial FC 0.1 and 0.3,
+    /// GIF with random codes, GIF with codes from a warm-up model's mean
+    /// features), judged on held-out identities (10-fold accuracy,
+    /// TAR@FAR over all pairs), closed-set top-1 (all and the rarest
+    /// identities), head time and memory.
+    ///
+    /// Without --data, generates the synthetic sets of --mode (quick: about
+    /// 5 minutes on 2 CPU cores; full: under an hour). Writes
+    /// experiment.json, report.md and SVG plots to --out; each head's run
+    /// directory is a `gif-fr train` output. docs/experiments.md.
+    Experiment(ExperimentArgs),
+}
+
+#[derive(Args)]
+struct ExperimentArgs {
+    /// The output directory: report.md, experiment.json, roc-N<n>.svg,
+    /// tar-vs-n.svg, head-time-vs-n.svg, the synthetic sets (data-N<n>/)
+    /// and one `gif-fr train` output per head and N (N<n>/<head>/).
+    #[arg(long)]
+    out: PathBuf,
+    /// smoke (seconds), quick (~5 min on 2 cores) or full (< 1 hour): the
+    /// synthetic sizes and the training settings.
+    #[arg(long, default_value = "quick")]
+    mode: String,
+    /// Datasets (RecordIO directories, e.g. from `gif-fr synth`, or
+    /// insightface's) instead of the mode's synthetic sets; the training
+    /// settings still come from the mode, --config and --set.
+    #[arg(long)]
+    data: Vec<PathBuf>,
+    /// A `gif-fr train` TOML whose keys replace the mode's training
+    /// settings (its data and head keys are ignored).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a training key: --set key=value (repeatable).
+    #[arg(long = "set")]
+    set: Vec<String>,
+    /// Synthetic training-identity counts instead of the mode's (e.g.
+    /// --identities 500,2000).
+    #[arg(long, value_delimiter = ',')]
+    identities: Vec<usize>,
+    /// The heads, in order (default all): arcface, partial_fc_R,
+    /// gif_random, gif_means.
+    #[arg(long, value_delimiter = ',')]
+    heads: Vec<String>,
+    /// Identities held out for verification (default: the mode's).
+    #[arg(long)]
+    held_out: Option<usize>,
+    /// The gif_means warm-up model's share of the steps.
+    #[arg(long, default_value_t = 0.25)]
+    warmup_fraction: f64,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -503,7 +557,12 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<(), Error> {
 
 fn train_cmd(a: TrainArgs) -> Result<(), Error> {
     let cfg = gif_fr::train::TrainConfig::load(&a.config, &a.set)?;
-    let opts = gif_fr::train::RunOptions { progress: !a.quiet, resume: a.resume, stop_after: a.stop_after };
+    let opts = gif_fr::train::RunOptions {
+        progress: !a.quiet,
+        resume: a.resume,
+        stop_after: a.stop_after,
+        ..Default::default()
+    };
     let s = gif_fr::train::run(&cfg, &opts)?;
     println!(
         "trained {} steps ({} in this run, {:.1} s); last loss {:.4}, accuracy {:.3}; output {}",
@@ -514,6 +573,67 @@ fn train_cmd(a: TrainArgs) -> Result<(), Error> {
         s.accuracy,
         s.output.display()
     );
+    Ok(())
+}
+
+fn file_error(path: &std::path::Path, message: String) -> Error {
+    Error::File { path: path.display().to_string(), message }
+}
+
+fn experiment_cmd(a: ExperimentArgs) -> Result<(), Error> {
+    use gif_fr::experiment::{self, HeadSpec, Preset};
+    let preset = Preset::parse(&a.mode)?;
+    let mut overrides = Vec::new();
+    if let Some(path) = &a.config {
+        // The file's keys, as overrides of the mode's settings.
+        let text = std::fs::read_to_string(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+        let table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| file_error(path, format!("not TOML: {e}")))?;
+        for (k, v) in table {
+            if !matches!(k.as_str(), "rec" | "images" | "labels" | "head" | "sample_rate" | "codebook" | "output") {
+                overrides.push(format!("{k}={v}"));
+            }
+        }
+    }
+    overrides.extend(a.set.iter().cloned());
+    let mut cfg = preset.config(&a.out, &overrides)?;
+    cfg.progress = !a.quiet;
+    cfg.warmup_fraction = a.warmup_fraction;
+    if let Some(h) = a.held_out {
+        cfg.held_out = h;
+    }
+    if !a.heads.is_empty() {
+        cfg.heads = a.heads.iter().map(|h| HeadSpec::parse(h)).collect::<Result<_, _>>()?;
+    }
+    cfg.validate()?;
+    std::fs::create_dir_all(&a.out).map_err(|e| file_error(&a.out, format!("cannot create: {e}")))?;
+    let log_path = a.out.join("experiment.log");
+    let mut log = |line: &str| {
+        eprintln!("{line}");
+        let _ = experiment::append_line(&log_path, line);
+    };
+    let data = if a.data.is_empty() {
+        let sizes = if a.identities.is_empty() { preset.identities() } else { a.identities.clone() };
+        let mut dirs = Vec::new();
+        for n in sizes {
+            let dir = a.out.join(format!("data-N{n}"));
+            let t0 = std::time::Instant::now();
+            experiment::write_synthetic(preset, n, &dir)?;
+            log(&format!(
+                "synthetic set of {n} training identities in {} ({:.1} s)",
+                dir.display(),
+                t0.elapsed().as_secs_f64()
+            ));
+            dirs.push(dir);
+        }
+        dirs
+    } else {
+        a.data.clone()
+    };
+    let t0 = std::time::Instant::now();
+    let report = experiment::run(&cfg, &data, &mut log)?;
+    print!("{}", experiment::markdown(&report));
+    log(&format!("done in {:.1} s; report in {}", t0.elapsed().as_secs_f64(), a.out.join("report.md").display()));
     Ok(())
 }
 
@@ -867,6 +987,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train_cmd(a),
         Command::Regress(a) => return regress_cmd(a),
         Command::Synth(a) => synth_cmd(a),
+        Command::Experiment(a) => experiment_cmd(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

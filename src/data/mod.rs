@@ -37,6 +37,8 @@ enum Source {
     Array { pixels: Vec<f32>, labels: Vec<u32> },
     /// Encoded images in memory (a verification set's), every label 0.
     Encoded { images: Vec<Vec<u8>> },
+    /// Some images of another dataset, relabeled.
+    Subset { base: Arc<Dataset>, index: Vec<usize>, labels: Vec<u32> },
 }
 
 /// A face dataset of square RGB images of one size (see the module
@@ -178,9 +180,34 @@ impl Dataset {
         }
     }
 
+    /// Images `index` of `base` (in that order) with new `labels`: a
+    /// split of a dataset (identities held out, probe images) without a
+    /// copy of its images. The classes are the largest label + 1. Errors:
+    /// no image, lengths that differ, an index out of range.
+    pub fn subset(base: Arc<Dataset>, index: Vec<usize>, labels: Vec<u32>) -> Result<Dataset> {
+        const OP: &str = "Dataset::subset";
+        if index.is_empty() {
+            return Err(Error::invalid(OP, "no image"));
+        }
+        if index.len() != labels.len() {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("a label per image ({} images)", index.len()),
+                got: format!("{} labels", labels.len()),
+            });
+        }
+        if let Some(&i) = index.iter().find(|&&i| i >= base.len()) {
+            return Err(base.out_of_range(i));
+        }
+        let classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
+        let (size, origin) = (base.size, base.origin.clone());
+        Ok(Dataset { source: Source::Subset { base, index, labels }, size, classes, origin })
+    }
+
     /// The images.
     pub fn len(&self) -> usize {
         match &self.source {
+            Source::Subset { index, .. } => index.len(),
             Source::Records(r) => r.len(),
             Source::Folder { files } => files.len(),
             Source::Array { labels, .. } => labels.len(),
@@ -220,6 +247,7 @@ impl Dataset {
             Source::Folder { files } => files.get(i).map(|f| f.1).ok_or_else(|| self.out_of_range(i)),
             Source::Array { labels, .. } => labels.get(i).copied().ok_or_else(|| self.out_of_range(i)),
             Source::Encoded { images } => images.get(i).map(|_| 0).ok_or_else(|| self.out_of_range(i)),
+            Source::Subset { labels, .. } => labels.get(i).copied().ok_or_else(|| self.out_of_range(i)),
         }
     }
 
@@ -237,6 +265,11 @@ impl Dataset {
             return Err(Error::invalid("Dataset::read", format!("{} values for a {s} x {s} x 3 image", out.len())));
         }
         let label = match &self.source {
+            Source::Subset { base, index, labels } => {
+                let j = *index.get(i).ok_or_else(|| self.out_of_range(i))?;
+                base.read(j, false, out)?;
+                labels[i]
+            }
             Source::Array { pixels, labels } => {
                 let src = pixels.get(i * per..(i + 1) * per).ok_or_else(|| self.out_of_range(i))?;
                 out.copy_from_slice(src);

@@ -226,7 +226,6 @@ pub fn roc_svg(curves: &[(&str, &Roc)]) -> String {
         top + ph / 2.0,
         top + ph / 2.0
     );
-    const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
     for (i, (name, roc)) in curves.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
         // A step curve: each point's TAR holds until the next FAR.
@@ -238,6 +237,9 @@ pub fn roc_svg(curves: &[(&str, &Roc)]) -> String {
         if let Some(l) = roc.points.last() {
             pts.push(format!("{:.1},{:.1}", x(l.far), y(l.tar)));
         }
+        // Points that round to the same place are drawn once (a curve of
+        // millions of pairs stays a few thousand points).
+        pts.dedup();
         s += &format!("<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1.5\" points=\"{}\"/>\n", pts.join(" "));
         s += &format!(
             "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{}</text>\n",
@@ -249,6 +251,94 @@ pub fn roc_svg(curves: &[(&str, &Roc)]) -> String {
     s += "</svg>\n";
     s
 }
+
+/// An SVG line chart: one polyline with markers per series of `(x, y)`
+/// points, x on a log axis (N, sizes), y linear or (`log_y`) logarithmic;
+/// non-finite or (log axes) non-positive values are left out.
+pub fn line_svg(x_label: &str, y_label: &str, log_y: bool, series: &[(String, Vec<(f64, f64)>)]) -> String {
+    let (w, h, left, bottom, top, right) = (640.0, 420.0, 70.0, 50.0, 20.0, 20.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let ok = |(x, y): &(f64, f64)| x.is_finite() && *x > 0.0 && y.is_finite() && (!log_y || *y > 0.0);
+    let pts: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied().filter(ok)).collect();
+    let ty = |y: f64| if log_y { y.log10() } else { y };
+    let (mut x0, mut x1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0.log10()), b.max(p.0.log10())));
+    let (mut y0, mut y1) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(ty(p.1)), b.max(ty(p.1))));
+    if pts.is_empty() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if !log_y {
+        y0 = y0.min(0.0);
+        y1 = y1.max(if y1 <= 1.0 { 1.0 } else { y1 });
+    }
+    if x1 - x0 < 1e-9 {
+        (x0, x1) = (x0 - 0.5, x1 + 0.5);
+    }
+    if y1 - y0 < 1e-9 {
+        (y0, y1) = (y0 - 0.5, y1 + 0.5);
+    }
+    let (x0, x1) = ((x0 * 10.0).floor() / 10.0, (x1 * 10.0).ceil() / 10.0);
+    let px = |x: f64| left + (x.log10() - x0) / (x1 - x0) * pw;
+    let py = |y: f64| top + (1.0 - (ty(y) - y0) / (y1 - y0)) * ph;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
+    );
+    // Grid: x at the data's distinct x values; y at 5 even steps.
+    let mut xs: Vec<f64> = pts.iter().map(|p| p.0).collect();
+    xs.sort_by(f64::total_cmp);
+    xs.dedup();
+    for &xv in &xs {
+        let p = px(xv);
+        s += &format!(
+            "<line x1=\"{p:.1}\" y1=\"{top}\" x2=\"{p:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>\
+             <text x=\"{p:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{xv}</text>\n",
+            top + ph,
+            top + ph + 16.0
+        );
+    }
+    for k in 0..=5 {
+        let t = y0 + (y1 - y0) * k as f64 / 5.0;
+        let v = if log_y { 10f64.powf(t) } else { t };
+        let yp = top + (1.0 - k as f64 / 5.0) * ph;
+        s += &format!(
+            "<line x1=\"{left}\" y1=\"{yp:.1}\" x2=\"{:.1}\" y2=\"{yp:.1}\" stroke=\"#ddd\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+            left + pw,
+            left - 6.0,
+            yp + 4.0,
+            if v.abs() >= 100.0 { format!("{v:.0}") } else { format!("{v:.3}") }
+        );
+    }
+    s += &format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\
+         <text x=\"14\" y=\"{:.1}\" transform=\"rotate(-90 14 {:.1})\" text-anchor=\"middle\">{}</text>\n",
+        left + pw / 2.0,
+        h - 8.0,
+        xml_escape(x_label),
+        top + ph / 2.0,
+        top + ph / 2.0,
+        xml_escape(y_label)
+    );
+    for (i, (name, p)) in series.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        let p: Vec<(f64, f64)> = p.iter().copied().filter(ok).collect();
+        let line: Vec<String> = p.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        s += &format!("<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1.5\" points=\"{}\"/>\n", line.join(" "));
+        for &(x, y) in &p {
+            s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>\n", px(x), py(y));
+        }
+        s += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{}</text>\n",
+            left + 10.0,
+            top + 16.0 + 16.0 * i as f64,
+            xml_escape(name)
+        );
+    }
+    s += "</svg>\n";
+    s
+}
+
+const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
 
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")

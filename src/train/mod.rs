@@ -13,6 +13,7 @@ pub mod trainer;
 
 pub use config::TrainConfig;
 pub use optim::{GroupConfig, Optimizer, OptimizerKind, ParamRef};
-pub use run::{run, RunOptions, RunSummary};
+pub(crate) use run::device;
+pub use run::{open_dataset, run, run_on, RunOptions, RunSummary};
 pub use schedule::Schedule;
-pub use trainer::{TrainHead, TrainMetrics, Trainer, TrainerConfig};
+pub use trainer::{median, HeadMemory, StepProfile, TrainHead, TrainMetrics, Trainer, TrainerConfig};

@@ -231,6 +231,13 @@ impl Optimizer {
         })
     }
 
+    /// Bytes of the optimizer's state for group `g` (momentum / moments,
+    /// f32 master copies), as allocated so far (0 before the first step).
+    pub fn state_bytes(&self, g: usize) -> usize {
+        let bytes = |t: &Option<Tensor>| t.as_ref().map_or(0, |t| t.numel() * t.dtype().size());
+        self.state.get(g).map_or(0, |v| v.iter().map(|s| bytes(&s.a) + bytes(&s.b) + bytes(&s.master)).sum())
+    }
+
     /// The groups' settings.
     pub fn groups(&self) -> &[GroupConfig] {
         &self.groups

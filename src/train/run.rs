@@ -39,6 +39,8 @@ pub struct RunOptions {
     /// Stop (with a checkpoint) once this many micro-batches are done in
     /// total: a run cut short and resumed later ends as a straight one.
     pub stop_after: Option<u64>,
+    /// Time each part of every step ([`Trainer::set_profiling`]).
+    pub profile: bool,
 }
 
 /// What a run did.
@@ -60,7 +62,7 @@ pub struct RunSummary {
 
 const OP: &str = "train";
 
-fn device(name: &str) -> Result<Device> {
+pub(crate) fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::cpu()),
         "cuda" => Device::cuda(0),
@@ -153,8 +155,28 @@ fn append(path: &Path, line: &str) -> Result<()> {
     writeln!(f, "{line}").map_err(io)
 }
 
+/// The training data `cfg` names (`rec`, an `images` folder, or `images`
+/// and `labels` arrays), at the network's input size.
+pub fn open_dataset(cfg: &TrainConfig) -> Result<Dataset> {
+    let size = cfg.network_config()?.input;
+    match (&cfg.rec, &cfg.images, &cfg.labels) {
+        (Some(rec), _, _) => Dataset::records(rec, size),
+        (None, Some(images), _) if images.is_dir() => Dataset::folder(images, size),
+        (None, Some(images), Some(labels)) => Dataset::arrays(images, labels, size),
+        _ => Err(Error::invalid(OP, "no data: give rec, an images folder, or images and labels (.npy)")),
+    }
+}
+
 /// Runs the training `cfg` describes (see the module documentation).
 pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
+    let dataset = open_dataset(cfg)?;
+    Ok(run_on(cfg, Arc::new(dataset), opts)?.0)
+}
+
+/// [`run`] on `dataset` instead of the data `cfg` names (a split of a
+/// dataset: `gif-fr experiment`); returns the trainer too, its backbone
+/// and head as the run left them.
+pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Result<(RunSummary, Trainer)> {
     let out = &cfg.output;
     std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create the directory: {e}")))?;
     let log_path = out.join("training.log");
@@ -173,12 +195,12 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let dev = device(&cfg.device)?;
     let net_cfg = cfg.network_config()?;
     let size = net_cfg.input;
-    let dataset = match (&cfg.rec, &cfg.images, &cfg.labels) {
-        (Some(rec), _, _) => Dataset::records(rec, size)?,
-        (None, Some(images), _) if images.is_dir() => Dataset::folder(images, size)?,
-        (None, Some(images), Some(labels)) => Dataset::arrays(images, labels, size)?,
-        _ => return Err(Error::invalid(OP, "no data: give rec, an images folder, or images and labels (.npy)")),
-    };
+    if dataset.size() != size {
+        return Err(Error::invalid(
+            OP,
+            format!("the data's images are {0} x {0}; the network takes {size} x {size}", dataset.size()),
+        ));
+    }
     let count = dataset.len();
     if cfg.num_image.is_some_and(|n| n != count) {
         return Err(Error::invalid(OP, format!("num_image: {:?}, the data has {count} images", cfg.num_image)));
@@ -200,6 +222,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     let total = per_epoch * cfg.num_epoch as u64;
     let backbone = IResNet::new(net_cfg, &dev, cfg.seed)?;
     let mut trainer = Trainer::new(backbone, head, tcfg)?;
+    trainer.set_profiling(opts.profile);
     if cfg.resume || opts.resume {
         if !out.join(CHECKPOINT_FILE).exists() {
             return Err(Error::file(&out.join(CHECKPOINT_FILE), "no checkpoint to resume from"));
@@ -258,7 +281,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
     );
     let b = cfg.batch_size;
     let sampler = Sampler::new(count, b, cfg.seed);
-    let loader = Loader::new(Arc::new(dataset), sampler, cfg.num_workers, 2 * cfg.num_workers.max(1), cfg.flip)?;
+    let loader = Loader::new(dataset, sampler, cfg.num_workers, 2 * cfg.num_workers.max(1), cfg.flip)?;
     let start_step = trainer.steps();
     let stop = opts.stop_after.unwrap_or(total).min(total);
     let started = std::time::Instant::now();
@@ -319,5 +342,5 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
         trainer.steps(),
         out.display()
     ));
-    Ok(RunSummary { steps: trainer.steps(), trained, loss, accuracy, seconds, output: out.clone() })
+    Ok((RunSummary { steps: trainer.steps(), trained, loss, accuracy, seconds, output: out.clone() }, trainer))
 }

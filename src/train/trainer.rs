@@ -191,6 +191,62 @@ pub struct TrainMetrics {
     pub grad_norm: f32,
 }
 
+/// Wall seconds of each part of every micro-batch since
+/// [`Trainer::set_profiling`] turned profiling on (one entry per
+/// micro-batch; `optimizer` one per optimizer step). Each part ends with a
+/// device synchronization, so a part's time is its own work.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepProfile {
+    /// The backbone's forward (the images' upload included).
+    pub forward: Vec<f64>,
+    /// The head's forward and backward (Partial FC: and the scatter of its
+    /// sampled gradient into the dense one).
+    pub head: Vec<f64>,
+    /// The backbone's backward.
+    pub backward: Vec<f64>,
+    /// The optimizer step (backbone and head together).
+    pub optimizer: Vec<f64>,
+    /// The whole micro-batch, from the call to its return.
+    pub step: Vec<f64>,
+}
+
+/// A head's memory on its device, from the sizes of the buffers a
+/// [`Trainer`] holds for it ([`Trainer::head_memory`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct HeadMemory {
+    /// The parameters (`weight`; `centres`, `projections`).
+    pub weights: usize,
+    /// The gradient buffers, the features' gradient excluded (Partial FC:
+    /// the dense `[N, d]` one and the sampled rows').
+    pub gradients: usize,
+    /// The optimizer's state of the head's group.
+    pub optimizer: usize,
+    /// The code head's table: codes (u16) and code vectors.
+    pub table: usize,
+}
+
+impl HeadMemory {
+    /// The sum.
+    pub fn total(&self) -> usize {
+        self.weights + self.gradients + self.optimizer + self.table
+    }
+}
+
+/// The median of `v` (NaN when empty).
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
 /// Per head: the accumulated gradients, the second set for accumulation,
 /// and the last micro-batch's metrics (one per trainer).
 #[allow(clippy::large_enum_variant)]
@@ -214,6 +270,8 @@ pub struct Trainer {
     /// Micro-batches so far.
     pub(crate) micro: u64,
     pub(crate) last_lr: f64,
+    /// Per-part times, when profiling.
+    profile: Option<StepProfile>,
 }
 
 const OP: &str = "Trainer::step";
@@ -265,7 +323,46 @@ impl Trainer {
             emb: None,
             micro: 0,
             last_lr: 0.0,
+            profile: None,
         })
+    }
+
+    /// Turns profiling on (a fresh [`StepProfile`]) or off. While on, every
+    /// micro-batch waits for the device at the end of each part (4 waits a
+    /// step), which a GPU run pays for in overlap; off (the default), a
+    /// step waits only for the images' upload.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(StepProfile::default);
+    }
+
+    /// The head's memory: its parameters, gradient buffers, optimizer state
+    /// and code table, as allocated now (after a step: everything).
+    pub fn head_memory(&self) -> HeadMemory {
+        let bytes = |t: &Tensor| t.numel() * t.dtype().size();
+        let weights = self.head.params().iter().map(|(_, t)| bytes(t)).sum();
+        let gradients = match &self.state {
+            HeadState::Code { acc, scratch, .. } => [acc, scratch]
+                .iter()
+                .filter_map(|g| g.as_ref())
+                .map(|g| bytes(&g.centres) + g.projections.as_ref().map_or(0, bytes))
+                .sum(),
+            HeadState::Softmax { acc, scratch, .. } => {
+                [acc, scratch].iter().filter_map(|g| g.as_ref()).map(|g| bytes(&g.centres)).sum()
+            }
+            HeadState::PartialFc { dense, step, .. } => {
+                bytes(dense) + step.as_ref().map_or(0, |g| bytes(&g.grads.centres))
+            }
+        };
+        let table = match &self.head {
+            TrainHead::Code { table, .. } => table.codes().len() * 2 + table.vector_bytes(),
+            _ => 0,
+        };
+        HeadMemory { weights, gradients, optimizer: self.optimizer.state_bytes(1), table }
+    }
+
+    /// The times recorded since profiling was turned on.
+    pub fn profile(&self) -> Option<&StepProfile> {
+        self.profile.as_ref()
     }
 
     /// The settings.
@@ -327,6 +424,21 @@ impl Trainer {
             ));
         }
         let dev = self.backbone.device().clone();
+        let started = std::time::Instant::now();
+        let mut clock = started;
+        // Ends a part when profiling: waits for the device, records the time.
+        let lap = |profile: &mut Option<StepProfile>,
+                   clock: &mut std::time::Instant,
+                   part: fn(&mut StepProfile) -> &mut Vec<f64>|
+         -> Result<()> {
+            if let Some(p) = profile {
+                dev.synchronize()?;
+                let now = std::time::Instant::now();
+                part(p).push((now - *clock).as_secs_f64());
+                *clock = now;
+            }
+            Ok(())
+        };
         match &mut self.images {
             Some(t) if t.shape()[0] == b => t.copy_from_host(images)?,
             slot => *slot = Some(Tensor::from_slice(&dev, &[b, s, s, 3], images)?),
@@ -337,10 +449,12 @@ impl Trainer {
             Some(t) if t.shape()[0] == b => {}
             _ => self.emb = Some(Tensor::empty(&dev, &[b, e], DType::F32)?),
         }
-        let Trainer { backbone, head, state, images: Some(images), emb: Some(emb), backbone_grads, .. } = self else {
+        let Trainer { backbone, head, state, images: Some(images), emb: Some(emb), backbone_grads, profile, .. } = self
+        else {
             return Err(Error::invalid(OP, "no image buffer (internal error)"));
         };
         backbone.forward_into(images, true, emb)?;
+        lap(profile, &mut clock, |p| &mut p.forward)?;
         let emb = &*emb;
         let d = head.dim();
         let d_emb: &Tensor = match (state, &*head) {
@@ -388,19 +502,25 @@ impl Trainer {
             }
             _ => return Err(Error::invalid(OP, "head state of another head (internal error)")),
         };
+        lap(profile, &mut clock, |p| &mut p.head)?;
         if first {
             backbone.backward_into(d_emb, backbone_grads)?;
         } else {
             backbone.backward_accumulate(d_emb, backbone_grads)?;
         }
+        lap(profile, &mut clock, |p| &mut p.backward)?;
         let t = self.micro;
         self.micro += 1;
-        if self.micro % self.cfg.gradient_acc as u64 != 0 {
-            return Ok(false);
+        let stepped = self.micro % self.cfg.gradient_acc as u64 == 0;
+        if stepped {
+            let lr = self.cfg.schedule.lr(t);
+            self.apply(lr)?;
+            lap(&mut self.profile, &mut clock, |p| &mut p.optimizer)?;
         }
-        let lr = self.cfg.schedule.lr(t);
-        self.apply(lr)?;
-        Ok(true)
+        if let Some(p) = &mut self.profile {
+            p.step.push(started.elapsed().as_secs_f64());
+        }
+        Ok(stepped)
     }
 
     /// The optimizer step over the accumulated gradients.
