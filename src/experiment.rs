@@ -181,6 +181,12 @@ pub struct Split {
     pub train_ids: Vec<u32>,
     /// The dataset's labels of the held-out identities.
     pub held_out_ids: Vec<u32>,
+    /// The dataset's image indices of `train`, `probes` and `held_out`.
+    pub train_images: Vec<usize>,
+    /// See `train_images`.
+    pub probe_images: Vec<usize>,
+    /// See `train_images`.
+    pub held_out_images: Vec<usize>,
 }
 
 /// Splits `base` (see the module documentation): `held_out` identities of
@@ -261,13 +267,16 @@ pub fn split(
         return Err(Error::invalid(OP, "no training identity has two images: nothing to identify"));
     }
     Ok(Split {
-        train: Arc::new(Dataset::subset(base.clone(), t_index, t_labels)?),
+        train: Arc::new(Dataset::subset(base.clone(), t_index.clone(), t_labels)?),
         train_counts,
-        probes: Dataset::subset(base.clone(), p_index, p_labels)?,
+        probes: Dataset::subset(base.clone(), p_index.clone(), p_labels)?,
         rare,
-        held_out: Dataset::subset(base, h_index, h_labels)?,
+        held_out: Dataset::subset(base, h_index.clone(), h_labels)?,
         train_ids,
         held_out_ids: chosen,
+        train_images: t_index,
+        probe_images: p_index,
+        held_out_images: h_index,
     })
 }
 
@@ -877,7 +886,7 @@ impl Preset {
         match self {
             Preset::Smoke => vec![24],
             Preset::Quick => vec![100, 400],
-            Preset::Full => vec![1000, 2500, 6000],
+            Preset::Full => vec![1000, 2000, 4000],
         }
     }
 

@@ -511,3 +511,32 @@ fn ijb_scores_templates_from_features() {
     let o = gif_fr(["ijb", "--meta", &s(meta), "--target", "IJBB", "--features", &s(&fp)]);
     expect_exit(&o, 1, "10 feature rows");
 }
+
+#[test]
+fn experiment_runs_on_a_synth_set_and_refuses_bad_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = dir.path().join("out");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let o = gif_fr([
+        "synth", "--out", &s(&data), "--identities", "20", "--size", "32", "--min-images", "2", "--max-images", "5",
+        "--pairs", "0", "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = gif_fr([
+        "experiment", "--mode", "smoke", "--data", &s(&data), "--out", &s(&out), "--heads", "arcface,gif_random",
+        "--held-out", "4", "--set", "num_epoch=1", "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("| arcface |") && table.contains("| gif_random |"), "{table}");
+    assert!(table.contains("N = 16 training identities"), "{table}");
+    assert!(out.join("report.md").exists() && out.join("experiment.json").exists());
+    assert!(std::fs::read_to_string(out.join("experiment.log")).unwrap().contains("4 held out"));
+    let o = gif_fr(["experiment", "--mode", "medium", "--out", &s(&out)]);
+    expect_exit(&o, 1, "smoke, quick or full");
+    let o = gif_fr(["experiment", "--mode", "smoke", "--out", &s(&out), "--heads", "softmax"]);
+    expect_exit(&o, 1, "gif_random");
+    let o = gif_fr(["experiment", "--data", &s(&data), "--out", &s(&out), "--held-out", "19", "--quiet"]);
+    expect_exit(&o, 1, "too few");
+}
