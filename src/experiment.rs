@@ -39,7 +39,7 @@ use std::sync::Arc;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 use crate::decode::{Mode, PrefixDecoder};
@@ -281,7 +281,7 @@ pub fn split(
 }
 
 /// Verification on the held-out identities, over all pairs.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HeldOut {
     /// Identities and images held out.
     pub identities: usize,
@@ -316,7 +316,7 @@ pub struct HeldOut {
 }
 
 /// Time per step, in milliseconds (medians over the run's steps).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Timing {
     /// The head's forward and backward.
     pub head_forward_backward_ms: f64,
@@ -336,7 +336,7 @@ pub struct Timing {
 }
 
 /// One head's result on one dataset.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HeadResult {
     /// [`HeadSpec::name`].
     pub head: String,
@@ -371,7 +371,7 @@ pub struct HeadResult {
 }
 
 /// One dataset's results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DatasetResult {
     /// Where the data is.
     pub data: PathBuf,
@@ -394,7 +394,7 @@ pub struct DatasetResult {
 }
 
 /// What [`run`] measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     /// The machine (device, CPU, threads).
     pub machine: String,
@@ -418,7 +418,12 @@ pub fn run(cfg: &ExperimentConfig, data: &[PathBuf], log: &mut dyn FnMut(&str)) 
     let size = cfg.train.network_config()?.input;
     let mut report = Report { machine: machine(&dev), settings: settings(&cfg.train), datasets: Vec::new() };
     for path in data {
-        let base = Arc::new(Dataset::open(path, size)?);
+        let bar = crate::train::run::scan_bar(cfg.progress);
+        let base = Arc::new(Dataset::open_with(path, size, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })?);
+        bar.finish_and_clear();
         let sp = split(base, cfg.held_out, cfg.max_held_out_images, cfg.rare_fraction, cfg.train.seed)?;
         let n = sp.train_counts.len();
         log(&format!(
@@ -460,7 +465,7 @@ pub fn run(cfg: &ExperimentConfig, data: &[PathBuf], log: &mut dyn FnMut(&str)) 
         crate::io::write_atomic(&out.join(format!("roc-N{n}.svg")), crate::eval::roc_svg(&curves).as_bytes())?;
         report.datasets.push(result);
         // The report so far, so that a long run shows its progress.
-        write_report(cfg, &report)?;
+        write_report(out, &report)?;
     }
     Ok(report)
 }
@@ -815,24 +820,29 @@ pub fn markdown(report: &Report) -> String {
 }
 
 /// Writes experiment.json, report.md and, with two or more datasets, the
-/// plots against N.
-fn write_report(cfg: &ExperimentConfig, report: &Report) -> Result<()> {
-    let out = &cfg.output;
+/// plots against N into `out`.
+pub fn write_report(out: &Path, report: &Report) -> Result<()> {
     let json = serde_json::to_string_pretty(report).map_err(|e| Error::invalid(OP, e.to_string()))?;
     crate::io::write_atomic(&out.join("experiment.json"), json.as_bytes())?;
     crate::io::write_atomic(&out.join("report.md"), markdown(report).as_bytes())?;
     if report.datasets.len() >= 2 {
+        // The heads in the order they first appear.
+        let mut names: Vec<&str> = Vec::new();
+        for h in report.datasets.iter().flat_map(|d| &d.heads) {
+            if !names.contains(&h.head.as_str()) {
+                names.push(&h.head);
+            }
+        }
         let series = |f: &dyn Fn(&HeadResult) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
-            cfg.heads
+            names
                 .iter()
-                .map(|spec| {
-                    let name = spec.name();
+                .map(|&name| {
                     let pts = report
                         .datasets
                         .iter()
                         .filter_map(|d| d.heads.iter().find(|h| h.head == name).map(|h| (d.identities as f64, f(h))))
                         .collect();
-                    (name, pts)
+                    (name.to_string(), pts)
                 })
                 .collect()
         };
@@ -848,6 +858,17 @@ fn write_report(cfg: &ExperimentConfig, report: &Report) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Reads `dir/experiment.json` and writes report.md and the plots against
+/// N again (after a change of their format, or to look at a run).
+pub fn replot(dir: &Path) -> Result<Report> {
+    let path = dir.join("experiment.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, format!("cannot read: {e}")))?;
+    let report: Report =
+        serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not an experiment report: {e}")))?;
+    write_report(dir, &report)?;
+    Ok(report)
 }
 
 /// Appends a line to a file (the experiment's log).

@@ -135,6 +135,10 @@ struct ExperimentArgs {
     /// The gif_means warm-up model's share of the steps.
     #[arg(long, default_value_t = 0.25)]
     warmup_fraction: f64,
+    /// Only redraw report.md and the plots against N from
+    /// --out/experiment.json (nothing is trained).
+    #[arg(long)]
+    replot: bool,
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
@@ -582,6 +586,11 @@ fn file_error(path: &std::path::Path, message: String) -> Error {
 
 fn experiment_cmd(a: ExperimentArgs) -> Result<(), Error> {
     use gif_fr::experiment::{self, HeadSpec, Preset};
+    if a.replot {
+        let report = experiment::replot(&a.out)?;
+        print!("{}", experiment::markdown(&report));
+        return Ok(());
+    }
     let preset = Preset::parse(&a.mode)?;
     let mut overrides = Vec::new();
     if let Some(path) = &a.config {
@@ -718,7 +727,9 @@ fn embed_cmd(a: EmbedArgs) -> Result<(), Error> {
             b
         }
         (None, Some(data)) => {
-            let ds = gif_fr::data::Dataset::open(data, input)?;
+            let scan = progress_bar(a.quiet, "headers read (no property file)");
+            let ds = gif_fr::data::Dataset::open_with(data, input, follow(&scan))?;
+            scan.finish_and_clear();
             let n = ds.len();
             let mut out = gif_fr::io::npy::NpyWriter::create(&a.out, n, e)?;
             let mut labels = Vec::with_capacity(if a.labels_out.is_some() { n } else { 0 });
@@ -875,7 +886,9 @@ fn ijb_cmd(a: IjbArgs) -> Result<(), Error> {
 
 fn identity_vectors_cmd(a: IdentityVectorsArgs) -> Result<(), Error> {
     let mut net = a.net.load()?;
-    let ds = gif_fr::data::Dataset::open(&a.data, net.config().input)?;
+    let scan = progress_bar(a.quiet, "headers read (no property file)");
+    let ds = gif_fr::data::Dataset::open_with(&a.data, net.config().input, follow(&scan))?;
+    scan.finish_and_clear();
     let t0 = std::time::Instant::now();
     let bar = progress_bar(a.quiet, "images");
     let (v, classes, e) = gif_fr::data::identity_vectors(&mut net, &ds, a.net.batch as usize, follow(&bar))?;

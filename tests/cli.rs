@@ -519,13 +519,37 @@ fn experiment_runs_on_a_synth_set_and_refuses_bad_settings() {
     let out = dir.path().join("out");
     let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
     let o = gif_fr([
-        "synth", "--out", &s(&data), "--identities", "20", "--size", "32", "--min-images", "2", "--max-images", "5",
-        "--pairs", "0", "--quiet",
+        "synth",
+        "--out",
+        &s(&data),
+        "--identities",
+        "20",
+        "--size",
+        "32",
+        "--min-images",
+        "2",
+        "--max-images",
+        "5",
+        "--pairs",
+        "0",
+        "--quiet",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = gif_fr([
-        "experiment", "--mode", "smoke", "--data", &s(&data), "--out", &s(&out), "--heads", "arcface,gif_random",
-        "--held-out", "4", "--set", "num_epoch=1", "--quiet",
+        "experiment",
+        "--mode",
+        "smoke",
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&out),
+        "--heads",
+        "arcface,gif_random",
+        "--held-out",
+        "4",
+        "--set",
+        "num_epoch=1",
+        "--quiet",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8_lossy(&o.stdout);

@@ -350,3 +350,38 @@ fn datasets_open_by_what_the_path_is() {
     std::fs::write(&other, "x").unwrap();
     assert!(Dataset::open(&other, S).err().expect("an error").to_string().contains("not a dataset"));
 }
+
+#[test]
+fn a_header_scan_reports_progress_and_subsets_relabel_without_a_copy() {
+    use gif_fr::data::synth::{write_training_set, SynthConfig};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SynthConfig { size: 16, min_images: 2, max_images: 4, seed: 4, ..SynthConfig::new(6) };
+    write_training_set(&cfg, dir.path(), |_, _| {}).unwrap();
+    // With `property` the classes are read from it: no scan.
+    let mut calls = Vec::new();
+    let ds = Dataset::open_with(dir.path(), 16, |d, t| calls.push((d, t))).unwrap();
+    assert!(calls.is_empty());
+    let n = ds.len();
+    // Without it every header is read once, and the scan says so at its end.
+    std::fs::remove_file(dir.path().join("property")).unwrap();
+    let scanned = Dataset::open_with(dir.path(), 16, |d, t| calls.push((d, t))).unwrap();
+    assert_eq!(scanned.classes(), 6);
+    assert_eq!(calls.last(), Some(&(n, n)));
+    assert!(calls.windows(2).all(|w| w[0].0 < w[1].0));
+    // A subset: images 3, 0 of the set with new labels, the same pixels.
+    let base = Arc::new(scanned);
+    let sub = Dataset::subset(base.clone(), vec![3, 0], vec![1, 7]).unwrap();
+    assert_eq!((sub.len(), sub.classes()), (2, 8));
+    let per = base.pixels_per_image();
+    let (mut a, mut b) = (vec![0f32; per], vec![0f32; per]);
+    assert_eq!(sub.read(0, true, &mut a).unwrap(), 1);
+    base.read(3, true, &mut b).unwrap();
+    assert_eq!(a, b, "a subset's image (flipped) is its base image (flipped)");
+    assert_eq!(sub.label(1).unwrap(), 7);
+    assert!(sub.read(2, false, &mut a).is_err() && sub.label(2).is_err());
+    // Bad subsets are typed errors.
+    assert!(Dataset::subset(base.clone(), vec![], vec![]).is_err());
+    assert!(Dataset::subset(base.clone(), vec![0, 1], vec![0]).is_err());
+    assert!(Dataset::subset(base, vec![n], vec![0]).is_err());
+}

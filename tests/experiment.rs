@@ -20,7 +20,7 @@ fn every_head_trains_on_its_split_and_the_report_is_written() {
     let out = dir.path().join("out");
     let cfg = Preset::Smoke.config(&out, &[]).unwrap();
     let mut lines = Vec::new();
-    let report = experiment::run(&cfg, &[data.clone()], &mut |l| lines.push(l.to_string())).unwrap();
+    let report = experiment::run(&cfg, std::slice::from_ref(&data), &mut |l| lines.push(l.to_string())).unwrap();
     assert_eq!(report.datasets.len(), 1);
     let d = &report.datasets[0];
     assert_eq!(d.identities, N, "the held-out identities are not among the N trained");
@@ -86,9 +86,26 @@ fn every_head_trains_on_its_split_and_the_report_is_written() {
     for name in names {
         assert!(md.contains(&format!("| {name} |")), "report.md lists {name}");
     }
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("experiment.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("experiment.json")).unwrap()).unwrap();
     assert_eq!(json["datasets"][0]["heads"].as_array().unwrap().len(), 5);
     assert!(lines.iter().any(|l| l.contains("held out")), "{lines:?}");
+    // --replot redraws the same report from experiment.json.
+    let again = experiment::replot(&out).unwrap();
+    assert_eq!(experiment::markdown(&again), md);
+    // Two sizes: the plots against N, one line per head.
+    let mut two = again.clone();
+    let mut bigger = two.datasets[0].clone();
+    bigger.identities *= 2;
+    two.datasets.push(bigger);
+    let plots = dir.path().join("plots");
+    std::fs::create_dir_all(&plots).unwrap();
+    experiment::write_report(&plots, &two).unwrap();
+    for f in ["tar-vs-n.svg", "head-time-vs-n.svg"] {
+        let svg = std::fs::read_to_string(plots.join(f)).unwrap();
+        assert_eq!(svg.matches("<polyline").count(), 5, "{f}");
+        assert!(svg.contains("gif_means") && svg.ends_with("</svg>\n"), "{f}");
+    }
     // The same data again: the set is not rewritten.
     let stamp = std::fs::metadata(data.join("train.rec")).unwrap().modified().unwrap();
     experiment::write_synthetic(Preset::Smoke, N, &data).unwrap();

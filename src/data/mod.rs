@@ -59,6 +59,13 @@ impl Dataset {
     /// label + 1, found by reading every header once). Images must be
     /// `size` × `size`.
     pub fn records(dir: &Path, size: usize) -> Result<Dataset> {
+        Dataset::records_with(dir, size, |_, _| {})
+    }
+
+    /// [`Dataset::records`], calling `progress(done, total)` while it
+    /// reads every header of a set without `property` (every 65,536
+    /// images, and at the end); a set with `property` calls it never.
+    pub fn records_with(dir: &Path, size: usize, mut progress: impl FnMut(usize, usize)) -> Result<Dataset> {
         let recs = FaceRecords::open(dir)?;
         if recs.is_empty() {
             return Err(Error::file(&dir.join("train.rec"), "no images"));
@@ -75,8 +82,12 @@ impl Dataset {
             }
             None => {
                 let mut max = 0u32;
-                for i in 0..recs.len() {
+                let n = recs.len();
+                for i in 0..n {
                     max = max.max(recs.get(i)?.0);
+                    if (i + 1) % (1 << 16) == 0 || i + 1 == n {
+                        progress(i + 1, n);
+                    }
                 }
                 max as usize + 1
             }
@@ -155,9 +166,15 @@ impl Dataset {
     /// set), or a `.npy` of images (labels 0: an embedding pass needs
     /// none).
     pub fn open(path: &Path, size: usize) -> Result<Dataset> {
+        Dataset::open_with(path, size, |_, _| {})
+    }
+
+    /// [`Dataset::open`], with the progress of a RecordIO header scan (see
+    /// [`Dataset::records_with`]).
+    pub fn open_with(path: &Path, size: usize, progress: impl FnMut(usize, usize)) -> Result<Dataset> {
         if path.is_dir() {
             return if path.join("train.rec").exists() {
-                Dataset::records(path, size)
+                Dataset::records_with(path, size, progress)
             } else {
                 Dataset::folder(path, size)
             };

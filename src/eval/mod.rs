@@ -229,17 +229,15 @@ pub fn roc_svg(curves: &[(&str, &Roc)]) -> String {
     for (i, (name, roc)) in curves.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
         // A step curve: each point's TAR holds until the next FAR.
-        let mut pts = Vec::new();
+        let mut xy = Vec::new();
         for wdw in roc.points.windows(2) {
-            pts.push(format!("{:.1},{:.1}", x(wdw[0].far), y(wdw[0].tar)));
-            pts.push(format!("{:.1},{:.1}", x(wdw[1].far), y(wdw[0].tar)));
+            xy.push((x(wdw[0].far), y(wdw[0].tar)));
+            xy.push((x(wdw[1].far), y(wdw[0].tar)));
         }
         if let Some(l) = roc.points.last() {
-            pts.push(format!("{:.1},{:.1}", x(l.far), y(l.tar)));
+            xy.push((x(l.far), y(l.tar)));
         }
-        // Points that round to the same place are drawn once (a curve of
-        // millions of pairs stays a few thousand points).
-        pts.dedup();
+        let pts: Vec<String> = thin(&xy).iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
         s += &format!("<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"1.5\" points=\"{}\"/>\n", pts.join(" "));
         s += &format!(
             "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{c}\">{}</text>\n",
@@ -250,6 +248,23 @@ pub fn roc_svg(curves: &[(&str, &Roc)]) -> String {
     }
     s += "</svg>\n";
     s
+}
+
+/// The points of a polyline worth drawing: the first, each at least half
+/// a pixel (in x or y) from the last one kept, and the last (a ROC of
+/// millions of pairs becomes a few thousand points).
+fn thin(xy: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut out: Vec<(f64, f64)> = Vec::new();
+    for (i, &(a, b)) in xy.iter().enumerate() {
+        let keep = match out.last() {
+            None => true,
+            Some(&(pa, pb)) => (a - pa).abs() >= 0.5 || (b - pb).abs() >= 0.5 || i + 1 == xy.len(),
+        };
+        if keep {
+            out.push((a, b));
+        }
+    }
+    out
 }
 
 /// An SVG line chart: one polyline with markers per series of `(x, y)`
@@ -267,8 +282,9 @@ pub fn line_svg(x_label: &str, y_label: &str, log_y: bool, series: &[(String, Ve
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
     if !log_y {
+        // From 0, with a tenth of headroom.
         y0 = y0.min(0.0);
-        y1 = y1.max(if y1 <= 1.0 { 1.0 } else { y1 });
+        y1 += (y1 - y0) * 0.1;
     }
     if x1 - x0 < 1e-9 {
         (x0, x1) = (x0 - 0.5, x1 + 0.5);
@@ -276,7 +292,8 @@ pub fn line_svg(x_label: &str, y_label: &str, log_y: bool, series: &[(String, Ve
     if y1 - y0 < 1e-9 {
         (y0, y1) = (y0 - 0.5, y1 + 0.5);
     }
-    let (x0, x1) = ((x0 * 10.0).floor() / 10.0, (x1 * 10.0).ceil() / 10.0);
+    let pad = (x1 - x0) * 0.05;
+    let (x0, x1) = (x0 - pad, x1 + pad);
     let px = |x: f64| left + (x.log10() - x0) / (x1 - x0) * pw;
     let py = |y: f64| top + (1.0 - (ty(y) - y0) / (y1 - y0)) * ph;
     let mut s = format!(

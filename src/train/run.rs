@@ -148,6 +148,17 @@ fn build_head(cfg: &TrainConfig, n: usize, dev: &Device, log: &mut dyn FnMut(&st
     })
 }
 
+/// A bar for a RecordIO header scan (hidden unless `show`).
+pub(crate) fn scan_bar(show: bool) -> indicatif::ProgressBar {
+    let bar = if show { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} headers read (no property file) [{elapsed_precise} < {eta_precise}]",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
 /// Appends lines to a file of the output directory.
 fn append(path: &Path, line: &str) -> Result<()> {
     let io = |e: std::io::Error| Error::file(path, format!("cannot write: {e}"));
@@ -156,11 +167,12 @@ fn append(path: &Path, line: &str) -> Result<()> {
 }
 
 /// The training data `cfg` names (`rec`, an `images` folder, or `images`
-/// and `labels` arrays), at the network's input size.
-pub fn open_dataset(cfg: &TrainConfig) -> Result<Dataset> {
+/// and `labels` arrays), at the network's input size; `progress(done,
+/// total)` follows the header scan of a RecordIO set without `property`.
+pub fn open_dataset(cfg: &TrainConfig, progress: impl FnMut(usize, usize)) -> Result<Dataset> {
     let size = cfg.network_config()?.input;
     match (&cfg.rec, &cfg.images, &cfg.labels) {
-        (Some(rec), _, _) => Dataset::records(rec, size),
+        (Some(rec), _, _) => Dataset::records_with(rec, size, progress),
         (None, Some(images), _) if images.is_dir() => Dataset::folder(images, size),
         (None, Some(images), Some(labels)) => Dataset::arrays(images, labels, size),
         _ => Err(Error::invalid(OP, "no data: give rec, an images folder, or images and labels (.npy)")),
@@ -169,7 +181,12 @@ pub fn open_dataset(cfg: &TrainConfig) -> Result<Dataset> {
 
 /// Runs the training `cfg` describes (see the module documentation).
 pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
-    let dataset = open_dataset(cfg)?;
+    let bar = scan_bar(opts.progress);
+    let dataset = open_dataset(cfg, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
     Ok(run_on(cfg, Arc::new(dataset), opts)?.0)
 }
 

@@ -212,7 +212,7 @@ pub struct StepProfile {
 
 /// A head's memory on its device, from the sizes of the buffers a
 /// [`Trainer`] holds for it ([`Trainer::head_memory`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HeadMemory {
     /// The parameters (`weight`; `centres`, `projections`).
     pub weights: usize,
