@@ -548,11 +548,12 @@ fn experiment_runs_on_a_synth_set_and_refuses_bad_settings() {
         "--held-out",
         "4",
         "--set",
-        "num_epoch=1",
+        "lr=0.05",
         "--quiet",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("lr = 0.05"), "{table}");
     assert!(table.contains("| arcface |") && table.contains("| gif_random |"), "{table}");
     assert!(table.contains("N = 16 training identities"), "{table}");
     assert!(out.join("report.md").exists() && out.join("experiment.json").exists());
