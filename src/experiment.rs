@@ -937,7 +937,7 @@ impl Preset {
     /// a small IResNet (stages of one block, widths 8–32, embedding 64) at
     /// 32 × 32; ArcFace's margin (1, 0.5, 0) at s = 64 for every head;
     /// SGD 0.1 with insightface's polynomial schedule, one warm-up epoch;
-    /// GIF v = 16, γ = 1.
+    /// GIF v = 16, γ = 1; the best device (the first GPU, else the CPU).
     pub fn train_toml(self) -> String {
         let (epochs, batch, frequent) = match self {
             Preset::Smoke => (2, 16, 1),
@@ -962,7 +962,7 @@ vocab = 16
 gamma = 1.0
 val_targets = []
 rec = "."
-device = "cpu"
+device = "best"
 "#
         )
     }

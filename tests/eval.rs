@@ -375,3 +375,125 @@ fn ijb_meta_files_read_and_bad_lines_name_the_line() {
     std::fs::write(&r, "1.jpg 1 2 3 4 5 6 7 8 9 10 0.9\n2.jpg 1 2 3\n").unwrap();
     assert!(read_name_5pts_score(&r).unwrap_err().to_string().contains("line 2"));
 }
+
+/// Gallery embeddings: `ids` identities of `per` noisy unit rows around a
+/// centre each (so positives score high), labels in order.
+#[cfg(feature = "sim")]
+fn gallery(seed: u64, ids: usize, per: usize, d: usize) -> (Vec<f32>, Vec<u32>) {
+    let mut r = common::rng(seed);
+    let centres = common::unit_rows(&mut r, ids, d);
+    let (mut emb, mut labels) = (Vec::new(), Vec::new());
+    for k in 0..ids * per {
+        let c = &centres[(k % ids) * d..(k % ids + 1) * d];
+        let mut v: Vec<f32> = c.iter().map(|&x| x + r.random_range(-0.12f32..0.12)).collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        emb.extend(v);
+        labels.push((k % ids) as u32);
+    }
+    (emb, labels)
+}
+
+#[cfg(feature = "sim")]
+#[test]
+fn all_pairs_histograms_count_every_pair_once_on_every_device() {
+    use gif_fr::eval::pairs::{all_pairs_histogram, cpu, PairHistogram};
+    use gif_fr::{DType, Device, Tensor};
+    // 301 rows: tiles of 64 leave a partial last tile; d = 40.
+    let (n, d, bins, tile) = (301usize, 40usize, 256usize, 64usize);
+    let (emb, labels) = gallery(31, 43, 7, d);
+    // The reference: every pair's f64 cosine, binned in f64.
+    let mut want = PairHistogram { bins, positives: vec![0; bins], negatives: vec![0; bins] };
+    let mut near_edge = vec![0u64; bins + 1];
+    let (mut scores, mut issame) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        for j in i + 1..n {
+            let s: f64 = (0..d).map(|k| emb[i * d + k] as f64 * emb[j * d + k] as f64).sum();
+            let k = cpu::bin(s as f32, bins);
+            if labels[i] == labels[j] {
+                want.positives[k] += 1;
+            } else {
+                want.negatives[k] += 1;
+            }
+            // Pairs this close to an edge may fall either side in f32.
+            let x = (s + 1.0) * 0.5 * bins as f64;
+            if (x - x.round()).abs() < 1e-4 {
+                near_edge[x.round() as usize] += 1;
+            }
+            scores.push(s);
+            issame.push(labels[i] == labels[j]);
+        }
+    }
+    let total = (n * (n - 1) / 2) as u64;
+    let cum = |h: &PairHistogram| -> Vec<i64> {
+        let mut c = vec![0i64; bins + 1];
+        for k in 0..bins {
+            c[k + 1] = c[k] + (h.positives[k] + h.negatives[k]) as i64;
+        }
+        c
+    };
+    let want_cum = cum(&want);
+    let mut devices = common::gpu_devices();
+    devices.insert(0, Device::cpu());
+    for dev in devices {
+        let t = Tensor::from_f32(&dev, &[n, d], &emb, DType::F32).unwrap();
+        let got = all_pairs_histogram(&t, &labels, bins, tile).unwrap();
+        let (p, q) = got.counts();
+        assert_eq!(p + q, total, "{dev}: every pair once");
+        assert_eq!((p, q), want.counts(), "{dev}: positives are the label's");
+        let got_cum = cum(&got);
+        for k in 0..=bins {
+            assert!(
+                (got_cum[k] - want_cum[k]).unsigned_abs() <= near_edge[k],
+                "{dev}: {} pairs below edge {k}, {} in f64 ({} within 1e-4 of it)",
+                got_cum[k],
+                want_cum[k],
+                near_edge[k]
+            );
+        }
+        // One tile of all 301 rows: the same counts on this device.
+        let one = all_pairs_histogram(&t, &labels, bins, 384).unwrap();
+        assert_eq!(one.counts(), got.counts(), "{dev}");
+        // The histogram's ROC agrees with the exact one at its thresholds.
+        let roc = got.roc().unwrap();
+        let exact = Roc::new(&scores, &issame).unwrap();
+        for far in [1e-3, 1e-2, 1e-1] {
+            let h = roc.tar_at_far(far);
+            assert!(h.far <= far, "{dev}: FAR {} above {far}", h.far);
+            // The exact curve at the same threshold, within the pairs near it.
+            let above = |same: bool| {
+                scores.iter().zip(&issame).filter(|(s, &y)| y == same && **s >= h.threshold).count() as f64
+            };
+            let slack = near_edge.iter().sum::<u64>() as f64;
+            assert!((above(true) - h.tar * exact.positives as f64).abs() <= slack, "{dev}: TAR at FAR {far}");
+            assert!(exact.tar_at_far(far).tar + 1e-12 >= h.tar - slack / exact.positives as f64);
+        }
+        assert!(roc.auc() > 0.9, "{dev}: the gallery separates its identities ({})", roc.auc());
+    }
+}
+
+#[cfg(feature = "sim")]
+#[test]
+fn all_pairs_histograms_refuse_bad_input() {
+    use gif_fr::eval::pairs::all_pairs_histogram;
+    use gif_fr::{DType, Device, Tensor};
+    let (emb, labels) = gallery(5, 4, 3, 8);
+    for dev in [Device::cpu(), Device::sim()] {
+        let t = Tensor::from_f32(&dev, &[12, 8], &emb, DType::F32).unwrap();
+        let msg = |r: Result<_, Error>| r.expect_err("an error").to_string();
+        assert!(msg(all_pairs_histogram(&t, &labels[..11], 64, 64)).contains("11 labels"));
+        assert!(msg(all_pairs_histogram(&t, &labels, 1, 64)).contains("bins"));
+        assert!(msg(all_pairs_histogram(&t, &labels, 5000, 64)).contains("bins"));
+        assert!(msg(all_pairs_histogram(&t, &labels, 64, 100)).contains("tile"));
+        let one = Tensor::from_f32(&dev, &[1, 8], &emb[..8], DType::F32).unwrap();
+        assert!(msg(all_pairs_histogram(&one, &labels[..1], 64, 64)).contains("at least 2"));
+        // A NaN row, or rows that are not unit: an error, not a histogram.
+        let mut bad = emb.clone();
+        bad[9] = f32::NAN;
+        let t = Tensor::from_f32(&dev, &[12, 8], &bad, DType::F32).unwrap();
+        assert!(msg(all_pairs_histogram(&t, &labels, 64, 64)).contains("unit rows"), "{dev}");
+        let big: Vec<f32> = emb.iter().map(|x| x * 3.0).collect();
+        let t = Tensor::from_f32(&dev, &[12, 8], &big, DType::F32).unwrap();
+        assert!(msg(all_pairs_histogram(&t, &labels, 64, 64)).contains("unit rows"), "{dev}");
+    }
+}

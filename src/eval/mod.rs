@@ -6,6 +6,7 @@
 
 pub mod ijb;
 pub mod metrics;
+pub mod pairs;
 
 use std::path::Path;
 
