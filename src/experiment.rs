@@ -32,7 +32,6 @@
 //! `tar-vs-n.svg` and `head-time-vs-n.svg`. docs/experiments.md holds a
 //! measured run and what it says.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -869,13 +868,6 @@ pub fn replot(dir: &Path) -> Result<Report> {
         serde_json::from_str(&text).map_err(|e| Error::file(&path, format!("not an experiment report: {e}")))?;
     write_report(dir, &report)?;
     Ok(report)
-}
-
-/// Appends a line to a file (the experiment's log).
-pub fn append_line(path: &Path, line: &str) -> Result<()> {
-    let io = |e: std::io::Error| Error::file(path, format!("cannot write: {e}"));
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
-    writeln!(f, "{line}").map_err(io)
 }
 
 /// The built-in sizes of `gif-fr experiment` on synthetic data (`gif-fr

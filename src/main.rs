@@ -619,7 +619,7 @@ fn experiment_cmd(a: ExperimentArgs) -> Result<(), Error> {
     let log_path = a.out.join("experiment.log");
     let mut log = |line: &str| {
         eprintln!("{line}");
-        let _ = experiment::append_line(&log_path, line);
+        let _ = gif_fr::io::append_line(&log_path, line);
     };
     let data = if a.data.is_empty() {
         let sizes = if a.identities.is_empty() { preset.identities() } else { a.identities.clone() };

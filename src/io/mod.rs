@@ -61,6 +61,15 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Appends `line` and a newline to `path` (created if missing): logs and
+/// CSV files that grow as a run goes.
+pub fn append_line(path: &Path, line: &str) -> Result<()> {
+    use std::io::Write;
+    let io = |e: std::io::Error| Error::file(path, format!("cannot write: {e}"));
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
+    writeln!(f, "{line}").map_err(io)
+}
+
 /// Writes `bytes` to `path` atomically ([`AtomicFile`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(path)?;

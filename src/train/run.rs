@@ -12,8 +12,7 @@
 //! `labels` files); decoded by `num_workers` threads ahead of the step,
 //! flipped at random (keyed) when `flip`.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use std::sync::Arc;
 
@@ -159,12 +158,7 @@ pub(crate) fn scan_bar(show: bool) -> indicatif::ProgressBar {
     bar
 }
 
-/// Appends lines to a file of the output directory.
-fn append(path: &Path, line: &str) -> Result<()> {
-    let io = |e: std::io::Error| Error::file(path, format!("cannot write: {e}"));
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
-    writeln!(f, "{line}").map_err(io)
-}
+use crate::io::append_line as append;
 
 /// The training data `cfg` names (`rec`, an `images` folder, or `images`
 /// and `labels` arrays), at the network's input size; `progress(done,
