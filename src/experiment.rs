@@ -37,7 +37,6 @@ use std::sync::Arc;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
@@ -625,20 +624,9 @@ fn verify_held_out(trainer: &mut Trainer, ds: &Dataset, batch: usize) -> Result<
     let e = trainer.backbone().config().embedding;
     let labels: Vec<u32> = (0..ds.len()).map(|i| ds.label(i)).collect::<Result<_>>()?;
     let n = labels.len();
-    let (scores, issame): (Vec<Vec<f64>>, Vec<Vec<bool>>) = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let a = &fused[i * e..(i + 1) * e];
-            ((i + 1)..n)
-                .map(|j| {
-                    let b = &fused[j * e..(j + 1) * e];
-                    (a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>(), labels[i] == labels[j])
-                })
-                .unzip()
-        })
-        .unzip();
-    let scores: Vec<f64> = scores.into_iter().flatten().collect();
-    let issame: Vec<bool> = issame.into_iter().flatten().collect();
+    // The scores by the GEMM on the trainer's device, a tile at a time.
+    let rows = Tensor::from_slice(trainer.backbone().device(), &[n, e], &fused)?;
+    let (scores, issame) = crate::eval::pairs::all_pair_scores(&rows, &labels, crate::eval::pairs::DEFAULT_TILE)?;
     let roc = Roc::new(&scores, &issame)?;
     let dist: Vec<f64> = scores.iter().map(|s| 2.0 - 2.0 * s).collect();
     let (accuracy, accuracy_std, _) = kfold_accuracy(&dist, &issame, 10)?;

@@ -397,7 +397,7 @@ fn gallery(seed: u64, ids: usize, per: usize, d: usize) -> (Vec<f32>, Vec<u32>) 
 #[cfg(feature = "sim")]
 #[test]
 fn all_pairs_histograms_count_every_pair_once_on_every_device() {
-    use gif_fr::eval::pairs::{all_pairs_histogram, cpu, PairHistogram};
+    use gif_fr::eval::pairs::{all_pair_scores, all_pairs_histogram, cpu, PairHistogram};
     use gif_fr::{DType, Device, Tensor};
     // 301 rows: tiles of 64 leave a partial last tile; d = 40.
     let (n, d, bins, tile) = (301usize, 40usize, 256usize, 64usize);
@@ -451,6 +451,15 @@ fn all_pairs_histograms_count_every_pair_once_on_every_device() {
                 near_edge[k]
             );
         }
+        // The exact scores by the same tiles: in pair order, each the f64
+        // cosine to f32 rounding, the labels' equality beside it.
+        let (got_scores, got_same) = all_pair_scores(&t, &labels, tile).unwrap();
+        assert_eq!(got_same, issame, "{dev}");
+        assert_eq!(got_scores.len(), scores.len());
+        for (k, (g, w)) in got_scores.iter().zip(&scores).enumerate() {
+            assert!((g - w).abs() < 1e-5, "{dev}: pair {k}: {g} against {w}");
+        }
+        assert!(all_pair_scores(&t, &labels, 100).is_err() && all_pair_scores(&t, &labels[1..], tile).is_err());
         // One tile of all 301 rows: the same counts on this device.
         let one = all_pairs_histogram(&t, &labels, bins, 384).unwrap();
         assert_eq!(one.counts(), got.counts(), "{dev}");

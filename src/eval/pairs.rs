@@ -105,9 +105,7 @@ pub fn all_pairs_histogram(emb: &Tensor, labels: &[u32], bins: usize, tile: usiz
     if !(2..=MAX_BINS).contains(&bins) {
         return Err(Error::invalid(OP, format!("bins: {bins} is outside 2..={MAX_BINS}")));
     }
-    if tile == 0 || tile % 64 != 0 || tile > 1 << 15 {
-        return Err(Error::invalid(OP, format!("tile: {tile} is not a multiple of 64 up to 32768")));
-    }
+    check_tile(OP, tile)?;
     let dev = emb.device().clone();
     let mut hist = PairHistogram { bins, positives: vec![0; bins], negatives: vec![0; bins] };
     let mut nans = 0u64;
@@ -124,56 +122,40 @@ pub fn all_pairs_histogram(emb: &Tensor, labels: &[u32], bins: usize, tile: usiz
     } else {
         (None, None, None, None)
     };
-    let mut tiles: Vec<Tensor> = Vec::new();
-    for r0 in (0..n).step_by(tile) {
-        let rows = tile.min(n - r0);
-        let a = emb.narrow(0, r0, rows)?;
-        for c0 in (r0..n).step_by(tile) {
-            let cols = tile.min(n - c0);
-            let b = emb.narrow(0, c0, cols)?;
-            let s = match tiles.iter_mut().position(|t| t.shape() == [rows, cols]) {
-                Some(k) => &mut tiles[k],
-                None => {
-                    tiles.push(Tensor::empty(&dev, &[rows, cols], DType::F32)?);
-                    tiles.last_mut().expect("just pushed")
-                }
+    for_each_tile(emb, tile, |s, rows, cols, r0, c0| {
+        if gpu {
+            let blocks = (rows * cols).div_ceil(256 * 16).clamp(1, 1024) as u32;
+            let cfg = LaunchConfig::linear(blocks, 256, 0);
+            let (Some(lb), Some(p), Some(q), Some(z)) = (&labels_buf, pos.as_mut(), neg.as_mut(), nan.as_mut()) else {
+                return Err(Error::invalid(OP, "no device buffers (internal error)"));
             };
-            gemm(1.0, &a, Op::N, &b, Op::T, 0.0, s)?;
-            if gpu {
-                let blocks = (rows * cols).div_ceil(256 * 16).clamp(1, 1024) as u32;
-                let cfg = LaunchConfig::linear(blocks, 256, 0);
-                let (Some(lb), Some(p), Some(q), Some(z)) = (&labels_buf, pos.as_mut(), neg.as_mut(), nan.as_mut())
-                else {
-                    return Err(Error::invalid(OP, "no device buffers (internal error)"));
-                };
-                let (pp, qp, zp) = (dev.ptr_mut_of(p), dev.ptr_mut_of(q), dev.ptr_mut_of(z));
-                // SAFETY: s holds rows × cols f32 (made above); labels n
-                // u32, uploaded; the counts bins u64 each and one u64;
-                // r0 + rows and c0 + cols are at most n, so every label
-                // index is in range; bins ≤ MAX_BINS (the kernel's shared
-                // histogram), checked above.
-                unsafe {
-                    launch::pair_histogram(
-                        &dev,
-                        cfg,
-                        s.ptr()?,
-                        rows as i32,
-                        cols as i32,
-                        r0 as i64,
-                        c0 as i64,
-                        dev.ptr_of(lb),
-                        bins as i32,
-                        pp,
-                        qp,
-                        zp,
-                    )
-                }?;
-            } else {
-                let scores = s.host_f32()?;
-                nans += cpu::bin_tile(&scores, rows, cols, r0, c0, labels, &mut hist);
+            let (pp, qp, zp) = (dev.ptr_mut_of(p), dev.ptr_mut_of(q), dev.ptr_mut_of(z));
+            // SAFETY: s holds rows × cols f32 (a tile of for_each_tile);
+            // labels n u32, uploaded; the counts bins u64 each and one u64;
+            // r0 + rows and c0 + cols are at most n, so every label index is
+            // in range; bins ≤ MAX_BINS (the kernel's shared histogram),
+            // checked above.
+            unsafe {
+                launch::pair_histogram(
+                    &dev,
+                    cfg,
+                    s.ptr()?,
+                    rows as i32,
+                    cols as i32,
+                    r0 as i64,
+                    c0 as i64,
+                    dev.ptr_of(lb),
+                    bins as i32,
+                    pp,
+                    qp,
+                    zp,
+                )
             }
+        } else {
+            nans += cpu::bin_tile(&s.host_f32()?, rows, cols, r0, c0, labels, &mut hist);
+            Ok(())
         }
-    }
+    })?;
     if gpu {
         let read = |b: &Option<crate::runtime::device::DeviceBuffer>, len: usize| -> Result<Vec<u64>> {
             let b = b.as_ref().ok_or_else(|| Error::invalid(OP, "no device buffers (internal error)"))?;
@@ -195,6 +177,104 @@ pub fn all_pairs_histogram(emb: &Tensor, labels: &[u32], bins: usize, tile: usiz
         return Err(Error::invalid(OP, format!("{} pairs counted of {total} (internal error)", p + q)));
     }
     Ok(hist)
+}
+
+fn check_tile(op: &'static str, tile: usize) -> Result<()> {
+    if tile == 0 || tile % 64 != 0 || tile > 1 << 15 {
+        return Err(Error::invalid(op, format!("tile: {tile} is not a multiple of 64 up to 32768")));
+    }
+    Ok(())
+}
+
+/// Calls `f(scores, rows, cols, r0, c0)` on each tile of the upper
+/// triangle of `emb·embᵀ` (`tile` rows and columns; tiles of the diagonal
+/// whole): `scores` `[rows, cols]` f32 on `emb`'s device holds rows
+/// r0.. against rows c0.. (c0 ≥ r0). At most four tile buffers are made
+/// (the full tile and the partial last row / column / corner).
+fn for_each_tile(
+    emb: &Tensor,
+    tile: usize,
+    mut f: impl FnMut(&Tensor, usize, usize, usize, usize) -> Result<()>,
+) -> Result<()> {
+    let n = emb.shape()[0];
+    let dev = emb.device();
+    let mut tiles: Vec<Tensor> = Vec::new();
+    for r0 in (0..n).step_by(tile) {
+        let rows = tile.min(n - r0);
+        let a = emb.narrow(0, r0, rows)?;
+        for c0 in (r0..n).step_by(tile) {
+            let cols = tile.min(n - c0);
+            let b = emb.narrow(0, c0, cols)?;
+            let s = match tiles.iter().position(|t| t.shape() == [rows, cols]) {
+                Some(k) => &mut tiles[k],
+                None => {
+                    tiles.push(Tensor::empty(dev, &[rows, cols], DType::F32)?);
+                    tiles.last_mut().expect("just pushed")
+                }
+            };
+            gemm(1.0, &a, Op::N, &b, Op::T, 0.0, s)?;
+            f(s, rows, cols, r0, c0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Most pairs [`all_pair_scores`] returns (2^28: 2 GiB of f64 scores).
+pub const MAX_SCORED_PAIRS: usize = 1 << 28;
+
+/// Every unordered pair's score of the rows of `emb` (`[n, d]` f32, on any
+/// device), in the order (0, 1), (0, 2), …, (1, 2), …, with whether its
+/// `labels` are equal: the exact scores [`Roc::new`] takes, made by the
+/// same GEMM tiles as [`all_pairs_histogram`] and downloaded a tile at a
+/// time (`tile` as there). Errors: fewer than 2 rows, labels of another
+/// length, a tile that is 0 or not a multiple of 64, more than
+/// [`MAX_SCORED_PAIRS`] pairs (use [`all_pairs_histogram`]), a non-finite
+/// score.
+pub fn all_pair_scores(emb: &Tensor, labels: &[u32], tile: usize) -> Result<(Vec<f64>, Vec<bool>)> {
+    const OP: &str = "all_pair_scores";
+    let (n, _) = emb.dims2(OP)?;
+    if emb.dtype() != DType::F32 {
+        return Err(Error::invalid(OP, format!("embeddings must be f32, got {:?}", emb.dtype())));
+    }
+    if n < 2 {
+        return Err(Error::invalid(OP, format!("{n} embeddings: at least 2 make a pair")));
+    }
+    if labels.len() != n {
+        return Err(Error::Shape {
+            op: OP,
+            expected: format!("a label per embedding ({n})"),
+            got: format!("{} labels", labels.len()),
+        });
+    }
+    let pairs = n.checked_mul(n - 1).map(|p| p / 2).filter(|&p| p <= MAX_SCORED_PAIRS).ok_or_else(|| {
+        Error::invalid(
+            OP,
+            format!("{n} embeddings: more than {MAX_SCORED_PAIRS} pairs; count them with all_pairs_histogram"),
+        )
+    })?;
+    check_tile(OP, tile)?;
+    // Row i's pairs (i, j > i) start at offset(i) in the output.
+    let offset = |i: usize| i * (2 * n - i - 1) / 2;
+    let mut scores = vec![0f64; pairs];
+    let mut issame = vec![false; pairs];
+    for_each_tile(emb, tile, |s, rows, cols, r0, c0| {
+        let v = s.host_f32()?;
+        for a in 0..rows {
+            let i = r0 + a;
+            // Columns j > i of this tile.
+            let first = (i + 1).max(c0);
+            for j in first..c0 + cols {
+                let (k, x) = (offset(i) + j - i - 1, v[a * cols + j - c0]);
+                if !x.is_finite() {
+                    return Err(Error::invalid(OP, format!("the score of pair ({i}, {j}) is {x}")));
+                }
+                scores[k] = x as f64;
+                issame[k] = labels[i] == labels[j];
+            }
+        }
+        Ok(())
+    })?;
+    Ok((scores, issame))
 }
 
 /// The kernel's arithmetic on the host (the CPU path and the reference).
