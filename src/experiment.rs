@@ -416,11 +416,8 @@ pub fn run(cfg: &ExperimentConfig, data: &[PathBuf], log: &mut dyn FnMut(&str)) 
     let size = cfg.train.network_config()?.input;
     let mut report = Report { machine: machine(&dev), settings: settings(&cfg.train), datasets: Vec::new() };
     for path in data {
-        let bar = crate::train::run::scan_bar(cfg.progress);
-        let base = Arc::new(Dataset::open_with(path, size, |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        })?);
+        let bar = crate::progress::scan_bar(cfg.progress);
+        let base = Arc::new(Dataset::open_with(path, size, crate::progress::follow(&bar))?);
         bar.finish_and_clear();
         let sp = split(base, cfg.held_out, cfg.max_held_out_images, cfg.rare_fraction, cfg.train.seed)?;
         let n = sp.train_counts.len();

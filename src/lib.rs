@@ -45,6 +45,7 @@ pub mod experiment;
 pub mod head;
 pub mod io;
 pub mod ops;
+pub mod progress;
 pub mod regress;
 pub mod runtime;
 pub mod tokenizer;

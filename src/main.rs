@@ -471,22 +471,11 @@ struct IjbArgs {
     roc: Option<PathBuf>,
 }
 
-/// A progress callback `(done, total)` moving `bar`.
-fn follow(bar: &indicatif::ProgressBar) -> impl FnMut(usize, usize) + '_ {
-    |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    }
-}
+use gif_fr::progress::follow;
 
 /// A progress bar of `what` (hidden when `quiet`).
 fn progress_bar(quiet: bool, what: &str) -> indicatif::ProgressBar {
-    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
-    let template = format!("{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}} < {{eta_precise}}]");
-    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
-        bar.set_style(style);
-    }
-    bar
+    gif_fr::progress::bar(!quiet, what)
 }
 
 fn info() {
@@ -727,7 +716,7 @@ fn embed_cmd(a: EmbedArgs) -> Result<(), Error> {
             b
         }
         (None, Some(data)) => {
-            let scan = progress_bar(a.quiet, "headers read (no property file)");
+            let scan = gif_fr::progress::scan_bar(!a.quiet);
             let ds = gif_fr::data::Dataset::open_with(data, input, follow(&scan))?;
             scan.finish_and_clear();
             let n = ds.len();
@@ -886,7 +875,7 @@ fn ijb_cmd(a: IjbArgs) -> Result<(), Error> {
 
 fn identity_vectors_cmd(a: IdentityVectorsArgs) -> Result<(), Error> {
     let mut net = a.net.load()?;
-    let scan = progress_bar(a.quiet, "headers read (no property file)");
+    let scan = gif_fr::progress::scan_bar(!a.quiet);
     let ds = gif_fr::data::Dataset::open_with(&a.data, net.config().input, follow(&scan))?;
     scan.finish_and_clear();
     let t0 = std::time::Instant::now();

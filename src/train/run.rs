@@ -147,17 +147,6 @@ fn build_head(cfg: &TrainConfig, n: usize, dev: &Device, log: &mut dyn FnMut(&st
     })
 }
 
-/// A bar for a RecordIO header scan (hidden unless `show`).
-pub(crate) fn scan_bar(show: bool) -> indicatif::ProgressBar {
-    let bar = if show { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{bar:30} {pos}/{len} headers read (no property file) [{elapsed_precise} < {eta_precise}]",
-    ) {
-        bar.set_style(style);
-    }
-    bar
-}
-
 use crate::io::append_line as append;
 
 /// The training data `cfg` names (`rec`, an `images` folder, or `images`
@@ -175,11 +164,8 @@ pub fn open_dataset(cfg: &TrainConfig, progress: impl FnMut(usize, usize)) -> Re
 
 /// Runs the training `cfg` describes (see the module documentation).
 pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
-    let bar = scan_bar(opts.progress);
-    let dataset = open_dataset(cfg, |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })?;
+    let bar = crate::progress::scan_bar(opts.progress);
+    let dataset = open_dataset(cfg, crate::progress::follow(&bar))?;
     bar.finish_and_clear();
     Ok(run_on(cfg, Arc::new(dataset), opts)?.0)
 }
