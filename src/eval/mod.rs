@@ -194,10 +194,7 @@ pub fn roc_svg(curves: &[(&str, &Roc)]) -> String {
     let (pw, ph) = (w - left - right, h - top - bottom);
     let x = |far: f64| left + (far.max(1e-6).log10() + 6.0) / 6.0 * pw;
     let y = |tar: f64| top + (1.0 - tar) * ph;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
-    );
+    let mut s = svg_open(w, h);
     for k in 0..=6 {
         let xv = left + k as f64 / 6.0 * pw;
         s += &format!(
@@ -219,14 +216,7 @@ pub fn roc_svg(curves: &[(&str, &Roc)]) -> String {
             y(t) + 4.0
         );
     }
-    s += &format!(
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">FAR</text>\
-         <text x=\"14\" y=\"{:.1}\" transform=\"rotate(-90 14 {:.1})\" text-anchor=\"middle\">TAR</text>\n",
-        left + pw / 2.0,
-        h - 8.0,
-        top + ph / 2.0,
-        top + ph / 2.0
-    );
+    s += &axis_titles((left, top, pw, ph, h), "FAR", "TAR");
     for (i, (name, roc)) in curves.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
         // A step curve: each point's TAR holds until the next FAR.
@@ -297,10 +287,7 @@ pub fn line_svg(x_label: &str, y_label: &str, log_y: bool, series: &[(String, Ve
     let (x0, x1) = (x0 - pad, x1 + pad);
     let px = |x: f64| left + (x.log10() - x0) / (x1 - x0) * pw;
     let py = |y: f64| top + (1.0 - (ty(y) - y0) / (y1 - y0)) * ph;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
-    );
+    let mut s = svg_open(w, h);
     // Grid: x at the data's distinct x values; y at 5 even steps.
     let mut xs: Vec<f64> = pts.iter().map(|p| p.0).collect();
     xs.sort_by(f64::total_cmp);
@@ -327,16 +314,7 @@ pub fn line_svg(x_label: &str, y_label: &str, log_y: bool, series: &[(String, Ve
             if v.abs() >= 100.0 { format!("{v:.0}") } else { format!("{v:.3}") }
         );
     }
-    s += &format!(
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\
-         <text x=\"14\" y=\"{:.1}\" transform=\"rotate(-90 14 {:.1})\" text-anchor=\"middle\">{}</text>\n",
-        left + pw / 2.0,
-        h - 8.0,
-        xml_escape(x_label),
-        top + ph / 2.0,
-        top + ph / 2.0,
-        xml_escape(y_label)
-    );
+    s += &axis_titles((left, top, pw, ph, h), x_label, y_label);
     for (i, (name, p)) in series.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
         let p: Vec<(f64, f64)> = p.iter().copied().filter(ok).collect();
@@ -354,6 +332,28 @@ pub fn line_svg(x_label: &str, y_label: &str, log_y: bool, series: &[(String, Ve
     }
     s += "</svg>\n";
     s
+}
+
+/// An SVG document's opening: the element and a white background.
+fn svg_open(w: f64, h: f64) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
+    )
+}
+
+/// The axes' titles of a plot area at (`left`, `top`) of `pw` × `ph` in a
+/// figure `h` high: x centred below, y rotated at the left.
+fn axis_titles((left, top, pw, ph, h): (f64, f64, f64, f64, f64), x_label: &str, y_label: &str) -> String {
+    let mid = top + ph / 2.0;
+    format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\
+         <text x=\"14\" y=\"{mid:.1}\" transform=\"rotate(-90 14 {mid:.1})\" text-anchor=\"middle\">{}</text>\n",
+        left + pw / 2.0,
+        h - 8.0,
+        xml_escape(x_label),
+        xml_escape(y_label)
+    )
 }
 
 const COLOURS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
