@@ -156,6 +156,11 @@ fn main() {
                     net_rows.push(NetRow { device: label.clone(), arch: arch.into(), dtype, what, b, seconds });
                 };
                 row("inference", &mut || net.infer(&x).map(drop));
+                if !gpu && dtype == DType::F32 {
+                    // The CPU's `infer` is the folded network; this is the
+                    // layer-by-layer eval forward it replaces.
+                    row("eval forward, layer by layer", &mut || net.forward(&x, false).map(drop));
+                }
                 if arch == "r50" {
                     row("training step", &mut || {
                         net.forward(&x, true)?;

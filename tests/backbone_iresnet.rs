@@ -389,3 +389,106 @@ fn bad_input_is_a_clear_error() {
         Err(Error::InvalidArgument { .. })
     ));
 }
+
+/// `cfg`'s network with every BatchNorm's statistics and affine
+/// parameters and every PReLU slope random: a fresh network's (γ = 1,
+/// β = 0, mean 0, variance 1) would fold to almost nothing and hide a
+/// wrong fold.
+fn randomized(cfg: IResNetConfig, dev: &Device, seed: u64) -> IResNet {
+    let mut net = IResNet::new(cfg, dev, seed).unwrap();
+    let mut r = rng(seed + 100);
+    let names: Vec<(String, Vec<usize>)> = net.state().iter().map(|(k, v)| (k.clone(), v.shape().to_vec())).collect();
+    for (name, shape) in names {
+        let n: usize = shape.iter().product();
+        let v = if name.ends_with("running_var") {
+            uniform(&mut r, n, 0.3, 2.0)
+        } else if name.ends_with("running_mean") || name.ends_with(".bias") {
+            uniform(&mut r, n, -0.5, 0.5)
+        } else if name.ends_with(".weight") && shape.len() == 1 {
+            // BatchNorm γ and PReLU slopes.
+            uniform(&mut r, n, 0.5, 1.5)
+        } else {
+            continue;
+        };
+        net.set(&name, Tensor::from_slice(dev, &shape, &v).unwrap()).unwrap();
+    }
+    net
+}
+
+/// max |a − b| / max |b|.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// The folded CPU network (BatchNorms folded, epilogues fused, Winograd)
+/// against the layer-by-layer eval forward, at an input of 48: feature
+/// maps of 48, 24, 12, 6 and 3, so F(4x4, 3x3)'s tiles overhang the maps of
+/// 6 and 3 and F(2x2, 3x3)'s the map of 3; every variant and the
+/// per-size choice; batches of 3, then 1, then 3 again through the same
+/// (kept) buffers.
+#[test]
+fn folded_network_equals_the_layer_by_layer_eval_forward() {
+    use gif_fr::backbone::Winograd;
+    let dev = Device::cpu();
+    let cfg = IResNetConfig { input: 48, ..tiny() };
+    let mut net = randomized(cfg, &dev, 21);
+    let mut r = rng(22);
+    let x3 = uniform(&mut r, 3 * 48 * 48 * 3, -1.0, 1.0);
+    let x1 = x3[..48 * 48 * 3].to_vec();
+    let want3 =
+        net.forward(&Tensor::from_slice(&dev, &[3, 48, 48, 3], &x3).unwrap(), false).unwrap().to_vec::<f32>().unwrap();
+    let want1 = want3[..6].to_vec();
+    // Measured: 2-6e-7 (no Winograd, F2), 3e-6 (F4), 1e-6 (per size); the
+    // bounds leave ~18x, far below what one wrong transform coefficient
+    // gives (0.28, tried).
+    for (w, tol) in [(Winograd::Off, 1e-5), (Winograd::F2, 1e-5), (Winograd::F4, 5e-5), (Winograd::Auto, 1e-5)] {
+        let f = net.folded(w).unwrap();
+        for (x, b, want) in [(&x3, 3, &want3), (&x1, 1, &want1), (&x3, 3, &want3)] {
+            let got = f.embed(x, b).unwrap();
+            let e = rel_err(&got, want);
+            assert!(e <= tol, "{w:?} B = {b}: max |folded − layer by layer| / max |y| = {e:e} > {tol:e}");
+        }
+    }
+    // Bad input: typed errors, nothing computed.
+    let f = net.folded(Winograd::Auto).unwrap();
+    assert!(matches!(f.embed(&x3, 2), Err(Error::Shape { .. })), "3 images given as 2");
+    assert!(matches!(f.embed(&[], 0), Err(Error::Shape { .. })), "an empty batch");
+    assert!(matches!(f.embed(&x3, usize::MAX / 2), Err(Error::Shape { .. })), "an overflowing batch");
+}
+
+/// `infer` on the CPU runs the folded network, and refolds after anything
+/// that changes a parameter or a running statistic: `set`, `params_mut`,
+/// a training forward (new running statistics).
+#[test]
+fn cpu_infer_is_folded_and_follows_parameter_changes() {
+    let dev = Device::cpu();
+    let mut net = randomized(tiny(), &dev, 31);
+    let (_, x) = images(&dev, 3, 32);
+    let eval = |net: &mut IResNet| net.forward(&x, false).unwrap().to_vec::<f32>().unwrap();
+    let check = |net: &mut IResNet, what: &str| -> Vec<f32> {
+        let got = net.infer(&x).unwrap().to_vec::<f32>().unwrap();
+        let e = rel_err(&got, &eval(net));
+        assert!(e <= 1e-5, "{what}: infer differs from the eval forward by {e:e}");
+        got
+    };
+    let before = check(&mut net, "fresh");
+    assert_eq!(net.infer(&x).unwrap().to_vec::<f32>().unwrap(), before, "a second call (kept folding) differs");
+    let mean = net.state()["layer1.0.bn2.running_mean"].to_vec::<f32>().unwrap();
+    let moved: Vec<f32> = mean.iter().map(|m| m + 0.7).collect();
+    net.set("layer1.0.bn2.running_mean", Tensor::from_slice(&dev, &[mean.len()], &moved).unwrap()).unwrap();
+    let after_set = check(&mut net, "after set");
+    assert!(rel_err(&after_set, &before) > 1e-3, "set did not reach infer");
+    for (name, t) in net.params_mut() {
+        if name == "conv1.weight" {
+            let v: Vec<f32> = t.to_vec::<f32>().unwrap().iter().map(|w| -w).collect();
+            *t = Tensor::from_slice(&dev, t.shape(), &v).unwrap();
+        }
+    }
+    let after_params = check(&mut net, "after params_mut");
+    assert!(rel_err(&after_params, &after_set) > 1e-3, "params_mut did not reach infer");
+    net.forward(&x, true).unwrap();
+    let after_training = check(&mut net, "after a training forward");
+    assert!(rel_err(&after_training, &after_params) > 1e-3, "new running statistics did not reach infer");
+}

@@ -30,13 +30,14 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::conv::{conv2d_into, ConvShape};
+use super::inference::{BlockParts, FoldedIResNet, Parts, Winograd};
 use super::norm::{
     add_assign, bias_add, column_sums_with, prelu_backward_with, prelu_into, BatchNorm, BnCache, Dropout,
 };
 use super::pool::{Pool, Scratch};
 use crate::error::{Error, Result};
 use crate::ops::gemm::{self, Op};
-use crate::runtime::device::Device;
+use crate::runtime::device::{Device, DeviceKind};
 use crate::runtime::tensor::{DType, Tensor};
 
 /// BatchNorm eps of every layer (insightface: 1e-5).
@@ -231,6 +232,10 @@ pub struct IResNet {
     step: u64,
     pool: Pool,
     cache: Option<ForwardCache>,
+    /// The folded network [`IResNet::infer`] runs on the CPU, built on first
+    /// use; dropped by everything that can change a parameter or a running
+    /// statistic (`params_mut`, `set`, loading, a forward pass).
+    folded: Option<FoldedIResNet>,
 }
 
 fn conv_shape(batch: usize, hw: usize, c_in: usize, c_out: usize, kernel: usize, stride: usize) -> ConvShape {
@@ -301,6 +306,7 @@ impl IResNet {
             step: 0,
             pool: Pool::default(),
             cache: None,
+            folded: None,
             cfg,
         })
     }
@@ -349,6 +355,7 @@ impl IResNet {
     /// not trained, as in insightface). Exactly the names
     /// [`IResNet::backward`] returns gradients for.
     pub fn params_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        self.folded = None;
         fn bn<'a>(v: &mut Vec<(String, &'a mut Tensor)>, prefix: &str, b: &'a mut BatchNorm) {
             v.push((format!("{prefix}.weight"), &mut b.weight));
             v.push((format!("{prefix}.bias"), &mut b.bias));
@@ -465,6 +472,7 @@ impl IResNet {
 
     /// The parameter or buffer `name` (a [`IResNet::state`] name), mutably.
     pub(crate) fn slot(&mut self, name: &str) -> Option<&mut Tensor> {
+        self.folded = None;
         fn bn<'a>(b: &'a mut BatchNorm, field: &str) -> Option<&'a mut Tensor> {
             match field {
                 "weight" => Some(&mut b.weight),
@@ -552,6 +560,7 @@ impl IResNet {
         const OP: &str = "IResNet::forward";
         let b = self.check_images(OP, images)?;
         emb.check_output(OP, &self.device, &[&[b, self.cfg.embedding]])?;
+        self.folded = None;
         self.recycle(b);
         let dropout = if training && self.cfg.dropout > 0.0 {
             self.step += 1;
@@ -566,12 +575,63 @@ impl IResNet {
     /// Embeddings `[B, E]` in eval mode, keeping no activations (the
     /// memory of about one block); a later [`IResNet::backward`] is an
     /// error until the next [`IResNet::forward`].
+    ///
+    /// On the CPU with f32 convolutions this is the folded network
+    /// ([`IResNet::folded`] with Winograd F(4x4, 3x3), built on first use
+    /// and kept until a parameter changes): the same function, rounded
+    /// differently (docs/backbone.md states by how much). Elsewhere, and
+    /// with bf16 convolutions, the layer-by-layer eval forward.
     pub fn infer(&mut self, images: &Tensor) -> Result<Tensor> {
         let b = self.check_images("IResNet::infer", images)?;
+        if self.device.kind() == DeviceKind::Cpu && self.cfg.conv_dtype == DType::F32 {
+            if self.folded.is_none() {
+                self.folded = Some(self.folded(Winograd::F4)?);
+            }
+            let folded = self.folded.as_ref().ok_or_else(|| Error::invalid("IResNet::infer", "no folded network"))?;
+            let emb = folded.embed(&images.host_f32()?, b)?;
+            return Tensor::from_slice(&self.device, &[b, self.cfg.embedding], &emb);
+        }
         let mut emb = Tensor::empty(&self.device, &[b, self.cfg.embedding], DType::F32)?;
         self.recycle(b);
         self.run(images, b, false, None, false, &mut emb).inspect_err(|_| self.release_buffers())?;
         Ok(emb)
+    }
+
+    /// The eval network folded for CPU inference (BatchNorms folded into
+    /// the convolutions and the Linear layer, element-wise layers fused into
+    /// the convolutions' epilogues, the 3x3 stride-1 convolutions by
+    /// `wino`): a snapshot of the current parameters, on the host,
+    /// whatever this network's device.
+    pub fn folded(&self, wino: Winograd) -> Result<FoldedIResNet> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| BlockParts {
+                inplanes: b.inplanes,
+                planes: b.planes,
+                stride: b.stride,
+                bn1: &b.bn1,
+                conv1: &b.conv1,
+                bn2: &b.bn2,
+                prelu: &b.prelu,
+                conv2: &b.conv2,
+                bn3: &b.bn3,
+                downsample: b.downsample.as_ref().map(|(w, bn)| (w, bn)),
+            })
+            .collect();
+        let parts = Parts {
+            input: self.cfg.input,
+            embedding: self.cfg.embedding,
+            conv1: &self.conv1,
+            bn1: &self.bn1,
+            prelu: &self.prelu,
+            blocks,
+            bn2: &self.bn2,
+            fc_weight: &self.fc_weight,
+            fc_bias: &self.fc_bias,
+            features: &self.features,
+        };
+        FoldedIResNet::new(&parts, wino)
     }
 
     /// Bytes held for activations and temporaries: every buffer of the

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod conv;
 pub mod images;
+pub mod inference;
 pub mod iresnet;
 pub mod norm;
 pub(crate) mod pool;
@@ -15,6 +16,7 @@ pub use conv::{
     conv2d, conv2d_data_grad, conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, conv2d_weight_grad_into,
     ConvShape,
 };
+pub use inference::{FoldedIResNet, Winograd};
 pub use iresnet::{IResNet, IResNetConfig};
 pub use norm::{
     add, add_assign, bias_add, column_sums, prelu, prelu_backward, prelu_backward_into, prelu_into, BatchNorm, BnCache,

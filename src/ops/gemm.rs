@@ -254,6 +254,28 @@ pub mod cpu {
         c: &mut [f32],
         ldc: usize,
     ) -> Result<()> {
+        gemm_on(::gemm::Parallelism::Rayon(0), m, n, k, alpha, a, lda, op_a, b, ldb, op_b, beta, c, ldc)
+    }
+
+    /// [`gemm`] on the given threads (`Parallelism::None`: the calling
+    /// thread only, for callers that run several GEMMs side by side).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_on(
+        par: ::gemm::Parallelism,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: &[f32],
+        lda: usize,
+        op_a: Op,
+        b: &[f32],
+        ldb: usize,
+        op_b: Op,
+        beta: f32,
+        c: &mut [f32],
+        ldc: usize,
+    ) -> Result<()> {
         const OP: &str = "gemm::cpu::gemm";
         if m == 0 || n == 0 {
             return Ok(());
@@ -317,7 +339,7 @@ pub mod cpu {
                 false,
                 false,
                 false,
-                ::gemm::Parallelism::Rayon(0),
+                par,
             )
         }
         Ok(())

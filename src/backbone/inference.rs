@@ -1,0 +1,691 @@
+//! Inference-mode IResNet on the CPU: the eval network with every
+//! BatchNorm folded away and the element-wise layers fused into the
+//! convolutions, on f32 NHWC activations.
+//!
+//! Folding (exact algebra; only the rounding differs from the layer by
+//! layer network):
+//! - a BatchNorm *after* a convolution (each block's bn2 and bn3, the
+//!   stem's bn1, the downsample's) scales that convolution's output
+//!   channels and becomes its bias;
+//! - a block's first BatchNorm comes *before* a zero-padded convolution,
+//!   where folding into the weights would be wrong at the borders (the
+//!   padding is zero after the BatchNorm, not before): it is applied while
+//!   the convolution reads its input (the im2col copy or the Winograd
+//!   input transform), padding staying zero;
+//! - the last BatchNorm2d, the Linear layer and BatchNorm1d are one affine
+//!   map: one GEMM with folded weights and bias.
+//!
+//! Fused epilogue: each convolution's output gets its bias, the residual
+//! (the block's input, or the downsample's output) and PReLU while it is
+//! still in cache; no separate pass over the activations.
+//!
+//! Convolutions: the 3x3 stride-1 ones (all but five of an IResNet's, and
+//! nearly all of its arithmetic) by Winograd F(4x4, 3x3) (36 GEMMs of the
+//! transformed tiles, 4x fewer multiplications than direct convolution)
+//! or F(2x2, 3x3) (16 GEMMs, 2.25x fewer; [`Winograd`]); the stem and the
+//! strided convolutions by im2col into a bounded buffer + the `gemm` crate.
+//! Rows of all the batch's images go through the GEMMs together (bounded
+//! chunks), so a small feature map still makes a tall GEMM.
+//!
+//! [`IResNet::infer`](super::IResNet::infer) uses this on the CPU (f32
+//! convolutions); training and `forward(…, false)` keep the unfused layers.
+
+use rayon::prelude::*;
+
+use super::conv::ConvShape;
+use super::norm::BatchNorm;
+use crate::error::{Error, Result};
+use crate::ops::gemm::{cpu::gemm_on, Op};
+use crate::runtime::tensor::Tensor;
+
+/// Floats of transformed tiles (or im2col rows) one chunk of a convolution
+/// may hold: 4 Mi floats, 16 MiB.
+const CHUNK_FLOATS: usize = 1 << 22;
+
+/// The Winograd variant for the 3x3 stride-1 convolutions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Winograd {
+    /// F(2x2, 3x3): 4x4 tiles, 16 GEMMs, 2.25x fewer multiplications.
+    F2,
+    /// F(4x4, 3x3): 6x6 tiles, 36 GEMMs, 4x fewer multiplications (the
+    /// default; its transforms' larger coefficients cost about one decimal
+    /// digit of f32 precision, see docs/backbone.md).
+    F4,
+    /// No Winograd: im2col + GEMM for every convolution.
+    Off,
+    /// Per feature map size (the default): F4 on maps of 28 and more, F2 on
+    /// maps of 14 to 27, im2col below. The transformed weights take a·a/9
+    /// times the weights' memory and every GEMM reads them whole: on small
+    /// maps (few tiles per image) that read, not the arithmetic, is the
+    /// cost, and the deep layers' maps are small while their weights are
+    /// the network's largest.
+    Auto,
+}
+
+/// A Winograd variant's transforms: `m` outputs per tile side from
+/// `a = m + 2` inputs; `bt` (a x a), `g` (a x 3), `at` (m x a), row-major.
+struct Transforms {
+    m: usize,
+    a: usize,
+    bt: &'static [f32],
+    g: &'static [f64],
+    at: &'static [f32],
+}
+
+#[rustfmt::skip]
+const F2: Transforms = Transforms {
+    m: 2,
+    a: 4,
+    bt: &[1., 0., -1., 0., 0., 1., 1., 0., 0., -1., 1., 0., 0., 1., 0., -1.],
+    g: &[1., 0., 0., 0.5, 0.5, 0.5, 0.5, -0.5, 0.5, 0., 0., 1.],
+    at: &[1., 1., 1., 0., 0., 1., -1., -1.],
+};
+
+// Lavin & Gray's F(4, 3) with the points 0, ±1, ±2 and ∞.
+#[rustfmt::skip]
+const F4: Transforms = Transforms {
+    m: 4,
+    a: 6,
+    bt: &[
+        4., 0., -5., 0., 1., 0.,
+        0., -4., -4., 1., 1., 0.,
+        0., 4., -4., -1., 1., 0.,
+        0., -2., -1., 2., 1., 0.,
+        0., 2., -1., -2., 1., 0.,
+        0., 4., 0., -5., 0., 1.,
+    ],
+    g: &[
+        1. / 4., 0., 0.,
+        -1. / 6., -1. / 6., -1. / 6.,
+        -1. / 6., 1. / 6., -1. / 6.,
+        1. / 24., 1. / 12., 1. / 6.,
+        1. / 24., -1. / 12., 1. / 6.,
+        0., 0., 1.,
+    ],
+    at: &[
+        1., 1., 1., 1., 1., 0.,
+        0., 1., -1., 2., -2., 0.,
+        0., 1., 1., 4., 4., 0.,
+        0., 1., -1., 8., -8., 1.,
+    ],
+};
+
+/// A per-channel affine map `x·scale + shift` (an eval BatchNorm).
+#[derive(Clone, Debug)]
+struct Affine {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+impl Affine {
+    /// The eval BatchNorm as `scale`, `shift` (f64 arithmetic, rounded once).
+    fn of(bn: &BatchNorm) -> Result<Affine> {
+        let (g, b) = (bn.weight.host_f32()?, bn.bias.host_f32()?);
+        let (mean, var) = (bn.running_mean.host_f32()?, bn.running_var.host_f32()?);
+        let mut scale = Vec::with_capacity(bn.channels);
+        let mut shift = Vec::with_capacity(bn.channels);
+        for c in 0..bn.channels {
+            let s = g[c] as f64 / (var[c] as f64 + bn.eps as f64).sqrt();
+            scale.push(s as f32);
+            shift.push((b[c] as f64 - mean[c] as f64 * s) as f32);
+        }
+        Ok(Affine { scale, shift })
+    }
+}
+
+/// What a convolution does besides multiplying.
+#[derive(Clone, Copy)]
+struct Epilogue<'a> {
+    /// Added to every output row (the folded BatchNorm's shift).
+    bias: &'a [f32],
+    /// Added row by row: the block's identity or downsample output.
+    residual: Option<&'a [f32]>,
+    /// PReLU slopes per channel, applied last.
+    prelu: Option<&'a [f32]>,
+}
+
+impl Epilogue<'_> {
+    /// Finishes output row `row` (`c_out` values, holding the products).
+    #[inline]
+    fn apply(&self, row: usize, y: &mut [f32]) {
+        for (v, b) in y.iter_mut().zip(self.bias) {
+            *v += b;
+        }
+        if let Some(res) = self.residual {
+            let n = y.len();
+            for (v, r) in y.iter_mut().zip(&res[row * n..(row + 1) * n]) {
+                *v += r;
+            }
+        }
+        if let Some(alpha) = self.prelu {
+            for (v, a) in y.iter_mut().zip(alpha) {
+                if *v < 0.0 {
+                    *v *= a;
+                }
+            }
+        }
+    }
+}
+
+/// A convolution with its BatchNorm folded in.
+struct FoldedConv {
+    shape: ConvShape,
+    /// OHWI weights `[C_out, k·k·C_in]`, scaled per output channel.
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    /// Winograd-transformed weights `[a·a][C_out][C_in]`, for 3x3 stride 1
+    /// (then `w` is empty).
+    wino: Option<(&'static Transforms, Vec<f32>)>,
+}
+
+impl FoldedConv {
+    fn new(w: &Tensor, shape: ConvShape, bn: &BatchNorm, wino: Winograd) -> Result<FoldedConv> {
+        let post = Affine::of(bn)?;
+        let w = w.host_f32()?;
+        let kk = shape.kernel * shape.kernel * shape.c_in;
+        let mut folded = Vec::with_capacity(w.len());
+        for (co, row) in w.chunks(kk).enumerate() {
+            folded.extend(row.iter().map(|v| v * post.scale[co]));
+        }
+        let t = match wino {
+            _ if shape.kernel != 3 || shape.stride != 1 || shape.pad != 1 => None,
+            Winograd::F2 => Some(&F2),
+            Winograd::F4 => Some(&F4),
+            Winograd::Off => None,
+            Winograd::Auto if shape.height.min(shape.width) >= 28 => Some(&F4),
+            Winograd::Auto if shape.height.min(shape.width) >= 14 => Some(&F2),
+            Winograd::Auto => None,
+        };
+        Ok(match t {
+            Some(t) => {
+                let u = transform_weights(t, &folded, shape.c_in, shape.c_out);
+                FoldedConv { shape, w: Vec::new(), bias: post.shift, wino: Some((t, u)) }
+            }
+            None => FoldedConv { shape, w: folded, bias: post.shift, wino: None },
+        })
+    }
+
+    /// `y = conv(pre(x))` finished by `epi`, for `batch` images; `tmp`
+    /// holds the transformed tiles or im2col rows (grown as needed).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        x: &[f32],
+        batch: usize,
+        pre: Option<&Affine>,
+        epi: Epilogue<'_>,
+        y: &mut [f32],
+        tmp: &mut Vec<f32>,
+        prods: &mut Vec<f32>,
+    ) {
+        let shape = ConvShape { batch, ..self.shape };
+        match &self.wino {
+            Some((t, u)) => winograd(t, u, &shape, x, pre, epi, y, tmp, prods),
+            None => im2col_gemm(&shape, &self.w, x, pre, epi, y, tmp),
+        }
+    }
+}
+
+/// `U_ξ = (G g Gᵀ)_ξ` for every (c_out, c_in): `[a·a][C_out][C_in]` from
+/// OHWI 3x3 weights. `U_ij = Σ_rq G_ir·G_jq·g_rq`: each output channel's
+/// a·a rows are sums of its nine taps' `C_in` rows (coefficients in f64,
+/// rounded once), output channels side by side on all cores.
+fn transform_weights(t: &Transforms, w: &[f32], c_in: usize, c_out: usize) -> Vec<f32> {
+    let a = t.a;
+    let coef: Vec<f32> = (0..a * a * 9)
+        .map(|x| {
+            let (xi, rq) = (x / 9, x % 9);
+            (t.g[(xi / a) * 3 + rq / 3] * t.g[(xi % a) * 3 + rq % 3]) as f32
+        })
+        .collect();
+    // Per output channel: its a·a rows of C_in, then scattered to [ξ][co].
+    let rows: Vec<Vec<f32>> = w
+        .par_chunks(9 * c_in)
+        .map(|taps| {
+            let mut out = vec![0f32; a * a * c_in];
+            for (xi, dst) in out.chunks_mut(c_in).enumerate() {
+                for (rq, tap) in taps.chunks(c_in).enumerate() {
+                    let k = coef[xi * 9 + rq];
+                    if k != 0.0 {
+                        dst.iter_mut().zip(tap).for_each(|(d, v)| *d += k * v);
+                    }
+                }
+            }
+            out
+        })
+        .collect();
+    let mut u = vec![0f32; a * a * c_out * c_in];
+    u.par_chunks_mut(c_out * c_in).enumerate().for_each(|(xi, slab)| {
+        for (co, r) in rows.iter().enumerate() {
+            for (ci, v) in r[xi * c_in..(xi + 1) * c_in].iter().enumerate() {
+                slab[ci * c_out + co] = *v;
+            }
+        }
+    });
+    u
+}
+
+/// `v[..n]`, grown (zero-filled) to at least n floats: the workspace's
+/// buffers are allocated once per size, not per call.
+fn grown(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+thread_local! {
+    /// Each worker thread's per-tile scratch (transforms of one tile).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch of at least `n` floats.
+fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| f(grown(&mut s.borrow_mut(), n)))
+}
+
+/// A 3x3 stride-1 pad-1 convolution by Winograd: tiles of m x m outputs
+/// (the batch's tiles in chunks), each chunk's input transform, a·a GEMMs
+/// side by side, and the output transform with the epilogue. `v` and `mm`
+/// hold a chunk's transformed tiles and products.
+#[allow(clippy::too_many_arguments)]
+fn winograd(
+    t: &Transforms,
+    u: &[f32],
+    s: &ConvShape,
+    x: &[f32],
+    pre: Option<&Affine>,
+    epi: Epilogue<'_>,
+    y: &mut [f32],
+    v: &mut Vec<f32>,
+    mm: &mut Vec<f32>,
+) {
+    let (m, a) = (t.m, t.a);
+    let (h, w, ci, co) = (s.height, s.width, s.c_in, s.c_out);
+    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
+    let per_image = th * tw;
+    let tiles = s.batch * per_image;
+    let chunk = (CHUNK_FLOATS / (a * a * ci.max(co))).max(1);
+    let v = grown(v, a * a * chunk.min(tiles) * ci);
+    let mm = grown(mm, a * a * chunk.min(tiles) * co);
+    // Tile index → (image, tile row, tile column).
+    let place = |tile: usize| (tile / per_image, (tile % per_image) / tw, tile % tw);
+    let mut t0 = 0;
+    while t0 < tiles {
+        let n = chunk.min(tiles - t0);
+        // Input transform: V_ξ[tile][c] = (Bᵀ d B)_ξ over each tile's a x a patch.
+        {
+            let vp = SyncPtr(v.as_mut_ptr());
+            (0..n).into_par_iter().for_each(|i| {
+                with_scratch(2 * a * a * ci, |buf| {
+                    let (b, ty, tx) = place(t0 + i);
+                    let (d, tmp) = buf.split_at_mut(a * a * ci);
+                    for r in 0..a {
+                        for q in 0..a {
+                            let dst = &mut d[(r * a + q) * ci..][..ci];
+                            let (iy, ix) = ((ty * m + r).wrapping_sub(1), (tx * m + q).wrapping_sub(1));
+                            if iy < h && ix < w {
+                                let src = &x[((b * h + iy) * w + ix) * ci..][..ci];
+                                match pre {
+                                    Some(p) => {
+                                        for (((o, v), sc), sh) in dst.iter_mut().zip(src).zip(&p.scale).zip(&p.shift) {
+                                            *o = v * sc + sh;
+                                        }
+                                    }
+                                    None => dst.copy_from_slice(src),
+                                }
+                            } else {
+                                dst.fill(0.0);
+                            }
+                        }
+                    }
+                    // tmp = Bᵀ·d (rows), then V = tmp·B (columns).
+                    two_sided(t.bt, a, a, d, tmp, ci);
+                    for xi in 0..a * a {
+                        // SAFETY: tile i of chunk writes only its own rows
+                        // [xi][i][..] of v, disjoint across tiles.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(vp.get().add((xi * n + i) * ci), ci) };
+                        dst.copy_from_slice(&d[xi * ci..(xi + 1) * ci]);
+                    }
+                })
+            });
+        }
+        // The a·a GEMMs: M_ξ [n, C_out] = V_ξ [n, C_in] · U_ξᵀ (U_ξ: [C_out, C_in]).
+        mm[..a * a * n * co].par_chunks_mut(n * co).enumerate().for_each(|(xi, out)| {
+            let (vx, ux) = (&v[xi * n * ci..(xi + 1) * n * ci], &u[xi * ci * co..(xi + 1) * ci * co]);
+            gemm_serial(n, co, ci, vx, Op::N, ux, Op::N, out);
+        });
+        // Output transform + epilogue: Y = Aᵀ M A, the valid pixels of each tile.
+        {
+            let yp = SyncPtr(y.as_mut_ptr());
+            let mm = &*mm;
+            (0..n).into_par_iter().for_each(|i| {
+                with_scratch(2 * a * a * co, |buf| {
+                    let (b, ty, tx) = place(t0 + i);
+                    let (g, tmp) = buf.split_at_mut(a * a * co);
+                    for xi in 0..a * a {
+                        g[xi * co..(xi + 1) * co].copy_from_slice(&mm[(xi * n + i) * co..][..co]);
+                    }
+                    // g = Aᵀ·g·A: m x m outputs in g's first m·m rows.
+                    two_sided(t.at, m, a, g, tmp, co);
+                    for r in 0..m {
+                        for q in 0..m {
+                            let (oy, ox) = (ty * m + r, tx * m + q);
+                            if oy >= h || ox >= w {
+                                continue;
+                            }
+                            let row = (b * h + oy) * w + ox;
+                            // SAFETY: each output pixel belongs to exactly one tile.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(row * co), co) };
+                            dst.copy_from_slice(&g[(r * m + q) * co..][..co]);
+                            epi.apply(row, dst);
+                        }
+                    }
+                })
+            });
+        }
+        t0 += n;
+    }
+}
+
+/// `d ← T·d·Tᵀ` for a `rows x cols` matrix T over an a x a grid of channel
+/// vectors of length `c` (`d`: `[cols][cols][c]`; the result in its first
+/// rows·rows vectors); `tmp` holds a·a·c floats.
+fn two_sided(tm: &[f32], rows: usize, cols: usize, d: &mut [f32], tmp: &mut [f32], c: usize) {
+    // tmp[i][j] = Σ_k T[i][k]·d[k][j]
+    for i in 0..rows {
+        for j in 0..cols {
+            let o = &mut tmp[(i * cols + j) * c..][..c];
+            o.fill(0.0);
+            for k in 0..cols {
+                let coef = tm[i * cols + k];
+                if coef != 0.0 {
+                    let src = &d[(k * cols + j) * c..][..c];
+                    o.iter_mut().zip(src).for_each(|(o, v)| *o += coef * v);
+                }
+            }
+        }
+    }
+    // d[i][j] = Σ_k tmp[i][k]·T[j][k]
+    for i in 0..rows {
+        for j in 0..rows {
+            let o = &mut d[(i * rows + j) * c..][..c];
+            o.fill(0.0);
+            for k in 0..cols {
+                let coef = tm[j * cols + k];
+                if coef != 0.0 {
+                    let src = &tmp[(i * cols + k) * c..][..c];
+                    o.iter_mut().zip(src).for_each(|(o, v)| *o += coef * v);
+                }
+            }
+        }
+    }
+}
+
+/// A convolution by im2col (output rows of the whole batch in chunks) and
+/// the `gemm` crate on all cores, finished by `epi`.
+fn im2col_gemm(
+    s: &ConvShape,
+    w: &[f32],
+    x: &[f32],
+    pre: Option<&Affine>,
+    epi: Epilogue<'_>,
+    y: &mut [f32],
+    col: &mut Vec<f32>,
+) {
+    let ho = (s.height + 2 * s.pad - s.kernel) / s.stride + 1;
+    let wo = (s.width + 2 * s.pad - s.kernel) / s.stride + 1;
+    let (k, ci, co) = (s.kernel, s.c_in, s.c_out);
+    let kk = k * k * ci;
+    let rows = s.batch * ho * wo;
+    let chunk = (CHUNK_FLOATS / kk).clamp(1, rows);
+    let col = grown(col, chunk * kk);
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = chunk.min(rows - r0);
+        col[..n * kk].par_chunks_mut(kk).enumerate().for_each(|(i, dst)| {
+            let row = r0 + i;
+            let (b, pix) = (row / (ho * wo), row % (ho * wo));
+            let (oy, ox) = (pix / wo, pix % wo);
+            for r in 0..k {
+                for q in 0..k {
+                    let d = &mut dst[(r * k + q) * ci..][..ci];
+                    let iy = (oy * s.stride + r).wrapping_sub(s.pad);
+                    let ix = (ox * s.stride + q).wrapping_sub(s.pad);
+                    if iy < s.height && ix < s.width {
+                        let src = &x[((b * s.height + iy) * s.width + ix) * ci..][..ci];
+                        match pre {
+                            Some(p) => {
+                                for (((o, v), sc), sh) in d.iter_mut().zip(src).zip(&p.scale).zip(&p.shift) {
+                                    *o = v * sc + sh;
+                                }
+                            }
+                            None => d.copy_from_slice(src),
+                        }
+                    } else {
+                        d.fill(0.0);
+                    }
+                }
+            }
+        });
+        let out = &mut y[r0 * co..(r0 + n) * co];
+        gemm_on(::gemm::Parallelism::Rayon(0), n, co, kk, 1.0, &col[..n * kk], kk, Op::N, w, kk, Op::T, 0.0, out, co)
+            .unwrap_or_else(|e| panic!("gif-fr bug: inconsistent GEMM sizes in the folded network: {e}"));
+        out.par_chunks_mut(co).enumerate().for_each(|(i, yr)| epi.apply(r0 + i, yr));
+        r0 += n;
+    }
+}
+
+/// `c = op(a)·op(b)` on the calling thread.
+#[allow(clippy::too_many_arguments)]
+fn gemm_serial(m: usize, n: usize, k: usize, a: &[f32], op_a: Op, b: &[f32], op_b: Op, c: &mut [f32]) {
+    let lda = if op_a == Op::N { k } else { m };
+    let ldb = if op_b == Op::N { n } else { k };
+    gemm_on(::gemm::Parallelism::None, m, n, k, 1.0, a, lda, op_a, b, ldb, op_b, 0.0, c, n)
+        .unwrap_or_else(|e| panic!("gif-fr bug: inconsistent GEMM sizes in the folded network: {e}"));
+}
+
+/// A raw pointer shared by the tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: used only where each task writes a disjoint range (stated at each use).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One IBasicBlock, folded.
+struct FoldedBlock {
+    /// bn1, applied as conv1 reads its input.
+    pre: Affine,
+    /// conv1 with bn2 folded, then PReLU.
+    conv1: FoldedConv,
+    prelu: Vec<f32>,
+    /// conv2 (the block's stride) with bn3 folded.
+    conv2: FoldedConv,
+    /// The 1x1 downsample with its BatchNorm folded.
+    downsample: Option<FoldedConv>,
+}
+
+/// The eval IResNet, folded (see the module's documentation).
+pub struct FoldedIResNet {
+    input: usize,
+    embedding: usize,
+    stem: FoldedConv,
+    stem_prelu: Vec<f32>,
+    blocks: Vec<FoldedBlock>,
+    /// bn2 → flatten → Linear → BatchNorm1d as one map: `[E, H·W·C]`, `[E]`.
+    fc_w: Vec<f32>,
+    fc_b: Vec<f32>,
+    /// Activations and temporaries, kept between calls (grown to the
+    /// largest batch seen): no allocation per call at a batch size seen.
+    work: std::sync::Mutex<Workspace>,
+}
+
+/// [`FoldedIResNet`]'s buffers: four activations, the convolutions' tiles
+/// (or im2col rows) and products.
+#[derive(Default)]
+struct Workspace {
+    act: [Vec<f32>; 4],
+    tiles: Vec<f32>,
+    prods: Vec<f32>,
+}
+
+/// The parts of an IResNet the folding reads (borrowed from the network).
+pub(crate) struct Parts<'a> {
+    pub input: usize,
+    pub embedding: usize,
+    pub conv1: &'a Tensor,
+    pub bn1: &'a BatchNorm,
+    pub prelu: &'a Tensor,
+    pub blocks: Vec<BlockParts<'a>>,
+    pub bn2: &'a BatchNorm,
+    pub fc_weight: &'a Tensor,
+    pub fc_bias: &'a Tensor,
+    pub features: &'a BatchNorm,
+}
+
+/// One block's parameters.
+pub(crate) struct BlockParts<'a> {
+    pub inplanes: usize,
+    pub planes: usize,
+    pub stride: usize,
+    pub bn1: &'a BatchNorm,
+    pub conv1: &'a Tensor,
+    pub bn2: &'a BatchNorm,
+    pub prelu: &'a Tensor,
+    pub conv2: &'a Tensor,
+    pub bn3: &'a BatchNorm,
+    pub downsample: Option<(&'a Tensor, &'a BatchNorm)>,
+}
+
+fn shape(hw: usize, c_in: usize, c_out: usize, kernel: usize, stride: usize) -> ConvShape {
+    ConvShape { batch: 1, height: hw, width: hw, c_in, c_out, kernel, stride, pad: kernel / 2 }
+}
+
+impl FoldedIResNet {
+    pub(crate) fn new(p: &Parts<'_>, wino: Winograd) -> Result<FoldedIResNet> {
+        let stem_c = p.bn1.channels;
+        let mut hw = p.input;
+        let stem = FoldedConv::new(p.conv1, shape(hw, 3, stem_c, 3, 1), p.bn1, Winograd::Off)?;
+        let mut blocks = Vec::with_capacity(p.blocks.len());
+        for b in &p.blocks {
+            let conv1 = FoldedConv::new(b.conv1, shape(hw, b.inplanes, b.planes, 3, 1), b.bn2, wino)?;
+            let conv2 = FoldedConv::new(b.conv2, shape(hw, b.planes, b.planes, 3, b.stride), b.bn3, wino)?;
+            let downsample = match b.downsample {
+                Some((w, bn)) => Some(FoldedConv::new(w, shape(hw, b.inplanes, b.planes, 1, b.stride), bn, wino)?),
+                None => None,
+            };
+            blocks.push(FoldedBlock {
+                pre: Affine::of(b.bn1)?,
+                conv1,
+                prelu: b.prelu.host_f32()?.into_owned(),
+                conv2,
+                downsample,
+            });
+            hw /= b.stride;
+        }
+        // bn2 (per channel of the NHWC flattening) → fc → features, in f64.
+        let (bn2, feat) = (Affine::of(p.bn2)?, Affine::of(p.features)?);
+        let (w, b0) = (p.fc_weight.host_f32()?, p.fc_bias.host_f32()?);
+        let c = p.bn2.channels;
+        let j = w.len() / p.embedding;
+        let mut fc_w = Vec::with_capacity(w.len());
+        let mut fc_b = Vec::with_capacity(p.embedding);
+        for (e, row) in w.chunks(j).enumerate() {
+            let mut bias = b0[e] as f64;
+            for (i, &v) in row.iter().enumerate() {
+                bias += v as f64 * bn2.shift[i % c] as f64;
+                fc_w.push(v * bn2.scale[i % c] * feat.scale[e]);
+            }
+            fc_b.push((bias * feat.scale[e] as f64 + feat.shift[e] as f64) as f32);
+        }
+        Ok(FoldedIResNet {
+            input: p.input,
+            embedding: p.embedding,
+            stem,
+            stem_prelu: p.prelu.host_f32()?.into_owned(),
+            blocks,
+            fc_w,
+            fc_b,
+            work: Default::default(),
+        })
+    }
+
+    /// Embeddings `[B, E]` of `batch` NHWC f32 images (`[B, H, W, 3]`,
+    /// normalized as the network expects).
+    pub fn embed(&self, images: &[f32], batch: usize) -> Result<Vec<f32>> {
+        const OP: &str = "FoldedIResNet::embed";
+        let s = self.input;
+        let need = batch.checked_mul(s * s * 3);
+        if batch == 0 || need != Some(images.len()) {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("{batch} (> 0) images of {s}x{s}x3"),
+                got: format!("{} values", images.len()),
+            });
+        }
+        // The largest activation: every buffer is sized for it once.
+        let rows = batch * s * s;
+        let widest = self.blocks.iter().map(|b| b.conv1.shape.c_out).chain([self.stem.shape.c_out]).max();
+        let cap = widest
+            .and_then(|c| rows.checked_mul(c))
+            .filter(|&n| n <= isize::MAX as usize / 4)
+            .ok_or_else(|| Error::invalid(OP, format!("a batch of {batch} images overflows the activations' size")))?;
+        let mut guard = self.work.lock().map_err(|_| Error::invalid(OP, "a previous call panicked"))?;
+        let Workspace { act, tiles, prods } = &mut *guard;
+        for a in act.iter_mut() {
+            grown(a, cap);
+        }
+        let [x, p, y, r] = act;
+        let stem_out = rows * self.stem.shape.c_out;
+        let epi = Epilogue { bias: &self.stem.bias, residual: None, prelu: Some(&self.stem_prelu) };
+        self.stem.run(images, batch, None, epi, &mut x[..stem_out], tiles, prods);
+        let mut hw = s;
+        let mut len = stem_out;
+        for b in &self.blocks {
+            let (c1, c2) = (&b.conv1, &b.conv2);
+            let p_len = batch * hw * hw * c1.shape.c_out;
+            let epi = Epilogue { bias: &c1.bias, residual: None, prelu: Some(&b.prelu) };
+            c1.run(&x[..len], batch, Some(&b.pre), epi, &mut p[..p_len], tiles, prods);
+            let ho = hw / c2.shape.stride;
+            let y_len = batch * ho * ho * c2.shape.c_out;
+            let residual: &[f32] = match &b.downsample {
+                Some(ds) => {
+                    let epi = Epilogue { bias: &ds.bias, residual: None, prelu: None };
+                    ds.run(&x[..len], batch, None, epi, &mut r[..y_len], tiles, prods);
+                    &r[..y_len]
+                }
+                None => &x[..len],
+            };
+            let epi = Epilogue { bias: &c2.bias, residual: Some(residual), prelu: None };
+            c2.run(&p[..p_len], batch, None, epi, &mut y[..y_len], tiles, prods);
+            std::mem::swap(x, y);
+            (hw, len) = (ho, y_len);
+        }
+        let j = len / batch;
+        let e = self.embedding;
+        let mut out = vec![0f32; batch * e];
+        gemm_on(
+            ::gemm::Parallelism::Rayon(0),
+            batch,
+            e,
+            j,
+            1.0,
+            &x[..len],
+            j,
+            Op::N,
+            &self.fc_w,
+            j,
+            Op::T,
+            0.0,
+            &mut out,
+            e,
+        )?;
+        out.par_chunks_mut(e).for_each(|row| row.iter_mut().zip(&self.fc_b).for_each(|(v, b)| *v += b));
+        Ok(out)
+    }
+}
