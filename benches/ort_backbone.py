@@ -15,10 +15,11 @@ execution provider. This script:
    thread count (intra-op threads; graph optimizations on, which fold
    Conv + BatchNormalization as insightface's users get them);
 3. runs `gif-fr embed` on the same images with RAYON_NUM_THREADS at the
-   same thread counts, and takes its steady-state time per batch as the
-   difference between embedding R + 1 batches and 1 batch (so the process
-   start, the weight loading and the one-time folding are not counted;
-   onnxruntime's session creation is not counted either);
+   same thread counts, R + 1 batches, and reads its steady-state time per
+   batch from its last line (the median batch after the first: the
+   process start, the weight loading and the one-time folding are not
+   counted; onnxruntime's session creation and first run are not counted
+   either);
 4. checks that the embeddings agree and prints the table: seconds per batch
    for each, and gif-fr's time as a multiple of onnxruntime's.
 
@@ -29,12 +30,14 @@ Setup (onnxruntime and onnx from the Python package index; no PyTorch):
     cargo build --release
     /tmp/ortenv/bin/python benches/ort_backbone.py --arch r50 --batch 1,8,32 --threads 1,2
 
-Timings are medians of --trials runs (each of --reps batches), interleaved
-between the two engines so that a noisy machine affects both alike.
+Timings: each run's median batch (of --reps after a first, untimed one),
+then the median over --trials runs, the two engines interleaved so that a
+noisy machine affects both alike.
 """
 import argparse
 import json
 import os
+import re
 import statistics
 import struct
 import subprocess
@@ -187,29 +190,29 @@ def ort_session(model_path, threads):
 
 
 def time_ort(sess, x, reps):
+    """The median seconds of `reps` runs after a first one."""
     sess.run(None, {"input": x})
-    t0 = time.perf_counter()
+    times = []
     for _ in range(reps):
+        t0 = time.perf_counter()
         sess.run(None, {"input": x})
-    return (time.perf_counter() - t0) / reps
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def run_gif_fr(exe, arch, weights, images, out, batch, threads):
-    """Seconds gif-fr embed reports for embedding `images` (its own line)."""
+    """The median seconds per batch after the first that gif-fr embed
+    reports (`... later batches of B: median S s per batch)`)."""
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     cmd = [exe, "embed", "--arch", arch, "--weights", weights, "--images", images, "--out", out,
            "--batch", str(batch), "--device", "cpu"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"gif-fr embed failed ({r.returncode}):\n{r.stderr}")
-    for line in r.stderr.splitlines():
-        if line.startswith("embedded "):
-            return float(line.split(" in ")[-1].split()[0])
-    sys.exit(f"gif-fr embed printed no timing line:\n{r.stderr}")
-
-
-def write_npy(path, a):
-    np.save(path, a)
+    m = re.search(r"median ([0-9.]+) s per batch", r.stderr)
+    if not m:
+        sys.exit(f"gif-fr embed printed no steady-state timing:\n{r.stderr}")
+    return float(m.group(1))
 
 
 def main():
@@ -217,7 +220,7 @@ def main():
     ap.add_argument("--arch", default="r50", help="comma-separated: r18, r34, r50, r100")
     ap.add_argument("--batch", default="1,8,32")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--reps", type=int, default=4, help="batches per timing")
+    ap.add_argument("--reps", type=int, default=4, help="timed batches per run (after a first, untimed one)")
     ap.add_argument("--trials", type=int, default=3, help="timings per case (the median is reported)")
     ap.add_argument("--gif-fr", default="target/release/gif-fr", help="the gif-fr binary (cargo build --release)")
     ap.add_argument("--seed", type=int, default=1)
@@ -239,17 +242,14 @@ def main():
             rng = np.random.default_rng(args.seed + 1)
             for b in map(int, args.batch.split(",")):
                 x = rng.uniform(-1, 1, (b * (args.reps + 1), 3, SIZE, SIZE)).astype(np.float32)
-                one, many = os.path.join(tmp, "one.npy"), os.path.join(tmp, "many.npy")
-                write_npy(one, x[:b])
-                write_npy(many, x)
+                many = os.path.join(tmp, "many.npy")
+                np.save(many, x)
                 out = os.path.join(tmp, "out.npy")
                 for t in map(int, args.threads.split(",")):
                     sess = ort_session(model_path, t)
                     ours, theirs = [], []
                     for _ in range(args.trials):
-                        t1 = run_gif_fr(args.gif_fr, arch, weights, one, out, b, t)
-                        tn = run_gif_fr(args.gif_fr, arch, weights, many, out, b, t)
-                        ours.append(max(tn - t1, 1e-9) / args.reps)
+                        ours.append(run_gif_fr(args.gif_fr, arch, weights, many, out, b, t))
                         theirs.append(time_ort(sess, x[:b], args.reps))
                     ref = sess.run(None, {"input": x})[0]
                     got = np.load(out)

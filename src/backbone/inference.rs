@@ -173,7 +173,7 @@ struct FoldedConv {
     /// OHWI weights `[C_out, k·k·C_in]`, scaled per output channel.
     w: Vec<f32>,
     bias: Vec<f32>,
-    /// Winograd-transformed weights `[a·a][C_out][C_in]`, for 3x3 stride 1
+    /// Winograd-transformed weights `[a·a][C_in][C_out]`, for 3x3 stride 1
     /// (then `w` is empty).
     wino: Option<(&'static Transforms, Vec<f32>)>,
 }
@@ -226,10 +226,10 @@ impl FoldedConv {
     }
 }
 
-/// `U_ξ = (G g Gᵀ)_ξ` for every (c_out, c_in): `[a·a][C_out][C_in]` from
+/// `U_ξ = (G g Gᵀ)_ξ` for every (c_in, c_out): `[a·a][C_in][C_out]` from
 /// OHWI 3x3 weights. `U_ij = Σ_rq G_ir·G_jq·g_rq`: each output channel's
-/// a·a rows are sums of its nine taps' `C_in` rows (coefficients in f64,
-/// rounded once), output channels side by side on all cores.
+/// row of slab ξ is a sum of its nine taps' `C_in` rows (coefficients in
+/// f64, rounded once); the slabs side by side on all cores.
 fn transform_weights(t: &Transforms, w: &[f32], c_in: usize, c_out: usize) -> Vec<f32> {
     let a = t.a;
     let coef: Vec<f32> = (0..a * a * 9)
@@ -238,27 +238,29 @@ fn transform_weights(t: &Transforms, w: &[f32], c_in: usize, c_out: usize) -> Ve
             (t.g[(xi / a) * 3 + rq / 3] * t.g[(xi % a) * 3 + rq % 3]) as f32
         })
         .collect();
-    // Per output channel: its a·a rows of C_in, then scattered to [ξ][co].
-    let rows: Vec<Vec<f32>> = w
-        .par_chunks(9 * c_in)
-        .map(|taps| {
-            let mut out = vec![0f32; a * a * c_in];
-            for (xi, dst) in out.chunks_mut(c_in).enumerate() {
+    // Slab ξ, 16 output channels at a time: their rows of C_in summed from
+    // the taps, then written transposed (16 consecutive floats per input
+    // channel).
+    const BLOCK: usize = 16;
+    let mut u = vec![0f32; a * a * c_out * c_in];
+    u.par_chunks_mut(c_out * c_in).enumerate().for_each(|(xi, slab)| {
+        let mut blk = vec![0f32; BLOCK * c_in];
+        for co0 in (0..c_out).step_by(BLOCK) {
+            let nb = BLOCK.min(c_out - co0);
+            blk.fill(0.0);
+            for (j, row) in blk.chunks_mut(c_in).take(nb).enumerate() {
+                let taps = &w[(co0 + j) * 9 * c_in..(co0 + j + 1) * 9 * c_in];
                 for (rq, tap) in taps.chunks(c_in).enumerate() {
                     let k = coef[xi * 9 + rq];
                     if k != 0.0 {
-                        dst.iter_mut().zip(tap).for_each(|(d, v)| *d += k * v);
+                        row.iter_mut().zip(tap).for_each(|(d, v)| *d += k * v);
                     }
                 }
             }
-            out
-        })
-        .collect();
-    let mut u = vec![0f32; a * a * c_out * c_in];
-    u.par_chunks_mut(c_out * c_in).enumerate().for_each(|(xi, slab)| {
-        for (co, r) in rows.iter().enumerate() {
-            for (ci, v) in r[xi * c_in..(xi + 1) * c_in].iter().enumerate() {
-                slab[ci * c_out + co] = *v;
+            for ci in 0..c_in {
+                for j in 0..nb {
+                    slab[ci * c_out + co0 + j] = blk[j * c_in + ci];
+                }
             }
         }
     });
@@ -350,7 +352,7 @@ fn winograd(
                 })
             });
         }
-        // The a·a GEMMs: M_ξ [n, C_out] = V_ξ [n, C_in] · U_ξᵀ (U_ξ: [C_out, C_in]).
+        // The a·a GEMMs: M_ξ [n, C_out] = V_ξ [n, C_in] · U_ξ [C_in, C_out].
         mm[..a * a * n * co].par_chunks_mut(n * co).enumerate().for_each(|(xi, out)| {
             let (vx, ux) = (&v[xi * n * ci..(xi + 1) * n * ci], &u[xi * ci * co..(xi + 1) * ci * co]);
             gemm_serial(n, co, ci, vx, Op::N, ux, Op::N, out);
@@ -628,11 +630,21 @@ impl FoldedIResNet {
                 got: format!("{} values", images.len()),
             });
         }
-        // The largest activation: every buffer is sized for it once.
+        // The largest activation (values per image: the stem's output, each
+        // block's conv1 output and its output): every buffer is sized for it.
         let rows = batch * s * s;
-        let widest = self.blocks.iter().map(|b| b.conv1.shape.c_out).chain([self.stem.shape.c_out]).max();
-        let cap = widest
-            .and_then(|c| rows.checked_mul(c))
+        let per_image = self
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                let (c1, c2) = (&b.conv1.shape, &b.conv2.shape);
+                let out = c2.height / c2.stride;
+                [c1.height * c1.width * c1.c_out, out * out * c2.c_out]
+            })
+            .chain([s * s * self.stem.shape.c_out])
+            .max();
+        let cap = per_image
+            .and_then(|n| batch.checked_mul(n))
             .filter(|&n| n <= isize::MAX as usize / 4)
             .ok_or_else(|| Error::invalid(OP, format!("a batch of {batch} images overflows the activations' size")))?;
         let mut guard = self.work.lock().map_err(|_| Error::invalid(OP, "a previous call panicked"))?;
