@@ -334,7 +334,7 @@ impl PrefixDecoder {
         if k == 0 || k > self.n {
             return Err(Error::invalid(OP, format!("k must be in 1..={}, got {k}", self.n)));
         }
-        if log_probs.len() % (l * v) != 0 {
+        if !log_probs.len().is_multiple_of(l * v) {
             return Err(Error::Shape {
                 op: OP,
                 expected: format!("queries of l·v = {} values", l * v),

@@ -239,7 +239,7 @@ pub fn split(
     let (mut h_index, mut h_labels) = (Vec::new(), Vec::new());
     for (k, &c) in chosen.iter().enumerate() {
         h_index.extend(&images[c as usize]);
-        h_labels.extend(std::iter::repeat(k as u32).take(images[c as usize].len()));
+        h_labels.extend(std::iter::repeat_n(k as u32, images[c as usize].len()));
     }
     let (mut t_index, mut t_labels, mut p_index, mut p_labels) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut train_ids = Vec::new();
@@ -249,7 +249,7 @@ pub fn split(
         let imgs = &images[c];
         let (train, probe) = if imgs.len() >= 2 { imgs.split_at(imgs.len() - 1) } else { (&imgs[..], &[][..]) };
         t_index.extend(train);
-        t_labels.extend(std::iter::repeat(y).take(train.len()));
+        t_labels.extend(std::iter::repeat_n(y, train.len()));
         p_index.extend(probe);
         p_labels.extend(probe.iter().map(|_| y));
         train_counts.push(train.len());

@@ -72,7 +72,7 @@ impl ConvShape {
         let (ho, wo) = self.hw();
         let pixels = self.height.max(ho).checked_mul(self.width.max(wo)).and_then(|p| p.checked_mul(self.batch));
         let taps = self.kernel * self.kernel * self.c_in.max(self.c_out);
-        if !pixels.is_some_and(|p| p <= i32::MAX as usize) || taps > i32::MAX as usize {
+        if pixels.is_none_or(|p| p > i32::MAX as usize) || taps > i32::MAX as usize {
             return Err(Error::invalid("conv2d", format!("{self:?} is too large for 32-bit indices")));
         }
         Ok([self.batch, self.height, self.width, self.c_in, self.c_out, self.kernel, self.stride, self.pad, ho, wo]
@@ -100,8 +100,11 @@ impl ConvShape {
             ConvOp::Wgrad(_) => (Op::T, Op::N),
         };
         let bf16 = dtype == DType::BF16;
-        let wide =
-            if bf16 { self.c_in % 8 == 0 && self.c_out % 8 == 0 } else { self.c_in % 4 == 0 && self.c_out % 4 == 0 };
+        let wide = if bf16 {
+            self.c_in.is_multiple_of(8) && self.c_out.is_multiple_of(8)
+        } else {
+            self.c_in.is_multiple_of(4) && self.c_out.is_multiple_of(4)
+        };
         let cfg = LaunchConfig {
             grid: (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, splits as u32),
             block: (256, 1, 1),

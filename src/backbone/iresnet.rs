@@ -101,7 +101,7 @@ impl IResNetConfig {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
-        if self.input == 0 || self.input % 16 != 0 || self.stem == 0 || self.embedding == 0 {
+        if self.input == 0 || !self.input.is_multiple_of(16) || self.stem == 0 || self.embedding == 0 {
             return Err(Error::invalid("IResNet", "input must be a positive multiple of 16; widths positive"));
         }
         if self.layers.contains(&0) || self.widths.contains(&0) {
@@ -403,7 +403,7 @@ impl IResNet {
     pub fn embed(&mut self, images: &[f32], chunk: usize) -> Result<Vec<f32>> {
         let s = self.cfg.input;
         let per = s * s * 3;
-        if images.len() % per != 0 || chunk == 0 {
+        if !images.len().is_multiple_of(per) || chunk == 0 {
             return Err(Error::invalid(
                 "IResNet::embed",
                 format!("{} values are not images of {s}x{s}x3", images.len()),

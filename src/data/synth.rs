@@ -610,7 +610,7 @@ pub fn check_pairs(identities: usize, pairs: usize) -> Result<()> {
             format!("verification identities: {identities} is outside 2..={MAX_IDENTITIES}"),
         ));
     }
-    if pairs == 0 || pairs % 20 != 0 || pairs > 1 << 24 {
+    if pairs == 0 || !pairs.is_multiple_of(20) || pairs > 1 << 24 {
         return Err(Error::invalid("synth", format!("pairs: {pairs} is not a positive multiple of 20 up to 2^24")));
     }
     Ok(())

@@ -209,7 +209,7 @@ impl Roc {
                 fp += 1;
             }
             // A point after the last pair of each distinct score.
-            if order.get(k + 1).map_or(true, |&j| scores[j] != scores[i]) {
+            if order.get(k + 1).is_none_or(|&j| scores[j] != scores[i]) {
                 points.push(RocPoint {
                     threshold: scores[i],
                     far: fp as f64 / negatives as f64,

@@ -180,7 +180,7 @@ pub fn all_pairs_histogram(emb: &Tensor, labels: &[u32], bins: usize, tile: usiz
 }
 
 fn check_tile(op: &'static str, tile: usize) -> Result<()> {
-    if tile == 0 || tile % 64 != 0 || tile > 1 << 15 {
+    if tile == 0 || !tile.is_multiple_of(64) || tile > 1 << 15 {
         return Err(Error::invalid(op, format!("tile: {tile} is not a multiple of 64 up to 32768")));
     }
     Ok(())

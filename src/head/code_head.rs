@@ -189,7 +189,7 @@ impl CodeTable {
         vectors: Option<(&[f32], usize, DType)>,
     ) -> Result<CodeTable> {
         const OP: &str = "CodeTable";
-        if length == 0 || codes.is_empty() || codes.len() % length != 0 {
+        if length == 0 || codes.is_empty() || !codes.len().is_multiple_of(length) {
             return Err(Error::invalid(OP, format!("{} tokens are not codes of length {length}", codes.len())));
         }
         let n = codes.len() / length;

@@ -134,7 +134,7 @@ impl RecordFile {
     /// Borrowed from the map when it is one part; assembled otherwise.
     pub fn read_at(&self, offset: usize) -> Result<(Cow<'_, [u8]>, usize)> {
         let bad = |at: usize, m: String| Error::file(&self.path, format!("record at byte {offset}: {m} (byte {at})"));
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return Err(bad(offset, "records start at multiples of 4".into()));
         }
         let data = &self.map[..];

@@ -60,7 +60,7 @@ pub fn block_sum(dev: &Device, x: &[f32], threads: usize, with_barrier: bool) ->
         need_sim(OP, dev)?;
     }
     check_threads(OP, threads)?;
-    if x.is_empty() || x.len() % threads != 0 {
+    if x.is_empty() || !x.len().is_multiple_of(threads) {
         return Err(Error::invalid(OP, format!("{} values are not whole rows of {threads}", x.len())));
     }
     let blocks = x.len() / threads;
@@ -133,7 +133,7 @@ pub fn shfl_exited_lane(dev: &Device) -> Result<Vec<f32>> {
 pub fn cp_async_without_wait(dev: &Device, x: &[f32]) -> Result<Vec<f32>> {
     const OP: &str = "selftest::cp_async_without_wait";
     need_sim(OP, dev)?;
-    if x.is_empty() || x.len() % 4 != 0 || x.len() > 4096 {
+    if x.is_empty() || !x.len().is_multiple_of(4) || x.len() > 4096 {
         return Err(Error::invalid(OP, format!("needs 4 to 4096 floats in fours, got {}", x.len())));
     }
     let (xb, mut y) = (up(dev, x)?, dev.alloc(x.len() * 4)?);
@@ -149,7 +149,7 @@ pub fn warp_ops(dev: &Device, input: &[i32], width: i32) -> Result<Vec<i32>> {
     const OP: &str = "selftest::warp_ops";
     need_kernels(OP, dev)?;
     check_threads(OP, input.len())?;
-    if input.len() % 32 != 0 || !matches!(width, 1 | 2 | 4 | 8 | 16 | 32) {
+    if !input.len().is_multiple_of(32) || !matches!(width, 1 | 2 | 4 | 8 | 16 | 32) {
         return Err(Error::invalid(OP, "needs whole warps and a width that is a power of two up to 32"));
     }
     let (ib, mut out) = (up(dev, input)?, dev.alloc(input.len() * 8 * 4)?);

@@ -230,7 +230,7 @@ impl Tensor {
             return Err(Error::invalid(OP, "views over device memory need a CUDA or simulated device"));
         }
         let (_, bytes) = sizes_of(OP, shape, dtype)?;
-        if addr == 0 || addr % ALIGN as u64 != 0 {
+        if addr == 0 || !addr.is_multiple_of(ALIGN as u64) {
             return Err(Error::invalid(OP, format!("the address {addr:#x} is null or not {ALIGN}-byte aligned")));
         }
         device.check_range(OP, addr, bytes)?;
@@ -493,7 +493,7 @@ impl Tensor {
     fn view_parts(&self, op: &'static str, dim: usize, start: usize, len: usize) -> Result<(u64, Vec<usize>, usize)> {
         let nd = self.shape.len();
         let end = start.checked_add(len);
-        if dim >= nd || end.map_or(true, |e| e > self.shape[dim]) {
+        if dim >= nd || end.is_none_or(|e| e > self.shape[dim]) {
             return Err(Error::Shape {
                 op,
                 expected: format!("a range within a dimension of {:?}", self.shape),
@@ -511,7 +511,7 @@ impl Tensor {
         }
         let inner: usize = self.shape[dim + 1..].iter().product();
         let offset = start * inner * self.dtype.size();
-        if offset % ALIGN != 0 {
+        if !offset.is_multiple_of(ALIGN) {
             return Err(Error::invalid(
                 op,
                 format!(
@@ -760,7 +760,7 @@ impl Tensor {
         n: usize,
     ) -> Result<crate::runtime::kernels::PtrMut<T>> {
         let rows = self.shape.first().copied().unwrap_or(1);
-        if start.checked_add(n).map_or(true, |e| e > rows) {
+        if start.checked_add(n).is_none_or(|e| e > rows) {
             return Err(Error::invalid("rows_ptr_mut", format!("rows {start}..{start}+{n} of {:?}", self.shape)));
         }
         let inner = self.numel() / rows.max(1);

@@ -200,7 +200,7 @@ impl Codebook {
         if length == 0 {
             return Err(Error::invalid(OP, "the code length must be positive"));
         }
-        if codes.len() % length != 0 || codes.is_empty() {
+        if !codes.len().is_multiple_of(length) || codes.is_empty() {
             return Err(Error::invalid(OP, format!("{} tokens do not form codes of length {length}", codes.len())));
         }
         let n = codes.len() / length;

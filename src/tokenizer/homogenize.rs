@@ -28,7 +28,7 @@ use crate::runtime::tensor::Tensor;
 /// not whole rows, fewer than 2 rows (the mean over pairs is empty).
 pub fn uniformity_loss(h: &[f32], d: usize, t: f64) -> Result<f64> {
     const OP: &str = "uniformity_loss";
-    if d == 0 || h.len() % d != 0 || h.len() / d < 2 {
+    if d == 0 || !h.len().is_multiple_of(d) || h.len() / d < 2 {
         return Err(crate::Error::invalid(
             OP,
             format!("needs at least 2 whole rows of d >= 1 values, got {} values, d = {d}", h.len()),

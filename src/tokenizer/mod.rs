@@ -134,7 +134,7 @@ pub fn tokenize_with_report(input: Input, cfg: &Config, device: &Device) -> Resu
             format!("at most {} identities and dimensions, got N = {n}, d = {d}", i32::MAX),
         ));
     }
-    if !n.checked_mul(d).is_some_and(|v| v <= MAX_VALUES) {
+    if n.checked_mul(d).is_none_or(|v| v > MAX_VALUES) {
         return Err(Error::invalid(OP, format!("N·d = {n}·{d} values; at most {MAX_VALUES} (2^36) are supported")));
     }
     if !(2..=65535).contains(&cfg.vocab) {

@@ -84,7 +84,7 @@ impl Trainer {
     /// module documentation), each atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         const OP: &str = "Trainer::save";
-        if self.micro % self.cfg.gradient_acc as u64 != 0 {
+        if !self.micro.is_multiple_of(self.cfg.gradient_acc as u64) {
             return Err(Error::invalid(
                 OP,
                 format!(

@@ -643,7 +643,7 @@ fn refresh_norm<'a>(
         return Ok(None);
     }
     let key: Vec<u64> = entries.iter().flat_map(|e| [e.0, e.1 as u64, u64::from(e.2)]).collect();
-    if slot.as_ref().map_or(true, |l| l.key != key) {
+    if slot.as_ref().is_none_or(|l| l.key != key) {
         let grads: Vec<u64> = entries.iter().map(|e| e.0).collect();
         let flags: Vec<i32> = entries.iter().map(|e| i32::from(e.2)).collect();
         let (offsets, total) = prefix(entries.iter().map(|e| e.1))?;
@@ -669,7 +669,7 @@ fn refresh_params<'a>(dev: &Device, slot: &'a mut Option<Lists>, entries: &[Entr
         return Ok(None);
     }
     let key: Vec<u64> = entries.iter().flat_map(|e| [e.0, e.1, e.2, e.3, e.4, e.5 as u64]).collect();
-    if slot.as_ref().map_or(true, |l| l.key != key) {
+    if slot.as_ref().is_none_or(|l| l.key != key) {
         let col = |f: fn(&Entry) -> u64| -> Vec<u64> { entries.iter().map(f).collect() };
         let (offsets, total) = prefix(entries.iter().map(|e| e.5))?;
         let masters = col(|e| e.4);

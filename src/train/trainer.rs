@@ -443,7 +443,7 @@ impl Trainer {
             Some(t) if t.shape()[0] == b => t.copy_from_host(images)?,
             slot => *slot = Some(Tensor::from_slice(&dev, &[b, s, s, 3], images)?),
         }
-        let first = self.micro % self.cfg.gradient_acc as u64 == 0;
+        let first = self.micro.is_multiple_of(self.cfg.gradient_acc as u64);
         let e = self.backbone.config().embedding;
         match &self.emb {
             Some(t) if t.shape()[0] == b => {}
@@ -511,7 +511,7 @@ impl Trainer {
         lap(profile, &mut clock, |p| &mut p.backward)?;
         let t = self.micro;
         self.micro += 1;
-        let stepped = self.micro % self.cfg.gradient_acc as u64 == 0;
+        let stepped = self.micro.is_multiple_of(self.cfg.gradient_acc as u64);
         if stepped {
             let lr = self.cfg.schedule.lr(t);
             self.apply(lr)?;
