@@ -430,7 +430,7 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 /// (kept) buffers.
 #[test]
 fn folded_network_equals_the_layer_by_layer_eval_forward() {
-    use gif_fr::backbone::Winograd;
+    use gif_fr::backbone::{Kernels, Winograd};
     let dev = Device::cpu();
     let cfg = IResNetConfig { input: 48, ..tiny() };
     let mut net = randomized(cfg, &dev, 21);
@@ -443,16 +443,25 @@ fn folded_network_equals_the_layer_by_layer_eval_forward() {
     // Measured: 2-6e-7 (no Winograd, F2), 3e-6 (F4), 1e-6 (per size); the
     // bounds leave ~18x, far below what one wrong transform coefficient
     // gives (0.28, tried).
-    for (w, tol) in [(Winograd::Off, 1e-5), (Winograd::F2, 1e-5), (Winograd::F4, 5e-5), (Winograd::Auto, 1e-5)] {
-        let f = net.folded(w).unwrap();
-        for (x, b, want) in [(&x3, 3, &want3), (&x1, 1, &want1), (&x3, 3, &want3)] {
-            let got = f.embed(x, b).unwrap();
-            let e = rel_err(&got, want);
-            assert!(e <= tol, "{w:?} B = {b}: max |folded − layer by layer| / max |y| = {e:e} > {tol:e}");
+    // Kernels::Auto is the packed AVX-512 kernel on a CPU that has AVX-512F
+    // (channel counts 4-12: every panel narrower than 32, masked), the gemm
+    // crate elsewhere; GemmCrate is the gemm crate everywhere.
+    for kernels in [Kernels::Auto, Kernels::GemmCrate] {
+        for (w, tol) in [(Winograd::Off, 1e-5), (Winograd::F2, 1e-5), (Winograd::F4, 5e-5), (Winograd::Auto, 1e-5)] {
+            let f = net.folded(w, kernels).unwrap();
+            assert!(f.weight_bytes() > 0);
+            for (x, b, want) in [(&x3, 3, &want3), (&x1, 1, &want1), (&x3, 3, &want3)] {
+                let got = f.embed(x, b).unwrap();
+                let e = rel_err(&got, want);
+                assert!(
+                    e <= tol,
+                    "{w:?} {kernels:?} B = {b}: max |folded − layer by layer| / max |y| = {e:e} > {tol:e}"
+                );
+            }
         }
     }
     // Bad input: typed errors, nothing computed.
-    let f = net.folded(Winograd::Auto).unwrap();
+    let f = net.folded(Winograd::Auto, Kernels::Auto).unwrap();
     assert!(matches!(f.embed(&x3, 2), Err(Error::Shape { .. })), "3 images given as 2");
     assert!(matches!(f.embed(&[], 0), Err(Error::Shape { .. })), "an empty batch");
     assert!(matches!(f.embed(&x3, usize::MAX / 2), Err(Error::Shape { .. })), "an overflowing batch");

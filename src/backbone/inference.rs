@@ -23,9 +23,11 @@
 //! nearly all of its arithmetic) by Winograd F(4x4, 3x3) (36 GEMMs of the
 //! transformed tiles, 4x fewer multiplications than direct convolution)
 //! or F(2x2, 3x3) (16 GEMMs, 2.25x fewer; [`Winograd`]); the stem and the
-//! strided convolutions by im2col into a bounded buffer + the `gemm` crate.
-//! Rows of all the batch's images go through the GEMMs together (bounded
-//! chunks), so a small feature map still makes a tall GEMM.
+//! strided convolutions by im2col into a bounded buffer. Rows of all the
+//! batch's images go through the GEMMs together (bounded chunks), so a
+//! small feature map still makes a tall GEMM. The GEMMs read weights
+//! packed once at fold time, by the crate's AVX-512 kernel
+//! (`backbone::packed`), or the `gemm` crate ([`Kernels`]).
 //!
 //! [`IResNet::infer`](super::IResNet::infer) uses this on the CPU (f32
 //! convolutions); training and `forward(…, false)` keep the unfused layers.
@@ -34,6 +36,7 @@ use rayon::prelude::*;
 
 use super::conv::ConvShape;
 use super::norm::BatchNorm;
+use super::packed::{self, PackedB, SyncPtr};
 use crate::error::{Error, Result};
 use crate::ops::gemm::{cpu::gemm_on, Op};
 use crate::runtime::tensor::Tensor;
@@ -167,19 +170,69 @@ impl Epilogue<'_> {
     }
 }
 
+/// Which GEMM the folded network runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// The default: the weights packed once, at fold time, for the crate's
+    /// AVX-512 kernel when the CPU has AVX-512F; else the gemm crate.
+    Auto,
+    /// The gemm crate everywhere (weights in plain layouts, packed by the
+    /// gemm crate at every call).
+    GemmCrate,
+}
+
+/// A convolution's weights as its GEMMs read them.
+enum Weights {
+    /// For the gemm crate: im2col's `[C_out, k·k·C_in]` (read transposed),
+    /// or Winograd's `[a·a][C_in][C_out]`.
+    Plain(Vec<f32>),
+    /// Packed once: im2col's `[k·k·C_in][C_out]`, or Winograd's a·a
+    /// `[C_in][C_out]`.
+    Packed(Vec<PackedB>),
+}
+
+impl Weights {
+    /// A `[n][k]` matrix (a row of k inputs per output: im2col weights, a
+    /// Linear layer), plain or packed as `[k][n]`.
+    fn rows_of_inputs(w: Vec<f32>, n: usize, k: usize, packed: bool) -> Weights {
+        if packed {
+            Weights::Packed(vec![PackedB::pack(k, n, |i, j| w[j * k + i])])
+        } else {
+            Weights::Plain(w)
+        }
+    }
+
+    /// `c = a·Wᵀ` (`a`: rows x k, c: rows x n) for a [`Weights::rows_of_inputs`]
+    /// matrix, on all cores.
+    fn times(&self, a: &[f32], rows: usize, k: usize, n: usize, c: &mut [f32]) {
+        match self {
+            Weights::Plain(w) => {
+                gemm_on(::gemm::Parallelism::Rayon(0), rows, n, k, 1.0, a, k, Op::N, w, k, Op::T, 0.0, c, n)
+                    .unwrap_or_else(|e| panic!("gif-fr bug: inconsistent GEMM sizes in the folded network: {e}"))
+            }
+            Weights::Packed(p) => p[0].gemm(a, rows, c, true),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Weights::Plain(w) => 4 * w.len(),
+            Weights::Packed(p) => p.iter().map(PackedB::bytes).sum(),
+        }
+    }
+}
+
 /// A convolution with its BatchNorm folded in.
 struct FoldedConv {
     shape: ConvShape,
-    /// OHWI weights `[C_out, k·k·C_in]`, scaled per output channel.
-    w: Vec<f32>,
     bias: Vec<f32>,
-    /// Winograd-transformed weights `[a·a][C_in][C_out]`, for 3x3 stride 1
-    /// (then `w` is empty).
-    wino: Option<(&'static Transforms, Vec<f32>)>,
+    /// The Winograd variant, for 3x3 stride 1 (else im2col).
+    wino: Option<&'static Transforms>,
+    w: Weights,
 }
 
 impl FoldedConv {
-    fn new(w: &Tensor, shape: ConvShape, bn: &BatchNorm, wino: Winograd) -> Result<FoldedConv> {
+    fn new(w: &Tensor, shape: ConvShape, bn: &BatchNorm, wino: Winograd, packed: bool) -> Result<FoldedConv> {
         let post = Affine::of(bn)?;
         let w = w.host_f32()?;
         let kk = shape.kernel * shape.kernel * shape.c_in;
@@ -196,13 +249,21 @@ impl FoldedConv {
             Winograd::Auto if shape.height.min(shape.width) >= 14 => Some(&F2),
             Winograd::Auto => None,
         };
-        Ok(match t {
-            Some(t) => {
-                let u = transform_weights(t, &folded, shape.c_in, shape.c_out);
-                FoldedConv { shape, w: Vec::new(), bias: post.shift, wino: Some((t, u)) }
+        let (ci, co) = (shape.c_in, shape.c_out);
+        let w = match (t, packed) {
+            (Some(t), false) => Weights::Plain(transform_weights(t, &folded, ci, co)),
+            (Some(t), true) => {
+                let u = transform_weights(t, &folded, ci, co);
+                Weights::Packed(u.chunks(ci * co).map(|s| PackedB::pack(ci, co, |i, j| s[i * co + j])).collect())
             }
-            None => FoldedConv { shape, w: folded, bias: post.shift, wino: None },
-        })
+            (None, _) => Weights::rows_of_inputs(folded, co, kk, packed),
+        };
+        Ok(FoldedConv { shape, bias: post.shift, wino: t, w })
+    }
+
+    /// Bytes of weights held.
+    fn bytes(&self) -> usize {
+        4 * self.bias.len() + self.w.bytes()
     }
 
     /// `y = conv(pre(x))` finished by `epi`, for `batch` images; `tmp`
@@ -219,8 +280,8 @@ impl FoldedConv {
         prods: &mut Vec<f32>,
     ) {
         let shape = ConvShape { batch, ..self.shape };
-        match &self.wino {
-            Some((t, u)) => winograd(t, u, &shape, x, pre, epi, y, tmp, prods),
+        match self.wino {
+            Some(t) => winograd(t, &self.w, &shape, x, pre, epi, y, tmp, prods),
             None => im2col_gemm(&shape, &self.w, x, pre, epi, y, tmp),
         }
     }
@@ -293,7 +354,7 @@ fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 #[allow(clippy::too_many_arguments)]
 fn winograd(
     t: &Transforms,
-    u: &[f32],
+    u: &Weights,
     s: &ConvShape,
     x: &[f32],
     pre: Option<&Affine>,
@@ -324,21 +385,9 @@ fn winograd(
                     let (d, tmp) = buf.split_at_mut(a * a * ci);
                     for r in 0..a {
                         for q in 0..a {
-                            let dst = &mut d[(r * a + q) * ci..][..ci];
                             let (iy, ix) = ((ty * m + r).wrapping_sub(1), (tx * m + q).wrapping_sub(1));
-                            if iy < h && ix < w {
-                                let src = &x[((b * h + iy) * w + ix) * ci..][..ci];
-                                match pre {
-                                    Some(p) => {
-                                        for (((o, v), sc), sh) in dst.iter_mut().zip(src).zip(&p.scale).zip(&p.shift) {
-                                            *o = v * sc + sh;
-                                        }
-                                    }
-                                    None => dst.copy_from_slice(src),
-                                }
-                            } else {
-                                dst.fill(0.0);
-                            }
+                            let at = (iy < h && ix < w).then(|| (b * h + iy) * w + ix);
+                            load_pixel(&mut d[(r * a + q) * ci..][..ci], x, at, pre);
                         }
                     }
                     // tmp = Bᵀ·d (rows), then V = tmp·B (columns).
@@ -354,8 +403,11 @@ fn winograd(
         }
         // The a·a GEMMs: M_ξ [n, C_out] = V_ξ [n, C_in] · U_ξ [C_in, C_out].
         mm[..a * a * n * co].par_chunks_mut(n * co).enumerate().for_each(|(xi, out)| {
-            let (vx, ux) = (&v[xi * n * ci..(xi + 1) * n * ci], &u[xi * ci * co..(xi + 1) * ci * co]);
-            gemm_serial(n, co, ci, vx, Op::N, ux, Op::N, out);
+            let vx = &v[xi * n * ci..(xi + 1) * n * ci];
+            match u {
+                Weights::Plain(u) => gemm_serial(n, co, ci, vx, &u[xi * ci * co..(xi + 1) * ci * co], out),
+                Weights::Packed(p) => p[xi].gemm(vx, n, out, false),
+            }
         });
         // Output transform + epilogue: Y = Aᵀ M A, the valid pixels of each tile.
         {
@@ -387,6 +439,24 @@ fn winograd(
             });
         }
         t0 += n;
+    }
+}
+
+/// One input pixel's channels into `dst` as a convolution reads them: the
+/// pixel `at` of `x` (NHWC rows of `dst.len()` channels) through `pre`, or
+/// zeros in the padding (`at` None).
+#[inline]
+fn load_pixel(dst: &mut [f32], x: &[f32], at: Option<usize>, pre: Option<&Affine>) {
+    let c = dst.len();
+    match (at, pre) {
+        (Some(i), Some(p)) => {
+            let src = &x[i * c..(i + 1) * c];
+            for (((o, v), sc), sh) in dst.iter_mut().zip(src).zip(&p.scale).zip(&p.shift) {
+                *o = v * sc + sh;
+            }
+        }
+        (Some(i), None) => dst.copy_from_slice(&x[i * c..(i + 1) * c]),
+        (None, _) => dst.fill(0.0),
     }
 }
 
@@ -428,7 +498,7 @@ fn two_sided(tm: &[f32], rows: usize, cols: usize, d: &mut [f32], tmp: &mut [f32
 /// the `gemm` crate on all cores, finished by `epi`.
 fn im2col_gemm(
     s: &ConvShape,
-    w: &[f32],
+    w: &Weights,
     x: &[f32],
     pre: Option<&Affine>,
     epi: Epilogue<'_>,
@@ -451,52 +521,25 @@ fn im2col_gemm(
             let (oy, ox) = (pix / wo, pix % wo);
             for r in 0..k {
                 for q in 0..k {
-                    let d = &mut dst[(r * k + q) * ci..][..ci];
                     let iy = (oy * s.stride + r).wrapping_sub(s.pad);
                     let ix = (ox * s.stride + q).wrapping_sub(s.pad);
-                    if iy < s.height && ix < s.width {
-                        let src = &x[((b * s.height + iy) * s.width + ix) * ci..][..ci];
-                        match pre {
-                            Some(p) => {
-                                for (((o, v), sc), sh) in d.iter_mut().zip(src).zip(&p.scale).zip(&p.shift) {
-                                    *o = v * sc + sh;
-                                }
-                            }
-                            None => d.copy_from_slice(src),
-                        }
-                    } else {
-                        d.fill(0.0);
-                    }
+                    let at = (iy < s.height && ix < s.width).then(|| (b * s.height + iy) * s.width + ix);
+                    load_pixel(&mut dst[(r * k + q) * ci..][..ci], x, at, pre);
                 }
             }
         });
         let out = &mut y[r0 * co..(r0 + n) * co];
-        gemm_on(::gemm::Parallelism::Rayon(0), n, co, kk, 1.0, &col[..n * kk], kk, Op::N, w, kk, Op::T, 0.0, out, co)
-            .unwrap_or_else(|e| panic!("gif-fr bug: inconsistent GEMM sizes in the folded network: {e}"));
+        w.times(&col[..n * kk], n, kk, co, out);
         out.par_chunks_mut(co).enumerate().for_each(|(i, yr)| epi.apply(r0 + i, yr));
         r0 += n;
     }
 }
 
-/// `c = op(a)·op(b)` on the calling thread.
-#[allow(clippy::too_many_arguments)]
-fn gemm_serial(m: usize, n: usize, k: usize, a: &[f32], op_a: Op, b: &[f32], op_b: Op, c: &mut [f32]) {
-    let lda = if op_a == Op::N { k } else { m };
-    let ldb = if op_b == Op::N { n } else { k };
-    gemm_on(::gemm::Parallelism::None, m, n, k, 1.0, a, lda, op_a, b, ldb, op_b, 0.0, c, n)
+/// `c = a·b` (row-major, `m x k` times `k x n`) on the calling thread, by
+/// the gemm crate.
+fn gemm_serial(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    gemm_on(::gemm::Parallelism::None, m, n, k, 1.0, a, k, Op::N, b, n, Op::N, 0.0, c, n)
         .unwrap_or_else(|e| panic!("gif-fr bug: inconsistent GEMM sizes in the folded network: {e}"));
-}
-
-/// A raw pointer shared by the tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: used only where each task writes a disjoint range (stated at each use).
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// One IBasicBlock, folded.
@@ -520,7 +563,7 @@ pub struct FoldedIResNet {
     stem_prelu: Vec<f32>,
     blocks: Vec<FoldedBlock>,
     /// bn2 → flatten → Linear → BatchNorm1d as one map: `[E, H·W·C]`, `[E]`.
-    fc_w: Vec<f32>,
+    fc_w: Weights,
     fc_b: Vec<f32>,
     /// Activations and temporaries, kept between calls (grown to the
     /// largest batch seen): no allocation per call at a batch size seen.
@@ -569,16 +612,19 @@ fn shape(hw: usize, c_in: usize, c_out: usize, kernel: usize, stride: usize) -> 
 }
 
 impl FoldedIResNet {
-    pub(crate) fn new(p: &Parts<'_>, wino: Winograd) -> Result<FoldedIResNet> {
+    pub(crate) fn new(p: &Parts<'_>, wino: Winograd, kernels: Kernels) -> Result<FoldedIResNet> {
+        let packed = kernels == Kernels::Auto && packed::available();
         let stem_c = p.bn1.channels;
         let mut hw = p.input;
-        let stem = FoldedConv::new(p.conv1, shape(hw, 3, stem_c, 3, 1), p.bn1, Winograd::Off)?;
+        let stem = FoldedConv::new(p.conv1, shape(hw, 3, stem_c, 3, 1), p.bn1, Winograd::Off, packed)?;
         let mut blocks = Vec::with_capacity(p.blocks.len());
         for b in &p.blocks {
-            let conv1 = FoldedConv::new(b.conv1, shape(hw, b.inplanes, b.planes, 3, 1), b.bn2, wino)?;
-            let conv2 = FoldedConv::new(b.conv2, shape(hw, b.planes, b.planes, 3, b.stride), b.bn3, wino)?;
+            let conv1 = FoldedConv::new(b.conv1, shape(hw, b.inplanes, b.planes, 3, 1), b.bn2, wino, packed)?;
+            let conv2 = FoldedConv::new(b.conv2, shape(hw, b.planes, b.planes, 3, b.stride), b.bn3, wino, packed)?;
             let downsample = match b.downsample {
-                Some((w, bn)) => Some(FoldedConv::new(w, shape(hw, b.inplanes, b.planes, 1, b.stride), bn, wino)?),
+                Some((w, bn)) => {
+                    Some(FoldedConv::new(w, shape(hw, b.inplanes, b.planes, 1, b.stride), bn, wino, packed)?)
+                }
                 None => None,
             };
             blocks.push(FoldedBlock {
@@ -611,10 +657,21 @@ impl FoldedIResNet {
             stem,
             stem_prelu: p.prelu.host_f32()?.into_owned(),
             blocks,
-            fc_w,
+            fc_w: Weights::rows_of_inputs(fc_w, p.embedding, j, packed),
             fc_b,
             work: Default::default(),
         })
+    }
+
+    /// Bytes of folded weights held (convolutions, transformed or packed;
+    /// the folded Linear layer; biases and slopes), not counting the
+    /// activations' buffers.
+    pub fn weight_bytes(&self) -> usize {
+        let convs = self.blocks.iter().flat_map(|b| [Some(&b.conv1), Some(&b.conv2), b.downsample.as_ref()]).flatten();
+        let small = self.blocks.iter().map(|b| b.prelu.len() + 2 * b.pre.scale.len()).sum::<usize>();
+        convs.chain([&self.stem]).map(FoldedConv::bytes).sum::<usize>()
+            + self.fc_w.bytes()
+            + 4 * (self.fc_b.len() + self.stem_prelu.len() + small)
     }
 
     /// Embeddings `[B, E]` of `batch` NHWC f32 images (`[B, H, W, 3]`,
@@ -681,22 +738,7 @@ impl FoldedIResNet {
         let j = len / batch;
         let e = self.embedding;
         let mut out = vec![0f32; batch * e];
-        gemm_on(
-            ::gemm::Parallelism::Rayon(0),
-            batch,
-            e,
-            j,
-            1.0,
-            &x[..len],
-            j,
-            Op::N,
-            &self.fc_w,
-            j,
-            Op::T,
-            0.0,
-            &mut out,
-            e,
-        )?;
+        self.fc_w.times(&x[..len], batch, j, e, &mut out);
         out.par_chunks_mut(e).for_each(|row| row.iter_mut().zip(&self.fc_b).for_each(|(v, b)| *v += b));
         Ok(out)
     }

@@ -30,7 +30,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::conv::{conv2d_into, ConvShape};
-use super::inference::{BlockParts, FoldedIResNet, Parts, Winograd};
+use super::inference::{BlockParts, FoldedIResNet, Kernels, Parts, Winograd};
 use super::norm::{
     add_assign, bias_add, column_sums_with, prelu_backward_with, prelu_into, BatchNorm, BnCache, Dropout,
 };
@@ -577,7 +577,7 @@ impl IResNet {
     /// error until the next [`IResNet::forward`].
     ///
     /// On the CPU with f32 convolutions this is the folded network
-    /// ([`IResNet::folded`] with Winograd F(4x4, 3x3), built on first use
+    /// ([`IResNet::folded`] with the default choices, built on first use
     /// and kept until a parameter changes): the same function, rounded
     /// differently (docs/backbone.md states by how much). Elsewhere, and
     /// with bf16 convolutions, the layer-by-layer eval forward.
@@ -585,7 +585,7 @@ impl IResNet {
         let b = self.check_images("IResNet::infer", images)?;
         if self.device.kind() == DeviceKind::Cpu && self.cfg.conv_dtype == DType::F32 {
             if self.folded.is_none() {
-                self.folded = Some(self.folded(Winograd::F4)?);
+                self.folded = Some(self.folded(Winograd::Auto, Kernels::Auto)?);
             }
             let folded = self.folded.as_ref().ok_or_else(|| Error::invalid("IResNet::infer", "no folded network"))?;
             let emb = folded.embed(&images.host_f32()?, b)?;
@@ -600,9 +600,9 @@ impl IResNet {
     /// The eval network folded for CPU inference (BatchNorms folded into
     /// the convolutions and the Linear layer, element-wise layers fused into
     /// the convolutions' epilogues, the 3x3 stride-1 convolutions by
-    /// `wino`): a snapshot of the current parameters, on the host,
-    /// whatever this network's device.
-    pub fn folded(&self, wino: Winograd) -> Result<FoldedIResNet> {
+    /// `wino`, the GEMMs by `kernels`): a snapshot of the current
+    /// parameters, on the host, whatever this network's device.
+    pub fn folded(&self, wino: Winograd, kernels: Kernels) -> Result<FoldedIResNet> {
         let blocks = self
             .blocks
             .iter()
@@ -631,7 +631,7 @@ impl IResNet {
             fc_bias: &self.fc_bias,
             features: &self.features,
         };
-        FoldedIResNet::new(&parts, wino)
+        FoldedIResNet::new(&parts, wino, kernels)
     }
 
     /// Bytes held for activations and temporaries: every buffer of the

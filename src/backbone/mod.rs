@@ -10,13 +10,14 @@ pub mod images;
 pub mod inference;
 pub mod iresnet;
 pub mod norm;
+pub(crate) mod packed;
 pub(crate) mod pool;
 
 pub use conv::{
     conv2d, conv2d_data_grad, conv2d_data_grad_into, conv2d_into, conv2d_weight_grad, conv2d_weight_grad_into,
     ConvShape,
 };
-pub use inference::{FoldedIResNet, Winograd};
+pub use inference::{FoldedIResNet, Kernels, Winograd};
 pub use iresnet::{IResNet, IResNetConfig};
 pub use norm::{
     add, add_assign, bias_add, column_sums, prelu, prelu_backward, prelu_backward_into, prelu_into, BatchNorm, BnCache,
