@@ -467,29 +467,25 @@ fn two_sided(tm: &[f32], rows: usize, cols: usize, d: &mut [f32], tmp: &mut [f32
     // tmp[i][j] = Σ_k T[i][k]·d[k][j]
     for i in 0..rows {
         for j in 0..cols {
-            let o = &mut tmp[(i * cols + j) * c..][..c];
-            o.fill(0.0);
-            for k in 0..cols {
-                let coef = tm[i * cols + k];
-                if coef != 0.0 {
-                    let src = &d[(k * cols + j) * c..][..c];
-                    o.iter_mut().zip(src).for_each(|(o, v)| *o += coef * v);
-                }
-            }
+            let terms = (0..cols).map(|k| (tm[i * cols + k], &d[(k * cols + j) * c..][..c]));
+            combine(&mut tmp[(i * cols + j) * c..][..c], terms);
         }
     }
     // d[i][j] = Σ_k tmp[i][k]·T[j][k]
     for i in 0..rows {
         for j in 0..rows {
-            let o = &mut d[(i * rows + j) * c..][..c];
-            o.fill(0.0);
-            for k in 0..cols {
-                let coef = tm[j * cols + k];
-                if coef != 0.0 {
-                    let src = &tmp[(i * cols + k) * c..][..c];
-                    o.iter_mut().zip(src).for_each(|(o, v)| *o += coef * v);
-                }
-            }
+            let terms = (0..cols).map(|k| (tm[j * cols + k], &tmp[(i * cols + k) * c..][..c]));
+            combine(&mut d[(i * rows + j) * c..][..c], terms);
+        }
+    }
+}
+
+/// `o = Σ coef·v` over channel vectors (zero coefficients skipped).
+fn combine<'a>(o: &mut [f32], terms: impl Iterator<Item = (f32, &'a [f32])>) {
+    o.fill(0.0);
+    for (coef, v) in terms {
+        if coef != 0.0 {
+            o.iter_mut().zip(v).for_each(|(o, v)| *o += coef * v);
         }
     }
 }

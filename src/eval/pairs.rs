@@ -88,20 +88,7 @@ impl PairHistogram {
 /// 64, a score that is NaN or beyond ±1.001 (embeddings that are not
 /// finite unit rows).
 pub fn all_pairs_histogram(emb: &Tensor, labels: &[u32], bins: usize, tile: usize) -> Result<PairHistogram> {
-    let (n, _) = emb.dims2(OP)?;
-    if emb.dtype() != DType::F32 {
-        return Err(Error::invalid(OP, format!("embeddings must be f32, got {:?}", emb.dtype())));
-    }
-    if n < 2 {
-        return Err(Error::invalid(OP, format!("{n} embeddings: at least 2 make a pair")));
-    }
-    if labels.len() != n {
-        return Err(Error::Shape {
-            op: OP,
-            expected: format!("a label per embedding ({n})"),
-            got: format!("{} labels", labels.len()),
-        });
-    }
+    let n = check_gallery(OP, emb, labels)?;
     if !(2..=MAX_BINS).contains(&bins) {
         return Err(Error::invalid(OP, format!("bins: {bins} is outside 2..={MAX_BINS}")));
     }
@@ -179,6 +166,26 @@ pub fn all_pairs_histogram(emb: &Tensor, labels: &[u32], bins: usize, tile: usiz
     Ok(hist)
 }
 
+/// The rows of an f32 gallery `[n, d]` with a label per row and n ≥ 2
+/// (what both pair passes take): n, or a typed error.
+fn check_gallery(op: &'static str, emb: &Tensor, labels: &[u32]) -> Result<usize> {
+    let (n, _) = emb.dims2(op)?;
+    if emb.dtype() != DType::F32 {
+        return Err(Error::invalid(op, format!("embeddings must be f32, got {:?}", emb.dtype())));
+    }
+    if n < 2 {
+        return Err(Error::invalid(op, format!("{n} embeddings: at least 2 make a pair")));
+    }
+    if labels.len() != n {
+        return Err(Error::Shape {
+            op,
+            expected: format!("a label per embedding ({n})"),
+            got: format!("{} labels", labels.len()),
+        });
+    }
+    Ok(n)
+}
+
 fn check_tile(op: &'static str, tile: usize) -> Result<()> {
     if tile == 0 || !tile.is_multiple_of(64) || tile > 1 << 15 {
         return Err(Error::invalid(op, format!("tile: {tile} is not a multiple of 64 up to 32768")));
@@ -232,20 +239,7 @@ pub const MAX_SCORED_PAIRS: usize = 1 << 28;
 /// score.
 pub fn all_pair_scores(emb: &Tensor, labels: &[u32], tile: usize) -> Result<(Vec<f64>, Vec<bool>)> {
     const OP: &str = "all_pair_scores";
-    let (n, _) = emb.dims2(OP)?;
-    if emb.dtype() != DType::F32 {
-        return Err(Error::invalid(OP, format!("embeddings must be f32, got {:?}", emb.dtype())));
-    }
-    if n < 2 {
-        return Err(Error::invalid(OP, format!("{n} embeddings: at least 2 make a pair")));
-    }
-    if labels.len() != n {
-        return Err(Error::Shape {
-            op: OP,
-            expected: format!("a label per embedding ({n})"),
-            got: format!("{} labels", labels.len()),
-        });
-    }
+    let n = check_gallery(OP, emb, labels)?;
     let pairs = n.checked_mul(n - 1).map(|p| p / 2).filter(|&p| p <= MAX_SCORED_PAIRS).ok_or_else(|| {
         Error::invalid(
             OP,
