@@ -491,7 +491,7 @@ fn combine<'a>(o: &mut [f32], terms: impl Iterator<Item = (f32, &'a [f32])>) {
 }
 
 /// A convolution by im2col (output rows of the whole batch in chunks) and
-/// the `gemm` crate on all cores, finished by `epi`.
+/// one GEMM per chunk on all cores (`Weights::times`), finished by `epi`.
 fn im2col_gemm(
     s: &ConvShape,
     w: &Weights,
