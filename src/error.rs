@@ -107,6 +107,21 @@ pub enum Error {
         /// Device memory free when it failed, when known (GPUs).
         free: Option<usize>,
     },
+    /// A collective across ranks failed: it timed out (a rank died, hung
+    /// or called another collective), the ranks disagree (configurations,
+    /// sizes), or the transport (MPI, NCCL) reported an error. Returned on
+    /// every rank that sees it.
+    #[error("{op} on rank {rank} of {world}: {message}")]
+    Collective {
+        /// The collective or the check.
+        op: &'static str,
+        /// This rank.
+        rank: usize,
+        /// Ranks in all.
+        world: usize,
+        /// What happened.
+        message: String,
+    },
     /// Any other invalid argument: an empty set, a value out of range, a
     /// non-finite value where one is not allowed.
     #[error("{op}: {message}")]

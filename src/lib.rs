@@ -39,6 +39,7 @@
 pub mod backbone;
 pub mod data;
 pub mod decode;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 pub mod experiment;

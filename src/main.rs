@@ -549,14 +549,34 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<(), Error> {
 }
 
 fn train_cmd(a: TrainArgs) -> Result<(), Error> {
-    let cfg = gif_fr::train::TrainConfig::load(&a.config, &a.set)?;
-    let opts = gif_fr::train::RunOptions {
-        progress: !a.quiet,
-        resume: a.resume,
-        stop_after: a.stop_after,
-        ..Default::default()
+    // Under mpirun (built with `--features mpi`): one rank of a
+    // data-parallel run.
+    let comm: std::sync::Arc<dyn gif_fr::distributed::Communicator> = gif_fr::distributed::from_env()?.into();
+    let world = comm.world();
+    let run = || -> Result<gif_fr::train::RunSummary, Error> {
+        let cfg = gif_fr::train::TrainConfig::load(&a.config, &a.set)?;
+        let opts = gif_fr::train::RunOptions {
+            progress: !a.quiet,
+            resume: a.resume,
+            stop_after: a.stop_after,
+            comm: (world > 1).then(|| comm.clone()),
+            ..Default::default()
+        };
+        gif_fr::train::run(&cfg, &opts)
     };
-    let s = gif_fr::train::run(&cfg, &opts)?;
+    let s = match run() {
+        Ok(s) => s,
+        Err(e) if world > 1 => {
+            // The other ranks would wait for this one until their
+            // collectives time out: end the job now.
+            eprintln!("error: rank {} of {world}: {e}", comm.rank());
+            comm.abort(1)
+        }
+        Err(e) => return Err(e),
+    };
+    if comm.rank() > 0 {
+        return Ok(());
+    }
     println!(
         "trained {} steps ({} in this run, {:.1} s); last loss {:.4}, accuracy {:.3}; output {}",
         s.steps,

@@ -397,9 +397,9 @@ impl TrainConfig {
         Ok(n)
     }
 
-    /// The trainer's settings for `num_image` images: insightface's
-    /// schedule (polynomial, power 2, warmup) over `num_image / batch_size`
-    /// micro-batches an epoch.
+    /// The trainer's settings for `num_image` images (a rank's share, on
+    /// several ranks): insightface's schedule (polynomial, power 2, warmup)
+    /// over `num_image / batch_size` micro-batches an epoch.
     pub fn trainer_config(&self, num_image: usize) -> Result<TrainerConfig> {
         let per_epoch = (num_image / self.batch_size) as u64;
         if per_epoch == 0 {

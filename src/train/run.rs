@@ -11,6 +11,19 @@
 //! folders (`images` a directory), or `.npy` arrays (`images` and
 //! `labels` files); decoded by `num_workers` threads ahead of the step,
 //! flipped at random (keyed) when `flip`.
+//!
+//! On several ranks ([`RunOptions::comm`]; `mpirun -np W gif-fr train`,
+//! built with the `mpi` feature) the run is data-parallel as
+//! insightface's: `batch_size` images per rank per micro-batch, the
+//! sampler's shard of each epoch per rank (a padded, rank-strided slice of
+//! the seeded permutation, as PyTorch's DistributedSampler), the
+//! gradients averaged across ranks before each step
+//! ([`Trainer::set_communicator`]); rank 0 alone writes the log, the
+//! metrics, the verification results, the codebook and the checkpoints;
+//! `cuda` is the GPU of the rank's index on its machine. The schedule
+//! counts the steps a rank takes: ⌈images / W⌉ / `batch_size` an epoch
+//! (insightface's train_v2.py counts `num_image // (batch_size · W)`,
+//! which differs by the sampler's padding).
 
 use std::path::PathBuf;
 
@@ -18,6 +31,7 @@ use std::sync::Arc;
 
 use crate::backbone::IResNet;
 use crate::data::{Dataset, Loader, Sampler};
+use crate::distributed::Communicator;
 use crate::error::{Error, Result};
 use crate::head::{CodeHead, CodeHeadConfig, CodeTable, MarginGrad, PartialFc, SoftmaxHead, SoftmaxHeadConfig};
 use crate::runtime::device::Device;
@@ -40,6 +54,8 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
     /// Time each part of every step ([`Trainer::set_profiling`]).
     pub profile: bool,
+    /// The ranks to train on, data-parallel (None: this process alone).
+    pub comm: Option<Arc<dyn Communicator>>,
 }
 
 /// What a run did.
@@ -62,9 +78,14 @@ pub struct RunSummary {
 const OP: &str = "train";
 
 pub(crate) fn device(name: &str) -> Result<Device> {
+    device_of_rank(name, 0)
+}
+
+/// `name` for the rank whose index on its machine is `local` (its GPU).
+fn device_of_rank(name: &str, local: usize) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::cpu()),
-        "cuda" => Device::cuda(0),
+        "cuda" => Device::cuda(local),
         #[cfg(feature = "sim")]
         "sim" => Ok(Device::sim()),
         "best" => Ok(Device::best()),
@@ -74,7 +95,7 @@ pub(crate) fn device(name: &str) -> Result<Device> {
 
 /// The head of `cfg` for `n` identities on `dev` (a codebook made and
 /// written to the output directory when GIF has none given).
-fn build_head(cfg: &TrainConfig, n: usize, dev: &Device, log: &mut dyn FnMut(&str)) -> Result<TrainHead> {
+fn build_head(cfg: &TrainConfig, n: usize, dev: &Device, write: bool, log: &mut dyn FnMut(&str)) -> Result<TrainHead> {
     let d = cfg.embedding_size;
     let sm = SoftmaxHeadConfig {
         margin: cfg.margin(),
@@ -118,7 +139,9 @@ fn build_head(cfg: &TrainConfig, n: usize, dev: &Device, log: &mut dyn FnMut(&st
                     };
                     let book = tokenizer::tokenize(Input::Random { count: n, dim: d }, &tcfg, dev)?;
                     let path = cfg.output.join("codebook.safetensors");
-                    book.save(&path)?;
+                    if write {
+                        book.save(&path)?;
+                    }
                     log(&format!(
                         "codes: {n} identities from seeded random identity vectors, v = {}, l = {} (written to {})",
                         book.vocab(),
@@ -175,11 +198,20 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<RunSummary> {
 /// and head as the run left them.
 pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Result<(RunSummary, Trainer)> {
     let out = &cfg.output;
-    std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create the directory: {e}")))?;
+    let (rank, world) = opts.comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
+    // Rank 0 speaks and writes for the run (insightface's rank-0 logging).
+    let lead = rank == 0;
+    if lead {
+        std::fs::create_dir_all(out).map_err(|e| Error::file(out, format!("cannot create the directory: {e}")))?;
+    }
     let log_path = out.join("training.log");
-    let bar = if opts.progress { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
+    let show = opts.progress && lead;
+    let bar = if show { indicatif::ProgressBar::new(0) } else { indicatif::ProgressBar::hidden() };
     let mut log = |line: &str| {
-        if opts.progress {
+        if !lead {
+            return;
+        }
+        if show {
             bar.println(line);
         } else {
             eprintln!("{line}");
@@ -189,7 +221,8 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
     for (k, why) in cfg.ignored_keys() {
         log(&format!("config: {k} ignored ({why})"));
     }
-    let dev = device(&cfg.device)?;
+    let local = crate::distributed::launch_from_env().map_or(0, |l| l.local_rank);
+    let dev = device_of_rank(&cfg.device, if world > 1 { local } else { 0 })?;
     let net_cfg = cfg.network_config()?;
     let size = net_cfg.input;
     if dataset.size() != size {
@@ -213,9 +246,11 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
             ),
         ));
     }
-    let head = build_head(cfg, n, &dev, &mut log)?;
-    let tcfg = cfg.trainer_config(count)?;
-    let per_epoch = (count / cfg.batch_size) as u64;
+    let head = build_head(cfg, n, &dev, lead, &mut log)?;
+    let b = cfg.batch_size;
+    let sampler = Sampler { rank, world, ..Sampler::new(count, b, cfg.seed) };
+    let tcfg = cfg.trainer_config(sampler.per_rank())?;
+    let per_epoch = sampler.batches_per_epoch() as u64;
     let total = per_epoch * cfg.num_epoch as u64;
     let backbone = IResNet::new(net_cfg, &dev, cfg.seed)?;
     let mut trainer = Trainer::new(backbone, head, tcfg)?;
@@ -227,13 +262,21 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
         trainer.resume(out)?;
         log(&format!("resumed from {} at step {}", out.display(), trainer.steps()));
     }
+    if let Some(comm) = opts.comm.as_ref().filter(|c| c.world() > 1) {
+        trainer.set_communicator(comm.clone())?;
+        log(&format!(
+            "data-parallel on {world} ranks ({}): {b} images per rank, {} per step",
+            comm.backend(),
+            b * world
+        ));
+    }
     log(&format!(
         "training {} on {dev}: {} head, {n} identities, {count} images, {per_epoch} steps an epoch, {total} steps",
         cfg.network,
         cfg.head_kind()
     ));
     let csv = out.join("metrics.csv");
-    if !csv.exists() {
+    if lead && !csv.exists() {
         append(&csv, "step,epoch,loss,accuracy,lr,images_per_s,grad_norm,skipped")?;
     }
     // insightface's CallBackVerification: the sets found, read once.
@@ -248,6 +291,10 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
         } else {
             log(&format!("val_targets: {name} skipped ({} not found)", path.display()));
         }
+    }
+    if !lead {
+        // insightface verifies on rank 0 only.
+        val_sets.clear();
     }
     let val_csv = out.join("verification.csv");
     if !val_sets.is_empty() && !val_csv.exists() {
@@ -276,8 +323,6 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
             .map_err(|e| Error::invalid(OP, e.to_string()))?,
     );
-    let b = cfg.batch_size;
-    let sampler = Sampler::new(count, b, cfg.seed);
     let loader = Loader::new(dataset, sampler, cfg.num_workers, 2 * cfg.num_workers.max(1), cfg.flip)?;
     let start_step = trainer.steps();
     let stop = opts.stop_after.unwrap_or(total).min(total);
@@ -294,27 +339,31 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
             bar.set_position(done);
             if done % cfg.frequent == 0 || done == stop || done % per_epoch == 0 {
                 let m = trainer.metrics()?;
-                let speed = (done - since.1) as f64 * b as f64 / since.0.elapsed().as_secs_f64().max(1e-9);
+                // Images per second over every rank (insightface's
+                // `batch_size * frequent * world_size / elapsed`).
+                let speed = (done - since.1) as f64 * (b * world) as f64 / since.0.elapsed().as_secs_f64().max(1e-9);
                 since = (std::time::Instant::now(), done);
                 (loss, accuracy) = (m.loss, m.accuracy);
                 bar.set_message(format!("loss {:.4} acc {:.3} lr {:.6} {:.1} img/s", m.loss, m.accuracy, m.lr, speed));
-                append(
-                    &csv,
-                    &format!(
-                        "{done},{epoch},{},{},{},{speed:.3},{},{}",
-                        m.loss, m.accuracy, m.lr, m.grad_norm, m.skipped
-                    ),
-                )?;
-                // insightface's CallBackLogging line.
-                let hours = (total - done) as f64 * b as f64 / speed.max(1e-9) / 3600.0;
-                let line = format!(
-                    "Speed {speed:.2} samples/sec   Loss {:.4}   LearningRate {:.6}   Epoch: {epoch}   Global Step: {done}   Required: {hours:.1} hours",
-                    m.loss, m.lr
-                );
-                if opts.progress {
-                    let _ = append(&log_path, &line);
-                } else {
-                    log(&line);
+                if lead {
+                    append(
+                        &csv,
+                        &format!(
+                            "{done},{epoch},{},{},{},{speed:.3},{},{}",
+                            m.loss, m.accuracy, m.lr, m.grad_norm, m.skipped
+                        ),
+                    )?;
+                    // insightface's CallBackLogging line.
+                    let hours = (total - done) as f64 * (b * world) as f64 / speed.max(1e-9) / 3600.0;
+                    let line = format!(
+                        "Speed {speed:.2} samples/sec   Loss {:.4}   LearningRate {:.6}   Epoch: {epoch}   Global Step: {done}   Required: {hours:.1} hours",
+                        m.loss, m.lr
+                    );
+                    if show {
+                        let _ = append(&log_path, &line);
+                    } else {
+                        log(&line);
+                    }
                 }
             }
             // Verification every `verbose` steps, and at the end of training.
@@ -323,7 +372,7 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
             }
             let boundary = done % cfg.gradient_acc as u64 == 0;
             let periodic = cfg.save_every.is_some_and(|k| done % k == 0);
-            if boundary && (done % per_epoch == 0 || periodic || done == stop) {
+            if lead && boundary && (done % per_epoch == 0 || periodic || done == stop) {
                 trainer.save(out)?;
             }
             if done >= stop {

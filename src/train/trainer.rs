@@ -26,6 +26,18 @@
 //!   optimizer updates every row (momentum and weight decay move rows
 //!   outside the sample too, as they do in PyTorch on a dense gradient).
 //!
+//! Data parallelism ([`Trainer::set_communicator`], insightface's DDP): W
+//! ranks, each with its own micro-batches (the sampler's shard), compute
+//! their gradients alone; before every optimizer step the gradients are
+//! summed across ranks (in 16 MiB buckets, as insightface's
+//! `bucket_cap_mb=16`) and the step scales them by 1/(W · gradient_acc):
+//! the mean over every rank's samples, so every rank takes the same step
+//! and the parameters stay equal. BatchNorm is per rank, as insightface
+//! leaves it (`broadcast_buffers=False`, no SyncBatchNorm): each rank
+//! normalizes with its own batch's statistics and keeps its own running
+//! ones. A W-rank step therefore equals one process accumulating the W
+//! ranks' micro-batches (`gradient_acc` = W), up to summation order.
+//!
 //! Buffers: every gradient (the backbone's, the head's, Partial FC's dense
 //! one) is allocated once, at the first step (a second set for
 //! `gradient_acc` > 1: the micro-batches after the first compute into it
@@ -36,8 +48,11 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use crate::backbone::norm::add_assign;
 use crate::backbone::IResNet;
+use crate::distributed::{self, Communicator};
 use crate::error::{Error, Result};
 use crate::head::{
     CodeHead, CodeTable, HeadGrads, HeadMetrics, PartialFc, PfcGrads, SoftmaxGrads, SoftmaxHead, SoftmaxMetrics,
@@ -272,6 +287,8 @@ pub struct Trainer {
     pub(crate) last_lr: f64,
     /// Per-part times, when profiling.
     profile: Option<StepProfile>,
+    /// The ranks this trainer's gradients are averaged across (None: one).
+    comm: Option<Arc<dyn Communicator>>,
 }
 
 const OP: &str = "Trainer::step";
@@ -324,6 +341,7 @@ impl Trainer {
             micro: 0,
             last_lr: 0.0,
             profile: None,
+            comm: None,
         })
     }
 
@@ -358,6 +376,62 @@ impl Trainer {
             _ => 0,
         };
         HeadMemory { weights, gradients, optimizer: self.optimizer.state_bytes(1), table }
+    }
+
+    /// Trains data-parallel on `comm`'s ranks (see the module
+    /// documentation); a collective: every rank calls it, with the same
+    /// configuration. Checks that every rank's trainer is configured alike
+    /// (its settings, head, code table and parameter shapes: an error on
+    /// every rank names the ranks that differ), then broadcasts rank 0's
+    /// parameters, BatchNorm statistics and optimizer counters, as DDP does
+    /// when it wraps a model. Errors: Partial FC on more than one rank
+    /// (its model-parallel form is not built yet), a collective failing.
+    pub fn set_communicator(&mut self, comm: Arc<dyn Communicator>) -> Result<()> {
+        const OP: &str = "Trainer::set_communicator";
+        if comm.world() > 1 && matches!(self.head, TrainHead::PartialFc(_)) {
+            return Err(Error::invalid(
+                OP,
+                "Partial FC on several ranks needs its model-parallel form (each rank sampling its shard of the \
+                 centres), which is not built yet; train it on one rank, or use the code head or the full softmax",
+            ));
+        }
+        distributed::check_same(comm.as_ref(), "the trainer's configuration", self.fingerprint())?;
+        if comm.world() > 1 {
+            let names: Vec<String> = self.backbone.state().into_keys().collect();
+            for name in names {
+                let Some(t) = self.backbone.state().get(&name).map(|t| t.to_f32()).transpose()? else { continue };
+                let mut t = t;
+                distributed::broadcast_tensors(comm.as_ref(), &mut [&mut t], 0)?;
+                self.backbone.set(&name, t)?;
+            }
+            let mut head: Vec<&mut Tensor> = self.head.params_mut().into_iter().map(|(_, t)| t).collect();
+            distributed::broadcast_tensors(comm.as_ref(), &mut head, 0)?;
+        }
+        self.comm = Some(comm);
+        Ok(())
+    }
+
+    /// The communicator, when training data-parallel.
+    pub fn communicator(&self) -> Option<&Arc<dyn Communicator>> {
+        self.comm.as_ref()
+    }
+
+    /// What must be equal on every rank: the settings, the head (and its
+    /// code table), the parameters' names and shapes, the steps taken.
+    fn fingerprint(&self) -> u64 {
+        let mut s =
+            format!("{:?}|{}|{}|{}|{}|", self.cfg, self.head.name(), self.head.classes(), self.head.dim(), self.micro);
+        for (name, t) in self.backbone.state() {
+            s += &format!("{name}:{:?}:{:?};", t.shape(), t.dtype());
+        }
+        for (name, t) in self.head.params() {
+            s += &format!("{name}:{:?}:{:?};", t.shape(), t.dtype());
+        }
+        let mut h = distributed::fingerprint(s.as_bytes());
+        if let TrainHead::Code { table, .. } = &self.head {
+            h ^= distributed::fingerprint(bytemuck::cast_slice(table.codes())).rotate_left(1);
+        }
+        h
     }
 
     /// The times recorded since profiling was turned on.
@@ -525,8 +599,23 @@ impl Trainer {
 
     /// The optimizer step over the accumulated gradients.
     fn apply(&mut self, lr: f64) -> Result<()> {
-        let scale = 1.0 / self.cfg.gradient_acc as f32;
-        let Trainer { backbone, head, state, backbone_grads, optimizer, .. } = self;
+        let world = self.comm.as_ref().map_or(1, |c| c.world());
+        let scale = 1.0 / (self.cfg.gradient_acc as f32 * world as f32);
+        let Trainer { backbone, head, state, backbone_grads, optimizer, comm, .. } = self;
+        if let Some(comm) = comm.as_ref().filter(|c| c.world() > 1) {
+            // The sum over ranks; the step's scale makes it the mean.
+            let mut grads: Vec<&mut Tensor> = backbone_grads.values_mut().collect();
+            match state {
+                HeadState::Code { acc: Some(g), .. } => {
+                    grads.push(&mut g.centres);
+                    grads.extend(g.projections.as_mut());
+                }
+                HeadState::Softmax { acc: Some(g), .. } => grads.push(&mut g.centres),
+                HeadState::PartialFc { dense, .. } => grads.push(dense),
+                _ => return Err(Error::invalid(OP, "no head gradient (internal error)")),
+            }
+            comm.all_reduce_tensors(&mut grads, 1.0, distributed::BUCKET_BYTES)?;
+        }
         let head_refs: Vec<ParamRef<'_>> = match (state, head) {
             (HeadState::Code { acc: Some(g), .. }, TrainHead::Code { head, .. }) => head.param_refs(g)?,
             (HeadState::Softmax { acc: Some(g), .. }, TrainHead::Softmax(h)) => h.param_refs(g)?,

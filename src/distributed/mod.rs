@@ -1,0 +1,383 @@
+//! Collectives across ranks: the layer data-parallel training stands on.
+//!
+//! A [`Communicator`] is one rank's handle on a group of `world` ranks. Its
+//! collectives are those training needs — all-reduce (sum, max),
+//! all-gather, broadcast, reduce-scatter — over host slices, and over
+//! [`Tensor`]s through [`Communicator::all_reduce_tensors`] (gradients in
+//! buckets). The back ends are existing engines, not a transport of our
+//! own:
+//! - [`SingleProcess`]: the world of one (every collective is the
+//!   identity; the trainer without a launcher);
+//! - `Mpi` (cargo feature `mpi`, the `mpi` crate over the system's MPI,
+//!   Open MPI or MPICH): CPU ranks, and the launcher (`mpirun -np W
+//!   gif-fr train …`); device tensors are staged through the host.
+//!
+//! Every collective has a deadline ([`timeout`]: `GIF_FR_COLLECTIVE_TIMEOUT`
+//! seconds, 600 by default, as PyTorch's NCCL process groups wait 10
+//! minutes): a rank that died, hangs or called a different collective
+//! makes the others return [`Error::Collective`] instead of waiting
+//! forever. After a timeout the communicator is spent (every later call
+//! fails at once): the transport may still hold the buffers of the
+//! collective that never finished.
+//!
+//! [`Communicator::stats`] counts the bytes each kind of collective moved
+//! from this rank: docs/distributed.md's cost model is checked against
+//! them.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::runtime::tensor::{DType, Tensor};
+
+#[cfg(feature = "mpi")]
+mod mpi;
+#[cfg(feature = "mpi")]
+pub use self::mpi::Mpi;
+
+/// The reduction of an all-reduce or reduce-scatter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Elementwise sum.
+    Sum,
+    /// Elementwise maximum.
+    Max,
+}
+
+/// Collectives this rank took part in, and the bytes it contributed to
+/// each kind (its send buffer's size: an all-reduce of n f32 counts 4n,
+/// an all-gather 4n of its own n, a broadcast the buffer on every rank).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CollectiveStats {
+    /// All-reduce calls.
+    pub all_reduces: u64,
+    /// Bytes all-reduced.
+    pub all_reduce_bytes: u64,
+    /// All-gather calls.
+    pub all_gathers: u64,
+    /// Bytes this rank contributed to all-gathers.
+    pub all_gather_bytes: u64,
+    /// Broadcast calls.
+    pub broadcasts: u64,
+    /// Bytes broadcast.
+    pub broadcast_bytes: u64,
+    /// Reduce-scatter calls.
+    pub reduce_scatters: u64,
+    /// Bytes this rank sent into reduce-scatters (the whole input).
+    pub reduce_scatter_bytes: u64,
+}
+
+/// The default bucket of [`Communicator::all_reduce_tensors`]: 16 MiB, the
+/// `bucket_cap_mb` insightface's arcface_torch gives PyTorch's DDP.
+pub const BUCKET_BYTES: usize = 16 << 20;
+
+/// The deadline of one collective: `GIF_FR_COLLECTIVE_TIMEOUT` (seconds,
+/// a positive number) when set, else 600 s.
+pub fn timeout() -> Duration {
+    std::env::var("GIF_FR_COLLECTIVE_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(Duration::from_secs(600), Duration::from_secs_f64)
+}
+
+/// One rank's handle on a group of ranks (see the module documentation).
+/// Every method is a collective: all ranks call it, in the same order,
+/// with matching sizes.
+pub trait Communicator: Send + Sync {
+    /// This rank, in `0..world`.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn world(&self) -> usize;
+    /// "single", "mpi" or "nccl".
+    fn backend(&self) -> &'static str;
+    /// The counts so far.
+    fn stats(&self) -> CollectiveStats;
+
+    /// `data` ← the elementwise reduction of every rank's `data`.
+    fn all_reduce_f32(&self, data: &mut [f32], op: ReduceOp) -> Result<()>;
+    /// [`Communicator::all_reduce_f32`] in f64.
+    fn all_reduce_f64(&self, data: &mut [f64], op: ReduceOp) -> Result<()>;
+    /// `all[r·n .. (r+1)·n]` ← rank r's `mine` (n = `mine.len()`, equal on
+    /// every rank; `all.len()` = world · n).
+    fn all_gather_f32(&self, mine: &[f32], all: &mut [f32]) -> Result<()>;
+    /// [`Communicator::all_gather_f32`] of u32 (labels).
+    fn all_gather_u32(&self, mine: &[u32], all: &mut [u32]) -> Result<()>;
+    /// [`Communicator::all_gather_f32`] of u64 (fingerprints, counts).
+    fn all_gather_u64(&self, mine: &[u64], all: &mut [u64]) -> Result<()>;
+    /// `data` ← rank `root`'s `data`.
+    fn broadcast_u8(&self, data: &mut [u8], root: usize) -> Result<()>;
+    /// `mine` ← block `rank` of the elementwise sum of every rank's `data`
+    /// (`data.len()` = world · `mine.len()`).
+    fn reduce_scatter_f32(&self, data: &[f32], mine: &mut [f32]) -> Result<()>;
+
+    /// Ends every rank's process with `code`: MPI_Abort, or this process's
+    /// exit in the world of one. For an error one rank cannot recover from
+    /// while the others would wait for it in their next collective.
+    fn abort(&self, code: i32) -> ! {
+        std::process::exit(code)
+    }
+
+    /// All-reduces f32 tensors (sum, or sum then times `scale`), packed
+    /// into buckets of at most `bucket_bytes` (a tensor larger than a
+    /// bucket goes alone), staged through the host unless they live there.
+    /// Fewer, larger messages: what DDP's buckets are for.
+    fn all_reduce_tensors(&self, tensors: &mut [&mut Tensor], scale: f32, bucket_bytes: usize) -> Result<()> {
+        bucketed_all_reduce(self, tensors, scale, bucket_bytes)
+    }
+}
+
+impl std::fmt::Debug for dyn Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} rank {} of {}", self.backend(), self.rank(), self.world())
+    }
+}
+
+/// The world of one rank: every collective copies its input to its output.
+#[derive(Debug, Default)]
+pub struct SingleProcess {
+    stats: std::sync::Mutex<CollectiveStats>,
+}
+
+impl SingleProcess {
+    /// The world of one.
+    pub fn new() -> SingleProcess {
+        SingleProcess::default()
+    }
+    fn count(&self, f: impl FnOnce(&mut CollectiveStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(&mut s)
+        }
+    }
+}
+
+fn same_len(op: &'static str, a: usize, b: usize, rank: usize, world: usize) -> Result<()> {
+    if a != b {
+        return Err(Error::Collective { op, rank, world, message: format!("buffers of {a} and {b} elements") });
+    }
+    Ok(())
+}
+
+impl Communicator for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn backend(&self) -> &'static str {
+        "single"
+    }
+    fn stats(&self) -> CollectiveStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+    fn all_reduce_f32(&self, data: &mut [f32], _: ReduceOp) -> Result<()> {
+        self.count(|s| {
+            (s.all_reduces, s.all_reduce_bytes) = (s.all_reduces + 1, s.all_reduce_bytes + 4 * data.len() as u64)
+        });
+        Ok(())
+    }
+    fn all_reduce_f64(&self, data: &mut [f64], _: ReduceOp) -> Result<()> {
+        self.count(|s| {
+            (s.all_reduces, s.all_reduce_bytes) = (s.all_reduces + 1, s.all_reduce_bytes + 8 * data.len() as u64)
+        });
+        Ok(())
+    }
+    fn all_gather_f32(&self, mine: &[f32], all: &mut [f32]) -> Result<()> {
+        same_len("all_gather", mine.len(), all.len(), 0, 1)?;
+        all.copy_from_slice(mine);
+        self.count(|s| {
+            (s.all_gathers, s.all_gather_bytes) = (s.all_gathers + 1, s.all_gather_bytes + 4 * mine.len() as u64)
+        });
+        Ok(())
+    }
+    fn all_gather_u32(&self, mine: &[u32], all: &mut [u32]) -> Result<()> {
+        same_len("all_gather", mine.len(), all.len(), 0, 1)?;
+        all.copy_from_slice(mine);
+        self.count(|s| {
+            (s.all_gathers, s.all_gather_bytes) = (s.all_gathers + 1, s.all_gather_bytes + 4 * mine.len() as u64)
+        });
+        Ok(())
+    }
+    fn all_gather_u64(&self, mine: &[u64], all: &mut [u64]) -> Result<()> {
+        same_len("all_gather", mine.len(), all.len(), 0, 1)?;
+        all.copy_from_slice(mine);
+        self.count(|s| {
+            (s.all_gathers, s.all_gather_bytes) = (s.all_gathers + 1, s.all_gather_bytes + 8 * mine.len() as u64)
+        });
+        Ok(())
+    }
+    fn broadcast_u8(&self, data: &mut [u8], root: usize) -> Result<()> {
+        if root != 0 {
+            return Err(Error::Collective {
+                op: "broadcast",
+                rank: 0,
+                world: 1,
+                message: format!("root {root} is not a rank"),
+            });
+        }
+        self.count(|s| (s.broadcasts, s.broadcast_bytes) = (s.broadcasts + 1, s.broadcast_bytes + data.len() as u64));
+        Ok(())
+    }
+    fn reduce_scatter_f32(&self, data: &[f32], mine: &mut [f32]) -> Result<()> {
+        same_len("reduce_scatter", data.len(), mine.len(), 0, 1)?;
+        mine.copy_from_slice(data);
+        self.count(|s| {
+            (s.reduce_scatters, s.reduce_scatter_bytes) =
+                (s.reduce_scatters + 1, s.reduce_scatter_bytes + 4 * data.len() as u64)
+        });
+        Ok(())
+    }
+}
+
+/// The buckets of [`Communicator::all_reduce_tensors`]: consecutive
+/// tensors, at most `bucket_bytes` of f32 each (one tensor at least).
+pub fn buckets(sizes: &[usize], bucket_bytes: usize) -> Vec<std::ops::Range<usize>> {
+    let cap = (bucket_bytes / 4).max(1);
+    let mut out = Vec::new();
+    let (mut start, mut filled) = (0, 0usize);
+    for (i, &n) in sizes.iter().enumerate() {
+        if i > start && filled.saturating_add(n) > cap {
+            out.push(start..i);
+            (start, filled) = (i, 0);
+        }
+        filled = filled.saturating_add(n);
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+fn bucketed_all_reduce<C: Communicator + ?Sized>(
+    comm: &C,
+    tensors: &mut [&mut Tensor],
+    scale: f32,
+    bucket_bytes: usize,
+) -> Result<()> {
+    const OP: &str = "all_reduce_tensors";
+    if let Some(t) = tensors.iter().find(|t| t.dtype() != DType::F32) {
+        return Err(Error::DType { op: OP, expected: DType::F32, got: t.dtype() });
+    }
+    let sizes: Vec<usize> = tensors.iter().map(|t| t.numel()).collect();
+    let mut staging: Vec<f32> = Vec::new();
+    for range in buckets(&sizes, bucket_bytes) {
+        let total = sizes[range.clone()].iter().try_fold(0usize, |a, &n| a.checked_add(n));
+        let total = total.ok_or_else(|| Error::invalid(OP, "bucket size overflows"))?;
+        staging.clear();
+        staging.try_reserve(total).map_err(|_| Error::OutOfMemory {
+            op: OP,
+            what: "the all-reduce's staging bucket".into(),
+            bytes: total.saturating_mul(4),
+            free: None,
+        })?;
+        for t in &tensors[range.clone()] {
+            staging.extend_from_slice(&t.host_f32()?);
+        }
+        comm.all_reduce_f32(&mut staging, ReduceOp::Sum)?;
+        if scale != 1.0 {
+            staging.iter_mut().for_each(|x| *x *= scale);
+        }
+        let mut at = 0;
+        for t in &mut tensors[range] {
+            let n = t.numel();
+            t.copy_from_host(&staging[at..at + n])?;
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+/// FNV-1a of `bytes`: a fingerprint that is the same in every process.
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3))
+}
+
+/// Checks every rank holds the same `what` (its fingerprint): one
+/// all-gather, so every rank sees every value and all of them return the
+/// same verdict. Errors on every rank: the ranks whose value differs from
+/// rank 0's.
+pub fn check_same(comm: &dyn Communicator, what: &str, value: u64) -> Result<()> {
+    let w = comm.world();
+    let mut all = vec![0u64; w];
+    comm.all_gather_u64(&[value], &mut all)?;
+    let differ: Vec<usize> = (1..w).filter(|&r| all[r] != all[0]).collect();
+    if !differ.is_empty() {
+        return Err(Error::Collective {
+            op: "check_same",
+            rank: comm.rank(),
+            world: w,
+            message: format!("{what} differs between rank 0 and rank(s) {differ:?}: every rank must run the same"),
+        });
+    }
+    Ok(())
+}
+
+/// Every tensor ← rank `root`'s (any dtype; staged through the host): the
+/// parameters DDP broadcasts from rank 0 when it wraps a model.
+pub fn broadcast_tensors(comm: &dyn Communicator, tensors: &mut [&mut Tensor], root: usize) -> Result<()> {
+    for t in tensors.iter_mut() {
+        let mut bytes = match t.dtype() {
+            DType::F32 => bytemuck::cast_slice::<f32, u8>(&t.to_vec::<f32>()?).to_vec(),
+            DType::BF16 => bytemuck::cast_slice::<half::bf16, u8>(&t.to_vec::<half::bf16>()?).to_vec(),
+            other => return Err(Error::invalid("broadcast_tensors", format!("dtype {other:?} is not broadcast"))),
+        };
+        comm.broadcast_u8(&mut bytes, root)?;
+        match t.dtype() {
+            DType::F32 => t.copy_from_host(&bytemuck::pod_collect_to_vec::<u8, f32>(&bytes))?,
+            _ => t.copy_from_host(&bytemuck::pod_collect_to_vec::<u8, half::bf16>(&bytes))?,
+        }
+    }
+    Ok(())
+}
+
+/// How this process was launched: a rank of an MPI job (`mpirun`, `srun`
+/// with PMI) when the launcher's variables say so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// This rank.
+    pub rank: usize,
+    /// Ranks in the job.
+    pub world: usize,
+    /// This rank's index among the ranks on its machine (its GPU).
+    pub local_rank: usize,
+}
+
+/// The launcher's view of this process from its environment (Open MPI's
+/// `OMPI_COMM_WORLD_*`, PMI's `PMI_RANK`/`PMI_SIZE`, Slurm's
+/// `SLURM_PROCID`/`SLURM_NTASKS`/`SLURM_LOCALID`); None when none is set.
+pub fn launch_from_env() -> Option<Launch> {
+    let get = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let pick = |keys: &[&str]| keys.iter().find_map(|k| get(k));
+    let world = pick(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"])?;
+    let rank = pick(&["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"]).unwrap_or(0);
+    let local_rank = pick(&["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]).unwrap_or(0);
+    (world > 0 && rank < world).then_some(Launch { rank, world, local_rank })
+}
+
+/// The communicator this process should use: MPI's world when launched by
+/// an MPI launcher with more than one rank (built with the `mpi` feature),
+/// else the world of one. Errors: launched as one of W > 1 ranks by a
+/// build without the `mpi` feature (each rank would train alone on its
+/// shard, silently), or MPI failing to start.
+pub fn from_env() -> Result<Box<dyn Communicator>> {
+    match launch_from_env() {
+        Some(l) if l.world > 1 => {
+            #[cfg(feature = "mpi")]
+            {
+                Ok(Box::new(Mpi::init()?))
+            }
+            #[cfg(not(feature = "mpi"))]
+            {
+                Err(Error::Collective {
+                    op: "launch",
+                    rank: l.rank,
+                    world: l.world,
+                    message: "launched as one of several MPI ranks, but this gif-fr was built without the `mpi` \
+                              feature (cargo build --features mpi, with Open MPI or MPICH installed)"
+                        .into(),
+                })
+            }
+        }
+        _ => Ok(Box::new(SingleProcess::new())),
+    }
+}

@@ -1,0 +1,498 @@
+//! The collective layer and data-parallel training.
+//!
+//! Without the `mpi` feature: the world of one, the buckets, the launch
+//! variables. With it (`cargo test --features mpi`, Open MPI or MPICH
+//! installed): each `*_on_ranks` test starts `mpirun -np W` (W = 2 and 3,
+//! on this machine) of this very test binary running one `rank_*` test
+//! (ignored in a plain run: it only means something as one of W ranks),
+//! and checks what every rank printed. Without mpirun on PATH the MPI tests
+//! print a skip notice, or fail with CI=true.
+
+mod common;
+
+use gif_fr::distributed::{self, buckets, check_same, CollectiveStats, Communicator, ReduceOp, SingleProcess};
+use gif_fr::{DType, Device, Tensor};
+
+#[test]
+fn the_world_of_one_copies_and_counts() {
+    let c = SingleProcess::new();
+    assert_eq!((c.rank(), c.world(), c.backend()), (0, 1, "single"));
+    let mut x = [1.5f32, -2.0];
+    c.all_reduce_f32(&mut x, ReduceOp::Max).unwrap();
+    assert_eq!(x, [1.5, -2.0]);
+    let mut all = [0u32; 3];
+    c.all_gather_u32(&[4, 5, 6], &mut all).unwrap();
+    assert_eq!(all, [4, 5, 6]);
+    assert!(c.all_gather_u32(&[4, 5, 6], &mut [0u32; 2]).is_err(), "sizes that do not match are an error");
+    assert!(c.broadcast_u8(&mut [1, 2], 1).is_err(), "a root outside the world is an error");
+    let mut t = Tensor::from_slice(&Device::cpu(), &[3], &[1f32, 2.0, 4.0]).unwrap();
+    c.all_reduce_tensors(&mut [&mut t], 0.5, 4).unwrap();
+    assert_eq!(t.to_vec::<f32>().unwrap(), [0.5, 1.0, 2.0], "the scale applies in the world of one too");
+    check_same(&c, "a value", 7).unwrap();
+    let s = c.stats();
+    assert_eq!(
+        s,
+        CollectiveStats {
+            all_reduces: 2,
+            all_reduce_bytes: 8 + 12,
+            all_gathers: 2,
+            all_gather_bytes: 12 + 8,
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
+fn buckets_hold_consecutive_tensors_up_to_the_cap() {
+    // 4-byte elements; a 40-byte bucket holds 10.
+    assert_eq!(buckets(&[3, 4, 3, 1, 12, 2], 40), vec![0..3, 3..4, 4..5, 5..6]);
+    assert_eq!(buckets(&[], 40), Vec::<std::ops::Range<usize>>::new());
+    assert_eq!(buckets(&[5, 5], 0), vec![0..1, 1..2], "a cap below one element still moves every tensor");
+    assert_eq!(buckets(&[usize::MAX, 1], 40), vec![0..1, 1..2]);
+}
+
+#[test]
+fn the_launch_is_read_from_the_launcher_variables() {
+    // Set only in child processes: this process's environment stays clean.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["launch_probe", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("GIF_FR_LAUNCH_PROBE", "1")
+        .env("OMPI_COMM_WORLD_SIZE", "4")
+        .env("OMPI_COMM_WORLD_RANK", "2")
+        .env("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("launch Some(Launch { rank: 2, world: 4, local_rank: 1 })"), "{text}");
+    #[cfg(not(feature = "mpi"))]
+    assert!(text.contains("without the `mpi` feature"), "a build without MPI refuses to run as one of 4: {text}");
+}
+
+#[test]
+#[ignore = "run by the_launch_is_read_from_the_launcher_variables in a child process"]
+fn launch_probe() {
+    if std::env::var_os("GIF_FR_LAUNCH_PROBE").is_none() {
+        return;
+    }
+    println!("launch {:?}", distributed::launch_from_env());
+    #[cfg(not(feature = "mpi"))]
+    println!("{}", distributed::from_env().unwrap_err());
+}
+
+#[test]
+fn fingerprints_are_fixed() {
+    // FNV-1a's published values: the same in every process and build.
+    assert_eq!(distributed::fingerprint(b""), 0xcbf2_9ce4_8422_2325);
+    assert_eq!(distributed::fingerprint(b"a"), 0xaf63_dc4c_8601_ec8c);
+}
+
+#[test]
+fn tensors_of_another_dtype_are_refused() {
+    let c = SingleProcess::new();
+    let mut t = Tensor::zeros(&Device::cpu(), &[2], DType::BF16).unwrap();
+    assert!(matches!(c.all_reduce_tensors(&mut [&mut t], 1.0, 64), Err(gif_fr::Error::DType { .. })));
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_ranks {
+    use std::process::{Command, Output};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::common::*;
+    use gif_fr::backbone::{IResNet, IResNetConfig};
+    use gif_fr::distributed::{self, check_same, Communicator, Mpi, ReduceOp};
+    use gif_fr::head::{CodeHead, CodeHeadConfig, CodeTable, Margin, SoftmaxHead, SoftmaxHeadConfig};
+    use gif_fr::train::{Schedule, TrainHead, Trainer, TrainerConfig};
+    use gif_fr::{DType, Device, Tensor};
+
+    fn child() -> bool {
+        std::env::var_os("GIF_FR_MPI_CHILD").is_some()
+    }
+
+    /// `mpirun -np w` of this binary running the ignored test `name`; None
+    /// (after a skip notice) when mpirun is not on PATH.
+    fn mpirun(w: usize, name: &str, env: &[(&str, &str)]) -> Option<(Output, Duration)> {
+        let mut cmd = Command::new("mpirun");
+        cmd.args(["-np", &w.to_string(), "--oversubscribe"])
+            .arg(std::env::current_exe().unwrap())
+            .args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("GIF_FR_MPI_CHILD", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        launch(cmd)
+    }
+
+    /// Runs an `mpirun` command line with the settings every launch here
+    /// needs; None (after a skip notice) when mpirun is not on PATH.
+    fn launch(mut cmd: Command) -> Option<(Output, Duration)> {
+        let found =
+            std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("mpirun").is_file()));
+        if !found {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"),
+                "CI=true and mpirun is not on PATH (install Open MPI: apt install openmpi-bin libopenmpi-dev)"
+            );
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "note: skipping the MPI tests: mpirun is not on PATH");
+            return None;
+        }
+        // A rank that fails an assertion leaves the others waiting: 30 s,
+        // not 10 minutes (unless the caller set its own).
+        if !cmd.get_envs().any(|(k, _)| k == "GIF_FR_COLLECTIVE_TIMEOUT") {
+            cmd.env("GIF_FR_COLLECTIVE_TIMEOUT", "30");
+        }
+        cmd.env("RAYON_NUM_THREADS", "1")
+            // Open MPI refuses root without these (containers, CI), and
+            // its single-copy transport needs ptrace rights containers
+            // often lack.
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+            .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+        let began = Instant::now();
+        let out = cmd.output().unwrap();
+        Some((out, began.elapsed()))
+    }
+
+    fn text(out: &Output) -> String {
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    }
+
+    /// Runs `name` on 2 and 3 ranks; each rank must print "rank r ok".
+    fn on_ranks(name: &str) {
+        for w in [2, 3] {
+            let Some((out, _)) = mpirun(w, name, &[]) else { return };
+            let t = text(&out);
+            assert!(out.status.success(), "{w} ranks:\n{t}");
+            for r in 0..w {
+                assert!(t.contains(&format!("rank {r} of {w} ok")), "rank {r} of {w} did not finish:\n{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn collectives_on_ranks() {
+        on_ranks("mpi_ranks::rank_collectives");
+    }
+
+    #[test]
+    #[ignore = "one rank of collectives_on_ranks"]
+    fn rank_collectives() {
+        if !child() {
+            return;
+        }
+        let c = Mpi::init().unwrap();
+        let (r, w) = (c.rank(), c.world());
+        let rf = r as f32;
+        // Sums and maxima of values that differ per rank.
+        let mut x: Vec<f32> = (0..5).map(|i| rf * 10.0 + i as f32).collect();
+        c.all_reduce_f32(&mut x, ReduceOp::Sum).unwrap();
+        let ranks_sum: f32 = (0..w).map(|q| q as f32 * 10.0).sum();
+        assert_eq!(x, (0..5).map(|i| ranks_sum + (w * i) as f32).collect::<Vec<_>>());
+        let mut m = [-(r as f64), r as f64 * 0.5];
+        c.all_reduce_f64(&mut m, ReduceOp::Max).unwrap();
+        assert_eq!(m, [0.0, (w - 1) as f64 * 0.5]);
+        let mut labels = vec![0u32; 2 * w];
+        c.all_gather_u32(&[r as u32, 100 + r as u32], &mut labels).unwrap();
+        assert_eq!(labels, (0..w as u32).flat_map(|q| [q, 100 + q]).collect::<Vec<_>>());
+        let mut feats = vec![0f32; 3 * w];
+        c.all_gather_f32(&[rf, -rf, 0.25], &mut feats).unwrap();
+        assert_eq!(feats[3 * (w - 1)..], [(w - 1) as f32, -((w - 1) as f32), 0.25]);
+        let mut bytes = if r == w - 1 { b"from the last".to_vec() } else { vec![0u8; 13] };
+        c.broadcast_u8(&mut bytes, w - 1).unwrap();
+        assert_eq!(bytes, b"from the last");
+        // Reduce-scatter: block q of the sum lands on rank q.
+        let data: Vec<f32> = (0..2 * w).map(|i| (i + r) as f32).collect();
+        let mut mine = [0f32; 2];
+        c.reduce_scatter_f32(&data, &mut mine).unwrap();
+        let sum_at = |i: usize| (0..w).map(|q| (i + q) as f32).sum::<f32>();
+        assert_eq!(mine, [sum_at(2 * r), sum_at(2 * r + 1)]);
+        // Tensors in buckets of 5 elements: sizes 3, 4, 7, 1 cross them.
+        let dev = Device::cpu();
+        let sizes = [3usize, 4, 7, 1];
+        let mut ts: Vec<Tensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                let v: Vec<f32> = (0..n).map(|i| (r * 100 + k * 10 + i) as f32).collect();
+                Tensor::from_slice(&dev, &[n], &v).unwrap()
+            })
+            .collect();
+        let before = c.stats();
+        c.all_reduce_tensors(&mut ts.iter_mut().collect::<Vec<_>>(), 0.5, 20).unwrap();
+        for (k, t) in ts.iter().enumerate() {
+            let want: Vec<f32> =
+                (0..sizes[k]).map(|i| 0.5 * (0..w).map(|q| (q * 100 + k * 10 + i) as f32).sum::<f32>()).collect();
+            assert_eq!(t.to_vec::<f32>().unwrap(), want, "tensor {k}");
+        }
+        let after = c.stats();
+        assert_eq!(after.all_reduces - before.all_reduces, 4, "buckets [3] [4] [7] [1] of a 5-element cap");
+        assert_eq!(after.all_reduce_bytes - before.all_reduce_bytes, 4 * 15);
+        // Counted bytes: what this rank contributed to each kind.
+        let s = c.stats();
+        assert_eq!((s.all_reduces, s.all_reduce_bytes), (2 + 4, 4 * 5 + 8 * 2 + 4 * 15));
+        assert_eq!((s.all_gathers, s.all_gather_bytes), (2, 4 * 2 + 4 * 3));
+        assert_eq!((s.broadcasts, s.broadcast_bytes), (1, 13));
+        assert_eq!((s.reduce_scatters, s.reduce_scatter_bytes), (1, 4 * 2 * w as u64));
+        // Agreement checks: the same value passes; a value that differs on
+        // the last rank fails on every rank, naming it.
+        check_same(&c, "a setting", 42).unwrap();
+        let e = check_same(&c, "a setting", if r == w - 1 { 7 } else { 42 }).unwrap_err().to_string();
+        assert!(e.contains(&format!("rank(s) [{}]", w - 1)) && e.contains(&format!("rank {r} of {w}")), "{e}");
+        println!("rank {r} of {w} ok");
+    }
+
+    fn net() -> IResNetConfig {
+        IResNetConfig { embedding: 16, ..tiny_iresnet() }
+    }
+
+    /// A trainer whose weights come from `seed` (ranks start different:
+    /// set_communicator must make them rank 0's).
+    fn trainer(kind: &str, seed: u64, acc: usize, lr: f64) -> Trainer {
+        let dev = Device::cpu();
+        let d = net().embedding;
+        let n = 10;
+        let backbone = IResNet::new(net(), &dev, seed).unwrap();
+        let head = match kind {
+            "gif" => {
+                let cfg = CodeHeadConfig { margin: Margin::CosFace(0.1), scale: 16.0, ..CodeHeadConfig::new(d, 3, 4) };
+                let codes: Vec<u16> = (0..n as u16).flat_map(|c| [c % 4, (c / 4) % 4, (c * 7) % 4]).collect();
+                let vectors = unit_rows(&mut rng(23), n, d);
+                let table = CodeTable::new(&dev, codes, 3, 4, Some((&vectors, d, DType::F32))).unwrap();
+                TrainHead::Code { head: CodeHead::new(cfg, &dev, seed + 1).unwrap(), table }
+            }
+            _ => {
+                let sm =
+                    SoftmaxHeadConfig { margin: Margin::CosFace(0.1), scale: 16.0, ..SoftmaxHeadConfig::new(d, n) };
+                TrainHead::Softmax(SoftmaxHead::new(sm, &dev, DType::F32, seed + 1).unwrap())
+            }
+        };
+        let cfg = TrainerConfig { gradient_acc: acc, ..TrainerConfig::insightface(Schedule::Constant { base: lr }) };
+        Trainer::new(backbone, head, cfg).unwrap()
+    }
+
+    /// Micro-batch `k` of step `step`: 3 images and labels, the same in
+    /// every process.
+    fn batch(step: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
+        let s = net().input;
+        let mut r = rng(1000 + 17 * step as u64 + k as u64);
+        let images = uniform(&mut r, 3 * s * s * 3, -1.0, 1.0);
+        let labels = (0..3).map(|i| ((step * 7 + k * 3 + i) % 10) as u32).collect();
+        (images, labels)
+    }
+
+    fn params(t: &Trainer) -> Vec<(String, Vec<f32>)> {
+        let mut v: Vec<(String, Vec<f32>)> =
+            t.backbone().state().into_iter().map(|(n, t)| (n, t.to_f32_vec().unwrap())).collect();
+        v.extend(t.head().params().into_iter().map(|(n, t)| (n.to_string(), t.to_f32_vec().unwrap())));
+        v
+    }
+
+    #[test]
+    fn data_parallel_steps_on_ranks() {
+        on_ranks("mpi_ranks::rank_data_parallel_steps");
+    }
+
+    #[test]
+    #[ignore = "one rank of data_parallel_steps_on_ranks"]
+    fn rank_data_parallel_steps() {
+        if !child() {
+            return;
+        }
+        let comm: Arc<dyn Communicator> = Arc::new(Mpi::init().unwrap());
+        let (r, w) = (comm.rank(), comm.world());
+        for kind in ["gif", "arcface"] {
+            // Each rank starts from its own seed; rank 0's weights win.
+            let mut dp = trainer(kind, 5 + r as u64, 1, 0.05);
+            dp.set_communicator(comm.clone()).unwrap();
+            let reference = (r == 0).then(|| trainer(kind, 5, w, 0.05));
+            let mut reference = reference;
+            let before = comm.stats();
+            for step in 0..2 {
+                let (images, labels) = batch(step, r);
+                assert!(dp.step(&images, &labels).unwrap(), "every data-parallel micro-batch ends a step");
+                if let Some(t) = reference.as_mut() {
+                    // One process, the W ranks' micro-batches accumulated.
+                    for k in 0..w {
+                        let (images, labels) = batch(step, k);
+                        t.step(&images, &labels).unwrap();
+                    }
+                }
+            }
+            // Each step all-reduced every trainable parameter's gradient
+            // once, f32 (docs/distributed.md's 4 · P bytes a step).
+            let trainable: usize = dp.backbone_mut().params_mut().iter().map(|(_, t)| t.numel()).sum::<usize>()
+                + dp.head().params().iter().map(|(_, t)| t.numel()).sum::<usize>();
+            let moved = comm.stats().all_reduce_bytes - before.all_reduce_bytes;
+            assert_eq!(moved, 2 * 4 * trainable as u64, "{kind}: bytes all-reduced in two steps");
+            // Every rank holds the same parameters, bit for bit …
+            let mine = params(&dp);
+            let bits: Vec<u8> = mine
+                .iter()
+                .filter(|(n, _)| !n.contains("running_"))
+                .flat_map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()))
+                .collect();
+            check_same(comm.as_ref(), "the parameters after two steps", distributed::fingerprint(&bits)).unwrap();
+            // … equal to the single process's up to summation order (the
+            // ranks' gradients are summed by MPI, the accumulation adds
+            // them one by one). Running statistics are per rank (each saw
+            // its own batches), so they are not compared.
+            if let Some(t) = &reference {
+                let (mut worst, mut moved) = (0f32, 0f32);
+                let start = params(&trainer(kind, 5, 1, 0.05));
+                for (((name, a), (_, b)), (_, s)) in mine.iter().zip(params(t)).zip(&start) {
+                    if name.contains("running_") || name.contains("num_batches") {
+                        continue;
+                    }
+                    let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+                    for ((x, y), z) in a.iter().zip(&b).zip(s) {
+                        worst = worst.max((x - y).abs() / scale);
+                        moved = moved.max((y - z).abs() / scale);
+                    }
+                }
+                assert!(moved > 1e-3, "{kind}: the steps moved the weights ({moved})");
+                assert!(worst < 2e-5, "{kind}: {w} ranks vs one process accumulating: max |Δ| / max |w| = {worst}");
+                println!(
+                    "{kind}: {w} ranks vs one process: max |Δ| / max |w| = {worst:.1e} (the steps moved {moved:.2})"
+                );
+            }
+        }
+        println!("rank {r} of {w} ok");
+    }
+
+    #[test]
+    fn gif_fr_train_runs_data_parallel_under_mpirun() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, out) = (dir.path().join("data"), dir.path().join("run"));
+        let synth = Command::new(gif_fr_bin())
+            .args(["synth", "--identities", "12", "--size", "16", "--min-images", "4", "--max-images", "6", "--out"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(synth.status.success(), "{}", text(&synth));
+        let images = gif_fr::data::Dataset::records(&data, 16).unwrap().len();
+        let config = dir.path().join("c.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "network = \"r18\"\nembedding_size = 16\ninput_size = 16\nstem_width = 4\nwidths = [4, 8, 8, 12]\n\
+                 layers = [1, 1, 1, 1]\nmargin_list = [1.0, 0.0, 0.1]\nscale = 16.0\nbatch_size = 4\nlr = 0.05\n\
+                 num_epoch = 2\nwarmup_epoch = 0\nfrequent = 1\nvocab = 4\nrec = \"{}\"\noutput = \"{}\"\n\
+                 device = \"cpu\"\nhead = \"gif\"\nnum_workers = 1\n",
+                data.display(),
+                out.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("mpirun");
+        cmd.args(["-np", "2", "--oversubscribe"]).arg(gif_fr_bin()).args(["train", "--quiet", "--config"]).arg(&config);
+        let Some((o, _)) = launch(cmd) else { return };
+        let t = text(&o);
+        assert!(o.status.success(), "{t}");
+        // Rank 0 alone speaks and writes.
+        assert_eq!(t.matches("trained ").count(), 1, "one summary line:\n{t}");
+        let log = std::fs::read_to_string(out.join("training.log")).unwrap();
+        assert_eq!(log.matches("data-parallel on 2 ranks (mpi): 4 images per rank, 8 per step").count(), 1, "{log}");
+        // ⌈images / 2⌉ / 4 steps an epoch on each rank, two epochs.
+        let steps = images.div_ceil(2) / 4 * 2;
+        let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+        assert_eq!(csv.lines().count(), 1 + steps, "one metrics row a step, written once:\n{csv}");
+        assert!(log.contains(&format!("Global Step: {steps}")), "{log}");
+        for f in ["checkpoint.safetensors", "model.safetensors", "codebook.safetensors"] {
+            assert!(out.join(f).is_file(), "{f} missing");
+        }
+    }
+
+    #[test]
+    fn mismatched_ranks_fail_on_every_rank() {
+        on_ranks("mpi_ranks::rank_mismatch");
+    }
+
+    #[test]
+    #[ignore = "one rank of mismatched_ranks_fail_on_every_rank"]
+    fn rank_mismatch() {
+        if !child() {
+            return;
+        }
+        let comm: Arc<dyn Communicator> = Arc::new(Mpi::init().unwrap());
+        let (r, w) = (comm.rank(), comm.world());
+        // The last rank was given another learning rate.
+        let mut t = trainer("gif", 5, 1, if r == w - 1 { 0.1 } else { 0.05 });
+        let e = t.set_communicator(comm.clone()).unwrap_err();
+        assert!(matches!(e, gif_fr::Error::Collective { .. }), "{e}");
+        assert!(e.to_string().contains(&format!("rank(s) [{}]", w - 1)), "{e}");
+        // The collectives still work: nothing was left half done.
+        let mut x = [1f32];
+        comm.all_reduce_f32(&mut x, ReduceOp::Sum).unwrap();
+        assert_eq!(x, [w as f32]);
+        println!("rank {r} of {w} ok");
+    }
+
+    #[test]
+    fn a_rank_that_hangs_or_dies_ends_the_job() {
+        // A rank that never joins: the others time out (2 s), print the
+        // error and abort the job; mpirun returns long before the hung
+        // rank's 60 s sleep would end.
+        let Some((out, took)) = mpirun(3, "mpi_ranks::rank_hangs", &[("GIF_FR_COLLECTIVE_TIMEOUT", "2")]) else {
+            return;
+        };
+        let t = text(&out);
+        assert!(!out.status.success(), "the job must fail:\n{t}");
+        assert!(took < Duration::from_secs(40), "mpirun took {took:?}:\n{t}");
+        for r in [0, 1] {
+            assert!(t.contains(&format!("all_reduce on rank {r} of 3: timed out")), "rank {r} saw no timeout:\n{t}");
+        }
+        // A rank that exits in the middle of the run.
+        let Some((out, took)) = mpirun(2, "mpi_ranks::rank_dies", &[("GIF_FR_COLLECTIVE_TIMEOUT", "5")]) else {
+            return;
+        };
+        let t = text(&out);
+        assert!(!out.status.success(), "the job must fail:\n{t}");
+        assert!(took < Duration::from_secs(40), "mpirun took {took:?}:\n{t}");
+        assert!(!t.contains("rank 0 of 2 ok"), "rank 0 cannot finish a collective rank 1 never joined:\n{t}");
+    }
+
+    #[test]
+    #[ignore = "one rank of a_rank_that_hangs_or_dies_ends_the_job"]
+    fn rank_hangs() {
+        if !child() {
+            return;
+        }
+        let c = Mpi::init().unwrap();
+        let (r, w) = (c.rank(), c.world());
+        if r == w - 1 {
+            std::thread::sleep(Duration::from_secs(60));
+            return;
+        }
+        let mut x = [1f32; 4];
+        let e = c.all_reduce_f32(&mut x, ReduceOp::Sum).unwrap_err();
+        println!("rank {r} of {w}: {e}");
+        let e2 = c.all_reduce_f32(&mut x, ReduceOp::Sum).unwrap_err();
+        assert!(e2.to_string().contains("spent"), "{e2}");
+        // Dropping the spent communicator aborts the job: a moment first,
+        // so the other waiting rank prints its own timeout before the
+        // abort kills it.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
+    #[test]
+    #[ignore = "one rank of a_rank_that_hangs_or_dies_ends_the_job"]
+    fn rank_dies() {
+        if !child() {
+            return;
+        }
+        let c = Mpi::init().unwrap();
+        let (r, w) = (c.rank(), c.world());
+        if r == w - 1 {
+            std::process::exit(3);
+        }
+        let mut x = [1f32; 4];
+        match c.all_reduce_f32(&mut x, ReduceOp::Sum) {
+            Ok(()) => println!("rank {r} of {w} ok"),
+            Err(e) => println!("rank {r} of {w}: {e}"),
+        }
+    }
+}
