@@ -94,6 +94,48 @@ fn tensors_of_another_dtype_are_refused() {
     assert!(matches!(c.all_reduce_tensors(&mut [&mut t], 1.0, 64), Err(gif_fr::Error::DType { .. })));
 }
 
+#[test]
+fn the_cost_model_follows_its_formulas() {
+    use gif_fr::distributed::cost::{code_length, largest_classes, step_cost, with_classes, Head, Setup};
+    assert_eq!([code_length(1, 16), code_length(16, 16), code_length(17, 16), code_length(1 << 27, 16)], [1, 1, 2, 7]);
+    assert_eq!(code_length(u64::MAX, 2), 64, "no overflow at the top");
+    let gif = Setup {
+        world: 8,
+        batch: 128,
+        dim: 512,
+        classes: 1 << 27,
+        backbone_params: 1000,
+        optimizer_states: 1,
+        head: Head::Code { length: 0, vocab: 16, projection: None },
+    };
+    let g = step_cost(&with_classes(&gif, 1 << 27));
+    // 4 bytes per gradient: the backbone's and l·v·d = 7·16·512.
+    assert_eq!(g.all_reduce_bytes, 4 * (1000 + 7 * 16 * 512));
+    assert_eq!((g.all_gather_bytes, g.reduce_scatter_bytes), (0, 0));
+    assert!((g.wire_bytes - 2.0 * 7.0 / 8.0 * g.all_reduce_bytes as f64).abs() < 1e-6);
+    assert_eq!(g.head_memory, 12 * 7 * 16 * 512 + 2 * 7 * (1 << 27), "weights, gradient, momentum; the codes");
+    let full = Setup { head: Head::Softmax { materialized_logits: false }, ..gif };
+    let f = step_cost(&full);
+    assert_eq!(f.all_gather_bytes, 128 * (4 * 512 + 4), "features f32 and labels u32");
+    assert_eq!(f.reduce_scatter_bytes, 4 * 8 * 128 * 512);
+    assert_eq!(f.all_reduce_bytes, 4 * 1000 + 3 * 4 * 8 * 128);
+    assert_eq!(f.head_memory, 12 * 512 * (1 << 24), "N/W centres, three copies");
+    // The model-parallel heads fit W times more identities with W; the
+    // code head's limit (its codes) does not move with W.
+    let budget = 80_000_000_000;
+    let at = |s: &Setup, w: usize| largest_classes(&Setup { world: w, ..*s }, budget);
+    assert!(at(&full, 64) > 7 * at(&full, 8) && at(&full, 64) <= 8 * at(&full, 8) + 8);
+    assert_eq!(at(&gif, 8), at(&gif, 64));
+    // The limit is exact: one more identity does not fit.
+    let n = at(&full, 8);
+    let mem = |n: u64| {
+        let c = step_cost(&with_classes(&full, n));
+        c.head_memory + c.backbone_memory
+    };
+    assert!(mem(n) <= budget && mem(n + 8) > budget, "{n}");
+    assert_eq!(largest_classes(&Setup { backbone_params: 1 << 40, ..full }, budget), 0, "nothing fits");
+}
+
 #[cfg(feature = "mpi")]
 mod mpi_ranks {
     use std::process::{Command, Output};
@@ -102,7 +144,7 @@ mod mpi_ranks {
 
     use super::common::*;
     use gif_fr::backbone::{IResNet, IResNetConfig};
-    use gif_fr::distributed::{self, check_same, Communicator, Mpi, ReduceOp};
+    use gif_fr::distributed::{self, check_same, cost, Communicator, Mpi, ReduceOp};
     use gif_fr::head::{CodeHead, CodeHeadConfig, CodeTable, Margin, SoftmaxHead, SoftmaxHeadConfig};
     use gif_fr::train::{Schedule, TrainHead, Trainer, TrainerConfig};
     use gif_fr::{DType, Device, Tensor};
@@ -328,6 +370,26 @@ mod mpi_ranks {
                 + dp.head().params().iter().map(|(_, t)| t.numel()).sum::<usize>();
             let moved = comm.stats().all_reduce_bytes - before.all_reduce_bytes;
             assert_eq!(moved, 2 * 4 * trainable as u64, "{kind}: bytes all-reduced in two steps");
+            if kind == "gif" {
+                // docs/distributed.md's model of it.
+                let backbone_params = dp.backbone_mut().params_mut().iter().map(|(_, t)| t.numel() as u64).sum();
+                let model = cost::step_cost(&cost::Setup {
+                    world: w,
+                    batch: 3,
+                    dim: net().embedding,
+                    classes: 10,
+                    backbone_params,
+                    optimizer_states: 1,
+                    head: cost::Head::Code { length: 3, vocab: 4, projection: None },
+                });
+                assert_eq!(moved, 2 * model.all_reduce_bytes, "the cost model's all-reduced bytes");
+                let c = comm.stats();
+                assert_eq!(
+                    (c.all_gather_bytes, c.reduce_scatter_bytes),
+                    (8, 0),
+                    "only the configuration check gathered"
+                );
+            }
             // Every rank holds the same parameters, bit for bit …
             let mine = params(&dp);
             let bits: Vec<u8> = mine

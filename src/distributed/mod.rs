@@ -29,6 +29,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::runtime::tensor::{DType, Tensor};
 
+pub mod cost;
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "mpi")]

@@ -383,9 +383,11 @@ impl Trainer {
     /// configuration. Checks that every rank's trainer is configured alike
     /// (its settings, head, code table and parameter shapes: an error on
     /// every rank names the ranks that differ), then broadcasts rank 0's
-    /// parameters, BatchNorm statistics and optimizer counters, as DDP does
-    /// when it wraps a model. Errors: Partial FC on more than one rank
-    /// (its model-parallel form is not built yet), a collective failing.
+    /// parameters and BatchNorm statistics, as DDP does when it wraps a
+    /// model. The optimizer's state is not sent: the steps taken are part
+    /// of the check, and ranks resuming must read the same checkpoint.
+    /// Errors: Partial FC on more than one rank (its model-parallel form
+    /// is not built yet), a collective failing.
     pub fn set_communicator(&mut self, comm: Arc<dyn Communicator>) -> Result<()> {
         const OP: &str = "Trainer::set_communicator";
         if comm.world() > 1 && matches!(self.head, TrainHead::PartialFc(_)) {

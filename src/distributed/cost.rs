@@ -1,0 +1,208 @@
+//! The communication and memory cost of one training step per rank, for
+//! each head (docs/distributed.md's tables come from here; the tests check
+//! the data-parallel terms against the bytes the collectives counted).
+//!
+//! - The code head trains data-parallel: its l·v·d weights (and
+//!   projections) are all-reduced with the backbone's gradients; the
+//!   identities' codes (2·l bytes each) are held on every rank.
+//! - The full margin softmax and Partial FC train model-parallel, as
+//!   insightface's PartialFC_V2: rank r holds ⌈N/W⌉ centres; the W·B
+//!   features (f32) and labels are all-gathered; the logits' maximum, the
+//!   sum of exponentials and the loss are all-reduced (W·B values each);
+//!   the features' gradient (W·B·d) is reduce-scattered back. Their bytes
+//!   do not grow with N: memory and arithmetic do, by N/W.
+//!
+//! Bytes "on the wire" are those one rank sends in the ring algorithms
+//! NCCL and MPI use for large messages: an all-reduce of S bytes sends
+//! 2(W−1)/W·S, an all-gather of c bytes from each rank (W−1)·c, a
+//! reduce-scatter of S bytes (W−1)/W·S.
+
+/// The head of a [`Setup`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Head {
+    /// GIF's code head: l positions of v tokens, optional projections of
+    /// width d_p (l·d_p·d more weights).
+    Code {
+        /// Code length l.
+        length: usize,
+        /// Vocabulary v.
+        vocab: usize,
+        /// Projection width d_p, if any.
+        projection: Option<usize>,
+    },
+    /// The full margin softmax, model-parallel.
+    Softmax {
+        /// Whether the logits are materialized ([W·B, ⌈N/W⌉] f32 on each
+        /// rank, as insightface's PyTorch code does); gif-fr's fused
+        /// kernels do not.
+        materialized_logits: bool,
+    },
+    /// Partial FC, model-parallel, sampling `rate` of each shard.
+    PartialFc {
+        /// The sample rate r.
+        rate: f64,
+    },
+}
+
+/// One training configuration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Setup {
+    /// Ranks W.
+    pub world: usize,
+    /// Images per rank per step B.
+    pub batch: usize,
+    /// Embedding size d.
+    pub dim: usize,
+    /// Identities N.
+    pub classes: u64,
+    /// The backbone's trainable parameters.
+    pub backbone_params: u64,
+    /// f32 copies of each parameter the optimizer keeps besides the
+    /// weight and its gradient (SGD with momentum: 1, AdamW: 2).
+    pub optimizer_states: u64,
+    /// The head.
+    pub head: Head,
+}
+
+/// What one step costs one rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepCost {
+    /// Bytes all-reduced (the buffers' size: gradients, and the model-
+    /// parallel heads' per-sample max / sum / loss).
+    pub all_reduce_bytes: u64,
+    /// Bytes this rank contributes to all-gathers (features and labels).
+    pub all_gather_bytes: u64,
+    /// Bytes this rank puts into reduce-scatters (the features' gradient).
+    pub reduce_scatter_bytes: u64,
+    /// Bytes this rank sends in ring algorithms (see the module
+    /// documentation).
+    pub wire_bytes: f64,
+    /// The head's bytes on this rank: weights, gradients, optimizer
+    /// state, codes, logits.
+    pub head_memory: u64,
+    /// The backbone's bytes: weights, gradients, optimizer state
+    /// (activations excluded: they depend on B and the network, not on N).
+    pub backbone_memory: u64,
+}
+
+/// ⌈N / W⌉, the centres of one shard.
+fn shard(s: &Setup) -> u64 {
+    s.classes.div_ceil(s.world.max(1) as u64)
+}
+
+/// The head's trainable parameters on one rank.
+pub fn head_params(s: &Setup) -> u64 {
+    let d = s.dim as u64;
+    match s.head {
+        Head::Code { length, vocab, projection } => {
+            let (l, v) = (length as u64, vocab as u64);
+            match projection {
+                Some(p) => l * v * p as u64 + l * p as u64 * d,
+                None => l * v * d,
+            }
+        }
+        Head::Softmax { .. } | Head::PartialFc { .. } => shard(s) * d,
+    }
+}
+
+/// The cost of one step of `s` on one rank (see the module documentation).
+pub fn step_cost(s: &Setup) -> StepCost {
+    let (w, b, d) = (s.world.max(1) as u64, s.batch as u64, s.dim as u64);
+    let copies = 2 + s.optimizer_states;
+    let ring = |bytes: u64, factor: f64| bytes as f64 * factor;
+    let wf = w as f64;
+    let backbone_grads = 4 * s.backbone_params;
+    let backbone_memory = 4 * copies * s.backbone_params;
+    match s.head {
+        Head::Code { length, .. } => {
+            let reduced = backbone_grads + 4 * head_params(s);
+            StepCost {
+                all_reduce_bytes: reduced,
+                wire_bytes: if w > 1 { ring(reduced, 2.0 * (wf - 1.0) / wf) } else { 0.0 },
+                head_memory: 4 * copies * head_params(s) + 2 * length as u64 * s.classes,
+                backbone_memory,
+                ..StepCost::default()
+            }
+        }
+        Head::Softmax { .. } | Head::PartialFc { .. } => {
+            // Features f32 and labels u32 gathered; max, sum and loss per
+            // gathered sample all-reduced; the features' gradient
+            // reduce-scattered.
+            let gathered = b * (4 * d + 4);
+            let per_sample = 3 * 4 * w * b;
+            let scattered = 4 * w * b * d;
+            let reduced = backbone_grads + per_sample;
+            let logits = match s.head {
+                Head::Softmax { materialized_logits: true } => 4 * w * b * shard(s),
+                Head::PartialFc { rate } => 4 * w * b * ((shard(s) as f64 * rate).ceil() as u64),
+                _ => 0,
+            };
+            StepCost {
+                all_reduce_bytes: reduced,
+                all_gather_bytes: gathered,
+                reduce_scatter_bytes: scattered,
+                wire_bytes: if w > 1 {
+                    ring(reduced, 2.0 * (wf - 1.0) / wf)
+                        + (w - 1) as f64 * gathered as f64
+                        + ring(scattered, (wf - 1.0) / wf)
+                } else {
+                    0.0
+                },
+                head_memory: 4 * copies * head_params(s) + logits,
+                backbone_memory,
+            }
+        }
+    }
+}
+
+/// The shortest code of v tokens for N identities: the least l with
+/// v^l ≥ N (1 for N ≤ 1; v ≥ 2).
+pub fn code_length(classes: u64, vocab: usize) -> usize {
+    let v = vocab.max(2) as u128;
+    let (mut l, mut reach) = (1usize, v);
+    while reach < classes as u128 {
+        reach *= v;
+        l += 1;
+    }
+    l
+}
+
+/// `s` with N identities; the code head's length follows N
+/// ([`code_length`]).
+pub fn with_classes(s: &Setup, classes: u64) -> Setup {
+    let head = match s.head {
+        Head::Code { vocab, projection, .. } => Head::Code { length: code_length(classes, vocab), vocab, projection },
+        other => other,
+    };
+    Setup { classes, head, ..*s }
+}
+
+/// The largest N whose step fits `budget` bytes on one rank (head and
+/// backbone memory of [`StepCost`], the code length following N); 0 if
+/// not even one identity fits.
+pub fn largest_classes(s: &Setup, budget: u64) -> u64 {
+    let fits = |n: u64| {
+        let c = step_cost(&with_classes(s, n));
+        c.head_memory.checked_add(c.backbone_memory).is_some_and(|m| m <= budget)
+    };
+    if !fits(1) {
+        return 0;
+    }
+    let (mut lo, mut hi) = (1u64, 2u64);
+    while fits(hi) {
+        lo = hi;
+        match hi.checked_mul(2) {
+            Some(h) if h < 1 << 62 => hi = h,
+            _ => return lo,
+        }
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid
+        } else {
+            hi = mid
+        }
+    }
+    lo
+}
