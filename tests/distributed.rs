@@ -136,6 +136,45 @@ fn the_cost_model_follows_its_formulas() {
     assert_eq!(largest_classes(&Setup { backbone_params: 1 << 40, ..full }, budget), 0, "nothing fits");
 }
 
+/// NCCL's world of one on the first GPU: the GPU kit's check of the NCCL
+/// back end (skipped, with a notice, without a GPU or libnccl).
+#[test]
+fn nccl_world_of_one_on_a_gpu() {
+    use gif_fr::distributed::Nccl;
+    let dev = match Device::cuda(0) {
+        Ok(d) if Nccl::available() => d,
+        Ok(_) => return eprintln!("note: skipping the NCCL test: libnccl cannot be loaded"),
+        Err(e) => return eprintln!("note: skipping the NCCL test: {e}"),
+    };
+    let c = Nccl::single(&dev).unwrap();
+    assert_eq!((c.rank(), c.world(), c.backend()), (0, 1, "nccl"));
+    let mut x = [1.5f32, -2.0, 3.0];
+    c.all_reduce_f32(&mut x, ReduceOp::Max).unwrap();
+    assert_eq!(x, [1.5, -2.0, 3.0]);
+    let mut y = [0.25f64; 5];
+    c.all_reduce_f64(&mut y, ReduceOp::Sum).unwrap();
+    assert_eq!(y, [0.25; 5]);
+    let mut all = [0u64; 2];
+    c.all_gather_u64(&[7, 9], &mut all).unwrap();
+    assert_eq!(all, [7, 9]);
+    let mut bytes = *b"hello";
+    c.broadcast_u8(&mut bytes, 0).unwrap();
+    assert_eq!(&bytes, b"hello");
+    let mut mine = [0f32; 3];
+    c.reduce_scatter_f32(&[1.0, 2.0, 3.0], &mut mine).unwrap();
+    assert_eq!(mine, [1.0, 2.0, 3.0]);
+    // Device tensors in place, in buckets of 5 elements.
+    let mut ts: Vec<Tensor> =
+        [3usize, 7, 1].iter().map(|&n| Tensor::from_slice(&dev, &[n], &vec![n as f32; n]).unwrap()).collect();
+    c.all_reduce_tensors(&mut ts.iter_mut().collect::<Vec<_>>(), 1.0, 20).unwrap();
+    for (t, n) in ts.iter().zip([3usize, 7, 1]) {
+        assert_eq!(t.to_vec::<f32>().unwrap(), vec![n as f32; n]);
+    }
+    let s = c.stats();
+    assert_eq!((s.all_reduces, s.all_reduce_bytes), (2 + 3, 12 + 40 + 44));
+    assert_eq!((s.all_gathers, s.broadcasts, s.reduce_scatters), (1, 1, 1));
+}
+
 #[cfg(feature = "mpi")]
 mod mpi_ranks {
     use std::process::{Command, Output};

@@ -10,7 +10,11 @@
 //!   identity; the trainer without a launcher);
 //! - `Mpi` (cargo feature `mpi`, the `mpi` crate over the system's MPI,
 //!   Open MPI or MPICH): CPU ranks, and the launcher (`mpirun -np W
-//!   gif-fr train …`); device tensors are staged through the host.
+//!   gif-fr train …`); device tensors are staged through the host;
+//! - [`Nccl`] (cudarc's NCCL bindings, libnccl loaded at run time like the
+//!   driver): GPU ranks, the gradients reduced in place on the device's
+//!   stream; its unique id travels over MPI ([`Nccl::over`]). Compiled
+//!   everywhere, not yet run on a GPU.
 //!
 //! Every collective has a deadline ([`timeout`]: `GIF_FR_COLLECTIVE_TIMEOUT`
 //! seconds, 600 by default, as PyTorch's NCCL process groups wait 10
@@ -32,8 +36,10 @@ use crate::runtime::tensor::{DType, Tensor};
 pub mod cost;
 #[cfg(feature = "mpi")]
 mod mpi;
+mod nccl;
 #[cfg(feature = "mpi")]
 pub use self::mpi::Mpi;
+pub use self::nccl::Nccl;
 
 /// The reduction of an all-reduce or reduce-scatter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -263,6 +263,14 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
         log(&format!("resumed from {} at step {}", out.display(), trainer.steps()));
     }
     if let Some(comm) = opts.comm.as_ref().filter(|c| c.world() > 1) {
+        // GPU ranks reduce on the device through NCCL (its id sent over the
+        // launcher's communicator) when libnccl loads; otherwise the
+        // launcher's collectives, staged through the host.
+        let comm = if dev.cuda_stream().is_some() && crate::distributed::Nccl::available() {
+            Arc::new(crate::distributed::Nccl::over(&dev, comm.as_ref())?) as Arc<dyn Communicator>
+        } else {
+            comm.clone()
+        };
         trainer.set_communicator(comm.clone())?;
         log(&format!(
             "data-parallel on {world} ranks ({}): {b} images per rank, {} per step",

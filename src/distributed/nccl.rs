@@ -1,0 +1,404 @@
+//! The NCCL back end: GPU ranks, collectives on the device's stream.
+//!
+//! libnccl is loaded at run time, as the driver is: the crate builds and
+//! runs without it, and [`Nccl::available`] says whether it can be loaded.
+//! A communicator is made from a unique id that rank 0 draws and every
+//! rank receives: [`Nccl::over`] sends it over another communicator (MPI's,
+//! which also launched the ranks); [`Nccl::single`] is the world of one.
+//!
+//! Each collective is enqueued on the device's stream and awaited with the
+//! deadline of [`super::timeout`], polling the stream's progress and
+//! NCCL's asynchronous error; on a timeout or an NCCL error the
+//! communicator is aborted (ncclCommAbort) and spent. Host slices are
+//! staged through device buffers; [`Communicator::all_reduce_tensors`] on
+//! the device's own tensors reduces them in place, a bucket of tensors per
+//! NCCL group.
+//!
+//! Status: compiled everywhere; not yet run (no GPU with NCCL has been lent
+//! to this project). The W = 1 test in tests/distributed.rs runs it on a
+//! GPU machine.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::CudaStream;
+use cudarc::nccl::result as nr;
+use cudarc::nccl::sys as ns;
+
+use super::{CollectiveStats, Communicator, ReduceOp};
+use crate::error::{Error, Result};
+use crate::runtime::device::Device;
+use crate::runtime::tensor::{DType, Tensor};
+
+/// An NCCL communicator on one GPU (see the module documentation).
+pub struct Nccl {
+    inner: Mutex<Inner>,
+    device: Device,
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+}
+
+struct Inner {
+    comm: ns::ncclComm_t,
+    stats: CollectiveStats,
+    spent: Option<String>,
+}
+
+// SAFETY: the NCCL communicator handle is used by one thread at a time,
+// under the Mutex.
+unsafe impl Send for Inner {}
+
+impl std::fmt::Debug for Nccl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Nccl {{ rank: {}, world: {}, device: {} }}", self.rank, self.world, self.device)
+    }
+}
+
+fn nccl_err(op: &'static str, rank: usize, world: usize, e: impl std::fmt::Debug) -> Error {
+    Error::Collective { op, rank, world, message: format!("NCCL: {e:?}") }
+}
+
+impl Nccl {
+    /// Whether libnccl can be loaded.
+    pub fn available() -> bool {
+        // SAFETY: only probes whether the library loads.
+        unsafe { ns::is_culib_present() }
+    }
+
+    fn require(op: &'static str, rank: usize, world: usize) -> Result<()> {
+        if !Nccl::available() {
+            return Err(Error::Collective {
+                op,
+                rank,
+                world,
+                message: "libnccl cannot be loaded (install NCCL, or put it on the library path)".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A fresh unique id (rank 0 draws it; every rank needs the same).
+    pub fn unique_id() -> Result<[u8; 128]> {
+        Nccl::require("Nccl::unique_id", 0, 0)?;
+        let id = nr::get_uniqueid().map_err(|e| nccl_err("Nccl::unique_id", 0, 0, e))?;
+        Ok(id.internal.map(|c| c as u8))
+    }
+
+    /// Rank `rank` of `world` on `device` (a CUDA device), joining the
+    /// communicator of `id`. Every rank calls it; it returns when all have.
+    pub fn new(device: &Device, rank: usize, world: usize, id: &[u8; 128]) -> Result<Nccl> {
+        const OP: &str = "Nccl::new";
+        Nccl::require(OP, rank, world)?;
+        let stream = device.cuda_stream().ok_or_else(|| Error::Collective {
+            op: OP,
+            rank,
+            world,
+            message: format!("NCCL runs on CUDA devices, not on {device}"),
+        })?;
+        if rank >= world || world > i32::MAX as usize {
+            return Err(Error::Collective { op: OP, rank, world, message: "rank must be below world".into() });
+        }
+        stream.context().bind_to_thread().map_err(|e| Error::driver("Nccl::new", e))?;
+        let uid = ns::ncclUniqueId { internal: id.map(|b| b as core::ffi::c_char) };
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by NCCL before it is read.
+        let comm = unsafe {
+            nr::comm_init_rank(comm.as_mut_ptr(), world as i32, uid, rank as i32)
+                .map_err(|e| nccl_err(OP, rank, world, e))?;
+            comm.assume_init()
+        };
+        Ok(Nccl {
+            inner: Mutex::new(Inner { comm, stats: CollectiveStats::default(), spent: None }),
+            device: device.clone(),
+            stream,
+            rank,
+            world,
+            timeout: super::timeout(),
+        })
+    }
+
+    /// The world of one on `device`.
+    pub fn single(device: &Device) -> Result<Nccl> {
+        Nccl::new(device, 0, 1, &Nccl::unique_id()?)
+    }
+
+    /// The ranks of `bootstrap` (MPI's, say), each on its `device`: rank 0's
+    /// unique id is broadcast over `bootstrap`.
+    pub fn over(device: &Device, bootstrap: &dyn Communicator) -> Result<Nccl> {
+        let (rank, world) = (bootstrap.rank(), bootstrap.world());
+        Nccl::require("Nccl::over", rank, world)?;
+        let mut id = if rank == 0 { Nccl::unique_id()? } else { [0u8; 128] };
+        bootstrap.broadcast_u8(&mut id, 0)?;
+        Nccl::new(device, rank, world, &id)
+    }
+
+    /// Changes the deadline of each later collective.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    fn err(&self, op: &'static str, message: String) -> Error {
+        Error::Collective { op, rank: self.rank, world: self.world, message }
+    }
+
+    /// Enqueues `f` on the stream and waits for it (see the module
+    /// documentation), counting `count` on success.
+    fn enqueue(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(ns::ncclComm_t, ns::cudaStream_t) -> std::result::Result<nr::NcclStatus, nr::NcclError>,
+        count: impl FnOnce(&mut CollectiveStats),
+    ) -> Result<()> {
+        let mut inner = self.inner.lock().map_err(|_| self.err(op, "the communicator's lock is poisoned".into()))?;
+        if let Some(why) = &inner.spent {
+            return Err(self.err(op, format!("the communicator is spent: {why}")));
+        }
+        self.stream.context().bind_to_thread().map_err(|e| Error::driver(op, e))?;
+        let comm = inner.comm;
+        if let Err(e) = f(comm, self.stream.cu_stream() as ns::cudaStream_t) {
+            return Err(self.fail(&mut inner, op, format!("NCCL: {e:?}")));
+        }
+        let done = self.stream.record_event(None).map_err(|e| Error::driver(op, e))?;
+        let began = Instant::now();
+        loop {
+            match done.try_is_complete() {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => return Err(Error::driver(op, e)),
+            }
+            let mut state = ns::ncclResult_t::ncclSuccess;
+            // SAFETY: a live communicator; `state` is written by NCCL.
+            let _ = unsafe { ns::ncclCommGetAsyncError(comm, &mut state) };
+            if !matches!(state, ns::ncclResult_t::ncclSuccess | ns::ncclResult_t::ncclInProgress) {
+                return Err(self.fail(&mut inner, op, format!("NCCL reported {state:?}")));
+            }
+            let waited = began.elapsed();
+            if waited > self.timeout {
+                let why = format!(
+                    "timed out after {:.1} s (GIF_FR_COLLECTIVE_TIMEOUT): a rank died, hangs or called another \
+                     collective",
+                    waited.as_secs_f64()
+                );
+                return Err(self.fail(&mut inner, op, why));
+            }
+            if waited < Duration::from_millis(100) {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        count(&mut inner.stats);
+        Ok(())
+    }
+
+    /// Aborts the communicator (its pending work with it) and marks it spent.
+    fn fail(&self, inner: &mut Inner, op: &'static str, why: String) -> Error {
+        if inner.spent.is_none() {
+            // SAFETY: a live communicator, aborted once.
+            let _ = unsafe { nr::comm_abort(inner.comm) };
+            inner.spent = Some(format!("{op} {why}"));
+        }
+        self.err(op, why)
+    }
+
+    /// Stages `bytes` into a device buffer of at least `capacity` bytes
+    /// (whole u32 words; zeros after the data).
+    fn stage(&self, bytes: &[u8], capacity: usize) -> Result<Tensor> {
+        let words = capacity.max(bytes.len()).div_ceil(4).max(1);
+        let mut host = vec![0u32; words];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut host)[..bytes.len()].copy_from_slice(bytes);
+        Tensor::from_slice(&self.device, &[words], &host)
+    }
+
+    /// The first `out.len()` bytes of a staging buffer, into `out`.
+    fn unstage(buf: &Tensor, out: &mut [u8]) -> Result<()> {
+        let words = buf.to_vec::<u32>()?;
+        out.copy_from_slice(&bytemuck::cast_slice::<u32, u8>(&words)[..out.len()]);
+        Ok(())
+    }
+
+    fn addr(&self, t: &Tensor, op: &'static str) -> Result<*mut core::ffi::c_void> {
+        t.device_addr()
+            .map(|a| a as usize as *mut core::ffi::c_void)
+            .ok_or_else(|| self.err(op, "a buffer off the device".into()))
+    }
+
+    fn all_reduce_slice<T: bytemuck::Pod>(&self, data: &mut [T], op: ReduceOp, dt: ns::ncclDataType_t) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(data);
+        let buf = self.stage(bytes, bytes.len())?;
+        let p = self.addr(&buf, "all_reduce")?;
+        let (n, size) = (bytes.len() / std::mem::size_of::<T>(), bytes.len() as u64);
+        let red = reduce_op(op);
+        // SAFETY: `p` addresses n elements of `dt` on this device.
+        self.enqueue(
+            "all_reduce",
+            |c, s| unsafe { nr::all_reduce(p, p, n, dt, red, c, s) },
+            |st| (st.all_reduces, st.all_reduce_bytes) = (st.all_reduces + 1, st.all_reduce_bytes + size),
+        )?;
+        Nccl::unstage(&buf, bytes)
+    }
+
+    fn all_gather_slice<T: bytemuck::Pod>(&self, mine: &[T], all: &mut [T], dt: ns::ncclDataType_t) -> Result<()> {
+        let want = mine.len().checked_mul(self.world);
+        if want != Some(all.len()) {
+            return Err(self.err(
+                "all_gather",
+                format!(
+                    "{} elements from each of {} ranks need {want:?}, the output holds {}",
+                    mine.len(),
+                    self.world,
+                    all.len()
+                ),
+            ));
+        }
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let out: &mut [u8] = bytemuck::cast_slice_mut(all);
+        let send = self.stage(bytemuck::cast_slice(mine), 0)?;
+        let recv = self.stage(&[], out.len())?;
+        let (s_ptr, r_ptr) = (self.addr(&send, "all_gather")?, self.addr(&recv, "all_gather")?);
+        let (n, size) = (mine.len(), std::mem::size_of_val(mine) as u64);
+        // SAFETY: n elements sent, world · n received, on this device.
+        self.enqueue(
+            "all_gather",
+            |c, s| unsafe { nr::all_gather(s_ptr, r_ptr, n, dt, c, s) },
+            |st| (st.all_gathers, st.all_gather_bytes) = (st.all_gathers + 1, st.all_gather_bytes + size),
+        )?;
+        Nccl::unstage(&recv, out)
+    }
+}
+
+fn reduce_op(op: ReduceOp) -> ns::ncclRedOp_t {
+    match op {
+        ReduceOp::Sum => ns::ncclRedOp_t::ncclSum,
+        ReduceOp::Max => ns::ncclRedOp_t::ncclMax,
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        if let Ok(inner) = self.inner.get_mut() {
+            if inner.spent.is_none() {
+                // SAFETY: a live communicator, destroyed once (an aborted
+                // one is already gone).
+                let _ = unsafe { nr::comm_destroy(inner.comm) };
+            }
+        }
+    }
+}
+
+impl Communicator for Nccl {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn backend(&self) -> &'static str {
+        "nccl"
+    }
+    fn stats(&self) -> CollectiveStats {
+        self.inner.lock().map(|i| i.stats).unwrap_or_default()
+    }
+    fn all_reduce_f32(&self, data: &mut [f32], op: ReduceOp) -> Result<()> {
+        self.all_reduce_slice(data, op, ns::ncclDataType_t::ncclFloat32)
+    }
+    fn all_reduce_f64(&self, data: &mut [f64], op: ReduceOp) -> Result<()> {
+        self.all_reduce_slice(data, op, ns::ncclDataType_t::ncclFloat64)
+    }
+    fn all_gather_f32(&self, mine: &[f32], all: &mut [f32]) -> Result<()> {
+        self.all_gather_slice(mine, all, ns::ncclDataType_t::ncclFloat32)
+    }
+    fn all_gather_u32(&self, mine: &[u32], all: &mut [u32]) -> Result<()> {
+        self.all_gather_slice(mine, all, ns::ncclDataType_t::ncclUint32)
+    }
+    fn all_gather_u64(&self, mine: &[u64], all: &mut [u64]) -> Result<()> {
+        self.all_gather_slice(mine, all, ns::ncclDataType_t::ncclUint64)
+    }
+    fn broadcast_u8(&self, data: &mut [u8], root: usize) -> Result<()> {
+        if root >= self.world {
+            return Err(self.err("broadcast", format!("root {root} is not a rank of {}", self.world)));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let buf = self.stage(data, data.len())?;
+        let p = self.addr(&buf, "broadcast")?;
+        let (n, size) = (data.len(), data.len() as u64);
+        // SAFETY: n bytes on this device, in place.
+        self.enqueue(
+            "broadcast",
+            |c, s| unsafe { nr::broadcast(p, p, n, ns::ncclDataType_t::ncclUint8, root as i32, c, s) },
+            |st| (st.broadcasts, st.broadcast_bytes) = (st.broadcasts + 1, st.broadcast_bytes + size),
+        )?;
+        Nccl::unstage(&buf, data)
+    }
+    fn reduce_scatter_f32(&self, data: &[f32], mine: &mut [f32]) -> Result<()> {
+        if mine.len().checked_mul(self.world) != Some(data.len()) {
+            return Err(self.err(
+                "reduce_scatter",
+                format!("{} elements do not split into {} blocks of {}", data.len(), self.world, mine.len()),
+            ));
+        }
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let send = self.stage(bytemuck::cast_slice(data), 0)?;
+        let recv = self.stage(&[], 4 * mine.len())?;
+        let (s_ptr, r_ptr) = (self.addr(&send, "reduce_scatter")?, self.addr(&recv, "reduce_scatter")?);
+        let (n, size) = (mine.len(), 4 * data.len() as u64);
+        // SAFETY: world · n elements sent, n received, on this device.
+        self.enqueue(
+            "reduce_scatter",
+            |c, s| unsafe {
+                nr::reduce_scatter(s_ptr, r_ptr, n, ns::ncclDataType_t::ncclFloat32, ns::ncclRedOp_t::ncclSum, c, s)
+            },
+            |st| {
+                (st.reduce_scatters, st.reduce_scatter_bytes) = (st.reduce_scatters + 1, st.reduce_scatter_bytes + size)
+            },
+        )?;
+        Nccl::unstage(&recv, bytemuck::cast_slice_mut(mine))
+    }
+    fn abort(&self, code: i32) -> ! {
+        if let Ok(mut inner) = self.inner.lock() {
+            let _ = self.fail(&mut inner, "abort", "aborted".into());
+        }
+        std::process::exit(code)
+    }
+    fn all_reduce_tensors(&self, tensors: &mut [&mut Tensor], scale: f32, bucket_bytes: usize) -> Result<()> {
+        const OP: &str = "all_reduce_tensors";
+        let on_device = tensors.iter().all(|t| t.device() == &self.device && t.dtype() == DType::F32);
+        if scale != 1.0 || !on_device {
+            // No device scaling kernel here: staged through the host.
+            return super::bucketed_all_reduce(self, tensors, scale, bucket_bytes);
+        }
+        let sizes: Vec<usize> = tensors.iter().map(|t| t.numel()).collect();
+        for range in super::buckets(&sizes, bucket_bytes) {
+            let mut ptrs = Vec::with_capacity(range.len());
+            for t in &tensors[range.clone()] {
+                ptrs.push((self.addr(t, OP)?, t.numel()));
+            }
+            let bytes: u64 = ptrs.iter().map(|&(_, n)| 4 * n as u64).sum();
+            // SAFETY: each pointer addresses its tensor's f32 elements on
+            // this device, reduced in place; the group runs them as one.
+            self.enqueue(
+                OP,
+                |c, s| unsafe {
+                    nr::group_start()?;
+                    for &(p, n) in &ptrs {
+                        nr::all_reduce(p, p, n, ns::ncclDataType_t::ncclFloat32, ns::ncclRedOp_t::ncclSum, c, s)?;
+                    }
+                    nr::group_end()
+                },
+                |st| (st.all_reduces, st.all_reduce_bytes) = (st.all_reduces + 1, st.all_reduce_bytes + bytes),
+            )?;
+        }
+        Ok(())
+    }
+}
