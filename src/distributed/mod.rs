@@ -73,6 +73,73 @@ pub struct CollectiveStats {
     pub reduce_scatter_bytes: u64,
 }
 
+/// A kind of collective, for [`CollectiveStats::add`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// All-reduce.
+    AllReduce,
+    /// All-gather.
+    AllGather,
+    /// Broadcast.
+    Broadcast,
+    /// Reduce-scatter.
+    ReduceScatter,
+}
+
+impl CollectiveStats {
+    /// Counts one collective of `kind` that took `bytes` from this rank.
+    pub fn add(&mut self, kind: Kind, bytes: usize) {
+        let b = bytes as u64;
+        let (calls, total) = match kind {
+            Kind::AllReduce => (&mut self.all_reduces, &mut self.all_reduce_bytes),
+            Kind::AllGather => (&mut self.all_gathers, &mut self.all_gather_bytes),
+            Kind::Broadcast => (&mut self.broadcasts, &mut self.broadcast_bytes),
+            Kind::ReduceScatter => (&mut self.reduce_scatters, &mut self.reduce_scatter_bytes),
+        };
+        *calls += 1;
+        *total += b;
+    }
+}
+
+/// The sizes of an all-gather (`mine` from each of `world` ranks into
+/// `all`) or a reduce-scatter (`all` summed, `mine` kept), or why not.
+pub(crate) fn check_blocks(op: &'static str, mine: usize, all: usize, rank: usize, world: usize) -> Result<()> {
+    if mine.checked_mul(world) != Some(all) {
+        return Err(Error::Collective {
+            op,
+            rank,
+            world,
+            message: format!("{all} elements are not {world} ranks' blocks of {mine}"),
+        });
+    }
+    Ok(())
+}
+
+/// Polls `done` until it says true or `timeout` passes: spinning (the
+/// transport progresses inside the poll) for 100 ms, then napping 1 ms
+/// between polls so a rank far behind costs no core. Ok(None) when done,
+/// Ok(Some(message)) on a timeout.
+pub(crate) fn await_deadline(timeout: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<Option<String>> {
+    let began = std::time::Instant::now();
+    loop {
+        if done()? {
+            return Ok(None);
+        }
+        let waited = began.elapsed();
+        if waited > timeout {
+            return Ok(Some(format!(
+                "timed out after {:.1} s (GIF_FR_COLLECTIVE_TIMEOUT): a rank died, hangs or called another collective",
+                waited.as_secs_f64()
+            )));
+        }
+        if waited < Duration::from_millis(100) {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 /// The default bucket of [`Communicator::all_reduce_tensors`]: 16 MiB, the
 /// `bucket_cap_mb` insightface's arcface_torch gives PyTorch's DDP.
 pub const BUCKET_BYTES: usize = 16 << 20;
@@ -150,18 +217,11 @@ impl SingleProcess {
     pub fn new() -> SingleProcess {
         SingleProcess::default()
     }
-    fn count(&self, f: impl FnOnce(&mut CollectiveStats)) {
+    fn count(&self, kind: Kind, bytes: usize) {
         if let Ok(mut s) = self.stats.lock() {
-            f(&mut s)
+            s.add(kind, bytes)
         }
     }
-}
-
-fn same_len(op: &'static str, a: usize, b: usize, rank: usize, world: usize) -> Result<()> {
-    if a != b {
-        return Err(Error::Collective { op, rank, world, message: format!("buffers of {a} and {b} elements") });
-    }
-    Ok(())
 }
 
 impl Communicator for SingleProcess {
@@ -178,40 +238,21 @@ impl Communicator for SingleProcess {
         self.stats.lock().map(|s| *s).unwrap_or_default()
     }
     fn all_reduce_f32(&self, data: &mut [f32], _: ReduceOp) -> Result<()> {
-        self.count(|s| {
-            (s.all_reduces, s.all_reduce_bytes) = (s.all_reduces + 1, s.all_reduce_bytes + 4 * data.len() as u64)
-        });
+        self.count(Kind::AllReduce, std::mem::size_of_val(data));
         Ok(())
     }
     fn all_reduce_f64(&self, data: &mut [f64], _: ReduceOp) -> Result<()> {
-        self.count(|s| {
-            (s.all_reduces, s.all_reduce_bytes) = (s.all_reduces + 1, s.all_reduce_bytes + 8 * data.len() as u64)
-        });
+        self.count(Kind::AllReduce, std::mem::size_of_val(data));
         Ok(())
     }
     fn all_gather_f32(&self, mine: &[f32], all: &mut [f32]) -> Result<()> {
-        same_len("all_gather", mine.len(), all.len(), 0, 1)?;
-        all.copy_from_slice(mine);
-        self.count(|s| {
-            (s.all_gathers, s.all_gather_bytes) = (s.all_gathers + 1, s.all_gather_bytes + 4 * mine.len() as u64)
-        });
-        Ok(())
+        self.gather(mine, all)
     }
     fn all_gather_u32(&self, mine: &[u32], all: &mut [u32]) -> Result<()> {
-        same_len("all_gather", mine.len(), all.len(), 0, 1)?;
-        all.copy_from_slice(mine);
-        self.count(|s| {
-            (s.all_gathers, s.all_gather_bytes) = (s.all_gathers + 1, s.all_gather_bytes + 4 * mine.len() as u64)
-        });
-        Ok(())
+        self.gather(mine, all)
     }
     fn all_gather_u64(&self, mine: &[u64], all: &mut [u64]) -> Result<()> {
-        same_len("all_gather", mine.len(), all.len(), 0, 1)?;
-        all.copy_from_slice(mine);
-        self.count(|s| {
-            (s.all_gathers, s.all_gather_bytes) = (s.all_gathers + 1, s.all_gather_bytes + 8 * mine.len() as u64)
-        });
-        Ok(())
+        self.gather(mine, all)
     }
     fn broadcast_u8(&self, data: &mut [u8], root: usize) -> Result<()> {
         if root != 0 {
@@ -222,16 +263,22 @@ impl Communicator for SingleProcess {
                 message: format!("root {root} is not a rank"),
             });
         }
-        self.count(|s| (s.broadcasts, s.broadcast_bytes) = (s.broadcasts + 1, s.broadcast_bytes + data.len() as u64));
+        self.count(Kind::Broadcast, data.len());
         Ok(())
     }
     fn reduce_scatter_f32(&self, data: &[f32], mine: &mut [f32]) -> Result<()> {
-        same_len("reduce_scatter", data.len(), mine.len(), 0, 1)?;
+        check_blocks("reduce_scatter", mine.len(), data.len(), 0, 1)?;
         mine.copy_from_slice(data);
-        self.count(|s| {
-            (s.reduce_scatters, s.reduce_scatter_bytes) =
-                (s.reduce_scatters + 1, s.reduce_scatter_bytes + 4 * data.len() as u64)
-        });
+        self.count(Kind::ReduceScatter, std::mem::size_of_val(data));
+        Ok(())
+    }
+}
+
+impl SingleProcess {
+    fn gather<T: Copy>(&self, mine: &[T], all: &mut [T]) -> Result<()> {
+        check_blocks("all_gather", mine.len(), all.len(), 0, 1)?;
+        all.copy_from_slice(mine);
+        self.count(Kind::AllGather, std::mem::size_of_val(mine));
         Ok(())
     }
 }

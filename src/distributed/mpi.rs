@@ -10,7 +10,7 @@
 //! after printing why, since MPI_Finalize would wait for the missing rank.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mpi::collective::SystemOperation;
 use mpi::datatype::Equivalence;
@@ -20,7 +20,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator as _, CommunicatorCollectives as _, Root as _};
 use mpi::Threading;
 
-use super::{CollectiveStats, Communicator, ReduceOp};
+use super::{CollectiveStats, Communicator, Kind, ReduceOp};
 use crate::error::{Error, Result};
 
 /// MPI's world communicator (see the module documentation).
@@ -86,10 +86,9 @@ impl Mpi {
     /// Runs one non-blocking collective on owned copies: `send` is copied
     /// into a buffer MPI reads, the result comes back in a buffer of
     /// `recv_len` elements.
-    fn run<T, F>(&self, op: &'static str, send: &[T], recv_len: usize, count: F, start: StartFn<T>) -> Result<Vec<T>>
+    fn run<T>(&self, op: &'static str, kind: Kind, send: &[T], recv_len: usize, start: StartFn<T>) -> Result<Vec<T>>
     where
         T: Equivalence + Copy + Default + 'static,
-        F: FnOnce(&mut CollectiveStats),
     {
         let mut inner = self.inner.lock().map_err(|_| self.err(op, "the communicator's lock is poisoned".into()))?;
         if let Some(why) = &inner.spent {
@@ -105,7 +104,7 @@ impl Mpi {
         // SAFETY: the request completed; the buffers are ours again.
         let (send_box, recv_box) = unsafe { (Box::from_raw(send_ptr), Box::from_raw(recv_ptr)) };
         drop(send_box);
-        count(&mut inner.stats);
+        inner.stats.add(kind, std::mem::size_of_val(send));
         Ok(recv_box.into_vec())
     }
 
@@ -118,30 +117,23 @@ impl Mpi {
         op: &'static str,
         request: Request<'static, D, StaticScope>,
     ) -> Result<()> {
-        let began = Instant::now();
         let mut request = Some(request);
-        loop {
-            match request.take().map(|r| r.test()) {
-                Some(Ok(_)) | None => return Ok(()),
-                Some(Err(r)) => request = Some(r),
-            }
-            let waited = began.elapsed();
-            if waited > self.timeout {
+        let timed_out = super::await_deadline(self.timeout, || {
+            Ok(match request.take().map(|r| r.test()) {
+                Some(Ok(_)) | None => true,
+                Some(Err(r)) => {
+                    request = Some(r);
+                    false
+                }
+            })
+        })?;
+        match timed_out {
+            None => Ok(()),
+            Some(why) => {
+                // MPI may still write the buffers: leave them to it.
                 std::mem::forget(request);
-                let why = format!(
-                    "timed out after {:.1} s (GIF_FR_COLLECTIVE_TIMEOUT): a rank died, hangs or called another \
-                     collective",
-                    waited.as_secs_f64()
-                );
                 inner.spent = Some(format!("{op} {why}"));
-                return Err(self.err(op, why));
-            }
-            // Spin (MPI progresses the collective inside MPI_Test) for a
-            // while, then nap: a rank far behind costs no core.
-            if waited < Duration::from_millis(100) {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_millis(1));
+                Err(self.err(op, why))
             }
         }
     }
@@ -195,43 +187,18 @@ impl Drop for Mpi {
 
 impl Mpi {
     fn all_reduce<T: Equivalence + Copy + Default + 'static>(&self, data: &mut [T], op: ReduceOp) -> Result<()> {
-        let bytes = std::mem::size_of_val(data) as u64;
         let start: StartFn<T> = match op {
             ReduceOp::Sum => all_reduce_start::<T, false>,
             ReduceOp::Max => all_reduce_start::<T, true>,
         };
-        let out = self.run(
-            "all_reduce",
-            data,
-            data.len(),
-            |s| (s.all_reduces, s.all_reduce_bytes) = (s.all_reduces + 1, s.all_reduce_bytes + bytes),
-            start,
-        )?;
+        let out = self.run("all_reduce", Kind::AllReduce, data, data.len(), start)?;
         data.copy_from_slice(&out);
         Ok(())
     }
 
     fn all_gather<T: Equivalence + Copy + Default + 'static>(&self, mine: &[T], all: &mut [T]) -> Result<()> {
-        let want = mine.len().checked_mul(self.world);
-        if want != Some(all.len()) {
-            return Err(self.err(
-                "all_gather",
-                format!(
-                    "{} elements from each of {} ranks need {want:?}, the output holds {}",
-                    mine.len(),
-                    self.world,
-                    all.len()
-                ),
-            ));
-        }
-        let bytes = std::mem::size_of_val(mine) as u64;
-        let out = self.run(
-            "all_gather",
-            mine,
-            all.len(),
-            |s| (s.all_gathers, s.all_gather_bytes) = (s.all_gathers + 1, s.all_gather_bytes + bytes),
-            all_gather_start::<T>,
-        )?;
+        super::check_blocks("all_gather", mine.len(), all.len(), self.rank, self.world)?;
+        let out = self.run("all_gather", Kind::AllGather, mine, all.len(), all_gather_start::<T>)?;
         all.copy_from_slice(&out);
         Ok(())
     }
@@ -273,7 +240,6 @@ impl Communicator for Mpi {
     }
     fn broadcast_u8(&self, data: &mut [u8], root: usize) -> Result<()> {
         self.check_root(root)?;
-        let bytes = data.len() as u64;
         let mut inner = self.inner.lock().map_err(|_| self.err("broadcast", "the lock is poisoned".into()))?;
         if let Some(why) = &inner.spent {
             return Err(self.err("broadcast", format!("the communicator is spent: {why}")));
@@ -286,26 +252,12 @@ impl Communicator for Mpi {
         // SAFETY: completed.
         let buf = unsafe { Box::from_raw(buf_ptr) };
         data.copy_from_slice(&buf);
-        inner.stats.broadcasts += 1;
-        inner.stats.broadcast_bytes += bytes;
+        inner.stats.add(Kind::Broadcast, data.len());
         Ok(())
     }
     fn reduce_scatter_f32(&self, data: &[f32], mine: &mut [f32]) -> Result<()> {
-        let want = mine.len().checked_mul(self.world);
-        if want != Some(data.len()) {
-            return Err(self.err(
-                "reduce_scatter",
-                format!("{} elements do not split into {} blocks of {}", data.len(), self.world, mine.len()),
-            ));
-        }
-        let bytes = std::mem::size_of_val(data) as u64;
-        let out = self.run(
-            "reduce_scatter",
-            data,
-            mine.len(),
-            |s| (s.reduce_scatters, s.reduce_scatter_bytes) = (s.reduce_scatters + 1, s.reduce_scatter_bytes + bytes),
-            reduce_scatter_start,
-        )?;
+        super::check_blocks("reduce_scatter", mine.len(), data.len(), self.rank, self.world)?;
+        let out = self.run("reduce_scatter", Kind::ReduceScatter, data, mine.len(), reduce_scatter_start)?;
         mine.copy_from_slice(&out);
         Ok(())
     }

@@ -19,13 +19,13 @@
 //! GPU machine.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cudarc::driver::CudaStream;
 use cudarc::nccl::result as nr;
 use cudarc::nccl::sys as ns;
 
-use super::{CollectiveStats, Communicator, ReduceOp};
+use super::{CollectiveStats, Communicator, Kind, ReduceOp};
 use crate::error::{Error, Result};
 use crate::runtime::device::Device;
 use crate::runtime::tensor::{DType, Tensor};
@@ -148,8 +148,9 @@ impl Nccl {
     fn enqueue(
         &self,
         op: &'static str,
+        kind: Kind,
+        bytes: usize,
         f: impl FnOnce(ns::ncclComm_t, ns::cudaStream_t) -> std::result::Result<nr::NcclStatus, nr::NcclError>,
-        count: impl FnOnce(&mut CollectiveStats),
     ) -> Result<()> {
         let mut inner = self.inner.lock().map_err(|_| self.err(op, "the communicator's lock is poisoned".into()))?;
         if let Some(why) = &inner.spent {
@@ -161,35 +162,24 @@ impl Nccl {
             return Err(self.fail(&mut inner, op, format!("NCCL: {e:?}")));
         }
         let done = self.stream.record_event(None).map_err(|e| Error::driver(op, e))?;
-        let began = Instant::now();
-        loop {
-            match done.try_is_complete() {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => return Err(Error::driver(op, e)),
+        let mut failed = None;
+        let timed_out = super::await_deadline(self.timeout, || {
+            if done.try_is_complete().map_err(|e| Error::driver(op, e))? {
+                return Ok(true);
             }
             let mut state = ns::ncclResult_t::ncclSuccess;
             // SAFETY: a live communicator; `state` is written by NCCL.
             let _ = unsafe { ns::ncclCommGetAsyncError(comm, &mut state) };
             if !matches!(state, ns::ncclResult_t::ncclSuccess | ns::ncclResult_t::ncclInProgress) {
-                return Err(self.fail(&mut inner, op, format!("NCCL reported {state:?}")));
+                failed = Some(format!("NCCL reported {state:?}"));
+                return Ok(true);
             }
-            let waited = began.elapsed();
-            if waited > self.timeout {
-                let why = format!(
-                    "timed out after {:.1} s (GIF_FR_COLLECTIVE_TIMEOUT): a rank died, hangs or called another \
-                     collective",
-                    waited.as_secs_f64()
-                );
-                return Err(self.fail(&mut inner, op, why));
-            }
-            if waited < Duration::from_millis(100) {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            Ok(false)
+        })?;
+        if let Some(why) = failed.or(timed_out) {
+            return Err(self.fail(&mut inner, op, why));
         }
-        count(&mut inner.stats);
+        inner.stats.add(kind, bytes);
         Ok(())
     }
 
@@ -232,30 +222,15 @@ impl Nccl {
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(data);
         let buf = self.stage(bytes, bytes.len())?;
         let p = self.addr(&buf, "all_reduce")?;
-        let (n, size) = (bytes.len() / std::mem::size_of::<T>(), bytes.len() as u64);
+        let (n, size) = (bytes.len() / std::mem::size_of::<T>(), bytes.len());
         let red = reduce_op(op);
         // SAFETY: `p` addresses n elements of `dt` on this device.
-        self.enqueue(
-            "all_reduce",
-            |c, s| unsafe { nr::all_reduce(p, p, n, dt, red, c, s) },
-            |st| (st.all_reduces, st.all_reduce_bytes) = (st.all_reduces + 1, st.all_reduce_bytes + size),
-        )?;
+        self.enqueue("all_reduce", Kind::AllReduce, size, |c, s| unsafe { nr::all_reduce(p, p, n, dt, red, c, s) })?;
         Nccl::unstage(&buf, bytes)
     }
 
     fn all_gather_slice<T: bytemuck::Pod>(&self, mine: &[T], all: &mut [T], dt: ns::ncclDataType_t) -> Result<()> {
-        let want = mine.len().checked_mul(self.world);
-        if want != Some(all.len()) {
-            return Err(self.err(
-                "all_gather",
-                format!(
-                    "{} elements from each of {} ranks need {want:?}, the output holds {}",
-                    mine.len(),
-                    self.world,
-                    all.len()
-                ),
-            ));
-        }
+        super::check_blocks("all_gather", mine.len(), all.len(), self.rank, self.world)?;
         if mine.is_empty() {
             return Ok(());
         }
@@ -263,13 +238,9 @@ impl Nccl {
         let send = self.stage(bytemuck::cast_slice(mine), 0)?;
         let recv = self.stage(&[], out.len())?;
         let (s_ptr, r_ptr) = (self.addr(&send, "all_gather")?, self.addr(&recv, "all_gather")?);
-        let (n, size) = (mine.len(), std::mem::size_of_val(mine) as u64);
+        let (n, size) = (mine.len(), std::mem::size_of_val(mine));
         // SAFETY: n elements sent, world · n received, on this device.
-        self.enqueue(
-            "all_gather",
-            |c, s| unsafe { nr::all_gather(s_ptr, r_ptr, n, dt, c, s) },
-            |st| (st.all_gathers, st.all_gather_bytes) = (st.all_gathers + 1, st.all_gather_bytes + size),
-        )?;
+        self.enqueue("all_gather", Kind::AllGather, size, |c, s| unsafe { nr::all_gather(s_ptr, r_ptr, n, dt, c, s) })?;
         Nccl::unstage(&recv, out)
     }
 }
@@ -330,39 +301,26 @@ impl Communicator for Nccl {
         }
         let buf = self.stage(data, data.len())?;
         let p = self.addr(&buf, "broadcast")?;
-        let (n, size) = (data.len(), data.len() as u64);
+        let (n, size) = (data.len(), data.len());
         // SAFETY: n bytes on this device, in place.
-        self.enqueue(
-            "broadcast",
-            |c, s| unsafe { nr::broadcast(p, p, n, ns::ncclDataType_t::ncclUint8, root as i32, c, s) },
-            |st| (st.broadcasts, st.broadcast_bytes) = (st.broadcasts + 1, st.broadcast_bytes + size),
-        )?;
+        self.enqueue("broadcast", Kind::Broadcast, size, |c, s| unsafe {
+            nr::broadcast(p, p, n, ns::ncclDataType_t::ncclUint8, root as i32, c, s)
+        })?;
         Nccl::unstage(&buf, data)
     }
     fn reduce_scatter_f32(&self, data: &[f32], mine: &mut [f32]) -> Result<()> {
-        if mine.len().checked_mul(self.world) != Some(data.len()) {
-            return Err(self.err(
-                "reduce_scatter",
-                format!("{} elements do not split into {} blocks of {}", data.len(), self.world, mine.len()),
-            ));
-        }
+        super::check_blocks("reduce_scatter", mine.len(), data.len(), self.rank, self.world)?;
         if mine.is_empty() {
             return Ok(());
         }
         let send = self.stage(bytemuck::cast_slice(data), 0)?;
         let recv = self.stage(&[], 4 * mine.len())?;
         let (s_ptr, r_ptr) = (self.addr(&send, "reduce_scatter")?, self.addr(&recv, "reduce_scatter")?);
-        let (n, size) = (mine.len(), 4 * data.len() as u64);
+        let (n, size) = (mine.len(), 4 * data.len());
         // SAFETY: world · n elements sent, n received, on this device.
-        self.enqueue(
-            "reduce_scatter",
-            |c, s| unsafe {
-                nr::reduce_scatter(s_ptr, r_ptr, n, ns::ncclDataType_t::ncclFloat32, ns::ncclRedOp_t::ncclSum, c, s)
-            },
-            |st| {
-                (st.reduce_scatters, st.reduce_scatter_bytes) = (st.reduce_scatters + 1, st.reduce_scatter_bytes + size)
-            },
-        )?;
+        self.enqueue("reduce_scatter", Kind::ReduceScatter, size, |c, s| unsafe {
+            nr::reduce_scatter(s_ptr, r_ptr, n, ns::ncclDataType_t::ncclFloat32, ns::ncclRedOp_t::ncclSum, c, s)
+        })?;
         Nccl::unstage(&recv, bytemuck::cast_slice_mut(mine))
     }
     fn abort(&self, code: i32) -> ! {
@@ -384,20 +342,16 @@ impl Communicator for Nccl {
             for t in &tensors[range.clone()] {
                 ptrs.push((self.addr(t, OP)?, t.numel()));
             }
-            let bytes: u64 = ptrs.iter().map(|&(_, n)| 4 * n as u64).sum();
+            let bytes: usize = ptrs.iter().map(|&(_, n)| 4 * n).sum();
             // SAFETY: each pointer addresses its tensor's f32 elements on
             // this device, reduced in place; the group runs them as one.
-            self.enqueue(
-                OP,
-                |c, s| unsafe {
-                    nr::group_start()?;
-                    for &(p, n) in &ptrs {
-                        nr::all_reduce(p, p, n, ns::ncclDataType_t::ncclFloat32, ns::ncclRedOp_t::ncclSum, c, s)?;
-                    }
-                    nr::group_end()
-                },
-                |st| (st.all_reduces, st.all_reduce_bytes) = (st.all_reduces + 1, st.all_reduce_bytes + bytes),
-            )?;
+            self.enqueue(OP, Kind::AllReduce, bytes, |c, s| unsafe {
+                nr::group_start()?;
+                for &(p, n) in &ptrs {
+                    nr::all_reduce(p, p, n, ns::ncclDataType_t::ncclFloat32, ns::ncclRedOp_t::ncclSum, c, s)?;
+                }
+                nr::group_end()
+            })?;
         }
         Ok(())
     }
