@@ -94,20 +94,32 @@ fn tensors_of_another_dtype_are_refused() {
     assert!(matches!(c.all_reduce_tensors(&mut [&mut t], 1.0, 64), Err(gif_fr::Error::DType { .. })));
 }
 
+const SETUP: gif_fr::distributed::cost::Setup = gif_fr::distributed::cost::Setup {
+    world: 8,
+    batch: 128,
+    dim: 512,
+    classes: 1 << 27,
+    backbone_params: 1000,
+    optimizer_states: 1,
+    head: gif_fr::distributed::cost::Head::Code { length: 0, vocab: 16, projection: None },
+};
+
 #[test]
 fn the_cost_model_follows_its_formulas() {
-    use gif_fr::distributed::cost::{code_length, largest_classes, step_cost, with_classes, Head, Setup};
-    assert_eq!([code_length(1, 16), code_length(16, 16), code_length(17, 16), code_length(1 << 27, 16)], [1, 1, 2, 7]);
-    assert_eq!(code_length(u64::MAX, 2), 64, "no overflow at the top");
-    let gif = Setup {
-        world: 8,
-        batch: 128,
-        dim: 512,
-        classes: 1 << 27,
-        backbone_params: 1000,
-        optimizer_states: 1,
-        head: Head::Code { length: 0, vocab: 16, projection: None },
+    use gif_fr::distributed::cost::{largest_classes, step_cost, with_classes, Head, Setup};
+    // The code length follows N: the tokenizer's least l with v^l ≥ N.
+    let length = |n: u64, v: usize| match with_classes(
+        &Setup { head: Head::Code { length: 0, vocab: v, projection: None }, ..SETUP },
+        n,
+    )
+    .head
+    {
+        Head::Code { length, .. } => length,
+        _ => unreachable!(),
     };
+    assert_eq!([length(1, 16), length(16, 16), length(17, 16), length(1 << 27, 16)], [1, 1, 2, 7]);
+    assert_eq!(length(u64::MAX, 2), 64, "no overflow at the top");
+    let gif = SETUP;
     let g = step_cost(&with_classes(&gif, 1 << 27));
     // 4 bytes per gradient: the backbone's and l·v·d = 7·16·512.
     assert_eq!(g.all_reduce_bytes, 4 * (1000 + 7 * 16 * 512));

@@ -17,6 +17,8 @@
 //! 2(W−1)/W·S, an all-gather of c bytes from each rank (W−1)·c, a
 //! reduce-scatter of S bytes (W−1)/W·S.
 
+use crate::tokenizer::min_length;
+
 /// The head of a [`Setup`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Head {
@@ -155,23 +157,15 @@ pub fn step_cost(s: &Setup) -> StepCost {
     }
 }
 
-/// The shortest code of v tokens for N identities: the least l with
-/// v^l ≥ N (1 for N ≤ 1; v ≥ 2).
-pub fn code_length(classes: u64, vocab: usize) -> usize {
-    let v = vocab.max(2) as u128;
-    let (mut l, mut reach) = (1usize, v);
-    while reach < classes as u128 {
-        reach *= v;
-        l += 1;
-    }
-    l
-}
-
-/// `s` with N identities; the code head's length follows N
-/// ([`code_length`]).
+/// `s` with N identities; the code head's length follows N (the least l
+/// with v^l ≥ N, [`crate::tokenizer::min_length`]).
 pub fn with_classes(s: &Setup, classes: u64) -> Setup {
     let head = match s.head {
-        Head::Code { vocab, projection, .. } => Head::Code { length: code_length(classes, vocab), vocab, projection },
+        Head::Code { vocab, projection, .. } => Head::Code {
+            length: min_length(vocab, usize::try_from(classes).unwrap_or(usize::MAX)).unwrap_or(1),
+            vocab,
+            projection,
+        },
         other => other,
     };
     Setup { classes, head, ..*s }

@@ -41,13 +41,11 @@ pub const MODEL_FILE: &str = "model.safetensors";
 const FORMAT: &str = "gif-fr-train";
 const FORMAT_VERSION: &str = "1";
 
-/// FNV-1a over bytes (a fingerprint, not a security hash).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
-}
+use crate::distributed::fingerprint as fnv1a;
 
-/// What the state depends on, as strings compared at resume.
-fn fingerprints(tr: &Trainer) -> BTreeMap<String, String> {
+/// What the state depends on, as strings compared at resume (and across
+/// ranks, [`Trainer::set_communicator`]).
+pub(crate) fn fingerprints(tr: &Trainer) -> BTreeMap<String, String> {
     let head = match &tr.head {
         TrainHead::Code { head, .. } => format!("{:?}", head.config()),
         TrainHead::Softmax(h) => format!("{:?}", h.config()),

@@ -418,22 +418,12 @@ impl Trainer {
         self.comm.as_ref()
     }
 
-    /// What must be equal on every rank: the settings, the head (and its
-    /// code table), the parameters' names and shapes, the steps taken.
+    /// What must be equal on every rank: what a checkpoint must match to
+    /// resume (the settings, the backbone's and head's configurations, the
+    /// head's dtypes, the code table), and the steps taken.
     fn fingerprint(&self) -> u64 {
-        let mut s =
-            format!("{:?}|{}|{}|{}|{}|", self.cfg, self.head.name(), self.head.classes(), self.head.dim(), self.micro);
-        for (name, t) in self.backbone.state() {
-            s += &format!("{name}:{:?}:{:?};", t.shape(), t.dtype());
-        }
-        for (name, t) in self.head.params() {
-            s += &format!("{name}:{:?}:{:?};", t.shape(), t.dtype());
-        }
-        let mut h = distributed::fingerprint(s.as_bytes());
-        if let TrainHead::Code { table, .. } = &self.head {
-            h ^= distributed::fingerprint(bytemuck::cast_slice(table.codes())).rotate_left(1);
-        }
-        h
+        let state = crate::train::checkpoint::fingerprints(self);
+        distributed::fingerprint(format!("{state:?}|steps {}", self.micro).as_bytes())
     }
 
     /// The times recorded since profiling was turned on.
