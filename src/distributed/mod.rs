@@ -366,20 +366,29 @@ pub fn check_same(comm: &dyn Communicator, what: &str, value: u64) -> Result<()>
     Ok(())
 }
 
-/// Every tensor ← rank `root`'s (any dtype; staged through the host): the
-/// parameters DDP broadcasts from rank 0 when it wraps a model.
+/// Every tensor ← rank `root`'s (f32 or bf16; staged through the host),
+/// packed into one broadcast: the parameters DDP broadcasts from rank 0
+/// when it wraps a model.
 pub fn broadcast_tensors(comm: &dyn Communicator, tensors: &mut [&mut Tensor], root: usize) -> Result<()> {
-    for t in tensors.iter_mut() {
-        let mut bytes = match t.dtype() {
-            DType::F32 => bytemuck::cast_slice::<f32, u8>(&t.to_vec::<f32>()?).to_vec(),
-            DType::BF16 => bytemuck::cast_slice::<half::bf16, u8>(&t.to_vec::<half::bf16>()?).to_vec(),
-            other => return Err(Error::invalid("broadcast_tensors", format!("dtype {other:?} is not broadcast"))),
-        };
-        comm.broadcast_u8(&mut bytes, root)?;
+    const OP: &str = "broadcast_tensors";
+    let mut bytes = Vec::new();
+    for t in tensors.iter() {
         match t.dtype() {
-            DType::F32 => t.copy_from_host(&bytemuck::pod_collect_to_vec::<u8, f32>(&bytes))?,
-            _ => t.copy_from_host(&bytemuck::pod_collect_to_vec::<u8, half::bf16>(&bytes))?,
+            DType::F32 => bytes.extend_from_slice(bytemuck::cast_slice(&t.to_vec::<f32>()?)),
+            DType::BF16 => bytes.extend_from_slice(bytemuck::cast_slice(&t.to_vec::<half::bf16>()?)),
+            other => return Err(Error::invalid(OP, format!("dtype {other:?} is not broadcast"))),
         }
+    }
+    comm.broadcast_u8(&mut bytes, root)?;
+    let mut at = 0;
+    for t in tensors.iter_mut() {
+        let n = t.numel() * t.dtype().size();
+        let part = &bytes[at..at + n];
+        match t.dtype() {
+            DType::F32 => t.copy_from_host(&bytemuck::pod_collect_to_vec::<u8, f32>(part))?,
+            _ => t.copy_from_host(&bytemuck::pod_collect_to_vec::<u8, half::bf16>(part))?,
+        }
+        at += n;
     }
     Ok(())
 }

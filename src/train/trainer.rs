@@ -399,11 +399,16 @@ impl Trainer {
         }
         distributed::check_same(comm.as_ref(), "the trainer's configuration", self.fingerprint())?;
         if comm.world() > 1 {
-            let names: Vec<String> = self.backbone.state().into_keys().collect();
-            for name in names {
-                let Some(t) = self.backbone.state().get(&name).map(|t| t.to_f32()).transpose()? else { continue };
-                let mut t = t;
-                distributed::broadcast_tensors(comm.as_ref(), &mut [&mut t], 0)?;
+            // One broadcast of the backbone's state (copies, then set:
+            // `set` checks each value and drops the folded network).
+            let mut state: Vec<(String, Tensor)> =
+                self.backbone.state().into_iter().map(|(n, t)| Ok((n, t.to_f32()?))).collect::<Result<_>>()?;
+            distributed::broadcast_tensors(
+                comm.as_ref(),
+                &mut state.iter_mut().map(|(_, t)| t).collect::<Vec<_>>(),
+                0,
+            )?;
+            for (name, t) in state {
                 self.backbone.set(&name, t)?;
             }
             let mut head: Vec<&mut Tensor> = self.head.params_mut().into_iter().map(|(_, t)| t).collect();
