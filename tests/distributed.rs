@@ -200,8 +200,11 @@ mod mpi_ranks {
     use gif_fr::train::{Schedule, TrainHead, Trainer, TrainerConfig};
     use gif_fr::{DType, Device, Tensor};
 
-    fn child() -> bool {
-        std::env::var_os("GIF_FR_MPI_CHILD").is_some()
+    /// MPI's world when this process is one of the ranks a parent test
+    /// started; None otherwise (the ignored `rank_*` test has nothing to do
+    /// outside mpirun).
+    fn as_rank() -> Option<Mpi> {
+        std::env::var_os("GIF_FR_MPI_CHILD").is_some().then(|| Mpi::init().unwrap())
     }
 
     /// `mpirun -np w` of this binary running the ignored test `name`; None
@@ -274,10 +277,7 @@ mod mpi_ranks {
     #[test]
     #[ignore = "one rank of collectives_on_ranks"]
     fn rank_collectives() {
-        if !child() {
-            return;
-        }
-        let c = Mpi::init().unwrap();
+        let Some(c) = as_rank() else { return };
         let (r, w) = (c.rank(), c.world());
         let rf = r as f32;
         // Sums and maxima of values that differ per rank.
@@ -392,10 +392,8 @@ mod mpi_ranks {
     #[test]
     #[ignore = "one rank of data_parallel_steps_on_ranks"]
     fn rank_data_parallel_steps() {
-        if !child() {
-            return;
-        }
-        let comm: Arc<dyn Communicator> = Arc::new(Mpi::init().unwrap());
+        let Some(comm) = as_rank() else { return };
+        let comm: Arc<dyn Communicator> = Arc::new(comm);
         let (r, w) = (comm.rank(), comm.world());
         for kind in ["gif", "arcface"] {
             // Each rank starts from its own seed; rank 0's weights win.
@@ -527,10 +525,8 @@ mod mpi_ranks {
     #[test]
     #[ignore = "one rank of mismatched_ranks_fail_on_every_rank"]
     fn rank_mismatch() {
-        if !child() {
-            return;
-        }
-        let comm: Arc<dyn Communicator> = Arc::new(Mpi::init().unwrap());
+        let Some(comm) = as_rank() else { return };
+        let comm: Arc<dyn Communicator> = Arc::new(comm);
         let (r, w) = (comm.rank(), comm.world());
         // The last rank was given another learning rate.
         let mut t = trainer("gif", 5, 1, if r == w - 1 { 0.1 } else { 0.05 });
@@ -571,10 +567,7 @@ mod mpi_ranks {
     #[test]
     #[ignore = "one rank of a_rank_that_hangs_or_dies_ends_the_job"]
     fn rank_hangs() {
-        if !child() {
-            return;
-        }
-        let c = Mpi::init().unwrap();
+        let Some(c) = as_rank() else { return };
         let (r, w) = (c.rank(), c.world());
         if r == w - 1 {
             std::thread::sleep(Duration::from_secs(60));
@@ -594,10 +587,7 @@ mod mpi_ranks {
     #[test]
     #[ignore = "one rank of a_rank_that_hangs_or_dies_ends_the_job"]
     fn rank_dies() {
-        if !child() {
-            return;
-        }
-        let c = Mpi::init().unwrap();
+        let Some(c) = as_rank() else { return };
         let (r, w) = (c.rank(), c.world());
         if r == w - 1 {
             std::process::exit(3);
