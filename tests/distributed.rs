@@ -146,6 +146,11 @@ fn the_cost_model_follows_its_formulas() {
     };
     assert!(mem(n) <= budget && mem(n + 8) > budget, "{n}");
     assert_eq!(largest_classes(&Setup { backbone_params: 1 << 40, ..full }, budget), 0, "nothing fits");
+    // Sizes past u64 saturate instead of wrapping (a wrapped size could
+    // "fit").
+    let huge = step_cost(&Setup { backbone_params: u64::MAX / 2, batch: usize::MAX, ..full });
+    assert_eq!((huge.backbone_memory, huge.reduce_scatter_bytes), (u64::MAX, u64::MAX));
+    assert_eq!(largest_classes(&Setup { backbone_params: u64::MAX / 3, ..full }, u64::MAX - 1), 0);
 }
 
 /// NCCL's world of one on the first GPU: the GPU kit's check of the NCCL

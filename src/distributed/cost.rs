@@ -99,29 +99,37 @@ pub fn head_params(s: &Setup) -> u64 {
         Head::Code { length, vocab, projection } => {
             let (l, v) = (length as u64, vocab as u64);
             match projection {
-                Some(p) => l * v * p as u64 + l * p as u64 * d,
-                None => l * v * d,
+                Some(p) => prod(&[l, v, p as u64]).saturating_add(prod(&[l, p as u64, d])),
+                None => prod(&[l, v, d]),
             }
         }
-        Head::Softmax { .. } | Head::PartialFc { .. } => shard(s) * d,
+        Head::Softmax { .. } | Head::PartialFc { .. } => prod(&[shard(s), d]),
     }
 }
 
+/// The product, saturating at u64::MAX (a size past any memory: sizes come
+/// from the caller's [`Setup`]).
+fn prod(factors: &[u64]) -> u64 {
+    factors.iter().fold(1u64, |p, &f| p.saturating_mul(f))
+}
+
 /// The cost of one step of `s` on one rank (see the module documentation).
+/// Sizes saturate at u64::MAX rather than wrap.
 pub fn step_cost(s: &Setup) -> StepCost {
     let (w, b, d) = (s.world.max(1) as u64, s.batch as u64, s.dim as u64);
-    let copies = 2 + s.optimizer_states;
+    let copies = s.optimizer_states.saturating_add(2);
     let ring = |bytes: u64, factor: f64| bytes as f64 * factor;
     let wf = w as f64;
-    let backbone_grads = 4 * s.backbone_params;
-    let backbone_memory = 4 * copies * s.backbone_params;
+    let backbone_grads = prod(&[4, s.backbone_params]);
+    let backbone_memory = prod(&[4, copies, s.backbone_params]);
+    let head_state = prod(&[4, copies, head_params(s)]);
     match s.head {
         Head::Code { length, .. } => {
-            let reduced = backbone_grads + 4 * head_params(s);
+            let reduced = backbone_grads.saturating_add(prod(&[4, head_params(s)]));
             StepCost {
                 all_reduce_bytes: reduced,
                 wire_bytes: if w > 1 { ring(reduced, 2.0 * (wf - 1.0) / wf) } else { 0.0 },
-                head_memory: 4 * copies * head_params(s) + 2 * length as u64 * s.classes,
+                head_memory: head_state.saturating_add(prod(&[2, length as u64, s.classes])),
                 backbone_memory,
                 ..StepCost::default()
             }
@@ -130,13 +138,13 @@ pub fn step_cost(s: &Setup) -> StepCost {
             // Features f32 and labels u32 gathered; max, sum and loss per
             // gathered sample all-reduced; the features' gradient
             // reduce-scattered.
-            let gathered = b * (4 * d + 4);
-            let per_sample = 3 * 4 * w * b;
-            let scattered = 4 * w * b * d;
-            let reduced = backbone_grads + per_sample;
+            let gathered = prod(&[b, d.saturating_mul(4).saturating_add(4)]);
+            let per_sample = prod(&[12, w, b]);
+            let scattered = prod(&[4, w, b, d]);
+            let reduced = backbone_grads.saturating_add(per_sample);
             let logits = match s.head {
-                Head::Softmax { materialized_logits: true } => 4 * w * b * shard(s),
-                Head::PartialFc { rate } => 4 * w * b * ((shard(s) as f64 * rate).ceil() as u64),
+                Head::Softmax { materialized_logits: true } => prod(&[4, w, b, shard(s)]),
+                Head::PartialFc { rate } => prod(&[4, w, b, (shard(s) as f64 * rate).ceil() as u64]),
                 _ => 0,
             };
             StepCost {
@@ -150,7 +158,7 @@ pub fn step_cost(s: &Setup) -> StepCost {
                 } else {
                     0.0
                 },
-                head_memory: 4 * copies * head_params(s) + logits,
+                head_memory: head_state.saturating_add(logits),
                 backbone_memory,
             }
         }
@@ -177,7 +185,7 @@ pub fn with_classes(s: &Setup, classes: u64) -> Setup {
 pub fn largest_classes(s: &Setup, budget: u64) -> u64 {
     let fits = |n: u64| {
         let c = step_cost(&with_classes(s, n));
-        c.head_memory.checked_add(c.backbone_memory).is_some_and(|m| m <= budget)
+        c.head_memory.saturating_add(c.backbone_memory) <= budget
     };
     if !fits(1) {
         return 0;
