@@ -45,7 +45,7 @@ use crate::distributed::fingerprint as fnv1a;
 
 /// What the state depends on, as strings compared at resume (and across
 /// ranks, [`Trainer::set_communicator`]).
-pub(crate) fn fingerprints(tr: &Trainer) -> BTreeMap<String, String> {
+fn fingerprints(tr: &Trainer) -> BTreeMap<String, String> {
     let head = match &tr.head {
         TrainHead::Code { head, .. } => format!("{:?}", head.config()),
         TrainHead::Softmax(h) => format!("{:?}", h.config()),
@@ -77,6 +77,14 @@ fn f32_entry(name: String, t: &Tensor) -> Result<Entry<'static>> {
 }
 
 impl Trainer {
+    /// What must be equal on every rank ([`Trainer::set_communicator`]):
+    /// what a checkpoint must match to resume (the settings, the backbone's
+    /// and head's configurations, the head's dtypes, the code table), and
+    /// the steps taken.
+    pub(crate) fn rank_fingerprint(&self) -> u64 {
+        fnv1a(format!("{:?}|steps {}", fingerprints(self), self.micro).as_bytes())
+    }
+
     /// Writes the training state into directory `dir` (created when
     /// missing): `checkpoint.safetensors` and `model.safetensors` (see the
     /// module documentation), each atomically.

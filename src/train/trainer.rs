@@ -397,7 +397,7 @@ impl Trainer {
                  centres), which is not built yet; train it on one rank, or use the code head or the full softmax",
             ));
         }
-        distributed::check_same(comm.as_ref(), "the trainer's configuration", self.fingerprint())?;
+        distributed::check_same(comm.as_ref(), "the trainer's configuration", self.rank_fingerprint())?;
         if comm.world() > 1 {
             // One broadcast of the backbone's state (copies, then set:
             // `set` checks each value and drops the folded network).
@@ -421,14 +421,6 @@ impl Trainer {
     /// The communicator, when training data-parallel.
     pub fn communicator(&self) -> Option<&Arc<dyn Communicator>> {
         self.comm.as_ref()
-    }
-
-    /// What must be equal on every rank: what a checkpoint must match to
-    /// resume (the settings, the backbone's and head's configurations, the
-    /// head's dtypes, the code table), and the steps taken.
-    fn fingerprint(&self) -> u64 {
-        let state = crate::train::checkpoint::fingerprints(self);
-        distributed::fingerprint(format!("{state:?}|steps {}", self.micro).as_bytes())
     }
 
     /// The times recorded since profiling was turned on.
