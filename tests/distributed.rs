@@ -128,9 +128,9 @@ fn the_cost_model_follows_its_formulas() {
     assert_eq!(g.head_memory, 12 * 7 * 16 * 512 + 2 * 7 * (1 << 27), "weights, gradient, momentum; the codes");
     let full = Setup { head: Head::Softmax { materialized_logits: false }, ..gif };
     let f = step_cost(&full);
-    assert_eq!(f.all_gather_bytes, 128 * (4 * 512 + 4), "features f32 and labels u32");
+    assert_eq!(f.all_gather_bytes, 8 + 128 * (4 * 512 + 4), "the batch size, features f32 and labels u32");
     assert_eq!(f.reduce_scatter_bytes, 4 * 8 * 128 * 512);
-    assert_eq!(f.all_reduce_bytes, 4 * 1000 + 3 * 4 * 8 * 128);
+    assert_eq!(f.all_reduce_bytes, 4 * 1000 + 4 * 4 * 8 * 128, "max; Σ exp, target logit, hit");
     assert_eq!(f.head_memory, 12 * 512 * (1 << 24), "N/W centres, three copies");
     // The model-parallel heads fit W times more identities with W; the
     // code head's limit (its codes) does not move with W.
@@ -480,6 +480,28 @@ mod mpi_ranks {
     }
 
     #[test]
+    fn model_parallel_heads_on_ranks() {
+        on_ranks("mpi_ranks::rank_model_parallel");
+    }
+
+    #[test]
+    #[ignore = "one rank of model_parallel_heads_on_ranks"]
+    fn rank_model_parallel() {
+        use gif_fr::distributed::ModelParallelHead;
+        let Some(c) = as_rank() else { return };
+        let (r, w) = (c.rank(), c.world());
+        let summary = super::check_model_parallel(&c);
+        println!("rank {r} of {w}: {summary}");
+        // Ranks with different batch sizes: an error on every rank.
+        let head = ModelParallelHead::new(SoftmaxHeadConfig::new(4, 7), &c, None, 1).unwrap();
+        let b = if r == 0 { 3 } else { 2 };
+        let x = Tensor::from_slice(&Device::cpu(), &[b, 4], &vec![0.5f32; 4 * b]).unwrap();
+        let e = head.forward_backward(&c, &x, &vec![1; b], 0).unwrap_err().to_string();
+        assert!(e.contains("equal batches"), "{e}");
+        println!("rank {r} of {w} ok");
+    }
+
+    #[test]
     fn gif_fr_train_runs_data_parallel_under_mpirun() {
         let dir = tempfile::tempdir().unwrap();
         let (data, out) = (dir.path().join("data"), dir.path().join("run"));
@@ -603,4 +625,136 @@ mod mpi_ranks {
             Err(e) => println!("rank {r} of {w}: {e}"),
         }
     }
+}
+
+/// The model-parallel heads on `comm`'s ranks against one process on the
+/// concatenated batch (every rank draws the same data and computes the
+/// reference itself): the full softmax under three margins, and Partial FC
+/// (each shard's sample is [`PartialFc::sample`] on the shard; the loss and
+/// gradients those of one process over the union of the samples). Returns
+/// the worst relative differences, for the log.
+fn check_model_parallel(comm: &dyn Communicator) -> String {
+    use gif_fr::distributed::{cost, shard_range, shard_seed, ModelParallelHead};
+    use gif_fr::head::softmax_head::cpu;
+    use gif_fr::head::{Margin, MarginGrad, PartialFc, SoftmaxHead, SoftmaxHeadConfig};
+    let (r, w) = (comm.rank(), comm.world());
+    // N, d and B are not multiples of anything here; N = 23 splits 12 + 11
+    // on 2 ranks, 8 + 8 + 7 on 3.
+    let (n, d, b) = (23usize, 19usize, 5usize);
+    let dev = Device::cpu();
+    let mut g = common::rng(41);
+    let centres = common::uniform(&mut g, n * d, -1.0, 1.0);
+    let mut x = common::uniform(&mut g, w * b * d, -1.0, 1.0);
+    // Every shard owns some rows' labels, some classes repeat.
+    let labels: Vec<u32> = (0..w * b).map(|i| ((i * 7 + (i % 3) * 5) % n) as u32).collect();
+    // Every other row near its class's centre, so that accuracy is neither
+    // 0 nor 1.
+    for (i, &y) in labels.iter().enumerate().step_by(2) {
+        for c in 0..d {
+            x[i * d + c] = centres[y as usize * d + c] + 0.3 * x[i * d + c];
+        }
+    }
+    let mine = r * b..(r + 1) * b;
+    let shard = shard_range(n, r, w).unwrap();
+    let features = Tensor::from_slice(&dev, &[b, d], &x[mine.start * d..mine.end * d]).unwrap();
+    let local = || Tensor::from_slice(&dev, &[shard.len(), d], &centres[shard.start * d..shard.end * d]).unwrap();
+    let rel = |got: &[f32], want: &[f32]| {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        got.iter().zip(want).fold(0f32, |m, (a, c)| m.max((a - c).abs() / scale))
+    };
+    let mut worst = 0f32;
+    let exact = SoftmaxHeadConfig { margin_grad: MarginGrad::Exact, ..SoftmaxHeadConfig::new(d, n) };
+    let cosface = SoftmaxHeadConfig { margin: Margin::INSIGHTFACE_COSFACE, ..SoftmaxHeadConfig::new(d, n) };
+    for cfg in [SoftmaxHeadConfig::new(d, n), exact, cosface] {
+        let what = format!("{:?} {:?}", cfg.margin, cfg.margin_grad);
+        let head = ModelParallelHead::from_shard(cfg.clone(), local(), comm, None, 0).unwrap();
+        assert_eq!(head.shard(), shard);
+        let before = comm.stats();
+        let step = head.forward_backward(comm, &features, &labels[mine.clone()], 0).unwrap();
+        let after = comm.stats();
+        // The reference: one head over every centre and the W·B rows.
+        let full =
+            SoftmaxHead::from_weights(cfg.clone(), Tensor::from_slice(&dev, &[n, d], &centres).unwrap()).unwrap();
+        let all = Tensor::from_slice(&dev, &[w * b, d], &x).unwrap();
+        let (loss, grads) = full.forward_backward(&all, &labels[..]).unwrap();
+        assert!((step.loss.loss - loss.loss).abs() <= 1e-5 * loss.loss.abs().max(1.0), "{what}: {step:?} vs {loss:?}");
+        assert_eq!(step.loss.accuracy, loss.accuracy, "{what}");
+        assert!(loss.accuracy > 0.0 && loss.accuracy < 1.0, "{what}: accuracy {}", loss.accuracy);
+        let (gx, gw) = (grads.features.to_vec::<f32>().unwrap(), grads.centres.to_vec::<f32>().unwrap());
+        let ex = rel(&step.features.to_vec::<f32>().unwrap(), &gx[mine.start * d..mine.end * d]);
+        let ew = rel(&step.centres.to_vec::<f32>().unwrap(), &gw[shard.start * d..shard.end * d]);
+        assert!(ex < 2e-5 && ew < 2e-5, "{what}: rank {r} of {w}: features {ex:e}, centres {ew:e}");
+        worst = worst.max(ex).max(ew);
+        // The bytes are the cost model's (docs/distributed.md).
+        let model = cost::step_cost(&cost::Setup {
+            world: w,
+            batch: b,
+            dim: d,
+            classes: n as u64,
+            backbone_params: 0,
+            optimizer_states: 0,
+            head: cost::Head::Softmax { materialized_logits: false },
+        });
+        let moved = (
+            after.all_gather_bytes - before.all_gather_bytes,
+            after.all_reduce_bytes - before.all_reduce_bytes,
+            after.reduce_scatter_bytes - before.reduce_scatter_bytes,
+        );
+        assert_eq!(moved, (model.all_gather_bytes, model.all_reduce_bytes, model.reduce_scatter_bytes), "{what}");
+    }
+    // Partial FC at rate 0.4: each shard samples by the one-process rule.
+    let (rate, seed, at) = (0.4f32, 9u64, 3u64);
+    let cfg = SoftmaxHeadConfig::new(d, n);
+    let head = ModelParallelHead::from_shard(cfg.clone(), local(), comm, Some(rate), seed).unwrap();
+    let step = head.forward_backward(comm, &features, &labels[mine.clone()], at).unwrap();
+    let mut union = Vec::new();
+    for q in 0..w {
+        let s = shard_range(n, q, w).unwrap();
+        let own: Vec<u32> =
+            labels.iter().filter(|&&y| s.contains(&(y as usize))).map(|&y| y - s.start as u32).collect();
+        let shard_head = SoftmaxHead::new(SoftmaxHeadConfig::new(d, s.len()), &dev, DType::F32, 0).unwrap();
+        let sample = PartialFc::new(shard_head, rate, shard_seed(seed, s.start)).unwrap().sample(&own, at).unwrap();
+        assert!(own.iter().all(|y| sample.binary_search(y).is_ok()), "shard {q}: every positive sampled");
+        let size = ((rate as f64 * s.len() as f64).ceil() as usize)
+            .max(own.iter().collect::<std::collections::BTreeSet<_>>().len());
+        assert_eq!(sample.len(), size, "shard {q}");
+        if q == r {
+            assert_eq!(step.sampled.as_deref(), Some(&sample[..]), "rank {r}'s sample");
+        }
+        union.extend(sample.iter().map(|&c| c + s.start as u32));
+    }
+    assert!(union.len() < n, "the samples leave classes out");
+    let targets: Vec<i32> = labels.iter().map(|y| union.binary_search(y).unwrap() as i32).collect();
+    let (loss, gx, gw) = cpu::fused(&cfg, &x, &centres, Some(&union[..]), union.len(), &targets);
+    assert!((step.loss.loss - loss.loss).abs() <= 1e-5 * loss.loss.abs().max(1.0), "Partial FC: {step:?} vs {loss:?}");
+    assert_eq!(step.loss.accuracy, loss.accuracy, "Partial FC");
+    let first = union.iter().position(|&c| c as usize >= shard.start).unwrap();
+    let k = step.sampled.as_ref().unwrap().len();
+    let ex = rel(&step.features.to_vec::<f32>().unwrap(), &gx[mine.start * d..mine.end * d]);
+    let ew = rel(&step.centres.to_vec::<f32>().unwrap(), &gw[first * d..(first + k) * d]);
+    assert!(ex < 2e-5 && ew < 2e-5, "Partial FC: rank {r} of {w}: features {ex:e}, centres {ew:e}");
+    worst = worst.max(ex).max(ew);
+    // A label out of range on any rank is an error on every rank.
+    let mut bad = labels[mine.clone()].to_vec();
+    if r == w - 1 {
+        bad[b - 1] = n as u32;
+    }
+    let e = head.forward_backward(comm, &features, &bad, at).unwrap_err().to_string();
+    assert!(e.contains(&format!("rank {}'s labels[{}] = {n}", w - 1, b - 1)), "{e}");
+    format!("max |Δ| / max |g| = {worst:.1e}")
+}
+
+#[test]
+fn model_parallel_heads_in_a_world_of_one() {
+    use gif_fr::distributed::shard_range;
+    let summary = check_model_parallel(&SingleProcess::new());
+    println!("one rank: {summary}");
+    // insightface's split: ⌊N/W⌋ each, one more on the first N mod W.
+    let split = |n, w| (0..w).map(|r| shard_range(n, r, w).unwrap()).collect::<Vec<_>>();
+    assert_eq!(split(23, 3), vec![0..8, 8..16, 16..23]);
+    assert_eq!(split(24, 3), vec![0..8, 8..16, 16..24]);
+    assert_eq!(split(5, 5), vec![0..1, 1..2, 2..3, 3..4, 4..5]);
+    assert!(shard_range(2, 0, 3).unwrap_err().to_string().contains("2 classes cannot be sharded over 3 ranks"));
+    assert!(shard_range(5, 3, 3).is_err() && shard_range(5, 0, 0).is_err());
 }

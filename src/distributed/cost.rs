@@ -6,11 +6,14 @@
 //!   projections) are all-reduced with the backbone's gradients; the
 //!   identities' codes (2·l bytes each) are held on every rank.
 //! - The full margin softmax and Partial FC train model-parallel, as
-//!   insightface's PartialFC_V2: rank r holds ⌈N/W⌉ centres; the W·B
-//!   features (f32) and labels are all-gathered; the logits' maximum, the
-//!   sum of exponentials and the loss are all-reduced (W·B values each);
-//!   the features' gradient (W·B·d) is reduce-scattered back. Their bytes
-//!   do not grow with N: memory and arithmetic do, by N/W.
+//!   insightface's PartialFC_V2 ([`super::model_parallel`]): rank r holds
+//!   ⌈N/W⌉ centres; the batch sizes (8 bytes a rank), the W·B features
+//!   (f32) and labels (u32) are all-gathered; per gathered row, the largest
+//!   non-target logit (max), then the non-target Σ exp, the target's logit
+//!   and the hit (sum) are all-reduced (16 bytes a row; insightface's
+//!   PyTorch code all-reduces the maximum, the Σ exp and the loss, 12);
+//!   the features' gradient (W·B·d f32) is reduce-scattered back. Their
+//!   bytes do not grow with N: memory and arithmetic do, by N/W.
 //!
 //! Bytes "on the wire" are those one rank sends in the ring algorithms
 //! NCCL and MPI use for large messages: an all-reduce of S bytes sends
@@ -70,9 +73,10 @@ pub struct Setup {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepCost {
     /// Bytes all-reduced (the buffers' size: gradients, and the model-
-    /// parallel heads' per-sample max / sum / loss).
+    /// parallel heads' per-sample max, Σ exp, target logit and hit).
     pub all_reduce_bytes: u64,
-    /// Bytes this rank contributes to all-gathers (features and labels).
+    /// Bytes this rank contributes to all-gathers (batch size, features and
+    /// labels).
     pub all_gather_bytes: u64,
     /// Bytes this rank puts into reduce-scatters (the features' gradient).
     pub reduce_scatter_bytes: u64,
@@ -135,11 +139,11 @@ pub fn step_cost(s: &Setup) -> StepCost {
             }
         }
         Head::Softmax { .. } | Head::PartialFc { .. } => {
-            // Features f32 and labels u32 gathered; max, sum and loss per
-            // gathered sample all-reduced; the features' gradient
-            // reduce-scattered.
-            let gathered = prod(&[b, d.saturating_mul(4).saturating_add(4)]);
-            let per_sample = prod(&[12, w, b]);
+            // The batch size, features f32 and labels u32 gathered; max,
+            // then Σ exp, target logit and hit per gathered sample
+            // all-reduced; the features' gradient reduce-scattered.
+            let gathered = prod(&[b, d.saturating_mul(4).saturating_add(4)]).saturating_add(8);
+            let per_sample = prod(&[16, w, b]);
             let scattered = prod(&[4, w, b, d]);
             let reduced = backbone_grads.saturating_add(per_sample);
             let logits = match s.head {

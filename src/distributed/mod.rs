@@ -34,10 +34,12 @@ use crate::error::{Error, Result};
 use crate::runtime::tensor::{DType, Tensor};
 
 pub mod cost;
+pub mod model_parallel;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod nccl;
 #[cfg(feature = "mpi")]
+pub use self::model_parallel::{shard_range, shard_seed, ModelParallelHead, ModelParallelStep};
 pub use self::mpi::Mpi;
 pub use self::nccl::Nccl;
 

@@ -925,7 +925,7 @@ pub mod cpu {
     }
 
     /// `1 / max(‖w_i‖, eps)` of the n logical rows.
-    fn inv_norms(w: &[f32], rows: Option<&[u32]>, d: usize, n: usize) -> Vec<f32> {
+    pub(crate) fn inv_norms(w: &[f32], rows: Option<&[u32]>, d: usize, n: usize) -> Vec<f32> {
         (0..n)
             .into_par_iter()
             .map(|i| {
@@ -970,16 +970,75 @@ pub mod cpu {
         let (b, d, s) = (targets.len(), cfg.dim, cfg.scale);
         let (u, norms) = normalize_rows(x, d);
         let inv = inv_norms(w, rows, d, n);
-        // Per row: running (max, sum) over non-targets, argmax, target cosine.
-        let mut state = vec![(f32::NEG_INFINITY, 0f32, f32::NEG_INFINITY, usize::MAX, f32::NAN); b];
         let mut logits = vec![0f32; b * CPU_CHUNK.min(n)];
+        let state = forward_rows(cfg, &u, w, rows, &inv, n, targets, &mut logits);
+        let angles = target_angles(cfg, x, w, rows, targets);
+        let weight = 1.0 / b as f32;
+        let rowv: Vec<RowOut> = state
+            .iter()
+            .zip(targets)
+            .zip(&angles)
+            .map(|((st, &y), ang)| {
+                let tg = target_of(cfg, st.target_c, ang.as_ref());
+                let nan = st.target_c.is_nan();
+                finish_row(cfg, weight, st.max, st.sum, s * tg.f as f32, &tg, nan, st.best_class == y as usize)
+            })
+            .collect();
+        let loss = rowv.iter().map(|r| r.loss).sum::<f64>() / b as f64;
+        let accuracy = rowv.iter().filter(|r| r.hit).count() as f64 / b as f64;
+        let mut du = backward_rows(cfg, &u, w, rows, &inv, n, targets, &rowv, &mut logits, dw);
+        add_singular(cfg, x, w, rows, &inv, targets, &rowv, &angles, &mut du, dw);
+        let mut dx = vec![0f32; b * d];
+        crate::ops::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, EPS, &mut dx);
+        (SoftmaxLoss { loss, accuracy }, dx)
+    }
+
+    /// One row's forward state over the classes of a call.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct RowState {
+        /// The largest logit `s·c` of the non-target classes (−∞: none).
+        pub max: f32,
+        /// `Σ exp(s·c − max)` over the non-target classes.
+        pub sum: f32,
+        /// The largest cosine (of any class) and its class (the lowest on
+        /// ties).
+        pub best_c: f32,
+        pub best_class: usize,
+        /// The target's cosine (NaN: the target is not among the classes).
+        pub target_c: f32,
+    }
+
+    /// The forward pass in chunks of classes: each row's [`RowState`].
+    /// Targets outside `0..n` (negative: another rank's class) make every
+    /// class a non-target. `logits` holds `B·min(n, CPU_CHUNK)` floats.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_rows(
+        cfg: &SoftmaxHeadConfig,
+        u: &[f32],
+        w: &[f32],
+        rows: Option<&[u32]>,
+        inv: &[f32],
+        n: usize,
+        targets: &[i32],
+        logits: &mut [f32],
+    ) -> Vec<RowState> {
+        let (b, d, s) = (targets.len(), cfg.dim, cfg.scale);
+        let fresh = RowState {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            best_c: f32::NEG_INFINITY,
+            best_class: usize::MAX,
+            target_c: f32::NAN,
+        };
+        let mut state = vec![fresh; b];
         for c0 in (0..n).step_by(CPU_CHUNK) {
             let len = CPU_CHUNK.min(n - c0);
             let wc = chunk(w, rows, d, c0, len);
             let lg = &mut logits[..b * len];
-            cpu_gemm(b, len, d, 1.0, &u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
+            cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
             scale_columns(lg, &inv[c0..c0 + len]);
             state.par_iter_mut().zip(lg.par_chunks(len)).enumerate().for_each(|(r, (st, cs))| {
+                // (A negative target wraps past every class.)
                 let y = targets[r] as usize;
                 // The chunk's max and sum of exp over non-targets (branch-free
                 // passes), merged into the running pair; then the argmax.
@@ -993,73 +1052,123 @@ pub mod cpu {
                         m = f32::NAN;
                     }
                 }
+                if yi < len {
+                    st.target_c = cs[yi];
+                }
                 if m > f32::NEG_INFINITY || m.is_nan() {
                     let sum: f32 =
                         cs.iter().enumerate().map(|(i, &c)| if i == yi { 0.0 } else { (s * c - m).exp() }).sum();
-                    if yi < len {
-                        st.4 = cs[yi];
-                    }
-                    let mm = st.0.max(m);
-                    let old = if st.0 == f32::NEG_INFINITY { 0.0 } else { st.1 * (st.0 - mm).exp() };
-                    st.1 = old + sum * (m - mm).exp();
-                    st.0 = if m.is_nan() { m } else { mm };
-                } else if yi < len {
-                    st.4 = cs[yi];
+                    let mm = st.max.max(m);
+                    let old = if st.max == f32::NEG_INFINITY { 0.0 } else { st.sum * (st.max - mm).exp() };
+                    st.sum = old + sum * (m - mm).exp();
+                    st.max = if m.is_nan() { m } else { mm };
                 }
                 for (i, &c) in cs.iter().enumerate() {
-                    if c > st.2 || (c == st.2 && c0 + i < st.3) {
-                        st.2 = c;
-                        st.3 = c0 + i;
+                    if c > st.best_c || (c == st.best_c && c0 + i < st.best_class) {
+                        st.best_c = c;
+                        st.best_class = c0 + i;
                     }
                 }
             });
         }
-        let weight = 1.0 / b as f32;
-        let exact = cfg.margin_grad == MarginGrad::Exact;
+        state
+    }
+
+    /// The angular margins' target angle of each row whose target is among
+    /// the classes (`0 ≤ y`), from the raw vectors in f64.
+    pub(crate) fn target_angles(
+        cfg: &SoftmaxHeadConfig,
+        x: &[f32],
+        w: &[f32],
+        rows: Option<&[u32]>,
+        targets: &[i32],
+    ) -> Vec<Option<Angle>> {
+        let d = cfg.dim;
         let angular = cfg.margin.is_angular();
-        let row_of = |y: usize| rows.map_or(y, |m| m[y] as usize);
-        // The angular margins' target angle, from the raw vectors in f64.
-        let angles: Vec<Option<Angle>> = targets
+        targets
             .par_iter()
             .enumerate()
             .map(|(r, &y)| {
-                let wy = row_of(y as usize);
-                angular.then(|| Angle::of(&x[r * d..(r + 1) * d], &w[wy * d..(wy + 1) * d]))
+                (angular && y >= 0).then(|| {
+                    let wy = rows.map_or(y as usize, |m| m[y as usize] as usize);
+                    Angle::of(&x[r * d..(r + 1) * d], &w[wy * d..(wy + 1) * d])
+                })
             })
-            .collect();
-        // Per row: lse, the target's gradient, the loss, the hit, the
-        // gradient's singular part.
-        let rowv: Vec<(f32, f32, f64, bool, f64)> = state
-            .iter()
-            .zip(targets)
-            .zip(&angles)
-            .map(|((&(m, se, _, arg, cy), &y), ang)| {
-                let (c, sin) = ang.map_or((cy as f64, 0.0), |a| (a.c, a.sin));
-                let tg = cfg.margin.target(c, sin);
-                let t = s * tg.f as f32;
-                let mm = m.max(t);
-                // The other classes' Σ exp at the row's max, and Z.
-                let others = if m == f32::NEG_INFINITY { 0.0 } else { se * (m - mm).exp() };
-                let z = others + (t - mm).exp();
-                let lse = mm + z.ln();
-                let g = -weight * s * others / z; // weight·s·(p_y − 1)
-                let gy = g * if exact { tg.df as f32 } else { 1.0 };
-                let loss = if t >= mm { (others as f64).ln_1p() } else { (mm - t) as f64 + (z as f64).ln() };
-                let loss = if cy.is_nan() || m.is_nan() { f64::NAN } else { loss };
-                (lse, gy, loss, arg == y as usize, if exact { g as f64 * tg.sing } else { 0.0 })
-            })
-            .collect();
-        let loss = rowv.iter().map(|r| r.2).sum::<f64>() / b as f64;
-        let accuracy = rowv.iter().filter(|r| r.3).count() as f64 / b as f64;
+            .collect()
+    }
+
+    /// The margin's target value at a row's target cosine (from its angle
+    /// when the margin is angular).
+    pub(crate) fn target_of(cfg: &SoftmaxHeadConfig, c: f32, angle: Option<&Angle>) -> super::super::margin::Target {
+        let (c, sin) = angle.map_or((c as f64, 0.0), |a| (a.c, a.sin));
+        cfg.margin.target(c, sin)
+    }
+
+    /// One row's results: log-sum-exp, the target's gradient, the loss,
+    /// the hit, the gradient's singular part.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct RowOut {
+        pub lse: f32,
+        pub gy: f32,
+        pub loss: f64,
+        pub hit: bool,
+        pub sing: f64,
+    }
+
+    /// A row's results from the other classes' `(max, Σ exp(· − max))`
+    /// and the target's logit `t = s·f(c_y)` (margin `tg`); `nan`: a
+    /// non-finite input made the row's loss NaN.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn finish_row(
+        cfg: &SoftmaxHeadConfig,
+        weight: f32,
+        m: f32,
+        se: f32,
+        t: f32,
+        tg: &super::super::margin::Target,
+        nan: bool,
+        hit: bool,
+    ) -> RowOut {
+        let (s, exact) = (cfg.scale, cfg.margin_grad == MarginGrad::Exact);
+        let mm = m.max(t);
+        // The other classes' Σ exp at the row's max, and Z.
+        let others = if m == f32::NEG_INFINITY { 0.0 } else { se * (m - mm).exp() };
+        let z = others + (t - mm).exp();
+        let lse = mm + z.ln();
+        let g = -weight * s * others / z; // weight·s·(p_y − 1)
+        let gy = g * if exact { tg.df as f32 } else { 1.0 };
+        let loss = if t >= mm { (others as f64).ln_1p() } else { (mm - t) as f64 + (z as f64).ln() };
+        let loss = if nan || m.is_nan() { f64::NAN } else { loss };
+        RowOut { lse, gy, loss, hit, sing: if exact { g as f64 * tg.sing } else { 0.0 } }
+    }
+
+    /// The backward pass in chunks of classes: writes the centre gradient
+    /// into `dw` (`n·d`, every value), returns the gradient with respect to
+    /// the normalized features (`B·d`). Rows' targets as [`forward_rows`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_rows(
+        cfg: &SoftmaxHeadConfig,
+        u: &[f32],
+        w: &[f32],
+        rows: Option<&[u32]>,
+        inv: &[f32],
+        n: usize,
+        targets: &[i32],
+        rowv: &[RowOut],
+        logits: &mut [f32],
+        dw: &mut [f32],
+    ) -> Vec<f32> {
+        let (b, d, s) = (targets.len(), cfg.dim, cfg.scale);
+        let weight = 1.0 / b as f32;
         let mut du = vec![0f32; b * d];
         for c0 in (0..n).step_by(CPU_CHUNK) {
             let len = CPU_CHUNK.min(n - c0);
             let inv_c = &inv[c0..c0 + len];
             let wc = chunk(w, rows, d, c0, len);
             let g = &mut logits[..b * len];
-            cpu_gemm(b, len, d, 1.0, &u, d, Op::N, &wc, d, Op::T, 0.0, g, len);
+            cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, g, len);
             g.par_chunks_mut(len).enumerate().for_each(|(r, gs)| {
-                let (lse, gy, _, _, _) = rowv[r];
+                let RowOut { lse, gy, .. } = rowv[r];
                 let y = targets[r] as usize;
                 for (i, v) in gs.iter_mut().enumerate() {
                     *v = if c0 + i == y { gy } else { weight * s * (s * *v * inv_c[i] - lse).exp() };
@@ -1067,7 +1176,7 @@ pub mod cpu {
             });
             // dŴ = Gᵀ·U into this chunk's rows of dw; dU += G·diag(r)·W.
             let dwc = &mut dw[c0 * d..(c0 + len) * d];
-            cpu_gemm(len, d, b, 1.0, g, len, Op::T, &u, d, Op::N, 0.0, dwc, d);
+            cpu_gemm(len, d, b, 1.0, g, len, Op::T, u, d, Op::N, 0.0, dwc, d);
             scale_columns(g, inv_c);
             cpu_gemm(b, d, len, 1.0, g, len, Op::N, &wc, d, Op::N, 1.0, &mut du, d);
             // dW_i = r_i (dŴ_i − ŵ_i (ŵ_i·dŴ_i)), ŵ = r w.
@@ -1076,11 +1185,30 @@ pub mod cpu {
                 gh.iter_mut().zip(wr).for_each(|(g, h)| *g = r * (*g - r * h * dot));
             });
         }
-        // The singular part of the exact ArcFace gradient, along the unit
-        // tangents, row after row: du (before the feature normalization's
-        // backward) and the target class's finished centre gradient.
-        for (r, (row, ang)) in rowv.iter().zip(&angles).enumerate() {
-            let (Some(ang), a) = (ang, row.4) else { continue };
+        du
+    }
+
+    /// The singular part of the exact ArcFace gradient, along the unit
+    /// tangents, row after row: into `du` (before the feature
+    /// normalization's backward) and the target class's finished centre
+    /// gradient. Rows without an angle (another rank's target) are skipped.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add_singular(
+        cfg: &SoftmaxHeadConfig,
+        x: &[f32],
+        w: &[f32],
+        rows: Option<&[u32]>,
+        inv: &[f32],
+        targets: &[i32],
+        rowv: &[RowOut],
+        angles: &[Option<Angle>],
+        du: &mut [f32],
+        dw: &mut [f32],
+    ) {
+        let d = cfg.dim;
+        let row_of = |y: usize| rows.map_or(y, |m| m[y] as usize);
+        for (r, (row, ang)) in rowv.iter().zip(angles).enumerate() {
+            let (Some(ang), a) = (ang, row.sing) else { continue };
             if a == 0.0 {
                 continue;
             }
@@ -1091,9 +1219,6 @@ pub mod cpu {
                 dw[y * d + c] += (a * ang.toward_z(xs, wy, c)) as f32 * inv[y];
             }
         }
-        let mut dx = vec![0f32; b * d];
-        crate::ops::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, EPS, &mut dx);
-        (SoftmaxLoss { loss, accuracy }, dx)
     }
 
     /// The k nearest centres by cosine of each normalized feature in `u`,

@@ -1,0 +1,320 @@
+//! The model-parallel O(N) heads: the full margin softmax and Partial FC
+//! with the N centres sharded over the ranks, as insightface's
+//! PartialFC_V2 trains them.
+//!
+//! Rank r of W holds the classes `shard_range(N, r, W)` (insightface's
+//! split: ⌊N/W⌋ each, one more on the first N mod W ranks). A step:
+//! 1. the ranks' features (f32, `[B, d]` each) and labels are all-gathered
+//!    (every rank must bring the same B, checked first: one all-gather of
+//!    8 bytes);
+//! 2. each rank runs the fused forward over its centres for all W·B rows
+//!    (the margin on the rank that owns the row's label; Partial FC first
+//!    samples its shard with [`PartialFc`]'s rule, seeded per shard);
+//! 3. the row's largest non-target logit is all-reduced (max), then the
+//!    non-target Σ exp at that maximum, the target's logit `s·f(c_y)` and
+//!    the accuracy hit (sum; only the owner adds a non-zero target and
+//!    hit): 16 bytes per gathered row, after which every rank has the
+//!    same log-sum-exp, loss and accuracy;
+//! 4. each rank's backward gives its centres' gradient (kept: the centres
+//!    never travel) and its share of every row's feature gradient, summed
+//!    back to the rows' ranks by a reduce-scatter (4·W·B·d bytes).
+//!
+//! The loss is the mean over the W·B gathered rows, so the features'
+//! gradient is already the global batch's: a data-parallel backbone sums
+//! its gradients over ranks (scale 1, not 1/W: insightface multiplies the
+//! gathered gradient by W to undo DDP's average; same result).
+//!
+//! Differences from one process on the concatenated batch: summation order
+//! (the shards' partial sums, f32), and accuracy ties: a target cosine equal
+//! to another rank's best counts as a hit (one process gives the tie to the
+//! lower class).
+//!
+//! This runs on CPU ranks (the `mpi` back end); GPU ranks (NCCL) are not
+//! written yet and are refused with an error.
+use std::ops::Range;
+
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use super::{Communicator, ReduceOp};
+use crate::error::{Error, Result};
+use crate::head::margin::Target;
+use crate::head::softmax_head::cpu;
+use crate::head::{PartialFc, SoftmaxHead, SoftmaxHeadConfig, SoftmaxLoss};
+use crate::runtime::device::{Device, DeviceKind};
+use crate::runtime::tensor::{DType, Tensor};
+
+const OP: &str = "ModelParallelHead::forward_backward";
+
+/// The classes rank `rank` of `world` holds: insightface's split (⌊N/W⌋
+/// each, one more on the first N mod W ranks). Errors: no ranks, a rank
+/// outside the world, fewer classes than ranks.
+pub fn shard_range(classes: usize, rank: usize, world: usize) -> Result<Range<usize>> {
+    const OP: &str = "shard_range";
+    if world == 0 || rank >= world {
+        return Err(Error::invalid(OP, format!("rank {rank} is not in a world of {world}")));
+    }
+    if classes < world {
+        return Err(Error::invalid(OP, format!("{classes} classes cannot be sharded over {world} ranks")));
+    }
+    let (each, extra) = (classes / world, classes % world);
+    let start = each * rank + rank.min(extra);
+    Ok(start..start + each + usize::from(rank < extra))
+}
+
+/// The centres of one shard, on the CPU: the full head, or Partial FC over
+/// the shard.
+enum Local {
+    Full(SoftmaxHead),
+    Partial(PartialFc),
+}
+
+/// One rank's part of a model-parallel full softmax or Partial FC.
+pub struct ModelParallelHead {
+    cfg: SoftmaxHeadConfig,
+    shard: Range<usize>,
+    world: usize,
+    local: Local,
+}
+
+/// What one model-parallel step gives a rank.
+#[derive(Debug)]
+pub struct ModelParallelStep {
+    /// The mean loss and accuracy over the W·B gathered rows (the same on
+    /// every rank).
+    pub loss: SoftmaxLoss,
+    /// The gradient with respect to this rank's features, f32 `[B, d]`.
+    pub features: Tensor,
+    /// The gradient of this rank's centres, f32: `[shard, d]` for the full
+    /// head, `[k, d]` (the sampled rows, in the order of `sampled`) for
+    /// Partial FC.
+    pub centres: Tensor,
+    /// Partial FC's sample: rows of the shard (0-based within it),
+    /// ascending. None for the full head.
+    pub sampled: Option<Vec<u32>>,
+}
+
+impl ModelParallelHead {
+    /// This rank's shard of random centres (normal, variance 1/d, drawn
+    /// from `seed` and the shard's first class), the full head when
+    /// `sample_rate` is None, Partial FC over the shard otherwise.
+    pub fn new(cfg: SoftmaxHeadConfig, comm: &dyn Communicator, sample_rate: Option<f32>, seed: u64) -> Result<Self> {
+        cfg.validate("ModelParallelHead")?;
+        let shard = shard_range(cfg.classes, comm.rank(), comm.world())?;
+        let n = shard.len().checked_mul(cfg.dim).ok_or_else(|| Error::invalid("ModelParallelHead", "N·d overflows"))?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(shard_seed(seed, shard.start));
+        let sd = 1.0 / (cfg.dim as f32).sqrt();
+        let w: Vec<f32> = (0..n).map(|_| sd * Distribution::<f32>::sample(&StandardNormal, &mut rng)).collect();
+        let centres = Tensor::from_f32(&Device::cpu(), &[shard.len(), cfg.dim], &w, DType::F32)?;
+        ModelParallelHead::from_shard(cfg, centres, comm, sample_rate, seed)
+    }
+
+    /// This rank's shard of given centres (`[shard, d]`, f32 or bf16, on the
+    /// CPU), the full head or Partial FC over the shard (its sample seeded
+    /// by `seed` and the shard's first class).
+    pub fn from_shard(
+        cfg: SoftmaxHeadConfig,
+        centres: Tensor,
+        comm: &dyn Communicator,
+        sample_rate: Option<f32>,
+        seed: u64,
+    ) -> Result<Self> {
+        const OP: &str = "ModelParallelHead::from_shard";
+        cfg.validate(OP)?;
+        if centres.device().kind() != DeviceKind::Cpu {
+            return Err(Error::invalid(
+                OP,
+                "the model-parallel heads run on CPU ranks for now (GPU ranks over NCCL are not written yet)",
+            ));
+        }
+        let shard = shard_range(cfg.classes, comm.rank(), comm.world())?;
+        let local_cfg = SoftmaxHeadConfig { classes: shard.len(), ..cfg.clone() };
+        let head = SoftmaxHead::from_weights(local_cfg, centres)?;
+        let local = match sample_rate {
+            None => Local::Full(head),
+            Some(rate) => Local::Partial(PartialFc::new(head, rate, shard_seed(seed, shard.start))?),
+        };
+        Ok(ModelParallelHead { cfg, shard, world: comm.world(), local })
+    }
+
+    /// The settings (N: all ranks' classes).
+    pub fn config(&self) -> &SoftmaxHeadConfig {
+        &self.cfg
+    }
+    /// The classes this rank holds.
+    pub fn shard(&self) -> Range<usize> {
+        self.shard.clone()
+    }
+    fn head(&self) -> &SoftmaxHead {
+        match &self.local {
+            Local::Full(h) => h,
+            Local::Partial(p) => p.head(),
+        }
+    }
+    /// This rank's centres, `[shard, d]`.
+    pub fn centres(&self) -> &Tensor {
+        self.head().centres()
+    }
+    /// This rank's centres, to update (the optimizer's step).
+    pub fn centres_mut(&mut self) -> &mut Tensor {
+        match &mut self.local {
+            Local::Full(h) => h.centres_mut(),
+            Local::Partial(p) => p.centres_mut(),
+        }
+    }
+
+    /// Partial FC's sample of this shard at `step` for the gathered labels
+    /// (all ranks' labels, global classes): rows of the shard, ascending —
+    /// [`PartialFc::sample`] on the shard's own labels. None for the full
+    /// head.
+    pub fn sample(&self, gathered_labels: &[u32], step: u64) -> Result<Option<Vec<u32>>> {
+        let Local::Partial(p) = &self.local else { return Ok(None) };
+        let local: Vec<u32> = gathered_labels
+            .iter()
+            .filter(|&&y| self.shard.contains(&(y as usize)))
+            .map(|&y| y - self.start())
+            .collect();
+        p.sample(&local, step).map(Some)
+    }
+
+    fn start(&self) -> u32 {
+        self.shard.start as u32
+    }
+
+    /// One training step over this rank's `features` (`[B, d]`, f32 or bf16,
+    /// on the CPU) and `labels` (global classes < N): collective, so every
+    /// rank of `comm` calls it with the same B. `step` keys Partial FC's
+    /// sample. Errors (on every rank alike, after the collectives): a label
+    /// out of range on any rank, a non-finite loss, ranks with different
+    /// batch sizes; a shape mismatch or an empty batch on this rank.
+    pub fn forward_backward(
+        &self,
+        comm: &dyn Communicator,
+        features: &Tensor,
+        labels: &[u32],
+        step: u64,
+    ) -> Result<ModelParallelStep> {
+        let (cfg, d) = (&self.cfg, self.cfg.dim);
+        if comm.world() != self.world {
+            return Err(Error::invalid(
+                OP,
+                format!("a world of {}, the head was sharded for {}", comm.world(), self.world),
+            ));
+        }
+        if features.device().kind() != DeviceKind::Cpu {
+            return Err(Error::invalid(OP, "the model-parallel heads run on CPU ranks for now"));
+        }
+        let b = crate::head::softmax_head::check_batch(OP, cfg, features.device(), features, labels.len())?;
+        let w = self.world;
+        // Every rank's batch size, before anything sized by it.
+        let mut sizes = vec![0u64; w];
+        comm.all_gather_u64(&[b as u64], &mut sizes)?;
+        if let Some(q) = sizes.iter().position(|&s| s != b as u64) {
+            return Err(Error::invalid(
+                OP,
+                format!("rank {q} brought {} rows, this rank {b}: equal batches", sizes[q]),
+            ));
+        }
+        let rows = w.checked_mul(b).ok_or_else(|| Error::invalid(OP, "W·B overflows"))?;
+        let gathered = rows.checked_mul(d).ok_or_else(|| Error::invalid(OP, "W·B·d overflows"))?;
+        let mut x = vec![0f32; gathered];
+        comm.all_gather_f32(&features.host_f32()?, &mut x)?;
+        let mut y = vec![0u32; rows];
+        comm.all_gather_u32(labels, &mut y)?;
+        if let Some(p) = y.iter().position(|&l| l as usize >= cfg.classes) {
+            return Err(Error::invalid(
+                OP,
+                format!("rank {}'s labels[{}] = {} is not below N = {}", p / b, p % b, y[p], cfg.classes),
+            ));
+        }
+        // This shard's logical classes: all of it, or Partial FC's sample.
+        let sampled = self.sample(&y, step)?;
+        let k = sampled.as_ref().map_or(self.shard.len(), Vec::len);
+        let local_target = |l: u32| -> i32 {
+            if !self.shard.contains(&(l as usize)) {
+                return -1;
+            }
+            let l = l - self.start();
+            match &sampled {
+                // The sample holds every local positive.
+                Some(s) => s.binary_search(&l).map_or(-1, |p| p as i32),
+                None => l as i32,
+            }
+        };
+        let targets: Vec<i32> = y.iter().map(|&l| local_target(l)).collect();
+        let wv = self.centres().host_f32()?;
+        let map = sampled.as_deref();
+        let (u, norms) = cpu::normalize_rows(&x, d);
+        let inv = cpu::inv_norms(&wv, map, d, k);
+        let mut logits = vec![0f32; rows * crate::head::softmax_head::CPU_CHUNK.min(k)];
+        let state = cpu::forward_rows(cfg, &u, &wv, map, &inv, k, &targets, &mut logits);
+        let angles = cpu::target_angles(cfg, &x, &wv, map, &targets);
+        let s = cfg.scale;
+        // The largest non-target logit of each row over every shard (a NaN
+        // travels in the sums below: MPI's max may drop it).
+        let mut max: Vec<f32> =
+            state.iter().map(|st| if st.max.is_nan() { f32::NEG_INFINITY } else { st.max }).collect();
+        comm.all_reduce_f32(&mut max, ReduceOp::Max)?;
+        // [Σ exp at the global max | the target's logit | the hit], summed.
+        let tgs: Vec<Option<Target>> = state
+            .iter()
+            .zip(&targets)
+            .zip(&angles)
+            .map(|((st, &t), a)| (t >= 0).then(|| cpu::target_of(cfg, st.target_c, a.as_ref())))
+            .collect();
+        let mut sums = vec![0f32; 3 * rows];
+        for (i, st) in state.iter().enumerate() {
+            sums[i] = if st.max.is_nan() {
+                f32::NAN
+            } else if st.max == f32::NEG_INFINITY {
+                0.0
+            } else {
+                st.sum * (st.max - max[i]).exp()
+            };
+            if let Some(tg) = &tgs[i] {
+                let t = s * tg.f as f32;
+                sums[rows + i] = if st.target_c.is_nan() { f32::NAN } else { t };
+                let hit = st.best_class == targets[i] as usize && s * st.best_c >= max[i];
+                sums[2 * rows + i] = f32::from(u8::from(hit));
+            }
+        }
+        comm.all_reduce_f32(&mut sums, ReduceOp::Sum)?;
+        let weight = 1.0 / rows as f32;
+        let rowv: Vec<cpu::RowOut> = (0..rows)
+            .map(|i| {
+                let (se, t) = (sums[i], sums[rows + i]);
+                // The owner's margin terms; the other ranks need only the
+                // log-sum-exp.
+                let tg = tgs[i].unwrap_or(Target { f: f64::from(t / s), df: 1.0, sing: 0.0 });
+                cpu::finish_row(cfg, weight, max[i], se, t, &tg, se.is_nan() || t.is_nan(), sums[2 * rows + i] > 0.5)
+            })
+            .collect();
+        let loss = rowv.iter().map(|r| r.loss).sum::<f64>() / rows as f64;
+        if !loss.is_finite() {
+            return Err(Error::invalid(OP, "the loss is not finite (a non-finite feature or centre?)"));
+        }
+        let accuracy = rowv.iter().filter(|r| r.hit).count() as f64 / rows as f64;
+        let mut dw = vec![0f32; k * d];
+        let mut du = cpu::backward_rows(cfg, &u, &wv, map, &inv, k, &targets, &rowv, &mut logits, &mut dw);
+        cpu::add_singular(cfg, &x, &wv, map, &inv, &targets, &rowv, &angles, &mut du, &mut dw);
+        let mut dx = vec![0f32; gathered];
+        crate::ops::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, crate::head::softmax_head::EPS, &mut dx);
+        // Every shard's part of each row's gradient, summed on its rank.
+        let mut mine = vec![0f32; b * d];
+        comm.reduce_scatter_f32(&dx, &mut mine)?;
+        let dev = Device::cpu();
+        Ok(ModelParallelStep {
+            loss: SoftmaxLoss { loss, accuracy },
+            features: Tensor::from_slice(&dev, &[b, d], &mine)?,
+            centres: Tensor::from_slice(&dev, &[k, d], &dw)?,
+            sampled,
+        })
+    }
+}
+
+/// The seed of a shard's draws (its random centres, Partial FC's sample):
+/// the user's seed mixed with the shard's first class, so shards differ (a
+/// shard starting at class 0 uses the seed itself).
+pub fn shard_seed(seed: u64, start: usize) -> u64 {
+    seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
