@@ -64,6 +64,7 @@ fn head_step(dev: &Device, h: TrainHead, b: usize, d: usize) -> Result<Box<dyn F
                 p.forward_backward_into(&x, &labels, t, &mut g, &mut m)
             })
         }
+        TrainHead::ModelParallel(_) => unreachable!("one-process heads only"),
     })
 }
 

@@ -673,6 +673,9 @@ fn identify(trainer: &mut Trainer, sp: &Split, tc: &TrainConfig, batch: usize) -
         }
         TrainHead::Softmax(h) => h.top_k(&features, 1)?,
         TrainHead::PartialFc(pfc) => pfc.head().top_k(&features, 1)?,
+        TrainHead::ModelParallel(_) => {
+            return Err(Error::invalid("experiment", "identification with a model-parallel head is not written yet"))
+        }
     };
     let (mut right, mut rare_right, mut rare_all, mut invalid) = (0usize, 0usize, 0usize, 0usize);
     for i in 0..p {

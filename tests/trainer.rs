@@ -245,6 +245,7 @@ fn a_step_allocates_only_what_the_backbone_and_the_head_allocate_alone() {
                 let (mut g, mut m) = (PfcGrads::new(&p, B).unwrap(), SoftmaxMetrics::new());
                 Box::new(move || p.forward_backward_into(&x, labs, 1, &mut g, &mut m).unwrap())
             }
+            TrainHead::ModelParallel(_) => unreachable!("head() builds one-process heads"),
         };
         count();
         dev.reset_stats();

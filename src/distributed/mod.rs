@@ -38,8 +38,8 @@ pub mod model_parallel;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod nccl;
-#[cfg(feature = "mpi")]
 pub use self::model_parallel::{shard_range, shard_seed, ModelParallelHead, ModelParallelStep};
+#[cfg(feature = "mpi")]
 pub use self::mpi::Mpi;
 pub use self::nccl::Nccl;
 

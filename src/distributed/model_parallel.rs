@@ -74,6 +74,7 @@ pub struct ModelParallelHead {
     cfg: SoftmaxHeadConfig,
     shard: Range<usize>,
     world: usize,
+    seed: Option<u64>,
     local: Local,
 }
 
@@ -134,7 +135,8 @@ impl ModelParallelHead {
             None => Local::Full(head),
             Some(rate) => Local::Partial(PartialFc::new(head, rate, shard_seed(seed, shard.start))?),
         };
-        Ok(ModelParallelHead { cfg, shard, world: comm.world(), local })
+        let seed = sample_rate.map(|_| seed);
+        Ok(ModelParallelHead { cfg, shard, world: comm.world(), seed, local })
     }
 
     /// The settings (N: all ranks' classes).
@@ -144,6 +146,22 @@ impl ModelParallelHead {
     /// The classes this rank holds.
     pub fn shard(&self) -> Range<usize> {
         self.shard.clone()
+    }
+    /// The ranks the centres are sharded over.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+    /// Partial FC's sample rate (None: the full head).
+    pub fn sample_rate(&self) -> Option<f32> {
+        match &self.local {
+            Local::Full(_) => None,
+            Local::Partial(p) => Some(p.rate()),
+        }
+    }
+    /// Partial FC's seed as given (each shard samples with
+    /// [`shard_seed`] of it; None: the full head).
+    pub fn seed(&self) -> Option<u64> {
+        self.seed
     }
     fn head(&self) -> &SoftmaxHead {
         match &self.local {

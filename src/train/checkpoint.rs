@@ -50,6 +50,14 @@ fn fingerprints(tr: &Trainer) -> BTreeMap<String, String> {
         TrainHead::Code { head, .. } => format!("{:?}", head.config()),
         TrainHead::Softmax(h) => format!("{:?}", h.config()),
         TrainHead::PartialFc(p) => format!("{:?}, rate {:?}, seed {}", p.head().config(), p.rate(), p.seed()),
+        // The same on every rank: the shard is not part of it.
+        TrainHead::ModelParallel(h) => format!(
+            "{:?}, rate {:?}, seed {:?}, model-parallel over {}",
+            h.config(),
+            h.sample_rate(),
+            h.seed(),
+            h.world()
+        ),
     };
     let codes = match &tr.head {
         TrainHead::Code { table, .. } => {
@@ -71,6 +79,18 @@ fn fingerprints(tr: &Trainer) -> BTreeMap<String, String> {
     .collect()
 }
 
+/// Checkpoints of a model-parallel head (a shard per rank) are not written
+/// yet: an error rather than a file holding one rank's shard.
+fn refuse_shards(op: &'static str, tr: &Trainer) -> Result<()> {
+    match tr.head {
+        TrainHead::ModelParallel(_) => Err(Error::invalid(
+            op,
+            "checkpoints of a model-parallel head (its centres sharded over the ranks) are not written yet",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn f32_entry(name: String, t: &Tensor) -> Result<Entry<'static>> {
     let bytes = le_bytes(&t.to_vec::<f32>()?).into_owned().into();
     Ok(Entry { name, dtype: "F32", shape: t.shape().to_vec(), bytes })
@@ -90,6 +110,7 @@ impl Trainer {
     /// module documentation), each atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         const OP: &str = "Trainer::save";
+        refuse_shards(OP, self)?;
         if !self.micro.is_multiple_of(self.cfg.gradient_acc as u64) {
             return Err(Error::invalid(
                 OP,
@@ -143,6 +164,7 @@ impl Trainer {
     /// module documentation). On error the trainer may hold part of the
     /// checkpoint's tensors: build it again before training on.
     pub fn resume(&mut self, dir: &Path) -> Result<()> {
+        refuse_shards("Trainer::resume", self)?;
         let path = dir.join(CHECKPOINT_FILE);
         let bad = |m: String| Error::file(&path, m);
         let f = std::fs::File::open(&path).map_err(|e| bad(format!("cannot open: {e}")))?;

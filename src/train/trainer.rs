@@ -38,6 +38,16 @@
 //! ones. A W-rank step therefore equals one process accumulating the W
 //! ranks' micro-batches (`gradient_acc` = W), up to summation order.
 //!
+//! The model-parallel heads ([`TrainHead::ModelParallel`], insightface's
+//! PartialFC_V2 on W ranks): each rank holds its shard of the centres
+//! ([`crate::distributed::ModelParallelHead`]); the head's loss is the
+//! mean over every rank's rows, so its features' gradient is the global
+//! batch's: the backbone's gradients are summed over ranks and scaled by
+//! 1/`gradient_acc` only, the shard's gradient is not communicated (every
+//! rank updates its own rows). Partial FC's dense shard gradient takes the
+//! sampled rows as above. Such a head needs a communicator (its world),
+//! and its checkpoints are not written yet.
+//!
 //! Buffers: every gradient (the backbone's, the head's, Partial FC's dense
 //! one) is allocated once, at the first step (a second set for
 //! `gradient_acc` > 1: the micro-batches after the first compute into it
@@ -52,7 +62,7 @@ use std::sync::Arc;
 
 use crate::backbone::norm::add_assign;
 use crate::backbone::IResNet;
-use crate::distributed::{self, Communicator};
+use crate::distributed::{self, Communicator, ModelParallelHead, ModelParallelStep};
 use crate::error::{Error, Result};
 use crate::head::{
     CodeHead, CodeTable, HeadGrads, HeadMetrics, PartialFc, PfcGrads, SoftmaxGrads, SoftmaxHead, SoftmaxMetrics,
@@ -75,6 +85,9 @@ pub enum TrainHead {
     Softmax(SoftmaxHead),
     /// Partial FC.
     PartialFc(PartialFc),
+    /// One rank's shard of the model-parallel full softmax or Partial FC
+    /// (trained on several ranks: [`Trainer::set_communicator`]).
+    ModelParallel(ModelParallelHead),
 }
 
 impl TrainHead {
@@ -84,6 +97,10 @@ impl TrainHead {
             TrainHead::Code { .. } => "gif",
             TrainHead::Softmax(_) => "arcface",
             TrainHead::PartialFc(_) => "partial_fc",
+            TrainHead::ModelParallel(h) => match h.sample_rate() {
+                Some(_) => "partial_fc",
+                None => "arcface",
+            },
         }
     }
 
@@ -93,6 +110,7 @@ impl TrainHead {
             TrainHead::Code { table, .. } => table.len(),
             TrainHead::Softmax(h) => h.config().classes,
             TrainHead::PartialFc(p) => p.head().config().classes,
+            TrainHead::ModelParallel(h) => h.config().classes,
         }
     }
 
@@ -102,6 +120,7 @@ impl TrainHead {
             TrainHead::Code { head, .. } => head.config().dim,
             TrainHead::Softmax(h) => h.config().dim,
             TrainHead::PartialFc(p) => p.head().config().dim,
+            TrainHead::ModelParallel(h) => h.config().dim,
         }
     }
 
@@ -118,6 +137,7 @@ impl TrainHead {
             }
             TrainHead::Softmax(h) => vec![("weight", h.centres())],
             TrainHead::PartialFc(p) => vec![("weight", p.head().centres())],
+            TrainHead::ModelParallel(h) => vec![("weight", h.centres())],
         }
     }
 
@@ -127,6 +147,7 @@ impl TrainHead {
             TrainHead::Code { head, .. } => head.weights_mut(),
             TrainHead::Softmax(h) => vec![("weight", h.centres_mut())],
             TrainHead::PartialFc(p) => vec![("weight", p.centres_mut())],
+            TrainHead::ModelParallel(h) => vec![("weight", h.centres_mut())],
         }
     }
 }
@@ -266,9 +287,27 @@ pub fn median(v: &[f64]) -> f64 {
 /// and the last micro-batch's metrics (one per trainer).
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum HeadState {
-    Code { acc: Option<HeadGrads>, scratch: Option<HeadGrads>, metrics: HeadMetrics },
-    Softmax { acc: Option<SoftmaxGrads>, scratch: Option<SoftmaxGrads>, metrics: SoftmaxMetrics },
-    PartialFc { dense: Tensor, step: Option<PfcGrads>, metrics: SoftmaxMetrics },
+    Code {
+        acc: Option<HeadGrads>,
+        scratch: Option<HeadGrads>,
+        metrics: HeadMetrics,
+    },
+    Softmax {
+        acc: Option<SoftmaxGrads>,
+        scratch: Option<SoftmaxGrads>,
+        metrics: SoftmaxMetrics,
+    },
+    PartialFc {
+        dense: Tensor,
+        step: Option<PfcGrads>,
+        metrics: SoftmaxMetrics,
+    },
+    /// The shard's dense gradient, the last micro-batch's step (its
+    /// features' gradient) and loss.
+    ModelParallel {
+        dense: Tensor,
+        step: Option<ModelParallelStep>,
+    },
 }
 
 /// A backbone and a head in training (see the module documentation).
@@ -322,6 +361,9 @@ impl Trainer {
                     metrics: SoftmaxMetrics::new(),
                 }
             }
+            TrainHead::ModelParallel(h) => {
+                HeadState::ModelParallel { dense: Tensor::zeros(&dev, h.centres().shape(), DType::F32)?, step: None }
+            }
         };
         let mut backbone = backbone;
         let backbone_grads = backbone
@@ -370,6 +412,7 @@ impl Trainer {
             HeadState::PartialFc { dense, step, .. } => {
                 bytes(dense) + step.as_ref().map_or(0, |g| bytes(&g.grads.centres))
             }
+            HeadState::ModelParallel { dense, step } => bytes(dense) + step.as_ref().map_or(0, |g| bytes(&g.centres)),
         };
         let table = match &self.head {
             TrainHead::Code { table, .. } => table.codes().len() * 2 + table.vector_bytes(),
@@ -386,8 +429,11 @@ impl Trainer {
     /// parameters and BatchNorm statistics, as DDP does when it wraps a
     /// model. The optimizer's state is not sent: the steps taken are part
     /// of the check, and ranks resuming must read the same checkpoint.
+    /// A model-parallel head's shards are each rank's own (not broadcast);
+    /// its world must be `comm`'s.
     /// Errors: Partial FC on more than one rank (its model-parallel form
-    /// is not built yet), a collective failing.
+    /// is [`TrainHead::ModelParallel`]), a model-parallel head sharded for
+    /// another world, a collective failing.
     pub fn set_communicator(&mut self, comm: Arc<dyn Communicator>) -> Result<()> {
         const OP: &str = "Trainer::set_communicator";
         if comm.world() > 1 && matches!(self.head, TrainHead::PartialFc(_)) {
@@ -396,6 +442,18 @@ impl Trainer {
                 "Partial FC on several ranks needs its model-parallel form (each rank sampling its shard of the \
                  centres), which is not built yet; train it on one rank, or use the code head or the full softmax",
             ));
+        }
+        if let TrainHead::ModelParallel(h) = &self.head {
+            if h.world() != comm.world() {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "the model-parallel head was sharded for {} ranks, the world has {}",
+                        h.world(),
+                        comm.world()
+                    ),
+                ));
+            }
         }
         distributed::check_same(comm.as_ref(), "the trainer's configuration", self.rank_fingerprint())?;
         if comm.world() > 1 {
@@ -411,8 +469,10 @@ impl Trainer {
             for (name, t) in state {
                 self.backbone.set(&name, t)?;
             }
-            let mut head: Vec<&mut Tensor> = self.head.params_mut().into_iter().map(|(_, t)| t).collect();
-            distributed::broadcast_tensors(comm.as_ref(), &mut head, 0)?;
+            if !matches!(self.head, TrainHead::ModelParallel(_)) {
+                let mut head: Vec<&mut Tensor> = self.head.params_mut().into_iter().map(|(_, t)| t).collect();
+                distributed::broadcast_tensors(comm.as_ref(), &mut head, 0)?;
+            }
         }
         self.comm = Some(comm);
         Ok(())
@@ -512,7 +572,18 @@ impl Trainer {
             Some(t) if t.shape()[0] == b => {}
             _ => self.emb = Some(Tensor::empty(&dev, &[b, e], DType::F32)?),
         }
-        let Trainer { backbone, head, state, images: Some(images), emb: Some(emb), backbone_grads, profile, .. } = self
+        let Trainer {
+            backbone,
+            head,
+            state,
+            images: Some(images),
+            emb: Some(emb),
+            backbone_grads,
+            profile,
+            comm,
+            micro,
+            ..
+        } = self
         else {
             return Err(Error::invalid(OP, "no image buffer (internal error)"));
         };
@@ -563,6 +634,26 @@ impl Trainer {
                 crate::ops::rows::axpy_sampled_rows(dense, g.sampled(), &g.grads.centres, 1.0)?;
                 &g.grads.features
             }
+            (HeadState::ModelParallel { dense, step }, TrainHead::ModelParallel(h)) => {
+                let Some(comm) = comm.as_ref() else {
+                    return Err(Error::invalid(
+                        OP,
+                        "a model-parallel head trains on a communicator's ranks: call set_communicator first",
+                    ));
+                };
+                let out = step.insert(h.forward_backward(comm.as_ref(), emb, labels, *micro)?);
+                if first {
+                    dense.fill_zeros()?;
+                }
+                match &out.sampled {
+                    Some(rows) => {
+                        let rows = Tensor::from_slice(&dev, &[rows.len()], rows)?;
+                        crate::ops::rows::axpy_sampled_rows(dense, &rows, &out.centres, 1.0)?;
+                    }
+                    None => add_assign(dense, &out.centres)?,
+                }
+                &out.features
+            }
             _ => return Err(Error::invalid(OP, "head state of another head (internal error)")),
         };
         lap(profile, &mut clock, |p| &mut p.head)?;
@@ -588,7 +679,10 @@ impl Trainer {
 
     /// The optimizer step over the accumulated gradients.
     fn apply(&mut self, lr: f64) -> Result<()> {
-        let world = self.comm.as_ref().map_or(1, |c| c.world());
+        // A model-parallel head's loss is already the mean over every rank's
+        // rows: its gradients are summed over ranks, not averaged.
+        let sharded = matches!(self.head, TrainHead::ModelParallel(_));
+        let world = if sharded { 1 } else { self.comm.as_ref().map_or(1, |c| c.world()) };
         let scale = 1.0 / (self.cfg.gradient_acc as f32 * world as f32);
         let Trainer { backbone, head, state, backbone_grads, optimizer, comm, .. } = self;
         if let Some(comm) = comm.as_ref().filter(|c| c.world() > 1) {
@@ -601,6 +695,8 @@ impl Trainer {
                 }
                 HeadState::Softmax { acc: Some(g), .. } => grads.push(&mut g.centres),
                 HeadState::PartialFc { dense, .. } => grads.push(dense),
+                // Each rank's own rows: nothing to sum.
+                HeadState::ModelParallel { .. } => {}
                 _ => return Err(Error::invalid(OP, "no head gradient (internal error)")),
             }
             comm.all_reduce_tensors(&mut grads, 1.0, distributed::BUCKET_BYTES)?;
@@ -610,6 +706,9 @@ impl Trainer {
             (HeadState::Softmax { acc: Some(g), .. }, TrainHead::Softmax(h)) => h.param_refs(g)?,
             (HeadState::PartialFc { dense, .. }, TrainHead::PartialFc(p)) => {
                 vec![ParamRef { value: p.centres_mut(), grad: dense }]
+            }
+            (HeadState::ModelParallel { dense, .. }, TrainHead::ModelParallel(h)) => {
+                vec![ParamRef { value: h.centres_mut(), grad: dense }]
             }
             _ => return Err(Error::invalid(OP, "no head gradient (internal error)")),
         };
@@ -631,6 +730,10 @@ impl Trainer {
             }
             HeadState::Softmax { metrics, .. } | HeadState::PartialFc { metrics, .. } => {
                 let l = metrics.read()?;
+                (l.loss, l.accuracy, Vec::new())
+            }
+            HeadState::ModelParallel { step, .. } => {
+                let l = step.as_ref().ok_or_else(|| Error::invalid("Trainer::metrics", "no step yet"))?.loss;
                 (l.loss, l.accuracy, Vec::new())
             }
         };
