@@ -562,9 +562,29 @@ mod mpi_ranks {
             .flat_map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()))
             .collect();
         check_same(comm.as_ref(), "Partial FC's backbone", distributed::fingerprint(&bits)).unwrap();
-        // No checkpoint of a shard yet: an error, not a file.
-        let e = pfc.save(&std::env::temp_dir().join("gif-fr-no-shard-checkpoint")).unwrap_err().to_string();
-        assert!(e.contains("not written yet"), "{e}");
+        // Each rank checkpoints its shard; a fresh trainer resumes it.
+        // One directory for every rank: rank 0's, its path broadcast.
+        let dir = tempfile::tempdir().unwrap();
+        let mut path = [0u8; 512];
+        let mine = dir.path().to_str().unwrap().as_bytes();
+        path[..mine.len()].copy_from_slice(mine);
+        comm.broadcast_u8(&mut path, 0).unwrap();
+        let shared = std::path::PathBuf::from(std::str::from_utf8(&path).unwrap().trim_end_matches('\0'));
+        pfc.save(&shared).unwrap();
+        check_same(comm.as_ref(), "saved", 1).unwrap(); // every rank's file is written
+        assert!(shared.join(format!("checkpoint.rank{r}-of-{w}.safetensors")).is_file());
+        assert!(shared.join("model.safetensors").is_file() && !shared.join("checkpoint.safetensors").exists());
+        let mut again = sharded(Some(0.5));
+        again.resume(&shared).unwrap();
+        assert_eq!(params(&again), params(&pfc));
+        // Another rank's shard under this rank's name is refused.
+        let swapped = tempfile::tempdir().unwrap();
+        let next = shared.join(format!("checkpoint.rank{}-of-{w}.safetensors", (r + 1) % w));
+        std::fs::copy(next, pfc.checkpoint_path(swapped.path())).unwrap();
+        let e = sharded(Some(0.5)).resume(swapped.path()).unwrap_err().to_string();
+        assert!(e.contains("a checkpoint of shard"), "{e}");
+        // Rank 0's directory outlives the others' reads.
+        check_same(comm.as_ref(), "read", 1).unwrap();
         println!("rank {r} of {w} ok");
     }
 
@@ -631,6 +651,37 @@ mod mpi_ranks {
         for f in ["checkpoint.safetensors", "model.safetensors", "codebook.safetensors"] {
             assert!(out.join(f).is_file(), "{f} missing");
         }
+        // Partial FC model-parallel: each rank trains and checkpoints its
+        // shard; a run stopped after one step resumes from the shards.
+        let pfc = dir.path().join("pfc.toml");
+        let text_of = |c: &str| c.replace("head = \"gif\"", "head = \"partial_fc\"\nsample_rate = 0.5");
+        let pfc_out = dir.path().join("pfc");
+        let cfg_text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(&out.display().to_string(), &pfc_out.display().to_string());
+        std::fs::write(&pfc, text_of(&cfg_text)).unwrap();
+        for extra in [&["--stop-after", "1"][..], &["--resume"][..]] {
+            let mut cmd = Command::new("mpirun");
+            cmd.args(["-np", "2", "--oversubscribe"])
+                .arg(gif_fr_bin())
+                .args(["train", "--quiet", "--config"])
+                .arg(&pfc);
+            cmd.args(extra);
+            let Some((o, _)) = launch(cmd) else { return };
+            assert!(o.status.success(), "{extra:?}: {}", text(&o));
+        }
+        let log = std::fs::read_to_string(pfc_out.join("training.log")).unwrap();
+        assert!(
+            log.contains(
+                "the partial_fc head model-parallel: each rank holds its shard of the 12 centres (6 on rank 0)"
+            ),
+            "{log}"
+        );
+        assert!(log.contains("resumed from") && log.contains(&format!("Global Step: {steps}")), "{log}");
+        for f in ["checkpoint.rank0-of-2.safetensors", "checkpoint.rank1-of-2.safetensors", "model.safetensors"] {
+            assert!(pfc_out.join(f).is_file(), "{f} missing");
+        }
+        assert!(!pfc_out.join("checkpoint.safetensors").exists());
     }
 
     #[test]

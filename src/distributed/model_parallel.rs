@@ -73,6 +73,7 @@ enum Local {
 pub struct ModelParallelHead {
     cfg: SoftmaxHeadConfig,
     shard: Range<usize>,
+    rank: usize,
     world: usize,
     seed: Option<u64>,
     local: Local,
@@ -136,7 +137,7 @@ impl ModelParallelHead {
             Some(rate) => Local::Partial(PartialFc::new(head, rate, shard_seed(seed, shard.start))?),
         };
         let seed = sample_rate.map(|_| seed);
-        Ok(ModelParallelHead { cfg, shard, world: comm.world(), seed, local })
+        Ok(ModelParallelHead { cfg, shard, rank: comm.rank(), world: comm.world(), seed, local })
     }
 
     /// The settings (N: all ranks' classes).
@@ -150,6 +151,10 @@ impl ModelParallelHead {
     /// The ranks the centres are sharded over.
     pub fn world(&self) -> usize {
         self.world
+    }
+    /// The rank whose shard this is.
+    pub fn rank(&self) -> usize {
+        self.rank
     }
     /// Partial FC's sample rate (None: the full head).
     pub fn sample_rate(&self) -> Option<f32> {

@@ -16,6 +16,13 @@
 //! - `model.safetensors`: the backbone alone as a PyTorch-layout state dict
 //!   ([`crate::backbone::IResNet::save`]), what `gif-fr embed --weights` and PyTorch load.
 //!
+//! A model-parallel head ([`TrainHead::ModelParallel`]) is one shard per
+//! rank, so every rank saves and resumes its own
+//! `checkpoint.rank{r}-of-{W}.safetensors` (the whole state with that
+//! rank's shard and its optimizer state; metadata `shard` = "start..end of
+//! N"), as insightface writes a `checkpoint_gpu_{rank}.pt` per rank; rank 0
+//! alone writes `model.safetensors`.
+//!
 //! [`Trainer::resume`] is for a trainer built as the saved one was (the
 //! same configuration, codebook and seeds): it checks the fingerprints
 //! (another configuration is an error naming it), then overwrites the
@@ -79,15 +86,14 @@ fn fingerprints(tr: &Trainer) -> BTreeMap<String, String> {
     .collect()
 }
 
-/// Checkpoints of a model-parallel head (a shard per rank) are not written
-/// yet: an error rather than a file holding one rank's shard.
-fn refuse_shards(op: &'static str, tr: &Trainer) -> Result<()> {
-    match tr.head {
-        TrainHead::ModelParallel(_) => Err(Error::invalid(
-            op,
-            "checkpoints of a model-parallel head (its centres sharded over the ranks) are not written yet",
-        )),
-        _ => Ok(()),
+/// A model-parallel head's shard, as the checkpoint's metadata states it.
+fn shard_meta(tr: &Trainer) -> Option<String> {
+    match &tr.head {
+        TrainHead::ModelParallel(h) => {
+            let s = h.shard();
+            Some(format!("{}..{} of {}", s.start, s.end, h.config().classes))
+        }
+        _ => None,
     }
 }
 
@@ -97,6 +103,18 @@ fn f32_entry(name: String, t: &Tensor) -> Result<Entry<'static>> {
 }
 
 impl Trainer {
+    /// The file [`Trainer::save`] writes the state to in `dir`:
+    /// `checkpoint.safetensors`, or this rank's
+    /// `checkpoint.rank{r}-of-{W}.safetensors` for a model-parallel head.
+    pub fn checkpoint_path(&self, dir: &Path) -> std::path::PathBuf {
+        match &self.head {
+            TrainHead::ModelParallel(h) => {
+                dir.join(format!("checkpoint.rank{}-of-{}.safetensors", h.rank(), h.world()))
+            }
+            _ => dir.join(CHECKPOINT_FILE),
+        }
+    }
+
     /// What must be equal on every rank ([`Trainer::set_communicator`]):
     /// what a checkpoint must match to resume (the settings, the backbone's
     /// and head's configurations, the head's dtypes, the code table), and
@@ -110,7 +128,6 @@ impl Trainer {
     /// module documentation), each atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         const OP: &str = "Trainer::save";
-        refuse_shards(OP, self)?;
         if !self.micro.is_multiple_of(self.cfg.gradient_acc as u64) {
             return Err(Error::invalid(
                 OP,
@@ -143,6 +160,9 @@ impl Trainer {
             entries.push(f32_entry(format!("optim.{name}"), tensor)?);
         }
         let mut meta = fingerprints(self);
+        if let Some(shard) = shard_meta(self) {
+            meta.insert("shard".into(), shard);
+        }
         let (seed, dropout_step) = self.backbone.dropout_position();
         for (k, v) in [
             ("format", FORMAT.to_string()),
@@ -156,16 +176,21 @@ impl Trainer {
         ] {
             meta.insert(k.to_string(), v);
         }
-        self.backbone.save(&dir.join(MODEL_FILE))?;
-        write(&dir.join(CHECKPOINT_FILE), &entries, &meta)
+        let rank = match &self.head {
+            TrainHead::ModelParallel(h) => h.rank(),
+            _ => 0,
+        };
+        if rank == 0 {
+            self.backbone.save(&dir.join(MODEL_FILE))?;
+        }
+        write(&self.checkpoint_path(dir), &entries, &meta)
     }
 
     /// Restores the state [`Trainer::save`] wrote into `dir` (see the
     /// module documentation). On error the trainer may hold part of the
     /// checkpoint's tensors: build it again before training on.
     pub fn resume(&mut self, dir: &Path) -> Result<()> {
-        refuse_shards("Trainer::resume", self)?;
-        let path = dir.join(CHECKPOINT_FILE);
+        let path = self.checkpoint_path(dir);
         let bad = |m: String| Error::file(&path, m);
         let f = std::fs::File::open(&path).map_err(|e| bad(format!("cannot open: {e}")))?;
         // SAFETY: the map is read-only and private; the checkpoint is not
@@ -195,6 +220,12 @@ impl Trainer {
             let have = get(k)?;
             if have != want {
                 return Err(bad(format!("a checkpoint of another {k}: it has {have}; this trainer has {want}")));
+            }
+        }
+        if let Some(want) = shard_meta(self) {
+            let have = get("shard")?;
+            if have != want {
+                return Err(bad(format!("a checkpoint of shard {have}; this rank holds {want}")));
             }
         }
         let num = |k: &str| -> Result<u64> { get(k)?.parse().map_err(|e| bad(format!("metadata {k}: {e}"))) };

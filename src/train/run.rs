@@ -20,7 +20,10 @@
 //! gradients averaged across ranks before each step
 //! ([`Trainer::set_communicator`]); rank 0 alone writes the log, the
 //! metrics, the verification results, the codebook and the checkpoints;
-//! `cuda` is the GPU of the rank's index on its machine. The schedule
+//! `cuda` is the GPU of the rank's index on its machine. On CPU ranks the
+//! full softmax and Partial FC are model-parallel
+//! ([`TrainHead::ModelParallel`]: each rank its shard of the centres, and
+//! its own checkpoint file). The schedule
 //! counts the steps a rank takes: ⌈images / W⌉ / `batch_size` an epoch
 //! (insightface's train_v2.py counts `num_image // (batch_size · W)`,
 //! which differs by the sampler's padding).
@@ -31,13 +34,12 @@ use std::sync::Arc;
 
 use crate::backbone::IResNet;
 use crate::data::{Dataset, Loader, Sampler};
-use crate::distributed::Communicator;
+use crate::distributed::{Communicator, ModelParallelHead};
 use crate::error::{Error, Result};
 use crate::head::{CodeHead, CodeHeadConfig, CodeTable, MarginGrad, PartialFc, SoftmaxHead, SoftmaxHeadConfig};
-use crate::runtime::device::Device;
+use crate::runtime::device::{Device, DeviceKind};
 use crate::runtime::tensor::DType;
 use crate::tokenizer::{self, Codebook, Input};
-use crate::train::checkpoint::CHECKPOINT_FILE;
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{TrainHead, Trainer};
 
@@ -94,8 +96,17 @@ fn device_of_rank(name: &str, local: usize) -> Result<Device> {
 }
 
 /// The head of `cfg` for `n` identities on `dev` (a codebook made and
-/// written to the output directory when GIF has none given).
-fn build_head(cfg: &TrainConfig, n: usize, dev: &Device, write: bool, log: &mut dyn FnMut(&str)) -> Result<TrainHead> {
+/// written to the output directory when GIF has none given). On several
+/// CPU ranks (`comm`), the full softmax and Partial FC are model-parallel:
+/// this rank's shard of the centres.
+fn build_head(
+    cfg: &TrainConfig,
+    n: usize,
+    dev: &Device,
+    write: bool,
+    comm: Option<&dyn Communicator>,
+    log: &mut dyn FnMut(&str),
+) -> Result<TrainHead> {
     let d = cfg.embedding_size;
     let sm = SoftmaxHeadConfig {
         margin: cfg.margin(),
@@ -103,7 +114,14 @@ fn build_head(cfg: &TrainConfig, n: usize, dev: &Device, write: bool, log: &mut 
         margin_grad: MarginGrad::StraightThrough,
         ..SoftmaxHeadConfig::new(d, n)
     };
-    Ok(match cfg.head_kind() {
+    let kind = cfg.head_kind();
+    if let Some(comm) = comm.filter(|c| c.world() > 1 && dev.kind() == DeviceKind::Cpu) {
+        if kind == "arcface" || kind == "partial_fc" {
+            let rate = (kind == "partial_fc").then_some(cfg.sample_rate);
+            return Ok(TrainHead::ModelParallel(ModelParallelHead::new(sm, comm, rate, cfg.seed ^ 1)?));
+        }
+    }
+    Ok(match kind {
         "arcface" => TrainHead::Softmax(SoftmaxHead::new(sm, dev, DType::F32, cfg.seed ^ 1)?),
         "partial_fc" => TrainHead::PartialFc(PartialFc::new(
             SoftmaxHead::new(sm, dev, DType::F32, cfg.seed ^ 1)?,
@@ -246,7 +264,7 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
             ),
         ));
     }
-    let head = build_head(cfg, n, &dev, lead, &mut log)?;
+    let head = build_head(cfg, n, &dev, lead, opts.comm.as_deref(), &mut log)?;
     let b = cfg.batch_size;
     let sampler = Sampler { rank, world, ..Sampler::new(count, b, cfg.seed) };
     let tcfg = cfg.trainer_config(sampler.per_rank())?;
@@ -256,8 +274,9 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
     let mut trainer = Trainer::new(backbone, head, tcfg)?;
     trainer.set_profiling(opts.profile);
     if cfg.resume || opts.resume {
-        if !out.join(CHECKPOINT_FILE).exists() {
-            return Err(Error::file(&out.join(CHECKPOINT_FILE), "no checkpoint to resume from"));
+        let path = trainer.checkpoint_path(out);
+        if !path.exists() {
+            return Err(Error::file(&path, "no checkpoint to resume from"));
         }
         trainer.resume(out)?;
         log(&format!("resumed from {} at step {}", out.display(), trainer.steps()));
@@ -277,6 +296,13 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
             comm.backend(),
             b * world
         ));
+        if let TrainHead::ModelParallel(h) = trainer.head() {
+            log(&format!(
+                "the {} head model-parallel: each rank holds its shard of the {n} centres ({} on rank 0)",
+                cfg.head_kind(),
+                h.shard().len()
+            ));
+        }
     }
     log(&format!(
         "training {} on {dev}: {} head, {n} identities, {count} images, {per_epoch} steps an epoch, {total} steps",
@@ -380,7 +406,9 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
             }
             let boundary = done % cfg.gradient_acc as u64 == 0;
             let periodic = cfg.save_every.is_some_and(|k| done % k == 0);
-            if lead && boundary && (done % per_epoch == 0 || periodic || done == stop) {
+            // A model-parallel head's shards: every rank saves its own.
+            let saves = lead || matches!(trainer.head(), TrainHead::ModelParallel(_));
+            if saves && boundary && (done % per_epoch == 0 || periodic || done == stop) {
                 trainer.save(out)?;
             }
             if done >= stop {

@@ -45,8 +45,8 @@
 //! batch's: the backbone's gradients are summed over ranks and scaled by
 //! 1/`gradient_acc` only, the shard's gradient is not communicated (every
 //! rank updates its own rows). Partial FC's dense shard gradient takes the
-//! sampled rows as above. Such a head needs a communicator (its world),
-//! and its checkpoints are not written yet.
+//! sampled rows as above. Such a head needs a communicator (its world);
+//! each rank checkpoints its own shard ([`Trainer::checkpoint_path`]).
 //!
 //! Buffers: every gradient (the backbone's, the head's, Partial FC's dense
 //! one) is allocated once, at the first step (a second set for
