@@ -270,8 +270,9 @@ impl ModelParallelHead {
         let (u, norms) = cpu::normalize_rows(&x, d);
         let inv = cpu::inv_norms(&wv, map, d, k);
         let mut logits = vec![0f32; rows * crate::head::softmax_head::CPU_CHUNK.min(k)];
-        let state = cpu::forward_rows(cfg, &u, &wv, map, &inv, k, &targets, &mut logits);
-        let angles = cpu::target_angles(cfg, &x, &wv, map, &targets);
+        let pass = cpu::Pass { cfg, x: &x, u: &u, w: &wv, rows: map, inv: &inv, n: k, targets: &targets };
+        let state = pass.forward(&mut logits);
+        let angles = pass.target_angles();
         let s = cfg.scale;
         // The largest non-target logit of each row over every shard (a NaN
         // travels in the sums below: MPI's max may drop it).
@@ -318,8 +319,8 @@ impl ModelParallelHead {
         }
         let accuracy = rowv.iter().filter(|r| r.hit).count() as f64 / rows as f64;
         let mut dw = vec![0f32; k * d];
-        let mut du = cpu::backward_rows(cfg, &u, &wv, map, &inv, k, &targets, &rowv, &mut logits, &mut dw);
-        cpu::add_singular(cfg, &x, &wv, map, &inv, &targets, &rowv, &angles, &mut du, &mut dw);
+        let mut du = pass.backward(&rowv, &mut logits, &mut dw);
+        pass.add_singular(&rowv, &angles, &mut du, &mut dw);
         let mut dx = vec![0f32; gathered];
         crate::ops::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, crate::head::softmax_head::EPS, &mut dx);
         // Every shard's part of each row's gradient, summed on its rank.

@@ -971,8 +971,9 @@ pub mod cpu {
         let (u, norms) = normalize_rows(x, d);
         let inv = inv_norms(w, rows, d, n);
         let mut logits = vec![0f32; b * CPU_CHUNK.min(n)];
-        let state = forward_rows(cfg, &u, w, rows, &inv, n, targets, &mut logits);
-        let angles = target_angles(cfg, x, w, rows, targets);
+        let pass = Pass { cfg, x, u: &u, w, rows, inv: &inv, n, targets };
+        let state = pass.forward(&mut logits);
+        let angles = pass.target_angles();
         let weight = 1.0 / b as f32;
         let rowv: Vec<RowOut> = state
             .iter()
@@ -986,8 +987,8 @@ pub mod cpu {
             .collect();
         let loss = rowv.iter().map(|r| r.loss).sum::<f64>() / b as f64;
         let accuracy = rowv.iter().filter(|r| r.hit).count() as f64 / b as f64;
-        let mut du = backward_rows(cfg, &u, w, rows, &inv, n, targets, &rowv, &mut logits, dw);
-        add_singular(cfg, x, w, rows, &inv, targets, &rowv, &angles, &mut du, dw);
+        let mut du = pass.backward(&rowv, &mut logits, dw);
+        pass.add_singular(&rowv, &angles, &mut du, dw);
         let mut dx = vec![0f32; b * d];
         crate::ops::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, EPS, &mut dx);
         (SoftmaxLoss { loss, accuracy }, dx)
@@ -1008,93 +1009,98 @@ pub mod cpu {
         pub target_c: f32,
     }
 
-    /// The forward pass in chunks of classes: each row's [`RowState`].
-    /// Targets outside `0..n` (negative: another rank's class) make every
-    /// class a non-target. `logits` holds `B·min(n, CPU_CHUNK)` floats.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn forward_rows(
-        cfg: &SoftmaxHeadConfig,
-        u: &[f32],
-        w: &[f32],
-        rows: Option<&[u32]>,
-        inv: &[f32],
-        n: usize,
-        targets: &[i32],
-        logits: &mut [f32],
-    ) -> Vec<RowState> {
-        let (b, d, s) = (targets.len(), cfg.dim, cfg.scale);
-        let fresh = RowState {
-            max: f32::NEG_INFINITY,
-            sum: 0.0,
-            best_c: f32::NEG_INFINITY,
-            best_class: usize::MAX,
-            target_c: f32::NAN,
-        };
-        let mut state = vec![fresh; b];
-        for c0 in (0..n).step_by(CPU_CHUNK) {
-            let len = CPU_CHUNK.min(n - c0);
-            let wc = chunk(w, rows, d, c0, len);
-            let lg = &mut logits[..b * len];
-            cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
-            scale_columns(lg, &inv[c0..c0 + len]);
-            state.par_iter_mut().zip(lg.par_chunks(len)).enumerate().for_each(|(r, (st, cs))| {
-                // (A negative target wraps past every class.)
-                let y = targets[r] as usize;
-                // The chunk's max and sum of exp over non-targets (branch-free
-                // passes), merged into the running pair; then the argmax.
-                let yi = y.wrapping_sub(c0);
-                let mut m = f32::NEG_INFINITY;
-                for (i, &c) in cs.iter().enumerate() {
-                    if i != yi {
-                        m = m.max(s * c);
-                    }
-                    if c.is_nan() {
-                        m = f32::NAN;
-                    }
-                }
-                if yi < len {
-                    st.target_c = cs[yi];
-                }
-                if m > f32::NEG_INFINITY || m.is_nan() {
-                    let sum: f32 =
-                        cs.iter().enumerate().map(|(i, &c)| if i == yi { 0.0 } else { (s * c - m).exp() }).sum();
-                    let mm = st.max.max(m);
-                    let old = if st.max == f32::NEG_INFINITY { 0.0 } else { st.sum * (st.max - mm).exp() };
-                    st.sum = old + sum * (m - mm).exp();
-                    st.max = if m.is_nan() { m } else { mm };
-                }
-                for (i, &c) in cs.iter().enumerate() {
-                    if c > st.best_c || (c == st.best_c && c0 + i < st.best_class) {
-                        st.best_c = c;
-                        st.best_class = c0 + i;
-                    }
-                }
-            });
-        }
-        state
+    /// The operands of a CPU step: the features `x` and their normalized
+    /// rows `u` (`[B, d]`), the stored centres `w` read through the row map
+    /// `rows` (logical class i is row `rows[i]`; None: i), the n logical
+    /// classes' inverse norms, each row's target (a logical class; negative:
+    /// none among these classes, another rank's).
+    #[derive(Clone, Copy)]
+    pub(crate) struct Pass<'a> {
+        pub cfg: &'a SoftmaxHeadConfig,
+        pub x: &'a [f32],
+        pub u: &'a [f32],
+        pub w: &'a [f32],
+        pub rows: Option<&'a [u32]>,
+        pub inv: &'a [f32],
+        pub n: usize,
+        pub targets: &'a [i32],
     }
 
-    /// The angular margins' target angle of each row whose target is among
-    /// the classes (`0 ≤ y`), from the raw vectors in f64.
-    pub(crate) fn target_angles(
-        cfg: &SoftmaxHeadConfig,
-        x: &[f32],
-        w: &[f32],
-        rows: Option<&[u32]>,
-        targets: &[i32],
-    ) -> Vec<Option<Angle>> {
-        let d = cfg.dim;
-        let angular = cfg.margin.is_angular();
-        targets
-            .par_iter()
-            .enumerate()
-            .map(|(r, &y)| {
-                (angular && y >= 0).then(|| {
-                    let wy = rows.map_or(y as usize, |m| m[y as usize] as usize);
-                    Angle::of(&x[r * d..(r + 1) * d], &w[wy * d..(wy + 1) * d])
+    impl Pass<'_> {
+        /// The forward pass in chunks of classes: each row's [`RowState`].
+        /// Rows without a target among the classes have every class a
+        /// non-target. `logits` holds `B·min(n, CPU_CHUNK)` floats.
+        pub(crate) fn forward(&self, logits: &mut [f32]) -> Vec<RowState> {
+            let Pass { cfg, u, w, rows, inv, n, targets, .. } = *self;
+            let (b, d, s) = (targets.len(), cfg.dim, cfg.scale);
+            let fresh = RowState {
+                max: f32::NEG_INFINITY,
+                sum: 0.0,
+                best_c: f32::NEG_INFINITY,
+                best_class: usize::MAX,
+                target_c: f32::NAN,
+            };
+            let mut state = vec![fresh; b];
+            for c0 in (0..n).step_by(CPU_CHUNK) {
+                let len = CPU_CHUNK.min(n - c0);
+                let wc = chunk(w, rows, d, c0, len);
+                let lg = &mut logits[..b * len];
+                cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
+                scale_columns(lg, &inv[c0..c0 + len]);
+                state.par_iter_mut().zip(lg.par_chunks(len)).enumerate().for_each(|(r, (st, cs))| {
+                    // (A negative target wraps past every class.)
+                    let y = targets[r] as usize;
+                    // The chunk's max and sum of exp over non-targets (branch-free
+                    // passes), merged into the running pair; then the argmax.
+                    let yi = y.wrapping_sub(c0);
+                    let mut m = f32::NEG_INFINITY;
+                    for (i, &c) in cs.iter().enumerate() {
+                        if i != yi {
+                            m = m.max(s * c);
+                        }
+                        if c.is_nan() {
+                            m = f32::NAN;
+                        }
+                    }
+                    if yi < len {
+                        st.target_c = cs[yi];
+                    }
+                    if m > f32::NEG_INFINITY || m.is_nan() {
+                        let sum: f32 =
+                            cs.iter().enumerate().map(|(i, &c)| if i == yi { 0.0 } else { (s * c - m).exp() }).sum();
+                        let mm = st.max.max(m);
+                        let old = if st.max == f32::NEG_INFINITY { 0.0 } else { st.sum * (st.max - mm).exp() };
+                        st.sum = old + sum * (m - mm).exp();
+                        st.max = if m.is_nan() { m } else { mm };
+                    }
+                    for (i, &c) in cs.iter().enumerate() {
+                        if c > st.best_c || (c == st.best_c && c0 + i < st.best_class) {
+                            st.best_c = c;
+                            st.best_class = c0 + i;
+                        }
+                    }
+                });
+            }
+            state
+        }
+
+        /// The angular margins' target angle of each row whose target is among
+        /// the classes (`0 ≤ y`), from the raw vectors in f64.
+        pub(crate) fn target_angles(&self) -> Vec<Option<Angle>> {
+            let Pass { cfg, x, w, rows, targets, .. } = *self;
+            let d = cfg.dim;
+            let angular = cfg.margin.is_angular();
+            targets
+                .par_iter()
+                .enumerate()
+                .map(|(r, &y)| {
+                    (angular && y >= 0).then(|| {
+                        let wy = rows.map_or(y as usize, |m| m[y as usize] as usize);
+                        Angle::of(&x[r * d..(r + 1) * d], &w[wy * d..(wy + 1) * d])
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        }
     }
 
     /// The margin's target value at a row's target cosine (from its angle
@@ -1142,81 +1148,61 @@ pub mod cpu {
         RowOut { lse, gy, loss, hit, sing: if exact { g as f64 * tg.sing } else { 0.0 } }
     }
 
-    /// The backward pass in chunks of classes: writes the centre gradient
-    /// into `dw` (`n·d`, every value), returns the gradient with respect to
-    /// the normalized features (`B·d`). Rows' targets as [`forward_rows`].
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn backward_rows(
-        cfg: &SoftmaxHeadConfig,
-        u: &[f32],
-        w: &[f32],
-        rows: Option<&[u32]>,
-        inv: &[f32],
-        n: usize,
-        targets: &[i32],
-        rowv: &[RowOut],
-        logits: &mut [f32],
-        dw: &mut [f32],
-    ) -> Vec<f32> {
-        let (b, d, s) = (targets.len(), cfg.dim, cfg.scale);
-        let weight = 1.0 / b as f32;
-        let mut du = vec![0f32; b * d];
-        for c0 in (0..n).step_by(CPU_CHUNK) {
-            let len = CPU_CHUNK.min(n - c0);
-            let inv_c = &inv[c0..c0 + len];
-            let wc = chunk(w, rows, d, c0, len);
-            let g = &mut logits[..b * len];
-            cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, g, len);
-            g.par_chunks_mut(len).enumerate().for_each(|(r, gs)| {
-                let RowOut { lse, gy, .. } = rowv[r];
-                let y = targets[r] as usize;
-                for (i, v) in gs.iter_mut().enumerate() {
-                    *v = if c0 + i == y { gy } else { weight * s * (s * *v * inv_c[i] - lse).exp() };
-                }
-            });
-            // dŴ = Gᵀ·U into this chunk's rows of dw; dU += G·diag(r)·W.
-            let dwc = &mut dw[c0 * d..(c0 + len) * d];
-            cpu_gemm(len, d, b, 1.0, g, len, Op::T, u, d, Op::N, 0.0, dwc, d);
-            scale_columns(g, inv_c);
-            cpu_gemm(b, d, len, 1.0, g, len, Op::N, &wc, d, Op::N, 1.0, &mut du, d);
-            // dW_i = r_i (dŴ_i − ŵ_i (ŵ_i·dŴ_i)), ŵ = r w.
-            dwc.par_chunks_mut(d).zip(wc.par_chunks(d)).zip(inv_c.par_iter()).for_each(|((gh, wr), &r)| {
-                let dot: f32 = wr.iter().zip(gh.iter()).map(|(a, c)| a * c).sum::<f32>() * r;
-                gh.iter_mut().zip(wr).for_each(|(g, h)| *g = r * (*g - r * h * dot));
-            });
-        }
-        du
-    }
-
-    /// The singular part of the exact ArcFace gradient, along the unit
-    /// tangents, row after row: into `du` (before the feature
-    /// normalization's backward) and the target class's finished centre
-    /// gradient. Rows without an angle (another rank's target) are skipped.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn add_singular(
-        cfg: &SoftmaxHeadConfig,
-        x: &[f32],
-        w: &[f32],
-        rows: Option<&[u32]>,
-        inv: &[f32],
-        targets: &[i32],
-        rowv: &[RowOut],
-        angles: &[Option<Angle>],
-        du: &mut [f32],
-        dw: &mut [f32],
-    ) {
-        let d = cfg.dim;
-        let row_of = |y: usize| rows.map_or(y, |m| m[y] as usize);
-        for (r, (row, ang)) in rowv.iter().zip(angles).enumerate() {
-            let (Some(ang), a) = (ang, row.sing) else { continue };
-            if a == 0.0 {
-                continue;
+    impl Pass<'_> {
+        /// The backward pass in chunks of classes: writes the centre gradient
+        /// into `dw` (`n·d`, every value), returns the gradient with respect to
+        /// the normalized features (`B·d`).
+        pub(crate) fn backward(&self, rowv: &[RowOut], logits: &mut [f32], dw: &mut [f32]) -> Vec<f32> {
+            let Pass { cfg, u, w, rows, inv, n, targets, .. } = *self;
+            let (b, d, s) = (targets.len(), cfg.dim, cfg.scale);
+            let weight = 1.0 / b as f32;
+            let mut du = vec![0f32; b * d];
+            for c0 in (0..n).step_by(CPU_CHUNK) {
+                let len = CPU_CHUNK.min(n - c0);
+                let inv_c = &inv[c0..c0 + len];
+                let wc = chunk(w, rows, d, c0, len);
+                let g = &mut logits[..b * len];
+                cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, g, len);
+                g.par_chunks_mut(len).enumerate().for_each(|(r, gs)| {
+                    let RowOut { lse, gy, .. } = rowv[r];
+                    let y = targets[r] as usize;
+                    for (i, v) in gs.iter_mut().enumerate() {
+                        *v = if c0 + i == y { gy } else { weight * s * (s * *v * inv_c[i] - lse).exp() };
+                    }
+                });
+                // dŴ = Gᵀ·U into this chunk's rows of dw; dU += G·diag(r)·W.
+                let dwc = &mut dw[c0 * d..(c0 + len) * d];
+                cpu_gemm(len, d, b, 1.0, g, len, Op::T, u, d, Op::N, 0.0, dwc, d);
+                scale_columns(g, inv_c);
+                cpu_gemm(b, d, len, 1.0, g, len, Op::N, &wc, d, Op::N, 1.0, &mut du, d);
+                // dW_i = r_i (dŴ_i − ŵ_i (ŵ_i·dŴ_i)), ŵ = r w.
+                dwc.par_chunks_mut(d).zip(wc.par_chunks(d)).zip(inv_c.par_iter()).for_each(|((gh, wr), &r)| {
+                    let dot: f32 = wr.iter().zip(gh.iter()).map(|(a, c)| a * c).sum::<f32>() * r;
+                    gh.iter_mut().zip(wr).for_each(|(g, h)| *g = r * (*g - r * h * dot));
+                });
             }
-            let y = targets[r] as usize;
-            let (xs, wy) = (&x[r * d..(r + 1) * d], &w[row_of(y) * d..(row_of(y) + 1) * d]);
-            for c in 0..d {
-                du[r * d + c] += (a * ang.toward_w(xs, wy, c)) as f32;
-                dw[y * d + c] += (a * ang.toward_z(xs, wy, c)) as f32 * inv[y];
+            du
+        }
+
+        /// The singular part of the exact ArcFace gradient, along the unit
+        /// tangents, row after row: into `du` (before the feature
+        /// normalization's backward) and the target class's finished centre
+        /// gradient. Rows without an angle (another rank's target) are skipped.
+        pub(crate) fn add_singular(&self, rowv: &[RowOut], angles: &[Option<Angle>], du: &mut [f32], dw: &mut [f32]) {
+            let Pass { cfg, x, w, rows, inv, targets, .. } = *self;
+            let d = cfg.dim;
+            let row_of = |y: usize| rows.map_or(y, |m| m[y] as usize);
+            for (r, (row, ang)) in rowv.iter().zip(angles).enumerate() {
+                let (Some(ang), a) = (ang, row.sing) else { continue };
+                if a == 0.0 {
+                    continue;
+                }
+                let y = targets[r] as usize;
+                let (xs, wy) = (&x[r * d..(r + 1) * d], &w[row_of(y) * d..(row_of(y) + 1) * d]);
+                for c in 0..d {
+                    du[r * d + c] += (a * ang.toward_w(xs, wy, c)) as f32;
+                    dw[y * d + c] += (a * ang.toward_z(xs, wy, c)) as f32 * inv[y];
+                }
             }
         }
     }
