@@ -940,6 +940,32 @@ pub mod cpu {
         lg.par_chunks_mut(inv.len()).for_each(|row| row.iter_mut().zip(inv).for_each(|(a, r)| *a *= r));
     }
 
+    /// The cosines of the normalized rows `u` (`[B, d]`) with the n logical
+    /// centres (through `rows`; inverse norms `inv`), chunk after chunk of
+    /// up to [`CPU_CHUNK`] classes: `each(c0, cosines)` with the chunk's
+    /// `[B, len]` block, computed in `logits` (`B·min(n, CPU_CHUNK)`).
+    #[allow(clippy::too_many_arguments)]
+    fn cosine_chunks(
+        u: &[f32],
+        w: &[f32],
+        rows: Option<&[u32]>,
+        inv: &[f32],
+        n: usize,
+        d: usize,
+        logits: &mut [f32],
+        mut each: impl FnMut(usize, &[f32]),
+    ) {
+        let b = u.len() / d;
+        for c0 in (0..n).step_by(CPU_CHUNK) {
+            let len = CPU_CHUNK.min(n - c0);
+            let wc = chunk(w, rows, d, c0, len);
+            let lg = &mut logits[..b * len];
+            cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
+            scale_columns(lg, &inv[c0..c0 + len]);
+            each(c0, lg);
+        }
+    }
+
     /// The chunked f32 step: loss, `dx` `[B, d]`, `dw` `[n, d]`. Extra memory
     /// `B·C` floats for chunks of C classes (plus a gathered chunk of `C·d`
     /// through a row map), and the n inverse norms, whatever n is.
@@ -1041,12 +1067,8 @@ pub mod cpu {
                 target_c: f32::NAN,
             };
             let mut state = vec![fresh; b];
-            for c0 in (0..n).step_by(CPU_CHUNK) {
-                let len = CPU_CHUNK.min(n - c0);
-                let wc = chunk(w, rows, d, c0, len);
-                let lg = &mut logits[..b * len];
-                cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
-                scale_columns(lg, &inv[c0..c0 + len]);
+            cosine_chunks(u, w, rows, inv, n, d, logits, |c0, lg| {
+                let len = lg.len() / b;
                 state.par_iter_mut().zip(lg.par_chunks(len)).enumerate().for_each(|(r, (st, cs))| {
                     // (A negative target wraps past every class.)
                     let y = targets[r] as usize;
@@ -1080,7 +1102,7 @@ pub mod cpu {
                         }
                     }
                 });
-            }
+            });
             state
         }
 
@@ -1214,12 +1236,8 @@ pub mod cpu {
         let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(k + 1); b];
         let mut lg = vec![0f32; b * CPU_CHUNK.min(n)];
         let inv = inv_norms(w, None, d, n);
-        for c0 in (0..n).step_by(CPU_CHUNK) {
-            let len = CPU_CHUNK.min(n - c0);
-            let wc = chunk(w, None, d, c0, len);
-            let lg = &mut lg[..b * len];
-            cpu_gemm(b, len, d, 1.0, u, d, Op::N, &wc, d, Op::T, 0.0, lg, len);
-            scale_columns(lg, &inv[c0..c0 + len]);
+        cosine_chunks(u, w, None, &inv, n, d, &mut lg, |c0, lg| {
+            let len = lg.len() / b;
             best.par_iter_mut().zip(lg.par_chunks(len)).for_each(|(list, cs)| {
                 for (i, &c) in cs.iter().enumerate() {
                     if c.is_nan() {
@@ -1234,7 +1252,7 @@ pub mod cpu {
                     list.truncate(k);
                 }
             });
-        }
+        });
         TopK {
             k,
             ids: best.iter().flat_map(|l| l.iter().map(|e| e.1 as i64)).collect(),
