@@ -208,8 +208,11 @@ impl ModelParallelHead {
     /// on the CPU) and `labels` (global classes < N): collective, so every
     /// rank of `comm` calls it with the same B. `step` keys Partial FC's
     /// sample. Errors (on every rank alike, after the collectives): a label
-    /// out of range on any rank, a non-finite loss, ranks with different
-    /// batch sizes; a shape mismatch or an empty batch on this rank.
+    /// out of range on any rank, ranks with different batch sizes; a shape
+    /// mismatch or an empty batch on this rank. A non-finite feature or
+    /// centre on any rank makes the loss NaN on every rank (returned, not an
+    /// error: the trainer's optimizer then skips the step everywhere, as on
+    /// one process).
     pub fn forward_backward(
         &self,
         comm: &dyn Communicator,
@@ -314,9 +317,6 @@ impl ModelParallelHead {
             })
             .collect();
         let loss = rowv.iter().map(|r| r.loss).sum::<f64>() / rows as f64;
-        if !loss.is_finite() {
-            return Err(Error::invalid(OP, "the loss is not finite (a non-finite feature or centre?)"));
-        }
         let accuracy = rowv.iter().filter(|r| r.hit).count() as f64 / rows as f64;
         let mut dw = vec![0f32; k * d];
         let mut du = pass.backward(&rowv, &mut logits, &mut dw);

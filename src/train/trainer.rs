@@ -733,7 +733,11 @@ impl Trainer {
                 (l.loss, l.accuracy, Vec::new())
             }
             HeadState::ModelParallel { step, .. } => {
-                let l = step.as_ref().ok_or_else(|| Error::invalid("Trainer::metrics", "no step yet"))?.loss;
+                const OP: &str = "Trainer::metrics";
+                let l = step.as_ref().ok_or_else(|| Error::invalid(OP, "no step yet"))?.loss;
+                if !l.loss.is_finite() {
+                    return Err(Error::invalid(OP, "the loss is not finite (a non-finite feature or centre?)"));
+                }
                 (l.loss, l.accuracy, Vec::new())
             }
         };
