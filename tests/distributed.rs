@@ -905,4 +905,22 @@ fn model_parallel_heads_in_a_world_of_one() {
     assert_eq!(split(5, 5), vec![0..1, 1..2, 2..3, 3..4, 4..5]);
     assert!(shard_range(2, 0, 3).unwrap_err().to_string().contains("2 classes cannot be sharded over 3 ranks"));
     assert!(shard_range(5, 3, 3).is_err() && shard_range(5, 0, 0).is_err());
+    // GPU ranks are not written yet: a typed refusal, not a wrong result
+    // (the simulated GPU stands for one).
+    #[cfg(feature = "sim")]
+    {
+        use gif_fr::distributed::ModelParallelHead;
+        use gif_fr::head::SoftmaxHeadConfig;
+        let comm = SingleProcess::new();
+        let sim = Device::sim();
+        let centres = Tensor::from_slice(&sim, &[3, 2], &[1f32, 0., 0., 1., 1., 1.]).unwrap();
+        let e = ModelParallelHead::from_shard(SoftmaxHeadConfig::new(2, 3), centres, &comm, None, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CPU ranks"), "{e}");
+        let head = ModelParallelHead::new(SoftmaxHeadConfig::new(2, 3), &comm, None, 0).unwrap();
+        let x = Tensor::from_slice(&sim, &[1, 2], &[1f32, 0.]).unwrap();
+        let e = head.forward_backward(&comm, &x, &[0], 0).unwrap_err().to_string();
+        assert!(e.contains("CPU ranks"), "{e}");
+    }
 }

@@ -79,6 +79,18 @@ pub struct ModelParallelHead {
     local: Local,
 }
 
+impl std::fmt::Debug for ModelParallelHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelParallelHead")
+            .field("config", &self.cfg)
+            .field("shard", &self.shard)
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("sample_rate", &self.sample_rate())
+            .finish()
+    }
+}
+
 /// What one model-parallel step gives a rank.
 #[derive(Debug)]
 pub struct ModelParallelStep {
