@@ -205,11 +205,15 @@ mod mpi_ranks {
     use gif_fr::train::{Schedule, TrainHead, Trainer, TrainerConfig};
     use gif_fr::{DType, Device, Tensor};
 
-    /// MPI's world when this process is one of the ranks a parent test
-    /// started; None otherwise (the ignored `rank_*` test has nothing to do
-    /// outside mpirun).
-    fn as_rank() -> Option<Mpi> {
-        std::env::var_os("GIF_FR_MPI_CHILD").is_some().then(|| Mpi::init().unwrap())
+    /// MPI's world (the communicator, this rank, the world's size) when this
+    /// process is one of the ranks a parent test started; None otherwise
+    /// (the ignored `rank_*` test has nothing to do outside mpirun).
+    fn as_rank() -> Option<(Arc<dyn Communicator>, usize, usize)> {
+        std::env::var_os("GIF_FR_MPI_CHILD").is_some().then(|| {
+            let c: Arc<dyn Communicator> = Arc::new(Mpi::init().unwrap());
+            let (r, w) = (c.rank(), c.world());
+            (c, r, w)
+        })
     }
 
     /// `mpirun -np w` of this binary running the ignored test `name`; None
@@ -282,8 +286,7 @@ mod mpi_ranks {
     #[test]
     #[ignore = "one rank of collectives_on_ranks"]
     fn rank_collectives() {
-        let Some(c) = as_rank() else { return };
-        let (r, w) = (c.rank(), c.world());
+        let Some((c, r, w)) = as_rank() else { return };
         let rf = r as f32;
         // Sums and maxima of values that differ per rank.
         let mut x: Vec<f32> = (0..5).map(|i| rf * 10.0 + i as f32).collect();
@@ -337,8 +340,8 @@ mod mpi_ranks {
         assert_eq!((s.reduce_scatters, s.reduce_scatter_bytes), (1, 4 * 2 * w as u64));
         // Agreement checks: the same value passes; a value that differs on
         // the last rank fails on every rank, naming it.
-        check_same(&c, "a setting", 42).unwrap();
-        let e = check_same(&c, "a setting", if r == w - 1 { 7 } else { 42 }).unwrap_err().to_string();
+        check_same(c.as_ref(), "a setting", 42).unwrap();
+        let e = check_same(c.as_ref(), "a setting", if r == w - 1 { 7 } else { 42 }).unwrap_err().to_string();
         assert!(e.contains(&format!("rank(s) [{}]", w - 1)) && e.contains(&format!("rank {r} of {w}")), "{e}");
         println!("rank {r} of {w} ok");
     }
@@ -397,9 +400,7 @@ mod mpi_ranks {
     #[test]
     #[ignore = "one rank of data_parallel_steps_on_ranks"]
     fn rank_data_parallel_steps() {
-        let Some(comm) = as_rank() else { return };
-        let comm: Arc<dyn Communicator> = Arc::new(comm);
-        let (r, w) = (comm.rank(), comm.world());
+        let Some((comm, r, w)) = as_rank() else { return };
         for kind in ["gif", "arcface"] {
             // Each rank starts from its own seed; rank 0's weights win.
             let mut dp = trainer(kind, 5 + r as u64, 1, 0.05);
@@ -488,9 +489,7 @@ mod mpi_ranks {
     #[ignore = "one rank of model_parallel_training_on_ranks"]
     fn rank_model_parallel_steps() {
         use gif_fr::distributed::{shard_range, ModelParallelHead};
-        let Some(comm) = as_rank() else { return };
-        let comm: Arc<dyn Communicator> = Arc::new(comm);
-        let (r, w) = (comm.rank(), comm.world());
+        let Some((comm, r, w)) = as_rank() else { return };
         let (dev, d, n) = (Device::cpu(), net().embedding, 10);
         // The reference: one process accumulating the W ranks' micro-batches.
         let mut reference = trainer("arcface", 5, w, 0.05);
@@ -597,15 +596,14 @@ mod mpi_ranks {
     #[ignore = "one rank of model_parallel_heads_on_ranks"]
     fn rank_model_parallel() {
         use gif_fr::distributed::ModelParallelHead;
-        let Some(c) = as_rank() else { return };
-        let (r, w) = (c.rank(), c.world());
-        let summary = super::check_model_parallel(&c);
+        let Some((c, r, w)) = as_rank() else { return };
+        let summary = super::check_model_parallel(c.as_ref());
         println!("rank {r} of {w}: {summary}");
         // Ranks with different batch sizes: an error on every rank.
-        let head = ModelParallelHead::new(SoftmaxHeadConfig::new(4, 7), &c, None, 1).unwrap();
+        let head = ModelParallelHead::new(SoftmaxHeadConfig::new(4, 7), c.as_ref(), None, 1).unwrap();
         let b = if r == 0 { 3 } else { 2 };
         let x = Tensor::from_slice(&Device::cpu(), &[b, 4], &vec![0.5f32; 4 * b]).unwrap();
-        let e = head.forward_backward(&c, &x, &vec![1; b], 0).unwrap_err().to_string();
+        let e = head.forward_backward(c.as_ref(), &x, &vec![1; b], 0).unwrap_err().to_string();
         assert!(e.contains("equal batches"), "{e}");
         println!("rank {r} of {w} ok");
     }
@@ -692,9 +690,7 @@ mod mpi_ranks {
     #[test]
     #[ignore = "one rank of mismatched_ranks_fail_on_every_rank"]
     fn rank_mismatch() {
-        let Some(comm) = as_rank() else { return };
-        let comm: Arc<dyn Communicator> = Arc::new(comm);
-        let (r, w) = (comm.rank(), comm.world());
+        let Some((comm, r, w)) = as_rank() else { return };
         // The last rank was given another learning rate.
         let mut t = trainer("gif", 5, 1, if r == w - 1 { 0.1 } else { 0.05 });
         let e = t.set_communicator(comm.clone()).unwrap_err();
@@ -734,8 +730,7 @@ mod mpi_ranks {
     #[test]
     #[ignore = "one rank of a_rank_that_hangs_or_dies_ends_the_job"]
     fn rank_hangs() {
-        let Some(c) = as_rank() else { return };
-        let (r, w) = (c.rank(), c.world());
+        let Some((c, r, w)) = as_rank() else { return };
         if r == w - 1 {
             std::thread::sleep(Duration::from_secs(60));
             return;
@@ -754,8 +749,7 @@ mod mpi_ranks {
     #[test]
     #[ignore = "one rank of a_rank_that_hangs_or_dies_ends_the_job"]
     fn rank_dies() {
-        let Some(c) = as_rank() else { return };
-        let (r, w) = (c.rank(), c.world());
+        let Some((c, r, w)) = as_rank() else { return };
         if r == w - 1 {
             std::process::exit(3);
         }

@@ -75,7 +75,6 @@ pub struct ModelParallelHead {
     shard: Range<usize>,
     rank: usize,
     world: usize,
-    seed: Option<u64>,
     local: Local,
 }
 
@@ -148,8 +147,7 @@ impl ModelParallelHead {
             None => Local::Full(head),
             Some(rate) => Local::Partial(PartialFc::new(head, rate, shard_seed(seed, shard.start))?),
         };
-        let seed = sample_rate.map(|_| seed);
-        Ok(ModelParallelHead { cfg, shard, rank: comm.rank(), world: comm.world(), seed, local })
+        Ok(ModelParallelHead { cfg, shard, rank: comm.rank(), world: comm.world(), local })
     }
 
     /// The settings (N: all ranks' classes).
@@ -176,9 +174,13 @@ impl ModelParallelHead {
         }
     }
     /// Partial FC's seed as given (each shard samples with
-    /// [`shard_seed`] of it; None: the full head).
+    /// [`shard_seed`] of it, which is its own inverse; None: the full
+    /// head).
     pub fn seed(&self) -> Option<u64> {
-        self.seed
+        match &self.local {
+            Local::Full(_) => None,
+            Local::Partial(p) => Some(shard_seed(p.seed(), self.shard.start)),
+        }
     }
     fn head(&self) -> &SoftmaxHead {
         match &self.local {
@@ -350,7 +352,8 @@ impl ModelParallelHead {
 
 /// The seed of a shard's draws (its random centres, Partial FC's sample):
 /// the user's seed mixed with the shard's first class, so shards differ (a
-/// shard starting at class 0 uses the seed itself).
+/// shard starting at class 0 uses the seed itself). Its own inverse:
+/// `shard_seed(shard_seed(s, start), start) == s`.
 pub fn shard_seed(seed: u64, start: usize) -> u64 {
     seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
