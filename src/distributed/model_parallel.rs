@@ -286,7 +286,8 @@ impl ModelParallelHead {
         let map = sampled.as_deref();
         let (u, norms) = cpu::normalize_rows(&x, d);
         let inv = cpu::inv_norms(&wv, map, d, k);
-        let mut logits = vec![0f32; rows * crate::head::softmax_head::CPU_CHUNK.min(k)];
+        let chunk = rows.checked_mul(crate::head::softmax_head::CPU_CHUNK.min(k));
+        let mut logits = vec![0f32; chunk.ok_or_else(|| Error::invalid(OP, "W·B·chunk overflows"))?];
         let pass = cpu::Pass { cfg, x: &x, u: &u, w: &wv, rows: map, inv: &inv, n: k, targets: &targets };
         let state = pass.forward(&mut logits);
         let angles = pass.target_angles();
@@ -303,7 +304,7 @@ impl ModelParallelHead {
             .zip(&angles)
             .map(|((st, &t), a)| (t >= 0).then(|| cpu::target_of(cfg, st.target_c, a.as_ref())))
             .collect();
-        let mut sums = vec![0f32; 3 * rows];
+        let mut sums = vec![0f32; rows.checked_mul(3).ok_or_else(|| Error::invalid(OP, "3·W·B overflows"))?];
         for (i, st) in state.iter().enumerate() {
             sums[i] = if st.max.is_nan() {
                 f32::NAN
@@ -332,6 +333,8 @@ impl ModelParallelHead {
             .collect();
         let loss = rowv.iter().map(|r| r.loss).sum::<f64>() / rows as f64;
         let accuracy = rowv.iter().filter(|r| r.hit).count() as f64 / rows as f64;
+        // k ≤ the shard's classes, whose k·d the constructor checked; b·d ≤
+        // W·B·d, checked above.
         let mut dw = vec![0f32; k * d];
         let mut du = pass.backward(&rowv, &mut logits, &mut dw);
         pass.add_singular(&rowv, &angles, &mut du, &mut dw);
