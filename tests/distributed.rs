@@ -94,6 +94,66 @@ fn tensors_of_another_dtype_are_refused() {
     assert!(matches!(c.all_reduce_tensors(&mut [&mut t], 1.0, 64), Err(gif_fr::Error::DType { .. })));
 }
 
+#[test]
+fn the_overlapped_reducer_sends_full_buckets_at_once_and_writes_the_sums_back() {
+    use gif_fr::distributed::OverlappedReducer;
+    use std::collections::BTreeMap;
+    let dev = Device::cpu();
+    let comm: std::sync::Arc<dyn Communicator> = std::sync::Arc::new(SingleProcess::new());
+    // 4 KiB buckets (1,024 f32): [300 + 700] goes when 50 would overflow
+    // it, [50] when 2,000 would, [2,000] at once (over a bucket alone),
+    // [10] at the end of the step.
+    let sizes = [("a", 300), ("b", 700), ("c", 50), ("d", 2000), ("e", 10)];
+    let grads: Vec<(&str, Tensor)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &(n, len))| {
+            let v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37 + k as f32).sin()).collect();
+            (n, Tensor::from_slice(&dev, &[len], &v).unwrap())
+        })
+        .collect();
+    let mut red = OverlappedReducer::new(comm.clone(), 4096).unwrap();
+    for step in 0..2 {
+        for (name, g) in &grads {
+            red.ready(name, g).unwrap();
+        }
+        red.end_backward();
+        // The sums land in the tensors given to finish (fresh zeros here),
+        // times the scale.
+        let mut out: Vec<(&str, Tensor)> =
+            sizes.iter().map(|&(n, len)| (n, Tensor::zeros(&dev, &[len], DType::F32).unwrap())).collect();
+        let mut map: BTreeMap<&str, &mut Tensor> = out.iter_mut().map(|(n, t)| (*n, t)).collect();
+        red.finish(&mut map, 0.5).unwrap();
+        for ((name, g), (_, o)) in grads.iter().zip(&out) {
+            let want: Vec<f32> = g.to_f32_vec().unwrap().iter().map(|x| x * 0.5).collect();
+            assert_eq!(o.to_f32_vec().unwrap(), want, "{name}, step {step}");
+        }
+        let st = red.stats();
+        assert_eq!((st.buckets, st.during_backward), (4, 3), "step {step}: {st:?}");
+    }
+    let total: usize = sizes.iter().map(|s| s.1).sum();
+    assert_eq!(comm.stats().all_reduces, 8);
+    assert_eq!(comm.stats().all_reduce_bytes, 2 * 4 * total as u64);
+    // A gradient handed in twice, one never handed in, one handed in
+    // without a tensor, another dtype: typed errors, and the next step
+    // starts clean.
+    red.ready("a", &grads[0].1).unwrap();
+    let twice = red.ready("a", &grads[0].1).unwrap_err().to_string();
+    assert!(twice.contains("handed in twice"), "{twice}");
+    let mut extra = Tensor::zeros(&dev, &[700], DType::F32).unwrap();
+    let mut a = Tensor::zeros(&dev, &[300], DType::F32).unwrap();
+    let mut map: BTreeMap<&str, &mut Tensor> = BTreeMap::from([("a", &mut a), ("b", &mut extra)]);
+    let missing = red.finish(&mut map, 1.0).unwrap_err().to_string();
+    assert!(missing.contains("gradient b was not handed in"), "{missing}");
+    red.ready("b", &grads[1].1).unwrap();
+    let mut map: BTreeMap<&str, &mut Tensor> = BTreeMap::from([("a", &mut a)]);
+    let orphan = red.finish(&mut map, 1.0).unwrap_err().to_string();
+    assert!(orphan.contains("gradient b was reduced but has no tensor"), "{orphan}");
+    let half = Tensor::zeros(&dev, &[4], DType::BF16).unwrap();
+    assert!(matches!(red.ready("h", &half), Err(gif_fr::Error::DType { .. })));
+    assert!(!red.in_progress());
+}
+
 const SETUP: gif_fr::distributed::cost::Setup = gif_fr::distributed::cost::Setup {
     world: 8,
     batch: 128,
@@ -401,23 +461,43 @@ mod mpi_ranks {
     #[ignore = "one rank of data_parallel_steps_on_ranks"]
     fn rank_data_parallel_steps() {
         let Some((comm, r, w)) = as_rank() else { return };
-        for kind in ["gif", "arcface"] {
+        // The gradients' all-reduce overlapping the backward in 4 KiB
+        // buckets (several per step), or after the backward; `acc`
+        // micro-batches a rank and step (the overlap on the last).
+        let mut runs: Vec<(&str, usize, u64)> = Vec::new();
+        let configs = [("gif", true, 1), ("arcface", true, 1), ("gif", false, 1), ("gif", false, 2), ("gif", true, 2)];
+        for (kind, overlap, acc) in configs {
             // Each rank starts from its own seed; rank 0's weights win.
-            let mut dp = trainer(kind, 5 + r as u64, 1, 0.05);
+            let mut dp = trainer(kind, 5 + r as u64, acc, 0.05);
             dp.set_communicator(comm.clone()).unwrap();
-            let reference = (r == 0).then(|| trainer(kind, 5, w, 0.05));
+            dp.set_overlap(overlap, 4096);
+            let reference = (r == 0).then(|| trainer(kind, 5, w * acc, 0.05));
             let mut reference = reference;
             let before = comm.stats();
             for step in 0..2 {
-                let (images, labels) = batch(step, r);
-                assert!(dp.step(&images, &labels).unwrap(), "every data-parallel micro-batch ends a step");
+                for j in 0..acc {
+                    let (images, labels) = batch(step, r * acc + j);
+                    let stepped = dp.step(&images, &labels).unwrap();
+                    assert_eq!(stepped, j + 1 == acc, "a step ends with the rank's last micro-batch");
+                }
                 if let Some(t) = reference.as_mut() {
                     // One process, the W ranks' micro-batches accumulated.
-                    for k in 0..w {
+                    for k in 0..w * acc {
                         let (images, labels) = batch(step, k);
                         t.step(&images, &labels).unwrap();
                     }
                 }
+            }
+            match dp.overlap_stats() {
+                Some(o) => {
+                    assert!(overlap, "{kind}: overlapped while told not to");
+                    // Every full bucket left during the backward; only the
+                    // last, partial one (if any) at its end.
+                    assert!(o.buckets > 2 && o.buckets - o.during_backward <= 1, "{kind}: {o:?}");
+                    assert!(o.exposed >= 0.0 && o.communication > 0.0, "{kind}: {o:?}");
+                    println!("{kind}: {} buckets, {} sent during the backward", o.buckets, o.during_backward);
+                }
+                None => assert!(!overlap, "{kind}: no overlap on CPU ranks"),
             }
             // Each step all-reduced every trainable parameter's gradient
             // once, f32 (docs/distributed.md's 4 · P bytes a step).
@@ -440,9 +520,9 @@ mod mpi_ranks {
                 assert_eq!(moved, 2 * model.all_reduce_bytes, "the cost model's all-reduced bytes");
                 let c = comm.stats();
                 assert_eq!(
-                    (c.all_gather_bytes, c.reduce_scatter_bytes),
-                    (8, 0),
-                    "only the configuration check gathered"
+                    (c.all_gather_bytes - before.all_gather_bytes, c.reduce_scatter_bytes),
+                    (0, 0),
+                    "the steps gathered and scattered nothing"
                 );
             }
             // Every rank holds the same parameters, bit for bit …
@@ -453,6 +533,16 @@ mod mpi_ranks {
                 .flat_map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()))
                 .collect();
             check_same(comm.as_ref(), "the parameters after two steps", distributed::fingerprint(&bits)).unwrap();
+            // … and, on two ranks (where every reduction order gives a + b),
+            // the same with the all-reduce overlapped or not.
+            let fp = distributed::fingerprint(&bits);
+            match runs.iter().find(|(k, a, _)| *k == kind && *a == acc) {
+                Some(&(_, _, other)) if w == 2 => {
+                    assert_eq!(fp, other, "{kind}, acc {acc}: overlap changed the result")
+                }
+                Some(_) => {}
+                None => runs.push((kind, acc, fp)),
+            }
             // … equal to the single process's up to summation order (the
             // ranks' gradients are summed by MPI, the accumulation adds
             // them one by one). Running statistics are per rank (each saw
@@ -471,7 +561,12 @@ mod mpi_ranks {
                     }
                 }
                 assert!(moved > 1e-3, "{kind}: the steps moved the weights ({moved})");
-                assert!(worst < 2e-5, "{kind}: {w} ranks vs one process accumulating: max |Δ| / max |w| = {worst}");
+                // One micro-batch a rank: MPI's sum of W gradients against
+                // W adds one by one, measured bit-equal. Two: the ranks add
+                // pairs, then MPI sums the pairs; measured 3.9e-5 on 3 ranks
+                // (BatchNorm biases a few 1e-3 large).
+                let bound = if acc == 1 { 2e-5 } else { 1e-4 };
+                assert!(worst < bound, "{kind}: {w} ranks vs one process accumulating: max |Δ| / max |w| = {worst}");
                 println!(
                     "{kind}: {w} ranks vs one process: max |Δ| / max |w| = {worst:.1e} (the steps moved {moved:.2})"
                 );

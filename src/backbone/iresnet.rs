@@ -748,7 +748,7 @@ impl IResNet {
     /// with [`IResNet::backward_into`]).
     pub fn backward(&mut self, d_emb: &Tensor) -> Result<BTreeMap<String, Tensor>> {
         let mut grads = BTreeMap::new();
-        self.backward_merge("IResNet::backward", d_emb, &mut grads, false)?;
+        self.backward_merge("IResNet::backward", d_emb, &mut grads, false, None)?;
         Ok(grads)
     }
 
@@ -760,7 +760,7 @@ impl IResNet {
     /// them). No host synchronization; after the first step at a batch size,
     /// no allocation.
     pub fn backward_into(&mut self, d_emb: &Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
-        self.backward_merge("IResNet::backward_into", d_emb, grads, false)
+        self.backward_merge("IResNet::backward_into", d_emb, grads, false, None)
     }
 
     /// [`IResNet::backward_into`] adding each gradient to the tensor of its
@@ -775,7 +775,29 @@ impl IResNet {
         if let Some((name, _)) = self.params_mut().iter().find(|(name, _)| !grads.contains_key(name)) {
             return Err(Error::invalid(OP, format!("no gradient buffer for {name} to add to")));
         }
-        self.backward_merge(OP, d_emb, grads, true)
+        self.backward_merge(OP, d_emb, grads, true, None)
+    }
+
+    /// [`IResNet::backward_into`] (`accumulate` false) or
+    /// [`IResNet::backward_accumulate`] (true) that calls `ready(name,
+    /// gradient)` as soon as each gradient is final, last layer first (the
+    /// same order on every call): what data-parallel training overlaps its
+    /// all-reduce with ([`crate::distributed::OverlappedReducer`]). An
+    /// error from `ready` stops the backward and is returned.
+    pub fn backward_notify(
+        &mut self,
+        d_emb: &Tensor,
+        grads: &mut BTreeMap<String, Tensor>,
+        accumulate: bool,
+        ready: &mut GradReady<'_>,
+    ) -> Result<()> {
+        const OP: &str = "IResNet::backward_notify";
+        if accumulate {
+            if let Some((name, _)) = self.params_mut().iter().find(|(name, _)| !grads.contains_key(name)) {
+                return Err(Error::invalid(OP, format!("no gradient buffer for {name} to add to")));
+            }
+        }
+        self.backward_merge(OP, d_emb, grads, accumulate, Some(ready))
     }
 
     fn backward_merge(
@@ -784,6 +806,7 @@ impl IResNet {
         d_emb: &Tensor,
         grads: &mut BTreeMap<String, Tensor>,
         accumulate: bool,
+        ready: Option<&mut GradReady<'_>>,
     ) -> Result<()> {
         let Some(cache) = self.cache.as_ref() else {
             return Err(Error::invalid(op, "no activations to differentiate: call forward (not infer) first"));
@@ -807,11 +830,11 @@ impl IResNet {
         }
         // A failure past the checks (a device error) leaves buffers out of
         // the pool's account: start over.
-        let mut sink = Sink { grads, accumulate, dev: self.device.clone() };
+        let mut sink = Sink { grads, accumulate, dev: self.device.clone(), ready };
         self.backward_run(d_emb, &mut sink).inspect_err(|_| self.release_buffers())
     }
 
-    fn backward_run(&mut self, d_emb: &Tensor, g: &mut Sink<'_>) -> Result<()> {
+    fn backward_run(&mut self, d_emb: &Tensor, g: &mut Sink<'_, '_>) -> Result<()> {
         const OP: &str = "IResNet::backward";
         let cache = self.cache.as_ref().ok_or_else(|| Error::invalid(OP, "no activations"))?;
         let b = cache.batch;
@@ -879,13 +902,19 @@ impl IResNet {
 /// rounding as a separate add) writes straight in either way. The
 /// convolutions could add in place too, but their kernels add split
 /// partial sums, which rounds differently from adding the whole gradient.
-struct Sink<'a> {
+struct Sink<'a, 'r> {
     grads: &'a mut BTreeMap<String, Tensor>,
     accumulate: bool,
     dev: Device,
+    /// Told each gradient's name and value once final.
+    ready: Option<&'a mut GradReady<'r>>,
 }
 
-impl Sink<'_> {
+/// The hook of [`IResNet::backward_notify`]: a gradient's name and value,
+/// final for this backward.
+pub type GradReady<'r> = dyn FnMut(&str, &Tensor) -> Result<()> + 'r;
+
+impl Sink<'_, '_> {
     /// Runs `f` on the buffers of the gradients `names` (of `shapes`);
     /// `in_place`: `f` can add onto them, which it is told to do by its
     /// bool.
@@ -924,7 +953,12 @@ impl Sink<'_> {
                 }
                 pool.give(t);
             } else {
-                self.grads.insert(name, t);
+                self.grads.insert(name.clone(), t);
+            }
+            if r.is_ok() {
+                if let (Some(ready), Some(g)) = (self.ready.as_mut(), self.grads.get(&name)) {
+                    r = ready(&name, g);
+                }
             }
         }
         r
@@ -1024,7 +1058,7 @@ fn block_backward(
     pool: &mut Pool,
     b: usize,
     d_out: &Tensor,
-    g: &mut Sink<'_>,
+    g: &mut Sink<'_, '_>,
     dt: DType,
 ) -> Result<Tensor> {
     let p = &blk.prefix;

@@ -18,7 +18,7 @@ pub use conv::{
     ConvShape,
 };
 pub use inference::{FoldedIResNet, Kernels, Winograd};
-pub use iresnet::{IResNet, IResNetConfig};
+pub use iresnet::{GradReady, IResNet, IResNetConfig};
 pub use norm::{
     add, add_assign, bias_add, column_sums, prelu, prelu_backward, prelu_backward_into, prelu_into, BatchNorm, BnCache,
     BnGrads, Dropout,

@@ -38,10 +38,12 @@ pub mod model_parallel;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod nccl;
+pub mod overlap;
 pub use self::model_parallel::{shard_range, shard_seed, ModelParallelHead, ModelParallelStep};
 #[cfg(feature = "mpi")]
 pub use self::mpi::Mpi;
 pub use self::nccl::Nccl;
+pub use self::overlap::{OverlapStats, OverlappedReducer};
 
 /// The reduction of an all-reduce or reduce-scatter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -62,7 +62,7 @@ use std::sync::Arc;
 
 use crate::backbone::norm::add_assign;
 use crate::backbone::IResNet;
-use crate::distributed::{self, Communicator, ModelParallelHead, ModelParallelStep};
+use crate::distributed::{self, Communicator, ModelParallelHead, ModelParallelStep, OverlapStats, OverlappedReducer};
 use crate::error::{Error, Result};
 use crate::head::{
     CodeHead, CodeTable, HeadGrads, HeadMetrics, PartialFc, PfcGrads, SoftmaxGrads, SoftmaxHead, SoftmaxMetrics,
@@ -240,6 +240,9 @@ pub struct StepProfile {
     pub head: Vec<f64>,
     /// The backbone's backward.
     pub backward: Vec<f64>,
+    /// The gradients' all-reduce on several ranks (one per optimizer step):
+    /// what of it the overlap with the backward left to wait for.
+    pub communication: Vec<f64>,
     /// The optimizer step (backbone and head together).
     pub optimizer: Vec<f64>,
     /// The whole micro-batch, from the call to its return.
@@ -310,6 +313,56 @@ pub(crate) enum HeadState {
     },
 }
 
+impl HeadState {
+    /// The features' gradient of the micro-batch just computed (`first`:
+    /// the first of its step, written into the accumulator).
+    fn features_grad(&self, first: bool) -> Result<&Tensor> {
+        let missing = || Error::invalid("Trainer::step", "no features' gradient (internal error)");
+        match self {
+            HeadState::Code { acc, scratch, .. } => {
+                let g = if first { acc.as_ref() } else { scratch.as_ref() };
+                g.map(|g| &g.features).ok_or_else(missing)
+            }
+            HeadState::Softmax { acc, scratch, .. } => {
+                let g = if first { acc.as_ref() } else { scratch.as_ref() };
+                g.map(|g| &g.features).ok_or_else(missing)
+            }
+            HeadState::PartialFc { step, .. } => step.as_ref().map(|g| &g.grads.features).ok_or_else(missing),
+            HeadState::ModelParallel { step, .. } => step.as_ref().map(|s| &s.features).ok_or_else(missing),
+        }
+    }
+
+    /// The head's accumulated gradients that data parallelism sums over
+    /// ranks, named (none for a model-parallel head: each rank's shard is
+    /// its own).
+    fn reduced_grads(&self) -> Vec<(&'static str, &Tensor)> {
+        match self {
+            HeadState::Code { acc: Some(g), .. } => {
+                let mut v = vec![("head.centres", &g.centres)];
+                v.extend(g.projections.as_ref().map(|p| ("head.projections", p)));
+                v
+            }
+            HeadState::Softmax { acc: Some(g), .. } => vec![("head.centres", &g.centres)],
+            HeadState::PartialFc { dense, .. } => vec![("head.centres", dense)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// [`HeadState::reduced_grads`], mutably.
+    fn reduced_grads_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        match self {
+            HeadState::Code { acc: Some(g), .. } => {
+                let mut v = vec![("head.centres", &mut g.centres)];
+                v.extend(g.projections.as_mut().map(|p| ("head.projections", p)));
+                v
+            }
+            HeadState::Softmax { acc: Some(g), .. } => vec![("head.centres", &mut g.centres)],
+            HeadState::PartialFc { dense, .. } => vec![("head.centres", dense)],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// A backbone and a head in training (see the module documentation).
 pub struct Trainer {
     pub(crate) cfg: TrainerConfig,
@@ -328,6 +381,12 @@ pub struct Trainer {
     profile: Option<StepProfile>,
     /// The ranks this trainer's gradients are averaged across (None: one).
     comm: Option<Arc<dyn Communicator>>,
+    /// The gradients' all-reduce overlapping the backward (host gradients
+    /// on several ranks), created at the first step that uses it.
+    overlap: Option<OverlappedReducer>,
+    /// Whether to overlap, and the buckets' size in bytes.
+    overlap_on: bool,
+    bucket_bytes: usize,
 }
 
 const OP: &str = "Trainer::step";
@@ -384,6 +443,9 @@ impl Trainer {
             last_lr: 0.0,
             profile: None,
             comm: None,
+            overlap: None,
+            overlap_on: true,
+            bucket_bytes: distributed::BUCKET_BYTES,
         })
     }
 
@@ -475,7 +537,34 @@ impl Trainer {
             }
         }
         self.comm = Some(comm);
+        self.overlap = None;
         Ok(())
+    }
+
+    /// Whether the gradients' all-reduce overlaps the backward (DDP's
+    /// default; on by default here too), and the size of its buckets in
+    /// bytes (`distributed::BUCKET_BYTES` by default, the `bucket_cap_mb`
+    /// arcface_torch gives DDP). The overlap applies to gradients on the
+    /// host (CPU ranks, [`OverlappedReducer`]); a GPU's gradients are
+    /// all-reduced after the backward, in buckets of the same size. A
+    /// collective setting: every rank must choose the same.
+    pub fn set_overlap(&mut self, on: bool, bucket_bytes: usize) {
+        self.overlap_on = on;
+        self.bucket_bytes = bucket_bytes.max(4);
+        self.overlap = None;
+    }
+
+    /// What the last optimizer step's overlapped all-reduce achieved (None
+    /// when it did not overlap: one rank, a GPU, or overlap turned off).
+    pub fn overlap_stats(&self) -> Option<OverlapStats> {
+        self.overlap.as_ref().map(|o| o.stats())
+    }
+
+    /// Whether this step's gradients go through the overlapped reducer.
+    fn overlapping(&self) -> bool {
+        self.overlap_on
+            && !self.backbone.device().runs_kernels()
+            && self.comm.as_ref().is_some_and(|c| c.world() > 1 && c.backend() != "nccl")
     }
 
     /// The communicator, when training data-parallel.
@@ -572,6 +661,13 @@ impl Trainer {
             Some(t) if t.shape()[0] == b => {}
             _ => self.emb = Some(Tensor::empty(&dev, &[b, e], DType::F32)?),
         }
+        // The step's last micro-batch all-reduces its gradients as the
+        // backward finishes them, when overlapping.
+        let overlap = self.overlapping() && (self.micro + 1).is_multiple_of(self.cfg.gradient_acc as u64);
+        if overlap && self.overlap.is_none() {
+            let comm = self.comm.clone().ok_or_else(|| Error::invalid(OP, "no communicator (internal error)"))?;
+            self.overlap = Some(OverlappedReducer::new(comm, self.bucket_bytes)?);
+        }
         let Trainer {
             backbone,
             head,
@@ -582,6 +678,7 @@ impl Trainer {
             profile,
             comm,
             micro,
+            overlap: reducer,
             ..
         } = self
         else {
@@ -591,13 +688,12 @@ impl Trainer {
         lap(profile, &mut clock, |p| &mut p.forward)?;
         let emb = &*emb;
         let d = head.dim();
-        let d_emb: &Tensor = match (state, &*head) {
+        match (&mut *state, &*head) {
             (HeadState::Code { acc, scratch, metrics }, TrainHead::Code { head, table }) => {
                 let fresh = || HeadGrads::new(head, b);
                 let acc = sized(acc, fresh, b, d)?;
                 if first {
                     head.forward_backward_into(emb, labels, table, acc, metrics)?;
-                    &acc.features
                 } else {
                     let sc = sized(scratch, fresh, b, d)?;
                     head.forward_backward_into(emb, labels, table, sc, metrics)?;
@@ -605,7 +701,6 @@ impl Trainer {
                     if let (Some(a), Some(g)) = (acc.projections.as_mut(), sc.projections.as_ref()) {
                         add_assign(a, g)?;
                     }
-                    &sc.features
                 }
             }
             (HeadState::Softmax { acc, scratch, metrics }, TrainHead::Softmax(h)) => {
@@ -614,12 +709,10 @@ impl Trainer {
                 let acc = sized(acc, fresh, b, d)?;
                 if first {
                     h.forward_backward_into(emb, labels, acc, metrics)?;
-                    &acc.features
                 } else {
                     let sc = sized(scratch, fresh, b, d)?;
                     h.forward_backward_into(emb, labels, sc, metrics)?;
                     add_assign(&mut acc.centres, &sc.centres)?;
-                    &sc.features
                 }
             }
             (HeadState::PartialFc { dense, step, metrics }, TrainHead::PartialFc(p)) => {
@@ -632,7 +725,6 @@ impl Trainer {
                     dense.fill_zeros()?;
                 }
                 crate::ops::rows::axpy_sampled_rows(dense, g.sampled(), &g.grads.centres, 1.0)?;
-                &g.grads.features
             }
             (HeadState::ModelParallel { dense, step }, TrainHead::ModelParallel(h)) => {
                 let Some(comm) = comm.as_ref() else {
@@ -652,15 +744,28 @@ impl Trainer {
                     }
                     None => add_assign(dense, &out.centres)?,
                 }
-                &out.features
             }
             _ => return Err(Error::invalid(OP, "head state of another head (internal error)")),
-        };
+        }
+        let state = &*state;
+        let d_emb = state.features_grad(first)?;
         lap(profile, &mut clock, |p| &mut p.head)?;
-        if first {
-            backbone.backward_into(d_emb, backbone_grads)?;
-        } else {
-            backbone.backward_accumulate(d_emb, backbone_grads)?;
+        match reducer.as_mut().filter(|_| overlap) {
+            Some(r) => {
+                // The head's gradients are final already: they lead.
+                let run = state.reduced_grads().into_iter().try_for_each(|(name, g)| r.ready(name, g)).and_then(|()| {
+                    backbone.backward_notify(d_emb, backbone_grads, !first, &mut |name, g| r.ready(name, g))
+                });
+                r.end_backward();
+                if let Err(e) = run {
+                    // Buckets may be in flight: the reducer waits for them
+                    // as it is dropped; the next step starts a fresh one.
+                    *reducer = None;
+                    return Err(e);
+                }
+            }
+            None if first => backbone.backward_into(d_emb, backbone_grads)?,
+            None => backbone.backward_accumulate(d_emb, backbone_grads)?,
         }
         lap(profile, &mut clock, |p| &mut p.backward)?;
         let t = self.micro;
@@ -668,6 +773,10 @@ impl Trainer {
         let stepped = self.micro.is_multiple_of(self.cfg.gradient_acc as u64);
         if stepped {
             let lr = self.cfg.schedule.lr(t);
+            self.reduce()?;
+            if self.comm.as_ref().is_some_and(|c| c.world() > 1) {
+                lap(&mut self.profile, &mut clock, |p| &mut p.communication)?;
+            }
             self.apply(lr)?;
             lap(&mut self.profile, &mut clock, |p| &mut p.optimizer)?;
         }
@@ -677,30 +786,33 @@ impl Trainer {
         Ok(stepped)
     }
 
-    /// The optimizer step over the accumulated gradients.
+    /// Sums the accumulated gradients over the ranks (data parallelism):
+    /// waits for the buckets the backward sent, or all-reduces them now.
+    fn reduce(&mut self) -> Result<()> {
+        let Trainer { state, backbone_grads, comm, overlap, bucket_bytes, .. } = self;
+        if let Some(r) = overlap.as_mut().filter(|r| r.in_progress()) {
+            // The buckets sent during the backward: wait, write the sums.
+            let mut grads: BTreeMap<&str, &mut Tensor> =
+                backbone_grads.iter_mut().map(|(n, t)| (n.as_str(), t)).collect();
+            grads.extend(state.reduced_grads_mut());
+            r.finish(&mut grads, 1.0)?;
+        } else if let Some(comm) = comm.as_ref().filter(|c| c.world() > 1) {
+            // The sum over ranks; the step's scale makes it the mean.
+            let mut grads: Vec<&mut Tensor> = backbone_grads.values_mut().collect();
+            grads.extend(state.reduced_grads_mut().into_iter().map(|(_, t)| t));
+            comm.all_reduce_tensors(&mut grads, 1.0, *bucket_bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer step over the accumulated (and reduced) gradients.
     fn apply(&mut self, lr: f64) -> Result<()> {
         // A model-parallel head's loss is already the mean over every rank's
         // rows: its gradients are summed over ranks, not averaged.
         let sharded = matches!(self.head, TrainHead::ModelParallel(_));
         let world = if sharded { 1 } else { self.comm.as_ref().map_or(1, |c| c.world()) };
         let scale = 1.0 / (self.cfg.gradient_acc as f32 * world as f32);
-        let Trainer { backbone, head, state, backbone_grads, optimizer, comm, .. } = self;
-        if let Some(comm) = comm.as_ref().filter(|c| c.world() > 1) {
-            // The sum over ranks; the step's scale makes it the mean.
-            let mut grads: Vec<&mut Tensor> = backbone_grads.values_mut().collect();
-            match state {
-                HeadState::Code { acc: Some(g), .. } => {
-                    grads.push(&mut g.centres);
-                    grads.extend(g.projections.as_mut());
-                }
-                HeadState::Softmax { acc: Some(g), .. } => grads.push(&mut g.centres),
-                HeadState::PartialFc { dense, .. } => grads.push(dense),
-                // Each rank's own rows: nothing to sum.
-                HeadState::ModelParallel { .. } => {}
-                _ => return Err(Error::invalid(OP, "no head gradient (internal error)")),
-            }
-            comm.all_reduce_tensors(&mut grads, 1.0, distributed::BUCKET_BYTES)?;
-        }
+        let Trainer { backbone, head, state, backbone_grads, optimizer, .. } = self;
         let head_refs: Vec<ParamRef<'_>> = match (state, head) {
             (HeadState::Code { acc: Some(g), .. }, TrainHead::Code { head, .. }) => head.param_refs(g)?,
             (HeadState::Softmax { acc: Some(g), .. }, TrainHead::Softmax(h)) => h.param_refs(g)?,

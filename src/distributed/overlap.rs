@@ -1,0 +1,271 @@
+//! Gradients all-reduced while the backward goes on: PyTorch DDP's
+//! overlap, for gradients that live on the host (CPU ranks).
+//!
+//! The backward finishes the gradients last layer first. An
+//! [`OverlappedReducer`] takes each one as it is final
+//! ([`OverlappedReducer::ready`]), copies it into the bucket being filled,
+//! and hands every full bucket (`bucket_bytes`, DDP's `bucket_cap_mb`) to a
+//! thread of its own that all-reduces it on the communicator while the
+//! backward computes the layers before. [`OverlappedReducer::finish`] sends
+//! the last, partial bucket, waits for them all, and writes the sums back
+//! into the gradient tensors: only the tail of the communication is left on
+//! the step's critical path.
+//!
+//! Every rank must call `ready` with the same names, sizes and order (the
+//! backward's order is fixed by the network, which the trainer's
+//! configuration check makes equal on every rank), so that the ranks' k-th
+//! buckets match; and no other collective may run on the communicator
+//! between the first `ready` and `finish` (the buckets' collectives would
+//! interleave with it in a different order on different ranks).
+//!
+//! Gradients on a GPU do not go through here: staging each one through the
+//! host as it is final would wait for the device once per tensor. A GPU's
+//! overlap is a second stream with NCCL on it, not written yet.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Communicator, ReduceOp};
+use crate::error::{Error, Result};
+use crate::runtime::tensor::{DType, Tensor};
+
+const OP: &str = "OverlappedReducer";
+
+/// What the last step's overlap achieved ([`OverlappedReducer::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OverlapStats {
+    /// Buckets all-reduced in the step.
+    pub buckets: usize,
+    /// Of those, the buckets handed to the communication thread before the
+    /// backward ended ([`OverlappedReducer::end_backward`]): every full one.
+    pub during_backward: usize,
+    /// Seconds the communication thread spent in the step's all-reduces.
+    pub communication: f64,
+    /// Seconds [`OverlappedReducer::finish`] waited for them after the
+    /// backward: the communication the overlap did not hide.
+    pub exposed: f64,
+}
+
+/// A bucket sent to the communication thread: its number and its data.
+type Job = (usize, Vec<f32>);
+/// A bucket back: its number, the sum (or why not), the seconds it took.
+type Done = (usize, Result<Vec<f32>>, f64);
+
+/// See the module documentation.
+pub struct OverlappedReducer {
+    comm: Arc<dyn Communicator>,
+    /// The bucket's capacity in f32 (at least 1).
+    cap: usize,
+    jobs: Option<mpsc::Sender<Job>>,
+    done: mpsc::Receiver<Done>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The bucket being filled, and the names and lengths in it.
+    filling: Vec<f32>,
+    members: Vec<(String, usize)>,
+    /// The members of each bucket sent in this step.
+    sent: Vec<Vec<(String, usize)>>,
+    /// Every name handed in this step.
+    names: std::collections::HashSet<String>,
+    /// Whether the backward of this step has ended.
+    ended: bool,
+    /// The step under way's counts, and the last finished step's.
+    current: OverlapStats,
+    last: OverlapStats,
+}
+
+impl std::fmt::Debug for OverlappedReducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OverlappedReducer {{ {:?}, bucket: {} B }}", &*self.comm, 4 * self.cap)
+    }
+}
+
+impl OverlappedReducer {
+    /// A reducer on `comm` with buckets of at most `bucket_bytes` of f32
+    /// (a tensor larger than a bucket goes alone), and its communication
+    /// thread. Errors: the thread cannot be started.
+    pub fn new(comm: Arc<dyn Communicator>, bucket_bytes: usize) -> Result<OverlappedReducer> {
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (outbox, done) = mpsc::channel::<Done>();
+        let worker = comm.clone();
+        let thread = std::thread::Builder::new()
+            .name("gif-fr-all-reduce".into())
+            .spawn(move || {
+                for (id, mut data) in inbox {
+                    let began = Instant::now();
+                    let r = worker.all_reduce_f32(&mut data, ReduceOp::Sum).map(|()| data);
+                    if outbox.send((id, r, began.elapsed().as_secs_f64())).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| Error::invalid(OP, format!("cannot start the communication thread: {e}")))?;
+        Ok(OverlappedReducer {
+            comm,
+            cap: (bucket_bytes / 4).max(1),
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+            filling: Vec::new(),
+            members: Vec::new(),
+            sent: Vec::new(),
+            names: Default::default(),
+            ended: false,
+            current: OverlapStats::default(),
+            last: OverlapStats::default(),
+        })
+    }
+
+    /// The communicator.
+    pub fn communicator(&self) -> &Arc<dyn Communicator> {
+        &self.comm
+    }
+
+    /// The overlap of the last finished step.
+    pub fn stats(&self) -> OverlapStats {
+        self.last
+    }
+
+    /// Whether a step is under way (a gradient was handed in since the last
+    /// [`OverlappedReducer::finish`]).
+    pub fn in_progress(&self) -> bool {
+        !self.members.is_empty() || !self.sent.is_empty()
+    }
+
+    /// Takes gradient `name` (f32), final for this step: copied into the
+    /// bucket being filled, which goes to the communication thread when
+    /// full. A tensor on a GPU is waited for and copied to the host.
+    pub fn ready(&mut self, name: &str, grad: &Tensor) -> Result<()> {
+        if grad.dtype() != DType::F32 {
+            return Err(Error::DType { op: OP, expected: DType::F32, got: grad.dtype() });
+        }
+        if !self.names.insert(name.to_string()) {
+            return Err(Error::invalid(OP, format!("gradient {name} was handed in twice in one step")));
+        }
+        let n = grad.numel();
+        if !self.filling.is_empty() && self.filling.len().saturating_add(n) > self.cap {
+            self.send()?;
+        }
+        self.filling.try_reserve(n).map_err(|_| Error::OutOfMemory {
+            op: OP,
+            what: format!("the all-reduce bucket of {name}"),
+            bytes: n.saturating_mul(4),
+            free: None,
+        })?;
+        self.filling.extend_from_slice(&grad.host_f32()?);
+        self.members.push((name.to_string(), n));
+        if self.filling.len() >= self.cap {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    /// Marks the end of the backward: the buckets sent so far were sent
+    /// during it.
+    pub fn end_backward(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.current.during_backward = self.sent.len();
+        }
+    }
+
+    fn send(&mut self) -> Result<()> {
+        if self.members.is_empty() {
+            return Ok(());
+        }
+        let jobs = self.jobs.as_ref().ok_or_else(|| Error::invalid(OP, "the communication thread is gone"))?;
+        let data = std::mem::take(&mut self.filling);
+        jobs.send((self.sent.len(), data))
+            .map_err(|_| Error::invalid(OP, "the communication thread ended (it panicked)"))?;
+        self.sent.push(std::mem::take(&mut self.members));
+        Ok(())
+    }
+
+    /// Sends the last bucket, waits for every bucket of the step and writes
+    /// each sum, times `scale`, into the tensor of its name in `grads`.
+    /// Errors: a collective failed (the first error), a name handed in is
+    /// not in `grads` or has changed size, a tensor of `grads` was not
+    /// handed in (its gradient would stay this rank's own). The step is
+    /// over either way.
+    pub fn finish(&mut self, grads: &mut BTreeMap<&str, &mut Tensor>, scale: f32) -> Result<()> {
+        self.end_backward();
+        let r = self.finish_inner(grads, scale);
+        self.last = std::mem::take(&mut self.current);
+        self.filling.clear();
+        self.members.clear();
+        self.sent.clear();
+        self.names.clear();
+        self.ended = false;
+        r
+    }
+
+    fn finish_inner(&mut self, grads: &mut BTreeMap<&str, &mut Tensor>, scale: f32) -> Result<()> {
+        let began = Instant::now();
+        let sent = self.send();
+        let mut sums: Vec<Option<Vec<f32>>> = vec![None; self.sent.len()];
+        let mut first_err = sent.err();
+        for _ in 0..self.sent.len() {
+            // The collectives carry their own deadline; this one only guards
+            // against a thread that died without answering.
+            match self.done.recv_timeout(super::timeout() + Duration::from_secs(60)) {
+                Ok((id, r, secs)) => {
+                    self.current.communication += secs;
+                    match r {
+                        Ok(v) => sums[id] = Some(v),
+                        Err(e) => {
+                            first_err.get_or_insert(e);
+                        }
+                    }
+                }
+                Err(_) => {
+                    first_err.get_or_insert(Error::invalid(OP, "the communication thread stopped answering"));
+                    break;
+                }
+            }
+        }
+        self.current.exposed = began.elapsed().as_secs_f64();
+        self.current.buckets = self.sent.len();
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let mut done = 0usize;
+        for (members, sum) in self.sent.iter().zip(sums) {
+            let mut sum = sum.ok_or_else(|| Error::invalid(OP, "a bucket never came back (internal error)"))?;
+            let mut at = 0;
+            for (name, n) in members {
+                let t = grads
+                    .get_mut(name.as_str())
+                    .ok_or_else(|| Error::invalid(OP, format!("gradient {name} was reduced but has no tensor")))?;
+                if t.numel() != *n {
+                    return Err(Error::invalid(OP, format!("gradient {name} changed size during the step")));
+                }
+                let part = &mut sum[at..at + n];
+                if scale != 1.0 {
+                    part.iter_mut().for_each(|x| *x *= scale);
+                }
+                t.copy_from_host(part)?;
+                at += n;
+                done += 1;
+            }
+        }
+        if done != grads.len() {
+            let missing = grads.keys().find(|k| !self.names.contains(**k));
+            return Err(Error::invalid(
+                OP,
+                format!("gradient {} was not handed in: it would stay this rank's own", missing.unwrap_or(&"?")),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OverlappedReducer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after its current bucket.
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
