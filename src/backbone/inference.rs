@@ -673,6 +673,13 @@ impl FoldedIResNet {
     /// Embeddings `[B, E]` of `batch` NHWC f32 images (`[B, H, W, 3]`,
     /// normalized as the network expects).
     pub fn embed(&self, images: &[f32], batch: usize) -> Result<Vec<f32>> {
+        // On one of rayon's workers: the layers' parallel loops (three a
+        // convolution, ~150 an image on r50) then split among the workers
+        // instead of each being sent from this thread, which would sleep
+        // and be woken once per loop.
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.embed(images, batch));
+        }
         const OP: &str = "FoldedIResNet::embed";
         let s = self.input;
         let need = batch.checked_mul(s * s * 3);
