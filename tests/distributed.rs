@@ -470,7 +470,7 @@ mod mpi_ranks {
             // Each rank starts from its own seed; rank 0's weights win.
             let mut dp = trainer(kind, 5 + r as u64, acc, 0.05);
             dp.set_communicator(comm.clone()).unwrap();
-            dp.set_overlap(overlap, 4096);
+            dp.set_overlap(overlap, 4096).unwrap();
             let reference = (r == 0).then(|| trainer(kind, 5, w * acc, 0.05));
             let mut reference = reference;
             let before = comm.stats();
@@ -791,6 +791,18 @@ mod mpi_ranks {
         let e = t.set_communicator(comm.clone()).unwrap_err();
         assert!(matches!(e, gif_fr::Error::Collective { .. }), "{e}");
         assert!(e.to_string().contains(&format!("rank(s) [{}]", w - 1)), "{e}");
+        // The all-reduce's overlap or bucket size chosen differently on the
+        // last rank (their buckets would not match), before or after
+        // joining: refused on every rank, naming it.
+        let mut t = trainer("gif", 5, 1, 0.05);
+        t.set_overlap(r != w - 1, 4096).unwrap();
+        let e = t.set_communicator(comm.clone()).unwrap_err().to_string();
+        assert!(e.contains(&format!("rank(s) [{}]", w - 1)), "{e}");
+        let mut t = trainer("gif", 5, 1, 0.05);
+        t.set_communicator(comm.clone()).unwrap();
+        let e = t.set_overlap(true, if r == w - 1 { 8192 } else { 4096 }).unwrap_err().to_string();
+        assert!(e.contains("overlap and bucket size") && e.contains(&format!("rank(s) [{}]", w - 1)), "{e}");
+        t.set_overlap(true, 4096).unwrap();
         // The collectives still work: nothing was left half done.
         let mut x = [1f32];
         comm.all_reduce_f32(&mut x, ReduceOp::Sum).unwrap();

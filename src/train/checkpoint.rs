@@ -120,7 +120,7 @@ impl Trainer {
     /// and head's configurations, the head's dtypes, the code table), and
     /// the steps taken.
     pub(crate) fn rank_fingerprint(&self) -> u64 {
-        fnv1a(format!("{:?}|steps {}", fingerprints(self), self.micro).as_bytes())
+        fnv1a(format!("{:?}|steps {}|{}", fingerprints(self), self.micro, self.reduction_setting()).as_bytes())
     }
 
     /// Writes the training state into directory `dir` (created when

@@ -548,10 +548,26 @@ impl Trainer {
     /// host (CPU ranks, [`OverlappedReducer`]); a GPU's gradients are
     /// all-reduced after the backward, in buckets of the same size. A
     /// collective setting: every rank must choose the same.
-    pub fn set_overlap(&mut self, on: bool, bucket_bytes: usize) {
+    /// Errors (on every rank): the ranks chose differently (their buckets
+    /// would not match: MPI would sum unrelated gradients or fail).
+    pub fn set_overlap(&mut self, on: bool, bucket_bytes: usize) -> Result<()> {
         self.overlap_on = on;
         self.bucket_bytes = bucket_bytes.max(4);
         self.overlap = None;
+        match self.comm.as_ref().filter(|c| c.world() > 1) {
+            Some(comm) => {
+                let setting = distributed::fingerprint(self.reduction_setting().as_bytes());
+                distributed::check_same(comm.as_ref(), "the all-reduce's overlap and bucket size", setting)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// How the gradients are all-reduced, in words: the ranks must agree
+    /// (part of the configuration check).
+    pub(crate) fn reduction_setting(&self) -> String {
+        let host = !self.backbone.device().runs_kernels();
+        format!("overlap {} bucket {} host {host}", self.overlap_on, self.bucket_bytes)
     }
 
     /// What the last optimizer step's overlapped all-reduce achieved (None
