@@ -628,6 +628,12 @@ impl Trainer {
     /// state changes): an empty batch, sizes that do not match, a label
     /// out of range or a non-finite pixel (naming the sample).
     pub fn step(&mut self, images: &[f32], labels: &[u32]) -> Result<bool> {
+        // On the CPU, on one of rayon's workers: the step's parallel loops
+        // (hundreds) then split among the workers instead of each being sent
+        // from this thread, which would sleep and be woken once per loop.
+        if !self.backbone.device().runs_kernels() && rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.step(images, labels));
+        }
         let s = self.backbone.config().input;
         let per = s * s * 3;
         let b = labels.len();
