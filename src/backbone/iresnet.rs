@@ -771,11 +771,7 @@ impl IResNet {
     /// `.grad`: accumulating the same micro-batch twice gives exactly twice
     /// its gradient, however a kernel splits its sums.
     pub fn backward_accumulate(&mut self, d_emb: &Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
-        const OP: &str = "IResNet::backward_accumulate";
-        if let Some((name, _)) = self.params_mut().iter().find(|(name, _)| !grads.contains_key(name)) {
-            return Err(Error::invalid(OP, format!("no gradient buffer for {name} to add to")));
-        }
-        self.backward_merge(OP, d_emb, grads, true, None)
+        self.backward_merge("IResNet::backward_accumulate", d_emb, grads, true, None)
     }
 
     /// [`IResNet::backward_into`] (`accumulate` false) or
@@ -791,13 +787,7 @@ impl IResNet {
         accumulate: bool,
         ready: &mut GradReady<'_>,
     ) -> Result<()> {
-        const OP: &str = "IResNet::backward_notify";
-        if accumulate {
-            if let Some((name, _)) = self.params_mut().iter().find(|(name, _)| !grads.contains_key(name)) {
-                return Err(Error::invalid(OP, format!("no gradient buffer for {name} to add to")));
-            }
-        }
-        self.backward_merge(OP, d_emb, grads, accumulate, Some(ready))
+        self.backward_merge("IResNet::backward_notify", d_emb, grads, accumulate, Some(ready))
     }
 
     fn backward_merge(
@@ -808,6 +798,11 @@ impl IResNet {
         accumulate: bool,
         ready: Option<&mut GradReady<'_>>,
     ) -> Result<()> {
+        if accumulate {
+            if let Some((name, _)) = self.params_mut().iter().find(|(name, _)| !grads.contains_key(name)) {
+                return Err(Error::invalid(op, format!("no gradient buffer for {name} to add to")));
+            }
+        }
         let Some(cache) = self.cache.as_ref() else {
             return Err(Error::invalid(op, "no activations to differentiate: call forward (not infer) first"));
         };
@@ -951,14 +946,15 @@ impl Sink<'_, '_> {
                         None => Err(Error::invalid("IResNet::backward", format!("no gradient buffer for {name}"))),
                     };
                 }
-                pool.give(t);
-            } else {
-                self.grads.insert(name.clone(), t);
-            }
-            if r.is_ok() {
-                if let (Some(ready), Some(g)) = (self.ready.as_mut(), self.grads.get(&name)) {
+                if let (true, Some(ready), Some(g)) = (r.is_ok(), self.ready.as_mut(), self.grads.get(&name)) {
                     r = ready(&name, g);
                 }
+                pool.give(t);
+            } else {
+                if let (true, Some(ready)) = (r.is_ok(), self.ready.as_mut()) {
+                    r = ready(&name, &t);
+                }
+                self.grads.insert(name, t);
             }
         }
         r

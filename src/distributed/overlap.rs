@@ -66,6 +66,9 @@ pub struct OverlappedReducer {
     members: Vec<(String, usize)>,
     /// The members of each bucket sent in this step.
     sent: Vec<Vec<(String, usize)>>,
+    /// Buckets' buffers back from earlier steps, reused (a step allocates
+    /// no bucket after the first).
+    spare: Vec<Vec<f32>>,
     /// Every name handed in this step.
     names: std::collections::HashSet<String>,
     /// Whether the backward of this step has ended.
@@ -110,6 +113,7 @@ impl OverlappedReducer {
             filling: Vec::new(),
             members: Vec::new(),
             sent: Vec::new(),
+            spare: Vec::new(),
             names: Default::default(),
             ended: false,
             current: OverlapStats::default(),
@@ -175,7 +179,7 @@ impl OverlappedReducer {
             return Ok(());
         }
         let jobs = self.jobs.as_ref().ok_or_else(|| Error::invalid(OP, "the communication thread is gone"))?;
-        let data = std::mem::take(&mut self.filling);
+        let data = std::mem::replace(&mut self.filling, self.spare.pop().unwrap_or_default());
         jobs.send((self.sent.len(), data))
             .map_err(|_| Error::invalid(OP, "the communication thread ended (it panicked)"))?;
         self.sent.push(std::mem::take(&mut self.members));
@@ -248,6 +252,8 @@ impl OverlappedReducer {
                 at += n;
                 done += 1;
             }
+            sum.clear();
+            self.spare.push(sum);
         }
         if done != grads.len() {
             let missing = grads.keys().find(|k| !self.names.contains(**k));

@@ -335,20 +335,6 @@ impl HeadState {
     /// The head's accumulated gradients that data parallelism sums over
     /// ranks, named (none for a model-parallel head: each rank's shard is
     /// its own).
-    fn reduced_grads(&self) -> Vec<(&'static str, &Tensor)> {
-        match self {
-            HeadState::Code { acc: Some(g), .. } => {
-                let mut v = vec![("head.centres", &g.centres)];
-                v.extend(g.projections.as_ref().map(|p| ("head.projections", p)));
-                v
-            }
-            HeadState::Softmax { acc: Some(g), .. } => vec![("head.centres", &g.centres)],
-            HeadState::PartialFc { dense, .. } => vec![("head.centres", dense)],
-            _ => Vec::new(),
-        }
-    }
-
-    /// [`HeadState::reduced_grads`], mutably.
     fn reduced_grads_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
         match self {
             HeadState::Code { acc: Some(g), .. } => {
@@ -769,13 +755,17 @@ impl Trainer {
             }
             _ => return Err(Error::invalid(OP, "head state of another head (internal error)")),
         }
+        // The head's gradients are final already: they lead.
+        let lead = match reducer.as_mut().filter(|_| overlap) {
+            Some(r) => state.reduced_grads_mut().into_iter().try_for_each(|(name, g)| r.ready(name, g)),
+            None => Ok(()),
+        };
         let state = &*state;
         let d_emb = state.features_grad(first)?;
         lap(profile, &mut clock, |p| &mut p.head)?;
         match reducer.as_mut().filter(|_| overlap) {
             Some(r) => {
-                // The head's gradients are final already: they lead.
-                let run = state.reduced_grads().into_iter().try_for_each(|(name, g)| r.ready(name, g)).and_then(|()| {
+                let run = lead.and_then(|()| {
                     backbone.backward_notify(d_emb, backbone_grads, !first, &mut |name, g| r.ready(name, g))
                 });
                 r.end_backward();
