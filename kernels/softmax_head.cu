@@ -20,7 +20,14 @@
 //                         and the target cosine c_y (its one tile writes it).
 // softmax_target_angle_<T> (angular margins) one warp per row: the
 //                         target's c_y and sin θ from the raw feature and
-//                         centre in f64 (margin.cuh), replacing the tile's c_y.
+//                         centre in f64 (margin.cuh), replacing the tile's c_y
+//                         (rows whose target is negative are left alone).
+// softmax_shard_stats     (the model-parallel heads) one warp per row: the
+//                         splits merged into stats [B][4] = (max, Σ exp(· −
+//                         max), best c, best index bits) over this shard's
+//                         non-target classes, max and sum NaN when a
+//                         non-finite input reached the row; the ranks then
+//                         combine their rows' stats (all-reduce).
 // softmax_merge           one warp per row: merges the splits, adds the
 //                         target logit s·f(c_y): lse, loss = weight·log1p(S)
 //                         when the target is the max logit, else weight·(lse
@@ -252,6 +259,34 @@ GIF_DEVICE void merge_rows(const float* __restrict__ partial, int splits, const 
   correct[row] = bi == y ? 1.0f : 0.0f;
 }
 
+// One row's stats over this shard's classes (the splits merged as in
+// merge_rows), for the ranks to combine; one warp per row.
+GIF_DEVICE void shard_stats(const float* __restrict__ partial, int splits, int B, float* __restrict__ out) {
+  const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= B) return;
+  Lse l{-gif_inf(), 0.0f};
+  float bc = -gif_inf();
+  int bi = 0x7fffffff;
+  bool nan = false;
+  for (int sp = lane; sp < splits; sp += 32) {
+    const float* p = partial + ((long long)row * splits + sp) * 4;
+    nan |= p[0] != p[0] || p[1] != p[1];
+    l = lse_merge(l, Lse{p[0], p[1]});
+    if (better(p[2], bits_idx(p[3]), bc, bi)) {
+      bc = p[2];
+      bi = bits_idx(p[3]);
+    }
+  }
+  warp_merge(l, bc, bi);
+  nan = __any_sync(0xffffffffu, nan);
+  if (lane != 0) return;
+  float* o = out + (long long)row * 4;
+  o[0] = nan ? gif_bits_float(0x7fc00000u) : l.m;
+  o[1] = nan ? gif_bits_float(0x7fc00000u) : l.s;
+  o[2] = bc;
+  o[3] = idx_bits(bi);
+}
+
 // The target's cosine and the sine of its angle from the raw feature (f32)
 // and centre in f64, one warp per row; overwrites the tile's f32 cosine.
 template <typename T>
@@ -259,7 +294,7 @@ GIF_DEVICE void target_angle(const float* __restrict__ X, const T* __restrict__ 
                              const int* __restrict__ target, int B, int d, float* __restrict__ tgt_cos,
                              float* __restrict__ tgt_sin) {
   const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= B) return;
+  if (row >= B || target[row] < 0) return;  // (another shard's target)
   const Angle64 a = warp_angle(X + (long long)row * d, W + f32_row(rows, target[row]) * d, d);
   if (lane == 0) {
     tgt_cos[row] = (float)a.c;
@@ -751,6 +786,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) softmax_fwd_f32_v(const flo
 extern "C" __global__ void __launch_bounds__(256, 2) softmax_fwd_bf16(const float* U, const bf16* W, const int* rows, const float* rnorm, const int* target, int B, int N, int d, float s, int splits, float* partial, float* tgt_cos) { softmax_fwd<bf16, false>(U, W, rows, rnorm, target, B, N, d, s, splits, partial, tgt_cos); }
 extern "C" __global__ void __launch_bounds__(256, 2) softmax_fwd_bf16_v(const float* U, const bf16* W, const int* rows, const float* rnorm, const int* target, int B, int N, int d, float s, int splits, float* partial, float* tgt_cos) { softmax_fwd<bf16, true>(U, W, rows, rnorm, target, B, N, d, s, splits, partial, tgt_cos); }
 extern "C" __global__ void __launch_bounds__(256) softmax_merge(const float* partial, int splits, const float* tgt_cos, const float* tgt_sin, const int* target, int B, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight, float* lse, float* gy, float* loss, float* correct, float* gsing) { merge_rows(partial, splits, tgt_cos, tgt_sin, target, B, s, margin, m, cos_m, sin_m, exact_grad, weight, lse, gy, loss, correct, gsing); }
+extern "C" __global__ void __launch_bounds__(256) softmax_shard_stats(const float* partial, int splits, int B, float* stats) { shard_stats(partial, splits, B, stats); }
 extern "C" __global__ void __launch_bounds__(256) softmax_target_angle_f32(const float* X, const float* W, const int* rows, const int* target, int B, int d, float* tgt_cos, float* tgt_sin) { target_angle<float>(X, W, rows, target, B, d, tgt_cos, tgt_sin); }
 extern "C" __global__ void __launch_bounds__(256) softmax_target_angle_bf16(const float* X, const bf16* W, const int* rows, const int* target, int B, int d, float* tgt_cos, float* tgt_sin) { target_angle<bf16>(X, W, rows, target, B, d, tgt_cos, tgt_sin); }
 extern "C" __global__ void __launch_bounds__(32) softmax_target_singular_f32(const float* X, const float* W, const int* rows, const int* target, const int* order, const int* starts, int d, const float* gsing, float* dU, float* dW_hat) { target_singular<float>(X, W, rows, target, order, starts, d, gsing, dU, dW_hat); }

@@ -413,7 +413,12 @@ mod mpi_ranks {
     /// A trainer whose weights come from `seed` (ranks start different:
     /// set_communicator must make them rank 0's).
     fn trainer(kind: &str, seed: u64, acc: usize, lr: f64) -> Trainer {
-        let dev = Device::cpu();
+        trainer_on(&Device::cpu(), kind, seed, acc, lr)
+    }
+
+    /// [`trainer`] on `dev`.
+    fn trainer_on(dev: &Device, kind: &str, seed: u64, acc: usize, lr: f64) -> Trainer {
+        let dev = dev.clone();
         let d = net().embedding;
         let n = 10;
         let backbone = IResNet::new(net(), &dev, seed).unwrap();
@@ -586,63 +591,92 @@ mod mpi_ranks {
         use gif_fr::distributed::{shard_range, ModelParallelHead};
         let Some((comm, r, w)) = as_rank() else { return };
         let (dev, d, n) = (Device::cpu(), net().embedding, 10);
-        // The reference: one process accumulating the W ranks' micro-batches.
-        let mut reference = trainer("arcface", 5, w, 0.05);
-        let TrainHead::Softmax(full) = reference.head() else { unreachable!() };
-        let (cfg, all) = (full.config().clone(), full.centres().to_vec::<f32>().unwrap());
         let shard = shard_range(n, r, w).unwrap();
-        let sharded = |rate: Option<f32>| {
-            let centres = Tensor::from_slice(&dev, &[shard.len(), d], &all[shard.start * d..shard.end * d]).unwrap();
+        let sharded_on = |dev: &Device, all: &[f32], cfg: &SoftmaxHeadConfig, rate: Option<f32>| {
+            let centres = Tensor::from_slice(dev, &[shard.len(), d], &all[shard.start * d..shard.end * d]).unwrap();
             let head = ModelParallelHead::from_shard(cfg.clone(), centres, comm.as_ref(), rate, 3).unwrap();
             // Each rank's own backbone seed: rank 0's is broadcast.
-            let backbone = IResNet::new(net(), &dev, 5 + r as u64).unwrap();
+            let backbone = IResNet::new(net(), dev, 5 + r as u64).unwrap();
             let tc = TrainerConfig::insightface(Schedule::Constant { base: 0.05 });
             let mut t = Trainer::new(backbone, TrainHead::ModelParallel(head), tc).unwrap();
             t.set_communicator(comm.clone()).unwrap();
             t
         };
-        let mut mp = sharded(None);
-        let mut losses = Vec::new();
-        for step in 0..2 {
-            let (images, labels) = batch(step, r);
-            assert!(mp.step(&images, &labels).unwrap());
-            for k in 0..w {
-                let (images, labels) = batch(step, k);
-                reference.step(&images, &labels).unwrap();
-                losses.push(reference.metrics().unwrap().loss);
+        // Two steps on this rank's shard against one process accumulating
+        // the W ranks' micro-batches on the same device: on CPU ranks, and
+        // on GPU ranks (the simulated GPU stands for one on each rank).
+        // Returns the trainer and the reference's centres and settings.
+        let against_one_process = |dev: &Device| {
+            let mut reference = trainer_on(dev, "arcface", 5, w, 0.05);
+            let TrainHead::Softmax(full) = reference.head() else { unreachable!() };
+            let (cfg, all) = (full.config().clone(), full.centres().to_vec::<f32>().unwrap());
+            let mut mp = sharded_on(dev, &all, &cfg, None);
+            let mut losses = Vec::new();
+            for step in 0..2 {
+                let (images, labels) = batch(step, r);
+                assert!(mp.step(&images, &labels).unwrap());
+                for k in 0..w {
+                    let (images, labels) = batch(step, k);
+                    reference.step(&images, &labels).unwrap();
+                    losses.push(reference.metrics().unwrap().loss);
+                }
             }
+            // The loss is the mean over every rank's rows: the reference's W
+            // micro-batches of the last step.
+            let want = losses[w..].iter().sum::<f64>() / w as f64;
+            let got = mp.metrics().unwrap().loss;
+            assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{dev}: loss {got} vs {want}");
+            // The backbone equals the reference's on every rank, the shard the
+            // reference's rows (running statistics are per rank: not compared).
+            let (mine, theirs) = (params(&mp), params(&reference));
+            let (mut worst, mut moved) = (0f32, 0f32);
+            let start = params(&trainer_on(dev, "arcface", 5, 1, 0.05));
+            for (((name, a), (_, b)), (_, s0)) in mine.iter().zip(&theirs).zip(&start) {
+                if name.contains("running_") || name.contains("num_batches") {
+                    continue;
+                }
+                let (b, s0) = match name.as_str() {
+                    "weight" => (&b[shard.start * d..shard.end * d], &s0[shard.start * d..shard.end * d]),
+                    _ => (&b[..], &s0[..]),
+                };
+                let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+                for ((x, y), z) in a.iter().zip(b).zip(s0) {
+                    worst = worst.max((x - y).abs() / scale);
+                    moved = moved.max((y - z).abs() / scale);
+                }
+            }
+            assert!(moved > 1e-3, "{dev}: the steps moved the weights ({moved})");
+            // The bound: the heads' f32 partial sums differ in order (1e-6 of
+            // the gradients at most, tests above), which the backbone's backward
+            // and two steps carry into BatchNorm biases that moved from 0 to a
+            // few 1e-3 (measured on the CPU: 1e-7 absolute, 4e-5 of such a
+            // tensor; on the simulated GPU, whose backbone kernels also sum
+            // in tile order, 3e-7 absolute, 1.1e-4 of the tensor).
+            let bound = if dev.kind() == gif_fr::DeviceKind::Cpu { 1e-4 } else { 3e-4 };
+            assert!(worst < bound, "{dev}: model-parallel on {w} ranks vs one process: max |Δ| / max |w| = {worst}");
+            println!("{dev}: model-parallel on {w} ranks vs one process: max |Δ| / max |w| = {worst:.1e}");
+            (mp, all, cfg)
+        };
+        let (_, all, cfg) = against_one_process(&dev);
+        let sharded = |rate: Option<f32>| sharded_on(&dev, &all, &cfg, rate);
+        #[cfg(feature = "sim")]
+        {
+            // Partial FC on GPU ranks (its sample drawn on the device)
+            // trains, the backbones equal on every rank.
+            let _ = against_one_process(&Device::sim());
+            let mut pfc = sharded_on(&Device::sim(), &all, &cfg, Some(0.5));
+            for step in 0..2 {
+                let (images, labels) = batch(step, r);
+                assert!(pfc.step(&images, &labels).unwrap());
+            }
+            assert!(pfc.metrics().unwrap().loss.is_finite());
+            let bits: Vec<u8> = params(&pfc)
+                .iter()
+                .filter(|(n, _)| !n.contains("running_") && n != "weight")
+                .flat_map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()))
+                .collect();
+            check_same(comm.as_ref(), "Partial FC's backbone on GPU ranks", distributed::fingerprint(&bits)).unwrap();
         }
-        // The loss is the mean over every rank's rows: the reference's W
-        // micro-batches of the last step.
-        let want = losses[w..].iter().sum::<f64>() / w as f64;
-        let got = mp.metrics().unwrap().loss;
-        assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "loss {got} vs {want}");
-        // The backbone equals the reference's on every rank, the shard the
-        // reference's rows (running statistics are per rank: not compared).
-        let (mine, theirs) = (params(&mp), params(&reference));
-        let (mut worst, mut moved) = (0f32, 0f32);
-        let start = params(&trainer("arcface", 5, 1, 0.05));
-        for (((name, a), (_, b)), (_, s0)) in mine.iter().zip(&theirs).zip(&start) {
-            if name.contains("running_") || name.contains("num_batches") {
-                continue;
-            }
-            let (b, s0) = match name.as_str() {
-                "weight" => (&b[shard.start * d..shard.end * d], &s0[shard.start * d..shard.end * d]),
-                _ => (&b[..], &s0[..]),
-            };
-            let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
-            for ((x, y), z) in a.iter().zip(b).zip(s0) {
-                worst = worst.max((x - y).abs() / scale);
-                moved = moved.max((y - z).abs() / scale);
-            }
-        }
-        assert!(moved > 1e-3, "the steps moved the weights ({moved})");
-        // The bound: the heads' f32 partial sums differ in order (1e-6 of
-        // the gradients at most, tests above), which the backbone's backward
-        // and two steps carry into BatchNorm biases that moved from 0 to a
-        // few 1e-3 (measured: 1e-7 absolute, 4e-5 of such a tensor).
-        assert!(worst < 1e-4, "model-parallel on {w} ranks vs one process: max |Δ| / max |w| = {worst}");
-        println!("model-parallel on {w} ranks vs one process: max |Δ| / max |w| = {worst:.1e}");
         // Partial FC trains too, the backbones equal on every rank.
         let mut pfc = sharded(Some(0.5));
         for step in 0..2 {
@@ -692,10 +726,16 @@ mod mpi_ranks {
     fn rank_model_parallel() {
         use gif_fr::distributed::ModelParallelHead;
         let Some((c, r, w)) = as_rank() else { return };
-        let summary = super::check_model_parallel(c.as_ref());
+        let summary = super::check_model_parallel(c.as_ref(), &Device::cpu(), 23);
         println!("rank {r} of {w}: {summary}");
+        // GPU ranks: the simulated GPU stands for one on each rank.
+        #[cfg(feature = "sim")]
+        for n in [23, 389] {
+            let summary = super::check_model_parallel(c.as_ref(), &Device::sim(), n);
+            println!("rank {r} of {w}, simulated GPU, N = {n}: {summary}");
+        }
         // Ranks with different batch sizes: an error on every rank.
-        let head = ModelParallelHead::new(SoftmaxHeadConfig::new(4, 7), c.as_ref(), None, 1).unwrap();
+        let head = ModelParallelHead::new(SoftmaxHeadConfig::new(4, 7), &Device::cpu(), c.as_ref(), None, 1).unwrap();
         let b = if r == 0 { 3 } else { 2 };
         let x = Tensor::from_slice(&Device::cpu(), &[b, 4], &vec![0.5f32; 4 * b]).unwrap();
         let e = head.forward_backward(c.as_ref(), &x, &vec![1; b], 0).unwrap_err().to_string();
@@ -775,6 +815,28 @@ mod mpi_ranks {
             assert!(pfc_out.join(f).is_file(), "{f} missing");
         }
         assert!(!pfc_out.join("checkpoint.safetensors").exists());
+        // The same on GPU ranks (the simulated GPU stands for one): the
+        // shards on the device.
+        #[cfg(feature = "sim")]
+        {
+            let sim_out = dir.path().join("pfc-sim");
+            let sim = dir.path().join("pfc-sim.toml");
+            let sim_text = text_of(&cfg_text)
+                .replace(&pfc_out.display().to_string(), &sim_out.display().to_string())
+                .replace("device = \"cpu\"", "device = \"sim\"");
+            std::fs::write(&sim, sim_text).unwrap();
+            let mut cmd = Command::new("mpirun");
+            cmd.args(["-np", "2", "--oversubscribe"])
+                .arg(gif_fr_bin())
+                .args(["train", "--quiet", "--config"])
+                .arg(&sim);
+            let Some((o, _)) = launch(cmd) else { return };
+            assert!(o.status.success(), "{}", text(&o));
+            let log = std::fs::read_to_string(sim_out.join("training.log")).unwrap();
+            assert!(log.contains("training r18 on sim") && log.contains("head model-parallel"), "{log}");
+            assert!(log.contains(&format!("Global Step: {steps}")), "{log}");
+            assert!(sim_out.join("checkpoint.rank1-of-2.safetensors").is_file());
+        }
     }
 
     #[test]
@@ -874,14 +936,18 @@ mod mpi_ranks {
 /// (each shard's sample is [`PartialFc::sample`] on the shard; the loss and
 /// gradients those of one process over the union of the samples). Returns
 /// the worst relative differences, for the log.
-fn check_model_parallel(comm: &dyn Communicator) -> String {
+/// The model-parallel heads on `comm`'s ranks, their shards on `on` (the
+/// CPU or the simulated GPU) over `n` classes, against one process on the
+/// CPU.
+fn check_model_parallel(comm: &dyn Communicator, on: &Device, n: usize) -> String {
     use gif_fr::distributed::{cost, shard_range, shard_seed, ModelParallelHead};
     use gif_fr::head::softmax_head::cpu;
     use gif_fr::head::{Margin, MarginGrad, PartialFc, SoftmaxHead, SoftmaxHeadConfig};
     let (r, w) = (comm.rank(), comm.world());
     // N, d and B are not multiples of anything here; N = 23 splits 12 + 11
-    // on 2 ranks, 8 + 8 + 7 on 3.
-    let (n, d, b) = (23usize, 19usize, 5usize);
+    // on 2 ranks, 8 + 8 + 7 on 3; N = 389 gives each shard two class tiles
+    // of 128, which the GPU's forward walks as two splits to merge.
+    let (d, b) = (19usize, 5usize);
     let dev = Device::cpu();
     let mut g = common::rng(41);
     let centres = common::uniform(&mut g, n * d, -1.0, 1.0);
@@ -897,8 +963,8 @@ fn check_model_parallel(comm: &dyn Communicator) -> String {
     }
     let mine = r * b..(r + 1) * b;
     let shard = shard_range(n, r, w).unwrap();
-    let features = Tensor::from_slice(&dev, &[b, d], &x[mine.start * d..mine.end * d]).unwrap();
-    let local = || Tensor::from_slice(&dev, &[shard.len(), d], &centres[shard.start * d..shard.end * d]).unwrap();
+    let features = Tensor::from_slice(on, &[b, d], &x[mine.start * d..mine.end * d]).unwrap();
+    let local = || Tensor::from_slice(on, &[shard.len(), d], &centres[shard.start * d..shard.end * d]).unwrap();
     let rel = |got: &[f32], want: &[f32]| {
         assert_eq!(got.len(), want.len());
         let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
@@ -989,7 +1055,7 @@ fn check_model_parallel(comm: &dyn Communicator) -> String {
     if r == w - 1 {
         nan[3] = f32::NAN;
     }
-    let nan = Tensor::from_slice(&dev, &[b, d], &nan).unwrap();
+    let nan = Tensor::from_slice(on, &[b, d], &nan).unwrap();
     assert!(head.forward_backward(comm, &nan, &labels[mine.clone()], at).unwrap().loss.loss.is_nan());
     format!("max |Δ| / max |g| = {worst:.1e}")
 }
@@ -997,8 +1063,16 @@ fn check_model_parallel(comm: &dyn Communicator) -> String {
 #[test]
 fn model_parallel_heads_in_a_world_of_one() {
     use gif_fr::distributed::shard_range;
-    let summary = check_model_parallel(&SingleProcess::new());
+    let summary = check_model_parallel(&SingleProcess::new(), &Device::cpu(), 23);
     println!("one rank: {summary}");
+    // The same shards on a GPU (the simulator in three orders, and a GPU
+    // when there is one).
+    #[cfg(feature = "sim")]
+    for dev in common::gpu_devices() {
+        for n in [23, 389] {
+            println!("one rank, {dev}, N = {n}: {}", check_model_parallel(&SingleProcess::new(), &dev, n));
+        }
+    }
     // insightface's split: ⌊N/W⌋ each, one more on the first N mod W.
     let split = |n, w| (0..w).map(|r| shard_range(n, r, w).unwrap()).collect::<Vec<_>>();
     assert_eq!(split(23, 3), vec![0..8, 8..16, 16..23]);
@@ -1006,22 +1080,15 @@ fn model_parallel_heads_in_a_world_of_one() {
     assert_eq!(split(5, 5), vec![0..1, 1..2, 2..3, 3..4, 4..5]);
     assert!(shard_range(2, 0, 3).unwrap_err().to_string().contains("2 classes cannot be sharded over 3 ranks"));
     assert!(shard_range(5, 3, 3).is_err() && shard_range(5, 0, 0).is_err());
-    // GPU ranks are not written yet: a typed refusal, not a wrong result
-    // (the simulated GPU stands for one).
+    // Features on another device than the shard: a typed error.
     #[cfg(feature = "sim")]
     {
         use gif_fr::distributed::ModelParallelHead;
         use gif_fr::head::SoftmaxHeadConfig;
         let comm = SingleProcess::new();
-        let sim = Device::sim();
-        let centres = Tensor::from_slice(&sim, &[3, 2], &[1f32, 0., 0., 1., 1., 1.]).unwrap();
-        let e = ModelParallelHead::from_shard(SoftmaxHeadConfig::new(2, 3), centres, &comm, None, 0)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("CPU ranks"), "{e}");
-        let head = ModelParallelHead::new(SoftmaxHeadConfig::new(2, 3), &comm, None, 0).unwrap();
-        let x = Tensor::from_slice(&sim, &[1, 2], &[1f32, 0.]).unwrap();
+        let head = ModelParallelHead::new(SoftmaxHeadConfig::new(2, 3), &Device::sim(), &comm, None, 0).unwrap();
+        let x = Tensor::from_slice(&Device::cpu(), &[1, 2], &[1f32, 0.]).unwrap();
         let e = head.forward_backward(&comm, &x, &[0], 0).unwrap_err().to_string();
-        assert!(e.contains("CPU ranks"), "{e}");
+        assert!(e.contains("device"), "{e}");
     }
 }

@@ -29,8 +29,18 @@
 //! to another rank's best counts as a hit (one process gives the tie to the
 //! lower class).
 //!
-//! This runs on CPU ranks (the `mpi` back end); GPU ranks (NCCL) are not
-//! written yet and are refused with an error.
+//! On CPU ranks the shard's passes are the CPU path's (the same functions
+//! as one process's chunked head). On GPU ranks they are the fused kernels
+//! (kernels/softmax_head.cu) with the shard's rows' targets negative where
+//! another rank owns the label: the forward's per-split partials are merged
+//! per row by `softmax_shard_stats` (16 bytes a row come to the host for
+//! the collectives, and the log-sum-exp, target gradient and singular
+//! weight go back, 12 bytes a row), then the one-process backward; Partial
+//! FC draws its sample on the device. The collectives themselves take host
+//! slices (the communicator's interface): the gathered features (4·W·B·d
+//! bytes) go up to the device and the feature gradient (the same) comes
+//! down for the reduce-scatter — a copy each way per step that a device
+//! all-gather over NCCL would avoid (not written).
 use std::ops::Range;
 
 use rand::SeedableRng;
@@ -39,9 +49,10 @@ use rand_distr::{Distribution, StandardNormal};
 use super::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
 use crate::head::margin::Target;
-use crate::head::softmax_head::cpu;
+use crate::head::softmax_head::{cpu, DevicePass, Targets};
 use crate::head::{PartialFc, SoftmaxHead, SoftmaxHeadConfig, SoftmaxLoss};
-use crate::runtime::device::{Device, DeviceKind};
+use crate::runtime::device::{Device, DeviceKind, LaunchConfig};
+use crate::runtime::launch;
 use crate::runtime::tensor::{DType, Tensor};
 
 const OP: &str = "ModelParallelHead::forward_backward";
@@ -109,22 +120,28 @@ pub struct ModelParallelStep {
 
 impl ModelParallelHead {
     /// This rank's shard of random centres (normal, variance 1/d, drawn
-    /// from `seed` and the shard's first class), the full head when
-    /// `sample_rate` is None, Partial FC over the shard otherwise.
-    pub fn new(cfg: SoftmaxHeadConfig, comm: &dyn Communicator, sample_rate: Option<f32>, seed: u64) -> Result<Self> {
+    /// from `seed` and the shard's first class; f32 on `device`), the full
+    /// head when `sample_rate` is None, Partial FC over the shard otherwise.
+    pub fn new(
+        cfg: SoftmaxHeadConfig,
+        device: &Device,
+        comm: &dyn Communicator,
+        sample_rate: Option<f32>,
+        seed: u64,
+    ) -> Result<Self> {
         cfg.validate("ModelParallelHead")?;
         let shard = shard_range(cfg.classes, comm.rank(), comm.world())?;
         let n = shard.len().checked_mul(cfg.dim).ok_or_else(|| Error::invalid("ModelParallelHead", "N·d overflows"))?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(shard_seed(seed, shard.start));
         let sd = 1.0 / (cfg.dim as f32).sqrt();
         let w: Vec<f32> = (0..n).map(|_| sd * Distribution::<f32>::sample(&StandardNormal, &mut rng)).collect();
-        let centres = Tensor::from_f32(&Device::cpu(), &[shard.len(), cfg.dim], &w, DType::F32)?;
+        let centres = Tensor::from_f32(device, &[shard.len(), cfg.dim], &w, DType::F32)?;
         ModelParallelHead::from_shard(cfg, centres, comm, sample_rate, seed)
     }
 
     /// This rank's shard of given centres (`[shard, d]`, f32 or bf16, on the
-    /// CPU), the full head or Partial FC over the shard (its sample seeded
-    /// by `seed` and the shard's first class).
+    /// device the shard computes on), the full head or Partial FC over the
+    /// shard (its sample seeded by `seed` and the shard's first class).
     pub fn from_shard(
         cfg: SoftmaxHeadConfig,
         centres: Tensor,
@@ -134,12 +151,6 @@ impl ModelParallelHead {
     ) -> Result<Self> {
         const OP: &str = "ModelParallelHead::from_shard";
         cfg.validate(OP)?;
-        if centres.device().kind() != DeviceKind::Cpu {
-            return Err(Error::invalid(
-                OP,
-                "the model-parallel heads run on CPU ranks for now (GPU ranks over NCCL are not written yet)",
-            ));
-        }
         let shard = shard_range(cfg.classes, comm.rank(), comm.world())?;
         let local_cfg = SoftmaxHeadConfig { classes: shard.len(), ..cfg.clone() };
         let head = SoftmaxHead::from_weights(local_cfg, centres)?;
@@ -206,12 +217,12 @@ impl ModelParallelHead {
     /// head.
     pub fn sample(&self, gathered_labels: &[u32], step: u64) -> Result<Option<Vec<u32>>> {
         let Local::Partial(p) = &self.local else { return Ok(None) };
-        let local: Vec<u32> = gathered_labels
-            .iter()
-            .filter(|&&y| self.shard.contains(&(y as usize)))
-            .map(|&y| y - self.start())
-            .collect();
-        p.sample(&local, step).map(Some)
+        p.sample(&self.local_labels(gathered_labels), step).map(Some)
+    }
+
+    /// The gathered labels of this shard's classes, 0-based within it.
+    fn local_labels(&self, gathered_labels: &[u32]) -> Vec<u32> {
+        gathered_labels.iter().filter(|&&y| self.shard.contains(&(y as usize))).map(|&y| y - self.start()).collect()
     }
 
     fn start(&self) -> u32 {
@@ -219,11 +230,11 @@ impl ModelParallelHead {
     }
 
     /// One training step over this rank's `features` (`[B, d]`, f32 or bf16,
-    /// on the CPU) and `labels` (global classes < N): collective, so every
+    /// on the shard's device) and `labels` (global classes < N): collective, so every
     /// rank of `comm` calls it with the same B. `step` keys Partial FC's
     /// sample. Errors (on every rank alike, after the collectives): a label
     /// out of range on any rank, ranks with different batch sizes; a shape
-    /// mismatch or an empty batch on this rank. A non-finite feature or
+    /// mismatch, features on another device or an empty batch on this rank. A non-finite feature or
     /// centre on any rank makes the loss NaN on every rank (returned, not an
     /// error: the trainer's optimizer then skips the step everywhere, as on
     /// one process).
@@ -241,10 +252,8 @@ impl ModelParallelHead {
                 format!("a world of {}, the head was sharded for {}", comm.world(), self.world),
             ));
         }
-        if features.device().kind() != DeviceKind::Cpu {
-            return Err(Error::invalid(OP, "the model-parallel heads run on CPU ranks for now"));
-        }
-        let b = crate::head::softmax_head::check_batch(OP, cfg, features.device(), features, labels.len())?;
+        let dev = self.centres().device().clone();
+        let b = crate::head::softmax_head::check_batch(OP, cfg, &dev, features, labels.len())?;
         let w = self.world;
         // Every rank's batch size, before anything sized by it.
         let mut sizes = vec![0u64; w];
@@ -256,6 +265,11 @@ impl ModelParallelHead {
             ));
         }
         let rows = w.checked_mul(b).ok_or_else(|| Error::invalid(OP, "W·B overflows"))?;
+        // (The kernels index rows with i32, in tiles of 128: the same bound
+        // as one process's batch, on every rank alike.)
+        if dev.kind() != DeviceKind::Cpu && rows > i32::MAX as usize / 128 {
+            return Err(Error::invalid(OP, format!("{rows} gathered rows are more than a GPU step takes")));
+        }
         let gathered = rows.checked_mul(d).ok_or_else(|| Error::invalid(OP, "W·B·d overflows"))?;
         let mut x = vec![0f32; gathered];
         comm.all_gather_f32(&features.host_f32()?, &mut x)?;
@@ -268,7 +282,14 @@ impl ModelParallelHead {
             ));
         }
         // This shard's logical classes: all of it, or Partial FC's sample.
-        let sampled = self.sample(&y, step)?;
+        // (Drawn on the device on a GPU, and its rows read there.)
+        let (sampled, sampled_rows) = match &self.local {
+            Local::Partial(p) if dev.kind() != DeviceKind::Cpu => {
+                let rows = p.sample_on_device(&self.local_labels(&y), step)?;
+                (Some(rows.to_vec::<u32>()?), Some(rows))
+            }
+            _ => (self.sample(&y, step)?, None),
+        };
         let k = sampled.as_ref().map_or(self.shard.len(), Vec::len);
         let local_target = |l: u32| -> i32 {
             if !self.shard.contains(&(l as usize)) {
@@ -282,75 +303,156 @@ impl ModelParallelHead {
             }
         };
         let targets: Vec<i32> = y.iter().map(|&l| local_target(l)).collect();
-        let wv = self.centres().host_f32()?;
-        let map = sampled.as_deref();
-        let (u, norms) = cpu::normalize_rows(&x, d);
-        let inv = cpu::inv_norms(&wv, map, d, k);
-        let chunk = rows.checked_mul(crate::head::softmax_head::CPU_CHUNK.min(k));
-        let mut logits = vec![0f32; chunk.ok_or_else(|| Error::invalid(OP, "W·B·chunk overflows"))?];
-        let pass = cpu::Pass { cfg, x: &x, u: &u, w: &wv, rows: map, inv: &inv, n: k, targets: &targets };
-        let state = pass.forward(&mut logits);
-        let angles = pass.target_angles();
-        let s = cfg.scale;
-        // The largest non-target logit of each row over every shard (a NaN
-        // travels in the sums below: MPI's max may drop it).
-        let mut max: Vec<f32> =
-            state.iter().map(|st| if st.max.is_nan() { f32::NEG_INFINITY } else { st.max }).collect();
-        comm.all_reduce_f32(&mut max, ReduceOp::Max)?;
-        // [Σ exp at the global max | the target's logit | the hit], summed.
-        let tgs: Vec<Option<Target>> = state
-            .iter()
-            .zip(&targets)
-            .zip(&angles)
-            .map(|((st, &t), a)| (t >= 0).then(|| cpu::target_of(cfg, st.target_c, a.as_ref())))
-            .collect();
-        let mut sums = vec![0f32; rows.checked_mul(3).ok_or_else(|| Error::invalid(OP, "3·W·B overflows"))?];
-        for (i, st) in state.iter().enumerate() {
-            sums[i] = if st.max.is_nan() {
-                f32::NAN
-            } else if st.max == f32::NEG_INFINITY {
-                0.0
-            } else {
-                st.sum * (st.max - max[i]).exp()
-            };
-            if let Some(tg) = &tgs[i] {
-                let t = s * tg.f as f32;
-                sums[rows + i] = if st.target_c.is_nan() { f32::NAN } else { t };
-                let hit = st.best_class == targets[i] as usize && s * st.best_c >= max[i];
-                sums[2 * rows + i] = f32::from(u8::from(hit));
-            }
-        }
-        comm.all_reduce_f32(&mut sums, ReduceOp::Sum)?;
         let weight = 1.0 / rows as f32;
-        let rowv: Vec<cpu::RowOut> = (0..rows)
-            .map(|i| {
-                let (se, t) = (sums[i], sums[rows + i]);
-                // The owner's margin terms; the other ranks need only the
-                // log-sum-exp.
-                let tg = tgs[i].unwrap_or(Target { f: f64::from(t / s), df: 1.0, sing: 0.0 });
-                cpu::finish_row(cfg, weight, max[i], se, t, &tg, se.is_nan() || t.is_nan(), sums[2 * rows + i] > 0.5)
-            })
-            .collect();
-        let loss = rowv.iter().map(|r| r.loss).sum::<f64>() / rows as f64;
-        let accuracy = rowv.iter().filter(|r| r.hit).count() as f64 / rows as f64;
-        // k ≤ the shard's classes, whose k·d the constructor checked; b·d ≤
-        // W·B·d, checked above.
-        let mut dw = vec![0f32; k * d];
-        let mut du = pass.backward(&rowv, &mut logits, &mut dw);
-        pass.add_singular(&rowv, &angles, &mut du, &mut dw);
-        let mut dx = vec![0f32; gathered];
-        crate::ops::rowwise::cpu::l2_normalize_backward(&u, &norms, &du, d, crate::head::softmax_head::EPS, &mut dx);
+        let (loss, features, centres) = if dev.kind() == DeviceKind::Cpu {
+            let wv = self.centres().host_f32()?;
+            let map = sampled.as_deref();
+            let (u, norms) = cpu::normalize_rows(&x, d);
+            let inv = cpu::inv_norms(&wv, map, d, k);
+            let chunk = rows.checked_mul(crate::head::softmax_head::CPU_CHUNK.min(k));
+            let mut logits = vec![0f32; chunk.ok_or_else(|| Error::invalid(OP, "W·B·chunk overflows"))?];
+            let pass = cpu::Pass { cfg, x: &x, u: &u, w: &wv, rows: map, inv: &inv, n: k, targets: &targets };
+            let state = pass.forward(&mut logits);
+            let angles = pass.target_angles();
+            let tgs: Vec<Option<Target>> = state
+                .iter()
+                .zip(&targets)
+                .zip(&angles)
+                .map(|((st, &t), a)| (t >= 0).then(|| cpu::target_of(cfg, st.target_c, a.as_ref())))
+                .collect();
+            let (rowv, loss) = combine_rows(comm, cfg, &state, &targets, &tgs)?;
+            // k ≤ the shard's classes, whose k·d the constructor checked; b·d ≤
+            // W·B·d, checked above.
+            let mut dw = vec![0f32; k * d];
+            let mut du = pass.backward(&rowv, &mut logits, &mut dw);
+            pass.add_singular(&rowv, &angles, &mut du, &mut dw);
+            let mut dx = vec![0f32; gathered];
+            crate::ops::rowwise::cpu::l2_normalize_backward(
+                &u,
+                &norms,
+                &du,
+                d,
+                crate::head::softmax_head::EPS,
+                &mut dx,
+            );
+            (loss, dx, Tensor::from_slice(&dev, &[k, d], &dw)?)
+        } else {
+            // The same phases on the device; each row's stats (16 bytes)
+            // come to the host for the collectives and go back as the
+            // backward's log-sum-exp, target gradient and singular weight.
+            let xt = Tensor::from_slice(&dev, &[rows, d], &x)?;
+            let mut pass = DevicePass::forward(
+                cfg,
+                self.centres(),
+                sampled_rows.as_ref(),
+                k,
+                &xt,
+                Targets::Host(targets.clone()),
+            )?;
+            let partial = pass.partial.take().ok_or_else(|| Error::invalid(OP, "no partials (internal error)"))?;
+            let mut stats = Tensor::empty(&dev, &[rows, 4], DType::F32)?;
+            // SAFETY: partial is [W·B, splits, 4] and stats [W·B, 4] f32.
+            unsafe {
+                launch::softmax_shard_stats(
+                    &dev,
+                    LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0),
+                    partial.ptr()?,
+                    pass.splits as i32,
+                    rows as i32,
+                    stats.ptr_mut()?,
+                )
+            }?;
+            drop(partial);
+            let stats = stats.to_vec::<f32>()?;
+            let tgt_cos = pass.tgt_cos.to_vec::<f32>()?;
+            let tgt_sin = pass.tgt_sin.as_ref().map(|t| t.to_vec::<f32>()).transpose()?;
+            let state: Vec<cpu::RowState> = stats
+                .chunks_exact(4)
+                .zip(&targets)
+                .zip(&tgt_cos)
+                .map(|((st, &t), &c)| cpu::RowState {
+                    max: st[0],
+                    sum: st[1],
+                    best_c: st[2],
+                    best_class: st[3].to_bits() as usize,
+                    target_c: if t >= 0 { c } else { f32::NAN },
+                })
+                .collect();
+            let tgs: Vec<Option<Target>> = (0..rows)
+                .map(|i| {
+                    (targets[i] >= 0).then(|| {
+                        let sin = tgt_sin.as_ref().map_or(0.0, |s| f64::from(s[i]));
+                        cfg.margin.target(f64::from(tgt_cos[i]), sin)
+                    })
+                })
+                .collect();
+            let (rowv, loss) = combine_rows(comm, cfg, &state, &targets, &tgs)?;
+            let mut per_row = Vec::with_capacity(rows * 3);
+            per_row.extend(rowv.iter().map(|r| r.lse));
+            per_row.extend(rowv.iter().map(|r| r.gy));
+            per_row.extend(rowv.iter().map(|r| r.sing as f32));
+            let mut per_row = Tensor::from_slice(&dev, &[3, rows], &per_row)?;
+            let mut row = |r| per_row.rows_ptr_mut::<f32>(r, 1).map(|p| p.as_const());
+            let (lse, gy, sing) = (row(0)?, row(1)?, row(2)?);
+            let mut dw = Tensor::empty(&dev, &[k, d], DType::F32)?;
+            let mut dx = Tensor::empty(&dev, &[rows, d], DType::F32)?;
+            pass.backward(lse, gy, sing, weight, &mut dw, &mut dx)?;
+            (loss, dx.to_vec::<f32>()?, dw)
+        };
         // Every shard's part of each row's gradient, summed on its rank.
         let mut mine = vec![0f32; b * d];
-        comm.reduce_scatter_f32(&dx, &mut mine)?;
-        let dev = Device::cpu();
-        Ok(ModelParallelStep {
-            loss: SoftmaxLoss { loss, accuracy },
-            features: Tensor::from_slice(&dev, &[b, d], &mine)?,
-            centres: Tensor::from_slice(&dev, &[k, d], &dw)?,
-            sampled,
-        })
+        comm.reduce_scatter_f32(&features, &mut mine)?;
+        Ok(ModelParallelStep { loss, features: Tensor::from_slice(&dev, &[b, d], &mine)?, centres, sampled })
     }
+}
+
+/// Each row's results from this shard's [`cpu::RowState`]s and the owner's
+/// margin target (`tgs`, on the rank owning the row's label): the largest
+/// non-target logit all-reduced (max), then [Σ exp at it | the target's
+/// logit | the hit] (sum); the mean loss and accuracy over the rows.
+fn combine_rows(
+    comm: &dyn Communicator,
+    cfg: &SoftmaxHeadConfig,
+    state: &[cpu::RowState],
+    targets: &[i32],
+    tgs: &[Option<Target>],
+) -> Result<(Vec<cpu::RowOut>, SoftmaxLoss)> {
+    let (rows, s) = (state.len(), cfg.scale);
+    // The largest non-target logit of each row over every shard (a NaN
+    // travels in the sums below: MPI's max may drop it).
+    let mut max: Vec<f32> = state.iter().map(|st| if st.max.is_nan() { f32::NEG_INFINITY } else { st.max }).collect();
+    comm.all_reduce_f32(&mut max, ReduceOp::Max)?;
+    // [Σ exp at the global max | the target's logit | the hit], summed.
+    let mut sums = vec![0f32; rows.checked_mul(3).ok_or_else(|| Error::invalid(OP, "3·W·B overflows"))?];
+    for (i, st) in state.iter().enumerate() {
+        sums[i] = if st.max.is_nan() {
+            f32::NAN
+        } else if st.max == f32::NEG_INFINITY {
+            0.0
+        } else {
+            st.sum * (st.max - max[i]).exp()
+        };
+        if let Some(tg) = &tgs[i] {
+            let t = s * tg.f as f32;
+            sums[rows + i] = if st.target_c.is_nan() { f32::NAN } else { t };
+            let hit = st.best_class == targets[i] as usize && s * st.best_c >= max[i];
+            sums[2 * rows + i] = f32::from(u8::from(hit));
+        }
+    }
+    comm.all_reduce_f32(&mut sums, ReduceOp::Sum)?;
+    let weight = 1.0 / rows as f32;
+    let rowv: Vec<cpu::RowOut> = (0..rows)
+        .map(|i| {
+            let (se, t) = (sums[i], sums[rows + i]);
+            // The owner's margin terms; the other ranks need only the
+            // log-sum-exp.
+            let tg = tgs[i].unwrap_or(Target { f: f64::from(t / s), df: 1.0, sing: 0.0 });
+            cpu::finish_row(cfg, weight, max[i], se, t, &tg, se.is_nan() || t.is_nan(), sums[2 * rows + i] > 0.5)
+        })
+        .collect();
+    let loss = rowv.iter().map(|r| r.loss).sum::<f64>() / rows as f64;
+    let accuracy = rowv.iter().filter(|r| r.hit).count() as f64 / rows as f64;
+    Ok((rowv, SoftmaxLoss { loss, accuracy }))
 }
 
 /// The seed of a shard's draws (its random centres, Partial FC's sample):

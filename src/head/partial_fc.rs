@@ -141,6 +141,18 @@ impl PartialFc {
         Ok((0..keep.len() as u32).filter(|&n| keep[n as usize]).collect())
     }
 
+    /// [`PartialFc::sample`] drawn on the head's device (a GPU): the sorted
+    /// sample, u32 `[k]` there, k = max(⌈r·N⌉, the distinct labels).
+    /// Errors: a label not below N.
+    pub(crate) fn sample_on_device(&self, labels: &[u32], step: u64) -> Result<Tensor> {
+        self.check_labels("PartialFc::sample", labels)?;
+        let (dev, n) = (self.head.device(), self.head.config().classes);
+        let k = self.sample_size().max(distinct(labels, n));
+        // The labels are below N, which fits an i32 (the head's check).
+        let buf = dev.upload(bytemuck::cast_slice(labels))?;
+        self.sample_device(dev, &buf, labels.len(), k, step)
+    }
+
     /// The sample drawn on the device from device labels (`B` i32 < N,
     /// checked): the sorted index of `k` classes, `k` at least the
     /// distinct labels' count (the caller's guarantee: k ≥ B, or k counted
@@ -157,20 +169,24 @@ impl PartialFc {
         // of distinct positives (k minus it: the negatives to draw).
         let mut hists = dev.alloc_zeroed((2 * 65536 + 1) * 4)?;
         let count = dev.ptr_mut_of::<i32>(&mut hists).offset(2 * 65536);
-        // SAFETY (every launch below): labels holds B class ids < N (checked),
-        // positive N i32 flags; the selection buffers are sized here: sel 4
-        // i32, each histogram 65536 u32 and the count 1 i32, counts one i32
-        // per 1024 classes, index k i32 (k = the positives plus the selected
-        // negatives, which the radix select makes exact).
-        unsafe {
-            launch::pfc_mark(
-                dev,
-                LaunchConfig::linear(bsz.div_ceil(256) as u32, 256, 0),
-                dev.ptr_of(labels),
-                bsz as i32,
-                dev.ptr_mut_of(&mut positive),
-                count,
-            )?;
+        // (No labels, as on a model-parallel shard that owns none of the
+        // batch's classes: no positives, k negatives.)
+        if bsz > 0 {
+            // SAFETY (this launch and those below): labels holds B class ids < N (checked),
+            // positive N i32 flags; the selection buffers are sized here: sel 4
+            // i32, each histogram 65536 u32 and the count 1 i32, counts one i32
+            // per 1024 classes, index k i32 (k = the positives plus the selected
+            // negatives, which the radix select makes exact).
+            unsafe {
+                launch::pfc_mark(
+                    dev,
+                    LaunchConfig::linear(bsz.div_ceil(256) as u32, 256, 0),
+                    dev.ptr_of(labels),
+                    bsz as i32,
+                    dev.ptr_mut_of(&mut positive),
+                    count,
+                )?;
+            }
         }
         for pass in 0..2 {
             let hist = dev.ptr_mut_of::<u32>(&mut hists).offset(pass * 65536);

@@ -33,7 +33,7 @@ use crate::ops::gemm::{cpu::gemm_sized as cpu_gemm, Op};
 use crate::ops::labels::{self, Labels};
 use crate::ops::rowwise;
 use crate::ops::topk::TopK;
-use crate::runtime::device::{Device, DeviceKind, LaunchConfig};
+use crate::runtime::device::{Device, DeviceBuffer, DeviceKind, LaunchConfig};
 use crate::runtime::kernels::Ptr;
 use crate::runtime::launch::{self, launch_one_of};
 use crate::runtime::tensor::{DType, Tensor};
@@ -508,81 +508,28 @@ fn device_step(
     metrics: &mut SoftmaxMetrics,
 ) -> Result<()> {
     let dev = w.device();
-    let (b, d) = (features.shape()[0], cfg.dim);
-    let (btiles, ntiles) = (b.div_ceil(TILE), n.div_ceil(TILE));
-    let rows_p = rows_ptr(rows)?;
-    let (target, host_targets, bad) = match targets {
-        Targets::Host(t) => (dev.upload(bytemuck::cast_slice(&t))?, Some(t), None),
-        Targets::Device(p) => (p.labels, None, p.bad),
-    };
-    let target_p = dev.ptr_of::<i32>(&target);
-    let (u, norms) = normalized_f32(features)?;
-    let rnorm = inv_norms(w, rows, n)?;
-    let vec = d % 4 == 0;
-    let (bi, ni, di) = (b as i32, n as i32, d as i32);
-    // SAFETY (every launch of this step): u, du and the features are
-    // [B, d], the centres hold the n logical rows (rows: n stored row indices
-    // from the validated sample, or null) of d, rnorm n; the targets are B
-    // logical classes < n (checked by the callers); every other buffer is
-    // allocated here with the size its kernel's header states: partial
-    // [B, splits, 4], tgt_cos and tgt_sin [B], the stats rows [B] each, dw
-    // [n, d]; order (B rows) and starts (groups + 1) index them.
-    // Forward: per-split partial log-sum-exps, then the merge per row.
-    let mut tgt_cos = Tensor::empty(dev, &[b], DType::F32)?;
-    let mut tc = match cfg.tensor_cores {
-        true => Some(TcOperands::new(cfg, &u, w, rows, n)?),
-        false => None,
-    };
-    let (partial, splits) = match &mut tc {
-        Some(tc) => (tc.forward(cfg, &rnorm, target_p, &mut tgt_cos)?, 1),
-        None => {
-            let splits = cfg.splits.unwrap_or_else(|| auto_splits(btiles)).min(ntiles).min(MAX_SPLITS);
-            let mut partial = Tensor::empty(dev, &[b, splits, 4], DType::F32)?;
-            let fwd = LaunchConfig { grid: (splits as u32, btiles as u32, 1), block: (256, 1, 1), shared_bytes: 0 };
-            // SAFETY: see the top of the step.
-            unsafe {
-                launch_one_of!((w.dtype(), vec), {
-                    (DType::F32, false) => softmax_fwd_f32, (DType::F32, true) => softmax_fwd_f32_v,
-                    (_, false) => softmax_fwd_bf16, (_, true) => softmax_fwd_bf16_v,
-                }, (dev, fwd, u.ptr()?, w.ptr()?, rows_p, rnorm.ptr()?, target_p, bi, ni, di, cfg.scale,
-                    splits as i32, partial.ptr_mut()?, tgt_cos.ptr_mut()?))
-            }?;
-            (partial, splits)
-        }
-    };
-    // The angular margins take the target's angle from the raw vectors (f64).
-    let (kind, m) = cfg.margin.kernel_args();
-    let x_wide = features.widened()?;
-    let x32 = x_wide.as_ref().unwrap_or(features);
-    let rows_cfg = LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0);
-    let tgt_sin = if cfg.margin.is_angular() {
-        let mut sin = Tensor::empty(dev, &[b], DType::F32)?;
-        // SAFETY: see the top of the step.
-        unsafe {
-            launch_one_of!(w.dtype(), { DType::F32 => softmax_target_angle_f32, _ => softmax_target_angle_bf16 },
-                (dev, rows_cfg, x32.ptr()?, w.ptr()?, rows_p, target_p, bi, di, tgt_cos.ptr_mut()?, sin.ptr_mut()?))
-        }?;
-        Some(sin)
-    } else {
-        None
-    };
+    let mut pass = DevicePass::forward(cfg, w, rows, n, features, targets)?;
+    let b = pass.b;
     // stats rows: lse, gy, loss, correct, gsing (kept in the metrics).
     let mut stats = metrics.state.take_buffer(dev, 5, b)?;
     let stat_rows: Vec<_> = (0..5).map(|r| stats.rows_ptr_mut::<f32>(r, 1)).collect::<Result<_>>()?;
     let row = |r: usize| stat_rows[r];
     let weight = 1.0 / b as f32;
     let exact = cfg.margin_grad == MarginGrad::Exact;
-    // SAFETY: see the top of the step.
+    let (kind, m) = cfg.margin.kernel_args();
+    let partial = pass.partial.take().ok_or_else(|| Error::invalid("SoftmaxHead", "no partials (internal error)"))?;
+    // SAFETY: partial is [B, splits, 4], tgt_cos and tgt_sin (or null) [B],
+    // the targets B classes < n, the stats rows B floats each.
     unsafe {
         launch::softmax_merge(
             dev,
-            rows_cfg,
+            LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0),
             partial.ptr()?,
-            splits as i32,
-            tgt_cos.ptr()?,
-            Tensor::ptr_or_null(tgt_sin.as_ref())?,
-            target_p,
-            bi,
+            pass.splits as i32,
+            pass.tgt_cos.ptr()?,
+            Tensor::ptr_or_null(pass.tgt_sin.as_ref())?,
+            pass.target_ptr(),
+            b as i32,
             cfg.scale,
             kind,
             m,
@@ -598,68 +545,232 @@ fn device_step(
         )
     }?;
     drop(partial);
-    // Backward: recompute each tile, accumulate both gradients.
-    let mut du = Tensor::zeros(dev, &[b, d], DType::F32)?;
-    let dw = &mut grads.centres;
-    dw.fill_zeros()?;
-    let (lse_p, gy_p) = (row(0).as_const(), row(1).as_const());
-    match &mut tc {
-        Some(tc) => tc.backward(cfg, &rnorm, target_p, lse_p, gy_p, weight, &mut du, dw)?,
-        None => {
-            let b_splits = (TARGET_BLOCKS / ntiles).clamp(1, btiles);
-            let bwd = LaunchConfig {
-                grid: (ntiles as u32, b_splits as u32, 1),
-                block: (256, 1, 1),
-                shared_bytes: (TILE * (TILE + 4) * 4) as u32,
-            };
-            // SAFETY: see the top of the step.
-            unsafe {
-                launch_one_of!((w.dtype(), vec), {
-                    (DType::F32, false) => softmax_bwd_f32, (DType::F32, true) => softmax_bwd_f32_v,
-                    (_, false) => softmax_bwd_bf16, (_, true) => softmax_bwd_bf16_v,
-                }, (dev, bwd, u.ptr()?, w.ptr()?, rows_p, rnorm.ptr()?, target_p, lse_p, gy_p, bi, ni, di, cfg.scale,
-                    weight, du.ptr_mut()?, dw.ptr_mut()?))
-            }?;
-        }
-    }
-    drop(tc);
-    if exact && cfg.margin.is_angular() {
-        // The singular part, one warp per distinct target class, its rows in
-        // order (grouped on the host: device labels come down once).
-        let targets = match host_targets {
-            Some(t) => t,
-            None => bytemuck::pod_collect_to_vec(&dev.download(&target, b * 4)?),
-        };
-        let mut order: Vec<i32> = (0..b as i32).collect();
-        order.sort_by_key(|&r| (targets[r as usize], r));
-        let mut starts = vec![0i32];
-        for i in 1..b {
-            if targets[order[i] as usize] != targets[order[i - 1] as usize] {
-                starts.push(i as i32);
-            }
-        }
-        starts.push(b as i32);
-        let groups = starts.len() - 1;
-        let (order_buf, starts_buf) =
-            (dev.upload(bytemuck::cast_slice(&order))?, dev.upload(bytemuck::cast_slice(&starts))?);
-        let cfg1 = LaunchConfig::linear(groups as u32, 32, 0);
-        let (order_p, starts_p, gsing_p) = (dev.ptr_of(&order_buf), dev.ptr_of(&starts_buf), row(4).as_const());
-        // SAFETY: see the top of the step.
-        unsafe {
-            launch_one_of!(w.dtype(), { DType::F32 => softmax_target_singular_f32, _ => softmax_target_singular_bf16 },
-                (dev, cfg1, x32.ptr()?, w.ptr()?, rows_p, target_p, order_p, starts_p, di, gsing_p,
-                 du.ptr_mut()?, dw.ptr_mut()?))
-        }?;
-    }
-    let fin = LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0);
-    // SAFETY: see the top of the step.
-    unsafe {
-        launch_one_of!(w.dtype(), { DType::F32 => centre_grad_finish_f32, _ => centre_grad_finish_bf16 },
-            (dev, fin, w.ptr()?, rows_p, rnorm.ptr()?, ni, di, dw.ptr_mut()?))
-    }?;
-    rowwise::l2_normalize_backward_into(&u, &norms, &du, EPS, &mut grads.features)?;
+    let bad = pass.bad.take();
+    pass.backward(
+        row(0).as_const(),
+        row(1).as_const(),
+        row(4).as_const(),
+        weight,
+        &mut grads.centres,
+        &mut grads.features,
+    )?;
     metrics.state = StepStats::Device { stats, bad, n };
     Ok(())
+}
+
+/// A device step's operands and its forward's results, kept for the
+/// backward: the one-process step ([`device_step`]: the forward, the merge
+/// per row, the backward) and a model-parallel shard
+/// ([`crate::distributed::ModelParallelHead`]: the forward, each row's stats
+/// combined over the ranks, the backward) run the same phases. Targets may
+/// be negative (a row whose target is another shard's class: every class
+/// here is a non-target for it).
+pub(crate) struct DevicePass<'a> {
+    cfg: &'a SoftmaxHeadConfig,
+    w: &'a Tensor,
+    rows: Option<&'a Tensor>,
+    n: usize,
+    /// Rows of the batch.
+    pub b: usize,
+    target: DeviceBuffer,
+    host_targets: Option<Vec<i32>>,
+    /// The device label check's flag (device targets).
+    pub bad: Option<DeviceBuffer>,
+    features: &'a Tensor,
+    x_wide: Option<Tensor>,
+    u: Tensor,
+    norms: Tensor,
+    rnorm: Tensor,
+    tc: Option<TcOperands<'a>>,
+    /// The forward's per-split (max, Σ exp, best c, best index bits) of
+    /// each row's non-target classes: `[B, splits, 4]`.
+    pub partial: Option<Tensor>,
+    pub splits: usize,
+    /// The target's cosine of each row (written for rows whose target is
+    /// among the classes), `[B]`.
+    pub tgt_cos: Tensor,
+    /// The sine of the target's angle (angular margins), `[B]`.
+    pub tgt_sin: Option<Tensor>,
+}
+
+impl<'a> DevicePass<'a> {
+    /// The forward over `n` logical classes (`rows` as [`fused_step`]'s).
+    pub(crate) fn forward(
+        cfg: &'a SoftmaxHeadConfig,
+        w: &'a Tensor,
+        rows: Option<&'a Tensor>,
+        n: usize,
+        features: &'a Tensor,
+        targets: Targets,
+    ) -> Result<DevicePass<'a>> {
+        let dev = w.device();
+        let (b, d) = (features.shape()[0], cfg.dim);
+        let (btiles, ntiles) = (b.div_ceil(TILE), n.div_ceil(TILE));
+        let rows_p = rows_ptr(rows)?;
+        let (target, host_targets, bad) = match targets {
+            Targets::Host(t) => (dev.upload(bytemuck::cast_slice(&t))?, Some(t), None),
+            Targets::Device(p) => (p.labels, None, p.bad),
+        };
+        let target_p = dev.ptr_of::<i32>(&target);
+        let (u, norms) = normalized_f32(features)?;
+        let rnorm = inv_norms(w, rows, n)?;
+        let vec = d % 4 == 0;
+        let (bi, ni, di) = (b as i32, n as i32, d as i32);
+        // SAFETY (every launch of this pass): u, du and the features are
+        // [B, d], the centres hold the n logical rows (rows: n stored row
+        // indices from the validated sample, or null) of d, rnorm n; the
+        // targets are B logical classes < n, or negative (checked by the
+        // callers; the kernels skip a negative target's row where they would
+        // read its centre); every other buffer is allocated here with the
+        // size its kernel's header states: partial [B, splits, 4], tgt_cos
+        // and tgt_sin [B], dw [n, d]; order and starts index the rows.
+        // Forward: per-split partial log-sum-exps.
+        let mut tgt_cos = Tensor::empty(dev, &[b], DType::F32)?;
+        let mut tc = match cfg.tensor_cores {
+            true => Some(TcOperands::new(cfg, &u, w, rows, n)?),
+            false => None,
+        };
+        let (partial, splits) = match &mut tc {
+            Some(tc) => (tc.forward(cfg, &rnorm, target_p, &mut tgt_cos)?, 1),
+            None => {
+                let splits = cfg.splits.unwrap_or_else(|| auto_splits(btiles)).min(ntiles).min(MAX_SPLITS);
+                let mut partial = Tensor::empty(dev, &[b, splits, 4], DType::F32)?;
+                let fwd = LaunchConfig { grid: (splits as u32, btiles as u32, 1), block: (256, 1, 1), shared_bytes: 0 };
+                // SAFETY: see above.
+                unsafe {
+                    launch_one_of!((w.dtype(), vec), {
+                        (DType::F32, false) => softmax_fwd_f32, (DType::F32, true) => softmax_fwd_f32_v,
+                        (_, false) => softmax_fwd_bf16, (_, true) => softmax_fwd_bf16_v,
+                    }, (dev, fwd, u.ptr()?, w.ptr()?, rows_p, rnorm.ptr()?, target_p, bi, ni, di, cfg.scale,
+                        splits as i32, partial.ptr_mut()?, tgt_cos.ptr_mut()?))
+                }?;
+                (partial, splits)
+            }
+        };
+        // The angular margins take the target's angle from the raw vectors (f64).
+        let x_wide = features.widened()?;
+        let x32 = x_wide.as_ref().unwrap_or(features);
+        let tgt_sin = if cfg.margin.is_angular() {
+            let mut sin = Tensor::empty(dev, &[b], DType::F32)?;
+            // SAFETY: see above.
+            unsafe {
+                launch_one_of!(w.dtype(), { DType::F32 => softmax_target_angle_f32, _ => softmax_target_angle_bf16 },
+                    (dev, LaunchConfig::linear(b.div_ceil(8) as u32, 256, 0), x32.ptr()?, w.ptr()?, rows_p, target_p,
+                     bi, di, tgt_cos.ptr_mut()?, sin.ptr_mut()?))
+            }?;
+            Some(sin)
+        } else {
+            None
+        };
+        Ok(DevicePass {
+            cfg,
+            w,
+            rows,
+            n,
+            b,
+            target,
+            host_targets,
+            bad,
+            features,
+            x_wide,
+            u,
+            norms,
+            rnorm,
+            tc,
+            partial: Some(partial),
+            splits,
+            tgt_cos,
+            tgt_sin,
+        })
+    }
+
+    /// The targets' device buffer (B i32).
+    pub(crate) fn target_ptr(&self) -> Ptr<i32> {
+        self.w.device().ptr_of::<i32>(&self.target)
+    }
+
+    /// The backward from each row's log-sum-exp, target gradient and
+    /// singular weight (`[B]` f32 each on the device; the singular part is
+    /// added for the exact gradient of an angular margin): overwrites the
+    /// centre gradient `dw` (`[n, d]`) and the features' `dx` (`[B, d]`).
+    pub(crate) fn backward(
+        mut self,
+        lse: Ptr<f32>,
+        gy: Ptr<f32>,
+        gsing: Ptr<f32>,
+        weight: f32,
+        dw: &mut Tensor,
+        dx: &mut Tensor,
+    ) -> Result<()> {
+        let (cfg, w, n, b, d) = (self.cfg, self.w, self.n, self.b, self.cfg.dim);
+        let dev = w.device();
+        let (rows_p, target_p) = (rows_ptr(self.rows)?, self.target_ptr());
+        let (btiles, ntiles) = (b.div_ceil(TILE), n.div_ceil(TILE));
+        let (bi, ni, di, vec) = (b as i32, n as i32, d as i32, d % 4 == 0);
+        // Recompute each tile, accumulate both gradients.
+        let mut du = Tensor::zeros(dev, &[b, d], DType::F32)?;
+        dw.fill_zeros()?;
+        let u = &self.u;
+        match &mut self.tc {
+            Some(tc) => tc.backward(cfg, &self.rnorm, target_p, lse, gy, weight, &mut du, dw)?,
+            None => {
+                let b_splits = (TARGET_BLOCKS / ntiles).clamp(1, btiles);
+                let bwd = LaunchConfig {
+                    grid: (ntiles as u32, b_splits as u32, 1),
+                    block: (256, 1, 1),
+                    shared_bytes: (TILE * (TILE + 4) * 4) as u32,
+                };
+                // SAFETY: see the forward.
+                unsafe {
+                    launch_one_of!((w.dtype(), vec), {
+                        (DType::F32, false) => softmax_bwd_f32, (DType::F32, true) => softmax_bwd_f32_v,
+                        (_, false) => softmax_bwd_bf16, (_, true) => softmax_bwd_bf16_v,
+                    }, (dev, bwd, u.ptr()?, w.ptr()?, rows_p, self.rnorm.ptr()?, target_p, lse, gy, bi, ni, di,
+                        cfg.scale, weight, du.ptr_mut()?, dw.ptr_mut()?))
+                }?;
+            }
+        }
+        self.tc = None;
+        if cfg.margin_grad == MarginGrad::Exact && cfg.margin.is_angular() {
+            // The singular part, one warp per distinct target class, its rows
+            // in order (grouped on the host: device labels come down once;
+            // rows of another shard's target have none).
+            let targets = match self.host_targets.take() {
+                Some(t) => t,
+                None => bytemuck::pod_collect_to_vec(&dev.download(&self.target, b * 4)?),
+            };
+            let mut order: Vec<i32> = (0..b as i32).filter(|&r| targets[r as usize] >= 0).collect();
+            order.sort_by_key(|&r| (targets[r as usize], r));
+            let mut starts = vec![0i32];
+            for i in 1..order.len() {
+                if targets[order[i] as usize] != targets[order[i - 1] as usize] {
+                    starts.push(i as i32);
+                }
+            }
+            starts.push(order.len() as i32);
+            let groups = starts.len() - 1;
+            if groups > 0 {
+                let (order_buf, starts_buf) =
+                    (dev.upload(bytemuck::cast_slice(&order))?, dev.upload(bytemuck::cast_slice(&starts))?);
+                let cfg1 = LaunchConfig::linear(groups as u32, 32, 0);
+                let (order_p, starts_p) = (dev.ptr_of(&order_buf), dev.ptr_of(&starts_buf));
+                let x32 = self.x_wide.as_ref().unwrap_or(self.features);
+                // SAFETY: see the forward.
+                unsafe {
+                    launch_one_of!(w.dtype(), { DType::F32 => softmax_target_singular_f32, _ => softmax_target_singular_bf16 },
+                        (dev, cfg1, x32.ptr()?, w.ptr()?, rows_p, target_p, order_p, starts_p, di, gsing,
+                         du.ptr_mut()?, dw.ptr_mut()?))
+                }?;
+            }
+        }
+        let fin = LaunchConfig::linear(n.div_ceil(8) as u32, 256, 0);
+        // SAFETY: see the forward.
+        unsafe {
+            launch_one_of!(w.dtype(), { DType::F32 => centre_grad_finish_f32, _ => centre_grad_finish_bf16 },
+                (dev, fin, w.ptr()?, rows_p, self.rnorm.ptr()?, ni, di, dw.ptr_mut()?))
+        }?;
+        rowwise::l2_normalize_backward_into(u, &self.norms, &du, EPS, dx)
+    }
 }
 
 /// Bytes of chunk buffers the tensor-core path aims for (logits f32 and

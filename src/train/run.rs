@@ -20,8 +20,8 @@
 //! gradients averaged across ranks before each step
 //! ([`Trainer::set_communicator`]); rank 0 alone writes the log, the
 //! metrics, the verification results, the codebook and the checkpoints;
-//! `cuda` is the GPU of the rank's index on its machine. On CPU ranks the
-//! full softmax and Partial FC are model-parallel
+//! `cuda` is the GPU of the rank's index on its machine. On several ranks
+//! the full softmax and Partial FC are model-parallel
 //! ([`TrainHead::ModelParallel`]: each rank its shard of the centres, and
 //! its own checkpoint file). The schedule
 //! counts the steps a rank takes: ⌈images / W⌉ / `batch_size` an epoch
@@ -37,7 +37,7 @@ use crate::data::{Dataset, Loader, Sampler};
 use crate::distributed::{Communicator, ModelParallelHead};
 use crate::error::{Error, Result};
 use crate::head::{CodeHead, CodeHeadConfig, CodeTable, MarginGrad, PartialFc, SoftmaxHead, SoftmaxHeadConfig};
-use crate::runtime::device::{Device, DeviceKind};
+use crate::runtime::device::Device;
 use crate::runtime::tensor::DType;
 use crate::tokenizer::{self, Codebook, Input};
 use crate::train::config::TrainConfig;
@@ -97,7 +97,7 @@ fn device_of_rank(name: &str, local: usize) -> Result<Device> {
 
 /// The head of `cfg` for `n` identities on `dev` (a codebook made and
 /// written to the output directory when GIF has none given). On several
-/// CPU ranks (`comm`), the full softmax and Partial FC are model-parallel:
+/// ranks (`comm`; CPU or GPU), the full softmax and Partial FC are model-parallel:
 /// this rank's shard of the centres.
 fn build_head(
     cfg: &TrainConfig,
@@ -115,10 +115,10 @@ fn build_head(
         ..SoftmaxHeadConfig::new(d, n)
     };
     let kind = cfg.head_kind();
-    if let Some(comm) = comm.filter(|c| c.world() > 1 && dev.kind() == DeviceKind::Cpu) {
+    if let Some(comm) = comm.filter(|c| c.world() > 1) {
         if kind == "arcface" || kind == "partial_fc" {
             let rate = (kind == "partial_fc").then_some(cfg.sample_rate);
-            return Ok(TrainHead::ModelParallel(ModelParallelHead::new(sm, comm, rate, cfg.seed ^ 1)?));
+            return Ok(TrainHead::ModelParallel(ModelParallelHead::new(sm, dev, comm, rate, cfg.seed ^ 1)?));
         }
     }
     Ok(match kind {
