@@ -427,12 +427,22 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 /// maps of 48, 24, 12, 6 and 3, so F(4x4, 3x3)'s tiles overhang the maps of
 /// 6 and 3 and F(2x2, 3x3)'s the map of 3; every variant and the
 /// per-size choice; batches of 3, then 1, then 3 again through the same
-/// (kept) buffers.
+/// (kept) buffers. Channel counts of 4-12 (every vector of the tile
+/// transforms and every GEMM panel partial), then 16-40 (whole vectors of
+/// 16 channels and partial ones after them).
 #[test]
 fn folded_network_equals_the_layer_by_layer_eval_forward() {
+    for cfg in [
+        IResNetConfig { input: 48, ..tiny() },
+        IResNetConfig { input: 48, stem: 16, widths: [16, 20, 33, 40], ..tiny() },
+    ] {
+        check_folded(cfg);
+    }
+}
+
+fn check_folded(cfg: IResNetConfig) {
     use gif_fr::backbone::{Kernels, Winograd};
     let dev = Device::cpu();
-    let cfg = IResNetConfig { input: 48, ..tiny() };
     let mut net = randomized(cfg, &dev, 21);
     let mut r = rng(22);
     let x3 = uniform(&mut r, 3 * 48 * 48 * 3, -1.0, 1.0);

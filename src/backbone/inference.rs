@@ -148,23 +148,35 @@ struct Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
-    /// Finishes output row `row` (`c_out` values, holding the products).
+    /// Finishes output row `row` (`c_out` values, holding the products):
+    /// one pass, with AVX-512 where the CPU has it.
     #[inline]
     fn apply(&self, row: usize, y: &mut [f32]) {
-        for (v, b) in y.iter_mut().zip(self.bias) {
-            *v += b;
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(e: &Epilogue<'_>, row: usize, y: &mut [f32]) {
+            e.finish(row, y)
         }
-        if let Some(res) = self.residual {
-            let n = y.len();
-            for (v, r) in y.iter_mut().zip(&res[row * n..(row + 1) * n]) {
-                *v += r;
-            }
+        #[cfg(target_arch = "x86_64")]
+        if packed::available() {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { avx512(self, row, y) };
         }
-        if let Some(alpha) = self.prelu {
-            for (v, a) in y.iter_mut().zip(alpha) {
-                if *v < 0.0 {
-                    *v *= a;
-                }
+        self.finish(row, y)
+    }
+
+    #[inline(always)]
+    fn finish(&self, row: usize, y: &mut [f32]) {
+        let n = y.len();
+        let res = self.residual.map(|r| &r[row * n..(row + 1) * n]);
+        // The sums in the unfused order: products + bias, + residual.
+        let prelu = |v: f32, a: f32| if v < 0.0 { v * a } else { v };
+        match (res, self.prelu) {
+            (None, None) => y.iter_mut().zip(self.bias).for_each(|(v, b)| *v += b),
+            (Some(r), None) => y.iter_mut().zip(self.bias).zip(r).for_each(|((v, b), r)| *v = *v + b + r),
+            (None, Some(al)) => y.iter_mut().zip(self.bias).zip(al).for_each(|((v, b), a)| *v = prelu(*v + b, *a)),
+            (Some(r), Some(al)) => {
+                y.iter_mut().zip(self.bias).zip(r).zip(al).for_each(|(((v, b), r), a)| *v = prelu(*v + b + r, *a))
             }
         }
     }
@@ -337,16 +349,6 @@ fn grown(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
-thread_local! {
-    /// Each worker thread's per-tile scratch (transforms of one tile).
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with this thread's scratch of at least `n` floats.
-fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|s| f(grown(&mut s.borrow_mut(), n)))
-}
-
 /// A 3x3 stride-1 pad-1 convolution by Winograd: tiles of m x m outputs
 /// (the batch's tiles in chunks), each chunk's input transform, a·a GEMMs
 /// side by side, and the output transform with the epilogue. `v` and `mm`
@@ -371,36 +373,20 @@ fn winograd(
     let chunk = (CHUNK_FLOATS / (a * a * ci.max(co))).max(1);
     let v = grown(v, a * a * chunk.min(tiles) * ci);
     let mm = grown(mm, a * a * chunk.min(tiles) * co);
-    // Tile index → (image, tile row, tile column).
-    let place = |tile: usize| (tile / per_image, (tile % per_image) / tw, tile % tw);
+    let wide = packed::available();
+    // Tile index → its first output pixel (image, row, column).
+    let place = |tile: usize| Corner { b: tile / per_image, y: (tile % per_image) / tw * m, x: tile % tw * m };
     let mut t0 = 0;
     while t0 < tiles {
         let n = chunk.min(tiles - t0);
         // Input transform: V_ξ[tile][c] = (Bᵀ d B)_ξ over each tile's a x a patch.
-        {
-            let vp = SyncPtr(v.as_mut_ptr());
-            (0..n).into_par_iter().for_each(|i| {
-                with_scratch(2 * a * a * ci, |buf| {
-                    let (b, ty, tx) = place(t0 + i);
-                    let (d, tmp) = buf.split_at_mut(a * a * ci);
-                    for r in 0..a {
-                        for q in 0..a {
-                            let (iy, ix) = ((ty * m + r).wrapping_sub(1), (tx * m + q).wrapping_sub(1));
-                            let at = (iy < h && ix < w).then(|| (b * h + iy) * w + ix);
-                            load_pixel(&mut d[(r * a + q) * ci..][..ci], x, at, pre);
-                        }
-                    }
-                    // tmp = Bᵀ·d (rows), then V = tmp·B (columns).
-                    two_sided(t.bt, a, a, d, tmp, ci);
-                    for xi in 0..a * a {
-                        // SAFETY: tile i of chunk writes only its own rows
-                        // [xi][i][..] of v, disjoint across tiles.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(vp.get().add((xi * n + i) * ci), ci) };
-                        dst.copy_from_slice(&d[xi * ci..(xi + 1) * ci]);
-                    }
-                })
-            });
-        }
+        let vp = SyncPtr(v.as_mut_ptr());
+        (0..n).into_par_iter().for_each(|i| {
+            let io = TileIo { t, h, w, c: ci, n, i, at: place(t0 + i) };
+            // SAFETY: tile i writes only its own rows [ξ][i][..] of v
+            // (a·a·n rows of C_in), disjoint across tiles.
+            unsafe { transform_tile(wide, true, &io, x, pre, vp) }
+        });
         // The a·a GEMMs: M_ξ [n, C_out] = V_ξ [n, C_in] · U_ξ [C_in, C_out].
         mm[..a * a * n * co].par_chunks_mut(n * co).enumerate().for_each(|(xi, out)| {
             let vx = &v[xi * n * ci..(xi + 1) * n * ci];
@@ -410,35 +396,165 @@ fn winograd(
             }
         });
         // Output transform + epilogue: Y = Aᵀ M A, the valid pixels of each tile.
-        {
-            let yp = SyncPtr(y.as_mut_ptr());
-            let mm = &*mm;
-            (0..n).into_par_iter().for_each(|i| {
-                with_scratch(2 * a * a * co, |buf| {
-                    let (b, ty, tx) = place(t0 + i);
-                    let (g, tmp) = buf.split_at_mut(a * a * co);
-                    for xi in 0..a * a {
-                        g[xi * co..(xi + 1) * co].copy_from_slice(&mm[(xi * n + i) * co..][..co]);
-                    }
-                    // g = Aᵀ·g·A: m x m outputs in g's first m·m rows.
-                    two_sided(t.at, m, a, g, tmp, co);
-                    for r in 0..m {
-                        for q in 0..m {
-                            let (oy, ox) = (ty * m + r, tx * m + q);
-                            if oy >= h || ox >= w {
-                                continue;
-                            }
-                            let row = (b * h + oy) * w + ox;
-                            // SAFETY: each output pixel belongs to exactly one tile.
-                            let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add(row * co), co) };
-                            dst.copy_from_slice(&g[(r * m + q) * co..][..co]);
-                            epi.apply(row, dst);
-                        }
-                    }
-                })
-            });
-        }
+        let yp = SyncPtr(y.as_mut_ptr());
+        let mm = &*mm;
+        (0..n).into_par_iter().for_each(|i| {
+            let io = TileIo { t, h, w, c: co, n, i, at: place(t0 + i) };
+            // SAFETY: tile i writes only its own output pixels (each pixel
+            // belongs to exactly one tile) of y (`[batch·h·w][C_out]`).
+            unsafe { transform_tile(wide, false, &io, mm, None, yp) };
+            for r in 0..m.min(h - io.at.y) {
+                for q in 0..m.min(w - io.at.x) {
+                    let row = (io.at.b * h + io.at.y + r) * w + io.at.x + q;
+                    // SAFETY: as above.
+                    epi.apply(row, unsafe { std::slice::from_raw_parts_mut(yp.get().add(row * co), co) });
+                }
+            }
+        });
         t0 += n;
+    }
+}
+
+/// A tile's first output pixel: image, row, column.
+#[derive(Clone, Copy)]
+struct Corner {
+    b: usize,
+    y: usize,
+    x: usize,
+}
+
+/// One tile's place in a Winograd convolution: the transforms, the map's
+/// height and width, the channels transformed (C_in for the input
+/// transform, C_out for the output's), the chunk's tile count `n` and
+/// this tile's index `i` in it, its corner.
+struct TileIo<'a> {
+    t: &'a Transforms,
+    h: usize,
+    w: usize,
+    c: usize,
+    n: usize,
+    i: usize,
+    at: Corner,
+}
+
+/// Channels per step of the tile transforms (one AVX-512 vector).
+const LANES: usize = 16;
+type Lane = [f32; LANES];
+
+/// One tile's input transform (`input`: from the map `src` through `pre`
+/// into the tile's rows of `dst`, `[a·a][n][c]`) or output transform
+/// (from the products `src`, `[a·a][n][c]`, into the map's pixels `dst`),
+/// 16 channels at a time in registers; with AVX-512 when `wide`.
+///
+/// SAFETY: `dst` covers what the transform writes (the caller's claim of
+/// disjointness per tile); `wide` only where the CPU has AVX-512F.
+unsafe fn transform_tile(wide: bool, input: bool, io: &TileIo<'_>, src: &[f32], pre: Option<&Affine>, dst: SyncPtr) {
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512<const A: usize>(input: bool, io: &TileIo<'_>, src: &[f32], pre: Option<&Affine>, dst: SyncPtr) {
+        tile::<A>(input, io, src, pre, dst)
+    }
+    match (io.t.a, wide) {
+        (4, true) => avx512::<4>(input, io, src, pre, dst),
+        (4, false) => tile::<4>(input, io, src, pre, dst),
+        (_, true) => avx512::<6>(input, io, src, pre, dst),
+        (_, false) => tile::<6>(input, io, src, pre, dst),
+    }
+}
+
+/// [`transform_tile`] for a tiles (a = 4 or 6, `io.t.a`).
+///
+/// SAFETY: as [`transform_tile`].
+#[inline(always)]
+unsafe fn tile<const A: usize>(input: bool, io: &TileIo<'_>, src: &[f32], pre: Option<&Affine>, dst: SyncPtr) {
+    let &TileIo { t, h, w, c, n, i, at } = io;
+    let m = t.m;
+    for c0 in (0..c).step_by(LANES) {
+        let width = LANES.min(c - c0);
+        // The tile's a x a vectors of these channels (zeros past the
+        // channels and in the padding).
+        let mut d = [[[0f32; LANES]; A]; A];
+        for (r, row) in d.iter_mut().enumerate() {
+            for (q, lane) in row.iter_mut().enumerate() {
+                let from = if input {
+                    let (iy, ix) = ((at.y + r).wrapping_sub(1), (at.x + q).wrapping_sub(1));
+                    (iy < h && ix < w).then(|| ((at.b * h + iy) * w + ix) * c + c0)
+                } else {
+                    Some(((r * A + q) * n + i) * c + c0)
+                };
+                let Some(from) = from else { continue };
+                load_lane(
+                    lane,
+                    &src[from..from + width],
+                    pre.map(|p| (&p.scale[c0..c0 + width], &p.shift[c0..c0 + width])),
+                );
+            }
+        }
+        // T·d·Tᵀ with T = Bᵀ (a x a) or Aᵀ (m x a): the first side into
+        // `e`, the second back into `d` (its first k x k vectors).
+        let (tm, k) = if input { (t.bt, A) } else { (t.at, m) };
+        let mut e = [[[0f32; LANES]; A]; A];
+        for (ri, row) in e.iter_mut().enumerate().take(k) {
+            for (j, out) in row.iter_mut().enumerate() {
+                for (kk, dk) in d.iter().enumerate() {
+                    add_scaled(out, tm[ri * A + kk], &dk[j]);
+                }
+            }
+        }
+        for (ri, row) in d.iter_mut().enumerate().take(k) {
+            for (j, out) in row.iter_mut().enumerate().take(k) {
+                *out = [0.0; LANES];
+                for (kk, ek) in e[ri].iter().enumerate() {
+                    add_scaled(out, tm[j * A + kk], ek);
+                }
+            }
+        }
+        for (r, row) in d.iter().enumerate().take(k) {
+            for (q, lane) in row.iter().enumerate().take(k) {
+                let to = if input {
+                    ((r * A + q) * n + i) * c + c0
+                } else {
+                    let (oy, ox) = (at.y + r, at.x + q);
+                    if oy >= h || ox >= w {
+                        continue;
+                    }
+                    ((at.b * h + oy) * w + ox) * c + c0
+                };
+                // SAFETY: the caller's (this tile's own rows or pixels).
+                let out = std::slice::from_raw_parts_mut(dst.get().add(to), width);
+                match <&mut Lane>::try_from(&mut *out) {
+                    Ok(full) => *full = *lane,
+                    Err(_) => out.copy_from_slice(&lane[..width]),
+                }
+            }
+        }
+    }
+}
+
+/// `lane[..v.len()] = v`, through the affine map `pre` (the scales and
+/// shifts of those channels) when given; a whole vector at once when it is
+/// one.
+#[inline(always)]
+fn load_lane(lane: &mut Lane, v: &[f32], pre: Option<(&[f32], &[f32])>) {
+    match (<&Lane>::try_from(v), pre) {
+        (Ok(v), None) => *lane = *v,
+        (Err(_), None) => lane[..v.len()].copy_from_slice(v),
+        (_, Some((sc, sh))) => {
+            for ((o, x), (a, b)) in lane.iter_mut().zip(v).zip(sc.iter().zip(sh)) {
+                *o = x * a + b;
+            }
+        }
+    }
+}
+
+/// `o += coef·v` over one vector of lanes (a zero coefficient skipped, as
+/// the transforms' many zeros: no work, and an infinite input stays out of
+/// the sums it has no part in).
+#[inline(always)]
+fn add_scaled(o: &mut Lane, coef: f32, v: &Lane) {
+    if coef != 0.0 {
+        for l in 0..LANES {
+            o[l] += coef * v[l];
+        }
     }
 }
 
@@ -457,36 +573,6 @@ fn load_pixel(dst: &mut [f32], x: &[f32], at: Option<usize>, pre: Option<&Affine
         }
         (Some(i), None) => dst.copy_from_slice(&x[i * c..(i + 1) * c]),
         (None, _) => dst.fill(0.0),
-    }
-}
-
-/// `d ← T·d·Tᵀ` for a `rows x cols` matrix T over an a x a grid of channel
-/// vectors of length `c` (`d`: `[cols][cols][c]`; the result in its first
-/// rows·rows vectors); `tmp` holds a·a·c floats.
-fn two_sided(tm: &[f32], rows: usize, cols: usize, d: &mut [f32], tmp: &mut [f32], c: usize) {
-    // tmp[i][j] = Σ_k T[i][k]·d[k][j]
-    for i in 0..rows {
-        for j in 0..cols {
-            let terms = (0..cols).map(|k| (tm[i * cols + k], &d[(k * cols + j) * c..][..c]));
-            combine(&mut tmp[(i * cols + j) * c..][..c], terms);
-        }
-    }
-    // d[i][j] = Σ_k tmp[i][k]·T[j][k]
-    for i in 0..rows {
-        for j in 0..rows {
-            let terms = (0..cols).map(|k| (tm[j * cols + k], &tmp[(i * cols + k) * c..][..c]));
-            combine(&mut d[(i * rows + j) * c..][..c], terms);
-        }
-    }
-}
-
-/// `o = Σ coef·v` over channel vectors (zero coefficients skipped).
-fn combine<'a>(o: &mut [f32], terms: impl Iterator<Item = (f32, &'a [f32])>) {
-    o.fill(0.0);
-    for (coef, v) in terms {
-        if coef != 0.0 {
-            o.iter_mut().zip(v).for_each(|(o, v)| *o += coef * v);
-        }
     }
 }
 
