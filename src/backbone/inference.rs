@@ -467,7 +467,6 @@ unsafe fn transform_tile(wide: bool, input: bool, io: &TileIo<'_>, src: &[f32], 
 #[inline(always)]
 unsafe fn tile<const A: usize>(input: bool, io: &TileIo<'_>, src: &[f32], pre: Option<&Affine>, dst: SyncPtr) {
     let &TileIo { t, h, w, c, n, i, at } = io;
-    let m = t.m;
     for c0 in (0..c).step_by(LANES) {
         let width = LANES.min(c - c0);
         // The tile's a x a vectors of these channels (zeros past the
@@ -491,7 +490,7 @@ unsafe fn tile<const A: usize>(input: bool, io: &TileIo<'_>, src: &[f32], pre: O
         }
         // T·d·Tᵀ with T = Bᵀ (a x a) or Aᵀ (m x a): the first side into
         // `e`, the second back into `d` (its first k x k vectors).
-        let (tm, k) = if input { (t.bt, A) } else { (t.at, m) };
+        let (tm, k) = if input { (t.bt, A) } else { (t.at, t.m) };
         let mut e = [[[0f32; LANES]; A]; A];
         for (ri, row) in e.iter_mut().enumerate().take(k) {
             for (j, out) in row.iter_mut().enumerate() {
