@@ -70,8 +70,12 @@ pub enum Winograd {
 struct Transforms {
     m: usize,
     a: usize,
+    /// (The tile transforms are written out term by term in [`side`]; a
+    /// test checks them against these matrices.)
+    #[cfg_attr(not(test), allow(dead_code))]
     bt: &'static [f32],
     g: &'static [f64],
+    #[cfg_attr(not(test), allow(dead_code))]
     at: &'static [f32],
 }
 
@@ -488,24 +492,21 @@ unsafe fn tile<const A: usize>(input: bool, io: &TileIo<'_>, src: &[f32], pre: O
                 );
             }
         }
-        // T·d·Tᵀ with T = Bᵀ (a x a) or Aᵀ (m x a): the first side into
-        // `e`, the second back into `d` (its first k x k vectors).
-        let (tm, k) = if input { (t.bt, A) } else { (t.at, t.m) };
+        // T·d·Tᵀ with T = Bᵀ (a x a) or Aᵀ (m x a): T on each column into
+        // `e`, then on each row of `e` back into `d` (its first k x k
+        // vectors).
+        let k = if input { A } else { t.m };
         let mut e = [[[0f32; LANES]; A]; A];
-        for (ri, row) in e.iter_mut().enumerate().take(k) {
-            for (j, out) in row.iter_mut().enumerate() {
-                for (kk, dk) in d.iter().enumerate() {
-                    add_scaled(out, tm[ri * A + kk], &dk[j]);
-                }
+        for j in 0..A {
+            let col: [Lane; A] = std::array::from_fn(|r| d[r][j]);
+            let mut o = [[0f32; LANES]; A];
+            side(A, input, &col, &mut o);
+            for (row, v) in e.iter_mut().zip(o).take(k) {
+                row[j] = v;
             }
         }
-        for (ri, row) in d.iter_mut().enumerate().take(k) {
-            for (j, out) in row.iter_mut().enumerate().take(k) {
-                *out = [0.0; LANES];
-                for (kk, ek) in e[ri].iter().enumerate() {
-                    add_scaled(out, tm[j * A + kk], ek);
-                }
-            }
+        for (row, ei) in d.iter_mut().zip(&e).take(k) {
+            side(A, input, ei, row);
         }
         for (r, row) in d.iter().enumerate().take(k) {
             for (q, lane) in row.iter().enumerate().take(k) {
@@ -545,15 +546,53 @@ fn load_lane(lane: &mut Lane, v: &[f32], pre: Option<(&[f32], &[f32])>) {
     }
 }
 
-/// `o += coef·v` over one vector of lanes (a zero coefficient skipped, as
-/// the transforms' many zeros: no work, and an infinite input stays out of
-/// the sums it has no part in).
+/// `out = T·v` over a column (or row) of a tile's vectors: T = Bᵀ (the
+/// input transform, a outputs) or Aᵀ (the output transform, m = a − 2
+/// outputs) of F(2x2, 3x3) (a = 4) or F(4x4, 3x3) (a = 6), term by term
+/// (the matrices' zeros cost nothing, their units no multiplication; each
+/// sum in the order of the matrix's columns, as the matrix product adds
+/// them: [`F2`] and [`F4`] hold the matrices, a test checks one against
+/// the other).
 #[inline(always)]
-fn add_scaled(o: &mut Lane, coef: f32, v: &Lane) {
-    if coef != 0.0 {
-        for l in 0..LANES {
-            o[l] += coef * v[l];
-        }
+fn side(a: usize, input: bool, v: &[Lane], out: &mut [Lane]) {
+    // `out[o] = e` lane by lane, `x(k)` being lane l of `v[k]` in `e`.
+    macro_rules! lanes {
+        ($x:ident => $($o:literal = $e:expr;)+) => {
+            for l in 0..LANES {
+                let $x = |k: usize| v[k][l];
+                $(out[$o][l] = $e;)+
+            }
+        };
+    }
+    match (a, input) {
+        (4, true) => lanes! {
+            x =>
+            0 = x(0) - x(2);
+            1 = x(1) + x(2);
+            2 = -x(1) + x(2);
+            3 = x(1) - x(3);
+        },
+        (4, false) => lanes! {
+            x =>
+            0 = x(0) + x(1) + x(2);
+            1 = x(1) - x(2) - x(3);
+        },
+        (_, true) => lanes! {
+            x =>
+            0 = 4.0 * x(0) - 5.0 * x(2) + x(4);
+            1 = -4.0 * x(1) - 4.0 * x(2) + x(3) + x(4);
+            2 = 4.0 * x(1) - 4.0 * x(2) - x(3) + x(4);
+            3 = -2.0 * x(1) - x(2) + 2.0 * x(3) + x(4);
+            4 = 2.0 * x(1) - x(2) - 2.0 * x(3) + x(4);
+            5 = 4.0 * x(1) - 5.0 * x(3) + x(5);
+        },
+        (_, false) => lanes! {
+            x =>
+            0 = x(0) + x(1) + x(2) + x(3) + x(4);
+            1 = x(1) - x(2) + 2.0 * x(3) - 2.0 * x(4);
+            2 = x(1) + x(2) + 4.0 * x(3) + 4.0 * x(4);
+            3 = x(1) - x(2) + 8.0 * x(3) - 8.0 * x(4) + x(5);
+        },
     }
 }
 
@@ -829,5 +868,37 @@ impl FoldedIResNet {
         self.fc_w.times(&x[..len], batch, j, e, &mut out);
         out.par_chunks_mut(e).for_each(|row| row.iter_mut().zip(&self.fc_b).for_each(|(v, b)| *v += b));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The term-by-term tile transforms equal the products with F2's and
+    /// F4's matrices, in f64, on lanes of random values.
+    #[test]
+    fn written_out_transforms_equal_the_matrices() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        for t in [&F2, &F4] {
+            let a = t.a;
+            let v: Vec<Lane> = (0..a).map(|_| std::array::from_fn(|_| next())).collect();
+            for (input, tm, rows) in [(true, t.bt, a), (false, t.at, t.m)] {
+                let mut out = vec![[f32::NAN; LANES]; a];
+                side(a, input, &v, &mut out);
+                for (i, o) in out.iter().enumerate().take(rows) {
+                    for l in 0..LANES {
+                        let want: f64 = (0..a).map(|k| tm[i * a + k] as f64 * v[k][l] as f64).sum();
+                        assert!((o[l] as f64 - want).abs() <= 1e-5, "a = {a}, input {input}: row {i}, lane {l}");
+                    }
+                }
+            }
+        }
     }
 }
