@@ -219,13 +219,16 @@ GIF_DEVICE void softmax_fwd(const float* __restrict__ U, const T* __restrict__ W
   }
 }
 
-GIF_DEVICE void merge_rows(const float* __restrict__ partial, int splits, const float* __restrict__ tgt_cos,
-                           const float* __restrict__ tgt_sin, const int* __restrict__ target, int B, float s, int margin,
-                           float m, float cos_m, float sin_m, int exact_grad, float weight, float* __restrict__ lse_out,
-                           float* __restrict__ gy, float* __restrict__ loss, float* __restrict__ correct,
-                           float* __restrict__ gsing) {
-  const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= B) return;
+// A row's forward partials [splits][4] merged by its warp (every lane
+// gets the result): the other classes' (max, Σ exp), the best cosine and
+// its class (lowest on ties), and whether a partial was NaN.
+struct RowMerge {
+  Lse l;
+  float bc;
+  int bi;
+  bool nan;
+};
+GIF_DEVICE RowMerge merge_splits(const float* __restrict__ partial, int splits, int row, int lane) {
   Lse l{-gif_inf(), 0.0f};
   float bc = -gif_inf();
   int bi = 0x7fffffff;
@@ -241,7 +244,19 @@ GIF_DEVICE void merge_rows(const float* __restrict__ partial, int splits, const 
   }
   warp_merge(l, bc, bi);
   nan = __any_sync(0xffffffffu, nan);
+  return RowMerge{l, bc, bi, nan};
+}
+
+GIF_DEVICE void merge_rows(const float* __restrict__ partial, int splits, const float* __restrict__ tgt_cos,
+                           const float* __restrict__ tgt_sin, const int* __restrict__ target, int B, float s, int margin,
+                           float m, float cos_m, float sin_m, int exact_grad, float weight, float* __restrict__ lse_out,
+                           float* __restrict__ gy, float* __restrict__ loss, float* __restrict__ correct,
+                           float* __restrict__ gsing) {
+  const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= B) return;
+  const RowMerge mr = merge_splits(partial, splits, row, lane);
   if (lane != 0) return;
+  const Lse l = mr.l;
   const int y = target[row];
   const float cy = tgt_cos[row];
   const Target tg = margin_target(cy, tgt_sin ? tgt_sin[row] : 0.0f, margin, m, cos_m, sin_m);
@@ -255,8 +270,8 @@ GIF_DEVICE void merge_rows(const float* __restrict__ partial, int splits, const 
   lse_out[row] = mx + logf(zsum);
   gy[row] = g * (exact_grad ? tg.df : 1.0f);
   gsing[row] = exact_grad ? g * tg.sing : 0.0f;
-  loss[row] = nan || cy != cy ? gif_bits_float(0x7fc00000u) : weight * (ty >= mx ? log1pf(others) : (mx - ty) + logf(zsum));
-  correct[row] = bi == y ? 1.0f : 0.0f;
+  loss[row] = mr.nan || cy != cy ? gif_bits_float(0x7fc00000u) : weight * (ty >= mx ? log1pf(others) : (mx - ty) + logf(zsum));
+  correct[row] = mr.bi == y ? 1.0f : 0.0f;
 }
 
 // One row's stats over this shard's classes (the splits merged as in
@@ -264,27 +279,13 @@ GIF_DEVICE void merge_rows(const float* __restrict__ partial, int splits, const 
 GIF_DEVICE void shard_stats(const float* __restrict__ partial, int splits, int B, float* __restrict__ out) {
   const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= B) return;
-  Lse l{-gif_inf(), 0.0f};
-  float bc = -gif_inf();
-  int bi = 0x7fffffff;
-  bool nan = false;
-  for (int sp = lane; sp < splits; sp += 32) {
-    const float* p = partial + ((long long)row * splits + sp) * 4;
-    nan |= p[0] != p[0] || p[1] != p[1];
-    l = lse_merge(l, Lse{p[0], p[1]});
-    if (better(p[2], bits_idx(p[3]), bc, bi)) {
-      bc = p[2];
-      bi = bits_idx(p[3]);
-    }
-  }
-  warp_merge(l, bc, bi);
-  nan = __any_sync(0xffffffffu, nan);
+  const RowMerge mr = merge_splits(partial, splits, row, lane);
   if (lane != 0) return;
   float* o = out + (long long)row * 4;
-  o[0] = nan ? gif_bits_float(0x7fc00000u) : l.m;
-  o[1] = nan ? gif_bits_float(0x7fc00000u) : l.s;
-  o[2] = bc;
-  o[3] = idx_bits(bi);
+  o[0] = mr.nan ? gif_bits_float(0x7fc00000u) : mr.l.m;
+  o[1] = mr.nan ? gif_bits_float(0x7fc00000u) : mr.l.s;
+  o[2] = mr.bc;
+  o[3] = idx_bits(mr.bi);
 }
 
 // The target's cosine and the sine of its angle from the raw feature (f32)

@@ -659,37 +659,30 @@ mod mpi_ranks {
         };
         let (_, all, cfg) = against_one_process(&dev);
         let sharded = |rate: Option<f32>| sharded_on(&dev, &all, &cfg, rate);
-        #[cfg(feature = "sim")]
-        {
-            // Partial FC on GPU ranks (its sample drawn on the device)
-            // trains, the backbones equal on every rank.
-            let _ = against_one_process(&Device::sim());
-            let mut pfc = sharded_on(&Device::sim(), &all, &cfg, Some(0.5));
+        // Partial FC trains too (on GPU ranks its sample drawn on the
+        // device), the backbones equal on every rank.
+        let partial_fc_on = |dev: &Device| {
+            let mut pfc = sharded_on(dev, &all, &cfg, Some(0.5));
             for step in 0..2 {
                 let (images, labels) = batch(step, r);
                 assert!(pfc.step(&images, &labels).unwrap());
             }
-            assert!(pfc.metrics().unwrap().loss.is_finite());
+            assert!(pfc.metrics().unwrap().loss.is_finite(), "{dev}");
             let bits: Vec<u8> = params(&pfc)
                 .iter()
                 .filter(|(n, _)| !n.contains("running_") && n != "weight")
                 .flat_map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()))
                 .collect();
-            check_same(comm.as_ref(), "Partial FC's backbone on GPU ranks", distributed::fingerprint(&bits)).unwrap();
+            let what = format!("Partial FC's backbone on {dev}");
+            check_same(comm.as_ref(), &what, distributed::fingerprint(&bits)).unwrap();
+            pfc
+        };
+        #[cfg(feature = "sim")]
+        {
+            let _ = against_one_process(&Device::sim());
+            let _ = partial_fc_on(&Device::sim());
         }
-        // Partial FC trains too, the backbones equal on every rank.
-        let mut pfc = sharded(Some(0.5));
-        for step in 0..2 {
-            let (images, labels) = batch(step, r);
-            assert!(pfc.step(&images, &labels).unwrap());
-        }
-        assert!(pfc.metrics().unwrap().loss.is_finite());
-        let bits: Vec<u8> = params(&pfc)
-            .iter()
-            .filter(|(n, _)| !n.contains("running_") && n != "weight")
-            .flat_map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()))
-            .collect();
-        check_same(comm.as_ref(), "Partial FC's backbone", distributed::fingerprint(&bits)).unwrap();
+        let pfc = partial_fc_on(&dev);
         // Each rank checkpoints its shard; a fresh trainer resumes it.
         // One directory for every rank: rank 0's, its path broadcast.
         let dir = tempfile::tempdir().unwrap();

@@ -879,13 +879,7 @@ mod tests {
     /// F4's matrices, in f64, on lanes of random values.
     #[test]
     fn written_out_transforms_equal_the_matrices() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut next = super::packed::tests::uniform(0x2545_f491_4f6c_dd1d);
         for t in [&F2, &F4] {
             let a = t.a;
             let v: Vec<Lane> = (0..a).map(|_| std::array::from_fn(|_| next())).collect();

@@ -206,8 +206,19 @@ unsafe fn rows_x32<const R: usize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Values in [-1, 1) from a xorshift generator seeded by `seed` (the
+    /// unit tests' inputs, without a dependency).
+    pub(crate) fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+    }
 
     /// The packed kernel against an f64 product on sizes that are not
     /// multiples of its blocks: rows in 12s, 4s and 1s, full panels and a
@@ -221,13 +232,7 @@ mod tests {
             eprintln!("no AVX-512F: the packed kernel is not used on this CPU; skipped");
             return;
         }
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut next = uniform(0x9e37_79b9_7f4a_7c15);
         for (rows, k, n) in
             [(1, 1, 1), (29, 37, 70), (12, 0, 33), (100, 64, 32), (17, 5, 96), (197, 300, 64), (30, 777, 40)]
         {
