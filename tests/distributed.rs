@@ -733,6 +733,20 @@ mod mpi_ranks {
         let x = Tensor::from_slice(&Device::cpu(), &[b, 4], &vec![0.5f32; 4 * b]).unwrap();
         let e = head.forward_backward(c.as_ref(), &x, &vec![1; b], 0).unwrap_err().to_string();
         assert!(e.contains("equal batches"), "{e}");
+        // Shards that own none of the batch's labels (all of them rank 0's):
+        // Partial FC samples them with no positives, on the GPU as by the
+        // host rule.
+        #[cfg(feature = "sim")]
+        {
+            let sim = Device::sim();
+            let head = ModelParallelHead::new(SoftmaxHeadConfig::new(4, 7), &sim, c.as_ref(), Some(0.5), 2).unwrap();
+            let x = Tensor::from_slice(&sim, &[2, 4], &[0.5f32, -0.25, 1.0, 0.125, -1.0, 0.5, 0.25, 0.75]).unwrap();
+            let labels = [0u32, 1];
+            let step = head.forward_backward(c.as_ref(), &x, &labels, 5).unwrap();
+            let gathered: Vec<u32> = (0..w).flat_map(|_| labels).collect();
+            assert_eq!(step.sampled, head.sample(&gathered, 5).unwrap(), "rank {r}");
+            assert!(step.loss.loss.is_finite(), "rank {r}");
+        }
         println!("rank {r} of {w} ok");
     }
 
