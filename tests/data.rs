@@ -231,6 +231,64 @@ fn worker_threads_give_the_calling_threads_batches_in_order() {
     assert!(results.last().unwrap().is_err(), "the epoch stops at the error");
 }
 
+#[cfg(feature = "sim")]
+#[test]
+fn a_pinned_loader_recycles_page_locked_buffers_and_never_stalls() {
+    let dir = tempfile::tempdir().unwrap();
+    // 3 identities × 7 images, batches of 4: 5 a epoch.
+    for id in 0..3u64 {
+        let d = dir.path().join(format!("id{id}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for k in 0..7 {
+            std::fs::write(d.join(format!("{k}.png")), png(&rgb(50 * id + k), S)).unwrap();
+        }
+    }
+    let ds = Arc::new(Dataset::folder(dir.path(), S).unwrap());
+    let sampler = Sampler::new(ds.len(), 4, 5);
+    let plain = Loader::new(ds.clone(), sampler.clone(), 2, 2, true).unwrap();
+    let dev = gif_fr::Device::sim();
+    assert!(plain.pool_stats().is_none());
+    for (workers, prefetch) in [(0, 1), (2, 2)] {
+        let loader = Loader::new(ds.clone(), sampler.clone(), workers, prefetch, true).unwrap().pinned(&dev).unwrap();
+        assert_eq!(loader.pinned_for(), Some(&dev));
+        let max = prefetch + workers + 2;
+        dev.reset_stats();
+        // Three epochs consumed one batch at a time, as training does: the
+        // same batches as ordinary memory, every one page-locked.
+        for epoch in 0..3 {
+            let want: Vec<_> = plain.epoch(epoch, 0).unwrap().map(Result::unwrap).collect();
+            let mut n = 0;
+            for (k, b) in loader.epoch(epoch, 0).unwrap().enumerate() {
+                let b = b.unwrap();
+                assert!(b.images.pinned().is_some(), "workers {workers}: batch {k} of epoch {epoch} not page-locked");
+                assert!(b == want[k], "workers {workers}: batch {k} of epoch {epoch} differs");
+                n += 1;
+            }
+            assert_eq!(n, want.len());
+        }
+        let st = loader.pool_stats().unwrap();
+        println!("workers {workers}, prefetch {prefetch}: {st:?}");
+        // Buffers are allocated once (at most what can be in use at once)
+        // and recycled: 15 batches.
+        assert!(st.allocated >= 1 && st.allocated <= max, "{st:?}");
+        assert_eq!((st.allocated + st.reused, st.pageable, st.error.as_ref()), (15, 0, None), "{st:?}");
+        assert_eq!(dev.stats().unwrap().pinned_allocations, st.allocated as u64);
+        // A consumer that keeps every batch: the pool runs out, the rest
+        // come in ordinary memory (counted), nothing stalls.
+        let kept: Vec<_> = (0..3).flat_map(|e| loader.epoch(e, 0).unwrap().map(Result::unwrap)).collect();
+        let st2 = loader.pool_stats().unwrap();
+        assert_eq!(st2.allocated, max, "{st2:?}");
+        assert_eq!(kept.iter().filter(|b| b.images.pinned().is_some()).count(), max);
+        assert_eq!(st2.pageable, 15 - max, "{st2:?}");
+        drop(kept);
+        // Back in the pool: the next epoch allocates nothing.
+        let _: Vec<_> = loader.epoch(0, 0).unwrap().map(Result::unwrap).map(|b| b.images.into_vec()).collect();
+        assert_eq!(loader.pool_stats().unwrap().allocated, max);
+    }
+    // The CPU device has nothing to page-lock.
+    assert!(Loader::new(ds, sampler, 0, 1, false).unwrap().pinned(&gif_fr::Device::cpu()).is_err());
+}
+
 /// A small network of 16 x 16 inputs and 6-dimensional embeddings.
 fn tiny_net(seed: u64) -> gif_fr::backbone::IResNet {
     let cfg = common::tiny_iresnet();

@@ -9,10 +9,14 @@ mod common;
 
 use common::*;
 use gif_fr::backbone::{IResNet, IResNetConfig};
+use std::sync::Arc;
+
+use gif_fr::data::{Batch, Dataset, Images, Loader, Sampler};
 use gif_fr::head::{
     CodeHead, CodeHeadConfig, CodeTable, HeadGrads, HeadMetrics, Margin, PartialFc, PfcGrads, SoftmaxGrads,
     SoftmaxHead, SoftmaxHeadConfig, SoftmaxMetrics,
 };
+use gif_fr::runtime::pinned::PinnedBuffer;
 use gif_fr::train::{OptimizerKind, Schedule, TrainHead, Trainer, TrainerConfig};
 use gif_fr::{DType, Device};
 use rand::seq::SliceRandom;
@@ -166,24 +170,120 @@ fn accumulating_a_micro_batch_twice_equals_one_step_on_it() {
         assert_eq!((a.optimizer_steps, b.optimizer_steps, b.step), (2, 2, 4), "{dev} {kind}");
         // Clipping acted (the norm is above 0.5), on the same norm.
         assert!(a.grad_norm > 0.5 && a.grad_norm == b.grad_norm, "{dev} {kind}: {a:?} {b:?}");
-        let params = |t: &Trainer| -> Vec<Vec<u32>> {
-            let mut v: Vec<Vec<u32>> = t
-                .backbone()
-                .state()
-                .iter()
-                .filter(|(n, _)| !n.contains("running"))
-                .map(|(_, t)| t.to_f32_vec().unwrap().iter().map(|x| x.to_bits()).collect())
-                .collect();
-            v.extend(
-                t.head().params().iter().map(|(_, t)| t.to_f32_vec().unwrap().iter().map(|x| x.to_bits()).collect()),
-            );
-            v
-        };
         assert!(params(&once) == params(&twice), "{dev} {kind}: accumulation differs from one step");
         // And the run moved the parameters (the comparison is not vacuous).
         let fresh = trainer(&dev, kind, ids, config(10));
         assert!(params(&once) != params(&fresh), "{dev} {kind}");
     }
+}
+
+/// The trained parameters' bits (the backbone without its running
+/// statistics, then the head).
+fn params(t: &Trainer) -> Vec<Vec<u32>> {
+    let bits = |t: &gif_fr::Tensor| t.to_f32_vec().unwrap().iter().map(|x| x.to_bits()).collect();
+    let mut v: Vec<Vec<u32>> =
+        t.backbone().state().iter().filter(|(n, _)| !n.contains("running")).map(|(_, t)| bits(t)).collect();
+    v.extend(t.head().params().iter().map(|(_, t)| bits(t)));
+    v
+}
+
+#[test]
+fn page_locked_batches_train_as_ordinary_ones_without_a_wait() {
+    // A pinned loader's batches go to two image buffers in turn, uploaded
+    // without a wait (on a GPU, on a second stream beside the step
+    // before), from page-locked buffers the loader recycles (writing one
+    // again waits for its copy). Against steps from an ordinary loader's
+    // batches: on the simulator, which runs each copy when queued, the
+    // parameters are equal bit for bit; a step must not wait for the
+    // device.
+    let ids = 10;
+    let s = net_config().input;
+    let px = s * s * 3;
+    let (images, labels) = dataset(ids, 3, s, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let (ipath, lpath) = (dir.path().join("images.npy"), dir.path().join("labels.npy"));
+    let bytes: Vec<u8> = images.iter().map(|&x| ((x * 0.5 + 0.5) * 255.0).round().clamp(0.0, 255.0) as u8).collect();
+    std::fs::write(&ipath, npy_bytes("|u1", &[labels.len(), s, s, 3], &bytes)).unwrap();
+    let labels64: Vec<i64> = labels.iter().map(|&y| y as i64).collect();
+    gif_fr::io::npy::write_npy_i64(&lpath, &labels64).unwrap();
+    let ds = Arc::new(Dataset::arrays(&ipath, &lpath, s).unwrap());
+    // 30 images in batches of 4; the first 3 batches of an epoch.
+    let sampler = Sampler::new(ds.len(), 4, 9);
+    let dev = Device::sim();
+    let mut kept = None;
+    for dev in [dev.clone()].into_iter().chain(cuda()) {
+        let plain_loader = Loader::new(ds.clone(), sampler.clone(), 1, 2, true).unwrap();
+        let pinned_loader = Loader::new(ds.clone(), sampler.clone(), 1, 2, true).unwrap().pinned(&dev).unwrap();
+        let (mut plain, mut pinned) = (trainer(&dev, "gif", ids, config(10)), trainer(&dev, "gif", ids, config(10)));
+        for b in plain_loader.epoch(0, 0).unwrap().take(3) {
+            plain.step_batch(&b.unwrap()).unwrap();
+        }
+        let mut counts = Vec::new();
+        for (t, b) in pinned_loader.epoch(0, 0).unwrap().take(3).enumerate() {
+            let b = b.unwrap();
+            assert!(b.images.pinned().is_some_and(|p| p.device() == &dev), "{dev}: batch {t}");
+            dev.reset_stats();
+            pinned.step_batch(&b).unwrap();
+            let st = dev.stats().unwrap();
+            counts.push((t, st.allocations, st.uploads, st.syncs));
+        }
+        println!("{dev}: page-locked steps (step, allocations, uploads, syncs): {counts:?}");
+        println!("{dev}: {:?}", pinned_loader.pool_stats().unwrap());
+        assert_eq!(counts.len(), 3);
+        // The second step allocates the second image buffer (the first,
+        // every buffer of the step); then both are reused. Two uploads
+        // (images, labels) and no wait in every step.
+        let rest = counts[2].1;
+        assert_eq!(counts[1].1, rest + 1, "{dev}: one image buffer more in the second step: {counts:?}");
+        assert!(counts[2..].iter().all(|c| c.1 == rest), "{dev}: {counts:?}");
+        assert!(counts[1..].iter().all(|c| (c.2, c.3) == (2, 0)), "{dev}: {counts:?}");
+        let pool = pinned_loader.pool_stats().unwrap();
+        // (The worker decodes ahead of the steps: up to the 6 batches.)
+        assert!(pool.allocated + pool.reused >= 3 && pool.allocated <= 5 && pool.pageable == 0, "{dev}: {pool:?}");
+        let (a, b) = (params(&plain), params(&pinned));
+        if dev.kind() == gif_fr::DeviceKind::Sim {
+            assert!(a == b, "{dev}: page-locked batches train differently");
+        } else {
+            // A GPU's kernels may sum in another order from run to run.
+            let worst = a
+                .iter()
+                .zip(&b)
+                .flat_map(|(x, y)| x.iter().zip(y).map(|(&p, &q)| (f32::from_bits(p) - f32::from_bits(q)).abs()))
+                .fold(0f32, f32::max);
+            println!("{dev}: largest parameter difference {worst:e}");
+            assert!(worst <= 1e-4, "{dev}: page-locked batches train differently ({worst:e})");
+        }
+        assert!(a != params(&trainer(&dev, "gif", ids, config(10))), "{dev}: the steps moved nothing");
+        kept = kept.or(Some((plain, pinned)));
+    }
+    // The simulator's pair goes on with batches of a caller's own: ordinary
+    // memory through step_batch (the upload with a wait), a buffer
+    // page-locked for another device (the same), one's own page-locked
+    // buffer for this device (no wait).
+    let (mut plain, mut pinned) = kept.unwrap();
+    let data = batches(&images, &labels, px, 4, 1);
+    let other = Device::sim();
+    for (t, (imgs, labs)) in data[..2].iter().enumerate() {
+        dev.reset_stats();
+        plain.step_batch(&Batch { images: Images::from_vec(imgs.clone()), labels: labs.clone() }).unwrap();
+        assert_eq!(dev.stats().unwrap().syncs, 1);
+        let mut buf = PinnedBuffer::new(if t == 0 { &other } else { &dev }, imgs.len()).unwrap();
+        buf.as_mut_slice().unwrap().copy_from_slice(imgs);
+        dev.reset_stats();
+        pinned.step_batch(&Batch { images: Images::from_pinned(buf), labels: labs.clone() }).unwrap();
+        assert_eq!(dev.stats().unwrap().syncs, if t == 0 { 1 } else { 0 }, "batch {t}");
+        assert!(params(&plain) == params(&pinned), "batch {t}");
+    }
+    assert_eq!(other.stats().unwrap().uploads, 0);
+    let (imgs, labs) = &data[2];
+    // Bad input is refused as from ordinary memory, naming the sample.
+    let mut bad = PinnedBuffer::new(&dev, imgs.len()).unwrap();
+    bad.as_mut_slice().unwrap()[px + 3] = f32::NAN;
+    let e = pinned.step_batch(&Batch { images: Images::from_pinned(bad), labels: labs.clone() }).unwrap_err();
+    assert!(e.to_string().contains("image 1"), "{e}");
+    // Page-locked memory is for devices with uploads.
+    assert!(PinnedBuffer::new(&Device::cpu(), 4).is_err());
+    assert!(PinnedBuffer::new(&dev, usize::MAX / 2).is_err());
 }
 
 #[test]

@@ -6,14 +6,18 @@
 //! sample), so a run reproduces whatever the thread timing), in which order
 //! ([`Sampler`]: a seeded shuffle per epoch, PyTorch's DistributedSampler
 //! sharding, drop_last), and ahead of the step ([`Loader`]: worker threads
-//! filling a bounded queue of batches, delivered in order). [`synth`]
-//! generates learnable face identities.
+//! filling a bounded queue of batches, delivered in order; for a GPU,
+//! decoded into recycled page-locked buffers that the trainer uploads
+//! without waiting, [`Loader::pinned`]). [`synth`] generates learnable face
+//! identities.
 
 pub mod align;
 mod embed;
+mod pool;
 pub mod synth;
 
 pub use embed::{embed_dataset, identity_vectors};
+pub use pool::{Images, PoolStats};
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -24,6 +28,7 @@ use rand::SeedableRng;
 
 use crate::error::{Error, Result};
 use crate::io::recordio::FaceRecords;
+use crate::runtime::device::Device;
 use crate::runtime::hash::splitmix64;
 
 /// Where the images are.
@@ -432,8 +437,9 @@ impl Sampler {
 /// A batch: NHWC f32 images (normalized, flipped as keyed) and labels.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
-    /// `[B, size, size, 3]` values.
-    pub images: Vec<f32>,
+    /// `[B, size, size, 3]` values (page-locked when the loader is
+    /// [`Loader::pinned`]).
+    pub images: Images,
     /// B labels.
     pub labels: Vec<u32>,
 }
@@ -449,6 +455,8 @@ pub struct Loader {
     prefetch: usize,
     /// Random horizontal flips (insightface's RandomHorizontalFlip).
     flip: bool,
+    /// Page-locked batch buffers for a GPU ([`Loader::pinned`]).
+    pool: Option<Arc<pool::Pool>>,
 }
 
 impl Loader {
@@ -460,7 +468,41 @@ impl Loader {
         if sampler.len != dataset.len() {
             return Err(Error::invalid("Loader", format!("a sampler of {} images for {}", sampler.len, dataset.len())));
         }
-        Ok(Loader { dataset, sampler, workers, prefetch: prefetch.max(1), flip })
+        Ok(Loader { dataset, sampler, workers, prefetch: prefetch.max(1), flip, pool: None })
+    }
+
+    /// Decodes the batches into page-locked buffers for `device` (a GPU, or
+    /// the simulator standing for one), recycled from batch to batch and
+    /// epoch to epoch: as many as can be in use at once (the queue, one a
+    /// worker, the batch being trained on and the one whose upload may
+    /// still run), allocated as first needed. `Trainer::step_batch` uploads
+    /// such a batch without waiting, beside the step before. A batch kept
+    /// longer falls back to ordinary memory ([`Loader::pool_stats`]); so
+    /// does every batch if the driver cannot page-lock memory. Errors: the
+    /// CPU device, a batch size that overflows.
+    pub fn pinned(mut self, device: &Device) -> Result<Loader> {
+        const OP: &str = "Loader::pinned";
+        if !device.runs_kernels() {
+            return Err(Error::invalid(OP, "the CPU device reads batches where they are: nothing to page-lock"));
+        }
+        let len = self
+            .sampler
+            .batch
+            .checked_mul(self.dataset.pixels_per_image())
+            .ok_or_else(|| Error::invalid(OP, "a batch's size overflows"))?;
+        let max = self.prefetch.saturating_add(self.workers).saturating_add(2);
+        self.pool = Some(Arc::new(pool::Pool::new(device, len, max)));
+        Ok(self)
+    }
+
+    /// What the page-locked pool did so far (None without [`Loader::pinned`]).
+    pub fn pool_stats(&self) -> Option<PoolStats> {
+        self.pool.as_ref().map(|p| p.stats())
+    }
+
+    /// The device the batches are page-locked for.
+    pub fn pinned_for(&self) -> Option<&Device> {
+        self.pool.as_ref().map(|p| p.device())
     }
 
     /// The sampler.
@@ -473,14 +515,27 @@ impl Loader {
         &self.dataset
     }
 
-    /// Batch `b` of `epoch`'s batch list `batches` (decoded here).
-    fn make(dataset: &Dataset, seed: u64, flip: bool, epoch: u64, indices: &[usize]) -> Result<Batch> {
+    /// The batch of `indices` (decoded here), into a buffer of `pool` if
+    /// there is one.
+    fn make(
+        dataset: &Dataset,
+        pool: Option<&Arc<pool::Pool>>,
+        seed: u64,
+        flip: bool,
+        epoch: u64,
+        indices: &[usize],
+    ) -> Result<Batch> {
         let per = dataset.pixels_per_image();
-        let mut images = vec![0f32; indices.len() * per];
+        let len = indices.len().checked_mul(per).ok_or_else(|| Error::invalid("Loader", "a batch's size overflows"))?;
+        let mut images = match pool {
+            Some(p) => p.take(len),
+            None => Images::from_vec(crate::runtime::host_memory::try_filled("Loader", "a batch", len, 0f32)?),
+        };
+        let out = images.as_mut_slice()?;
         let mut labels = Vec::with_capacity(indices.len());
         for (k, &i) in indices.iter().enumerate() {
             let f = flip && flipped(seed, epoch, i);
-            labels.push(dataset.read(i, f, &mut images[k * per..(k + 1) * per])?);
+            labels.push(dataset.read(i, f, &mut out[k * per..(k + 1) * per])?);
         }
         Ok(Batch { images, labels })
     }
@@ -492,8 +547,10 @@ impl Loader {
     pub fn epoch(&self, epoch: u64, start: usize) -> Result<EpochIter> {
         let batches: Vec<Vec<usize>> = self.sampler.epoch(epoch)?.into_iter().skip(start).collect();
         let (seed, flip) = (self.sampler.seed, self.flip);
+        let pool = self.pool.clone();
         if self.workers == 0 {
-            return Ok(EpochIter::Inline { dataset: self.dataset.clone(), batches, next: 0, seed, flip, epoch });
+            let dataset = self.dataset.clone();
+            return Ok(EpochIter(Epoch::Inline { dataset, pool, batches, next: 0, seed, flip, epoch }));
         }
         let batches = Arc::new(batches);
         let (tx, rx) = mpsc::sync_channel::<(usize, Result<Batch>)>(self.prefetch);
@@ -501,8 +558,8 @@ impl Loader {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut handles = Vec::new();
         for _ in 0..self.workers {
-            let (dataset, batches, tx, next, stop) =
-                (self.dataset.clone(), batches.clone(), tx.clone(), next.clone(), stop.clone());
+            let (dataset, pool, batches, tx, next, stop) =
+                (self.dataset.clone(), pool.clone(), batches.clone(), tx.clone(), next.clone(), stop.clone());
             handles.push(std::thread::spawn(move || loop {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     return;
@@ -511,23 +568,31 @@ impl Loader {
                 // ones the consumer needs.
                 let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(indices) = batches.get(b) else { return };
-                let r = Loader::make(&dataset, seed, flip, epoch, indices);
+                let r = Loader::make(&dataset, pool.as_ref(), seed, flip, epoch, indices);
                 if tx.send((b, r)).is_err() {
                     return;
                 }
             }));
         }
-        Ok(EpochIter::Threads { rx, pending: Default::default(), next: 0, total: batches.len(), stop, handles })
+        Ok(EpochIter(Epoch::Threads { rx, pending: Default::default(), next: 0, total: batches.len(), stop, handles }))
     }
 }
 
 /// [`Loader::epoch`]'s batches, in order.
-pub enum EpochIter {
+pub struct EpochIter(Epoch);
+
+enum Epoch {
     /// Decoded on the calling thread.
-    #[doc(hidden)]
-    Inline { dataset: Arc<Dataset>, batches: Vec<Vec<usize>>, next: usize, seed: u64, flip: bool, epoch: u64 },
+    Inline {
+        dataset: Arc<Dataset>,
+        pool: Option<Arc<pool::Pool>>,
+        batches: Vec<Vec<usize>>,
+        next: usize,
+        seed: u64,
+        flip: bool,
+        epoch: u64,
+    },
     /// Decoded by worker threads.
-    #[doc(hidden)]
     Threads {
         rx: mpsc::Receiver<(usize, Result<Batch>)>,
         pending: std::collections::BTreeMap<usize, Result<Batch>>,
@@ -541,13 +606,13 @@ pub enum EpochIter {
 impl Iterator for EpochIter {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Result<Batch>> {
-        match self {
-            EpochIter::Inline { dataset, batches, next, seed, flip, epoch } => {
+        match &mut self.0 {
+            Epoch::Inline { dataset, pool, batches, next, seed, flip, epoch } => {
                 let indices = batches.get(*next)?;
                 *next += 1;
-                Some(Loader::make(dataset, *seed, *flip, *epoch, indices))
+                Some(Loader::make(dataset, pool.as_ref(), *seed, *flip, *epoch, indices))
             }
-            EpochIter::Threads { rx, pending, next, total, .. } => {
+            Epoch::Threads { rx, pending, next, total, .. } => {
                 if *next >= *total {
                     return None;
                 }
@@ -576,7 +641,7 @@ impl Iterator for EpochIter {
 
 impl Drop for EpochIter {
     fn drop(&mut self) {
-        if let EpochIter::Threads { rx, stop, handles, .. } = self {
+        if let Epoch::Threads { rx, stop, handles, .. } = &mut self.0 {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             // Dropping the receiver fails the workers' sends, also those
             // blocked on a full queue: every worker returns.

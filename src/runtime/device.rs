@@ -124,6 +124,43 @@ impl Drop for HostMapping {
     }
 }
 
+/// Page-locked host memory from `cuMemHostAlloc`, freed when dropped.
+pub(crate) struct LockedHost {
+    ctx: Arc<CudaContext>,
+    ptr: usize,
+}
+
+impl LockedHost {
+    /// The first byte.
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.ptr as *mut u8
+    }
+}
+
+impl Drop for LockedHost {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: ptr came from malloc_host and is freed once, here; its
+            // owner waited for the copies that read it.
+            let _ = unsafe { cu::result::free_host(self.ptr as *mut c_void) };
+        }
+    }
+}
+
+/// A point in a device's queue of work ([`Device::mark`]): a CUDA event, or
+/// nothing where every operation runs when queued.
+pub(crate) struct Mark(Option<cu::CudaEvent>);
+
+impl Mark {
+    /// Waits on the host until the work before the mark is done.
+    pub(crate) fn wait(&self) -> Result<()> {
+        match &self.0 {
+            Some(e) => e.synchronize().map_err(|e| Error::driver("event synchronize", e)),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The machine behind a [`Device`], as benchmarks print it
 /// ([`Device::info`]). Fields the device does not report are None.
 #[derive(Clone, Debug, PartialEq)]
@@ -236,6 +273,10 @@ pub struct DeviceStats {
     /// Times the host waited for the device: every download, and
     /// [`Device::synchronize`].
     pub syncs: u64,
+    /// Page-locked host buffers allocated for uploads
+    /// ([`crate::runtime::pinned::PinnedBuffer`]; on the simulator, the
+    /// host buffers standing for them).
+    pub pinned_allocations: u64,
 }
 
 #[derive(Debug, Default)]
@@ -249,6 +290,7 @@ pub(crate) struct Meter {
     downloads: AtomicU64,
     device_copies: AtomicU64,
     syncs: AtomicU64,
+    pinned_allocations: AtomicU64,
 }
 
 /// Adds one to a counter.
@@ -573,6 +615,86 @@ impl Device {
         }
     }
 
+    /// `bytes` of page-locked host memory for this device's uploads: CUDA's
+    /// `cuMemHostAlloc` (portable, not write-combined: the host reads it
+    /// too); None on the simulator and the CPU, whose uploads are host
+    /// copies. Counted in [`DeviceStats::pinned_allocations`] either way.
+    pub(crate) fn page_locked(&self, bytes: usize) -> Result<Option<LockedHost>> {
+        self.count(|m| &m.pinned_allocations);
+        let Inner::Cuda(c) = &self.inner else { return Ok(None) };
+        c.ctx.bind_to_thread().map_err(|e| Error::driver("page-lock host memory (bind context)", e))?;
+        // SAFETY: allocates bytes.max(1) bytes; freed by LockedHost's drop.
+        let ptr = unsafe { cu::result::malloc_host(bytes.max(1), cusys::CU_MEMHOSTALLOC_PORTABLE) }.map_err(|e| {
+            Error::OutOfMemory {
+                op: "page-locked host memory",
+                what: format!("{bytes} bytes of page-locked host memory ({e})"),
+                bytes,
+                free: None,
+            }
+        })?;
+        Ok(Some(LockedHost { ctx: c.ctx.clone(), ptr: ptr as usize }))
+    }
+
+    /// A point in this device's queue of work: an event recorded on its
+    /// stream (CUDA); nothing on the simulator and the CPU, which run each
+    /// operation when it is queued.
+    pub(crate) fn mark(&self) -> Result<Mark> {
+        match &self.inner {
+            Inner::Cuda(c) => {
+                c.stream.record_event(None).map(|e| Mark(Some(e))).map_err(|e| Error::driver("event record", e))
+            }
+            _ => Ok(Mark(None)),
+        }
+    }
+
+    /// Copies `data` (page-locked host memory of this device) to device
+    /// address `addr` without waiting: on CUDA the copy runs on a second
+    /// stream, after `after` (the last work that reads the destination) and
+    /// beside the kernels queued before it; the device's stream waits for
+    /// the copy before the work queued after this call. Returns the copy's
+    /// mark: `data` must stay in place and unwritten until it is done
+    /// (`PinnedBuffer` keeps it). The range was checked by the tensor that
+    /// holds it.
+    ///
+    /// # Safety
+    ///
+    /// `data` must be page-locked memory of this device (or any host memory
+    /// on the simulator) that outlives the copy: kept in place and
+    /// unwritten until the returned mark is done.
+    pub(crate) unsafe fn upload_pinned(&self, data: &[u8], addr: u64, after: Option<&Mark>) -> Result<Mark> {
+        const OP: &str = "upload (page-locked)";
+        if data.is_empty() {
+            return Ok(Mark(None));
+        }
+        self.count(|m| &m.uploads);
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid(OP, "the CPU device has no device memory")),
+            #[cfg(feature = "sim")]
+            Inner::Sim(s) => s.sim.write(addr, data).map(|()| Mark(None)),
+            Inner::Cuda(c) => {
+                let drv = |what: &'static str| move |e| Error::driver(what, e);
+                c.ctx.bind_to_thread().map_err(drv("upload (bind context)"))?;
+                let copies = match c.copies.get() {
+                    Some(s) => s,
+                    None => {
+                        let s = c.ctx.new_stream().map_err(drv("copy stream create"))?;
+                        c.copies.get_or_init(|| s)
+                    }
+                };
+                if let Some(Mark(Some(e))) = after {
+                    copies.wait(e).map_err(drv("copy stream wait"))?;
+                }
+                // SAFETY: `data` stays valid until the mark below is done (the
+                // caller's contract); `addr` as in copy_addr.
+                unsafe { cu::result::memcpy_htod_async(addr, data, copies.cu_stream()) }
+                    .map_err(drv("upload (page-locked)"))?;
+                let done = copies.record_event(None).map_err(drv("event record"))?;
+                c.stream.wait(&done).map_err(drv("stream wait"))?;
+                Ok(Mark(Some(done)))
+            }
+        }
+    }
+
     /// An uninitialized buffer of `bytes` (poisoned when the device poisons).
     pub(crate) fn alloc(&self, bytes: usize) -> Result<DeviceBuffer> {
         match &self.inner {
@@ -810,15 +932,23 @@ impl Device {
             downloads: g(&m.downloads),
             device_copies: g(&m.device_copies),
             syncs: g(&m.syncs),
+            pinned_allocations: g(&m.pinned_allocations),
         })
     }
 
     /// Restarts every count of [`Device::stats`] from zero.
     pub fn reset_stats(&self) {
         if let Some(m) = self.meter() {
-            for c in
-                [&m.launches, &m.allocations, &m.bytes_allocated, &m.uploads, &m.downloads, &m.device_copies, &m.syncs]
-            {
+            for c in [
+                &m.launches,
+                &m.allocations,
+                &m.bytes_allocated,
+                &m.uploads,
+                &m.downloads,
+                &m.device_copies,
+                &m.syncs,
+                &m.pinned_allocations,
+            ] {
                 c.store(0, Ordering::Relaxed);
             }
         }
@@ -923,6 +1053,9 @@ pub(crate) struct CudaBackend {
     /// The buffer [`Device::time_each`] writes to flush L2 (twice its size),
     /// allocated at first use.
     flush: Mutex<Option<CudaSlice<u8>>>,
+    /// The second stream that uploads from page-locked memory run on
+    /// ([`Device::upload_pinned`]), created at first use.
+    copies: OnceLock<Arc<CudaStream>>,
 }
 
 /// Per module and kernel index: the loaded function and the dynamic shared
@@ -1007,6 +1140,7 @@ impl CudaBackend {
             blas: Mutex::new(None),
             functions: Mutex::new(MODULES.iter().map(|m| vec![None; m.kernels.len()]).collect()),
             flush: Mutex::new(None),
+            copies: OnceLock::new(),
         })
     }
 

@@ -1,7 +1,8 @@
 //! The runtime every op stands on: devices and their backends ([`device`]:
 //! the CPU, CUDA through the driver, and the simulated GPU, [`sim`], with
 //! its [`selftest`]s), [`tensor`]s and element types, the kernel modules
-//! and their typed [`launch`]ers ([`kernels`]), and memory accounting
+//! and their typed [`launch`]ers ([`kernels`]), page-locked host memory
+//! for asynchronous uploads ([`pinned`]), and memory accounting
 //! ([`host_memory`] for the CPU; `Device::memory_stats` for GPUs).
 //!
 //! (The issue that created this layer called it `core/`; a module named
@@ -13,6 +14,7 @@ pub(crate) mod hash;
 pub mod host_memory;
 pub mod kernels;
 pub mod launch;
+pub mod pinned;
 pub mod selftest;
 #[cfg(feature = "sim")]
 pub mod sim;

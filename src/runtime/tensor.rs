@@ -666,6 +666,41 @@ impl Tensor {
         self.device.upload_addr(bytes, addr)
     }
 
+    /// Overwrites an f32 tensor on a GPU (or the simulator) with `src`,
+    /// without waiting: the copy runs beside the work queued before it and
+    /// after `after` (the last work that reads this tensor; None: no
+    /// ordering with earlier work), and the work queued after this call
+    /// sees the new values ([`PinnedBuffer`]).
+    ///
+    /// [`PinnedBuffer`]: crate::runtime::pinned::PinnedBuffer
+    pub(crate) fn copy_from_pinned(
+        &mut self,
+        src: &crate::runtime::pinned::PinnedBuffer,
+        after: Option<&crate::runtime::device::Mark>,
+    ) -> Result<()> {
+        const OP: &str = "Tensor::copy_from_pinned";
+        if self.dtype != DType::F32 || src.len() != self.numel() {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("{} {:?} elements", self.numel(), self.dtype),
+                got: format!("{} F32 elements", src.len()),
+            });
+        }
+        if src.device() != &self.device {
+            return Err(Error::invalid(
+                OP,
+                format!("host memory page-locked for {}, not {}", src.device(), self.device),
+            ));
+        }
+        let addr = self.device_ptr().ok_or_else(|| Error::invalid(OP, "a CPU tensor (no device memory)"))?;
+        // SAFETY: src's memory is page-locked for this device (its
+        // constructor), and src keeps it in place and unwritten until the
+        // copy's mark is done (`copied`, then `as_mut_slice` and drop wait).
+        let done = unsafe { self.device.upload_pinned(bytemuck::cast_slice(src.as_slice()), addr, after)? };
+        src.copied(done);
+        Ok(())
+    }
+
     /// Sets every element to zero, in place (on the device: a memset).
     pub fn fill_zeros(&mut self) -> Result<()> {
         if let Some(b) = self.host_bytes_mut() {

@@ -357,7 +357,13 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
             .map_err(|e| Error::invalid(OP, e.to_string()))?,
     );
-    let loader = Loader::new(dataset, sampler, cfg.num_workers, 2 * cfg.num_workers.max(1), cfg.flip)?;
+    let mut loader = Loader::new(dataset, sampler, cfg.num_workers, 2 * cfg.num_workers.max(1), cfg.flip)?;
+    // A GPU's batches in recycled page-locked buffers (insightface's
+    // pin_memory), uploaded beside the step before.
+    let device = trainer.backbone().device().clone();
+    if device.runs_kernels() {
+        loader = loader.pinned(&device)?;
+    }
     let start_step = trainer.steps();
     let stop = opts.stop_after.unwrap_or(total).min(total);
     let started = std::time::Instant::now();
@@ -368,7 +374,7 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
         let epoch = step / per_epoch;
         for batch in loader.epoch(epoch, (step % per_epoch) as usize)? {
             let batch = batch?;
-            trainer.step(&batch.images, &batch.labels)?;
+            trainer.step_batch(&batch)?;
             let done = trainer.steps();
             bar.set_position(done);
             if done % cfg.frequent == 0 || done == stop || done % per_epoch == 0 {
@@ -417,6 +423,13 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
         }
     }
     bar.finish_and_clear();
+    if let Some(p) = loader.pool_stats().filter(|p| p.pageable > 0) {
+        log(&format!(
+            "warning: {} batches were decoded into pageable memory (uploaded with a wait): {}",
+            p.pageable,
+            p.error.as_deref().unwrap_or("every page-locked buffer was in use")
+        ));
+    }
     let trained = trainer.steps() - start_step;
     let seconds = started.elapsed().as_secs_f64();
     log(&format!(

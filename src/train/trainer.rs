@@ -51,8 +51,12 @@
 //! Buffers: every gradient (the backbone's, the head's, Partial FC's dense
 //! one) is allocated once, at the first step (a second set for
 //! `gradient_acc` > 1: the micro-batches after the first compute into it
-//! and add); the images' device buffer is reused while B stays. Nothing
-//! waits for the device in a step but the images' upload; the metrics stay
+//! and add); the images' device buffer is reused while B stays (two of
+//! them for page-locked batches). Nothing waits for the device in a step
+//! but the upload of images in ordinary memory ([`Trainer::step`]); a
+//! page-locked batch ([`Trainer::step_batch`] of a
+//! [`crate::data::Loader::pinned`] loader's batches) is uploaded on a
+//! second stream without a wait, beside the step before. The metrics stay
 //! on the device until [`Trainer::metrics`] reads them (the last
 //! micro-batch's: call it every k steps).
 
@@ -62,11 +66,14 @@ use std::sync::Arc;
 
 use crate::backbone::norm::add_assign;
 use crate::backbone::IResNet;
+use crate::data::Batch;
 use crate::distributed::{self, Communicator, ModelParallelHead, ModelParallelStep, OverlapStats, OverlappedReducer};
 use crate::error::{Error, Result};
 use crate::head::{
     CodeHead, CodeTable, HeadGrads, HeadMetrics, PartialFc, PfcGrads, SoftmaxGrads, SoftmaxHead, SoftmaxMetrics,
 };
+use crate::runtime::device::Mark;
+use crate::runtime::pinned::PinnedBuffer;
 use crate::runtime::tensor::{DType, Tensor};
 use crate::train::{GroupConfig, Optimizer, OptimizerKind, ParamRef, Schedule};
 
@@ -349,6 +356,24 @@ impl HeadState {
     }
 }
 
+/// Where a step's pixels are.
+#[derive(Clone, Copy)]
+enum Pixels<'a> {
+    /// Ordinary memory: uploaded with a wait.
+    Host(&'a [f32]),
+    /// Page-locked for the trainer's device: uploaded without one.
+    Pinned(&'a PinnedBuffer),
+}
+
+impl Pixels<'_> {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            Pixels::Host(s) => s,
+            Pixels::Pinned(p) => p.as_slice(),
+        }
+    }
+}
+
 /// A backbone and a head in training (see the module documentation).
 pub struct Trainer {
     pub(crate) cfg: TrainerConfig,
@@ -357,7 +382,14 @@ pub struct Trainer {
     pub(crate) optimizer: Optimizer,
     pub(crate) backbone_grads: BTreeMap<String, Tensor>,
     pub(crate) state: HeadState,
-    images: Option<Tensor>,
+    /// The images' device buffers: steps from ordinary memory use the
+    /// first; steps from page-locked batches alternate, so that the next
+    /// batch's upload runs beside the step before.
+    images: [Option<Tensor>; 2],
+    /// The last work that read each image buffer (its step's backward).
+    image_marks: [Option<Mark>; 2],
+    /// The buffer the last page-locked batch went to.
+    pinned_slot: usize,
     /// The embeddings' buffer (`[B, E]`), reused while B stays.
     emb: Option<Tensor>,
     /// Micro-batches so far.
@@ -423,7 +455,9 @@ impl Trainer {
             optimizer,
             backbone_grads,
             state,
-            images: None,
+            images: [None, None],
+            image_marks: [None, None],
+            pinned_slot: 1,
             emb: None,
             micro: 0,
             last_lr: 0.0,
@@ -614,12 +648,32 @@ impl Trainer {
     /// state changes): an empty batch, sizes that do not match, a label
     /// out of range or a non-finite pixel (naming the sample).
     pub fn step(&mut self, images: &[f32], labels: &[u32]) -> Result<bool> {
+        self.step_from(Pixels::Host(images), labels)
+    }
+
+    /// One micro-batch from a loader ([`Trainer::step`]). A batch in
+    /// page-locked memory for this trainer's device ([`Loader::pinned`]) is
+    /// uploaded without waiting: on a GPU the copy runs on a second stream
+    /// beside the previous step's kernels (into the other of two image
+    /// buffers), and the step's kernels wait for it on the device. Other
+    /// batches go through [`Trainer::step`].
+    ///
+    /// [`Loader::pinned`]: crate::data::Loader::pinned
+    pub fn step_batch(&mut self, batch: &Batch) -> Result<bool> {
+        match batch.images.pinned() {
+            Some(p) if p.device() == self.backbone.device() => self.step_from(Pixels::Pinned(p), &batch.labels),
+            _ => self.step_from(Pixels::Host(&batch.images), &batch.labels),
+        }
+    }
+
+    fn step_from(&mut self, pixels: Pixels<'_>, labels: &[u32]) -> Result<bool> {
         // On the CPU, on one of rayon's workers: the step's parallel loops
         // (hundreds) then split among the workers instead of each being sent
         // from this thread, which would sleep and be woken once per loop.
         if !self.backbone.device().runs_kernels() && rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.step(images, labels));
+            return rayon::scope(|_| self.step_from(pixels, labels));
         }
+        let images = pixels.as_slice();
         let s = self.backbone.config().input;
         let per = s * s * 3;
         let b = labels.len();
@@ -659,10 +713,29 @@ impl Trainer {
             }
             Ok(())
         };
-        match &mut self.images {
-            Some(t) if t.shape()[0] == b => t.copy_from_host(images)?,
-            slot => *slot = Some(Tensor::from_slice(&dev, &[b, s, s, 3], images)?),
-        }
+        let slot = match pixels {
+            Pixels::Host(_) => {
+                match &mut self.images[0] {
+                    Some(t) if t.shape()[0] == b => t.copy_from_host(images)?,
+                    t => *t = Some(Tensor::from_slice(&dev, &[b, s, s, 3], images)?),
+                }
+                0
+            }
+            Pixels::Pinned(p) => {
+                let slot = 1 - self.pinned_slot;
+                if !matches!(&self.images[slot], Some(t) if t.shape()[0] == b) {
+                    self.images[slot] = Some(Tensor::empty(&dev, &[b, s, s, 3], DType::F32)?);
+                    // A GPU's allocations are ordered on the device's stream:
+                    // the copy on the second stream must follow this one.
+                    self.image_marks[slot] = Some(dev.mark()?);
+                }
+                let t =
+                    self.images[slot].as_mut().ok_or_else(|| Error::invalid(OP, "no image buffer (internal error)"))?;
+                t.copy_from_pinned(p, self.image_marks[slot].as_ref())?;
+                self.pinned_slot = slot;
+                slot
+            }
+        };
         let first = self.micro.is_multiple_of(self.cfg.gradient_acc as u64);
         let e = self.backbone.config().embedding;
         match &self.emb {
@@ -680,7 +753,8 @@ impl Trainer {
             backbone,
             head,
             state,
-            images: Some(images),
+            images,
+            image_marks,
             emb: Some(emb),
             backbone_grads,
             profile,
@@ -690,8 +764,9 @@ impl Trainer {
             ..
         } = self
         else {
-            return Err(Error::invalid(OP, "no image buffer (internal error)"));
+            return Err(Error::invalid(OP, "no embedding buffer (internal error)"));
         };
+        let images = images[slot].as_ref().ok_or_else(|| Error::invalid(OP, "no image buffer (internal error)"))?;
         backbone.forward_into(images, true, emb)?;
         lap(profile, &mut clock, |p| &mut p.forward)?;
         let emb = &*emb;
@@ -779,6 +854,9 @@ impl Trainer {
             None if first => backbone.backward_into(d_emb, backbone_grads)?,
             None => backbone.backward_accumulate(d_emb, backbone_grads)?,
         }
+        // The backward was the last to read the images: the upload of the
+        // batch after next into this buffer waits for it.
+        image_marks[slot] = Some(dev.mark()?);
         lap(profile, &mut clock, |p| &mut p.backward)?;
         let t = self.micro;
         self.micro += 1;
