@@ -231,6 +231,70 @@ fn worker_threads_give_the_calling_threads_batches_in_order() {
     assert!(results.last().unwrap().is_err(), "the epoch stops at the error");
 }
 
+#[test]
+fn a_skipping_loader_replaces_unreadable_images_by_the_next_that_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    // 3 identities × 4 images: images 0-3, 4-7, 8-11 (sorted names);
+    // batches of 4 use all 12 each epoch.
+    for id in 0..3u64 {
+        let d = dir.path().join(format!("id{id}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for k in 0..4 {
+            std::fs::write(d.join(format!("{k}.png")), png(&rgb(10 * id + k), S)).unwrap();
+        }
+    }
+    // Images 6 and 7 unreadable: 6 is replaced by 8 (7 is skipped too).
+    std::fs::write(dir.path().join("id1").join("2.png"), b"garbage").unwrap();
+    std::fs::write(dir.path().join("id1").join("3.png"), png(&vec![99; 4 * S * S * 3], 2 * S)).unwrap(); // another size
+    let ds = Arc::new(Dataset::folder(dir.path(), S).unwrap());
+    let sampler = Sampler::new(ds.len(), 4, 11);
+    // The default: the epoch ends with the error.
+    let strict = Loader::new(ds.clone(), sampler.clone(), 2, 2, true).unwrap();
+    assert!(strict.skipped().is_none());
+    assert!(strict.epoch(0, 0).unwrap().any(|r| r.is_err()));
+    let inline = Loader::new(ds.clone(), sampler.clone(), 0, 1, true).unwrap().skip_corrupt(true);
+    let threads = Loader::new(ds.clone(), sampler.clone(), 3, 2, true).unwrap().skip_corrupt(true);
+    let per = S * S * 3;
+    for epoch in 0..2 {
+        let a: Vec<_> = inline.epoch(epoch, 0).unwrap().map(Result::unwrap).collect();
+        let b: Vec<_> = threads.epoch(epoch, 0).unwrap().map(Result::unwrap).collect();
+        assert_eq!(a.len(), 3);
+        assert!(a == b, "epoch {epoch}: the threads' batches differ");
+        // Where the sampler put images 6 and 7: image 8 (label 2, flipped
+        // by its own key) in both places; every other sample as it is.
+        for (batch, indices) in a.iter().zip(sampler.epoch(epoch).unwrap()) {
+            assert_eq!(batch.labels.len(), 4);
+            for (k, &i) in indices.iter().enumerate() {
+                let j = if i == 6 || i == 7 { 8 } else { i };
+                let mut want = vec![0f32; per];
+                let y = ds.read(j, flipped(11, epoch, j), &mut want).unwrap();
+                assert_eq!(batch.labels[k], y, "epoch {epoch}: image {i}");
+                assert!(batch.images[k * per..(k + 1) * per] == want[..], "epoch {epoch}: image {i}");
+            }
+        }
+    }
+    // Image 6 fails twice a pass (itself, then 7 on the way to 8), image 7
+    // once: 3 a pass, 2 passes an epoch (inline and threads) for 2 epochs.
+    for l in [&inline, &threads] {
+        let sk = l.skipped().unwrap();
+        assert_eq!(sk.count, 6, "{sk:?}");
+        assert!(
+            sk.errors.iter().any(|e| e.contains("2.png")) && sk.errors.iter().any(|e| e.contains("3.png")),
+            "{sk:?}"
+        );
+    }
+    // No image reads: an error, not a hang.
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(bad.path().join("a")).unwrap();
+    for k in 0..3 {
+        std::fs::write(bad.path().join("a").join(format!("{k}.png")), b"garbage").unwrap();
+    }
+    let ds = Arc::new(Dataset::folder(bad.path(), S).unwrap());
+    let l = Loader::new(ds.clone(), Sampler::new(3, 2, 1), 0, 1, false).unwrap().skip_corrupt(true);
+    let e = l.epoch(0, 0).unwrap().next().unwrap().unwrap_err().to_string();
+    assert!(e.contains("no image of") && e.contains(".png"), "{e}");
+}
+
 #[cfg(feature = "sim")]
 #[test]
 fn a_pinned_loader_recycles_page_locked_buffers_and_never_stalls() {

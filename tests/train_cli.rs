@@ -278,6 +278,40 @@ fn arrays_folders_and_recordio_train_identically() {
         assert!(m == &runs[0].2, "{name}: metrics differ from the arrays' run: {m:?} vs {:?}", runs[0].2);
         assert!(model == &runs[0].1, "{name}: the model differs from the arrays' run");
     }
+    // A corrupt image in the folder: training stops naming it, unless
+    // skip_corrupt, which trains on and logs the count.
+    let bad = std::fs::read_dir(dir.join("folder/id03")).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&bad, b"not a png").unwrap();
+    let name = bad.file_name().unwrap().to_str().unwrap().to_string();
+    for skip in [false, true] {
+        let out = dir.join(format!("out-corrupt-{skip}"));
+        let cfg = write_config(&dir, &out, "arcface");
+        let images = format!("images=\"{}\"", dir.join("folder").display());
+        let skip_kv = format!("skip_corrupt={skip}");
+        let cfg = cfg.to_str().unwrap();
+        let o = gif_fr(&[
+            "train",
+            "--config",
+            cfg,
+            "--quiet",
+            "--set",
+            &images,
+            "--set",
+            &skip_kv,
+            "--set",
+            "num_epoch=1",
+            "--set",
+            "warmup_epoch=0",
+        ]);
+        let log = std::fs::read_to_string(out.join("training.log")).unwrap_or_default();
+        if skip {
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert!(log.contains("skipped 1 unreadable images") && log.contains(&name), "{log}");
+        } else {
+            assert!(!o.status.success());
+            assert!(stderr(&o).contains(&name), "{}", stderr(&o));
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -457,6 +457,24 @@ pub struct Loader {
     flip: bool,
     /// Page-locked batch buffers for a GPU ([`Loader::pinned`]).
     pool: Option<Arc<pool::Pool>>,
+    /// Images that failed to read, when they are skipped
+    /// ([`Loader::skip_corrupt`]).
+    skips: Option<Arc<std::sync::Mutex<Skipped>>>,
+}
+
+/// The images a [`Loader::skip_corrupt`] loader skipped so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// Reads that failed (an image skipped twice counts twice).
+    pub count: usize,
+    /// The first errors (at most [`Skipped::KEPT`]), naming file, record
+    /// or image.
+    pub errors: Vec<String>,
+}
+
+impl Skipped {
+    /// How many errors [`Skipped::errors`] keeps.
+    pub const KEPT: usize = 10;
 }
 
 impl Loader {
@@ -468,7 +486,26 @@ impl Loader {
         if sampler.len != dataset.len() {
             return Err(Error::invalid("Loader", format!("a sampler of {} images for {}", sampler.len, dataset.len())));
         }
-        Ok(Loader { dataset, sampler, workers, prefetch: prefetch.max(1), flip, pool: None })
+        Ok(Loader { dataset, sampler, workers, prefetch: prefetch.max(1), flip, pool: None, skips: None })
+    }
+
+    /// Skips images that fail to read (a corrupt or truncated file or
+    /// record, another size, not RGB) instead of ending the epoch with the
+    /// error (the default): the sample is replaced by the next image of the
+    /// dataset that reads (image i + 1, i + 2, … cyclically: the batch keeps
+    /// its size, which data-parallel ranks need, and the choice does not
+    /// depend on thread timing), and the failure is counted
+    /// ([`Loader::skipped`]). Only failures of the image itself are
+    /// skipped; an index outside the dataset is still an error, and so is a
+    /// dataset where no image reads.
+    pub fn skip_corrupt(mut self, on: bool) -> Loader {
+        self.skips = on.then(Default::default);
+        self
+    }
+
+    /// The images skipped so far (None unless [`Loader::skip_corrupt`]).
+    pub fn skipped(&self) -> Option<Skipped> {
+        self.skips.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
     /// Decodes the batches into page-locked buffers for `device` (a GPU, or
@@ -515,51 +552,32 @@ impl Loader {
         &self.dataset
     }
 
-    /// The batch of `indices` (decoded here), into a buffer of `pool` if
-    /// there is one.
-    fn make(
-        dataset: &Dataset,
-        pool: Option<&Arc<pool::Pool>>,
-        seed: u64,
-        flip: bool,
-        epoch: u64,
-        indices: &[usize],
-    ) -> Result<Batch> {
-        let per = dataset.pixels_per_image();
-        let len = indices.len().checked_mul(per).ok_or_else(|| Error::invalid("Loader", "a batch's size overflows"))?;
-        let mut images = match pool {
-            Some(p) => p.take(len),
-            None => Images::from_vec(crate::runtime::host_memory::try_filled("Loader", "a batch", len, 0f32)?),
-        };
-        let out = images.as_mut_slice()?;
-        let mut labels = Vec::with_capacity(indices.len());
-        for (k, &i) in indices.iter().enumerate() {
-            let f = flip && flipped(seed, epoch, i);
-            labels.push(dataset.read(i, f, &mut out[k * per..(k + 1) * per])?);
-        }
-        Ok(Batch { images, labels })
-    }
-
     /// The batches of `epoch` from batch `start` on, in order: decoded by
     /// the workers into a queue of at most `prefetch` batches (the iterator
     /// stops the workers when dropped). A decoding error ends the epoch
     /// with that error.
     pub fn epoch(&self, epoch: u64, start: usize) -> Result<EpochIter> {
         let batches: Vec<Vec<usize>> = self.sampler.epoch(epoch)?.into_iter().skip(start).collect();
-        let (seed, flip) = (self.sampler.seed, self.flip);
-        let pool = self.pool.clone();
+        let maker = Maker {
+            dataset: self.dataset.clone(),
+            pool: self.pool.clone(),
+            skips: self.skips.clone(),
+            seed: self.sampler.seed,
+            flip: self.flip,
+            epoch,
+        };
         if self.workers == 0 {
-            let dataset = self.dataset.clone();
-            return Ok(EpochIter(Epoch::Inline { dataset, pool, batches, next: 0, seed, flip, epoch }));
+            return Ok(EpochIter(Epoch::Inline { maker, batches, next: 0 }));
         }
+        let maker = Arc::new(maker);
         let batches = Arc::new(batches);
         let (tx, rx) = mpsc::sync_channel::<(usize, Result<Batch>)>(self.prefetch);
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut handles = Vec::new();
         for _ in 0..self.workers {
-            let (dataset, pool, batches, tx, next, stop) =
-                (self.dataset.clone(), pool.clone(), batches.clone(), tx.clone(), next.clone(), stop.clone());
+            let (maker, batches, tx, next, stop) =
+                (maker.clone(), batches.clone(), tx.clone(), next.clone(), stop.clone());
             handles.push(std::thread::spawn(move || loop {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     return;
@@ -568,7 +586,7 @@ impl Loader {
                 // ones the consumer needs.
                 let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(indices) = batches.get(b) else { return };
-                let r = Loader::make(&dataset, pool.as_ref(), seed, flip, epoch, indices);
+                let r = maker.make(indices);
                 if tx.send((b, r)).is_err() {
                     return;
                 }
@@ -578,20 +596,77 @@ impl Loader {
     }
 }
 
+/// What a batch of an epoch is made with: the dataset, the page-locked
+/// pool and the skip log, and the keys of the flips.
+struct Maker {
+    dataset: Arc<Dataset>,
+    pool: Option<Arc<pool::Pool>>,
+    skips: Option<Arc<std::sync::Mutex<Skipped>>>,
+    seed: u64,
+    flip: bool,
+    epoch: u64,
+}
+
+impl Maker {
+    /// The batch of `indices` (decoded here), into a buffer of the pool if
+    /// there is one.
+    fn make(&self, indices: &[usize]) -> Result<Batch> {
+        let per = self.dataset.pixels_per_image();
+        let len = indices.len().checked_mul(per).ok_or_else(|| Error::invalid("Loader", "a batch's size overflows"))?;
+        let mut images = match &self.pool {
+            Some(p) => p.take(len),
+            None => Images::from_vec(crate::runtime::host_memory::try_filled("Loader", "a batch", len, 0f32)?),
+        };
+        let out = images.as_mut_slice()?;
+        let mut labels = Vec::with_capacity(indices.len());
+        for (k, &i) in indices.iter().enumerate() {
+            let out = &mut out[k * per..(k + 1) * per];
+            let read =
+                |j: usize, out: &mut [f32]| self.dataset.read(j, self.flip && flipped(self.seed, self.epoch, j), out);
+            let label = match (read(i, out), self.skips.as_deref()) {
+                (Ok(y), _) => y,
+                (Err(e @ Error::File { .. }), Some(skips)) => {
+                    let note = |e: &Error| {
+                        let mut s = skips.lock().unwrap_or_else(|p| p.into_inner());
+                        s.count += 1;
+                        if s.errors.len() < Skipped::KEPT {
+                            s.errors.push(e.to_string());
+                        }
+                    };
+                    note(&e);
+                    let n = self.dataset.len();
+                    let mut found = None;
+                    for j in (1..n).map(|d| (i + d) % n) {
+                        match read(j, out) {
+                            Ok(y) => {
+                                found = Some(y);
+                                break;
+                            }
+                            Err(e @ Error::File { .. }) => note(&e),
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    found.ok_or_else(|| {
+                        Error::invalid(
+                            "Loader",
+                            format!("no image of {} reads (the last error: {e})", self.dataset.origin.display()),
+                        )
+                    })?
+                }
+                (Err(e), _) => return Err(e),
+            };
+            labels.push(label);
+        }
+        Ok(Batch { images, labels })
+    }
+}
+
 /// [`Loader::epoch`]'s batches, in order.
 pub struct EpochIter(Epoch);
 
 enum Epoch {
     /// Decoded on the calling thread.
-    Inline {
-        dataset: Arc<Dataset>,
-        pool: Option<Arc<pool::Pool>>,
-        batches: Vec<Vec<usize>>,
-        next: usize,
-        seed: u64,
-        flip: bool,
-        epoch: u64,
-    },
+    Inline { maker: Maker, batches: Vec<Vec<usize>>, next: usize },
     /// Decoded by worker threads.
     Threads {
         rx: mpsc::Receiver<(usize, Result<Batch>)>,
@@ -607,10 +682,10 @@ impl Iterator for EpochIter {
     type Item = Result<Batch>;
     fn next(&mut self) -> Option<Result<Batch>> {
         match &mut self.0 {
-            Epoch::Inline { dataset, pool, batches, next, seed, flip, epoch } => {
+            Epoch::Inline { maker, batches, next } => {
                 let indices = batches.get(*next)?;
                 *next += 1;
-                Some(Loader::make(dataset, pool.as_ref(), *seed, *flip, *epoch, indices))
+                Some(maker.make(indices))
             }
             Epoch::Threads { rx, pending, next, total, .. } => {
                 if *next >= *total {

@@ -251,6 +251,12 @@ pub struct TrainConfig {
     /// Random horizontal flips (insightface's RandomHorizontalFlip; true).
     #[serde(default = "d_true")]
     pub flip: bool,
+    /// An image that fails to read (corrupt, truncated, another size)
+    /// mid-epoch: false (default) stops training with the error naming it;
+    /// true replaces it by the next image that reads, counts it and logs
+    /// the count at the end (`Loader::skip_corrupt`).
+    #[serde(default)]
+    pub skip_corrupt: bool,
     /// "best" (default), "cpu", "cuda" or "sim".
     #[serde(default = "d_device")]
     pub device: String,

@@ -357,7 +357,8 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}")
             .map_err(|e| Error::invalid(OP, e.to_string()))?,
     );
-    let mut loader = Loader::new(dataset, sampler, cfg.num_workers, 2 * cfg.num_workers.max(1), cfg.flip)?;
+    let mut loader = Loader::new(dataset, sampler, cfg.num_workers, 2 * cfg.num_workers.max(1), cfg.flip)?
+        .skip_corrupt(cfg.skip_corrupt);
     // A GPU's batches in recycled page-locked buffers (insightface's
     // pin_memory), uploaded beside the step before.
     let device = trainer.backbone().device().clone();
@@ -428,6 +429,14 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
             "warning: {} batches were decoded into pageable memory (uploaded with a wait): {}",
             p.pageable,
             p.error.as_deref().unwrap_or("every page-locked buffer was in use")
+        ));
+    }
+    if let Some(sk) = loader.skipped().filter(|s| s.count > 0) {
+        log(&format!(
+            "skipped {} unreadable images (each replaced by the next that reads){}{}",
+            sk.count,
+            if sk.errors.is_empty() { "" } else { "; the first: " },
+            sk.errors.join("; ")
         ));
     }
     let trained = trainer.steps() - start_step;
