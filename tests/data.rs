@@ -295,6 +295,61 @@ fn a_skipping_loader_replaces_unreadable_images_by_the_next_that_reads() {
     assert!(e.contains("no image of") && e.contains(".png"), "{e}");
 }
 
+/// The workers run at most `prefetch + workers` batches ahead of the
+/// consumer, also when one of them stalls on an image (a named pipe that
+/// nobody writes yet): the others do not run through the epoch.
+#[cfg(all(unix, feature = "sim"))]
+#[test]
+fn workers_stay_within_their_window_while_one_image_stalls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("id0");
+    std::fs::create_dir_all(&d).unwrap();
+    let n = 40;
+    for k in 0..n {
+        std::fs::write(d.join(format!("{k:02}.png")), png(&rgb(k as u64), S)).unwrap();
+    }
+    let ds = Arc::new(Dataset::folder(dir.path(), S).unwrap());
+    // (After listing the folder, which takes regular files only.)
+    let pipe = d.join("05.png");
+    std::fs::remove_file(&pipe).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(&pipe).status().unwrap().success());
+    // Batches of 2 (20 an epoch); a seed that puts image 5 in one of the
+    // first batches, so that the epoch extends far past the window.
+    let (workers, prefetch) = (3, 2);
+    let window = workers + prefetch;
+    let (sampler, stalled) = (0..)
+        .find_map(|seed| {
+            let s = Sampler::new(n, 2, seed);
+            let b = s.epoch(0).unwrap().iter().position(|b| b.contains(&5)).unwrap();
+            (b <= 3).then_some((s, b))
+        })
+        .unwrap();
+    let dev = gif_fr::Device::sim();
+    let loader = Arc::new(Loader::new(ds, sampler, workers, prefetch, false).unwrap().pinned(&dev).unwrap());
+    let started = |l: &Loader| {
+        let p = l.pool_stats().unwrap();
+        p.allocated + p.reused + p.pageable
+    };
+    // Another thread writes the pipe after a while, noting how many
+    // batches the workers had started by then.
+    let writer = {
+        let (loader, pipe) = (loader.clone(), pipe.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            let seen = started(&loader);
+            std::fs::write(&pipe, png(&rgb(5), S)).unwrap();
+            seen
+        })
+    };
+    let got = loader.epoch(0, 0).unwrap().map(Result::unwrap).count();
+    let seen = writer.join().unwrap();
+    assert_eq!(got, 20);
+    // The consumer took the batches before the stalled one; the workers
+    // may have started that one and the window's others after it.
+    println!("batch {stalled} stalled; {seen} batches started meanwhile (window {window})");
+    assert!(seen <= stalled + window, "{seen} batches started while batch {stalled} stalled (window {window})");
+}
+
 #[cfg(feature = "sim")]
 #[test]
 fn a_pinned_loader_recycles_page_locked_buffers_and_never_stalls() {

@@ -573,26 +573,31 @@ impl Loader {
         let batches = Arc::new(batches);
         let (tx, rx) = mpsc::sync_channel::<(usize, Result<Batch>)>(self.prefetch);
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // At most `window` batches are made ahead of the consumer (queued,
+        // waiting in the reorder buffer, or being decoded): a worker that
+        // claimed a batch further ahead waits, so that a slow image on one
+        // worker cannot let the others run through the epoch.
+        let window = self.prefetch.saturating_add(self.workers);
+        let gate = Arc::new(Gate::default());
         let mut handles = Vec::new();
         for _ in 0..self.workers {
-            let (maker, batches, tx, next, stop) =
-                (maker.clone(), batches.clone(), tx.clone(), next.clone(), stop.clone());
+            let (maker, batches, tx, next, gate) =
+                (maker.clone(), batches.clone(), tx.clone(), next.clone(), gate.clone());
             handles.push(std::thread::spawn(move || loop {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    return;
-                }
                 // Batches are claimed in order, so the queue holds the next
                 // ones the consumer needs.
                 let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(indices) = batches.get(b) else { return };
+                if !gate.wait_for(b, window) {
+                    return;
+                }
                 let r = maker.make(indices);
                 if tx.send((b, r)).is_err() {
                     return;
                 }
             }));
         }
-        Ok(EpochIter(Epoch::Threads { rx, pending: Default::default(), next: 0, total: batches.len(), stop, handles }))
+        Ok(EpochIter(Epoch::Threads { rx, pending: Default::default(), next: 0, total: batches.len(), gate, handles }))
     }
 }
 
@@ -661,6 +666,38 @@ impl Maker {
     }
 }
 
+/// How far the workers may run ahead of the consumer: the batches handed
+/// to it so far, and whether the epoch was dropped.
+#[derive(Default)]
+struct Gate {
+    state: std::sync::Mutex<(usize, bool)>,
+    moved: std::sync::Condvar,
+}
+
+impl Gate {
+    /// Waits until batch `b` is fewer than `window` batches ahead of the
+    /// consumer; false when the epoch was dropped meanwhile.
+    fn wait_for(&self, b: usize, window: usize) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !st.1 && b >= st.0.saturating_add(window) {
+            st = self.moved.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        !st.1
+    }
+
+    /// The consumer has taken `n` batches.
+    fn handed(&self, n: usize) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 = n;
+        self.moved.notify_all();
+    }
+
+    /// The epoch was dropped: every waiting worker returns.
+    fn stop(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.moved.notify_all();
+    }
+}
+
 /// [`Loader::epoch`]'s batches, in order.
 pub struct EpochIter(Epoch);
 
@@ -673,7 +710,7 @@ enum Epoch {
         pending: std::collections::BTreeMap<usize, Result<Batch>>,
         next: usize,
         total: usize,
-        stop: Arc<std::sync::atomic::AtomicBool>,
+        gate: Arc<Gate>,
         handles: Vec<std::thread::JoinHandle<()>>,
     },
 }
@@ -687,13 +724,14 @@ impl Iterator for EpochIter {
                 *next += 1;
                 Some(maker.make(indices))
             }
-            Epoch::Threads { rx, pending, next, total, .. } => {
+            Epoch::Threads { rx, pending, next, total, gate, .. } => {
                 if *next >= *total {
                     return None;
                 }
                 loop {
                     if let Some(r) = pending.remove(next) {
                         *next += 1;
+                        gate.handed(*next);
                         if r.is_err() {
                             *total = *next; // an error ends the epoch
                         }
@@ -716,8 +754,8 @@ impl Iterator for EpochIter {
 
 impl Drop for EpochIter {
     fn drop(&mut self) {
-        if let Epoch::Threads { rx, stop, handles, .. } = &mut self.0 {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Epoch::Threads { rx, gate, handles, .. } = &mut self.0 {
+            gate.stop();
             // Dropping the receiver fails the workers' sends, also those
             // blocked on a full queue: every worker returns.
             drop(std::mem::replace(rx, mpsc::sync_channel(1).1));
