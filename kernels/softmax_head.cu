@@ -23,11 +23,14 @@
 //                         centre in f64 (margin.cuh), replacing the tile's c_y
 //                         (rows whose target is negative are left alone).
 // softmax_shard_stats     (the model-parallel heads) one warp per row: the
-//                         splits merged into stats [B][4] = (max, Σ exp(· −
+//                         splits merged into stats [B][6] = (max, Σ exp(· −
 //                         max), best c, best index bits) over this shard's
 //                         non-target classes, max and sum NaN when a
-//                         non-finite input reached the row; the ranks then
-//                         combine their rows' stats (all-reduce).
+//                         non-finite input reached the row, then the row's
+//                         target cosine and sine (0 without sines) copied
+//                         beside them, so one download brings all six; the
+//                         ranks then combine their rows' stats
+//                         (all-reduce).
 // softmax_merge           one warp per row: merges the splits, adds the
 //                         target logit s·f(c_y): lse, loss = weight·log1p(S)
 //                         when the target is the max logit, else weight·(lse
@@ -275,17 +278,21 @@ GIF_DEVICE void merge_rows(const float* __restrict__ partial, int splits, const 
 }
 
 // One row's stats over this shard's classes (the splits merged as in
-// merge_rows), for the ranks to combine; one warp per row.
-GIF_DEVICE void shard_stats(const float* __restrict__ partial, int splits, int B, float* __restrict__ out) {
+// merge_rows), for the ranks to combine, and the row's target cosine and
+// sine (tgt_sin may be null: 0); one warp per row.
+GIF_DEVICE void shard_stats(const float* __restrict__ partial, int splits, int B, const float* __restrict__ tgt_cos,
+                            const float* __restrict__ tgt_sin, float* __restrict__ out) {
   const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= B) return;
   const RowMerge mr = merge_splits(partial, splits, row, lane);
   if (lane != 0) return;
-  float* o = out + (long long)row * 4;
+  float* o = out + (long long)row * 6;
   o[0] = mr.nan ? gif_bits_float(0x7fc00000u) : mr.l.m;
   o[1] = mr.nan ? gif_bits_float(0x7fc00000u) : mr.l.s;
   o[2] = mr.bc;
   o[3] = idx_bits(mr.bi);
+  o[4] = tgt_cos[row];
+  o[5] = tgt_sin ? tgt_sin[row] : 0.0f;
 }
 
 // The target's cosine and the sine of its angle from the raw feature (f32)
@@ -787,7 +794,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) softmax_fwd_f32_v(const flo
 extern "C" __global__ void __launch_bounds__(256, 2) softmax_fwd_bf16(const float* U, const bf16* W, const int* rows, const float* rnorm, const int* target, int B, int N, int d, float s, int splits, float* partial, float* tgt_cos) { softmax_fwd<bf16, false>(U, W, rows, rnorm, target, B, N, d, s, splits, partial, tgt_cos); }
 extern "C" __global__ void __launch_bounds__(256, 2) softmax_fwd_bf16_v(const float* U, const bf16* W, const int* rows, const float* rnorm, const int* target, int B, int N, int d, float s, int splits, float* partial, float* tgt_cos) { softmax_fwd<bf16, true>(U, W, rows, rnorm, target, B, N, d, s, splits, partial, tgt_cos); }
 extern "C" __global__ void __launch_bounds__(256) softmax_merge(const float* partial, int splits, const float* tgt_cos, const float* tgt_sin, const int* target, int B, float s, int margin, float m, float cos_m, float sin_m, int exact_grad, float weight, float* lse, float* gy, float* loss, float* correct, float* gsing) { merge_rows(partial, splits, tgt_cos, tgt_sin, target, B, s, margin, m, cos_m, sin_m, exact_grad, weight, lse, gy, loss, correct, gsing); }
-extern "C" __global__ void __launch_bounds__(256) softmax_shard_stats(const float* partial, int splits, int B, float* stats) { shard_stats(partial, splits, B, stats); }
+extern "C" __global__ void __launch_bounds__(256) softmax_shard_stats(const float* partial, int splits, int B, const float* tgt_cos, const float* tgt_sin, float* stats) { shard_stats(partial, splits, B, tgt_cos, tgt_sin, stats); }
 extern "C" __global__ void __launch_bounds__(256) softmax_target_angle_f32(const float* X, const float* W, const int* rows, const int* target, int B, int d, float* tgt_cos, float* tgt_sin) { target_angle<float>(X, W, rows, target, B, d, tgt_cos, tgt_sin); }
 extern "C" __global__ void __launch_bounds__(256) softmax_target_angle_bf16(const float* X, const bf16* W, const int* rows, const int* target, int B, int d, float* tgt_cos, float* tgt_sin) { target_angle<bf16>(X, W, rows, target, B, d, tgt_cos, tgt_sin); }
 extern "C" __global__ void __launch_bounds__(32) softmax_target_singular_f32(const float* X, const float* W, const int* rows, const int* target, const int* order, const int* starts, int d, const float* gsing, float* dU, float* dW_hat) { target_singular<float>(X, W, rows, target, order, starts, d, gsing, dU, dW_hat); }

@@ -33,9 +33,10 @@
 //! as one process's chunked head). On GPU ranks they are the fused kernels
 //! (kernels/softmax_head.cu) with the shard's rows' targets negative where
 //! another rank owns the label: the forward's per-split partials are merged
-//! per row by `softmax_shard_stats` (16 bytes a row come to the host for
-//! the collectives, and the log-sum-exp, target gradient and singular
-//! weight go back, 12 bytes a row), then the one-process backward; Partial
+//! per row by `softmax_shard_stats` (24 bytes a row, with the target's
+//! cosine and sine, come to the host in one download for the collectives,
+//! and the log-sum-exp, target gradient and singular weight go back, 12
+//! bytes a row), then the one-process backward; Partial
 //! FC draws its sample on the device. The collectives themselves take host
 //! slices (the communicator's interface): the gathered features (4·W·B·d
 //! bytes) go up to the device and the feature gradient (the same) comes
@@ -116,6 +117,9 @@ pub struct ModelParallelStep {
     /// Partial FC's sample: rows of the shard (0-based within it),
     /// ascending. None for the full head.
     pub sampled: Option<Vec<u32>>,
+    /// The same sample on a GPU rank's device (u32 `[k]`), where it was
+    /// drawn: the trainer scatters the centre gradient with it.
+    pub(crate) sampled_rows: Option<Tensor>,
 }
 
 impl ModelParallelHead {
@@ -337,9 +341,10 @@ impl ModelParallelHead {
             );
             (loss, dx, Tensor::from_slice(&dev, &[k, d], &dw)?)
         } else {
-            // The same phases on the device; each row's stats (16 bytes)
-            // come to the host for the collectives and go back as the
-            // backward's log-sum-exp, target gradient and singular weight.
+            // The same phases on the device; each row's stats and target
+            // angle (24 bytes) come to the host for the collectives, and go
+            // back as the backward's log-sum-exp, target gradient and
+            // singular weight.
             let xt = Tensor::from_slice(&dev, &[rows, d], &x)?;
             let mut pass = DevicePass::forward(
                 cfg,
@@ -350,8 +355,9 @@ impl ModelParallelHead {
                 Targets::Host(targets.clone()),
             )?;
             let partial = pass.partial.take().ok_or_else(|| Error::invalid(OP, "no partials (internal error)"))?;
-            let mut stats = Tensor::empty(&dev, &[rows, 4], DType::F32)?;
-            // SAFETY: partial is [W·B, splits, 4] and stats [W·B, 4] f32.
+            let mut stats = Tensor::empty(&dev, &[rows, 6], DType::F32)?;
+            // SAFETY: partial is [W·B, splits, 4], the target cosines and
+            // sines [W·B] (sines absent: null) and stats [W·B, 6] f32.
             unsafe {
                 launch::softmax_shard_stats(
                     &dev,
@@ -359,32 +365,29 @@ impl ModelParallelHead {
                     partial.ptr()?,
                     pass.splits as i32,
                     rows as i32,
+                    pass.tgt_cos.ptr()?,
+                    Tensor::ptr_or_null(pass.tgt_sin.as_ref())?,
                     stats.ptr_mut()?,
                 )
             }?;
             drop(partial);
+            // One download: the merged stats, the target cosine and sine.
             let stats = stats.to_vec::<f32>()?;
-            let tgt_cos = pass.tgt_cos.to_vec::<f32>()?;
-            let tgt_sin = pass.tgt_sin.as_ref().map(|t| t.to_vec::<f32>()).transpose()?;
             let state: Vec<cpu::RowState> = stats
-                .chunks_exact(4)
+                .chunks_exact(6)
                 .zip(&targets)
-                .zip(&tgt_cos)
-                .map(|((st, &t), &c)| cpu::RowState {
+                .map(|(st, &t)| cpu::RowState {
                     max: st[0],
                     sum: st[1],
                     best_c: st[2],
                     best_class: st[3].to_bits() as usize,
-                    target_c: if t >= 0 { c } else { f32::NAN },
+                    target_c: if t >= 0 { st[4] } else { f32::NAN },
                 })
                 .collect();
-            let tgs: Vec<Option<Target>> = (0..rows)
-                .map(|i| {
-                    (targets[i] >= 0).then(|| {
-                        let sin = tgt_sin.as_ref().map_or(0.0, |s| f64::from(s[i]));
-                        cfg.margin.target(f64::from(tgt_cos[i]), sin)
-                    })
-                })
+            let tgs: Vec<Option<Target>> = stats
+                .chunks_exact(6)
+                .zip(&targets)
+                .map(|(st, &t)| (t >= 0).then(|| cfg.margin.target(f64::from(st[4]), f64::from(st[5]))))
                 .collect();
             let (rowv, loss) = combine_rows(comm, cfg, &state, &targets, &tgs)?;
             let mut per_row = Vec::with_capacity(rows * 3);
@@ -402,7 +405,8 @@ impl ModelParallelHead {
         // Every shard's part of each row's gradient, summed on its rank.
         let mut mine = vec![0f32; b * d];
         comm.reduce_scatter_f32(&features, &mut mine)?;
-        Ok(ModelParallelStep { loss, features: Tensor::from_slice(&dev, &[b, d], &mine)?, centres, sampled })
+        let features = Tensor::from_slice(&dev, &[b, d], &mine)?;
+        Ok(ModelParallelStep { loss, features, centres, sampled, sampled_rows })
     }
 }
 

@@ -820,12 +820,14 @@ impl Trainer {
                 if first {
                     dense.fill_zeros()?;
                 }
-                match &out.sampled {
-                    Some(rows) => {
+                match (&out.sampled_rows, &out.sampled) {
+                    // Drawn on the device (GPU ranks): no upload.
+                    (Some(rows), _) => crate::ops::rows::axpy_sampled_rows(dense, rows, &out.centres, 1.0)?,
+                    (None, Some(rows)) => {
                         let rows = Tensor::from_slice(&dev, &[rows.len()], rows)?;
                         crate::ops::rows::axpy_sampled_rows(dense, &rows, &out.centres, 1.0)?;
                     }
-                    None => add_assign(dense, &out.centres)?,
+                    (None, None) => add_assign(dense, &out.centres)?,
                 }
             }
             _ => return Err(Error::invalid(OP, "head state of another head (internal error)")),
