@@ -417,7 +417,7 @@ pub fn run(cfg: &ExperimentConfig, data: &[PathBuf], log: &mut dyn FnMut(&str)) 
     let mut report = Report { machine: machine(&dev), settings: settings(&cfg.train), datasets: Vec::new() };
     for path in data {
         let bar = crate::progress::scan_bar(cfg.progress);
-        let base = Arc::new(Dataset::open_with(path, size, crate::progress::follow(&bar))?);
+        let base = Arc::new(Dataset::open_with(path, size, crate::progress::follow(&bar))?.resizing(cfg.train.resize));
         bar.finish_and_clear();
         let sp = split(base, cfg.held_out, cfg.max_held_out_images, cfg.rare_fraction, cfg.train.seed)?;
         let n = sp.train_counts.len();

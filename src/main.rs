@@ -397,6 +397,10 @@ struct EmbedArgs {
     /// Where to write the embeddings (.npy).
     #[arg(long, value_name = "FILE.npy")]
     out: PathBuf,
+    /// Resize square images of another size to the network's input
+    /// (bilinear) instead of refusing them.
+    #[arg(long)]
+    resize: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -412,6 +416,10 @@ struct IdentityVectorsArgs {
     /// Where to write the vectors (f32 [identities, E] .npy).
     #[arg(long, value_name = "FILE.npy")]
     out: PathBuf,
+    /// Resize square images of another size to the network's input
+    /// (bilinear) instead of refusing them.
+    #[arg(long)]
+    resize: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -757,7 +765,7 @@ fn embed_cmd(a: EmbedArgs) -> Result<(), Error> {
         }
         (None, Some(data)) => {
             let scan = gif_fr::progress::scan_bar(!a.quiet);
-            let ds = gif_fr::data::Dataset::open_with(data, input, follow(&scan))?;
+            let ds = gif_fr::data::Dataset::open_with(data, input, follow(&scan))?.resizing(a.resize);
             scan.finish_and_clear();
             let n = ds.len();
             let mut out = gif_fr::io::npy::NpyWriter::create(&a.out, n, e)?;
@@ -916,7 +924,7 @@ fn ijb_cmd(a: IjbArgs) -> Result<(), Error> {
 fn identity_vectors_cmd(a: IdentityVectorsArgs) -> Result<(), Error> {
     let mut net = a.net.load()?;
     let scan = gif_fr::progress::scan_bar(!a.quiet);
-    let ds = gif_fr::data::Dataset::open_with(&a.data, net.config().input, follow(&scan))?;
+    let ds = gif_fr::data::Dataset::open_with(&a.data, net.config().input, follow(&scan))?.resizing(a.resize);
     scan.finish_and_clear();
     let t0 = std::time::Instant::now();
     let bar = progress_bar(a.quiet, "images");

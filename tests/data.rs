@@ -232,6 +232,48 @@ fn worker_threads_give_the_calling_threads_batches_in_order() {
 }
 
 #[test]
+fn images_of_another_size_are_refused_or_resized_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("id0");
+    std::fs::create_dir_all(&d).unwrap();
+    // A random 2S x 2S image, a constant one, and a 2S x S one.
+    let mut r = rand::rngs::StdRng::seed_from_u64(4);
+    let big: Vec<u8> = (0..4 * S * S * 3).map(|_| r.random()).collect();
+    std::fs::write(d.join("0.png"), png(&big, 2 * S)).unwrap();
+    std::fs::write(d.join("1.png"), png(&[40u8, 120, 200].repeat(4 * S * S), 2 * S)).unwrap();
+    let mut wide = Vec::new();
+    let enc = image::codecs::png::PngEncoder::new(&mut wide);
+    image::ImageEncoder::write_image(
+        enc,
+        &big[..2 * S * S * 3],
+        2 * S as u32,
+        S as u32,
+        image::ExtendedColorType::Rgb8,
+    )
+    .unwrap();
+    std::fs::write(d.join("2.png"), wide).unwrap();
+    let mut out = vec![0f32; S * S * 3];
+    // The default: a typed error naming the file and both sizes.
+    let ds = Dataset::folder(dir.path(), S).unwrap();
+    let e = ds.read(0, false, &mut out).unwrap_err().to_string();
+    assert!(e.contains("0.png") && e.contains("16 x 16 image") && e.contains("8 x 8"), "{e}");
+    // Resizing: the image crate's bilinear resize, normalized.
+    let ds = ds.resizing(true);
+    ds.read(0, false, &mut out).unwrap();
+    let img = image::RgbImage::from_raw(2 * S as u32, 2 * S as u32, big).unwrap();
+    let small = image::imageops::resize(&img, S as u32, S as u32, image::imageops::FilterType::Triangle);
+    let want: Vec<f32> = small.into_raw().iter().map(|&p| (p as f32 / 255.0 - 0.5) / 0.5).collect();
+    assert!(out == want);
+    // A constant image stays that constant.
+    ds.read(1, false, &mut out).unwrap();
+    let c = [40u8, 120, 200].map(|p| (p as f32 / 255.0 - 0.5) / 0.5);
+    assert!(out.chunks_exact(3).all(|p| p == c), "{:?}", &out[..6]);
+    // Not square: an error even when resizing.
+    let e = ds.read(2, false, &mut out).unwrap_err().to_string();
+    assert!(e.contains("2.png") && e.contains("only square images"), "{e}");
+}
+
+#[test]
 fn a_skipping_loader_replaces_unreadable_images_by_the_next_that_reads() {
     let dir = tempfile::tempdir().unwrap();
     // 3 identities × 4 images: images 0-3, 4-7, 8-11 (sorted names);

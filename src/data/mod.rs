@@ -53,6 +53,8 @@ pub struct Dataset {
     size: usize,
     classes: usize,
     origin: PathBuf,
+    /// Square images of another size are resized ([`Dataset::resizing`]).
+    resize: bool,
 }
 
 /// File name extensions read as images (case-insensitive).
@@ -97,7 +99,7 @@ impl Dataset {
                 max as usize + 1
             }
         };
-        Ok(Dataset { source: Source::Records(recs), size, classes, origin: dir.to_path_buf() })
+        Ok(Dataset { source: Source::Records(recs), size, classes, origin: dir.to_path_buf(), resize: false })
     }
 
     /// One sub-folder per identity under `dir` (torchvision's ImageFolder:
@@ -133,7 +135,8 @@ impl Dataset {
         if files.is_empty() {
             return Err(Error::file(dir, "no .jpg, .jpeg or .png images in the identity folders"));
         }
-        Ok(Dataset { source: Source::Folder { files }, size, classes: classes.len(), origin: dir.to_path_buf() })
+        let (source, classes) = (Source::Folder { files }, classes.len());
+        Ok(Dataset { source, size, classes, origin: dir.to_path_buf(), resize: false })
     }
 
     /// Images from a `.npy` array (see [`crate::backbone::images::read_images`])
@@ -148,22 +151,24 @@ impl Dataset {
             return Err(Error::file(images, "no images"));
         }
         let classes = labels_v.iter().copied().max().unwrap_or(0) as usize + 1;
-        Ok(Dataset { source: Source::Array { pixels, labels: labels_v }, size, classes, origin: images.to_path_buf() })
+        let source = Source::Array { pixels, labels: labels_v };
+        Ok(Dataset { source, size, classes, origin: images.to_path_buf(), resize: false })
     }
 
     /// The 2·P images of an insightface verification set (`.bin`, see
     /// [`crate::io::verification`]), in the file's order: pair i is images
     /// 2i and 2i + 1. Every label is 0 (one class); whether a pair is of
-    /// one identity is the set's `issame`.
+    /// one identity is the set's `issame`. Square images of another size
+    /// are resized, as insightface's `load_bin` does ([`Dataset::resizing`]).
     pub fn verification(path: &Path, size: usize) -> Result<Dataset> {
         let set = crate::io::verification::read_bin(path)?;
-        Ok(Dataset::encoded(set.images, size, path))
+        Ok(Dataset::encoded(set.images, size, path).resizing(true))
     }
 
     /// Encoded (JPEG / PNG) images in memory, every label 0; `origin`
     /// names them in errors.
     pub fn encoded(images: Vec<Vec<u8>>, size: usize, origin: &Path) -> Dataset {
-        Dataset { source: Source::Encoded { images }, size, classes: 1, origin: origin.to_path_buf() }
+        Dataset { source: Source::Encoded { images }, size, classes: 1, origin: origin.to_path_buf(), resize: false }
     }
 
     /// Opens `path` by what it is: a directory with `train.rec` (RecordIO),
@@ -192,7 +197,7 @@ impl Dataset {
                     return Err(Error::file(path, "no images"));
                 }
                 let source = Source::Array { pixels, labels: vec![0; count] };
-                Ok(Dataset { source, size, classes: 1, origin: path.to_path_buf() })
+                Ok(Dataset { source, size, classes: 1, origin: path.to_path_buf(), resize: false })
             }
             _ => Err(Error::file(
                 path,
@@ -222,8 +227,20 @@ impl Dataset {
             return Err(base.out_of_range(i));
         }
         let classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
-        let (size, origin) = (base.size, base.origin.clone());
-        Ok(Dataset { source: Source::Subset { base, index, labels }, size, classes, origin })
+        let (size, origin, resize) = (base.size, base.origin.clone(), base.resize);
+        Ok(Dataset { source: Source::Subset { base, index, labels }, size, classes, origin, resize })
+    }
+
+    /// Resizes square images of another size to the network's (bilinear:
+    /// the image crate's triangle filter, as insightface's evaluation
+    /// resizes a verification set's images that are not 112 × 112) instead
+    /// of refusing them (the default: aligned faces come at the network's
+    /// size, and another size usually means unaligned data). Images that are
+    /// not square are still an error (an aligned face is square; cropping
+    /// would be a guess). `.npy` arrays must match the size either way.
+    pub fn resizing(mut self, on: bool) -> Dataset {
+        self.resize = on;
+        self
     }
 
     /// The images.
@@ -277,6 +294,12 @@ impl Dataset {
         Error::invalid("Dataset", format!("image {i} of {} in {}", self.len(), self.origin.display()))
     }
 
+    /// Decodes one encoded image at this dataset's size (resizing when
+    /// asked).
+    fn decode(&self, bytes: &[u8], out: &mut [f32]) -> std::result::Result<(), String> {
+        decode_sized(bytes, self.size, self.resize, out)
+    }
+
     /// Image `i`, decoded, normalized and (when `flip`) mirrored left to
     /// right, into `out` (NHWC f32, [`Dataset::pixels_per_image`] values);
     /// returns its label. A file that does not decode, or of another size,
@@ -300,19 +323,19 @@ impl Dataset {
             Source::Records(r) => {
                 let (label, bytes) = r.get(i)?;
                 let what = || self.origin.join(format!("train.rec (image {i})"));
-                decode_into(&bytes, s, out).map_err(|m| Error::file(&what(), m))?;
+                self.decode(&bytes, out).map_err(|m| Error::file(&what(), m))?;
                 label
             }
             Source::Folder { files } => {
                 let (path, label) = files.get(i).ok_or_else(|| self.out_of_range(i))?;
                 let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-                decode_into(&bytes, s, out).map_err(|m| Error::file(path, m))?;
+                self.decode(&bytes, out).map_err(|m| Error::file(path, m))?;
                 *label
             }
             Source::Encoded { images } => {
                 let bytes = images.get(i).ok_or_else(|| self.out_of_range(i))?;
                 let what = || self.origin.join(format!("image {i}"));
-                decode_into(bytes, s, out).map_err(|m| Error::file(&what(), m))?;
+                self.decode(bytes, out).map_err(|m| Error::file(&what(), m))?;
                 0
             }
         };
@@ -325,9 +348,29 @@ impl Dataset {
 
 /// Decodes a JPEG or PNG of `size` × `size` into normalized RGB f32 NHWC.
 pub fn decode_into(bytes: &[u8], size: usize, out: &mut [f32]) -> std::result::Result<(), String> {
+    decode_sized(bytes, size, false, out)
+}
+
+/// [`decode_into`], resizing a square image of another size to `size` ×
+/// `size` first when `resize` ([`Dataset::resizing`]).
+pub fn decode_sized(bytes: &[u8], size: usize, resize: bool, out: &mut [f32]) -> std::result::Result<(), String> {
     let (w, h, rgb) = decode_rgb(bytes)?;
-    if (w, h) != (size, size) {
-        return Err(format!("a {w} x {h} image; the network takes {size} x {size} (aligned faces)"));
+    let rgb = match (w, h) {
+        _ if (w, h) == (size, size) => rgb,
+        _ if resize && w == h => {
+            let img = image::RgbImage::from_raw(w as u32, h as u32, rgb)
+                .ok_or_else(|| format!("a {w} x {h} image with {} bytes (internal error)", 3 * w * h))?;
+            image::imageops::resize(&img, size as u32, size as u32, image::imageops::FilterType::Triangle).into_raw()
+        }
+        _ if resize => return Err(format!("a {w} x {h} image: only square images are resized to {size} x {size}")),
+        _ => {
+            return Err(format!(
+                "a {w} x {h} image; the network takes {size} x {size} (aligned faces; `resize` resizes square ones)"
+            ))
+        }
+    };
+    if rgb.len() != out.len() {
+        return Err(format!("{} values for {} (internal error)", rgb.len(), out.len()));
     }
     for (o, &p) in out.iter_mut().zip(&rgb) {
         *o = crate::backbone::images::normalize(p);

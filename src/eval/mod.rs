@@ -156,7 +156,8 @@ pub fn evaluate(name: &str, fused: &[f32], dim: usize, issame: &[bool], xnorm: f
 /// stem.
 pub fn verify_pairs(net: &mut IResNet, set: &PairSet, path: &Path, batch: usize) -> Result<(Verification, Roc)> {
     set.validate(path)?;
-    let ds = Dataset::encoded(set.images.clone(), net.config().input, path);
+    // insightface's load_bin resizes images of another size.
+    let ds = Dataset::encoded(set.images.clone(), net.config().input, path).resizing(true);
     verify_dataset(net, &ds, &set.issame, batch)
 }
 

@@ -257,6 +257,11 @@ pub struct TrainConfig {
     /// the count at the end (`Loader::skip_corrupt`).
     #[serde(default)]
     pub skip_corrupt: bool,
+    /// Resize square training images of another size to the network's
+    /// input (bilinear) instead of refusing them (false: aligned faces come
+    /// at the network's size; `Dataset::resizing`).
+    #[serde(default)]
+    pub resize: bool,
     /// "best" (default), "cpu", "cuda" or "sim".
     #[serde(default = "d_device")]
     pub device: String,

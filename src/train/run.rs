@@ -195,12 +195,13 @@ use crate::io::append_line as append;
 /// total)` follows the header scan of a RecordIO set without `property`.
 pub fn open_dataset(cfg: &TrainConfig, progress: impl FnMut(usize, usize)) -> Result<Dataset> {
     let size = cfg.network_config()?.input;
-    match (&cfg.rec, &cfg.images, &cfg.labels) {
+    let ds = match (&cfg.rec, &cfg.images, &cfg.labels) {
         (Some(rec), _, _) => Dataset::records_with(rec, size, progress),
         (None, Some(images), _) if images.is_dir() => Dataset::folder(images, size),
         (None, Some(images), Some(labels)) => Dataset::arrays(images, labels, size),
         _ => Err(Error::invalid(OP, "no data: give rec, an images folder, or images and labels (.npy)")),
-    }
+    };
+    Ok(ds?.resizing(cfg.resize))
 }
 
 /// Runs the training `cfg` describes (see the module documentation).
