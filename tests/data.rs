@@ -29,6 +29,18 @@ fn png(pixels: &[u8], size: usize) -> Vec<u8> {
     out
 }
 
+/// `ids` identity folders (id0, id1, …) of `per` random PNGs each (0.png,
+/// 1.png, …; image k of identity i drawn from seed `step`·i + k).
+fn identity_folders(dir: &Path, ids: u64, per: u64, step: u64) {
+    for id in 0..ids {
+        let d = dir.join(format!("id{id}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for k in 0..per {
+            std::fs::write(d.join(format!("{k}.png")), png(&rgb(step * id + k), S)).unwrap();
+        }
+    }
+}
+
 fn jpeg(pixels: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 100);
@@ -196,13 +208,7 @@ fn the_sampler_shuffles_by_epoch_shards_like_distributed_sampler_and_drops_the_l
 fn worker_threads_give_the_calling_threads_batches_in_order() {
     let dir = tempfile::tempdir().unwrap();
     // 4 identities × 6 images.
-    for id in 0..4u64 {
-        let d = dir.path().join(format!("id{id}"));
-        std::fs::create_dir_all(&d).unwrap();
-        for k in 0..6 {
-            std::fs::write(d.join(format!("{k}.png")), png(&rgb(100 * id + k), S)).unwrap();
-        }
-    }
+    identity_folders(dir.path(), 4, 6, 100);
     let ds = Arc::new(Dataset::folder(dir.path(), S).unwrap());
     let sampler = Sampler::new(ds.len(), 5, 9);
     let inline = Loader::new(ds.clone(), sampler.clone(), 0, 1, true).unwrap();
@@ -278,13 +284,7 @@ fn a_skipping_loader_replaces_unreadable_images_by_the_next_that_reads() {
     let dir = tempfile::tempdir().unwrap();
     // 3 identities × 4 images: images 0-3, 4-7, 8-11 (sorted names);
     // batches of 4 use all 12 each epoch.
-    for id in 0..3u64 {
-        let d = dir.path().join(format!("id{id}"));
-        std::fs::create_dir_all(&d).unwrap();
-        for k in 0..4 {
-            std::fs::write(d.join(format!("{k}.png")), png(&rgb(10 * id + k), S)).unwrap();
-        }
-    }
+    identity_folders(dir.path(), 3, 4, 10);
     // Images 6 and 7 unreadable: 6 is replaced by 8 (7 is skipped too).
     std::fs::write(dir.path().join("id1").join("2.png"), b"garbage").unwrap();
     std::fs::write(dir.path().join("id1").join("3.png"), png(&vec![99; 4 * S * S * 3], 2 * S)).unwrap(); // another size
@@ -397,13 +397,7 @@ fn workers_stay_within_their_window_while_one_image_stalls() {
 fn a_pinned_loader_recycles_page_locked_buffers_and_never_stalls() {
     let dir = tempfile::tempdir().unwrap();
     // 3 identities × 7 images, batches of 4: 5 a epoch.
-    for id in 0..3u64 {
-        let d = dir.path().join(format!("id{id}"));
-        std::fs::create_dir_all(&d).unwrap();
-        for k in 0..7 {
-            std::fs::write(d.join(format!("{k}.png")), png(&rgb(50 * id + k), S)).unwrap();
-        }
-    }
+    identity_folders(dir.path(), 3, 7, 50);
     let ds = Arc::new(Dataset::folder(dir.path(), S).unwrap());
     let sampler = Sampler::new(ds.len(), 4, 5);
     let plain = Loader::new(ds.clone(), sampler.clone(), 2, 2, true).unwrap();
