@@ -620,8 +620,10 @@ impl Device {
     /// too); None on the simulator and the CPU, whose uploads are host
     /// copies. Counted in [`DeviceStats::pinned_allocations`] either way.
     pub(crate) fn page_locked(&self, bytes: usize) -> Result<Option<LockedHost>> {
-        self.count(|m| &m.pinned_allocations);
-        let Inner::Cuda(c) = &self.inner else { return Ok(None) };
+        let Inner::Cuda(c) = &self.inner else {
+            self.count(|m| &m.pinned_allocations);
+            return Ok(None);
+        };
         c.ctx.bind_to_thread().map_err(|e| Error::driver("page-lock host memory (bind context)", e))?;
         // SAFETY: allocates bytes.max(1) bytes; freed by LockedHost's drop.
         let ptr = unsafe { cu::result::malloc_host(bytes.max(1), cusys::CU_MEMHOSTALLOC_PORTABLE) }.map_err(|e| {
@@ -632,6 +634,7 @@ impl Device {
                 free: None,
             }
         })?;
+        self.count(|m| &m.pinned_allocations);
         Ok(Some(LockedHost { ctx: c.ctx.clone(), ptr: ptr as usize }))
     }
 

@@ -390,6 +390,9 @@ pub struct Trainer {
     image_marks: [Option<Mark>; 2],
     /// The buffer the last page-locked batch went to.
     pinned_slot: usize,
+    /// A step uploaded its images but ended (an error) before marking the
+    /// last work that reads them: the next step marks both buffers first.
+    unmarked: bool,
     /// The embeddings' buffer (`[B, E]`), reused while B stays.
     emb: Option<Tensor>,
     /// Micro-batches so far.
@@ -458,6 +461,7 @@ impl Trainer {
             images: [None, None],
             image_marks: [None, None],
             pinned_slot: 1,
+            unmarked: false,
             emb: None,
             micro: 0,
             last_lr: 0.0,
@@ -713,6 +717,10 @@ impl Trainer {
             }
             Ok(())
         };
+        if std::mem::take(&mut self.unmarked) {
+            // Everything queued so far, the failed step's reads included.
+            self.image_marks = [Some(dev.mark()?), Some(dev.mark()?)];
+        }
         let slot = match pixels {
             Pixels::Host(_) => {
                 match &mut self.images[0] {
@@ -736,6 +744,7 @@ impl Trainer {
                 slot
             }
         };
+        self.unmarked = true;
         let first = self.micro.is_multiple_of(self.cfg.gradient_acc as u64);
         let e = self.backbone.config().embedding;
         match &self.emb {
@@ -755,6 +764,7 @@ impl Trainer {
             state,
             images,
             image_marks,
+            unmarked,
             emb: Some(emb),
             backbone_grads,
             profile,
@@ -859,6 +869,7 @@ impl Trainer {
         // The backward was the last to read the images: the upload of the
         // batch after next into this buffer waits for it.
         image_marks[slot] = Some(dev.mark()?);
+        *unmarked = false;
         lap(profile, &mut clock, |p| &mut p.backward)?;
         let t = self.micro;
         self.micro += 1;
