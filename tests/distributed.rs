@@ -98,42 +98,64 @@ fn tensors_of_another_dtype_are_refused() {
 fn the_overlapped_reducer_sends_full_buckets_at_once_and_writes_the_sums_back() {
     use gif_fr::distributed::OverlappedReducer;
     use std::collections::BTreeMap;
-    let dev = Device::cpu();
-    let comm: std::sync::Arc<dyn Communicator> = std::sync::Arc::new(SingleProcess::new());
     // 4 KiB buckets (1,024 f32): [300 + 700] goes when 50 would overflow
     // it, [50] when 2,000 would, [2,000] at once (over a bucket alone),
-    // [10] at the end of the step.
+    // [10] at the end of the step. On the CPU, and with the gradients on a
+    // (simulated) GPU, staged through page-locked buckets.
     let sizes = [("a", 300), ("b", 700), ("c", 50), ("d", 2000), ("e", 10)];
-    let grads: Vec<(&str, Tensor)> = sizes
-        .iter()
-        .enumerate()
-        .map(|(k, &(n, len))| {
-            let v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37 + k as f32).sin()).collect();
-            (n, Tensor::from_slice(&dev, &[len], &v).unwrap())
-        })
-        .collect();
-    let mut red = OverlappedReducer::new(comm.clone(), 4096).unwrap();
-    for step in 0..2 {
-        for (name, g) in &grads {
-            red.ready(name, g).unwrap();
-        }
-        red.end_backward();
-        // The sums land in the tensors given to finish (fresh zeros here),
-        // times the scale.
-        let mut out: Vec<(&str, Tensor)> =
-            sizes.iter().map(|&(n, len)| (n, Tensor::zeros(&dev, &[len], DType::F32).unwrap())).collect();
-        let mut map: BTreeMap<&str, &mut Tensor> = out.iter_mut().map(|(n, t)| (*n, t)).collect();
-        red.finish(&mut map, 0.5).unwrap();
-        for ((name, g), (_, o)) in grads.iter().zip(&out) {
-            let want: Vec<f32> = g.to_f32_vec().unwrap().iter().map(|x| x * 0.5).collect();
-            assert_eq!(o.to_f32_vec().unwrap(), want, "{name}, step {step}");
-        }
-        let st = red.stats();
-        assert_eq!((st.buckets, st.during_backward), (4, 3), "step {step}: {st:?}");
-    }
     let total: usize = sizes.iter().map(|s| s.1).sum();
-    assert_eq!(comm.stats().all_reduces, 8);
-    assert_eq!(comm.stats().all_reduce_bytes, 2 * 4 * total as u64);
+    let mut kept = None;
+    for dev in [Device::sim(), Device::cpu()] {
+        let comm: std::sync::Arc<dyn Communicator> = std::sync::Arc::new(SingleProcess::new());
+        let grads: Vec<(&str, Tensor)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &(n, len))| {
+                let v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37 + k as f32).sin()).collect();
+                (n, Tensor::from_slice(&dev, &[len], &v).unwrap())
+            })
+            .collect();
+        let mut red = OverlappedReducer::new(comm.clone(), 4096).unwrap();
+        dev.reset_stats();
+        for step in 0..2 {
+            for (name, g) in &grads {
+                red.ready(name, g).unwrap();
+            }
+            red.end_backward();
+            if let Some(st) = dev.stats() {
+                // The gradients left without a wait for the device.
+                assert_eq!(st.syncs, 0, "{dev}, step {step}: {st:?}");
+            }
+            // The sums land in the tensors given to finish (fresh zeros
+            // here), times the scale.
+            let mut out: Vec<(&str, Tensor)> =
+                sizes.iter().map(|&(n, len)| (n, Tensor::zeros(&dev, &[len], DType::F32).unwrap())).collect();
+            let mut map: BTreeMap<&str, &mut Tensor> = out.iter_mut().map(|(n, t)| (*n, t)).collect();
+            red.finish(&mut map, 0.5).unwrap();
+            for ((name, g), (_, o)) in grads.iter().zip(&out) {
+                let want: Vec<f32> = g.to_f32_vec().unwrap().iter().map(|x| x * 0.5).collect();
+                assert_eq!(o.to_f32_vec().unwrap(), want, "{dev}: {name}, step {step}");
+            }
+            let st = red.stats();
+            assert_eq!((st.buckets, st.during_backward), (4, 3), "{dev}, step {step}: {st:?}");
+            if let Some(st) = dev.stats() {
+                // Four page-locked buckets, reused by the second step.
+                assert_eq!(st.pinned_allocations, if step == 0 { 4 } else { 0 }, "{dev}, step {step}: {st:?}");
+            }
+            dev.reset_stats();
+        }
+        assert_eq!(comm.stats().all_reduces, 8);
+        assert_eq!(comm.stats().all_reduce_bytes, 2 * 4 * total as u64);
+        kept = Some((dev, comm, grads, red));
+    }
+    let (dev, _comm, grads, mut red) = kept.unwrap();
+    // Gradients of one step on two devices: an error.
+    red.ready("a", &grads[0].1).unwrap();
+    let on_sim = Tensor::zeros(&Device::sim(), &[700], DType::F32).unwrap();
+    let mixed = red.ready("b", &on_sim).unwrap_err().to_string();
+    assert!(mixed.contains("another device"), "{mixed}");
+    let mut a = Tensor::zeros(&dev, &[300], DType::F32).unwrap();
+    red.finish(&mut BTreeMap::from([("a", &mut a)]), 1.0).unwrap();
     // A gradient handed in twice, one never handed in, one handed in
     // without a tensor, another dtype: typed errors, and the next step
     // starts clean.
@@ -577,6 +599,78 @@ mod mpi_ranks {
                 );
             }
         }
+        // GPU ranks (the simulator standing for each rank's GPU) on the
+        // host communicator: the gradients staged through page-locked
+        // buckets beside the backward, or all-reduced after it. (On 2 ranks
+        // only: the simulated steps are the test's longest part.)
+        if w != 2 {
+            println!("rank {r} of {w} ok");
+            return;
+        }
+        let mut fps = Vec::new();
+        let reference = (r == 0).then(|| {
+            let mut t = trainer_on(&Device::sim(), "gif", 5, w, 0.05);
+            for step in 0..2 {
+                for k in 0..w {
+                    let (images, labels) = batch(step, k);
+                    t.step(&images, &labels).unwrap();
+                }
+            }
+            params(&t)
+        });
+        for overlap in [true, false] {
+            let dev = Device::sim();
+            let mut dp = trainer_on(&dev, "gif", 5 + r as u64, 1, 0.05);
+            dp.set_communicator(comm.clone()).unwrap();
+            dp.set_overlap(overlap, 4096).unwrap();
+            let mut syncs = Vec::new();
+            for step in 0..2 {
+                let (images, labels) = batch(step, r);
+                dev.reset_stats();
+                assert!(dp.step(&images, &labels).unwrap());
+                syncs.push(dev.stats().unwrap().syncs);
+            }
+            match dp.overlap_stats() {
+                Some(o) => {
+                    assert!(overlap && o.buckets > 2 && o.buckets - o.during_backward <= 1, "sim: {o:?}");
+                    // The images' upload is the step's only wait: the
+                    // gradients went to the host without one.
+                    assert_eq!(syncs[1], 1, "sim, overlapped: host waits a step {syncs:?}");
+                    println!(
+                        "sim: {} buckets, {} sent during the backward; waits {syncs:?}",
+                        o.buckets, o.during_backward
+                    );
+                }
+                None => {
+                    assert!(!overlap, "sim: not overlapped");
+                    assert!(syncs[1] > 1, "sim, after the backward: the downloads wait ({syncs:?})");
+                }
+            }
+            let mine = params(&dp);
+            let bits: Vec<u8> = mine
+                .iter()
+                .filter(|(n, _)| !n.contains("running_"))
+                .flat_map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()))
+                .collect();
+            check_same(comm.as_ref(), "the simulated-GPU ranks' parameters", distributed::fingerprint(&bits)).unwrap();
+            fps.push(distributed::fingerprint(&bits));
+            if let Some(want) = &reference {
+                // One simulated-GPU process accumulating the W micro-batches:
+                // equal up to summation order.
+                let mut worst = 0f32;
+                for ((name, a), (_, b)) in mine.iter().zip(want) {
+                    if name.contains("running_") || name.contains("num_batches") {
+                        continue;
+                    }
+                    let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+                    worst = a.iter().zip(b).fold(worst, |m, (x, y)| m.max((x - y).abs() / scale));
+                }
+                assert!(worst < 1e-4, "sim, overlap {overlap}: {w} ranks vs one process: {worst:e}");
+                println!("sim, overlap {overlap}: {w} ranks vs one process: max |Δ| / max |w| = {worst:.1e}");
+            }
+        }
+        // (Two ranks: every reduction order gives a + b.)
+        assert_eq!(fps[0], fps[1], "sim: the overlap changed the result");
         println!("rank {r} of {w} ok");
     }
 

@@ -18,9 +18,15 @@
 //! between the first `ready` and `finish` (the buckets' collectives would
 //! interleave with it in a different order on different ranks).
 //!
-//! Gradients on a GPU do not go through here: staging each one through the
-//! host as it is final would wait for the device once per tensor. A GPU's
-//! overlap is a second stream with NCCL on it, not written yet.
+//! Gradients on a GPU (ranks whose communicator is a host one, MPI) are
+//! staged without a wait: each one, as it is final, is copied into a
+//! page-locked bucket on the device's second stream, after the work queued
+//! so far; a full bucket goes to the thread with the mark of its last
+//! copy, which the thread waits for before the all-reduce; `finish` copies
+//! the sums back on the second stream, and the device's stream waits for
+//! them before the optimizer. The host never waits for the backward. (With
+//! NCCL the gradients would be reduced on the device itself, on a second
+//! stream: not written yet; NCCL ranks all-reduce after the backward.)
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
@@ -29,6 +35,8 @@ use std::time::{Duration, Instant};
 
 use super::{Communicator, ReduceOp};
 use crate::error::{Error, Result};
+use crate::runtime::device::Device;
+use crate::runtime::pinned::PinnedBuffer;
 use crate::runtime::tensor::{DType, Tensor};
 
 const OP: &str = "OverlappedReducer";
@@ -48,10 +56,32 @@ pub struct OverlapStats {
     pub exposed: f64,
 }
 
+/// A bucket's values: host memory (CPU ranks), or page-locked memory the
+/// device's copies fill (GPU ranks): its first `len` values (the buffer
+/// holds the mark of its last copy, which writing it waits for).
+enum Bucket {
+    Host(Vec<f32>),
+    Pinned { buf: PinnedBuffer, len: usize },
+}
+
+impl Bucket {
+    /// All-reduces the values in place (after the device's copies).
+    fn all_reduce(&mut self, comm: &dyn Communicator) -> Result<()> {
+        match self {
+            Bucket::Host(v) => comm.all_reduce_f32(v, ReduceOp::Sum),
+            Bucket::Pinned { buf, len } => {
+                // (Waits for the device's copies into it.)
+                let v = buf.as_mut_slice()?;
+                comm.all_reduce_f32(&mut v[..*len], ReduceOp::Sum)
+            }
+        }
+    }
+}
+
 /// A bucket sent to the communication thread: its number and its data.
-type Job = (usize, Vec<f32>);
+type Job = (usize, Bucket);
 /// A bucket back: its number, the sum (or why not), the seconds it took.
-type Done = (usize, Result<Vec<f32>>, f64);
+type Done = (usize, Result<Bucket>, f64);
 
 /// See the module documentation.
 pub struct OverlappedReducer {
@@ -64,6 +94,12 @@ pub struct OverlappedReducer {
     /// The bucket being filled, and the names and lengths in it.
     filling: Vec<f32>,
     members: Vec<(String, usize)>,
+    /// On GPU ranks: the device, and the page-locked bucket being filled
+    /// with the values used so far.
+    device: Option<Device>,
+    pinned: Option<(PinnedBuffer, usize)>,
+    /// Page-locked buckets back from earlier steps, reused.
+    spare_pinned: Vec<PinnedBuffer>,
     /// The members of each bucket sent in this step.
     sent: Vec<Vec<(String, usize)>>,
     /// Buckets' buffers back from earlier steps, reused (a step allocates
@@ -97,7 +133,7 @@ impl OverlappedReducer {
             .spawn(move || {
                 for (id, mut data) in inbox {
                     let began = Instant::now();
-                    let r = worker.all_reduce_f32(&mut data, ReduceOp::Sum).map(|()| data);
+                    let r = data.all_reduce(worker.as_ref()).map(|()| data);
                     if outbox.send((id, r, began.elapsed().as_secs_f64())).is_err() {
                         break;
                     }
@@ -112,6 +148,9 @@ impl OverlappedReducer {
             thread: Some(thread),
             filling: Vec::new(),
             members: Vec::new(),
+            device: None,
+            pinned: None,
+            spare_pinned: Vec::new(),
             sent: Vec::new(),
             spare: Vec::new(),
             names: Default::default(),
@@ -139,15 +178,28 @@ impl OverlappedReducer {
 
     /// Takes gradient `name` (f32), final for this step: copied into the
     /// bucket being filled, which goes to the communication thread when
-    /// full. A tensor on a GPU is waited for and copied to the host.
+    /// full. A tensor on a GPU is copied into a page-locked bucket on the
+    /// device's second stream, without a wait (see the module
+    /// documentation); every gradient of a step must be on one device.
     pub fn ready(&mut self, name: &str, grad: &Tensor) -> Result<()> {
         if grad.dtype() != DType::F32 {
             return Err(Error::DType { op: OP, expected: DType::F32, got: grad.dtype() });
         }
+        let dev = grad.device().runs_kernels().then(|| grad.device().clone());
+        if self.in_progress() && self.device != dev {
+            return Err(Error::invalid(
+                OP,
+                format!("gradient {name} is on {}, the step's others on another device", grad.device()),
+            ));
+        }
         if !self.names.insert(name.to_string()) {
             return Err(Error::invalid(OP, format!("gradient {name} was handed in twice in one step")));
         }
+        self.device = dev;
         let n = grad.numel();
+        if self.device.is_some() {
+            return self.ready_pinned(name, grad, n);
+        }
         if !self.filling.is_empty() && self.filling.len().saturating_add(n) > self.cap {
             self.send()?;
         }
@@ -160,6 +212,39 @@ impl OverlappedReducer {
         self.filling.extend_from_slice(&grad.host_f32()?);
         self.members.push((name.to_string(), n));
         if self.filling.len() >= self.cap {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    /// [`OverlappedReducer::ready`] for a gradient on a GPU.
+    fn ready_pinned(&mut self, name: &str, grad: &Tensor, n: usize) -> Result<()> {
+        if self.pinned.as_ref().is_some_and(|(b, used)| used.saturating_add(n) > b.len()) {
+            self.send()?;
+        }
+        let (buf, used) = match &mut self.pinned {
+            Some(p) => p,
+            slot => {
+                // A spare of the size needed (a tensor larger than a bucket
+                // goes alone, in a buffer of its own size), or a new one.
+                let want = n.max(self.cap);
+                let buf = match self.spare_pinned.iter().position(|b| b.len() >= want) {
+                    Some(i) => self.spare_pinned.swap_remove(i),
+                    None => PinnedBuffer::new(grad.device(), want)?,
+                };
+                slot.insert((buf, 0))
+            }
+        };
+        // (Waits for the copies out of this buffer in the last step.)
+        let out = &mut buf.as_mut_slice()?[*used..*used + n];
+        // SAFETY: `out` is page-locked memory of the gradient's device; the
+        // buffer keeps the copy's mark, which reading or writing it (the
+        // communication thread's all-reduce) and dropping it wait for.
+        let copied = unsafe { grad.download_pinned(out)? };
+        buf.copied(copied);
+        *used += n;
+        self.members.push((name.to_string(), n));
+        if *used >= self.cap {
             self.send()?;
         }
         Ok(())
@@ -179,7 +264,10 @@ impl OverlappedReducer {
             return Ok(());
         }
         let jobs = self.jobs.as_ref().ok_or_else(|| Error::invalid(OP, "the communication thread is gone"))?;
-        let data = std::mem::replace(&mut self.filling, self.spare.pop().unwrap_or_default());
+        let data = match self.pinned.take() {
+            Some((buf, len)) => Bucket::Pinned { buf, len },
+            None => Bucket::Host(std::mem::replace(&mut self.filling, self.spare.pop().unwrap_or_default())),
+        };
         jobs.send((self.sent.len(), data))
             .map_err(|_| Error::invalid(OP, "the communication thread ended (it panicked)"))?;
         self.sent.push(std::mem::take(&mut self.members));
@@ -197,6 +285,9 @@ impl OverlappedReducer {
         let r = self.finish_inner(grads, scale);
         self.last = std::mem::take(&mut self.current);
         self.filling.clear();
+        if let Some((buf, _)) = self.pinned.take() {
+            self.spare_pinned.push(buf);
+        }
         self.members.clear();
         self.sent.clear();
         self.names.clear();
@@ -207,7 +298,7 @@ impl OverlappedReducer {
     fn finish_inner(&mut self, grads: &mut BTreeMap<&str, &mut Tensor>, scale: f32) -> Result<()> {
         let began = Instant::now();
         let sent = self.send();
-        let mut sums: Vec<Option<Vec<f32>>> = vec![None; self.sent.len()];
+        let mut sums: Vec<Option<Bucket>> = (0..self.sent.len()).map(|_| None).collect();
         let mut first_err = sent.err();
         for _ in 0..self.sent.len() {
             // The collectives carry their own deadline; this one only guards
@@ -244,16 +335,33 @@ impl OverlappedReducer {
                 if t.numel() != *n {
                     return Err(Error::invalid(OP, format!("gradient {name} changed size during the step")));
                 }
-                let part = &mut sum[at..at + n];
-                if scale != 1.0 {
-                    part.iter_mut().for_each(|x| *x *= scale);
+                match &mut sum {
+                    Bucket::Host(v) => {
+                        let part = &mut v[at..at + n];
+                        if scale != 1.0 {
+                            part.iter_mut().for_each(|x| *x *= scale);
+                        }
+                        t.copy_from_host(part)?;
+                    }
+                    Bucket::Pinned { buf, .. } => {
+                        if scale != 1.0 {
+                            buf.as_mut_slice()?[at..at + n].iter_mut().for_each(|x| *x *= scale);
+                        }
+                        // On the second stream; the device's stream waits
+                        // for it before the optimizer.
+                        t.copy_from_pinned(buf, at, None)?;
+                    }
                 }
-                t.copy_from_host(part)?;
                 at += n;
                 done += 1;
             }
-            sum.clear();
-            self.spare.push(sum);
+            match sum {
+                Bucket::Host(mut v) => {
+                    v.clear();
+                    self.spare.push(v);
+                }
+                Bucket::Pinned { buf, .. } => self.spare_pinned.push(buf),
+            }
         }
         if done != grads.len() {
             let missing = grads.keys().find(|k| !self.names.contains(**k));

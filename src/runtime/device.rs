@@ -266,7 +266,8 @@ pub struct DeviceStats {
     pub bytes_allocated: u64,
     /// Host → device copies.
     pub uploads: u64,
-    /// Device → host copies (each waits for the device).
+    /// Device → host copies (those into ordinary memory wait for the
+    /// device: [`DeviceStats::syncs`]).
     pub downloads: u64,
     /// Device → device copies and memsets.
     pub device_copies: u64,
@@ -677,13 +678,7 @@ impl Device {
             Inner::Cuda(c) => {
                 let drv = |what: &'static str| move |e| Error::driver(what, e);
                 c.ctx.bind_to_thread().map_err(drv("upload (bind context)"))?;
-                let copies = match c.copies.get() {
-                    Some(s) => s,
-                    None => {
-                        let s = c.ctx.new_stream().map_err(drv("copy stream create"))?;
-                        c.copies.get_or_init(|| s)
-                    }
-                };
+                let copies = c.copy_stream()?;
                 if let Some(Mark(Some(e))) = after {
                     copies.wait(e).map_err(drv("copy stream wait"))?;
                 }
@@ -694,6 +689,43 @@ impl Device {
                 let done = copies.record_event(None).map_err(drv("event record"))?;
                 c.stream.wait(&done).map_err(drv("stream wait"))?;
                 Ok(Mark(Some(done)))
+            }
+        }
+    }
+
+    /// Copies `out.len()` bytes at device address `addr` into `out`
+    /// (page-locked host memory of this device) without waiting: on CUDA
+    /// on the second stream, after the work queued on the device's stream
+    /// so far (the values are final there), beside the work queued after.
+    /// Returns the copy's mark. The range was checked by the tensor that
+    /// holds it.
+    ///
+    /// # Safety
+    ///
+    /// `out` must be page-locked memory of this device (or any host memory
+    /// on the simulator), kept in place and neither read nor written until
+    /// the returned mark is done.
+    pub(crate) unsafe fn download_pinned(&self, addr: u64, out: &mut [u8]) -> Result<Mark> {
+        const OP: &str = "download (page-locked)";
+        if out.is_empty() {
+            return Ok(Mark(None));
+        }
+        self.count(|m| &m.downloads);
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid(OP, "the CPU device has no device memory")),
+            #[cfg(feature = "sim")]
+            Inner::Sim(s) => s.sim.read(addr, out).map(|()| Mark(None)),
+            Inner::Cuda(c) => {
+                let drv = |what: &'static str| move |e| Error::driver(what, e);
+                c.ctx.bind_to_thread().map_err(drv("download (bind context)"))?;
+                let copies = c.copy_stream()?;
+                let now = c.stream.record_event(None).map_err(drv("event record"))?;
+                copies.wait(&now).map_err(drv("copy stream wait"))?;
+                // SAFETY: `out` stays valid and untouched until the mark
+                // below is done (the caller's contract); `addr` as in
+                // copy_addr.
+                unsafe { cu::result::memcpy_dtoh_async(out, addr, copies.cu_stream()) }.map_err(drv(OP))?;
+                copies.record_event(None).map(|e| Mark(Some(e))).map_err(drv("event record"))
             }
         }
     }
@@ -1066,6 +1098,16 @@ pub(crate) struct CudaBackend {
 type FunctionCache = Vec<Vec<Option<(CudaFunction, u32)>>>;
 
 impl CudaBackend {
+    /// The second stream, for copies beside the kernels, created at first
+    /// use (the caller bound the context).
+    fn copy_stream(&self) -> Result<&Arc<CudaStream>> {
+        if let Some(s) = self.copies.get() {
+            return Ok(s);
+        }
+        let s = self.ctx.new_stream().map_err(|e| Error::driver("copy stream create", e))?;
+        Ok(self.copies.get_or_init(|| s))
+    }
+
     /// The backend for `ordinal`, created once per process.
     fn get(ordinal: usize) -> Result<Arc<CudaBackend>> {
         static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaBackend>>>> = OnceLock::new();

@@ -22,14 +22,15 @@ use crate::runtime::device::{Device, LockedHost, Mark};
 /// code path, which runs each copy at once) and refused on the CPU, which
 /// has no uploads.
 ///
-/// Reading ([`PinnedBuffer::as_slice`]) is always allowed; writing
-/// ([`PinnedBuffer::as_mut_slice`]) first waits for the device's last copy
-/// from it.
+/// Writing ([`PinnedBuffer::as_mut_slice`]) first waits for the device's
+/// last copy from or into it; reading ([`PinnedBuffer::as_slice`]) does
+/// not wait (the crate reads it only while copies from it may run, or
+/// after waiting).
 pub struct PinnedBuffer {
     device: Device,
     mem: Mem,
     len: usize,
-    /// The last asynchronous copy that reads this memory.
+    /// The last asynchronous copy that reads or writes this memory.
     pending: Mutex<Option<Mark>>,
 }
 
@@ -102,8 +103,9 @@ impl PinnedBuffer {
         }
     }
 
-    /// The values to write, once the device's last copy from them is done
-    /// (a wait on the host if it is not).
+    /// The values to write (or to read after a copy into them), once the
+    /// device's last copy from or into them is done (a wait on the host if
+    /// it is not).
     pub fn as_mut_slice(&mut self) -> Result<&mut [f32]> {
         self.settle()?;
         Ok(match &mut self.mem {
@@ -113,12 +115,13 @@ impl PinnedBuffer {
         })
     }
 
-    /// Records the device's copy that reads the memory now.
+    /// Records the device's copy that reads or writes the memory now (the
+    /// last one queued: the copies run in order on one stream).
     pub(crate) fn copied(&self, mark: Mark) {
         *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(mark);
     }
 
-    /// Waits for the last copy that reads the memory.
+    /// Waits for the last copy that reads or writes the memory.
     fn settle(&mut self) -> Result<()> {
         let pending = self.pending.get_mut().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = pending.take() {

@@ -666,26 +666,28 @@ impl Tensor {
         self.device.upload_addr(bytes, addr)
     }
 
-    /// Overwrites an f32 tensor on a GPU (or the simulator) with `src`,
-    /// without waiting: the copy runs beside the work queued before it and
-    /// after `after` (the last work that reads this tensor; None: no
-    /// ordering with earlier work), and the work queued after this call
-    /// sees the new values ([`PinnedBuffer`]).
+    /// Overwrites an f32 tensor on a GPU (or the simulator) with
+    /// `src[at..at + numel]`, without waiting: the copy runs beside the
+    /// work queued before it and after `after` (the last work that reads
+    /// this tensor; None: no ordering with earlier work), and the work
+    /// queued after this call sees the new values ([`PinnedBuffer`]).
     ///
     /// [`PinnedBuffer`]: crate::runtime::pinned::PinnedBuffer
     pub(crate) fn copy_from_pinned(
         &mut self,
         src: &crate::runtime::pinned::PinnedBuffer,
+        at: usize,
         after: Option<&crate::runtime::device::Mark>,
     ) -> Result<()> {
         const OP: &str = "Tensor::copy_from_pinned";
-        if self.dtype != DType::F32 || src.len() != self.numel() {
+        let part = at.checked_add(self.numel()).and_then(|end| src.as_slice().get(at..end));
+        let (Some(part), DType::F32) = (part, self.dtype) else {
             return Err(Error::Shape {
                 op: OP,
-                expected: format!("{} {:?} elements", self.numel(), self.dtype),
+                expected: format!("{} {:?} elements from element {at}", self.numel(), self.dtype),
                 got: format!("{} F32 elements", src.len()),
             });
-        }
+        };
         if src.device() != &self.device {
             return Err(Error::invalid(
                 OP,
@@ -696,9 +698,33 @@ impl Tensor {
         // SAFETY: src's memory is page-locked for this device (its
         // constructor), and src keeps it in place and unwritten until the
         // copy's mark is done (`copied`, then `as_mut_slice` and drop wait).
-        let done = unsafe { self.device.upload_pinned(bytemuck::cast_slice(src.as_slice()), addr, after)? };
+        let done = unsafe { self.device.upload_pinned(bytemuck::cast_slice(part), addr, after)? };
         src.copied(done);
         Ok(())
+    }
+
+    /// Copies an f32 GPU (or simulator) tensor into `out` (page-locked host
+    /// memory of its device, `numel` values) without waiting, once the work
+    /// queued so far is done; returns the copy's mark.
+    ///
+    /// # Safety
+    ///
+    /// `out` must be memory of a [`PinnedBuffer`] of this tensor's device,
+    /// kept alive and neither read nor written until the mark is done.
+    ///
+    /// [`PinnedBuffer`]: crate::runtime::pinned::PinnedBuffer
+    pub(crate) unsafe fn download_pinned(&self, out: &mut [f32]) -> Result<crate::runtime::device::Mark> {
+        const OP: &str = "Tensor::download_pinned";
+        if self.dtype != DType::F32 || out.len() != self.numel() {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("{} {:?} elements", self.numel(), self.dtype),
+                got: format!("{} F32 elements", out.len()),
+            });
+        }
+        let addr = self.device_ptr().ok_or_else(|| Error::invalid(OP, "a CPU tensor (no device memory)"))?;
+        // SAFETY: the caller's contract.
+        unsafe { self.device.download_pinned(addr, bytemuck::cast_slice_mut(out)) }
     }
 
     /// Sets every element to zero, in place (on the device: a memset).

@@ -568,10 +568,12 @@ impl Trainer {
     /// Whether the gradients' all-reduce overlaps the backward (DDP's
     /// default; on by default here too), and the size of its buckets in
     /// bytes (`distributed::BUCKET_BYTES` by default, the `bucket_cap_mb`
-    /// arcface_torch gives DDP). The overlap applies to gradients on the
-    /// host (CPU ranks, [`OverlappedReducer`]); a GPU's gradients are
-    /// all-reduced after the backward, in buckets of the same size. A
-    /// collective setting: every rank must choose the same.
+    /// arcface_torch gives DDP). The overlap applies to ranks whose
+    /// communicator is a host one (MPI; [`OverlappedReducer`]): CPU ranks,
+    /// and GPU ranks, whose gradients are staged through page-locked
+    /// buckets on a second stream; NCCL ranks all-reduce on the device after
+    /// the backward, in buckets of the same size. A collective setting:
+    /// every rank must choose the same.
     /// Errors (on every rank): the ranks chose differently (their buckets
     /// would not match: MPI would sum unrelated gradients or fail).
     pub fn set_overlap(&mut self, on: bool, bucket_bytes: usize) -> Result<()> {
@@ -595,16 +597,16 @@ impl Trainer {
     }
 
     /// What the last optimizer step's overlapped all-reduce achieved (None
-    /// when it did not overlap: one rank, a GPU, or overlap turned off).
+    /// when it did not overlap: one rank, NCCL, or overlap turned off).
     pub fn overlap_stats(&self) -> Option<OverlapStats> {
         self.overlap.as_ref().map(|o| o.stats())
     }
 
     /// Whether this step's gradients go through the overlapped reducer.
     fn overlapping(&self) -> bool {
-        self.overlap_on
-            && !self.backbone.device().runs_kernels()
-            && self.comm.as_ref().is_some_and(|c| c.world() > 1 && c.backend() != "nccl")
+        // (NCCL reduces device tensors in place after the backward; its
+        // overlap, on a second stream, is not written.)
+        self.overlap_on && self.comm.as_ref().is_some_and(|c| c.world() > 1 && c.backend() != "nccl")
     }
 
     /// The communicator, when training data-parallel.
@@ -739,7 +741,7 @@ impl Trainer {
                 }
                 let t =
                     self.images[slot].as_mut().ok_or_else(|| Error::invalid(OP, "no image buffer (internal error)"))?;
-                t.copy_from_pinned(p, self.image_marks[slot].as_ref())?;
+                t.copy_from_pinned(p, 0, self.image_marks[slot].as_ref())?;
                 self.pinned_slot = slot;
                 slot
             }
