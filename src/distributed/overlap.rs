@@ -235,12 +235,17 @@ impl OverlappedReducer {
                 slot.insert((buf, 0))
             }
         };
-        // (Waits for the copies out of this buffer in the last step.)
-        let out = &mut buf.as_mut_slice()?[*used..*used + n];
-        // SAFETY: `out` is page-locked memory of the gradient's device; the
-        // buffer keeps the copy's mark, which reading or writing it (the
-        // communication thread's all-reduce) and dropping it wait for.
-        let copied = unsafe { grad.download_pinned(out)? };
+        // No host wait: the copy runs on the second stream after the ones
+        // before it from and into this buffer (the last step's sums, this
+        // bucket's other gradients).
+        // SAFETY: `out` is page-locked memory of the gradient's device, for
+        // this copy only; the buffer keeps the copy's mark, which the host's
+        // next access (the communication thread's all-reduce) and dropping
+        // it wait for.
+        let copied = unsafe {
+            let out = &mut buf.for_device_copy()[*used..*used + n];
+            grad.download_pinned(out)?
+        };
         buf.copied(copied);
         *used += n;
         self.members.push((name.to_string(), n));

@@ -115,6 +115,22 @@ impl PinnedBuffer {
         })
     }
 
+    /// The values, for a copy into them on the device's second stream
+    /// (which runs after the copies queued there before, from or into this
+    /// memory): no host wait.
+    ///
+    /// # Safety
+    ///
+    /// Only for such a copy: the host must not read or write them before
+    /// the copy's mark, recorded with [`PinnedBuffer::copied`], is done.
+    pub(crate) unsafe fn for_device_copy(&mut self) -> &mut [f32] {
+        match &mut self.mem {
+            Mem::Host(v) => v,
+            // SAFETY: as in as_slice; the caller's contract orders the access.
+            Mem::Locked(l) => unsafe { std::slice::from_raw_parts_mut(l.ptr() as *mut f32, self.len) },
+        }
+    }
+
     /// Records the device's copy that reads or writes the memory now (the
     /// last one queued: the copies run in order on one stream).
     pub(crate) fn copied(&self, mark: Mark) {
