@@ -479,6 +479,16 @@ mod mpi_ranks {
         v
     }
 
+    /// The bytes of the trained parameters (not the running statistics,
+    /// which are per rank).
+    fn trained_bits(params: &[(String, Vec<f32>)]) -> Vec<u8> {
+        params
+            .iter()
+            .filter(|(n, _)| !n.contains("running_"))
+            .flat_map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()))
+            .collect()
+    }
+
     #[test]
     fn data_parallel_steps_on_ranks() {
         on_ranks("mpi_ranks::rank_data_parallel_steps");
@@ -554,11 +564,7 @@ mod mpi_ranks {
             }
             // Every rank holds the same parameters, bit for bit …
             let mine = params(&dp);
-            let bits: Vec<u8> = mine
-                .iter()
-                .filter(|(n, _)| !n.contains("running_"))
-                .flat_map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()))
-                .collect();
+            let bits = trained_bits(&mine);
             check_same(comm.as_ref(), "the parameters after two steps", distributed::fingerprint(&bits)).unwrap();
             // … and, on two ranks (where every reduction order gives a + b),
             // the same with the all-reduce overlapped or not.
@@ -647,11 +653,7 @@ mod mpi_ranks {
                 }
             }
             let mine = params(&dp);
-            let bits: Vec<u8> = mine
-                .iter()
-                .filter(|(n, _)| !n.contains("running_"))
-                .flat_map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()))
-                .collect();
+            let bits = trained_bits(&mine);
             check_same(comm.as_ref(), "the simulated-GPU ranks' parameters", distributed::fingerprint(&bits)).unwrap();
             fps.push(distributed::fingerprint(&bits));
             if let Some(want) = &reference {
