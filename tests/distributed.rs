@@ -101,14 +101,15 @@ fn the_overlapped_reducer_sends_full_buckets_at_once_and_writes_the_sums_back() 
     // 4 KiB buckets (1,024 f32): [300 + 700] goes when 50 would overflow
     // it, [50] when 2,000 would, [2,000] at once (over a bucket alone),
     // [10] at the end of the step. On the CPU, and with the gradients on a
-    // (simulated) GPU, staged through page-locked buckets.
+    // (simulated) GPU, and a real one when present (the GPU kit), staged
+    // through page-locked buckets on the device's second stream.
     let sizes = [("a", 300), ("b", 700), ("c", 50), ("d", 2000), ("e", 10)];
     let total: usize = sizes.iter().map(|s| s.1).sum();
     let mut kept = None;
+    let mut devices: Vec<Device> = common::cuda().into_iter().collect();
     #[cfg(feature = "sim")]
-    let devices = [Device::sim(), Device::cpu()];
-    #[cfg(not(feature = "sim"))]
-    let devices = [Device::cpu()];
+    devices.push(Device::sim());
+    devices.push(Device::cpu());
     for dev in devices {
         let comm: std::sync::Arc<dyn Communicator> = std::sync::Arc::new(SingleProcess::new());
         let grads: Vec<(&str, Tensor)> = sizes
