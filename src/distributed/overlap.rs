@@ -65,15 +65,12 @@ enum Bucket {
 }
 
 impl Bucket {
-    /// All-reduces the values in place (after the device's copies).
-    fn all_reduce(&mut self, comm: &dyn Communicator) -> Result<()> {
+    /// The values, for the host (page-locked: once the device's copies
+    /// from or into them are done).
+    fn values_mut(&mut self) -> Result<&mut [f32]> {
         match self {
-            Bucket::Host(v) => comm.all_reduce_f32(v, ReduceOp::Sum),
-            Bucket::Pinned { buf, len } => {
-                // (Waits for the device's copies into it.)
-                let v = buf.as_mut_slice()?;
-                comm.all_reduce_f32(&mut v[..*len], ReduceOp::Sum)
-            }
+            Bucket::Host(v) => Ok(v),
+            Bucket::Pinned { buf, len } => Ok(&mut buf.as_mut_slice()?[..*len]),
         }
     }
 }
@@ -133,7 +130,7 @@ impl OverlappedReducer {
             .spawn(move || {
                 for (id, mut data) in inbox {
                     let began = Instant::now();
-                    let r = data.all_reduce(worker.as_ref()).map(|()| data);
+                    let r = data.values_mut().and_then(|v| worker.all_reduce_f32(v, ReduceOp::Sum)).map(|()| data);
                     if outbox.send((id, r, began.elapsed().as_secs_f64())).is_err() {
                         break;
                     }
@@ -219,7 +216,9 @@ impl OverlappedReducer {
 
     /// [`OverlappedReducer::ready`] for a gradient on a GPU.
     fn ready_pinned(&mut self, name: &str, grad: &Tensor, n: usize) -> Result<()> {
-        if self.pinned.as_ref().is_some_and(|(b, used)| used.saturating_add(n) > b.len()) {
+        // The host path's rule: a bucket closes before a gradient that would
+        // take it past the cap (whatever the size of the buffer it reuses).
+        if self.pinned.as_ref().is_some_and(|(_, used)| used.saturating_add(n) > self.cap) {
             self.send()?;
         }
         let (buf, used) = match &mut self.pinned {
@@ -332,6 +331,10 @@ impl OverlappedReducer {
         let mut done = 0usize;
         for (members, sum) in self.sent.iter().zip(sums) {
             let mut sum = sum.ok_or_else(|| Error::invalid(OP, "a bucket never came back (internal error)"))?;
+            if scale != 1.0 {
+                // Once a bucket (a page-locked one waits for its copies once).
+                sum.values_mut()?.iter_mut().for_each(|x| *x *= scale);
+            }
             let mut at = 0;
             for (name, n) in members {
                 let t = grads
@@ -341,21 +344,10 @@ impl OverlappedReducer {
                     return Err(Error::invalid(OP, format!("gradient {name} changed size during the step")));
                 }
                 match &mut sum {
-                    Bucket::Host(v) => {
-                        let part = &mut v[at..at + n];
-                        if scale != 1.0 {
-                            part.iter_mut().for_each(|x| *x *= scale);
-                        }
-                        t.copy_from_host(part)?;
-                    }
-                    Bucket::Pinned { buf, .. } => {
-                        if scale != 1.0 {
-                            buf.as_mut_slice()?[at..at + n].iter_mut().for_each(|x| *x *= scale);
-                        }
-                        // On the second stream; the device's stream waits
-                        // for it before the optimizer.
-                        t.copy_from_pinned(buf, at, None)?;
-                    }
+                    Bucket::Host(v) => t.copy_from_host(&v[at..at + n])?,
+                    // On the second stream, without a host wait; the
+                    // device's stream waits for it before the optimizer.
+                    Bucket::Pinned { buf, .. } => t.copy_from_pinned(buf, at, None)?,
                 }
                 at += n;
                 done += 1;
