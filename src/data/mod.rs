@@ -662,7 +662,7 @@ impl Maker {
         let per = self.dataset.pixels_per_image();
         let len = indices.len().checked_mul(per).ok_or_else(|| Error::invalid("Loader", "a batch's size overflows"))?;
         let mut images = match &self.pool {
-            Some(p) => p.take(len),
+            Some(p) => p.take(len)?,
             None => Images::from_vec(crate::runtime::host_memory::try_filled("Loader", "a batch", len, 0f32)?),
         };
         let out = images.as_mut_slice()?;

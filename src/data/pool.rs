@@ -151,24 +151,24 @@ impl Pool {
     /// bounds the batches, and a consumer that keeps batches must not stall
     /// the workers). Buffers of another size (a last, shorter batch) are
     /// ordinary memory too.
-    pub(crate) fn take(self: &Arc<Pool>, len: usize) -> Images {
+    pub(crate) fn take(self: &Arc<Pool>, len: usize) -> Result<Images> {
         if len == self.len {
             if let Some(b) = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop() {
                 self.stats.lock().unwrap_or_else(|p| p.into_inner()).reused += 1;
-                return Images { mem: Mem::Pinned(Some(b), Some(self.clone())) };
+                return Ok(Images { mem: Mem::Pinned(Some(b), Some(self.clone())) });
             }
             let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             if s.allocated < self.max && s.error.is_none() {
                 match PinnedBuffer::new(&self.device, len) {
                     Ok(b) => {
                         s.allocated += 1;
-                        return Images { mem: Mem::Pinned(Some(b), Some(self.clone())) };
+                        return Ok(Images { mem: Mem::Pinned(Some(b), Some(self.clone())) });
                     }
                     Err(e) => s.error = Some(e.to_string()),
                 }
             }
             s.pageable += 1;
         }
-        Images::from_vec(vec![0f32; len])
+        Ok(Images::from_vec(crate::runtime::host_memory::try_filled("Loader", "a batch", len, 0f32)?))
     }
 }
