@@ -13,6 +13,51 @@ mod common;
 use gif_fr::distributed::{self, buckets, check_same, CollectiveStats, Communicator, ReduceOp, SingleProcess};
 use gif_fr::{DType, Device, Tensor};
 
+/// Another communicator that says it reduces on the device, as NCCL does:
+/// the trait's own `all_reduce_queued` stages each bucket through the host,
+/// so the overlapped reducer's device buckets (NCCL's path but for the
+/// NCCL call) run on the simulator.
+struct OnDevice(std::sync::Arc<dyn Communicator>);
+
+impl Communicator for OnDevice {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world(&self) -> usize {
+        self.0.world()
+    }
+    fn backend(&self) -> &'static str {
+        self.0.backend()
+    }
+    fn stats(&self) -> CollectiveStats {
+        self.0.stats()
+    }
+    fn all_reduce_f32(&self, data: &mut [f32], op: ReduceOp) -> gif_fr::Result<()> {
+        self.0.all_reduce_f32(data, op)
+    }
+    fn all_reduce_f64(&self, data: &mut [f64], op: ReduceOp) -> gif_fr::Result<()> {
+        self.0.all_reduce_f64(data, op)
+    }
+    fn all_gather_f32(&self, mine: &[f32], all: &mut [f32]) -> gif_fr::Result<()> {
+        self.0.all_gather_f32(mine, all)
+    }
+    fn all_gather_u32(&self, mine: &[u32], all: &mut [u32]) -> gif_fr::Result<()> {
+        self.0.all_gather_u32(mine, all)
+    }
+    fn all_gather_u64(&self, mine: &[u64], all: &mut [u64]) -> gif_fr::Result<()> {
+        self.0.all_gather_u64(mine, all)
+    }
+    fn broadcast_u8(&self, data: &mut [u8], root: usize) -> gif_fr::Result<()> {
+        self.0.broadcast_u8(data, root)
+    }
+    fn reduce_scatter_f32(&self, data: &[f32], mine: &mut [f32]) -> gif_fr::Result<()> {
+        self.0.reduce_scatter_f32(data, mine)
+    }
+    fn queues_on_device(&self) -> bool {
+        true
+    }
+}
+
 #[test]
 fn the_world_of_one_copies_and_counts() {
     let c = SingleProcess::new();
@@ -110,8 +155,15 @@ fn the_overlapped_reducer_sends_full_buckets_at_once_and_writes_the_sums_back() 
     #[cfg(feature = "sim")]
     devices.push(Device::sim());
     devices.push(Device::cpu());
-    for dev in devices {
-        let comm: std::sync::Arc<dyn Communicator> = std::sync::Arc::new(SingleProcess::new());
+    // On a device, also with a communicator that reduces there (NCCL's
+    // path): device buckets, filled and emptied on the second stream.
+    let runs = devices.into_iter().flat_map(|d| {
+        let queued = d.runs_kernels().then(|| (d.clone(), true));
+        queued.into_iter().chain([(d, false)])
+    });
+    for (dev, queued) in runs {
+        let single: std::sync::Arc<dyn Communicator> = std::sync::Arc::new(SingleProcess::new());
+        let comm = if queued { std::sync::Arc::new(OnDevice(single)) } else { single };
         let grads: Vec<(&str, Tensor)> = sizes
             .iter()
             .enumerate()
@@ -122,12 +174,12 @@ fn the_overlapped_reducer_sends_full_buckets_at_once_and_writes_the_sums_back() 
             .collect();
         let mut red = OverlappedReducer::new(comm.clone(), 4096).unwrap();
         dev.reset_stats();
-        for step in 0..2 {
+        for (step, scale) in [0.5f32, 1.0].into_iter().enumerate() {
             for (name, g) in &grads {
                 red.ready(name, g).unwrap();
             }
             red.end_backward();
-            if let Some(st) = dev.stats() {
+            if let Some(st) = dev.stats().filter(|_| !queued) {
                 // The gradients left without a wait for the device.
                 assert_eq!(st.syncs, 0, "{dev}, step {step}: {st:?}");
             }
@@ -136,16 +188,23 @@ fn the_overlapped_reducer_sends_full_buckets_at_once_and_writes_the_sums_back() 
             let mut out: Vec<(&str, Tensor)> =
                 sizes.iter().map(|&(n, len)| (n, Tensor::zeros(&dev, &[len], DType::F32).unwrap())).collect();
             let mut map: BTreeMap<&str, &mut Tensor> = out.iter_mut().map(|(n, t)| (*n, t)).collect();
-            red.finish(&mut map, 0.5).unwrap();
+            red.finish(&mut map, scale).unwrap();
             for ((name, g), (_, o)) in grads.iter().zip(&out) {
-                let want: Vec<f32> = g.to_f32_vec().unwrap().iter().map(|x| x * 0.5).collect();
-                assert_eq!(o.to_f32_vec().unwrap(), want, "{dev}: {name}, step {step}");
+                let want: Vec<f32> = g.to_f32_vec().unwrap().iter().map(|x| x * scale).collect();
+                assert_eq!(o.to_f32_vec().unwrap(), want, "{dev}, queued {queued}: {name}, step {step}");
             }
             let st = red.stats();
             assert_eq!((st.buckets, st.during_backward), (4, 3), "{dev}, step {step}: {st:?}");
             if let Some(st) = dev.stats() {
-                // Four page-locked buckets, reused by the second step.
-                assert_eq!(st.pinned_allocations, if step == 0 { 4 } else { 0 }, "{dev}, step {step}: {st:?}");
+                // Four buckets, page-locked or on the device, reused by the
+                // second step (beside the 5 output tensors).
+                let fresh = if step == 0 { 4 } else { 0 };
+                let want = if queued { (0, fresh + 5) } else { (fresh, 5) };
+                assert_eq!(
+                    (st.pinned_allocations, st.allocations),
+                    want,
+                    "{dev}, queued {queued}, step {step}: {st:?}"
+                );
             }
             dev.reset_stats();
         }
@@ -253,7 +312,7 @@ fn nccl_world_of_one_on_a_gpu() {
         Ok(_) => return eprintln!("note: skipping the NCCL test: libnccl cannot be loaded"),
         Err(e) => return eprintln!("note: skipping the NCCL test: {e}"),
     };
-    let c = Nccl::single(&dev).unwrap();
+    let c = std::sync::Arc::new(Nccl::single(&dev).unwrap());
     assert_eq!((c.rank(), c.world(), c.backend()), (0, 1, "nccl"));
     let mut x = [1.5f32, -2.0, 3.0];
     c.all_reduce_f32(&mut x, ReduceOp::Max).unwrap();
@@ -280,6 +339,23 @@ fn nccl_world_of_one_on_a_gpu() {
     let s = c.stats();
     assert_eq!((s.all_reduces, s.all_reduce_bytes), (2 + 3, 12 + 40 + 44));
     assert_eq!((s.all_gathers, s.broadcasts, s.reduce_scatters), (1, 1, 1));
+    // The overlapped reducer's device buckets (20 bytes: [3], [7], [1]),
+    // their all-reduces queued on the second stream; the sums written back
+    // there, read on the device's stream after the join.
+    let mut red = gif_fr::distributed::OverlappedReducer::new(c.clone(), 20).unwrap();
+    for (name, t) in ["a", "b", "c"].iter().zip(&ts) {
+        red.ready(name, t).unwrap();
+    }
+    let mut out: Vec<Tensor> = [3usize, 7, 1].iter().map(|&n| Tensor::zeros(&dev, &[n], DType::F32).unwrap()).collect();
+    let mut map: std::collections::BTreeMap<&str, &mut Tensor> =
+        ["a", "b", "c"].into_iter().zip(out.iter_mut()).collect();
+    red.finish(&mut map, 1.0).unwrap();
+    for (t, n) in out.iter().zip([3usize, 7, 1]) {
+        assert_eq!(t.to_vec::<f32>().unwrap(), vec![n as f32; n]);
+    }
+    assert_eq!(red.stats().buckets, 3);
+    let s = c.stats();
+    assert_eq!((s.all_reduces, s.all_reduce_bytes), (5 + 3, 96 + 44));
 }
 
 #[cfg(feature = "mpi")]
@@ -639,9 +715,13 @@ mod mpi_ranks {
             }
             params(&t)
         });
-        for overlap in [true, false] {
+        // The overlap through page-locked buckets (MPI's), none, and
+        // through device buckets (NCCL's path, staged here).
+        for (overlap, on_device) in [(true, false), (false, false), (true, true)] {
             let dev = Device::sim();
             let mut dp = trainer_on(&dev, "gif", 5 + r as u64, 1, 0.05);
+            let comm: Arc<dyn Communicator> =
+                if on_device { Arc::new(super::OnDevice(comm.clone())) } else { comm.clone() };
             dp.set_communicator(comm.clone()).unwrap();
             dp.set_overlap(overlap, 4096).unwrap();
             let mut syncs = Vec::new();
@@ -652,6 +732,13 @@ mod mpi_ranks {
                 syncs.push(dev.stats().unwrap().syncs);
             }
             match dp.overlap_stats() {
+                Some(o) if on_device => {
+                    assert!(overlap && o.buckets > 2 && o.buckets - o.during_backward <= 1, "sim: {o:?}");
+                    println!(
+                        "sim, device buckets: {} buckets, {} sent during the backward",
+                        o.buckets, o.during_backward
+                    );
+                }
                 Some(o) => {
                     assert!(overlap && o.buckets > 2 && o.buckets - o.during_backward <= 1, "sim: {o:?}");
                     // The images' upload is the step's only wait: the
@@ -682,12 +769,14 @@ mod mpi_ranks {
                     let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
                     worst = a.iter().zip(b).fold(worst, |m, (x, y)| m.max((x - y).abs() / scale));
                 }
-                assert!(worst < 1e-4, "sim, overlap {overlap}: {w} ranks vs one process: {worst:e}");
-                println!("sim, overlap {overlap}: {w} ranks vs one process: max |Δ| / max |w| = {worst:.1e}");
+                let how = format!("overlap {overlap}, device buckets {on_device}");
+                assert!(worst < 1e-4, "sim, {how}: {w} ranks vs one process: {worst:e}");
+                println!("sim, {how}: {w} ranks vs one process: max |Δ| / max |w| = {worst:.1e}");
             }
         }
         // (Two ranks: every reduction order gives a + b.)
         assert_eq!(fps[0], fps[1], "sim: the overlap changed the result");
+        assert_eq!(fps[0], fps[2], "sim: the device buckets changed the result");
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //!   Open MPI or MPICH): CPU ranks, and the launcher (`mpirun -np W
 //!   gif-fr train …`); device tensors are staged through the host;
 //! - [`Nccl`] (cudarc's NCCL bindings, libnccl loaded at run time like the
-//!   driver): GPU ranks, the gradients reduced in place on the device's
-//!   stream; its unique id travels over MPI ([`Nccl::over`]). Compiled
+//!   driver): GPU ranks, the gradients reduced on the device (in place
+//!   after the backward, or in device buckets on a second stream while it
+//!   runs); its unique id travels over MPI ([`Nccl::over`]). Compiled
 //!   everywhere, not yet run on a GPU.
 //!
 //! Every collective has a deadline ([`timeout`]: `GIF_FR_COLLECTIVE_TIMEOUT`
@@ -201,6 +202,44 @@ pub trait Communicator: Send + Sync {
     /// Fewer, larger messages: what DDP's buckets are for.
     fn all_reduce_tensors(&self, tensors: &mut [&mut Tensor], scale: f32, bucket_bytes: usize) -> Result<()> {
         bucketed_all_reduce(self, tensors, scale, bucket_bytes)
+    }
+
+    /// Whether [`Communicator::all_reduce_queued`] runs on the device
+    /// without a host wait (NCCL): the [`OverlappedReducer`] then keeps its
+    /// buckets in device memory instead of page-locked host memory.
+    fn queues_on_device(&self) -> bool {
+        false
+    }
+
+    /// Sums the first `len` values of `data` (f32, on a GPU or the
+    /// simulator) over the ranks, in place, on the device's second stream
+    /// after the work queued so far on either stream. NCCL queues it there
+    /// and returns; [`Communicator::settle`] waits for it. The default
+    /// stages it through the host and waits: the device's stream joins the
+    /// second one, the values come down, are all-reduced and go back up.
+    fn all_reduce_queued(&self, data: &mut Tensor, len: usize) -> Result<()> {
+        const OP: &str = "all_reduce_queued";
+        if data.dtype() != DType::F32 || len > data.numel() {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("at least {len} F32 elements"),
+                got: format!("{} {:?} elements", data.numel(), data.dtype()),
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        data.device().join_side()?;
+        let mut v = data.to_vec::<f32>()?;
+        self.all_reduce_f32(&mut v[..len], ReduceOp::Sum)?;
+        data.copy_from_host(&v)
+    }
+
+    /// Waits, within the collectives' deadline, for the all-reduces that
+    /// [`Communicator::all_reduce_queued`] left running; a timeout or a
+    /// failure of any of them is its error (and spends the communicator).
+    fn settle(&self) -> Result<()> {
+        Ok(())
     }
 }
 

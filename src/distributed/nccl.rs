@@ -12,7 +12,10 @@
 //! communicator is aborted (ncclCommAbort) and spent. Host slices are
 //! staged through device buffers; [`Communicator::all_reduce_tensors`] on
 //! the device's own tensors reduces them in place, a bucket of tensors per
-//! NCCL group.
+//! NCCL group. [`Communicator::all_reduce_queued`] (the overlapped
+//! reducer's device buckets) queues an all-reduce on the device's second
+//! stream without a wait; [`Communicator::settle`] and the next blocking
+//! collective wait for it, with the same deadline.
 //!
 //! Status: compiled everywhere; not yet run (no GPU with NCCL has been lent
 //! to this project). The W = 1 test in tests/distributed.rs runs it on a
@@ -21,7 +24,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::nccl::result as nr;
 use cudarc::nccl::sys as ns;
 
@@ -44,6 +47,9 @@ struct Inner {
     comm: ns::ncclComm_t,
     stats: CollectiveStats,
     spent: Option<String>,
+    /// The end of the last all-reduce queued on the second stream and not
+    /// yet waited for ([`Communicator::settle`]).
+    queued: Option<CudaEvent>,
 }
 
 // SAFETY: the NCCL communicator handle is used by one thread at a time,
@@ -110,7 +116,7 @@ impl Nccl {
             comm.assume_init()
         };
         Ok(Nccl {
-            inner: Mutex::new(Inner { comm, stats: CollectiveStats::default(), spent: None }),
+            inner: Mutex::new(Inner { comm, stats: CollectiveStats::default(), spent: None, queued: None }),
             device: device.clone(),
             stream,
             rank,
@@ -156,12 +162,26 @@ impl Nccl {
         if let Some(why) = &inner.spent {
             return Err(self.err(op, format!("the communicator is spent: {why}")));
         }
+        // The all-reduces queued on the second stream first: one order of
+        // the communicator's work on every rank, whatever NCCL does across
+        // streams.
+        if let Some(queued) = inner.queued.take() {
+            self.await_done(&mut inner, op, &queued)?;
+        }
         self.stream.context().bind_to_thread().map_err(|e| Error::driver(op, e))?;
-        let comm = inner.comm;
-        if let Err(e) = f(comm, self.stream.cu_stream() as ns::cudaStream_t) {
+        if let Err(e) = f(inner.comm, self.stream.cu_stream() as ns::cudaStream_t) {
             return Err(self.fail(&mut inner, op, format!("NCCL: {e:?}")));
         }
         let done = self.stream.record_event(None).map_err(|e| Error::driver(op, e))?;
+        self.await_done(&mut inner, op, &done)?;
+        inner.stats.add(kind, bytes);
+        Ok(())
+    }
+
+    /// Waits for `done` within the deadline, polling NCCL's asynchronous
+    /// error; a timeout or an error spends the communicator.
+    fn await_done(&self, inner: &mut Inner, op: &'static str, done: &CudaEvent) -> Result<()> {
+        let comm = inner.comm;
         let mut failed = None;
         let timed_out = super::await_deadline(self.timeout, || {
             if done.try_is_complete().map_err(|e| Error::driver(op, e))? {
@@ -176,11 +196,10 @@ impl Nccl {
             }
             Ok(false)
         })?;
-        if let Some(why) = failed.or(timed_out) {
-            return Err(self.fail(&mut inner, op, why));
+        match failed.or(timed_out) {
+            Some(why) => Err(self.fail(inner, op, why)),
+            None => Ok(()),
         }
-        inner.stats.add(kind, bytes);
-        Ok(())
     }
 
     /// Aborts the communicator (its pending work with it) and marks it spent.
@@ -328,6 +347,53 @@ impl Communicator for Nccl {
             let _ = self.fail(&mut inner, "abort", "aborted".into());
         }
         std::process::exit(code)
+    }
+    fn queues_on_device(&self) -> bool {
+        true
+    }
+    fn all_reduce_queued(&self, data: &mut Tensor, len: usize) -> Result<()> {
+        const OP: &str = "all_reduce_queued";
+        if data.dtype() != DType::F32 || len > data.numel() || data.device() != &self.device {
+            return Err(self.err(
+                OP,
+                format!(
+                    "{len} f32 values on {} wanted; got {} {:?} values on {}",
+                    self.device,
+                    data.numel(),
+                    data.dtype(),
+                    data.device()
+                ),
+            ));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let p = self.addr(data, OP)?;
+        let mut inner = self.inner.lock().map_err(|_| self.err(OP, "the communicator's lock is poisoned".into()))?;
+        if let Some(why) = &inner.spent {
+            return Err(self.err(OP, format!("the communicator is spent: {why}")));
+        }
+        let side = self.device.side_stream()?.ok_or_else(|| self.err(OP, "no second stream".into()))?;
+        let s = side.cu_stream() as ns::cudaStream_t;
+        // SAFETY: `p` addresses at least `len` f32 values on this device
+        // (checked above), reduced in place; the caller keeps the tensor
+        // alive until the device's stream has joined the second one.
+        if let Err(e) = unsafe {
+            nr::all_reduce(p, p, len, ns::ncclDataType_t::ncclFloat32, ns::ncclRedOp_t::ncclSum, inner.comm, s)
+        } {
+            return Err(self.fail(&mut inner, OP, format!("NCCL: {e:?}")));
+        }
+        inner.queued = Some(side.record_event(None).map_err(|e| Error::driver(OP, e))?);
+        inner.stats.add(Kind::AllReduce, 4 * len);
+        Ok(())
+    }
+    fn settle(&self) -> Result<()> {
+        const OP: &str = "settle";
+        let mut inner = self.inner.lock().map_err(|_| self.err(OP, "the communicator's lock is poisoned".into()))?;
+        match inner.queued.take() {
+            Some(done) => self.await_done(&mut inner, OP, &done),
+            None => Ok(()),
+        }
     }
     fn all_reduce_tensors(&self, tensors: &mut [&mut Tensor], scale: f32, bucket_bytes: usize) -> Result<()> {
         const OP: &str = "all_reduce_tensors";

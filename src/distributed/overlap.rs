@@ -24,9 +24,17 @@
 //! so far; a full bucket goes to the thread with the mark of its last
 //! copy, which the thread waits for before the all-reduce; `finish` copies
 //! the sums back on the second stream, and the device's stream waits for
-//! them before the optimizer. The host never waits for the backward. (With
-//! NCCL the gradients would be reduced on the device itself, on a second
-//! stream: not written yet; NCCL ranks all-reduce after the backward.)
+//! them before the optimizer. The host never waits for the backward.
+//!
+//! With a communicator that reduces on the device
+//! ([`Communicator::queues_on_device`]: NCCL) the buckets are device
+//! memory: each gradient, as it is final, is copied into one on the second
+//! stream, and a full bucket's all-reduce is queued on that stream at once
+//! (DDP's flat buckets on NCCL's stream); `finish` queues the copies back
+//! there, makes the device's stream wait for them, and waits on the host,
+//! within the collectives' deadline, for the all-reduces to end (so that a
+//! failed or dead rank is an error here, not a hang in a later
+//! synchronization).
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
@@ -56,22 +64,44 @@ pub struct OverlapStats {
     pub exposed: f64,
 }
 
-/// A bucket's values: host memory (CPU ranks), or page-locked memory the
-/// device's copies fill (GPU ranks): its first `len` values (the buffer
-/// holds the mark of its last copy, which writing it waits for).
+/// A bucket's values: host memory (CPU ranks), page-locked memory the
+/// device's copies fill (GPU ranks, a host communicator), or device memory
+/// (GPU ranks, NCCL): its first `len` values (a page-locked buffer holds
+/// the mark of its last copy, which writing it waits for).
 enum Bucket {
     Host(Vec<f32>),
     Pinned { buf: PinnedBuffer, len: usize },
+    Device { buf: DeviceBucket, len: usize },
 }
 
 impl Bucket {
     /// The values, for the host (page-locked: once the device's copies
-    /// from or into them are done).
+    /// from or into them are done). Not for device buckets.
     fn values_mut(&mut self) -> Result<&mut [f32]> {
         match self {
             Bucket::Host(v) => Ok(v),
             Bucket::Pinned { buf, len } => Ok(&mut buf.as_mut_slice()?[..*len]),
+            Bucket::Device { .. } => Err(Error::invalid(OP, "a device bucket read on the host (internal error)")),
         }
+    }
+
+    /// The values filled so far (0 for a host bucket, which grows).
+    fn filled(&self) -> usize {
+        match self {
+            Bucket::Host(_) => 0,
+            Bucket::Pinned { len, .. } | Bucket::Device { len, .. } => *len,
+        }
+    }
+}
+
+/// A device bucket's memory. Its copies and all-reduce run on the second
+/// stream while its memory is freed on the device's stream: dropping it
+/// first makes that stream wait for the second one.
+struct DeviceBucket(Tensor);
+
+impl Drop for DeviceBucket {
+    fn drop(&mut self) {
+        let _ = self.0.device().join_side();
     }
 }
 
@@ -91,12 +121,16 @@ pub struct OverlappedReducer {
     /// The bucket being filled, and the names and lengths in it.
     filling: Vec<f32>,
     members: Vec<(String, usize)>,
-    /// On GPU ranks: the device, and the page-locked bucket being filled
-    /// with the values used so far.
+    /// On GPU ranks: the device, and the page-locked or device bucket
+    /// being filled.
     device: Option<Device>,
-    pinned: Option<(PinnedBuffer, usize)>,
-    /// Page-locked buckets back from earlier steps, reused.
+    open: Option<Bucket>,
+    /// Page-locked and device buckets back from earlier steps, reused.
     spare_pinned: Vec<PinnedBuffer>,
+    spare_device: Vec<DeviceBucket>,
+    /// The device buckets of this step, their all-reduces queued on the
+    /// device (by number).
+    queued: Vec<(usize, Bucket)>,
     /// The members of each bucket sent in this step.
     sent: Vec<Vec<(String, usize)>>,
     /// Buckets' buffers back from earlier steps, reused (a step allocates
@@ -146,8 +180,10 @@ impl OverlappedReducer {
             filling: Vec::new(),
             members: Vec::new(),
             device: None,
-            pinned: None,
+            open: None,
             spare_pinned: Vec::new(),
+            spare_device: Vec::new(),
+            queued: Vec::new(),
             sent: Vec::new(),
             spare: Vec::new(),
             names: Default::default(),
@@ -176,7 +212,8 @@ impl OverlappedReducer {
     /// Takes gradient `name` (f32), final for this step: copied into the
     /// bucket being filled, which goes to the communication thread when
     /// full. A tensor on a GPU is copied into a page-locked bucket on the
-    /// device's second stream, without a wait (see the module
+    /// device's second stream, without a wait, or into a device bucket
+    /// whose all-reduce is queued on that stream when full (see the module
     /// documentation); every gradient of a step must be on one device.
     pub fn ready(&mut self, name: &str, grad: &Tensor) -> Result<()> {
         if grad.dtype() != DType::F32 {
@@ -195,7 +232,7 @@ impl OverlappedReducer {
         self.device = dev;
         let n = grad.numel();
         if self.device.is_some() {
-            return self.ready_pinned(name, grad, n);
+            return self.ready_staged(name, grad, n);
         }
         if !self.filling.is_empty() && self.filling.len().saturating_add(n) > self.cap {
             self.send()?;
@@ -214,41 +251,61 @@ impl OverlappedReducer {
         Ok(())
     }
 
-    /// [`OverlappedReducer::ready`] for a gradient on a GPU.
-    fn ready_pinned(&mut self, name: &str, grad: &Tensor, n: usize) -> Result<()> {
+    /// [`OverlappedReducer::ready`] for a gradient on a GPU: into a
+    /// page-locked bucket, or a device one when the communicator reduces on
+    /// the device.
+    fn ready_staged(&mut self, name: &str, grad: &Tensor, n: usize) -> Result<()> {
         // The host path's rule: a bucket closes before a gradient that would
         // take it past the cap (whatever the size of the buffer it reuses).
-        if self.pinned.as_ref().is_some_and(|(_, used)| used.saturating_add(n) > self.cap) {
+        if self.open.as_ref().is_some_and(|b| b.filled().saturating_add(n) > self.cap) {
             self.send()?;
         }
-        let (buf, used) = match &mut self.pinned {
-            Some(p) => p,
+        // A spare of the size needed (a tensor larger than a bucket goes
+        // alone, in a buffer of its own size), or a new one.
+        let want = n.max(self.cap);
+        let bucket = match &mut self.open {
+            Some(b) => b,
+            slot if self.comm.queues_on_device() => {
+                let buf = match self.spare_device.iter().position(|b| b.0.numel() >= want) {
+                    Some(i) => self.spare_device.swap_remove(i),
+                    None => DeviceBucket(Tensor::empty(grad.device(), &[want], DType::F32)?),
+                };
+                slot.insert(Bucket::Device { buf, len: 0 })
+            }
             slot => {
-                // A spare of the size needed (a tensor larger than a bucket
-                // goes alone, in a buffer of its own size), or a new one.
-                let want = n.max(self.cap);
                 let buf = match self.spare_pinned.iter().position(|b| b.len() >= want) {
                     Some(i) => self.spare_pinned.swap_remove(i),
                     None => PinnedBuffer::new(grad.device(), want)?,
                 };
-                slot.insert((buf, 0))
+                slot.insert(Bucket::Pinned { buf, len: 0 })
             }
         };
-        // No host wait: the copy runs on the second stream after the ones
-        // before it from and into this buffer (the last step's sums, this
-        // bucket's other gradients).
-        // SAFETY: `out` is page-locked memory of the gradient's device, for
-        // this copy only; the buffer keeps the copy's mark, which the host's
-        // next access (the communication thread's all-reduce) and dropping
-        // it wait for.
-        let copied = unsafe {
-            let out = &mut buf.for_device_copy()[*used..*used + n];
-            grad.download_pinned(out)?
-        };
-        buf.copied(copied);
-        *used += n;
+        match bucket {
+            Bucket::Pinned { buf, len } => {
+                // No host wait: the copy runs on the second stream after the
+                // ones before it from and into this buffer (the last step's
+                // sums, this bucket's other gradients).
+                // SAFETY: `out` is page-locked memory of the gradient's
+                // device, for this copy only; the buffer keeps the copy's
+                // mark, which the host's next access (the communication
+                // thread's all-reduce) and dropping it wait for.
+                let copied = unsafe {
+                    let out = &mut buf.for_device_copy()[*len..*len + n];
+                    grad.download_pinned(out)?
+                };
+                buf.copied(copied);
+                *len += n;
+            }
+            // On the second stream, after the backward's work so far; the
+            // bucket lives until the device's stream has joined it.
+            Bucket::Device { buf, len } => {
+                buf.0.copy_on_side(*len, grad, 0, n)?;
+                *len += n;
+            }
+            Bucket::Host(_) => return Err(Error::invalid(OP, "a host bucket for a device gradient (internal error)")),
+        }
         self.members.push((name.to_string(), n));
-        if *used >= self.cap {
+        if bucket.filled() >= self.cap {
             self.send()?;
         }
         Ok(())
@@ -267,15 +324,29 @@ impl OverlappedReducer {
         if self.members.is_empty() {
             return Ok(());
         }
-        let jobs = self.jobs.as_ref().ok_or_else(|| Error::invalid(OP, "the communication thread is gone"))?;
-        let data = match self.pinned.take() {
-            Some((buf, len)) => Bucket::Pinned { buf, len },
-            None => Bucket::Host(std::mem::replace(&mut self.filling, self.spare.pop().unwrap_or_default())),
-        };
-        jobs.send((self.sent.len(), data))
-            .map_err(|_| Error::invalid(OP, "the communication thread ended (it panicked)"))?;
-        self.sent.push(std::mem::take(&mut self.members));
-        Ok(())
+        let id = self.sent.len();
+        match self.open.take() {
+            Some(Bucket::Device { mut buf, len }) => {
+                // Queued on the device (NCCL): no thread, no wait. The
+                // bucket is kept either way (its memory outlives its work).
+                let began = Instant::now();
+                let queued = self.comm.all_reduce_queued(&mut buf.0, len);
+                self.current.communication += began.elapsed().as_secs_f64();
+                self.queued.push((id, Bucket::Device { buf, len }));
+                self.sent.push(std::mem::take(&mut self.members));
+                queued
+            }
+            open => {
+                let jobs = self.jobs.as_ref().ok_or_else(|| Error::invalid(OP, "the communication thread is gone"))?;
+                let data = open.unwrap_or_else(|| {
+                    Bucket::Host(std::mem::replace(&mut self.filling, self.spare.pop().unwrap_or_default()))
+                });
+                jobs.send((id, data))
+                    .map_err(|_| Error::invalid(OP, "the communication thread ended (it panicked)"))?;
+                self.sent.push(std::mem::take(&mut self.members));
+                Ok(())
+            }
+        }
     }
 
     /// Sends the last bucket, waits for every bucket of the step and writes
@@ -289,8 +360,11 @@ impl OverlappedReducer {
         let r = self.finish_inner(grads, scale);
         self.last = std::mem::take(&mut self.current);
         self.filling.clear();
-        if let Some((buf, _)) = self.pinned.take() {
-            self.spare_pinned.push(buf);
+        if let Some(b) = self.open.take() {
+            self.recycle(b);
+        }
+        for (_, b) in std::mem::take(&mut self.queued) {
+            self.recycle(b);
         }
         self.members.clear();
         self.sent.clear();
@@ -304,7 +378,19 @@ impl OverlappedReducer {
         let sent = self.send();
         let mut sums: Vec<Option<Bucket>> = (0..self.sent.len()).map(|_| None).collect();
         let mut first_err = sent.err();
-        for _ in 0..self.sent.len() {
+        if !self.queued.is_empty() {
+            // The device buckets' all-reduces, within their deadline.
+            let began = Instant::now();
+            if let Err(e) = self.comm.settle() {
+                first_err.get_or_insert(e);
+            }
+            self.current.communication += began.elapsed().as_secs_f64();
+            for (id, b) in std::mem::take(&mut self.queued) {
+                sums[id] = Some(b);
+            }
+        }
+        let threaded = sums.iter().filter(|b| b.is_none()).count();
+        for _ in 0..threaded {
             // The collectives carry their own deadline; this one only guards
             // against a thread that died without answering.
             match self.done.recv_timeout(super::timeout() + Duration::from_secs(60)) {
@@ -326,40 +412,18 @@ impl OverlappedReducer {
         self.current.exposed = began.elapsed().as_secs_f64();
         self.current.buckets = self.sent.len();
         if let Some(e) = first_err {
+            sums.into_iter().flatten().for_each(|b| self.recycle(b));
             return Err(e);
         }
         let mut done = 0usize;
-        for (members, sum) in self.sent.iter().zip(sums) {
-            let mut sum = sum.ok_or_else(|| Error::invalid(OP, "a bucket never came back (internal error)"))?;
-            if scale != 1.0 {
-                // Once a bucket (a page-locked one waits for its copies once).
-                sum.values_mut()?.iter_mut().for_each(|x| *x *= scale);
-            }
-            let mut at = 0;
-            for (name, n) in members {
-                let t = grads
-                    .get_mut(name.as_str())
-                    .ok_or_else(|| Error::invalid(OP, format!("gradient {name} was reduced but has no tensor")))?;
-                if t.numel() != *n {
-                    return Err(Error::invalid(OP, format!("gradient {name} changed size during the step")));
-                }
-                match &mut sum {
-                    Bucket::Host(v) => t.copy_from_host(&v[at..at + n])?,
-                    // On the second stream, without a host wait; the
-                    // device's stream waits for it before the optimizer.
-                    Bucket::Pinned { buf, .. } => t.copy_from_pinned(buf, at, None)?,
-                }
-                at += n;
-                done += 1;
-            }
-            match sum {
-                Bucket::Host(mut v) => {
-                    v.clear();
-                    self.spare.push(v);
-                }
-                Bucket::Pinned { buf, .. } => self.spare_pinned.push(buf),
-            }
+        let sent = std::mem::take(&mut self.sent);
+        let r = self.write_back(&sent, sums, grads, scale, &mut done);
+        self.sent = sent;
+        if let Some(dev) = &self.device {
+            // The optimizer (on the device's stream) after the copies back.
+            dev.join_side()?;
         }
+        r?;
         if done != grads.len() {
             let missing = grads.keys().find(|k| !self.names.contains(**k));
             return Err(Error::invalid(
@@ -368,6 +432,84 @@ impl OverlappedReducer {
             ));
         }
         Ok(())
+    }
+
+    /// Writes each bucket's sum, times `scale`, into the gradients of its
+    /// members, counting them in `done`; every bucket is recycled.
+    fn write_back(
+        &mut self,
+        sent: &[Vec<(String, usize)>],
+        sums: Vec<Option<Bucket>>,
+        grads: &mut BTreeMap<&str, &mut Tensor>,
+        scale: f32,
+        done: &mut usize,
+    ) -> Result<()> {
+        let mut sums = sums.into_iter();
+        for members in sent {
+            let mut sum =
+                sums.next().flatten().ok_or_else(|| Error::invalid(OP, "a bucket never came back (internal error)"))?;
+            let r = Self::write_bucket(members, &mut sum, grads, scale, done);
+            self.recycle(sum);
+            r?;
+        }
+        Ok(())
+    }
+
+    /// One bucket's part of [`OverlappedReducer::write_back`].
+    fn write_bucket(
+        members: &[(String, usize)],
+        sum: &mut Bucket,
+        grads: &mut BTreeMap<&str, &mut Tensor>,
+        scale: f32,
+        done: &mut usize,
+    ) -> Result<()> {
+        if scale != 1.0 {
+            match sum {
+                // No scaling kernel here: through the host (the trainer
+                // scales in its optimizer and passes 1).
+                Bucket::Device { buf, len } => {
+                    buf.0.device().join_side()?;
+                    let mut v = buf.0.to_vec::<f32>()?;
+                    v[..*len].iter_mut().for_each(|x| *x *= scale);
+                    buf.0.copy_from_host(&v)?;
+                }
+                // Once a bucket (a page-locked one waits for its copies once).
+                _ => sum.values_mut()?.iter_mut().for_each(|x| *x *= scale),
+            }
+        }
+        let mut at = 0;
+        for (name, n) in members {
+            let t = grads
+                .get_mut(name.as_str())
+                .ok_or_else(|| Error::invalid(OP, format!("gradient {name} was reduced but has no tensor")))?;
+            if t.numel() != *n {
+                return Err(Error::invalid(OP, format!("gradient {name} changed size during the step")));
+            }
+            match &mut *sum {
+                Bucket::Host(v) => t.copy_from_host(&v[at..at + n])?,
+                // On the second stream, without a host wait; the device's
+                // stream waits for it before the optimizer.
+                Bucket::Pinned { buf, .. } => t.copy_from_pinned(buf, at, None)?,
+                // On the second stream after the all-reduce; the device's
+                // stream joins it at the end of `finish`.
+                Bucket::Device { buf, .. } => t.copy_on_side(0, &buf.0, at, *n)?,
+            }
+            at += n;
+            *done += 1;
+        }
+        Ok(())
+    }
+
+    /// Keeps a bucket's buffer for the next step.
+    fn recycle(&mut self, bucket: Bucket) {
+        match bucket {
+            Bucket::Host(mut v) => {
+                v.clear();
+                self.spare.push(v);
+            }
+            Bucket::Pinned { buf, .. } => self.spare_pinned.push(buf),
+            Bucket::Device { buf, .. } => self.spare_device.push(buf),
+        }
     }
 }
 

@@ -717,16 +717,64 @@ impl Device {
             Inner::Sim(s) => s.sim.read(addr, out).map(|()| Mark(None)),
             Inner::Cuda(c) => {
                 let drv = |what: &'static str| move |e| Error::driver(what, e);
-                c.ctx.bind_to_thread().map_err(drv("download (bind context)"))?;
-                let copies = c.copy_stream()?;
-                let now = c.stream.record_event(None).map_err(drv("event record"))?;
-                copies.wait(&now).map_err(drv("copy stream wait"))?;
+                let copies = c.side_after_main()?;
                 // SAFETY: `out` stays valid and untouched until the mark
                 // below is done (the caller's contract); `addr` as in
                 // copy_addr.
                 unsafe { cu::result::memcpy_dtoh_async(out, addr, copies.cu_stream()) }.map_err(drv(OP))?;
                 copies.record_event(None).map(|e| Mark(Some(e))).map_err(drv("event record"))
             }
+        }
+    }
+
+    /// Copies `bytes` bytes from device address `src` to `dst` on the
+    /// second stream, after the work queued on the device's stream so far
+    /// (the source is final there), beside the work queued after; nothing
+    /// on the device's stream waits for it until [`Device::join_side`]. The
+    /// tensors that hold both ranges checked them; the caller keeps both
+    /// alive and the destination unread until the join.
+    pub(crate) fn copy_on_side(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.count(|m| &m.device_copies);
+        match &self.inner {
+            Inner::Cpu => Err(Error::invalid("copy (second stream)", "the CPU device has no device memory")),
+            #[cfg(feature = "sim")]
+            Inner::Sim(s) => s.sim.copy(src, dst, bytes),
+            Inner::Cuda(c) => {
+                let side = c.side_after_main()?;
+                // SAFETY: both ranges lie in memory of this context (the
+                // caller's tensors), ordered on the second stream after the
+                // work that wrote the source.
+                unsafe { cu::result::memcpy_dtod_async(dst, src, bytes, side.cu_stream()) }
+                    .map_err(|e| Error::driver("copy (second stream)", e))
+            }
+        }
+    }
+
+    /// The second stream, made to wait for the work queued on the device's
+    /// stream so far: for a library (NCCL) that queues work there. None on
+    /// the simulator and the CPU.
+    pub(crate) fn side_stream(&self) -> Result<Option<Arc<CudaStream>>> {
+        match &self.inner {
+            Inner::Cuda(c) => c.side_after_main().map(|s| Some(s.clone())),
+            _ => Ok(None),
+        }
+    }
+
+    /// Makes the device's stream wait for the work queued on the second
+    /// stream so far (no host wait).
+    pub(crate) fn join_side(&self) -> Result<()> {
+        match &self.inner {
+            Inner::Cuda(c) => {
+                let drv = |what: &'static str| move |e| Error::driver(what, e);
+                c.ctx.bind_to_thread().map_err(drv("join (bind context)"))?;
+                let side = c.copy_stream()?;
+                let done = side.record_event(None).map_err(drv("event record"))?;
+                c.stream.wait(&done).map_err(drv("stream wait"))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -1106,6 +1154,17 @@ impl CudaBackend {
         }
         let s = self.ctx.new_stream().map_err(|e| Error::driver("copy stream create", e))?;
         Ok(self.copies.get_or_init(|| s))
+    }
+
+    /// The second stream, after the work queued on the device's stream so
+    /// far (binds the context).
+    fn side_after_main(&self) -> Result<&Arc<CudaStream>> {
+        let drv = |what: &'static str| move |e| Error::driver(what, e);
+        self.ctx.bind_to_thread().map_err(drv("second stream (bind context)"))?;
+        let side = self.copy_stream()?;
+        let now = self.stream.record_event(None).map_err(drv("event record"))?;
+        side.wait(&now).map_err(drv("second stream wait"))?;
+        Ok(side)
     }
 
     /// The backend for `ordinal`, created once per process.

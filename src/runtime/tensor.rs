@@ -703,6 +703,32 @@ impl Tensor {
         Ok(())
     }
 
+    /// Overwrites `self[at..at + n]` with `src[src_at..src_at + n]` (f32
+    /// tensors of one GPU, or the simulator) on the device's second stream,
+    /// after the work queued so far: the device's stream sees the values
+    /// after [`Device::join_side`], and both tensors must live until then.
+    ///
+    /// [`Device::join_side`]: crate::runtime::device::Device::join_side
+    pub(crate) fn copy_on_side(&mut self, at: usize, src: &Tensor, src_at: usize, n: usize) -> Result<()> {
+        const OP: &str = "Tensor::copy_on_side";
+        let fits = |t: &Tensor, from: usize| from.checked_add(n).is_some_and(|end| end <= t.numel());
+        if self.dtype != DType::F32 || src.dtype != DType::F32 || !fits(self, at) || !fits(src, src_at) {
+            return Err(Error::Shape {
+                op: OP,
+                expected: format!("{n} F32 elements from element {src_at} into element {at}"),
+                got: format!("{} {:?} elements from {} {:?}", self.numel(), self.dtype, src.numel(), src.dtype),
+            });
+        }
+        if src.device != self.device {
+            return Err(Error::DeviceMismatch { op: OP, a: src.device.to_string(), b: self.device.to_string() });
+        }
+        let (Some(a), Some(b)) = (src.device_ptr(), self.device_ptr()) else {
+            return Err(Error::invalid(OP, "a CPU tensor (no device memory)"));
+        };
+        // In bounds (checked above): addresses of n values in each tensor.
+        self.device.copy_on_side(a + 4 * src_at as u64, b + 4 * at as u64, 4 * n)
+    }
+
     /// Copies an f32 GPU (or simulator) tensor into `out` (page-locked host
     /// memory of its device, `numel` values) without waiting, once the work
     /// queued so far is done; returns the copy's mark.

@@ -402,8 +402,8 @@ pub struct Trainer {
     profile: Option<StepProfile>,
     /// The ranks this trainer's gradients are averaged across (None: one).
     comm: Option<Arc<dyn Communicator>>,
-    /// The gradients' all-reduce overlapping the backward (host gradients
-    /// on several ranks), created at the first step that uses it.
+    /// The gradients' all-reduce overlapping the backward (on several
+    /// ranks), created at the first step that uses it.
     overlap: Option<OverlappedReducer>,
     /// Whether to overlap, and the buckets' size in bytes.
     overlap_on: bool,
@@ -568,12 +568,14 @@ impl Trainer {
     /// Whether the gradients' all-reduce overlaps the backward (DDP's
     /// default; on by default here too), and the size of its buckets in
     /// bytes (`distributed::BUCKET_BYTES` by default, the `bucket_cap_mb`
-    /// arcface_torch gives DDP). The overlap applies to ranks whose
-    /// communicator is a host one (MPI; [`OverlappedReducer`]): CPU ranks,
-    /// and GPU ranks, whose gradients are staged through page-locked
-    /// buckets on a second stream; NCCL ranks all-reduce on the device after
-    /// the backward, in buckets of the same size. A collective setting:
-    /// every rank must choose the same.
+    /// arcface_torch gives DDP). The overlap ([`OverlappedReducer`]) applies
+    /// to every rank of a world of two or more: CPU ranks; GPU ranks with a
+    /// host communicator (MPI), whose gradients are staged through
+    /// page-locked buckets on a second stream; NCCL ranks, whose gradients
+    /// are copied into device buckets reduced on that stream. Without it the
+    /// gradients are all-reduced after the backward, in buckets of the same
+    /// size (NCCL: in place). A collective setting: every rank must choose
+    /// the same.
     /// Errors (on every rank): the ranks chose differently (their buckets
     /// would not match: MPI would sum unrelated gradients or fail).
     pub fn set_overlap(&mut self, on: bool, bucket_bytes: usize) -> Result<()> {
@@ -597,16 +599,14 @@ impl Trainer {
     }
 
     /// What the last optimizer step's overlapped all-reduce achieved (None
-    /// when it did not overlap: one rank, NCCL, or overlap turned off).
+    /// when it did not overlap: one rank, or overlap turned off).
     pub fn overlap_stats(&self) -> Option<OverlapStats> {
         self.overlap.as_ref().map(|o| o.stats())
     }
 
     /// Whether this step's gradients go through the overlapped reducer.
     fn overlapping(&self) -> bool {
-        // (NCCL reduces device tensors in place after the backward; its
-        // overlap, on a second stream, is not written.)
-        self.overlap_on && self.comm.as_ref().is_some_and(|c| c.world() > 1 && c.backend() != "nccl")
+        self.overlap_on && self.comm.as_ref().is_some_and(|c| c.world() > 1)
     }
 
     /// The communicator, when training data-parallel.
