@@ -356,6 +356,22 @@ fn nccl_world_of_one_on_a_gpu() {
     assert_eq!(red.stats().buckets, 3);
     let s = c.stats();
     assert_eq!((s.all_reduces, s.all_reduce_bytes), (5 + 3, 96 + 44));
+    // Device tensors gathered and reduce-scattered on the device.
+    let mine = Tensor::from_slice(&dev, &[2, 2], &[1f32, 2., 3., 4.]).unwrap();
+    let mut all = Tensor::zeros(&dev, &[4], DType::F32).unwrap();
+    c.all_gather_tensor(&mine, &mut all).unwrap();
+    assert_eq!(all.to_vec::<f32>().unwrap(), [1., 2., 3., 4.]);
+    let mut part = Tensor::zeros(&dev, &[2, 2], DType::F32).unwrap();
+    c.reduce_scatter_tensor(&mine, &mut part).unwrap();
+    assert_eq!(part.to_vec::<f32>().unwrap(), [1., 2., 3., 4.]);
+    let s = c.stats();
+    assert_eq!(
+        (s.all_gathers, s.reduce_scatters, s.all_gather_bytes, s.reduce_scatter_bytes),
+        (2, 2, 16 + 16, 12 + 16)
+    );
+    // The model-parallel heads over NCCL, shards on the GPU, against one
+    // process on the CPU.
+    println!("NCCL, one rank: {}", check_model_parallel(&*c, &dev, 389));
 }
 
 #[cfg(feature = "mpi")]
@@ -504,6 +520,38 @@ mod mpi_ranks {
         assert_eq!((s.all_gathers, s.all_gather_bytes), (2, 4 * 2 + 4 * 3));
         assert_eq!((s.broadcasts, s.broadcast_bytes), (1, 13));
         assert_eq!((s.reduce_scatters, s.reduce_scatter_bytes), (1, 4 * 2 * w as u64));
+        // Tensors gathered and reduce-scattered (the model-parallel heads'
+        // device path; a host communicator stages them), on the CPU and the
+        // simulator; a 16-bit block is gathered as f32.
+        let mut devices = vec![Device::cpu()];
+        #[cfg(feature = "sim")]
+        devices.push(Device::sim());
+        for dev in devices {
+            let before = c.stats();
+            let block: Vec<f32> = (0..6).map(|i| (r * 10 + i) as f32).collect();
+            let block: Vec<half::bf16> = block.into_iter().map(half::bf16::from_f32).collect();
+            let mine = Tensor::from_slice(&dev, &[2, 3], &block).unwrap();
+            let mut all = Tensor::empty(&dev, &[w * 2, 3], DType::F32).unwrap();
+            c.all_gather_tensor(&mine, &mut all).unwrap();
+            let want: Vec<f32> = (0..w).flat_map(|q| (0..6).map(move |i| (q * 10 + i) as f32)).collect();
+            assert_eq!(all.to_vec::<f32>().unwrap(), want, "{dev}");
+            let data: Vec<f32> = (0..3 * w).map(|i| (i + r) as f32).collect();
+            let data = Tensor::from_slice(&dev, &[w, 3], &data).unwrap();
+            let mut part = Tensor::empty(&dev, &[3], DType::F32).unwrap();
+            c.reduce_scatter_tensor(&data, &mut part).unwrap();
+            assert_eq!(part.to_vec::<f32>().unwrap(), (0..3).map(|i| sum_at(3 * r + i)).collect::<Vec<_>>(), "{dev}");
+            let after = c.stats();
+            assert_eq!(after.all_gather_bytes - before.all_gather_bytes, 4 * 6, "{dev}");
+            assert_eq!(after.reduce_scatter_bytes - before.reduce_scatter_bytes, 4 * 3 * w as u64, "{dev}");
+            // Sizes that do not match W blocks, a 16-bit output: typed
+            // errors on every rank alike, before any message.
+            let mut short = Tensor::empty(&dev, &[w * 6 - 1], DType::F32).unwrap();
+            let e = c.all_gather_tensor(&mine, &mut short).unwrap_err().to_string();
+            assert!(e.contains("blocks of 6"), "{e}");
+            let mut half = Tensor::empty(&dev, &[3], DType::BF16).unwrap();
+            assert!(matches!(c.reduce_scatter_tensor(&data, &mut half), Err(gif_fr::Error::DType { .. })));
+            assert_eq!(c.stats(), after, "{dev}: the refused calls sent nothing");
+        }
         // Agreement checks: the same value passes; a value that differs on
         // the last rank fails on every rank, naming it.
         check_same(c.as_ref(), "a setting", 42).unwrap();

@@ -204,6 +204,22 @@ pub trait Communicator: Send + Sync {
         bucketed_all_reduce(self, tensors, scale, bucket_bytes)
     }
 
+    /// [`Communicator::all_gather_f32`] of tensors: `all` (f32, `[W · n]`
+    /// elements in any shape) ← every rank's `mine` (n elements, f32 or
+    /// 16-bit, taken as f32), rank r's at `r · n`. NCCL gathers f32 device
+    /// tensors on the device's stream; the default stages through the host.
+    fn all_gather_tensor(&self, mine: &Tensor, all: &mut Tensor) -> Result<()> {
+        staged_all_gather(self, mine, all)
+    }
+
+    /// [`Communicator::reduce_scatter_f32`] of tensors: `mine` (f32, n
+    /// elements) ← block `rank` of the sum of every rank's `data` (f32,
+    /// W · n elements). NCCL reduces device tensors on the device's stream;
+    /// the default stages through the host.
+    fn reduce_scatter_tensor(&self, data: &Tensor, mine: &mut Tensor) -> Result<()> {
+        staged_reduce_scatter(self, data, mine)
+    }
+
     /// Whether [`Communicator::all_reduce_queued`] runs on the device
     /// without a host wait (NCCL): the [`OverlappedReducer`] then keeps its
     /// buckets in device memory instead of page-locked host memory.
@@ -382,6 +398,32 @@ fn bucketed_all_reduce<C: Communicator + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// The default [`Communicator::all_gather_tensor`]: through the host.
+pub(crate) fn staged_all_gather<C: Communicator + ?Sized>(comm: &C, mine: &Tensor, all: &mut Tensor) -> Result<()> {
+    if all.dtype() != DType::F32 {
+        return Err(Error::DType { op: "all_gather_tensor", expected: DType::F32, got: all.dtype() });
+    }
+    check_blocks("all_gather_tensor", mine.numel(), all.numel(), comm.rank(), comm.world())?;
+    let mut v = vec![0f32; all.numel()];
+    comm.all_gather_f32(&mine.host_f32()?, &mut v)?;
+    all.copy_from_host(&v)
+}
+
+/// The default [`Communicator::reduce_scatter_tensor`]: through the host.
+pub(crate) fn staged_reduce_scatter<C: Communicator + ?Sized>(
+    comm: &C,
+    data: &Tensor,
+    mine: &mut Tensor,
+) -> Result<()> {
+    if let Some(t) = [data.dtype(), mine.dtype()].into_iter().find(|&t| t != DType::F32) {
+        return Err(Error::DType { op: "reduce_scatter_tensor", expected: DType::F32, got: t });
+    }
+    check_blocks("reduce_scatter_tensor", mine.numel(), data.numel(), comm.rank(), comm.world())?;
+    let mut v = vec![0f32; mine.numel()];
+    comm.reduce_scatter_f32(&data.host_f32()?, &mut v)?;
+    mine.copy_from_host(&v)
 }
 
 /// FNV-1a of `bytes`: a fingerprint that is the same in every process.

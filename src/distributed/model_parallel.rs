@@ -37,11 +37,12 @@
 //! cosine and sine, come to the host in one download for the collectives,
 //! and the log-sum-exp, target gradient and singular weight go back, 12
 //! bytes a row), then the one-process backward; Partial
-//! FC draws its sample on the device. The collectives themselves take host
-//! slices (the communicator's interface): the gathered features (4·W·B·d
-//! bytes) go up to the device and the feature gradient (the same) comes
-//! down for the reduce-scatter — a copy each way per step that a device
-//! all-gather over NCCL would avoid (not written).
+//! FC draws its sample on the device. The features are all-gathered and
+//! their gradient reduce-scattered as device tensors
+//! ([`Communicator::all_gather_tensor`], `reduce_scatter_tensor`): on the
+//! device itself over NCCL, staged through the host by a host communicator
+//! (MPI). The per-row stats (the max and sum all-reduces, 28 bytes a row)
+//! go through the host on every back end.
 use std::ops::Range;
 
 use rand::SeedableRng;
@@ -275,8 +276,17 @@ impl ModelParallelHead {
             return Err(Error::invalid(OP, format!("{rows} gathered rows are more than a GPU step takes")));
         }
         let gathered = rows.checked_mul(d).ok_or_else(|| Error::invalid(OP, "W·B·d overflows"))?;
-        let mut x = vec![0f32; gathered];
-        comm.all_gather_f32(&features.host_f32()?, &mut x)?;
+        // Every rank's features: on the host for the CPU path, on the device
+        // otherwise (NCCL gathers there; a host communicator stages).
+        let (x, xt) = if dev.kind() == DeviceKind::Cpu {
+            let mut x = vec![0f32; gathered];
+            comm.all_gather_f32(&features.host_f32()?, &mut x)?;
+            (x, None)
+        } else {
+            let mut xt = Tensor::empty(&dev, &[rows, d], DType::F32)?;
+            comm.all_gather_tensor(features, &mut xt)?;
+            (Vec::new(), Some(xt))
+        };
         let mut y = vec![0u32; rows];
         comm.all_gather_u32(labels, &mut y)?;
         if let Some(p) = y.iter().position(|&l| l as usize >= cfg.classes) {
@@ -307,8 +317,9 @@ impl ModelParallelHead {
             }
         };
         let targets: Vec<i32> = y.iter().map(|&l| local_target(l)).collect();
-        let weight = 1.0 / rows as f32;
-        let (loss, features, centres) = if dev.kind() == DeviceKind::Cpu {
+        let (loss, features, centres) = if let Some(xt) = xt {
+            self.device_step(comm, &xt, sampled_rows.as_ref(), k, targets)?
+        } else {
             let wv = self.centres().host_f32()?;
             let map = sampled.as_deref();
             let (u, norms) = cpu::normalize_rows(&x, d);
@@ -339,74 +350,84 @@ impl ModelParallelHead {
                 crate::head::softmax_head::EPS,
                 &mut dx,
             );
-            (loss, dx, Tensor::from_slice(&dev, &[k, d], &dw)?)
-        } else {
-            // The same phases on the device; each row's stats and target
-            // angle (24 bytes) come to the host for the collectives, and go
-            // back as the backward's log-sum-exp, target gradient and
-            // singular weight.
-            let xt = Tensor::from_slice(&dev, &[rows, d], &x)?;
-            let mut pass = DevicePass::forward(
-                cfg,
-                self.centres(),
-                sampled_rows.as_ref(),
-                k,
-                &xt,
-                Targets::Host(targets.clone()),
-            )?;
-            let partial = pass.partial.take().ok_or_else(|| Error::invalid(OP, "no partials (internal error)"))?;
-            let mut stats = Tensor::empty(&dev, &[rows, 6], DType::F32)?;
-            // SAFETY: partial is [W·B, splits, 4], the target cosines and
-            // sines [W·B] (sines absent: null) and stats [W·B, 6] f32.
-            unsafe {
-                launch::softmax_shard_stats(
-                    &dev,
-                    LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0),
-                    partial.ptr()?,
-                    pass.splits as i32,
-                    rows as i32,
-                    pass.tgt_cos.ptr()?,
-                    Tensor::ptr_or_null(pass.tgt_sin.as_ref())?,
-                    stats.ptr_mut()?,
-                )
-            }?;
-            drop(partial);
-            // One download: the merged stats, the target cosine and sine.
-            let stats = stats.to_vec::<f32>()?;
-            let state: Vec<cpu::RowState> = stats
-                .chunks_exact(6)
-                .zip(&targets)
-                .map(|(st, &t)| cpu::RowState {
-                    max: st[0],
-                    sum: st[1],
-                    best_c: st[2],
-                    best_class: st[3].to_bits() as usize,
-                    target_c: if t >= 0 { st[4] } else { f32::NAN },
-                })
-                .collect();
-            let tgs: Vec<Option<Target>> = stats
-                .chunks_exact(6)
-                .zip(&targets)
-                .map(|(st, &t)| (t >= 0).then(|| cfg.margin.target(f64::from(st[4]), f64::from(st[5]))))
-                .collect();
-            let (rowv, loss) = combine_rows(comm, cfg, &state, &targets, &tgs)?;
-            let mut per_row = Vec::with_capacity(rows * 3);
-            per_row.extend(rowv.iter().map(|r| r.lse));
-            per_row.extend(rowv.iter().map(|r| r.gy));
-            per_row.extend(rowv.iter().map(|r| r.sing as f32));
-            let mut per_row = Tensor::from_slice(&dev, &[3, rows], &per_row)?;
-            let mut row = |r| per_row.rows_ptr_mut::<f32>(r, 1).map(|p| p.as_const());
-            let (lse, gy, sing) = (row(0)?, row(1)?, row(2)?);
-            let mut dw = Tensor::empty(&dev, &[k, d], DType::F32)?;
-            let mut dx = Tensor::empty(&dev, &[rows, d], DType::F32)?;
-            pass.backward(lse, gy, sing, weight, &mut dw, &mut dx)?;
-            (loss, dx.to_vec::<f32>()?, dw)
+            // Every shard's part of each row's gradient, summed on its rank.
+            let mut mine = vec![0f32; b * d];
+            comm.reduce_scatter_f32(&dx, &mut mine)?;
+            (loss, Tensor::from_slice(&dev, &[b, d], &mine)?, Tensor::from_slice(&dev, &[k, d], &dw)?)
         };
-        // Every shard's part of each row's gradient, summed on its rank.
-        let mut mine = vec![0f32; b * d];
-        comm.reduce_scatter_f32(&features, &mut mine)?;
-        let features = Tensor::from_slice(&dev, &[b, d], &mine)?;
         Ok(ModelParallelStep { loss, features, centres, sampled, sampled_rows })
+    }
+
+    /// The device phases of [`ModelParallelHead::forward_backward`] over
+    /// the gathered features `xt` (`[W·B, d]`): each row's stats and target
+    /// angle (24 bytes) come to the host for the collectives, and go back
+    /// as the backward's log-sum-exp, target gradient and singular weight;
+    /// the feature gradient is reduce-scattered on the device (NCCL; a host
+    /// communicator stages it). Returns the loss, this rank's `[B, d]`
+    /// feature gradient and the shard's centre gradient.
+    fn device_step(
+        &self,
+        comm: &dyn Communicator,
+        xt: &Tensor,
+        sampled_rows: Option<&Tensor>,
+        k: usize,
+        targets: Vec<i32>,
+    ) -> Result<(SoftmaxLoss, Tensor, Tensor)> {
+        let (cfg, d, dev) = (&self.cfg, self.cfg.dim, xt.device());
+        // W·B gathered rows, B of them this rank's.
+        let (rows, b) = (xt.shape()[0], xt.shape()[0] / self.world);
+        let weight = 1.0 / rows as f32;
+        let mut pass = DevicePass::forward(cfg, self.centres(), sampled_rows, k, xt, Targets::Host(targets.clone()))?;
+        let partial = pass.partial.take().ok_or_else(|| Error::invalid(OP, "no partials (internal error)"))?;
+        let mut stats = Tensor::empty(dev, &[rows, 6], DType::F32)?;
+        // SAFETY: partial is [W·B, splits, 4], the target cosines and
+        // sines [W·B] (sines absent: null) and stats [W·B, 6] f32.
+        unsafe {
+            launch::softmax_shard_stats(
+                dev,
+                LaunchConfig::linear(rows.div_ceil(8) as u32, 256, 0),
+                partial.ptr()?,
+                pass.splits as i32,
+                rows as i32,
+                pass.tgt_cos.ptr()?,
+                Tensor::ptr_or_null(pass.tgt_sin.as_ref())?,
+                stats.ptr_mut()?,
+            )
+        }?;
+        drop(partial);
+        // One download: the merged stats, the target cosine and sine.
+        let stats = stats.to_vec::<f32>()?;
+        let state: Vec<cpu::RowState> = stats
+            .chunks_exact(6)
+            .zip(&targets)
+            .map(|(st, &t)| cpu::RowState {
+                max: st[0],
+                sum: st[1],
+                best_c: st[2],
+                best_class: st[3].to_bits() as usize,
+                target_c: if t >= 0 { st[4] } else { f32::NAN },
+            })
+            .collect();
+        let tgs: Vec<Option<Target>> = stats
+            .chunks_exact(6)
+            .zip(&targets)
+            .map(|(st, &t)| (t >= 0).then(|| cfg.margin.target(f64::from(st[4]), f64::from(st[5]))))
+            .collect();
+        let (rowv, loss) = combine_rows(comm, cfg, &state, &targets, &tgs)?;
+        let mut per_row = Vec::with_capacity(rows * 3);
+        per_row.extend(rowv.iter().map(|r| r.lse));
+        per_row.extend(rowv.iter().map(|r| r.gy));
+        per_row.extend(rowv.iter().map(|r| r.sing as f32));
+        let mut per_row = Tensor::from_slice(dev, &[3, rows], &per_row)?;
+        let mut row = |r| per_row.rows_ptr_mut::<f32>(r, 1).map(|p| p.as_const());
+        let (lse, gy, sing) = (row(0)?, row(1)?, row(2)?);
+        let mut dw = Tensor::empty(dev, &[k, d], DType::F32)?;
+        let mut dx = Tensor::empty(dev, &[rows, d], DType::F32)?;
+        pass.backward(lse, gy, sing, weight, &mut dw, &mut dx)?;
+        // Every shard's part of each row's gradient, summed on its rank.
+        let mut mine = Tensor::empty(dev, &[b, d], DType::F32)?;
+        comm.reduce_scatter_tensor(&dx, &mut mine)?;
+        Ok((loss, mine, dw))
     }
 }
 

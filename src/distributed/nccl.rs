@@ -234,6 +234,12 @@ impl Nccl {
             .ok_or_else(|| self.err(op, "a buffer off the device".into()))
     }
 
+    /// Whether every tensor is f32 on this communicator's device (else a
+    /// collective of tensors goes through the host).
+    fn on_device_f32(&self, tensors: &[&Tensor]) -> bool {
+        tensors.iter().all(|t| t.device() == &self.device && t.dtype() == DType::F32)
+    }
+
     fn all_reduce_slice<T: bytemuck::Pod>(&self, data: &mut [T], op: ReduceOp, dt: ns::ncclDataType_t) -> Result<()> {
         if data.is_empty() {
             return Ok(());
@@ -348,6 +354,40 @@ impl Communicator for Nccl {
         }
         std::process::exit(code)
     }
+    fn all_gather_tensor(&self, mine: &Tensor, all: &mut Tensor) -> Result<()> {
+        const OP: &str = "all_gather_tensor";
+        if !self.on_device_f32(&[mine, all]) {
+            return super::staged_all_gather(self, mine, all);
+        }
+        super::check_blocks(OP, mine.numel(), all.numel(), self.rank, self.world)?;
+        if mine.numel() == 0 {
+            return Ok(());
+        }
+        let (s_ptr, r_ptr) = (self.addr(mine, OP)?, self.addr(all, OP)?);
+        let n = mine.numel();
+        // SAFETY: n f32 sent, world · n received (checked above), both
+        // tensors of this device, on its stream.
+        self.enqueue(OP, Kind::AllGather, 4 * n, |c, s| unsafe {
+            nr::all_gather(s_ptr, r_ptr, n, ns::ncclDataType_t::ncclFloat32, c, s)
+        })
+    }
+    fn reduce_scatter_tensor(&self, data: &Tensor, mine: &mut Tensor) -> Result<()> {
+        const OP: &str = "reduce_scatter_tensor";
+        if !self.on_device_f32(&[data, mine]) {
+            return super::staged_reduce_scatter(self, data, mine);
+        }
+        super::check_blocks(OP, mine.numel(), data.numel(), self.rank, self.world)?;
+        if mine.numel() == 0 {
+            return Ok(());
+        }
+        let (s_ptr, r_ptr) = (self.addr(data, OP)?, self.addr(mine, OP)?);
+        let n = mine.numel();
+        // SAFETY: world · n f32 sent, n received (checked above), both
+        // tensors of this device, on its stream.
+        self.enqueue(OP, Kind::ReduceScatter, 4 * data.numel(), |c, s| unsafe {
+            nr::reduce_scatter(s_ptr, r_ptr, n, ns::ncclDataType_t::ncclFloat32, ns::ncclRedOp_t::ncclSum, c, s)
+        })
+    }
     fn queues_on_device(&self) -> bool {
         true
     }
@@ -397,7 +437,7 @@ impl Communicator for Nccl {
     }
     fn all_reduce_tensors(&self, tensors: &mut [&mut Tensor], scale: f32, bucket_bytes: usize) -> Result<()> {
         const OP: &str = "all_reduce_tensors";
-        let on_device = tensors.iter().all(|t| t.device() == &self.device && t.dtype() == DType::F32);
+        let on_device = tensors.iter().all(|t| self.on_device_f32(&[&**t]));
         if scale != 1.0 || !on_device {
             // No device scaling kernel here: staged through the host.
             return super::bucketed_all_reduce(self, tensors, scale, bucket_bytes);
