@@ -41,6 +41,15 @@ if [ "$mode" = "--benches" ]; then
   bench_list=${2:?--benches needs a list of bench names}
 fi
 export GIF_FR_REQUIRE_GPU=1 GIF_FR_POISON=1 GIF_FR_BENCH_GPU_ONLY=1 RUST_BACKTRACE=1
+# NCCL for the NCCL tests (tests/distributed.rs): cudarc opens libnccl.so,
+# but PyTorch's wheel and the runtime package ship libnccl.so.2 alone; link
+# libnccl.so to the first found (docs/distributed.md, "Finding libnccl").
+nccl_so=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+[ -n "$nccl_so" ] && [ -e "$nccl_so" ] || nccl_so=$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 /{print $NF; exit}')
+if [ -n "$nccl_so" ] && [ -e "$nccl_so" ]; then
+  mkdir -p "$here/nccl" && ln -sf "$nccl_so" "$here/nccl/libnccl.so"
+  export LD_LIBRARY_PATH="$here/nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 summary="$out/summary.md"
 : > "$summary"
 results="$out/results"

@@ -509,6 +509,16 @@ fn info() {
     } else {
         println!("simulator: not built (cargo feature `sim` off)");
     }
+    if cfg!(feature = "mpi") {
+        println!("mpi: built (mpirun -np W gif-fr train …)");
+    } else {
+        println!("mpi: not built (cargo feature `mpi` off)");
+    }
+    if gif_fr::distributed::Nccl::available() {
+        println!("nccl: available (GPU ranks reduce on the device)");
+    } else {
+        println!("nccl: none: {}", gif_fr::distributed::Nccl::missing_reason());
+    }
 }
 
 fn tokenize_cmd(a: TokenizeArgs) -> Result<(), Error> {

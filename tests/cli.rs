@@ -43,6 +43,15 @@ fn info_reports_version_build_modules_and_gpu() {
         Ok(g) => assert!(gpu.contains(&g.name), "{gpu}"),
         Err(_) => assert!(gpu.starts_with("gpu: none: "), "{gpu}"),
     }
+    // Whether the collective back ends are there (the binary's build
+    // features are this test's: cargo builds them alike).
+    let mpi = if cfg!(feature = "mpi") { "mpi: built" } else { "mpi: not built" };
+    assert!(s.lines().any(|l| l.starts_with(mpi)), "{s}");
+    let nccl = s.lines().find(|l| l.starts_with("nccl: ")).expect("an nccl line");
+    match gif_fr::distributed::Nccl::available() {
+        true => assert!(nccl.starts_with("nccl: available"), "{nccl}"),
+        false => assert!(nccl.contains("link libnccl.so"), "{nccl}"),
+    }
 }
 
 #[test]

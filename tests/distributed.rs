@@ -302,6 +302,25 @@ fn the_cost_model_follows_its_formulas() {
     assert_eq!(largest_classes(&Setup { backbone_params: u64::MAX / 3, ..full }, u64::MAX - 1), 0);
 }
 
+/// NCCL's library where it loads, with or without a GPU: unique ids are
+/// drawn (the first NCCL call, before any device), and a communicator on a
+/// device that is not CUDA is refused. Without libnccl: the reason names the
+/// link to make (docs/distributed.md).
+#[test]
+fn nccl_loads_and_draws_unique_ids_where_present() {
+    use gif_fr::distributed::Nccl;
+    if !Nccl::available() {
+        let why = Nccl::single(&Device::cpu()).unwrap_err().to_string();
+        assert!(why.contains("libnccl.so.2") && why.contains("LD_LIBRARY_PATH"), "{why}");
+        return eprintln!("note: skipping the NCCL library test: {why}");
+    }
+    let (a, b) = (Nccl::unique_id().unwrap(), Nccl::unique_id().unwrap());
+    assert!(a != b && a.iter().any(|&x| x != 0), "two draws: {a:?} {b:?}");
+    let e = Nccl::new(&Device::cpu(), 0, 1, &a).unwrap_err().to_string();
+    assert!(e.contains("NCCL runs on CUDA devices"), "{e}");
+    println!("NCCL loads; unique ids drawn");
+}
+
 /// NCCL's world of one on the first GPU: the GPU kit's check of the NCCL
 /// back end (skipped, with a notice, without a GPU or libnccl).
 #[test]

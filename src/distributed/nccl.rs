@@ -73,14 +73,17 @@ impl Nccl {
         unsafe { ns::is_culib_present() }
     }
 
+    /// Why NCCL cannot be loaded, and what to do (for messages).
+    pub fn missing_reason() -> &'static str {
+        "libnccl cannot be loaded: the library is opened as libnccl.so (or libnccl.so.13), which NCCL's \
+         development package and tarball provide; PyTorch's wheel (nvidia-nccl-cu13) and the runtime package \
+         (libnccl2) ship libnccl.so.2 alone: link libnccl.so to it in a folder on LD_LIBRARY_PATH \
+         (docs/distributed.md)"
+    }
+
     fn require(op: &'static str, rank: usize, world: usize) -> Result<()> {
         if !Nccl::available() {
-            return Err(Error::Collective {
-                op,
-                rank,
-                world,
-                message: "libnccl cannot be loaded (install NCCL, or put it on the library path)".into(),
-            });
+            return Err(Error::Collective { op, rank, world, message: Nccl::missing_reason().into() });
         }
         Ok(())
     }
@@ -127,6 +130,7 @@ impl Nccl {
 
     /// The world of one on `device`.
     pub fn single(device: &Device) -> Result<Nccl> {
+        Nccl::require("Nccl::single", 0, 1)?;
         Nccl::new(device, 0, 1, &Nccl::unique_id()?)
     }
 

@@ -57,7 +57,9 @@ pub struct OverlapStats {
     /// Of those, the buckets handed to the communication thread before the
     /// backward ended ([`OverlappedReducer::end_backward`]): every full one.
     pub during_backward: usize,
-    /// Seconds the communication thread spent in the step's all-reduces.
+    /// Seconds the communication thread spent in the step's all-reduces
+    /// (device buckets: the host's time queuing them and waiting for them
+    /// in `finish`; their time on the device is not measured).
     pub communication: f64,
     /// Seconds [`OverlappedReducer::finish`] waited for them after the
     /// backward: the communication the overlap did not hide.
