@@ -244,6 +244,24 @@ impl Nccl {
         tensors.iter().all(|t| t.device() == &self.device && t.dtype() == DType::F32)
     }
 
+    /// The addresses of `send` and `recv` for a collective whose larger
+    /// side (`total` elements) is the world's blocks of `n`; None when
+    /// there is nothing to move.
+    fn block_pair(
+        &self,
+        op: &'static str,
+        send: &Tensor,
+        recv: &Tensor,
+        n: usize,
+        total: usize,
+    ) -> Result<Option<(*mut core::ffi::c_void, *mut core::ffi::c_void)>> {
+        super::check_blocks(op, n, total, self.rank, self.world)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        Ok(Some((self.addr(send, op)?, self.addr(recv, op)?)))
+    }
+
     fn all_reduce_slice<T: bytemuck::Pod>(&self, data: &mut [T], op: ReduceOp, dt: ns::ncclDataType_t) -> Result<()> {
         if data.is_empty() {
             return Ok(());
@@ -363,12 +381,8 @@ impl Communicator for Nccl {
         if !self.on_device_f32(&[mine, all]) {
             return super::staged_all_gather(self, mine, all);
         }
-        super::check_blocks(OP, mine.numel(), all.numel(), self.rank, self.world)?;
-        if mine.numel() == 0 {
-            return Ok(());
-        }
-        let (s_ptr, r_ptr) = (self.addr(mine, OP)?, self.addr(all, OP)?);
         let n = mine.numel();
+        let Some((s_ptr, r_ptr)) = self.block_pair(OP, mine, all, n, all.numel())? else { return Ok(()) };
         // SAFETY: n f32 sent, world · n received (checked above), both
         // tensors of this device, on its stream.
         self.enqueue(OP, Kind::AllGather, 4 * n, |c, s| unsafe {
@@ -380,12 +394,8 @@ impl Communicator for Nccl {
         if !self.on_device_f32(&[data, mine]) {
             return super::staged_reduce_scatter(self, data, mine);
         }
-        super::check_blocks(OP, mine.numel(), data.numel(), self.rank, self.world)?;
-        if mine.numel() == 0 {
-            return Ok(());
-        }
-        let (s_ptr, r_ptr) = (self.addr(data, OP)?, self.addr(mine, OP)?);
         let n = mine.numel();
+        let Some((s_ptr, r_ptr)) = self.block_pair(OP, data, mine, n, data.numel())? else { return Ok(()) };
         // SAFETY: world · n f32 sent, n received (checked above), both
         // tensors of this device, on its stream.
         self.enqueue(OP, Kind::ReduceScatter, 4 * data.numel(), |c, s| unsafe {
