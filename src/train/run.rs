@@ -285,12 +285,25 @@ pub fn run_on(cfg: &TrainConfig, dataset: Arc<Dataset>, opts: &RunOptions) -> Re
     if let Some(comm) = opts.comm.as_ref().filter(|c| c.world() > 1) {
         // GPU ranks reduce on the device through NCCL (its id sent over the
         // launcher's communicator) when libnccl loads; otherwise the
-        // launcher's collectives, staged through the host.
-        let comm = if dev.cuda_stream().is_some() && crate::distributed::Nccl::available() {
-            Arc::new(crate::distributed::Nccl::over(&dev, comm.as_ref())?) as Arc<dyn Communicator>
-        } else {
-            comm.clone()
-        };
+        // launcher's collectives, staged through the host. Every rank must
+        // choose alike (NCCL's setup is a collective): checked first.
+        use crate::distributed::Nccl;
+        let gpu = dev.cuda_stream().is_some();
+        let nccl = gpu && Nccl::available();
+        crate::distributed::check_same(
+            comm.as_ref(),
+            "whether the rank is a GPU and libnccl loads",
+            u64::from(gpu) * 2 + u64::from(nccl),
+        )?;
+        if gpu && !nccl {
+            log(&format!(
+                "warning: GPU ranks without NCCL: the collectives go through the host over {} ({})",
+                comm.backend(),
+                Nccl::missing_reason()
+            ));
+        }
+        let comm =
+            if nccl { Arc::new(Nccl::over(&dev, comm.as_ref())?) as Arc<dyn Communicator> } else { comm.clone() };
         trainer.set_communicator(comm.clone())?;
         log(&format!(
             "data-parallel on {world} ranks ({}): {b} images per rank, {} per step",
