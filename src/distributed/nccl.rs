@@ -185,6 +185,8 @@ impl Nccl {
     /// Waits for `done` within the deadline, polling NCCL's asynchronous
     /// error; a timeout or an error spends the communicator.
     fn await_done(&self, inner: &mut Inner, op: &'static str, done: &CudaEvent) -> Result<()> {
+        // (The event queries want the context current on this thread.)
+        self.stream.context().bind_to_thread().map_err(|e| Error::driver(op, e))?;
         let comm = inner.comm;
         let mut failed = None;
         let timed_out = super::await_deadline(self.timeout, || {
