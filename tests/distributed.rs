@@ -571,6 +571,17 @@ mod mpi_ranks {
             assert!(matches!(c.reduce_scatter_tensor(&data, &mut half), Err(gif_fr::Error::DType { .. })));
             assert_eq!(c.stats(), after, "{dev}: the refused calls sent nothing");
         }
+        // Partial FC's one-process form on several ranks: refused (no
+        // collective), naming the model-parallel form.
+        if w > 1 {
+            use gif_fr::head::PartialFc;
+            let sm = SoftmaxHead::new(SoftmaxHeadConfig::new(net().embedding, 10), &dev, DType::F32, 1).unwrap();
+            let head = TrainHead::PartialFc(PartialFc::new(sm, 0.5, 7).unwrap());
+            let cfg = TrainerConfig::insightface(Schedule::Constant { base: 0.1 });
+            let mut t = Trainer::new(IResNet::new(net(), &dev, 1).unwrap(), head, cfg).unwrap();
+            let e = t.set_communicator(c.clone()).unwrap_err().to_string();
+            assert!(e.contains("TrainHead::ModelParallel"), "{e}");
+        }
         // Agreement checks: the same value passes; a value that differs on
         // the last rank fails on every rank, naming it.
         check_same(c.as_ref(), "a setting", 42).unwrap();

@@ -1,7 +1,7 @@
 //! A fuzz harness over the file parsers, run by `cargo test` for a bounded
 //! number of cases: valid files (codebooks, insightface checkpoints, .npy
 //! arrays of several dtypes and header versions, labels, RecordIO,
-//! insightface's pickled verification sets) are mutated — bit flips,
+//! insightface's pickled verification sets, the training config) are mutated — bit flips,
 //! byte overwrites, truncations, appended garbage, numbers in the header
 //! replaced by edge values (0, 2^31, 2^56, 2^64 − 1, 10^20, ...) — and
 //! parsed. Every outcome must be a value or a typed error: no panic, no
@@ -245,6 +245,24 @@ fn parsers_survive_mutated_files_with_bounded_memory() {
     write_bin(&p, &set).unwrap();
     let bytes = std::fs::read(&p).unwrap();
     report.push(("verification .bin", fuzz("set.bin", &bytes, 0, cases, seed, &|p| read_bin(p).map(drop))));
+
+    // The training config (TOML with insightface's keys): parsed, checked,
+    // and turned into the network's shape and the trainer's schedule.
+    let toml = "network = \"r50\"\nembedding_size = 512\nbatch_size = 128\nnum_epoch = 20\nwarmup_epoch = 2\n\
+                lr = 0.1\nmomentum = 0.9\nweight_decay = 0.0005\nsample_rate = 0.3\nhead = \"partial_fc\"\n\
+                margin_list = [1.0, 0.5, 0.0]\ngradient_acc = 2\nnum_workers = 4\nfrequent = 10\n\
+                verbose = 2000\ninput_size = 112\nstem_width = 64\nwidths = [64, 128, 256, 512]\n\
+                layers = [3, 4, 14, 3]\nseed = 2048\nvocab = 64\nlength = 4\nscale = 64.0\n\
+                save_every = 1000\noptimizer = \"sgd\"\nrec = \"/data/train.rec\"\nnum_classes = 93431\n\
+                num_image = 5179510\nval_targets = [\"lfw\", \"cfp_fp\"]\n";
+    let config = |p: &Path| -> Result<(), Error> {
+        let c = gif_fr::train::TrainConfig::load(p, &[])?;
+        c.network_config()?;
+        c.trainer_config(c.num_image.unwrap_or(1 << 20))?;
+        c.val_paths();
+        Ok(())
+    };
+    report.push(("train config", fuzz("train.toml", toml.as_bytes(), 0, cases, seed, &config)));
 
     for (name, (good, bad)) in &report {
         println!("{name}: {good} parsed, {bad} refused with typed errors");

@@ -186,6 +186,12 @@ fn bad_configs_name_the_key() {
         assert_eq!(o.status.code(), Some(1), "{set}: {}", stderr(&o));
         assert!(stderr(&o).contains(needle), "{set}: expected {needle:?} in {}", stderr(&o));
     }
+    // Steps past the counter (an epoch's steps times num_epoch): a typed
+    // error naming the key, not an overflow.
+    let t = gif_fr::train::TrainConfig::load(&cfg, &["num_epoch=1048576".into()]).unwrap();
+    let e = t.trainer_config(usize::MAX).unwrap_err().to_string();
+    assert!(e.contains("num_epoch") && e.contains("overflow the step counter"), "{e}");
+    assert!(t.trainer_config(1 << 20).is_ok());
     // --resume without a checkpoint; a missing config file.
     let o = gif_fr(&["train", "--config", c, "--quiet", "--resume"]);
     assert!(stderr(&o).contains("no checkpoint"), "{}", stderr(&o));

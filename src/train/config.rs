@@ -416,8 +416,13 @@ impl TrainConfig {
         if per_epoch == 0 {
             return Err(bad("batch_size", format!("{} is more than the {num_image} images", self.batch_size)));
         }
-        let total = per_epoch * self.num_epoch as u64;
-        let warmup = per_epoch * self.warmup_epoch as u64;
+        let steps = |epochs: usize, key: &str| {
+            per_epoch
+                .checked_mul(epochs as u64)
+                .ok_or_else(|| bad(key, format!("{epochs} epochs of {per_epoch} steps overflow the step counter")))
+        };
+        let total = steps(self.num_epoch, "num_epoch")?;
+        let warmup = steps(self.warmup_epoch, "warmup_epoch")?;
         let optimizer = match self.optimizer.as_str() {
             "sgd" => OptimizerKind::Sgd { momentum: self.momentum },
             _ => OptimizerKind::ADAMW,

@@ -525,8 +525,9 @@ impl Trainer {
         if comm.world() > 1 && matches!(self.head, TrainHead::PartialFc(_)) {
             return Err(Error::invalid(
                 OP,
-                "Partial FC on several ranks needs its model-parallel form (each rank sampling its shard of the \
-                 centres), which is not built yet; train it on one rank, or use the code head or the full softmax",
+                "Partial FC on several ranks needs its model-parallel form, each rank sampling its shard of the \
+                 centres: TrainHead::ModelParallel (a ModelParallelHead with a sample rate, what gif-fr train uses \
+                 for head = \"partial_fc\" on several ranks)",
             ));
         }
         if let TrainHead::ModelParallel(h) = &self.head {
