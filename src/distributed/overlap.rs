@@ -418,10 +418,13 @@ impl OverlappedReducer {
             return Err(e);
         }
         let mut done = 0usize;
+        // Device buckets' copies back run on the second stream alone (a
+        // page-locked bucket's upload makes the device's stream wait itself).
+        let joins = sums.iter().flatten().any(|b| matches!(b, Bucket::Device { .. }));
         let sent = std::mem::take(&mut self.sent);
         let r = self.write_back(&sent, sums, grads, scale, &mut done);
         self.sent = sent;
-        if let Some(dev) = &self.device {
+        if let Some(dev) = self.device.as_ref().filter(|_| joins) {
             // The optimizer (on the device's stream) after the copies back.
             dev.join_side()?;
         }
