@@ -22,6 +22,8 @@ pub const GUARD_BYTES: usize = 4096;
 /// 0xFF is NaN in f32, bf16 and f16, and -1 in integers.
 pub use crate::runtime::kernels::POISON;
 const ALIGN: usize = 256; // as cudaMalloc
+/// A guard band as it must read.
+static POISON_BAND: [u8; GUARD_BYTES] = [POISON; GUARD_BYTES];
 
 /// The order in which the simulator runs blocks, and runnable threads within
 /// a block. Running the same kernel under two orders makes a missing
@@ -257,8 +259,10 @@ fn check_guards(allocs: &BTreeMap<usize, usize>) -> std::result::Result<(), Stri
                 std::slice::from_raw_parts_mut((addr + len) as *mut u8, GUARD_BYTES),
             )
         };
-        let bad_front = front.iter().position(|&b| b != POISON);
-        let bad_back = back.iter().position(|&b| b != POISON);
+        // Whole bands compared first (a memcmp: this runs over every live
+        // allocation after every launch); the byte only when one differs.
+        let bad = |band: &[u8]| if band == POISON_BAND { None } else { band.iter().position(|&b| b != POISON) };
+        let (bad_front, bad_back) = (bad(front), bad(back));
         if first.is_none() {
             if let Some(i) = bad_front {
                 first = Some(format!(
