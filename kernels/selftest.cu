@@ -181,3 +181,13 @@ extern "C" __global__ void selftest_block_votes(const int* in, int* out) {
   out[3 * t + 1] = __syncthreads_and(p);
   out[3 * t + 2] = __syncthreads_or(p);
 }
+
+// Known answers for fmaf and __fmaf_rn: the exactly rounded a * b + c (one
+// rounding), per element. Any grid.
+extern "C" __global__ void selftest_fma(const float* a, const float* b, const float* c, float* fused, float* fused_rn,
+                                        int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  fused[i] = fmaf(a[i], b[i], c[i]);
+  fused_rn[i] = __fmaf_rn(a[i], b[i], c[i]);
+}

@@ -1,6 +1,6 @@
 //! The simulator catches what it promises to (planted bugs in
 //! kernels/selftest.cu), and its emulations of shuffles, votes, ldmatrix,
-//! cp.async and mma.sync give the answers the PTX ISA defines. The
+//! cp.async, mma.sync and fmaf give the answers the PTX ISA defines. The
 //! known-answer tests run on a GPU too when one is present.
 // The simulated GPU is this file's second device: it needs the `sim` feature (default).
 #![cfg(feature = "sim")]
@@ -10,6 +10,7 @@ mod common;
 use common::*;
 use gif_fr::runtime::selftest;
 use gif_fr::{DType, Device, Error, SimOrder};
+use rand::Rng;
 
 fn kernel_error(r: Result<impl std::fmt::Debug, Error>) -> String {
     match r {
@@ -255,6 +256,50 @@ fn conversions_round_to_nearest_even_at_the_edges() {
     ]);
     for dev in gpu_devices() {
         check_conversions(&dev, &x);
+    }
+}
+
+#[test]
+fn fmaf_is_the_exactly_rounded_fused_multiply_add() {
+    // Cases where a multiply and an add rounded apart give another answer
+    // (and the test checks that they do), edges, then random triples over
+    // many exponents.
+    let e = f32::EPSILON;
+    let mut abc: Vec<[f32; 3]> = vec![
+        [1.0 + 2.0 * e, 1.0 - 2.0 * e, -1.0],
+        [1.0 + e, 1.0 + e, -(1.0 + 2.0 * e)],
+        [f32::MAX, 2.0, f32::NEG_INFINITY],
+        [3.0e-39, 0.5, 1.0e-45],
+        [0.0, -1.0, 0.0],
+        [f32::INFINITY, 0.0, 1.0],
+        [f32::NAN, 1.0, 1.0],
+        [1.5, f32::INFINITY, f32::NEG_INFINITY],
+        [1.0e-30, 1.0e-30, 0.0],
+    ];
+    for [a, b, c] in &abc[..3] {
+        assert_ne!((a * b + c).to_bits(), a.mul_add(*b, *c).to_bits(), "not a case where fusing matters: {a} {b} {c}");
+    }
+    let mut r = rng(0xf3a);
+    while abc.len() < 3001 {
+        let mut v = || {
+            let m: f32 = r.random_range(-2.0..2.0);
+            m * 2f32.powi(r.random_range(-140..120))
+        };
+        abc.push([v(), v(), v()]);
+    }
+    let (a, b, c): (Vec<f32>, Vec<f32>, Vec<f32>) =
+        (abc.iter().map(|t| t[0]).collect(), abc.iter().map(|t| t[1]).collect(), abc.iter().map(|t| t[2]).collect());
+    for dev in gpu_devices() {
+        let (fused, fused_rn) = selftest::fma(&dev, &a, &b, &c).unwrap();
+        for (i, [x, y, z]) in abc.iter().enumerate() {
+            let want = x.mul_add(*y, *z);
+            for (what, got) in [("fmaf", fused[i]), ("__fmaf_rn", fused_rn[i])] {
+                assert!(
+                    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                    "{dev}: {what}({x:e}, {y:e}, {z:e}) = {got:e}, want {want:e}"
+                );
+            }
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Launchers and CPU references for kernels/selftest.cu: planted bugs the
 //! simulator must report, and known-answer kernels that pin the simulator's
-//! emulation of shuffles, votes, ldmatrix, cp.async and mma.sync to what a
-//! GPU does. Used by tests/sim.rs; not part of the face-recognition API.
+//! emulation of shuffles, votes, ldmatrix, cp.async, mma.sync and fmaf to
+//! what a GPU does. Used by tests/sim.rs; not part of the face-recognition API.
 
 use half::{bf16, f16};
 
@@ -314,4 +314,31 @@ pub fn block_votes(dev: &Device, input: &[i32]) -> Result<Vec<i32>> {
     // SAFETY: see above (one value in, 3 out per thread).
     unsafe { launch::selftest_block_votes(dev, cfg, dev.ptr_of(&ib), dev.ptr_mut_of(&mut out)) }?;
     down(dev, &out, input.len() * 3)
+}
+
+/// Runs selftest_fma: `fmaf(a, b, c)` and `__fmaf_rn(a, b, c)` per element
+/// (three slices of one length).
+pub fn fma(dev: &Device, a: &[f32], b: &[f32], c: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    const OP: &str = "selftest::fma";
+    need_kernels(OP, dev)?;
+    let n = a.len();
+    if n == 0 || n > i32::MAX as usize || b.len() != n || c.len() != n {
+        return Err(Error::invalid(OP, format!("needs three slices of one length, 1 to {}", i32::MAX)));
+    }
+    let (ab, bb, cb) = (up(dev, a)?, up(dev, b)?, up(dev, c)?);
+    let (mut fused, mut fused_rn) = (dev.alloc(4 * n)?, dev.alloc(4 * n)?);
+    // SAFETY: see above (n values through each buffer).
+    unsafe {
+        launch::selftest_fma(
+            dev,
+            LaunchConfig::linear(n.div_ceil(128) as u32, 128, 0),
+            dev.ptr_of(&ab),
+            dev.ptr_of(&bb),
+            dev.ptr_of(&cb),
+            dev.ptr_mut_of(&mut fused),
+            dev.ptr_mut_of(&mut fused_rn),
+            n as i32,
+        )
+    }?;
+    Ok((down(dev, &fused, n)?, down(dev, &fused_rn, n)?))
 }
