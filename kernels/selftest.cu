@@ -51,6 +51,21 @@ extern "C" __global__ void selftest_exit_before_barrier(float* y, int n) {
   y[t] = s[n - 1 - t];
 }
 
+// A static shared array in a helper kept out of line: the simulator poisons
+// it before each block all the same (build.rs follows the kernel's calls).
+// Each thread reads its element before writing blockIdx.x + 1 there, so
+// every block reads poison: a planted read of unwritten shared memory, for
+// the simulator only. One block of at most 256 threads, any grid.
+__device__ __noinline__ float swap_in_helper_shared(int t, float v) {
+  __shared__ float s[256];
+  const float before = s[t];
+  s[t] = v;
+  return before;
+}
+extern "C" __global__ void selftest_unwritten_shared_in_helper(float* out) {
+  out[blockIdx.x * blockDim.x + threadIdx.x] = swap_in_helper_shared(threadIdx.x, (float)(blockIdx.x + 1));
+}
+
 // Odd and even threads wait at two different barriers.
 extern "C" __global__ void selftest_divergent_barrier(float* y) {
   if (threadIdx.x & 1) {

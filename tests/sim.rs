@@ -71,6 +71,7 @@ fn planted_bugs_run_only_on_the_simulator() {
         assert!(refused(selftest::shfl_exited_lane(dev)), "{dev}");
         assert!(refused(selftest::cp_async_without_wait(dev, &[1.0; 16])), "{dev}");
         assert!(refused(selftest::block_sum(dev, &[1.0; 64], 64, false)), "{dev}");
+        assert!(refused(selftest::unwritten_shared_in_helper(dev, 1, 32)), "{dev}");
     }
     assert!(selftest::oob_write(&Device::sim(), usize::MAX).is_err());
 }
@@ -92,6 +93,19 @@ fn thread_exiting_before_a_barrier_is_reported() {
     // Every thread reaching the barrier is fine.
     let y = selftest::exit_before_barrier(&Device::sim(), 64, 64).unwrap();
     assert_eq!(y[0], 63.0);
+}
+
+#[test]
+fn shared_memory_of_a_helper_is_poisoned_before_every_block() {
+    // Each block reads before it writes: poison (NaN) in every block, also
+    // in the second launch (the first left 1.0, 2.0, 3.0 there).
+    for dev in [Device::sim_with(SimOrder::Forward), Device::sim_with(SimOrder::Shuffle(5))] {
+        for launch in 0..2 {
+            let y = selftest::unwritten_shared_in_helper(&dev, 3, 100).unwrap();
+            assert!(y.iter().all(|v| v.is_nan()), "{dev}, launch {launch}: {:?}", &y[..8]);
+        }
+    }
+    assert!(selftest::unwritten_shared_in_helper(&Device::sim(), 1, 257).is_err());
 }
 
 #[test]

@@ -43,12 +43,14 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
 #define __constant__ static
-// Every static __shared__ variable lands in one linker section, which the
-// scheduler poisons before each block (__start_/__stop_ symbols, see sim.cpp).
+// Every static __shared__ variable lands in one linker section; build.rs
+// gives each kernel the table of those its code reaches, which the
+// scheduler poisons before each of its blocks (see sim.cpp).
 #define __shared__ __attribute__((section("gif_sim_shared"), aligned(16))) static
 #define __syncthreads() ::gif_sim::syncthreads(std::source_location::current())
 
@@ -325,6 +327,11 @@ constexpr unsigned char arg_kind() {
 }
 
 using AnyFn = void (*)();
+// A static __shared__ variable a kernel can reach (build.rs's tables).
+struct SharedVar {
+  void* addr;
+  unsigned long long bytes;
+};
 struct Kernel {
   const char* name;
   AnyFn fn;
@@ -332,6 +339,7 @@ struct Kernel {
   unsigned nargs;
   const unsigned* sizes;
   const unsigned char* kinds;
+  const SharedVar* shared;  // poisoned before each block; ends with {nullptr, 0}
 };
 struct Module {
   const char* name;
@@ -353,9 +361,9 @@ struct Signature {
 };
 
 template <typename... A>
-constexpr Kernel make_kernel(const char* name, void (*f)(A...)) {
-  return Kernel{name, reinterpret_cast<AnyFn>(f), &Signature<A...>::thunk, (unsigned)sizeof...(A),
-                Signature<A...>::sizes, Signature<A...>::kinds};
+constexpr Kernel make_kernel(const char* name, void (*f)(A...), const SharedVar* shared) {
+  return Kernel{name,       reinterpret_cast<AnyFn>(f), &Signature<A...>::thunk, (unsigned)sizeof...(A),
+                Signature<A...>::sizes, Signature<A...>::kinds, shared};
 }
 
 }  // namespace gif_sim

@@ -36,12 +36,6 @@ extern "C" const unsigned gif_sim_module_count;
 // The fibers' entry (called from the x86-64 entry stub or makecontext).
 extern "C" void gif_sim_fiber_main(void* fiber);
 
-// Bounds of the section that holds every static __shared__ variable.
-extern "C" unsigned char __start_gif_sim_shared[] __attribute__((weak));
-extern "C" unsigned char __stop_gif_sim_shared[] __attribute__((weak));
-// Keeps the section present even when no kernel declares static shared memory.
-__attribute__((section("gif_sim_shared"), used, aligned(16))) static unsigned char gif_sim_shared_anchor[16];
-
 namespace gif_sim {
 
 thread_local ThreadState* g_thread = nullptr;
@@ -386,8 +380,8 @@ bool release_barrier(std::vector<Fiber>& fs, unsigned n) {
 }
 
 void poison_shared(Run& run) {
-  if (__start_gif_sim_shared && __stop_gif_sim_shared)
-    std::memset(__start_gif_sim_shared, kPoison, (size_t)(__stop_gif_sim_shared - __start_gif_sim_shared));
+  // The static shared variables this kernel's code can reach (build.rs).
+  for (const SharedVar* v = run.kernel->shared; v && v->addr; ++v) std::memset(v->addr, kPoison, v->bytes);
   if (run.block.dynamic_smem_bytes) std::memset(run.block.dynamic_smem, kPoison, run.block.dynamic_smem_bytes);
 }
 

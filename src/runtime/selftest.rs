@@ -106,6 +106,22 @@ pub fn exit_before_barrier(dev: &Device, threads: usize, n: usize) -> Result<Vec
     down(dev, &y, threads)
 }
 
+/// Each of `blocks` blocks of `threads` (at most 256) reads a static
+/// shared array that a helper kept out of line declares, before writing it
+/// (the simulator only): every value read must be poison.
+pub fn unwritten_shared_in_helper(dev: &Device, blocks: usize, threads: usize) -> Result<Vec<f32>> {
+    const OP: &str = "selftest::unwritten_shared_in_helper";
+    need_sim(OP, dev)?;
+    if threads == 0 || threads > 256 || blocks == 0 || blocks > 1024 {
+        return Err(Error::invalid(OP, "1 to 256 threads, 1 to 1,024 blocks"));
+    }
+    let mut y = dev.alloc(blocks * threads * 4)?;
+    let cfg = LaunchConfig::linear(blocks as u32, threads as u32, 0);
+    // SAFETY: see above (the simulator only; one value per thread).
+    unsafe { launch::selftest_unwritten_shared_in_helper(dev, cfg, dev.ptr_mut_of(&mut y)) }?;
+    down(dev, &y, blocks * threads)
+}
+
 /// Odd and even threads wait at different barriers (the simulator only).
 pub fn divergent_barrier(dev: &Device, threads: usize) -> Result<Vec<f32>> {
     const OP: &str = "selftest::divergent_barrier";
