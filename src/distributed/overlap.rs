@@ -11,6 +11,13 @@
 //! into the gradient tensors: only the tail of the communication is left on
 //! the step's critical path.
 //!
+//! A bucket is full when the next gradient would take it past its size,
+//! which the first step learns only when that gradient comes (on a GPU,
+//! after its kernels). From the second step on, the reducer knows each
+//! bucket's members from the step before (DDP, too, fixes its buckets
+//! after the first iteration) and sends a bucket as soon as its last member
+//! is in: the step's last bucket too, during the backward.
+//!
 //! Every rank must call `ready` with the same names, sizes and order (the
 //! backward's order is fixed by the network, which the trainer's
 //! configuration check makes equal on every rank), so that the ranks' k-th
@@ -55,7 +62,8 @@ pub struct OverlapStats {
     /// Buckets all-reduced in the step.
     pub buckets: usize,
     /// Of those, the buckets handed to the communication thread before the
-    /// backward ended ([`OverlappedReducer::end_backward`]): every full one.
+    /// backward ended ([`OverlappedReducer::end_backward`]): every full one
+    /// (from the second step, every one).
     pub during_backward: usize,
     /// Seconds the communication thread spent in the step's all-reduces
     /// (device buckets: the host's time queuing them and waiting for them
@@ -135,6 +143,11 @@ pub struct OverlappedReducer {
     queued: Vec<(usize, Bucket)>,
     /// The members of each bucket sent in this step.
     sent: Vec<Vec<(String, usize)>>,
+    /// The members of each bucket of the last step that succeeded: a
+    /// bucket whose members are those of the plan's bucket of its number
+    /// goes at once, without waiting for the gradient that would overflow
+    /// it.
+    plan: Vec<Vec<(String, usize)>>,
     /// Buckets' buffers back from earlier steps, reused (a step allocates
     /// no bucket after the first).
     spare: Vec<Vec<f32>>,
@@ -187,6 +200,7 @@ impl OverlappedReducer {
             spare_device: Vec::new(),
             queued: Vec::new(),
             sent: Vec::new(),
+            plan: Vec::new(),
             spare: Vec::new(),
             names: Default::default(),
             ended: false,
@@ -203,6 +217,11 @@ impl OverlappedReducer {
     /// The overlap of the last finished step.
     pub fn stats(&self) -> OverlapStats {
         self.last
+    }
+
+    /// The buckets sent so far in the step under way.
+    pub fn buckets_sent(&self) -> usize {
+        self.sent.len()
     }
 
     /// Whether a step is under way (a gradient was handed in since the last
@@ -247,7 +266,7 @@ impl OverlappedReducer {
         })?;
         self.filling.extend_from_slice(&grad.host_f32()?);
         self.members.push((name.to_string(), n));
-        if self.filling.len() >= self.cap {
+        if self.filling.len() >= self.cap || self.complete_per_plan() {
             self.send()?;
         }
         Ok(())
@@ -307,10 +326,19 @@ impl OverlappedReducer {
             Bucket::Host(_) => return Err(Error::invalid(OP, "a host bucket for a device gradient (internal error)")),
         }
         self.members.push((name.to_string(), n));
-        if bucket.filled() >= self.cap {
+        if bucket.filled() >= self.cap || self.complete_per_plan() {
             self.send()?;
         }
         Ok(())
+    }
+
+    /// Whether the open bucket holds what the last step's bucket of its
+    /// number held: it is complete (the next gradient would have closed it),
+    /// so it goes now rather than after that gradient's kernels (DDP's
+    /// buckets, fixed after the first iteration). Every rank runs the same
+    /// steps, so every rank closes the same buckets.
+    fn complete_per_plan(&self) -> bool {
+        self.plan.get(self.sent.len()) == Some(&self.members)
     }
 
     /// Marks the end of the backward: the buckets sent so far were sent
@@ -369,6 +397,8 @@ impl OverlappedReducer {
             self.recycle(b);
         }
         self.members.clear();
+        // The buckets of a step that succeeded are the next step's plan.
+        self.plan = if r.is_ok() { std::mem::take(&mut self.sent) } else { Vec::new() };
         self.sent.clear();
         self.names.clear();
         self.ended = false;
