@@ -409,7 +409,7 @@ impl Communicator for Nccl {
     }
     fn all_reduce_queued(&self, data: &mut Tensor, len: usize) -> Result<()> {
         const OP: &str = "all_reduce_queued";
-        if data.dtype() != DType::F32 || len > data.numel() || data.device() != &self.device {
+        if !self.on_device_f32(&[data]) || len > data.numel() {
             return Err(self.err(
                 OP,
                 format!(
