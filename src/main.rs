@@ -44,14 +44,16 @@ enum Command {
     Decode(DecodeArgs),
     /// Face embeddings with an insightface IResNet.
     ///
-    /// --images: uint8 [B, 112, 112, 3] RGB, or f32 [B, 3, 112, 112]
-    /// normalized as insightface does. --data: a RecordIO set, identity
-    /// folders or a verification .bin, streamed. Writes f32 [B, 512].
+    /// --images: uint8 [B, S, S, 3] RGB, or f32 [B, 3, S, S] normalized as
+    /// insightface does (S: the network's input side, 112 in insightface's
+    /// models). --data: a RecordIO set, identity folders or a verification
+    /// .bin, streamed. Writes f32 [B, E] (E: the embedding size, 512 in
+    /// insightface's models).
     /// scripts/pth_to_safetensors.py converts a .pth checkpoint.
     Embed(EmbedArgs),
     /// Per-identity vectors for the tokenizer: the mean of each identity's
     /// normalized embeddings over a dataset (one streaming pass); then
-    /// `gif-fr tokenize FILE.npy` makes the codebook.
+    /// `gif-fr tokenize --vectors FILE.npy --out codebook.safetensors` makes the codebook.
     IdentityVectors(IdentityVectorsArgs),
     /// Verification on insightface .bin pair sets (lfw.bin, cfp_fp.bin,
     /// agedb_30.bin, or gif-fr synth's synth.bin): flip-fused embeddings,
@@ -490,8 +492,11 @@ fn info() {
     println!("gif-fr {}", env!("CARGO_PKG_VERSION"));
     println!("kernels: {}", kernels::build_mode());
     println!("modules:");
+    let width = MODULES.iter().map(|m| m.name.len()).max().unwrap_or(0);
     for m in MODULES {
-        println!("  {:<10} {:>3} kernels  (kernels/{}.cu)", m.name, m.kernels.len(), m.name);
+        let n = m.kernels.len();
+        let noun = if n == 1 { "kernel " } else { "kernels" };
+        println!("  {:<width$} {n:>3} {noun}  (kernels/{}.cu)", m.name, m.name);
     }
     match Device::probe_cuda() {
         Ok(g) => println!(
@@ -551,11 +556,12 @@ fn tokenize_cmd(a: TokenizeArgs) -> Result<(), Error> {
     let t_save = std::time::Instant::now();
     book.save(&a.out)?;
     eprintln!(
-        "tokenized {} identities on {dev}: input {:.1} s, homogenize {:.1} s ({} steps, loss {} -> {}), k-means {:.1} s, save {:.1} s; total {:.1} s",
+        "tokenized {} identities on {dev}: input {:.1} s, homogenize {:.1} s ({} step{}, loss {} -> {}), k-means {:.1} s, save {:.1} s; total {:.1} s",
         book.len(),
         report.input_seconds,
         report.homogenize_seconds,
         report.losses.len(),
+        if report.losses.len() == 1 { "" } else { "s" },
         report.losses.first().map_or("-".into(), |l| format!("{l:.4}")),
         report.losses.last().map_or("-".into(), |l| format!("{l:.4}")),
         report.kmeans_seconds,

@@ -152,6 +152,8 @@ fn bad_files_are_errors_naming_the_problem() {
     let mut shaped = good.clone();
     shaped.insert("prelu.weight".into(), (vec![5], vec![0.25; 5]));
     expect_err(&shaped, "prelu.weight");
+    // The network is named in words, not as a struct dump.
+    expect_err(&shaped, "for an IResNet of blocks [2, 1, 1, 1], stem 4, widths [4, 8, 8, 12] (input 16, embedding 6)");
     let mut nan = good.clone();
     let (s, mut v) = nan["fc.bias"].clone();
     v[1] = f32::NAN;
@@ -159,9 +161,13 @@ fn bad_files_are_errors_naming_the_problem() {
     expect_err(&nan, "fc.bias");
     // Another architecture's file.
     match IResNet::load(&path, IResNetConfig::arch("r18").unwrap(), &Device::cpu()) {
-        Err(Error::File { .. }) => {}
+        Err(Error::File { message, .. }) => {
+            assert!(message.contains("for r18 (input 112, embedding 512)"), "{message}")
+        }
         other => panic!("r18 from a tiny file: {:?}", other.map(|_| ())),
     }
+    assert_eq!(IResNetConfig::arch("r100").unwrap().arch_name(), Some("r100"));
+    assert_eq!(tiny().arch_name(), None);
     // Not a safetensors file.
     let junk = temp("junk.safetensors");
     std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();

@@ -89,7 +89,7 @@ impl IResNet {
             let view = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
             if let Some(prefix) = name.strip_suffix(TRACKED) {
                 if !expected.contains_key(&format!("{prefix}.running_mean")) {
-                    return Err(bad(format!("unexpected key {name:?} (this is not a {cfg:?} state dict?)")));
+                    return Err(bad(format!("unexpected key {name:?} (this is not a state dict of {cfg}?)")));
                 }
                 continue;
             }
@@ -98,7 +98,7 @@ impl IResNet {
             };
             let want = torch_shape(shape);
             if view.shape() != want {
-                return Err(bad(format!("{name}: shape {:?}, expected {want:?} for {cfg:?}", view.shape())));
+                return Err(bad(format!("{name}: shape {:?}, expected {want:?} for {cfg}", view.shape())));
             }
             let values: Vec<f32> = match view.dtype() {
                 safetensors::Dtype::F32 => {

@@ -95,6 +95,14 @@ impl IResNetConfig {
         })
     }
 
+    /// The insightface name ("r50") when the blocks and widths are one of
+    /// its architectures'.
+    pub fn arch_name(&self) -> Option<&'static str> {
+        ["r18", "r34", "r50", "r100"].into_iter().find(|n| {
+            IResNetConfig::arch(n).is_ok_and(|a| (a.layers, a.stem, a.widths) == (self.layers, self.stem, self.widths))
+        })
+    }
+
     /// Height and width after the four stride-2 stages.
     pub fn final_hw(&self) -> usize {
         self.input / 16
@@ -117,6 +125,18 @@ impl IResNetConfig {
             return Err(Error::invalid("IResNet", format!("dropout must be in [0, 1), got {}", self.dropout)));
         }
         Ok(())
+    }
+}
+
+/// For messages: "r50 (input 112, embedding 512)", or the blocks and
+/// widths of another network.
+impl std::fmt::Display for IResNetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.arch_name() {
+            Some(name) => write!(f, "{name}")?,
+            None => write!(f, "an IResNet of blocks {:?}, stem {}, widths {:?}", self.layers, self.stem, self.widths)?,
+        }
+        write!(f, " (input {}, embedding {})", self.input, self.embedding)
     }
 }
 
