@@ -27,18 +27,43 @@ impl StepCost {
     }
 }
 
-/// The NVIDIA H100 SXM's memory bandwidth (HBM3), bytes/s, from its data
-/// sheet.
-pub const H100_BANDWIDTH: f64 = 3.35e12;
-/// Its fp32 SIMT peak, FLOP/s (67 TFLOPS, data sheet).
-pub const H100_FP32: f64 = 67e12;
-/// Its dense bf16 tensor-core peak, FLOP/s (989 TFLOPS, data sheet).
-pub const H100_BF16_TENSOR: f64 = 989e12;
-
-/// The H100's ridge points, FLOP/byte: (fp32 SIMT, bf16 tensor cores).
-pub fn h100_ridges() -> (f64, f64) {
-    (H100_FP32 / H100_BANDWIDTH, H100_BF16_TENSOR / H100_BANDWIDTH)
+/// A GPU's peaks, from its data sheet: what a modeled step is bounded by.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Card {
+    /// Its name in the tables.
+    pub name: &'static str,
+    /// Memory bandwidth, bytes/s.
+    pub bandwidth: f64,
+    /// fp32 SIMT peak, FLOP/s.
+    pub fp32: f64,
+    /// Dense bf16 tensor-core peak, FLOP/s.
+    pub bf16_tensor: f64,
 }
+
+impl Card {
+    /// The ridge points, FLOP/byte: (fp32 SIMT, bf16 tensor cores).
+    pub fn ridges(&self) -> (f64, f64) {
+        (self.fp32 / self.bandwidth, self.bf16_tensor / self.bandwidth)
+    }
+
+    /// The fastest a step of `c` can run, seconds: max(FLOPs / peak,
+    /// bytes / bandwidth), at the peak of the tensor cores (`tensor`) or
+    /// of the SIMT units.
+    pub fn bound(&self, c: &StepCost, tensor: bool) -> f64 {
+        let peak = if tensor { self.bf16_tensor } else { self.fp32 };
+        (c.flops / peak).max(c.bytes / self.bandwidth)
+    }
+}
+
+/// The NVIDIA H100 SXM (80 GB HBM3): 3.35 TB/s, 67 TFLOP/s fp32, 989
+/// TFLOP/s dense bf16 (its data sheet).
+pub const H100_SXM: Card = Card { name: "H100", bandwidth: 3.35e12, fp32: 67e12, bf16_tensor: 989e12 };
+
+/// The NVIDIA H200 SXM (141 GB HBM3e): the H100's chip and arithmetic
+/// peaks with 4.8 TB/s of memory bandwidth (its data sheet), so its ridge
+/// points are lower: a memory-bound step gains up to 1.43x over an H100,
+/// an arithmetic-bound one nothing.
+pub const H200_SXM: Card = Card { name: "H200", bandwidth: 4.8e12, fp32: 67e12, bf16_tensor: 989e12 };
 
 /// Bytes of an element: 4 for f32, 2 for bf16 (the `bf16` flags below).
 fn size(bf16: bool) -> f64 {
