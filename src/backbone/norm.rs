@@ -74,8 +74,10 @@ fn check_rows(op: &'static str, x: &Tensor, c: usize) -> Result<usize> {
     Ok(rows)
 }
 
-fn host(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.host_f32()?.into_owned())
+/// The elements of an op's CPU output (f32, checked by `check_output`),
+/// written in place: no temporary of the output's size.
+fn host_out<'a>(op: &'static str, t: &'a mut Tensor) -> Result<&'a mut [f32]> {
+    t.host_slice_mut::<f32>().ok_or_else(|| Error::invalid(op, "the output is not an f32 CPU tensor"))
 }
 
 /// Grid of the per-channel sums: channel groups of 32 x row splits.
@@ -244,22 +246,22 @@ impl BatchNorm {
             return Err(Error::invalid(OP, "training needs at least 2 rows per channel"));
         }
         if dev.kind() == DeviceKind::Cpu {
-            let (out, mean, invstd, rm, rv) = cpu::forward(
-                &host(x)?,
+            let (mean, invstd, rm, rv) = cpu::forward_into(
+                &x.host_f32()?,
                 c,
-                &host(&self.weight)?,
-                &host(&self.bias)?,
-                &host(&self.running_mean)?,
-                &host(&self.running_var)?,
+                &self.weight.host_f32()?,
+                &self.bias.host_f32()?,
+                &self.running_mean.host_f32()?,
+                &self.running_var.host_f32()?,
                 self.eps,
                 self.momentum,
                 training,
+                host_out(OP, y)?,
             );
             if training {
                 self.running_mean = Tensor::from_slice(&dev, &[c], &rm)?;
                 self.running_var = Tensor::from_slice(&dev, &[c], &rv)?;
             }
-            y.write_host_f32(&out)?;
             let mut t = |v: &[f32]| -> Result<Tensor> {
                 let mut t = scratch.take(&dev, &[c])?;
                 t.write_host_f32(v)?;
@@ -375,16 +377,16 @@ impl BatchNorm {
         dgamma.check_output(OP, &dev, &[&[c]])?;
         dbeta.check_output(OP, &dev, &[&[c]])?;
         if dev.kind() == DeviceKind::Cpu {
-            let (g, dg, db) = cpu::backward(
-                &host(x)?,
-                &host(dy)?,
+            let (dg, db) = cpu::backward_into(
+                &x.host_f32()?,
+                &dy.host_f32()?,
                 c,
-                &host(&cache.mean)?,
-                &host(&cache.invstd)?,
-                &host(&self.weight)?,
+                &cache.mean.host_f32()?,
+                &cache.invstd.host_f32()?,
+                &self.weight.host_f32()?,
                 cache.training,
+                host_out(OP, dx)?,
             );
-            dx.write_host_f32(&g)?;
             dgamma.write_host_f32(&dg)?;
             return dbeta.write_host_f32(&db);
         }
@@ -436,9 +438,16 @@ pub fn prelu_into(x: &Tensor, alpha: &Tensor, y: &mut Tensor) -> Result<()> {
     let dev = x.device();
     y.check_output(OP, dev, &[x.shape()])?;
     if dev.kind() == DeviceKind::Cpu {
-        let (xs, a) = (host(x)?, host(alpha)?);
-        let v: Vec<f32> = xs.iter().enumerate().map(|(i, &v)| if v > 0.0 { v } else { a[i % c] * v }).collect();
-        return y.write_host_f32(&v);
+        let (xs, a) = (x.host_f32()?, alpha.host_f32()?);
+        cpu::each(host_out(OP, y)?, |i| {
+            let v = xs[i];
+            if v > 0.0 {
+                v
+            } else {
+                a[i % c] * v
+            }
+        });
+        return Ok(());
     }
     // SAFETY: x and y are [rows, C], alpha [C] (checked above).
     unsafe {
@@ -483,12 +492,10 @@ pub(crate) fn prelu_backward_with(
     dx.check_output(OP, dev, &[x.shape()])?;
     dalpha.check_output(OP, dev, &[&[c]])?;
     if dev.kind() == DeviceKind::Cpu {
-        let (xs, a, g) = (host(x)?, host(alpha)?, host(dy)?);
-        let d: Vec<f32> =
-            xs.iter().zip(&g).enumerate().map(|(i, (&v, &d))| if v > 0.0 { d } else { a[i % c] * d }).collect();
-        dx.write_host_f32(&d)?;
+        let (xs, a, g) = (x.host_f32()?, alpha.host_f32()?, dy.host_f32()?);
+        cpu::each(host_out(OP, dx)?, |i| if xs[i] > 0.0 { g[i] } else { a[i % c] * g[i] });
         let mut da = vec![0f64; c];
-        for (i, (&v, &d)) in xs.iter().zip(&g).enumerate() {
+        for (i, (&v, &d)) in xs.iter().zip(g.iter()).enumerate() {
             if v <= 0.0 {
                 da[i % c] += d as f64 * v as f64;
             }
@@ -519,10 +526,8 @@ pub fn bias_add(y: &mut Tensor, b: &Tensor) -> Result<()> {
     same_device(OP, &[y, b])?;
     let dev = y.device().clone();
     if dev.kind() == DeviceKind::Cpu {
-        let bv = host(b)?;
-        if let Some(v) = y.host_slice_mut::<f32>() {
-            v.iter_mut().enumerate().for_each(|(i, a)| *a += bv[i % c]);
-        }
+        let bv = b.host_f32()?;
+        host_out(OP, y)?.iter_mut().enumerate().for_each(|(i, a)| *a += bv[i % c]);
         return Ok(());
     }
     // SAFETY: y is [rows, C], b [C] (checked above).
@@ -546,7 +551,7 @@ pub(crate) fn column_sums_with(x: &Tensor, out: &mut Tensor, scratch: &mut dyn S
     out.check_output(OP, dev, &[&[c]])?;
     if dev.kind() == DeviceKind::Cpu {
         let mut s = vec![0f64; c];
-        host(x)?.iter().enumerate().for_each(|(i, &v)| s[i % c] += v as f64);
+        x.host_f32()?.iter().enumerate().for_each(|(i, &v)| s[i % c] += v as f64);
         return out.write_host_f32(&s.iter().map(|&v| v as f32).collect::<Vec<_>>());
     }
     chan_sums(Sums::Mean, x, None, None, 1.0, None, scratch, out, None)
@@ -576,10 +581,8 @@ pub fn add_assign(y: &mut Tensor, b: &Tensor) -> Result<()> {
     let dev = same_device(OP, &[y, b])?.clone();
     let n = y.numel();
     if dev.kind() == DeviceKind::Cpu {
-        let bv = host(b)?;
-        if let Some(v) = y.host_slice_mut::<f32>() {
-            v.iter_mut().zip(bv.iter()).for_each(|(a, b)| *a += b);
-        }
+        let bv = b.host_f32()?;
+        cpu::update(host_out(OP, y)?, |i, a| a + bv[i]);
         return Ok(());
     }
     if n > 0 {
@@ -638,9 +641,9 @@ impl Dropout {
         y.check_output(OP, dev, &[x.shape()])?;
         let scale = self.scale();
         if dev.kind() == DeviceKind::Cpu {
-            let v: Vec<f32> =
-                host(x)?.iter().enumerate().map(|(i, &v)| if self.keeps(i as u32) { v * scale } else { 0.0 }).collect();
-            return y.write_host_f32(&v);
+            let xs = x.host_f32()?;
+            cpu::each(host_out(OP, y)?, |i| if self.keeps(i as u32) { xs[i] * scale } else { 0.0 });
+            return Ok(());
         }
         let n = x.numel();
         if n == 0 {
@@ -652,8 +655,29 @@ impl Dropout {
     }
 }
 
-/// The CPU reference (f64 sums).
+/// The CPU reference (f64 sums). The elementwise passes run on rayon's
+/// workers in fixed chunks; each element's arithmetic is the same wherever
+/// it runs, and the sums stay sequential, so the results do not depend on
+/// the thread count.
 pub mod cpu {
+    use rayon::prelude::*;
+
+    /// Elements per parallel chunk (a chunk is one task).
+    const CHUNK: usize = 1 << 14;
+
+    /// `out[i] = f(i)` for every i, in parallel chunks.
+    pub(crate) fn each(out: &mut [f32], f: impl Fn(usize) -> f32 + Sync) {
+        update(out, |i, _| f(i));
+    }
+
+    /// `out[i] = f(i, out[i])` for every i, in parallel chunks.
+    pub(crate) fn update(out: &mut [f32], f: impl Fn(usize, f32) -> f32 + Sync) {
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, ch)| {
+            let base = k * CHUNK;
+            ch.iter_mut().enumerate().for_each(|(j, o)| *o = f(base + j, *o));
+        });
+    }
+
     /// Forward: `(y, mean, invstd, new running mean, new running var)`.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     pub fn forward(
@@ -667,6 +691,26 @@ pub mod cpu {
         momentum: f32,
         training: bool,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut y = vec![0f32; x.len()];
+        let (mean, invstd, nrm, nrv) = forward_into(x, c, gamma, beta, rm, rv, eps, momentum, training, &mut y);
+        (y, mean, invstd, nrm, nrv)
+    }
+
+    /// [`forward`] with y written into `y` (x's length): `(mean, invstd,
+    /// new running mean, new running var)`.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub fn forward_into(
+        x: &[f32],
+        c: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        rm: &[f32],
+        rv: &[f32],
+        eps: f32,
+        momentum: f32,
+        training: bool,
+        y: &mut [f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
         let rows = x.len() / c;
         let (mut mean, mut var) = (vec![0f64; c], vec![0f64; c]);
         if training {
@@ -683,11 +727,10 @@ pub mod cpu {
             var = rv.iter().map(|&v| v as f64).collect();
         }
         let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps as f64).sqrt()).collect();
-        let y = x
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| ((v as f64 - mean[i % c]) * invstd[i % c] * gamma[i % c] as f64 + beta[i % c] as f64) as f32)
-            .collect();
+        each(y, |i| {
+            let k = i % c;
+            ((x[i] as f64 - mean[k]) * invstd[k] * gamma[k] as f64 + beta[k] as f64) as f32
+        });
         let (mut nrm, mut nrv) = (rm.to_vec(), rv.to_vec());
         if training {
             let m = momentum as f64;
@@ -698,7 +741,7 @@ pub mod cpu {
             }
         }
         let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-        (y, f(&mean), f(&invstd), nrm, nrv)
+        (f(&mean), f(&invstd), nrm, nrv)
     }
 
     /// Backward: `(dx, dγ, dβ)`.
@@ -711,6 +754,23 @@ pub mod cpu {
         gamma: &[f32],
         training: bool,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut dx = vec![0f32; x.len()];
+        let (dg, db) = backward_into(x, dy, c, mean, invstd, gamma, training, &mut dx);
+        (dx, dg, db)
+    }
+
+    /// [`backward`] with dx written into `dx` (x's length): `(dγ, dβ)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into(
+        x: &[f32],
+        dy: &[f32],
+        c: usize,
+        mean: &[f32],
+        invstd: &[f32],
+        gamma: &[f32],
+        training: bool,
+        dx: &mut [f32],
+    ) -> (Vec<f32>, Vec<f32>) {
         let rows = x.len() / c;
         let (mut db, mut dg) = (vec![0f64; c], vec![0f64; c]);
         for (i, (&v, &g)) in x.iter().zip(dy).enumerate() {
@@ -719,23 +779,19 @@ pub mod cpu {
             dg[k] += g as f64 * (v as f64 - mean[k] as f64) * invstd[k] as f64;
         }
         let m = rows as f64;
-        let dx = x
-            .iter()
-            .zip(dy)
-            .enumerate()
-            .map(|(i, (&v, &g))| {
-                let k = i % c;
-                let is = invstd[k] as f64;
-                let base = gamma[k] as f64 * is;
-                if training {
-                    let xh = (v as f64 - mean[k] as f64) * is;
-                    (base * (g as f64 - db[k] / m - xh * dg[k] / m)) as f32
-                } else {
-                    (base * g as f64) as f32
-                }
-            })
-            .collect();
+        each(dx, |i| {
+            let (v, g) = (x[i], dy[i]);
+            let k = i % c;
+            let is = invstd[k] as f64;
+            let base = gamma[k] as f64 * is;
+            if training {
+                let xh = (v as f64 - mean[k] as f64) * is;
+                (base * (g as f64 - db[k] / m - xh * dg[k] / m)) as f32
+            } else {
+                (base * g as f64) as f32
+            }
+        });
         let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-        (dx, f(&dg), f(&db))
+        (f(&dg), f(&db))
     }
 }
