@@ -246,7 +246,7 @@ impl BatchNorm {
             return Err(Error::invalid(OP, "training needs at least 2 rows per channel"));
         }
         if dev.kind() == DeviceKind::Cpu {
-            let (mean, invstd, rm, rv) = cpu::forward_into(
+            let (mean, invstd, rm, rv) = cpu::forward(
                 &x.host_f32()?,
                 c,
                 &self.weight.host_f32()?,
@@ -377,7 +377,7 @@ impl BatchNorm {
         dgamma.check_output(OP, &dev, &[&[c]])?;
         dbeta.check_output(OP, &dev, &[&[c]])?;
         if dev.kind() == DeviceKind::Cpu {
-            let (dg, db) = cpu::backward_into(
+            let (dg, db) = cpu::backward(
                 &x.host_f32()?,
                 &dy.host_f32()?,
                 c,
@@ -678,28 +678,10 @@ pub mod cpu {
         });
     }
 
-    /// Forward: `(y, mean, invstd, new running mean, new running var)`.
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    pub fn forward(
-        x: &[f32],
-        c: usize,
-        gamma: &[f32],
-        beta: &[f32],
-        rm: &[f32],
-        rv: &[f32],
-        eps: f32,
-        momentum: f32,
-        training: bool,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
-        let mut y = vec![0f32; x.len()];
-        let (mean, invstd, nrm, nrv) = forward_into(x, c, gamma, beta, rm, rv, eps, momentum, training, &mut y);
-        (y, mean, invstd, nrm, nrv)
-    }
-
-    /// [`forward`] with y written into `y` (x's length): `(mean, invstd,
+    /// Forward: y written into `y` (x's length); returns `(mean, invstd,
     /// new running mean, new running var)`.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    pub fn forward_into(
+    pub fn forward(
         x: &[f32],
         c: usize,
         gamma: &[f32],
@@ -744,24 +726,9 @@ pub mod cpu {
         (f(&mean), f(&invstd), nrm, nrv)
     }
 
-    /// Backward: `(dx, dγ, dβ)`.
-    pub fn backward(
-        x: &[f32],
-        dy: &[f32],
-        c: usize,
-        mean: &[f32],
-        invstd: &[f32],
-        gamma: &[f32],
-        training: bool,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let mut dx = vec![0f32; x.len()];
-        let (dg, db) = backward_into(x, dy, c, mean, invstd, gamma, training, &mut dx);
-        (dx, dg, db)
-    }
-
-    /// [`backward`] with dx written into `dx` (x's length): `(dγ, dβ)`.
+    /// Backward: dx written into `dx` (x's length); returns `(dγ, dβ)`.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_into(
+    pub fn backward(
         x: &[f32],
         dy: &[f32],
         c: usize,
