@@ -387,8 +387,9 @@ fn head_table() -> String {
     let ridges = |c: &cost::Card| {
         let (f, b) = c.ridges();
         format!(
-            "{f:.0} FLOP/B (fp32 SIMT, {:.0} TFLOP/s over {:.2} TB/s) and {b:.0} FLOP/B (bf16 tensor cores, {:.0} \
-             TFLOP/s)",
+            "{} SXM {f:.0} FLOP/B (fp32 SIMT, {:.0} TFLOP/s over {:.2} TB/s) and {b:.0} FLOP/B (bf16 tensor cores, \
+             {:.0} TFLOP/s)",
+            c.name,
             c.fp32 / 1e12,
             c.bandwidth / 1e12,
             c.bf16_tensor / 1e12
@@ -397,33 +398,27 @@ fn head_table() -> String {
     let _ = writeln!(
         t,
         "B = {b}, d = {d}, N = 2^21 (l = {l} at v = {v}), device labels, γ = 1 (the code vectors' rows read in the \
-         step's precision), ArcFace straight-through; Partial FC samples ⌈r·N⌉. Ridge points (data sheets): H100 \
-         SXM {}; H200 SXM {}. The bound is max(FLOPs / peak, bytes / bandwidth) at the peak of the units the products run on.\n",
-        ridges(&cards[0]),
-        ridges(&cards[1])
+         step's precision), ArcFace straight-through; Partial FC samples ⌈r·N⌉. Ridge points (data sheets): {}. \
+         The bound is max(FLOPs / peak, bytes / bandwidth) at the peak of the units the products run on.\n",
+        cards.iter().map(ridges).collect::<Vec<_>>().join("; ")
     );
-    let _ =
-        writeln!(t, "| head | precision | launches | GFLOP | MB moved | FLOP/B | bound by | H100 bound | H200 bound |");
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
+    let bounds: String = cards.iter().map(|c| format!(" {} bound |", c.name)).collect();
+    let _ = writeln!(t, "| head | precision | launches | GFLOP | MB moved | FLOP/B | bound by |{bounds}");
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|{}", "---|".repeat(cards.len()));
     // The peak of the units a step's products run on: the code head's and
     // the tensor-core path's bf16 GEMMs on tensor cores, the fused
     // softmax kernels on the SIMT units in either precision.
     let mut row = |name: &str, bf16: bool, tensor: bool, c: StepCost| {
-        let side = |card: &cost::Card| {
-            let (fp32, bf16) = card.ridges();
-            if c.intensity() < if tensor { bf16 } else { fp32 } {
-                "memory"
-            } else {
-                "arithmetic"
-            }
+        let side = |card: &cost::Card| if card.memory_bound(&c, tensor) { "memory" } else { "arithmetic" };
+        let by = if cards.iter().all(|card| side(card) == side(&cards[0])) {
+            side(&cards[0]).to_string()
+        } else {
+            cards.iter().map(|card| format!("{} ({})", side(card), card.name)).collect::<Vec<_>>().join(", ")
         };
-        let by = match (side(&cards[0]), side(&cards[1])) {
-            (a, b) if a == b => a.to_string(),
-            (a, b) => format!("{a} (H100), {b} (H200)"),
-        };
+        let bounds: String = cards.iter().map(|card| format!(" {:.1} µs |", card.bound(&c, tensor) * 1e6)).collect();
         let _ = writeln!(
             t,
-            "| {name} | {} | {} | {:.2} | {:.1} | {:.1} | {} | {:.1} µs | {:.1} µs |",
+            "| {name} | {} | {} | {:.2} | {:.1} | {:.1} | {} |{bounds}",
             match (bf16, tensor) {
                 (false, _) => "f32, SIMT",
                 (true, true) => "bf16, tensor cores",
@@ -433,9 +428,7 @@ fn head_table() -> String {
             c.flops / 1e9,
             c.bytes / 1e6,
             c.intensity(),
-            by,
-            cards[0].bound(&c, tensor) * 1e6,
-            cards[1].bound(&c, tensor) * 1e6
+            by
         );
     };
     for bf16 in [false, true] {

@@ -50,8 +50,17 @@ impl Card {
     /// bytes / bandwidth), at the peak of the tensor cores (`tensor`) or
     /// of the SIMT units.
     pub fn bound(&self, c: &StepCost, tensor: bool) -> f64 {
-        let peak = if tensor { self.bf16_tensor } else { self.fp32 };
-        (c.flops / peak).max(c.bytes / self.bandwidth)
+        self.arithmetic_time(c, tensor).max(c.bytes / self.bandwidth)
+    }
+
+    /// Whether moving `c`'s bytes takes longer than its arithmetic
+    /// (its intensity is below the ridge point of the units it runs on).
+    pub fn memory_bound(&self, c: &StepCost, tensor: bool) -> bool {
+        c.bytes / self.bandwidth > self.arithmetic_time(c, tensor)
+    }
+
+    fn arithmetic_time(&self, c: &StepCost, tensor: bool) -> f64 {
+        c.flops / if tensor { self.bf16_tensor } else { self.fp32 }
     }
 }
 
