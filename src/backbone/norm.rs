@@ -527,7 +527,7 @@ pub fn bias_add(y: &mut Tensor, b: &Tensor) -> Result<()> {
     let dev = y.device().clone();
     if dev.kind() == DeviceKind::Cpu {
         let bv = b.host_f32()?;
-        host_out(OP, y)?.iter_mut().enumerate().for_each(|(i, a)| *a += bv[i % c]);
+        cpu::update(host_out(OP, y)?, |i, a| a + bv[i % c]);
         return Ok(());
     }
     // SAFETY: y is [rows, C], b [C] (checked above).
